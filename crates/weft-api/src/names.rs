@@ -1,0 +1,24 @@
+//! Names of the xDS resources weft generates. The control plane builds resources under these
+//! names and the proxy recognises them, so both sides use these functions and nothing else.
+
+/// Node metadata key under which a weft proxy sends its [`crate::InstanceRegistration`] (JSON).
+pub const NODE_METADATA_KEY: &str = "weft.registration";
+
+/// Filter-metadata namespace on each LbEndpoint carrying the instance id and labels.
+pub const ENDPOINT_METADATA_NAMESPACE: &str = "weft";
+
+/// Outbound listener for `service`, bound at `addr` on the proxy.
+pub fn outbound_listener(service: &str, addr: &str) -> String {
+    format!("outbound|{service}|{addr}")
+}
+
+/// The proxy's inbound listener, in front of its application.
+pub fn inbound_listener(addr: &str) -> String {
+    format!("inbound|{addr}")
+}
+
+/// The static cluster for the proxy's local application.
+pub const INBOUND_CLUSTER: &str = "inbound|app";
+
+/// The inline route configuration of the inbound listener.
+pub const INBOUND_ROUTE: &str = "inbound";

@@ -1,0 +1,82 @@
+//! The registry's model: what a proxy tells the control plane about its instance, and what
+//! the control plane reports back about services and endpoints.
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a `weft proxy` announces about itself when it connects (sent as xDS node metadata).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceRegistration {
+    /// Service this instance belongs to; `None` for a proxy with no application (an edge).
+    pub service: Option<String>,
+    /// Address other proxies reach this instance on: the proxy's inbound listener.
+    pub inbound: Option<String>,
+    /// Local address of the application behind the inbound listener.
+    pub app: Option<String>,
+    /// Labels such as `version` and `zone`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Upstream services the application reaches through local listeners.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Health of the application when the proxy connected.
+    #[serde(default)]
+    pub healthy: bool,
+}
+
+/// One explicit upstream: `service` is reachable on the local `listen` address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub service: String,
+    pub listen: String,
+}
+
+/// One registered instance as the control plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    pub id: String,
+    pub registration: InstanceRegistration,
+    pub healthy: bool,
+    /// Whether the instance's proxy holds an open xDS stream right now.
+    pub connected: bool,
+}
+
+impl Instance {
+    /// Whether other proxies should send traffic here.
+    pub fn serving(&self) -> bool {
+        self.healthy && self.registration.inbound.is_some()
+    }
+}
+
+/// A service as `weft get services` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSummary {
+    pub name: String,
+    /// Whether a `Service` resource configures it (otherwise it exists only by registration).
+    pub declared: bool,
+    pub instances: usize,
+    pub healthy: usize,
+    pub protocol: String,
+    pub load_balancer: String,
+}
+
+/// Body of `PUT /api/v1/instances/{id}/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub healthy: bool,
+}
+
+/// A connected xDS client as `weft get proxies` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub node: String,
+    pub service: Option<String>,
+    pub delta: bool,
+    /// Last NACK the proxy sent, if any.
+    pub last_error: Option<String>,
+    /// Type URL → version the proxy last acknowledged.
+    pub acked: BTreeMap<String, String>,
+}

@@ -1,0 +1,535 @@
+//! Configuration resources users apply: Kubernetes-style documents with `apiVersion`, `kind`,
+//! `metadata` and `spec`. Parsing and validation happen here, once, at apply time; a document
+//! that passes [`parse_documents`] and the control plane's reference check is always translatable.
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+pub const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
+/// The kinds of resource `weft apply` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Service,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Service, Kind::HttpRoute];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::HttpRoute => "HTTPRoute",
+        }
+    }
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Service => WEFT_API_VERSION,
+            Kind::HttpRoute => GATEWAY_API_VERSION,
+        }
+    }
+
+    /// Accepts the kind as written in a document (`HTTPRoute`) or on the command line
+    /// (`httproutes`, `httproute`, `services`, `svc`).
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s.to_ascii_lowercase().as_str() {
+            "service" | "services" | "svc" => Some(Kind::Service),
+            "httproute" | "httproutes" => Some(Kind::HttpRoute),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A document of one kind: the common envelope around a kind-specific `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Object<S> {
+    pub api_version: String,
+    pub kind: Kind,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+/// Application protocol of a service. `auto` detects HTTP/1.1, HTTP/2 and falls back to TCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Auto,
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadBalancer {
+    /// Power of two choices over peak-EWMA latency × outstanding requests.
+    #[default]
+    #[serde(rename = "p2c-ewma")]
+    P2cEwma,
+    #[serde(rename = "round-robin")]
+    RoundRobin,
+}
+
+impl LoadBalancer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalancer::P2cEwma => "p2c-ewma",
+            LoadBalancer::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// `kind: Service` — settings for traffic to one service. Services also exist without this
+/// resource as soon as an instance registers; the resource only changes the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    /// Time allowed for a TCP connect to one endpoint before trying another (default 1s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `kind: HTTPRoute` (Gateway API v1, GAMMA style: the parent is a Service).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    #[default]
+    PathPrefix,
+    Exact,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, rename = "type")]
+    pub kind: PathMatchType,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeaderMatchType {
+    #[default]
+    Exact,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    #[serde(default, rename = "type")]
+    pub kind: HeaderMatchType,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRef {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// One validated resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Resource {
+    Service(Object<ServiceSpec>),
+    HttpRoute(Object<HttpRouteSpec>),
+}
+
+/// Why a document was rejected, and where. `path` is the field path inside the document
+/// (`spec.rules[0].backendRefs[1].weight`); `file` and `document` are filled in by whoever knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub struct ApplyError {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Index of the document in a multi-document file, from 0.
+    pub document: usize,
+    pub path: String,
+    pub reason: String,
+}
+
+impl ApplyError {
+    pub fn new(document: usize, path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApplyError { file: None, document, path: path.into(), reason: reason.into() }
+    }
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{file}: ")?;
+        }
+        write!(f, "document {}", self.document + 1)?;
+        if !self.path.is_empty() {
+            write!(f, ", field {}", self.path)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Service(_) => Kind::Service,
+            Resource::HttpRoute(_) => Kind::HttpRoute,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Resource::Service(o) => &o.metadata.name,
+            Resource::HttpRoute(o) => &o.metadata.name,
+        }
+    }
+
+    /// Store key: `Kind/name`.
+    pub fn key(&self) -> String {
+        key(self.kind(), self.name())
+    }
+
+    /// Parses and validates one document already decoded into a generic tree (YAML or JSON).
+    pub fn from_value<'de, D>(document: usize, value: D, kind: Option<&str>) -> Result<Self, ApplyError>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        let kind_str = kind.ok_or_else(|| {
+            ApplyError::new(document, "kind", "missing; every document needs a kind (Service or HTTPRoute)")
+        })?;
+        let kind = Kind::parse(kind_str).filter(|k| k.as_str() == kind_str).ok_or_else(|| {
+            ApplyError::new(
+                document,
+                "kind",
+                format!("unknown kind {kind_str:?}; weft accepts {}", kind_list()),
+            )
+        })?;
+        let resource = match kind {
+            Kind::Service => Resource::Service(typed(document, value)?),
+            Kind::HttpRoute => Resource::HttpRoute(typed(document, value)?),
+        };
+        resource.validate(document)?;
+        Ok(resource)
+    }
+
+    pub fn from_json(document: usize, value: serde_json::Value) -> Result<Self, ApplyError> {
+        let kind = value.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+        Resource::from_value(document, value, kind.as_deref())
+    }
+
+    /// Checks that need no knowledge of other resources.
+    fn validate(&self, doc: usize) -> Result<(), ApplyError> {
+        let (api_version, kind, metadata) = match self {
+            Resource::Service(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::HttpRoute(o) => (&o.api_version, o.kind, &o.metadata),
+        };
+        if api_version != kind.api_version() {
+            return Err(ApplyError::new(
+                doc,
+                "apiVersion",
+                format!("{kind} has apiVersion {:?}, not {api_version:?}", kind.api_version()),
+            ));
+        }
+        check_name(doc, "metadata.name", &metadata.name)?;
+        match self {
+            Resource::Service(o) => {
+                if o.spec.connect_timeout.is_some_and(|t| t.is_zero()) {
+                    return Err(ApplyError::new(doc, "spec.connectTimeout", "must be greater than 0"));
+                }
+            }
+            Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
+        }
+        Ok(())
+    }
+
+    /// Services this resource refers to, with the field path of each reference. The control
+    /// plane rejects a document whose references name no known service.
+    pub fn service_refs(&self) -> Vec<(String, &str)> {
+        match self {
+            Resource::Service(_) => Vec::new(),
+            Resource::HttpRoute(o) => {
+                let parents = o.spec.parent_refs.iter().enumerate();
+                let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));
+                let backends = o.spec.rules.iter().enumerate().flat_map(|(r, rule)| {
+                    rule.backend_refs.iter().enumerate().map(move |(b, br)| {
+                        (format!("spec.rules[{r}].backendRefs[{b}].name"), br.name.as_str())
+                    })
+                });
+                parents.chain(backends).collect()
+            }
+        }
+    }
+}
+
+pub fn key(kind: Kind, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+fn kind_list() -> String {
+    Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn typed<'de, S: DeserializeOwned, D: serde::Deserializer<'de>>(doc: usize, value: D) -> Result<Object<S>, ApplyError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ApplyError::new(doc, path, e.into_inner().to_string())
+    })
+}
+
+/// DNS-1123 label, as Kubernetes requires for names.
+fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApplyError::new(
+            doc,
+            path,
+            format!("{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
+        ))
+    }
+}
+
+fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
+    if spec.parent_refs.is_empty() {
+        return Err(ApplyError::new(doc, "spec.parentRefs", "needs at least one Service the route attaches to"));
+    }
+    for (i, p) in spec.parent_refs.iter().enumerate() {
+        check_service_ref(doc, &format!("spec.parentRefs[{i}]"), p.kind.as_deref(), p.group.as_deref())?;
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        if rule.backend_refs.is_empty() {
+            return Err(ApplyError::new(doc, format!("spec.rules[{r}].backendRefs"), "needs at least one backend"));
+        }
+        if rule.backend_refs.iter().all(|b| b.weight == 0) {
+            return Err(ApplyError::new(
+                doc,
+                format!("spec.rules[{r}].backendRefs"),
+                "all weights are 0, so no backend could receive traffic",
+            ));
+        }
+        for (b, br) in rule.backend_refs.iter().enumerate() {
+            check_service_ref(doc, &format!("spec.rules[{r}].backendRefs[{b}]"), br.kind.as_deref(), br.group.as_deref())?;
+        }
+        for (m, mat) in rule.matches.iter().enumerate() {
+            if let Some(p) = &mat.path
+                && !p.value.starts_with('/')
+            {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("spec.rules[{r}].matches[{m}].path.value"),
+                    format!("{:?} must start with '/'", p.value),
+                ));
+            }
+            for (h, hm) in mat.headers.iter().enumerate() {
+                if http_header_name_invalid(&hm.name) {
+                    return Err(ApplyError::new(
+                        doc,
+                        format!("spec.rules[{r}].matches[{m}].headers[{h}].name"),
+                        format!("{:?} is not a valid HTTP header name", hm.name),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_service_ref(doc: usize, path: &str, kind: Option<&str>, group: Option<&str>) -> Result<(), ApplyError> {
+    if kind.is_some_and(|k| k != "Service") {
+        return Err(ApplyError::new(doc, format!("{path}.kind"), "only kind Service is supported"));
+    }
+    if group.is_some_and(|g| !g.is_empty() && g != "core") {
+        return Err(ApplyError::new(doc, format!("{path}.group"), "only the core group (\"\") is supported"));
+    }
+    Ok(())
+}
+
+/// Parses every document of a YAML file. Nothing is partially accepted: any error fails the file.
+pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ApplyError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_norway::Value::deserialize(doc).map_err(|e| {
+            let at = e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
+            ApplyError::new(i, "", format!("invalid YAML{at}: {e}"))
+        })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        if !value.is_mapping() {
+            return Err(ApplyError::new(i, "", "a document must be a mapping with apiVersion, kind, metadata and spec"));
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+        out.push(Resource::from_value(i, value, kind.as_deref())?);
+    }
+    if out.is_empty() {
+        return Err(ApplyError::new(0, "", "the file holds no documents"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ApplyError {
+        parse_documents(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_service_and_route() {
+        let text = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: backend}
+spec: {protocol: http, loadBalancer: round-robin, connectTimeout: 250ms}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: backend-v1, weight: 90}, {name: backend-v2, weight: 10}]
+"#;
+        let docs = parse_documents(text).unwrap();
+        assert_eq!(docs.len(), 2);
+        let Resource::Service(s) = &docs[0] else { panic!("not a service") };
+        assert_eq!(s.spec.load_balancer, LoadBalancer::RoundRobin);
+        assert_eq!(s.spec.connect_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(
+            docs[1].service_refs().iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+            vec!["backend", "backend-v1", "backend-v2"]
+        );
+        // JSON round trip (the CLI sends JSON to the control plane).
+        let json = serde_json::to_value(&docs[1]).unwrap();
+        assert_eq!(Resource::from_json(0, json).unwrap(), docs[1]);
+    }
+
+    #[test]
+    fn rejects_with_path_and_reason() {
+        let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {protcol: http}\n");
+        assert_eq!(e.path, "spec.protcol");
+        assert!(e.reason.contains("unknown field `protcol`"), "{e}");
+
+        let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {connectTimeout: [1]}\n");
+        assert_eq!(e.path, "spec.connectTimeout");
+
+        let e = err("apiVersion: weft.dev/v1alpha1\nkind: Gadget\nmetadata: {name: a}\n");
+        assert_eq!(e.path, "kind");
+        assert!(e.reason.contains("unknown kind \"Gadget\""), "{e}");
+
+        let e = err("kind: Service\nmetadata: {name: a\n");
+        assert!(e.reason.starts_with("invalid YAML (line"), "{e}");
+
+        let e = err("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{backendRefs: [{name: b, weight: x}]}]\n");
+        assert_eq!(e.path, "spec.rules[0].backendRefs[0].weight");
+
+        let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: Bad_Name}\nspec: {}\n");
+        assert_eq!(e.path, "metadata.name");
+    }
+}
