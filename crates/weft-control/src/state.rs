@@ -1,0 +1,261 @@
+//! The mesh's live state: applied resources and registered instances. Every change is written
+//! to the store first, then applied in memory, then translated once into a new [`Snapshot`]
+//! that all xDS streams watch.
+use crate::store::{Store, Write};
+use crate::translate::Snapshot;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use weft_api::registry::{InstanceRegistration, ProxyStatus};
+use weft_api::resource::{ApplyError, Kind, Resource};
+use weft_api::{Instance, ServiceSummary};
+
+pub struct Mesh {
+    inner: Mutex<Inner>,
+    store: Store,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub resources: BTreeMap<String, Resource>,
+    pub instances: BTreeMap<String, Entry>,
+}
+
+pub(crate) struct Entry {
+    pub instance: Instance,
+    /// The xDS stream that registered the instance; only that stream's end removes it.
+    stream: Option<u64>,
+    /// Set for instances restored from the store after a restart, until their proxy reconnects.
+    stale_until: Option<Instant>,
+}
+
+/// Outcome of applying one resource.
+#[derive(Debug, serde::Serialize)]
+pub struct Applied {
+    pub kind: Kind,
+    pub name: String,
+    pub action: &'static str,
+}
+
+impl Mesh {
+    pub fn open(dir: &Path, grace: Duration) -> anyhow::Result<Mesh> {
+        let store = Store::open(dir)?;
+        let mut inner = Inner::default();
+        for (key, json) in store.resources()? {
+            let value = serde_json::from_str(&json)?;
+            let r = Resource::from_json(0, value).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
+            inner.resources.insert(key, r);
+        }
+        let stale_until = Some(Instant::now() + grace);
+        for (id, json) in store.instances()? {
+            let mut instance: Instance = serde_json::from_str(&json)?;
+            instance.connected = false;
+            inner.instances.insert(id, Entry { instance, stream: None, stale_until });
+        }
+        tracing::info!(
+            resources = inner.resources.len(),
+            instances = inner.instances.len(),
+            "restored state from {}",
+            dir.display()
+        );
+        let snapshot = Snapshot::build(&inner, 1);
+        Ok(Mesh {
+            inner: Mutex::new(inner),
+            store,
+            snapshot: watch::Sender::new(Arc::new(snapshot)),
+            proxies: Mutex::default(),
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds and publishes the snapshot. Called with the state lock held, so snapshots are
+    /// published in the order of the changes that caused them.
+    fn publish(&self, inner: &Inner) {
+        let version = self.snapshot.borrow().version + 1;
+        let snap = Snapshot::build(inner, version);
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    /// Validates references and stores all resources, or none.
+    pub fn apply(&self, resources: Vec<Resource>) -> Result<Vec<Applied>, ApplyError> {
+        let mut inner = self.lock();
+        let mut known = inner.service_names();
+        known.extend(resources.iter().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned()));
+        for (doc, r) in resources.iter().enumerate() {
+            for (path, svc) in r.service_refs() {
+                if !known.contains(svc) {
+                    return Err(ApplyError::new(
+                        doc,
+                        path,
+                        format!("service {svc:?} does not exist; start an instance of it or apply a Service named {svc:?} first"),
+                    ));
+                }
+            }
+        }
+        let mut applied = Vec::new();
+        let mut writes = Vec::new();
+        let encoded: Vec<(String, String)> =
+            resources.iter().map(|r| (r.key(), serde_json::to_string(r).expect("resources always serialize"))).collect();
+        for (r, (key, json)) in resources.iter().zip(&encoded) {
+            let action = match inner.resources.get(key) {
+                None => "created",
+                Some(old) if old == r => "unchanged",
+                Some(_) => "configured",
+            };
+            applied.push(Applied { kind: r.kind(), name: r.name().to_owned(), action });
+            writes.push(Write::PutResource(key, json));
+        }
+        self.store.write(&writes).map_err(|e| ApplyError::new(0, "", format!("control plane could not store the change: {e}")))?;
+        for r in resources {
+            inner.resources.insert(r.key(), r);
+        }
+        self.publish(&inner);
+        Ok(applied)
+    }
+
+    pub fn delete(&self, kind: Kind, name: &str) -> anyhow::Result<bool> {
+        let mut inner = self.lock();
+        let key = weft_api::resource::key(kind, name);
+        if !inner.resources.contains_key(&key) {
+            return Ok(false);
+        }
+        self.store.write(&[Write::DeleteResource(&key)])?;
+        inner.resources.remove(&key);
+        self.publish(&inner);
+        Ok(true)
+    }
+
+    pub fn resources(&self, kind: Kind) -> Vec<Resource> {
+        self.lock().resources.values().filter(|r| r.kind() == kind).cloned().collect()
+    }
+
+    /// Registers (or re-registers) the instance behind an xDS stream.
+    pub fn connect(&self, id: &str, registration: InstanceRegistration, stream: u64) {
+        let mut inner = self.lock();
+        let healthy = registration.healthy;
+        let instance = Instance { id: id.to_owned(), registration, healthy, connected: true };
+        self.persist(&instance);
+        tracing::info!(instance = id, service = ?instance.registration.service, healthy, "instance registered");
+        inner.instances.insert(id.to_owned(), Entry { instance, stream: Some(stream), stale_until: None });
+        self.publish(&inner);
+    }
+
+    /// The xDS stream of an instance ended: its proxy stopped, crashed or lost the connection.
+    pub fn disconnect(&self, id: &str, stream: u64) {
+        let mut inner = self.lock();
+        if inner.instances.get(id).is_some_and(|e| e.stream == Some(stream)) {
+            self.remove_locked(&mut inner, id, "xDS stream closed");
+        }
+    }
+
+    /// Removes an instance on request (a clean stop). Returns whether it existed.
+    pub fn deregister(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        if !inner.instances.contains_key(id) {
+            return false;
+        }
+        self.remove_locked(&mut inner, id, "deregistered");
+        true
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, id: &str, why: &str) {
+        if let Err(e) = self.store.write(&[Write::DeleteInstance(id)]) {
+            tracing::error!(instance = id, error = %e, "cannot remove instance from the store");
+        }
+        inner.instances.remove(id);
+        tracing::info!(instance = id, why, "instance removed");
+        self.publish(inner);
+    }
+
+    pub fn set_health(&self, id: &str, healthy: bool) -> bool {
+        let mut inner = self.lock();
+        let Some(entry) = inner.instances.get_mut(id) else { return false };
+        if entry.instance.healthy != healthy {
+            entry.instance.healthy = healthy;
+            entry.instance.registration.healthy = healthy;
+            let instance = entry.instance.clone();
+            self.persist(&instance);
+            tracing::info!(instance = id, healthy, "health changed");
+            self.publish(&inner);
+        }
+        true
+    }
+
+    fn persist(&self, instance: &Instance) {
+        let json = serde_json::to_string(instance).expect("instances always serialize");
+        if let Err(e) = self.store.write(&[Write::PutInstance(&instance.id, &json)]) {
+            tracing::error!(instance = %instance.id, error = %e, "cannot store instance");
+        }
+    }
+
+    pub fn services(&self) -> Vec<ServiceSummary> {
+        self.snapshot.borrow().services.values().cloned().collect()
+    }
+
+    /// Instances of `service`, or `None` if no such service is known.
+    pub fn endpoints(&self, service: &str) -> Option<Vec<Instance>> {
+        let inner = self.lock();
+        if !inner.service_names().contains(service) {
+            return None;
+        }
+        let of_service = inner.instances.values().filter(|e| e.instance.registration.service.as_deref() == Some(service));
+        Some(of_service.map(|e| e.instance.clone()).collect())
+    }
+
+    pub fn proxy_update(&self, stream: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(p) = self.proxies.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&stream) {
+            f(p)
+        }
+    }
+
+    pub fn proxy_connected(&self, stream: u64, status: ProxyStatus) {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner()).insert(stream, status);
+    }
+
+    pub fn proxy_gone(&self, stream: u64) {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream);
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyStatus> {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Drops restored instances whose proxies did not come back within the grace period.
+    fn expire(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let expired: Vec<String> =
+            inner.instances.iter().filter(|(_, e)| e.stale_until.is_some_and(|t| t <= now)).map(|(id, _)| id.clone()).collect();
+        for id in expired {
+            self.remove_locked(&mut inner, &id, "proxy did not reconnect after control plane restart");
+        }
+    }
+}
+
+impl Inner {
+    /// Services that exist: declared by a Service resource or registered by an instance.
+    pub fn service_names(&self) -> BTreeSet<String> {
+        let declared = self.resources.values().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned());
+        let registered = self.instances.values().filter_map(|e| e.instance.registration.service.clone());
+        declared.chain(registered).collect()
+    }
+}
+
+pub async fn expire_stale(mesh: Arc<Mesh>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        mesh.expire();
+    }
+}

@@ -1,0 +1,482 @@
+//! Translation of the mesh state into standard Envoy v3 resources, done once per change.
+//!
+//! Global resources (one per service) are shared by every stream:
+//! - `Cluster` named after the service (EDS over ADS);
+//! - `ClusterLoadAssignment` with one `LbEndpoint` per instance, grouped by zone;
+//! - `RouteConfiguration` named after the service: HTTPRoute rules, then a default route;
+//! - `Listener` named after the service carrying an `ApiListener`, for proxyless gRPC clients
+//!   (`xds:///service`).
+//!
+//! A weft proxy additionally gets resources of its own, derived from its registration: its
+//! inbound listener with the static `inbound|app` cluster, and one outbound listener per upstream.
+use crate::state::Inner;
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress, address,
+    config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, Struct, UInt32Value, Value, value};
+use prost::{Message, Name};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use weft_api::names;
+use weft_api::registry::InstanceRegistration;
+use weft_api::resource::{
+    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, PathMatchType, Protocol, Resource, ServiceSpec,
+};
+use weft_api::{Instance, ServiceSummary};
+
+/// The four resource types weft serves, in the order clients subscribe to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Type {
+    Listener,
+    Route,
+    Cluster,
+    Endpoint,
+}
+
+impl Type {
+    pub const ALL: [Type; 4] = [Type::Listener, Type::Route, Type::Cluster, Type::Endpoint];
+
+    pub fn url(self) -> String {
+        match self {
+            Type::Listener => Listener::type_url(),
+            Type::Route => RouteConfiguration::type_url(),
+            Type::Cluster => Cluster::type_url(),
+            Type::Endpoint => ClusterLoadAssignment::type_url(),
+        }
+    }
+
+    pub fn from_url(url: &str) -> Option<Type> {
+        Type::ALL.into_iter().find(|t| t.url() == url)
+    }
+
+    /// Listeners and clusters are wildcard by default in the xDS protocol; routes and endpoints
+    /// are only sent when named.
+    pub fn wildcard_by_default(self) -> bool {
+        matches!(self, Type::Listener | Type::Cluster)
+    }
+}
+
+/// One encoded resource. Encoded once per change and shared by every stream that sends it.
+#[derive(Debug)]
+pub struct Res {
+    pub name: String,
+    pub version: String,
+    pub any: Any,
+}
+
+impl Res {
+    fn new<M: Message + Name>(name: String, msg: &M) -> Arc<Res> {
+        let value = msg.encode_to_vec();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut h);
+        Arc::new(Res { name, version: format!("{:016x}", h.finish()), any: Any { type_url: M::type_url(), value } })
+    }
+}
+
+pub type ResMap = BTreeMap<String, Arc<Res>>;
+
+pub struct Snapshot {
+    pub version: u64,
+    pub services: BTreeMap<String, ServiceSummary>,
+    protocols: HashMap<String, Protocol>,
+    global: HashMap<Type, ResMap>,
+}
+
+impl Snapshot {
+    pub(crate) fn build(inner: &Inner, version: u64) -> Snapshot {
+        let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+        let mut routes = Vec::new();
+        for r in inner.resources.values() {
+            match r {
+                Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
+                Resource::HttpRoute(o) => routes.push(o),
+            }
+        }
+        let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
+        for e in inner.instances.values() {
+            if let Some(svc) = &e.instance.registration.service {
+                instances.entry(svc.clone()).or_default().push(&e.instance);
+            }
+        }
+        let mut names: Vec<String> = specs.keys().chain(instances.keys()).cloned().collect();
+        names.sort();
+        names.dedup();
+
+        let mut global: HashMap<Type, ResMap> = Type::ALL.into_iter().map(|t| (t, ResMap::new())).collect();
+        let mut services = BTreeMap::new();
+        let mut protocols = HashMap::new();
+        for name in &names {
+            let spec = specs.get(name).cloned().unwrap_or_default();
+            let members = instances.get(name).map(Vec::as_slice).unwrap_or_default();
+            let rules: Vec<&HttpRouteRule> = routes
+                .iter()
+                .filter(|r| r.spec.parent_refs.iter().any(|p| &p.name == name))
+                .flat_map(|r| r.spec.rules.iter())
+                .collect();
+            let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
+                global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
+            };
+            put(&mut global, Type::Cluster, Res::new(name.clone(), &eds_cluster(name, &spec)));
+            put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
+            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules)));
+            put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
+            services.insert(
+                name.clone(),
+                ServiceSummary {
+                    name: name.clone(),
+                    declared: specs.contains_key(name),
+                    instances: members.len(),
+                    healthy: members.iter().filter(|i| i.serving()).count(),
+                    protocol: spec.protocol.as_str().to_owned(),
+                    load_balancer: spec.load_balancer.as_str().to_owned(),
+                },
+            );
+            protocols.insert(name.clone(), spec.protocol);
+        }
+        Snapshot { version, services, protocols, global }
+    }
+
+    /// Resources of type `t` a client may see: for a weft proxy, its own listeners and clusters
+    /// plus the shared clusters, routes and endpoints; for any other client, the shared ones.
+    pub fn available(&self, t: Type, node: Option<&InstanceRegistration>) -> ResMap {
+        let shared = &self.global[&t];
+        let Some(reg) = node else { return shared.clone() };
+        match t {
+            Type::Listener => self.node_listeners(reg),
+            Type::Cluster => {
+                let mut all = shared.clone();
+                if let Some(app) = &reg.app {
+                    let c = static_cluster(names::INBOUND_CLUSTER, app);
+                    all.insert(names::INBOUND_CLUSTER.to_owned(), Res::new(names::INBOUND_CLUSTER.to_owned(), &c));
+                }
+                all
+            }
+            Type::Route | Type::Endpoint => shared.clone(),
+        }
+    }
+
+    fn protocol(&self, service: &str) -> Protocol {
+        self.protocols.get(service).copied().unwrap_or_default()
+    }
+
+    fn node_listeners(&self, reg: &InstanceRegistration) -> ResMap {
+        let mut out = ResMap::new();
+        if let (Some(inbound), Some(_)) = (&reg.inbound, &reg.app) {
+            let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
+            let name = names::inbound_listener(inbound);
+            let http = HttpRoutes::Inline(inbound_route());
+            let l = proxy_listener(&name, inbound, protocol, http, names::INBOUND_CLUSTER);
+            out.insert(name.clone(), Res::new(name, &l));
+        }
+        for up in &reg.upstreams {
+            let name = names::outbound_listener(&up.service, &up.listen);
+            let l = proxy_listener(&name, &up.listen, self.protocol(&up.service), HttpRoutes::Rds(&up.service), &up.service);
+            out.insert(name.clone(), Res::new(name, &l));
+        }
+        out
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn socket_address(addr: &str) -> Address {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port.parse().unwrap_or(0))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn duration(d: std::time::Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn eds_cluster(name: &str, spec: &ServiceSpec) -> Cluster {
+    let lb = match spec.load_balancer {
+        LoadBalancer::P2cEwma => cluster::LbPolicy::LeastRequest,
+        LoadBalancer::RoundRobin => cluster::LbPolicy::RoundRobin,
+    };
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
+        connect_timeout: Some(duration(spec.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))),
+        lb_policy: lb as i32,
+        ..Default::default()
+    }
+}
+
+fn static_cluster(name: &str, addr: &str) -> Cluster {
+    let endpoint = lb_endpoint(addr, HealthStatus::Healthy, None);
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
+        connect_timeout: Some(duration(DEFAULT_CONNECT_TIMEOUT)),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.to_owned(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint],
+                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(value::Kind::StringValue(s.to_owned())) }
+}
+
+fn lb_endpoint(addr: &str, health: HealthStatus, instance: Option<&Instance>) -> LbEndpoint {
+    let metadata = instance.map(|i| {
+        let mut fields: HashMap<String, Value> =
+            i.registration.labels.iter().map(|(k, v)| (k.clone(), string_value(v))).collect();
+        fields.insert("instance".to_owned(), string_value(&i.id));
+        Metadata {
+            filter_metadata: HashMap::from([(names::ENDPOINT_METADATA_NAMESPACE.to_owned(), Struct { fields })]),
+            ..Default::default()
+        }
+    });
+    LbEndpoint {
+        health_status: health as i32,
+        metadata,
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket_address(addr)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(name: &str, members: &[&Instance]) -> ClusterLoadAssignment {
+    let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    for i in members {
+        let Some(addr) = &i.registration.inbound else { continue };
+        let health = if i.serving() { HealthStatus::Healthy } else { HealthStatus::Unhealthy };
+        let zone = i.registration.labels.get("zone").map(String::as_str).unwrap_or("");
+        by_zone.entry(zone).or_default().push(lb_endpoint(addr, health, Some(i)));
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: by_zone
+            .into_iter()
+            .map(|(zone, lb_endpoints)| LocalityLbEndpoints {
+                locality: Some(Locality { zone: zone.to_owned(), ..Default::default() }),
+                lb_endpoints,
+                // gRPC clients ignore localities without a weight.
+                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Gateway API precedence: exact paths before prefixes, longer prefixes first, then more
+/// header matches, then methods; ties keep the order in which rules were applied.
+fn precedence(m: &HttpRouteMatch) -> (u8, usize, usize, bool) {
+    let (exact, len) = match &m.path {
+        Some(p) => (p.kind == PathMatchType::Exact, p.value.len()),
+        None => (false, 1),
+    };
+    (u8::from(!exact), usize::MAX - len, usize::MAX - m.headers.len(), m.method.is_none())
+}
+
+fn route_action(rule: &HttpRouteRule) -> route::Action {
+    let specifier = if rule.backend_refs.len() == 1 {
+        route_action::ClusterSpecifier::Cluster(rule.backend_refs[0].name.clone())
+    } else {
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: rule
+                .backend_refs
+                .iter()
+                .filter(|b| b.weight > 0)
+                .map(|b| weighted_cluster::ClusterWeight {
+                    name: b.name.clone(),
+                    weight: Some(UInt32Value { value: b.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    route::Action::Route(RouteAction { cluster_specifier: Some(specifier), ..Default::default() })
+}
+
+fn exact_header(value: &str) -> header_matcher::HeaderMatchSpecifier {
+    header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Exact(value.to_owned())),
+        ..Default::default()
+    })
+}
+
+fn default_route(cluster: &str) -> Route {
+    Route {
+        name: "default".to_owned(),
+        r#match: Some(RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())), ..Default::default() }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_owned())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
+    let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule)> = Vec::new();
+    let always = HttpRouteMatch::default();
+    for rule in rules {
+        if rule.matches.is_empty() {
+            matched.push((&always, rule));
+        }
+        matched.extend(rule.matches.iter().map(|m| (m, *rule)));
+    }
+    matched.sort_by_key(|(m, _)| precedence(m));
+    let mut routes: Vec<Route> = matched
+        .into_iter()
+        .map(|(m, rule)| {
+            let path = match &m.path {
+                Some(p) if p.kind == PathMatchType::Exact => route_match::PathSpecifier::Path(p.value.clone()),
+                Some(p) => route_match::PathSpecifier::Prefix(p.value.clone()),
+                None => route_match::PathSpecifier::Prefix("/".to_owned()),
+            };
+            let mut headers: Vec<HeaderMatcher> = m
+                .headers
+                .iter()
+                .map(|h| HeaderMatcher {
+                    name: h.name.to_ascii_lowercase(),
+                    header_match_specifier: Some(exact_header(&h.value)),
+                    ..Default::default()
+                })
+                .collect();
+            if let Some(method) = &m.method {
+                headers.push(HeaderMatcher {
+                    name: ":method".to_owned(),
+                    header_match_specifier: Some(exact_header(method)),
+                    ..Default::default()
+                });
+            }
+            Route {
+                r#match: Some(RouteMatch { path_specifier: Some(path), headers, ..Default::default() }),
+                action: Some(route_action(rule)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    routes.push(default_route(service));
+    RouteConfiguration {
+        name: service.to_owned(),
+        virtual_hosts: vec![VirtualHost { name: service.to_owned(), domains: vec!["*".to_owned()], routes, ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+fn inbound_route() -> RouteConfiguration {
+    RouteConfiguration {
+        name: names::INBOUND_ROUTE.to_owned(),
+        virtual_hosts: vec![VirtualHost {
+            name: names::INBOUND_ROUTE.to_owned(),
+            domains: vec!["*".to_owned()],
+            routes: vec![default_route(names::INBOUND_CLUSTER)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+enum HttpRoutes<'a> {
+    Rds(&'a str),
+    Inline(RouteConfiguration),
+}
+
+fn http_connection_manager(stat_prefix: &str, routes: HttpRoutes<'_>) -> HttpConnectionManager {
+    let route_specifier = match routes {
+        HttpRoutes::Rds(name) => {
+            http_connection_manager::RouteSpecifier::Rds(Rds { config_source: Some(ads()), route_config_name: name.to_owned() })
+        }
+        HttpRoutes::Inline(rc) => http_connection_manager::RouteSpecifier::RouteConfig(rc),
+    };
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.to_owned(),
+        route_specifier: Some(route_specifier),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn api_listener(service: &str) -> Listener {
+    let hcm = http_connection_manager(service, HttpRoutes::Rds(service));
+    Listener {
+        name: service.to_owned(),
+        api_listener: Some(ApiListener { api_listener: Some(envoy_types::util::pack_any(hcm)) }),
+        ..Default::default()
+    }
+}
+
+/// A listener with protocol detection: an HTTP filter chain matched on the detected
+/// application protocol, and an opaque TCP chain for everything else. A declared protocol
+/// keeps only the chain that applies.
+fn proxy_listener(name: &str, addr: &str, protocol: Protocol, http: HttpRoutes<'_>, tcp_cluster: &str) -> Listener {
+    let mut chains = Vec::new();
+    if protocol != Protocol::Tcp {
+        let hcm = http_connection_manager(name, http);
+        chains.push(FilterChain {
+            name: "http".to_owned(),
+            filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {
+                application_protocols: vec!["http/1.1".to_owned(), "h2c".to_owned()],
+                ..Default::default()
+            }),
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(hcm))),
+            }],
+            ..Default::default()
+        });
+    }
+    if matches!(protocol, Protocol::Auto | Protocol::Tcp) {
+        let tcp = TcpProxy {
+            stat_prefix: name.to_owned(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(tcp_cluster.to_owned())),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: "tcp".to_owned(),
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
+            }],
+            ..Default::default()
+        });
+    }
+    Listener { name: name.to_owned(), address: Some(socket_address(addr)), filter_chains: chains, ..Default::default() }
+}

@@ -1,0 +1,369 @@
+//! The ADS server: state-of-the-world and delta streams over the same session logic.
+//!
+//! Invariants:
+//! - A stream sends a resource only when its encoded version differs from what the stream last
+//!   sent, so a change reaches only the streams that subscribe to what changed.
+//! - The node is read from the first request only (gRPC clients omit it afterwards).
+//! - A stream whose node carries a weft registration *is* that instance's liveness: the
+//!   instance is registered when the stream opens and removed when that same stream ends.
+use crate::state::Mesh;
+use crate::translate::{ResMap, Snapshot, Type};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::value;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::names;
+use weft_api::registry::{InstanceRegistration, ProxyStatus};
+
+pub fn server(mesh: Arc<Mesh>) -> AggregatedDiscoveryServiceServer<Ads> {
+    AggregatedDiscoveryServiceServer::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)) })
+}
+
+pub struct Ads {
+    mesh: Arc<Mesh>,
+    streams: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(Response::new(self.spawn::<Sotw>(req.into_inner())))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(Response::new(self.spawn::<Delta>(req.into_inner())))
+    }
+}
+
+impl Ads {
+    fn spawn<F: Flavor>(&self, inbound: Streaming<F::Req>) -> ReceiverStream<Result<F::Resp, Status>> {
+        let (tx, rx) = mpsc::channel(8);
+        let id = self.streams.fetch_add(1, Ordering::Relaxed);
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            let mut session = Session::new(id, mesh.clone(), F::DELTA);
+            if let Err(status) = serve::<F>(&mut session, inbound, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+            session.close();
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// What the client asked for, per type, and what this stream has sent.
+#[derive(Default)]
+struct Subscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// name → version last sent on this stream.
+    sent: HashMap<String, String>,
+    last_nonce: String,
+}
+
+struct Session {
+    id: u64,
+    mesh: Arc<Mesh>,
+    delta: bool,
+    node: Option<String>,
+    registration: Option<InstanceRegistration>,
+    /// Instance id registered by this stream.
+    registered: Option<String>,
+    snapshot: Arc<Snapshot>,
+    subs: HashMap<Type, Subscription>,
+    nonce: u64,
+}
+
+impl Session {
+    fn new(id: u64, mesh: Arc<Mesh>, delta: bool) -> Session {
+        let snapshot = mesh.subscribe().borrow().clone();
+        Session { id, mesh, delta, node: None, registration: None, registered: None, snapshot, subs: HashMap::new(), nonce: 0 }
+    }
+
+    fn identify(&mut self, node: Option<&Node>) -> Result<(), Status> {
+        if self.node.is_some() {
+            return Ok(());
+        }
+        let node = node.ok_or_else(|| Status::invalid_argument("the first request of an xDS stream must carry a node"))?;
+        let registration = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(names::NODE_METADATA_KEY))
+            .and_then(|v| match &v.kind {
+                Some(value::Kind::StringValue(s)) => Some(s),
+                _ => None,
+            })
+            .map(|s| {
+                serde_json::from_str::<InstanceRegistration>(s).map_err(|e| {
+                    Status::invalid_argument(format!("node metadata {} is not a valid registration: {e}", names::NODE_METADATA_KEY))
+                })
+            })
+            .transpose()?;
+        self.node = Some(node.id.clone());
+        self.mesh.proxy_connected(
+            self.id,
+            ProxyStatus {
+                node: node.id.clone(),
+                service: registration.as_ref().and_then(|r| r.service.clone()),
+                delta: self.delta,
+                last_error: None,
+                acked: Default::default(),
+            },
+        );
+        if let Some(reg) = &registration
+            && reg.service.is_some()
+            && reg.inbound.is_some()
+        {
+            self.mesh.connect(&node.id, reg.clone(), self.id);
+            self.registered = Some(node.id.clone());
+        }
+        tracing::debug!(stream = self.id, node = %node.id, delta = self.delta, "xDS stream opened");
+        self.registration = registration;
+        self.snapshot = self.mesh.subscribe().borrow().clone();
+        Ok(())
+    }
+
+    /// Resources of type `t` that match the stream's subscription.
+    fn visible(&self, t: Type) -> ResMap {
+        let sub = &self.subs[&t];
+        let mut all = self.snapshot.available(t, self.registration.as_ref());
+        if !sub.wildcard {
+            all.retain(|name, _| sub.names.contains(name));
+        }
+        all
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    /// Records an ACK or NACK. Returns false if the nonce is stale (an answer to a response
+    /// that has since been superseded), in which case the request is ignored.
+    fn acknowledge(&mut self, t: Type, nonce: &str, version: &str, error: Option<&str>) -> bool {
+        let sub = self.subs.entry(t).or_default();
+        if !self.delta && nonce != sub.last_nonce {
+            return false;
+        }
+        let url = t.url();
+        match error {
+            Some(e) => {
+                tracing::warn!(stream = self.id, node = ?self.node, type_url = %url, error = e, "proxy rejected config (NACK)");
+                let e = e.to_owned();
+                self.mesh.proxy_update(self.id, |p| p.last_error = Some(e));
+            }
+            None => {
+                let v = version.to_owned();
+                self.mesh.proxy_update(self.id, |p| drop(p.acked.insert(url, v)));
+            }
+        }
+        true
+    }
+
+    fn close(&mut self) {
+        if let (Some(id), Some(_)) = (&self.registered, &self.registration) {
+            self.mesh.disconnect(id, self.id);
+        }
+        self.mesh.proxy_gone(self.id);
+        tracing::debug!(stream = self.id, node = ?self.node, "xDS stream closed");
+    }
+}
+
+/// The difference between state-of-the-world and delta xDS.
+trait Flavor: Send + 'static {
+    const DELTA: bool;
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    fn node(req: &Self::Req) -> Option<&Node>;
+    /// Handles one request; returns the response it calls for, if any.
+    fn request(s: &mut Session, req: Self::Req) -> Option<Self::Resp>;
+    /// The response a new snapshot calls for on type `t`, if any.
+    fn push(s: &mut Session, t: Type, force: bool) -> Option<Self::Resp>;
+}
+
+async fn serve<F: Flavor>(
+    s: &mut Session,
+    mut inbound: Streaming<F::Req>,
+    tx: &mpsc::Sender<Result<F::Resp, Status>>,
+) -> Result<(), Status> {
+    let mut updates = s.mesh.subscribe();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(req) = msg? else { return Ok(()) };
+                s.identify(F::node(&req))?;
+                if let Some(resp) = F::request(s, req)
+                    && tx.send(Ok(resp)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                s.snapshot = updates.borrow_and_update().clone();
+                let types: Vec<Type> = Type::ALL.into_iter().filter(|t| s.subs.contains_key(t)).collect();
+                for t in types {
+                    if let Some(resp) = F::push(s, t, false)
+                        && tx.send(Ok(resp)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Sotw;
+
+impl Flavor for Sotw {
+    const DELTA: bool = false;
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn request(s: &mut Session, req: DiscoveryRequest) -> Option<DiscoveryResponse> {
+        let Some(t) = Type::from_url(&req.type_url) else {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for a type weft does not serve");
+            return None;
+        };
+        let first = !s.subs.contains_key(&t);
+        if !req.response_nonce.is_empty() {
+            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+            if !s.acknowledge(t, &req.response_nonce, &req.version_info, error) || error.is_some() {
+                return None;
+            }
+        }
+        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let wildcard = names.contains("*") || (names.is_empty() && t.wildcard_by_default());
+        let sub = s.subs.entry(t).or_default();
+        let changed = first || sub.names != names || sub.wildcard != wildcard;
+        sub.names = names;
+        sub.wildcard = wildcard;
+        Self::push(s, t, changed)
+    }
+
+    fn push(s: &mut Session, t: Type, force: bool) -> Option<DiscoveryResponse> {
+        let view = s.visible(t);
+        let sub = &s.subs[&t];
+        let same = view.len() == sub.sent.len() && view.values().all(|r| sub.sent.get(&r.name) == Some(&r.version));
+        if (same && !force) || (view.is_empty() && !sub.wildcard) {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for r in view.values() {
+            (&r.name, &r.version).hash(&mut h);
+        }
+        let nonce = s.next_nonce();
+        let sub = s.subs.get_mut(&t).expect("subscribed");
+        sub.sent = view.values().map(|r| (r.name.clone(), r.version.clone())).collect();
+        sub.last_nonce = nonce.clone();
+        Some(DiscoveryResponse {
+            version_info: format!("{:016x}", h.finish()),
+            resources: view.values().map(|r| r.any.clone()).collect(),
+            type_url: t.url(),
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+struct Delta;
+
+impl Flavor for Delta {
+    const DELTA: bool = true;
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn request(s: &mut Session, req: DeltaDiscoveryRequest) -> Option<DeltaDiscoveryResponse> {
+        let Some(t) = Type::from_url(&req.type_url) else {
+            tracing::debug!(type_url = %req.type_url, "ignoring request for a type weft does not serve");
+            return None;
+        };
+        if !req.response_nonce.is_empty() {
+            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+            s.acknowledge(t, &req.response_nonce, "", error);
+        }
+        let first = !s.subs.contains_key(&t);
+        let sub = s.subs.entry(t).or_default();
+        if first {
+            sub.wildcard = req.resource_names_subscribe.is_empty() && t.wildcard_by_default();
+            sub.sent = req.initial_resource_versions;
+        }
+        for name in req.resource_names_subscribe {
+            if name == "*" {
+                sub.wildcard = true;
+            } else {
+                sub.names.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == "*" {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(&name);
+                sub.sent.remove(&name);
+            }
+        }
+        Self::push(s, t, false)
+    }
+
+    fn push(s: &mut Session, t: Type, _force: bool) -> Option<DeltaDiscoveryResponse> {
+        let view = s.visible(t);
+        let sub = &s.subs[&t];
+        let changed: Vec<Resource> = view
+            .values()
+            .filter(|r| sub.sent.get(&r.name) != Some(&r.version))
+            .map(|r| Resource { name: r.name.clone(), version: r.version.clone(), resource: Some(r.any.clone()), ..Default::default() })
+            .collect();
+        let removed: Vec<String> = sub.sent.keys().filter(|n| !view.contains_key(*n)).cloned().collect();
+        if changed.is_empty() && removed.is_empty() {
+            return None;
+        }
+        let nonce = s.next_nonce();
+        let system_version_info = s.snapshot.version.to_string();
+        let sub = s.subs.get_mut(&t).expect("subscribed");
+        for n in &removed {
+            sub.sent.remove(n);
+        }
+        for r in &changed {
+            sub.sent.insert(r.name.clone(), r.version.clone());
+        }
+        sub.last_nonce = nonce.clone();
+        Some(DeltaDiscoveryResponse {
+            system_version_info,
+            resources: changed,
+            type_url: t.url(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+}
