@@ -1,1 +1,218 @@
+//! The weft sidecar proxy.
+//!
+//! The request path, top-down, one module per step:
+//! [`listener`] (accept) → [`detect`] (HTTP/1, HTTP/2 or opaque TCP) → [`http`] or [`tcp`] →
+//! [`route`] (route table → cluster) → [`balance`] (endpoint pick) → [`endpoint`] (pooled
+//! connection). Configuration arrives over xDS ([`xds`], decoded by [`config`]) and is applied
+//! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
+//! and /config_dump.
 #![forbid(unsafe_code)]
+
+mod admin;
+mod balance;
+mod config;
+mod detect;
+mod endpoint;
+mod error;
+mod health;
+mod http;
+mod listener;
+mod metrics;
+mod route;
+mod tcp;
+mod xds;
+
+use crate::balance::ClusterManager;
+use crate::config::{ClusterDef, EndpointDef, HttpDef, ListenerDef, RouteDef};
+use crate::http::HttpTarget;
+use crate::listener::{ListenerCtx, Listeners};
+use crate::metrics::{Direction, Metrics};
+use crate::route::RouteTable;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use weft_api::registry::{InstanceRegistration, Upstream};
+
+pub use error::ERROR_HEADER;
+pub use health::HealthCheck;
+
+/// Limits that protect the proxy; all have safe defaults and command-line flags.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    pub detect_timeout: Duration,
+    /// Largest request head (HTTP/1) or header list (HTTP/2) accepted.
+    pub max_header_bytes: u32,
+    /// Time allowed for an HTTP/1 client to send its request head.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            detect_timeout: Duration::from_secs(1),
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything `weft proxy` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Control plane address (host:port), for xDS and the API.
+    pub control: String,
+    /// Unique id of this proxy (xDS node id, registry instance id).
+    pub id: String,
+    pub service: Option<String>,
+    pub app: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub upstreams: Vec<(String, SocketAddr)>,
+    pub labels: BTreeMap<String, String>,
+    pub admin: SocketAddr,
+    pub health: Option<HealthCheck>,
+    pub health_interval: Duration,
+    pub limits: Limits,
+}
+
+/// Configuration as last accepted from the control plane, for /config_dump.
+#[derive(Debug, Default, Clone, Serialize)]
+struct Dump {
+    listeners: BTreeMap<String, ListenerDef>,
+    routes: BTreeMap<String, RouteDef>,
+    clusters: BTreeMap<String, ClusterDef>,
+    endpoints: BTreeMap<String, Vec<EndpointDef>>,
+    /// Type URL → version of the config in force.
+    versions: BTreeMap<String, String>,
+    control_plane_connected: bool,
+    last_rejected: Option<String>,
+}
+
+/// The running proxy: the config in force and the machinery that serves it.
+pub struct Proxy {
+    opts: ProxyOptions,
+    clusters: ClusterManager,
+    routes: RwLock<HashMap<String, Arc<ArcSwap<RouteTable>>>>,
+    listeners: Listeners,
+    metrics: Arc<Metrics>,
+    healthy: Arc<AtomicBool>,
+    dump: Mutex<Dump>,
+    ready: AtomicBool,
+}
+
+impl Proxy {
+    fn route_table(&self, name: &str) -> Arc<ArcSwap<RouteTable>> {
+        if let Some(t) = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return t.clone();
+        }
+        let mut w = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(name.to_owned()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(RouteTable::empty()))).clone()
+    }
+
+    fn dump(&self) -> std::sync::MutexGuard<'_, Dump> {
+        self.dump.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), String> {
+        let mut with_ctx = Vec::with_capacity(defs.len());
+        for def in defs {
+            let direction = if def.inbound() { Direction::inbound } else { Direction::outbound };
+            let service = if def.inbound() { self.opts.service.as_deref().unwrap_or("unknown") } else { def.service() };
+            let metrics = self.metrics.traffic(direction, service);
+            let http = def.http.as_ref().map(|h| {
+                let routes = match h {
+                    HttpDef::Rds(name) => self.route_table(name),
+                    HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
+                };
+                Arc::new(HttpTarget { routes, metrics: metrics.clone() })
+            });
+            let tcp = def.tcp_cluster.as_deref().map(|c| self.clusters.get(c));
+            let ctx = ListenerCtx { name: def.name.clone(), http, tcp, metrics };
+            with_ctx.push((def, ctx));
+        }
+        let listeners: BTreeMap<String, ListenerDef> = with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
+        self.listeners.update(with_ctx)?;
+        self.dump().listeners = listeners;
+        Ok(())
+    }
+
+    fn apply_routes(&self, defs: Vec<RouteDef>) {
+        for def in defs {
+            self.route_table(&def.name).store(Arc::new(RouteTable::build(&def, &self.clusters)));
+            self.dump().routes.insert(def.name.clone(), def);
+        }
+    }
+
+    fn apply_clusters(&self, defs: Vec<ClusterDef>) {
+        self.clusters.update(&defs);
+        let mut dump = self.dump();
+        dump.clusters = defs.into_iter().map(|d| (d.name.clone(), d)).collect();
+        let Dump { clusters, endpoints, .. } = &mut *dump;
+        endpoints.retain(|name, _| clusters.contains_key(name));
+    }
+
+    fn apply_endpoints(&self, sets: Vec<(String, Vec<EndpointDef>)>) {
+        for (name, eps) in sets {
+            self.clusters.get(&name).set_endpoints(&eps);
+            self.dump().endpoints.insert(name, eps);
+        }
+    }
+
+    fn registration(&self) -> InstanceRegistration {
+        let o = &self.opts;
+        InstanceRegistration {
+            service: o.service.clone(),
+            inbound: o.inbound.map(|a| a.to_string()),
+            app: o.app.map(|a| a.to_string()),
+            labels: o.labels.clone(),
+            upstreams: o.upstreams.iter().map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() }).collect(),
+            healthy: self.healthy.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Runs the proxy until `shutdown` resolves, then deregisters from the control plane.
+pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let limits = Arc::new(opts.limits.clone());
+    let listeners = Listeners::new(limits);
+    if let Some(addr) = opts.inbound {
+        listeners.prebind(addr, "inbound traffic (--inbound)")?;
+    }
+    for (svc, addr) in &opts.upstreams {
+        listeners.prebind(*addr, &format!("upstream {svc}"))?;
+    }
+    let admin = tokio::net::TcpListener::bind(opts.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
+    let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
+    let proxy = Arc::new(Proxy {
+        clusters: ClusterManager::default(),
+        routes: RwLock::default(),
+        listeners,
+        metrics: Metrics::new(),
+        healthy,
+        dump: Mutex::default(),
+        ready: AtomicBool::new(false),
+        opts,
+    });
+    let control = Arc::new(health::ControlApi::new(&proxy.opts.control));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::serve(admin, proxy.clone()));
+    tasks.spawn(xds::run(proxy.clone()));
+    if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {
+        tasks.spawn(health::run(check, proxy.clone(), control.clone()));
+    }
+    tracing::info!(id = %proxy.opts.id, service = ?proxy.opts.service, control = %proxy.opts.control, "proxy started");
+    shutdown.await;
+    if proxy.opts.service.is_some() && proxy.opts.inbound.is_some() {
+        // Leave the endpoint sets of other proxies before closing our listeners.
+        control.deregister(&proxy.opts.id).await;
+    }
+    tasks.abort_all();
+    tracing::info!(id = %proxy.opts.id, "proxy stopped");
+    Ok(())
+}

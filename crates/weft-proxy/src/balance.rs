@@ -1,0 +1,194 @@
+//! Clusters and load balancing. A [`Cluster`] holds the current [`EndpointSet`] of a service
+//! and picks an endpoint per request or connection: power of two choices over peak-EWMA cost
+//! by default, or round robin. Endpoints that just refused a connection are skipped while any
+//! other endpoint is left.
+use crate::config::{ClusterDef, EndpointDef};
+use crate::endpoint::Endpoint;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
+
+#[derive(Default)]
+pub struct EndpointSet {
+    /// Healthy endpoints only.
+    pub ready: Vec<Arc<Endpoint>>,
+    /// Every endpoint, healthy or not, by address (so updates can reuse them).
+    pub all: Vec<Arc<Endpoint>>,
+}
+
+pub struct Settings {
+    pub load_balancer: LoadBalancer,
+    pub connect_timeout: Duration,
+}
+
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub settings: ArcSwap<Settings>,
+    pub endpoints: ArcSwap<EndpointSet>,
+    /// Whether the control plane currently defines this cluster.
+    pub defined: std::sync::atomic::AtomicBool,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        Cluster {
+            name: name.into(),
+            settings: ArcSwap::from_pointee(Settings {
+                load_balancer: LoadBalancer::default(),
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            }),
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            defined: false.into(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Replaces the endpoint set, keeping existing endpoint objects (and their pools and
+    /// latency estimates) for addresses that remain.
+    pub fn set_endpoints(&self, defs: &[EndpointDef]) {
+        let old = self.endpoints.load();
+        let mut all = Vec::with_capacity(defs.len());
+        for d in defs {
+            let ep = match old.all.iter().find(|e| e.addr == d.address && e.labels == d.labels) {
+                Some(e) => {
+                    e.healthy.store(d.healthy, Ordering::Relaxed);
+                    e.clone()
+                }
+                None => Arc::new(Endpoint::new(d.address, d.healthy, d.labels.clone())),
+            };
+            all.push(ep);
+        }
+        let ready = all.iter().filter(|e| e.healthy.load(Ordering::Relaxed)).cloned().collect();
+        self.endpoints.store(Arc::new(EndpointSet { ready, all }));
+    }
+
+    /// Picks an endpoint not in `tried`, preferring ones that are not failing.
+    pub fn pick(&self, set: &EndpointSet, tried: &[usize]) -> Option<Arc<Endpoint>> {
+        let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
+        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
+        let lb = self.settings.load().load_balancer;
+        self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable))
+    }
+
+    fn choose(&self, set: &EndpointSet, lb: LoadBalancer, ok: impl Fn(&&Arc<Endpoint>) -> bool) -> Option<Arc<Endpoint>> {
+        let eps = &set.ready;
+        let n = eps.len();
+        if n == 0 {
+            return None;
+        }
+        match lb {
+            LoadBalancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|i| &eps[(start + i) % n]).find(|e| ok(e)).cloned()
+            }
+            LoadBalancer::P2cEwma => {
+                // Two distinct random candidates; fall back to a scan when they are unusable.
+                let a = fastrand::usize(..n);
+                let b = if n > 1 { (a + 1 + fastrand::usize(..n - 1)) % n } else { a };
+                let (ea, eb) = (&eps[a], &eps[b]);
+                match (ok(&ea), ok(&eb)) {
+                    (true, true) => Some(if eb.cost() < ea.cost() { eb } else { ea }.clone()),
+                    (true, false) => Some(ea.clone()),
+                    (false, true) => Some(eb.clone()),
+                    (false, false) => eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost().total_cmp(&y.cost())).cloned(),
+                }
+            }
+        }
+    }
+}
+
+/// All clusters by name. Route tables and listeners hold `Arc<Cluster>` resolved once when
+/// their config is applied, so requests never look clusters up by name.
+#[derive(Default)]
+pub struct ClusterManager {
+    clusters: RwLock<HashMap<String, Arc<Cluster>>>,
+}
+
+impl ClusterManager {
+    pub fn get(&self, name: &str) -> Arc<Cluster> {
+        if let Some(c) = self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return c.clone();
+        }
+        let mut w = self.clusters.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(name.to_owned()).or_insert_with(|| Arc::new(Cluster::new(name))).clone()
+    }
+
+    /// Applies a full CDS update.
+    pub fn update(&self, defs: &[ClusterDef]) {
+        for def in defs {
+            let c = self.get(&def.name);
+            c.settings.store(Arc::new(Settings { load_balancer: def.load_balancer, connect_timeout: def.connect_timeout }));
+            if let Some(eps) = &def.static_endpoints {
+                c.set_endpoints(eps);
+            }
+            c.defined.store(true, Ordering::Relaxed);
+        }
+        for (name, c) in self.clusters.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !defs.iter().any(|d| &d.name == name) {
+                c.defined.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
+        let c = Cluster::new("svc");
+        c.settings.store(Arc::new(Settings { load_balancer: lb, connect_timeout: DEFAULT_CONNECT_TIMEOUT }));
+        let defs: Vec<EndpointDef> = (0..n)
+            .map(|i| EndpointDef {
+                address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                healthy: i != 0,
+                zone: String::new(),
+                labels: Default::default(),
+            })
+            .collect();
+        c.set_endpoints(&defs);
+        c
+    }
+
+    #[test]
+    fn skips_unhealthy_and_tried() {
+        let c = cluster(3, LoadBalancer::RoundRobin);
+        let set = c.endpoints.load();
+        assert_eq!(set.ready.len(), 2);
+        let first = c.pick(&set, &[]).unwrap();
+        let second = c.pick(&set, &[Arc::as_ptr(&first) as usize]).unwrap();
+        assert_ne!(first.addr, second.addr);
+        assert!(c.pick(&set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize]).is_none());
+    }
+
+    #[test]
+    fn p2c_prefers_less_loaded() {
+        let c = cluster(3, LoadBalancer::P2cEwma);
+        let set = c.endpoints.load();
+        let busy = set.ready[0].clone();
+        let _load: Vec<_> = (0..50).map(|_| busy.start()).collect();
+        for _ in 0..100 {
+            assert_ne!(c.pick(&set, &[]).unwrap().addr, busy.addr);
+        }
+    }
+
+    #[test]
+    fn update_keeps_endpoint_identity() {
+        let c = cluster(3, LoadBalancer::P2cEwma);
+        let before = c.endpoints.load().all[1].clone();
+        let defs: Vec<EndpointDef> = c
+            .endpoints
+            .load()
+            .all
+            .iter()
+            .map(|e| EndpointDef { address: e.addr, healthy: true, zone: String::new(), labels: e.labels.clone() })
+            .collect();
+        c.set_endpoints(&defs);
+        assert!(Arc::ptr_eq(&before, &c.endpoints.load().all[1]));
+        assert_eq!(c.endpoints.load().ready.len(), 3);
+    }
+}

@@ -1,0 +1,99 @@
+//! Protocol detection: peeks at the first bytes a client sends, without consuming them, and
+//! decides between HTTP/2 (prior knowledge), HTTP/1.x and opaque TCP. A client that sends
+//! nothing within the detection timeout (server-speaks-first protocols) is treated as TCP.
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest first line we wait for before deciding it is not HTTP/1.
+const MAX_REQUEST_LINE: usize = 8192;
+
+enum Verdict {
+    Known(Protocol),
+    NeedMore,
+}
+
+fn classify(buf: &[u8]) -> Verdict {
+    if buf.is_empty() {
+        return Verdict::NeedMore;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() { Verdict::Known(Protocol::Http2) } else { Verdict::NeedMore };
+    }
+    // HTTP/1: METHOD SP request-target SP HTTP/1.x CRLF
+    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if method_len == 0 || method_len > 16 {
+        return Verdict::Known(Protocol::Tcp);
+    }
+    if method_len == buf.len() {
+        return Verdict::NeedMore;
+    }
+    if buf[method_len] != b' ' {
+        return Verdict::Known(Protocol::Tcp);
+    }
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(end) => {
+            let line = &buf[..end];
+            if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+                Verdict::Known(Protocol::Http1)
+            } else {
+                Verdict::Known(Protocol::Tcp)
+            }
+        }
+        None if buf.len() >= MAX_REQUEST_LINE => Verdict::Known(Protocol::Tcp),
+        None => Verdict::NeedMore,
+    }
+}
+
+/// Waits for enough of the client's first bytes to tell the protocol.
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Protocol> {
+    let mut buf = vec![0u8; MAX_REQUEST_LINE];
+    let work = async {
+        loop {
+            stream.readable().await?;
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 {
+                return Ok(Protocol::Tcp); // closed before sending anything
+            }
+            match classify(&buf[..n]) {
+                Verdict::Known(p) => return Ok(p),
+                // The bytes stay in the socket, so readable() would return at once: pause briefly.
+                Verdict::NeedMore => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work).await.unwrap_or(Ok(Protocol::Tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(buf: &[u8]) -> Option<Protocol> {
+        match classify(buf) {
+            Verdict::Known(p) => Some(p),
+            Verdict::NeedMore => None,
+        }
+    }
+
+    #[test]
+    fn classifies() {
+        assert_eq!(known(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(Protocol::Http1));
+        assert_eq!(known(b"POST /a?b HTTP/1.0\r\n"), Some(Protocol::Http1));
+        assert_eq!(known(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(known(b"PRI * HT"), None);
+        assert_eq!(known(b"GET /long-path-not-finished"), None);
+        assert_eq!(known(b"GE"), None);
+        assert_eq!(known(b"\x16\x03\x01\x02\x00"), Some(Protocol::Tcp));
+        assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
+        assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
+    }
+}

@@ -1,0 +1,179 @@
+//! One upstream endpoint: its address, its load estimate for the balancer, and its pooled
+//! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
+//! so pools and latency estimates survive EDS pushes.
+use crate::error::ProxyError;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_H1: usize = 128;
+/// How long an endpoint that refused a connection is avoided, unless nothing else is left.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
+/// Latency assumed for an endpoint before the first response.
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// Decay window of the peak-EWMA estimate.
+const DECAY: Duration = Duration::from_secs(10);
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub healthy: AtomicBool,
+    pub labels: BTreeMap<String, String>,
+    pending: AtomicU32,
+    /// Peak-EWMA round-trip time in nanoseconds (as f64 bits) and when it was last updated.
+    rtt: AtomicU64,
+    stamp: AtomicU64,
+    failed_at: AtomicU64,
+    h1_idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// A connection checked out of the pool.
+pub enum Conn {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, healthy: bool, labels: BTreeMap<String, String>) -> Endpoint {
+        Endpoint {
+            addr,
+            healthy: AtomicBool::new(healthy),
+            labels,
+            pending: AtomicU32::new(0),
+            rtt: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp: AtomicU64::new(clock()),
+            failed_at: AtomicU64::new(0),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }
+    }
+
+    /// Whether the endpoint refused a connection recently.
+    pub fn failing(&self) -> bool {
+        let at = self.failed_at.load(Ordering::Relaxed);
+        at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
+    }
+
+    /// Cost for P2C: estimated latency × (outstanding requests + 1).
+    pub fn cost(&self) -> f64 {
+        let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Marks a request as started; the returned guard records its latency when it ends.
+    pub fn start(&self) -> InFlight<'_> {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight { endpoint: self, started: Instant::now() }
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let now = clock();
+        let rtt = rtt.as_nanos() as f64;
+        let prev = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
+        // Peak: jump up at once, decay down over DECAY. Races between updates only lose one sample.
+        let next = if rtt > prev {
+            rtt
+        } else {
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            prev * w + rtt * (1.0 - w)
+        };
+        self.rtt.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        let result = tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await;
+        let stream = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(self.failed(ProxyError::Connect { addr: self.addr, source: e })),
+            Err(_) => return Err(self.failed(ProxyError::ConnectTimeout { addr: self.addr, timeout })),
+        };
+        self.failed_at.store(0, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn failed(&self, e: ProxyError) -> ProxyError {
+        self.failed_at.store(clock(), Ordering::Relaxed);
+        e
+    }
+
+    /// A TCP connection for opaque forwarding.
+    pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        self.connect(timeout).await
+    }
+
+    /// An HTTP connection: a pooled one if one is free, otherwise a new one.
+    pub async fn checkout(&self, h2: bool, timeout: Duration) -> Result<Conn, ProxyError> {
+        if h2 {
+            if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| !s.is_closed()) {
+                return Ok(Conn::H2(s.clone()));
+            }
+            let io = TokioIo::new(self.connect(timeout).await?);
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .adaptive_window(true)
+                .handshake(io)
+                .await
+                .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
+            tokio::spawn(conn);
+            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
+            return Ok(Conn::H2(send));
+        }
+        if let Some(s) = self.take_idle_h1() {
+            return Ok(Conn::H1(s));
+        }
+        self.new_h1(timeout).await.map(Conn::H1)
+    }
+
+    /// A fresh HTTP/1.1 connection that supports `Upgrade` (never pooled afterwards).
+    pub async fn new_h1(&self, timeout: Duration) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+        let io = TokioIo::new(self.connect(timeout).await?);
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(send)
+    }
+
+    fn take_idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|s| !s.is_closed());
+        // Connections return to the pool as soon as their response head arrives; the ones still
+        // streaming a body are not ready and stay where they are.
+        let i = idle.iter().rposition(|s| s.is_ready())?;
+        Some(idle.swap_remove(i))
+    }
+
+    pub fn checkin_h1(&self, s: http1::SendRequest<Incoming>) {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(s);
+        }
+    }
+}
+
+/// An outstanding request on an endpoint, counted in its load.
+pub struct InFlight<'a> {
+    endpoint: &'a Endpoint,
+    started: Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.observe(self.started.elapsed());
+    }
+}

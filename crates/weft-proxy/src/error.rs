@@ -1,0 +1,56 @@
+//! Errors the proxy answers for itself. Each maps to a status code and a reason that the
+//! response carries in the `x-weft-error` header, so a client can tell the proxy's own
+//! answers from the application's.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const ERROR_HEADER: &str = "x-weft-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("cluster {0:?} is not configured (yet)")]
+    UnknownCluster(String),
+    #[error("service {0:?} has no healthy endpoints")]
+    NoEndpoints(String),
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("upstream {addr} reset or closed the connection: {source}")]
+    UpstreamReset { addr: SocketAddr, source: hyper::Error },
+}
+
+impl ProxyError {
+    /// Short machine-readable reason for the `x-weft-error` header and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no-route",
+            ProxyError::UnknownCluster(_) => "unknown-cluster",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::Connect { .. } => "connect-failed",
+            ProxyError::ConnectTimeout { .. } => "connect-timeout",
+            ProxyError::Handshake { .. } => "upstream-handshake-failed",
+            ProxyError::UpstreamReset { .. } => "upstream-reset",
+        }
+    }
+
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
+            ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect { .. } | ProxyError::Handshake { .. } | ProxyError::UpstreamReset { .. } => {
+                http::StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// Whether the request never reached the endpoint, so another endpoint may take it.
+    pub fn before_send(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Handshake { .. })
+    }
+}

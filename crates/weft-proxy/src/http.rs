@@ -1,0 +1,196 @@
+//! The HTTP path of a listener: serve HTTP/1.1 or HTTP/2 to the client, route each request to
+//! a cluster, pick an endpoint, and forward over a pooled connection of the same HTTP version.
+//! Bodies stream through in both directions; nothing is buffered whole.
+use crate::balance::Cluster;
+use crate::endpoint::{Conn, Endpoint};
+use crate::error::{ERROR_HEADER, ProxyError};
+use crate::metrics::TrafficMetrics;
+use crate::route::RouteTable;
+use crate::Limits;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Connect attempts per request: the first endpoint plus two others.
+const ATTEMPTS: usize = 3;
+
+/// What an HTTP listener needs per request.
+pub struct HttpTarget {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<TrafficMetrics>,
+}
+
+pub async fn serve(stream: TcpStream, h2: bool, target: Arc<HttpTarget>, limits: &Limits) {
+    let io = TokioIo::new(stream);
+    let svc = hyper::service::service_fn(move |req| handle(target.clone(), req));
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes)
+            .adaptive_window(true)
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes as usize)
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+async fn handle(target: Arc<HttpTarget>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let resp = match forward(&target, req).await {
+        Ok(resp) => resp.map(Either::Left),
+        Err(e) => {
+            target.metrics.proxy_error(e.reason());
+            tracing::warn!(error = %e, reason = e.reason(), "proxy answered the request itself");
+            error_response(&e, grpc)
+        }
+    };
+    target.metrics.request(resp.status().as_u16(), started.elapsed());
+    Ok(resp)
+}
+
+fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
+    let mut resp = if grpc {
+        // gRPC clients read the status from grpc-status; UNAVAILABLE (14) lets them retry.
+        let mut r = Response::new(Either::Right(Full::default()));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+        if let Ok(v) = HeaderValue::from_str(&e.to_string()) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("weft: {e}\n")))));
+        *r.status_mut() = e.status();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r
+    };
+    resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(e.reason()));
+    resp
+}
+
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding"];
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    let cluster = target.routes.load().route(&req).cloned().ok_or(ProxyError::NoRoute)?;
+    if !cluster.defined.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ProxyError::UnknownCluster(cluster.name.to_string()));
+    }
+    let upgrade = is_upgrade(&req);
+    if !upgrade && req.version() != Version::HTTP_2 {
+        let h = req.headers_mut();
+        for name in HOP_BY_HOP {
+            h.remove(name);
+        }
+    }
+    let h2 = req.version() == Version::HTTP_2;
+    if upgrade {
+        let (endpoint, conn) = checkout(&cluster, async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
+        let _in_flight = endpoint.start();
+        return tunnel(&endpoint, conn, req).await;
+    }
+    let (endpoint, conn) = checkout(&cluster, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
+    let _in_flight = endpoint.start();
+    let mut resp = send(&endpoint, conn, req, cluster.settings.load().connect_timeout).await?;
+    if !h2 {
+        for name in HOP_BY_HOP.iter().take(3) {
+            resp.headers_mut().remove(*name);
+        }
+    }
+    Ok(resp)
+}
+
+/// Picks an endpoint and gets a connection to it, moving on to another endpoint when a
+/// connect fails. The request has not been touched yet, so any request may be retried here.
+async fn checkout<C>(
+    cluster: &Cluster,
+    connect: impl AsyncFn(&Endpoint, std::time::Duration) -> Result<C, ProxyError>,
+) -> Result<(Arc<Endpoint>, C), ProxyError> {
+    let set = cluster.endpoints.load_full();
+    let timeout = cluster.settings.load().connect_timeout;
+    let mut tried = Vec::new();
+    loop {
+        let ep = cluster.pick(&set, &tried).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
+        match connect(&ep, timeout).await {
+            Ok(c) => return Ok((ep, c)),
+            Err(e) if e.before_send() && tried.len() + 1 < ATTEMPTS.min(set.ready.len()) => {
+                tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, error = %e, "trying another endpoint");
+                tried.push(Arc::as_ptr(&ep) as usize);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send(
+    ep: &Endpoint,
+    conn: Conn,
+    req: Request<Incoming>,
+    timeout: std::time::Duration,
+) -> Result<Response<Incoming>, ProxyError> {
+    let reset = |source| ProxyError::UpstreamReset { addr: ep.addr, source };
+    match conn {
+        Conn::H2(mut s) => s.send_request(req).await.map_err(reset),
+        Conn::H1(mut s) => match s.try_send_request(req).await {
+            Ok(resp) => {
+                ep.checkin_h1(s);
+                Ok(resp)
+            }
+            Err(mut e) => match e.take_message() {
+                // The pooled connection closed before the request went out: use a new one.
+                Some(req) => {
+                    let mut s = ep.new_h1(timeout).await?;
+                    let resp = s.send_request(req).await.map_err(reset)?;
+                    ep.checkin_h1(s);
+                    Ok(resp)
+                }
+                None => Err(reset(e.into_error())),
+            },
+        },
+    }
+}
+
+/// `Upgrade` (e.g. WebSocket): forward the handshake on a dedicated connection and, on
+/// `101 Switching Protocols`, splice the two upgraded connections together.
+async fn tunnel(
+    ep: &Endpoint,
+    mut s: hyper::client::conn::http1::SendRequest<Incoming>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let downstream = hyper::upgrade::on(&mut req);
+    let mut resp = s.send_request(req).await.map_err(|source| ProxyError::UpstreamReset { addr: ep.addr, source })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(d), Ok(u)) = tokio::join!(downstream, upstream) else {
+                tracing::debug!("upgrade failed on one side");
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+        });
+    }
+    Ok(resp)
+}

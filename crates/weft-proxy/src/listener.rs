@@ -1,0 +1,132 @@
+//! Listeners: sockets bound from the proxy's flags or from xDS, each running an accept loop
+//! that hands every connection to protocol detection and then to the HTTP or TCP path.
+//! A listener's behaviour can change under it (an LDS update swaps its [`ListenerCtx`]);
+//! its socket stays bound, so an update drops no connection.
+use crate::balance::Cluster;
+use crate::config::ListenerDef;
+use crate::detect::{self, Protocol};
+use crate::http::HttpTarget;
+use crate::metrics::TrafficMetrics;
+use crate::Limits;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What a listener does with a connection.
+pub struct ListenerCtx {
+    pub name: String,
+    pub http: Option<Arc<HttpTarget>>,
+    pub tcp: Option<Arc<Cluster>>,
+    pub metrics: Arc<TrafficMetrics>,
+}
+
+struct Running {
+    address: SocketAddr,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    task: JoinHandle<()>,
+}
+
+pub struct Listeners {
+    limits: Arc<Limits>,
+    /// Sockets bound at startup from the command line, waiting for their xDS listener.
+    prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl Listeners {
+    pub fn new(limits: Arc<Limits>) -> Listeners {
+        Listeners { limits, prebound: Mutex::default(), running: Mutex::default() }
+    }
+
+    /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
+    pub fn prebind(&self, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+        let l = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
+        l.set_nonblocking(true)?;
+        self.prebound.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, l);
+        Ok(())
+    }
+
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let std = match self.prebound.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr) {
+            Some(l) => l,
+            None => {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                l
+            }
+        };
+        TcpListener::from_std(std)
+    }
+
+    /// Applies a full LDS update. Every new listener is bound before anything changes, so a
+    /// bind failure rejects the whole update and leaves the running listeners as they were.
+    pub fn update(&self, defs: Vec<(ListenerDef, ListenerCtx)>) -> Result<(), String> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = HashMap::new();
+        for (def, _) in &defs {
+            let keep = running.get(&def.name).is_some_and(|r| r.address == def.address);
+            if !keep {
+                let l = self.bind(def.address).map_err(|e| format!("listener {:?}: cannot bind {}: {e}", def.name, def.address))?;
+                fresh.insert(def.name.clone(), l);
+            }
+        }
+        running.retain(|name, r| {
+            let keep = defs.iter().any(|(d, _)| &d.name == name) && !fresh.contains_key(name);
+            if !keep {
+                r.task.abort();
+                tracing::info!(listener = %name, "listener removed");
+            }
+            keep
+        });
+        for (def, ctx) in defs {
+            let ctx = Arc::new(ctx);
+            match fresh.remove(&def.name) {
+                Some(socket) => {
+                    let shared = Arc::new(ArcSwap::new(ctx));
+                    let task = tokio::spawn(accept(socket, shared.clone(), self.limits.clone()));
+                    tracing::info!(listener = %def.name, address = %def.address, "listening");
+                    running.insert(def.name.clone(), Running { address: def.address, ctx: shared, task });
+                }
+                None => running[&def.name].ctx.store(ctx),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn accept(listener: TcpListener, ctx: Arc<ArcSwap<ListenerCtx>>, limits: Arc<Limits>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.load_full();
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let _open = ctx.metrics.connection();
+            let _ = stream.set_nodelay(true);
+            let protocol = match (&ctx.http, &ctx.tcp) {
+                (Some(_), None) | (Some(_), Some(_)) => match detect::detect(&stream, limits.detect_timeout).await {
+                    Ok(p) => p,
+                    Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
+                },
+                _ => Protocol::Tcp,
+            };
+            match (protocol, &ctx.http, &ctx.tcp) {
+                (Protocol::Http1 | Protocol::Http2, Some(http), _) => {
+                    crate::http::serve(stream, protocol == Protocol::Http2, http.clone(), &limits).await
+                }
+                (_, _, Some(cluster)) => crate::tcp::forward(stream, cluster.clone(), ctx.metrics.clone()).await,
+                (_, _, None) => tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing"),
+            }
+        });
+    }
+}

@@ -1,0 +1,175 @@
+//! Prometheus metrics. Label sets are resolved once per listener ([`TrafficMetrics`]), so a
+//! request only increments pre-resolved counters and histograms.
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are written as-is
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Labels {
+    pub direction: Direction,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    direction: Direction,
+    service: String,
+    code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    direction: Direction,
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    direction: Direction,
+    service: String,
+    flow: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsLabels {
+    type_url: String,
+    result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabels, Counter>,
+    duration: HistogramFamily<Labels>,
+    errors: Family<ErrorLabels, Counter>,
+    tcp_opened: Family<Labels, Counter>,
+    tcp_open: Family<Labels, Gauge>,
+    tcp_bytes: Family<FlowLabels, Counter>,
+    xds: Family<XdsLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs … ~3.3s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("weft");
+        let requests = Family::<StatusLabels, Counter>::default();
+        let duration: HistogramFamily<Labels> = Family::new_with_constructor(latency_histogram);
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let tcp_opened = Family::<Labels, Counter>::default();
+        let tcp_open = Family::<Labels, Gauge>::default();
+        let tcp_bytes = Family::<FlowLabels, Counter>::default();
+        let xds = Family::<XdsLabels, Counter>::default();
+        registry.register("requests", "HTTP requests by direction, service and status code", requests.clone());
+        registry.register_with_unit(
+            "request_duration",
+            "HTTP request latency until response headers",
+            prometheus_client::registry::Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register("proxy_errors", "Responses the proxy made itself, by reason", errors.clone());
+        registry.register("tcp_connections_opened", "Downstream connections accepted", tcp_opened.clone());
+        registry.register("tcp_connections_open", "Downstream connections currently open", tcp_open.clone());
+        registry.register("tcp_bytes", "Bytes forwarded on opaque TCP connections (rx: from client, tx: to client)", tcp_bytes.clone());
+        registry.register("xds_updates", "xDS responses by type and outcome (ack or nack)", xds.clone());
+        Arc::new(Metrics { registry, requests, duration, errors, tcp_opened, tcp_open, tcp_bytes, xds })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn xds(&self, type_url: &str, ack: bool) {
+        let labels = XdsLabels { type_url: type_url.to_owned(), result: if ack { "ack" } else { "nack" } };
+        self.xds.get_or_create(&labels).inc();
+    }
+
+    pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str) -> Arc<TrafficMetrics> {
+        let labels = Labels { direction, service: service.to_owned() };
+        Arc::new(TrafficMetrics {
+            duration: self.duration.get_or_create_owned(&labels),
+            tcp_opened: self.tcp_opened.get_or_create_owned(&labels),
+            tcp_open: self.tcp_open.get_or_create_owned(&labels),
+            codes: (0..600).map(|_| OnceLock::new()).collect(),
+            labels,
+            root: self.clone(),
+        })
+    }
+}
+
+/// Metric handles for one listener's traffic.
+pub struct TrafficMetrics {
+    labels: Labels,
+    duration: Histogram,
+    tcp_opened: Counter,
+    tcp_open: Gauge,
+    /// Counter per status code, created on first use.
+    codes: Box<[OnceLock<Counter>]>,
+    root: Arc<Metrics>,
+}
+
+impl TrafficMetrics {
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let counter = self.codes.get(usize::from(status)).map(|slot| {
+            slot.get_or_init(|| {
+                let l = StatusLabels { direction: self.labels.direction, service: self.labels.service.clone(), code: status };
+                self.root.requests.get_or_create_owned(&l)
+            })
+        });
+        match counter {
+            Some(c) => drop(c.inc()),
+            None => drop(self.root.requests.get_or_create(&self.status_labels(status)).inc()),
+        }
+    }
+
+    fn status_labels(&self, code: u16) -> StatusLabels {
+        StatusLabels { direction: self.labels.direction, service: self.labels.service.clone(), code }
+    }
+
+    pub fn proxy_error(&self, reason: &'static str) {
+        let l = ErrorLabels { direction: self.labels.direction, service: self.labels.service.clone(), reason };
+        self.root.errors.get_or_create(&l).inc();
+    }
+
+    /// Counts an accepted connection; the guard keeps it in the open-connections gauge.
+    pub fn connection(self: &Arc<Self>) -> OpenConnection {
+        self.tcp_opened.inc();
+        self.tcp_open.inc();
+        OpenConnection(self.clone())
+    }
+
+    pub fn tcp_bytes(&self, rx: u64, tx: u64) {
+        for (flow, n) in [("rx", rx), ("tx", tx)] {
+            let l = FlowLabels { direction: self.labels.direction, service: self.labels.service.clone(), flow };
+            self.root.tcp_bytes.get_or_create(&l).inc_by(n);
+        }
+    }
+}
+
+pub struct OpenConnection(Arc<TrafficMetrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.tcp_open.dec();
+    }
+}

@@ -1,0 +1,194 @@
+//! The proxy's xDS client: one ADS stream (state of the world) to the control plane.
+//!
+//! It subscribes to all listeners and clusters, then to the routes and endpoints those name.
+//! Each response is decoded and validated as a whole before anything is applied; a bad one is
+//! NACKed with the reason and the previous config stays in force. When the control plane is
+//! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
+use crate::config::{self, InvalidResource};
+use crate::Proxy;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::pb::google::rpc::Status;
+use prost::Name;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_api::names;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct TypeState {
+    names: BTreeSet<String>,
+    version: String,
+    nonce: String,
+}
+
+struct Stream {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    types: HashMap<String, TypeState>,
+    /// RDS and EDS names whose first response has not arrived yet.
+    awaiting: BTreeSet<(String, String)>,
+    seen_lds: bool,
+    seen_cds: bool,
+}
+
+impl Stream {
+    async fn request(&mut self, type_url: String, error: Option<String>) {
+        let st = self.types.entry(type_url.clone()).or_default();
+        let req = DiscoveryRequest {
+            version_info: st.version.clone(),
+            resource_names: st.names.iter().cloned().collect(),
+            type_url,
+            response_nonce: st.nonce.clone(),
+            error_detail: error.map(|message| Status { code: 3, message, details: vec![] }),
+            ..Default::default()
+        };
+        let _ = self.tx.send(req).await;
+    }
+
+    /// Changes the names subscribed for an RDS/EDS type, sending a request if they changed.
+    async fn subscribe(&mut self, type_url: String, names: BTreeSet<String>) {
+        let st = self.types.entry(type_url.clone()).or_default();
+        if st.names == names {
+            return;
+        }
+        for n in names.difference(&st.names) {
+            self.awaiting.insert((type_url.clone(), n.clone()));
+        }
+        self.awaiting.retain(|(t, n)| t != &type_url || names.contains(n));
+        st.names = names;
+        self.request(type_url, None).await;
+    }
+}
+
+fn node(proxy: &Proxy) -> Node {
+    let registration = serde_json::to_string(&proxy.registration()).expect("registration always serializes");
+    Node {
+        id: proxy.opts.id.clone(),
+        cluster: proxy.opts.service.clone().unwrap_or_default(),
+        user_agent_name: "weft".to_owned(),
+        metadata: Some(Struct {
+            fields: [(names::NODE_METADATA_KEY.to_owned(), Value { kind: Some(value::Kind::StringValue(registration)) })].into(),
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn run(proxy: Arc<Proxy>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match session(&proxy, &mut backoff).await {
+            Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
+            Err(e) if !warned => {
+                tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
+            }
+            Err(e) => tracing::debug!(error = %e, "xDS reconnect failed"),
+        }
+        warned = true;
+        proxy.dump().control_plane_connected = false;
+        let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 4);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration) -> anyhow::Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.opts.control))?
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(16);
+    let first = DiscoveryRequest { node: Some(node(proxy)), type_url: Listener::type_url(), ..Default::default() };
+    tx.send(first).await?;
+    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut s = Stream { tx, types: HashMap::new(), awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
+    s.types.insert(Listener::type_url(), TypeState::default());
+    s.request(Cluster::type_url(), None).await;
+    proxy.dump().control_plane_connected = true;
+    tracing::info!(control = %proxy.opts.control, "connected to control plane");
+    while let Some(resp) = responses.message().await? {
+        *backoff = Duration::from_millis(100);
+        handle(proxy, &mut s, resp).await;
+    }
+    Ok(())
+}
+
+async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
+    let type_url = resp.type_url.clone();
+    let result = apply(proxy, s, &resp).await;
+    let ack = result.is_ok();
+    proxy.metrics.xds(&type_url, ack);
+    let st = s.types.entry(type_url.clone()).or_default();
+    st.nonce = resp.nonce.clone();
+    match result {
+        Ok(()) => {
+            st.version = resp.version_info.clone();
+            proxy.dump().versions.insert(type_url.clone(), resp.version_info.clone());
+            s.request(type_url, None).await;
+        }
+        Err(e) => {
+            tracing::warn!(type_url = %type_url, error = %e, "rejected config from control plane (NACK); keeping the previous config");
+            proxy.dump().last_rejected = Some(e.clone());
+            s.request(type_url, Some(e)).await;
+        }
+    }
+    if !proxy.ready.load(Ordering::Relaxed) && s.seen_lds && s.seen_cds && s.awaiting.is_empty() {
+        proxy.ready.store(true, Ordering::Relaxed);
+        tracing::info!("first full config applied; ready");
+    }
+}
+
+fn decode_all<T>(resp: &DiscoveryResponse, f: fn(&envoy_types::pb::google::protobuf::Any) -> Result<T, InvalidResource>) -> Result<Vec<T>, String> {
+    resp.resources.iter().map(|r| f(r).map_err(|e| e.to_string())).collect()
+}
+
+async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), String> {
+    let t = resp.type_url.as_str();
+    if t == Listener::type_url() {
+        let defs = decode_all(resp, config::listener)?;
+        let rds: BTreeSet<String> = defs
+            .iter()
+            .filter_map(|d| match &d.http {
+                Some(config::HttpDef::Rds(n)) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        proxy.apply_listeners(defs)?;
+        s.seen_lds = true;
+        s.subscribe(RouteConfiguration::type_url(), rds).await;
+    } else if t == Cluster::type_url() {
+        let defs = decode_all(resp, config::cluster)?;
+        let eds: BTreeSet<String> = defs.iter().filter(|d| d.static_endpoints.is_none()).map(|d| d.name.clone()).collect();
+        proxy.apply_clusters(defs);
+        s.seen_cds = true;
+        s.subscribe(ClusterLoadAssignment::type_url(), eds).await;
+    } else if t == RouteConfiguration::type_url() {
+        let defs = decode_all(resp, config::route)?;
+        for d in &defs {
+            s.awaiting.remove(&(t.to_owned(), d.name.clone()));
+        }
+        proxy.apply_routes(defs);
+    } else if t == ClusterLoadAssignment::type_url() {
+        let sets = decode_all(resp, config::load_assignment)?;
+        for (name, _) in &sets {
+            s.awaiting.remove(&(t.to_owned(), name.clone()));
+        }
+        proxy.apply_endpoints(sets);
+    } else {
+        return Err(format!("weft does not handle resource type {t}"));
+    }
+    Ok(())
+}
