@@ -177,10 +177,46 @@ impl Proxy {
 
 /// Runs the proxy until `shutdown` resolves, then deregisters from the control plane.
 pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(opts).await?;
+    shutdown.await;
+    running.stop().await;
+    Ok(())
+}
+
+/// A started proxy; [`RunningProxy::stop`] takes it out of the mesh.
+pub struct RunningProxy {
+    proxy: Arc<Proxy>,
+    control: Arc<health::ControlApi>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl RunningProxy {
+    pub fn admin(&self) -> SocketAddr {
+        self.proxy.opts.admin
+    }
+
+    pub fn inbound(&self) -> Option<SocketAddr> {
+        self.proxy.opts.inbound
+    }
+
+    pub async fn stop(mut self) {
+        let o = &self.proxy.opts;
+        if o.service.is_some() && o.inbound.is_some() {
+            // Leave the endpoint sets of other proxies before our listeners close.
+            self.control.deregister(&o.id).await;
+        }
+        self.tasks.abort_all();
+        tracing::info!(id = %o.id, "proxy stopped");
+    }
+}
+
+/// Binds every listener given on the command line (so conflicts fail here, in one line),
+/// then starts the admin endpoint, the xDS client and the health checker.
+pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let limits = Arc::new(opts.limits.clone());
     let listeners = Listeners::new(limits);
     if let Some(addr) = opts.inbound {
-        listeners.prebind(addr, "inbound traffic (--inbound)")?;
+        opts.inbound = Some(listeners.prebind(addr, "inbound traffic (--inbound)")?);
     }
     for (svc, addr) in &opts.upstreams {
         listeners.prebind(*addr, &format!("upstream {svc}"))?;
@@ -188,6 +224,7 @@ pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyh
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
+    opts.admin = admin.local_addr()?;
     let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
     let proxy = Arc::new(Proxy {
         clusters: ClusterManager::default(),
@@ -206,13 +243,8 @@ pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyh
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {
         tasks.spawn(health::run(check, proxy.clone(), control.clone()));
     }
-    tracing::info!(id = %proxy.opts.id, service = ?proxy.opts.service, control = %proxy.opts.control, "proxy started");
-    shutdown.await;
-    if proxy.opts.service.is_some() && proxy.opts.inbound.is_some() {
-        // Leave the endpoint sets of other proxies before closing our listeners.
-        control.deregister(&proxy.opts.id).await;
-    }
-    tasks.abort_all();
-    tracing::info!(id = %proxy.opts.id, "proxy stopped");
-    Ok(())
+    let o = &proxy.opts;
+    let inbound = o.inbound.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    tracing::info!(id = %o.id, service = ?o.service, inbound, admin = %o.admin, control = %o.control, "proxy started");
+    Ok(RunningProxy { proxy, control, tasks })
 }

@@ -42,11 +42,13 @@ impl Listeners {
     }
 
     /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
-    pub fn prebind(&self, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    /// Returns the bound address (port 0 resolves to the port the kernel chose).
+    pub fn prebind(&self, addr: SocketAddr, what: &str) -> anyhow::Result<SocketAddr> {
         let l = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
         l.set_nonblocking(true)?;
-        self.prebound.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, l);
-        Ok(())
+        let bound = l.local_addr()?;
+        self.prebound.lock().unwrap_or_else(|p| p.into_inner()).insert(bound, l);
+        Ok(bound)
     }
 
     fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -1,0 +1,277 @@
+//! Command-line interface: every subcommand and flag, and where each goes.
+use crate::{api_client, run, up};
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use weft_proxy::{HealthCheck, Limits, ProxyOptions};
+
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:15010";
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft: a service mesh in one binary", propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the control plane: registry, config store, xDS server and admin API.
+    Control(ControlArgs),
+    /// Run a sidecar proxy for one service instance.
+    Proxy(ProxyArgs),
+    /// Start an app with its sidecar; both stop together.
+    Run(RunArgs),
+    /// Run a whole mesh on this machine: the bundled demo, or the one in -f FILE.
+    Up(UpArgs),
+    /// Validate and store configuration resources from a YAML file.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// Show services, endpoints, proxies or resources.
+    Get {
+        /// services | endpoints | proxies | httproutes | service (resource)
+        kind: String,
+        /// A name (for endpoints: the service).
+        name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        output: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// Delete a resource.
+    Delete {
+        /// service | httproute
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// The bundled demo app: HTTP/1.1, HTTP/2, gRPC and WebSocket on one port.
+    DemoApp(DemoAppArgs),
+    /// Call the demo app's gRPC service (a gRPC client for trying the mesh).
+    DemoClient(DemoClientArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ControlAddr {
+    /// Control plane address.
+    #[arg(long = "control", env = "WEFT_CONTROL", default_value = DEFAULT_CONTROL)]
+    pub control: String,
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Address for xDS (gRPC) and the admin API (HTTP/JSON).
+    #[arg(long, default_value = DEFAULT_CONTROL)]
+    pub listen: SocketAddr,
+    /// Where the embedded store keeps its file.
+    #[arg(long, default_value = ".weft/control")]
+    pub data_dir: PathBuf,
+    /// After a restart, how long restored instances keep their endpoints while proxies reconnect.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub reconnect_grace: Duration,
+}
+
+#[derive(Args, Clone)]
+pub struct ProxyArgs {
+    /// Service this instance belongs to. Without it the proxy only serves --upstream listeners.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Port of the local application.
+    #[arg(long = "app-port")]
+    pub app_port: Option<u16>,
+    /// Host of the local application.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub app_host: std::net::IpAddr,
+    /// Address of the inbound listener other proxies reach this instance on (port 0: pick one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub inbound: SocketAddr,
+    /// Upstream service reachable on a local port: SERVICE=PORT or SERVICE=HOST:PORT. Repeatable.
+    #[arg(long = "upstream", value_parser = upstream)]
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// Label of this instance, KEY=VALUE (e.g. version=v1, zone=a). Repeatable.
+    #[arg(long = "label", value_parser = label)]
+    pub labels: Vec<(String, String)>,
+    /// Unique id of this instance (default: SERVICE-PID).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Admin endpoint (/live, /ready, /metrics, /config_dump). Port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+    /// HTTP health check path on the app (default: a TCP connect check).
+    #[arg(long)]
+    pub health_path: Option<String>,
+    /// Interval between health checks; two failures in a row mark the instance unhealthy.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    pub health_interval: Duration,
+    /// How long to wait for a client's first bytes before treating a connection as opaque TCP.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub detect_timeout: Duration,
+    /// Largest HTTP request head / header list accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: u32,
+    /// Time allowed for an HTTP/1 client to send its request head.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Worker threads for the proxy (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    #[command(flatten)]
+    pub control: ControlAddr,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Port the app listens on (also passed to it as $PORT).
+    #[arg(long)]
+    pub port: u16,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// The app's command line.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Mesh file; without it, the bundled demo mesh runs.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DemoAppArgs {
+    /// Address to serve on (default 127.0.0.1:$PORT, else 127.0.0.1:8080).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "WEFT_SERVICE", default_value = "demo")]
+    pub service: String,
+    #[arg(long, env = "WEFT_VERSION", default_value = "v1")]
+    pub version: String,
+    #[arg(long, env = "WEFT_INSTANCE")]
+    pub instance: Option<String>,
+    /// Upstream to call from `/` and Hello (the local sidecar listener), HOST:PORT.
+    #[arg(long, env = "WEFT_UPSTREAM")]
+    pub upstream: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+pub struct DemoClientArgs {
+    /// Address to call (e.g. a sidecar's upstream listener).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub target: SocketAddr,
+    #[arg(long, default_value = "weft")]
+    pub name: String,
+    /// Call HelloStream and print this many replies instead of one Hello.
+    #[arg(long)]
+    pub stream: Option<u32>,
+}
+
+pub fn duration(s: &str) -> Result<Duration, String> {
+    weft_api::duration::parse(s)
+}
+
+fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (svc, target) = s.split_once('=').ok_or("expected SERVICE=PORT or SERVICE=HOST:PORT")?;
+    let addr = match target.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => target.parse().map_err(|_| format!("{target:?} is neither a port nor HOST:PORT"))?,
+    };
+    Ok((svc.to_owned(), addr))
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("expected KEY=VALUE")?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+impl Cli {
+    pub fn workers(&self) -> Option<usize> {
+        match &self.command {
+            Command::Proxy(p) => p.workers,
+            Command::Run(r) => r.proxy.workers,
+            _ => None,
+        }
+    }
+
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Apply { .. } | Command::Get { .. } | Command::Delete { .. } | Command::DemoClient(_) => "warn",
+            _ => "info",
+        }
+    }
+}
+
+impl ProxyArgs {
+    pub fn options(&self, app_port: Option<u16>) -> anyhow::Result<ProxyOptions> {
+        let app_port = app_port.or(self.app_port);
+        let app = app_port.map(|p| SocketAddr::new(self.app_host, p));
+        if app.is_some() && self.service.is_none() {
+            anyhow::bail!("--service is required when the proxy fronts an app (--app-port)");
+        }
+        if self.service.is_some() && app.is_none() {
+            anyhow::bail!("--app-port is required with --service: the proxy needs the app it fronts");
+        }
+        let id = self.id.clone().unwrap_or_else(|| {
+            format!("{}-{}", self.service.as_deref().unwrap_or("proxy"), std::process::id())
+        });
+        let health = app.map(|addr| match &self.health_path {
+            Some(path) => HealthCheck::Http { addr, path: path.clone() },
+            None => HealthCheck::Tcp { addr },
+        });
+        let labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
+        Ok(ProxyOptions {
+            control: self.control.control.clone(),
+            id,
+            service: self.service.clone(),
+            inbound: app.map(|_| self.inbound),
+            app,
+            upstreams: self.upstreams.clone(),
+            labels,
+            admin: self.admin,
+            health,
+            health_interval: self.health_interval,
+            limits: Limits {
+                detect_timeout: self.detect_timeout,
+                max_header_bytes: self.max_header_bytes,
+                header_read_timeout: self.header_read_timeout,
+            },
+        })
+    }
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Control(a) => {
+            let cfg = weft_control::ControlConfig { listen: a.listen, data_dir: a.data_dir, reconnect_grace: a.reconnect_grace };
+            weft_control::run(cfg, crate::supervise::stop_signal()).await?;
+        }
+        Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
+        Command::Run(a) => return run::run(a).await,
+        Command::Up(a) => up::up(a).await?,
+        Command::Apply { file, control } => api_client::apply(&control.control, &file).await?,
+        Command::Get { kind, name, output, control } => {
+            api_client::get(&control.control, &kind, name.as_deref(), &output).await?
+        }
+        Command::Delete { kind, name, control } => api_client::delete(&control.control, &kind, &name).await?,
+        Command::DemoApp(a) => {
+            let listen = a.listen.unwrap_or_else(|| {
+                let port = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+                SocketAddr::from(([127, 0, 0, 1], port))
+            });
+            let instance = a.instance.unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
+            let cfg = weft_demo::DemoConfig { listen, service: a.service, version: a.version, instance, upstream: a.upstream };
+            weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
+        }
+        Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,113 @@
+//! The mesh file read by `weft up -f`: a control plane, a gateway, services with their
+//! commands and instances, and resources to apply at start.
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The mesh `weft up` runs without a file. It is also the reference example of the format.
+pub const DEMO: &str = r#"# The bundled demo: a frontend calling a backend with two versions.
+control:
+  listen: 127.0.0.1:15010
+gateway:            # local ports where you reach services from outside the mesh
+  frontend: 8080
+  backend: 8081
+services:
+  - name: backend
+    labels: {version: v1}
+    instances: 2
+    healthPath: /healthz
+  - name: backend
+    labels: {version: v2}
+    instances: 1
+    healthPath: /healthz
+  - name: frontend
+    labels: {version: v1}
+    healthPath: /healthz
+    upstreams: {backend: 9001}
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshFile {
+    #[serde(default)]
+    pub control: ControlSection,
+    /// Service → local port on which a gateway proxy exposes it.
+    #[serde(default)]
+    pub gateway: BTreeMap<String, u16>,
+    pub services: Vec<ServiceSection>,
+    /// Resources (as `weft apply` takes them) applied once the control plane is up.
+    #[serde(default)]
+    pub resources: Vec<serde_norway::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControlSection {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Store directory; default: a fresh temporary directory removed at exit.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection { listen: default_listen(), data_dir: None }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    crate::cli::DEFAULT_CONTROL.parse().expect("valid default")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSection {
+    pub name: String,
+    /// The app's command line; `weft` as the program means this binary. Default: `weft demo-app`.
+    /// The app gets $PORT (where to listen), $WEFT_SERVICE, $WEFT_INSTANCE, $WEFT_VERSION and
+    /// $WEFT_UPSTREAM_<SERVICE> (where to reach each upstream).
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default = "one")]
+    pub instances: u16,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// HTTP health check path; default a TCP connect check.
+    pub health_path: Option<String>,
+    /// Upstream service → local port. Instance i of this service gets port + i.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, u16>,
+    /// Extra environment for the app.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+pub fn parse(name: &str, text: &str) -> anyhow::Result<MeshFile> {
+    let de = serde_norway::Deserializer::from_str(text);
+    let file: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("{name}: field {path}: {}", e.into_inner())
+    })?;
+    for (i, s) in file.services.iter().enumerate() {
+        if s.instances == 0 {
+            anyhow::bail!("{name}: field services[{i}].instances: must be at least 1");
+        }
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn demo_parses_and_errors_name_the_field() {
+        let demo = super::parse("demo", super::DEMO).unwrap();
+        assert_eq!(demo.services.len(), 3);
+        let e = super::parse("m.yaml", "services:\n  - name: a\n    instances: many\n").unwrap_err().to_string();
+        assert!(e.starts_with("m.yaml: field services[0].instances: invalid type"), "{e}");
+    }
+}

@@ -1,0 +1,267 @@
+//! `weft up`: a whole mesh on one machine. The control plane and a gateway proxy run in this
+//! process; every service instance runs as `weft run` in a child process of its own, so any
+//! of them can be killed or restarted like a real workload.
+use crate::api_client::Api;
+use crate::cli::UpArgs;
+use crate::mesh_file::{self, MeshFile};
+use crate::supervise;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+struct Planned {
+    service: String,
+    id: String,
+    app: u16,
+    inbound: u16,
+    admin: u16,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
+    let mut out = Vec::new();
+    let mut counters = std::collections::HashMap::<String, usize>::new();
+    for s in &file.services {
+        for i in 0..s.instances {
+            let n = counters.entry(s.name.clone()).or_default();
+            let id = match s.labels.get("version") {
+                Some(v) => format!("{}-{v}-{n}", s.name),
+                None => format!("{}-{n}", s.name),
+            };
+            *n += 1;
+            let (app, inbound, admin) = (free_port()?, free_port()?, free_port()?);
+            let mut argv = vec![exe.to_owned(), "run".into(), "--service".into(), s.name.clone()];
+            argv.extend(["--port".into(), app.to_string(), "--id".into(), id.clone()]);
+            argv.extend(["--inbound".into(), format!("127.0.0.1:{inbound}"), "--admin".into(), format!("127.0.0.1:{admin}")]);
+            argv.extend(["--control".into(), file.control.listen.to_string()]);
+            for (k, v) in &s.labels {
+                argv.extend(["--label".into(), format!("{k}={v}")]);
+            }
+            for (svc, port) in &s.upstreams {
+                let port = port.checked_add(i).context("upstream port out of range")?;
+                argv.extend(["--upstream".into(), format!("{svc}={port}")]);
+            }
+            if let Some(p) = &s.health_path {
+                argv.extend(["--health-path".into(), p.clone()]);
+            }
+            argv.push("--".into());
+            let command = if s.command.is_empty() { vec!["weft".to_owned(), "demo-app".to_owned()] } else { s.command.clone() };
+            argv.extend(command.into_iter().enumerate().map(|(j, a)| if j == 0 && a == "weft" { exe.to_owned() } else { a }));
+            let mut env: Vec<(String, String)> = s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            if std::env::var_os("WEFT_LOG").is_none() {
+                env.push(("WEFT_LOG".into(), "warn".into()));
+            }
+            out.push(Planned { service: s.name.clone(), id, app, inbound, admin, argv, env });
+        }
+    }
+    Ok(out)
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let (name, text) = match &args.file {
+        Some(f) => (f.display().to_string(), std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+        None => ("the bundled demo mesh".to_owned(), mesh_file::DEMO.to_owned()),
+    };
+    let file = mesh_file::parse(&name, &text)?;
+    let resources = file
+        .resources
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let kind = v.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+            weft_api::Resource::from_value(i, v.clone(), kind.as_deref()).map_err(|mut e| {
+                e.file = Some(format!("{name} (resources)"));
+                anyhow::anyhow!("{e}")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let exe = std::env::current_exe().context("cannot find the weft binary")?.display().to_string();
+
+    let temp = file.control.data_dir.is_none();
+    let data_dir = file.control.data_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("weft-up-{}", std::process::id()))
+    });
+    let result = run_mesh(&file, &resources, &exe, data_dir.clone()).await;
+    if temp {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    result
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Everything `weft up` started, torn down in reverse order whatever happened.
+struct Mesh {
+    instances_stop: watch::Sender<bool>,
+    instances: tokio::task::JoinSet<()>,
+    gateway: Option<weft_proxy::RunningProxy>,
+    control_stop: watch::Sender<bool>,
+    control: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Mesh {
+    async fn shutdown(mut self) {
+        // Instances first (their sidecars deregister), then the gateway, then the control plane.
+        let _ = self.instances_stop.send(true);
+        while self.instances.join_next().await.is_some() {}
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+        let _ = self.control_stop.send(true);
+        let _ = self.control.await;
+    }
+}
+
+async fn run_mesh(file: &MeshFile, resources: &[weft_api::Resource], exe: &str, data_dir: PathBuf) -> anyhow::Result<()> {
+    let listen = file.control.listen;
+    let cfg = weft_control::ControlConfig { listen, data_dir: data_dir.clone(), reconnect_grace: Duration::from_secs(15) };
+    let (control_stop, control_rx) = watch::channel(false);
+    let (instances_stop, stop) = watch::channel(false);
+    let mut mesh = Mesh {
+        instances_stop,
+        instances: tokio::task::JoinSet::new(),
+        gateway: None,
+        control_stop,
+        control: tokio::spawn(weft_control::run(cfg, stopped(control_rx))),
+    };
+    let result = start_all(&mut mesh, file, resources, exe, &data_dir, stop).await;
+    if result.is_ok() {
+        supervise::stop_signal().await;
+        eprintln!("\nweft up: stopping...");
+    }
+    mesh.shutdown().await;
+    result
+}
+
+async fn start_all(
+    mesh: &mut Mesh,
+    file: &MeshFile,
+    resources: &[weft_api::Resource],
+    exe: &str,
+    data_dir: &std::path::Path,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listen = file.control.listen;
+    let api = Api::new(&listen.to_string());
+    wait_for_control(&api, &mut mesh.control).await?;
+    if !resources.is_empty() {
+        api.apply(resources).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if !file.gateway.is_empty() {
+        let opts = weft_proxy::ProxyOptions {
+            control: listen.to_string(),
+            id: "gateway".into(),
+            service: None,
+            app: None,
+            inbound: None,
+            upstreams: file.gateway.iter().map(|(s, p)| (s.clone(), SocketAddr::from(([127, 0, 0, 1], *p)))).collect(),
+            labels: Default::default(),
+            admin: "127.0.0.1:0".parse().expect("valid address"),
+            health: None,
+            health_interval: Duration::from_secs(1),
+            limits: Default::default(),
+        };
+        mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
+    }
+    let planned = plan(file, exe)?;
+    for p in &planned {
+        let mut child = supervise::spawn(&p.argv, &p.env, false)?;
+        let (id, stop) = (p.id.clone(), stop.clone());
+        mesh.instances.spawn(async move {
+            tokio::select! {
+                status = child.wait() => {
+                    let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    eprintln!("weft up: instance {id} exited ({status})");
+                }
+                _ = stopped(stop) => drop(supervise::stop(&mut child, Duration::from_secs(5)).await),
+            }
+        });
+    }
+    wait_healthy(&api, &planned).await?;
+    banner(file, &planned, mesh.gateway.as_ref().map(|g| g.admin()), data_dir);
+    Ok(())
+}
+
+async fn wait_for_control(api: &Api, control: &mut tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if control.is_finished() {
+            return match control.await {
+                Ok(Err(e)) => Err(e.context("the control plane could not start")),
+                _ => Err(anyhow::anyhow!("the control plane stopped at startup")),
+            };
+        }
+        if api.get_json("/api/v1/services").await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the control plane did not start within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every planned instance is registered and healthy.
+async fn wait_healthy(api: &Api, planned: &[Planned]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut services: Vec<&str> = planned.iter().map(|p| p.service.as_str()).collect();
+    services.dedup();
+    loop {
+        let mut healthy = 0;
+        for s in &services {
+            if let Ok(v) = api.get_json(&format!("/api/v1/services/{s}/endpoints")).await {
+                let instances: Vec<weft_api::Instance> = serde_json::from_value(v).unwrap_or_default();
+                healthy += instances.iter().filter(|i| i.healthy && planned.iter().any(|p| p.id == i.id)).count();
+            }
+        }
+        if healthy == planned.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {healthy} of {} instances became healthy within 30s; see the messages above", planned.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn banner(file: &MeshFile, planned: &[Planned], gateway_admin: Option<SocketAddr>, data_dir: &std::path::Path) {
+    println!("weft mesh is up\n");
+    println!("  control plane  {}   (xDS + API; data in {})", file.control.listen, data_dir.display());
+    if let Some(admin) = gateway_admin {
+        for (svc, port) in &file.gateway {
+            println!("  gateway        {svc:<10} http://127.0.0.1:{port}/");
+        }
+        println!("                 admin http://{admin}/metrics");
+    }
+    println!();
+    println!("  {:<14} {:<20} {:<18} {:<18} ADMIN", "SERVICE", "INSTANCE", "APP", "INBOUND");
+    for p in planned {
+        println!(
+            "  {:<14} {:<20} {:<18} {:<18} http://127.0.0.1:{}/config_dump",
+            p.service,
+            p.id,
+            format!("127.0.0.1:{}", p.app),
+            format!("127.0.0.1:{}", p.inbound),
+            p.admin
+        );
+    }
+    let control = file.control.listen;
+    if let Some((svc, port)) = file.gateway.iter().next() {
+        println!("\nTry:");
+        println!("  curl http://127.0.0.1:{port}/                               # {svc}, HTTP/1.1");
+        println!("  curl --http2-prior-knowledge http://127.0.0.1:{port}/       # HTTP/2");
+        println!("  weft demo-client --target 127.0.0.1:{port}                  # gRPC");
+        println!("  weft get services --control {control}");
+        println!("  weft get endpoints {svc} --control {control}");
+    }
+    println!("\nCtrl-C stops the whole mesh.");
+}
