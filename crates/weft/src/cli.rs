@@ -154,8 +154,8 @@ pub struct DemoAppArgs {
     pub listen: Option<SocketAddr>,
     #[arg(long, env = "WEFT_SERVICE", default_value = "demo")]
     pub service: String,
-    #[arg(long, env = "WEFT_VERSION", default_value = "v1")]
-    pub version: String,
+    #[arg(long = "app-version", env = "WEFT_VERSION", default_value = "v1")]
+    pub app_version: String,
     #[arg(long, env = "WEFT_INSTANCE")]
     pub instance: Option<String>,
     /// Upstream to call from `/` and Hello (the local sidecar listener), HOST:PORT.
@@ -268,7 +268,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 SocketAddr::from(([127, 0, 0, 1], port))
             });
             let instance = a.instance.unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
-            let cfg = weft_demo::DemoConfig { listen, service: a.service, version: a.version, instance, upstream: a.upstream };
+            let cfg = weft_demo::DemoConfig { listen, service: a.service, version: a.app_version, instance, upstream: a.upstream };
             weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
         }
         Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,

@@ -27,10 +27,10 @@ fn free_port() -> anyhow::Result<u16> {
 
 fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
-    let mut counters = std::collections::HashMap::<String, usize>::new();
+    let mut counters = std::collections::HashMap::<(String, Option<String>), usize>::new();
     for s in &file.services {
         for i in 0..s.instances {
-            let n = counters.entry(s.name.clone()).or_default();
+            let n = counters.entry((s.name.clone(), s.labels.get("version").cloned())).or_default();
             let id = match s.labels.get("version") {
                 Some(v) => format!("{}-{v}-{n}", s.name),
                 None => format!("{}-{n}", s.name),
@@ -255,7 +255,7 @@ fn banner(file: &MeshFile, planned: &[Planned], gateway_admin: Option<SocketAddr
         );
     }
     let control = file.control.listen;
-    if let Some((svc, port)) = file.gateway.iter().next() {
+    if let Some((svc, port)) = file.gateway.iter().min_by_key(|(_, port)| **port) {
         println!("\nTry:");
         println!("  curl http://127.0.0.1:{port}/                               # {svc}, HTTP/1.1");
         println!("  curl --http2-prior-knowledge http://127.0.0.1:{port}/       # HTTP/2");
