@@ -1,1 +1,369 @@
+//! Integration harness: starts real `weft` processes (control plane, sidecars, demo apps) on
+//! 127.0.0.1 with ports picked per test, and drives them with real clients (curl, the gRPC
+//! demo client, Python grpcio, raw TCP, WebSocket). Every process is killed by PID when its
+//! handle drops; every wait is bounded.
 #![forbid(unsafe_code)]
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `weft` binary under test: `$WEFT_BIN`, or the workspace's debug build.
+pub fn weft_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weft");
+    assert!(p.exists(), "{} is missing: run `cargo build --bin weft` first (scripts/test does)", p.display());
+    p
+}
+
+/// Python with grpcio installed: `$WEFT_PYTHON`, or the repository's `.venv`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: scripts/test creates it with grpcio", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A scratch directory for one test, holding data dirs and process logs. On a failing test
+/// the logs are printed, so CI output shows what each process said.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!("weft-test-{name}-{}-{}", std::process::id(), fastrand_u32()));
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir { path }
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.subsec_nanos()
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(entries) = std::fs::read_dir(&self.path) {
+                for e in entries.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                        eprintln!("----- {} (last 40 lines) -----", e.path().display());
+                        for l in tail.iter().rev() {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process, killed (SIGKILL, by PID) when dropped unless it already exited.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(dir: &TestDir, name: &str, cmd: &mut Command) -> Proc {
+        let log = std::fs::File::create(dir.path.join(format!("{name}.log"))).unwrap();
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name: name.to_owned() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(Duration::from_secs(10))
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// PIDs of this process's children.
+    pub fn children(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) {
+            for t in tasks.flatten() {
+                let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Whether a process with this PID exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to completion (bounded by a timeout through `timeout(1)`).
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("60")
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Runs the weft CLI.
+pub fn weft(args: &[&str]) -> Output {
+    run(weft_bin().to_str().unwrap(), args)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A response as curl saw it.
+#[derive(Debug)]
+pub struct CurlResponse {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// `curl -s -i` with extra args; returns None if curl could not get a response at all.
+pub fn curl(args: &[&str]) -> Option<CurlResponse> {
+    let mut all = vec!["-s", "-i", "--max-time", "20"];
+    all.extend_from_slice(args);
+    let out = run("curl", &all);
+    if !out.status.success() {
+        return None;
+    }
+    let text = stdout(&out);
+    // Skip interim responses (100 Continue, 101 is final for upgrades).
+    let mut rest = text.as_str();
+    loop {
+        let (head, body) = rest.split_once("\r\n\r\n")?;
+        let mut lines = head.lines();
+        let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        if status == 100 {
+            rest = body;
+            continue;
+        }
+        let headers =
+            lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
+        return Some(CurlResponse { status, headers, body: body.to_owned() });
+    }
+}
+
+pub fn get_json(addr: &str, path: &str) -> Option<Value> {
+    let out = run("curl", &["-s", "-f", "--max-time", "5", &format!("http://{addr}{path}")]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// A control plane process.
+pub struct Control {
+    pub proc: Proc,
+    pub addr: String,
+    pub data_dir: PathBuf,
+}
+
+impl Control {
+    pub fn start(dir: &TestDir) -> Control {
+        Control::start_at(dir, &format!("127.0.0.1:{}", free_port()), dir.path.join("control-data"))
+    }
+
+    pub fn start_at(dir: &TestDir, addr: &str, data_dir: PathBuf) -> Control {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["control", "--listen", addr, "--data-dir"]).arg(&data_dir);
+        let proc = Proc::spawn(dir, &format!("control-{}", fastrand_u32()), &mut cmd);
+        let c = Control { proc, addr: addr.to_owned(), data_dir };
+        wait_until(Duration::from_secs(10), "control plane API", || get_json(&c.addr, "/api/v1/services").is_some());
+        c
+    }
+
+    pub fn endpoints(&self, service: &str) -> Vec<Value> {
+        get_json(&self.addr, &format!("/api/v1/services/{service}/endpoints"))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn healthy_ids(&self, service: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .endpoints(service)
+            .iter()
+            .filter(|e| e["healthy"] == true)
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// An app (the demo app) with its sidecar, started by `weft run`.
+pub struct Instance {
+    pub proc: Proc,
+    pub id: String,
+    pub app_port: u16,
+    pub inbound: u16,
+    pub admin: u16,
+}
+
+impl Instance {
+    pub fn start(dir: &TestDir, control: &Control, service: &str, version: &str, id: &str, extra: &[&str]) -> Instance {
+        let (app_port, inbound, admin) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["run", "--service", service, "--id", id, "--control", &control.addr]);
+        if !extra.contains(&"--health-path") {
+            cmd.args(["--health-path", "/healthz"]);
+        }
+        cmd.args(["--port", &app_port.to_string(), "--label", &format!("version={version}")]);
+        cmd.args(["--inbound", &format!("127.0.0.1:{inbound}"), "--admin", &format!("127.0.0.1:{admin}")]);
+        cmd.args(extra).arg("--").arg(weft_bin()).arg("demo-app");
+        let proc = Proc::spawn(dir, id, &mut cmd);
+        Instance { proc, id: id.to_owned(), app_port, inbound, admin }
+    }
+
+    pub fn admin(&self) -> String {
+        format!("127.0.0.1:{}", self.admin)
+    }
+}
+
+/// A proxy with no app of its own, exposing upstream services on local ports: the way a
+/// test (a client outside the mesh) sends traffic in.
+pub struct Edge {
+    pub proc: Proc,
+    pub admin: u16,
+    pub ports: HashMap<String, u16>,
+}
+
+impl Edge {
+    pub fn start(dir: &TestDir, control: &Control, services: &[&str]) -> Edge {
+        let admin = free_port();
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["proxy", "--control", &control.addr, "--id", &format!("edge-{}", fastrand_u32())]);
+        cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
+        let mut ports = HashMap::new();
+        for s in services {
+            let p = free_port();
+            cmd.args(["--upstream", &format!("{s}={p}")]);
+            ports.insert(s.to_string(), p);
+        }
+        let proc = Proc::spawn(dir, "edge", &mut cmd);
+        let e = Edge { proc, admin, ports };
+        wait_until(Duration::from_secs(10), "edge proxy ready", || {
+            run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success()
+        });
+        e
+    }
+
+    pub fn url(&self, service: &str, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[service])
+    }
+
+    pub fn admin(&self) -> String {
+        format!("127.0.0.1:{}", self.admin)
+    }
+
+    /// Addresses of the endpoints the edge currently holds for `service`.
+    pub fn endpoint_addrs(&self, service: &str) -> Vec<String> {
+        let dump = get_json(&self.admin(), "/config_dump").unwrap_or_default();
+        dump["endpoints"][service]
+            .as_array()
+            .map(|a| a.iter().map(|e| e["address"].as_str().unwrap_or_default().to_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Starts a control plane, `backends` instances of `backend` (versions v1, v2, …) and an edge.
+pub struct SmallMesh {
+    pub dir: TestDir,
+    pub control: Control,
+    pub backends: Vec<Instance>,
+    pub edge: Edge,
+}
+
+impl SmallMesh {
+    pub fn start(name: &str, backends: usize) -> SmallMesh {
+        let dir = TestDir::new(name);
+        let control = Control::start(&dir);
+        let backends: Vec<Instance> = (0..backends)
+            .map(|i| Instance::start(&dir, &control, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[]))
+            .collect();
+        wait_until(Duration::from_secs(15), "backends healthy", || control.healthy_ids("backend").len() == backends.len());
+        let edge = Edge::start(&dir, &control, &["backend"]);
+        wait_until(Duration::from_secs(5), "edge sees backends", || edge.endpoint_addrs("backend").len() == backends.len());
+        SmallMesh { dir, control, backends, edge }
+    }
+}

@@ -16,8 +16,9 @@ use tokio::net::TcpStream;
 const MAX_IDLE_H1: usize = 128;
 /// How long an endpoint that refused a connection is avoided, unless nothing else is left.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
-/// Latency assumed for an endpoint before the first response.
-const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// Cost of an endpoint with no latency sample yet while it has requests outstanding: new
+/// endpoints are tried at once (cost 0 when idle) but not flooded before their first answer.
+const UNKNOWN_RTT_PENALTY: f64 = 1e9;
 /// Decay window of the peak-EWMA estimate.
 const DECAY: Duration = Duration::from_secs(10);
 
@@ -52,7 +53,7 @@ impl Endpoint {
             healthy: AtomicBool::new(healthy),
             labels,
             pending: AtomicU32::new(0),
-            rtt: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
             failed_at: AtomicU64::new(0),
             h1_idle: Mutex::new(Vec::new()),
@@ -66,10 +67,16 @@ impl Endpoint {
         at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
     }
 
-    /// Cost for P2C: estimated latency × (outstanding requests + 1).
+    /// Cost for P2C: estimated latency × (outstanding requests + 1). The estimate decays
+    /// while an endpoint is not chosen, so a once-slow endpoint is retried eventually.
     pub fn cost(&self) -> f64 {
         let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
-        rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+        let pending = f64::from(self.pending.load(Ordering::Relaxed));
+        if rtt == 0.0 {
+            return pending * UNKNOWN_RTT_PENALTY;
+        }
+        let idle = clock().saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+        rtt * (-idle / DECAY.as_nanos() as f64).exp() * (pending + 1.0)
     }
 
     /// Marks a request as started; the returned guard records its latency when it ends.
@@ -84,7 +91,7 @@ impl Endpoint {
         let prev = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
         // Peak: jump up at once, decay down over DECAY. Races between updates only lose one sample.
-        let next = if rtt > prev {
+        let next = if rtt > prev || prev == 0.0 {
             rtt
         } else {
             let w = (-elapsed / DECAY.as_nanos() as f64).exp();
