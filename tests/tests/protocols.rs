@@ -1,0 +1,135 @@
+//! Every protocol the proxy carries, end to end: client → edge proxy → inbound sidecar → app.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+use weft_tests::*;
+
+#[test]
+fn http1_keepalive_chunked_and_pooling() {
+    let m = SmallMesh::start("http1", 1);
+    let url = m.edge.url("backend", "/");
+    // Two requests on one client connection.
+    let out = run("curl", &["-s", "-v", &url, &url]);
+    let err = stderr(&out);
+    assert!(err.contains("Re-using existing connection") || err.contains("Reusing existing connection"), "{err}");
+    assert_eq!(stdout(&out).matches("hello from backend v1 (instance backend-0) via HTTP/1.1").count(), 2);
+    // A chunked request body streams through.
+    let body = m.dir.path.join("body.txt");
+    std::fs::write(&body, "x".repeat(100_000)).unwrap();
+    let r = curl(&["-X", "POST", "-H", "Transfer-Encoding: chunked", "-T", body.to_str().unwrap(), &m.edge.url("backend", "/count")])
+        .expect("response");
+    assert_eq!((r.status, r.body.trim()), (200, "100000"));
+    // Many client connections, few upstream ones: the edge pools its connections to the sidecar.
+    for _ in 0..30 {
+        assert_eq!(curl(&[&url]).unwrap().status, 200);
+    }
+    let metrics = run("curl", &["-s", &format!("http://{}/metrics", m.backends[0].admin())]);
+    let opened: f64 = stdout(&metrics)
+        .lines()
+        .find(|l| l.starts_with("weft_tcp_connections_opened_total{direction=\"inbound\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("inbound connection counter");
+    assert!(opened <= 3.0, "the backend sidecar saw {opened} connections for 33 requests");
+}
+
+#[test]
+fn http2_prior_knowledge_end_to_end() {
+    let m = SmallMesh::start("http2", 1);
+    let r = curl(&["--http2-prior-knowledge", &m.edge.url("backend", "/")]).expect("response");
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("hello from backend v1 (instance backend-0) via HTTP/2"), "{}", r.body);
+}
+
+#[test]
+fn grpc_unary_and_streaming_keep_trailers() {
+    let m = SmallMesh::start("grpc", 1);
+    let target = format!("127.0.0.1:{}", m.edge.ports["backend"]);
+    let out = weft(&["demo-client", "--target", &target, "--name", "mesh"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "hello mesh from backend v1 (instance backend-0)");
+    let out = weft(&["demo-client", "--target", &target, "--stream", "3"]);
+    assert_eq!(stdout(&out).lines().count(), 3, "{}", stdout(&out));
+    // Three messages, then a status in the trailers: the error must arrive intact.
+    let out = weft(&["demo-client", "--target", &target, "--stream", "3", "--name", "fail"]);
+    assert_eq!(stdout(&out).lines().count(), 3);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("stream ended with Aborted: failed on purpose by backend v1 (instance backend-0)"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_end_to_end() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let m = tokio::task::spawn_blocking(|| SmallMesh::start("ws", 1)).await.unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws", m.edge.ports["backend"]);
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.expect("websocket handshake through the mesh");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::Text(format!("ping {i}").into())).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(reply.into_text().unwrap().as_str(), format!("backend v1 (instance backend-0): ping {i}"));
+    }
+    ws.close(None).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(m)).await.unwrap();
+}
+
+/// An echo server owned by the test, standing in for a non-HTTP app.
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn opaque_tcp_end_to_end() {
+    let dir = TestDir::new("tcp");
+    let control = Control::start(&dir);
+    let app = echo_server();
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["proxy", "--service", "echo", "--app-port", &app.to_string(), "--control", &control.addr, "--id", "echo-0"]);
+    let _sidecar = Proc::spawn(&dir, "echo-sidecar", &mut cmd);
+    wait_until(Duration::from_secs(10), "echo healthy", || control.healthy_ids("echo").len() == 1);
+    let edge = Edge::start(&dir, &control, &["echo"]);
+    wait_until(Duration::from_secs(5), "edge sees echo", || edge.endpoint_addrs("echo").len() == 1);
+    let mut s = TcpStream::connect(("127.0.0.1", edge.ports["echo"])).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for msg in ["ping\n", "\x00\x01binary\x02", "hello world, this is not HTTP\r\n"] {
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg.as_bytes());
+    }
+}
+
+#[test]
+fn hundred_megabyte_bodies_stream_in_bounded_memory() {
+    let m = SmallMesh::start("bigbody", 1);
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let file = m.dir.path.join("upload.bin");
+    {
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(SIZE).unwrap(); // sparse: zeros without writing 100 MB
+    }
+    let r = curl(&["-X", "POST", "--data-binary", &format!("@{}", file.display()), &m.edge.url("backend", "/count")]);
+    let r = r.expect("upload response");
+    assert_eq!((r.status, r.body.trim()), (200, SIZE.to_string().as_str()));
+    let out = run("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", &m.edge.url("backend", &format!("/bytes/{SIZE}"))]);
+    assert_eq!(stdout(&out), format!("200 {SIZE}"));
+    for (name, kib) in [("edge", m.edge.proc.peak_rss_kib()), ("backend sidecar", m.backends[0].proc.peak_rss_kib())] {
+        eprintln!("{name} peak RSS: {} KiB", kib);
+        assert!(kib < 64 * 1024, "{name} peak RSS {kib} KiB ≥ 64 MiB");
+    }
+}
