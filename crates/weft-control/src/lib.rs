@@ -37,6 +37,21 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
     let app = grpc.merge(api::router(mesh.clone()));
     tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "control plane serving xDS and API");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    // xDS streams never end on their own: after the stop signal, give in-flight API calls a
+    // moment, then close everything.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    tokio::select! {
+        r = serve => r?,
+        _ = async { stopped(stop_rx).await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => {}
+    }
+    tracing::info!("control plane stopped");
     Ok(())
 }

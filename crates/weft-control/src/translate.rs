@@ -166,7 +166,19 @@ impl Snapshot {
                 }
                 all
             }
-            Type::Route | Type::Endpoint => shared.clone(),
+            Type::Route => {
+                // A proxy's upstream may name a service nobody registered yet; its route
+                // table still exists (leading to an unknown cluster) so the proxy can finish
+                // its config and answer such requests with a clear error.
+                let mut all = shared.clone();
+                for up in &reg.upstreams {
+                    if !all.contains_key(&up.service) {
+                        all.insert(up.service.clone(), Res::new(up.service.clone(), &route_config(&up.service, &[])));
+                    }
+                }
+                all
+            }
+            Type::Endpoint => shared.clone(),
         }
     }
 

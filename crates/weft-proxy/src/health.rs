@@ -76,29 +76,36 @@ async fn probe(check: &HealthCheck, client: &Client<HttpConnector, Full<Bytes>>,
     tokio::time::timeout(timeout, work).await.unwrap_or(false)
 }
 
+/// How often an undelivered health report is retried, whatever the probe interval.
+const REPORT_RETRY: Duration = Duration::from_millis(200);
+
 pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>) {
     let interval = proxy.opts.health_interval;
     let client = Client::builder(TokioExecutor::new()).build_http();
     let mut failures = 0u32;
     let mut reported: Option<bool> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_probe = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
-        let ok = probe(&check, &client, interval.max(Duration::from_millis(200))).await;
-        failures = if ok { 0 } else { failures + 1 };
-        let was = proxy.healthy.load(Ordering::Relaxed);
-        let now = if ok { true } else if failures >= UNHEALTHY_AFTER { false } else { was };
-        if now != was {
-            proxy.healthy.store(now, Ordering::Relaxed);
-            tracing::info!(healthy = now, check = ?check, "application health changed");
+        if tokio::time::Instant::now() >= next_probe {
+            next_probe += interval;
+            let ok = probe(&check, &client, interval.clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
+            failures = if ok { 0 } else { failures + 1 };
+            let was = proxy.healthy.load(Ordering::Relaxed);
+            let now = if ok { true } else if failures >= UNHEALTHY_AFTER { false } else { was };
+            if now != was {
+                proxy.healthy.store(now, Ordering::Relaxed);
+                tracing::info!(healthy = now, check = ?check, "application health changed");
+            }
         }
+        let now = proxy.healthy.load(Ordering::Relaxed);
         if reported != Some(now) {
             match control.report(&proxy.opts.id, now).await {
                 Ok(()) => reported = Some(now),
-                // Not registered yet (stream still opening) or control plane away: retry next tick.
+                // Not registered yet (stream still opening) or control plane away: retry soon.
                 Err(e) => tracing::debug!(error = %e, "health report not delivered"),
             }
         }
+        let wake = if reported == Some(now) { next_probe } else { next_probe.min(tokio::time::Instant::now() + REPORT_RETRY) };
+        tokio::time::sleep_until(wake).await;
     }
 }

@@ -91,7 +91,10 @@ pub fn parse(name: &str, text: &str) -> anyhow::Result<MeshFile> {
     let de = serde_norway::Deserializer::from_str(text);
     let file: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        anyhow::anyhow!("{name}: field {path}: {}", e.into_inner())
+        let inner = e.into_inner().to_string();
+        // serde_norway prefixes its own (shorter) path; ours is the full one.
+        let reason = inner.split_once(": ").filter(|(p, _)| path.starts_with(p)).map_or(inner.as_str(), |(_, r)| r);
+        anyhow::anyhow!("{name}: field {path}: {reason}")
     })?;
     for (i, s) in file.services.iter().enumerate() {
         if s.instances == 0 {
