@@ -281,10 +281,10 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn start(dir: &TestDir, control: &Control, service: &str, version: &str, id: &str, extra: &[&str]) -> Instance {
+    pub fn start(dir: &TestDir, control: &str, service: &str, version: &str, id: &str, extra: &[&str]) -> Instance {
         let (app_port, inbound, admin) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(weft_bin());
-        cmd.args(["run", "--service", service, "--id", id, "--control", &control.addr]);
+        cmd.args(["run", "--service", service, "--id", id, "--control", control]);
         if !extra.contains(&"--health-path") {
             cmd.args(["--health-path", "/healthz"]);
         }
@@ -359,7 +359,7 @@ impl SmallMesh {
         let dir = TestDir::new(name);
         let control = Control::start(&dir);
         let backends: Vec<Instance> = (0..backends)
-            .map(|i| Instance::start(&dir, &control, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[]))
+            .map(|i| Instance::start(&dir, &control.addr, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[]))
             .collect();
         wait_until(Duration::from_secs(15), "backends healthy", || control.healthy_ids("backend").len() == backends.len());
         let edge = Edge::start(&dir, &control, &["backend"]);

@@ -22,7 +22,7 @@ fn request_loop(url: &str, dur: Duration) -> Vec<(Duration, u16, String)> {
 fn new_instance_gets_traffic_within_a_second_of_becoming_healthy() {
     let mut m = SmallMesh::start("join", 1);
     let url = m.edge.url("backend", "/");
-    let late = Instance::start(&m.dir, &m.control, "backend", "v2", "backend-late", &[]);
+    let late = Instance::start(&m.dir, &m.control.addr, "backend", "v2", "backend-late", &[]);
     // The moment the app itself answers its health check.
     wait_until(Duration::from_secs(15), "late app healthy", || {
         curl(&[&format!("http://127.0.0.1:{}/healthz", late.app_port)]).is_some_and(|r| r.status == 200)
@@ -92,7 +92,7 @@ fn instance_failing_its_health_check_gets_no_traffic() {
     // The app answers /status/503 as its "health" path: the instance registers but never
     // becomes healthy, so it gets no traffic.
     let m = SmallMesh::start("health", 1);
-    let sick = Instance::start(&m.dir, &m.control, "backend", "v9", "backend-sick", &["--health-path", "/status/503"]);
+    let sick = Instance::start(&m.dir, &m.control.addr, "backend", "v9", "backend-sick", &["--health-path", "/status/503"]);
     wait_until(Duration::from_secs(10), "sick instance registered", || {
         m.control.endpoints("backend").iter().any(|e| e["id"] == "backend-sick")
     });

@@ -10,7 +10,7 @@
 //! A weft proxy additionally gets resources of its own, derived from its registration: its
 //! inbound listener with the static `inbound|app` cluster, and one outbound listener per upstream.
 use crate::state::Inner;
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, LoadBalancingPolicy, cluster, load_balancing_policy};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress, address,
     config_source, socket_address,
@@ -21,7 +21,10 @@ use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
     route, route_action, route_match, weighted_cluster,
 };
+use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -227,17 +230,31 @@ fn duration(d: std::time::Duration) -> envoy_types::pb::google::protobuf::Durati
     envoy_types::pb::google::protobuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
-fn eds_cluster(name: &str, spec: &ServiceSpec) -> Cluster {
-    let lb = match spec.load_balancer {
-        LoadBalancer::P2cEwma => cluster::LbPolicy::LeastRequest,
-        LoadBalancer::RoundRobin => cluster::LbPolicy::RoundRobin,
+/// The load balancer as an ordered `load_balancing_policy` list: a client uses the first
+/// policy it supports. weft's proxy reads least_request (two choices) as P2C peak-EWMA;
+/// gRPC clients that lack least_request fall back to round_robin.
+fn load_balancing_policy(lb: LoadBalancer) -> LoadBalancingPolicy {
+    let policy = |name: &str, any: Any| load_balancing_policy::Policy {
+        typed_extension_config: Some(TypedExtensionConfig { name: name.to_owned(), typed_config: Some(any) }),
     };
+    let round_robin = policy("envoy.load_balancing_policies.round_robin", envoy_types::util::pack_any(RoundRobin::default()));
+    let policies = match lb {
+        LoadBalancer::P2cEwma => {
+            let lr = LeastRequest { choice_count: Some(UInt32Value { value: 2 }), ..Default::default() };
+            vec![policy("envoy.load_balancing_policies.least_request", envoy_types::util::pack_any(lr)), round_robin]
+        }
+        LoadBalancer::RoundRobin => vec![round_robin],
+    };
+    LoadBalancingPolicy { policies }
+}
+
+fn eds_cluster(name: &str, spec: &ServiceSpec) -> Cluster {
     Cluster {
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
         connect_timeout: Some(duration(spec.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))),
-        lb_policy: lb as i32,
+        load_balancing_policy: Some(load_balancing_policy(spec.load_balancer)),
         ..Default::default()
     }
 }

@@ -11,6 +11,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::{Any, value};
 use prost::{Message, Name};
@@ -204,9 +206,21 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
 
 pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     let c: Cluster = decode(any, "Cluster")?;
-    let load_balancer = match cluster::LbPolicy::try_from(c.lb_policy) {
-        Ok(cluster::LbPolicy::RoundRobin) => LoadBalancer::RoundRobin,
-        Ok(cluster::LbPolicy::LeastRequest) => LoadBalancer::P2cEwma,
+    // The first policy of load_balancing_policy that weft knows wins; without one, lb_policy.
+    let from_list = c.load_balancing_policy.iter().flat_map(|p| &p.policies).find_map(|p| {
+        let url = p.typed_extension_config.as_ref()?.typed_config.as_ref()?.type_url.as_str();
+        if url == LeastRequest::type_url() {
+            Some(LoadBalancer::P2cEwma)
+        } else if url == RoundRobin::type_url() {
+            Some(LoadBalancer::RoundRobin)
+        } else {
+            None
+        }
+    });
+    let load_balancer = match (from_list, cluster::LbPolicy::try_from(c.lb_policy)) {
+        (Some(lb), _) => lb,
+        (None, Ok(cluster::LbPolicy::RoundRobin)) => LoadBalancer::RoundRobin,
+        (None, Ok(cluster::LbPolicy::LeastRequest)) => LoadBalancer::P2cEwma,
         _ => return Err(invalid("Cluster", &c.name, format!("unsupported lb_policy {}", c.lb_policy))),
     };
     let connect_timeout = c
