@@ -13,6 +13,9 @@ pub struct InstanceRegistration {
     pub inbound: Option<String>,
     /// Local address of the application behind the inbound listener.
     pub app: Option<String>,
+    /// The proxy's admin endpoint (/metrics, /config_dump).
+    #[serde(default)]
+    pub admin: Option<String>,
     /// Labels such as `version` and `zone`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

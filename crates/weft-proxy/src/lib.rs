@@ -168,6 +168,7 @@ impl Proxy {
             service: o.service.clone(),
             inbound: o.inbound.map(|a| a.to_string()),
             app: o.app.map(|a| a.to_string()),
+            admin: Some(o.admin.to_string()),
             labels: o.labels.clone(),
             upstreams: o.upstreams.iter().map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() }).collect(),
             healthy: self.healthy.load(Ordering::Relaxed),

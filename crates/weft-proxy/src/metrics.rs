@@ -92,10 +92,37 @@ impl Metrics {
         Arc::new(Metrics { registry, requests, duration, errors, tcp_opened, tcp_open, tcp_bytes, xds })
     }
 
-    pub fn encode(&self) -> String {
+    /// The registry in OpenMetrics text, or (`openmetrics == false`) in the Prometheus 0.0.4
+    /// text format that promtool and older scrapers read: there a counter's HELP and TYPE
+    /// carry the `_total` name of its samples, and `# UNIT` / `# EOF` do not exist.
+    pub fn encode(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        if openmetrics {
+            return out;
+        }
+        let counters: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        let mut text = String::with_capacity(out.len());
+        for line in out.lines() {
+            if line.starts_with("# UNIT ") || line == "# EOF" {
+                continue;
+            }
+            let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+            match meta {
+                Some((kind, rest)) if counters.iter().any(|c| rest.split(' ').next() == Some(c)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    text.push_str(&format!("{kind}{name}_total {tail}\n"));
+                }
+                _ => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
     }
 
     pub fn xds(&self, type_url: &str, ack: bool) {

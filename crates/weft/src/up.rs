@@ -15,19 +15,25 @@ struct Planned {
     service: String,
     id: String,
     app: u16,
-    inbound: u16,
-    admin: u16,
     argv: Vec<String>,
     env: Vec<(String, String)>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port for an app to listen on. Sidecars bind port 0 themselves; apps are told a port, so
+/// one is picked here (and never the same one twice).
+fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if taken.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
     let mut counters = std::collections::HashMap::<(String, Option<String>), usize>::new();
+    let mut taken = std::collections::HashSet::new();
     for s in &file.services {
         for i in 0..s.instances {
             let n = counters.entry((s.name.clone(), s.labels.get("version").cloned())).or_default();
@@ -36,10 +42,10 @@ fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
                 None => format!("{}-{n}", s.name),
             };
             *n += 1;
-            let (app, inbound, admin) = (free_port()?, free_port()?, free_port()?);
+            let app = free_port(&mut taken)?;
             let mut argv = vec![exe.to_owned(), "run".into(), "--service".into(), s.name.clone()];
             argv.extend(["--port".into(), app.to_string(), "--id".into(), id.clone()]);
-            argv.extend(["--inbound".into(), format!("127.0.0.1:{inbound}"), "--admin".into(), format!("127.0.0.1:{admin}")]);
+            argv.extend(["--inbound".into(), "127.0.0.1:0".into(), "--admin".into(), "127.0.0.1:0".into()]);
             argv.extend(["--control".into(), file.control.listen.to_string()]);
             for (k, v) in &s.labels {
                 argv.extend(["--label".into(), format!("{k}={v}")]);
@@ -58,7 +64,7 @@ fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
             if std::env::var_os("WEFT_LOG").is_none() {
                 env.push(("WEFT_LOG".into(), "warn".into()));
             }
-            out.push(Planned { service: s.name.clone(), id, app, inbound, admin, argv, env });
+            out.push(Planned { service: s.name.clone(), id, app, argv, env });
         }
     }
     Ok(out)
@@ -173,21 +179,23 @@ async fn start_all(
         mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
     }
     let planned = plan(file, exe)?;
+    let exited = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in &planned {
         let mut child = supervise::spawn(&p.argv, &p.env, false)?;
-        let (id, stop) = (p.id.clone(), stop.clone());
+        let (id, stop, exited) = (p.id.clone(), stop.clone(), exited.clone());
         mesh.instances.spawn(async move {
             tokio::select! {
                 status = child.wait() => {
                     let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                     eprintln!("weft up: instance {id} exited ({status})");
+                    exited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = stopped(stop) => drop(supervise::stop(&mut child, Duration::from_secs(5)).await),
             }
         });
     }
-    wait_healthy(&api, &planned).await?;
-    banner(file, &planned, mesh.gateway.as_ref().map(|g| g.admin()), data_dir);
+    let instances = wait_healthy(&api, &planned, &exited).await?;
+    banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin()), data_dir);
     Ok(())
 }
 
@@ -210,30 +218,44 @@ async fn wait_for_control(api: &Api, control: &mut tokio::task::JoinHandle<anyho
     }
 }
 
-/// Waits until every planned instance is registered and healthy.
-async fn wait_healthy(api: &Api, planned: &[Planned]) -> anyhow::Result<()> {
+/// Waits until every planned instance is registered and healthy; returns them.
+async fn wait_healthy(
+    api: &Api,
+    planned: &[Planned],
+    exited: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<Vec<weft_api::Instance>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut services: Vec<&str> = planned.iter().map(|p| p.service.as_str()).collect();
+    services.sort();
     services.dedup();
     loop {
-        let mut healthy = 0;
+        let mut healthy = Vec::new();
         for s in &services {
             if let Ok(v) = api.get_json(&format!("/api/v1/services/{s}/endpoints")).await {
                 let instances: Vec<weft_api::Instance> = serde_json::from_value(v).unwrap_or_default();
-                healthy += instances.iter().filter(|i| i.healthy && planned.iter().any(|p| p.id == i.id)).count();
+                healthy.extend(instances.into_iter().filter(|i| i.healthy && planned.iter().any(|p| p.id == i.id)));
             }
         }
-        if healthy == planned.len() {
-            return Ok(());
+        if healthy.len() == planned.len() {
+            return Ok(healthy);
+        }
+        if exited.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            anyhow::bail!("an instance exited during startup; see its error above");
         }
         if Instant::now() > deadline {
-            anyhow::bail!("only {healthy} of {} instances became healthy within 30s; see the messages above", planned.len());
+            anyhow::bail!("only {} of {} instances became healthy within 30s; see the messages above", healthy.len(), planned.len());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn banner(file: &MeshFile, planned: &[Planned], gateway_admin: Option<SocketAddr>, data_dir: &std::path::Path) {
+fn banner(
+    file: &MeshFile,
+    planned: &[Planned],
+    instances: &[weft_api::Instance],
+    gateway_admin: Option<SocketAddr>,
+    data_dir: &std::path::Path,
+) {
     println!("weft mesh is up\n");
     println!("  control plane  {}   (xDS + API; data in {})", file.control.listen, data_dir.display());
     if let Some(admin) = gateway_admin {
@@ -245,14 +267,11 @@ fn banner(file: &MeshFile, planned: &[Planned], gateway_admin: Option<SocketAddr
     println!();
     println!("  {:<14} {:<20} {:<18} {:<18} ADMIN", "SERVICE", "INSTANCE", "APP", "INBOUND");
     for p in planned {
-        println!(
-            "  {:<14} {:<20} {:<18} {:<18} http://127.0.0.1:{}/config_dump",
-            p.service,
-            p.id,
-            format!("127.0.0.1:{}", p.app),
-            format!("127.0.0.1:{}", p.inbound),
-            p.admin
-        );
+        let reg = instances.iter().find(|i| i.id == p.id).map(|i| &i.registration);
+        let inbound = reg.and_then(|r| r.inbound.clone()).unwrap_or_default();
+        let admin = reg.and_then(|r| r.admin.clone()).unwrap_or_default();
+        let app = format!("127.0.0.1:{}", p.app);
+        println!("  {:<14} {:<20} {app:<18} {inbound:<18} http://{admin}/config_dump", p.service, p.id);
     }
     let control = file.control.listen;
     if let Some((svc, port)) = file.gateway.iter().min_by_key(|(_, port)| **port) {
