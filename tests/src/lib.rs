@@ -55,8 +55,10 @@ fn fastrand_u32() -> u32 {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(entries) = std::fs::read_dir(&self.path) {
+        if std::thread::panicking()
+            && let Ok(entries) = std::fs::read_dir(&self.path)
+        {
+            {
                 for e in entries.flatten() {
                     if e.path().extension().is_some_and(|x| x == "log") {
                         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -218,8 +220,10 @@ pub fn curl(args: &[&str]) -> Option<CurlResponse> {
             rest = body;
             continue;
         }
-        let headers =
-            lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
         return Some(CurlResponse { status, headers, body: body.to_owned() });
     }
 }
@@ -359,11 +363,17 @@ impl SmallMesh {
         let dir = TestDir::new(name);
         let control = Control::start(&dir);
         let backends: Vec<Instance> = (0..backends)
-            .map(|i| Instance::start(&dir, &control.addr, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[]))
+            .map(|i| {
+                Instance::start(&dir, &control.addr, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[])
+            })
             .collect();
-        wait_until(Duration::from_secs(15), "backends healthy", || control.healthy_ids("backend").len() == backends.len());
+        wait_until(Duration::from_secs(15), "backends healthy", || {
+            control.healthy_ids("backend").len() == backends.len()
+        });
         let edge = Edge::start(&dir, &control, &["backend"]);
-        wait_until(Duration::from_secs(5), "edge sees backends", || edge.endpoint_addrs("backend").len() == backends.len());
+        wait_until(Duration::from_secs(5), "edge sees backends", || {
+            edge.endpoint_addrs("backend").len() == backends.len()
+        });
         SmallMesh { dir, control, backends, edge }
     }
 }

@@ -67,11 +67,21 @@ fn proxy_starts_and_waits_when_control_plane_is_down() {
     let addr = format!("127.0.0.1:{}", free_port());
     let admin = free_port();
     let mut cmd = std::process::Command::new(weft_bin());
-    cmd.args(["proxy", "--control", &addr, "--admin", &format!("127.0.0.1:{admin}"), "--upstream", &format!("backend={}", free_port())]);
+    cmd.args([
+        "proxy",
+        "--control",
+        &addr,
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--upstream",
+        &format!("backend={}", free_port()),
+    ]);
     let _edge = Proc::spawn(&dir, "edge", &mut cmd);
     let ready = format!("http://127.0.0.1:{admin}/ready");
     wait_until(Duration::from_secs(5), "admin up", || curl(&[&ready]).is_some());
     assert_eq!(curl(&[&ready]).unwrap().status, 503, "not ready without config");
     let _control = Control::start_at(&dir, &addr, dir.path.join("data"));
-    wait_until(Duration::from_secs(10), "ready after control plane appears", || curl(&[&ready]).is_some_and(|r| r.status == 200));
+    wait_until(Duration::from_secs(10), "ready after control plane appears", || {
+        curl(&[&ready]).is_some_and(|r| r.status == 200)
+    });
 }

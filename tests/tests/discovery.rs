@@ -51,7 +51,9 @@ fn sigkill_of_an_instance_loses_no_request() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             let held = || {
                 let dump = get_json(&edge_admin, "/config_dump").unwrap_or_default();
-                dump["endpoints"]["backend"].as_array().is_none_or(|a| a.iter().any(|e| e["address"] == victim_addr.as_str()))
+                dump["endpoints"]["backend"]
+                    .as_array()
+                    .is_none_or(|a| a.iter().any(|e| e["address"] == victim_addr.as_str()))
             };
             wait_until(Duration::from_secs(10), "edge drops the killed endpoint", || !held())
         })
@@ -92,7 +94,8 @@ fn instance_failing_its_health_check_gets_no_traffic() {
     // The app answers /status/503 as its "health" path: the instance registers but never
     // becomes healthy, so it gets no traffic.
     let m = SmallMesh::start("health", 1);
-    let sick = Instance::start(&m.dir, &m.control.addr, "backend", "v9", "backend-sick", &["--health-path", "/status/503"]);
+    let sick =
+        Instance::start(&m.dir, &m.control.addr, "backend", "v9", "backend-sick", &["--health-path", "/status/503"]);
     wait_until(Duration::from_secs(10), "sick instance registered", || {
         m.control.endpoints("backend").iter().any(|e| e["id"] == "backend-sick")
     });

@@ -41,12 +41,16 @@ fn apply_rejects_bad_files_and_stores_nothing() {
         (
             "unknown-kind.yaml",
             "apiVersion: weft.dev/v1alpha1\nkind: VirtualService\nmetadata: {name: x}\nspec: {}\n",
-            &["unknown-kind.yaml: document 1, field kind: unknown kind \"VirtualService\"; weft accepts Service, HTTPRoute"],
+            &[
+                "unknown-kind.yaml: document 1, field kind: unknown kind \"VirtualService\"; weft accepts Service, HTTPRoute",
+            ],
         ),
         (
             // The first document is fine; the second refers to a service that does not exist.
             "bad-ref.yaml",
-            &format!("{ROUTE_OK}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r2}}\nspec:\n  parentRefs: [{{name: backend}}]\n  rules: [{{backendRefs: [{{name: nope}}]}}]\n"),
+            &format!(
+                "{ROUTE_OK}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r2}}\nspec:\n  parentRefs: [{{name: backend}}]\n  rules: [{{backendRefs: [{{name: nope}}]}}]\n"
+            ),
             &["bad-ref.yaml: document 2, field spec.rules[0].backendRefs[0].name: service \"nope\" does not exist"],
         ),
     ];
@@ -88,7 +92,11 @@ fn operator_mistakes_get_one_clear_line() {
     let out = weft(&["proxy", "--upstream", &format!("backend={port}"), "--control", &dead]);
     assert!(!out.status.success());
     no_panic(&out);
-    assert!(stderr(&out).contains(&format!("cannot listen on 127.0.0.1:{port} for upstream backend")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("cannot listen on 127.0.0.1:{port} for upstream backend")),
+        "{}",
+        stderr(&out)
+    );
     let data = dir.path.join("d");
     let out = weft(&["control", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap()]);
     assert!(!out.status.success());
@@ -111,7 +119,11 @@ fn operator_mistakes_get_one_clear_line() {
     let out = weft(&["up", "-f", mesh.to_str().unwrap()]);
     assert!(!out.status.success());
     no_panic(&out);
-    assert!(stderr(&out).contains("mesh.yaml: field services[0].instancs: unknown field `instancs`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("mesh.yaml: field services[0].instancs: unknown field `instancs`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -165,9 +177,16 @@ fn proxy_says_why_when_it_answers_itself() {
     }
     // gRPC clients get a gRPC status instead.
     let out = weft(&["demo-client", "--target", &format!("127.0.0.1:{}", edge.ports["ghost"])]);
-    assert!(stderr(&out).contains("service \\\"ghost\\\" has no healthy endpoints") || stderr(&out).contains("ghost"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("service \\\"ghost\\\" has no healthy endpoints") || stderr(&out).contains("ghost"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("Unavailable"), "{}", stderr(&out));
     // Each is counted by reason.
     let metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", edge.admin())]));
-    assert!(metrics.contains("weft_proxy_errors_total{direction=\"outbound\",service=\"ghost\",reason=\"no-endpoints\"}"), "{metrics}");
+    assert!(
+        metrics.contains("weft_proxy_errors_total{direction=\"outbound\",service=\"ghost\",reason=\"no-endpoints\"}"),
+        "{metrics}"
+    );
 }

@@ -31,8 +31,13 @@ fn metrics_pass_promtool_and_count_traffic() {
     assert!(find(r#"weft_tcp_connections_opened_total{direction="outbound",service="backend"}"#) >= 6.0);
     // The backend's sidecar counts the same requests inbound.
     let inbound = curl(&[&format!("http://{}/metrics", m.backends[0].admin())]).unwrap().body;
-    assert!(inbound.contains(r#"weft_requests_total{direction="inbound",service="backend",code="200"} 5"#), "{inbound}");
-    assert!(inbound.contains(r#"weft_xds_updates_total{type_url="type.googleapis.com/envoy.config.listener.v3.Listener",result="ack"}"#));
+    assert!(
+        inbound.contains(r#"weft_requests_total{direction="inbound",service="backend",code="200"} 5"#),
+        "{inbound}"
+    );
+    assert!(inbound.contains(
+        r#"weft_xds_updates_total{type_url="type.googleapis.com/envoy.config.listener.v3.Listener",result="ack"}"#
+    ));
 }
 
 #[test]
@@ -53,5 +58,10 @@ fn live_ready_and_config_dump() {
     assert!(eps.iter().all(|e| e["healthy"] == true && e["labels"]["instance"].is_string()));
     // The backend's own dump shows its inbound listener and the static app cluster.
     let own = get_json(&admin, "/config_dump").unwrap();
-    assert!(own["clusters"]["inbound|app"]["static_endpoints"][0]["address"].as_str().unwrap().ends_with(&m.backends[0].app_port.to_string()));
+    assert!(
+        own["clusters"]["inbound|app"]["static_endpoints"][0]["address"]
+            .as_str()
+            .unwrap()
+            .ends_with(&m.backends[0].app_port.to_string())
+    );
 }

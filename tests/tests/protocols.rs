@@ -16,8 +16,16 @@ fn http1_keepalive_chunked_and_pooling() {
     // A chunked request body streams through.
     let body = m.dir.path.join("body.txt");
     std::fs::write(&body, "x".repeat(100_000)).unwrap();
-    let r = curl(&["-X", "POST", "-H", "Transfer-Encoding: chunked", "-T", body.to_str().unwrap(), &m.edge.url("backend", "/count")])
-        .expect("response");
+    let r = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-T",
+        body.to_str().unwrap(),
+        &m.edge.url("backend", "/count"),
+    ])
+    .expect("response");
     assert_eq!((r.status, r.body.trim()), (200, "100000"));
     // Many client connections, few upstream ones: the edge pools its connections to the sidecar.
     for _ in 0..30 {
@@ -53,7 +61,11 @@ fn grpc_unary_and_streaming_keep_trailers() {
     let out = weft(&["demo-client", "--target", &target, "--stream", "3", "--name", "fail"]);
     assert_eq!(stdout(&out).lines().count(), 3);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("stream ended with Aborted: failed on purpose by backend v1 (instance backend-0)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stream ended with Aborted: failed on purpose by backend v1 (instance backend-0)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,7 +111,17 @@ fn opaque_tcp_end_to_end() {
     let control = Control::start(&dir);
     let app = echo_server();
     let mut cmd = std::process::Command::new(weft_bin());
-    cmd.args(["proxy", "--service", "echo", "--app-port", &app.to_string(), "--control", &control.addr, "--id", "echo-0"]);
+    cmd.args([
+        "proxy",
+        "--service",
+        "echo",
+        "--app-port",
+        &app.to_string(),
+        "--control",
+        &control.addr,
+        "--id",
+        "echo-0",
+    ]);
     let _sidecar = Proc::spawn(&dir, "echo-sidecar", &mut cmd);
     wait_until(Duration::from_secs(10), "echo healthy", || control.healthy_ids("echo").len() == 1);
     let edge = Edge::start(&dir, &control, &["echo"]);
@@ -126,7 +148,17 @@ fn hundred_megabyte_bodies_stream_in_bounded_memory() {
     let r = curl(&["-X", "POST", "--data-binary", &format!("@{}", file.display()), &m.edge.url("backend", "/count")]);
     let r = r.expect("upload response");
     assert_eq!((r.status, r.body.trim()), (200, SIZE.to_string().as_str()));
-    let out = run("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", &m.edge.url("backend", &format!("/bytes/{SIZE}"))]);
+    let out = run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            &m.edge.url("backend", &format!("/bytes/{SIZE}")),
+        ],
+    );
     assert_eq!(stdout(&out), format!("200 {SIZE}"));
     for (name, kib) in [("edge", m.edge.proc.peak_rss_kib()), ("backend sidecar", m.backends[0].proc.peak_rss_kib())] {
         eprintln!("{name} peak RSS: {} KiB", kib);

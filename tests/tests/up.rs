@@ -40,7 +40,11 @@ fn bundled_demo_mesh_serves_http1_http2_and_grpc_then_stops_cleanly() {
     assert!(r.body.contains("(instance backend-v"), "{}", r.body);
     let out = weft(&["demo-client", "--target", "127.0.0.1:8080"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("from frontend v1 (instance frontend-v1-0) -> hello weft from backend v"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("from frontend v1 (instance frontend-v1-0) -> hello weft from backend v"),
+        "{}",
+        stdout(&out)
+    );
     // Both backend versions and all three instances take traffic.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..60 {
@@ -49,7 +53,12 @@ fn bundled_demo_mesh_serves_http1_http2_and_grpc_then_stops_cleanly() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     let out = weft(&["get", "endpoints", "backend"]);
-    assert_eq!(stdout(&out).lines().filter(|l| l.contains("healthy") && l.contains("connected")).count(), 3, "{}", stdout(&out));
+    assert_eq!(
+        stdout(&out).lines().filter(|l| l.contains("healthy") && l.contains("connected")).count(),
+        3,
+        "{}",
+        stdout(&out)
+    );
 
     let procs = descendants(&up);
     assert!(procs.len() >= 8, "4 sidecars and 4 apps: {procs:?}");

@@ -48,14 +48,20 @@ async fn delta_xds_pushes_only_changes() {
     .await
     .unwrap();
     let mut stream = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let next = async |s: &mut tonic::Streaming<_>| tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap();
+    let next = async |s: &mut tonic::Streaming<_>| {
+        tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap()
+    };
     let first: envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse = next(&mut stream).await;
     assert_eq!(first.resources.len(), 1);
     let cla = ClusterLoadAssignment::decode(first.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
     assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 1);
-    tx.send(DeltaDiscoveryRequest { type_url: ClusterLoadAssignment::type_url(), response_nonce: first.nonce.clone(), ..Default::default() })
-        .await
-        .unwrap();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ClusterLoadAssignment::type_url(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // A second instance joins: exactly the changed assignment arrives, with a new version.
     let control = m.control.addr.clone();
     let late = tokio::task::spawn_blocking(move || {
@@ -83,9 +89,13 @@ async fn delta_xds_pushes_only_changes() {
                 .filter(|e| e.health_status == envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy as i32)
                 .count();
         }
-        tx.send(DeltaDiscoveryRequest { type_url: ClusterLoadAssignment::type_url(), response_nonce: update.nonce, ..Default::default() })
-            .await
-            .unwrap();
+        tx.send(DeltaDiscoveryRequest {
+            type_url: ClusterLoadAssignment::type_url(),
+            response_nonce: update.nonce,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     drop(late);
     tokio::task::spawn_blocking(move || drop(m)).await.unwrap();
@@ -96,11 +106,12 @@ async fn sotw_nack_is_recorded_and_visible() {
     let m = tokio::task::spawn_blocking(|| SmallMesh::start("nack", 1)).await.unwrap();
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.addr)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(DiscoveryRequest { node: Some(node("nacker")), type_url: Cluster::type_url(), ..Default::default() }).await.unwrap();
+    tx.send(DiscoveryRequest { node: Some(node("nacker")), type_url: Cluster::type_url(), ..Default::default() })
+        .await
+        .unwrap();
     let mut stream = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
     let resp = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
-    let names: Vec<String> =
-        resp.resources.iter().map(|a| Cluster::decode(a.value.as_slice()).unwrap().name).collect();
+    let names: Vec<String> = resp.resources.iter().map(|a| Cluster::decode(a.value.as_slice()).unwrap().name).collect();
     assert_eq!(names, vec!["backend".to_owned()]);
     tx.send(DiscoveryRequest {
         type_url: Cluster::type_url(),

@@ -8,9 +8,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .ok_or_else(|| format!("duration {s:?} has no unit; write e.g. \"500ms\", \"2s\" or \"1m\""))?;
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+    let n: f64 = num.parse().map_err(|_| format!("duration {s:?} does not start with a number"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,

@@ -292,11 +292,7 @@ impl Resource {
             ApplyError::new(document, "kind", "missing; every document needs a kind (Service or HTTPRoute)")
         })?;
         let kind = Kind::parse(kind_str).filter(|k| k.as_str() == kind_str).ok_or_else(|| {
-            ApplyError::new(
-                document,
-                "kind",
-                format!("unknown kind {kind_str:?}; weft accepts {}", kind_list()),
-            )
+            ApplyError::new(document, "kind", format!("unknown kind {kind_str:?}; weft accepts {}", kind_list()))
         })?;
         let resource = match kind {
             Kind::Service => Resource::Service(typed(document, value)?),
@@ -345,9 +341,10 @@ impl Resource {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));
                 let backends = o.spec.rules.iter().enumerate().flat_map(|(r, rule)| {
-                    rule.backend_refs.iter().enumerate().map(move |(b, br)| {
-                        (format!("spec.rules[{r}].backendRefs[{b}].name"), br.name.as_str())
-                    })
+                    rule.backend_refs
+                        .iter()
+                        .enumerate()
+                        .map(move |(b, br)| (format!("spec.rules[{r}].backendRefs[{b}].name"), br.name.as_str()))
                 });
                 parents.chain(backends).collect()
             }
@@ -384,7 +381,9 @@ fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
         Err(ApplyError::new(
             doc,
             path,
-            format!("{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
+            format!(
+                "{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+            ),
         ))
     }
 }
@@ -408,7 +407,12 @@ fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
             ));
         }
         for (b, br) in rule.backend_refs.iter().enumerate() {
-            check_service_ref(doc, &format!("spec.rules[{r}].backendRefs[{b}]"), br.kind.as_deref(), br.group.as_deref())?;
+            check_service_ref(
+                doc,
+                &format!("spec.rules[{r}].backendRefs[{b}]"),
+                br.kind.as_deref(),
+                br.group.as_deref(),
+            )?;
         }
         for (m, mat) in rule.matches.iter().enumerate() {
             if let Some(p) = &mat.path
@@ -460,7 +464,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ApplyError> {
             continue; // an empty document, e.g. after a trailing `---`
         }
         if !value.is_mapping() {
-            return Err(ApplyError::new(i, "", "a document must be a mapping with apiVersion, kind, metadata and spec"));
+            return Err(ApplyError::new(
+                i,
+                "",
+                "a document must be a mapping with apiVersion, kind, metadata and spec",
+            ));
         }
         let kind = value.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
         out.push(Resource::from_value(i, value, kind.as_deref())?);
@@ -526,7 +534,9 @@ spec:
         let e = err("kind: Service\nmetadata: {name: a\n");
         assert!(e.reason.starts_with("invalid YAML (line"), "{e}");
 
-        let e = err("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{backendRefs: [{name: b, weight: x}]}]\n");
+        let e = err(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{backendRefs: [{name: b, weight: x}]}]\n",
+        );
         assert_eq!(e.path, "spec.rules[0].backendRefs[0].weight");
 
         let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: Bad_Name}\nspec: {}\n");

@@ -38,13 +38,20 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .with_state(mesh)
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
+/// An API error: a status and a message, sent as `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
 }
 
-fn kind(s: &str) -> Result<Kind, Response> {
+type ApiResult = Result<Response, ApiError>;
+
+fn kind(s: &str) -> Result<Kind, ApiError> {
     Kind::parse(s).ok_or_else(|| {
-        error(StatusCode::NOT_FOUND, format!("unknown kind {s:?}; known kinds: services, httproutes"))
+        ApiError(StatusCode::NOT_FOUND, format!("unknown kind {s:?}; known kinds: services, httproutes"))
     })
 }
 
@@ -52,33 +59,25 @@ async fn services(State(mesh): State<Arc<Mesh>>) -> Response {
     Json(mesh.services()).into_response()
 }
 
-async fn endpoints(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> Response {
-    match mesh.endpoints(&name) {
-        Some(e) => Json(e).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no service named {name:?}")),
-    }
+async fn endpoints(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> ApiResult {
+    let e =
+        mesh.endpoints(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named {name:?}")))?;
+    Ok(Json(e).into_response())
 }
 
 async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {
     Json(mesh.proxies()).into_response()
 }
 
-async fn list(State(mesh): State<Arc<Mesh>>, Path(k): Path<String>) -> Response {
-    match kind(&k) {
-        Ok(k) => Json(mesh.resources(k)).into_response(),
-        Err(r) => r,
-    }
+async fn list(State(mesh): State<Arc<Mesh>>, Path(k): Path<String>) -> ApiResult {
+    Ok(Json(mesh.resources(kind(&k)?)).into_response())
 }
 
-async fn get_one(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> Response {
-    let k = match kind(&k) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    match mesh.resources(k).into_iter().find(|r| r.name() == name) {
-        Some(r) => Json(r).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no {k} named {name:?}")),
-    }
+async fn get_one(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+    let k = kind(&k)?;
+    let r = mesh.resources(k).into_iter().find(|r| r.name() == name);
+    let r = r.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no {k} named {name:?}")))?;
+    Ok(Json(r).into_response())
 }
 
 #[derive(Deserialize)]
@@ -86,43 +85,42 @@ struct ApplyBody {
     resources: Vec<serde_json::Value>,
 }
 
-async fn apply(State(mesh): State<Arc<Mesh>>, body: Result<Json<ApplyBody>, axum::extract::rejection::JsonRejection>) -> Response {
-    let body = match body {
-        Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
+async fn apply(
+    State(mesh): State<Arc<Mesh>>,
+    body: Result<Json<ApplyBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let parsed: Result<Vec<Resource>, ApplyError> =
         body.resources.into_iter().enumerate().map(|(i, v)| Resource::from_json(i, v)).collect();
-    match parsed.and_then(|r| mesh.apply(r)) {
+    Ok(match parsed.and_then(|r| mesh.apply(r)) {
         Ok(applied) => Json(json!({ "applied": applied })).into_response(),
         Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "errors": [e] }))).into_response(),
-    }
+    })
 }
 
-async fn delete(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> Response {
-    let k = match kind(&k) {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
+async fn delete(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+    let k = kind(&k)?;
     match mesh.delete(k, &name) {
-        Ok(true) => Json(json!({ "deleted": { "kind": k, "name": name } })).into_response(),
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("no {k} named {name:?}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(true) => Ok(Json(json!({ "deleted": { "kind": k, "name": name } })).into_response()),
+        Ok(false) => Err(ApiError(StatusCode::NOT_FOUND, format!("no {k} named {name:?}"))),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
-async fn health(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>, Json(report): Json<HealthReport>) -> Response {
-    if mesh.set_health(&id, report.healthy) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        error(StatusCode::NOT_FOUND, format!("no instance {id:?} is registered"))
-    }
+fn no_instance(id: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no instance {id:?} is registered"))
 }
 
-async fn deregister(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> Response {
-    if mesh.deregister(&id) {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        error(StatusCode::NOT_FOUND, format!("no instance {id:?} is registered"))
+async fn health(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>, Json(report): Json<HealthReport>) -> ApiResult {
+    if !mesh.set_health(&id, report.healthy) {
+        return Err(no_instance(&id));
     }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn deregister(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> ApiResult {
+    if !mesh.deregister(&id) {
+        return Err(no_instance(&id));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -29,9 +29,9 @@ pub struct ControlConfig {
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (is another control plane running? pick another with --listen)", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| {
+        format!("cannot listen on {} (is another control plane running? pick another with --listen)", cfg.listen)
+    })?;
     let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace)?);
     tokio::spawn(state::expire_stale(mesh.clone()));
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();

@@ -47,7 +47,8 @@ impl Mesh {
         let mut inner = Inner::default();
         for (key, json) in store.resources()? {
             let value = serde_json::from_str(&json)?;
-            let r = Resource::from_json(0, value).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
+            let r =
+                Resource::from_json(0, value).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
             inner.resources.insert(key, r);
         }
         let stale_until = Some(Instant::now() + grace);
@@ -98,15 +99,19 @@ impl Mesh {
                     return Err(ApplyError::new(
                         doc,
                         path,
-                        format!("service {svc:?} does not exist; start an instance of it or apply a Service named {svc:?} first"),
+                        format!(
+                            "service {svc:?} does not exist; start an instance of it or apply a Service named {svc:?} first"
+                        ),
                     ));
                 }
             }
         }
         let mut applied = Vec::new();
         let mut writes = Vec::new();
-        let encoded: Vec<(String, String)> =
-            resources.iter().map(|r| (r.key(), serde_json::to_string(r).expect("resources always serialize"))).collect();
+        let encoded: Vec<(String, String)> = resources
+            .iter()
+            .map(|r| (r.key(), serde_json::to_string(r).expect("resources always serialize")))
+            .collect();
         for (r, (key, json)) in resources.iter().zip(&encoded) {
             let action = match inner.resources.get(key) {
                 None => "created",
@@ -116,7 +121,9 @@ impl Mesh {
             applied.push(Applied { kind: r.kind(), name: r.name().to_owned(), action });
             writes.push(Write::PutResource(key, json));
         }
-        self.store.write(&writes).map_err(|e| ApplyError::new(0, "", format!("control plane could not store the change: {e}")))?;
+        self.store
+            .write(&writes)
+            .map_err(|e| ApplyError::new(0, "", format!("control plane could not store the change: {e}")))?;
         for r in resources {
             inner.resources.insert(r.key(), r);
         }
@@ -209,7 +216,8 @@ impl Mesh {
         if !inner.service_names().contains(service) {
             return None;
         }
-        let of_service = inner.instances.values().filter(|e| e.instance.registration.service.as_deref() == Some(service));
+        let of_service =
+            inner.instances.values().filter(|e| e.instance.registration.service.as_deref() == Some(service));
         Some(of_service.map(|e| e.instance.clone()).collect())
     }
 
@@ -235,8 +243,12 @@ impl Mesh {
     fn expire(&self) {
         let mut inner = self.lock();
         let now = Instant::now();
-        let expired: Vec<String> =
-            inner.instances.iter().filter(|(_, e)| e.stale_until.is_some_and(|t| t <= now)).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> = inner
+            .instances
+            .iter()
+            .filter(|(_, e)| e.stale_until.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in expired {
             self.remove_locked(&mut inner, &id, "proxy did not reconnect after control plane restart");
         }

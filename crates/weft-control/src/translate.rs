@@ -11,24 +11,28 @@
 //! inbound listener with the static `inbound|app` cluster, and one outbound listener per upstream.
 use crate::state::Inner;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, LoadBalancingPolicy, cluster, load_balancing_policy};
+use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress, address,
-    config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress,
+    address, config_source, socket_address,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
     route, route_action, route_match, weighted_cluster,
 };
-use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
-use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
@@ -38,7 +42,8 @@ use std::sync::Arc;
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, PathMatchType, Protocol, Resource, ServiceSpec,
+    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, PathMatchType, Protocol, Resource,
+    ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -194,13 +199,19 @@ impl Snapshot {
         if let (Some(inbound), Some(_)) = (&reg.inbound, &reg.app) {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let name = names::inbound_listener(inbound);
-            let http = HttpRoutes::Inline(inbound_route());
+            let http = HttpRoutes::Inline(Box::new(inbound_route()));
             let l = proxy_listener(&name, inbound, protocol, http, names::INBOUND_CLUSTER);
             out.insert(name.clone(), Res::new(name, &l));
         }
         for up in &reg.upstreams {
             let name = names::outbound_listener(&up.service, &up.listen);
-            let l = proxy_listener(&name, &up.listen, self.protocol(&up.service), HttpRoutes::Rds(&up.service), &up.service);
+            let l = proxy_listener(
+                &name,
+                &up.listen,
+                self.protocol(&up.service),
+                HttpRoutes::Rds(&up.service),
+                &up.service,
+            );
             out.insert(name.clone(), Res::new(name, &l));
         }
         out
@@ -237,7 +248,8 @@ fn load_balancing_policy(lb: LoadBalancer) -> LoadBalancingPolicy {
     let policy = |name: &str, any: Any| load_balancing_policy::Policy {
         typed_extension_config: Some(TypedExtensionConfig { name: name.to_owned(), typed_config: Some(any) }),
     };
-    let round_robin = policy("envoy.load_balancing_policies.round_robin", envoy_types::util::pack_any(RoundRobin::default()));
+    let round_robin =
+        policy("envoy.load_balancing_policies.round_robin", envoy_types::util::pack_any(RoundRobin::default()));
     let policies = match lb {
         LoadBalancer::P2cEwma => {
             let lr = LeastRequest { choice_count: Some(UInt32Value { value: 2 }), ..Default::default() };
@@ -368,7 +380,10 @@ fn exact_header(value: &str) -> header_matcher::HeaderMatchSpecifier {
 fn default_route(cluster: &str) -> Route {
     Route {
         name: "default".to_owned(),
-        r#match: Some(RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())), ..Default::default() }),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_owned())),
+            ..Default::default()
+        }),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_owned())),
             ..Default::default()
@@ -421,7 +436,12 @@ fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
     routes.push(default_route(service));
     RouteConfiguration {
         name: service.to_owned(),
-        virtual_hosts: vec![VirtualHost { name: service.to_owned(), domains: vec!["*".to_owned()], routes, ..Default::default() }],
+        virtual_hosts: vec![VirtualHost {
+            name: service.to_owned(),
+            domains: vec!["*".to_owned()],
+            routes,
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
@@ -441,15 +461,16 @@ fn inbound_route() -> RouteConfiguration {
 
 enum HttpRoutes<'a> {
     Rds(&'a str),
-    Inline(RouteConfiguration),
+    Inline(Box<RouteConfiguration>),
 }
 
 fn http_connection_manager(stat_prefix: &str, routes: HttpRoutes<'_>) -> HttpConnectionManager {
     let route_specifier = match routes {
-        HttpRoutes::Rds(name) => {
-            http_connection_manager::RouteSpecifier::Rds(Rds { config_source: Some(ads()), route_config_name: name.to_owned() })
-        }
-        HttpRoutes::Inline(rc) => http_connection_manager::RouteSpecifier::RouteConfig(rc),
+        HttpRoutes::Rds(name) => http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_owned(),
+        }),
+        HttpRoutes::Inline(rc) => http_connection_manager::RouteSpecifier::RouteConfig(*rc),
     };
     HttpConnectionManager {
         stat_prefix: stat_prefix.to_owned(),

@@ -97,14 +97,25 @@ struct Session {
 impl Session {
     fn new(id: u64, mesh: Arc<Mesh>, delta: bool) -> Session {
         let snapshot = mesh.subscribe().borrow().clone();
-        Session { id, mesh, delta, node: None, registration: None, registered: None, snapshot, subs: HashMap::new(), nonce: 0 }
+        Session {
+            id,
+            mesh,
+            delta,
+            node: None,
+            registration: None,
+            registered: None,
+            snapshot,
+            subs: HashMap::new(),
+            nonce: 0,
+        }
     }
 
     fn identify(&mut self, node: Option<&Node>) -> Result<(), Status> {
         if self.node.is_some() {
             return Ok(());
         }
-        let node = node.ok_or_else(|| Status::invalid_argument("the first request of an xDS stream must carry a node"))?;
+        let node =
+            node.ok_or_else(|| Status::invalid_argument("the first request of an xDS stream must carry a node"))?;
         let registration = node
             .metadata
             .as_ref()
@@ -115,7 +126,10 @@ impl Session {
             })
             .map(|s| {
                 serde_json::from_str::<InstanceRegistration>(s).map_err(|e| {
-                    Status::invalid_argument(format!("node metadata {} is not a valid registration: {e}", names::NODE_METADATA_KEY))
+                    Status::invalid_argument(format!(
+                        "node metadata {} is not a valid registration: {e}",
+                        names::NODE_METADATA_KEY
+                    ))
                 })
             })
             .transpose()?;
@@ -341,7 +355,12 @@ impl Flavor for Delta {
         let changed: Vec<Resource> = view
             .values()
             .filter(|r| sub.sent.get(&r.name) != Some(&r.version))
-            .map(|r| Resource { name: r.name.clone(), version: r.version.clone(), resource: Some(r.any.clone()), ..Default::default() })
+            .map(|r| Resource {
+                name: r.name.clone(),
+                version: r.version.clone(),
+                resource: Some(r.any.clone()),
+                ..Default::default()
+            })
             .collect();
         let removed: Vec<String> = sub.sent.keys().filter(|n| !view.contains_key(*n)).cloned().collect();
         if changed.is_empty() && removed.is_empty() {

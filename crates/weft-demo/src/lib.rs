@@ -88,12 +88,23 @@ pub async fn call(target: SocketAddr, name: &str, stream: Option<u32>) -> anyhow
     let req = HelloRequest { name: name.to_owned(), count: stream.unwrap_or(0) };
     match stream {
         None => {
-            let r = client.hello(req).await.map_err(|s| anyhow::anyhow!("gRPC call failed: {} ({:?})", s.message(), s.code()))?;
+            let r = client
+                .hello(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("gRPC call failed: {} ({:?})", s.message(), s.code()))?;
             println!("{}", r.into_inner().message);
         }
         Some(_) => {
-            let mut replies = client.hello_stream(req).await.map_err(|s| anyhow::anyhow!("gRPC call failed: {}", s.message()))?.into_inner();
-            while let Some(r) = replies.message().await.map_err(|s| anyhow::anyhow!("stream ended with {:?}: {}", s.code(), s.message()))? {
+            let mut replies = client
+                .hello_stream(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("gRPC call failed: {}", s.message()))?
+                .into_inner();
+            while let Some(r) = replies
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("stream ended with {:?}: {}", s.code(), s.message()))?
+            {
                 println!("{}", r.message);
             }
         }
@@ -230,9 +241,9 @@ impl Demo for App {
     async fn echo(&self, req: Request<Streaming<HelloRequest>>) -> Result<tonic::Response<ReplyStream>, Status> {
         let who = self.who();
         let template = self.reply(String::new());
-        let out = req.into_inner().map(move |r| {
-            r.map(|r| HelloReply { message: format!("{} from {who}", r.name), ..template.clone() })
-        });
+        let out = req
+            .into_inner()
+            .map(move |r| r.map(|r| HelloReply { message: format!("{} from {who}", r.name), ..template.clone() }));
         Ok(tonic::Response::new(Box::pin(out)))
     }
 }

@@ -20,7 +20,11 @@ fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<
     match path {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),
         "/ready" if proxy.ready.load(Ordering::Relaxed) => reply(StatusCode::OK, TEXT, "ready\n"),
-        "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready: waiting for the first full config from the control plane\n"),
+        "/ready" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: waiting for the first full config from the control plane\n",
+        ),
         "/metrics" => {
             let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
             if accept.contains("application/openmetrics-text") {

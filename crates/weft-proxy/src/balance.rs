@@ -74,7 +74,12 @@ impl Cluster {
         self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable))
     }
 
-    fn choose(&self, set: &EndpointSet, lb: LoadBalancer, ok: impl Fn(&&Arc<Endpoint>) -> bool) -> Option<Arc<Endpoint>> {
+    fn choose(
+        &self,
+        set: &EndpointSet,
+        lb: LoadBalancer,
+        ok: impl Fn(&&Arc<Endpoint>) -> bool,
+    ) -> Option<Arc<Endpoint>> {
         let eps = &set.ready;
         let n = eps.len();
         if n == 0 {
@@ -94,7 +99,9 @@ impl Cluster {
                     (true, true) => Some(if eb.cost() < ea.cost() { eb } else { ea }.clone()),
                     (true, false) => Some(ea.clone()),
                     (false, true) => Some(eb.clone()),
-                    (false, false) => eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost().total_cmp(&y.cost())).cloned(),
+                    (false, false) => {
+                        eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost().total_cmp(&y.cost())).cloned()
+                    }
                 }
             }
         }
@@ -121,7 +128,8 @@ impl ClusterManager {
     pub fn update(&self, defs: &[ClusterDef]) {
         for def in defs {
             let c = self.get(&def.name);
-            c.settings.store(Arc::new(Settings { load_balancer: def.load_balancer, connect_timeout: def.connect_timeout }));
+            c.settings
+                .store(Arc::new(Settings { load_balancer: def.load_balancer, connect_timeout: def.connect_timeout }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
             }

@@ -4,9 +4,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
-use envoy_types::pb::envoy::config::route::v3::{
-    RouteConfiguration, header_matcher, route, route_action, route_match,
-};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, header_matcher, route, route_action, route_match};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
 };
@@ -119,7 +117,10 @@ fn socket_addr(kind: &'static str, name: &str, a: Option<&Address>) -> Result<So
     let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
         return Err(invalid(kind, name, "needs a numeric port"));
     };
-    let ip = sa.address.parse().map_err(|_| invalid(kind, name, format!("address {:?} is not an IP address", sa.address)))?;
+    let ip = sa
+        .address
+        .parse()
+        .map_err(|_| invalid(kind, name, format!("address {:?} is not an IP address", sa.address)))?;
     let port = u16::try_from(port).map_err(|_| invalid(kind, name, format!("port {port} is out of range")))?;
     Ok(SocketAddr::new(ip, port))
 }
@@ -137,7 +138,9 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
                 let hcm: HttpConnectionManager = decode(cfg, "Listener")?;
                 def.http = Some(match hcm.route_specifier {
                     Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
-                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => HttpDef::Inline(route_config(&rc)?),
+                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                        HttpDef::Inline(route_config(&rc)?)
+                    }
                     _ => return Err(invalid("Listener", &l.name, "HTTP connection manager needs rds or route_config")),
                 });
             } else if cfg.type_url == TcpProxy::type_url() {
@@ -231,7 +234,10 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     let static_endpoints = match c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32 => None,
         Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Static as i32 => {
-            let cla = c.load_assignment.as_ref().ok_or_else(|| invalid("Cluster", &c.name, "static cluster without load_assignment"))?;
+            let cla = c
+                .load_assignment
+                .as_ref()
+                .ok_or_else(|| invalid("Cluster", &c.name, "static cluster without load_assignment"))?;
             Some(endpoints(cla)?)
         }
         _ => return Err(invalid("Cluster", &c.name, "only EDS and STATIC clusters are supported")),
@@ -253,10 +259,8 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
                 return Err(invalid("ClusterLoadAssignment", &cla.cluster_name, "endpoint without an address"));
             };
             let address = socket_addr("ClusterLoadAssignment", &cla.cluster_name, ep.address.as_ref())?;
-            let healthy = matches!(
-                HealthStatus::try_from(e.health_status),
-                Ok(HealthStatus::Healthy | HealthStatus::Unknown)
-            );
+            let healthy =
+                matches!(HealthStatus::try_from(e.health_status), Ok(HealthStatus::Healthy | HealthStatus::Unknown));
             let labels = e
                 .metadata
                 .as_ref()

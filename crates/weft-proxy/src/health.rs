@@ -91,7 +91,13 @@ pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>
             let ok = probe(&check, &client, interval.clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
             failures = if ok { 0 } else { failures + 1 };
             let was = proxy.healthy.load(Ordering::Relaxed);
-            let now = if ok { true } else if failures >= UNHEALTHY_AFTER { false } else { was };
+            let now = if ok {
+                true
+            } else if failures >= UNHEALTHY_AFTER {
+                false
+            } else {
+                was
+            };
             if now != was {
                 proxy.healthy.store(now, Ordering::Relaxed);
                 tracing::info!(healthy = now, check = ?check, "application health changed");
@@ -105,7 +111,8 @@ pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>
                 Err(e) => tracing::debug!(error = %e, "health report not delivered"),
             }
         }
-        let wake = if reported == Some(now) { next_probe } else { next_probe.min(tokio::time::Instant::now() + REPORT_RETRY) };
+        let wake =
+            if reported == Some(now) { next_probe } else { next_probe.min(tokio::time::Instant::now() + REPORT_RETRY) };
         tokio::time::sleep_until(wake).await;
     }
 }

@@ -1,12 +1,12 @@
 //! The HTTP path of a listener: serve HTTP/1.1 or HTTP/2 to the client, route each request to
 //! a cluster, pick an endpoint, and forward over a pooled connection of the same HTTP version.
 //! Bodies stream through in both directions; nothing is buffered whole.
+use crate::Limits;
 use crate::balance::Cluster;
 use crate::endpoint::{Conn, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::metrics::TrafficMetrics;
 use crate::route::RouteTable;
-use crate::Limits;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};

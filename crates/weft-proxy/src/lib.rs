@@ -134,7 +134,8 @@ impl Proxy {
             let ctx = ListenerCtx { name: def.name.clone(), http, tcp, metrics };
             with_ctx.push((def, ctx));
         }
-        let listeners: BTreeMap<String, ListenerDef> = with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
+        let listeners: BTreeMap<String, ListenerDef> =
+            with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
         self.listeners.update(with_ctx)?;
         self.dump().listeners = listeners;
         Ok(())
@@ -170,7 +171,11 @@ impl Proxy {
             app: o.app.map(|a| a.to_string()),
             admin: Some(o.admin.to_string()),
             labels: o.labels.clone(),
-            upstreams: o.upstreams.iter().map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() }).collect(),
+            upstreams: o
+                .upstreams
+                .iter()
+                .map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() })
+                .collect(),
             healthy: self.healthy.load(Ordering::Relaxed),
         }
     }

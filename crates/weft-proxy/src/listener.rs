@@ -2,12 +2,12 @@
 //! that hands every connection to protocol detection and then to the HTTP or TCP path.
 //! A listener's behaviour can change under it (an LDS update swaps its [`ListenerCtx`]);
 //! its socket stays bound, so an update drops no connection.
+use crate::Limits;
 use crate::balance::Cluster;
 use crate::config::ListenerDef;
 use crate::detect::{self, Protocol};
 use crate::http::HttpTarget;
 use crate::metrics::TrafficMetrics;
-use crate::Limits;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,7 +44,8 @@ impl Listeners {
     /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
     /// Returns the bound address (port 0 resolves to the port the kernel chose).
     pub fn prebind(&self, addr: SocketAddr, what: &str) -> anyhow::Result<SocketAddr> {
-        let l = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
         l.set_nonblocking(true)?;
         let bound = l.local_addr()?;
         self.prebound.lock().unwrap_or_else(|p| p.into_inner()).insert(bound, l);
@@ -71,7 +72,9 @@ impl Listeners {
         for (def, _) in &defs {
             let keep = running.get(&def.name).is_some_and(|r| r.address == def.address);
             if !keep {
-                let l = self.bind(def.address).map_err(|e| format!("listener {:?}: cannot bind {}: {e}", def.name, def.address))?;
+                let l = self
+                    .bind(def.address)
+                    .map_err(|e| format!("listener {:?}: cannot bind {}: {e}", def.name, def.address))?;
                 fresh.insert(def.name.clone(), l);
             }
         }
@@ -127,7 +130,9 @@ async fn accept(listener: TcpListener, ctx: Arc<ArcSwap<ListenerCtx>>, limits: A
                     crate::http::serve(stream, protocol == Protocol::Http2, http.clone(), &limits).await
                 }
                 (_, _, Some(cluster)) => crate::tcp::forward(stream, cluster.clone(), ctx.metrics.clone()).await,
-                (_, _, None) => tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing"),
+                (_, _, None) => {
+                    tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
+                }
             }
         });
     }

@@ -87,7 +87,11 @@ impl Metrics {
         registry.register("proxy_errors", "Responses the proxy made itself, by reason", errors.clone());
         registry.register("tcp_connections_opened", "Downstream connections accepted", tcp_opened.clone());
         registry.register("tcp_connections_open", "Downstream connections currently open", tcp_open.clone());
-        registry.register("tcp_bytes", "Bytes forwarded on opaque TCP connections (rx: from client, tx: to client)", tcp_bytes.clone());
+        registry.register(
+            "tcp_bytes",
+            "Bytes forwarded on opaque TCP connections (rx: from client, tx: to client)",
+            tcp_bytes.clone(),
+        );
         registry.register("xds_updates", "xDS responses by type and outcome (ack or nack)", xds.clone());
         Arc::new(Metrics { registry, requests, duration, errors, tcp_opened, tcp_open, tcp_bytes, xds })
     }
@@ -101,16 +105,17 @@ impl Metrics {
         if openmetrics {
             return out;
         }
-        let counters: Vec<&str> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-            .collect();
+        let counters: Vec<&str> =
+            out.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
         let mut text = String::with_capacity(out.len());
         for line in out.lines() {
             if line.starts_with("# UNIT ") || line == "# EOF" {
                 continue;
             }
-            let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+            let meta = line
+                .strip_prefix("# HELP ")
+                .map(|r| ("# HELP ", r))
+                .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
             match meta {
                 Some((kind, rest)) if counters.iter().any(|c| rest.split(' ').next() == Some(c)) => {
                     let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -159,7 +164,11 @@ impl TrafficMetrics {
         self.duration.observe(elapsed.as_secs_f64());
         let counter = self.codes.get(usize::from(status)).map(|slot| {
             slot.get_or_init(|| {
-                let l = StatusLabels { direction: self.labels.direction, service: self.labels.service.clone(), code: status };
+                let l = StatusLabels {
+                    direction: self.labels.direction,
+                    service: self.labels.service.clone(),
+                    code: status,
+                };
                 self.root.requests.get_or_create_owned(&l)
             })
         });

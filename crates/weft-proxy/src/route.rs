@@ -97,7 +97,11 @@ mod tests {
                     headers: vec![("x-canary".into(), "1".into())],
                     backends: vec![("b".into(), 1)],
                 },
-                RuleDef { path: PathDef::Prefix("/".into()), headers: vec![], backends: vec![("c".into(), 3), ("d".into(), 1)] },
+                RuleDef {
+                    path: PathDef::Prefix("/".into()),
+                    headers: vec![],
+                    backends: vec![("c".into(), 3), ("d".into(), 1)],
+                },
             ],
         };
         let t = RouteTable::build(&def, &clusters);

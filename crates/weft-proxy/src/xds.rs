@@ -4,8 +4,8 @@
 //! Each response is decoded and validated as a whole before anything is applied; a bad one is
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
-use crate::config::{self, InvalidResource};
 use crate::Proxy;
+use crate::config::{self, InvalidResource};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -78,7 +78,11 @@ fn node(proxy: &Proxy) -> Node {
         cluster: proxy.opts.service.clone().unwrap_or_default(),
         user_agent_name: "weft".to_owned(),
         metadata: Some(Struct {
-            fields: [(names::NODE_METADATA_KEY.to_owned(), Value { kind: Some(value::Kind::StringValue(registration)) })].into(),
+            fields: [(
+                names::NODE_METADATA_KEY.to_owned(),
+                Value { kind: Some(value::Kind::StringValue(registration)) },
+            )]
+            .into(),
         }),
         ..Default::default()
     }
@@ -151,7 +155,10 @@ async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
     }
 }
 
-fn decode_all<T>(resp: &DiscoveryResponse, f: fn(&envoy_types::pb::google::protobuf::Any) -> Result<T, InvalidResource>) -> Result<Vec<T>, String> {
+fn decode_all<T>(
+    resp: &DiscoveryResponse,
+    f: fn(&envoy_types::pb::google::protobuf::Any) -> Result<T, InvalidResource>,
+) -> Result<Vec<T>, String> {
     resp.resources.iter().map(|r| f(r).map_err(|e| e.to_string())).collect()
 }
 
@@ -171,7 +178,8 @@ async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Resul
         s.subscribe(RouteConfiguration::type_url(), rds).await;
     } else if t == Cluster::type_url() {
         let defs = decode_all(resp, config::cluster)?;
-        let eds: BTreeSet<String> = defs.iter().filter(|d| d.static_endpoints.is_none()).map(|d| d.name.clone()).collect();
+        let eds: BTreeSet<String> =
+            defs.iter().filter(|d| d.static_endpoints.is_none()).map(|d| d.name.clone()).collect();
         proxy.apply_clusters(defs);
         s.seen_cds = true;
         s.subscribe(ClusterLoadAssignment::type_url(), eds).await;

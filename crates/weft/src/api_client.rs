@@ -30,7 +30,8 @@ impl Api {
             req = req.header("content-type", "application/json");
         }
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = req.body(Full::new(bytes)).with_context(|| format!("invalid control plane address {:?}", self.control))?;
+        let req =
+            req.body(Full::new(bytes)).with_context(|| format!("invalid control plane address {:?}", self.control))?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
             .map_err(|_| anyhow::anyhow!("the control plane at {} did not answer within 10s", self.control))?
@@ -59,7 +60,8 @@ impl Api {
     pub async fn apply(&self, docs: &[weft_api::Resource]) -> anyhow::Result<Result<Value, ApplyError>> {
         let (status, v) = self.call(Method::POST, "/api/v1/apply", Some(json!({ "resources": docs }))).await?;
         if status == StatusCode::UNPROCESSABLE_ENTITY {
-            let e: ApplyError = serde_json::from_value(v["errors"][0].clone()).context("malformed error from the control plane")?;
+            let e: ApplyError =
+                serde_json::from_value(v["errors"][0].clone()).context("malformed error from the control plane")?;
             return Ok(Err(e));
         }
         if !status.is_success() {

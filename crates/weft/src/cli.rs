@@ -220,9 +220,10 @@ impl ProxyArgs {
         if self.service.is_some() && app.is_none() {
             anyhow::bail!("--app-port is required with --service: the proxy needs the app it fronts");
         }
-        let id = self.id.clone().unwrap_or_else(|| {
-            format!("{}-{}", self.service.as_deref().unwrap_or("proxy"), std::process::id())
-        });
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.service.as_deref().unwrap_or("proxy"), std::process::id()));
         let health = app.map(|addr| match &self.health_path {
             Some(path) => HealthCheck::Http { addr, path: path.clone() },
             None => HealthCheck::Tcp { addr },
@@ -251,7 +252,11 @@ impl ProxyArgs {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Control(a) => {
-            let cfg = weft_control::ControlConfig { listen: a.listen, data_dir: a.data_dir, reconnect_grace: a.reconnect_grace };
+            let cfg = weft_control::ControlConfig {
+                listen: a.listen,
+                data_dir: a.data_dir,
+                reconnect_grace: a.reconnect_grace,
+            };
             weft_control::run(cfg, crate::supervise::stop_signal()).await?;
         }
         Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
@@ -268,7 +273,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 SocketAddr::from(([127, 0, 0, 1], port))
             });
             let instance = a.instance.unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
-            let cfg = weft_demo::DemoConfig { listen, service: a.service, version: a.app_version, instance, upstream: a.upstream };
+            let cfg = weft_demo::DemoConfig {
+                listen,
+                service: a.service,
+                version: a.app_version,
+                instance,
+                upstream: a.upstream,
+            };
             weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
         }
         Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,

@@ -58,8 +58,11 @@ fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
                 argv.extend(["--health-path".into(), p.clone()]);
             }
             argv.push("--".into());
-            let command = if s.command.is_empty() { vec!["weft".to_owned(), "demo-app".to_owned()] } else { s.command.clone() };
-            argv.extend(command.into_iter().enumerate().map(|(j, a)| if j == 0 && a == "weft" { exe.to_owned() } else { a }));
+            let command =
+                if s.command.is_empty() { vec!["weft".to_owned(), "demo-app".to_owned()] } else { s.command.clone() };
+            argv.extend(
+                command.into_iter().enumerate().map(|(j, a)| if j == 0 && a == "weft" { exe.to_owned() } else { a }),
+            );
             let mut env: Vec<(String, String)> = s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             if std::env::var_os("WEFT_LOG").is_none() {
                 env.push(("WEFT_LOG".into(), "warn".into()));
@@ -72,7 +75,10 @@ fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let (name, text) = match &args.file {
-        Some(f) => (f.display().to_string(), std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+        Some(f) => (
+            f.display().to_string(),
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        ),
         None => ("the bundled demo mesh".to_owned(), mesh_file::DEMO.to_owned()),
     };
     let file = mesh_file::parse(&name, &text)?;
@@ -91,9 +97,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the weft binary")?.display().to_string();
 
     let temp = file.control.data_dir.is_none();
-    let data_dir = file.control.data_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("weft-up-{}", std::process::id()))
-    });
+    let data_dir = file
+        .control
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
     let result = run_mesh(&file, &resources, &exe, data_dir.clone()).await;
     if temp {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -127,9 +135,15 @@ impl Mesh {
     }
 }
 
-async fn run_mesh(file: &MeshFile, resources: &[weft_api::Resource], exe: &str, data_dir: PathBuf) -> anyhow::Result<()> {
+async fn run_mesh(
+    file: &MeshFile,
+    resources: &[weft_api::Resource],
+    exe: &str,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
     let listen = file.control.listen;
-    let cfg = weft_control::ControlConfig { listen, data_dir: data_dir.clone(), reconnect_grace: Duration::from_secs(15) };
+    let cfg =
+        weft_control::ControlConfig { listen, data_dir: data_dir.clone(), reconnect_grace: Duration::from_secs(15) };
     let (control_stop, control_rx) = watch::channel(false);
     let (instances_stop, stop) = watch::channel(false);
     let mut mesh = Mesh {
@@ -243,7 +257,11 @@ async fn wait_healthy(
             anyhow::bail!("an instance exited during startup; see its error above");
         }
         if Instant::now() > deadline {
-            anyhow::bail!("only {} of {} instances became healthy within 30s; see the messages above", healthy.len(), planned.len());
+            anyhow::bail!(
+                "only {} of {} instances became healthy within 30s; see the messages above",
+                healthy.len(),
+                planned.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
