@@ -16,6 +16,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::value;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -172,26 +173,30 @@ impl Session {
         self.nonce.to_string()
     }
 
-    /// Records an ACK or NACK. Returns false if the nonce is stale (an answer to a response
-    /// that has since been superseded), in which case the request is ignored.
-    fn acknowledge(&mut self, t: Type, nonce: &str, version: &str, error: Option<&str>) -> bool {
+    /// Records the ACK or NACK a request carries, if any.
+    fn acknowledge(&mut self, t: Type, nonce: &str, version: &str, error: Option<&RpcStatus>) -> Answer {
+        if nonce.is_empty() {
+            return Answer::Request;
+        }
         let sub = self.subs.entry(t).or_default();
+        // State of the world: an answer to a response that has since been superseded is ignored.
         if !self.delta && nonce != sub.last_nonce {
-            return false;
+            return Answer::Stale;
         }
         let url = t.url();
         match error {
             Some(e) => {
-                tracing::warn!(stream = self.id, node = ?self.node, type_url = %url, error = e, "proxy rejected config (NACK)");
-                let e = e.to_owned();
+                tracing::warn!(stream = self.id, node = ?self.node, type_url = %url, error = %e.message, "proxy rejected config (NACK)");
+                let e = e.message.clone();
                 self.mesh.proxy_update(self.id, |p| p.last_error = Some(e));
+                Answer::Nack
             }
             None => {
                 let v = version.to_owned();
                 self.mesh.proxy_update(self.id, |p| drop(p.acked.insert(url, v)));
+                Answer::Ack
             }
         }
-        true
     }
 
     fn close(&mut self) {
@@ -201,6 +206,24 @@ impl Session {
         self.mesh.proxy_gone(self.id);
         tracing::debug!(stream = self.id, node = ?self.node, "xDS stream closed");
     }
+}
+
+/// What a request says about the last response of its type.
+enum Answer {
+    /// No nonce: a first request or a change of subscription.
+    Request,
+    Ack,
+    Nack,
+    Stale,
+}
+
+/// The type a request is for, if weft serves it.
+fn served_type(url: &str) -> Option<Type> {
+    let t = Type::from_url(url);
+    if t.is_none() {
+        tracing::debug!(type_url = %url, "ignoring request for a type weft does not serve");
+    }
+    t
 }
 
 /// The difference between state-of-the-world and delta xDS.
@@ -260,16 +283,11 @@ impl Flavor for Sotw {
     }
 
     fn request(s: &mut Session, req: DiscoveryRequest) -> Option<DiscoveryResponse> {
-        let Some(t) = Type::from_url(&req.type_url) else {
-            tracing::debug!(type_url = %req.type_url, "ignoring request for a type weft does not serve");
-            return None;
-        };
+        let t = served_type(&req.type_url)?;
         let first = !s.subs.contains_key(&t);
-        if !req.response_nonce.is_empty() {
-            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
-            if !s.acknowledge(t, &req.response_nonce, &req.version_info, error) || error.is_some() {
-                return None;
-            }
+        match s.acknowledge(t, &req.response_nonce, &req.version_info, req.error_detail.as_ref()) {
+            Answer::Stale | Answer::Nack => return None,
+            Answer::Request | Answer::Ack => {}
         }
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
         let wildcard = names.contains("*") || (names.is_empty() && t.wildcard_by_default());
@@ -317,15 +335,10 @@ impl Flavor for Delta {
     }
 
     fn request(s: &mut Session, req: DeltaDiscoveryRequest) -> Option<DeltaDiscoveryResponse> {
-        let Some(t) = Type::from_url(&req.type_url) else {
-            tracing::debug!(type_url = %req.type_url, "ignoring request for a type weft does not serve");
-            return None;
-        };
-        if !req.response_nonce.is_empty() {
-            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
-            s.acknowledge(t, &req.response_nonce, "", error);
-        }
+        let t = served_type(&req.type_url)?;
         let first = !s.subs.contains_key(&t);
+        // Delta responses are independent of each other: any answer is recorded, none blocks.
+        s.acknowledge(t, &req.response_nonce, "", req.error_detail.as_ref());
         let sub = s.subs.entry(t).or_default();
         if first {
             sub.wildcard = req.resource_names_subscribe.is_empty() && t.wildcard_by_default();

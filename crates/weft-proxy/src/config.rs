@@ -280,3 +280,45 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::util::pack_any;
+
+    fn listener_with(filter: Any) -> Any {
+        pack_any(Listener {
+            name: "l".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "127.0.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(9000)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter { name: "f".into(), config_type: Some(filter::ConfigType::TypedConfig(filter)) }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn decodes_tcp_listener_and_rejects_unknown_filters_with_reason() {
+        let tcp = TcpProxy {
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("backend".into())),
+            ..Default::default()
+        };
+        let def = listener(&listener_with(pack_any(tcp))).unwrap();
+        assert_eq!(def.address, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(def.tcp_cluster.as_deref(), Some("backend"));
+
+        let e = listener(&listener_with(pack_any(Cluster::default()))).unwrap_err().to_string();
+        assert_eq!(e, "Listener \"l\": unsupported network filter type.googleapis.com/envoy.config.cluster.v3.Cluster");
+        let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
+        assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");
+    }
+}

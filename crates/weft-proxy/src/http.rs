@@ -90,6 +90,15 @@ fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
 
 const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding"];
 
+/// Removes hop-by-hop headers; `request` also drops `te` and `transfer-encoding`, which hyper
+/// re-derives for the upstream hop.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
+    let names = if request { &HOP_BY_HOP[..] } else { &HOP_BY_HOP[..3] };
+    for name in names {
+        headers.remove(*name);
+    }
+}
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
@@ -101,10 +110,7 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
     }
     let upgrade = is_upgrade(&req);
     if !upgrade && req.version() != Version::HTTP_2 {
-        let h = req.headers_mut();
-        for name in HOP_BY_HOP {
-            h.remove(name);
-        }
+        strip_hop_by_hop(req.headers_mut(), true);
     }
     let h2 = req.version() == Version::HTTP_2;
     if upgrade {
@@ -116,9 +122,7 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
     let _in_flight = endpoint.start();
     let mut resp = send(&endpoint, conn, req, cluster.settings.load().connect_timeout).await?;
     if !h2 {
-        for name in HOP_BY_HOP.iter().take(3) {
-            resp.headers_mut().remove(*name);
-        }
+        strip_hop_by_hop(resp.headers_mut(), false);
     }
     Ok(resp)
 }

@@ -9,16 +9,16 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod balance;
-mod config;
+pub mod balance;
+pub mod config;
 mod detect;
-mod endpoint;
+pub mod endpoint;
 mod error;
 mod health;
-mod http;
+pub mod http;
 mod listener;
-mod metrics;
-mod route;
+pub mod metrics;
+pub mod route;
 mod tcp;
 mod xds;
 
@@ -49,6 +49,8 @@ pub struct Limits {
     pub max_header_bytes: u32,
     /// Time allowed for an HTTP/1 client to send its request head.
     pub header_read_timeout: Duration,
+    /// Open client connections per listener; new ones beyond it are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             detect_timeout: Duration::from_secs(1),
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }

@@ -103,6 +103,7 @@ impl Listeners {
 }
 
 async fn accept(listener: TcpListener, ctx: Arc<ArcSwap<ListenerCtx>>, limits: Arc<Limits>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -114,8 +115,14 @@ async fn accept(listener: TcpListener, ctx: Arc<ArcSwap<ListenerCtx>>, limits: A
             }
         };
         let ctx = ctx.load_full();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            ctx.metrics.proxy_error("connection-limit");
+            tracing::warn!(%peer, listener = %ctx.name, limit = limits.max_connections, "connection limit reached; closing the new connection");
+            continue;
+        };
         let limits = limits.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let _open = ctx.metrics.connection();
             let _ = stream.set_nodelay(true);
             let protocol = match (&ctx.http, &ctx.tcp) {

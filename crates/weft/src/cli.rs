@@ -121,6 +121,9 @@ pub struct ProxyArgs {
     /// Time allowed for an HTTP/1 client to send its request head.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
+    /// Open client connections per listener; new ones beyond it are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Worker threads for the proxy (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -244,6 +247,7 @@ impl ProxyArgs {
                 detect_timeout: self.detect_timeout,
                 max_header_bytes: self.max_header_bytes,
                 header_read_timeout: self.header_read_timeout,
+                max_connections: self.max_connections,
             },
         })
     }

@@ -1,0 +1,100 @@
+//! Micro-benchmarks of the per-request hot path: route matching, endpoint pick, header
+//! handling and metrics recording. Run with `cargo bench -p weft-proxy`.
+use std::sync::Arc;
+use std::time::Duration;
+use weft_api::resource::LoadBalancer;
+use weft_proxy::balance::ClusterManager;
+use weft_proxy::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
+use weft_proxy::metrics::{Direction, Metrics};
+use weft_proxy::route::RouteTable;
+
+fn main() {
+    divan::main();
+}
+
+fn table() -> (ClusterManager, RouteTable) {
+    let clusters = ClusterManager::default();
+    let mut rules: Vec<RuleDef> = (0..10)
+        .map(|i| RuleDef {
+            path: PathDef::Prefix(format!("/api/v{i}")),
+            headers: vec![("x-tenant".into(), format!("t{i}"))],
+            backends: vec![(format!("svc-{i}"), 1)],
+        })
+        .collect();
+    rules.push(RuleDef {
+        path: PathDef::Prefix("/".into()),
+        headers: vec![],
+        backends: vec![("a".into(), 90), ("b".into(), 10)],
+    });
+    let t = RouteTable::build(&RouteDef { name: "r".into(), rules }, &clusters);
+    (clusters, t)
+}
+
+#[divan::bench]
+fn route_match_last_rule(b: divan::Bencher) {
+    let (_c, t) = table();
+    let req = http::Request::builder().uri("/other/path").header("x-tenant", "t3").body(()).unwrap();
+    b.bench_local(|| divan::black_box(t.route(divan::black_box(&req))).is_some());
+}
+
+#[divan::bench]
+fn route_match_header_rule(b: divan::Bencher) {
+    let (_c, t) = table();
+    let req = http::Request::builder().uri("/api/v7/items").header("x-tenant", "t7").body(()).unwrap();
+    b.bench_local(|| divan::black_box(t.route(divan::black_box(&req))).is_some());
+}
+
+fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
+    let m = ClusterManager::default();
+    let eps: Vec<EndpointDef> = (0..n)
+        .map(|i| EndpointDef {
+            address: format!("127.0.0.1:{}", 10000 + i).parse().unwrap(),
+            healthy: true,
+            zone: String::new(),
+            labels: Default::default(),
+        })
+        .collect();
+    m.update(&[ClusterDef {
+        name: "c".into(),
+        load_balancer: lb,
+        connect_timeout: Duration::from_secs(1),
+        static_endpoints: Some(eps),
+    }]);
+    m.get("c")
+}
+
+#[divan::bench(args = [2, 10, 100])]
+fn pick_p2c_ewma(b: divan::Bencher, n: usize) {
+    let c = cluster(n, LoadBalancer::P2cEwma);
+    let set = c.endpoints.load_full();
+    b.bench_local(|| divan::black_box(c.pick(&set, &[])).is_some());
+}
+
+#[divan::bench(args = [2, 10, 100])]
+fn pick_round_robin(b: divan::Bencher, n: usize) {
+    let c = cluster(n, LoadBalancer::RoundRobin);
+    let set = c.endpoints.load_full();
+    b.bench_local(|| divan::black_box(c.pick(&set, &[])).is_some());
+}
+
+#[divan::bench]
+fn strip_hop_by_hop_headers(b: divan::Bencher) {
+    let mut base = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "backend"),
+        ("user-agent", "curl/8"),
+        ("accept", "*/*"),
+        ("connection", "keep-alive"),
+        ("keep-alive", "timeout=5"),
+    ] {
+        base.insert(k, v.parse().unwrap());
+    }
+    b.with_inputs(|| base.clone()).bench_local_refs(|h| weft_proxy::http::strip_hop_by_hop(h, true));
+}
+
+#[divan::bench]
+fn record_request_metrics(b: divan::Bencher) {
+    let m = Metrics::new();
+    let t = m.traffic(Direction::outbound, "backend");
+    b.bench_local(|| t.request(divan::black_box(200), Duration::from_micros(350)));
+}
