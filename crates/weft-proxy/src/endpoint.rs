@@ -138,8 +138,12 @@ impl Endpoint {
             *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
             return Ok(Conn::H2(send));
         }
-        if let Some(s) = self.take_idle_h1() {
-            return Ok(Conn::H1(s));
+        while let Some(mut s) = self.take_idle_h1() {
+            // Idle connections finished their last exchange; ready() fails only if the
+            // upstream closed the connection in the meantime.
+            if s.ready().await.is_ok() {
+                return Ok(Conn::H1(s));
+            }
         }
         self.new_h1(timeout).await.map(Conn::H1)
     }
@@ -157,13 +161,15 @@ impl Endpoint {
 
     fn take_idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|s| !s.is_closed());
-        // Connections return to the pool as soon as their response head arrives; the ones still
-        // streaming a body are not ready and stay where they are.
-        let i = idle.iter().rposition(|s| s.is_ready())?;
-        Some(idle.swap_remove(i))
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
     }
 
+    /// Returns a connection whose exchange is complete (response body read to the end).
     pub fn checkin_h1(&self, s: http1::SendRequest<Incoming>) {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_H1 {

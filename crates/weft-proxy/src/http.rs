@@ -18,7 +18,60 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<UpstreamBody, Full<Bytes>>;
+
+/// A response body from an upstream. For a pooled HTTP/1.1 connection it carries the
+/// connection and puts it back in the pool once the body has been read to the end, so every
+/// pooled connection is idle and ready (a body dropped half-read closes its connection).
+pub struct UpstreamBody {
+    inner: Incoming,
+    release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<Incoming>)>,
+}
+
+impl UpstreamBody {
+    fn new(
+        inner: Incoming,
+        release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<Incoming>)>,
+    ) -> Self {
+        let mut body = UpstreamBody { inner, release };
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((ep, conn)) = self.release.take() {
+            ep.checkin_h1(conn);
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.release(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Connect attempts per request: the first endpoint plus two others.
 const ATTEMPTS: usize = 3;
@@ -88,14 +141,21 @@ fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
     resp
 }
 
-const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding"];
+/// Pre-parsed, so stripping them does not parse names per request.
+const HOP_BY_HOP: [http::HeaderName; 5] = [
+    header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
 
 /// Removes hop-by-hop headers; `request` also drops `te` and `transfer-encoding`, which hyper
 /// re-derives for the upstream hop.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
     let names = if request { &HOP_BY_HOP[..] } else { &HOP_BY_HOP[..3] };
     for name in names {
-        headers.remove(*name);
+        headers.remove(name);
     }
 }
 
@@ -103,7 +163,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
-async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = target.routes.load().route(&req).cloned().ok_or(ProxyError::NoRoute)?;
     if !cluster.defined.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ProxyError::UnknownCluster(cluster.name.to_string()));
@@ -116,7 +176,7 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
     if upgrade {
         let (endpoint, conn) = checkout(&cluster, async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
         let _in_flight = endpoint.start();
-        return tunnel(&endpoint, conn, req).await;
+        return tunnel(&endpoint, conn, req).await.map(|r| r.map(|b| UpstreamBody::new(b, None)));
     }
     let (endpoint, conn) = checkout(&cluster, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
     let _in_flight = endpoint.start();
@@ -150,31 +210,27 @@ async fn checkout<C>(
 }
 
 async fn send(
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     conn: Conn,
     req: Request<Incoming>,
     timeout: std::time::Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let reset = |source| ProxyError::UpstreamReset { addr: ep.addr, source };
-    match conn {
-        Conn::H2(mut s) => s.send_request(req).await.map_err(reset),
+    let (resp, conn) = match conn {
+        Conn::H2(mut s) => (s.send_request(req).await.map_err(reset)?, None),
         Conn::H1(mut s) => match s.try_send_request(req).await {
-            Ok(resp) => {
-                ep.checkin_h1(s);
-                Ok(resp)
-            }
+            Ok(resp) => (resp, Some(s)),
             Err(mut e) => match e.take_message() {
                 // The pooled connection closed before the request went out: use a new one.
                 Some(req) => {
                     let mut s = ep.new_h1(timeout).await?;
-                    let resp = s.send_request(req).await.map_err(reset)?;
-                    ep.checkin_h1(s);
-                    Ok(resp)
+                    (s.send_request(req).await.map_err(reset)?, Some(s))
                 }
-                None => Err(reset(e.into_error())),
+                None => return Err(reset(e.into_error())),
             },
         },
-    }
+    };
+    Ok(resp.map(|body| UpstreamBody::new(body, conn.map(|c| (ep.clone(), c)))))
 }
 
 /// `Upgrade` (e.g. WebSocket): forward the handshake on a dedicated connection and, on
