@@ -124,14 +124,14 @@ impl Endpoint {
 
     /// An HTTP connection: a pooled one if one is free, otherwise a new one.
     pub async fn checkout(&self, h2: bool, timeout: Duration) -> Result<Conn, ProxyError> {
+        // Connecting is rare and its futures are large; boxing them keeps the per-request
+        // future (which hyper keeps allocated per client connection) small.
         if h2 {
             if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| !s.is_closed()) {
                 return Ok(Conn::H2(s.clone()));
             }
-            let io = TokioIo::new(self.connect(timeout).await?);
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                .adaptive_window(true)
-                .handshake(io)
+            let io = TokioIo::new(Box::pin(self.connect(timeout)).await?);
+            let (send, conn) = Box::pin(http2::Builder::new(TokioExecutor::new()).adaptive_window(true).handshake(io))
                 .await
                 .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
             tokio::spawn(conn);
@@ -145,7 +145,7 @@ impl Endpoint {
                 return Ok(Conn::H1(s));
             }
         }
-        self.new_h1(timeout).await.map(Conn::H1)
+        Box::pin(self.new_h1(timeout)).await.map(Conn::H1)
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade` (never pooled afterwards).

@@ -174,9 +174,8 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
     }
     let h2 = req.version() == Version::HTTP_2;
     if upgrade {
-        let (endpoint, conn) = checkout(&cluster, async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
-        let _in_flight = endpoint.start();
-        return tunnel(&endpoint, conn, req).await.map(|r| r.map(|b| UpstreamBody::new(b, None)));
+        // Rare and with large futures: boxed, so the common path's future stays small.
+        return Box::pin(upgrade_via(&cluster, req)).await;
     }
     let (endpoint, conn) = checkout(&cluster, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
     let _in_flight = endpoint.start();
@@ -185,6 +184,13 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
         strip_hop_by_hop(resp.headers_mut(), false);
     }
     Ok(resp)
+}
+
+async fn upgrade_via(cluster: &Cluster, req: Request<Incoming>) -> Result<Response<UpstreamBody>, ProxyError> {
+    let (endpoint, conn) = checkout(cluster, async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
+    let _in_flight = endpoint.start();
+    let resp = tunnel(&endpoint, conn, req).await?;
+    Ok(resp.map(|b| UpstreamBody::new(b, None)))
 }
 
 /// Picks an endpoint and gets a connection to it, moving on to another endpoint when a
@@ -223,7 +229,7 @@ async fn send(
             Err(mut e) => match e.take_message() {
                 // The pooled connection closed before the request went out: use a new one.
                 Some(req) => {
-                    let mut s = ep.new_h1(timeout).await?;
+                    let mut s = Box::pin(ep.new_h1(timeout)).await?;
                     (s.send_request(req).await.map_err(reset)?, Some(s))
                 }
                 None => return Err(reset(e.into_error())),
@@ -253,4 +259,20 @@ async fn tunnel(
         });
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper keeps one request future allocated per client connection, so its size is paid
+    /// per idle keep-alive connection. Rare paths (connecting, upgrades) are boxed to keep
+    /// it small; this fails if a change makes the common path's future balloon.
+    #[test]
+    fn request_future_stays_small() {
+        let size = future_size(super::handle);
+        assert!(size <= 3 * 1024, "handle() future is {size} bytes");
+    }
 }
