@@ -10,7 +10,8 @@ fn request_loop(url: &str, dur: Duration) -> Vec<(Duration, u16, String)> {
     while start.elapsed() < dur && out.len() < 5000 {
         let r = curl(&[url]);
         let (status, by) = match r {
-            Some(r) => (r.status, r.headers.get("x-served-by").cloned().unwrap_or_default()),
+            Some(r) if r.status == 200 => (r.status, r.headers.get("x-served-by").cloned().unwrap_or_default()),
+            Some(r) => (r.status, format!("{:?} {}", r.headers.get("x-weft-error"), r.body.trim())),
             None => (0, String::new()),
         };
         out.push((start.elapsed(), status, by));
@@ -58,7 +59,15 @@ fn sigkill_of_an_instance_loses_no_request() {
             wait_until(Duration::from_secs(10), "edge drops the killed endpoint", || !held())
         })
     };
-    let results = request_loop(&url, Duration::from_secs(3));
+    // Several clients at once, so the kill lands on requests in every stage: connecting,
+    // written and waiting, and reading the response.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || request_loop(&url, Duration::from_secs(3)))
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
     let removal = killer.join().unwrap();
     eprintln!("killed endpoint left the edge's endpoint set {removal:?} after SIGKILL; {} requests", results.len());
     let failures: Vec<_> = results.iter().filter(|(_, s, _)| *s != 200).collect();

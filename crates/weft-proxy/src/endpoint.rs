@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// Body of a request sent upstream: the client's body, or none for a request being replayed
+/// on another endpoint.
+pub type UpBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 128;
 /// How long an endpoint that refused a connection is avoided, unless nothing else is left.
@@ -31,14 +35,14 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
-    h1_idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h1_idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 /// A connection checked out of the pool.
 pub enum Conn {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<UpBody>),
+    H2(http2::SendRequest<UpBody>),
 }
 
 fn clock() -> u64 {
@@ -149,7 +153,7 @@ impl Endpoint {
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade` (never pooled afterwards).
-    pub async fn new_h1(&self, timeout: Duration) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+    pub async fn new_h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpBody>, ProxyError> {
         let io = TokioIo::new(self.connect(timeout).await?);
         let (send, conn) = http1::Builder::new()
             .handshake(io)
@@ -159,7 +163,7 @@ impl Endpoint {
         Ok(send)
     }
 
-    fn take_idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn take_idle_h1(&self) -> Option<http1::SendRequest<UpBody>> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(s) = idle.pop() {
             if !s.is_closed() {
@@ -170,7 +174,7 @@ impl Endpoint {
     }
 
     /// Returns a connection whose exchange is complete (response body read to the end).
-    pub fn checkin_h1(&self, s: http1::SendRequest<Incoming>) {
+    pub fn checkin_h1(&self, s: http1::SendRequest<UpBody>) {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_H1 {
             idle.push(s);

@@ -3,14 +3,14 @@
 //! Bodies stream through in both directions; nothing is buffered whole.
 use crate::Limits;
 use crate::balance::Cluster;
-use crate::endpoint::{Conn, Endpoint};
+use crate::endpoint::{Conn, Endpoint, UpBody};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::metrics::TrafficMetrics;
 use crate::route::RouteTable;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
@@ -25,14 +25,11 @@ pub type Body = Either<UpstreamBody, Full<Bytes>>;
 /// pooled connection is idle and ready (a body dropped half-read closes its connection).
 pub struct UpstreamBody {
     inner: Incoming,
-    release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<Incoming>)>,
+    release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<UpBody>)>,
 }
 
 impl UpstreamBody {
-    fn new(
-        inner: Incoming,
-        release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<Incoming>)>,
-    ) -> Self {
+    fn new(inner: Incoming, release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<UpBody>)>) -> Self {
         let mut body = UpstreamBody { inner, release };
         if http_body::Body::is_end_stream(&body.inner) {
             body.release();
@@ -177,33 +174,86 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
         // Rare and with large futures: boxed, so the common path's future stays small.
         return Box::pin(upgrade_via(&cluster, req)).await;
     }
-    let (endpoint, conn) = checkout(&cluster, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
-    let _in_flight = endpoint.start();
-    let mut resp = send(&endpoint, conn, req, cluster.settings.load().connect_timeout).await?;
-    if !h2 {
-        strip_hop_by_hop(resp.headers_mut(), false);
+    // A bodiless idempotent request can be sent again when its endpoint dies before
+    // answering (e.g. the instance was just killed): keep its head for that.
+    let replay =
+        (req.method().is_idempotent() && http_body::Body::is_end_stream(req.body())).then(|| RequestHead::of(&req));
+    let mut req = req.map(|b| if replay.is_some() { Either::Right(Empty::new()) } else { Either::Left(b) });
+    let timeout = cluster.settings.load().connect_timeout;
+    let mut tried = Vec::new();
+    loop {
+        let (endpoint, conn) =
+            checkout(&cluster, &mut tried, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
+        let result = {
+            let _in_flight = endpoint.start();
+            send(&endpoint, conn, req, timeout).await
+        };
+        match (result, &replay) {
+            (Ok(mut resp), _) => {
+                if !h2 {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                return Ok(resp);
+            }
+            (Err(e @ ProxyError::UpstreamReset { .. }), Some(head))
+                if tried.len() + 1 < ATTEMPTS.min(cluster.endpoints.load().ready.len()) =>
+            {
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "replaying on another endpoint");
+                tried.push(Arc::as_ptr(&endpoint) as usize);
+                req = head.request();
+            }
+            (Err(e), _) => return Err(e),
+        }
     }
-    Ok(resp)
+}
+
+/// The head of a bodiless request, kept so the request can be sent again.
+struct RequestHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl RequestHead {
+    fn of<B>(req: &Request<B>) -> RequestHead {
+        RequestHead {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn request(&self) -> Request<UpBody> {
+        let mut r = Request::new(Either::Right(Empty::new()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
 }
 
 async fn upgrade_via(cluster: &Cluster, req: Request<Incoming>) -> Result<Response<UpstreamBody>, ProxyError> {
-    let (endpoint, conn) = checkout(cluster, async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
+    let (endpoint, conn) = checkout(cluster, &mut Vec::new(), async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
     let _in_flight = endpoint.start();
     let resp = tunnel(&endpoint, conn, req).await?;
     Ok(resp.map(|b| UpstreamBody::new(b, None)))
 }
 
-/// Picks an endpoint and gets a connection to it, moving on to another endpoint when a
-/// connect fails. The request has not been touched yet, so any request may be retried here.
+/// Picks an endpoint not in `tried` and gets a connection to it, moving on to another
+/// endpoint when a connect fails. The request has not been touched yet, so any request may
+/// be retried here. At most [`ATTEMPTS`] endpoints are tried per request, all reasons counted.
 async fn checkout<C>(
     cluster: &Cluster,
+    tried: &mut Vec<usize>,
     connect: impl AsyncFn(&Endpoint, std::time::Duration) -> Result<C, ProxyError>,
 ) -> Result<(Arc<Endpoint>, C), ProxyError> {
     let set = cluster.endpoints.load_full();
     let timeout = cluster.settings.load().connect_timeout;
-    let mut tried = Vec::new();
     loop {
-        let ep = cluster.pick(&set, &tried).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
+        let ep = cluster.pick(&set, tried).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
         match connect(&ep, timeout).await {
             Ok(c) => return Ok((ep, c)),
             Err(e) if e.before_send() && tried.len() + 1 < ATTEMPTS.min(set.ready.len()) => {
@@ -218,7 +268,7 @@ async fn checkout<C>(
 async fn send(
     ep: &Arc<Endpoint>,
     conn: Conn,
-    req: Request<Incoming>,
+    req: Request<UpBody>,
     timeout: std::time::Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let reset = |source| ProxyError::UpstreamReset { addr: ep.addr, source };
@@ -243,11 +293,14 @@ async fn send(
 /// `101 Switching Protocols`, splice the two upgraded connections together.
 async fn tunnel(
     ep: &Endpoint,
-    mut s: hyper::client::conn::http1::SendRequest<Incoming>,
+    mut s: hyper::client::conn::http1::SendRequest<UpBody>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let downstream = hyper::upgrade::on(&mut req);
-    let mut resp = s.send_request(req).await.map_err(|source| ProxyError::UpstreamReset { addr: ep.addr, source })?;
+    let mut resp = s
+        .send_request(req.map(Either::Left))
+        .await
+        .map_err(|source| ProxyError::UpstreamReset { addr: ep.addr, source })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
