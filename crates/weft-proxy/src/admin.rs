@@ -5,7 +5,6 @@ use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -19,7 +18,7 @@ fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),
-        "/ready" if proxy.ready.load(Ordering::Relaxed) => reply(StatusCode::OK, TEXT, "ready\n"),
+        "/ready" if *proxy.ready.borrow() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/ready" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             TEXT,

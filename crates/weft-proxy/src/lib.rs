@@ -104,7 +104,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
     dump: Mutex<Dump>,
-    ready: AtomicBool,
+    /// True once the first full config is applied; listeners accept only from then on.
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -223,7 +224,8 @@ impl RunningProxy {
 /// then starts the admin endpoint, the xDS client and the health checker.
 pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let limits = Arc::new(opts.limits.clone());
-    let listeners = Listeners::new(limits);
+    let ready = tokio::sync::watch::Sender::new(false);
+    let listeners = Listeners::new(limits, ready.subscribe());
     if let Some(addr) = opts.inbound {
         opts.inbound = Some(listeners.prebind(addr, "inbound traffic (--inbound)")?);
     }
@@ -242,7 +244,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         metrics: Metrics::new(),
         healthy,
         dump: Mutex::default(),
-        ready: AtomicBool::new(false),
+        ready,
         opts,
     });
     let control = Arc::new(health::ControlApi::new(&proxy.opts.control));

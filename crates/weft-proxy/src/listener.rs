@@ -31,14 +31,17 @@ struct Running {
 
 pub struct Listeners {
     limits: Arc<Limits>,
+    /// Accept loops wait for the first full config, so no connection meets a listener whose
+    /// clusters or routes have not arrived yet (the kernel queues them meanwhile).
+    ready: tokio::sync::watch::Receiver<bool>,
     /// Sockets bound at startup from the command line, waiting for their xDS listener.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
     running: Mutex<HashMap<String, Running>>,
 }
 
 impl Listeners {
-    pub fn new(limits: Arc<Limits>) -> Listeners {
-        Listeners { limits, prebound: Mutex::default(), running: Mutex::default() }
+    pub fn new(limits: Arc<Limits>, ready: tokio::sync::watch::Receiver<bool>) -> Listeners {
+        Listeners { limits, ready, prebound: Mutex::default(), running: Mutex::default() }
     }
 
     /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
@@ -91,7 +94,7 @@ impl Listeners {
             match fresh.remove(&def.name) {
                 Some(socket) => {
                     let shared = Arc::new(ArcSwap::new(ctx));
-                    let task = tokio::spawn(accept(socket, shared.clone(), self.limits.clone()));
+                    let task = tokio::spawn(accept(socket, shared.clone(), self.limits.clone(), self.ready.clone()));
                     tracing::info!(listener = %def.name, address = %def.address, "listening");
                     running.insert(def.name.clone(), Running { address: def.address, ctx: shared, task });
                 }
@@ -102,7 +105,15 @@ impl Listeners {
     }
 }
 
-async fn accept(listener: TcpListener, ctx: Arc<ArcSwap<ListenerCtx>>, limits: Arc<Limits>) {
+async fn accept(
+    listener: TcpListener,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    limits: Arc<Limits>,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+) {
+    if ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -1,6 +1,6 @@
 //! The proxy's xDS client: one ADS stream (state of the world) to the control plane.
 //!
-//! It subscribes to all listeners and clusters, then to the routes and endpoints those name.
+//! It subscribes to all clusters and listeners, then to the endpoints and routes those name.
 //! Each response is decoded and validated as a whole before anything is applied; a bad one is
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
@@ -18,7 +18,6 @@ use envoy_types::pb::google::rpc::Status;
 use prost::Name;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -115,12 +114,13 @@ async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration) -> anyhow::Result<(
     let channel = endpoint.connect().await?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
-    let first = DiscoveryRequest { node: Some(node(proxy)), type_url: Listener::type_url(), ..Default::default() };
+    // Clusters before listeners, as Envoy does: a listener's clusters are known when it arrives.
+    let first = DiscoveryRequest { node: Some(node(proxy)), type_url: Cluster::type_url(), ..Default::default() };
     tx.send(first).await?;
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
     let mut s = Stream { tx, types: HashMap::new(), awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
-    s.types.insert(Listener::type_url(), TypeState::default());
-    s.request(Cluster::type_url(), None).await;
+    s.types.insert(Cluster::type_url(), TypeState::default());
+    s.request(Listener::type_url(), None).await;
     proxy.dump().control_plane_connected = true;
     tracing::info!(control = %proxy.opts.control, "connected to control plane");
     while let Some(resp) = responses.message().await? {
@@ -149,8 +149,8 @@ async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
             s.request(type_url, Some(e)).await;
         }
     }
-    if !proxy.ready.load(Ordering::Relaxed) && s.seen_lds && s.seen_cds && s.awaiting.is_empty() {
-        proxy.ready.store(true, Ordering::Relaxed);
+    if !*proxy.ready.borrow() && s.seen_lds && s.seen_cds && s.awaiting.is_empty() {
+        proxy.ready.send_replace(true);
         tracing::info!("first full config applied; ready");
     }
 }
