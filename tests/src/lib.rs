@@ -10,12 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `weft` binary under test: `$WEFT_BIN`, or the workspace's debug build.
+/// The `weft` binary under test: `$WEFT_BIN`, or the debug build in `$CARGO_TARGET_DIR`
+/// (default: the workspace's `target/`).
 pub fn weft_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WEFT_BIN") {
         return PathBuf::from(p);
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/weft");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("debug/weft");
     assert!(p.exists(), "{} is missing: run `cargo build --bin weft` first (scripts/test does)", p.display());
     p
 }
