@@ -72,6 +72,7 @@ pub async fn run(cfg: DemoConfig, shutdown: impl Future<Output = ()> + Send + 's
         .route("/echo", post(echo))
         .route("/count", post(count))
         .route("/status/{code}", any(status))
+        .route("/delay/{ms}", get(delay))
         .route("/ws", get(ws))
         .with_state(app.clone())
         .merge(grpc);
@@ -189,6 +190,13 @@ async fn count(State(app): State<Arc<App>>, body: Body) -> Response {
 async fn status(State(app): State<Arc<App>>, Path(code): Path<u16>) -> Response {
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
     served_by(&app, (code, format!("status {code}\n")).into_response())
+}
+
+/// Answers after `ms` milliseconds (at most a minute): a slow upstream, for timeouts.
+async fn delay(State(app): State<Arc<App>>, Path(ms): Path<u64>) -> Response {
+    let ms = ms.min(60_000);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    served_by(&app, format!("waited {ms} ms\n").into_response())
 }
 
 async fn ws(State(app): State<Arc<App>>, upgrade: WebSocketUpgrade) -> Response {

@@ -5,6 +5,7 @@ use crate::Limits;
 use crate::balance::Cluster;
 use crate::endpoint::{Conn, Endpoint, UpBody};
 use crate::error::{ERROR_HEADER, ProxyError};
+use crate::idle::{Exchange, IdleIo, Session};
 use crate::metrics::TrafficMetrics;
 use crate::route::RouteTable;
 use arc_swap::ArcSwap;
@@ -18,7 +19,32 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 
-pub type Body = Either<UpstreamBody, Full<Bytes>>;
+/// The body of a response to the client. It holds the request's [`Exchange`], so the
+/// connection counts as busy until hyper has written the body out and dropped it.
+pub struct Body {
+    inner: Either<UpstreamBody, Full<Bytes>>,
+    _exchange: Option<Exchange>,
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A response body from an upstream. For a pooled HTTP/1.1 connection it carries the
 /// connection and puts it back in the pool once the body has been read to the end, so every
@@ -79,31 +105,55 @@ pub struct HttpTarget {
     pub metrics: Arc<TrafficMetrics>,
 }
 
+/// Serves one client connection. HTTP/2 is one hyper session for the connection's life; an
+/// HTTP/1.1 connection is served in sessions, parked between them with only its socket once it
+/// goes idle (see [`crate::idle`]).
 pub async fn serve(stream: TcpStream, h2: bool, target: Arc<HttpTarget>, limits: &Limits) {
-    let io = TokioIo::new(stream);
-    let svc = hyper::service::service_fn(move |req| handle(target.clone(), req));
-    let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    if h2 {
+        let svc = hyper::service::service_fn(move |req| handle(target.clone(), None, req));
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes)
             .adaptive_window(true)
-            .serve_connection(io, svc)
-            .await
-    } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes as usize)
-            .serve_connection(io, svc)
-            .with_upgrades()
-            .await
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+            .serve_connection(TokioIo::new(stream), svc);
+        if let Err(e) = Box::pin(conn).await {
+            tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
+        }
+        return;
+    }
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes as usize);
+    let session = Arc::new(Session::default());
+    let mut stream = stream;
+    loop {
+        let svc = {
+            let (target, session) = (target.clone(), session.clone());
+            hyper::service::service_fn(move |req| handle(target.clone(), Some(session.exchange()), req))
+        };
+        let io = TokioIo::new(IdleIo::new(stream, session.clone()));
+        // Boxed: while the connection is parked, its task holds no hyper state at all.
+        if let Err(e) = Box::pin(http1.serve_connection(io, svc).with_upgrades()).await {
+            tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+            return;
+        }
+        let Some(parked) = session.take_parked() else { return };
+        crate::idle::trim_soon();
+        // An idle keep-alive connection is closed after the header read timeout, as before.
+        match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
+            Ok(Ok(())) => stream = parked,
+            _ => return,
+        }
     }
 }
 
-async fn handle(target: Arc<HttpTarget>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    target: Arc<HttpTarget>,
+    exchange: Option<Exchange>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let resp = match forward(&target, req).await {
@@ -115,10 +165,15 @@ async fn handle(target: Arc<HttpTarget>, req: Request<Incoming>) -> Result<Respo
         }
     };
     target.metrics.request(resp.status().as_u16(), started.elapsed());
-    Ok(resp)
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(exchange) = &exchange
+    {
+        exchange.upgraded();
+    }
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange }))
 }
 
-fn error_response(e: &ProxyError, grpc: bool) -> Response<Body> {
+fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBody, Full<Bytes>>> {
     let mut resp = if grpc {
         // gRPC clients read the status from grpc-status; UNAVAILABLE (14) lets them retry.
         let mut r = Response::new(Either::Right(Full::default()));
@@ -148,11 +203,20 @@ const HOP_BY_HOP: [http::HeaderName; 5] = [
 ];
 
 /// Removes hop-by-hop headers; `request` also drops `te` and `transfer-encoding`, which hyper
-/// re-derives for the upstream hop.
+/// re-derives for the upstream hop. Most messages carry none or one of them, so the names
+/// present are found in one pass over the map and only those are removed (each removal hashes).
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
     let names = if request { &HOP_BY_HOP[..] } else { &HOP_BY_HOP[..3] };
-    for name in names {
-        headers.remove(name);
+    let mut present = 0u8;
+    for key in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == key) {
+            present |= 1 << i;
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -316,7 +380,7 @@ async fn tunnel(
 
 #[cfg(test)]
 mod tests {
-    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+    fn future_size<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

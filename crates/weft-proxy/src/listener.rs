@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// What a listener does with a connection.
@@ -131,27 +131,49 @@ async fn accept(
             tracing::warn!(%peer, listener = %ctx.name, limit = limits.max_connections, "connection limit reached; closing the new connection");
             continue;
         };
-        let limits = limits.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _open = ctx.metrics.connection();
-            let _ = stream.set_nodelay(true);
-            let protocol = match (&ctx.http, &ctx.tcp) {
-                (Some(_), None) | (Some(_), Some(_)) => match detect::detect(&stream, limits.detect_timeout).await {
-                    Ok(p) => p,
-                    Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
-                },
-                _ => Protocol::Tcp,
-            };
-            match (protocol, &ctx.http, &ctx.tcp) {
-                (Protocol::Http1 | Protocol::Http2, Some(http), _) => {
-                    crate::http::serve(stream, protocol == Protocol::Http2, http.clone(), &limits).await
-                }
-                (_, _, Some(cluster)) => crate::tcp::forward(stream, cluster.clone(), ctx.metrics.clone()).await,
-                (_, _, None) => {
-                    tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
-                }
-            }
-        });
+        tokio::spawn(connection(stream, peer, ctx, limits.clone(), permit));
+    }
+}
+
+/// One client connection, from protocol detection to its end. Its future is what the
+/// connection's task holds for its whole life, idle or not, so its size is checked in a test.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    limits: Arc<Limits>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _open = ctx.metrics.connection();
+    let _ = stream.set_nodelay(true);
+    let protocol = match (&ctx.http, &ctx.tcp) {
+        (Some(_), None) | (Some(_), Some(_)) => match detect::detect(&stream, limits.detect_timeout).await {
+            Ok(p) => p,
+            Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
+        },
+        _ => Protocol::Tcp,
+    };
+    match (protocol, &ctx.http, &ctx.tcp) {
+        (Protocol::Http1 | Protocol::Http2, Some(http), _) => {
+            crate::http::serve(stream, protocol == Protocol::Http2, http.clone(), &limits).await
+        }
+        (_, _, Some(cluster)) => crate::tcp::forward(stream, cluster.clone(), ctx.metrics.clone()).await,
+        (_, _, None) => {
+            tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The connection future is allocated per client connection and kept while it idles.
+    #[test]
+    fn connection_future_stays_small() {
+        fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = future_size(super::connection);
+        eprintln!("connection future: {size} bytes");
+        assert!(size <= 1024, "connection() future is {size} bytes");
     }
 }

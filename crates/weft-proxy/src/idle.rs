@@ -1,0 +1,202 @@
+//! Idle HTTP/1.1 keep-alive connections give their buffers back.
+//!
+//! hyper keeps a read and a write buffer (8 KiB each) for the whole life of a connection, so a
+//! proxy holding many idle keep-alive connections would hold ~16 KiB each for nothing. [`IdleIo`]
+//! wraps the client socket; as soon as a connection is between requests and its socket has
+//! nothing to read, it ends hyper's session with an end-of-stream. hyper, being between two
+//! requests, finishes cleanly and frees its state, and the socket is handed back
+//! ([`Session::take_parked`]) so [`crate::http::serve`] can wait for the client's next request
+//! holding nothing but the socket, then serve it with a fresh session (as nginx frees its
+//! buffers on idle keep-alive connections).
+//!
+//! Invariant: a session is ended only while hyper is between requests: no exchange in flight
+//! (an [`Exchange`] lives until its response body is dropped, which hyper does once the body has
+//! been written out), nothing read since the last response bytes were written (a request head
+//! may be half-read), no write waiting for the socket, and the connection not upgraded.
+//! One case remains that hyper sees as cut off: a pipelined request that arrived in the same read
+//! as the one before it and whose rest is not there yet. The connection is then closed without an
+//! answer to it, which pipelining clients must expect of any server (RFC 9112 §9.3.2).
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// What the service and the socket wrapper of one client connection share.
+#[derive(Default)]
+pub struct Session {
+    in_flight: AtomicUsize,
+    upgraded: AtomicBool,
+    /// The socket, put here when a session ends because the connection went idle.
+    parked: Mutex<Option<TcpStream>>,
+}
+
+impl Session {
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn exchange(self: &Arc<Self>) -> Exchange {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Exchange(self.clone())
+    }
+
+    /// The socket of a session that ended because the connection went idle; `None` when the
+    /// session ended for any other reason (client closed, error, upgrade).
+    pub fn take_parked(&self) -> Option<TcpStream> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && !self.upgraded.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight on a [`Session`].
+pub struct Exchange(Arc<Session>);
+
+impl Exchange {
+    /// The connection switches protocols after this response: never end its session.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The client socket as one hyper session sees it.
+pub struct IdleIo {
+    /// `None` once handed back to the session.
+    stream: Option<TcpStream>,
+    session: Arc<Session>,
+    read_since_write: bool,
+    write_blocked: bool,
+    released: bool,
+}
+
+impl IdleIo {
+    pub fn new(stream: TcpStream, session: Arc<Session>) -> IdleIo {
+        IdleIo { stream: Some(stream), session, read_since_write: false, write_blocked: false, released: false }
+    }
+
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        // The stream is only taken in Drop.
+        Pin::new(self.stream.as_mut().expect("stream present until drop"))
+    }
+
+    /// The socket has nothing to read: ends the session (returns end-of-stream) if hyper is
+    /// between requests.
+    fn poll_idle(&mut self) -> Poll<io::Result<()>> {
+        if self.read_since_write || self.write_blocked || !self.session.idle() {
+            return Poll::Pending;
+        }
+        self.released = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn wrote(&mut self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.read_since_write = false;
+                self.write_blocked = false;
+            }
+            Poll::Pending => self.write_blocked = true,
+            _ => {}
+        }
+    }
+}
+
+impl Drop for IdleIo {
+    fn drop(&mut self) {
+        if self.released {
+            *self.session.parked.lock().unwrap_or_else(|p| p.into_inner()) = self.stream.take();
+        }
+    }
+}
+
+impl AsyncRead for IdleIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.released {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match this.stream().poll_read(cx, buf) {
+            Poll::Pending => this.poll_idle(),
+            Poll::Ready(Ok(())) => {
+                this.read_since_write |= buf.filled().len() > before;
+                Poll::Ready(Ok(()))
+            }
+            err => err,
+        }
+    }
+}
+
+impl AsyncWrite for IdleIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = this.stream().poll_write(cx, buf);
+        this.wrote(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = this.stream().poll_write_vectored(cx, bufs);
+        this.wrote(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.released {
+            // The socket outlives this session: do not shut it down.
+            return Poll::Ready(Ok(()));
+        }
+        this.stream().poll_shutdown(cx)
+    }
+}
+
+/// Hands memory freed by released connections back to the operating system. glibc's malloc
+/// keeps freed heap pages resident, so without this the RSS would stay at the peak number of
+/// active connections. Batched: at most one trim per half second, off the worker thread.
+pub fn trim_soon() {
+    static SCHEDULED: AtomicBool = AtomicBool::new(false);
+    if SCHEDULED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        SCHEDULED.store(false, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(trim).await;
+    });
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // FFI call into the C allocator; there is no safe binding.
+fn trim() {
+    // SAFETY: malloc_trim takes the allocator's own locks and only returns free pages; it
+    // touches no memory that is in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}

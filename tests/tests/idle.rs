@@ -1,0 +1,139 @@
+//! Idle HTTP/1.1 keep-alive connections: once a connection is between requests the proxy ends
+//! hyper's session and keeps only the socket. These tests hold the cases where ending a session
+//! would be wrong (a half-sent request head, pipelined requests, a slow answer, an upgraded
+//! connection) and check that a released connection serves its next request and that the
+//! memory comes back.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use weft_tests::*;
+
+/// A pause long enough for the proxy to have released the session.
+const IDLE: Duration = Duration::from_millis(300);
+
+/// Reads one response with a Content-Length body; returns status and body.
+fn read_response(r: &mut BufReader<TcpStream>) -> (u16, String) {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut length = None;
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("header line");
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse::<usize>().ok();
+        }
+    }
+    let mut body = vec![0; length.expect("a Content-Length")];
+    r.read_exact(&mut body).expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+#[test]
+fn idle_connection_is_released_and_serves_again() {
+    let m = SmallMesh::start("idle", 1);
+    let port = m.edge.ports["backend"];
+    let (mut s, mut r) = connect(port);
+    let get = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
+    s.write_all(get).unwrap();
+    assert_eq!(read_response(&mut r).0, 200);
+    // Released while idle, then served by a new session on the same socket.
+    std::thread::sleep(IDLE);
+    s.write_all(get).unwrap();
+    let (status, body) = read_response(&mut r);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from backend v1"), "{body}");
+
+    // A request head sent in two parts with a pause between: the half-read head must survive.
+    s.write_all(b"GET /info HTTP/1.1\r\nHost: backend\r\n").unwrap();
+    std::thread::sleep(IDLE);
+    s.write_all(b"\r\n").unwrap();
+    let (status, body) = read_response(&mut r);
+    assert_eq!((status, body.contains("\"instance\":\"backend-0\"")), (200, true), "{body}");
+
+    // A slow answer: the exchange in flight keeps the session.
+    s.write_all(b"GET /delay/600 HTTP/1.1\r\nHost: backend\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r), (200, "waited 600 ms\n".to_string()));
+
+    // Pipelined: three requests in one write, answered in order.
+    s.write_all(b"GET /delay/100 HTTP/1.1\r\nHost: backend\r\n\r\nGET /delay/1 HTTP/1.1\r\nHost: backend\r\n\r\nGET /delay/2 HTTP/1.1\r\nHost: backend\r\n\r\n").unwrap();
+    for ms in [100, 1, 2] {
+        assert_eq!(read_response(&mut r), (200, format!("waited {ms} ms\n")));
+    }
+    // A request body sent after a pause.
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: backend\r\nContent-Length: 5\r\n\r\nab").unwrap();
+    std::thread::sleep(IDLE);
+    s.write_all(b"cde").unwrap();
+    assert_eq!(read_response(&mut r), (200, "5\n".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_websocket_is_not_released() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let m = tokio::task::spawn_blocking(|| SmallMesh::start("idle-ws", 1)).await.unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws", m.edge.ports["backend"]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket handshake through the mesh");
+    for i in 0..2 {
+        tokio::time::sleep(IDLE).await;
+        ws.send(Message::Text(format!("ping {i}").into())).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(reply.into_text().unwrap().as_str(), format!("backend v1 (instance backend-0): ping {i}"));
+    }
+    tokio::task::spawn_blocking(move || drop(m)).await.unwrap();
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn idle_connections_give_their_memory_back() {
+    const CONNS: usize = 400;
+    let m = SmallMesh::start("idle-mem", 1);
+    let port = m.edge.ports["backend"];
+    let pid = m.edge.proc.pid();
+    let get = b"GET /healthz HTTP/1.1\r\nHost: backend\r\n\r\n";
+    // Warm up the pools and allocator first, so the baseline is not an empty process.
+    let (mut s, mut r) = connect(port);
+    s.write_all(get).unwrap();
+    assert_eq!(read_response(&mut r).0, 200);
+    let before = rss_kib(pid);
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        let (mut s, mut r) = connect(port);
+        s.write_all(get).unwrap();
+        assert_eq!(read_response(&mut r).0, 200);
+        held.push((s, r));
+    }
+    // hyper holds ~16 KiB per connection while a session lives; released, each costs its socket
+    // and a small task, so the growth must stay well under what the sessions would hold.
+    let mut grown = 0;
+    wait_until(Duration::from_secs(10), "idle connections' memory to come back", || {
+        grown = rss_kib(pid).saturating_sub(before);
+        grown < (CONNS as u64 * 16) / 3
+    });
+    // Every connection still works.
+    for (s, r) in held.iter_mut().step_by(50) {
+        s.write_all(get).unwrap();
+        assert_eq!(read_response(r).0, 200, "after {grown} KiB growth");
+    }
+}
