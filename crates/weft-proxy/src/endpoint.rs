@@ -2,13 +2,16 @@
 //! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
 //! so pools and latency estimates survive EDS pushes.
 use crate::error::ProxyError;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -35,14 +38,62 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
-    h1_idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
+    h1_idle: Mutex<Vec<Box<H1Conn>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 /// A connection checked out of the pool.
 pub enum Conn {
-    H1(http1::SendRequest<UpBody>),
+    /// Boxed: the connection's state is large and moves between the pool, the request and the
+    /// response body.
+    H1(Box<H1Conn>),
     H2(http2::SendRequest<UpBody>),
+}
+
+/// A pooled HTTP/1.1 connection. It carries one exchange at a time, so instead of running in a
+/// task of its own it is driven by whoever uses it: the request task while the request is sent
+/// and the response awaited ([`H1Conn::exchange`]), then the response body as the client reads
+/// it. That saves the hand-off between two tasks on every request and every body chunk.
+pub struct H1Conn {
+    send: http1::SendRequest<UpBody>,
+    conn: http1::Connection<TokioIo<TcpStream>, UpBody>,
+    /// The connection future has completed (closed or failed): it must not be polled again.
+    done: bool,
+}
+
+impl H1Conn {
+    /// Drives the connection; returns whether it is still open.
+    pub fn poll_connection(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.done
+            && let Poll::Ready(result) = Pin::new(&mut self.conn).poll(cx)
+        {
+            self.done = true;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection failed");
+            }
+        }
+        !self.done
+    }
+
+    /// Sends a request and waits for the response head, driving the connection meanwhile.
+    /// On a connection that turned out to be closed, the request comes back unsent.
+    pub async fn exchange(
+        &mut self,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>> {
+        let mut response = std::pin::pin!(self.send.try_send_request(req));
+        std::future::poll_fn(|cx| {
+            self.poll_connection(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Lets the connection catch up on what happened while it sat in the pool; true if it can
+    /// take a request now.
+    async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(self.poll_connection(cx))).await && self.send.is_ready()
+    }
 }
 
 fn clock() -> u64 {
@@ -142,42 +193,47 @@ impl Endpoint {
             *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
             return Ok(Conn::H2(send));
         }
-        while let Some(mut s) = self.take_idle_h1() {
-            // Idle connections finished their last exchange; ready() fails only if the
-            // upstream closed the connection in the meantime.
-            if s.ready().await.is_ok() {
-                return Ok(Conn::H1(s));
+        while let Some(mut c) = self.take_idle_h1() {
+            // Idle connections finished their last exchange; this fails only if the upstream
+            // closed the connection in the meantime.
+            if c.ready().await {
+                return Ok(Conn::H1(c));
             }
         }
         Box::pin(self.new_h1(timeout)).await.map(Conn::H1)
     }
 
-    /// A fresh HTTP/1.1 connection that supports `Upgrade` (never pooled afterwards).
-    pub async fn new_h1(&self, timeout: Duration) -> Result<http1::SendRequest<UpBody>, ProxyError> {
+    async fn handshake_h1(
+        &self,
+        timeout: Duration,
+    ) -> Result<(http1::SendRequest<UpBody>, http1::Connection<TokioIo<TcpStream>, UpBody>), ProxyError> {
         let io = TokioIo::new(self.connect(timeout).await?);
-        let (send, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
+        http1::Builder::new().handshake(io).await.map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })
+    }
+
+    /// A fresh HTTP/1.1 connection, to be pooled after its first exchange.
+    pub async fn new_h1(&self, timeout: Duration) -> Result<Box<H1Conn>, ProxyError> {
+        let (send, conn) = self.handshake_h1(timeout).await?;
+        Ok(Box::new(H1Conn { send, conn, done: false }))
+    }
+
+    /// A fresh HTTP/1.1 connection that supports `Upgrade`, in a task of its own (an upgraded
+    /// connection outlives the request that set it up; never pooled).
+    pub async fn new_h1_upgradable(&self, timeout: Duration) -> Result<http1::SendRequest<UpBody>, ProxyError> {
+        let (send, conn) = self.handshake_h1(timeout).await?;
         tokio::spawn(conn.with_upgrades());
         Ok(send)
     }
 
-    fn take_idle_h1(&self) -> Option<http1::SendRequest<UpBody>> {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
+    fn take_idle_h1(&self) -> Option<Box<H1Conn>> {
+        self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
     /// Returns a connection whose exchange is complete (response body read to the end).
-    pub fn checkin_h1(&self, s: http1::SendRequest<UpBody>) {
+    pub fn checkin_h1(&self, c: Box<H1Conn>) {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_H1 {
-            idle.push(s);
+            idle.push(c);
         }
     }
 }

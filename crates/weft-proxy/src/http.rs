@@ -3,7 +3,7 @@
 //! Bodies stream through in both directions; nothing is buffered whole.
 use crate::Limits;
 use crate::balance::Cluster;
-use crate::endpoint::{Conn, Endpoint, UpBody};
+use crate::endpoint::{Conn, Endpoint, H1Conn, UpBody};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::idle::{Exchange, IdleIo, Session};
 use crate::metrics::TrafficMetrics;
@@ -46,17 +46,18 @@ impl http_body::Body for Body {
     }
 }
 
-/// A response body from an upstream. For a pooled HTTP/1.1 connection it carries the
-/// connection and puts it back in the pool once the body has been read to the end, so every
-/// pooled connection is idle and ready (a body dropped half-read closes its connection).
+/// A response body from an upstream. On a pooled HTTP/1.1 connection it drives the connection
+/// as the client reads (see [`H1Conn`]) and puts it back in the pool once the body has been read
+/// to the end, so every pooled connection is idle and ready (a body dropped half-read closes
+/// its connection).
 pub struct UpstreamBody {
     inner: Incoming,
-    release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<UpBody>)>,
+    h1: Option<(Arc<Endpoint>, Box<H1Conn>)>,
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, release: Option<(Arc<Endpoint>, hyper::client::conn::http1::SendRequest<UpBody>)>) -> Self {
-        let mut body = UpstreamBody { inner, release };
+    fn new(inner: Incoming, h1: Option<(Arc<Endpoint>, Box<H1Conn>)>) -> Self {
+        let mut body = UpstreamBody { inner, h1 };
         if http_body::Body::is_end_stream(&body.inner) {
             body.release();
         }
@@ -64,7 +65,7 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
-        if let Some((ep, conn)) = self.release.take() {
+        if let Some((ep, conn)) = self.h1.take() {
             ep.checkin_h1(conn);
         }
     }
@@ -75,13 +76,21 @@ impl http_body::Body for UpstreamBody {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let this = self.get_mut();
+        let mut polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        // Asking for a frame told the connection it may read on: let it, then look again.
+        if polled.is_pending()
+            && let Some((_, conn)) = &mut this.h1
+            && conn.poll_connection(cx)
+        {
+            polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        }
         match &polled {
-            std::task::Poll::Ready(None) => self.release(),
-            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            std::task::Poll::Ready(None) => this.release(),
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
             _ => {}
         }
         polled
@@ -300,7 +309,8 @@ impl RequestHead {
 }
 
 async fn upgrade_via(cluster: &Cluster, req: Request<Incoming>) -> Result<Response<UpstreamBody>, ProxyError> {
-    let (endpoint, conn) = checkout(cluster, &mut Vec::new(), async |ep: &Endpoint, t| ep.new_h1(t).await).await?;
+    let (endpoint, conn) =
+        checkout(cluster, &mut Vec::new(), async |ep: &Endpoint, t| ep.new_h1_upgradable(t).await).await?;
     let _in_flight = endpoint.start();
     let resp = tunnel(&endpoint, conn, req).await?;
     Ok(resp.map(|b| UpstreamBody::new(b, None)))
@@ -338,13 +348,18 @@ async fn send(
     let reset = |source| ProxyError::UpstreamReset { addr: ep.addr, source };
     let (resp, conn) = match conn {
         Conn::H2(mut s) => (s.send_request(req).await.map_err(reset)?, None),
-        Conn::H1(mut s) => match s.try_send_request(req).await {
-            Ok(resp) => (resp, Some(s)),
+        Conn::H1(mut c) => match c.exchange(req).await {
+            Ok(resp) => (resp, Some(c)),
             Err(mut e) => match e.take_message() {
                 // The pooled connection closed before the request went out: use a new one.
+                // Rare, so boxed: the common path's future stays small.
                 Some(req) => {
-                    let mut s = Box::pin(ep.new_h1(timeout)).await?;
-                    (s.send_request(req).await.map_err(reset)?, Some(s))
+                    Box::pin(async {
+                        let mut c = ep.new_h1(timeout).await?;
+                        let resp = c.exchange(req).await.map_err(|e| reset(e.into_error()))?;
+                        Ok::<_, ProxyError>((resp, Some(c)))
+                    })
+                    .await?
                 }
                 None => return Err(reset(e.into_error())),
             },
