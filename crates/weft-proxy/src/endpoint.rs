@@ -38,6 +38,8 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
+    // Boxed in the pool too: a connection moves between pool, request and body as a pointer.
+    #[allow(clippy::vec_box)]
     h1_idle: Mutex<Vec<Box<H1Conn>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
