@@ -138,3 +138,41 @@ fn idle_connections_give_their_memory_back() {
         assert_eq!(read_response(r).0, 200, "after {grown} KiB growth");
     }
 }
+
+/// Reads until the peer closes (or resets) the connection; true if it did within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn header_read_timeout_holds_slow_heads_and_idle_connections() {
+    let dir = TestDir::new("idle-head");
+    let control = Control::start(&dir);
+    let b = Instance::start(&dir, &control.addr, "backend", "v1", "backend-0", &["--header-read-timeout", "800ms"]);
+    wait_until(Duration::from_secs(10), "backend healthy", || control.healthy_ids("backend").len() == 1);
+    // A head completed within the limit, in two parts.
+    let (mut s, mut r) = connect(b.inbound);
+    s.write_all(b"GET /info HTTP/1.1\r\nHost: backend\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"\r\n").unwrap();
+    assert_eq!(read_response(&mut r).0, 200);
+    // Another head that stalls: the connection is closed (the default limit, 10 s, would not).
+    s.write_all(b"GET /info HTTP/1.1\r\nHost: back").unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(4)), "a stalled request head kept its connection");
+    // An idle keep-alive connection is closed after the limit too (released, then parked).
+    let (mut s, mut r) = connect(b.inbound);
+    s.write_all(b"GET /info HTTP/1.1\r\nHost: backend\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).0, 200);
+    assert!(closed_within(&mut s, Duration::from_secs(6)), "an idle connection outlived the limit");
+}

@@ -133,7 +133,7 @@ pub async fn serve(stream: TcpStream, h2: bool, target: Arc<HttpTarget>, limits:
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None) // enforced by IdleIo, without a timer per request
         .max_buf_size(limits.max_header_bytes as usize);
     let session = Arc::new(Session::default());
     let mut stream = stream;
@@ -142,7 +142,7 @@ pub async fn serve(stream: TcpStream, h2: bool, target: Arc<HttpTarget>, limits:
             let (target, session) = (target.clone(), session.clone());
             hyper::service::service_fn(move |req| handle(target.clone(), Some(session.exchange()), req))
         };
-        let io = TokioIo::new(IdleIo::new(stream, session.clone()));
+        let io = TokioIo::new(IdleIo::new(stream, session.clone(), limits.header_read_timeout));
         // Boxed: while the connection is parked, its task holds no hyper state at all.
         if let Err(e) = Box::pin(http1.serve_connection(io, svc).with_upgrades()).await {
             tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
@@ -202,8 +202,9 @@ fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBody, F
     resp
 }
 
-/// Pre-parsed, so stripping them does not parse names per request.
-const HOP_BY_HOP: [http::HeaderName; 5] = [
+/// Pre-parsed, so stripping them does not parse names per request. A `static`, not a `const`:
+/// a const array would be built and dropped at every use.
+static HOP_BY_HOP: [http::HeaderName; 5] = [
     header::CONNECTION,
     http::HeaderName::from_static("keep-alive"),
     http::HeaderName::from_static("proxy-connection"),

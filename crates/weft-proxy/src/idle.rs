@@ -88,32 +88,64 @@ impl Drop for Exchange {
 }
 
 /// The client socket as one hyper session sees it.
+///
+/// It also enforces the header read timeout (hyper's own would cost a boxed timer per
+/// request): a request head whose first bytes arrived more than `header_timeout` ago and that
+/// is still incomplete when the socket runs dry ends the session with `TimedOut`. The one timer
+/// is armed only while waiting (idle, or in the middle of a head), never per request.
 pub struct IdleIo {
     /// `None` once handed back to the session.
     stream: Option<TcpStream>,
     session: Arc<Session>,
+    header_timeout: Duration,
     /// Reads that returned data, and their count when the release timer was last armed.
     reads: u64,
     armed_at: u64,
     read_since_write: bool,
+    /// When the first bytes after the last write arrived: the start of a request head.
+    head_started: Instant,
     write_blocked: bool,
     timer: Option<Pin<Box<Sleep>>>,
+    timer_for: TimerUse,
     released: bool,
 }
 
+/// What the timer is set for.
+#[derive(PartialEq)]
+enum TimerUse {
+    /// The end of a quiet period between requests.
+    Release,
+    /// The header read deadline of the request head that started at the given time.
+    Head(Instant),
+}
+
 impl IdleIo {
-    pub fn new(stream: TcpStream, session: Arc<Session>) -> IdleIo {
+    pub fn new(stream: TcpStream, session: Arc<Session>, header_timeout: Duration) -> IdleIo {
         LIVE_SESSIONS.fetch_add(1, Ordering::Relaxed);
         IdleIo {
             stream: Some(stream),
             session,
+            header_timeout,
             reads: 0,
             armed_at: 0,
             read_since_write: false,
+            head_started: Instant::now(),
             write_blocked: false,
             timer: None,
+            timer_for: TimerUse::Release,
             released: false,
         }
+    }
+
+    /// The timer, set to fire at `deadline` for `usage` unless it already serves that use.
+    fn arm(&mut self, usage: TimerUse, deadline: Instant) -> Pin<&mut Sleep> {
+        let fresh = self.timer_for != usage;
+        self.timer_for = usage;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if fresh {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut()
     }
 
     fn stream(&mut self) -> Pin<&mut TcpStream> {
@@ -121,31 +153,39 @@ impl IdleIo {
         Pin::new(self.stream.as_mut().expect("stream present until drop"))
     }
 
-    /// The socket has nothing to read: ends the session (returns end-of-stream) if hyper is
-    /// between requests and nothing was read for a whole period (at once if many sessions live).
+    /// The socket has nothing to read. A request head half-read is held to the header read
+    /// timeout; between requests, the session ends (end-of-stream) once nothing was read for a
+    /// whole period, or at once if many sessions live.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.read_since_write || self.write_blocked || !self.session.idle() {
+        if self.write_blocked || !self.session.idle() {
             return Poll::Pending;
+        }
+        if self.read_since_write {
+            let deadline = self.head_started + self.header_timeout;
+            ready!(self.arm(TimerUse::Head(self.head_started), deadline).poll(cx));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("request head incomplete after the header read timeout ({:?})", self.header_timeout),
+            )));
         }
         if LIVE_SESSIONS.load(Ordering::Relaxed) > LINGERING_SESSIONS {
             self.released = true;
             return Poll::Ready(Ok(()));
         }
-        let timer = match &mut self.timer {
-            Some(t) => t,
-            None => {
-                self.armed_at = self.reads;
-                self.timer.insert(Box::pin(tokio::time::sleep(RELEASE_AFTER)))
-            }
-        };
+        if self.timer_for != TimerUse::Release || self.timer.is_none() {
+            self.armed_at = self.reads;
+        }
         loop {
-            ready!(timer.as_mut().poll(cx));
-            if self.armed_at == self.reads {
+            let reads = self.reads;
+            ready!(self.arm(TimerUse::Release, Instant::now() + RELEASE_AFTER).poll(cx));
+            if self.armed_at == reads {
                 self.released = true;
                 return Poll::Ready(Ok(()));
             }
-            self.armed_at = self.reads;
-            timer.as_mut().reset(Instant::now() + RELEASE_AFTER);
+            self.armed_at = reads;
+            if let Some(t) = &mut self.timer {
+                t.as_mut().reset(Instant::now() + RELEASE_AFTER);
+            }
         }
     }
 
@@ -182,7 +222,10 @@ impl AsyncRead for IdleIo {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.reads += 1;
-                    this.read_since_write = true;
+                    if !this.read_since_write {
+                        this.head_started = Instant::now();
+                        this.read_since_write = true;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
