@@ -21,6 +21,11 @@ pub type UpBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 128;
+/// Read buffer of an upstream HTTP/1.1 connection, at most; also the largest response head
+/// accepted from an upstream (nginx's default is 4–8 KiB). hyper grows the buffer for large
+/// bodies and an idle pooled connection keeps what it grew to, so this bounds the memory a
+/// pool holds after a burst of large responses.
+const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 /// How long an endpoint that refused a connection is avoided, unless nothing else is left.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 /// Cost of an endpoint with no latency sample yet while it has requests outstanding: new
@@ -210,7 +215,11 @@ impl Endpoint {
         timeout: Duration,
     ) -> Result<(http1::SendRequest<UpBody>, http1::Connection<TokioIo<TcpStream>, UpBody>), ProxyError> {
         let io = TokioIo::new(self.connect(timeout).await?);
-        http1::Builder::new().handshake(io).await.map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })
+        http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_BUFFER)
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })
     }
 
     /// A fresh HTTP/1.1 connection, to be pooled after its first exchange.
