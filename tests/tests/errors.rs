@@ -149,24 +149,39 @@ fn proxy_says_why_when_it_answers_itself() {
             let _ = s.write_all(b"");
         }
     });
+    // "bighead": answers with a 20 KB response head, over the 16 KiB weft accepts upstream.
+    let bighead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bighead_port = bighead.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in bighead.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(20_000));
+            let _ = s.write_all(head.as_bytes());
+        }
+    });
     let mut sidecars = Vec::new();
-    for (svc, port) in [("gone", gone_port), ("reset", reset_port)] {
+    for (svc, port) in [("gone", gone_port), ("reset", reset_port), ("bighead", bighead_port)] {
         let mut cmd = std::process::Command::new(weft_bin());
         cmd.args(["proxy", "--service", svc, "--app-port", &port.to_string(), "--health-interval", "1h"]);
         cmd.args(["--control", &control.addr, "--id", svc]);
         sidecars.push(Proc::spawn(&dir, svc, &mut cmd));
     }
     wait_until(Duration::from_secs(10), "instances healthy", || {
-        control.healthy_ids("gone").len() == 1 && control.healthy_ids("reset").len() == 1
+        ["gone", "reset", "bighead"].iter().all(|s| control.healthy_ids(s).len() == 1)
     });
     drop(gone);
-    let edge = Edge::start(&dir, &control, &["ghost", "gone", "reset", "nothing"]);
-    wait_until(Duration::from_secs(5), "edge has endpoints", || edge.endpoint_addrs("reset").len() == 1);
+    let edge = Edge::start(&dir, &control, &["ghost", "gone", "reset", "bighead", "nothing"]);
+    wait_until(Duration::from_secs(5), "edge has endpoints", || {
+        edge.endpoint_addrs("reset").len() == 1 && edge.endpoint_addrs("bighead").len() == 1
+    });
 
     let cases = [
         ("ghost", 503, "no-endpoints"),
         ("gone", 502, "connect-failed"),
         ("reset", 502, "upstream-reset"),
+        ("bighead", 502, "upstream-bad-response"),
         ("nothing", 503, "unknown-cluster"),
     ];
     for (svc, status, reason) in cases {

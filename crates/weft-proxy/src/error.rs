@@ -22,6 +22,10 @@ pub enum ProxyError {
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("upstream {addr} reset or closed the connection: {source}")]
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
+    #[error(
+        "upstream {addr} sent a response weft cannot forward: {source} (an HTTP/1.1 response head may be at most 16 KiB)"
+    )]
+    UpstreamBadResponse { addr: SocketAddr, source: hyper::Error },
 }
 
 impl ProxyError {
@@ -35,6 +39,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
             ProxyError::Handshake { .. } => "upstream-handshake-failed",
             ProxyError::UpstreamReset { .. } => "upstream-reset",
+            ProxyError::UpstreamBadResponse { .. } => "upstream-bad-response",
         }
     }
 
@@ -43,9 +48,20 @@ impl ProxyError {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect { .. } | ProxyError::Handshake { .. } | ProxyError::UpstreamReset { .. } => {
-                http::StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect { .. }
+            | ProxyError::Handshake { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamBadResponse { .. } => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A failed exchange: the upstream's response could not be parsed (e.g. a head too large),
+    /// or the connection broke.
+    pub fn exchange(addr: SocketAddr, source: hyper::Error) -> ProxyError {
+        if source.is_parse() || source.is_parse_too_large() {
+            ProxyError::UpstreamBadResponse { addr, source }
+        } else {
+            ProxyError::UpstreamReset { addr, source }
         }
     }
 

@@ -346,7 +346,7 @@ async fn send(
     req: Request<UpBody>,
     timeout: std::time::Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let reset = |source| ProxyError::UpstreamReset { addr: ep.addr, source };
+    let reset = |source| ProxyError::exchange(ep.addr, source);
     let (resp, conn) = match conn {
         Conn::H2(mut s) => (s.send_request(req).await.map_err(reset)?, None),
         Conn::H1(mut c) => match c.exchange(req).await {
