@@ -126,6 +126,21 @@ fn operator_mistakes_get_one_clear_line() {
     );
 }
 
+/// A raw TCP app owned by the test: reads a request on each connection, writes `answer`
+/// (perhaps nothing) and closes. Returns its port.
+fn fake_app(answer: Vec<u8>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&answer);
+        }
+    });
+    port
+}
+
 #[test]
 fn proxy_says_why_when_it_answers_itself() {
     let dir = TestDir::new("proxyerrors");
@@ -138,29 +153,11 @@ fn proxy_says_why_when_it_answers_itself() {
     // "gone": healthy when checked once, then the app stops listening (checks are hourly).
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let gone_port = gone.local_addr().unwrap().port();
-    // "reset": accepts, reads the request, closes without answering.
-    let reset = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let reset_port = reset.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in reset.incoming().flatten() {
-            let mut s = s;
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"");
-        }
-    });
+    // "reset": reads the request, closes without answering.
+    let reset_port = fake_app(Vec::new());
     // "bighead": answers with a 20 KB response head, over the 16 KiB weft accepts upstream.
-    let bighead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let bighead_port = bighead.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in bighead.incoming().flatten() {
-            let mut s = s;
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let head = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(20_000));
-            let _ = s.write_all(head.as_bytes());
-        }
-    });
+    let big = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(20_000));
+    let bighead_port = fake_app(big.into_bytes());
     let mut sidecars = Vec::new();
     for (svc, port) in [("gone", gone_port), ("reset", reset_port), ("bighead", bighead_port)] {
         let mut cmd = std::process::Command::new(weft_bin());

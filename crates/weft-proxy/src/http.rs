@@ -346,9 +346,9 @@ async fn send(
     req: Request<UpBody>,
     timeout: std::time::Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let reset = |source| ProxyError::exchange(ep.addr, source);
+    let failed = |source| ProxyError::exchange(ep.addr, source);
     let (resp, conn) = match conn {
-        Conn::H2(mut s) => (s.send_request(req).await.map_err(reset)?, None),
+        Conn::H2(mut s) => (s.send_request(req).await.map_err(failed)?, None),
         Conn::H1(mut c) => match c.exchange(req).await {
             Ok(resp) => (resp, Some(c)),
             Err(mut e) => match e.take_message() {
@@ -357,12 +357,12 @@ async fn send(
                 Some(req) => {
                     Box::pin(async {
                         let mut c = ep.new_h1(timeout).await?;
-                        let resp = c.exchange(req).await.map_err(|e| reset(e.into_error()))?;
+                        let resp = c.exchange(req).await.map_err(|e| failed(e.into_error()))?;
                         Ok::<_, ProxyError>((resp, Some(c)))
                     })
                     .await?
                 }
-                None => return Err(reset(e.into_error())),
+                None => return Err(failed(e.into_error())),
             },
         },
     };

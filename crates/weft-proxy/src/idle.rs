@@ -137,13 +137,16 @@ impl IdleIo {
         }
     }
 
-    /// The timer, set to fire at `deadline` for `usage` unless it already serves that use.
-    fn arm(&mut self, usage: TimerUse, deadline: Instant) -> Pin<&mut Sleep> {
-        let fresh = self.timer_for != usage;
+    /// The timer, set for `usage` unless it already serves that use; `deadline` is only
+    /// computed when it is (re)set, so a busy connection reads no clock here. Setting it
+    /// also starts a quiet period: `armed_at` records the reads so far.
+    fn arm(&mut self, usage: TimerUse, deadline: impl FnOnce() -> Instant) -> Pin<&mut Sleep> {
+        let fresh = self.timer_for != usage || self.timer.is_none();
         self.timer_for = usage;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::ZERO)));
         if fresh {
-            timer.as_mut().reset(deadline);
+            self.armed_at = self.reads;
+            timer.as_mut().reset(deadline());
         }
         timer.as_mut()
     }
@@ -162,7 +165,7 @@ impl IdleIo {
         }
         if self.read_since_write {
             let deadline = self.head_started + self.header_timeout;
-            ready!(self.arm(TimerUse::Head(self.head_started), deadline).poll(cx));
+            ready!(self.arm(TimerUse::Head(self.head_started), || deadline).poll(cx));
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("request head incomplete after the header read timeout ({:?})", self.header_timeout),
@@ -172,17 +175,14 @@ impl IdleIo {
             self.released = true;
             return Poll::Ready(Ok(()));
         }
-        if self.timer_for != TimerUse::Release || self.timer.is_none() {
-            self.armed_at = self.reads;
-        }
         loop {
-            let reads = self.reads;
-            ready!(self.arm(TimerUse::Release, Instant::now() + RELEASE_AFTER).poll(cx));
-            if self.armed_at == reads {
+            ready!(self.arm(TimerUse::Release, || Instant::now() + RELEASE_AFTER).poll(cx));
+            if self.armed_at == self.reads {
                 self.released = true;
                 return Poll::Ready(Ok(()));
             }
-            self.armed_at = reads;
+            // Traffic since the timer was set: look again a whole period from now.
+            self.armed_at = self.reads;
             if let Some(t) = &mut self.timer {
                 t.as_mut().reset(Instant::now() + RELEASE_AFTER);
             }
@@ -254,7 +254,7 @@ impl AsyncWrite for IdleIo {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -278,22 +278,18 @@ impl AsyncWrite for IdleIo {
 /// as the freed memory is about to be reused anyway.
 pub fn trim_soon() {
     static SCHEDULED: AtomicBool = AtomicBool::new(false);
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    static LAST_RELEASE_MS: AtomicUsize = AtomicUsize::new(0);
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let since_epoch = move || epoch.elapsed().as_millis() as usize;
-    LAST_RELEASE_MS.store(since_epoch(), Ordering::Relaxed);
+    static RELEASES: AtomicUsize = AtomicUsize::new(0);
+    RELEASES.fetch_add(1, Ordering::Relaxed);
     if SCHEDULED.swap(true, Ordering::Relaxed) {
         return;
     }
-    tokio::spawn(async move {
+    tokio::spawn(async {
         loop {
-            let quiet = since_epoch().saturating_sub(LAST_RELEASE_MS.load(Ordering::Relaxed));
-            let wait = TRIM_AFTER_QUIET.as_millis() as usize;
-            if quiet >= wait {
+            let seen = RELEASES.load(Ordering::Relaxed);
+            tokio::time::sleep(TRIM_AFTER_QUIET).await;
+            if RELEASES.load(Ordering::Relaxed) == seen {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis((wait - quiet) as u64)).await;
         }
         SCHEDULED.store(false, Ordering::Relaxed);
         let _ = tokio::task::spawn_blocking(trim).await;

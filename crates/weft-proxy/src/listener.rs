@@ -173,7 +173,6 @@ mod tests {
             std::mem::size_of::<F>()
         }
         let size = future_size(super::connection);
-        eprintln!("connection future: {size} bytes");
         assert!(size <= 1024, "connection() future is {size} bytes");
     }
 }
