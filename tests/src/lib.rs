@@ -197,6 +197,24 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// An app that answers every connection with the same bytes after one read, then closes it.
+/// Returns its port and what it read from each connection (the request heads it was sent).
+pub fn fake_app(answer: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (seen, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let _ = seen.send(buf[..n].to_vec());
+            let _ = s.write_all(&answer);
+        }
+    });
+    (port, rx)
+}
+
 /// A response as curl saw it.
 #[derive(Debug)]
 pub struct CurlResponse {

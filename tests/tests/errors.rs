@@ -1,6 +1,5 @@
 //! Bad input gets one clear error that names the file, the field and the reason, and changes
 //! nothing. Responses the proxy makes itself say why.
-use std::io::{Read, Write};
 use std::time::Duration;
 use weft_tests::*;
 
@@ -128,19 +127,6 @@ fn operator_mistakes_get_one_clear_line() {
 
 /// A raw TCP app owned by the test: reads a request on each connection, writes `answer`
 /// (perhaps nothing) and closes. Returns its port.
-fn fake_app(answer: Vec<u8>) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(&answer);
-        }
-    });
-    port
-}
-
 #[test]
 fn proxy_says_why_when_it_answers_itself() {
     let dir = TestDir::new("proxyerrors");
@@ -154,10 +140,10 @@ fn proxy_says_why_when_it_answers_itself() {
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let gone_port = gone.local_addr().unwrap().port();
     // "reset": reads the request, closes without answering.
-    let reset_port = fake_app(Vec::new());
+    let (reset_port, _) = fake_app(Vec::new());
     // "bighead": answers with a 20 KB response head, over the 16 KiB weft accepts upstream.
     let big = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(20_000));
-    let bighead_port = fake_app(big.into_bytes());
+    let (bighead_port, _) = fake_app(big.into_bytes());
     let mut sidecars = Vec::new();
     for (svc, port) in [("gone", gone_port), ("reset", reset_port), ("bighead", bighead_port)] {
         let mut cmd = std::process::Command::new(weft_bin());

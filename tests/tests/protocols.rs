@@ -40,6 +40,45 @@ fn http1_keepalive_chunked_and_pooling() {
     assert!(opened <= 3.0, "the backend sidecar saw {opened} connections for 33 requests");
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1), the ones `Connection` names included, stay on their
+/// hop in both directions, and an upstream's `Connection: close` does not close the client's
+/// connection.
+#[test]
+fn hop_by_hop_headers_stay_on_their_hop() {
+    let dir = TestDir::new("hopbyhop");
+    let control = Control::start(&dir);
+    let answer = "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: upstream-only\r\nKeep-Alive: timeout=5\r\n\
+                  X-Kept: yes\r\nContent-Length: 3\r\n\r\nok\n";
+    let (port, seen) = fake_app(answer.as_bytes().to_vec());
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["proxy", "--service", "hop", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+    cmd.args(["--control", &control.addr, "--id", "hop-0"]);
+    let _sidecar = Proc::spawn(&dir, "hop", &mut cmd);
+    wait_until(Duration::from_secs(10), "instance healthy", || control.healthy_ids("hop").len() == 1);
+    let edge = Edge::start(&dir, &control, &["hop"]);
+    wait_until(Duration::from_secs(5), "edge has the endpoint", || edge.endpoint_addrs("hop").len() == 1);
+
+    let url = edge.url("hop", "/");
+    let (secret, fine) = ("X-Secret: client-only", "X-Fine: yes");
+    let w = "connects=%{num_connects}\n";
+    let out = run(
+        "curl",
+        &["-s", "-i", "-m", "20", "-H", "Connection: X-Secret", "-H", secret, "-H", fine, "-w", w, &url, &url],
+    );
+    let text = stdout(&out).to_ascii_lowercase();
+    assert_eq!(text.matches("http/1.1 200").count(), 2, "{text}");
+    assert_eq!(text.matches("x-kept: yes").count(), 2, "{text}");
+    for gone in ["x-hop", "keep-alive", "connection: close"] {
+        assert!(!text.contains(gone), "{gone:?} reached the client: {text}");
+    }
+    assert!(text.contains("connects=1") && text.contains("connects=0"), "client connection not reused: {text}");
+    let sent = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(5)).ok())
+        .map(|head| String::from_utf8_lossy(&head).to_ascii_lowercase())
+        .find(|head| head.contains("x-fine: yes"))
+        .expect("the app got the request");
+    assert!(!sent.contains("x-secret") && !sent.contains("connection:"), "{sent}");
+}
+
 #[test]
 fn http2_prior_knowledge_end_to_end() {
     let m = SmallMesh::start("http2", 1);

@@ -164,7 +164,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
+    let grpc = req.version() == Version::HTTP_2
+        && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let resp = match forward(&target, req).await {
         Ok(resp) => resp.map(Either::Left),
         Err(e) => {
@@ -212,15 +214,32 @@ static HOP_BY_HOP: [http::HeaderName; 5] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers; `request` also drops `te` and `transfer-encoding`, which hyper
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set above, and any header the
+/// message's `Connection` names. `request` also drops `te` and `transfer-encoding`, which hyper
 /// re-derives for the upstream hop. Most messages carry none or one of them, so the names
-/// present are found in one pass over the map and only those are removed (each removal hashes).
+/// present are found in one pass over the map and only those are removed (each removal hashes);
+/// `Connection` is parsed only when present.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
     let names = if request { &HOP_BY_HOP[..] } else { &HOP_BY_HOP[..3] };
     let mut present = 0u8;
     for key in headers.keys() {
         if let Some(i) = names.iter().position(|n| n == key) {
             present |= 1 << i;
+        }
+    }
+    if present & 1 != 0 {
+        // `close` and `keep-alive` are connection options, not header names; any other token
+        // names a header meant for this hop only.
+        let named: Vec<http::HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !names.contains(n))
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
     }
     for (i, name) in names.iter().enumerate() {
@@ -249,9 +268,12 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
         return Box::pin(upgrade_via(&cluster, req)).await;
     }
     // A bodiless idempotent request can be sent again when its endpoint dies before
-    // answering (e.g. the instance was just killed): keep its head for that.
-    let replay =
-        (req.method().is_idempotent() && http_body::Body::is_end_stream(req.body())).then(|| RequestHead::of(&req));
+    // answering (e.g. the instance was just killed): keep its head for that, unless there is
+    // no other endpoint to send it to (the copy costs a header-map clone per request).
+    let replay = (req.method().is_idempotent()
+        && http_body::Body::is_end_stream(req.body())
+        && cluster.endpoints.load().ready.len() > 1)
+        .then(|| RequestHead::of(&req));
     let mut req = req.map(|b| if replay.is_some() { Either::Right(Empty::new()) } else { Either::Left(b) });
     let timeout = cluster.settings.load().connect_timeout;
     let mut tried = Vec::new();
@@ -407,5 +429,28 @@ mod tests {
     fn request_future_stays_small() {
         let size = future_size(super::handle);
         assert!(size <= 3 * 1024, "handle() future is {size} bytes");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, X-Hop"),
+            ("connection", "x-other"),
+            ("x-hop", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-end-to-end", "3"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        let mut response = h.clone();
+        super::strip_hop_by_hop(&mut response, false);
+        let left: Vec<&str> = response.keys().map(|k| k.as_str()).collect();
+        // transfer-encoding stays on a response: hyper frames the body from it.
+        assert_eq!(left, ["transfer-encoding", "x-end-to-end"]);
+        super::strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-end-to-end"]);
     }
 }
