@@ -215,6 +215,35 @@ pub fn fake_app(answer: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
     (port, rx)
 }
 
+/// TCP socket states in /proc/net/tcp.
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_CLOSE_WAIT: u8 = 0x08;
+
+/// The TCP sockets process `pid` holds, as (state, local port, remote port), read from /proc.
+pub fn tcp_sockets(pid: i32) -> Vec<(u8, u16, u16)> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().filter_map(|e| std::fs::read_link(e.path()).ok()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|l| Some(l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    let port = |addr: &str| addr.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9
+                && inodes.contains(f[9])
+                && let (Some(local), Some(remote), Ok(state)) = (port(f[1]), port(f[2]), u8::from_str_radix(f[3], 16))
+            {
+                found.push((state, local, remote));
+            }
+        }
+    }
+    found
+}
+
 /// A response as curl saw it.
 #[derive(Debug)]
 pub struct CurlResponse {

@@ -2,7 +2,8 @@
 //! hyper's session and keeps only the socket. These tests hold the cases where ending a session
 //! would be wrong (a half-sent request head, pipelined requests, a slow answer, an upgraded
 //! connection) and check that a released connection serves its next request and that the
-//! memory comes back.
+//! memory comes back. The last tests are about the other side: pooled upstream connections
+//! that sit unused, or that the upstream closes.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -175,4 +176,72 @@ fn header_read_timeout_holds_slow_heads_and_idle_connections() {
     s.write_all(b"GET /info HTTP/1.1\r\nHost: backend\r\n\r\n").unwrap();
     assert_eq!(read_response(&mut r).0, 200);
     assert!(closed_within(&mut s, Duration::from_secs(6)), "an idle connection outlived the limit");
+}
+
+/// An upstream that closes each keep-alive connection shortly after answering, without saying
+/// `Connection: close`: requests of any method keep succeeding (one that meets a pooled
+/// connection closed meanwhile goes out on a new one), and the closed connections are let go
+/// rather than left in CLOSE_WAIT.
+#[test]
+fn upstream_closing_pooled_connections_is_harmless() {
+    let dir = TestDir::new("poolclose");
+    let control = Control::start(&dir);
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in app.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).unwrap_or(0) > 0 {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+    });
+    let inbound = free_port();
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["proxy", "--service", "closer", "--app-port", &app_port.to_string(), "--health-interval", "1h"]);
+    cmd.args(["--inbound", &format!("127.0.0.1:{inbound}"), "--upstream-idle-timeout", "4s"]);
+    cmd.args(["--control", &control.addr, "--id", "closer-0"]);
+    let sidecar = Proc::spawn(&dir, "closer", &mut cmd);
+    wait_until(Duration::from_secs(10), "instance healthy", || control.healthy_ids("closer").len() == 1);
+
+    let url = format!("http://127.0.0.1:{inbound}/");
+    for i in 0..10 {
+        // Each request finds the previous one's connection closed by the app 100 ms after it
+        // answered (the sweep, every 2 s here, may have let it go first).
+        std::thread::sleep(Duration::from_millis(250));
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let r = curl(&["-X", method, "-d", "payload", &url]).expect("a response");
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{method} #{i}: {r:?}");
+    }
+    // The app closes the last connection 100 ms after answering; the sweep lets it go.
+    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(5), "closed pooled connections let go", || {
+        !tcp_sockets(sidecar.pid()).iter().any(|&(state, _, remote)| state == TCP_CLOSE_WAIT && remote == app_port)
+    });
+}
+
+/// A pooled upstream connection unused for --upstream-idle-timeout is closed.
+#[test]
+fn pooled_upstream_connections_close_when_unused() {
+    let dir = TestDir::new("poolidle");
+    let control = Control::start(&dir);
+    let b = Instance::start(&dir, &control.addr, "backend", "v1", "backend-0", &["--upstream-idle-timeout", "1s"]);
+    wait_until(Duration::from_secs(15), "instance healthy", || control.healthy_ids("backend").len() == 1);
+    let to_app = || {
+        tcp_sockets(b.proc.pid())
+            .iter()
+            .filter(|&&(state, _, remote)| state == TCP_ESTABLISHED && remote == b.app_port)
+            .count()
+    };
+    // The health checker keeps one keep-alive connection of its own to the app.
+    let before = to_app();
+    let r = curl(&[&format!("http://127.0.0.1:{}/info", b.inbound)]).expect("a response");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(to_app(), before + 1, "the connection to the app stays pooled after the request");
+    // Closed between 1 s and 1.5 s after its last use.
+    let waited = wait_until(Duration::from_secs(4), "pooled connection closed", || to_app() == before);
+    assert!(waited >= Duration::from_millis(700), "closed after only {waited:?}");
 }

@@ -3,7 +3,7 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::{ClusterDef, EndpointDef};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, SWEEPS};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -138,6 +138,29 @@ impl ClusterManager {
         for (name, c) in self.clusters.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if !defs.iter().any(|d| &d.name == name) {
                 c.defined.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sweeps every endpoint's pooled HTTP/1.1 connections (see [`Endpoint::sweep_idle`]) every
+    /// `min(idle_timeout / 2, 5 s)`: a connection is closed after between `idle_timeout` and
+    /// `idle_timeout` + that period without use, and one the upstream has closed is let go
+    /// within one period.
+    pub async fn sweep_pools(&self, idle_timeout: Duration) {
+        let period = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        // Checked in between sweeps k and k+1, looked at in sweep n: idle ≥ (n - k - 1) periods.
+        let max_sweeps = idle_timeout.as_nanos().div_ceil(period.as_nanos()) as u64 + 1;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = SWEEPS.fetch_add(1, Ordering::Relaxed) + 1;
+            let clusters: Vec<Arc<Cluster>> =
+                self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            for c in clusters {
+                for ep in &c.endpoints.load().all {
+                    ep.sweep_idle(now, max_sweeps);
+                }
             }
         }
     }

@@ -33,6 +33,9 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 const UNKNOWN_RTT_PENALTY: f64 = 1e9;
 /// Decay window of the peak-EWMA estimate.
 const DECAY: Duration = Duration::from_secs(10);
+/// Pool sweeps done so far (see [`crate::balance::ClusterManager::sweep_pools`]). A pooled
+/// connection records the count when it is checked in, so the pool reads no clock per request.
+pub(crate) static SWEEPS: AtomicU64 = AtomicU64::new(0);
 
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -63,23 +66,27 @@ pub enum Conn {
 /// it. That saves the hand-off between two tasks on every request and every body chunk.
 pub struct H1Conn {
     send: http1::SendRequest<UpBody>,
-    conn: http1::Connection<TokioIo<TcpStream>, UpBody>,
-    /// The connection future has completed (closed or failed): it must not be polled again.
-    done: bool,
+    /// `None` once the connection has closed. It is dropped at once because hyper hands a
+    /// request that was queued but never written back (inside the error) only when the
+    /// connection is dropped: so an exchange on a connection the upstream closed while it sat in
+    /// the pool ends with its request unsent, and `http::send` sends it on a new connection.
+    conn: Option<http1::Connection<TokioIo<TcpStream>, UpBody>>,
+    /// [`SWEEPS`] when the connection was last put in the pool.
+    pooled_at: u64,
 }
 
 impl H1Conn {
     /// Drives the connection; returns whether it is still open.
     pub fn poll_connection(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.done
-            && let Poll::Ready(result) = Pin::new(&mut self.conn).poll(cx)
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(result) = Pin::new(conn).poll(cx)
         {
-            self.done = true;
+            self.conn = None;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "upstream HTTP/1 connection failed");
             }
         }
-        !self.done
+        self.conn.is_some()
     }
 
     /// Sends a request and waits for the response head, driving the connection meanwhile.
@@ -94,12 +101,6 @@ impl H1Conn {
             response.as_mut().poll(cx)
         })
         .await
-    }
-
-    /// Lets the connection catch up on what happened while it sat in the pool; true if it can
-    /// take a request now.
-    async fn ready(&mut self) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(self.poll_connection(cx))).await && self.send.is_ready()
     }
 }
 
@@ -200,12 +201,10 @@ impl Endpoint {
             *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
             return Ok(Conn::H2(send));
         }
-        while let Some(mut c) = self.take_idle_h1() {
-            // Idle connections finished their last exchange; this fails only if the upstream
-            // closed the connection in the meantime.
-            if c.ready().await {
-                return Ok(Conn::H1(c));
-            }
+        // Pooled connections finished their last exchange and were open when last polled. One
+        // the upstream has closed since is found out by the exchange before it writes anything.
+        if let Some(c) = self.take_idle_h1() {
+            return Ok(Conn::H1(c));
         }
         Box::pin(self.new_h1(timeout)).await.map(Conn::H1)
     }
@@ -225,7 +224,7 @@ impl Endpoint {
     /// A fresh HTTP/1.1 connection, to be pooled after its first exchange.
     pub async fn new_h1(&self, timeout: Duration) -> Result<Box<H1Conn>, ProxyError> {
         let (send, conn) = self.handshake_h1(timeout).await?;
-        Ok(Box::new(H1Conn { send, conn, done: false }))
+        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0 }))
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade`, in a task of its own (an upgraded
@@ -240,12 +239,26 @@ impl Endpoint {
         self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    /// Returns a connection whose exchange is complete (response body read to the end).
-    pub fn checkin_h1(&self, c: Box<H1Conn>) {
+    /// Returns a connection whose exchange is complete (response body read to the end); a
+    /// closed one (e.g. after `Connection: close`) is dropped.
+    pub fn checkin_h1(&self, mut c: Box<H1Conn>) {
+        if c.conn.is_none() {
+            return;
+        }
+        c.pooled_at = SWEEPS.load(Ordering::Relaxed);
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_H1 {
             idle.push(c);
         }
+    }
+
+    /// Closes pooled connections that have sat idle for `max_sweeps` sweeps, and drops those
+    /// the upstream has closed (nothing polls a pooled connection, so until its next use it
+    /// would hold its socket in CLOSE_WAIT and its buffers).
+    pub(crate) fn sweep_idle(&self, now: u64, max_sweeps: u64) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain_mut(|c| now - c.pooled_at < max_sweeps && c.poll_connection(&mut cx));
     }
 }
 

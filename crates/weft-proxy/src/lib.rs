@@ -52,6 +52,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Open client connections per listener; new ones beyond it are closed at once.
     pub max_connections: usize,
+    /// How long a pooled upstream HTTP/1.1 connection may sit unused before it is closed.
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -61,6 +63,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            upstream_idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -252,6 +255,8 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin::serve(admin, proxy.clone()));
     tasks.spawn(xds::run(proxy.clone()));
+    let pools = proxy.clone();
+    tasks.spawn(async move { pools.clusters.sweep_pools(pools.opts.limits.upstream_idle_timeout).await });
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {
         tasks.spawn(health::run(check, proxy.clone(), control.clone()));
     }

@@ -124,6 +124,9 @@ pub struct ProxyArgs {
     /// Open client connections per listener; new ones beyond it are closed at once.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// How long a pooled connection to an upstream may sit unused before it is closed.
+    #[arg(long, default_value = "90s", value_parser = duration)]
+    pub upstream_idle_timeout: Duration,
     /// Worker threads for the proxy (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -248,6 +251,7 @@ impl ProxyArgs {
                 max_header_bytes: self.max_header_bytes,
                 header_read_timeout: self.header_read_timeout,
                 max_connections: self.max_connections,
+                upstream_idle_timeout: self.upstream_idle_timeout,
             },
         })
     }
