@@ -218,25 +218,27 @@ static HOP_BY_HOP: [http::HeaderName; 5] = [
 /// message's `Connection` names. `request` also drops `te` and `transfer-encoding`, which hyper
 /// re-derives for the upstream hop. Most messages carry none or one of them, so the names
 /// present are found in one pass over the map and only those are removed (each removal hashes);
-/// `Connection` is parsed only when present.
+/// `Connection` is parsed only when it holds more than a lone `keep-alive` or `close`.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
     let names = if request { &HOP_BY_HOP[..] } else { &HOP_BY_HOP[..3] };
+    // `close` and `keep-alive` are connection options; any other token in `Connection` names a
+    // header meant for this hop only. Almost every `Connection` is just one option, recognised
+    // without parsing.
+    let option = |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
     let mut present = 0u8;
     for key in headers.keys() {
         if let Some(i) = names.iter().position(|n| n == key) {
             present |= 1 << i;
         }
     }
-    if present & 1 != 0 {
-        // `close` and `keep-alive` are connection options, not header names; any other token
-        // names a header meant for this hop only.
+    if present & 1 != 0 && headers.get_all(header::CONNECTION).iter().any(|v| !option(v.as_bytes())) {
         let named: Vec<http::HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !names.contains(n))
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty() && !option(t))
+            .filter_map(|t| http::HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(name);
