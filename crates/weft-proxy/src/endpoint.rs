@@ -239,6 +239,14 @@ impl Endpoint {
         self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
+    /// Closes every pooled connection; for when one turned out closed by the upstream. The
+    /// pool is a stack, so the rest are older still: most likely closed too (the app's
+    /// keep-alive timeout passed, or the app restarted).
+    pub fn drop_idle_h1(&self) {
+        let idle = std::mem::take(&mut *self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(idle);
+    }
+
     /// Returns a connection whose exchange is complete (response body read to the end); a
     /// closed one (e.g. after `Connection: close`) is dropped.
     pub fn checkin_h1(&self, mut c: Box<H1Conn>) {

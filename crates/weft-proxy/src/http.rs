@@ -277,21 +277,32 @@ async fn forward(target: &HttpTarget, mut req: Request<Incoming>) -> Result<Resp
         && cluster.endpoints.load().ready.len() > 1)
         .then(|| RequestHead::of(&req));
     let mut req = req.map(|b| if replay.is_some() { Either::Right(Empty::new()) } else { Either::Left(b) });
-    let timeout = cluster.settings.load().connect_timeout;
     let mut tried = Vec::new();
+    let mut unsent = 0;
     loop {
         let (endpoint, conn) =
             checkout(&cluster, &mut tried, async move |ep: &Endpoint, t| ep.checkout(h2, t).await).await?;
         let result = {
             let _in_flight = endpoint.start();
-            send(&endpoint, conn, req, timeout).await
+            send(&endpoint, conn, req).await
         };
         match (result, &replay) {
-            (Ok(mut resp), _) => {
+            (Ok(Sent::Answered(mut resp)), _) => {
                 if !h2 {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
                 return Ok(resp);
+            }
+            // The connection had closed before the request went out (e.g. the upstream closed
+            // it while pooled, or the instance just died): check out again, which connects
+            // anew or, if that fails, moves on to another endpoint. Any method: nothing was sent.
+            (Ok(Sent::Unsent(back, error)), _) => {
+                unsent += 1;
+                if unsent == ATTEMPTS {
+                    return Err(ProxyError::exchange(endpoint.addr, error));
+                }
+                endpoint.drop_idle_h1();
+                req = back;
             }
             (Err(e @ ProxyError::UpstreamReset { .. }), Some(head))
                 if tried.len() + 1 < ATTEMPTS.min(cluster.endpoints.load().ready.len()) =>
@@ -364,33 +375,26 @@ async fn checkout<C>(
     }
 }
 
-async fn send(
-    ep: &Arc<Endpoint>,
-    conn: Conn,
-    req: Request<UpBody>,
-    timeout: std::time::Duration,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+/// What became of a request sent on a connection.
+enum Sent {
+    Answered(Response<UpstreamBody>),
+    /// The connection had closed before the request was written: it comes back untouched.
+    Unsent(Request<UpBody>, hyper::Error),
+}
+
+async fn send(ep: &Arc<Endpoint>, conn: Conn, req: Request<UpBody>) -> Result<Sent, ProxyError> {
     let failed = |source| ProxyError::exchange(ep.addr, source);
     let (resp, conn) = match conn {
         Conn::H2(mut s) => (s.send_request(req).await.map_err(failed)?, None),
         Conn::H1(mut c) => match c.exchange(req).await {
             Ok(resp) => (resp, Some(c)),
             Err(mut e) => match e.take_message() {
-                // The pooled connection closed before the request went out: use a new one.
-                // Rare, so boxed: the common path's future stays small.
-                Some(req) => {
-                    Box::pin(async {
-                        let mut c = ep.new_h1(timeout).await?;
-                        let resp = c.exchange(req).await.map_err(|e| failed(e.into_error()))?;
-                        Ok::<_, ProxyError>((resp, Some(c)))
-                    })
-                    .await?
-                }
+                Some(req) => return Ok(Sent::Unsent(req, e.into_error())),
                 None => return Err(failed(e.into_error())),
             },
         },
     };
-    Ok(resp.map(|body| UpstreamBody::new(body, conn.map(|c| (ep.clone(), c)))))
+    Ok(Sent::Answered(resp.map(|body| UpstreamBody::new(body, conn.map(|c| (ep.clone(), c))))))
 }
 
 /// `Upgrade` (e.g. WebSocket): forward the handshake on a dedicated connection and, on
