@@ -204,15 +204,28 @@ fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBody, F
     resp
 }
 
+const HOP_BY_HOP_NAMES: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding"];
+
 /// Pre-parsed, so stripping them does not parse names per request. A `static`, not a `const`:
 /// a const array would be built and dropped at every use.
 static HOP_BY_HOP: [http::HeaderName; 5] = [
-    header::CONNECTION,
-    http::HeaderName::from_static("keep-alive"),
-    http::HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[0]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[1]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[2]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[3]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[4]),
 ];
+
+/// Bit n is set if a hop-by-hop name is n bytes long: a header whose name length is not in
+/// the set is passed over without comparing names (most are, e.g. `host`, `content-type`).
+const HOP_BY_HOP_LENGTHS: u32 = {
+    let (mut mask, mut i) = (0u32, 0);
+    while i < HOP_BY_HOP_NAMES.len() {
+        mask |= 1 << HOP_BY_HOP_NAMES[i].len();
+        i += 1;
+    }
+    mask
+};
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set above, and any header the
 /// message's `Connection` names. `request` also drops `te` and `transfer-encoding`, which hyper
@@ -227,7 +240,11 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
     let option = |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
     let mut present = 0u8;
     for key in headers.keys() {
-        if let Some(i) = names.iter().position(|n| n == key) {
+        let len = key.as_str().len();
+        if len < 32
+            && HOP_BY_HOP_LENGTHS & (1 << len) != 0
+            && let Some(i) = names.iter().position(|n| n == key)
+        {
             present |= 1 << i;
         }
     }
