@@ -215,6 +215,18 @@ pub fn fake_app(answer: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
     (port, rx)
 }
 
+/// `weft proxy` as the sidecar of an app already listening on `app_port` (one TCP health
+/// check, the next an hour later), registered as instance `service`; returns once the control
+/// plane reports it healthy.
+pub fn app_sidecar(dir: &TestDir, control: &Control, service: &str, app_port: u16, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["proxy", "--service", service, "--app-port", &app_port.to_string(), "--health-interval", "1h"]);
+    cmd.args(["--control", &control.addr, "--id", service]).args(extra);
+    let proc = Proc::spawn(dir, service, &mut cmd);
+    wait_until(Duration::from_secs(10), &format!("{service} healthy"), || control.healthy_ids(service).len() == 1);
+    proc
+}
+
 /// TCP socket states in /proc/net/tcp.
 pub const TCP_ESTABLISHED: u8 = 0x01;
 pub const TCP_CLOSE_WAIT: u8 = 0x08;

@@ -144,16 +144,10 @@ fn proxy_says_why_when_it_answers_itself() {
     // "bighead": answers with a 20 KB response head, over the 16 KiB weft accepts upstream.
     let big = format!("HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n", "a".repeat(20_000));
     let (bighead_port, _) = fake_app(big.into_bytes());
-    let mut sidecars = Vec::new();
-    for (svc, port) in [("gone", gone_port), ("reset", reset_port), ("bighead", bighead_port)] {
-        let mut cmd = std::process::Command::new(weft_bin());
-        cmd.args(["proxy", "--service", svc, "--app-port", &port.to_string(), "--health-interval", "1h"]);
-        cmd.args(["--control", &control.addr, "--id", svc]);
-        sidecars.push(Proc::spawn(&dir, svc, &mut cmd));
-    }
-    wait_until(Duration::from_secs(10), "instances healthy", || {
-        ["gone", "reset", "bighead"].iter().all(|s| control.healthy_ids(s).len() == 1)
-    });
+    let _sidecars: Vec<Proc> = [("gone", gone_port), ("reset", reset_port), ("bighead", bighead_port)]
+        .into_iter()
+        .map(|(svc, port)| app_sidecar(&dir, &control, svc, port, &[]))
+        .collect();
     drop(gone);
     let edge = Edge::start(&dir, &control, &["ghost", "gone", "reset", "bighead", "nothing"]);
     wait_until(Duration::from_secs(5), "edge has endpoints", || {

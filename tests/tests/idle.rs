@@ -200,12 +200,8 @@ fn upstream_closing_pooled_connections_is_harmless() {
         }
     });
     let inbound = free_port();
-    let mut cmd = std::process::Command::new(weft_bin());
-    cmd.args(["proxy", "--service", "closer", "--app-port", &app_port.to_string(), "--health-interval", "1h"]);
-    cmd.args(["--inbound", &format!("127.0.0.1:{inbound}"), "--upstream-idle-timeout", "4s"]);
-    cmd.args(["--control", &control.addr, "--id", "closer-0"]);
-    let sidecar = Proc::spawn(&dir, "closer", &mut cmd);
-    wait_until(Duration::from_secs(10), "instance healthy", || control.healthy_ids("closer").len() == 1);
+    let extra = ["--inbound", &format!("127.0.0.1:{inbound}"), "--upstream-idle-timeout", "4s"];
+    let sidecar = app_sidecar(&dir, &control, "closer", app_port, &extra);
 
     let url = format!("http://127.0.0.1:{inbound}/");
     for i in 0..10 {

@@ -50,11 +50,7 @@ fn hop_by_hop_headers_stay_on_their_hop() {
     let answer = "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: upstream-only\r\nKeep-Alive: timeout=5\r\n\
                   X-Kept: yes\r\nContent-Length: 3\r\n\r\nok\n";
     let (port, seen) = fake_app(answer.as_bytes().to_vec());
-    let mut cmd = std::process::Command::new(weft_bin());
-    cmd.args(["proxy", "--service", "hop", "--app-port", &port.to_string(), "--health-interval", "1h"]);
-    cmd.args(["--control", &control.addr, "--id", "hop-0"]);
-    let _sidecar = Proc::spawn(&dir, "hop", &mut cmd);
-    wait_until(Duration::from_secs(10), "instance healthy", || control.healthy_ids("hop").len() == 1);
+    let _sidecar = app_sidecar(&dir, &control, "hop", port, &[]);
     let edge = Edge::start(&dir, &control, &["hop"]);
     wait_until(Duration::from_secs(5), "edge has the endpoint", || edge.endpoint_addrs("hop").len() == 1);
 

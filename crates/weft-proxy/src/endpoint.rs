@@ -69,7 +69,7 @@ pub struct H1Conn {
     /// `None` once the connection has closed. It is dropped at once because hyper hands a
     /// request that was queued but never written back (inside the error) only when the
     /// connection is dropped: so an exchange on a connection the upstream closed while it sat in
-    /// the pool ends with its request unsent, and `http::send` sends it on a new connection.
+    /// the pool ends with its request unsent, and `http::forward` checks out another.
     conn: Option<http1::Connection<TokioIo<TcpStream>, UpBody>>,
     /// [`SWEEPS`] when the connection was last put in the pool.
     pooled_at: u64,
@@ -243,6 +243,7 @@ impl Endpoint {
     /// pool is a stack, so the rest are older still: most likely closed too (the app's
     /// keep-alive timeout passed, or the app restarted).
     pub fn drop_idle_h1(&self) {
+        // Taken out first, so the connections close after the lock is released.
         let idle = std::mem::take(&mut *self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(idle);
     }
