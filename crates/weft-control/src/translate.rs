@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{Cluster, LoadBalancingPolicy, 
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress,
-    address, config_source, socket_address,
+    TrafficDirection, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -174,19 +174,7 @@ impl Snapshot {
                 }
                 all
             }
-            Type::Route => {
-                // A proxy's upstream may name a service nobody registered yet; its route
-                // table still exists (leading to an unknown cluster) so the proxy can finish
-                // its config and answer such requests with a clear error.
-                let mut all = shared.clone();
-                for up in &reg.upstreams {
-                    if !all.contains_key(&up.service) {
-                        all.insert(up.service.clone(), Res::new(up.service.clone(), &route_config(&up.service, &[])));
-                    }
-                }
-                all
-            }
-            Type::Endpoint => shared.clone(),
+            Type::Route | Type::Endpoint => shared.clone(),
         }
     }
 
@@ -200,16 +188,35 @@ impl Snapshot {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let name = names::inbound_listener(inbound);
             let http = HttpRoutes::Inline(Box::new(inbound_route()));
-            let l = proxy_listener(&name, inbound, protocol, http, names::INBOUND_CLUSTER);
+            let service = reg.service.as_deref().unwrap_or(names::INBOUND_CLUSTER);
+            let l = proxy_listener(
+                &name,
+                inbound,
+                TrafficDirection::Inbound,
+                service,
+                protocol,
+                http,
+                names::INBOUND_CLUSTER,
+            );
             out.insert(name.clone(), Res::new(name, &l));
         }
         for up in &reg.upstreams {
             let name = names::outbound_listener(&up.service, &up.listen);
+            // A service nobody declared or registered has no route table in RDS: its listener
+            // carries one inline, to a cluster that does not exist, so the proxy answers such
+            // requests with a clear error (unknown-cluster) until the service appears.
+            let http = if self.protocols.contains_key(&up.service) {
+                HttpRoutes::Rds(&up.service)
+            } else {
+                HttpRoutes::Inline(Box::new(route_config(&up.service, &[])))
+            };
             let l = proxy_listener(
                 &name,
                 &up.listen,
+                TrafficDirection::Outbound,
+                &up.service,
                 self.protocol(&up.service),
-                HttpRoutes::Rds(&up.service),
+                http,
                 &up.service,
             );
             out.insert(name.clone(), Res::new(name, &l));
@@ -496,10 +503,21 @@ fn api_listener(service: &str) -> Listener {
 /// A listener with protocol detection: an HTTP filter chain matched on the detected
 /// application protocol, and an opaque TCP chain for everything else. A declared protocol
 /// keeps only the chain that applies.
-fn proxy_listener(name: &str, addr: &str, protocol: Protocol, http: HttpRoutes<'_>, tcp_cluster: &str) -> Listener {
+///
+/// `service` is the service whose traffic the listener carries (the proxy's own for inbound):
+/// it is the filters' `stat_prefix`, which proxies use to label metrics.
+fn proxy_listener(
+    name: &str,
+    addr: &str,
+    direction: TrafficDirection,
+    service: &str,
+    protocol: Protocol,
+    http: HttpRoutes<'_>,
+    tcp_cluster: &str,
+) -> Listener {
     let mut chains = Vec::new();
     if protocol != Protocol::Tcp {
-        let hcm = http_connection_manager(name, http);
+        let hcm = http_connection_manager(service, http);
         chains.push(FilterChain {
             name: "http".to_owned(),
             filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {
@@ -515,7 +533,7 @@ fn proxy_listener(name: &str, addr: &str, protocol: Protocol, http: HttpRoutes<'
     }
     if matches!(protocol, Protocol::Auto | Protocol::Tcp) {
         let tcp = TcpProxy {
-            stat_prefix: name.to_owned(),
+            stat_prefix: service.to_owned(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(tcp_cluster.to_owned())),
             ..Default::default()
         };
@@ -528,5 +546,11 @@ fn proxy_listener(name: &str, addr: &str, protocol: Protocol, http: HttpRoutes<'
             ..Default::default()
         });
     }
-    Listener { name: name.to_owned(), address: Some(socket_address(addr)), filter_chains: chains, ..Default::default() }
+    Listener {
+        name: name.to_owned(),
+        address: Some(socket_address(addr)),
+        filter_chains: chains,
+        traffic_direction: direction as i32,
+        ..Default::default()
+    }
 }

@@ -19,12 +19,14 @@ fn table() -> (ClusterManager, RouteTable) {
             path: PathDef::Prefix(format!("/api/v{i}")),
             headers: vec![("x-tenant".into(), format!("t{i}"))],
             backends: vec![(format!("svc-{i}"), 1)],
+            timeout: None,
         })
         .collect();
     rules.push(RuleDef {
         path: PathDef::Prefix("/".into()),
         headers: vec![],
         backends: vec![("a".into(), 90), ("b".into(), 10)],
+        timeout: None,
     });
     let t = RouteTable::build(&RouteDef { name: "r".into(), rules }, &clusters);
     (clusters, t)
@@ -96,5 +98,15 @@ fn strip_hop_by_hop_headers(b: divan::Bencher) {
 fn record_request_metrics(b: divan::Bencher) {
     let m = Metrics::new();
     let t = m.traffic(Direction::outbound, "backend");
-    b.bench_local(|| t.request(divan::black_box(200), Duration::from_micros(350)));
+    let conn = Arc::new(weft_proxy::context::ConnCtx {
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        local: "127.0.0.1:9000".parse().unwrap(),
+        direction: Direction::outbound,
+        listener: "l".into(),
+        service: "backend".into(),
+        peer_identity: None,
+    });
+    let mut rec = weft_proxy::record::RequestRecord::start(conn);
+    rec.status = 200;
+    b.bench_local(|| t.request(divan::black_box(&rec)));
 }

@@ -4,6 +4,7 @@
 //! other endpoint is left.
 use crate::config::{ClusterDef, EndpointDef};
 use crate::endpoint::{Endpoint, SWEEPS};
+use crate::transport::{Connect, TcpConnect};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,10 +32,11 @@ pub struct Cluster {
     /// Whether the control plane currently defines this cluster.
     pub defined: std::sync::atomic::AtomicBool,
     next: AtomicUsize,
+    connector: Arc<dyn Connect>,
 }
 
 impl Cluster {
-    fn new(name: &str) -> Cluster {
+    fn new(name: &str, connector: Arc<dyn Connect>) -> Cluster {
         Cluster {
             name: name.into(),
             settings: ArcSwap::from_pointee(Settings {
@@ -44,6 +46,7 @@ impl Cluster {
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
             next: AtomicUsize::new(0),
+            connector,
         }
     }
 
@@ -58,7 +61,7 @@ impl Cluster {
                     e.healthy.store(d.healthy, Ordering::Relaxed);
                     e.clone()
                 }
-                None => Arc::new(Endpoint::new(d.address, d.healthy, d.labels.clone())),
+                None => Arc::new(Endpoint::new(d.address, d.healthy, d.labels.clone(), self.connector.clone())),
             };
             all.push(ep);
         }
@@ -110,21 +113,44 @@ impl Cluster {
 
 /// All clusters by name. Route tables and listeners hold `Arc<Cluster>` resolved once when
 /// their config is applied, so requests never look clusters up by name.
-#[derive(Default)]
+///
+/// Invariant: the map holds the clusters CDS defines plus undefined ones something still
+/// refers to (a route to a service that went away answers `unknown-cluster`); an undefined
+/// cluster has no endpoints, so no pool stays open for it, and [`ClusterManager::prune`] lets
+/// it go once nothing refers to it.
 pub struct ClusterManager {
     clusters: RwLock<HashMap<String, Arc<Cluster>>>,
+    connector: Arc<dyn Connect>,
+}
+
+impl Default for ClusterManager {
+    fn default() -> Self {
+        ClusterManager::new(Arc::new(TcpConnect))
+    }
 }
 
 impl ClusterManager {
+    /// Clusters whose endpoints are reached through `connector`.
+    pub fn new(connector: Arc<dyn Connect>) -> ClusterManager {
+        ClusterManager { clusters: RwLock::default(), connector }
+    }
+
     pub fn get(&self, name: &str) -> Arc<Cluster> {
         if let Some(c) = self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return c.clone();
         }
         let mut w = self.clusters.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(name.to_owned()).or_insert_with(|| Arc::new(Cluster::new(name))).clone()
+        w.entry(name.to_owned()).or_insert_with(|| Arc::new(Cluster::new(name, self.connector.clone()))).clone()
     }
 
-    /// Applies a full CDS update.
+    /// The cluster of that name, if CDS defines it.
+    pub fn defined(&self, name: &str) -> Option<Arc<Cluster>> {
+        let clusters = self.clusters.read().unwrap_or_else(|p| p.into_inner());
+        clusters.get(name).filter(|c| c.defined.load(Ordering::Relaxed)).cloned()
+    }
+
+    /// Applies a full CDS update. A cluster left out is undefined from now on and loses its
+    /// endpoints (closing their pooled connections).
     pub fn update(&self, defs: &[ClusterDef]) {
         for def in defs {
             let c = self.get(&def.name);
@@ -136,10 +162,27 @@ impl ClusterManager {
             c.defined.store(true, Ordering::Relaxed);
         }
         for (name, c) in self.clusters.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            if !defs.iter().any(|d| &d.name == name) {
-                c.defined.store(false, Ordering::Relaxed);
+            if !defs.iter().any(|d| &d.name == name) && c.defined.swap(false, Ordering::Relaxed) {
+                c.set_endpoints(&[]);
             }
         }
+        self.prune();
+    }
+
+    /// Forgets undefined clusters nothing refers to any more (only the map holds them).
+    pub fn prune(&self) {
+        self.clusters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, c| c.defined.load(Ordering::Relaxed) || Arc::strong_count(c) > 1);
+    }
+
+    /// Names of the clusters held, defined or not.
+    #[cfg(test)]
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.clusters.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Sweeps every endpoint's pooled HTTP/1.1 connections (see [`Endpoint::sweep_idle`]) every
@@ -171,7 +214,7 @@ mod tests {
     use super::*;
 
     fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
-        let c = Cluster::new("svc");
+        let c = Cluster::new("svc", Arc::new(TcpConnect));
         c.settings.store(Arc::new(Settings { load_balancer: lb, connect_timeout: DEFAULT_CONNECT_TIMEOUT }));
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {

@@ -1,12 +1,20 @@
-//! The proxy's configuration model, decoded and validated from xDS resources. A resource that
-//! does not decode into these types is NACKed and the previous configuration stays in force.
+//! The proxy's configuration model, decoded and validated from xDS resources.
+//!
+//! Invariant: config fails closed. A resource is accepted only if the proxy honours every field
+//! set in it; anything it would otherwise have to ignore (an HTTP filter such as RBAC, a TLS
+//! transport socket, a retry policy, a filter-chain match on source addresses) makes the whole
+//! update a NACK naming the field, and the previous configuration stays in force. A proxy that
+//! silently dropped a security filter would fail open.
+use crate::context::Direction;
+use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
-use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, address, socket_address};
+use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDirection, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, header_matcher, route, route_action, route_match};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager,
+    HttpConnectionManager, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
@@ -34,22 +42,71 @@ fn invalid(kind: &'static str, name: &str, reason: impl Into<String>) -> Invalid
     InvalidResource { kind, name: name.to_owned(), reason: reason.into() }
 }
 
+/// Why an xDS update was rejected as a whole (NACK). Nothing of a rejected update is applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidResource),
+    #[error("Listener {name:?}: cannot bind {address}: {source} (is another process using the port?)")]
+    Bind { name: String, address: SocketAddr, source: std::io::Error },
+    #[error("weft does not handle resource type {0}")]
+    UnsupportedType(String),
+}
+
+/// Fails with the names of the fields set in `msg` (different from their default) that are not
+/// in `supported`. prost messages carry no field names at run time, but their derived `Debug`
+/// does: in its pretty form each top-level field starts a line indented by four spaces.
+fn only_supported<M: std::fmt::Debug + Default>(msg: &M, supported: &[&str], what: &str) -> Result<(), String> {
+    fn fields(text: &str) -> Vec<(&str, String)> {
+        let mut out: Vec<(&str, String)> = Vec::new();
+        for line in text.lines().skip(1) {
+            let top = line.strip_prefix("    ").filter(|r| !r.starts_with(' '));
+            if let Some((name, value)) = top.and_then(|r| r.split_once(": "))
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                out.push((name, value.to_owned()));
+            } else if let Some((_, value)) = out.last_mut() {
+                value.push_str(line);
+            }
+        }
+        out
+    }
+    let (text, default) = (format!("{msg:#?}"), format!("{:#?}", M::default()));
+    let defaults = fields(&default);
+    let set: Vec<&str> = fields(&text)
+        .into_iter()
+        .filter(|(name, value)| {
+            !supported.contains(name) && defaults.iter().find(|(n, _)| n == name).is_none_or(|(_, d)| d != value)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    match set.as_slice() {
+        [] => Ok(()),
+        [one] => Err(format!("{what} sets {one}, which weft does not support")),
+        many => Err(format!("{what} sets {}, which weft does not support", many.join(", "))),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ListenerDef {
     pub name: String,
     pub address: SocketAddr,
+    /// From `Listener.traffic_direction`, which must be set.
+    pub direction: Direction,
+    /// The service whose traffic this listener carries: the `stat_prefix` of its HTTP
+    /// connection manager or tcp_proxy (for metrics and logs).
+    pub service: String,
     pub http: Option<HttpDef>,
     pub tcp_cluster: Option<String>,
+    /// From tcp_proxy's `max_connect_attempts`: endpoints tried per connection.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_failover")]
+    pub tcp_failover: Option<Failover>,
 }
 
-impl ListenerDef {
-    pub fn inbound(&self) -> bool {
-        self.name.starts_with("inbound|")
-    }
-
-    /// The service this listener's traffic belongs to, for metrics and logs.
-    pub fn service(&self) -> &str {
-        self.name.split('|').nth(1).unwrap_or(&self.name)
+fn ser_failover<S: serde::Serializer>(f: &Option<Failover>, s: S) -> Result<S::Ok, S::Error> {
+    match f {
+        Some(f) => s.serialize_u64(f.max_endpoints as u64),
+        None => s.serialize_none(),
     }
 }
 
@@ -72,6 +129,10 @@ pub struct RuleDef {
     pub headers: Vec<(String, String)>,
     /// (cluster, weight)
     pub backends: Vec<(String, u32)>,
+    /// `RouteAction.timeout`: the time allowed from the request's arrival until the response
+    /// head; `None` (unset or zero) for no limit.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -95,6 +156,13 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&format!("{}ms", d.as_millis()))
 }
 
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EndpointDef {
     pub address: SocketAddr,
@@ -114,6 +182,7 @@ fn socket_addr(kind: &'static str, name: &str, a: Option<&Address>) -> Result<So
     let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
         return Err(invalid(kind, name, "needs a socket address"));
     };
+    only_supported(sa, &["address", "port_specifier"], "socket address").map_err(|e| invalid(kind, name, e))?;
     let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
         return Err(invalid(kind, name, "needs a numeric port"));
     };
@@ -125,39 +194,110 @@ fn socket_addr(kind: &'static str, name: &str, a: Option<&Address>) -> Result<So
     Ok(SocketAddr::new(ip, port))
 }
 
+fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
 pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
     let l: Listener = decode(any, "Listener")?;
+    let bad = |reason: String| invalid("Listener", &l.name, reason);
+    if let Some(lf) = l.listener_filters.first() {
+        return Err(bad(format!("listener filter {:?} is not supported", lf.name)));
+    }
+    only_supported(&l, &["name", "address", "filter_chains", "traffic_direction", "listener_filters"], "the listener")
+        .map_err(bad)?;
     let address = socket_addr("Listener", &l.name, l.address.as_ref())?;
-    let mut def = ListenerDef { name: l.name.clone(), address, http: None, tcp_cluster: None };
+    let direction = match TrafficDirection::try_from(l.traffic_direction) {
+        Ok(TrafficDirection::Inbound) => Direction::inbound,
+        Ok(TrafficDirection::Outbound) => Direction::outbound,
+        _ => return Err(bad("traffic_direction must be INBOUND or OUTBOUND".into())),
+    };
+    let mut def = ListenerDef {
+        name: l.name.clone(),
+        address,
+        direction,
+        service: String::new(),
+        http: None,
+        tcp_cluster: None,
+        tcp_failover: None,
+    };
     for chain in &l.filter_chains {
-        for f in &chain.filters {
-            let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
-                return Err(invalid("Listener", &l.name, format!("filter {:?} has no typed_config", f.name)));
-            };
-            if cfg.type_url == HttpConnectionManager::type_url() {
-                let hcm: HttpConnectionManager = decode(cfg, "Listener")?;
-                def.http = Some(match hcm.route_specifier {
-                    Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
-                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-                        HttpDef::Inline(route_config(&rc)?)
-                    }
-                    _ => return Err(invalid("Listener", &l.name, "HTTP connection manager needs rds or route_config")),
-                });
-            } else if cfg.type_url == TcpProxy::type_url() {
-                let tcp: TcpProxy = decode(cfg, "Listener")?;
-                match tcp.cluster_specifier {
-                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => def.tcp_cluster = Some(c),
-                    _ => return Err(invalid("Listener", &l.name, "tcp_proxy needs a cluster")),
-                }
-            } else {
-                return Err(invalid("Listener", &l.name, format!("unsupported network filter {}", cfg.type_url)));
-            }
-        }
+        filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
     }
     if def.http.is_none() && def.tcp_cluster.is_none() {
-        return Err(invalid("Listener", &l.name, "has neither an HTTP connection manager nor a tcp_proxy filter"));
+        return Err(bad("has neither an HTTP connection manager nor a tcp_proxy filter".into()));
+    }
+    if def.service.is_empty() {
+        def.service = def.name.clone();
     }
     Ok(def)
+}
+
+/// Application protocols the proxy's own detection recognises; a chain may be matched on them.
+const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
+
+fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String> {
+    if let Some(ts) = &chain.transport_socket {
+        return Err(format!("transport socket {:?} is not supported", ts.name));
+    }
+    only_supported(chain, &["name", "filters", "filter_chain_match", "transport_socket"], "it")?;
+    if let Some(m) = &chain.filter_chain_match {
+        only_supported(m, &["application_protocols"], "its filter_chain_match")?;
+        if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
+            return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
+        }
+    }
+    for f in &chain.filters {
+        only_supported(f, &["name", "config_type"], &format!("filter {:?}", f.name))?;
+        let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
+            return Err(format!("filter {:?} has no typed_config", f.name));
+        };
+        if cfg.type_url == HttpConnectionManager::type_url() {
+            let hcm: HttpConnectionManager = decode(cfg, "Listener").map_err(|e| e.reason)?;
+            only_supported(&hcm, &["stat_prefix", "route_specifier", "http_filters"], "its HTTP connection manager")?;
+            for hf in &hcm.http_filters {
+                let url = match &hf.config_type {
+                    Some(http_filter::ConfigType::TypedConfig(c)) => c.type_url.as_str(),
+                    _ => "",
+                };
+                if url != Router::type_url() {
+                    return Err(format!(
+                        "HTTP filter {:?} ({url}) is not supported; weft would have to ignore it",
+                        hf.name
+                    ));
+                }
+                let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type else { unreachable!() };
+                let router: Router = decode(c, "Listener").map_err(|e| e.reason)?;
+                only_supported(&router, &[], &format!("HTTP filter {:?}", hf.name))?;
+            }
+            def.service.clone_from(&hcm.stat_prefix);
+            def.http = Some(match hcm.route_specifier {
+                Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
+                Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                    HttpDef::Inline(route_config(&rc).map_err(|e| e.to_string())?)
+                }
+                _ => return Err("HTTP connection manager needs rds or route_config".into()),
+            });
+        } else if cfg.type_url == TcpProxy::type_url() {
+            let tcp: TcpProxy = decode(cfg, "Listener").map_err(|e| e.reason)?;
+            only_supported(&tcp, &["stat_prefix", "cluster_specifier", "max_connect_attempts"], "its tcp_proxy")?;
+            def.tcp_failover = match tcp.max_connect_attempts.map(|a| a.value) {
+                Some(0) => return Err("tcp_proxy max_connect_attempts must be at least 1".into()),
+                Some(n) => Some(Failover { max_endpoints: n as usize }),
+                None => None,
+            };
+            match tcp.cluster_specifier {
+                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => def.tcp_cluster = Some(c),
+                _ => return Err("tcp_proxy needs a cluster".into()),
+            }
+            if def.service.is_empty() {
+                def.service = tcp.stat_prefix;
+            }
+        } else {
+            return Err(format!("unsupported network filter {}", cfg.type_url));
+        }
+    }
+    Ok(())
 }
 
 pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {
@@ -166,11 +306,24 @@ pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {
 
 fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
     let bad = |reason: String| invalid("RouteConfiguration", &rc.name, reason);
+    only_supported(rc, &["name", "virtual_hosts"], "the route configuration").map_err(bad)?;
     let mut rules = Vec::new();
-    // Mesh routing has one destination per route table, so every virtual host applies.
+    // Mesh routing has one destination per route table: a request matches regardless of its
+    // Host, which only a virtual host for every domain expresses.
     for vh in &rc.virtual_hosts {
-        for r in &vh.routes {
+        let bad = |reason: String| bad(format!("virtual host {:?}: {reason}", vh.name));
+        only_supported(vh, &["name", "domains", "routes"], "it").map_err(bad)?;
+        if vh.domains != ["*"] {
+            return Err(bad(format!(
+                "domains {:?} are not supported; weft routes match every host (\"*\")",
+                vh.domains
+            )));
+        }
+        for (i, r) in vh.routes.iter().enumerate() {
+            let bad = |reason: String| bad(format!("route {i} {:?}: {reason}", r.name));
+            only_supported(r, &["name", "match", "action"], "it").map_err(bad)?;
             let m = r.r#match.as_ref().ok_or_else(|| bad("route without match".into()))?;
+            only_supported(m, &["path_specifier", "headers"], "its match").map_err(bad)?;
             let path = match &m.path_specifier {
                 Some(route_match::PathSpecifier::Prefix(p)) => PathDef::Prefix(p.clone()),
                 Some(route_match::PathSpecifier::Path(p)) => PathDef::Exact(p.clone()),
@@ -179,10 +332,17 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             };
             let mut headers = Vec::new();
             for h in &m.headers {
+                only_supported(h, &["name", "header_match_specifier"], &format!("header match {:?}", h.name))
+                    .map_err(bad)?;
                 let exact = match &h.header_match_specifier {
                     Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => match &sm.match_pattern {
-                        Some(string_matcher::MatchPattern::Exact(v)) => v.clone(),
-                        _ => return Err(bad(format!("header {:?}: only exact matches are supported", h.name))),
+                        Some(string_matcher::MatchPattern::Exact(v)) if !sm.ignore_case => v.clone(),
+                        _ => {
+                            return Err(bad(format!(
+                                "header {:?}: only exact, case-sensitive matches are supported",
+                                h.name
+                            )));
+                        }
                     },
                     _ => return Err(bad(format!("header {:?}: only exact string matches are supported", h.name))),
                 };
@@ -191,17 +351,26 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             let Some(route::Action::Route(action)) = &r.action else {
                 return Err(bad("only route actions are supported".into()));
             };
+            only_supported(action, &["cluster_specifier", "timeout"], "its route action").map_err(bad)?;
             let backends = match &action.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-                    w.clusters.iter().map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value))).collect()
+                    only_supported(w, &["clusters"], "its weighted_clusters").map_err(bad)?;
+                    let mut out = Vec::new();
+                    for c in &w.clusters {
+                        only_supported(c, &["name", "weight"], &format!("weighted cluster {:?}", c.name))
+                            .map_err(bad)?;
+                        out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
+                    }
+                    out
                 }
                 _ => return Err(bad("route action needs a cluster or weighted_clusters".into())),
             };
             if backends.iter().all(|(_, w)| *w == 0) {
                 return Err(bad("weighted clusters all have weight 0".into()));
             }
-            rules.push(RuleDef { path, headers, backends });
+            let timeout = action.timeout.as_ref().map(duration).filter(|d| !d.is_zero());
+            rules.push(RuleDef { path, headers, backends, timeout });
         }
     }
     Ok(RouteDef { name: rc.name.clone(), rules })
@@ -209,6 +378,29 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
 
 pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     let c: Cluster = decode(any, "Cluster")?;
+    let bad = |reason: String| invalid("Cluster", &c.name, reason);
+    if let Some(ts) = &c.transport_socket {
+        return Err(bad(format!("transport socket {:?} is not supported", ts.name)));
+    }
+    only_supported(
+        &c,
+        &[
+            "name",
+            "cluster_discovery_type",
+            "eds_cluster_config",
+            "connect_timeout",
+            "lb_policy",
+            "load_balancing_policy",
+            "load_assignment",
+        ],
+        "the cluster",
+    )
+    .map_err(bad)?;
+    if c.eds_cluster_config.as_ref().is_some_and(|e| !e.service_name.is_empty()) {
+        return Err(
+            bad("eds_cluster_config.service_name is not supported (endpoints are named as the cluster)".into()),
+        );
+    }
     // The first policy of load_balancing_policy that weft knows wins; without one, lb_policy.
     let from_list = c.load_balancing_policy.iter().flat_map(|p| &p.policies).find_map(|p| {
         let url = p.typed_extension_config.as_ref()?.typed_config.as_ref()?.type_url.as_str();
@@ -224,23 +416,16 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         (Some(lb), _) => lb,
         (None, Ok(cluster::LbPolicy::RoundRobin)) => LoadBalancer::RoundRobin,
         (None, Ok(cluster::LbPolicy::LeastRequest)) => LoadBalancer::P2cEwma,
-        _ => return Err(invalid("Cluster", &c.name, format!("unsupported lb_policy {}", c.lb_policy))),
+        _ => return Err(bad(format!("unsupported lb_policy {}", c.lb_policy))),
     };
-    let connect_timeout = c
-        .connect_timeout
-        .as_ref()
-        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let connect_timeout = c.connect_timeout.as_ref().map(duration).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let static_endpoints = match c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32 => None,
         Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Static as i32 => {
-            let cla = c
-                .load_assignment
-                .as_ref()
-                .ok_or_else(|| invalid("Cluster", &c.name, "static cluster without load_assignment"))?;
+            let cla = c.load_assignment.as_ref().ok_or_else(|| bad("static cluster without load_assignment".into()))?;
             Some(endpoints(cla)?)
         }
-        _ => return Err(invalid("Cluster", &c.name, "only EDS and STATIC clusters are supported")),
+        _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
     Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints })
 }
@@ -250,14 +435,29 @@ pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidR
     Ok((cla.cluster_name.clone(), endpoints(&cla)?))
 }
 
+/// Localities are balanced as one set of endpoints (their weights are not used; gRPC clients
+/// need one), so every endpoint weight must be equal.
 fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidResource> {
+    let bad = |reason: String| invalid("ClusterLoadAssignment", &cla.cluster_name, reason);
+    only_supported(cla, &["cluster_name", "endpoints"], "the load assignment").map_err(bad)?;
     let mut out = Vec::new();
     for loc in &cla.endpoints {
+        only_supported(loc, &["locality", "lb_endpoints", "load_balancing_weight"], "a locality").map_err(bad)?;
         let zone = loc.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
         for e in &loc.lb_endpoints {
+            only_supported(
+                e,
+                &["host_identifier", "health_status", "metadata", "load_balancing_weight"],
+                "an endpoint",
+            )
+            .map_err(bad)?;
+            if e.load_balancing_weight.as_ref().is_some_and(|w| w.value != 1) {
+                return Err(bad("endpoint weights other than 1 are not supported".into()));
+            }
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
-                return Err(invalid("ClusterLoadAssignment", &cla.cluster_name, "endpoint without an address"));
+                return Err(bad("endpoint without an address".into()));
             };
+            only_supported(ep, &["address", "hostname"], "an endpoint").map_err(bad)?;
             let address = socket_addr("ClusterLoadAssignment", &cla.cluster_name, ep.address.as_ref())?;
             let healthy =
                 matches!(HealthStatus::try_from(e.health_status), Ok(HealthStatus::Healthy | HealthStatus::Unknown));
@@ -284,12 +484,21 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
-    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
+    use envoy_types::pb::envoy::config::core::v3::{SocketAddress, TransportSocket};
+    use envoy_types::pb::envoy::config::listener::v3::Filter;
+    use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
+    use envoy_types::pb::google::protobuf;
     use envoy_types::util::pack_any;
 
-    fn listener_with(filter: Any) -> Any {
-        pack_any(Listener {
+    fn listener_with(filter: Any, chain: impl FnOnce(&mut FilterChain), l: impl FnOnce(&mut Listener)) -> Any {
+        let mut fc = FilterChain {
+            filters: vec![Filter { name: "f".into(), config_type: Some(filter::ConfigType::TypedConfig(filter)) }],
+            ..Default::default()
+        };
+        chain(&mut fc);
+        let mut listener = Listener {
             name: "l".into(),
             address: Some(Address {
                 address: Some(address::Address::SocketAddress(SocketAddress {
@@ -298,27 +507,144 @@ mod tests {
                     ..Default::default()
                 })),
             }),
-            filter_chains: vec![FilterChain {
-                filters: vec![Filter { name: "f".into(), config_type: Some(filter::ConfigType::TypedConfig(filter)) }],
-                ..Default::default()
-            }],
+            traffic_direction: TrafficDirection::Outbound as i32,
+            filter_chains: vec![fc],
+            ..Default::default()
+        };
+        l(&mut listener);
+        pack_any(listener)
+    }
+
+    fn tcp_proxy(cluster: &str) -> Any {
+        pack_any(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
             ..Default::default()
         })
     }
 
-    #[test]
-    fn decodes_tcp_listener_and_rejects_unknown_filters_with_reason() {
-        let tcp = TcpProxy {
-            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("backend".into())),
+    fn route_table(action: RouteAction) -> RouteConfiguration {
+        RouteConfiguration {
+            name: "backend".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "backend".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("backend".into())),
+                        ..action
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
             ..Default::default()
-        };
-        let def = listener(&listener_with(pack_any(tcp))).unwrap();
-        assert_eq!(def.address, "127.0.0.1:9000".parse().unwrap());
-        assert_eq!(def.tcp_cluster.as_deref(), Some("backend"));
+        }
+    }
 
-        let e = listener(&listener_with(pack_any(Cluster::default()))).unwrap_err().to_string();
-        assert_eq!(e, "Listener \"l\": unsupported network filter type.googleapis.com/envoy.config.cluster.v3.Cluster");
+    fn hcm(filters: Vec<HttpFilter>) -> Any {
+        pack_any(HttpConnectionManager {
+            stat_prefix: "backend".into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(route_table(
+                RouteAction::default(),
+            ))),
+            http_filters: filters,
+            ..Default::default()
+        })
+    }
+
+    fn http_filter(name: &str, config: Any) -> HttpFilter {
+        HttpFilter {
+            name: name.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decodes_listeners_with_direction_and_service() {
+        let def = listener(&listener_with(tcp_proxy("backend"), |_| {}, |_| {})).unwrap();
+        assert_eq!(def.address, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!((def.direction, def.service.as_str()), (Direction::outbound, "backend"));
+        assert_eq!(def.tcp_cluster.as_deref(), Some("backend"));
+        let router = http_filter("envoy.filters.http.router", pack_any(Router::default()));
+        let def = listener(&listener_with(
+            hcm(vec![router]),
+            |_| {},
+            |l| l.traffic_direction = TrafficDirection::Inbound as i32,
+        ))
+        .unwrap();
+        assert_eq!(def.direction, Direction::inbound);
+        assert!(matches!(def.http, Some(HttpDef::Inline(_))));
+    }
+
+    /// Everything the proxy cannot honour is refused, naming what it is.
+    #[test]
+    fn unsupported_config_is_refused_with_what_and_why() {
+        let refused = |any: Any| listener(&any).unwrap_err().to_string();
+        assert_eq!(
+            refused(listener_with(tcp_proxy("b"), |_| {}, |l| l.traffic_direction = 0)),
+            "Listener \"l\": traffic_direction must be INBOUND or OUTBOUND"
+        );
+        let rbac =
+            Any { type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC".into(), value: vec![] };
+        let router = http_filter("envoy.filters.http.router", pack_any(Router::default()));
+        assert_eq!(
+            refused(listener_with(
+                hcm(vec![http_filter("envoy.filters.http.rbac", rbac), router]),
+                |c| c.name = "http".into(),
+                |_| {}
+            )),
+            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.rbac\" \
+             (type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC) is not supported; weft would have to ignore it"
+        );
+        let tls = TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: None };
+        assert_eq!(
+            refused(listener_with(tcp_proxy("b"), |c| c.transport_socket = Some(tls.clone()), |_| {})),
+            "Listener \"l\": filter chain \"\": transport socket \"envoy.transport_sockets.tls\" is not supported"
+        );
+        let by_source = |c: &mut FilterChain| {
+            c.filter_chain_match = Some(envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
+                source_ports: vec![443],
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            refused(listener_with(tcp_proxy("b"), by_source, |_| {})),
+            "Listener \"l\": filter chain \"\": its filter_chain_match sets source_ports, which weft does not support"
+        );
+        let retries = RouteAction { retry_policy: Some(RetryPolicy::default()), ..Default::default() };
+        assert_eq!(
+            route(&pack_any(route_table(retries))).unwrap_err().to_string(),
+            "RouteConfiguration \"backend\": virtual host \"backend\": route 0 \"\": its route action sets \
+             retry_policy, which weft does not support"
+        );
+        let mut c = Cluster { name: "c".into(), ..Default::default() };
+        c.circuit_breakers = Some(CircuitBreakers::default());
+        assert_eq!(
+            cluster(&pack_any(c.clone())).unwrap_err().to_string(),
+            "Cluster \"c\": the cluster sets circuit_breakers, which weft does not support"
+        );
+        c.transport_socket = Some(tls);
+        assert_eq!(
+            cluster(&pack_any(c)).unwrap_err().to_string(),
+            "Cluster \"c\": transport socket \"envoy.transport_sockets.tls\" is not supported"
+        );
         let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
         assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");
+    }
+
+    #[test]
+    fn route_timeout_is_decoded() {
+        let timeout =
+            RouteAction { timeout: Some(protobuf::Duration { seconds: 1, nanos: 500_000_000 }), ..Default::default() };
+        let def = route(&pack_any(route_table(timeout))).unwrap();
+        assert_eq!(def.rules[0].timeout, Some(Duration::from_millis(1500)));
+        let zero = RouteAction { timeout: Some(protobuf::Duration::default()), ..Default::default() };
+        assert_eq!(route(&pack_any(route_table(zero))).unwrap().rules[0].timeout, None);
     }
 }

@@ -1,13 +1,17 @@
 //! Protocol detection: peeks at the first bytes a client sends, without consuming them, and
-//! decides between HTTP/2 (prior knowledge), HTTP/1.x and opaque TCP. A client that sends
-//! nothing within the detection timeout (server-speaks-first protocols) is treated as TCP.
+//! decides between HTTP/2 (prior knowledge), HTTP/1.x, TLS (a ClientHello, with the server
+//! name and ALPN protocols it asks for) and opaque TCP. A client that sends nothing within
+//! the detection timeout (server-speaks-first protocols) is treated as TCP.
+use crate::context::ClientHello;
+use crate::transport::Transport;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
     Http2,
+    /// A TLS handshake. Until the proxy terminates TLS itself it is forwarded as opaque TCP.
+    Tls(Box<ClientHello>),
     Tcp,
 }
 
@@ -23,6 +27,9 @@ enum Verdict {
 fn classify(buf: &[u8]) -> Verdict {
     if buf.is_empty() {
         return Verdict::NeedMore;
+    }
+    if buf[0] == TLS_HANDSHAKE {
+        return client_hello(buf);
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -53,12 +60,37 @@ fn classify(buf: &[u8]) -> Verdict {
     }
 }
 
+/// TLS record content type of a handshake message (RFC 8446 §5.1).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Parses a TLS ClientHello with rustls (nothing is consumed: `buf` holds peeked bytes).
+fn client_hello(buf: &[u8]) -> Verdict {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut bytes = buf;
+    if acceptor.read_tls(&mut bytes).is_err() {
+        return Verdict::Known(Protocol::Tcp);
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let hello = accepted.client_hello();
+            let alpn =
+                hello.alpn().map(|protocols| protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect());
+            Verdict::Known(Protocol::Tls(Box::new(ClientHello {
+                server_name: hello.server_name().map(str::to_owned),
+                alpn: alpn.unwrap_or_default(),
+            })))
+        }
+        Ok(None) if buf.len() < MAX_REQUEST_LINE => Verdict::NeedMore,
+        // Not TLS after all, or a hello too large to peek at: opaque bytes.
+        _ => Verdict::Known(Protocol::Tcp),
+    }
+}
+
 /// Waits for enough of the client's first bytes to tell the protocol.
-pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Protocol> {
+pub async fn detect<T: Transport>(stream: &mut T, timeout: Duration) -> std::io::Result<Protocol> {
     let mut buf = vec![0u8; MAX_REQUEST_LINE];
     let work = async {
         loop {
-            stream.readable().await?;
             let n = stream.peek(&mut buf).await?;
             if n == 0 {
                 return Ok(Protocol::Tcp); // closed before sending anything
@@ -92,7 +124,8 @@ mod tests {
         assert_eq!(known(b"PRI * HT"), None);
         assert_eq!(known(b"GET /long-path-not-finished"), None);
         assert_eq!(known(b"GE"), None);
-        assert_eq!(known(b"\x16\x03\x01\x02\x00"), Some(Protocol::Tcp));
+        assert_eq!(known(b"\x16\x03\x01\x02\x00"), None, "a TLS record, still incomplete");
+        assert_eq!(known(b"\x16\x00garbage"), Some(Protocol::Tcp));
         assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
         assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
     }

@@ -2,6 +2,7 @@
 //! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
 //! so pools and latency estimates survive EDS pushes.
 use crate::error::ProxyError;
+use crate::transport::{BoxedIo, Connect};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -9,11 +10,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// Body of a request sent upstream: the client's body, or none for a request being replayed
 /// on another endpoint.
@@ -41,6 +42,7 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub healthy: AtomicBool,
     pub labels: BTreeMap<String, String>,
+    connector: Arc<dyn Connect>,
     pending: AtomicU32,
     /// Peak-EWMA round-trip time in nanoseconds (as f64 bits) and when it was last updated.
     rtt: AtomicU64,
@@ -70,7 +72,7 @@ pub struct H1Conn {
     /// request that was queued but never written back (inside the error) only when the
     /// connection is dropped: so an exchange on a connection the upstream closed while it sat in
     /// the pool ends with its request unsent, and `http::forward` checks out another.
-    conn: Option<http1::Connection<TokioIo<TcpStream>, UpBody>>,
+    conn: Option<http1::Connection<TokioIo<BoxedIo>, UpBody>>,
     /// [`SWEEPS`] when the connection was last put in the pool.
     pooled_at: u64,
 }
@@ -110,11 +112,17 @@ fn clock() -> u64 {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, healthy: bool, labels: BTreeMap<String, String>) -> Endpoint {
+    pub fn new(
+        addr: SocketAddr,
+        healthy: bool,
+        labels: BTreeMap<String, String>,
+        connector: Arc<dyn Connect>,
+    ) -> Endpoint {
         Endpoint {
             addr,
             healthy: AtomicBool::new(healthy),
             labels,
+            connector,
             pending: AtomicU32::new(0),
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
@@ -163,15 +171,14 @@ impl Endpoint {
         self.rtt.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
-        let result = tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await;
+    async fn connect(&self, timeout: Duration) -> Result<BoxedIo, ProxyError> {
+        let result = tokio::time::timeout(timeout, self.connector.connect(self.addr)).await;
         let stream = match result {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(self.failed(ProxyError::Connect { addr: self.addr, source: e })),
             Err(_) => return Err(self.failed(ProxyError::ConnectTimeout { addr: self.addr, timeout })),
         };
         self.failed_at.store(0, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
         Ok(stream)
     }
 
@@ -180,8 +187,8 @@ impl Endpoint {
         e
     }
 
-    /// A TCP connection for opaque forwarding.
-    pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    /// A connection for opaque forwarding.
+    pub async fn connect_tcp(&self, timeout: Duration) -> Result<BoxedIo, ProxyError> {
         self.connect(timeout).await
     }
 
@@ -212,7 +219,7 @@ impl Endpoint {
     async fn handshake_h1(
         &self,
         timeout: Duration,
-    ) -> Result<(http1::SendRequest<UpBody>, http1::Connection<TokioIo<TcpStream>, UpBody>), ProxyError> {
+    ) -> Result<(http1::SendRequest<UpBody>, http1::Connection<TokioIo<BoxedIo>, UpBody>), ProxyError> {
         let io = TokioIo::new(self.connect(timeout).await?);
         http1::Builder::new()
             .max_buf_size(UPSTREAM_READ_BUFFER)

@@ -2,6 +2,7 @@
 //! response carries in the `x-weft-error` header, so a client can tell the proxy's own
 //! answers from the application's.
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const ERROR_HEADER: &str = "x-weft-error";
@@ -22,6 +23,8 @@ pub enum ProxyError {
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("upstream {addr} reset or closed the connection: {source}")]
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
+    #[error("route {route} timed out after {timeout:?} without a response from the upstream")]
+    RouteTimeout { route: Arc<str>, timeout: Duration },
     #[error(
         "upstream {addr} sent a response weft cannot forward: {source} (an HTTP/1.1 response head may be at most 16 KiB)"
     )]
@@ -40,6 +43,7 @@ impl ProxyError {
             ProxyError::Handshake { .. } => "upstream-handshake-failed",
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::UpstreamBadResponse { .. } => "upstream-bad-response",
+            ProxyError::RouteTimeout { .. } => "route-timeout",
         }
     }
 
@@ -47,11 +51,20 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ConnectTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBadResponse { .. } => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The `grpc-status` a gRPC client gets: DEADLINE_EXCEEDED (4) for a route timeout,
+    /// otherwise UNAVAILABLE (14), which gRPC clients may retry.
+    pub fn grpc_status(&self) -> &'static str {
+        match self {
+            ProxyError::RouteTimeout { .. } => "4",
+            _ => "14",
         }
     }
 

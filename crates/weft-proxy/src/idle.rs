@@ -21,6 +21,7 @@
 //! as the one before it and whose rest then stalls for [`RELEASE_AFTER`]. The connection is then
 //! closed without an answer to it, which pipelining clients must expect of any server
 //! (RFC 9112 §9.3.2).
+use crate::transport::Transport;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// Quiet time after which an idle connection's session is ended. The check is armed once per
@@ -45,15 +45,20 @@ pub const LINGERING_SESSIONS: usize = 256;
 static LIVE_SESSIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// What the service and the socket wrapper of one client connection share.
-#[derive(Default)]
-pub struct Session {
+pub struct Session<T> {
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
     /// The socket, put here when a session ends because the connection went idle.
-    parked: Mutex<Option<TcpStream>>,
+    parked: Mutex<Option<T>>,
 }
 
-impl Session {
+impl<T> Default for Session<T> {
+    fn default() -> Self {
+        Session { in_flight: AtomicUsize::new(0), upgraded: AtomicBool::new(false), parked: Mutex::new(None) }
+    }
+}
+
+impl<T: Send + 'static> Session<T> {
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn exchange(self: &Arc<Self>) -> Exchange {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -62,7 +67,7 @@ impl Session {
 
     /// The socket of a session that ended because the connection went idle; `None` when the
     /// session ended for any other reason (client closed, error, upgrade).
-    pub fn take_parked(&self) -> Option<TcpStream> {
+    pub fn take_parked(&self) -> Option<T> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
@@ -71,19 +76,35 @@ impl Session {
     }
 }
 
+/// What an [`Exchange`] needs of its session, whatever the session's transport.
+trait InFlight: Send + Sync {
+    fn counter(&self) -> &AtomicUsize;
+    fn upgraded_flag(&self) -> &AtomicBool;
+}
+
+impl<T: Send> InFlight for Session<T> {
+    fn counter(&self) -> &AtomicUsize {
+        &self.in_flight
+    }
+
+    fn upgraded_flag(&self) -> &AtomicBool {
+        &self.upgraded
+    }
+}
+
 /// A request in flight on a [`Session`].
-pub struct Exchange(Arc<Session>);
+pub struct Exchange(Arc<dyn InFlight>);
 
 impl Exchange {
     /// The connection switches protocols after this response: never end its session.
     pub fn upgraded(&self) {
-        self.0.upgraded.store(true, Ordering::Relaxed);
+        self.0.upgraded_flag().store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.counter().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -93,10 +114,10 @@ impl Drop for Exchange {
 /// request): a request head whose first bytes arrived more than `header_timeout` ago and that
 /// is still incomplete when the socket runs dry ends the session with `TimedOut`. The one timer
 /// is armed only while waiting (idle, or in the middle of a head), never per request.
-pub struct IdleIo {
+pub struct IdleIo<T: Transport> {
     /// `None` once handed back to the session.
-    stream: Option<TcpStream>,
-    session: Arc<Session>,
+    stream: Option<T>,
+    session: Arc<Session<T>>,
     header_timeout: Duration,
     /// Reads that returned data, and their count when the release timer was last armed.
     reads: u64,
@@ -119,8 +140,8 @@ enum TimerUse {
     Head(Instant),
 }
 
-impl IdleIo {
-    pub fn new(stream: TcpStream, session: Arc<Session>, header_timeout: Duration) -> IdleIo {
+impl<T: Transport> IdleIo<T> {
+    pub fn new(stream: T, session: Arc<Session<T>>, header_timeout: Duration) -> IdleIo<T> {
         LIVE_SESSIONS.fetch_add(1, Ordering::Relaxed);
         IdleIo {
             stream: Some(stream),
@@ -151,7 +172,7 @@ impl IdleIo {
         timer.as_mut()
     }
 
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
+    fn stream(&mut self) -> Pin<&mut T> {
         // The stream is only taken in Drop.
         Pin::new(self.stream.as_mut().expect("stream present until drop"))
     }
@@ -201,7 +222,7 @@ impl IdleIo {
     }
 }
 
-impl Drop for IdleIo {
+impl<T: Transport> Drop for IdleIo<T> {
     fn drop(&mut self) {
         LIVE_SESSIONS.fetch_sub(1, Ordering::Relaxed);
         if self.released {
@@ -210,7 +231,7 @@ impl Drop for IdleIo {
     }
 }
 
-impl AsyncRead for IdleIo {
+impl<T: Transport> AsyncRead for IdleIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.released {
@@ -234,7 +255,7 @@ impl AsyncRead for IdleIo {
     }
 }
 
-impl AsyncWrite for IdleIo {
+impl<T: Transport> AsyncWrite for IdleIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = this.stream().poll_write(cx, buf);

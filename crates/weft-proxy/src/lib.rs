@@ -1,9 +1,12 @@
 //! The weft sidecar proxy.
 //!
 //! The request path, top-down, one module per step:
-//! [`listener`] (accept) → [`detect`] (HTTP/1, HTTP/2 or opaque TCP) → [`http`] or [`tcp`] →
-//! [`route`] (route table → cluster) → [`balance`] (endpoint pick) → [`endpoint`] (pooled
-//! connection). Configuration arrives over xDS ([`xds`], decoded by [`config`]) and is applied
+//! [`listener`] (accept; a [`context::ConnCtx`] per connection) → [`detect`] (HTTP/1, HTTP/2,
+//! TLS or opaque TCP) → [`stack`]: the [`inbound`] or [`outbound`] stack, by the listener's
+//! direction, over the shared [`http`] code, or [`tcp`] → [`route`] (a [`route::MatchedRoute`]:
+//! rule, backend, policy) → [`failover`] + [`balance`] (endpoint pick) → [`endpoint`] (pooled
+//! connection over a [`transport`]). Each request's [`record`] feeds [`metrics`] once.
+//! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
 //! and /config_dump.
 #![deny(unsafe_code)] // allowed once, in idle::trim (an FFI call)
@@ -11,24 +14,33 @@
 mod admin;
 pub mod balance;
 pub mod config;
+pub mod context;
 mod detect;
 pub mod endpoint;
 mod error;
+mod failover;
 mod health;
 pub mod http;
 mod idle;
+mod inbound;
 mod listener;
 pub mod metrics;
+mod outbound;
+pub mod record;
 pub mod route;
+pub mod stack;
 mod tcp;
+pub mod transport;
 mod xds;
 
 use crate::balance::ClusterManager;
-use crate::config::{ClusterDef, EndpointDef, HttpDef, ListenerDef, RouteDef};
-use crate::http::HttpTarget;
+use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, ListenerDef, RouteDef};
+use crate::context::Direction;
 use crate::listener::{ListenerCtx, Listeners};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::Metrics;
 use crate::route::RouteTable;
+use crate::stack::HttpStack;
+use crate::tcp::TcpTarget;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -125,27 +137,54 @@ impl Proxy {
         self.dump.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), String> {
+    /// Applies a full LDS update: each listener gets the stack of its direction.
+    fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), ConfigError> {
         let mut with_ctx = Vec::with_capacity(defs.len());
         for def in defs {
-            let direction = if def.inbound() { Direction::inbound } else { Direction::outbound };
-            let service = if def.inbound() { self.opts.service.as_deref().unwrap_or("unknown") } else { def.service() };
-            let metrics = self.metrics.traffic(direction, service);
+            // Inbound traffic is the local service's, whatever the control plane calls it.
+            let service = match (def.direction, &self.opts.service) {
+                (Direction::inbound, Some(own)) => own.as_str(),
+                _ => def.service.as_str(),
+            };
+            let metrics = self.metrics.traffic(def.direction, service);
             let http = def.http.as_ref().map(|h| {
                 let routes = match h {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpTarget { routes, metrics: metrics.clone() })
+                Arc::new(HttpStack::new(def.direction, routes, metrics.clone()))
             });
-            let tcp = def.tcp_cluster.as_deref().map(|c| self.clusters.get(c));
-            let ctx = ListenerCtx { name: def.name.clone(), http, tcp, metrics };
+            let tcp = def
+                .tcp_cluster
+                .as_deref()
+                .map(|c| TcpTarget { cluster: self.clusters.get(c), failover: def.tcp_failover.unwrap_or_default() });
+            let ctx = ListenerCtx {
+                name: def.name.as_str().into(),
+                direction: def.direction,
+                service: service.into(),
+                http,
+                tcp,
+                metrics,
+            };
             with_ctx.push((def, ctx));
         }
         let listeners: BTreeMap<String, ListenerDef> =
             with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
         self.listeners.update(with_ctx)?;
-        self.dump().listeners = listeners;
+        // Route tables no listener names any more are gone (RDS stops sending them too).
+        let rds: Vec<&str> = listeners
+            .values()
+            .filter_map(|l| match &l.http {
+                Some(HttpDef::Rds(name)) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| rds.contains(&name.as_str()));
+        let mut dump = self.dump();
+        dump.routes.retain(|name, _| rds.contains(&name.as_str()));
+        dump.listeners = listeners;
+        drop(dump);
+        self.clusters.prune();
         Ok(())
     }
 
@@ -154,8 +193,10 @@ impl Proxy {
             self.route_table(&def.name).store(Arc::new(RouteTable::build(&def, &self.clusters)));
             self.dump().routes.insert(def.name.clone(), def);
         }
+        self.clusters.prune();
     }
 
+    /// Applies a full CDS update; clusters left out lose their endpoints and leave the dump.
     fn apply_clusters(&self, defs: Vec<ClusterDef>) {
         self.clusters.update(&defs);
         let mut dump = self.dump();
@@ -164,10 +205,13 @@ impl Proxy {
         endpoints.retain(|name, _| clusters.contains_key(name));
     }
 
+    /// Endpoints for clusters CDS does not define (a late EDS response) are ignored.
     fn apply_endpoints(&self, sets: Vec<(String, Vec<EndpointDef>)>) {
         for (name, eps) in sets {
-            self.clusters.get(&name).set_endpoints(&eps);
-            self.dump().endpoints.insert(name, eps);
+            if let Some(c) = self.clusters.defined(&name) {
+                c.set_endpoints(&eps);
+                self.dump().endpoints.insert(name, eps);
+            }
         }
     }
 

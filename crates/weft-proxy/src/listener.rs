@@ -3,11 +3,13 @@
 //! A listener's behaviour can change under it (an LDS update swaps its [`ListenerCtx`]);
 //! its socket stays bound, so an update drops no connection.
 use crate::Limits;
-use crate::balance::Cluster;
-use crate::config::ListenerDef;
+use crate::config::{ConfigError, ListenerDef};
+use crate::context::{ConnCtx, Direction};
 use crate::detect::{self, Protocol};
-use crate::http::HttpTarget;
 use crate::metrics::TrafficMetrics;
+use crate::stack::HttpStack;
+use crate::tcp::TcpTarget;
+use crate::transport::Transport;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,9 +19,11 @@ use tokio::task::JoinHandle;
 
 /// What a listener does with a connection.
 pub struct ListenerCtx {
-    pub name: String,
-    pub http: Option<Arc<HttpTarget>>,
-    pub tcp: Option<Arc<Cluster>>,
+    pub name: Arc<str>,
+    pub direction: Direction,
+    pub service: Arc<str>,
+    pub http: Option<Arc<HttpStack>>,
+    pub tcp: Option<TcpTarget>,
     pub metrics: Arc<TrafficMetrics>,
 }
 
@@ -69,15 +73,17 @@ impl Listeners {
 
     /// Applies a full LDS update. Every new listener is bound before anything changes, so a
     /// bind failure rejects the whole update and leaves the running listeners as they were.
-    pub fn update(&self, defs: Vec<(ListenerDef, ListenerCtx)>) -> Result<(), String> {
+    pub fn update(&self, defs: Vec<(ListenerDef, ListenerCtx)>) -> Result<(), ConfigError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh = HashMap::new();
         for (def, _) in &defs {
             let keep = running.get(&def.name).is_some_and(|r| r.address == def.address);
             if !keep {
-                let l = self
-                    .bind(def.address)
-                    .map_err(|e| format!("listener {:?}: cannot bind {}: {e}", def.name, def.address))?;
+                let l = self.bind(def.address).map_err(|source| ConfigError::Bind {
+                    name: def.name.clone(),
+                    address: def.address,
+                    source,
+                })?;
                 fresh.insert(def.name.clone(), l);
             }
         }
@@ -142,22 +148,52 @@ async fn connection(
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     limits: Arc<Limits>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let _open = ctx.metrics.connection();
     let _ = stream.set_nodelay(true);
-    let protocol = match (&ctx.http, &ctx.tcp) {
-        (Some(_), None) | (Some(_), Some(_)) => match detect::detect(&stream, limits.detect_timeout).await {
+    let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    serve(stream, peer, local, ctx, limits, permit).await
+}
+
+/// Serves a connection on any transport: protocol detection, then the listener's HTTP stack or
+/// its TCP target. The connection's [`ConnCtx`] is built here and shared by all that follows.
+/// `held` (e.g. the connection's permit under the connection limit) is kept until it ends.
+pub async fn serve<T: Transport>(
+    mut stream: T,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    limits: Arc<Limits>,
+    held: impl Send,
+) {
+    let _held = held;
+    let _open = ctx.metrics.connection();
+    let conn = Arc::new(ConnCtx {
+        peer,
+        local,
+        direction: ctx.direction,
+        listener: ctx.name.clone(),
+        service: ctx.service.clone(),
+        peer_identity: None,
+    });
+    let protocol = match &ctx.http {
+        Some(_) => match detect::detect(&mut stream, limits.detect_timeout).await {
             Ok(p) => p,
             Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
         },
-        _ => Protocol::Tcp,
+        None => Protocol::Tcp,
     };
     match (protocol, &ctx.http, &ctx.tcp) {
-        (Protocol::Http1 | Protocol::Http2, Some(http), _) => {
-            crate::http::serve(stream, protocol == Protocol::Http2, http.clone(), &limits).await
+        (p @ (Protocol::Http1 | Protocol::Http2), Some(http), _) => {
+            crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), &limits).await
         }
-        (_, _, Some(cluster)) => crate::tcp::forward(stream, cluster.clone(), ctx.metrics.clone()).await,
+        (p, _, Some(tcp)) => {
+            if let Protocol::Tls(hello) = &p {
+                tracing::debug!(%peer, listener = %ctx.name, sni = ?hello.server_name, alpn = ?hello.alpn, "TLS from the client; forwarding it as opaque TCP");
+            }
+            // Boxed: the TCP path's state stays out of the (far more common) HTTP connection's.
+            Box::pin(crate::tcp::forward(stream, &conn, tcp, &ctx.metrics)).await
+        }
         (_, _, None) => {
             tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
         }

@@ -1,6 +1,8 @@
 //! Prometheus metrics. Label sets are resolved once per listener ([`TrafficMetrics`]), so a
 //! request only increments pre-resolved counters and histograms.
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+pub use crate::context::Direction;
+use crate::record::{RequestRecord, TcpRecord};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -8,13 +10,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)] // label values are written as-is
-pub enum Direction {
-    inbound,
-    outbound,
-}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Labels {
@@ -160,7 +155,15 @@ pub struct TrafficMetrics {
 }
 
 impl TrafficMetrics {
-    pub fn request(&self, status: u16, elapsed: Duration) {
+    /// Counts an answered request from its record.
+    pub fn request(&self, rec: &RequestRecord) {
+        if let Some(reason) = rec.error {
+            self.proxy_error(reason);
+        }
+        self.response(rec.status, rec.started.elapsed());
+    }
+
+    fn response(&self, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
         let counter = self.codes.get(usize::from(status)).map(|slot| {
             slot.get_or_init(|| {
@@ -194,8 +197,12 @@ impl TrafficMetrics {
         OpenConnection(self.clone())
     }
 
-    pub fn tcp_bytes(&self, rx: u64, tx: u64) {
-        for (flow, n) in [("rx", rx), ("tx", tx)] {
+    /// Counts a finished TCP connection from its record.
+    pub fn tcp(&self, rec: &TcpRecord) {
+        if let Some(reason) = rec.error {
+            self.proxy_error(reason);
+        }
+        for (flow, n) in [("rx", rec.rx), ("tx", rec.tx)] {
             let l = FlowLabels { direction: self.labels.direction, service: self.labels.service.clone(), flow };
             self.root.tcp_bytes.get_or_create(&l).inc_by(n);
         }

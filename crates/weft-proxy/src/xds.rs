@@ -5,7 +5,7 @@
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
 use crate::Proxy;
-use crate::config::{self, InvalidResource};
+use crate::config::{self, ConfigError, InvalidResource};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -144,6 +144,7 @@ async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
             s.request(type_url, None).await;
         }
         Err(e) => {
+            let e = e.to_string();
             tracing::warn!(type_url = %type_url, error = %e, "rejected config from control plane (NACK); keeping the previous config");
             proxy.dump().last_rejected = Some(e.clone());
             s.request(type_url, Some(e)).await;
@@ -158,11 +159,12 @@ async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
 fn decode_all<T>(
     resp: &DiscoveryResponse,
     f: fn(&envoy_types::pb::google::protobuf::Any) -> Result<T, InvalidResource>,
-) -> Result<Vec<T>, String> {
-    resp.resources.iter().map(|r| f(r).map_err(|e| e.to_string())).collect()
+) -> Result<Vec<T>, InvalidResource> {
+    resp.resources.iter().map(f).collect()
 }
 
-async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), String> {
+/// Decodes and checks a whole response, then applies it; on error nothing of it is applied.
+async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
     let t = resp.type_url.as_str();
     if t == Listener::type_url() {
         let defs = decode_all(resp, config::listener)?;
@@ -196,7 +198,7 @@ async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Resul
         }
         proxy.apply_endpoints(sets);
     } else {
-        return Err(format!("weft does not handle resource type {t}"));
+        return Err(ConfigError::UnsupportedType(t.to_owned()));
     }
     Ok(())
 }

@@ -1,0 +1,47 @@
+//! What the proxy knows about a client connection. A [`ConnCtx`] is created when the
+//! connection is accepted and is read, never changed, by every step after it: protocol
+//! detection, the HTTP or TCP path, and each request's [`crate::record::RequestRecord`].
+use prometheus_client::encoding::EncodeLabelValue;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Which way a listener's traffic flows, from `Listener.traffic_direction`: inbound traffic
+/// comes from other services to the local app, outbound traffic from the local app to others.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue, Serialize)]
+#[allow(non_camel_case_types)] // label values are written as-is
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+/// The verified identity of the peer at the other end of a connection (a SPIFFE ID once mTLS
+/// exists). `None` in [`ConnCtx::peer_identity`] means the peer is unauthenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// A TLS ClientHello seen by protocol detection: what the client asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// Server Name Indication, if the client sent one.
+    pub server_name: Option<String>,
+    /// ALPN protocols offered, in the client's order.
+    pub alpn: Vec<String>,
+}
+
+/// One accepted client connection.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub peer: SocketAddr,
+    /// The address the client connected to (the listener's, or the original destination once
+    /// traffic is intercepted transparently).
+    pub local: SocketAddr,
+    pub direction: Direction,
+    /// The listener that accepted the connection.
+    pub listener: Arc<str>,
+    /// The service whose traffic this is (the local one for inbound, the called one for
+    /// outbound).
+    pub service: Arc<str>,
+    /// Set only by TLS termination, from a verified client certificate.
+    pub peer_identity: Option<PeerIdentity>,
+}

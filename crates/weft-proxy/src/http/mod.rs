@@ -1,0 +1,15 @@
+//! The HTTP machinery both stacks share, one job per module: [`server`] serves a client
+//! connection and runs each request through its stack; [`forward`] executes a routed request
+//! on a backend (failover, replay); [`upgrade`] splices `Upgrade` connections; [`body`] holds
+//! the body types; [`headers`] strips hop-by-hop headers; [`respond`] renders the proxy's own
+//! answers.
+pub mod body;
+mod forward;
+pub mod headers;
+mod respond;
+mod server;
+mod upgrade;
+
+pub use forward::forward;
+pub use headers::strip_hop_by_hop;
+pub use server::serve;

@@ -1,0 +1,27 @@
+//! Responses the proxy makes itself. Each says why in the `x-weft-error` header (and, for
+//! gRPC clients, in `grpc-status`/`grpc-message`), so a client can tell them from the app's.
+use super::body::UpstreamBody;
+use crate::error::{ERROR_HEADER, ProxyError};
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::{Either, Full};
+
+pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBody, Full<Bytes>>> {
+    let mut resp = if grpc {
+        // gRPC clients read the status from grpc-status; UNAVAILABLE (14) lets them retry.
+        let mut r = Response::new(Either::Right(Full::default()));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static(e.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&e.to_string()) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("weft: {e}\n")))));
+        *r.status_mut() = e.status();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r
+    };
+    resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(e.reason()));
+    resp
+}

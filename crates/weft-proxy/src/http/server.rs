@@ -1,0 +1,102 @@
+//! Serving one client connection: HTTP/2 as one hyper session for the connection's life;
+//! HTTP/1.1 in sessions, parked between them with only its socket once it goes idle (see
+//! [`crate::idle`]). Each request goes through the listener's [`HttpStack`] with a fresh
+//! [`RequestRecord`], which feeds metrics and logs once the request is answered.
+use super::body::Body;
+use super::respond::error_response;
+use crate::Limits;
+use crate::context::ConnCtx;
+use crate::idle::{Exchange, IdleIo, Session};
+use crate::record::RequestRecord;
+use crate::stack::HttpStack;
+use crate::transport::Transport;
+use http::{Request, Response, StatusCode, Version, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+pub async fn serve<T: Transport>(stream: T, h2: bool, conn: Arc<ConnCtx>, stack: Arc<HttpStack>, limits: &Limits) {
+    if h2 {
+        let svc = hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), None, req));
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes)
+            .adaptive_window(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        if let Err(e) = Box::pin(served).await {
+            tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
+        }
+        return;
+    }
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(None) // enforced by IdleIo, without a timer per request
+        .max_buf_size(limits.max_header_bytes as usize);
+    let session = Arc::new(Session::default());
+    let mut stream = stream;
+    loop {
+        let svc = {
+            let (stack, conn, session) = (stack.clone(), conn.clone(), session.clone());
+            hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), Some(session.exchange()), req))
+        };
+        let io = TokioIo::new(IdleIo::new(stream, session.clone(), limits.header_read_timeout));
+        // Boxed: while the connection is parked, its task holds no hyper state at all.
+        if let Err(e) = Box::pin(http1.serve_connection(io, svc).with_upgrades()).await {
+            tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+            return;
+        }
+        let Some(mut parked) = session.take_parked() else { return };
+        crate::idle::trim_soon();
+        // An idle keep-alive connection is closed after the header read timeout, as before.
+        match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
+            Ok(Ok(())) => stream = parked,
+            _ => return,
+        }
+    }
+}
+
+async fn handle(
+    stack: Arc<HttpStack>,
+    conn: Arc<ConnCtx>,
+    exchange: Option<Exchange>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mut rec = RequestRecord::start(conn);
+    // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
+    let grpc = req.version() == Version::HTTP_2
+        && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let resp = match stack.call(req, &mut rec).await {
+        Ok(resp) => resp.map(Either::Left),
+        Err(e) => {
+            rec.error = Some(e.reason());
+            tracing::warn!(error = %e, reason = e.reason(), peer = %rec.conn.peer, route = ?rec.route, "proxy answered the request itself");
+            error_response(&e, grpc)
+        }
+    };
+    rec.status = resp.status().as_u16();
+    stack.metrics.request(&rec);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(exchange) = &exchange
+    {
+        exchange.upgraded();
+    }
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange }))
+}
+
+#[cfg(test)]
+mod tests {
+    /// hyper keeps one request future allocated per client connection, so its size is paid
+    /// per idle keep-alive connection. Rare paths (connecting, upgrades) are boxed to keep
+    /// it small; this fails if a change makes the common path's future balloon.
+    #[test]
+    fn request_future_stays_small() {
+        fn future_size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = future_size(super::handle);
+        assert!(size <= 3 * 1024, "handle() future is {size} bytes");
+    }
+}

@@ -1,0 +1,52 @@
+//! The outbound stack: requests from the local app to other services. Routing decides first
+//! (rule, backend, policy) without I/O; the policy then wraps the forwarding: the route's
+//! timeout bounds everything up to the response head, and failover moves a request between
+//! endpoints of the backend as [`crate::route::RoutePolicy`] allows.
+use crate::error::ProxyError;
+use crate::record::RequestRecord;
+use crate::route::{RouteTable, decide};
+use crate::stack::Reply;
+use arc_swap::ArcSwap;
+use futures::future::{BoxFuture, Either, Ready, ready};
+use http::Request;
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+pub struct Outbound {
+    routes: Arc<ArcSwap<RouteTable>>,
+}
+
+impl Outbound {
+    pub fn new(routes: Arc<ArcSwap<RouteTable>>) -> Outbound {
+        Outbound { routes }
+    }
+
+    /// Decides at once; the future returned runs the policy around forwarding. (Not an
+    /// `async fn`: each async layer would keep its own copy of the request in the
+    /// per-connection request future.)
+    pub fn call<'a>(
+        &self,
+        req: Request<Incoming>,
+        rec: &'a mut RequestRecord,
+    ) -> Either<Ready<Reply>, Either<impl Future<Output = Reply> + Send + 'a, BoxFuture<'a, Reply>>> {
+        let route = match decide(&self.routes, &req, rec) {
+            Ok(route) => route,
+            Err(e) => return Either::Left(ready(Err(e))),
+        };
+        let timeout = route.rule.policy.timeout;
+        let id = route.rule.id.clone();
+        let forward = crate::http::forward(route, req, rec);
+        Either::Right(match timeout {
+            None => Either::Left(forward),
+            // Boxed: the timer lives only in requests whose route has a timeout.
+            Some(timeout) => Either::Right(Box::pin(async move {
+                tokio::time::timeout(timeout, forward)
+                    .await
+                    .map_err(|_| ProxyError::RouteTimeout { route: id, timeout })?
+            })),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

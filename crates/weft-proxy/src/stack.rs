@@ -1,0 +1,66 @@
+//! The two request stacks, assembled here and nowhere else. Which one serves a listener
+//! follows its `traffic_direction`.
+//!
+//! ```text
+//! inbound   (other services → the local app)
+//!   listener → detect → [TLS termination, peer identity] → inbound::Inbound:
+//!       [authorization] → route → forward to the app
+//!
+//! outbound  (the local app → other services)
+//!   listener → detect → outbound::Outbound:
+//!       route → per-route policy (timeout; [retries]) → balance + failover → [TLS origination] → endpoint
+//! ```
+//! Steps in brackets arrive with later issues: an inbound policy step is a call in
+//! [`crate::inbound::Inbound::call`], an outbound one in [`crate::outbound::Outbound::call`].
+//! Both stacks share the HTTP server and forwarding code ([`crate::http`]), the pools
+//! ([`crate::endpoint`]), error rendering and metrics; the TCP path is [`crate::tcp`].
+use crate::context::Direction;
+use crate::error::ProxyError;
+use crate::http::body::UpstreamBody;
+use crate::inbound::Inbound;
+use crate::metrics::TrafficMetrics;
+use crate::outbound::Outbound;
+use crate::record::RequestRecord;
+use crate::route::RouteTable;
+use arc_swap::ArcSwap;
+use futures::future::Either;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+/// What a stack answers: the upstream's response, or why the proxy answers itself.
+pub type Reply = Result<Response<UpstreamBody>, ProxyError>;
+
+/// What an HTTP listener runs each request through.
+pub struct HttpStack {
+    pub metrics: Arc<TrafficMetrics>,
+    stack: Stack,
+}
+
+enum Stack {
+    Inbound(Inbound),
+    Outbound(Outbound),
+}
+
+impl HttpStack {
+    pub fn new(direction: Direction, routes: Arc<ArcSwap<RouteTable>>, metrics: Arc<TrafficMetrics>) -> HttpStack {
+        let stack = match direction {
+            Direction::inbound => Stack::Inbound(Inbound::new(routes)),
+            Direction::outbound => Stack::Outbound(Outbound::new(routes)),
+        };
+        HttpStack { metrics, stack }
+    }
+
+    /// Runs a request through the stack. Routing and every other decision happen before the
+    /// future is returned; the future does the I/O.
+    pub fn call<'a>(
+        &self,
+        req: Request<Incoming>,
+        rec: &'a mut RequestRecord,
+    ) -> impl Future<Output = Reply> + Send + 'a {
+        match &self.stack {
+            Stack::Inbound(s) => Either::Left(s.call(req, rec)),
+            Stack::Outbound(s) => Either::Right(s.call(req, rec)),
+        }
+    }
+}
