@@ -377,9 +377,14 @@ pub struct Edge {
 
 impl Edge {
     pub fn start(dir: &TestDir, control: &Control, services: &[&str]) -> Edge {
+        Edge::start_via(dir, &control.addr, &format!("edge-{}", fastrand_u32()), services)
+    }
+
+    /// An edge with node id `id` whose xDS stream goes to `control` (e.g. a relay in the test).
+    pub fn start_via(dir: &TestDir, control: &str, id: &str, services: &[&str]) -> Edge {
         let admin = free_port();
         let mut cmd = Command::new(weft_bin());
-        cmd.args(["proxy", "--control", &control.addr, "--id", &format!("edge-{}", fastrand_u32())]);
+        cmd.args(["proxy", "--control", control, "--id", id]);
         cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
         let mut ports = HashMap::new();
         for s in services {
