@@ -21,6 +21,8 @@ PEERS = {
     "haproxy-1hop": ["haproxy-1hop", "nginx-1hop"],
     "nginx-1hop": ["haproxy-1hop", "nginx-1hop"],
     "weft-2hop": ["haproxy-2hop-plain", "nginx-2hop-plain"],
+    "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
+    "weft-2hop-base": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "haproxy-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "nginx-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     MTLS_ROW: ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -206,6 +208,23 @@ def main():
                     notes.append(f"{cfg} {r:,.0f} req/s" + ("" if s is None or s >= 0.9999 else f" ({s:.2%} ok)"))
             if notes and key.endswith("p50"):
                 out.append("\nAchieved rate (median): " + "; ".join(notes) + ".")
+
+    # This build against the baseline build (BENCH_BASELINE), measured in the same rounds.
+    pairs = [(c, c + "-base") for c in ("weft-1hop", "weft-2hop") if c in configs and c + "-base" in configs]
+    if pairs:
+        out.append("\n## This build vs the baseline build (same run)\n")
+        out.append("Ratio of medians, this build ÷ baseline: below 1.00 is better for CPU and RSS, "
+                   "above 1.00 is better for throughput.\n")
+        keys = ["cpu_0", "cpu_1k", "cpu_64k", "rps_h1_1k", "rps_h2_1k", "rss_idle", "rss_conns", "rss_load"]
+        out.append("| figure | " + " | ".join(f"{c} ÷ {b}" for c, b in pairs) + " |")
+        out.append("|---|" + "---:|" * len(pairs))
+        for key in keys:
+            cells = []
+            for c, b in pairs:
+                x, y = med(c, key), med(b, key)
+                cells.append(f"{x / y:.3f} ({fmt(x * spec[key][5], spec[key][6])} vs {fmt(y * spec[key][5], spec[key][6])})"
+                             if x and y else "n/a")
+            out.append(f"| {spec[key][1].split(' (')[0]} | " + " | ".join(cells) + " |")
 
     warns = [w for w in open(warnings).read().splitlines() if w.strip()]
     out.append("\n## Warnings during the run\n")
