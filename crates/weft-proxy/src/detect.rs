@@ -129,4 +129,26 @@ mod tests {
         assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
         assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
     }
+
+    /// A ClientHello as rustls writes it: recognised whole, with its server name and ALPN,
+    /// and asked for more while it is cut short.
+    #[test]
+    fn recognises_a_tls_client_hello() {
+        use std::sync::Arc;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = "backend.weft.local".try_into().unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        let expected =
+            ClientHello { server_name: Some("backend.weft.local".into()), alpn: vec!["h2".into(), "http/1.1".into()] };
+        assert_eq!(known(&hello), Some(Protocol::Tls(Box::new(expected))));
+        assert_eq!(known(&hello[..hello.len() / 2]), None);
+    }
 }
