@@ -63,27 +63,34 @@ fn classify(buf: &[u8]) -> Verdict {
 /// TLS record content type of a handshake message (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Parses a TLS ClientHello with rustls (nothing is consumed: `buf` holds peeked bytes).
+/// Parses a TLS ClientHello (nothing is consumed: `buf` holds peeked bytes). Only the
+/// hello's first record is read; a hello split over records (rare, over 16 KiB) counts as TLS
+/// without its server name and protocols.
 fn client_hello(buf: &[u8]) -> Verdict {
-    let mut acceptor = rustls::server::Acceptor::default();
-    let mut bytes = buf;
-    if acceptor.read_tls(&mut bytes).is_err() {
-        return Verdict::Known(Protocol::Tcp);
-    }
-    match acceptor.accept() {
-        Ok(Some(accepted)) => {
-            let hello = accepted.client_hello();
-            let alpn =
-                hello.alpn().map(|protocols| protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect());
-            Verdict::Known(Protocol::Tls(Box::new(ClientHello {
-                server_name: hello.server_name().map(str::to_owned),
-                alpn: alpn.unwrap_or_default(),
-            })))
-        }
-        Ok(None) if buf.len() < MAX_REQUEST_LINE => Verdict::NeedMore,
+    use tls_parser::{TlsExtension, TlsMessage, TlsMessageHandshake};
+    let record = match tls_parser::parse_tls_plaintext(buf) {
+        Ok((_, record)) => record,
+        Err(tls_parser::nom::Err::Incomplete(_)) if buf.len() < MAX_REQUEST_LINE => return Verdict::NeedMore,
         // Not TLS after all, or a hello too large to peek at: opaque bytes.
-        _ => Verdict::Known(Protocol::Tcp),
+        Err(_) => return Verdict::Known(Protocol::Tcp),
+    };
+    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch))) = record.msg.first() else {
+        return Verdict::Known(Protocol::Tcp);
+    };
+    let mut hello = ClientHello::default();
+    let extensions = ch.ext.and_then(|e| tls_parser::parse_tls_client_hello_extensions(e).ok());
+    for ext in extensions.map(|(_, exts)| exts).unwrap_or_default() {
+        match ext {
+            TlsExtension::SNI(names) => {
+                hello.server_name = names.first().map(|(_, name)| String::from_utf8_lossy(name).into_owned())
+            }
+            TlsExtension::ALPN(protocols) => {
+                hello.alpn = protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+            }
+            _ => {}
+        }
     }
+    Verdict::Known(Protocol::Tls(Box::new(hello)))
 }
 
 /// Waits for enough of the client's first bytes to tell the protocol.

@@ -143,31 +143,17 @@ async fn accept(
 
 /// One client connection, from protocol detection to its end. Its future is what the
 /// connection's task holds for its whole life, idle or not, so its size is checked in a test.
-async fn connection(
+/// (Not an `async fn`: it only builds the connection's context and hands over, so the task
+/// holds [`serve`]'s state and nothing besides.)
+fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     limits: Arc<Limits>,
     permit: tokio::sync::OwnedSemaphorePermit,
-) {
+) -> impl Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    serve(stream, peer, local, ctx, limits, permit).await
-}
-
-/// Serves a connection on any transport: protocol detection, then the listener's HTTP stack or
-/// its TCP target. The connection's [`ConnCtx`] is built here and shared by all that follows.
-/// `held` (e.g. the connection's permit under the connection limit) is kept until it ends.
-pub async fn serve<T: Transport>(
-    mut stream: T,
-    peer: SocketAddr,
-    local: SocketAddr,
-    ctx: Arc<ListenerCtx>,
-    limits: Arc<Limits>,
-    held: impl Send,
-) {
-    let _held = held;
-    let _open = ctx.metrics.connection();
     let conn = Arc::new(ConnCtx {
         peer,
         local,
@@ -176,6 +162,22 @@ pub async fn serve<T: Transport>(
         service: ctx.service.clone(),
         peer_identity: None,
     });
+    serve(stream, conn, ctx, limits, permit)
+}
+
+/// Serves a connection on any transport: protocol detection, then the listener's HTTP stack or
+/// its TCP target, with the connection's [`ConnCtx`] shared by all that follows. `held` (e.g.
+/// the connection's permit under the connection limit) is kept until the connection ends.
+pub async fn serve<T: Transport>(
+    mut stream: T,
+    conn: Arc<ConnCtx>,
+    ctx: Arc<ListenerCtx>,
+    limits: Arc<Limits>,
+    held: impl Send,
+) {
+    let _held = held;
+    let _open = ctx.metrics.connection();
+    let peer = conn.peer;
     let protocol = match &ctx.http {
         Some(_) => match detect::detect(&mut stream, limits.detect_timeout).await {
             Ok(p) => p,

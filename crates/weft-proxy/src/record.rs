@@ -25,8 +25,9 @@ pub struct Attempt {
     pub outcome: Outcome,
 }
 
-/// Attempts of one request; the usual handful is kept inline (no allocation per request).
-pub type Attempts = SmallVec<[Attempt; 3]>;
+/// Attempts of one request. The usual single attempt is kept inline (no allocation per
+/// request; the record lives in every in-flight request's future); failover spills to the heap.
+pub type Attempts = SmallVec<[Attempt; 1]>;
 
 impl From<&ProxyError> for Outcome {
     fn from(e: &ProxyError) -> Outcome {

@@ -72,11 +72,22 @@ async fn handle(
         Ok(resp) => resp.map(Either::Left),
         Err(e) => {
             rec.error = Some(e.reason());
-            tracing::warn!(error = %e, reason = e.reason(), peer = %rec.conn.peer, route = ?rec.route, "proxy answered the request itself");
+            tracing::warn!(
+                error = %e,
+                reason = e.reason(),
+                peer = %rec.conn.peer,
+                listener = %rec.conn.listener,
+                route = ?rec.route,
+                attempts = ?rec.attempts,
+                "proxy answered the request itself"
+            );
             error_response(&e, grpc)
         }
     };
     rec.status = resp.status().as_u16();
+    if rec.attempts.len() > 1 {
+        tracing::debug!(peer = %rec.conn.peer, route = ?rec.route, status = rec.status, attempts = ?rec.attempts, "request needed more than one attempt");
+    }
     stack.metrics.request(&rec);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(exchange) = &exchange

@@ -33,18 +33,15 @@ impl Outbound {
             Ok(route) => route,
             Err(e) => return Either::Left(ready(Err(e))),
         };
-        let timeout = route.rule.policy.timeout;
+        let Some(timeout) = route.rule.policy.timeout else {
+            return Either::Right(Either::Left(crate::http::forward(route, req, rec)));
+        };
         let id = route.rule.id.clone();
         let forward = crate::http::forward(route, req, rec);
-        Either::Right(match timeout {
-            None => Either::Left(forward),
-            // Boxed: the timer lives only in requests whose route has a timeout.
-            Some(timeout) => Either::Right(Box::pin(async move {
-                tokio::time::timeout(timeout, forward)
-                    .await
-                    .map_err(|_| ProxyError::RouteTimeout { route: id, timeout })?
-            })),
-        })
+        // Boxed: the timer lives only in requests whose route has a timeout.
+        Either::Right(Either::Right(Box::pin(async move {
+            tokio::time::timeout(timeout, forward).await.map_err(|_| ProxyError::RouteTimeout { route: id, timeout })?
+        })))
     }
 }
 
