@@ -29,6 +29,8 @@ use std::time::Duration;
 use weft_api::names;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
 
+mod fields;
+
 /// Why a resource was rejected; the text goes back to the control plane in the NACK.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind} {name:?}: {reason}")]
@@ -53,33 +55,29 @@ pub enum ConfigError {
     UnsupportedType(String),
 }
 
-/// Fails with the names of the fields set in `msg` (different from their default) that are not
-/// in `supported`. prost messages carry no field names at run time, but their derived `Debug`
-/// does: in its pretty form each top-level field starts a line indented by four spaces.
-fn only_supported<M: std::fmt::Debug + Default>(msg: &M, supported: &[&str], what: &str) -> Result<(), String> {
-    fn fields(text: &str) -> Vec<(&str, String)> {
-        let mut out: Vec<(&str, String)> = Vec::new();
-        for line in text.lines().skip(1) {
-            let top = line.strip_prefix("    ").filter(|r| !r.starts_with(' '));
-            if let Some((name, value)) = top.and_then(|r| r.split_once(": "))
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                out.push((name, value.to_owned()));
-            } else if let Some((_, value)) = out.last_mut() {
-                value.push_str(line);
+/// Fails with the names of the fields set in `msg` that are not in `supported` (proto field
+/// names; a oneof's fields by their own names). A field is set if it is on the wire: proto3
+/// leaves scalars at their default out, and a message-typed field set to an empty message
+/// counts. Field names come from [`fields::FIELDS`]; one missing there is named by number.
+fn only_supported<M: Message + Name>(msg: &M, supported: &[&str], what: &str) -> Result<(), String> {
+    let full_name = M::full_name();
+    let names = fields::FIELDS.iter().find(|(m, _)| *m == full_name).map_or(&[][..], |(_, f)| *f);
+    let bytes = msg.encode_to_vec();
+    let mut wire = bytes.as_slice();
+    let mut set: Vec<String> = Vec::new();
+    while !wire.is_empty() {
+        let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut wire) else { break };
+        let name = names.iter().find(|(t, _)| *t == tag).map(|(_, n)| *n);
+        if name.is_none_or(|n| !supported.contains(&n)) {
+            let label = name.map_or_else(|| format!("field {tag} of {full_name}"), str::to_owned);
+            if !set.contains(&label) {
+                set.push(label);
             }
         }
-        out
+        if prost::encoding::skip_field(wire_type, tag, &mut wire, prost::encoding::DecodeContext::default()).is_err() {
+            break;
+        }
     }
-    let (text, default) = (format!("{msg:#?}"), format!("{:#?}", M::default()));
-    let defaults = fields(&default);
-    let set: Vec<&str> = fields(&text)
-        .into_iter()
-        .filter(|(name, value)| {
-            !supported.contains(name) && defaults.iter().find(|(n, _)| n == name).is_none_or(|(_, d)| d != value)
-        })
-        .map(|(name, _)| name)
-        .collect();
     match set.as_slice() {
         [] => Ok(()),
         [one] => Err(format!("{what} sets {one}, which weft does not support")),
@@ -182,7 +180,7 @@ fn socket_addr(kind: &'static str, name: &str, a: Option<&Address>) -> Result<So
     let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
         return Err(invalid(kind, name, "needs a socket address"));
     };
-    only_supported(sa, &["address", "port_specifier"], "socket address").map_err(|e| invalid(kind, name, e))?;
+    only_supported(sa, &["address", "port_value"], "socket address").map_err(|e| invalid(kind, name, e))?;
     let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
         return Err(invalid(kind, name, "needs a numeric port"));
     };
@@ -248,26 +246,33 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
         }
     }
     for f in &chain.filters {
-        only_supported(f, &["name", "config_type"], &format!("filter {:?}", f.name))?;
+        only_supported(f, &["name", "typed_config"], &format!("filter {:?}", f.name))?;
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
         };
         if cfg.type_url == HttpConnectionManager::type_url() {
             let hcm: HttpConnectionManager = decode(cfg, "Listener").map_err(|e| e.reason)?;
-            only_supported(&hcm, &["stat_prefix", "route_specifier", "http_filters"], "its HTTP connection manager")?;
+            only_supported(
+                &hcm,
+                &["stat_prefix", "rds", "route_config", "http_filters"],
+                "its HTTP connection manager",
+            )?;
             for hf in &hcm.http_filters {
-                let url = match &hf.config_type {
-                    Some(http_filter::ConfigType::TypedConfig(c)) => c.type_url.as_str(),
-                    _ => "",
+                let router = match &hf.config_type {
+                    Some(http_filter::ConfigType::TypedConfig(c)) if c.type_url == Router::type_url() => c,
+                    config => {
+                        let url = match config {
+                            Some(http_filter::ConfigType::TypedConfig(c)) => c.type_url.as_str(),
+                            _ => "no typed_config",
+                        };
+                        return Err(format!(
+                            "HTTP filter {:?} ({url}) is not supported; weft would have to ignore it",
+                            hf.name
+                        ));
+                    }
                 };
-                if url != Router::type_url() {
-                    return Err(format!(
-                        "HTTP filter {:?} ({url}) is not supported; weft would have to ignore it",
-                        hf.name
-                    ));
-                }
-                let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type else { unreachable!() };
-                let router: Router = decode(c, "Listener").map_err(|e| e.reason)?;
+                only_supported(hf, &["name", "typed_config"], &format!("HTTP filter {:?}", hf.name))?;
+                let router: Router = decode(router, "Listener").map_err(|e| e.reason)?;
                 only_supported(&router, &[], &format!("HTTP filter {:?}", hf.name))?;
             }
             def.service.clone_from(&hcm.stat_prefix);
@@ -280,7 +285,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
             });
         } else if cfg.type_url == TcpProxy::type_url() {
             let tcp: TcpProxy = decode(cfg, "Listener").map_err(|e| e.reason)?;
-            only_supported(&tcp, &["stat_prefix", "cluster_specifier", "max_connect_attempts"], "its tcp_proxy")?;
+            only_supported(&tcp, &["stat_prefix", "cluster", "max_connect_attempts"], "its tcp_proxy")?;
             def.tcp_failover = match tcp.max_connect_attempts.map(|a| a.value) {
                 Some(0) => return Err("tcp_proxy max_connect_attempts must be at least 1".into()),
                 Some(n) => Some(Failover { max_endpoints: n as usize }),
@@ -321,9 +326,9 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
         }
         for (i, r) in vh.routes.iter().enumerate() {
             let bad = |reason: String| bad(format!("route {i} {:?}: {reason}", r.name));
-            only_supported(r, &["name", "match", "action"], "it").map_err(bad)?;
+            only_supported(r, &["name", "match", "route"], "it").map_err(bad)?;
             let m = r.r#match.as_ref().ok_or_else(|| bad("route without match".into()))?;
-            only_supported(m, &["path_specifier", "headers"], "its match").map_err(bad)?;
+            only_supported(m, &["prefix", "path", "headers"], "its match").map_err(bad)?;
             let path = match &m.path_specifier {
                 Some(route_match::PathSpecifier::Prefix(p)) => PathDef::Prefix(p.clone()),
                 Some(route_match::PathSpecifier::Path(p)) => PathDef::Exact(p.clone()),
@@ -332,8 +337,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             };
             let mut headers = Vec::new();
             for h in &m.headers {
-                only_supported(h, &["name", "header_match_specifier"], &format!("header match {:?}", h.name))
-                    .map_err(bad)?;
+                only_supported(h, &["name", "string_match"], &format!("header match {:?}", h.name)).map_err(bad)?;
                 let exact = match &h.header_match_specifier {
                     Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => match &sm.match_pattern {
                         Some(string_matcher::MatchPattern::Exact(v)) if !sm.ignore_case => v.clone(),
@@ -351,7 +355,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             let Some(route::Action::Route(action)) = &r.action else {
                 return Err(bad("only route actions are supported".into()));
             };
-            only_supported(action, &["cluster_specifier", "timeout"], "its route action").map_err(bad)?;
+            only_supported(action, &["cluster", "weighted_clusters", "timeout"], "its route action").map_err(bad)?;
             let backends = match &action.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
@@ -386,7 +390,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         &c,
         &[
             "name",
-            "cluster_discovery_type",
+            "type",
             "eds_cluster_config",
             "connect_timeout",
             "lb_policy",
@@ -445,12 +449,8 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
         only_supported(loc, &["locality", "lb_endpoints", "load_balancing_weight"], "a locality").map_err(bad)?;
         let zone = loc.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
         for e in &loc.lb_endpoints {
-            only_supported(
-                e,
-                &["host_identifier", "health_status", "metadata", "load_balancing_weight"],
-                "an endpoint",
-            )
-            .map_err(bad)?;
+            only_supported(e, &["endpoint", "health_status", "metadata", "load_balancing_weight"], "an endpoint")
+                .map_err(bad)?;
             if e.load_balancing_weight.as_ref().is_some_and(|w| w.value != 1) {
                 return Err(bad("endpoint weights other than 1 are not supported".into()));
             }
@@ -636,6 +636,45 @@ mod tests {
         );
         let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
         assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");
+    }
+
+    /// NACKs name fields from the generated table: it must know every message checked.
+    #[test]
+    fn field_names_cover_every_checked_message() {
+        use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+        use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints};
+        use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+        use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, WeightedCluster, weighted_cluster};
+        let checked = [
+            Listener::full_name(),
+            FilterChain::full_name(),
+            FilterChainMatch::full_name(),
+            Filter::full_name(),
+            SocketAddress::full_name(),
+            HttpConnectionManager::full_name(),
+            HttpFilter::full_name(),
+            Router::full_name(),
+            TcpProxy::full_name(),
+            RouteConfiguration::full_name(),
+            VirtualHost::full_name(),
+            Route::full_name(),
+            RouteMatch::full_name(),
+            HeaderMatcher::full_name(),
+            RouteAction::full_name(),
+            WeightedCluster::full_name(),
+            weighted_cluster::ClusterWeight::full_name(),
+            Cluster::full_name(),
+            ClusterLoadAssignment::full_name(),
+            LocalityLbEndpoints::full_name(),
+            LbEndpoint::full_name(),
+            Endpoint::full_name(),
+        ];
+        for m in checked {
+            assert!(
+                fields::FIELDS.iter().any(|(n, _)| *n == m),
+                "{m} is not in config/fields.rs: add it to scripts/gen-xds-field-names"
+            );
+        }
     }
 
     #[test]
