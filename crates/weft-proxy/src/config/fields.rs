@@ -75,6 +75,7 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
         ],
     ),
     ("envoy.config.listener.v3.Filter", &[(1, "name"), (4, "typed_config"), (5, "config_discovery")]),
+    ("envoy.config.core.v3.Address", &[(1, "socket_address"), (2, "pipe"), (3, "envoy_internal_address")]),
     (
         "envoy.config.core.v3.SocketAddress",
         &[
@@ -85,6 +86,18 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
             (5, "resolver_name"),
             (6, "ipv4_compat"),
             (7, "network_namespace_filepath"),
+        ],
+    ),
+    (
+        "envoy.type.matcher.v3.StringMatcher",
+        &[
+            (1, "exact"),
+            (2, "prefix"),
+            (3, "suffix"),
+            (5, "safe_regex"),
+            (6, "ignore_case"),
+            (7, "contains"),
+            (8, "custom"),
         ],
     ),
     (
@@ -155,6 +168,10 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
         &[(1, "name"), (4, "typed_config"), (5, "config_discovery"), (6, "is_optional"), (7, "disabled")],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+        &[(1, "config_source"), (2, "route_config_name")],
     ),
     (
         "envoy.extensions.filters.http.router.v3.Router",
@@ -435,6 +452,7 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
             (62, "queuing_policies"),
         ],
     ),
+    ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &[(1, "eds_config"), (2, "service_name")]),
     (
         "envoy.config.endpoint.v3.ClusterLoadAssignment",
         &[(1, "cluster_name"), (2, "endpoints"), (4, "policy"), (5, "named_endpoints")],

@@ -30,6 +30,7 @@ use weft_api::names;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
 
 mod fields;
+mod schema;
 
 /// Why a resource was rejected; the text goes back to the control plane in the NACK.
 #[derive(Debug, thiserror::Error)]
@@ -53,36 +54,6 @@ pub enum ConfigError {
     Bind { name: String, address: SocketAddr, source: std::io::Error },
     #[error("weft does not handle resource type {0}")]
     UnsupportedType(String),
-}
-
-/// Fails with the names of the fields set in `msg` that are not in `supported` (proto field
-/// names; a oneof's fields by their own names). A field is set if it is on the wire: proto3
-/// leaves scalars at their default out, and a message-typed field set to an empty message
-/// counts. Field names come from [`fields::FIELDS`]; one missing there is named by number.
-fn only_supported<M: Message + Name>(msg: &M, supported: &[&str], what: &str) -> Result<(), String> {
-    let full_name = M::full_name();
-    let names = fields::FIELDS.iter().find(|(m, _)| *m == full_name).map_or(&[][..], |(_, f)| *f);
-    let bytes = msg.encode_to_vec();
-    let mut wire = bytes.as_slice();
-    let mut set: Vec<String> = Vec::new();
-    while !wire.is_empty() {
-        let Ok((tag, wire_type)) = prost::encoding::decode_key(&mut wire) else { break };
-        let name = names.iter().find(|(t, _)| *t == tag).map(|(_, n)| *n);
-        if name.is_none_or(|n| !supported.contains(&n)) {
-            let label = name.map_or_else(|| format!("field {tag} of {full_name}"), str::to_owned);
-            if !set.contains(&label) {
-                set.push(label);
-            }
-        }
-        if prost::encoding::skip_field(wire_type, tag, &mut wire, prost::encoding::DecodeContext::default()).is_err() {
-            break;
-        }
-    }
-    match set.as_slice() {
-        [] => Ok(()),
-        [one] => Err(format!("{what} sets {one}, which weft does not support")),
-        many => Err(format!("{what} sets {}, which weft does not support", many.join(", "))),
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -180,7 +151,6 @@ fn socket_addr(kind: &'static str, name: &str, a: Option<&Address>) -> Result<So
     let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
         return Err(invalid(kind, name, "needs a socket address"));
     };
-    only_supported(sa, &["address", "port_value"], "socket address").map_err(|e| invalid(kind, name, e))?;
     let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
         return Err(invalid(kind, name, "needs a numeric port"));
     };
@@ -202,8 +172,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
     if let Some(lf) = l.listener_filters.first() {
         return Err(bad(format!("listener filter {:?} is not supported", lf.name)));
     }
-    only_supported(&l, &["name", "address", "filter_chains", "traffic_direction", "listener_filters"], "the listener")
-        .map_err(bad)?;
+    schema::check(&any.value, &schema::LISTENER, "").map_err(bad)?;
     let address = socket_addr("Listener", &l.name, l.address.as_ref())?;
     let direction = match TrafficDirection::try_from(l.traffic_direction) {
         Ok(TrafficDirection::Inbound) => Direction::inbound,
@@ -238,25 +207,18 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
     if let Some(ts) = &chain.transport_socket {
         return Err(format!("transport socket {:?} is not supported", ts.name));
     }
-    only_supported(chain, &["name", "filters", "filter_chain_match", "transport_socket"], "it")?;
-    if let Some(m) = &chain.filter_chain_match {
-        only_supported(m, &["application_protocols"], "its filter_chain_match")?;
-        if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
-            return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
-        }
+    if let Some(m) = &chain.filter_chain_match
+        && let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str()))
+    {
+        return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
     }
     for f in &chain.filters {
-        only_supported(f, &["name", "typed_config"], &format!("filter {:?}", f.name))?;
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
         };
         if cfg.type_url == HttpConnectionManager::type_url() {
             let hcm: HttpConnectionManager = decode(cfg, "Listener").map_err(|e| e.reason)?;
-            only_supported(
-                &hcm,
-                &["stat_prefix", "rds", "route_config", "http_filters"],
-                "its HTTP connection manager",
-            )?;
+            schema::check(&cfg.value, &schema::HTTP_CONNECTION_MANAGER, "http_connection_manager")?;
             for hf in &hcm.http_filters {
                 let router = match &hf.config_type {
                     Some(http_filter::ConfigType::TypedConfig(c)) if c.type_url == Router::type_url() => c,
@@ -271,9 +233,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
                         ));
                     }
                 };
-                only_supported(hf, &["name", "typed_config"], &format!("HTTP filter {:?}", hf.name))?;
-                let router: Router = decode(router, "Listener").map_err(|e| e.reason)?;
-                only_supported(&router, &[], &format!("HTTP filter {:?}", hf.name))?;
+                schema::check(&router.value, &schema::ROUTER, "router")?;
             }
             def.service.clone_from(&hcm.stat_prefix);
             def.http = Some(match hcm.route_specifier {
@@ -285,7 +245,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
             });
         } else if cfg.type_url == TcpProxy::type_url() {
             let tcp: TcpProxy = decode(cfg, "Listener").map_err(|e| e.reason)?;
-            only_supported(&tcp, &["stat_prefix", "cluster", "max_connect_attempts"], "its tcp_proxy")?;
+            schema::check(&cfg.value, &schema::TCP_PROXY, "tcp_proxy")?;
             def.tcp_failover = match tcp.max_connect_attempts.map(|a| a.value) {
                 Some(0) => return Err("tcp_proxy max_connect_attempts must be at least 1".into()),
                 Some(n) => Some(Failover { max_endpoints: n as usize }),
@@ -306,18 +266,19 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
 }
 
 pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {
-    route_config(&decode(any, "RouteConfiguration")?)
+    let rc: RouteConfiguration = decode(any, "RouteConfiguration")?;
+    schema::check(&any.value, &schema::ROUTE_CONFIGURATION, "")
+        .map_err(|reason| invalid("RouteConfiguration", &rc.name, reason))?;
+    route_config(&rc)
 }
 
 fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
     let bad = |reason: String| invalid("RouteConfiguration", &rc.name, reason);
-    only_supported(rc, &["name", "virtual_hosts"], "the route configuration").map_err(bad)?;
     let mut rules = Vec::new();
     // Mesh routing has one destination per route table: a request matches regardless of its
     // Host, which only a virtual host for every domain expresses.
     for vh in &rc.virtual_hosts {
         let bad = |reason: String| bad(format!("virtual host {:?}: {reason}", vh.name));
-        only_supported(vh, &["name", "domains", "routes"], "it").map_err(bad)?;
         if vh.domains != ["*"] {
             return Err(bad(format!(
                 "domains {:?} are not supported; weft routes match every host (\"*\")",
@@ -326,9 +287,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
         }
         for (i, r) in vh.routes.iter().enumerate() {
             let bad = |reason: String| bad(format!("route {i} {:?}: {reason}", r.name));
-            only_supported(r, &["name", "match", "route"], "it").map_err(bad)?;
             let m = r.r#match.as_ref().ok_or_else(|| bad("route without match".into()))?;
-            only_supported(m, &["prefix", "path", "headers"], "its match").map_err(bad)?;
             let path = match &m.path_specifier {
                 Some(route_match::PathSpecifier::Prefix(p)) => PathDef::Prefix(p.clone()),
                 Some(route_match::PathSpecifier::Path(p)) => PathDef::Exact(p.clone()),
@@ -337,10 +296,9 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             };
             let mut headers = Vec::new();
             for h in &m.headers {
-                only_supported(h, &["name", "string_match"], &format!("header match {:?}", h.name)).map_err(bad)?;
                 let exact = match &h.header_match_specifier {
                     Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => match &sm.match_pattern {
-                        Some(string_matcher::MatchPattern::Exact(v)) if !sm.ignore_case => v.clone(),
+                        Some(string_matcher::MatchPattern::Exact(v)) => v.clone(),
                         _ => {
                             return Err(bad(format!(
                                 "header {:?}: only exact, case-sensitive matches are supported",
@@ -355,15 +313,11 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
             let Some(route::Action::Route(action)) = &r.action else {
                 return Err(bad("only route actions are supported".into()));
             };
-            only_supported(action, &["cluster", "weighted_clusters", "timeout"], "its route action").map_err(bad)?;
             let backends = match &action.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-                    only_supported(w, &["clusters"], "its weighted_clusters").map_err(bad)?;
                     let mut out = Vec::new();
                     for c in &w.clusters {
-                        only_supported(c, &["name", "weight"], &format!("weighted cluster {:?}", c.name))
-                            .map_err(bad)?;
                         out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
                     }
                     out
@@ -386,25 +340,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     if let Some(ts) = &c.transport_socket {
         return Err(bad(format!("transport socket {:?} is not supported", ts.name)));
     }
-    only_supported(
-        &c,
-        &[
-            "name",
-            "type",
-            "eds_cluster_config",
-            "connect_timeout",
-            "lb_policy",
-            "load_balancing_policy",
-            "load_assignment",
-        ],
-        "the cluster",
-    )
-    .map_err(bad)?;
-    if c.eds_cluster_config.as_ref().is_some_and(|e| !e.service_name.is_empty()) {
-        return Err(
-            bad("eds_cluster_config.service_name is not supported (endpoints are named as the cluster)".into()),
-        );
-    }
+    schema::check(&any.value, &schema::CLUSTER, "").map_err(bad)?;
     // The first policy of load_balancing_policy that weft knows wins; without one, lb_policy.
     let from_list = c.load_balancing_policy.iter().flat_map(|p| &p.policies).find_map(|p| {
         let url = p.typed_extension_config.as_ref()?.typed_config.as_ref()?.type_url.as_str();
@@ -436,6 +372,8 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
 
 pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidResource> {
     let cla: ClusterLoadAssignment = decode(any, "ClusterLoadAssignment")?;
+    schema::check(&any.value, &schema::CLUSTER_LOAD_ASSIGNMENT, "")
+        .map_err(|reason| invalid("ClusterLoadAssignment", &cla.cluster_name, reason))?;
     Ok((cla.cluster_name.clone(), endpoints(&cla)?))
 }
 
@@ -443,21 +381,16 @@ pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidR
 /// need one), so every endpoint weight must be equal.
 fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidResource> {
     let bad = |reason: String| invalid("ClusterLoadAssignment", &cla.cluster_name, reason);
-    only_supported(cla, &["cluster_name", "endpoints"], "the load assignment").map_err(bad)?;
     let mut out = Vec::new();
     for loc in &cla.endpoints {
-        only_supported(loc, &["locality", "lb_endpoints", "load_balancing_weight"], "a locality").map_err(bad)?;
         let zone = loc.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
         for e in &loc.lb_endpoints {
-            only_supported(e, &["endpoint", "health_status", "metadata", "load_balancing_weight"], "an endpoint")
-                .map_err(bad)?;
             if e.load_balancing_weight.as_ref().is_some_and(|w| w.value != 1) {
                 return Err(bad("endpoint weights other than 1 are not supported".into()));
             }
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
                 return Err(bad("endpoint without an address".into()));
             };
-            only_supported(ep, &["address", "hostname"], "an endpoint").map_err(bad)?;
             let address = socket_addr("ClusterLoadAssignment", &cla.cluster_name, ep.address.as_ref())?;
             let healthy =
                 matches!(HealthStatus::try_from(e.health_status), Ok(HealthStatus::Healthy | HealthStatus::Unknown));
@@ -615,19 +548,28 @@ mod tests {
         };
         assert_eq!(
             refused(listener_with(tcp_proxy("b"), by_source, |_| {})),
-            "Listener \"l\": filter chain \"\": its filter_chain_match sets source_ports, which weft does not support"
+            "Listener \"l\": filter_chains[0].filter_chain_match sets source_ports, which weft does not support"
         );
         let retries = RouteAction { retry_policy: Some(RetryPolicy::default()), ..Default::default() };
         assert_eq!(
             route(&pack_any(route_table(retries))).unwrap_err().to_string(),
-            "RouteConfiguration \"backend\": virtual host \"backend\": route 0 \"\": its route action sets \
-             retry_policy, which weft does not support"
+            "RouteConfiguration \"backend\": virtual_hosts[0].routes[0].route sets retry_policy, which weft does not support"
+        );
+        let mirror = RouteAction { request_mirror_policies: vec![Default::default()], ..Default::default() };
+        let mut inline = hcm(vec![]);
+        let mut h = HttpConnectionManager::decode(inline.value.as_slice()).unwrap();
+        h.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(route_table(mirror)));
+        inline.value = h.encode_to_vec();
+        assert_eq!(
+            refused(listener_with(inline, |c| c.name = "http".into(), |_| {})),
+            "Listener \"l\": filter chain \"http\": http_connection_manager.route_config.virtual_hosts[0].routes[0].route \
+             sets request_mirror_policies, which weft does not support"
         );
         let mut c = Cluster { name: "c".into(), ..Default::default() };
         c.circuit_breakers = Some(CircuitBreakers::default());
         assert_eq!(
             cluster(&pack_any(c.clone())).unwrap_err().to_string(),
-            "Cluster \"c\": the cluster sets circuit_breakers, which weft does not support"
+            "Cluster \"c\": it sets circuit_breakers, which weft does not support"
         );
         c.transport_socket = Some(tls);
         assert_eq!(
@@ -636,45 +578,6 @@ mod tests {
         );
         let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
         assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");
-    }
-
-    /// NACKs name fields from the generated table: it must know every message checked.
-    #[test]
-    fn field_names_cover_every_checked_message() {
-        use envoy_types::pb::envoy::config::core::v3::SocketAddress;
-        use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints};
-        use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
-        use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, WeightedCluster, weighted_cluster};
-        let checked = [
-            Listener::full_name(),
-            FilterChain::full_name(),
-            FilterChainMatch::full_name(),
-            Filter::full_name(),
-            SocketAddress::full_name(),
-            HttpConnectionManager::full_name(),
-            HttpFilter::full_name(),
-            Router::full_name(),
-            TcpProxy::full_name(),
-            RouteConfiguration::full_name(),
-            VirtualHost::full_name(),
-            Route::full_name(),
-            RouteMatch::full_name(),
-            HeaderMatcher::full_name(),
-            RouteAction::full_name(),
-            WeightedCluster::full_name(),
-            weighted_cluster::ClusterWeight::full_name(),
-            Cluster::full_name(),
-            ClusterLoadAssignment::full_name(),
-            LocalityLbEndpoints::full_name(),
-            LbEndpoint::full_name(),
-            Endpoint::full_name(),
-        ];
-        for m in checked {
-            assert!(
-                fields::FIELDS.iter().any(|(n, _)| *n == m),
-                "{m} is not in config/fields.rs: add it to scripts/gen-xds-field-names"
-            );
-        }
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! What the proxy honours of each xDS message, checked on the wire before decoding.
+//!
+//! A resource is walked field by field in its encoded form: a field not listed in its
+//! message's [`Schema`] makes the resource a NACK naming the field and where it is
+//! (`filter_chains[0].filter_chain_match sets source_ports`). Fields whose meaning depends on
+//! their value (an HTTP filter's type, a transport socket) are listed here and refused by the
+//! decoder in `config`, which can name them better.
+use super::fields::FIELDS;
+use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+
+pub enum Field {
+    /// Honoured as it is.
+    Plain(&'static str),
+    /// A message field, itself checked.
+    Message(&'static str, &'static Schema),
+    /// A repeated message field, each element checked.
+    Repeated(&'static str, &'static Schema),
+}
+
+impl Field {
+    fn name(&self) -> &'static str {
+        match self {
+            Field::Plain(n) | Field::Message(n, _) | Field::Repeated(n, _) => n,
+        }
+    }
+}
+
+/// The fields of one message (by its full protobuf name) that the proxy honours.
+pub struct Schema {
+    pub message: &'static str,
+    pub fields: &'static [Field],
+}
+
+/// Walks `wire`, an encoded `schema.message`, and fails with every field it sets that the
+/// schema does not list. `at` says where the message is, for the error ("" at the top).
+pub fn check(wire: &[u8], schema: &Schema, at: &str) -> Result<(), String> {
+    let names = FIELDS.iter().find(|(m, _)| *m == schema.message).map_or(&[][..], |(_, f)| *f);
+    let mut wire = wire;
+    let mut unsupported: Vec<String> = Vec::new();
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    let malformed = |e: prost::DecodeError| format!("{} cannot be decoded: {e}", where_(at));
+    while !wire.is_empty() {
+        let (tag, wire_type) = decode_key(&mut wire).map_err(malformed)?;
+        let name = names.iter().find(|(t, _)| *t == tag).map(|(_, n)| *n);
+        let field = name.and_then(|n| schema.fields.iter().find(|f| f.name() == n));
+        let nested = match field {
+            Some(Field::Message(n, s)) => Some((*n, *s, None)),
+            Some(Field::Repeated(n, s)) => {
+                let i = match counts.iter_mut().find(|(t, _)| *t == tag) {
+                    Some((_, c)) => {
+                        *c += 1;
+                        *c - 1
+                    }
+                    None => {
+                        counts.push((tag, 1));
+                        0
+                    }
+                };
+                Some((*n, *s, Some(i)))
+            }
+            Some(Field::Plain(_)) => None,
+            None => {
+                let label = name.map_or_else(|| format!("field {tag} of {}", schema.message), str::to_owned);
+                if !unsupported.contains(&label) {
+                    unsupported.push(label);
+                }
+                None
+            }
+        };
+        match nested {
+            Some((n, child, index)) if wire_type == WireType::LengthDelimited => {
+                let len = decode_varint(&mut wire).map_err(malformed)? as usize;
+                if len > wire.len() {
+                    return Err(format!("{} cannot be decoded: truncated", where_(at)));
+                }
+                let (inner, rest) = wire.split_at(len);
+                wire = rest;
+                let sep = if at.is_empty() { "" } else { "." };
+                let path = match index {
+                    Some(i) => format!("{at}{sep}{n}[{i}]"),
+                    None => format!("{at}{sep}{n}"),
+                };
+                check(inner, child, &path)?;
+            }
+            _ => skip_field(wire_type, tag, &mut wire, DecodeContext::default()).map_err(malformed)?,
+        }
+    }
+    match unsupported.as_slice() {
+        [] => Ok(()),
+        [one] => Err(format!("{} sets {one}, which weft does not support", where_(at))),
+        many => Err(format!("{} sets {}, which weft does not support", where_(at), many.join(", "))),
+    }
+}
+
+fn where_(at: &str) -> &str {
+    if at.is_empty() { "it" } else { at }
+}
+
+use Field::{Message, Plain, Repeated};
+
+static ADDRESS: Schema =
+    Schema { message: "envoy.config.core.v3.Address", fields: &[Message("socket_address", &SOCKET_ADDRESS)] };
+static SOCKET_ADDRESS: Schema =
+    Schema { message: "envoy.config.core.v3.SocketAddress", fields: &[Plain("address"), Plain("port_value")] };
+
+/// Listener filters and transport sockets are refused by name in the decoder.
+pub static LISTENER: Schema = Schema {
+    message: "envoy.config.listener.v3.Listener",
+    fields: &[
+        Plain("name"),
+        Message("address", &ADDRESS),
+        Repeated("filter_chains", &FILTER_CHAIN),
+        Plain("traffic_direction"),
+        Plain("listener_filters"),
+    ],
+};
+static FILTER_CHAIN: Schema = Schema {
+    message: "envoy.config.listener.v3.FilterChain",
+    fields: &[
+        Plain("name"),
+        Repeated("filters", &FILTER),
+        Message("filter_chain_match", &FILTER_CHAIN_MATCH),
+        Plain("transport_socket"),
+    ],
+};
+/// The proxy detects the protocol itself: a chain may be matched on it, nothing else.
+static FILTER_CHAIN_MATCH: Schema =
+    Schema { message: "envoy.config.listener.v3.FilterChainMatch", fields: &[Plain("application_protocols")] };
+/// `typed_config` is decoded by its type URL in the decoder (HCM, tcp_proxy; others refused).
+static FILTER: Schema =
+    Schema { message: "envoy.config.listener.v3.Filter", fields: &[Plain("name"), Plain("typed_config")] };
+
+pub static HTTP_CONNECTION_MANAGER: Schema = Schema {
+    message: "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    fields: &[
+        Plain("stat_prefix"),
+        Message("rds", &RDS),
+        Message("route_config", &ROUTE_CONFIGURATION),
+        Repeated("http_filters", &HTTP_FILTER),
+    ],
+};
+static RDS: Schema = Schema {
+    message: "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+    fields: &[Plain("route_config_name"), Plain("config_source")],
+};
+/// Only the router is accepted, by its type URL in the decoder.
+static HTTP_FILTER: Schema = Schema {
+    message: "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
+    fields: &[Plain("name"), Plain("typed_config")],
+};
+pub static ROUTER: Schema = Schema { message: "envoy.extensions.filters.http.router.v3.Router", fields: &[] };
+pub static TCP_PROXY: Schema = Schema {
+    message: "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+    fields: &[Plain("stat_prefix"), Plain("cluster"), Plain("max_connect_attempts")],
+};
+
+pub static ROUTE_CONFIGURATION: Schema = Schema {
+    message: "envoy.config.route.v3.RouteConfiguration",
+    fields: &[Plain("name"), Repeated("virtual_hosts", &VIRTUAL_HOST)],
+};
+static VIRTUAL_HOST: Schema = Schema {
+    message: "envoy.config.route.v3.VirtualHost",
+    fields: &[Plain("name"), Plain("domains"), Repeated("routes", &ROUTE)],
+};
+static ROUTE: Schema = Schema {
+    message: "envoy.config.route.v3.Route",
+    fields: &[Plain("name"), Message("match", &ROUTE_MATCH), Message("route", &ROUTE_ACTION)],
+};
+static ROUTE_MATCH: Schema = Schema {
+    message: "envoy.config.route.v3.RouteMatch",
+    fields: &[Plain("prefix"), Plain("path"), Repeated("headers", &HEADER_MATCHER)],
+};
+static HEADER_MATCHER: Schema = Schema {
+    message: "envoy.config.route.v3.HeaderMatcher",
+    fields: &[Plain("name"), Message("string_match", &STRING_MATCHER)],
+};
+static STRING_MATCHER: Schema = Schema { message: "envoy.type.matcher.v3.StringMatcher", fields: &[Plain("exact")] };
+static ROUTE_ACTION: Schema = Schema {
+    message: "envoy.config.route.v3.RouteAction",
+    fields: &[Plain("cluster"), Message("weighted_clusters", &WEIGHTED_CLUSTER), Plain("timeout")],
+};
+static WEIGHTED_CLUSTER: Schema =
+    Schema { message: "envoy.config.route.v3.WeightedCluster", fields: &[Repeated("clusters", &CLUSTER_WEIGHT)] };
+static CLUSTER_WEIGHT: Schema = Schema {
+    message: "envoy.config.route.v3.WeightedCluster.ClusterWeight",
+    fields: &[Plain("name"), Plain("weight")],
+};
+
+/// `load_balancing_policy` lists policies in order of preference; the decoder takes the first
+/// it knows, as Envoy does. Transport sockets are refused by name in the decoder.
+pub static CLUSTER: Schema = Schema {
+    message: "envoy.config.cluster.v3.Cluster",
+    fields: &[
+        Plain("name"),
+        Plain("type"),
+        Message("eds_cluster_config", &EDS_CLUSTER_CONFIG),
+        Plain("connect_timeout"),
+        Plain("lb_policy"),
+        Plain("load_balancing_policy"),
+        Message("load_assignment", &CLUSTER_LOAD_ASSIGNMENT),
+        Plain("transport_socket"),
+    ],
+};
+static EDS_CLUSTER_CONFIG: Schema =
+    Schema { message: "envoy.config.cluster.v3.Cluster.EdsClusterConfig", fields: &[Plain("eds_config")] };
+
+pub static CLUSTER_LOAD_ASSIGNMENT: Schema = Schema {
+    message: "envoy.config.endpoint.v3.ClusterLoadAssignment",
+    fields: &[Plain("cluster_name"), Repeated("endpoints", &LOCALITY_LB_ENDPOINTS)],
+};
+/// Localities are balanced as one set: their weights are accepted and not used.
+static LOCALITY_LB_ENDPOINTS: Schema = Schema {
+    message: "envoy.config.endpoint.v3.LocalityLbEndpoints",
+    fields: &[Plain("locality"), Repeated("lb_endpoints", &LB_ENDPOINT), Plain("load_balancing_weight")],
+};
+/// Endpoint weights other than 1 are refused by the decoder.
+static LB_ENDPOINT: Schema = Schema {
+    message: "envoy.config.endpoint.v3.LbEndpoint",
+    fields: &[
+        Message("endpoint", &ENDPOINT),
+        Plain("health_status"),
+        Plain("metadata"),
+        Plain("load_balancing_weight"),
+    ],
+};
+static ENDPOINT: Schema =
+    Schema { message: "envoy.config.endpoint.v3.Endpoint", fields: &[Message("address", &ADDRESS), Plain("hostname")] };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every schema's message and fields must be in the generated table, or checks would
+    /// refuse fields the proxy honours.
+    #[test]
+    fn every_schema_field_is_in_the_generated_table() {
+        fn visit(s: &Schema, seen: &mut Vec<&'static str>) {
+            if seen.contains(&s.message) {
+                return;
+            }
+            seen.push(s.message);
+            let names = FIELDS.iter().find(|(m, _)| *m == s.message).map(|(_, f)| *f);
+            let names = names
+                .unwrap_or_else(|| panic!("{} is not in fields.rs: add it to scripts/gen-xds-field-names", s.message));
+            for f in s.fields {
+                assert!(names.iter().any(|(_, n)| *n == f.name()), "{} has no field {}", s.message, f.name());
+                if let Field::Message(_, c) | Field::Repeated(_, c) = f {
+                    visit(c, seen);
+                }
+            }
+        }
+        let mut seen = Vec::new();
+        for s in [
+            &LISTENER,
+            &HTTP_CONNECTION_MANAGER,
+            &ROUTER,
+            &TCP_PROXY,
+            &ROUTE_CONFIGURATION,
+            &CLUSTER,
+            &CLUSTER_LOAD_ASSIGNMENT,
+        ] {
+            visit(s, &mut seen);
+        }
+        assert!(seen.len() > 20, "{seen:?}");
+    }
+}
