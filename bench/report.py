@@ -49,6 +49,8 @@ METRICS = [
     ("rss_idle", "Proxy RSS, idle after startup (sum over the configuration's proxy processes)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_conns", "Proxy RSS with idle keep-alive client connections held open", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_load", "Proxy RSS under load (peak of 0.5 s samples during the wrk runs)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
+    ("rss_idle_anon", "Proxy anonymous RSS (heap, stacks; RssAnon), idle after startup", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
+    ("rss_conns_anon", "Proxy anonymous RSS with idle keep-alive client connections held open", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
 ]
 
 SUMMARY = [
@@ -215,7 +217,8 @@ def main():
         out.append("\n## This build vs the baseline build (same run)\n")
         out.append("Ratio of medians, this build ÷ baseline: below 1.00 is better for CPU and RSS, "
                    "above 1.00 is better for throughput.\n")
-        keys = ["cpu_0", "cpu_1k", "cpu_64k", "rps_h1_1k", "rps_h2_1k", "rss_idle", "rss_conns", "rss_load"]
+        keys = ["cpu_0", "cpu_1k", "cpu_64k", "rps_h1_1k", "rps_h2_1k", "rss_idle", "rss_conns", "rss_load",
+                "rss_idle_anon", "rss_conns_anon"]
         out.append("| figure | " + " | ".join(f"{c} ÷ {b}" for c, b in pairs) + " |")
         out.append("|---|" + "---:|" * len(pairs))
         for key in keys:
