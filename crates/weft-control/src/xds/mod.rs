@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::names;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
@@ -57,7 +58,12 @@ impl AggregatedDiscoveryService for Ads {
 }
 
 impl Ads {
-    fn spawn<F: Flavor>(&self, inbound: Streaming<F::Req>) -> ReceiverStream<Result<F::Resp, Status>> {
+    /// Serves one ADS stream in a task of its own: requests from `inbound`, responses to the
+    /// stream returned. Any stream of requests will do (tonic's, or a channel in tests).
+    fn spawn<F: Flavor>(
+        &self,
+        inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin + Send + 'static,
+    ) -> ReceiverStream<Result<F::Resp, Status>> {
         let (tx, rx) = mpsc::channel(8);
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let mesh = self.mesh.clone();
@@ -240,14 +246,14 @@ trait Flavor: Send + 'static {
 
 async fn serve<F: Flavor>(
     s: &mut Session,
-    mut inbound: Streaming<F::Req>,
+    mut inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin,
     tx: &mpsc::Sender<Result<F::Resp, Status>>,
 ) -> Result<(), Status> {
     let mut updates = s.mesh.subscribe();
     loop {
         tokio::select! {
-            msg = inbound.message() => {
-                let Some(req) = msg? else { return Ok(()) };
+            msg = inbound.next() => {
+                let Some(req) = msg.transpose()? else { return Ok(()) };
                 s.identify(F::node(&req))?;
                 if let Some(resp) = F::request(s, req)
                     && tx.send(Ok(resp)).await.is_err() {
@@ -399,3 +405,6 @@ impl Flavor for Delta {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
