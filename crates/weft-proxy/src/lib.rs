@@ -30,6 +30,8 @@ pub mod record;
 pub mod route;
 pub mod stack;
 mod tcp;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 mod xds;
 

@@ -40,3 +40,61 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
     }
     metrics.tcp(&rec);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::ClusterManager;
+    use crate::config::{ClusterDef, EndpointDef};
+    use crate::context::Direction;
+    use crate::metrics::Metrics;
+    use crate::testing::{Behaviour, ClientStream, FakeEndpoints, addr};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_api::resource::LoadBalancer;
+
+    /// Opaque TCP fails over through the same function as HTTP: a refused endpoint is passed
+    /// over for the next, and the bytes then flow both ways.
+    #[tokio::test(start_paused = true)]
+    async fn connect_refused_fails_over_and_bytes_flow() {
+        let fakes = Arc::new(FakeEndpoints::default());
+        let refused = fakes.add(addr(10), Behaviour::Refuse);
+        let echo = fakes.add(addr(11), Behaviour::Echo);
+        let clusters = ClusterManager::new(fakes);
+        let endpoints = [10, 11].map(|p| EndpointDef {
+            address: addr(p),
+            healthy: true,
+            zone: String::new(),
+            labels: Default::default(),
+        });
+        clusters.update(&[ClusterDef {
+            name: "db".into(),
+            load_balancer: LoadBalancer::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            static_endpoints: Some(endpoints.to_vec()),
+        }]);
+        let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default() };
+        let metrics = Metrics::new().traffic(Direction::outbound, "db");
+        let conn = ConnCtx {
+            peer: addr(1),
+            local: addr(2),
+            direction: Direction::outbound,
+            listener: "db".into(),
+            service: "db".into(),
+            peer_identity: None,
+        };
+        let (mut client, proxy_side) = tokio::io::duplex(1024);
+        let forwarding =
+            tokio::spawn(async move { forward(ClientStream::new(proxy_side), &conn, &target, &metrics).await });
+        client.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        drop(client);
+        forwarding.await.unwrap();
+        assert_eq!(refused.connects.load(Ordering::Relaxed), 1);
+        assert_eq!(echo.connects.load(Ordering::Relaxed), 1);
+    }
+}

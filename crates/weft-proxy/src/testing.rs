@@ -1,0 +1,160 @@
+//! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
+//! client connection in memory. With tokio's clock paused, everything they do is
+//! deterministic: time moves only when every task waits on a timer.
+use crate::transport::{BoxedIo, Connect, ConnectFuture, Transport};
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+
+/// How a fake endpoint behaves.
+#[derive(Clone, Copy)]
+pub enum Behaviour {
+    /// Refuses connections.
+    Refuse,
+    /// Accepts the connection but never completes the connect.
+    Hang,
+    /// Answers every request `200` with its name, after `delay`.
+    Answer { delay: Duration },
+    /// Reads a request head, then closes the connection without answering.
+    Reset,
+    /// Sends back every byte it gets (opaque TCP).
+    Echo,
+}
+
+#[derive(Default)]
+pub struct Counts {
+    pub connects: AtomicUsize,
+    pub requests: AtomicUsize,
+}
+
+/// Upstream endpoints in memory, by address.
+#[derive(Default)]
+pub struct FakeEndpoints {
+    endpoints: Mutex<HashMap<SocketAddr, (Behaviour, Arc<Counts>)>>,
+}
+
+impl FakeEndpoints {
+    pub fn add(&self, addr: SocketAddr, behaviour: Behaviour) -> Arc<Counts> {
+        let counts = Arc::new(Counts::default());
+        self.endpoints.lock().unwrap().insert(addr, (behaviour, counts.clone()));
+        counts
+    }
+}
+
+impl Connect for FakeEndpoints {
+    fn connect(&self, addr: SocketAddr) -> ConnectFuture {
+        let (behaviour, counts) = self.endpoints.lock().unwrap()[&addr].clone();
+        counts.connects.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let (proxy_side, mut app_side) = tokio::io::duplex(64 * 1024);
+            match behaviour {
+                Behaviour::Refuse => return Err(std::io::ErrorKind::ConnectionRefused.into()),
+                Behaviour::Hang => std::future::pending::<()>().await,
+                Behaviour::Reset => drop(tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut buf = [0u8; 1024];
+                        match app_side.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counts.requests.fetch_add(1, Ordering::Relaxed);
+                })),
+                Behaviour::Echo => drop(tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = app_side.read(&mut buf).await {
+                        if app_side.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                })),
+                Behaviour::Answer { delay } => drop(tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let counts = counts.clone();
+                        async move {
+                            counts.requests.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(addr.to_string()))))
+                        }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(app_side), svc).await;
+                })),
+            }
+            Ok(Box::new(proxy_side) as BoxedIo)
+        })
+    }
+}
+
+/// The client's side of the proxy: an in-memory stream that can be peeked at.
+pub struct ClientStream {
+    inner: DuplexStream,
+    /// Bytes read ahead by `peek`/`readable`, handed out first.
+    ahead: Vec<u8>,
+}
+
+impl ClientStream {
+    pub fn new(inner: DuplexStream) -> ClientStream {
+        ClientStream { inner, ahead: Vec::new() }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<()> {
+        if self.ahead.is_empty() {
+            self.inner.read_buf(&mut self.ahead).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Transport for ClientStream {
+    async fn peek(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.fill().await?;
+        let n = buf.len().min(self.ahead.len());
+        buf[..n].copy_from_slice(&self.ahead[..n]);
+        Ok(n)
+    }
+
+    async fn readable(&mut self) -> std::io::Result<()> {
+        self.fill().await
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.ahead.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = buf.remaining().min(self.ahead.len());
+        buf.put_slice(&self.ahead[..n]);
+        self.ahead.drain(..n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+pub fn addr(n: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], n))
+}
