@@ -202,10 +202,13 @@ impl Snapshot {
         }
         for up in &reg.upstreams {
             let name = names::outbound_listener(&up.service, &up.listen);
-            // A service nobody declared or registered has no route table in RDS: its listener
-            // carries one inline, to a cluster that does not exist, so the proxy answers such
-            // requests with a clear error (unknown-cluster) until the service appears.
-            let http = if self.protocols.contains_key(&up.service) {
+            // Invariant: the listener names a RouteConfiguration in RDS exactly when RDS serves
+            // one of that name. A service nobody declared or registered has none, so its
+            // listener carries the same default route inline, to a cluster that does not exist:
+            // the proxy answers such requests with a clear error (unknown-cluster) until the
+            // service appears. The listener's bytes differ between the two, so creating or
+            // deleting the service re-pushes it.
+            let http = if self.global[&Type::Route].contains_key(&up.service) {
                 HttpRoutes::Rds(&up.service)
             } else {
                 HttpRoutes::Inline(Box::new(route_config(&up.service, &[])))

@@ -5,15 +5,18 @@ use super::*;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager,
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
-use envoy_types::pb::google::protobuf::{Struct, Value};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::google::protobuf::{Any, Struct, Value};
 use prost::{Message, Name};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::registry::Upstream;
-use weft_api::resource::{Kind, Resource};
+use weft_api::resource::{Kind, Resource as WeftResource};
 
 /// A mesh on a scratch directory, removed on drop.
 struct TestMesh {
@@ -34,11 +37,18 @@ impl TestMesh {
         let doc = serde_json::json!({
             "apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": name}, "spec": {}
         });
-        self.ads.mesh.apply(vec![Resource::from_json(0, doc).unwrap()]).unwrap();
+        self.ads.mesh.apply(vec![WeftResource::from_json(0, doc).unwrap()]).unwrap();
     }
 
     fn delete_service(&self, name: &str) {
         assert!(self.ads.mesh.delete(Kind::Service, name).unwrap());
+    }
+
+    /// What `weft get proxies` shows for the only connected proxy.
+    fn proxy_status(&self) -> ProxyStatus {
+        let proxies = self.ads.mesh.proxies();
+        assert_eq!(proxies.len(), 1, "{proxies:?}");
+        proxies.into_iter().next().unwrap()
     }
 
     fn stream<F: Flavor>(&self) -> Client<F> {
@@ -54,19 +64,52 @@ impl Drop for TestMesh {
     }
 }
 
+/// The resource type a response carries.
+trait TypeUrl {
+    fn type_url(&self) -> &str;
+}
+
+impl TypeUrl for DiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+}
+
+impl TypeUrl for DeltaDiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+}
+
 struct Client<F: Flavor> {
     tx: mpsc::Sender<Result<F::Req, Status>>,
     responses: mpsc::Receiver<Result<F::Resp, Status>>,
 }
 
-impl<F: Flavor> Client<F> {
+impl<F: Flavor> Client<F>
+where
+    F::Resp: TypeUrl,
+{
     async fn send(&self, req: F::Req) {
         self.tx.send(Ok(req)).await.unwrap();
     }
 
+    /// The next response; the timeout is only a safety net against a hung test.
     async fn next(&mut self) -> F::Resp {
         let next = tokio::time::timeout(Duration::from_secs(30), self.responses.recv()).await;
         next.expect("a response").expect("the stream is open").expect("not an error")
+    }
+
+    /// Exactly one response for each of `types`, in whatever order the server sends them.
+    async fn next_of(&mut self, types: &[String]) -> BTreeMap<String, F::Resp> {
+        let mut got = BTreeMap::new();
+        while got.len() < types.len() {
+            let resp = self.next().await;
+            let t = resp.type_url().to_owned();
+            assert!(types.contains(&t), "unexpected response for {t}");
+            assert!(got.insert(t.clone(), resp).is_none(), "two responses for {t}");
+        }
+        got
     }
 
     /// Whether the stream stays quiet (checked once every task has gone idle).
@@ -75,114 +118,179 @@ impl<F: Flavor> Client<F> {
     }
 }
 
-/// A sidecar's node: service `frontend` with an inbound listener, calling `backend`.
+const INBOUND_ADDR: &str = "127.0.0.1:7001";
+const BACKEND_ADDR: &str = "127.0.0.1:7100";
+
+/// A sidecar's node, shaped as weft-proxy sends it: service `frontend` with an inbound
+/// listener, calling `backend` on a local port.
 fn sidecar_node() -> Node {
     let registration = InstanceRegistration {
         service: Some("frontend".into()),
-        inbound: Some("127.0.0.1:7001".into()),
+        inbound: Some(INBOUND_ADDR.into()),
         app: Some("127.0.0.1:7000".into()),
         admin: None,
         labels: Default::default(),
-        upstreams: vec![Upstream { service: "backend".into(), listen: "127.0.0.1:7100".into() }],
+        upstreams: vec![Upstream { service: "backend".into(), listen: BACKEND_ADDR.into() }],
         healthy: true,
     };
     let value = Value { kind: Some(value::Kind::StringValue(serde_json::to_string(&registration).unwrap())) };
     Node {
         id: "frontend-0".into(),
+        cluster: "frontend".into(),
+        user_agent_name: "weft".into(),
         metadata: Some(Struct { fields: [(names::NODE_METADATA_KEY.to_owned(), value)].into() }),
         ..Default::default()
     }
 }
 
-fn sotw(type_url: String, node: Option<Node>) -> DiscoveryRequest {
-    DiscoveryRequest { node, type_url, ..Default::default() }
+fn inbound_name() -> String {
+    names::inbound_listener(INBOUND_ADDR)
 }
 
-fn ack(resp: &DiscoveryResponse) -> DiscoveryRequest {
+fn outbound_name() -> String {
+    names::outbound_listener("backend", BACKEND_ADDR)
+}
+
+fn decode<M: Message + Default>(any: &Any) -> M {
+    M::decode(any.value.as_slice()).unwrap()
+}
+
+/// The typed config of the listener's filter of type `M`.
+fn filter_config<M: Message + Name + Default>(l: &Listener) -> M {
+    let mut configs = l.filter_chains.iter().flat_map(|c| &c.filters).filter_map(|f| match &f.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => Some(any),
+        _ => None,
+    });
+    let any = configs.find(|any| any.type_url == M::type_url());
+    decode(any.unwrap_or_else(|| panic!("{} has no {} filter", l.name, M::full_name())))
+}
+
+fn route_specifier(l: &Listener) -> RouteSpecifier {
+    filter_config::<HttpConnectionManager>(l).route_specifier.expect("a route specifier")
+}
+
+/// Checks the listener carries the traffic of `service` in `direction`.
+fn assert_carries(l: &Listener, direction: TrafficDirection, service: &str) {
+    assert_eq!(l.traffic_direction, direction as i32, "{}", l.name);
+    assert_eq!(filter_config::<HttpConnectionManager>(l).stat_prefix, service, "{}", l.name);
+    assert_eq!(filter_config::<TcpProxy>(l).stat_prefix, service, "{}", l.name);
+}
+
+/// Checks the outbound listener routes `backend` inline: one default route to the cluster of
+/// that name, as for a service that does not exist.
+fn assert_inline_backend_route(l: &Listener) {
+    let RouteSpecifier::RouteConfig(rc) = route_specifier(l) else { panic!("{} should route inline", l.name) };
+    assert_eq!(rc.name, "backend");
+    let routes: Vec<_> = rc.virtual_hosts.iter().flat_map(|vh| &vh.routes).collect();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    let Some(route::Action::Route(action)) = &routes[0].action else { panic!("{routes:?}") };
+    assert_eq!(action.cluster_specifier, Some(route_action::ClusterSpecifier::Cluster("backend".into())));
+}
+
+fn assert_rds_backend_route(l: &Listener) {
+    let RouteSpecifier::Rds(rds) = route_specifier(l) else { panic!("{} should use RDS", l.name) };
+    assert_eq!(rds.route_config_name, "backend");
+}
+
+fn sotw(type_url: String, resource_names: &[&str], node: Option<Node>) -> DiscoveryRequest {
+    let resource_names = resource_names.iter().map(|&n| n.to_owned()).collect();
+    DiscoveryRequest { node, type_url, resource_names, ..Default::default() }
+}
+
+/// The ACK of `resp`: its nonce and version, with the subscription unchanged.
+fn ack(resp: &DiscoveryResponse, resource_names: &[&str]) -> DiscoveryRequest {
     DiscoveryRequest {
-        type_url: resp.type_url.clone(),
         version_info: resp.version_info.clone(),
         response_nonce: resp.nonce.clone(),
-        ..Default::default()
+        ..sotw(resp.type_url.clone(), resource_names, None)
     }
 }
 
-fn names_of<M: Message + Default>(resp: &DiscoveryResponse, name: fn(&M) -> String) -> Vec<String> {
-    resp.resources.iter().map(|a| name(&M::decode(a.value.as_slice()).unwrap())).collect()
+fn names_of<M: Message + Default>(resp: &DiscoveryResponse, name: fn(M) -> String) -> Vec<String> {
+    resp.resources.iter().map(|a| name(decode(a))).collect()
 }
 
-fn listeners(resp: &DiscoveryResponse) -> Vec<Listener> {
-    resp.resources.iter().map(|a| Listener::decode(a.value.as_slice()).unwrap()).collect()
-}
-
-fn hcm(l: &Listener) -> HttpConnectionManager {
-    let f = &l.filter_chains[0].filters[0];
-    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!("{f:?}") };
-    HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+fn listeners(resp: &DiscoveryResponse) -> BTreeMap<String, Listener> {
+    resp.resources.iter().map(decode::<Listener>).map(|l| (l.name.clone(), l)).collect()
 }
 
 #[tokio::test(start_paused = true)]
 async fn state_of_the_world_stream() {
     let m = TestMesh::new("sotw");
     let mut c = m.stream::<Sotw>();
+    let (cds_url, lds_url, rds_url) = (Cluster::type_url(), Listener::type_url(), RouteConfiguration::type_url());
+    let routes = ["backend", "frontend"];
 
     // Clusters first, as proxies ask: the sidecar's own service and its app's static cluster.
-    c.send(sotw(Cluster::type_url(), Some(sidecar_node()))).await;
+    c.send(sotw(cds_url.clone(), &[], Some(sidecar_node()))).await;
     let cds = c.next().await;
-    assert_eq!(names_of::<Cluster>(&cds, |c| c.name.clone()), ["frontend", names::INBOUND_CLUSTER]);
-    c.send(ack(&cds)).await;
+    assert_eq!(names_of(&cds, |c: Cluster| c.name), ["frontend", names::INBOUND_CLUSTER]);
+    c.send(ack(&cds, &[])).await;
     assert!(c.quiet().await, "an ACK calls for no response");
+    assert_eq!(m.proxy_status().acked.get(&cds_url), Some(&cds.version_info));
 
     // Listeners: direction and service set; `backend` does not exist, so its route is inline.
-    c.send(sotw(Listener::type_url(), None)).await;
+    c.send(sotw(lds_url.clone(), &[], None)).await;
     let lds = c.next().await;
     let ls = listeners(&lds);
-    let inbound = ls.iter().find(|l| l.name == names::inbound_listener("127.0.0.1:7001")).unwrap();
-    let outbound = ls.iter().find(|l| l.name == names::outbound_listener("backend", "127.0.0.1:7100")).unwrap();
-    assert_eq!(inbound.traffic_direction, TrafficDirection::Inbound as i32);
-    assert_eq!(outbound.traffic_direction, TrafficDirection::Outbound as i32);
-    assert_eq!(hcm(inbound).stat_prefix, "frontend");
-    assert_eq!(hcm(outbound).stat_prefix, "backend");
-    assert!(matches!(hcm(outbound).route_specifier, Some(http_connection_manager::RouteSpecifier::RouteConfig(_))));
+    assert_eq!(ls.keys().cloned().collect::<Vec<_>>(), [inbound_name(), outbound_name()]);
+    assert_carries(&ls[&inbound_name()], TrafficDirection::Inbound, "frontend");
+    assert_carries(&ls[&outbound_name()], TrafficDirection::Outbound, "backend");
+    assert_inline_backend_route(&ls[&outbound_name()]);
 
     // A NACK is recorded for the proxy, with its reason, and answered with nothing.
-    let mut nack = ack(&lds);
+    let mut nack = ack(&lds, &[]);
     nack.error_detail =
         Some(RpcStatus { code: 3, message: "HTTP filter \"x\" is not supported".into(), details: vec![] });
     c.send(nack).await;
     assert!(c.quiet().await);
-    let proxies = m.ads.mesh.proxies();
-    assert_eq!(proxies[0].node, "frontend-0");
-    assert_eq!(proxies[0].last_error.as_deref(), Some("HTTP filter \"x\" is not supported"));
+    let status = m.proxy_status();
+    assert_eq!((status.node.as_str(), status.service.as_deref()), ("frontend-0", Some("frontend")));
+    assert_eq!(status.last_error.as_deref(), Some("HTTP filter \"x\" is not supported"));
+    assert_eq!(status.acked.get(&lds_url), None, "a NACK is no ACK");
 
-    // Declaring `backend` pushes its cluster, and the listener switches to RDS.
+    // No RouteConfiguration is made up for `backend`: only the registered `frontend` has one.
+    c.send(sotw(rds_url.clone(), &routes, None)).await;
+    let rds = c.next().await;
+    assert_eq!(names_of(&rds, |r: RouteConfiguration| r.name), ["frontend"]);
+    c.send(ack(&rds, &routes)).await;
+    assert!(c.quiet().await);
+
+    // Declaring `backend` pushes new versions: its cluster, its route, and the listener
+    // switching to RDS.
     m.apply_service("backend");
-    let mut seen_cds = None;
-    let mut seen_lds = None;
-    while seen_cds.is_none() || seen_lds.is_none() {
-        let r = c.next().await;
-        if r.type_url == Cluster::type_url() {
-            seen_cds = Some(r);
-        } else if r.type_url == Listener::type_url() {
-            seen_lds = Some(r);
-        }
-    }
-    let cds = seen_cds.unwrap();
-    assert_eq!(names_of::<Cluster>(&cds, |c| c.name.clone()), ["backend", "frontend", names::INBOUND_CLUSTER]);
-    let ls = listeners(&seen_lds.unwrap());
-    let outbound = ls.iter().find(|l| l.name.starts_with("outbound|backend|")).unwrap();
-    assert!(matches!(hcm(outbound).route_specifier, Some(http_connection_manager::RouteSpecifier::Rds(_))));
-    c.send(ack(&cds)).await;
+    let pushed = c.next_of(&[lds_url.clone(), rds_url.clone(), cds_url.clone()]).await;
+    assert_ne!(pushed[&cds_url].version_info, cds.version_info);
+    assert_ne!(pushed[&lds_url].version_info, lds.version_info);
+    assert_eq!(names_of(&pushed[&cds_url], |c: Cluster| c.name), ["backend", "frontend", names::INBOUND_CLUSTER]);
+    assert_eq!(names_of(&pushed[&rds_url], |r: RouteConfiguration| r.name), routes);
+    let ls = listeners(&pushed[&lds_url]);
+    assert_rds_backend_route(&ls[&outbound_name()]);
+    assert_carries(&ls[&outbound_name()], TrafficDirection::Outbound, "backend");
+    c.send(ack(&pushed[&cds_url], &[])).await;
+    c.send(ack(&pushed[&lds_url], &[])).await;
+    c.send(ack(&pushed[&rds_url], &routes)).await;
+    assert!(c.quiet().await);
 
-    // Deleting it takes its cluster away again.
+    // Deleting it takes its cluster and route away again, and the listener back to inline.
     m.delete_service("backend");
-    let cds = loop {
-        let r = c.next().await;
-        if r.type_url == Cluster::type_url() {
-            break r;
-        }
-    };
-    assert_eq!(names_of::<Cluster>(&cds, |c| c.name.clone()), ["frontend", names::INBOUND_CLUSTER]);
+    let pushed = c.next_of(&[lds_url.clone(), rds_url.clone(), cds_url.clone()]).await;
+    assert_eq!(names_of(&pushed[&cds_url], |c: Cluster| c.name), ["frontend", names::INBOUND_CLUSTER]);
+    assert_eq!(names_of(&pushed[&rds_url], |r: RouteConfiguration| r.name), ["frontend"]);
+    assert_inline_backend_route(&listeners(&pushed[&lds_url])[&outbound_name()]);
+}
+
+fn delta(type_url: String, subscribe: &[&str], node: Option<Node>) -> DeltaDiscoveryRequest {
+    let resource_names_subscribe = subscribe.iter().map(|&n| n.to_owned()).collect();
+    DeltaDiscoveryRequest { node, type_url, resource_names_subscribe, ..Default::default() }
+}
+
+fn delta_ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest { type_url: resp.type_url.clone(), response_nonce: resp.nonce.clone(), ..Default::default() }
+}
+
+fn changed(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
+    resp.resources.iter().map(|r| r.name.as_str()).collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -190,28 +298,63 @@ async fn delta_stream_sends_changes_and_removals_only() {
     let m = TestMesh::new("delta");
     m.apply_service("a");
     let mut c = m.stream::<Delta>();
-    let node = Node { id: "delta-client".into(), ..Default::default() };
-    c.send(DeltaDiscoveryRequest { node: Some(node), type_url: Cluster::type_url(), ..Default::default() }).await;
-    let first = c.next().await;
-    assert_eq!(first.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["a"]);
-    assert!(first.removed_resources.is_empty());
-    let ack = |r: &DeltaDiscoveryResponse| DeltaDiscoveryRequest {
-        type_url: r.type_url.clone(),
-        response_nonce: r.nonce.clone(),
-        ..Default::default()
-    };
-    c.send(ack(&first)).await;
+    let (cds_url, lds_url, rds_url) = (Cluster::type_url(), Listener::type_url(), RouteConfiguration::type_url());
+
+    // Initial subscriptions return everything there is.
+    c.send(delta(cds_url.clone(), &[], Some(sidecar_node()))).await;
+    let cds = c.next().await;
+    assert_eq!(changed(&cds), ["a", "frontend", names::INBOUND_CLUSTER]);
+    assert!(cds.removed_resources.is_empty());
+    c.send(delta_ack(&cds)).await;
     assert!(c.quiet().await, "an ACK calls for no response");
 
-    m.apply_service("b");
-    let added = c.next().await;
-    assert_eq!(added.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["b"], "only what changed");
-    c.send(ack(&added)).await;
+    c.send(delta(lds_url.clone(), &[], None)).await;
+    let lds = c.next().await;
+    assert_eq!(changed(&lds), [inbound_name(), outbound_name()]);
+    let outbound: Listener = decode(lds.resources[1].resource.as_ref().unwrap());
+    assert_carries(&outbound, TrafficDirection::Outbound, "backend");
+    assert_inline_backend_route(&outbound);
+    c.send(delta_ack(&lds)).await;
 
+    // `backend` does not exist: no RouteConfiguration is made up for it.
+    c.send(delta(rds_url.clone(), &["backend"], None)).await;
+    assert!(c.quiet().await);
+
+    // Declaring `backend` sends only what changed: its cluster and route, and the outbound
+    // listener (now on RDS); the inbound listener stays as it was.
+    m.apply_service("backend");
+    let pushed = c.next_of(&[lds_url.clone(), rds_url.clone(), cds_url.clone()]).await;
+    assert_eq!(changed(&pushed[&cds_url]), ["backend"]);
+    assert_eq!(changed(&pushed[&rds_url]), ["backend"]);
+    assert_eq!(changed(&pushed[&lds_url]), [outbound_name()]);
+    assert_rds_backend_route(&decode(pushed[&lds_url].resources[0].resource.as_ref().unwrap()));
+    assert!(pushed.values().all(|r| r.removed_resources.is_empty()));
+    let version = |r: &DeltaDiscoveryResponse| r.system_version_info.parse::<u64>().unwrap();
+    assert!(version(&pushed[&cds_url]) > version(&cds), "a change is a new system version");
+    for r in pushed.values() {
+        c.send(delta_ack(r)).await;
+    }
+    assert!(c.quiet().await);
+
+    // Deleting `a`, which nothing else refers to, removes its cluster and nothing else.
     m.delete_service("a");
     let removed = c.next().await;
+    assert_eq!(removed.type_url, cds_url);
     assert!(removed.resources.is_empty());
     assert_eq!(removed.removed_resources, ["a"]);
-    c.send(ack(&removed)).await;
+    c.send(delta_ack(&removed)).await;
+    assert!(c.quiet().await);
+
+    // Deleting `backend` removes its cluster and route; its listener goes back to inline.
+    m.delete_service("backend");
+    let pushed = c.next_of(&[lds_url.clone(), rds_url.clone(), cds_url.clone()]).await;
+    assert_eq!(pushed[&cds_url].removed_resources, ["backend"]);
+    assert_eq!(pushed[&rds_url].removed_resources, ["backend"]);
+    assert!(pushed[&cds_url].resources.is_empty() && pushed[&rds_url].resources.is_empty());
+    assert_eq!(changed(&pushed[&lds_url]), [outbound_name()]);
+    assert_inline_backend_route(&decode(pushed[&lds_url].resources[0].resource.as_ref().unwrap()));
+    for r in pushed.values() {
+        c.send(delta_ack(r)).await;
+    }
     assert!(c.quiet().await);
 }
