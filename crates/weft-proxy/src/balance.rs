@@ -177,14 +177,6 @@ impl ClusterManager {
             .retain(|_, c| c.defined.load(Ordering::Relaxed) || Arc::strong_count(c) > 1);
     }
 
-    /// Names of the clusters held, defined or not.
-    #[cfg(test)]
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.clusters.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-        names.sort();
-        names
-    }
-
     /// Sweeps every endpoint's pooled HTTP/1.1 connections (see [`Endpoint::sweep_idle`]) every
     /// `min(idle_timeout / 2, 5 s)`: a connection is closed after between `idle_timeout` and
     /// `idle_timeout` + that period without use, and one the upstream has closed is let go
