@@ -3,7 +3,9 @@
 //! control plane and the proxy agree on for xDS resources.
 #![forbid(unsafe_code)]
 
+pub mod credentials;
 pub mod duration;
+pub mod identity;
 pub mod names;
 pub mod registry;
 pub mod resource;

@@ -82,4 +82,10 @@ pub struct ProxyStatus {
     pub last_error: Option<String>,
     /// Type URL → version the proxy last acknowledged.
     pub acked: BTreeMap<String, String>,
+    /// Whether the client is a weft proxy (it sent a registration).
+    #[serde(default)]
+    pub weft: bool,
+    /// Version of the trust bundle (`ROOTCA` secret) the proxy last acknowledged.
+    #[serde(default)]
+    pub trust_bundle: Option<String>,
 }

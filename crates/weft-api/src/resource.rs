@@ -129,6 +129,30 @@ pub struct ServiceSpec {
     /// Time allowed for a TCP connect to one endpoint before trying another (default 1s).
     #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
+    /// `strict` or `permissive`; unset: the mesh-wide default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+}
+
+/// Whether a service's sidecars accept plaintext from other proxies. Unset in a `Service`, the
+/// mesh-wide default applies (`weft control --mtls`, strict unless changed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only mutual TLS from a proxy of the mesh; plaintext connections are closed.
+    #[default]
+    Strict,
+    /// Mutual TLS and plaintext both accepted, for migrating clients into the mesh.
+    Permissive,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "strict",
+            MtlsMode::Permissive => "permissive",
+        }
+    }
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -368,8 +392,8 @@ fn typed<'de, S: DeserializeOwned, D: serde::Deserializer<'de>>(doc: usize, valu
     })
 }
 
-/// DNS-1123 label, as Kubernetes requires for names.
-fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
+/// Whether `name` is a DNS-1123 label, as Kubernetes requires for names; `Err` says why not.
+pub fn valid_name(name: &str) -> Result<(), &'static str> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -378,14 +402,12 @@ fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
     if ok {
         Ok(())
     } else {
-        Err(ApplyError::new(
-            doc,
-            path,
-            format!(
-                "{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
-            ),
-        ))
+        Err("is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")
     }
+}
+
+fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
+    valid_name(name).map_err(|why| ApplyError::new(doc, path, format!("{name:?} {why}")))
 }
 
 fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {

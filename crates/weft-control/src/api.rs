@@ -2,18 +2,33 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | /healthz | liveness of the control plane |
+//! Every route needs the admin credential (`Authorization: Bearer …`, created at first start in
+//! `DATA_DIR/admin.token`) except /healthz, /metrics and the three routes proxies use, which
+//! take the proxy's join token instead.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | /healthz | liveness of the control plane (no credential) |
+//! | GET | /metrics | the control plane's Prometheus metrics (no credential) |
+//! | POST | /api/v1/certificates | a proxy's CSR → its certificate (join token) |
+//! | PUT | /api/v1/instances/{id}/health | a proxy reports its app's health (join token) |
+//! | DELETE | /api/v1/instances/{id} | a proxy deregisters on a clean stop (join token) |
+//! | GET | /api/v1/certificates | every proxy's current certificate |
+//! | GET, POST | /api/v1/tokens | join tokens: list, create `{service, ttlSeconds}` |
+//! | DELETE | /api/v1/tokens/{id} | revoke a join token (by id or the token itself) |
+//! | GET | /api/v1/ca | trust domain, signing root and trust bundle |
+//! | POST | /api/v1/ca/rotate | rotate the root `{overlapSeconds}` |
 //! | GET | /api/v1/services | services with instance counts |
 //! | GET | /api/v1/services/{name}/endpoints | instances of a service |
 //! | GET | /api/v1/proxies | connected xDS clients, what they ACKed, their last NACK |
 //! | GET | /api/v1/resources/{kind}[/{name}] | applied resources |
 //! | POST | /api/v1/apply | validate and store resources (all or nothing) |
 //! | DELETE | /api/v1/resources/{kind}/{name} | delete a resource |
-//! | PUT | /api/v1/instances/{id}/health | a proxy reports its app's health |
-//! | DELETE | /api/v1/instances/{id} | a proxy deregisters on a clean stop |
 use crate::state::Mesh;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use crate::security::IssueError;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -21,21 +36,155 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use weft_api::Resource;
+use weft_api::identity::CertificateRequest;
 use weft_api::registry::HealthReport;
 use weft_api::resource::{ApplyError, Kind};
 
 pub fn router(mesh: Arc<Mesh>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    let admin = Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}/endpoints", get(endpoints))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/resources/{kind}", get(list))
         .route("/api/v1/resources/{kind}/{name}", get(get_one).delete(delete))
         .route("/api/v1/apply", post(apply))
+        .route("/api/v1/certificates", get(certificates))
+        .route("/api/v1/tokens", get(tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/ca", get(ca_info))
+        .route("/api/v1/ca/rotate", post(rotate))
+        .route_layer(axum::middleware::from_fn_with_state(mesh.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/certificates", post(issue))
         .route("/api/v1/instances/{id}/health", put(health))
         .route("/api/v1/instances/{id}", axum::routing::delete(deregister))
+        .merge(admin)
         .with_state(mesh)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim())
+}
+
+async fn require_admin(State(mesh): State<Arc<Mesh>>, req: axum::extract::Request, next: Next) -> Response {
+    if mesh.security.is_admin(bearer(req.headers())) {
+        return next.run(req).await;
+    }
+    let why = if bearer(req.headers()).is_some() { "the admin credential is wrong" } else { "no admin credential was sent" };
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        format!(
+            "{why}: this API needs the control plane's admin credential (DATA_DIR/admin.token). The weft CLI reads it from WEFT_ADMIN_TOKEN or from the credentials file the control plane writes (~/.config/weft/credentials.json, or $WEFT_CONFIG)"
+        ),
+    )
+    .into_response()
+}
+
+async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &mesh.security.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+}
+
+async fn issue(
+    State(mesh): State<Arc<Mesh>>,
+    headers: HeaderMap,
+    body: Result<Json<CertificateRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    match mesh.security.issue(bearer(&headers), &req) {
+        Ok(cert) => Ok(Json(cert).into_response()),
+        Err(e @ IssueError::Csr(_)) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::FORBIDDEN, e.to_string())),
+    }
+}
+
+/// A proxy acting on its own instance: its join token must name the instance's service.
+fn instance_caller(mesh: &Mesh, headers: &HeaderMap, id: &str) -> Result<(), ApiError> {
+    if mesh.security.is_admin(bearer(headers)) {
+        return Ok(());
+    }
+    let service = mesh.instance_service(id).ok_or_else(|| no_instance(id))?;
+    mesh.security
+        .check_token("api", bearer(headers), service.as_deref())
+        .map(drop)
+        .map_err(|e| ApiError(StatusCode::FORBIDDEN, e.to_string()))
+}
+
+async fn certificates(State(mesh): State<Arc<Mesh>>) -> Response {
+    Json(mesh.security.certificates()).into_response()
+}
+
+async fn tokens(State(mesh): State<Arc<Mesh>>) -> Response {
+    Json(mesh.security.tokens()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateToken {
+    service: String,
+    ttl_seconds: u64,
+}
+
+async fn create_token(
+    State(mesh): State<Arc<Mesh>>,
+    body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    weft_api::resource::valid_name(&body.service)
+        .map_err(|why| ApiError(StatusCode::BAD_REQUEST, format!("service name {:?} {why}", body.service)))?;
+    if body.ttl_seconds == 0 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "ttlSeconds must be at least 1".into()));
+    }
+    let (info, token) = mesh
+        .security
+        .create_token(&body.service, std::time::Duration::from_secs(body.ttl_seconds))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({ "token": token, "info": info })).into_response())
+}
+
+async fn revoke_token(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> ApiResult {
+    match mesh.security.revoke(&id) {
+        Ok(Some(info)) => Ok(Json(info).into_response()),
+        Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no join token {id:?} was issued here (or it has expired)"))),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn ca_info(State(mesh): State<Arc<Mesh>>) -> Response {
+    let ca = &mesh.security.ca;
+    Json(json!({
+        "trustDomain": ca.config().trust_domain,
+        "namespace": ca.config().namespace,
+        "certTtlSeconds": ca.config().cert_ttl.as_secs(),
+        "root": ca.root_pem(),
+        "rootFingerprint": ca.root_fingerprint(),
+        "bundle": ca.bundle(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotate {
+    overlap_seconds: u64,
+}
+
+async fn rotate(
+    State(mesh): State<Arc<Mesh>>,
+    body: Result<Json<Rotate>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let overlap = std::time::Duration::from_secs(body.overlap_seconds);
+    match mesh.rotate(overlap, std::time::Duration::from_secs(10)).await {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, format!("{e:#}"))),
+    }
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -111,14 +260,21 @@ fn no_instance(id: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("no instance {id:?} is registered"))
 }
 
-async fn health(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>, Json(report): Json<HealthReport>) -> ApiResult {
+async fn health(
+    State(mesh): State<Arc<Mesh>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(report): Json<HealthReport>,
+) -> ApiResult {
+    instance_caller(&mesh, &headers, &id)?;
     if !mesh.set_health(&id, report.healthy) {
         return Err(no_instance(&id));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn deregister(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> ApiResult {
+async fn deregister(State(mesh): State<Arc<Mesh>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    instance_caller(&mesh, &headers, &id)?;
     if !mesh.deregister(&id) {
         return Err(no_instance(&id));
     }

@@ -1,11 +1,16 @@
 //! The weft control plane: a service registry fed by the proxies' own xDS streams, a store of
-//! user configuration, and an xDS v3 server (ADS, state-of-the-world and delta) that turns both
-//! into standard Envoy resources. One port serves gRPC (xDS) and the JSON admin API.
+//! user configuration, a certificate authority, and an xDS v3 server (ADS, state-of-the-world
+//! and delta) that turns all of it into standard Envoy resources. One TLS port serves gRPC
+//! (xDS) and the JSON admin API; its certificate chains to the mesh root.
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod ca;
+mod security;
 mod state;
 mod store;
+mod tls;
+mod token;
 mod translate;
 mod xds;
 
@@ -14,29 +19,65 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use weft_api::resource::MtlsMode;
 
+pub use ca::CaConfig;
 pub use state::Mesh;
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Address for xDS (gRPC) and the admin API (HTTP/JSON).
+    /// Address for xDS (gRPC) and the admin API (HTTP/JSON), both over TLS.
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// After a restart, how long instances found in the store keep their endpoints while
     /// their proxies reconnect.
     pub reconnect_grace: Duration,
+    pub ca: CaConfig,
+    /// Mutual TLS mode of services whose `Service` resource does not set one.
+    pub default_mtls: MtlsMode,
+    /// Names (DNS or IP) the control plane's certificate is valid for, besides `localhost`,
+    /// 127.0.0.1 and the listen address.
+    pub server_names: Vec<String>,
+    /// An extra plaintext xDS listener for proxyless gRPC clients; loopback only.
+    pub plaintext_xds: Option<SocketAddr>,
+}
+
+/// Files a control plane leaves in its data directory for clients on the same machine.
+pub fn root_file(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("ca").join("root.pem")
 }
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    if let Some(addr) = cfg.plaintext_xds {
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "--plaintext-xds {addr}: a plaintext xDS listener may only listen on loopback (127.0.0.0/8 or ::1)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| {
         format!("cannot listen on {} (is another control plane running? pick another with --listen)", cfg.listen)
     })?;
-    let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace)?);
+    let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.default_mtls)?);
+    // The signing root, for clients verifying this control plane (the CLI, `weft run`).
+    let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
+    std::fs::write(&bundle_path, mesh.security.ca.bundle())
+        .with_context(|| format!("cannot write {}", bundle_path.display()))?;
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), cfg.listen.ip().to_string()];
+    names.extend(cfg.server_names.iter().cloned());
+    names.dedup();
+    let tls = tls::server_config(&mesh.security.ca, &names)?;
+    match weft_api::credentials::save(
+        &cfg.listen.to_string(),
+        weft_api::credentials::Entry { admin_token: mesh.security.admin_token().to_owned(), ca_file: bundle_path.clone() },
+    ) {
+        Ok(path) => tracing::info!(file = %path.display(), "CLI credentials written"),
+        Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),
+    }
     tokio::spawn(state::expire_stale(mesh.clone()));
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
     let app = grpc.merge(api::router(mesh.clone()));
-    tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "control plane serving xDS and API");
+    tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
     // xDS streams never end on their own: after the stop signal, give in-flight API calls a
     // moment, then close everything.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -47,7 +88,15 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    if let Some(addr) = cfg.plaintext_xds {
+        let plain = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for --plaintext-xds"))?;
+        let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
+        tracing::warn!(listen = %addr, "plaintext xDS listener for proxyless clients (no API, no registration without a token)");
+        tokio::spawn(axum::serve(plain, grpc).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+    }
+    let serve = axum::serve(tls::TlsListener::new(listener, tls), app).with_graceful_shutdown(stopped(stop_rx.clone()));
     tokio::select! {
         r = serve => r?,
         _ = async { stopped(stop_rx).await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => {}

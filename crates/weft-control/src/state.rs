@@ -1,20 +1,23 @@
 //! The mesh's live state: applied resources and registered instances. Every change is written
 //! to the store first, then applied in memory, then translated once into a new [`Snapshot`]
 //! that all xDS streams watch.
+use crate::security::Security;
 use crate::store::{Store, Write};
-use crate::translate::Snapshot;
+use crate::translate::{Settings, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
-use weft_api::resource::{ApplyError, Kind, Resource};
+use crate::ca::CaConfig;
+use weft_api::resource::{ApplyError, Kind, MtlsMode, Resource};
 use weft_api::{Instance, ServiceSummary};
 
 pub struct Mesh {
     inner: Mutex<Inner>,
-    store: Store,
+    store: Arc<Store>,
+    pub security: Security,
     snapshot: watch::Sender<Arc<Snapshot>>,
     proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
 }
@@ -23,6 +26,7 @@ pub struct Mesh {
 pub(crate) struct Inner {
     pub resources: BTreeMap<String, Resource>,
     pub instances: BTreeMap<String, Entry>,
+    pub settings: Settings,
 }
 
 pub(crate) struct Entry {
@@ -42,9 +46,16 @@ pub struct Applied {
 }
 
 impl Mesh {
-    pub fn open(dir: &Path, grace: Duration) -> anyhow::Result<Mesh> {
-        let store = Store::open(dir)?;
+    pub fn open(dir: &Path, grace: Duration, ca: CaConfig, default_mtls: MtlsMode) -> anyhow::Result<Mesh> {
+        let store = Arc::new(Store::open(dir)?);
+        let security = Security::open(dir, ca, store.clone())?;
         let mut inner = Inner::default();
+        inner.settings = Settings {
+            bundle: security.ca.bundle(),
+            default_mtls,
+            trust_domain: security.ca.config().trust_domain.clone(),
+            namespace: security.ca.config().namespace.clone(),
+        };
         for (key, json) in store.resources()? {
             let value = serde_json::from_str(&json)?;
             let r =
@@ -67,6 +78,7 @@ impl Mesh {
         Ok(Mesh {
             inner: Mutex::new(inner),
             store,
+            security,
             snapshot: watch::Sender::new(Arc::new(snapshot)),
             proxies: Mutex::default(),
         })
@@ -185,6 +197,11 @@ impl Mesh {
         self.publish(inner);
     }
 
+    /// The service of a registered instance (`Some(None)` for one without a service).
+    pub fn instance_service(&self, id: &str) -> Option<Option<String>> {
+        self.lock().instances.get(id).map(|e| e.instance.registration.service.clone())
+    }
+
     pub fn set_health(&self, id: &str, healthy: bool) -> bool {
         let mut inner = self.lock();
         let Some(entry) = inner.instances.get_mut(id) else { return false };
@@ -239,6 +256,40 @@ impl Mesh {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// Publishes the CA's current trust bundle (after a rotation step or a root's retirement).
+    pub fn refresh_bundle(&self) {
+        let mut inner = self.lock();
+        inner.settings.bundle = self.security.ca.bundle();
+        self.publish(&inner);
+    }
+
+    /// Connected weft proxies that have not acknowledged the current trust bundle yet.
+    pub fn proxies_without_bundle(&self) -> Vec<String> {
+        let want = self.snapshot.borrow().bundle_version();
+        let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        proxies.values().filter(|p| p.weft && p.trust_bundle.as_deref() != Some(&want)).map(|p| p.node.clone()).collect()
+    }
+
+    /// `weft ca rotate`: trust a new root everywhere, then sign with it. The new root signs
+    /// only once every connected proxy holds the bundle that trusts it (or after `wait`), so
+    /// no proxy meets a certificate it cannot verify.
+    pub async fn rotate(&self, overlap: Duration, wait: Duration) -> anyhow::Result<RotateReport> {
+        let new_root = self.security.ca.begin_rotation(overlap)?;
+        self.refresh_bundle();
+        let deadline = Instant::now() + wait;
+        let mut lagging = self.proxies_without_bundle();
+        while !lagging.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            lagging = self.proxies_without_bundle();
+        }
+        if !lagging.is_empty() {
+            tracing::warn!(?lagging, "proxies did not acknowledge the new trust bundle in time; activating the new root anyway");
+        }
+        self.security.ca.activate_next()?;
+        self.refresh_bundle();
+        Ok(RotateReport { new_root, lagging, overlap_secs: overlap.as_secs() })
+    }
+
     /// Drops restored instances whose proxies did not come back within the grace period.
     fn expire(&self) {
         let mut inner = self.lock();
@@ -264,10 +315,24 @@ impl Inner {
     }
 }
 
+/// What `weft ca rotate` reports.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateReport {
+    pub new_root: String,
+    /// Proxies that had not acknowledged the new bundle when the new root began to sign.
+    pub lagging: Vec<String>,
+    pub overlap_secs: u64,
+}
+
 pub async fn expire_stale(mesh: Arc<Mesh>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
         mesh.expire();
+        if mesh.security.ca.expire_retired() {
+            mesh.refresh_bundle();
+        }
+        mesh.security.forget_expired();
     }
 }

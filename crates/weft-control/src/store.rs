@@ -6,6 +6,8 @@ use std::path::Path;
 
 const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const INSTANCES: TableDefinition<&str, &str> = TableDefinition::new("instances");
+/// Join tokens issued (id → [`weft_api::identity::TokenInfo`] JSON), revoked ones flagged.
+const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 
 pub struct Store {
     db: Database,
@@ -17,6 +19,8 @@ pub enum Write<'a> {
     DeleteResource(&'a str),
     PutInstance(&'a str, &'a str),
     DeleteInstance(&'a str),
+    PutToken(&'a str, &'a str),
+    DeleteToken(&'a str),
 }
 
 impl Store {
@@ -33,6 +37,7 @@ impl Store {
         let txn = db.begin_write()?;
         txn.open_table(RESOURCES)?;
         txn.open_table(INSTANCES)?;
+        txn.open_table(TOKENS)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -42,12 +47,15 @@ impl Store {
         {
             let mut resources = txn.open_table(RESOURCES)?;
             let mut instances = txn.open_table(INSTANCES)?;
+            let mut tokens = txn.open_table(TOKENS)?;
             for w in writes {
                 match *w {
                     Write::PutResource(k, v) => drop(resources.insert(k, v)?),
                     Write::DeleteResource(k) => drop(resources.remove(k)?),
                     Write::PutInstance(k, v) => drop(instances.insert(k, v)?),
                     Write::DeleteInstance(k) => drop(instances.remove(k)?),
+                    Write::PutToken(k, v) => drop(tokens.insert(k, v)?),
+                    Write::DeleteToken(k) => drop(tokens.remove(k)?),
                 }
             }
         }
@@ -63,6 +71,11 @@ impl Store {
     /// All instances, as `(id, json)`.
     pub fn instances(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.load(INSTANCES)
+    }
+
+    /// All join tokens, as `(id, json)`.
+    pub fn tokens(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.load(TOKENS)
     }
 
     fn load(&self, table: TableDefinition<&str, &str>) -> anyhow::Result<Vec<(String, String)>> {

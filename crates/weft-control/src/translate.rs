@@ -7,8 +7,17 @@
 //! - `Listener` named after the service carrying an `ApiListener`, for proxyless gRPC clients
 //!   (`xds:///service`).
 //!
+//! - `Secret` `ROOTCA`: the trust bundle, a validation context (SDS).
+//!
 //! A weft proxy additionally gets resources of its own, derived from its registration: its
 //! inbound listener with the static `inbound|app` cluster, and one outbound listener per upstream.
+//!
+//! Mutual TLS: a weft proxy's service clusters carry an `UpstreamTlsContext` that expects the
+//! service's SPIFFE ID, and its inbound listener a `DownstreamTlsContext` that requires a client
+//! certificate; both name the SDS secrets `default` (the proxy's own certificate, which the
+//! proxy makes itself) and `ROOTCA`. A strict service's inbound listener has only TLS filter
+//! chains, so plaintext matches nothing and is closed; a permissive one has plaintext chains
+//! too. Proxyless clients get the clusters without TLS (they reach permissive services).
 use crate::state::Inner;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, LoadBalancingPolicy, cluster, load_balancing_policy};
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
@@ -34,30 +43,37 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::google::protobuf::{Any, Struct, UInt32Value, Value, value};
+use envoy_types::pb::envoy::config::core::v3::{DataSource, TransportSocket, data_source, transport_socket};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context, secret, subject_alt_name_matcher,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, PathMatchType, Protocol, Resource,
-    ServiceSpec,
+    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode, PathMatchType, Protocol,
+    Resource, ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
-/// The four resource types weft serves, in the order clients subscribe to them.
+/// The resource types weft serves, in the order clients subscribe to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Type {
     Listener,
     Route,
     Cluster,
     Endpoint,
+    Secret,
 }
 
 impl Type {
-    pub const ALL: [Type; 4] = [Type::Listener, Type::Route, Type::Cluster, Type::Endpoint];
+    pub const ALL: [Type; 5] = [Type::Listener, Type::Route, Type::Cluster, Type::Endpoint, Type::Secret];
 
     pub fn url(self) -> String {
         match self {
@@ -65,6 +81,7 @@ impl Type {
             Type::Route => RouteConfiguration::type_url(),
             Type::Cluster => Cluster::type_url(),
             Type::Endpoint => ClusterLoadAssignment::type_url(),
+            Type::Secret => Secret::type_url(),
         }
     }
 
@@ -98,11 +115,25 @@ impl Res {
 
 pub type ResMap = BTreeMap<String, Arc<Res>>;
 
+/// Mesh-wide security settings the translation needs.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Every root proxies trust (PEM), the signing one first.
+    pub bundle: String,
+    pub default_mtls: MtlsMode,
+    pub trust_domain: String,
+    pub namespace: String,
+}
+
 pub struct Snapshot {
     pub version: u64,
     pub services: BTreeMap<String, ServiceSummary>,
     protocols: HashMap<String, Protocol>,
+    mtls: HashMap<String, MtlsMode>,
+    default_mtls: MtlsMode,
     global: HashMap<Type, ResMap>,
+    /// The service clusters with mutual TLS, as weft proxies get them.
+    mesh_clusters: ResMap,
 }
 
 impl Snapshot {
@@ -126,8 +157,13 @@ impl Snapshot {
         names.dedup();
 
         let mut global: HashMap<Type, ResMap> = Type::ALL.into_iter().map(|t| (t, ResMap::new())).collect();
+        let settings = &inner.settings;
+        let root = Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle));
+        global.get_mut(&Type::Secret).expect("all types present").insert(ROOT_SECRET.to_owned(), root);
+        let mut mesh_clusters = ResMap::new();
         let mut services = BTreeMap::new();
         let mut protocols = HashMap::new();
+        let mut mtls = HashMap::new();
         for name in &names {
             let spec = specs.get(name).cloned().unwrap_or_default();
             let members = instances.get(name).map(Vec::as_slice).unwrap_or_default();
@@ -139,7 +175,11 @@ impl Snapshot {
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
             };
-            put(&mut global, Type::Cluster, Res::new(name.clone(), &eds_cluster(name, &spec)));
+            let mut cluster = eds_cluster(name, &spec);
+            put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
+            let identity = spiffe_id(&settings.trust_domain, &settings.namespace, name);
+            cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
+            mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
             put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules)));
             put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
@@ -155,8 +195,21 @@ impl Snapshot {
                 },
             );
             protocols.insert(name.clone(), spec.protocol);
+            if let Some(mode) = spec.mtls {
+                mtls.insert(name.clone(), mode);
+            }
         }
-        Snapshot { version, services, protocols, global }
+        Snapshot { version, services, protocols, mtls, default_mtls: settings.default_mtls, global, mesh_clusters }
+    }
+
+    /// The mutual TLS mode of a service's inbound listeners.
+    pub fn mtls(&self, service: &str) -> MtlsMode {
+        self.mtls.get(service).copied().unwrap_or(self.default_mtls)
+    }
+
+    /// The version of the trust bundle resource, which proxies ACK once they hold it.
+    pub fn bundle_version(&self) -> String {
+        self.global[&Type::Secret].get(ROOT_SECRET).map(|r| r.version.clone()).unwrap_or_default()
     }
 
     /// Resources of type `t` a client may see: for a weft proxy, its own listeners and clusters
@@ -167,14 +220,14 @@ impl Snapshot {
         match t {
             Type::Listener => self.node_listeners(reg),
             Type::Cluster => {
-                let mut all = shared.clone();
+                let mut all = self.mesh_clusters.clone();
                 if let Some(app) = &reg.app {
                     let c = static_cluster(names::INBOUND_CLUSTER, app);
                     all.insert(names::INBOUND_CLUSTER.to_owned(), Res::new(names::INBOUND_CLUSTER.to_owned(), &c));
                 }
                 all
             }
-            Type::Route | Type::Endpoint => shared.clone(),
+            Type::Route | Type::Endpoint | Type::Secret => shared.clone(),
         }
     }
 
@@ -189,6 +242,7 @@ impl Snapshot {
             let name = names::inbound_listener(inbound);
             let http = HttpRoutes::Inline(Box::new(inbound_route()));
             let service = reg.service.as_deref().unwrap_or(names::INBOUND_CLUSTER);
+            let mtls = reg.service.as_deref().map(|s| self.mtls(s)).unwrap_or_default();
             let l = proxy_listener(
                 &name,
                 inbound,
@@ -197,6 +251,7 @@ impl Snapshot {
                 protocol,
                 http,
                 names::INBOUND_CLUSTER,
+                Some(mtls),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
@@ -221,6 +276,7 @@ impl Snapshot {
                 self.protocol(&up.service),
                 http,
                 &up.service,
+                None,
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
@@ -509,6 +565,10 @@ fn api_listener(service: &str) -> Listener {
 ///
 /// `service` is the service whose traffic the listener carries (the proxy's own for inbound):
 /// it is the filters' `stat_prefix`, which proxies use to label metrics.
+///
+/// `mtls` (inbound listeners): the chains are matched on `transport_protocol: tls` and
+/// terminate mutual TLS; in permissive mode the plaintext chains follow them.
+#[allow(clippy::too_many_arguments)]
 fn proxy_listener(
     name: &str,
     addr: &str,
@@ -517,11 +577,12 @@ fn proxy_listener(
     protocol: Protocol,
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
+    mtls: Option<MtlsMode>,
 ) -> Listener {
-    let mut chains = Vec::new();
+    let mut plain = Vec::new();
     if protocol != Protocol::Tcp {
         let hcm = http_connection_manager(service, http);
-        chains.push(FilterChain {
+        plain.push(FilterChain {
             name: "http".to_owned(),
             filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {
                 application_protocols: vec!["http/1.1".to_owned(), "h2c".to_owned()],
@@ -540,7 +601,7 @@ fn proxy_listener(
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(tcp_cluster.to_owned())),
             ..Default::default()
         };
-        chains.push(FilterChain {
+        plain.push(FilterChain {
             name: "tcp".to_owned(),
             filters: vec![Filter {
                 name: "envoy.filters.network.tcp_proxy".to_owned(),
@@ -549,11 +610,109 @@ fn proxy_listener(
             ..Default::default()
         });
     }
+    let chains = match mtls {
+        None => plain,
+        Some(mode) => {
+            let socket = tls_socket(&downstream_tls());
+            let mut chains: Vec<FilterChain> = plain
+                .iter()
+                .map(|c| {
+                    // Inside TLS the application protocol is the one ALPN negotiated.
+                    let alpn = match c.name.as_str() {
+                        "http" => vec!["h2".to_owned(), "http/1.1".to_owned()],
+                        _ => vec![],
+                    };
+                    FilterChain {
+                        name: format!("{}-mtls", c.name),
+                        filter_chain_match: Some(FilterChainMatch {
+                            transport_protocol: "tls".to_owned(),
+                            application_protocols: alpn,
+                            ..Default::default()
+                        }),
+                        transport_socket: Some(socket.clone()),
+                        filters: c.filters.clone(),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            if mode == MtlsMode::Permissive {
+                chains.extend(plain);
+            }
+            chains
+        }
+    };
     Listener {
         name: name.to_owned(),
         address: Some(socket_address(addr)),
         filter_chains: chains,
         traffic_direction: direction as i32,
         ..Default::default()
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig { name: name.to_owned(), sds_config: Some(ads()) }
+}
+
+/// TLS settings both sides share: the proxy's own certificate and the mesh's trust bundle.
+fn common_tls(identity: Option<&str>) -> CommonTlsContext {
+    let default_validation_context = identity.map(|id| CertificateValidationContext {
+        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+            san_type: subject_alt_name_matcher::SanType::Uri as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(id.to_owned())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(CERT_SECRET)],
+        validation_context_type: Some(common_tls_context::ValidationContextType::CombinedValidationContext(
+            common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context,
+                validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Origination: the upstream must present a certificate for `identity`.
+fn upstream_tls(identity: &str) -> UpstreamTlsContext {
+    UpstreamTlsContext { common_tls_context: Some(common_tls(Some(identity))), ..Default::default() }
+}
+
+/// Termination: the client must present a certificate chaining to the bundle.
+fn downstream_tls() -> DownstreamTlsContext {
+    DownstreamTlsContext {
+        common_tls_context: Some(common_tls(None)),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    }
+}
+
+fn tls_socket<M: Message + Name>(ctx: &M) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".to_owned(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+            type_url: M::type_url(),
+            value: ctx.encode_to_vec(),
+        })),
+    }
+}
+
+fn root_secret(bundle: &str) -> Secret {
+    Secret {
+        name: ROOT_SECRET.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineBytes(bundle.as_bytes().to_vec())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
     }
 }

@@ -6,6 +6,9 @@
 //! - The node is read from the first request only (gRPC clients omit it afterwards).
 //! - A stream whose node carries a weft registration *is* that instance's liveness: the
 //!   instance is registered when the stream opens and removed when that same stream ends.
+//! - Only a stream that presents a valid join token (gRPC `authorization: Bearer …`) for the
+//!   registration's service may register; proxyless clients, which send no registration, need
+//!   none.
 use crate::state::Mesh;
 use crate::translate::{ResMap, Snapshot, Type};
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -25,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use weft_api::identity::ROOT_SECRET;
 use weft_api::names;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
 
@@ -46,15 +50,23 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.spawn::<Sotw>(req.into_inner())))
+        let token = bearer(req.metadata());
+        Ok(Response::new(self.spawn::<Sotw>(req.into_inner(), token)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.spawn::<Delta>(req.into_inner())))
+        let token = bearer(req.metadata());
+        Ok(Response::new(self.spawn::<Delta>(req.into_inner(), token)))
     }
+}
+
+/// The bearer token of a request's `authorization` metadata.
+fn bearer(md: &tonic::metadata::MetadataMap) -> Option<String> {
+    let v = md.get("authorization")?.to_str().ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).to_owned())
 }
 
 impl Ads {
@@ -63,12 +75,13 @@ impl Ads {
     fn spawn<F: Flavor>(
         &self,
         inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin + Send + 'static,
+        token: Option<String>,
     ) -> ReceiverStream<Result<F::Resp, Status>> {
         let (tx, rx) = mpsc::channel(8);
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
-            let mut session = Session::new(id, mesh.clone(), F::DELTA);
+            let mut session = Session::new(id, mesh.clone(), F::DELTA, token);
             if let Err(status) = serve::<F>(&mut session, inbound, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
@@ -99,10 +112,12 @@ struct Session {
     snapshot: Arc<Snapshot>,
     subs: HashMap<Type, Subscription>,
     nonce: u64,
+    /// The join token the stream presented.
+    token: Option<String>,
 }
 
 impl Session {
-    fn new(id: u64, mesh: Arc<Mesh>, delta: bool) -> Session {
+    fn new(id: u64, mesh: Arc<Mesh>, delta: bool, token: Option<String>) -> Session {
         let snapshot = mesh.subscribe().borrow().clone();
         Session {
             id,
@@ -114,6 +129,7 @@ impl Session {
             snapshot,
             subs: HashMap::new(),
             nonce: 0,
+            token,
         }
     }
 
@@ -140,6 +156,12 @@ impl Session {
                 })
             })
             .transpose()?;
+        if let Some(reg) = &registration {
+            self.mesh
+                .security
+                .check_token("xds", self.token.as_deref(), reg.service.as_deref())
+                .map_err(|e| Status::permission_denied(format!("proxy {:?} may not join: {e}", node.id)))?;
+        }
         self.node = Some(node.id.clone());
         self.mesh.proxy_connected(
             self.id,
@@ -149,6 +171,8 @@ impl Session {
                 delta: self.delta,
                 last_error: None,
                 acked: Default::default(),
+                weft: registration.is_some(),
+                trust_bundle: None,
             },
         );
         if let Some(reg) = &registration
@@ -199,7 +223,13 @@ impl Session {
             }
             None => {
                 let v = version.to_owned();
-                self.mesh.proxy_update(self.id, |p| drop(p.acked.insert(url, v)));
+                let bundle = (t == Type::Secret).then(|| sub.sent.get(ROOT_SECRET).cloned()).flatten();
+                self.mesh.proxy_update(self.id, |p| {
+                    p.acked.insert(url, v);
+                    if bundle.is_some() {
+                        p.trust_bundle = bundle;
+                    }
+                });
                 Answer::Ack
             }
         }

@@ -29,7 +29,13 @@ impl TestMesh {
         let dir = std::env::temp_dir().join(format!("weft-xds-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mesh = Arc::new(Mesh::open(&dir, Duration::from_secs(1)).unwrap());
+        let ca = crate::ca::CaConfig {
+            trust_domain: "test.local".into(),
+            namespace: "default".into(),
+            cert_ttl: Duration::from_secs(3600),
+            provided: None,
+        };
+        let mesh = Arc::new(Mesh::open(&dir, Duration::from_secs(1), ca, Default::default()).unwrap());
         TestMesh { ads: Ads { mesh, streams: Arc::new(AtomicU64::new(1)) }, dir }
     }
 
@@ -53,7 +59,9 @@ impl TestMesh {
 
     fn stream<F: Flavor>(&self) -> Client<F> {
         let (tx, requests) = mpsc::channel(8);
-        let responses = self.ads.spawn::<F>(ReceiverStream::new(requests)).into_inner();
+        // A token for any service: the tests' registrations name "frontend" or none.
+        let token = self.ads.mesh.security.create_token("frontend", Duration::from_secs(3600)).unwrap().1;
+        let responses = self.ads.spawn::<F>(ReceiverStream::new(requests), Some(token)).into_inner();
         Client { tx, responses }
     }
 }
