@@ -402,7 +402,9 @@ pub fn valid_name(name: &str) -> Result<(), &'static str> {
     if ok {
         Ok(())
     } else {
-        Err("is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit")
+        Err(
+            "is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+        )
     }
 }
 

@@ -24,9 +24,9 @@
 //! | GET | /api/v1/resources/{kind}[/{name}] | applied resources |
 //! | POST | /api/v1/apply | validate and store resources (all or nothing) |
 //! | DELETE | /api/v1/resources/{kind}/{name} | delete a resource |
+use crate::security::IssueError;
 use crate::state::Mesh;
 use axum::extract::{Path, State};
-use crate::security::IssueError;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -73,7 +73,8 @@ async fn require_admin(State(mesh): State<Arc<Mesh>>, req: axum::extract::Reques
     if mesh.security.is_admin(bearer(req.headers())) {
         return next.run(req).await;
     }
-    let why = if bearer(req.headers()).is_some() { "the admin credential is wrong" } else { "no admin credential was sent" };
+    let why =
+        if bearer(req.headers()).is_some() { "the admin credential is wrong" } else { "no admin credential was sent" };
     ApiError(
         StatusCode::UNAUTHORIZED,
         format!(
@@ -151,7 +152,9 @@ async fn create_token(
 async fn revoke_token(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> ApiResult {
     match mesh.security.revoke(&id) {
         Ok(Some(info)) => Ok(Json(info).into_response()),
-        Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no join token {id:?} was issued here (or it has expired)"))),
+        Ok(None) => {
+            Err(ApiError(StatusCode::NOT_FOUND, format!("no join token {id:?} was issued here (or it has expired)")))
+        }
         Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }

@@ -162,7 +162,8 @@ fn load_managed(dir: &Path) -> anyhow::Result<Signer> {
     let pem = std::fs::read_to_string(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
     let key = std::fs::read_to_string(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
     let key = KeyPair::from_pem(&key).with_context(|| format!("{} is not a valid private key", key_path.display()))?;
-    let der = pem_blocks(&pem).into_iter().next().with_context(|| format!("{} holds no certificate", cert_path.display()))?;
+    let der =
+        pem_blocks(&pem).into_iter().next().with_context(|| format!("{} holds no certificate", cert_path.display()))?;
     Ok(Signer {
         issuer: Issuer::from_ca_cert_der(&der.clone().into(), key)?,
         chain: String::new(),
@@ -171,8 +172,8 @@ fn load_managed(dir: &Path) -> anyhow::Result<Signer> {
 }
 
 fn load_provided(cert_path: &Path, key_path: &Path) -> anyhow::Result<Signer> {
-    let text = std::fs::read_to_string(cert_path)
-        .with_context(|| format!("cannot read --ca-cert {}", cert_path.display()))?;
+    let text =
+        std::fs::read_to_string(cert_path).with_context(|| format!("cannot read --ca-cert {}", cert_path.display()))?;
     let certs = pem_blocks(&text);
     anyhow::ensure!(
         !certs.is_empty(),
@@ -183,8 +184,9 @@ fn load_provided(cert_path: &Path, key_path: &Path) -> anyhow::Result<Signer> {
         std::fs::read_to_string(key_path).with_context(|| format!("cannot read --ca-key {}", key_path.display()))?;
     let key = KeyPair::from_pem(&key_text)
         .with_context(|| format!("--ca-key {} is not a PEM private key rcgen can use", key_path.display()))?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&certs[0])
-        .map_err(|e| anyhow::anyhow!("--ca-cert {}: the first certificate cannot be parsed: {e}", cert_path.display()))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&certs[0]).map_err(|e| {
+        anyhow::anyhow!("--ca-cert {}: the first certificate cannot be parsed: {e}", cert_path.display())
+    })?;
     use rcgen::PublicKeyData;
     anyhow::ensure!(
         ca.public_key().raw == key.subject_public_key_info().as_slice(),
@@ -192,10 +194,15 @@ fn load_provided(cert_path: &Path, key_path: &Path) -> anyhow::Result<Signer> {
         key_path.display(),
         cert_path.display()
     );
-    anyhow::ensure!(ca.is_ca(), "--ca-cert {}: the first certificate is not a CA (basicConstraints CA:FALSE)", cert_path.display());
+    anyhow::ensure!(
+        ca.is_ca(),
+        "--ca-cert {}: the first certificate is not a CA (basicConstraints CA:FALSE)",
+        cert_path.display()
+    );
     let root_der = certs.last().expect("not empty").clone();
-    let (_, root) = x509_parser::parse_x509_certificate(&root_der)
-        .map_err(|e| anyhow::anyhow!("--ca-cert {}: the last certificate cannot be parsed: {e}", cert_path.display()))?;
+    let (_, root) = x509_parser::parse_x509_certificate(&root_der).map_err(|e| {
+        anyhow::anyhow!("--ca-cert {}: the last certificate cannot be parsed: {e}", cert_path.display())
+    })?;
     anyhow::ensure!(
         root.subject() == root.issuer(),
         "--ca-cert {}: the last certificate is not a self-signed root; append the chain up to the root",
@@ -280,8 +287,7 @@ impl Ca {
         let not_after = now + self.cfg.cert_ttl;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.clone().try_into().map_err(CsrError::Sign)?)];
+        params.subject_alt_names = vec![SanType::URI(identity.clone().try_into().map_err(CsrError::Sign)?)];
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         let serial = serial();
@@ -431,7 +437,9 @@ mod tests {
     }
 
     fn ca_sign_garbage(dir: &Path) -> Result<CertificateResponse, CsrError> {
-        Ca::open(dir, cfg()).unwrap().sign("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "x")
+        Ca::open(dir, cfg())
+            .unwrap()
+            .sign("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "x")
     }
 
     #[test]

@@ -69,7 +69,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     let tls = tls::server_config(&mesh.security.ca, &names)?;
     match weft_api::credentials::save(
         &cfg.listen.to_string(),
-        weft_api::credentials::Entry { admin_token: mesh.security.admin_token().to_owned(), ca_file: bundle_path.clone() },
+        weft_api::credentials::Entry {
+            admin_token: mesh.security.admin_token().to_owned(),
+            ca_file: bundle_path.clone(),
+        },
     ) {
         Ok(path) => tracing::info!(file = %path.display(), "CLI credentials written"),
         Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),

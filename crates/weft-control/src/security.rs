@@ -74,7 +74,8 @@ impl Security {
         };
         let mut tokens = BTreeMap::new();
         for (id, json) in store.tokens()? {
-            let info: TokenInfo = serde_json::from_str(&json).with_context(|| format!("stored token {id} is corrupt"))?;
+            let info: TokenInfo =
+                serde_json::from_str(&json).with_context(|| format!("stored token {id} is corrupt"))?;
             tokens.insert(id, info);
         }
         let mut registry = Registry::with_prefix("weft_control");

@@ -1,6 +1,7 @@
 //! The mesh's live state: applied resources and registered instances. Every change is written
 //! to the store first, then applied in memory, then translated once into a new [`Snapshot`]
 //! that all xDS streams watch.
+use crate::ca::CaConfig;
 use crate::security::Security;
 use crate::store::{Store, Write};
 use crate::translate::{Settings, Snapshot};
@@ -10,7 +11,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
-use crate::ca::CaConfig;
 use weft_api::resource::{ApplyError, Kind, MtlsMode, Resource};
 use weft_api::{Instance, ServiceSummary};
 
@@ -267,7 +267,11 @@ impl Mesh {
     pub fn proxies_without_bundle(&self) -> Vec<String> {
         let want = self.snapshot.borrow().bundle_version();
         let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
-        proxies.values().filter(|p| p.weft && p.trust_bundle.as_deref() != Some(&want)).map(|p| p.node.clone()).collect()
+        proxies
+            .values()
+            .filter(|p| p.weft && p.trust_bundle.as_deref() != Some(&want))
+            .map(|p| p.node.clone())
+            .collect()
     }
 
     /// `weft ca rotate`: trust a new root everywhere, then sign with it. The new root signs
@@ -283,7 +287,10 @@ impl Mesh {
             lagging = self.proxies_without_bundle();
         }
         if !lagging.is_empty() {
-            tracing::warn!(?lagging, "proxies did not acknowledge the new trust bundle in time; activating the new root anyway");
+            tracing::warn!(
+                ?lagging,
+                "proxies did not acknowledge the new trust bundle in time; activating the new root anyway"
+            );
         }
         self.security.ca.activate_next()?;
         self.refresh_bundle();

@@ -16,7 +16,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A server configuration with a fresh certificate from the mesh CA for `names`.
 pub fn server_config(ca: &Ca, names: &[String]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let (chain, key) = ca.server_certificate(names)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -52,7 +53,9 @@ impl TlsListener {
                     let _ = tcp.set_nodelay(true);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => drop(handed.send((tls, peer)).await),
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake with a control plane client failed (a plaintext client, or one that does not trust the mesh root?)"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake with a control plane client failed (a plaintext client, or one that does not trust the mesh root?)")
+                        }
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });

@@ -1,4 +1,4 @@
-//! The proxy's admin endpoint: `/live`, `/ready`, `/metrics`, `/config_dump`.
+//! The proxy's admin endpoint: `/live`, `/ready`, `/metrics`, `/config_dump`, `/certs`.
 use crate::Proxy;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -18,12 +18,11 @@ fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),
-        "/ready" if *proxy.ready.borrow() => reply(StatusCode::OK, TEXT, "ready\n"),
-        "/ready" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            TEXT,
-            "not ready: waiting for the first full config from the control plane\n",
-        ),
+        "/ready" => ready(proxy),
+        "/certs" => {
+            let body = serde_json::to_vec_pretty(&proxy.creds.status()).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", body)
+        }
         "/metrics" => {
             let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
             if accept.contains("application/openmetrics-text") {
@@ -40,7 +39,44 @@ fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<
             let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
             reply(StatusCode::OK, "application/json", body)
         }
-        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found; try /live, /ready, /metrics or /config_dump\n"),
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found; try /live, /ready, /metrics, /config_dump or /certs\n"),
+    }
+}
+
+/// Ready once the first full config is applied and a certificate is held. The detail names
+/// what is missing, and warns while renewals fail (before the certificate expires).
+fn ready(proxy: &Proxy) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let cert = proxy.creds.status();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let left = cert.not_after.map(|t| t.saturating_sub(now));
+    let renewal = match (&cert.renewal_error, left) {
+        (Some(e), Some(left)) => {
+            format!("; WARNING: certificate renewal failing ({e}); current certificate expires in {left}s")
+        }
+        _ => String::new(),
+    };
+    if !*proxy.ready.borrow() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: waiting for the first full config from the control plane\n",
+        );
+    }
+    match (left, &cert.renewal_error) {
+        (Some(0) | None, Some(e)) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            format!("not ready: no valid certificate from the control plane's CA: {e}\n"),
+        ),
+        (Some(0) | None, None) => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready: waiting for a certificate\n")
+        }
+        (Some(left), _) => reply(
+            StatusCode::OK,
+            TEXT,
+            format!("ready: certificate {} expires in {left}s{renewal}\n", cert.identity.unwrap_or_default()),
+        ),
     }
 }
 

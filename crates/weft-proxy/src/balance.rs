@@ -2,10 +2,12 @@
 //! and picks an endpoint per request or connection: power of two choices over peak-EWMA cost
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
+use crate::config::UpstreamTlsDef;
 use crate::config::{ClusterDef, EndpointDef};
 use crate::endpoint::{Endpoint, SWEEPS};
-use crate::transport::{Connect, TcpConnect};
+use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -33,6 +35,8 @@ pub struct Cluster {
     pub defined: std::sync::atomic::AtomicBool,
     next: AtomicUsize,
     connector: Arc<dyn Connect>,
+    /// TLS origination towards the endpoints; shared with each of them.
+    tls: Arc<ArcSwapOption<UpstreamTls>>,
 }
 
 impl Cluster {
@@ -47,6 +51,22 @@ impl Cluster {
             defined: false.into(),
             next: AtomicUsize::new(0),
             connector,
+            tls: Arc::new(ArcSwapOption::empty()),
+        }
+    }
+
+    /// Sets the TLS origination; connections pooled under another setting are closed.
+    fn set_tls(&self, tls: Option<Arc<UpstreamTls>>) {
+        let same = match (self.tls.load().as_deref(), tls.as_deref()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.identity == b.identity,
+            _ => false,
+        };
+        if !same {
+            self.tls.store(tls);
+            for ep in &self.endpoints.load().all {
+                ep.drop_pools();
+            }
         }
     }
 
@@ -61,7 +81,13 @@ impl Cluster {
                     e.healthy.store(d.healthy, Ordering::Relaxed);
                     e.clone()
                 }
-                None => Arc::new(Endpoint::new(d.address, d.healthy, d.labels.clone(), self.connector.clone())),
+                None => Arc::new(Endpoint::new(
+                    d.address,
+                    d.healthy,
+                    d.labels.clone(),
+                    self.connector.clone(),
+                    self.tls.clone(),
+                )),
             };
             all.push(ep);
         }
@@ -151,9 +177,10 @@ impl ClusterManager {
 
     /// Applies a full CDS update. A cluster left out is undefined from now on and loses its
     /// endpoints (closing their pooled connections).
-    pub fn update(&self, defs: &[ClusterDef]) {
+    pub fn update(&self, defs: &[ClusterDef], tls: &dyn Fn(&UpstreamTlsDef) -> Arc<UpstreamTls>) {
         for def in defs {
             let c = self.get(&def.name);
+            c.set_tls(def.tls.as_ref().map(tls));
             c.settings
                 .store(Arc::new(Settings { load_balancer: def.load_balancer, connect_timeout: def.connect_timeout }));
             if let Some(eps) = &def.static_endpoints {

@@ -30,7 +30,7 @@ pub struct ClientHello {
 }
 
 /// One accepted client connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConnCtx {
     pub peer: SocketAddr,
     /// The address the client connected to (the listener's, or the original destination once
@@ -42,6 +42,6 @@ pub struct ConnCtx {
     /// The service whose traffic this is (the local one for inbound, the called one for
     /// outbound).
     pub service: Arc<str>,
-    /// Set only by TLS termination, from a verified client certificate.
+    /// Set only by mutual TLS termination, from the verified client certificate's SPIFFE ID.
     pub peer_identity: Option<PeerIdentity>,
 }

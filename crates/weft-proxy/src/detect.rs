@@ -3,7 +3,7 @@
 //! name and ALPN protocols it asks for) and opaque TCP. A client that sends nothing within
 //! the detection timeout (server-speaks-first protocols) is treated as TCP.
 use crate::context::ClientHello;
-use crate::transport::Transport;
+use crate::transport::Peek;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +94,7 @@ fn client_hello(buf: &[u8]) -> Verdict {
 }
 
 /// Waits for enough of the client's first bytes to tell the protocol.
-pub async fn detect<T: Transport>(stream: &mut T, timeout: Duration) -> std::io::Result<Protocol> {
+pub async fn detect<T: Peek>(stream: &mut T, timeout: Duration) -> std::io::Result<Protocol> {
     let mut buf = vec![0u8; MAX_REQUEST_LINE];
     let work = async {
         loop {

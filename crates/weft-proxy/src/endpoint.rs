@@ -2,7 +2,8 @@
 //! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
 //! so pools and latency estimates survive EDS pushes.
 use crate::error::ProxyError;
-use crate::transport::{BoxedIo, Connect};
+use crate::transport::{BoxedIo, Carries, Connect, UpstreamTls};
+use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -43,6 +44,8 @@ pub struct Endpoint {
     pub healthy: AtomicBool,
     pub labels: BTreeMap<String, String>,
     connector: Arc<dyn Connect>,
+    /// The cluster's TLS origination (shared with the cluster, which updates it).
+    tls: Arc<ArcSwapOption<UpstreamTls>>,
     pending: AtomicU32,
     /// Peak-EWMA round-trip time in nanoseconds (as f64 bits) and when it was last updated.
     rtt: AtomicU64,
@@ -117,12 +120,14 @@ impl Endpoint {
         healthy: bool,
         labels: BTreeMap<String, String>,
         connector: Arc<dyn Connect>,
+        tls: Arc<ArcSwapOption<UpstreamTls>>,
     ) -> Endpoint {
         Endpoint {
             addr,
             healthy: AtomicBool::new(healthy),
             labels,
             connector,
+            tls,
             pending: AtomicU32::new(0),
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
@@ -171,11 +176,27 @@ impl Endpoint {
         self.rtt.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<BoxedIo, ProxyError> {
-        let result = tokio::time::timeout(timeout, self.connector.connect(self.addr)).await;
-        let stream = match result {
+    /// A new connection; through mutual TLS when the cluster says so. The timeout covers the
+    /// TCP connect and the TLS handshake.
+    async fn connect(&self, timeout: Duration, carries: Carries) -> Result<BoxedIo, ProxyError> {
+        let tls = self.tls.load_full();
+        let connect = async {
+            let tcp = self
+                .connector
+                .connect(self.addr)
+                .await
+                .map_err(|source| ProxyError::Connect { addr: self.addr, source })?;
+            match &tls {
+                Some(tls) => tls
+                    .handshake(tcp, self.addr, carries)
+                    .await
+                    .map_err(|source| ProxyError::UpstreamTls { addr: self.addr, source }),
+                None => Ok(tcp),
+            }
+        };
+        let stream = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(self.failed(ProxyError::Connect { addr: self.addr, source: e })),
+            Ok(Err(e)) => return Err(self.failed(e)),
             Err(_) => return Err(self.failed(ProxyError::ConnectTimeout { addr: self.addr, timeout })),
         };
         self.failed_at.store(0, Ordering::Relaxed);
@@ -189,7 +210,7 @@ impl Endpoint {
 
     /// A connection for opaque forwarding.
     pub async fn connect_tcp(&self, timeout: Duration) -> Result<BoxedIo, ProxyError> {
-        self.connect(timeout).await
+        self.connect(timeout, Carries::Tcp).await
     }
 
     /// An HTTP connection: a pooled one if one is free, otherwise a new one.
@@ -200,7 +221,7 @@ impl Endpoint {
             if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| !s.is_closed()) {
                 return Ok(Conn::H2(s.clone()));
             }
-            let io = TokioIo::new(Box::pin(self.connect(timeout)).await?);
+            let io = TokioIo::new(Box::pin(self.connect(timeout, Carries::Http2)).await?);
             let (send, conn) = Box::pin(http2::Builder::new(TokioExecutor::new()).adaptive_window(true).handshake(io))
                 .await
                 .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
@@ -220,7 +241,7 @@ impl Endpoint {
         &self,
         timeout: Duration,
     ) -> Result<(http1::SendRequest<UpBody>, http1::Connection<TokioIo<BoxedIo>, UpBody>), ProxyError> {
-        let io = TokioIo::new(self.connect(timeout).await?);
+        let io = TokioIo::new(self.connect(timeout, Carries::Http1).await?);
         http1::Builder::new()
             .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(io)
@@ -253,6 +274,13 @@ impl Endpoint {
         // Taken out first, so the connections close after the lock is released.
         let idle = std::mem::take(&mut *self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(idle);
+    }
+
+    /// Closes every pooled connection, HTTP/1.1 and HTTP/2 (the cluster's TLS changed).
+    pub fn drop_pools(&self) {
+        self.drop_idle_h1();
+        let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(h2);
     }
 
     /// Returns a connection whose exchange is complete (response body read to the end); a

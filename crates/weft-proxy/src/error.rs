@@ -19,6 +19,10 @@ pub enum ProxyError {
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("connect to {addr} timed out after {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error(
+        "mutual TLS with {addr} failed: {source} (does the upstream sidecar have a certificate from this mesh's CA for the service?)"
+    )]
+    UpstreamTls { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("upstream {addr} reset or closed the connection: {source}")]
@@ -40,6 +44,7 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
+            ProxyError::UpstreamTls { .. } => "upstream-tls-failed",
             ProxyError::Handshake { .. } => "upstream-handshake-failed",
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::UpstreamBadResponse { .. } => "upstream-bad-response",
@@ -53,6 +58,7 @@ impl ProxyError {
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
+            | ProxyError::UpstreamTls { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBadResponse { .. } => http::StatusCode::BAD_GATEWAY,
@@ -80,6 +86,12 @@ impl ProxyError {
 
     /// Whether the request never reached the endpoint, so another endpoint may take it.
     pub fn before_send(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Handshake { .. })
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::UpstreamTls { .. }
+                | ProxyError::Handshake { .. }
+        )
     }
 }

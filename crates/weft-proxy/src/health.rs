@@ -1,8 +1,9 @@
 //! Health of the local application: probed on an interval, reported to the control plane
 //! whenever it changes (and again until the report gets through).
 use crate::Proxy;
+use crate::control_client::ControlApi;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -21,44 +22,6 @@ pub enum HealthCheck {
 
 /// Consecutive failed probes before an instance is reported unhealthy.
 const UNHEALTHY_AFTER: u32 = 2;
-
-/// The control plane's HTTP API, as the proxy uses it.
-pub struct ControlApi {
-    base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl ControlApi {
-    pub fn new(control: &str) -> ControlApi {
-        ControlApi { base: format!("http://{control}"), client: Client::builder(TokioExecutor::new()).build_http() }
-    }
-
-    async fn call(&self, method: http::Method, path: &str, body: Option<String>) -> Result<(), String> {
-        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.base));
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(Duration::from_secs(2), self.client.request(req))
-            .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        if status.is_success() { Ok(()) } else { Err(format!("{status}: {}", String::from_utf8_lossy(&body))) }
-    }
-
-    async fn report(&self, id: &str, healthy: bool) -> Result<(), String> {
-        let body = serde_json::json!({ "healthy": healthy }).to_string();
-        self.call(http::Method::PUT, &format!("/api/v1/instances/{id}/health"), Some(body)).await
-    }
-
-    pub async fn deregister(&self, id: &str) {
-        if let Err(e) = self.call(http::Method::DELETE, &format!("/api/v1/instances/{id}"), None).await {
-            tracing::debug!(error = %e, "deregistration failed; the control plane will notice the closed stream");
-        }
-    }
-}
 
 async fn probe(check: &HealthCheck, client: &Client<HttpConnector, Full<Bytes>>, timeout: Duration) -> bool {
     let work = async {
@@ -105,7 +68,7 @@ pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>
         }
         let now = proxy.healthy.load(Ordering::Relaxed);
         if reported != Some(now) {
-            match control.report(&proxy.opts.id, now).await {
+            match control.report_health(&proxy.opts.id, now).await {
                 Ok(()) => reported = Some(now),
                 // Not registered yet (stream still opening) or control plane away: retry soon.
                 Err(e) => tracing::debug!(error = %e, "health report not delivered"),

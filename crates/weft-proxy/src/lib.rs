@@ -15,12 +15,14 @@ mod admin;
 pub mod balance;
 pub mod config;
 pub mod context;
+pub mod control_client;
 mod detect;
 pub mod endpoint;
 mod error;
 mod failover;
 mod health;
 pub mod http;
+pub mod identity;
 mod idle;
 mod inbound;
 mod listener;
@@ -87,6 +89,11 @@ impl Default for Limits {
 pub struct ProxyOptions {
     /// Control plane address (host:port), for xDS and the API.
     pub control: String,
+    /// The mesh root the control plane's certificate is verified with (PEM file); `None`: the
+    /// one recorded for `control` in this machine's credentials file.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Join token: proves which service this proxy belongs to.
+    pub token: Option<String>,
     /// Unique id of this proxy (xDS node id, registry instance id).
     pub id: String,
     pub service: Option<String>,
@@ -124,6 +131,10 @@ pub struct Proxy {
     dump: Mutex<Dump>,
     /// True once the first full config is applied; listeners accept only from then on.
     ready: tokio::sync::watch::Sender<bool>,
+    /// The proxy's certificate and the mesh's trust bundle.
+    creds: Arc<identity::Credentials>,
+    /// Mutual TLS termination, shared by every inbound listener.
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl Proxy {
@@ -166,6 +177,8 @@ impl Proxy {
                 service: service.into(),
                 http,
                 tcp,
+                tls: def.tls.as_ref().map(|_| self.acceptor.clone()),
+                plaintext: def.plaintext || def.tls.is_none(),
                 metrics,
             };
             with_ctx.push((def, ctx));
@@ -200,7 +213,7 @@ impl Proxy {
 
     /// Applies a full CDS update; clusters left out lose their endpoints and leave the dump.
     fn apply_clusters(&self, defs: Vec<ClusterDef>) {
-        self.clusters.update(&defs);
+        self.clusters.update(&defs, &|tls| Arc::new(transport::UpstreamTls::new(&self.creds, &tls.identity)));
         let mut dump = self.dump();
         dump.clusters = defs.into_iter().map(|d| (d.name.clone(), d)).collect();
         let Dump { clusters, endpoints, .. } = &mut *dump;
@@ -246,7 +259,7 @@ pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyh
 /// A started proxy; [`RunningProxy::stop`] takes it out of the mesh.
 pub struct RunningProxy {
     proxy: Arc<Proxy>,
-    control: Arc<health::ControlApi>,
+    control: Arc<control_client::ControlApi>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -287,6 +300,11 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
     opts.admin = admin.local_addr()?;
     let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
+    let endpoint =
+        control_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
+    let control = Arc::new(control_client::ControlApi::new(endpoint)?);
+    let creds = identity::Credentials::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
     let proxy = Arc::new(Proxy {
         clusters: ClusterManager::default(),
         routes: RwLock::default(),
@@ -295,12 +313,24 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         healthy,
         dump: Mutex::default(),
         ready,
+        creds,
+        acceptor,
         opts,
     });
-    let control = Arc::new(health::ControlApi::new(&proxy.opts.control));
     let mut tasks = tokio::task::JoinSet::new();
+    // The first certificate: a refused join token stops the proxy here, with the control
+    // plane's reason; an unreachable control plane is retried in the background.
+    let csr = weft_api::identity::CertificateRequest {
+        instance: proxy.opts.id.clone(),
+        service: proxy.opts.service.clone(),
+        csr: String::new(),
+    };
+    if let Err(e) = identity::first_certificate(&proxy.creds, &control, &csr).await {
+        anyhow::bail!("the control plane refused this proxy a certificate: {e}");
+    }
+    tasks.spawn(identity::run(proxy.creds.clone(), control.clone(), csr, proxy.metrics.clone()));
     tasks.spawn(admin::serve(admin, proxy.clone()));
-    tasks.spawn(xds::run(proxy.clone()));
+    tasks.spawn(xds::run(proxy.clone(), control.endpoint.clone()));
     let pools = proxy.clone();
     tasks.spawn(async move { pools.clusters.sweep_pools(pools.opts.limits.upstream_idle_timeout).await });
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {

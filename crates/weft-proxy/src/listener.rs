@@ -4,18 +4,20 @@
 //! its socket stays bound, so an update drops no connection.
 use crate::Limits;
 use crate::config::{ConfigError, ListenerDef};
-use crate::context::{ConnCtx, Direction};
+use crate::context::{ConnCtx, Direction, PeerIdentity};
 use crate::detect::{self, Protocol};
+use crate::identity::ALPN_MESH;
 use crate::metrics::TrafficMetrics;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
-use crate::transport::Transport;
+use crate::transport::{Peek, Transport};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 /// What a listener does with a connection.
 pub struct ListenerCtx {
@@ -24,6 +26,10 @@ pub struct ListenerCtx {
     pub service: Arc<str>,
     pub http: Option<Arc<HttpStack>>,
     pub tcp: Option<TcpTarget>,
+    /// Mutual TLS termination (inbound listeners of the mesh).
+    pub tls: Option<TlsAcceptor>,
+    /// Whether plaintext clients are served; false on a strict inbound listener.
+    pub plaintext: bool,
     pub metrics: Arc<TrafficMetrics>,
 }
 
@@ -165,10 +171,11 @@ fn connection(
     serve(stream, conn, ctx, limits, permit)
 }
 
-/// Serves a connection on any transport: protocol detection, then the listener's HTTP stack or
-/// its TCP target, with the connection's [`ConnCtx`] shared by all that follows. `held` (e.g.
-/// the connection's permit under the connection limit) is kept until the connection ends.
-pub async fn serve<T: Transport>(
+/// Serves a connection on any transport: protocol detection, then mutual TLS termination or
+/// the listener's HTTP stack or its TCP target, with the connection's [`ConnCtx`] shared by
+/// all that follows. `held` (e.g. the connection's permit under the connection limit) is kept
+/// until the connection ends.
+pub async fn serve<T: Peek>(
     mut stream: T,
     conn: Arc<ConnCtx>,
     ctx: Arc<ListenerCtx>,
@@ -178,16 +185,44 @@ pub async fn serve<T: Transport>(
     let _held = held;
     let _open = ctx.metrics.connection();
     let peer = conn.peer;
-    let protocol = match &ctx.http {
-        Some(_) => match detect::detect(&mut stream, limits.detect_timeout).await {
+    let protocol = match ctx.http.is_some() || ctx.tls.is_some() {
+        true => match detect::detect(&mut stream, limits.detect_timeout).await {
             Ok(p) => p,
             Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
         },
-        None => Protocol::Tcp,
+        false => Protocol::Tcp,
     };
+    if let Some(acceptor) = &ctx.tls {
+        let mesh = matches!(&protocol, Protocol::Tls(h) if h.alpn.iter().any(|p| p.as_bytes() == ALPN_MESH));
+        // A strict listener terminates every TLS client (and refuses plaintext); a permissive
+        // one terminates the mesh's mTLS and passes anything else through to the app.
+        match (&protocol, ctx.plaintext) {
+            (Protocol::Tls(_), false) => return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await,
+            (Protocol::Tls(_), true) if mesh => {
+                return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await;
+            }
+            (_, false) => {
+                ctx.metrics.proxy_error("plaintext-refused");
+                return tracing::info!(%peer, listener = %ctx.name, "plaintext connection refused: this service requires mutual TLS (mtls: strict); call it through a sidecar of the mesh");
+            }
+            _ => {}
+        }
+    }
+    dispatch(stream, protocol, conn, &ctx, &limits).await
+}
+
+/// After detection (or inside TLS): the HTTP stack or the TCP target.
+async fn dispatch<T: Transport>(
+    stream: T,
+    protocol: Protocol,
+    conn: Arc<ConnCtx>,
+    ctx: &Arc<ListenerCtx>,
+    limits: &Limits,
+) {
+    let peer = conn.peer;
     match (protocol, &ctx.http, &ctx.tcp) {
         (p @ (Protocol::Http1 | Protocol::Http2), Some(http), _) => {
-            crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), &limits).await
+            crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), limits).await
         }
         (p, _, Some(tcp)) => {
             if let Protocol::Tls(hello) = &p {
@@ -200,6 +235,41 @@ pub async fn serve<T: Transport>(
             tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
         }
     }
+}
+
+/// Mutual TLS termination: the handshake verifies the client's certificate against the trust
+/// bundle; its SPIFFE ID becomes the connection's peer identity; ALPN says what is inside.
+async fn terminate<T: Peek>(
+    stream: T,
+    conn: Arc<ConnCtx>,
+    ctx: &Arc<ListenerCtx>,
+    acceptor: &TlsAcceptor,
+    limits: &Limits,
+) {
+    let peer = conn.peer;
+    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            ctx.metrics.proxy_error("tls-handshake-failed");
+            return tracing::info!(%peer, listener = %ctx.name, error = %e, "mutual TLS handshake failed: the client needs a certificate from this mesh's CA");
+        }
+        Err(_) => {
+            ctx.metrics.proxy_error("tls-handshake-timeout");
+            return tracing::debug!(%peer, listener = %ctx.name, "mutual TLS handshake timed out");
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let identity = session.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::identity::spiffe_id(c));
+    let protocol = match session.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        Some(b"http/1.1") => Protocol::Http1,
+        _ => Protocol::Tcp,
+    };
+    let mut conn = Arc::unwrap_or_clone(conn);
+    conn.peer_identity = identity.map(|id| PeerIdentity(id.into()));
+    tracing::trace!(%peer, identity = ?conn.peer_identity, ?protocol, "mutual TLS established");
+    dispatch(tls, protocol, Arc::new(conn), ctx, limits).await
 }
 
 #[cfg(test)]

@@ -55,6 +55,13 @@ pub struct Metrics {
     tcp_open: Family<Labels, Gauge>,
     tcp_bytes: Family<FlowLabels, Counter>,
     xds: Family<XdsLabels, Counter>,
+    cert_expiry: Gauge,
+    cert_renewals: Family<RenewalLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RenewalLabels {
+    result: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -88,7 +95,30 @@ impl Metrics {
             tcp_bytes.clone(),
         );
         registry.register("xds_updates", "xDS responses by type and outcome (ack or nack)", xds.clone());
-        Arc::new(Metrics { registry, requests, duration, errors, tcp_opened, tcp_open, tcp_bytes, xds })
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the proxy's certificate expires (Unix seconds; 0 before the first one)",
+            cert_expiry.clone(),
+        );
+        let cert_renewals = Family::<RenewalLabels, Counter>::default();
+        registry.register(
+            "identity_cert_renewals",
+            "Certificate requests to the control plane's CA, by result (ok or failed)",
+            cert_renewals.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            duration,
+            errors,
+            tcp_opened,
+            tcp_open,
+            tcp_bytes,
+            xds,
+            cert_expiry,
+            cert_renewals,
+        })
     }
 
     /// The registry in OpenMetrics text, or (`openmetrics == false`) in the Prometheus 0.0.4
@@ -128,6 +158,14 @@ impl Metrics {
     pub fn xds(&self, type_url: &str, ack: bool) {
         let labels = XdsLabels { type_url: type_url.to_owned(), result: if ack { "ack" } else { "nack" } };
         self.xds.get_or_create(&labels).inc();
+    }
+
+    /// A certificate request's outcome; `not_after` (Unix seconds) when one was issued.
+    pub fn certificate(&self, not_after: u64, ok: bool) {
+        if ok {
+            self.cert_expiry.set(not_after as i64);
+        }
+        self.cert_renewals.get_or_create(&RenewalLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str) -> Arc<TrafficMetrics> {

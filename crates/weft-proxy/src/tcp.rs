@@ -69,12 +69,16 @@ mod tests {
             zone: String::new(),
             labels: Default::default(),
         });
-        clusters.update(&[ClusterDef {
-            name: "db".into(),
-            load_balancer: LoadBalancer::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            static_endpoints: Some(endpoints.to_vec()),
-        }]);
+        clusters.update(
+            &[ClusterDef {
+                name: "db".into(),
+                load_balancer: LoadBalancer::RoundRobin,
+                connect_timeout: Duration::from_secs(1),
+                static_endpoints: Some(endpoints.to_vec()),
+                tls: None,
+            }],
+            &crate::testing::no_tls,
+        );
         let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default() };
         let metrics = Metrics::new().traffic(Direction::outbound, "db");
         let conn = ConnCtx {

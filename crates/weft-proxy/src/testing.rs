@@ -1,7 +1,7 @@
 //! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
 //! client connection in memory. With tokio's clock paused, everything they do is
 //! deterministic: time moves only when every task waits on a timer.
-use crate::transport::{BoxedIo, Connect, ConnectFuture, Transport};
+use crate::transport::{BoxedIo, Connect, ConnectFuture, Peek, Transport};
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -117,16 +117,23 @@ impl ClientStream {
 }
 
 impl Transport for ClientStream {
+    async fn readable(&mut self) -> std::io::Result<()> {
+        self.fill().await
+    }
+}
+
+impl Peek for ClientStream {
     async fn peek(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.fill().await?;
         let n = buf.len().min(self.ahead.len());
         buf[..n].copy_from_slice(&self.ahead[..n]);
         Ok(n)
     }
+}
 
-    async fn readable(&mut self) -> std::io::Result<()> {
-        self.fill().await
-    }
+/// For clusters without TLS: tests that never configure origination.
+pub fn no_tls(def: &crate::config::UpstreamTlsDef) -> std::sync::Arc<crate::transport::UpstreamTls> {
+    unreachable!("test cluster configured with TLS towards {}", def.identity)
 }
 
 impl AsyncRead for ClientStream {

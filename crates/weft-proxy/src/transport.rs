@@ -14,21 +14,39 @@ use tokio::net::TcpStream;
 
 /// A client connection as the proxy serves it.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Copies bytes the client has sent into `buf` without consuming them; waits for at least
-    /// one. 0 means the client closed the connection.
-    fn peek(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
-
     /// Waits until the client has sent something (or closed), without reading it.
     fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
+/// A client connection whose first bytes can be looked at before they are consumed, for
+/// protocol detection (a socket; not TLS, whose bytes are read by rustls).
+pub trait Peek: Transport {
+    /// Copies bytes the client has sent into `buf` without consuming them; waits for at least
+    /// one. 0 means the client closed the connection.
+    fn peek(&mut self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
 impl Transport for TcpStream {
+    async fn readable(&mut self) -> io::Result<()> {
+        TcpStream::readable(self).await
+    }
+}
+
+impl Peek for TcpStream {
     async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         TcpStream::peek(self, buf).await
     }
+}
 
+/// A terminated TLS connection. Plaintext rustls has already decrypted counts as sent.
+impl<T: Transport> Transport for tokio_rustls::server::TlsStream<T> {
     async fn readable(&mut self) -> io::Result<()> {
-        TcpStream::readable(self).await
+        let (io, session) = self.get_mut();
+        match session.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => io.readable().await,
+            // Data to read, the peer's close, or an error the next read will report.
+            _ => Ok(()),
+        }
     }
 }
 
@@ -45,6 +63,47 @@ pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<BoxedIo>> + Send
 /// Opens connections to upstream endpoints.
 pub trait Connect: Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> ConnectFuture;
+}
+
+/// What an upstream connection will carry: the ALPN it offers inside mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+/// TLS origination towards a cluster's endpoints, which must prove `identity`: one client
+/// configuration per protocol (ALPN is set per configuration).
+pub struct UpstreamTls {
+    pub identity: Box<str>,
+    http1: tokio_rustls::TlsConnector,
+    http2: tokio_rustls::TlsConnector,
+    tcp: tokio_rustls::TlsConnector,
+}
+
+impl UpstreamTls {
+    pub fn new(creds: &std::sync::Arc<crate::identity::Credentials>, identity: &str) -> UpstreamTls {
+        let connector = |alpn: &[u8]| tokio_rustls::TlsConnector::from(creds.client_config(identity, alpn));
+        UpstreamTls {
+            identity: identity.into(),
+            http1: connector(b"http/1.1"),
+            http2: connector(b"h2"),
+            tcp: connector(weft_api::identity::ALPN_TCP.as_bytes()),
+        }
+    }
+
+    /// Runs the TLS handshake over `io`. The server name is the endpoint's address (no SNI is
+    /// sent for an IP); the certificate is checked against `identity`, not a host name.
+    pub async fn handshake(&self, io: BoxedIo, addr: SocketAddr, carries: Carries) -> io::Result<BoxedIo> {
+        let connector = match carries {
+            Carries::Http1 => &self.http1,
+            Carries::Http2 => &self.http2,
+            Carries::Tcp => &self.tcp,
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        Ok(Box::new(connector.connect(name, io).await?))
+    }
 }
 
 /// Plain TCP, with Nagle off (requests and responses are written whole).

@@ -1,11 +1,14 @@
-//! The proxy's xDS client: one ADS stream (state of the world) to the control plane.
+//! The proxy's xDS client: one ADS stream (state of the world) to the control plane, over TLS
+//! verified against the mesh root, authenticated with the proxy's join token.
 //!
-//! It subscribes to all clusters and listeners, then to the endpoints and routes those name.
+//! It subscribes to all clusters and listeners and to the trust bundle (SDS `ROOTCA`), then to
+//! the endpoints and routes those name.
 //! Each response is decoded and validated as a whole before anything is applied; a bad one is
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
 use crate::Proxy;
 use crate::config::{self, ConfigError, InvalidResource};
+use crate::control_client::ControlEndpoint;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use weft_api::identity::ROOT_SECRET;
 use weft_api::names;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -87,11 +91,11 @@ fn node(proxy: &Proxy) -> Node {
     }
 }
 
-pub async fn run(proxy: Arc<Proxy>) {
+pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint) {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        match session(&proxy, &mut backoff).await {
+        match session(&proxy, &mut backoff, &control).await {
             Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
             Err(e) if !warned => {
                 tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
@@ -106,13 +110,27 @@ pub async fn run(proxy: Arc<Proxy>) {
     }
 }
 
-async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration) -> anyhow::Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.opts.control))?
+async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration, control: &ControlEndpoint) -> anyhow::Result<()> {
+    // TLS to the control plane, verified against the mesh root; the join token as bearer.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(control.root_pem()?))
+        .domain_name(control.host());
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", control.address))?
+        .tls_config(tls)?
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        control.credential.as_ref().and_then(|t| format!("Bearer {t}").parse().ok());
+    let with_token = move |mut req: tonic::Request<()>| {
+        if let Some(b) = &bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    };
+    let mut client = AggregatedDiscoveryServiceClient::with_interceptor(channel, with_token)
+        .max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
     // Clusters before listeners, as Envoy does: a listener's clusters are known when it arrives.
     let first = DiscoveryRequest { node: Some(node(proxy)), type_url: Cluster::type_url(), ..Default::default() };
@@ -121,6 +139,8 @@ async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration) -> anyhow::Result<(
     let mut s = Stream { tx, types: HashMap::new(), awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
     s.types.insert(Cluster::type_url(), TypeState::default());
     s.request(Listener::type_url(), None).await;
+    // The trust bundle; listeners open only once it is here.
+    s.subscribe(config::tls::secret_type_url(), BTreeSet::from([ROOT_SECRET.to_owned()])).await;
     proxy.dump().control_plane_connected = true;
     tracing::info!(control = %proxy.opts.control, "connected to control plane");
     while let Some(resp) = responses.message().await? {
@@ -197,6 +217,17 @@ async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Resul
             s.awaiting.remove(&(t.to_owned(), name.clone()));
         }
         proxy.apply_endpoints(sets);
+    } else if t == config::tls::secret_type_url() {
+        let bundles = decode_all(resp, config::tls::bundle)?;
+        for (name, pem) in &bundles {
+            let roots = proxy.creds.set_bundle(pem).map_err(|reason| InvalidResource {
+                kind: "Secret",
+                name: name.clone(),
+                reason,
+            })?;
+            s.awaiting.remove(&(t.to_owned(), name.clone()));
+            tracing::info!(roots, "trust bundle updated");
+        }
     } else {
         return Err(ConfigError::UnsupportedType(t.to_owned()));
     }

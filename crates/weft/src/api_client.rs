@@ -1,50 +1,38 @@
 //! The CLI side of the control plane's admin API: `weft apply`, `weft get`, `weft delete`.
+use crate::cli::ControlAddr;
 use anyhow::Context;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
+use weft_api::identity::{IssuedCertificate, TokenInfo};
 use weft_api::resource::{ApplyError, Kind, parse_documents};
 use weft_api::{Instance, ServiceSummary};
+use weft_proxy::control_client::{ControlApi, ControlEndpoint};
 
 pub struct Api {
-    control: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    api: ControlApi,
 }
 
 impl Api {
-    pub fn new(control: &str) -> Api {
-        Api { control: control.to_owned(), client: Client::builder(TokioExecutor::new()).build_http() }
+    /// A client for the control plane `addr` names: its root from --ca-file / WEFT_CA_FILE or
+    /// the credentials file, its admin credential from --admin-token / WEFT_ADMIN_TOKEN or the
+    /// credentials file.
+    pub fn new(addr: &ControlAddr) -> anyhow::Result<Api> {
+        let recorded = weft_api::credentials::load(&addr.control);
+        let credential = addr.admin_token.clone().or_else(|| recorded.map(|e| e.admin_token));
+        let endpoint = ControlEndpoint::resolve(&addr.control, addr.ca_file.as_deref(), credential)?;
+        Api::with(endpoint)
+    }
+
+    pub fn with(endpoint: ControlEndpoint) -> anyhow::Result<Api> {
+        Ok(Api { api: ControlApi::new(endpoint)? })
     }
 
     /// Sends a request; returns the status and the JSON body (Null when empty).
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
-        let uri = format!("http://{}{path}", self.control);
-        let mut req = hyper::Request::builder().method(method).uri(&uri);
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req =
-            req.body(Full::new(bytes)).with_context(|| format!("invalid control plane address {:?}", self.control))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
-            .await
-            .map_err(|_| anyhow::anyhow!("the control plane at {} did not answer within 10s", self.control))?
-            .map_err(|e| {
-                let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
-                anyhow::anyhow!(
-                    "cannot reach the control plane at {} ({cause}); is `weft control` or `weft up` running? Point elsewhere with --control or WEFT_CONTROL",
-                    self.control
-                )
-            })?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
+        let (status, bytes) = self.api.call(method, path, body.map(|b| b.to_string()), Duration::from_secs(30)).await?;
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
         Ok((status, value))
     }
 
@@ -71,7 +59,7 @@ impl Api {
     }
 }
 
-pub async fn apply(control: &str, file: &Path) -> anyhow::Result<()> {
+pub async fn apply(control: &ControlAddr, file: &Path) -> anyhow::Result<()> {
     let name = file.display().to_string();
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?;
     let with_file = |mut e: ApplyError| {
@@ -79,7 +67,7 @@ pub async fn apply(control: &str, file: &Path) -> anyhow::Result<()> {
         anyhow::anyhow!("{e}; nothing was applied")
     };
     let docs = parse_documents(&text).map_err(with_file)?;
-    let applied = Api::new(control).apply(&docs).await?.map_err(with_file)?;
+    let applied = Api::new(control)?.apply(&docs).await?.map_err(with_file)?;
     for a in applied["applied"].as_array().into_iter().flatten() {
         println!(
             "{}/{} {}",
@@ -117,8 +105,14 @@ fn print(value: &Value, output: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-pub async fn get(control: &str, kind: &str, name: Option<&str>, output: &str) -> anyhow::Result<()> {
-    let api = Api::new(control);
+pub async fn get(
+    control: &ControlAddr,
+    kind: &str,
+    name: Option<&str>,
+    output: &str,
+    expiring: Duration,
+) -> anyhow::Result<()> {
+    let api = Api::new(control)?;
     match kind {
         "services" | "svc" if name.is_none() => {
             let v = api.get_json("/api/v1/services").await?;
@@ -178,9 +172,44 @@ pub async fn get(control: &str, kind: &str, name: Option<&str>, output: &str) ->
                 .collect();
             table(&["NODE", "SERVICE", "XDS", "ACKED-TYPES", "LAST-NACK"], rows);
         }
+        "certs" | "certificates" | "cert" => {
+            let v = api.get_json("/api/v1/certificates").await?;
+            if print(&v, output)? {
+                return Ok(());
+            }
+            let certs: Vec<IssuedCertificate> = serde_json::from_value(v)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let rows = certs
+                .into_iter()
+                .map(|c| {
+                    let left = c.not_after.saturating_sub(now);
+                    let flag = if left <= expiring.as_secs() { "EXPIRING" } else { "ok" };
+                    vec![c.instance, c.identity, c.serial, format!("in {left}s"), c.root, flag.to_owned()]
+                })
+                .collect();
+            table(&["INSTANCE", "IDENTITY", "SERIAL", "EXPIRES", "ROOT", "STATUS"], rows);
+        }
+        "tokens" | "token" => {
+            let v = api.get_json("/api/v1/tokens").await?;
+            if print(&v, output)? {
+                return Ok(());
+            }
+            let tokens: Vec<TokenInfo> = serde_json::from_value(v)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let rows = tokens
+                .into_iter()
+                .map(|t| {
+                    let state = if t.revoked { "revoked" } else { "valid" };
+                    vec![t.id, t.service, format!("in {}s", t.expires.saturating_sub(now)), state.to_owned()]
+                })
+                .collect();
+            table(&["ID", "SERVICE", "EXPIRES", "STATE"], rows);
+        }
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
-                anyhow::anyhow!("unknown kind {other:?}; use services, endpoints, proxies, service or httproutes")
+                anyhow::anyhow!(
+                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service or httproutes"
+                )
             })?;
             let path = match name {
                 Some(n) => format!("/api/v1/resources/{}/{n}", k.as_str().to_ascii_lowercase()),
@@ -195,13 +224,69 @@ pub async fn get(control: &str, kind: &str, name: Option<&str>, output: &str) ->
     Ok(())
 }
 
-pub async fn delete(control: &str, kind: &str, name: &str) -> anyhow::Result<()> {
+pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Result<()> {
     let k = Kind::parse(kind).ok_or_else(|| anyhow::anyhow!("unknown kind {kind:?}; use service or httproute"))?;
     let path = format!("/api/v1/resources/{}/{name}", k.as_str().to_ascii_lowercase());
-    let (status, v) = Api::new(control).call(Method::DELETE, &path, None).await?;
+    let (status, v) = Api::new(control)?.call(Method::DELETE, &path, None).await?;
     if !status.is_success() {
         anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
     }
     println!("{}/{name} deleted", k.as_str().to_ascii_lowercase());
+    Ok(())
+}
+
+/// `weft token create`: prints the token alone on stdout (so `$(weft token create …)` works).
+pub async fn token_create(control: &ControlAddr, service: &str, ttl: Duration) -> anyhow::Result<()> {
+    let body = json!({ "service": service, "ttlSeconds": ttl.as_secs().max(1) });
+    let (status, v) = Api::new(control)?.call(Method::POST, "/api/v1/tokens", Some(body)).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    eprintln!(
+        "join token {} for service {service:?}, valid for {}s; give it to the proxy with --token or WEFT_TOKEN",
+        v["info"]["id"].as_str().unwrap_or_default(),
+        ttl.as_secs()
+    );
+    Ok(())
+}
+
+pub async fn token_revoke(control: &ControlAddr, token: &str) -> anyhow::Result<()> {
+    let (status, v) = Api::new(control)?.call(Method::DELETE, &format!("/api/v1/tokens/{token}"), None).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!(
+        "join token {} (service {}) revoked",
+        v["id"].as_str().unwrap_or_default(),
+        v["service"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub async fn ca_rotate(control: &ControlAddr, overlap: Duration) -> anyhow::Result<()> {
+    let body = json!({ "overlapSeconds": overlap.as_secs() });
+    let (status, v) = Api::new(control)?.call(Method::POST, "/api/v1/ca/rotate", Some(body)).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!(
+        "new root {} is signing; the previous root stays trusted for {}s",
+        v["newRoot"].as_str().unwrap_or_default(),
+        overlap.as_secs()
+    );
+    if let Some(lagging) = v["lagging"].as_array().filter(|l| !l.is_empty()) {
+        println!("warning: these proxies had not acknowledged the new trust bundle: {lagging:?}");
+    }
+    Ok(())
+}
+
+pub async fn ca_show(control: &ControlAddr) -> anyhow::Result<()> {
+    let v = Api::new(control)?.get_json("/api/v1/ca").await?;
+    println!("trust domain  {}", v["trustDomain"].as_str().unwrap_or_default());
+    println!("namespace     {}", v["namespace"].as_str().unwrap_or_default());
+    println!("cert lifetime {}s", v["certTtlSeconds"]);
+    println!("signing root  {}", v["rootFingerprint"].as_str().unwrap_or_default());
+    print!("{}", v["root"].as_str().unwrap_or_default());
     Ok(())
 }

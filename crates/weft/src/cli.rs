@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use weft_api::resource::MtlsMode;
 use weft_proxy::{HealthCheck, Limits, ProxyOptions};
 
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:15010";
@@ -34,15 +35,32 @@ pub enum Command {
         #[command(flatten)]
         control: ControlAddr,
     },
-    /// Show services, endpoints, proxies or resources.
+    /// Show services, endpoints, proxies, certificates, join tokens or resources.
     Get {
-        /// services | endpoints | proxies | httproutes | service (resource)
+        /// services | endpoints | proxies | certs | tokens | httproutes | service (resource)
         kind: String,
         /// A name (for endpoints: the service).
         name: Option<String>,
         /// Output format.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
+        /// `get certs`: flag certificates expiring within this window.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        expiring_within: Duration,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// Join tokens: how a proxy proves which service it belongs to.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// The mesh's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
         #[command(flatten)]
         control: ControlAddr,
     },
@@ -60,11 +78,44 @@ pub enum Command {
     DemoClient(DemoClientArgs),
 }
 
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Issue a join token for one service; prints the token.
+    Create {
+        #[arg(long)]
+        service: String,
+        /// How long the token may be used to join (certificates it obtains renew on their own).
+        #[arg(long, default_value = "24h", value_parser = duration)]
+        ttl: Duration,
+    },
+    /// Revoke a join token (its id, or the token itself): proxies can no longer use it.
+    Revoke { token: String },
+}
+
+#[derive(Subcommand)]
+pub enum CaAction {
+    /// Show the trust domain and the signing root.
+    Show,
+    /// Introduce a new root: trusted everywhere first, then signing; the old root stays trusted
+    /// for the overlap period.
+    Rotate {
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        overlap: Duration,
+    },
+}
+
 #[derive(Args, Clone)]
 pub struct ControlAddr {
     /// Control plane address.
-    #[arg(long = "control", env = "WEFT_CONTROL", default_value = DEFAULT_CONTROL)]
+    #[arg(long = "control", env = "WEFT_CONTROL", default_value = DEFAULT_CONTROL, global = true)]
     pub control: String,
+    /// Mesh root (PEM) the control plane's TLS certificate is verified with (default: the one
+    /// a control plane on this machine recorded in the credentials file).
+    #[arg(long = "ca-file", env = "WEFT_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Admin credential for the API (default: from the credentials file).
+    #[arg(long = "admin-token", env = "WEFT_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -78,6 +129,58 @@ pub struct ControlArgs {
     /// After a restart, how long restored instances keep their endpoints while proxies reconnect.
     #[arg(long, default_value = "15s", value_parser = duration)]
     pub reconnect_grace: Duration,
+    /// Trust domain of every SPIFFE ID (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE).
+    #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Namespace in every SPIFFE ID.
+    #[arg(long, default_value = weft_api::identity::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Lifetime of proxy certificates (at least 1m); proxies renew at half of it.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub cert_ttl: Duration,
+    /// Sign with this intermediate CA (PEM: the CA first, then its chain up to the root)
+    /// instead of a root of the control plane's own. Needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Mutual TLS mode of services whose Service resource sets none: strict or permissive.
+    #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
+    pub mtls: String,
+    /// Another name (DNS or IP) clients use for the control plane; repeatable.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// Also serve xDS without TLS on this loopback address, for proxyless gRPC clients.
+    #[arg(long)]
+    pub plaintext_xds: Option<SocketAddr>,
+}
+
+impl ControlArgs {
+    pub fn config(self) -> anyhow::Result<weft_control::ControlConfig> {
+        if self.cert_ttl < weft_control::ca::MIN_CERT_TTL {
+            anyhow::bail!("--cert-ttl {:?} is too short: certificates live at least 1m", self.cert_ttl);
+        }
+        for (what, v) in [("--trust-domain", &self.trust_domain), ("--namespace", &self.namespace)] {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
+                anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
+            }
+        }
+        Ok(weft_control::ControlConfig {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            reconnect_grace: self.reconnect_grace,
+            ca: weft_control::CaConfig {
+                trust_domain: self.trust_domain,
+                namespace: self.namespace,
+                cert_ttl: self.cert_ttl,
+                provided: self.ca_cert.zip(self.ca_key),
+            },
+            default_mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
+            server_names: self.server_names,
+            plaintext_xds: self.plaintext_xds,
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -130,6 +233,9 @@ pub struct ProxyArgs {
     /// Worker threads for the proxy (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Join token for this proxy's service (`weft token create --service NAME`).
+    #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(flatten)]
     pub control: ControlAddr,
 }
@@ -210,7 +316,12 @@ impl Cli {
 
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Apply { .. } | Command::Get { .. } | Command::Delete { .. } | Command::DemoClient(_) => "warn",
+            Command::Apply { .. }
+            | Command::Get { .. }
+            | Command::Delete { .. }
+            | Command::Token { .. }
+            | Command::Ca { .. }
+            | Command::DemoClient(_) => "warn",
             _ => "info",
         }
     }
@@ -237,6 +348,8 @@ impl ProxyArgs {
         let labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
         Ok(ProxyOptions {
             control: self.control.control.clone(),
+            ca_file: self.control.ca_file.clone(),
+            token: self.token.clone(),
             id,
             service: self.service.clone(),
             inbound: app.map(|_| self.inbound),
@@ -259,22 +372,25 @@ impl ProxyArgs {
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Control(a) => {
-            let cfg = weft_control::ControlConfig {
-                listen: a.listen,
-                data_dir: a.data_dir,
-                reconnect_grace: a.reconnect_grace,
-            };
-            weft_control::run(cfg, crate::supervise::stop_signal()).await?;
-        }
+        Command::Control(a) => weft_control::run(a.config()?, crate::supervise::stop_signal()).await?,
         Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
         Command::Run(a) => return run::run(a).await,
         Command::Up(a) => up::up(a).await?,
-        Command::Apply { file, control } => api_client::apply(&control.control, &file).await?,
-        Command::Get { kind, name, output, control } => {
-            api_client::get(&control.control, &kind, name.as_deref(), &output).await?
+        Command::Apply { file, control } => api_client::apply(&control, &file).await?,
+        Command::Get { kind, name, output, expiring_within, control } => {
+            api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
         }
-        Command::Delete { kind, name, control } => api_client::delete(&control.control, &kind, &name).await?,
+        Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
+        Command::Token { action: TokenAction::Create { service, ttl }, control } => {
+            api_client::token_create(&control, &service, ttl).await?
+        }
+        Command::Token { action: TokenAction::Revoke { token }, control } => {
+            api_client::token_revoke(&control, &token).await?
+        }
+        Command::Ca { action: CaAction::Show, control } => api_client::ca_show(&control).await?,
+        Command::Ca { action: CaAction::Rotate { overlap }, control } => {
+            api_client::ca_rotate(&control, overlap).await?
+        }
         Command::DemoApp(a) => {
             let listen = a.listen.unwrap_or_else(|| {
                 let port = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);

@@ -13,6 +13,8 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // One TLS implementation for everything (xDS, API, mTLS): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = cli.workers();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_level()));

@@ -48,11 +48,14 @@ pub struct ControlSection {
     pub listen: SocketAddr,
     /// Store directory; default: a fresh temporary directory removed at exit.
     pub data_dir: Option<PathBuf>,
+    /// Mutual TLS mode of services that set none: strict (default) or permissive.
+    #[serde(default)]
+    pub mtls: weft_api::resource::MtlsMode,
 }
 
 impl Default for ControlSection {
     fn default() -> Self {
-        ControlSection { listen: default_listen(), data_dir: None }
+        ControlSection { listen: default_listen(), data_dir: None, mtls: Default::default() }
     }
 }
 

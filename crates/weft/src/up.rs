@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use weft_proxy::control_client::ControlEndpoint;
 
 struct Planned {
     service: String,
@@ -30,7 +31,7 @@ fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> 
     }
 }
 
-fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
+fn plan(file: &MeshFile, exe: &str, ca_file: &std::path::Path) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
     let mut counters = std::collections::HashMap::<(String, Option<String>), usize>::new();
     let mut taken = std::collections::HashSet::new();
@@ -47,6 +48,7 @@ fn plan(file: &MeshFile, exe: &str) -> anyhow::Result<Vec<Planned>> {
             argv.extend(["--port".into(), app.to_string(), "--id".into(), id.clone()]);
             argv.extend(["--inbound".into(), "127.0.0.1:0".into(), "--admin".into(), "127.0.0.1:0".into()]);
             argv.extend(["--control".into(), file.control.listen.to_string()]);
+            argv.extend(["--ca-file".into(), ca_file.display().to_string()]);
             for (k, v) in &s.labels {
                 argv.extend(["--label".into(), format!("{k}={v}")]);
             }
@@ -104,6 +106,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
     let result = run_mesh(&file, &resources, &exe, data_dir.clone()).await;
     if temp {
+        // The mesh is gone with its data: so is its entry in the CLI credentials file.
+        weft_api::credentials::forget(&file.control.listen.to_string());
         let _ = std::fs::remove_dir_all(&data_dir);
     }
     result
@@ -142,8 +146,20 @@ async fn run_mesh(
     data_dir: PathBuf,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
-    let cfg =
-        weft_control::ControlConfig { listen, data_dir: data_dir.clone(), reconnect_grace: Duration::from_secs(15) };
+    let cfg = weft_control::ControlConfig {
+        listen,
+        data_dir: data_dir.clone(),
+        reconnect_grace: Duration::from_secs(15),
+        ca: weft_control::CaConfig {
+            trust_domain: weft_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+            namespace: weft_api::identity::DEFAULT_NAMESPACE.into(),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            provided: None,
+        },
+        default_mtls: file.control.mtls,
+        server_names: vec![],
+        plaintext_xds: None,
+    };
     let (control_stop, control_rx) = watch::channel(false);
     let (instances_stop, stop) = watch::channel(false);
     let mut mesh = Mesh {
@@ -171,14 +187,22 @@ async fn start_all(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
-    let api = Api::new(&listen.to_string());
-    wait_for_control(&api, &mut mesh.control).await?;
+    let ca_file = data_dir.join("ca").join("trust-bundle.pem");
+    wait_for_control(&listen, data_dir, &mut mesh.control).await?;
+    let admin = std::fs::read_to_string(data_dir.join("admin.token")).context("cannot read the admin credential")?;
+    let api = Api::with(ControlEndpoint {
+        address: listen.to_string(),
+        ca_file: ca_file.clone(),
+        credential: Some(admin.trim().to_owned()),
+    })?;
     if !resources.is_empty() {
         api.apply(resources).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     if !file.gateway.is_empty() {
         let opts = weft_proxy::ProxyOptions {
             control: listen.to_string(),
+            ca_file: Some(ca_file.clone()),
+            token: Some(join_token(&api, "gateway").await?),
             id: "gateway".into(),
             service: None,
             app: None,
@@ -192,7 +216,15 @@ async fn start_all(
         };
         mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
     }
-    let planned = plan(file, exe)?;
+    let mut planned = plan(file, exe, &ca_file)?;
+    let mut tokens = std::collections::HashMap::new();
+    for p in &mut planned {
+        if !tokens.contains_key(&p.service) {
+            tokens.insert(p.service.clone(), join_token(&api, &p.service).await?);
+        }
+        // In the environment, not on the command line, where `ps` would show it.
+        p.env.push(("WEFT_TOKEN".into(), tokens[&p.service].clone()));
+    }
     let exited = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in &planned {
         let mut child = supervise::spawn(&p.argv, &p.env, false)?;
@@ -213,7 +245,20 @@ async fn start_all(
     Ok(())
 }
 
-async fn wait_for_control(api: &Api, control: &mut tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+/// A join token for what `weft up` starts (valid for a year: the mesh lives as long as `up`).
+async fn join_token(api: &Api, service: &str) -> anyhow::Result<String> {
+    let body = serde_json::json!({ "service": service, "ttlSeconds": 365 * 24 * 3600 });
+    let (status, v) = api.call(hyper::Method::POST, "/api/v1/tokens", Some(body)).await?;
+    anyhow::ensure!(status.is_success(), "cannot create a join token for {service}: {}", v["error"]);
+    Ok(v["token"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Waits until the control plane answers over TLS (its root and credential exist by then).
+async fn wait_for_control(
+    listen: &SocketAddr,
+    data_dir: &std::path::Path,
+    control: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if control.is_finished() {
@@ -222,7 +267,11 @@ async fn wait_for_control(api: &Api, control: &mut tokio::task::JoinHandle<anyho
                 _ => Err(anyhow::anyhow!("the control plane stopped at startup")),
             };
         }
-        if api.get_json("/api/v1/services").await.is_ok() {
+        let ca_file = data_dir.join("ca").join("trust-bundle.pem");
+        if ca_file.exists()
+            && let Ok(api) = Api::with(ControlEndpoint { address: listen.to_string(), ca_file, credential: None })
+            && api.call(hyper::Method::GET, "/healthz", None).await.is_ok()
+        {
             return Ok(());
         }
         if Instant::now() > deadline {

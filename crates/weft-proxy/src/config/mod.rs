@@ -31,6 +31,9 @@ use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
 
 mod fields;
 mod schema;
+pub mod tls;
+
+pub use tls::{DownstreamTlsDef, UpstreamTlsDef};
 
 /// Why a resource was rejected; the text goes back to the control plane in the NACK.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,11 @@ pub struct ListenerDef {
     /// From tcp_proxy's `max_connect_attempts`: endpoints tried per connection.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_failover")]
     pub tcp_failover: Option<Failover>,
+    /// TLS termination for chains matched on `transport_protocol: tls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DownstreamTlsDef>,
+    /// Whether plaintext connections have a chain (false: a TLS-only listener closes them).
+    pub plaintext: bool,
 }
 
 fn ser_failover<S: serde::Serializer>(f: &Option<Failover>, s: S) -> Result<S::Ok, S::Error> {
@@ -119,6 +127,9 @@ pub struct ClusterDef {
     pub connect_timeout: Duration,
     /// Endpoints given inline (static clusters); EDS clusters get theirs separately.
     pub static_endpoints: Option<Vec<EndpointDef>>,
+    /// TLS origination towards the endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsDef>,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -187,6 +198,8 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         http: None,
         tcp_cluster: None,
         tcp_failover: None,
+        tls: None,
+        plaintext: false,
     };
     for chain in &l.filter_chains {
         filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
@@ -200,18 +213,40 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
     Ok(def)
 }
 
-/// Application protocols the proxy's own detection recognises; a chain may be matched on them.
+/// Application protocols the proxy's own detection (or ALPN, inside TLS) recognises; a chain
+/// may be matched on them.
 const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
 
+/// A listener's chains are one set of filters reached in plaintext, through TLS, or both: the
+/// TLS chains (matched on `transport_protocol: tls`) must carry the same transport socket, and
+/// every chain the same filters as the others of its kind (HTTP or TCP).
 fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String> {
-    if let Some(ts) = &chain.transport_socket {
-        return Err(format!("transport socket {:?} is not supported", ts.name));
-    }
-    if let Some(m) = &chain.filter_chain_match
-        && let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str()))
-    {
+    let m = chain.filter_chain_match.clone().unwrap_or_default();
+    if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
         return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
     }
+    match (m.transport_protocol.as_str(), &chain.transport_socket) {
+        ("tls", Some(ts)) => {
+            let tls = tls::downstream(ts)?;
+            if def.tls.as_ref().is_some_and(|t| *t != tls) {
+                return Err("TLS chains with different transport sockets are not supported".into());
+            }
+            def.tls = Some(tls);
+        }
+        ("tls", None) => return Err(
+            "a chain matched on transport_protocol tls needs a TLS transport socket (TLS passthrough is not supported)"
+                .into(),
+        ),
+        ("" | "raw_buffer", None) => def.plaintext = true,
+        ("" | "raw_buffer", Some(ts)) => {
+            return Err(format!(
+                "transport socket {:?} on a chain not matched on transport_protocol tls is not supported",
+                ts.name
+            ));
+        }
+        (other, _) => return Err(format!("filter_chain_match on transport protocol {other:?} is not supported")),
+    }
+    let (http_before, tcp_before) = (def.http.take(), def.tcp_cluster.take());
     for f in &chain.filters {
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
@@ -261,6 +296,23 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
         } else {
             return Err(format!("unsupported network filter {}", cfg.type_url));
         }
+    }
+    // A kind of chain seen before must carry what it carried then.
+    for (before, now, what) in [
+        (http_before.as_ref().map(|h| format!("{h:?}")), def.http.as_ref().map(|h| format!("{h:?}")), "HTTP"),
+        (tcp_before.clone(), def.tcp_cluster.clone(), "TCP"),
+    ] {
+        if let (Some(b), Some(n)) = (&before, &now)
+            && b != n
+        {
+            return Err(format!("the {what} filters differ between chains; weft applies one set per listener"));
+        }
+    }
+    if def.http.is_none() {
+        def.http = http_before;
+    }
+    if def.tcp_cluster.is_none() {
+        def.tcp_cluster = tcp_before;
     }
     Ok(())
 }
@@ -337,9 +389,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
 pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     let c: Cluster = decode(any, "Cluster")?;
     let bad = |reason: String| invalid("Cluster", &c.name, reason);
-    if let Some(ts) = &c.transport_socket {
-        return Err(bad(format!("transport socket {:?} is not supported", ts.name)));
-    }
+    let tls = c.transport_socket.as_ref().map(tls::upstream).transpose().map_err(bad)?;
     schema::check(&any.value, &schema::CLUSTER, "").map_err(bad)?;
     // The first policy of load_balancing_policy that weft knows wins; without one, lb_policy.
     let from_list = c.load_balancing_policy.iter().flat_map(|p| &p.policies).find_map(|p| {
@@ -367,7 +417,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         }
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
-    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints })
+    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls })
 }
 
 pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidResource> {

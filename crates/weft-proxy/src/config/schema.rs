@@ -123,9 +123,11 @@ static FILTER_CHAIN: Schema = Schema {
         Plain("transport_socket"),
     ],
 };
-/// The proxy detects the protocol itself: a chain may be matched on it, nothing else.
-static FILTER_CHAIN_MATCH: Schema =
-    Schema { message: "envoy.config.listener.v3.FilterChainMatch", fields: &[Plain("application_protocols")] };
+/// The proxy detects the protocol (and TLS) itself: a chain may be matched on them, nothing else.
+static FILTER_CHAIN_MATCH: Schema = Schema {
+    message: "envoy.config.listener.v3.FilterChainMatch",
+    fields: &[Plain("application_protocols"), Plain("transport_protocol")],
+};
 /// `typed_config` is decoded by its type URL in the decoder (HCM, tcp_proxy; others refused).
 static FILTER: Schema =
     Schema { message: "envoy.config.listener.v3.Filter", fields: &[Plain("name"), Plain("typed_config")] };

@@ -36,12 +36,16 @@ impl Mesh {
             .iter()
             .map(|(a, _)| EndpointDef { address: *a, healthy: true, zone: String::new(), labels: Default::default() })
             .collect();
-        clusters.update(&[ClusterDef {
-            name: "backend".into(),
-            load_balancer: LoadBalancer::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            static_endpoints: Some(eps),
-        }]);
+        clusters.update(
+            &[ClusterDef {
+                name: "backend".into(),
+                load_balancer: LoadBalancer::RoundRobin,
+                connect_timeout: Duration::from_secs(1),
+                static_endpoints: Some(eps),
+                tls: None,
+            }],
+            &crate::testing::no_tls,
+        );
         let rule = RuleDef {
             path: PathDef::Prefix("/".into()),
             headers: vec![],

@@ -1,0 +1,401 @@
+//! The proxy's workload identity: its own key and certificate, and the mesh's trust bundle.
+//!
+//! The key is made here (ECDSA P-256) and never leaves the process: the proxy sends a CSR with
+//! its join token and gets back a short-lived certificate whose URI SAN is its SPIFFE ID. It
+//! renews at half the lifetime with a fresh key, and at once when the trust bundle's signing
+//! root changes (`weft ca rotate`). If the CA cannot be reached it keeps the certificate it
+//! has, retries with backoff, and says so in the log, in metrics and in `/ready`.
+//!
+//! Invariant: TLS configurations are built once and read the current certificate and bundle
+//! at each handshake, so renewals and rotations apply to new connections without a restart and
+//! without touching open ones.
+use crate::control_client::ControlApi;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use weft_api::identity::{CertificateRequest, CertificateResponse};
+
+/// Renewal retries back off up to this.
+const MAX_RETRY: Duration = Duration::from_secs(15);
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The proxy's certificate as `/ready`, `/config_dump` and metrics show it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CertStatus {
+    pub identity: Option<String>,
+    pub serial: Option<String>,
+    /// Unix seconds.
+    pub not_after: Option<u64>,
+    /// The last renewal error, until a renewal succeeds.
+    pub renewal_error: Option<String>,
+    pub renewals: u64,
+}
+
+/// The certificate and trust bundle in force, read by every handshake.
+pub struct Credentials {
+    cert: ArcSwapOption<CertifiedKey>,
+    /// The root that signed `cert` (DER).
+    cert_root: ArcSwapOption<Vec<u8>>,
+    roots: ArcSwap<RootCertStore>,
+    /// The first root of the bundle: the one the CA signs with now.
+    signing_root: ArcSwapOption<Vec<u8>>,
+    client_verifier: ArcSwapOption<Arc<dyn ClientCertVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+    pub status: Mutex<CertStatus>,
+    /// Woken when the certificate should be renewed now (the signing root changed).
+    renew_now: tokio::sync::Notify,
+}
+
+impl Credentials {
+    pub fn new() -> Arc<Credentials> {
+        Arc::new(Credentials {
+            cert: ArcSwapOption::empty(),
+            cert_root: ArcSwapOption::empty(),
+            roots: ArcSwap::from_pointee(RootCertStore::empty()),
+            signing_root: ArcSwapOption::empty(),
+            client_verifier: ArcSwapOption::empty(),
+            algorithms: provider().signature_verification_algorithms,
+            status: Mutex::default(),
+            renew_now: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn status(&self) -> CertStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether both a certificate and a trust bundle are in place.
+    pub fn ready(&self) -> bool {
+        self.cert.load().is_some() && self.signing_root.load().is_some()
+    }
+
+    /// Installs a trust bundle (PEM, signing root first). Fails without changing anything if
+    /// it holds no usable certificate.
+    pub fn set_bundle(&self, pem: &[u8]) -> Result<usize, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the trust bundle is not valid PEM: {e}"))?;
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+        if added == 0 || added != certs.len() {
+            return Err(format!("the trust bundle holds {} certificates, {added} of them usable roots", certs.len()));
+        }
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| format!("cannot verify clients with this bundle: {e}"))?;
+        self.client_verifier.store(Some(Arc::new(verifier)));
+        self.roots.store(roots);
+        let first = certs[0].to_vec();
+        self.signing_root.store(Some(Arc::new(first.clone())));
+        // A new signing root (a rotation): get a certificate from it now.
+        if self.cert_root.load().as_deref().is_some_and(|r| **r != first) {
+            self.renew_now.notify_one();
+        }
+        Ok(added)
+    }
+
+    fn install(&self, resp: &CertificateResponse, key: PrivateKeyDer<'static>) -> Result<(), String> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(resp.chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the CA sent an invalid chain: {e}"))?;
+        let root = CertificateDer::pem_slice_iter(resp.root.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or("the CA sent no root")?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| e.to_string())?;
+        self.cert.store(Some(Arc::new(CertifiedKey::new(chain, signing))));
+        self.cert_root.store(Some(Arc::new(root.to_vec())));
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.identity = Some(resp.identity.clone());
+        st.serial = Some(resp.serial.clone());
+        st.not_after = Some(resp.not_after);
+        st.renewal_error = None;
+        st.renewals += 1;
+        Ok(())
+    }
+
+    /// Server side of mutual TLS: presents the current certificate, requires a client
+    /// certificate that chains to the bundle. ALPN: what the client's sidecar carries inside.
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .with_client_cert_verifier(Arc::new(MeshClientVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(OwnCert(self.clone())));
+        cfg.alpn_protocols = [b"h2".as_slice(), b"http/1.1", weft_api::identity::ALPN_TCP.as_bytes(), ALPN_MESH]
+            .iter()
+            .map(|p| p.to_vec())
+            .collect();
+        Arc::new(cfg)
+    }
+
+    /// Client side of mutual TLS towards a sidecar that must prove `expected` (a SPIFFE ID).
+    pub fn client_config(self: &Arc<Self>, expected: &str, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeVerifier {
+                creds: self.clone(),
+                expected: expected.into(),
+            }))
+            .with_client_cert_resolver(Arc::new(OwnCert(self.clone())));
+        cfg.alpn_protocols = vec![alpn.to_vec(), ALPN_MESH.to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+/// ALPN every weft sidecar adds to what it offers, so a permissive inbound listener can tell
+/// mesh mTLS from an app's own TLS (which it passes through untouched).
+pub const ALPN_MESH: &[u8] = b"weft";
+
+/// The SPIFFE ID (URI SAN) of a DER certificate.
+pub fn spiffe_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+#[derive(Debug)]
+struct OwnCert(Arc<Credentials>);
+
+impl rustls::server::ResolvesServerCert for OwnCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.cert.load_full()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for OwnCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.cert.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("status", &self.status()).finish()
+    }
+}
+
+/// Verifies a client certificate against the bundle in force at the handshake.
+#[derive(Debug)]
+struct MeshClientVerifier(Arc<Credentials>);
+
+impl MeshClientVerifier {
+    fn current(&self) -> Result<Arc<Arc<dyn ClientCertVerifier>>, rustls::Error> {
+        self.0.client_verifier.load_full().ok_or(rustls::Error::General("no trust bundle yet".into()))
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()?.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies a server certificate: it chains to the bundle, and its URI SAN is `expected`.
+/// (A SPIFFE certificate has no DNS name, so the usual hostname check does not apply.)
+#[derive(Debug)]
+struct SpiffeVerifier {
+    creds: Arc<Credentials>,
+    expected: Box<str>,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        let roots = self.creds.roots.load();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            now,
+            self.creds.algorithms.all,
+        )?;
+        match spiffe_id(end_entity) {
+            Some(id) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
+            found => Err(rustls::Error::General(format!(
+                "the upstream presented identity {} but {} was expected",
+                found.as_deref().unwrap_or("(none)"),
+                self.expected
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.creds.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.creds.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.creds.algorithms.supported_schemes()
+    }
+}
+
+/// The proxy's first certificate. Only a refusal (the control plane answered 4xx: a bad join
+/// token) is an error; if the control plane cannot be reached, [`run`] keeps trying.
+pub async fn first_certificate(creds: &Credentials, api: &ControlApi, req: &CertificateRequest) -> Result<(), String> {
+    match renew(creds, api, req).await {
+        Err(Renewal::Refused(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+enum Renewal {
+    /// The control plane answered and said no.
+    Refused(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Renewal::Refused(e) | Renewal::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One CSR round trip: a fresh key, a CSR, the CA's answer installed.
+async fn renew(creds: &Credentials, api: &ControlApi, req: &CertificateRequest) -> Result<u64, Renewal> {
+    let failed = |e: String| Renewal::Failed(e);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| failed(e.to_string()))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| failed(e.to_string()))?;
+    let req = CertificateRequest { csr, ..req.clone() };
+    let resp: CertificateResponse = api.request_certificate(&req).await.map_err(|e| match e.status {
+        Some(s) if s.is_client_error() => Renewal::Refused(e.message),
+        _ => Renewal::Failed(e.message),
+    })?;
+    let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| failed(e.to_string()))?;
+    creds.install(&resp, der).map_err(failed)?;
+    Ok(resp.not_after)
+}
+
+/// Keeps the proxy's certificate fresh for as long as the proxy runs.
+pub async fn run(
+    creds: Arc<Credentials>,
+    api: Arc<ControlApi>,
+    req: CertificateRequest,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut retry = Duration::from_millis(200);
+    // The certificate `first_certificate` got, if it got one.
+    let mut current = creds.status().not_after;
+    loop {
+        let result = match current.take() {
+            Some(not_after) => Ok(not_after),
+            None => renew(&creds, &api, &req).await,
+        };
+        let wait = match result {
+            Ok(not_after) => {
+                retry = Duration::from_millis(200);
+                metrics.certificate(not_after, true);
+                let st = creds.status();
+                tracing::info!(identity = ?st.identity, serial = ?st.serial, expires_in_s = not_after.saturating_sub(now_unix()), "certificate renewed");
+                // Half the remaining lifetime, with a little jitter so a mesh does not renew at once.
+                let left = not_after.saturating_sub(now_unix());
+                Duration::from_millis(left * 500 + fastrand::u64(0..=left * 50))
+            }
+            Err(e) => {
+                metrics.certificate(0, false);
+                let left = creds.status().not_after.map(|t| t.saturating_sub(now_unix()));
+                match left {
+                    Some(left) => {
+                        tracing::warn!(error = %e, expires_in_s = left, retry_in_ms = retry.as_millis() as u64, "certificate renewal failed; keeping the current certificate")
+                    }
+                    None => {
+                        tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "cannot get a certificate from the control plane; not ready until one is issued")
+                    }
+                }
+                creds.status.lock().unwrap_or_else(|p| p.into_inner()).renewal_error = Some(e.to_string());
+                let r = retry;
+                retry = (retry * 2).min(MAX_RETRY);
+                r
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
+            _ = creds.renew_now.notified() => {
+                // Spread a rotation's renewals over a moment.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..500))).await;
+                tracing::info!("the mesh has a new signing root; renewing the certificate");
+            }
+        }
+    }
+}
