@@ -34,6 +34,22 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// This test's CLI credentials file (`WEFT_CONFIG`), given to every process it starts: the
+/// control planes it runs record their root and admin credential there, and the CLI and the
+/// proxies find them there. nextest runs each test in a process of its own, so tests never
+/// share one.
+pub fn credentials_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| std::env::temp_dir().join(format!("weft-test-credentials-{}.json", std::process::id())))
+}
+
+/// A join token for `service` from the control plane at `control` (through the CLI).
+pub fn join_token(control: &str, service: &str) -> String {
+    let out = weft(&["token", "create", "--service", service, "--control", control]);
+    assert!(out.status.success(), "weft token create failed: {}", stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -90,6 +106,7 @@ impl Proc {
         let log = std::fs::File::create(dir.path.join(format!("{name}.log"))).unwrap();
         cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         cmd.env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env("WEFT_CONFIG", credentials_file());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc { child, name: name.to_owned() }
     }
@@ -180,6 +197,7 @@ pub fn run(program: &str, args: &[&str]) -> Output {
         .arg("60")
         .arg(program)
         .args(args)
+        .env("WEFT_CONFIG", credentials_file())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
@@ -222,6 +240,7 @@ pub fn app_sidecar(dir: &TestDir, control: &Control, service: &str, app_port: u1
     let mut cmd = Command::new(weft_bin());
     cmd.args(["proxy", "--service", service, "--app-port", &app_port.to_string(), "--health-interval", "1h"]);
     cmd.args(["--control", &control.addr, "--id", service]).args(extra);
+    cmd.env("WEFT_TOKEN", join_token(&control.addr, service));
     let proc = Proc::spawn(dir, service, &mut cmd);
     wait_until(Duration::from_secs(10), &format!("{service} healthy"), || control.healthy_ids(service).len() == 1);
     proc
@@ -299,29 +318,65 @@ pub fn get_json(addr: &str, path: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// A control plane process.
+/// A control plane process. Its API and xDS are TLS on `addr`; proxyless xDS clients use the
+/// loopback plaintext listener `xds_plain`.
 pub struct Control {
     pub proc: Proc,
     pub addr: String,
+    pub xds_plain: String,
     pub data_dir: PathBuf,
 }
 
 impl Control {
     pub fn start(dir: &TestDir) -> Control {
-        Control::start_at(dir, &format!("127.0.0.1:{}", free_port()), dir.path.join("control-data"))
+        Control::start_with(dir, &[])
+    }
+
+    /// A control plane with extra flags (e.g. `--mtls permissive`).
+    pub fn start_with(dir: &TestDir, extra: &[&str]) -> Control {
+        Control::start_at_with(dir, &format!("127.0.0.1:{}", free_port()), dir.path.join("control-data"), extra)
     }
 
     pub fn start_at(dir: &TestDir, addr: &str, data_dir: PathBuf) -> Control {
+        Control::start_at_with(dir, addr, data_dir, &[])
+    }
+
+    fn start_at_with(dir: &TestDir, addr: &str, data_dir: PathBuf, extra: &[&str]) -> Control {
+        let xds_plain = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(weft_bin());
-        cmd.args(["control", "--listen", addr, "--data-dir"]).arg(&data_dir);
+        cmd.args(["control", "--listen", addr, "--plaintext-xds", &xds_plain, "--data-dir"]).arg(&data_dir).args(extra);
         let proc = Proc::spawn(dir, &format!("control-{}", fastrand_u32()), &mut cmd);
-        let c = Control { proc, addr: addr.to_owned(), data_dir };
-        wait_until(Duration::from_secs(10), "control plane API", || get_json(&c.addr, "/api/v1/services").is_some());
+        let c = Control { proc, addr: addr.to_owned(), xds_plain, data_dir };
+        wait_until(Duration::from_secs(10), "control plane API", || c.api("/api/v1/services").is_some());
         c
     }
 
+    /// The mesh root file the control plane's TLS certificate chains to.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca").join("trust-bundle.pem")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default().trim().to_owned()
+    }
+
+    /// GET on the admin API (TLS, admin credential), as JSON; None on any failure.
+    pub fn api(&self, path: &str) -> Option<Value> {
+        let cacert = self.ca_file();
+        if !cacert.exists() {
+            return None;
+        }
+        let auth = format!("authorization: Bearer {}", self.admin_token());
+        let url = format!("https://{}{path}", self.addr);
+        let out = run("curl", &["-s", "-f", "--max-time", "5", "--cacert", cacert.to_str()?, "-H", &auth, &url]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
     pub fn endpoints(&self, service: &str) -> Vec<Value> {
-        get_json(&self.addr, &format!("/api/v1/services/{service}/endpoints"))
+        self.api(&format!("/api/v1/services/{service}/endpoints"))
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
     }
@@ -358,6 +413,7 @@ impl Instance {
         cmd.args(["--port", &app_port.to_string(), "--label", &format!("version={version}")]);
         cmd.args(["--inbound", &format!("127.0.0.1:{inbound}"), "--admin", &format!("127.0.0.1:{admin}")]);
         cmd.args(extra).arg("--").arg(weft_bin()).arg("demo-app");
+        cmd.env("WEFT_TOKEN", join_token(control, service));
         let proc = Proc::spawn(dir, id, &mut cmd);
         Instance { proc, id: id.to_owned(), app_port, inbound, admin }
     }
@@ -380,11 +436,17 @@ impl Edge {
         Edge::start_via(dir, &control.addr, &format!("edge-{}", fastrand_u32()), services)
     }
 
-    /// An edge with node id `id` whose xDS stream goes to `control` (e.g. a relay in the test).
+    /// An edge with node id `id` whose control plane is `control` (e.g. a relay in the test),
+    /// with a join token (identity `edge`) from the control plane at `issuer`.
     pub fn start_via(dir: &TestDir, control: &str, id: &str, services: &[&str]) -> Edge {
+        Edge::start_with(dir, control, control, id, services, &[])
+    }
+
+    pub fn start_with(dir: &TestDir, control: &str, issuer: &str, id: &str, services: &[&str], extra: &[&str]) -> Edge {
         let admin = free_port();
         let mut cmd = Command::new(weft_bin());
-        cmd.args(["proxy", "--control", control, "--id", id]);
+        cmd.args(["proxy", "--control", control, "--id", id]).args(extra);
+        cmd.env("WEFT_TOKEN", join_token(issuer, "edge"));
         cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
         let mut ports = HashMap::new();
         for s in services {
@@ -428,8 +490,13 @@ pub struct SmallMesh {
 
 impl SmallMesh {
     pub fn start(name: &str, backends: usize) -> SmallMesh {
+        SmallMesh::start_with(name, backends, &[])
+    }
+
+    /// With extra flags for the control plane.
+    pub fn start_with(name: &str, backends: usize, control_args: &[&str]) -> SmallMesh {
         let dir = TestDir::new(name);
-        let control = Control::start(&dir);
+        let control = Control::start_with(&dir, control_args);
         let backends: Vec<Instance> = (0..backends)
             .map(|i| {
                 Instance::start(&dir, &control.addr, "backend", &format!("v{}", i + 1), &format!("backend-{i}"), &[])

@@ -85,6 +85,8 @@ impl AggregatedDiscoveryService for Relay {
         let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.control))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        // The proxy's join token goes on to the control plane, which checks it.
+        let token = req.metadata().get("authorization").cloned();
         let (up_tx, up_rx) = tokio::sync::mpsc::channel(16);
         let mut requests = req.into_inner();
         tokio::spawn(async move {
@@ -94,7 +96,11 @@ impl AggregatedDiscoveryService for Relay {
                 }
             }
         });
-        let mut upstream = client.stream_aggregated_resources(ReceiverStream::new(up_rx)).await?.into_inner();
+        let mut upstream_req = tonic::Request::new(ReceiverStream::new(up_rx));
+        if let Some(t) = token {
+            upstream_req.metadata_mut().insert("authorization", t);
+        }
+        let mut upstream = client.stream_aggregated_resources(upstream_req).await?.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mode = self.mode.clone();
         tokio::spawn(async move {
@@ -138,6 +144,17 @@ fn status(url: &str) -> u16 {
     curl(&["-s", url]).map_or(0, |r| r.status)
 }
 
+/// A server certificate for 127.0.0.1, signed with the control plane's root key.
+fn relay_certificate(control: &Control) -> (String, String) {
+    let ca_dir = control.data_dir.join("ca");
+    let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root.key")).unwrap()).unwrap();
+    let root_pem = std::fs::read_to_string(ca_dir.join("root.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 #[test]
 fn unsupported_listener_config_is_nacked_and_the_last_good_config_keeps_serving() {
     let dir = TestDir::new("nack");
@@ -150,14 +167,21 @@ fn unsupported_listener_config_is_nacked_and_the_last_good_config_keeps_serving(
     let relay_listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let relay_addr = relay_listener.local_addr().unwrap().to_string();
     let mode = Arc::new(AtomicU8::new(PASS));
-    let relay = Relay { control: control.addr.clone(), mode: mode.clone() };
+    // The relay speaks TLS with a certificate from the mesh root (as the control plane does),
+    // and passes the stream on to the control plane's plaintext xDS listener.
+    let relay = Relay { control: control.xds_plain.clone(), mode: mode.clone() };
+    let (cert, key) = relay_certificate(&control);
+    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
     rt.spawn(
         tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
             .add_service(AggregatedDiscoveryServiceServer::new(relay))
             .serve_with_incoming(TcpListenerStream::new(relay_listener)),
     );
 
-    let edge = Edge::start_via(&dir, &relay_addr, "edge-nack", &["backend"]);
+    let edge =
+        Edge::start_with(&dir, &control.addr, &control.addr, "edge-nack", &["backend"], &["--xds", &relay_addr]);
     wait_until(Duration::from_secs(10), "traffic through the edge", || status(&edge.url("backend", "/")) == 200);
     let listeners_before = get_json(&edge.admin(), "/config_dump").unwrap()["listeners"].clone();
 

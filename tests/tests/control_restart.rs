@@ -16,7 +16,7 @@ fn traffic_survives_control_plane_stop_and_restart() {
     let out = weft(&["apply", "-f", dir.to_str().unwrap(), "--control", &m.control.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
     let url = m.edge.url("backend", "/");
-    let services_before = get_json(&m.control.addr, "/api/v1/services").unwrap();
+    let services_before = m.control.api("/api/v1/services").unwrap();
 
     // A client loop runs through the whole stop / restart sequence.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -40,13 +40,13 @@ fn traffic_survives_control_plane_stop_and_restart() {
 
     let control = Control::start_at(&m.dir, &m.control.addr.clone(), m.control.data_dir.clone());
     // Registry and config intact straight after the restart, before any proxy reconnects.
-    let services_after = get_json(&control.addr, "/api/v1/services").unwrap();
+    let services_after = control.api("/api/v1/services").unwrap();
     assert_eq!(services_before, services_after);
-    let resource = get_json(&control.addr, "/api/v1/resources/service/backend").unwrap();
+    let resource = control.api("/api/v1/resources/service/backend").unwrap();
     assert_eq!(resource["spec"]["loadBalancer"], "round-robin");
     // Every proxy resyncs (two sidecars and the edge).
     wait_until(Duration::from_secs(10), "proxies reconnect", || {
-        get_json(&control.addr, "/api/v1/proxies").and_then(|v| v.as_array().map(|a| a.len())) == Some(3)
+        control.api("/api/v1/proxies").and_then(|v| v.as_array().map(|a| a.len())) == Some(3)
     });
     wait_until(Duration::from_secs(5), "instances connected again", || {
         control.endpoints("backend").iter().all(|e| e["connected"] == true && e["healthy"] == true)

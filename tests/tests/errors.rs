@@ -64,8 +64,8 @@ fn apply_rejects_bad_files_and_stores_nothing() {
         }
         assert!(err.contains("nothing was applied"), "{err}");
         // Nothing stored: no routes, and the Service resource does not exist.
-        assert_eq!(get_json(&m.control.addr, "/api/v1/resources/httproutes").unwrap(), serde_json::json!([]));
-        assert_eq!(get_json(&m.control.addr, "/api/v1/resources/services").unwrap(), serde_json::json!([]));
+        assert_eq!(m.control.api("/api/v1/resources/httproutes").unwrap(), serde_json::json!([]));
+        assert_eq!(m.control.api("/api/v1/resources/services").unwrap(), serde_json::json!([]));
     }
     // And the good document alone applies.
     let out = apply(&m.control, &m.dir, "ok.yaml", ROUTE_OK);

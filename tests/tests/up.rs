@@ -101,7 +101,9 @@ resources:
     let r = curl(&[&format!("http://127.0.0.1:{gw}/")]).expect("response");
     assert!(r.body.contains("hello from web v1 (instance web-0)"), "{}", r.body);
     assert!(r.body.contains("hello from api v1 (instance api-v1-0)"), "{}", r.body);
-    let svc = get_json(&format!("127.0.0.1:{control}"), "/api/v1/services").unwrap();
+    let out = weft(&["get", "services", "-o", "json", "--control", &format!("127.0.0.1:{control}")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(svc.as_array().unwrap().iter().any(|s| s["name"] == "api" && s["loadBalancer"] == "round-robin"), "{svc}");
     let procs = descendants(&up);
     up.signal(nix::sys::signal::Signal::SIGTERM);

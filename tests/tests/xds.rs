@@ -15,12 +15,13 @@ use weft_tests::*;
 
 #[test]
 fn proxyless_grpc_client_reaches_meshed_service() {
-    let m = SmallMesh::start("grpcxds", 2);
+    // Proxyless clients speak plaintext to the sidecars: the service must be permissive.
+    let m = SmallMesh::start_with("grpcxds", 2, &["--mtls", "permissive"]);
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/weft-demo/proto");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/xds_client.py");
     let out = run(
         python().to_str().unwrap(),
-        &[script.to_str().unwrap(), &m.control.addr, "backend", proto.to_str().unwrap(), "20"],
+        &[script.to_str().unwrap(), &m.control.xds_plain, "backend", proto.to_str().unwrap(), "20"],
     );
     assert!(out.status.success(), "python xDS client failed:\n{}\n{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
@@ -37,7 +38,7 @@ fn node(id: &str) -> Node {
 #[tokio::test(flavor = "multi_thread")]
 async fn delta_xds_pushes_only_changes() {
     let m = tokio::task::spawn_blocking(|| SmallMesh::start("delta", 1)).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.addr)).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(DeltaDiscoveryRequest {
         node: Some(node("delta-client")),
@@ -104,7 +105,7 @@ async fn delta_xds_pushes_only_changes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sotw_nack_is_recorded_and_visible() {
     let m = tokio::task::spawn_blocking(|| SmallMesh::start("nack", 1)).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.addr)).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(DiscoveryRequest { node: Some(node("nacker")), type_url: Cluster::type_url(), ..Default::default() })
         .await

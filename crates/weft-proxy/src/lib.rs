@@ -94,6 +94,8 @@ pub struct ProxyOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// Join token: proves which service this proxy belongs to.
     pub token: Option<String>,
+    /// Where the xDS stream goes, if not to `control` (host:port; same TLS and root).
+    pub xds: Option<String>,
     /// Unique id of this proxy (xDS node id, registry instance id).
     pub id: String,
     pub service: Option<String>,
@@ -330,7 +332,11 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     }
     tasks.spawn(identity::run(proxy.creds.clone(), control.clone(), csr, proxy.metrics.clone()));
     tasks.spawn(admin::serve(admin, proxy.clone()));
-    tasks.spawn(xds::run(proxy.clone(), control.endpoint.clone()));
+    let xds_endpoint = control_client::ControlEndpoint {
+        address: proxy.opts.xds.clone().unwrap_or_else(|| proxy.opts.control.clone()),
+        ..control.endpoint.clone()
+    };
+    tasks.spawn(xds::run(proxy.clone(), xds_endpoint));
     let pools = proxy.clone();
     tasks.spawn(async move { pools.clusters.sweep_pools(pools.opts.limits.upstream_idle_timeout).await });
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {

@@ -236,6 +236,9 @@ pub struct ProxyArgs {
     /// Join token for this proxy's service (`weft token create --service NAME`).
     #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Send the xDS stream here instead of to --control (HOST:PORT, TLS with the same root).
+    #[arg(long)]
+    pub xds: Option<String>,
     #[command(flatten)]
     pub control: ControlAddr,
 }
@@ -350,6 +353,7 @@ impl ProxyArgs {
             control: self.control.control.clone(),
             ca_file: self.control.ca_file.clone(),
             token: self.token.clone(),
+            xds: self.xds.clone(),
             id,
             service: self.service.clone(),
             inbound: app.map(|_| self.inbound),

@@ -203,6 +203,7 @@ async fn start_all(
             control: listen.to_string(),
             ca_file: Some(ca_file.clone()),
             token: Some(join_token(&api, "gateway").await?),
+            xds: None,
             id: "gateway".into(),
             service: None,
             app: None,
