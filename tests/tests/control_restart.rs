@@ -66,7 +66,13 @@ fn proxy_starts_and_waits_when_control_plane_is_down() {
     let dir = TestDir::new("cpdown");
     let addr = format!("127.0.0.1:{}", free_port());
     let admin = free_port();
+    // The proxy needs the mesh root and a join token, which the control plane made on an
+    // earlier run; then it goes away.
+    let mut first = Control::start_at(&dir, &addr, dir.path.join("data"));
+    let token = join_token(&addr, "edge");
+    first.proc.stop();
     let mut cmd = std::process::Command::new(weft_bin());
+    cmd.env("WEFT_TOKEN", token);
     cmd.args([
         "proxy",
         "--control",

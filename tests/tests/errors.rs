@@ -83,6 +83,14 @@ fn operator_mistakes_get_one_clear_line() {
     assert!(!out.status.success());
     no_panic(&out);
     assert_eq!(stderr(&out).trim().lines().count(), 1);
+    assert!(stderr(&out).contains(&format!("no mesh root to verify the control plane at {dead}")), "{}", stderr(&out));
+    // With a root to verify it by, the address is what is wrong.
+    let root = dir.path.join("root.pem");
+    std::fs::write(&root, rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.pem()).unwrap();
+    let out = weft(&["get", "services", "--control", &dead, "--ca-file", root.to_str().unwrap()]);
+    assert!(!out.status.success());
+    no_panic(&out);
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains(&format!("cannot reach the control plane at {dead}")), "{}", stderr(&out));
 
     // Port already in use, for the proxy and for the control plane.

@@ -9,6 +9,10 @@ use std::net::TcpStream;
 use std::time::Duration;
 use weft_tests::*;
 
+/// These tests talk to sidecars' inbound listeners with raw sockets, as a client outside the
+/// mesh does: the services accept plaintext.
+const PLAINTEXT_CLIENTS: [&str; 2] = ["--mtls", "permissive"];
+
 /// Longer than two release periods (the release check fires between one and two).
 const IDLE: Duration = Duration::from_millis(2300);
 
@@ -159,7 +163,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 #[test]
 fn header_read_timeout_holds_slow_heads_and_idle_connections() {
     let dir = TestDir::new("idle-head");
-    let control = Control::start(&dir);
+    let control = Control::start_with(&dir, &PLAINTEXT_CLIENTS);
     let b = Instance::start(&dir, &control.addr, "backend", "v1", "backend-0", &["--header-read-timeout", "800ms"]);
     wait_until(Duration::from_secs(10), "backend healthy", || control.healthy_ids("backend").len() == 1);
     // A head completed within the limit, in two parts.
@@ -185,7 +189,7 @@ fn header_read_timeout_holds_slow_heads_and_idle_connections() {
 #[test]
 fn upstream_closing_pooled_connections_is_harmless() {
     let dir = TestDir::new("poolclose");
-    let control = Control::start(&dir);
+    let control = Control::start_with(&dir, &PLAINTEXT_CLIENTS);
     let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let app_port = app.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -223,7 +227,7 @@ fn upstream_closing_pooled_connections_is_harmless() {
 #[test]
 fn pooled_upstream_connections_close_when_unused() {
     let dir = TestDir::new("poolidle");
-    let control = Control::start(&dir);
+    let control = Control::start_with(&dir, &PLAINTEXT_CLIENTS);
     let b = Instance::start(&dir, &control.addr, "backend", "v1", "backend-0", &["--upstream-idle-timeout", "1s"]);
     wait_until(Duration::from_secs(15), "instance healthy", || control.healthy_ids("backend").len() == 1);
     let to_app = || {

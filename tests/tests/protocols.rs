@@ -157,6 +157,7 @@ fn opaque_tcp_end_to_end() {
         "--id",
         "echo-0",
     ]);
+    cmd.env("WEFT_TOKEN", join_token(&control.addr, "echo"));
     let _sidecar = Proc::spawn(&dir, "echo-sidecar", &mut cmd);
     wait_until(Duration::from_secs(10), "echo healthy", || control.healthy_ids("echo").len() == 1);
     let edge = Edge::start(&dir, &control, &["echo"]);

@@ -38,7 +38,8 @@ fn node(id: &str) -> Node {
 #[tokio::test(flavor = "multi_thread")]
 async fn delta_xds_pushes_only_changes() {
     let m = tokio::task::spawn_blocking(|| SmallMesh::start("delta", 1)).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
+    let mut client =
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(DeltaDiscoveryRequest {
         node: Some(node("delta-client")),
@@ -105,7 +106,8 @@ async fn delta_xds_pushes_only_changes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sotw_nack_is_recorded_and_visible() {
     let m = tokio::task::spawn_blocking(|| SmallMesh::start("nack", 1)).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
+    let mut client =
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", m.control.xds_plain)).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(DiscoveryRequest { node: Some(node("nacker")), type_url: Cluster::type_url(), ..Default::default() })
         .await

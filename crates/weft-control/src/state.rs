@@ -49,13 +49,13 @@ impl Mesh {
     pub fn open(dir: &Path, grace: Duration, ca: CaConfig, default_mtls: MtlsMode) -> anyhow::Result<Mesh> {
         let store = Arc::new(Store::open(dir)?);
         let security = Security::open(dir, ca, store.clone())?;
-        let mut inner = Inner::default();
-        inner.settings = Settings {
+        let settings = Settings {
             bundle: security.ca.bundle(),
             default_mtls,
             trust_domain: security.ca.config().trust_domain.clone(),
             namespace: security.ca.config().namespace.clone(),
         };
+        let mut inner = Inner { settings, ..Default::default() };
         for (key, json) in store.resources()? {
             let value = serde_json::from_str(&json)?;
             let r =

@@ -56,12 +56,16 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             labels: Default::default(),
         })
         .collect();
-    m.update(&[ClusterDef {
-        name: "c".into(),
-        load_balancer: lb,
-        connect_timeout: Duration::from_secs(1),
-        static_endpoints: Some(eps),
-    }]);
+    m.update(
+        &[ClusterDef {
+            name: "c".into(),
+            load_balancer: lb,
+            connect_timeout: Duration::from_secs(1),
+            static_endpoints: Some(eps),
+            tls: None,
+        }],
+        &|_| unreachable!("the benchmark clusters have no TLS"),
+    );
     m.get("c")
 }
 

@@ -588,7 +588,7 @@ mod tests {
         let tls = TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: None };
         assert_eq!(
             refused(listener_with(tcp_proxy("b"), |c| c.transport_socket = Some(tls.clone()), |_| {})),
-            "Listener \"l\": filter chain \"\": transport socket \"envoy.transport_sockets.tls\" is not supported"
+            "Listener \"l\": filter chain \"\": transport socket \"envoy.transport_sockets.tls\" on a chain not matched on transport_protocol tls is not supported"
         );
         let by_source = |c: &mut FilterChain| {
             c.filter_chain_match = Some(envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
@@ -624,7 +624,7 @@ mod tests {
         c.transport_socket = Some(tls);
         assert_eq!(
             cluster(&pack_any(c)).unwrap_err().to_string(),
-            "Cluster \"c\": transport socket \"envoy.transport_sockets.tls\" is not supported"
+            "Cluster \"c\": transport socket \"envoy.transport_sockets.tls\" has no typed_config"
         );
         let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
         assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");

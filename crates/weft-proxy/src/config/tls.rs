@@ -115,7 +115,9 @@ pub fn upstream(ts: &TransportSocket) -> Result<UpstreamTlsDef, String> {
             }
         }
         _ => {
-            return Err(format!("{what}: weft needs exactly one URI SAN matcher: the SPIFFE ID upstreams must present"));
+            return Err(format!(
+                "{what}: weft needs exactly one URI SAN matcher: the SPIFFE ID upstreams must present"
+            ));
         }
     };
     let honoured_validation = CertificateValidationContext {
