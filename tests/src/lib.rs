@@ -375,6 +375,26 @@ impl Control {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// Any API call, as a client with `bearer` (none: no credential) would make it; returns the
+    /// status and the JSON body (Null when not JSON). Status 0: no HTTP answer.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>, bearer: Option<&str>) -> (u16, Value) {
+        let cacert = self.ca_file();
+        let url = format!("https://{}{path}", self.addr);
+        let mut args = vec!["-s", "--max-time", "10", "--cacert", cacert.to_str().unwrap(), "-X", method];
+        args.extend(["-w", "\n%{http_code}"]);
+        let auth = bearer.map(|b| format!("authorization: Bearer {b}"));
+        if let Some(a) = &auth {
+            args.extend(["-H", a.as_str()]);
+        }
+        if let Some(b) = body {
+            args.extend(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        args.push(&url);
+        let out = stdout(&run("curl", &args));
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
     pub fn endpoints(&self, service: &str) -> Vec<Value> {
         self.api(&format!("/api/v1/services/{service}/endpoints"))
             .and_then(|v| v.as_array().cloned())
