@@ -459,14 +459,23 @@ impl Edge {
     /// An edge with node id `id` whose control plane is `control` (e.g. a relay in the test),
     /// with a join token (identity `edge`) from the control plane at `issuer`.
     pub fn start_via(dir: &TestDir, control: &str, id: &str, services: &[&str]) -> Edge {
-        Edge::start_with(dir, control, control, id, services, &[])
+        Edge::start_with(dir, control, control, id, "edge", services, &[])
     }
 
-    pub fn start_with(dir: &TestDir, control: &str, issuer: &str, id: &str, services: &[&str], extra: &[&str]) -> Edge {
+    /// An edge whose join token (from `issuer`) names `identity`.
+    pub fn start_with(
+        dir: &TestDir,
+        control: &str,
+        issuer: &str,
+        id: &str,
+        identity: &str,
+        services: &[&str],
+        extra: &[&str],
+    ) -> Edge {
         let admin = free_port();
         let mut cmd = Command::new(weft_bin());
         cmd.args(["proxy", "--control", control, "--id", id]).args(extra);
-        cmd.env("WEFT_TOKEN", join_token(issuer, "edge"));
+        cmd.env("WEFT_TOKEN", join_token(issuer, identity));
         cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
         let mut ports = HashMap::new();
         for s in services {

@@ -180,7 +180,15 @@ fn unsupported_listener_config_is_nacked_and_the_last_good_config_keeps_serving(
             .serve_with_incoming(TcpListenerStream::new(relay_listener)),
     );
 
-    let edge = Edge::start_with(&dir, &control.addr, &control.addr, "edge-nack", &["backend"], &["--xds", &relay_addr]);
+    let edge = Edge::start_with(
+        &dir,
+        &control.addr,
+        &control.addr,
+        "edge-nack",
+        "edge",
+        &["backend"],
+        &["--xds", &relay_addr],
+    );
     wait_until(Duration::from_secs(10), "traffic through the edge", || status(&edge.url("backend", "/")) == 200);
     let listeners_before = get_json(&edge.admin(), "/config_dump").unwrap()["listeners"].clone();
 

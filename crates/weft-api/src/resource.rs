@@ -16,21 +16,23 @@ pub enum Kind {
     Service,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Service, Kind::HttpRoute];
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => WEFT_API_VERSION,
+            Kind::Service | Kind::AuthorizationPolicy => WEFT_API_VERSION,
             Kind::HttpRoute => GATEWAY_API_VERSION,
         }
     }
@@ -41,6 +43,7 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "service" | "services" | "svc" => Some(Kind::Service),
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
+            "authorizationpolicy" | "authorizationpolicies" | "authz" => Some(Kind::AuthorizationPolicy),
             _ => None,
         }
     }
@@ -254,6 +257,88 @@ fn default_weight() -> u32 {
 pub enum Resource {
     Service(Object<ServiceSpec>),
     HttpRoute(Object<HttpRouteSpec>),
+    AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+}
+
+/// `kind: AuthorizationPolicy` — who may call a service (or every service), checked by the
+/// receiving sidecar. DENY policies win over ALLOW ones; once any ALLOW policy applies to a
+/// service, a request must match one of its rules (an ALLOW policy without rules allows
+/// nothing: a default deny).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// The service whose inbound traffic the policy governs; unset: every service of the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub action: AuthzAction,
+    /// A request matches the policy if it matches any rule.
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthzAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A rule matches when its `from`, `to` and `when` all match (an empty list matches anything).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzRule {
+    /// Callers: any of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzSource>,
+    /// Operations: any of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzOperation>,
+    /// Further conditions: all of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// A caller, by its verified SPIFFE ID. The fields set must all match; a field matches if any
+/// of its values does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzSource {
+    /// Services of this mesh (their SPIFFE IDs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// Exact SPIFFE IDs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// Every identity in these namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Every identity of these trust domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+}
+
+/// What is called. The fields set must all match; a field matches if any of its values does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Exact paths, or prefixes written with a trailing `*` (`/api/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// The port the caller connected to (the sidecar's inbound port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A request header that must have one of `values`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzCondition {
+    pub header: String,
+    pub values: Vec<String>,
 }
 
 /// Why a document was rejected, and where. `path` is the field path inside the document
@@ -292,6 +377,7 @@ impl Resource {
         match self {
             Resource::Service(_) => Kind::Service,
             Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -299,6 +385,7 @@ impl Resource {
         match self {
             Resource::Service(o) => &o.metadata.name,
             Resource::HttpRoute(o) => &o.metadata.name,
+            Resource::AuthorizationPolicy(o) => &o.metadata.name,
         }
     }
 
@@ -321,6 +408,7 @@ impl Resource {
         let resource = match kind {
             Kind::Service => Resource::Service(typed(document, value)?),
             Kind::HttpRoute => Resource::HttpRoute(typed(document, value)?),
+            Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(document, value)?),
         };
         resource.validate(document)?;
         Ok(resource)
@@ -336,6 +424,7 @@ impl Resource {
         let (api_version, kind, metadata) = match self {
             Resource::Service(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::HttpRoute(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::AuthorizationPolicy(o) => (&o.api_version, o.kind, &o.metadata),
         };
         if api_version != kind.api_version() {
             return Err(ApplyError::new(
@@ -352,6 +441,7 @@ impl Resource {
                 }
             }
             Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
+            Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
         }
         Ok(())
     }
@@ -361,6 +451,9 @@ impl Resource {
     pub fn service_refs(&self) -> Vec<(String, &str)> {
         match self {
             Resource::Service(_) => Vec::new(),
+            Resource::AuthorizationPolicy(o) => {
+                o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
+            }
             Resource::HttpRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));
@@ -410,6 +503,82 @@ pub fn valid_name(name: &str) -> Result<(), &'static str> {
 
 fn check_name(doc: usize, path: &str, name: &str) -> Result<(), ApplyError> {
     valid_name(name).map_err(|why| ApplyError::new(doc, path, format!("{name:?} {why}")))
+}
+
+fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), ApplyError> {
+    if let Some(s) = &spec.service {
+        check_name(doc, "spec.service", s)?;
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        for (i, src) in rule.from.iter().enumerate() {
+            let at = format!("spec.rules[{r}].from[{i}]");
+            if src.services.is_empty()
+                && src.identities.is_empty()
+                && src.namespaces.is_empty()
+                && src.trust_domains.is_empty()
+            {
+                return Err(ApplyError::new(
+                    doc,
+                    at,
+                    "names no caller: set services, identities, namespaces or trustDomains (or leave `from` out to match any caller)",
+                ));
+            }
+            for (j, s) in src.services.iter().enumerate() {
+                check_name(doc, &format!("{at}.services[{j}]"), s)?;
+            }
+            for (j, id) in src.identities.iter().enumerate() {
+                if !id.starts_with("spiffe://") || id.len() <= "spiffe://".len() {
+                    return Err(ApplyError::new(
+                        doc,
+                        format!("{at}.identities[{j}]"),
+                        format!("{id:?} is not a SPIFFE ID (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE)"),
+                    ));
+                }
+            }
+            for (field, values) in [("namespaces", &src.namespaces), ("trustDomains", &src.trust_domains)] {
+                for (j, v) in values.iter().enumerate() {
+                    if v.is_empty() || v.contains('/') {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.{field}[{j}]"),
+                            format!("{v:?} must be a single non-empty name without '/'"),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, op) in rule.to.iter().enumerate() {
+            let at = format!("spec.rules[{r}].to[{i}]");
+            for (j, m) in op.methods.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(ApplyError::new(
+                        doc,
+                        format!("{at}.methods[{j}]"),
+                        format!("{m:?} is not an HTTP method (GET, POST, …; upper case)"),
+                    ));
+                }
+            }
+            for (j, p) in op.paths.iter().enumerate() {
+                if !p.starts_with('/') || p[..p.len() - 1].contains('*') {
+                    return Err(ApplyError::new(
+                        doc,
+                        format!("{at}.paths[{j}]"),
+                        format!("{p:?}: a path starts with '/' and may end with '*' (a prefix), nowhere else"),
+                    ));
+                }
+            }
+            if op.ports.contains(&0) {
+                return Err(ApplyError::new(doc, format!("{at}.ports"), "port 0 is not a port"));
+            }
+        }
+        for (i, c) in rule.when.iter().enumerate() {
+            let at = format!("spec.rules[{r}].when[{i}]");
+            if c.header.is_empty() || c.values.is_empty() {
+                return Err(ApplyError::new(doc, at, "needs a header name and at least one value"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {

@@ -203,7 +203,10 @@ type ApiResult = Result<Response, ApiError>;
 
 fn kind(s: &str) -> Result<Kind, ApiError> {
     Kind::parse(s).ok_or_else(|| {
-        ApiError(StatusCode::NOT_FOUND, format!("unknown kind {s:?}; known kinds: services, httproutes"))
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown kind {s:?}; known kinds: services, httproutes, authorizationpolicies"),
+        )
     })
 }
 

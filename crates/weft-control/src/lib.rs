@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod authz;
 pub mod ca;
 mod security;
 mod state;

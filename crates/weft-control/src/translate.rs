@@ -57,8 +57,8 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode, PathMatchType, Protocol, Resource,
-    ServiceSpec,
+    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode, Object,
+    PathMatchType, Protocol, Resource, ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -134,16 +134,21 @@ pub struct Snapshot {
     global: HashMap<Type, ResMap>,
     /// The service clusters with mutual TLS, as weft proxies get them.
     mesh_clusters: ResMap,
+    policies: Vec<Object<AuthorizationPolicySpec>>,
+    trust_domain: String,
+    namespace: String,
 }
 
 impl Snapshot {
     pub(crate) fn build(inner: &Inner, version: u64) -> Snapshot {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
         let mut routes = Vec::new();
+        let mut policies = Vec::new();
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
                 Resource::HttpRoute(o) => routes.push(o),
+                Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
             }
         }
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
@@ -199,7 +204,18 @@ impl Snapshot {
                 mtls.insert(name.clone(), mode);
             }
         }
-        Snapshot { version, services, protocols, mtls, default_mtls: settings.default_mtls, global, mesh_clusters }
+        Snapshot {
+            version,
+            services,
+            protocols,
+            mtls,
+            default_mtls: settings.default_mtls,
+            global,
+            mesh_clusters,
+            policies,
+            trust_domain: settings.trust_domain.clone(),
+            namespace: settings.namespace.clone(),
+        }
     }
 
     /// The mutual TLS mode of a service's inbound listeners.
@@ -243,6 +259,8 @@ impl Snapshot {
             let http = HttpRoutes::Inline(Box::new(inbound_route()));
             let service = reg.service.as_deref().unwrap_or(names::INBOUND_CLUSTER);
             let mtls = reg.service.as_deref().map(|s| self.mtls(s)).unwrap_or_default();
+            let policies: Vec<&Object<AuthorizationPolicySpec>> = self.policies.iter().collect();
+            let rbac = crate::authz::for_service(service, &policies, &self.trust_domain, &self.namespace);
             let l = proxy_listener(
                 &name,
                 inbound,
@@ -251,7 +269,7 @@ impl Snapshot {
                 protocol,
                 http,
                 names::INBOUND_CLUSTER,
-                Some(mtls),
+                Some((mtls, &rbac)),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
@@ -577,11 +595,20 @@ fn proxy_listener(
     protocol: Protocol,
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
-    mtls: Option<MtlsMode>,
+    inbound: Option<(MtlsMode, &crate::authz::ServiceRbac)>,
 ) -> Listener {
     let mut plain = Vec::new();
+    let rbac = inbound.map(|(_, r)| r).filter(|r| !r.is_empty());
     if protocol != Protocol::Tcp {
-        let hcm = http_connection_manager(service, http);
+        let mut hcm = http_connection_manager(service, http);
+        if let Some(r) = rbac {
+            let filters = r.http().into_iter().map(|f| HttpFilter {
+                name: "envoy.filters.http.rbac".to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(f))),
+                ..Default::default()
+            });
+            hcm.http_filters.splice(0..0, filters);
+        }
         plain.push(FilterChain {
             name: "http".to_owned(),
             filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {
@@ -601,16 +628,22 @@ fn proxy_listener(
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(tcp_cluster.to_owned())),
             ..Default::default()
         };
-        plain.push(FilterChain {
-            name: "tcp".to_owned(),
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".to_owned(),
-                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
-            }],
-            ..Default::default()
+        let mut filters: Vec<Filter> = rbac
+            .map(|r| r.network(service))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| Filter {
+                name: "envoy.filters.network.rbac".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(f))),
+            })
+            .collect();
+        filters.push(Filter {
+            name: "envoy.filters.network.tcp_proxy".to_owned(),
+            config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
         });
+        plain.push(FilterChain { name: "tcp".to_owned(), filters, ..Default::default() });
     }
-    let chains = match mtls {
+    let chains = match inbound.map(|(mode, _)| mode) {
         None => plain,
         Some(mode) => {
             let socket = tls_socket(&downstream_tls());

@@ -6,11 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const ERROR_HEADER: &str = "x-weft-error";
+/// On a `denied` response: the authorization policy that refused the request.
+pub const POLICY_HEADER: &str = "x-weft-policy";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error("authorization policy {policy:?} does not allow this request")]
+    Denied { policy: Arc<str> },
     #[error("cluster {0:?} is not configured (yet)")]
     UnknownCluster(String),
     #[error("service {0:?} has no healthy endpoints")]
@@ -40,6 +44,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no-route",
+            ProxyError::Denied { .. } => "denied",
             ProxyError::UnknownCluster(_) => "unknown-cluster",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
@@ -55,6 +60,7 @@ impl ProxyError {
     pub fn status(&self) -> http::StatusCode {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
+            ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
@@ -70,6 +76,7 @@ impl ProxyError {
     pub fn grpc_status(&self) -> &'static str {
         match self {
             ProxyError::RouteTimeout { .. } => "4",
+            ProxyError::Denied { .. } => "7",
             _ => "14",
         }
     }

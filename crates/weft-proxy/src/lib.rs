@@ -12,6 +12,7 @@
 #![deny(unsafe_code)] // allowed once, in idle::trim (an FFI call)
 
 mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod context;
@@ -127,6 +128,8 @@ pub struct Proxy {
     opts: ProxyOptions,
     clusters: ClusterManager,
     routes: RwLock<HashMap<String, Arc<ArcSwap<RouteTable>>>>,
+    /// Each listener's authorization, by listener name (kept across LDS updates).
+    authz: RwLock<HashMap<String, authz::LiveAuthz>>,
     listeners: Listeners,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
@@ -148,6 +151,11 @@ impl Proxy {
         w.entry(name.to_owned()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(RouteTable::empty()))).clone()
     }
 
+    fn authz(&self, listener: &str) -> authz::LiveAuthz {
+        let mut w = self.authz.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(listener.to_owned()).or_default().clone()
+    }
+
     fn dump(&self) -> std::sync::MutexGuard<'_, Dump> {
         self.dump.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -155,6 +163,7 @@ impl Proxy {
     /// Applies a full LDS update: each listener gets the stack of its direction.
     fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), ConfigError> {
         let mut with_ctx = Vec::with_capacity(defs.len());
+        let mut new_authz = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
             let service = match (def.direction, &self.opts.service) {
@@ -162,12 +171,16 @@ impl Proxy {
                 _ => def.service.as_str(),
             };
             let metrics = self.metrics.traffic(def.direction, service);
+            let authz = self.authz(&def.name);
+            // In force before the listener accepts anything; put back if the update fails.
+            let previous = authz.swap(def.authz.clone().map(Arc::new));
+            new_authz.push((authz.clone(), previous));
             let http = def.http.as_ref().map(|h| {
                 let routes = match h {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpStack::new(def.direction, routes, metrics.clone()))
+                Arc::new(HttpStack::new(def.direction, routes, authz.clone(), metrics.clone()))
             });
             let tcp = def
                 .tcp_cluster
@@ -180,6 +193,7 @@ impl Proxy {
                 http,
                 tcp,
                 tls: def.tls.as_ref().map(|_| self.acceptor.clone()),
+                authz,
                 plaintext: def.plaintext || def.tls.is_none(),
                 metrics,
             };
@@ -187,7 +201,12 @@ impl Proxy {
         }
         let listeners: BTreeMap<String, ListenerDef> =
             with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
-        self.listeners.update(with_ctx)?;
+        if let Err(e) = self.listeners.update(with_ctx) {
+            for (live, previous) in new_authz {
+                live.store(previous);
+            }
+            return Err(e);
+        }
         // Route tables no listener names any more are gone (RDS stops sending them too).
         let rds: Vec<&str> = listeners
             .values()
@@ -197,6 +216,7 @@ impl Proxy {
             })
             .collect();
         self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| rds.contains(&name.as_str()));
+        self.authz.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
         let mut dump = self.dump();
         dump.routes.retain(|name, _| rds.contains(&name.as_str()));
         dump.listeners = listeners;
@@ -310,6 +330,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let proxy = Arc::new(Proxy {
         clusters: ClusterManager::default(),
         routes: RwLock::default(),
+        authz: RwLock::default(),
         listeners,
         metrics: Metrics::new(),
         healthy,

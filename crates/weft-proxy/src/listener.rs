@@ -28,6 +28,8 @@ pub struct ListenerCtx {
     pub tcp: Option<TcpTarget>,
     /// Mutual TLS termination (inbound listeners of the mesh).
     pub tls: Option<TlsAcceptor>,
+    /// Authorization of opaque TCP connections (HTTP requests are authorized in the stack).
+    pub authz: crate::authz::LiveAuthz,
     /// Whether plaintext clients are served; false on a strict inbound listener.
     pub plaintext: bool,
     pub metrics: Arc<TrafficMetrics>,
@@ -225,6 +227,18 @@ async fn dispatch<T: Transport>(
             crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), limits).await
         }
         (p, _, Some(tcp)) => {
+            if let Some(authz) = &*ctx.authz.load() {
+                let subject = crate::authz::Subject {
+                    identity: conn.peer_identity.as_ref().map(|p| &*p.0),
+                    port: conn.local.port(),
+                    http: None,
+                };
+                let decision = authz.check(&subject);
+                ctx.metrics.authz(&decision);
+                if let Err(denied) = decision {
+                    return tracing::info!(%peer, identity = ?conn.peer_identity, policy = %denied.policy, "TCP connection denied by authorization policy; closing");
+                }
+            }
             if let Protocol::Tls(hello) = &p {
                 tracing::debug!(%peer, listener = %ctx.name, sni = ?hello.server_name, alpn = ?hello.alpn, "TLS from the client; forwarding it as opaque TCP");
             }

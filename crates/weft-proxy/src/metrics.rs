@@ -57,6 +57,15 @@ pub struct Metrics {
     xds: Family<XdsLabels, Counter>,
     cert_expiry: Gauge,
     cert_renewals: Family<RenewalLabels, Counter>,
+    authz: Family<AuthzLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    direction: Direction,
+    service: String,
+    policy: String,
+    decision: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,7 +116,14 @@ impl Metrics {
             "Certificate requests to the control plane's CA, by result (ok or failed)",
             cert_renewals.clone(),
         );
+        let authz = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions by policy (default-deny: no ALLOW policy matched; none: no ALLOW policy applies) and decision",
+            authz.clone(),
+        );
         Arc::new(Metrics {
+            authz,
             registry,
             requests,
             duration,
@@ -193,6 +209,22 @@ pub struct TrafficMetrics {
 }
 
 impl TrafficMetrics {
+    /// Counts an authorization decision.
+    pub fn authz(&self, decision: &Result<Option<Arc<str>>, crate::authz::Denied>) {
+        let (policy, decision) = match decision {
+            Ok(Some(p)) => (&**p, "allow"),
+            Ok(None) => ("none", "allow"),
+            Err(d) => (&*d.policy, "deny"),
+        };
+        let labels = AuthzLabels {
+            direction: self.labels.direction,
+            service: self.labels.service.clone(),
+            policy: policy.to_owned(),
+            decision,
+        };
+        self.root.authz.get_or_create(&labels).inc();
+    }
+
     /// Counts an answered request from its record.
     pub fn request(&self, rec: &RequestRecord) {
         if let Some(reason) = rec.error {

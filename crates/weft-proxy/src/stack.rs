@@ -3,17 +3,19 @@
 //!
 //! ```text
 //! inbound   (other services → the local app)
-//!   listener → detect → [TLS termination, peer identity] → inbound::Inbound:
-//!       [authorization] → route → forward to the app
+//!   listener → detect → mTLS termination, peer identity (listener) → inbound::Inbound:
+//!       authorization (authz) → route → forward to the app
 //!
 //! outbound  (the local app → other services)
 //!   listener → detect → outbound::Outbound:
-//!       route → per-route policy (timeout; [retries]) → balance + failover → [TLS origination] → endpoint
+//!       route → per-route policy (timeout; [retries]) → balance + failover → mTLS origination → endpoint
 //! ```
 //! Steps in brackets arrive with later issues: an inbound policy step is a call in
-//! [`crate::inbound::Inbound::call`], an outbound one in [`crate::outbound::Outbound::call`].
+//! [`crate::inbound::Inbound::call`] (as authorization is), an outbound one in
+//! [`crate::outbound::Outbound::call`]. Opaque TCP is authorized in [`crate::listener`].
 //! Both stacks share the HTTP server and forwarding code ([`crate::http`]), the pools
 //! ([`crate::endpoint`]), error rendering and metrics; the TCP path is [`crate::tcp`].
+use crate::authz::LiveAuthz;
 use crate::context::Direction;
 use crate::error::ProxyError;
 use crate::http::body::UpstreamBody;
@@ -43,9 +45,14 @@ enum Stack {
 }
 
 impl HttpStack {
-    pub fn new(direction: Direction, routes: Arc<ArcSwap<RouteTable>>, metrics: Arc<TrafficMetrics>) -> HttpStack {
+    pub fn new(
+        direction: Direction,
+        routes: Arc<ArcSwap<RouteTable>>,
+        authz: LiveAuthz,
+        metrics: Arc<TrafficMetrics>,
+    ) -> HttpStack {
         let stack = match direction {
-            Direction::inbound => Stack::Inbound(Inbound::new(routes)),
+            Direction::inbound => Stack::Inbound(Inbound::new(routes, authz, metrics.clone())),
             Direction::outbound => Stack::Outbound(Outbound::new(routes)),
         };
         HttpStack { metrics, stack }

@@ -5,6 +5,7 @@
 //! transport socket, a retry policy, a filter-chain match on source addresses) makes the whole
 //! update a NACK naming the field, and the previous configuration stays in force. A proxy that
 //! silently dropped a security filter would fail open.
+use crate::authz::{self, Authz};
 use crate::context::Direction;
 use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -12,10 +13,12 @@ use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDir
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, header_matcher, route, route_action, route_match};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
@@ -78,6 +81,9 @@ pub struct ListenerDef {
     pub tls: Option<DownstreamTlsDef>,
     /// Whether plaintext connections have a chain (false: a TLS-only listener closes them).
     pub plaintext: bool,
+    /// Authorization from the chains' RBAC filters (the same on every chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
 }
 
 fn ser_failover<S: serde::Serializer>(f: &Option<Failover>, s: S) -> Result<S::Ok, S::Error> {
@@ -200,9 +206,18 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         tcp_failover: None,
         tls: None,
         plaintext: false,
+        authz: None,
     };
-    for chain in &l.filter_chains {
-        filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
+    for (i, chain) in l.filter_chains.iter().enumerate() {
+        let authz =
+            filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
+        if i > 0 && authz != def.authz {
+            return Err(bad(format!(
+                "filter chain {:?} has other RBAC filters than the chains before it; weft applies one authorization per listener",
+                chain.name
+            )));
+        }
+        def.authz = authz;
     }
     if def.http.is_none() && def.tcp_cluster.is_none() {
         return Err(bad("has neither an HTTP connection manager nor a tcp_proxy filter".into()));
@@ -220,7 +235,7 @@ const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
 /// A listener's chains are one set of filters reached in plaintext, through TLS, or both: the
 /// TLS chains (matched on `transport_protocol: tls`) must carry the same transport socket, and
 /// every chain the same filters as the others of its kind (HTTP or TCP).
-fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String> {
+fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Authz>, String> {
     let m = chain.filter_chain_match.clone().unwrap_or_default();
     if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
         return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
@@ -247,6 +262,9 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
         (other, _) => return Err(format!("filter_chain_match on transport protocol {other:?} is not supported")),
     }
     let (http_before, tcp_before) = (def.http.take(), def.tcp_cluster.take());
+    // RBAC filters (network, or HTTP inside the connection manager) come before the terminal
+    // filter, DENY before ALLOW.
+    let mut authz: Option<Authz> = None;
     for f in &chain.filters {
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
@@ -254,7 +272,22 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
         if cfg.type_url == HttpConnectionManager::type_url() {
             let hcm: HttpConnectionManager = decode(cfg, "Listener").map_err(|e| e.reason)?;
             schema::check(&cfg.value, &schema::HTTP_CONNECTION_MANAGER, "http_connection_manager")?;
-            for hf in &hcm.http_filters {
+            for (i, hf) in hcm.http_filters.iter().enumerate() {
+                if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
+                    && c.type_url == HttpRbac::type_url()
+                {
+                    let rbac: HttpRbac = decode(c, "Listener").map_err(|e| e.reason)?;
+                    let at = format!("HTTP filter {:?}", hf.name);
+                    let rules = rbac.rules.clone().ok_or_else(|| format!("{at}: RBAC without rules"))?;
+                    if rbac != (HttpRbac { rules: Some(rules.clone()), ..Default::default() }) {
+                        return Err(format!("{at}: RBAC filter fields other than rules are not supported"));
+                    }
+                    authz::add_rbac(authz.get_or_insert_default(), &rules, &at)?;
+                    continue;
+                }
+                if i + 1 != hcm.http_filters.len() {
+                    return Err(format!("HTTP filter {:?} must be the last one (the router)", hf.name));
+                }
                 let router = match &hf.config_type {
                     Some(http_filter::ConfigType::TypedConfig(c)) if c.type_url == Router::type_url() => c,
                     config => {
@@ -293,6 +326,16 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
             if def.service.is_empty() {
                 def.service = tcp.stat_prefix;
             }
+        } else if cfg.type_url == NetworkRbac::type_url() {
+            let rbac: NetworkRbac = decode(cfg, "Listener").map_err(|e| e.reason)?;
+            let at = format!("network filter {:?}", f.name);
+            let rules = rbac.rules.clone().ok_or_else(|| format!("{at}: RBAC without rules"))?;
+            let honoured =
+                NetworkRbac { rules: Some(rules.clone()), stat_prefix: rbac.stat_prefix.clone(), ..Default::default() };
+            if rbac != honoured {
+                return Err(format!("{at}: RBAC filter fields other than rules and stat_prefix are not supported"));
+            }
+            authz::add_rbac(authz.get_or_insert_default(), &rules, &at)?;
         } else {
             return Err(format!("unsupported network filter {}", cfg.type_url));
         }
@@ -314,7 +357,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<(), String
     if def.tcp_cluster.is_none() {
         def.tcp_cluster = tcp_before;
     }
-    Ok(())
+    Ok(authz)
 }
 
 pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {

@@ -1,7 +1,7 @@
 //! Responses the proxy makes itself. Each says why in the `x-weft-error` header (and, for
 //! gRPC clients, in `grpc-status`/`grpc-message`), so a client can tell them from the app's.
 use super::body::UpstreamBody;
-use crate::error::{ERROR_HEADER, ProxyError};
+use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body_util::{Either, Full};
@@ -23,5 +23,10 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBod
         r
     };
     resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(e.reason()));
+    if let ProxyError::Denied { policy } = e
+        && let Ok(v) = HeaderValue::from_str(policy)
+    {
+        resp.headers_mut().insert(POLICY_HEADER, v);
+    }
     resp
 }

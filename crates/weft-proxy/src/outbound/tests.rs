@@ -54,7 +54,12 @@ impl Mesh {
         };
         let table = RouteTable::build(&RouteDef { name: "backend".into(), rules: vec![rule] }, &clusters);
         let metrics = Metrics::new().traffic(Direction::outbound, "backend");
-        let stack = Arc::new(HttpStack::new(Direction::outbound, Arc::new(ArcSwap::from_pointee(table)), metrics));
+        let stack = Arc::new(HttpStack::new(
+            Direction::outbound,
+            Arc::new(ArcSwap::from_pointee(table)),
+            Default::default(),
+            metrics,
+        ));
         (Mesh { stack }, counts)
     }
 
