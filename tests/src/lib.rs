@@ -472,23 +472,31 @@ impl Edge {
         services: &[&str],
         extra: &[&str],
     ) -> Edge {
-        let admin = free_port();
-        let mut cmd = Command::new(weft_bin());
-        cmd.args(["proxy", "--control", control, "--id", id]).args(extra);
-        cmd.env("WEFT_TOKEN", join_token(issuer, identity));
-        cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
-        let mut ports = HashMap::new();
-        for s in services {
-            let p = free_port();
-            cmd.args(["--upstream", &format!("{s}={p}")]);
-            ports.insert(s.to_string(), p);
+        let token = join_token(issuer, identity);
+        // Ports are picked free and then bound by the proxy; a parallel test may take one in
+        // between, in which case the proxy exits at once saying so, and is started again.
+        for _ in 0..3 {
+            let admin = free_port();
+            let mut cmd = Command::new(weft_bin());
+            cmd.args(["proxy", "--control", control, "--id", id]).args(extra);
+            cmd.env("WEFT_TOKEN", &token);
+            cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
+            let mut ports = HashMap::new();
+            for s in services {
+                let p = free_port();
+                cmd.args(["--upstream", &format!("{s}={p}")]);
+                ports.insert(s.to_string(), p);
+            }
+            let mut proc = Proc::spawn(dir, "edge", &mut cmd);
+            let ready = || run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success();
+            wait_until(Duration::from_secs(10), "edge proxy ready", || ready() || proc.wait(Duration::ZERO).is_some());
+            if ready() {
+                return Edge { proc, admin, ports };
+            }
+            let log = std::fs::read_to_string(dir.path.join("edge.log")).unwrap_or_default();
+            assert!(log.contains("Address already in use"), "edge proxy exited:\n{log}");
         }
-        let proc = Proc::spawn(dir, "edge", &mut cmd);
-        let e = Edge { proc, admin, ports };
-        wait_until(Duration::from_secs(10), "edge proxy ready", || {
-            run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success()
-        });
-        e
+        panic!("edge proxy could not find free ports three times");
     }
 
     pub fn url(&self, service: &str, path: &str) -> String {

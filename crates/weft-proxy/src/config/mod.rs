@@ -285,9 +285,6 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Aut
                     authz::add_rbac(authz.get_or_insert_default(), &rules, &at)?;
                     continue;
                 }
-                if i + 1 != hcm.http_filters.len() {
-                    return Err(format!("HTTP filter {:?} must be the last one (the router)", hf.name));
-                }
                 let router = match &hf.config_type {
                     Some(http_filter::ConfigType::TypedConfig(c)) if c.type_url == Router::type_url() => c,
                     config => {
@@ -301,6 +298,9 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Aut
                         ));
                     }
                 };
+                if i + 1 != hcm.http_filters.len() {
+                    return Err(format!("HTTP filter {:?} (the router) must be the last one", hf.name));
+                }
                 schema::check(&router.value, &schema::ROUTER, "router")?;
             }
             def.service.clone_from(&hcm.stat_prefix);
@@ -616,17 +616,40 @@ mod tests {
             refused(listener_with(tcp_proxy("b"), |_| {}, |l| l.traffic_direction = 0)),
             "Listener \"l\": traffic_direction must be INBOUND or OUTBOUND"
         );
-        let rbac =
-            Any { type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC".into(), value: vec![] };
+        let fault = Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault".into(),
+            value: vec![],
+        };
         let router = http_filter("envoy.filters.http.router", pack_any(Router::default()));
+        assert_eq!(
+            refused(listener_with(
+                hcm(vec![http_filter("envoy.filters.http.fault", fault), router.clone()]),
+                |c| c.name = "http".into(),
+                |_| {}
+            )),
+            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.fault\" \
+             (type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault) is not supported; weft would have to ignore it"
+        );
+        // RBAC is honoured, but only what weft can evaluate: a CEL condition is refused.
+        let cel = envoy_types::pb::envoy::config::rbac::v3::Rbac {
+            policies: [(
+                "p".to_owned(),
+                envoy_types::pb::envoy::config::rbac::v3::Policy {
+                    condition: Some(Default::default()),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let rbac = pack_any(HttpRbac { rules: Some(cel), ..Default::default() });
         assert_eq!(
             refused(listener_with(
                 hcm(vec![http_filter("envoy.filters.http.rbac", rbac), router]),
                 |c| c.name = "http".into(),
                 |_| {}
             )),
-            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.rbac\" \
-             (type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC) is not supported; weft would have to ignore it"
+            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.rbac\": policy \"p\": CEL conditions are not supported"
         );
         let tls = TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: None };
         assert_eq!(
