@@ -12,20 +12,16 @@ import statistics
 import sys
 from collections import defaultdict
 
-MTLS_ROW = "weft-2hop-mtls"
-MTLS_NA = "n/a (mTLS not implemented yet)"
-
 # Peer groups: which HAProxy/nginx configurations a row is compared with.
 PEERS = {
     "weft-1hop": ["haproxy-1hop", "nginx-1hop"],
     "haproxy-1hop": ["haproxy-1hop", "nginx-1hop"],
     "nginx-1hop": ["haproxy-1hop", "nginx-1hop"],
-    "weft-2hop": ["haproxy-2hop-plain", "nginx-2hop-plain"],
+    "weft-2hop": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
-    "weft-2hop-base": ["haproxy-2hop-plain", "nginx-2hop-plain"],
+    "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "haproxy-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "nginx-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
-    MTLS_ROW: ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "haproxy-2hop-tls": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "nginx-2hop-tls": ["haproxy-2hop-tls", "nginx-2hop-tls"],
 }
@@ -49,6 +45,8 @@ METRICS = [
     ("rss_idle", "Proxy RSS, idle after startup (sum over the configuration's proxy processes)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_conns", "Proxy RSS with idle keep-alive client connections held open", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_load", "Proxy RSS under load (peak of 0.5 s samples during the wrk runs)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
+    ("rss_idle_max", "Largest single proxy process RSS, idle after startup (per sidecar)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
+    ("rss_conns_max", "Largest single proxy process RSS with idle keep-alive client connections held open (per sidecar)", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_idle_anon", "Proxy anonymous RSS (heap, stacks; RssAnon), idle after startup", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
     ("rss_conns_anon", "Proxy anonymous RSS with idle keep-alive client connections held open", "MB", False, False, 1 / 1024, 1, "— (no proxy)"),
 ]
@@ -122,10 +120,6 @@ def main():
         data[(cfg, metric)] = clean or [v for _, v in vals]
     steal = [v for (c, m), vals in rounds.items() if m == "steal_pct" for _, v in vals]
     rows = list(configs)
-    if "weft-2hop" in rows or "haproxy-2hop-tls" in rows or "nginx-2hop-tls" in rows:
-        # The mTLS row sits right after the plaintext weft 2-hop row (or at the end).
-        at = rows.index("weft-2hop") + 1 if "weft-2hop" in rows else len(rows)
-        rows.insert(at, MTLS_ROW)
 
     def med(cfg, key, scale=1):
         v = data.get((cfg, key))
@@ -142,9 +136,8 @@ def main():
         "\nEach cell: median over the rounds; min–max across rounds; ratios are of medians. "
         "`× direct` = this ÷ direct (client → app, no proxy). `× best peer` = this ÷ the better of "
         "HAProxy and nginx with the same hop count and the same transport between hops "
-        "(weft-2hop is plaintext between its sidecars, so it is compared with the plaintext 2-hop peers; "
-        "the `-tls` peers use mutual TLS 1.3 between the two proxies, the row weft will be compared with "
-        "once it has mTLS). For throughput higher is better; for latency, CPU and RSS lower is better.\n"
+        "(weft-2hop runs mutual TLS 1.3 between its sidecars, as the `-tls` peers do between their two "
+        "proxies; the `-plain` peers are plaintext between the hops). For throughput higher is better; for latency, CPU and RSS lower is better.\n"
     )
 
     # Summary
@@ -153,9 +146,6 @@ def main():
     out.append("|---|" + "---:|" * len(SUMMARY))
     spec = {m[0]: m for m in METRICS}
     for cfg in rows:
-        if cfg == MTLS_ROW:
-            out.append(f"| {cfg} | " + " | ".join(["n/a"] * len(SUMMARY)) + " |")
-            continue
         cells = []
         for key, _ in SUMMARY:
             _, _, _, _, _, scale, dec, na_direct = spec[key]
@@ -177,9 +167,6 @@ def main():
         direct = med("direct", key, scale)
         for cfg in rows:
             ncols = 5 if latency else 4
-            if cfg == MTLS_ROW:
-                out.append(f"| {cfg} | {MTLS_NA} |" + " |" * (ncols - 1))
-                continue
             vals = data.get((cfg, key))
             if not vals:
                 why = na_direct if (cfg == "direct" and na_direct) else "n/a"

@@ -6,6 +6,7 @@
 pub mod credentials;
 pub mod duration;
 pub mod identity;
+pub mod jwks;
 pub mod names;
 pub mod registry;
 pub mod resource;

@@ -17,22 +17,24 @@ pub enum Kind {
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
     AuthorizationPolicy,
+    RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy];
+    pub const ALL: [Kind; 4] = [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy, Kind::RequestAuthentication];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::HttpRoute => "HTTPRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::AuthorizationPolicy => WEFT_API_VERSION,
+            Kind::Service | Kind::AuthorizationPolicy | Kind::RequestAuthentication => WEFT_API_VERSION,
             Kind::HttpRoute => GATEWAY_API_VERSION,
         }
     }
@@ -44,6 +46,7 @@ impl Kind {
             "service" | "services" | "svc" => Some(Kind::Service),
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
             "authorizationpolicy" | "authorizationpolicies" | "authz" => Some(Kind::AuthorizationPolicy),
+            "requestauthentication" | "requestauthentications" | "jwt" => Some(Kind::RequestAuthentication),
             _ => None,
         }
     }
@@ -258,6 +261,7 @@ pub enum Resource {
     Service(Object<ServiceSpec>),
     HttpRoute(Object<HttpRouteSpec>),
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+    RequestAuthentication(Object<RequestAuthenticationSpec>),
 }
 
 /// `kind: AuthorizationPolicy` — who may call a service (or every service), checked by the
@@ -317,6 +321,10 @@ pub struct AuthzSource {
     /// Every identity of these trust domains.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust_domains: Vec<String>,
+    /// Requests carrying a valid JWT (see `RequestAuthentication`) of these principals:
+    /// `ISSUER/SUBJECT`, `ISSUER/*` (any subject of the issuer) or `*` (any valid token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
 }
 
 /// What is called. The fields set must all match; a field matches if any of its values does.
@@ -333,12 +341,101 @@ pub struct AuthzOperation {
     pub ports: Vec<u16>,
 }
 
-/// A request header that must have one of `values`.
+/// A request header, or a claim of the request's validated JWT, that must have one of
+/// `values`. Set exactly one of `header` and `claim`. A claim is named by its path in the
+/// token's payload (`groups`, `realm_access.roles`); it matches if it is a string equal to a
+/// value, or a list holding one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthzCondition {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub header: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub claim: String,
     pub values: Vec<String>,
+}
+
+/// `kind: RequestAuthentication` — JSON Web Tokens the receiving sidecar validates for a
+/// service (or every service). A request carrying a token that is invalid (bad signature,
+/// unknown key or issuer, expired, wrong audience) is refused with 401 whatever `required`
+/// says; a request without a token is refused only if `required` is true. The claims of a
+/// valid token can be used in AuthorizationPolicy (`requestPrincipals`, `when.claim`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// The service whose inbound requests are checked; unset: every service of the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Refuse requests without a token (401 `jwt-missing`). A service that requires tokens
+    /// accepts only HTTP: opaque TCP connections to it are closed.
+    #[serde(default)]
+    pub required: bool,
+    pub issuers: Vec<JwtIssuer>,
+}
+
+/// A token issuer and where its signing keys come from: exactly one of `jwksUri`, `jwksFile`
+/// and `jwks`. The control plane reads the keys (at apply time, then every `refreshInterval`)
+/// and hands them to the sidecars, so sidecars need no access to the issuer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtIssuer {
+    /// The token's `iss` claim.
+    pub issuer: String,
+    /// Accepted `aud` values (any one suffices); empty: the audience is not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// An http(s) URL serving the issuer's JWKS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// A JWKS file on the control plane's machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// The JWKS itself, as a JSON string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// How often the control plane re-reads `jwksUri` or `jwksFile` (default 5m, at least 1s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<Duration>,
+    /// Tolerance for `exp` and `nbf` (default 60s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<Duration>,
+    /// Where the token is read from (default: `Authorization: Bearer TOKEN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Pass the token on to the app (default false: the sidecar removes it).
+    #[serde(default)]
+    pub forward_original_token: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeader {
+    pub name: String,
+    /// Text before the token in the header's value, e.g. `"Bearer "`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+pub const DEFAULT_JWT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Where an issuer's keys come from, once validated.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JwksSource {
+    Uri(String),
+    File(String),
+    Inline(String),
+}
+
+impl JwtIssuer {
+    pub fn jwks_source(&self) -> Option<JwksSource> {
+        match (&self.jwks_uri, &self.jwks_file, &self.jwks) {
+            (Some(u), None, None) => Some(JwksSource::Uri(u.clone())),
+            (None, Some(f), None) => Some(JwksSource::File(f.clone())),
+            (None, None, Some(j)) => Some(JwksSource::Inline(j.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// Why a document was rejected, and where. `path` is the field path inside the document
@@ -378,6 +475,7 @@ impl Resource {
             Resource::Service(_) => Kind::Service,
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -386,6 +484,7 @@ impl Resource {
             Resource::Service(o) => &o.metadata.name,
             Resource::HttpRoute(o) => &o.metadata.name,
             Resource::AuthorizationPolicy(o) => &o.metadata.name,
+            Resource::RequestAuthentication(o) => &o.metadata.name,
         }
     }
 
@@ -409,6 +508,7 @@ impl Resource {
             Kind::Service => Resource::Service(typed(document, value)?),
             Kind::HttpRoute => Resource::HttpRoute(typed(document, value)?),
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(document, value)?),
+            Kind::RequestAuthentication => Resource::RequestAuthentication(typed(document, value)?),
         };
         resource.validate(document)?;
         Ok(resource)
@@ -425,6 +525,7 @@ impl Resource {
             Resource::Service(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::HttpRoute(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::AuthorizationPolicy(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::RequestAuthentication(o) => (&o.api_version, o.kind, &o.metadata),
         };
         if api_version != kind.api_version() {
             return Err(ApplyError::new(
@@ -442,6 +543,7 @@ impl Resource {
             }
             Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
+            Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
         }
         Ok(())
     }
@@ -452,6 +554,9 @@ impl Resource {
         match self {
             Resource::Service(_) => Vec::new(),
             Resource::AuthorizationPolicy(o) => {
+                o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
+            }
+            Resource::RequestAuthentication(o) => {
                 o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
             }
             Resource::HttpRoute(o) => {
@@ -516,12 +621,23 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                 && src.identities.is_empty()
                 && src.namespaces.is_empty()
                 && src.trust_domains.is_empty()
+                && src.request_principals.is_empty()
             {
                 return Err(ApplyError::new(
                     doc,
                     at,
-                    "names no caller: set services, identities, namespaces or trustDomains (or leave `from` out to match any caller)",
+                    "names no caller: set services, identities, namespaces, trustDomains or requestPrincipals (or leave `from` out to match any caller)",
                 ));
+            }
+            for (j, p) in src.request_principals.iter().enumerate() {
+                let ok = p == "*" || p.rsplit_once('/').is_some_and(|(iss, sub)| !iss.is_empty() && !sub.is_empty());
+                if !ok {
+                    return Err(ApplyError::new(
+                        doc,
+                        format!("{at}.requestPrincipals[{j}]"),
+                        format!("{p:?} is not a request principal: write ISSUER/SUBJECT, ISSUER/* or *"),
+                    ));
+                }
             }
             for (j, s) in src.services.iter().enumerate() {
                 check_name(doc, &format!("{at}.services[{j}]"), s)?;
@@ -573,8 +689,67 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
         }
         for (i, c) in rule.when.iter().enumerate() {
             let at = format!("spec.rules[{r}].when[{i}]");
-            if c.header.is_empty() || c.values.is_empty() {
-                return Err(ApplyError::new(doc, at, "needs a header name and at least one value"));
+            if c.header.is_empty() == c.claim.is_empty() || c.values.is_empty() {
+                return Err(ApplyError::new(
+                    doc,
+                    at,
+                    "needs exactly one of `header` and `claim`, and at least one value",
+                ));
+            }
+            if !c.claim.is_empty() && c.claim.split('.').any(str::is_empty) {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("{at}.claim"),
+                    format!("{:?} is not a claim path (names separated by '.')", c.claim),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_request_authn(doc: usize, spec: &RequestAuthenticationSpec) -> Result<(), ApplyError> {
+    if let Some(s) = &spec.service {
+        check_name(doc, "spec.service", s)?;
+    }
+    if spec.issuers.is_empty() {
+        return Err(ApplyError::new(doc, "spec.issuers", "needs at least one issuer"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, iss) in spec.issuers.iter().enumerate() {
+        let at = format!("spec.issuers[{i}]");
+        if iss.issuer.is_empty() {
+            return Err(ApplyError::new(doc, format!("{at}.issuer"), "must not be empty (the tokens' `iss` claim)"));
+        }
+        if !seen.insert(&iss.issuer) {
+            return Err(ApplyError::new(doc, format!("{at}.issuer"), format!("{:?} is listed twice", iss.issuer)));
+        }
+        match iss.jwks_source() {
+            None => {
+                return Err(ApplyError::new(doc, at, "set exactly one of jwksUri, jwksFile and jwks"));
+            }
+            Some(JwksSource::Uri(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("{at}.jwksUri"),
+                    format!("{u:?} is not an http:// or https:// URL"),
+                ));
+            }
+            Some(_) => {}
+        }
+        if iss.refresh_interval.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(ApplyError::new(doc, format!("{at}.refreshInterval"), "must be at least 1s"));
+        }
+        if iss.clock_skew.is_some_and(|d| d > Duration::from_secs(3600)) {
+            return Err(ApplyError::new(doc, format!("{at}.clockSkew"), "must be at most 1h"));
+        }
+        for (j, h) in iss.from_headers.iter().enumerate() {
+            if http_header_name_invalid(&h.name) {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("{at}.fromHeaders[{j}].name"),
+                    format!("{:?} is not a valid HTTP header name", h.name),
+                ));
             }
         }
     }

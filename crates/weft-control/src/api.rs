@@ -205,7 +205,9 @@ fn kind(s: &str) -> Result<Kind, ApiError> {
     Kind::parse(s).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
-            format!("unknown kind {s:?}; known kinds: services, httproutes, authorizationpolicies"),
+            format!(
+                "unknown kind {s:?}; known kinds: services, httproutes, authorizationpolicies, requestauthentications"
+            ),
         )
     })
 }
@@ -247,7 +249,16 @@ async fn apply(
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let parsed: Result<Vec<Resource>, ApplyError> =
         body.resources.into_iter().enumerate().map(|(i, v)| Resource::from_json(i, v)).collect();
-    Ok(match parsed.and_then(|r| mesh.apply(r)) {
+    // Issuers' keys are read before anything is stored: a source that cannot be read fails
+    // the apply.
+    let outcome = match parsed {
+        Ok(r) => match crate::jwks::load_for_apply(&r).await {
+            Ok(jwks) => mesh.apply(r, jwks),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    Ok(match outcome {
         Ok(applied) => Json(json!({ "applied": applied })).into_response(),
         Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "errors": [e] }))).into_response(),
     })

@@ -2,11 +2,17 @@
 //! (if any DENY policy applies) before one ALLOW filter (if any ALLOW policy applies), on the
 //! HTTP connection manager and, as network filters, on the TCP chain. Each RBAC policy is named
 //! after the AuthorizationPolicy it comes from, so a refusal names it.
-use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac, permission, principal, rbac};
+use crate::authn::{METADATA_FILTER, PAYLOAD_KEY};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    MetadataSource, Permission, Policy, Principal, Rbac, SourcedMetadata, permission, principal, rbac,
+};
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
-use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    ListMatcher, MetadataMatcher, PathMatcher, StringMatcher, ValueMatcher, list_matcher, metadata_matcher,
+    path_matcher, string_matcher, value_matcher,
+};
 use std::collections::HashMap;
 use weft_api::identity::spiffe_id;
 use weft_api::resource::{AuthorizationPolicySpec, AuthzAction, AuthzRule, Object};
@@ -81,6 +87,61 @@ fn header(name: &str, value: &str) -> Permission {
     }
 }
 
+/// A matcher on a claim of the request's validated JWT (as the jwt_authn filter publishes it).
+fn claim(path: &str, value: value_matcher::MatchPattern) -> SourcedMetadata {
+    let segments = std::iter::once(PAYLOAD_KEY)
+        .chain(path.split('.'))
+        .map(|k| metadata_matcher::PathSegment {
+            segment: Some(metadata_matcher::path_segment::Segment::Key(k.to_owned())),
+        })
+        .collect();
+    SourcedMetadata {
+        metadata_matcher: Some(MetadataMatcher {
+            filter: METADATA_FILTER.to_owned(),
+            path: segments,
+            value: Some(ValueMatcher { match_pattern: Some(value) }),
+            invert: false,
+        }),
+        metadata_source: MetadataSource::Dynamic as i32,
+    }
+}
+
+fn claim_is(path: &str, value: &str) -> SourcedMetadata {
+    claim(path, value_matcher::MatchPattern::StringMatch(exact(value)))
+}
+
+/// A claim that is the value, or a list holding it (`groups: [a, b]`).
+fn claim_has(path: &str, value: &str) -> Permission {
+    let one_of = ValueMatcher { match_pattern: Some(value_matcher::MatchPattern::StringMatch(exact(value))) };
+    let list = ListMatcher { match_pattern: Some(list_matcher::MatchPattern::OneOf(Box::new(one_of))) };
+    or_rules(vec![
+        Permission { rule: Some(permission::Rule::SourcedMetadata(claim_is(path, value))) },
+        Permission {
+            rule: Some(permission::Rule::SourcedMetadata(claim(
+                path,
+                value_matcher::MatchPattern::ListMatch(Box::new(list)),
+            ))),
+        },
+    ])
+}
+
+/// `ISSUER/SUBJECT`, `ISSUER/*` or `*` as a principal on the token's `iss` and `sub`.
+fn request_principal(p: &str) -> Principal {
+    let by = |m: SourcedMetadata| Principal { identifier: Some(principal::Identifier::SourcedMetadata(m)) };
+    if p == "*" {
+        return by(claim("iss", value_matcher::MatchPattern::PresentMatch(true)));
+    }
+    let (iss, sub) = p.rsplit_once('/').unwrap_or((p, "*"));
+    if sub == "*" {
+        return by(claim_is("iss", iss));
+    }
+    Principal {
+        identifier: Some(principal::Identifier::AndIds(principal::Set {
+            ids: vec![by(claim_is("iss", iss)), by(claim_is("sub", sub))],
+        })),
+    }
+}
+
 fn path(p: &str) -> Permission {
     let m = match p.strip_suffix('*') {
         Some(prefix) => string(string_matcher::MatchPattern::Prefix(prefix.to_owned())),
@@ -114,6 +175,9 @@ fn policy(rule: &AuthzRule, trust_domain: &str, namespace: &str) -> Policy {
                             authenticated(string(string_matcher::MatchPattern::Contains(format!("/ns/{n}/sa/"))))
                         });
                         all.push(or_ids(ns.collect()));
+                    }
+                    if !src.request_principals.is_empty() {
+                        all.push(or_ids(src.request_principals.iter().map(|p| request_principal(p)).collect()));
                     }
                     if !src.trust_domains.is_empty() {
                         let tds = src.trust_domains.iter().map(|t| {
@@ -151,8 +215,12 @@ fn policy(rule: &AuthzRule, trust_domain: &str, namespace: &str) -> Policy {
         conditions.push(or_rules(ops.collect()));
     }
     for c in &rule.when {
-        let name = c.header.to_ascii_lowercase();
-        conditions.push(or_rules(c.values.iter().map(|v| header(&name, v)).collect()));
+        if c.claim.is_empty() {
+            let name = c.header.to_ascii_lowercase();
+            conditions.push(or_rules(c.values.iter().map(|v| header(&name, v)).collect()));
+        } else {
+            conditions.push(or_rules(c.values.iter().map(|v| claim_has(&c.claim, v)).collect()));
+        }
     }
     let permissions = if conditions.is_empty() {
         vec![any_permission()]

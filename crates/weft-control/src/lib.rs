@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod authn;
 mod authz;
 pub mod ca;
+mod jwks;
 mod security;
 mod state;
 mod store;
@@ -79,6 +81,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
         Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),
     }
     tokio::spawn(state::expire_stale(mesh.clone()));
+    tokio::spawn(jwks::refresh(mesh.clone()));
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
     let app = grpc.merge(api::router(mesh.clone()));
     tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");

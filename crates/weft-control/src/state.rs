@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
-use weft_api::resource::{ApplyError, Kind, MtlsMode, Resource};
+use weft_api::resource::{ApplyError, JwksSource, Kind, MtlsMode, Resource};
 use weft_api::{Instance, ServiceSummary};
 
 pub struct Mesh {
@@ -54,6 +54,7 @@ impl Mesh {
             default_mtls,
             trust_domain: security.ca.config().trust_domain.clone(),
             namespace: security.ca.config().namespace.clone(),
+            jwks: Default::default(),
         };
         let mut inner = Inner { settings, ..Default::default() };
         for (key, json) in store.resources()? {
@@ -100,8 +101,13 @@ impl Mesh {
         self.snapshot.send_replace(Arc::new(snap));
     }
 
-    /// Validates references and stores all resources, or none.
-    pub fn apply(&self, resources: Vec<Resource>) -> Result<Vec<Applied>, ApplyError> {
+    /// Validates references and stores all resources, or none. `jwks`: the keys the
+    /// resources' JWKS sources were read to (see [`crate::jwks::load_for_apply`]).
+    pub fn apply(
+        &self,
+        resources: Vec<Resource>,
+        jwks: Vec<(JwksSource, Arc<str>)>,
+    ) -> Result<Vec<Applied>, ApplyError> {
         let mut inner = self.lock();
         let mut known = inner.service_names();
         known.extend(resources.iter().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned()));
@@ -139,8 +145,29 @@ impl Mesh {
         for r in resources {
             inner.resources.insert(r.key(), r);
         }
+        inner.settings.jwks.extend(jwks);
         self.publish(&inner);
         Ok(applied)
+    }
+
+    pub fn has_jwks(&self, source: &JwksSource) -> bool {
+        self.lock().settings.jwks.contains_key(source)
+    }
+
+    /// Keys read from `source`; published only if they changed.
+    pub fn set_jwks(&self, source: JwksSource, text: Arc<str>) {
+        let mut inner = self.lock();
+        if inner.settings.jwks.get(&source) == Some(&text) {
+            return;
+        }
+        tracing::info!(source = ?source, "JWKS changed; pushing it to the sidecars");
+        inner.settings.jwks.insert(source, text);
+        self.publish(&inner);
+    }
+
+    /// Forgets keys no resource uses any more.
+    pub fn retain_jwks(&self, keep: impl Fn(&JwksSource) -> bool) {
+        self.lock().settings.jwks.retain(|s, _| keep(s));
     }
 
     pub fn delete(&self, kind: Kind, name: &str) -> anyhow::Result<bool> {

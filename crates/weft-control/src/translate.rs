@@ -57,8 +57,8 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode, Object,
-    PathMatchType, Protocol, Resource, ServiceSpec,
+    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer,
+    MtlsMode, Object, PathMatchType, Protocol, RequestAuthenticationSpec, Resource, ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -123,6 +123,8 @@ pub struct Settings {
     pub default_mtls: MtlsMode,
     pub trust_domain: String,
     pub namespace: String,
+    /// Issuers' keys, by where they are read from.
+    pub jwks: BTreeMap<JwksSource, Arc<str>>,
 }
 
 pub struct Snapshot {
@@ -135,8 +137,17 @@ pub struct Snapshot {
     /// The service clusters with mutual TLS, as weft proxies get them.
     mesh_clusters: ResMap,
     policies: Vec<Object<AuthorizationPolicySpec>>,
+    authns: Vec<Object<RequestAuthenticationSpec>>,
+    jwks: BTreeMap<JwksSource, Arc<str>>,
     trust_domain: String,
     namespace: String,
+}
+
+/// What a service's inbound listeners check before the app: JWT, then authorization.
+struct InboundFilters {
+    mtls: MtlsMode,
+    jwt: Option<crate::authn::ServiceJwt>,
+    rbac: crate::authz::ServiceRbac,
 }
 
 impl Snapshot {
@@ -144,11 +155,13 @@ impl Snapshot {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
         let mut routes = Vec::new();
         let mut policies = Vec::new();
+        let mut authns = Vec::new();
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
                 Resource::HttpRoute(o) => routes.push(o),
                 Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
+                Resource::RequestAuthentication(o) => authns.push(o.clone()),
             }
         }
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
@@ -213,6 +226,8 @@ impl Snapshot {
             global,
             mesh_clusters,
             policies,
+            authns,
+            jwks: settings.jwks.clone(),
             trust_domain: settings.trust_domain.clone(),
             namespace: settings.namespace.clone(),
         }
@@ -260,7 +275,11 @@ impl Snapshot {
             let service = reg.service.as_deref().unwrap_or(names::INBOUND_CLUSTER);
             let mtls = reg.service.as_deref().map(|s| self.mtls(s)).unwrap_or_default();
             let policies: Vec<&Object<AuthorizationPolicySpec>> = self.policies.iter().collect();
-            let rbac = crate::authz::for_service(service, &policies, &self.trust_domain, &self.namespace);
+            let filters = InboundFilters {
+                mtls,
+                jwt: crate::authn::for_service(service, &self.authns, &self.jwks),
+                rbac: crate::authz::for_service(service, &policies, &self.trust_domain, &self.namespace),
+            };
             let l = proxy_listener(
                 &name,
                 inbound,
@@ -269,7 +288,7 @@ impl Snapshot {
                 protocol,
                 http,
                 names::INBOUND_CLUSTER,
-                Some((mtls, &rbac)),
+                Some(&filters),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
@@ -584,8 +603,10 @@ fn api_listener(service: &str) -> Listener {
 /// `service` is the service whose traffic the listener carries (the proxy's own for inbound):
 /// it is the filters' `stat_prefix`, which proxies use to label metrics.
 ///
-/// `mtls` (inbound listeners): the chains are matched on `transport_protocol: tls` and
-/// terminate mutual TLS; in permissive mode the plaintext chains follow them.
+/// `inbound` (inbound listeners): the chains are matched on `transport_protocol: tls` and
+/// terminate mutual TLS, and in permissive mode the plaintext chains follow them; the HTTP
+/// chain checks JWTs, then every chain authorizes. A service that requires a JWT has no TCP
+/// chain: a connection that is not HTTP could not carry one.
 #[allow(clippy::too_many_arguments)]
 fn proxy_listener(
     name: &str,
@@ -595,20 +616,24 @@ fn proxy_listener(
     protocol: Protocol,
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
-    inbound: Option<(MtlsMode, &crate::authz::ServiceRbac)>,
+    inbound: Option<&InboundFilters>,
 ) -> Listener {
     let mut plain = Vec::new();
-    let rbac = inbound.map(|(_, r)| r).filter(|r| !r.is_empty());
+    let rbac = inbound.map(|f| &f.rbac).filter(|r| !r.is_empty());
+    let jwt = inbound.and_then(|f| f.jwt.as_ref());
     if protocol != Protocol::Tcp {
         let mut hcm = http_connection_manager(service, http);
-        if let Some(r) = rbac {
-            let filters = r.http().into_iter().map(|f| HttpFilter {
-                name: "envoy.filters.http.rbac".to_owned(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(f))),
-                ..Default::default()
-            });
-            hcm.http_filters.splice(0..0, filters);
-        }
+        let jwt_filter = jwt.map(|j| HttpFilter {
+            name: "envoy.filters.http.jwt_authn".to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(j.filter.clone()))),
+            ..Default::default()
+        });
+        let rbac_filters = rbac.map(|r| r.http()).unwrap_or_default().into_iter().map(|f| HttpFilter {
+            name: "envoy.filters.http.rbac".to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(f))),
+            ..Default::default()
+        });
+        hcm.http_filters.splice(0..0, jwt_filter.into_iter().chain(rbac_filters));
         plain.push(FilterChain {
             name: "http".to_owned(),
             filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {
@@ -622,7 +647,7 @@ fn proxy_listener(
             ..Default::default()
         });
     }
-    if matches!(protocol, Protocol::Auto | Protocol::Tcp) {
+    if matches!(protocol, Protocol::Auto | Protocol::Tcp) && !jwt.is_some_and(|j| j.required) {
         let tcp = TcpProxy {
             stat_prefix: service.to_owned(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(tcp_cluster.to_owned())),
@@ -643,7 +668,7 @@ fn proxy_listener(
         });
         plain.push(FilterChain { name: "tcp".to_owned(), filters, ..Default::default() });
     }
-    let chains = match inbound.map(|(mode, _)| mode) {
+    let chains = match inbound.map(|f| f.mtls) {
         None => plain,
         Some(mode) => {
             let socket = tls_socket(&downstream_tls());

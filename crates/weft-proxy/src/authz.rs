@@ -6,9 +6,17 @@
 //! filter exists, the request must match one of its policies (an empty ALLOW filter allows
 //! nothing). On an opaque TCP connection HTTP attributes (headers, path) are unknown: a DENY
 //! rule that depends on them is taken to match, an ALLOW rule not to, so TCP fails closed.
-use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, Rbac, permission, principal, rbac};
+//! The same holds for the claims of a request's JWT (checked by [`crate::jwt`] first), which
+//! RBAC reaches as `envoy.filters.http.jwt_authn` metadata.
+use crate::jwt::{self, Claims};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    MetadataSource, Permission, Principal, Rbac, SourcedMetadata, permission, principal, rbac,
+};
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, path_matcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    ListMatcher, MetadataMatcher, StringMatcher, ValueMatcher, list_matcher, metadata_matcher, path_matcher,
+    string_matcher, value_matcher,
+};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -41,6 +49,47 @@ pub enum Who {
     Not(Box<Who>),
     /// The caller's verified SPIFFE ID.
     Identity(Match),
+    /// A claim of the request's validated JWT; HTTP only.
+    Claim(ClaimMatch),
+}
+
+/// A claim of the request's validated JWT, by its path in the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClaimMatch {
+    pub path: Vec<String>,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueMatch {
+    /// The claim is a string that matches.
+    String(Match),
+    /// The claim is a list with a string that matches.
+    OneOf(Match),
+    /// The claim exists.
+    Present,
+}
+
+impl ClaimMatch {
+    /// `None` without HTTP (opaque TCP carries no token); no token at all matches nothing.
+    fn eval(&self, s: &Subject<'_>) -> Option<bool> {
+        s.http?;
+        let mut v = s.claims?;
+        for key in &self.path {
+            v = match v.get(key.as_str()) {
+                Some(v) => v,
+                None => return Some(false),
+            };
+        }
+        Some(match &self.value {
+            ValueMatch::Present => true,
+            ValueMatch::String(m) => v.as_str().is_some_and(|s| m.matches(s)),
+            ValueMatch::OneOf(m) => {
+                v.as_array().is_some_and(|a| a.iter().any(|e| e.as_str().is_some_and(|s| m.matches(s))))
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,6 +105,8 @@ pub enum What {
     Path(Match),
     /// The port the caller connected to.
     Port(u16),
+    /// A claim of the request's validated JWT; HTTP only.
+    Claim(ClaimMatch),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -75,16 +126,14 @@ pub struct Authz {
     pub allow: Option<Vec<PolicyDef>>,
 }
 
-/// A listener's authorization as connections see it: swapped in place when the control plane
-/// changes it, so open connections (pooled by callers for a long time) follow at once.
-pub type LiveAuthz = Arc<arc_swap::ArcSwapOption<Authz>>;
-
 /// What a decision is made on.
 pub struct Subject<'a> {
     pub identity: Option<&'a str>,
     pub port: u16,
     /// Method, path and headers; `None` for opaque TCP.
     pub http: Option<&'a http::request::Parts>,
+    /// The claims of the request's validated JWT, if it carried one.
+    pub claims: Option<&'a Claims>,
 }
 
 /// A refusal, naming the policy.
@@ -122,13 +171,14 @@ fn any(items: impl Iterator<Item = Option<bool>>) -> Option<bool> {
 }
 
 impl Who {
-    fn eval(&self, s: &Subject<'_>) -> bool {
+    fn eval(&self, s: &Subject<'_>) -> Option<bool> {
         match self {
-            Who::Any => true,
-            Who::And(v) => v.iter().all(|w| w.eval(s)),
-            Who::Or(v) => v.iter().any(|w| w.eval(s)),
-            Who::Not(w) => !w.eval(s),
-            Who::Identity(m) => s.identity.is_some_and(|id| m.matches(id)),
+            Who::Any => Some(true),
+            Who::And(v) => all(v.iter().map(|w| w.eval(s))),
+            Who::Or(v) => any(v.iter().map(|w| w.eval(s))),
+            Who::Not(w) => w.eval(s).map(|b| !b),
+            Who::Identity(m) => Some(s.identity.is_some_and(|id| m.matches(id))),
+            Who::Claim(c) => c.eval(s),
         }
     }
 }
@@ -141,6 +191,7 @@ impl What {
             What::Or(v) => any(v.iter().map(|w| w.eval(s))),
             What::Not(w) => w.eval(s).map(|b| !b),
             What::Port(p) => Some(s.port == *p),
+            What::Claim(c) => c.eval(s),
             What::Path(m) => s.http.map(|h| m.matches(h.uri.path())),
             What::Header(name, m) => s.http.map(|h| {
                 if name == ":method" {
@@ -155,10 +206,11 @@ impl What {
 
 impl PolicyDef {
     fn eval(&self, s: &Subject<'_>) -> Option<bool> {
-        if !self.who.iter().any(|w| w.eval(s)) {
+        let who = any(self.who.iter().map(|w| w.eval(s)));
+        if who == Some(false) {
             return Some(false);
         }
-        any(self.what.iter().map(|w| w.eval(s)))
+        all([who, any(self.what.iter().map(|w| w.eval(s)))].into_iter())
     }
 }
 
@@ -194,6 +246,55 @@ fn string_match(m: Option<&StringMatcher>, at: &str) -> Result<Match, String> {
     }
 }
 
+/// A metadata matcher on a JWT claim: filter `envoy.filters.http.jwt_authn`, path
+/// `payload` then the claim's path.
+fn claim(m: &MetadataMatcher, at: &str) -> Result<ClaimMatch, String> {
+    if m.filter != jwt::METADATA_FILTER || m.invert {
+        return Err(format!(
+            "{at}: metadata matchers are supported on filter {:?} (JWT claims) without invert only",
+            jwt::METADATA_FILTER
+        ));
+    }
+    let mut path = Vec::with_capacity(m.path.len());
+    for seg in &m.path {
+        match &seg.segment {
+            Some(metadata_matcher::path_segment::Segment::Key(k)) => path.push(k.clone()),
+            None => return Err(format!("{at}: empty metadata path segment")),
+        }
+    }
+    if path.first().map(String::as_str) != Some(jwt::PAYLOAD_KEY) || path.len() < 2 {
+        return Err(format!("{at}: a JWT claim's metadata path must be {:?} then the claim", jwt::PAYLOAD_KEY));
+    }
+    path.remove(0);
+    let unsupported = || {
+        format!(
+            "{at}: a claim value matcher must be a string match, present_match, or list_match one_of a string match"
+        )
+    };
+    let value = match m.value.as_ref().and_then(|v| v.match_pattern.as_ref()) {
+        Some(value_matcher::MatchPattern::StringMatch(sm)) => ValueMatch::String(string_match(Some(sm), at)?),
+        Some(value_matcher::MatchPattern::PresentMatch(true)) => ValueMatch::Present,
+        Some(value_matcher::MatchPattern::ListMatch(l)) => match &**l {
+            ListMatcher { match_pattern: Some(list_matcher::MatchPattern::OneOf(v)) } => match &**v {
+                ValueMatcher { match_pattern: Some(value_matcher::MatchPattern::StringMatch(sm)) } => {
+                    ValueMatch::OneOf(string_match(Some(sm), at)?)
+                }
+                _ => return Err(unsupported()),
+            },
+            _ => return Err(unsupported()),
+        },
+        _ => return Err(unsupported()),
+    };
+    Ok(ClaimMatch { path, value })
+}
+
+fn sourced_claim(m: &SourcedMetadata, at: &str) -> Result<ClaimMatch, String> {
+    if m.metadata_source != MetadataSource::Dynamic as i32 {
+        return Err(format!("{at}: only dynamic metadata (JWT claims) can be matched"));
+    }
+    claim(m.metadata_matcher.as_ref().ok_or_else(|| format!("{at}: sourced_metadata without a matcher"))?, at)
+}
+
 fn header(h: &HeaderMatcher, at: &str) -> Result<What, String> {
     let honoured = HeaderMatcher {
         name: h.name.clone(),
@@ -222,12 +323,13 @@ fn what(p: &Permission, at: &str) -> Result<What, String> {
             Some(path_matcher::Rule::Path(m)) => What::Path(string_match(Some(m), at)?),
             None => return Err(format!("{at}: url_path without a path matcher")),
         },
+        Some(permission::Rule::SourcedMetadata(m)) => What::Claim(sourced_claim(m, at)?),
         Some(permission::Rule::DestinationPort(port)) => {
             What::Port(u16::try_from(*port).map_err(|_| format!("{at}: port {port} is out of range"))?)
         }
         _ => {
             return Err(format!(
-                "{at}: a permission weft does not support (it honours any, and_rules, or_rules, not_rule, header, url_path, destination_port)"
+                "{at}: a permission weft does not support (it honours any, and_rules, or_rules, not_rule, header, url_path, destination_port, sourced_metadata)"
             ));
         }
     })
@@ -245,9 +347,10 @@ fn who(p: &Principal, at: &str) -> Result<Who, String> {
             // Envoy: any authenticated peer.
             None => Who::Identity(Match::Prefix(String::new())),
         },
+        Some(principal::Identifier::SourcedMetadata(m)) => Who::Claim(sourced_claim(m, at)?),
         _ => {
             return Err(format!(
-                "{at}: a principal weft does not support (it honours any, and_ids, or_ids, not_id, authenticated)"
+                "{at}: a principal weft does not support (it honours any, and_ids, or_ids, not_id, authenticated, sourced_metadata)"
             ));
         }
     })
@@ -313,7 +416,7 @@ mod tests {
         };
         let get = |path| parts("GET", path);
         let (admin, root) = (get("/admin/x"), get("/"));
-        let s = |identity, http| Subject { identity, port: 80, http };
+        let s = |identity, http| Subject { identity, port: 80, http, claims: None };
         assert_eq!(authz.check(&s(Some(FRONTEND), Some(&root))), Ok(Some("frontend-only".into())));
         assert_eq!(authz.check(&s(Some(FRONTEND), Some(&admin))), Err(Denied { policy: "no-admin".into() }));
         let other = "spiffe://weft.local/ns/default/sa/other";

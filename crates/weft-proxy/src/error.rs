@@ -15,6 +15,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("authorization policy {policy:?} does not allow this request")]
     Denied { policy: Arc<str> },
+    #[error("JWT authentication failed: {0}")]
+    Unauthenticated(#[from] crate::jwt::JwtError),
     #[error("cluster {0:?} is not configured (yet)")]
     UnknownCluster(String),
     #[error("service {0:?} has no healthy endpoints")]
@@ -45,6 +47,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no-route",
             ProxyError::Denied { .. } => "denied",
+            ProxyError::Unauthenticated(e) => e.reason(),
             ProxyError::UnknownCluster(_) => "unknown-cluster",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
@@ -61,6 +64,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
@@ -72,11 +76,13 @@ impl ProxyError {
     }
 
     /// The `grpc-status` a gRPC client gets: DEADLINE_EXCEEDED (4) for a route timeout,
-    /// otherwise UNAVAILABLE (14), which gRPC clients may retry.
+    /// PERMISSION_DENIED (7) for an authorization refusal, UNAUTHENTICATED (16) for a refused
+    /// JWT, otherwise UNAVAILABLE (14), which gRPC clients may retry.
     pub fn grpc_status(&self) -> &'static str {
         match self {
             ProxyError::RouteTimeout { .. } => "4",
             ProxyError::Denied { .. } => "7",
+            ProxyError::Unauthenticated(_) => "16",
             _ => "14",
         }
     }

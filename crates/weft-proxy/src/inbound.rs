@@ -1,9 +1,10 @@
 //! The inbound stack: requests from other services to the local app. By the time a request is
 //! here, mutual TLS termination has set the caller's verified identity on the connection
 //! (`rec.conn.peer_identity`); every check that may refuse the request runs before anything
-//! is sent to the app, in this order: authorization → route → forward.
-use crate::authz::{Denied, LiveAuthz, Subject};
+//! is sent to the app, in this order: JWT authentication → authorization → route → forward.
+use crate::authz::{Authz, Denied, Subject};
 use crate::error::ProxyError;
+use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
@@ -12,20 +13,34 @@ use arc_swap::ArcSwap;
 use futures::future::{Either, Ready, ready};
 use http::Request;
 use hyper::body::Incoming;
+use serde::Serialize;
 use std::sync::Arc;
+
+/// What an inbound listener checks before a request or connection reaches the app.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InboundPolicy {
+    /// From the HTTP connection manager's `jwt_authn` filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Arc<JwtAuthn>>,
+    /// From the RBAC filters (the same on every chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
+}
+
+/// A listener's policy as connections see it: swapped in place when the control plane changes
+/// it, so open connections (pooled by callers for a long time) follow at once.
+pub type LivePolicy = Arc<ArcSwap<InboundPolicy>>;
 
 pub struct Inbound {
     /// Routes to the local app's cluster.
     routes: Arc<ArcSwap<RouteTable>>,
-    /// The listener's authorization; replaced in place by LDS updates, so a change applies to
-    /// connections already open.
-    authz: LiveAuthz,
+    policy: LivePolicy,
     metrics: Arc<TrafficMetrics>,
 }
 
 impl Inbound {
-    pub fn new(routes: Arc<ArcSwap<RouteTable>>, authz: LiveAuthz, metrics: Arc<TrafficMetrics>) -> Inbound {
-        Inbound { routes, authz, metrics }
+    pub fn new(routes: Arc<ArcSwap<RouteTable>>, policy: LivePolicy, metrics: Arc<TrafficMetrics>) -> Inbound {
+        Inbound { routes, policy, metrics }
     }
 
     /// Decides at once; the future returned only forwards. (Not an `async fn`: each async
@@ -35,23 +50,48 @@ impl Inbound {
         mut req: Request<Incoming>,
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, impl Future<Output = Reply> + Send + 'a> {
-        if let Some(authz) = &*self.authz.load() {
-            let (parts, body) = req.into_parts();
-            let subject = Subject {
-                identity: rec.conn.peer_identity.as_ref().map(|p| &*p.0),
-                port: rec.conn.local.port(),
-                http: Some(&parts),
-            };
-            let decision = authz.check(&subject);
-            self.metrics.authz(&decision);
-            if let Err(Denied { policy }) = decision {
-                return Either::Left(ready(Err(ProxyError::Denied { policy })));
+        let policy = self.policy.load();
+        if policy.jwt.is_some() || policy.authz.is_some() {
+            let (mut parts, body) = req.into_parts();
+            if let Err(e) = self.check(&policy, &mut parts, rec) {
+                return Either::Left(ready(Err(e)));
             }
             req = Request::from_parts(parts, body);
         }
+        drop(policy);
         match decide(&self.routes, &req, rec) {
             Ok(route) => Either::Right(crate::http::forward(route, req, rec)),
             Err(e) => Either::Left(ready(Err(e))),
         }
+    }
+
+    fn check(
+        &self,
+        policy: &InboundPolicy,
+        parts: &mut http::request::Parts,
+        rec: &RequestRecord,
+    ) -> Result<(), ProxyError> {
+        let claims = match &policy.jwt {
+            Some(jwt) => {
+                let outcome = jwt.authenticate(parts);
+                self.metrics.jwt(&outcome);
+                outcome?
+            }
+            None => None,
+        };
+        if let Some(authz) = &policy.authz {
+            let subject = Subject {
+                identity: rec.conn.peer_identity.as_ref().map(|p| &*p.0),
+                port: rec.conn.local.port(),
+                http: Some(parts),
+                claims: claims.as_ref(),
+            };
+            let decision = authz.check(&subject);
+            self.metrics.authz(&decision);
+            if let Err(Denied { policy }) = decision {
+                return Err(ProxyError::Denied { policy });
+            }
+        }
+        Ok(())
     }
 }

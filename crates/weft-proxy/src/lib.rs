@@ -25,7 +25,8 @@ mod health;
 pub mod http;
 pub mod identity;
 mod idle;
-mod inbound;
+pub mod inbound;
+pub mod jwt;
 mod listener;
 pub mod metrics;
 mod outbound;
@@ -128,8 +129,9 @@ pub struct Proxy {
     opts: ProxyOptions,
     clusters: ClusterManager,
     routes: RwLock<HashMap<String, Arc<ArcSwap<RouteTable>>>>,
-    /// Each listener's authorization, by listener name (kept across LDS updates).
-    authz: RwLock<HashMap<String, authz::LiveAuthz>>,
+    /// Each inbound listener's policy (JWT, authorization), by listener name (kept across LDS
+    /// updates, so open connections follow a change).
+    policies: RwLock<HashMap<String, inbound::LivePolicy>>,
     listeners: Listeners,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
@@ -151,8 +153,8 @@ impl Proxy {
         w.entry(name.to_owned()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(RouteTable::empty()))).clone()
     }
 
-    fn authz(&self, listener: &str) -> authz::LiveAuthz {
-        let mut w = self.authz.write().unwrap_or_else(|p| p.into_inner());
+    fn policy(&self, listener: &str) -> inbound::LivePolicy {
+        let mut w = self.policies.write().unwrap_or_else(|p| p.into_inner());
         w.entry(listener.to_owned()).or_default().clone()
     }
 
@@ -163,7 +165,7 @@ impl Proxy {
     /// Applies a full LDS update: each listener gets the stack of its direction.
     fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), ConfigError> {
         let mut with_ctx = Vec::with_capacity(defs.len());
-        let mut new_authz = Vec::with_capacity(defs.len());
+        let mut new_policies = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
             let service = match (def.direction, &self.opts.service) {
@@ -171,16 +173,16 @@ impl Proxy {
                 _ => def.service.as_str(),
             };
             let metrics = self.metrics.traffic(def.direction, service);
-            let authz = self.authz(&def.name);
+            let policy = self.policy(&def.name);
             // In force before the listener accepts anything; put back if the update fails.
-            let previous = authz.swap(def.authz.clone().map(Arc::new));
-            new_authz.push((authz.clone(), previous));
+            let previous = policy.swap(def.policy.clone());
+            new_policies.push((policy.clone(), previous));
             let http = def.http.as_ref().map(|h| {
                 let routes = match h {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpStack::new(def.direction, routes, authz.clone(), metrics.clone()))
+                Arc::new(HttpStack::new(def.direction, routes, policy.clone(), metrics.clone()))
             });
             let tcp = def
                 .tcp_cluster
@@ -193,7 +195,7 @@ impl Proxy {
                 http,
                 tcp,
                 tls: def.tls.as_ref().map(|_| self.acceptor.clone()),
-                authz,
+                policy,
                 plaintext: def.plaintext || def.tls.is_none(),
                 metrics,
             };
@@ -202,7 +204,7 @@ impl Proxy {
         let listeners: BTreeMap<String, ListenerDef> =
             with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
         if let Err(e) = self.listeners.update(with_ctx) {
-            for (live, previous) in new_authz {
+            for (live, previous) in new_policies {
                 live.store(previous);
             }
             return Err(e);
@@ -216,7 +218,7 @@ impl Proxy {
             })
             .collect();
         self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| rds.contains(&name.as_str()));
-        self.authz.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
+        self.policies.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
         let mut dump = self.dump();
         dump.routes.retain(|name, _| rds.contains(&name.as_str()));
         dump.listeners = listeners;
@@ -330,7 +332,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let proxy = Arc::new(Proxy {
         clusters: ClusterManager::default(),
         routes: RwLock::default(),
-        authz: RwLock::default(),
+        policies: RwLock::default(),
         listeners,
         metrics: Metrics::new(),
         healthy,

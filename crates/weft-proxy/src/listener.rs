@@ -29,7 +29,8 @@ pub struct ListenerCtx {
     /// Mutual TLS termination (inbound listeners of the mesh).
     pub tls: Option<TlsAcceptor>,
     /// Authorization of opaque TCP connections (HTTP requests are authorized in the stack).
-    pub authz: crate::authz::LiveAuthz,
+    /// The inbound listener's policy (of which TCP connections need the authorization).
+    pub policy: crate::inbound::LivePolicy,
     /// Whether plaintext clients are served; false on a strict inbound listener.
     pub plaintext: bool,
     pub metrics: Arc<TrafficMetrics>,
@@ -227,11 +228,12 @@ async fn dispatch<T: Transport>(
             crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), limits).await
         }
         (p, _, Some(tcp)) => {
-            if let Some(authz) = &*ctx.authz.load() {
+            if let Some(authz) = &ctx.policy.load().authz {
                 let subject = crate::authz::Subject {
                     identity: conn.peer_identity.as_ref().map(|p| &*p.0),
                     port: conn.local.port(),
                     http: None,
+                    claims: None,
                 };
                 let decision = authz.check(&subject);
                 ctx.metrics.authz(&decision);

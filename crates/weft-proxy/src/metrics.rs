@@ -58,6 +58,14 @@ pub struct Metrics {
     cert_expiry: Gauge,
     cert_renewals: Family<RenewalLabels, Counter>,
     authz: Family<AuthzLabels, Counter>,
+    jwt: Family<JwtLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwtLabels {
+    service: String,
+    /// `valid`, `missing` (allowed without a token) or the refusal's reason.
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,8 +130,15 @@ impl Metrics {
             "Authorization decisions by policy (default-deny: no ALLOW policy matched; none: no ALLOW policy applies) and decision",
             authz.clone(),
         );
+        let jwt = Family::<JwtLabels, Counter>::default();
+        registry.register(
+            "jwt_authentications",
+            "Inbound requests checked for a JWT, by result (valid, missing: allowed without a token, or the refusal's reason)",
+            jwt.clone(),
+        );
         Arc::new(Metrics {
             authz,
+            jwt,
             registry,
             requests,
             duration,
@@ -223,6 +238,16 @@ impl TrafficMetrics {
             decision,
         };
         self.root.authz.get_or_create(&labels).inc();
+    }
+
+    /// Counts a JWT check.
+    pub fn jwt<T>(&self, outcome: &Result<Option<T>, crate::jwt::JwtError>) {
+        let result = match outcome {
+            Ok(Some(_)) => "valid",
+            Ok(None) => "missing",
+            Err(e) => e.reason(),
+        };
+        self.root.jwt.get_or_create(&JwtLabels { service: self.labels.service.clone(), result }).inc();
     }
 
     /// Counts an answered request from its record.

@@ -4,7 +4,7 @@
 //! ```text
 //! inbound   (other services → the local app)
 //!   listener → detect → mTLS termination, peer identity (listener) → inbound::Inbound:
-//!       authorization (authz) → route → forward to the app
+//!       JWT authentication (jwt) → authorization (authz) → route → forward to the app
 //!
 //! outbound  (the local app → other services)
 //!   listener → detect → outbound::Outbound:
@@ -12,14 +12,14 @@
 //! ```
 //! Steps in brackets arrive with later issues: an inbound policy step is a call in
 //! [`crate::inbound::Inbound::call`] (as authorization is), an outbound one in
-//! [`crate::outbound::Outbound::call`]. Opaque TCP is authorized in [`crate::listener`].
+//! [`crate::outbound::Outbound::call`]. Opaque TCP is authorized in [`crate::listener`]
+//! (it carries no JWT).
 //! Both stacks share the HTTP server and forwarding code ([`crate::http`]), the pools
 //! ([`crate::endpoint`]), error rendering and metrics; the TCP path is [`crate::tcp`].
-use crate::authz::LiveAuthz;
 use crate::context::Direction;
 use crate::error::ProxyError;
 use crate::http::body::UpstreamBody;
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, LivePolicy};
 use crate::metrics::TrafficMetrics;
 use crate::outbound::Outbound;
 use crate::record::RequestRecord;
@@ -48,11 +48,11 @@ impl HttpStack {
     pub fn new(
         direction: Direction,
         routes: Arc<ArcSwap<RouteTable>>,
-        authz: LiveAuthz,
+        policy: LivePolicy,
         metrics: Arc<TrafficMetrics>,
     ) -> HttpStack {
         let stack = match direction {
-            Direction::inbound => Stack::Inbound(Inbound::new(routes, authz, metrics.clone())),
+            Direction::inbound => Stack::Inbound(Inbound::new(routes, policy, metrics.clone())),
             Direction::outbound => Stack::Outbound(Outbound::new(routes)),
         };
         HttpStack { metrics, stack }

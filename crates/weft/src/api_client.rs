@@ -208,7 +208,7 @@ pub async fn get(
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service, httproutes or authorizationpolicies"
+                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service, httproutes, authorizationpolicies or requestauthentications"
                 )
             })?;
             let path = match name {
@@ -225,8 +225,9 @@ pub async fn get(
 }
 
 pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Result<()> {
-    let k = Kind::parse(kind)
-        .ok_or_else(|| anyhow::anyhow!("unknown kind {kind:?}; use service, httproute or authorizationpolicy"))?;
+    let k = Kind::parse(kind).ok_or_else(|| {
+        anyhow::anyhow!("unknown kind {kind:?}; use service, httproute, authorizationpolicy or requestauthentication")
+    })?;
     let path = format!("/api/v1/resources/{}/{name}", k.as_str().to_ascii_lowercase());
     let (status, v) = Api::new(control)?.call(Method::DELETE, &path, None).await?;
     if !status.is_success() {

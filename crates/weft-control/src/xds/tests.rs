@@ -43,7 +43,7 @@ impl TestMesh {
         let doc = serde_json::json!({
             "apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": name}, "spec": {}
         });
-        self.ads.mesh.apply(vec![WeftResource::from_json(0, doc).unwrap()]).unwrap();
+        self.ads.mesh.apply(vec![WeftResource::from_json(0, doc).unwrap()], Vec::new()).unwrap();
     }
 
     fn delete_service(&self, name: &str) {

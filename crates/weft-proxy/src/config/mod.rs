@@ -7,12 +7,14 @@
 //! silently dropped a security filter would fail open.
 use crate::authz::{self, Authz};
 use crate::context::Direction;
+use crate::inbound::InboundPolicy;
 use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDirection, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, header_matcher, route, route_action, route_match};
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -28,6 +30,7 @@ use prost::{Message, Name};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use weft_api::names;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
@@ -81,9 +84,10 @@ pub struct ListenerDef {
     pub tls: Option<DownstreamTlsDef>,
     /// Whether plaintext connections have a chain (false: a TLS-only listener closes them).
     pub plaintext: bool,
-    /// Authorization from the chains' RBAC filters (the same on every chain).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub authz: Option<Authz>,
+    /// JWT authentication (HTTP chains) and authorization (the RBAC filters, the same on
+    /// every chain).
+    #[serde(flatten)]
+    pub policy: Arc<InboundPolicy>,
 }
 
 fn ser_failover<S: serde::Serializer>(f: &Option<Failover>, s: S) -> Result<S::Ok, S::Error> {
@@ -206,19 +210,36 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         tcp_failover: None,
         tls: None,
         plaintext: false,
-        authz: None,
+        policy: Arc::default(),
     };
-    for (i, chain) in l.filter_chains.iter().enumerate() {
-        let authz =
+    let mut policy: Option<InboundPolicy> = None;
+    for chain in &l.filter_chains {
+        let p =
             filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
-        if i > 0 && authz != def.authz {
+        let Some(before) = &mut policy else {
+            policy = Some(p);
+            continue;
+        };
+        if p.authz != before.authz {
             return Err(bad(format!(
                 "filter chain {:?} has other RBAC filters than the chains before it; weft applies one authorization per listener",
                 chain.name
             )));
         }
-        def.authz = authz;
+        // JWT filters live in HTTP connection managers: HTTP chains must agree; TCP chains
+        // carry none.
+        match (&before.jwt, p.jwt) {
+            (Some(a), Some(b)) if *a != b => {
+                return Err(bad(format!(
+                    "filter chain {:?} has another jwt_authn filter than the chains before it; weft applies one per listener",
+                    chain.name
+                )));
+            }
+            (None, Some(b)) => before.jwt = Some(b),
+            _ => {}
+        }
     }
+    def.policy = Arc::new(policy.unwrap_or_default());
     if def.http.is_none() && def.tcp_cluster.is_none() {
         return Err(bad("has neither an HTTP connection manager nor a tcp_proxy filter".into()));
     }
@@ -235,7 +256,7 @@ const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
 /// A listener's chains are one set of filters reached in plaintext, through TLS, or both: the
 /// TLS chains (matched on `transport_protocol: tls`) must carry the same transport socket, and
 /// every chain the same filters as the others of its kind (HTTP or TCP).
-fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Authz>, String> {
+fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPolicy, String> {
     let m = chain.filter_chain_match.clone().unwrap_or_default();
     if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
         return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
@@ -265,6 +286,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Aut
     // RBAC filters (network, or HTTP inside the connection manager) come before the terminal
     // filter, DENY before ALLOW.
     let mut authz: Option<Authz> = None;
+    let mut jwt = None;
     for f in &chain.filters {
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
@@ -283,6 +305,17 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Aut
                         return Err(format!("{at}: RBAC filter fields other than rules are not supported"));
                     }
                     authz::add_rbac(authz.get_or_insert_default(), &rules, &at)?;
+                    continue;
+                }
+                if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
+                    && c.type_url == JwtAuthentication::type_url()
+                {
+                    let at = format!("HTTP filter {:?}", hf.name);
+                    if jwt.is_some() || authz.is_some() {
+                        return Err(format!("{at}: weft supports one jwt_authn filter, before any RBAC filter"));
+                    }
+                    let f: JwtAuthentication = decode(c, "Listener").map_err(|e| e.reason)?;
+                    jwt = Some(crate::jwt::decode(&f, &at)?);
                     continue;
                 }
                 let router = match &hf.config_type {
@@ -357,7 +390,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<Option<Aut
     if def.tcp_cluster.is_none() {
         def.tcp_cluster = tcp_before;
     }
-    Ok(authz)
+    Ok(InboundPolicy { jwt, authz })
 }
 
 pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {

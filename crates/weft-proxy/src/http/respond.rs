@@ -28,5 +28,15 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBod
     {
         resp.headers_mut().insert(POLICY_HEADER, v);
     }
+    // RFC 6750: a refused bearer token says so, and why.
+    if let ProxyError::Unauthenticated(j) = e {
+        let challenge = match j {
+            crate::jwt::JwtError::Missing => "Bearer".to_owned(),
+            _ => format!("Bearer error=\"invalid_token\", error_description=\"{j}\""),
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
     resp
 }
