@@ -910,4 +910,46 @@ spec:
         let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: Bad_Name}\nspec: {}\n");
         assert_eq!(e.path, "metadata.name");
     }
+
+    #[test]
+    fn request_authentication_is_checked_field_by_field() {
+        let doc = |spec: &str| {
+            format!("apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: j}}\nspec: {spec}\n")
+        };
+        let ok =
+            parse_documents(&doc("{issuers: [{issuer: a, jwksUri: \"https://a/jwks\", clockSkew: 10s}]}")).unwrap();
+        let Resource::RequestAuthentication(r) = &ok[0] else { panic!("not a RequestAuthentication") };
+        assert_eq!(r.spec.issuers[0].jwks_source(), Some(JwksSource::Uri("https://a/jwks".into())));
+        for (spec, path, why) in [
+            ("{issuers: []}", "spec.issuers", "at least one"),
+            ("{issuers: [{issuer: a}]}", "spec.issuers[0]", "exactly one of jwksUri"),
+            ("{issuers: [{issuer: a, jwksUri: x, jwksFile: y}]}", "spec.issuers[0]", "exactly one"),
+            ("{issuers: [{issuer: a, jwksUri: \"ftp://x\"}]}", "spec.issuers[0].jwksUri", "not an http"),
+            ("{issuers: [{issuer: a, jwksFile: f}, {issuer: a, jwksFile: g}]}", "spec.issuers[1].issuer", "twice"),
+            (
+                "{issuers: [{issuer: a, jwksFile: f, refreshInterval: 10ms}]}",
+                "spec.issuers[0].refreshInterval",
+                "at least 1s",
+            ),
+        ] {
+            let e = err(&doc(spec));
+            assert_eq!(e.path, path, "{spec}: {e}");
+            assert!(e.reason.contains(why), "{spec}: {e}");
+        }
+        let policy = |rule: &str| {
+            format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec:\n  rules: [{rule}]\n"
+            )
+        };
+        let e = err(&policy("{from: [{requestPrincipals: [alice]}]}"));
+        assert_eq!(e.path, "spec.rules[0].from[0].requestPrincipals[0]");
+        let e = err(&policy("{when: [{header: x, claim: y, values: [z]}]}"));
+        assert!(e.reason.contains("exactly one of `header` and `claim`"), "{e}");
+        assert!(
+            parse_documents(&policy(
+                "{from: [{requestPrincipals: [\"https://i/*\"]}], when: [{claim: realm.roles, values: [a]}]}"
+            ))
+            .is_ok()
+        );
+    }
 }

@@ -429,4 +429,31 @@ mod tests {
         assert!(nothing.check(&s(Some(FRONTEND), Some(&root))).is_err());
         assert_eq!(Authz::default().check(&s(None, None)), Ok(None));
     }
+
+    #[test]
+    fn claims_match_strings_and_lists_and_tcp_cannot_carry_them() {
+        let admins = What::Claim(ClaimMatch {
+            path: vec!["groups".into()],
+            value: ValueMatch::OneOf(Match::Exact("admin".into())),
+        });
+        let alice = Who::Claim(ClaimMatch {
+            path: vec!["sub".into()],
+            value: ValueMatch::String(Match::Exact("alice".into())),
+        });
+        let authz = Authz { deny: vec![], allow: Some(vec![policy("admins", vec![alice.clone()], vec![admins])]) };
+        let root = parts("GET", "/");
+        let claims = |v: serde_json::Value| v;
+        let admin = claims(serde_json::json!({"sub": "alice", "groups": ["dev", "admin"]}));
+        let dev = claims(serde_json::json!({"sub": "alice", "groups": ["dev"]}));
+        let bob = claims(serde_json::json!({"sub": "bob", "groups": ["admin"]}));
+        let s = |http, claims| Subject { identity: None, port: 80, http, claims };
+        assert_eq!(authz.check(&s(Some(&root), Some(&admin))), Ok(Some("admins".into())));
+        assert!(authz.check(&s(Some(&root), Some(&dev))).is_err());
+        assert!(authz.check(&s(Some(&root), Some(&bob))).is_err());
+        assert!(authz.check(&s(Some(&root), None)).is_err(), "no token matches no claim");
+        // A DENY on a request principal applies to TCP, which cannot show it is someone else.
+        let deny = Authz { deny: vec![policy("no-alice", vec![alice], vec![What::Any])], allow: None };
+        assert!(deny.check(&s(None, None)).is_err());
+        assert!(deny.check(&s(Some(&root), Some(&bob))).is_ok());
+    }
 }
