@@ -238,7 +238,7 @@ fn request_loop(
 ) -> std::thread::JoinHandle<(u32, Vec<String>)> {
     std::thread::spawn(move || {
         let (mut ok, mut failed) = (0, Vec::new());
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + renewal_test_length() + Duration::from_secs(120);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
             match curl(&["--max-time", "5", &url]) {
                 Some(r) if r.status == 200 => ok += 1,
@@ -250,6 +250,13 @@ fn request_loop(
     })
 }
 
+/// How long certificates renew under load: 75 s in CI (two renewals of each sidecar);
+/// `WEFT_RENEWAL_TEST_SECS=300` runs the full five minutes.
+fn renewal_test_length() -> Duration {
+    let secs = std::env::var("WEFT_RENEWAL_TEST_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(75);
+    Duration::from_secs(secs)
+}
+
 fn serial(admin: &str) -> String {
     get_json(admin, "/certs").map(|v| v["serial"].as_str().unwrap_or_default().to_owned()).unwrap_or_default()
 }
@@ -257,6 +264,7 @@ fn serial(admin: &str) -> String {
 #[test]
 fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
     // One-minute certificates renew every ~30 s; over 75 s both sidecars renew at least twice.
+    let length = renewal_test_length();
     let m = SmallMesh::start_with("renewal", 1, &["--cert-ttl", "1m"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let looping = request_loop(m.edge.url("backend", "/"), stop.clone());
@@ -264,7 +272,7 @@ fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
     let first = (serial(&backend_admin), serial(&edge_admin));
     let mut seen = (vec![first.0.clone()], vec![first.1.clone()]);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(75) {
+    while start.elapsed() < length {
         std::thread::sleep(Duration::from_secs(1));
         let now = (serial(&backend_admin), serial(&edge_admin));
         if !seen.0.contains(&now.0) {
@@ -274,7 +282,8 @@ fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
             seen.1.push(now.1);
         }
     }
-    assert!(seen.0.len() >= 3 && seen.1.len() >= 3, "renewals seen: backend {:?}, edge {:?}", seen.0, seen.1);
+    let renewals = (length.as_secs() / 35) as usize; // at least this many (every ~30 s), plus the first
+    assert!(seen.0.len() > renewals && seen.1.len() > renewals, "renewals seen: backend {:?}, edge {:?}", seen.0, seen.1);
 
     // Rotate the root while requests flow.
     let old_root = stdout(&weft(&["ca", "show", "--control", &m.control.addr]));
