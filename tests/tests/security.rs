@@ -283,7 +283,12 @@ fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
         }
     }
     let renewals = (length.as_secs() / 35) as usize; // at least this many (every ~30 s), plus the first
-    assert!(seen.0.len() > renewals && seen.1.len() > renewals, "renewals seen: backend {:?}, edge {:?}", seen.0, seen.1);
+    assert!(
+        seen.0.len() > renewals && seen.1.len() > renewals,
+        "renewals seen: backend {:?}, edge {:?}",
+        seen.0,
+        seen.1
+    );
 
     // Rotate the root while requests flow.
     let old_root = stdout(&weft(&["ca", "show", "--control", &m.control.addr]));

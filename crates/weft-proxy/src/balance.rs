@@ -95,6 +95,11 @@ impl Cluster {
         self.endpoints.store(Arc::new(EndpointSet { ready, all }));
     }
 
+    /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
+    pub fn is_mesh(&self) -> bool {
+        self.tls.load().is_some()
+    }
+
     /// Picks an endpoint not in `tried`, preferring ones that are not failing.
     pub fn pick(&self, set: &EndpointSet, tried: &[usize]) -> Option<Arc<Endpoint>> {
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 /// Body of a request sent upstream: the client's body, or none for a request being replayed
 /// on another endpoint.
-pub type UpBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+pub use crate::http::replay::UpBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 128;
@@ -204,8 +204,13 @@ impl Endpoint {
     }
 
     fn failed(&self, e: ProxyError) -> ProxyError {
-        self.failed_at.store(clock(), Ordering::Relaxed);
+        self.mark_failing();
         e
+    }
+
+    /// Makes the balancer prefer other endpoints for a while (as after a refused connect).
+    pub fn mark_failing(&self) {
+        self.failed_at.store(clock(), Ordering::Relaxed);
     }
 
     /// A connection for opaque forwarding.

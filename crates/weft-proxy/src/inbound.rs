@@ -2,14 +2,18 @@
 //! here, mutual TLS termination has set the caller's verified identity on the connection
 //! (`rec.conn.peer_identity`); every check that may refuse the request runs before anything
 //! is sent to the app, in this order: JWT authentication → authorization → route → forward.
+//! The app's responses lose any `x-weft-error`/`x-weft-policy` header: callers' sidecars act
+//! on those (a `connect-failed` is retried elsewhere for any method), so only a sidecar may
+//! set them.
 use crate::authz::{Authz, Denied, Subject};
-use crate::error::ProxyError;
+use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
 use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
 use crate::stack::Reply;
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use futures::future::{Either, Ready, ready};
 use http::Request;
 use hyper::body::Incoming;
@@ -60,7 +64,7 @@ impl Inbound {
         }
         drop(policy);
         match decide(&self.routes, &req, rec) {
-            Ok(route) => Either::Right(crate::http::forward(route, req, rec)),
+            Ok(route) => Either::Right(crate::http::forward(route, req, rec).map(without_sidecar_headers)),
             Err(e) => Either::Left(ready(Err(e))),
         }
     }
@@ -94,4 +98,13 @@ impl Inbound {
         }
         Ok(())
     }
+}
+
+fn without_sidecar_headers(reply: Reply) -> Reply {
+    reply.map(|mut resp| {
+        let h = resp.headers_mut();
+        h.remove(ERROR_HEADER);
+        h.remove(POLICY_HEADER);
+        resp
+    })
 }

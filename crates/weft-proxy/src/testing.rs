@@ -34,6 +34,8 @@ pub enum Behaviour {
 pub struct Counts {
     pub connects: AtomicUsize,
     pub requests: AtomicUsize,
+    /// The request bodies answered, in order.
+    pub bodies: Mutex<Vec<String>>,
 }
 
 /// Upstream endpoints in memory, by address.
@@ -79,10 +81,14 @@ impl Connect for FakeEndpoints {
                     }
                 })),
                 Behaviour::Answer { delay } => drop(tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let counts = counts.clone();
                         async move {
                             counts.requests.fetch_add(1, Ordering::Relaxed);
+                            let body = http_body_util::BodyExt::collect(req.into_body()).await;
+                            let body =
+                                body.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
+                            counts.bodies.lock().unwrap_or_else(|p| p.into_inner()).push(body);
                             tokio::time::sleep(delay).await;
                             Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(addr.to_string()))))
                         }

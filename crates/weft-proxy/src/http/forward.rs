@@ -1,20 +1,22 @@
 //! Executing a routed request: get a connection to an endpoint of the chosen backend (failing
 //! over on connect errors), send the request, and send it again elsewhere when that is safe.
 //!
-//! What may be sent again: a request that never left (the pooled connection had closed) goes
-//! to a fresh connection whatever its method; an idempotent request without a body whose
-//! connection broke before the response is replayed on another endpoint. A request with a
-//! body is never replayed: its body has been consumed.
+//! What may be sent again, on another endpoint: a request that never left (the pooled
+//! connection had closed) whatever its method; a request the callee's sidecar answered with its
+//! own connect failure to its app (`x-weft-error: connect-failed` or `connect-timeout` from a
+//! mesh sidecar: the app never saw it) whatever its method; an idempotent request whose
+//! connection broke before the response. A request with a body is replayed only if its body
+//! was sent to the end and kept ([`super::replay`], at most 64 KiB).
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
+use super::replay::{BodyCopy, UpBody};
 use super::upgrade::{is_upgrade, upgrade_via};
-use crate::endpoint::{Conn, Endpoint, UpBody};
-use crate::error::ProxyError;
+use crate::endpoint::{Conn, Endpoint};
+use crate::error::{ERROR_HEADER, ProxyError};
 use crate::failover::{self, Tried};
 use crate::record::{Outcome, RequestRecord};
 use crate::route::MatchedRoute;
 use http::{Request, Response, Version};
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
@@ -34,15 +36,27 @@ pub async fn forward(
         // Rare and with large futures: boxed, so the common path's future stays small.
         return Box::pin(upgrade_via(&route, req, rec)).await;
     }
-    // A bodiless idempotent request can be sent again when its endpoint dies before
-    // answering (e.g. the instance was just killed): keep its head for that, unless there is
-    // no other endpoint to send it to (the copy costs a header-map clone per request).
-    let replay = (req.method().is_idempotent()
-        && http_body::Body::is_end_stream(req.body())
-        && failover.max_endpoints > 1
-        && cluster.endpoints.load().ready.len() > 1)
-        .then(|| RequestHead::of(&req));
-    let mut req = req.map(|b| if replay.is_some() { Either::Right(Empty::new()) } else { Either::Left(b) });
+    // Keep what a replay needs, unless there is no other endpoint to send it to (the head's
+    // copy costs a header-map clone per request; a body's copy only references its buffers).
+    let idempotent = req.method().is_idempotent();
+    let replay = (failover.max_endpoints > 1 && cluster.endpoints.load().ready.len() > 1)
+        .then(|| RequestHead::of(&req))
+        .map(|head| {
+            let body = http_body::Body::is_end_stream(req.body()).then_some(Replay::Bodiless).or_else(|| {
+                UpBody::fits(&http_body::Body::size_hint(req.body())).then(|| Replay::Copied(BodyCopy::default()))
+            });
+            (head, body)
+        });
+    let mut req = req.map(|body| match &replay {
+        Some((_, Some(Replay::Bodiless))) => UpBody::Empty,
+        Some((_, Some(Replay::Copied(copy)))) => UpBody::Copied { body, copy: copy.clone() },
+        _ => UpBody::Streamed(body),
+    });
+    let again = |replay: &Option<(RequestHead, Option<Replay>)>| match replay {
+        Some((head, Some(Replay::Bodiless))) => Some(head.request(UpBody::Empty)),
+        Some((head, Some(Replay::Copied(copy)))) => copy.replay().map(|b| head.request(b)),
+        _ => None,
+    };
     let mut tried = Tried::default();
     let mut unsent = 0;
     loop {
@@ -55,8 +69,22 @@ pub async fn forward(
             let _in_flight = endpoint.start();
             send(&endpoint, conn, req).await
         };
-        match (result, &replay) {
-            (Ok(Sent::Answered(mut resp)), _) => {
+        match result {
+            // The callee's sidecar could not reach its app: the app never saw the request, so
+            // another instance may take it whatever the method.
+            Ok(Sent::Answered(resp))
+                if cluster.is_mesh()
+                    && app_not_reached(&resp)
+                    && tried.may_try_another(failover, &cluster.endpoints.load())
+                    && let Some(r) = again(&replay) =>
+            {
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
+                rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
+                endpoint.mark_failing();
+                tried.add(&endpoint);
+                req = r;
+            }
+            Ok(Sent::Answered(mut resp)) => {
                 rec.attempt(endpoint.addr, Outcome::Answered);
                 if !h2 {
                     strip_hop_by_hop(resp.headers_mut(), false);
@@ -66,7 +94,7 @@ pub async fn forward(
             // The connection had closed before the request went out (e.g. the upstream closed
             // it while pooled, or the instance just died): check out again, which connects
             // anew or, if that fails, moves on to another endpoint. Any method: nothing was sent.
-            (Ok(Sent::Unsent(back, error)), _) => {
+            Ok(Sent::Unsent(back, error)) => {
                 let e = ProxyError::exchange(endpoint.addr, error);
                 rec.attempt(endpoint.addr, Outcome::Failed { reason: e.reason(), sent: false });
                 unsent += 1;
@@ -76,25 +104,36 @@ pub async fn forward(
                 endpoint.drop_idle_h1();
                 req = back;
             }
-            (Err(e), replay) => {
+            Err(e) => {
                 rec.attempt(endpoint.addr, (&e).into());
                 let set = cluster.endpoints.load();
-                match replay {
-                    Some(head)
-                        if matches!(e, ProxyError::UpstreamReset { .. }) && tried.may_try_another(failover, &set) =>
-                    {
-                        tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "replaying on another endpoint");
-                        tried.add(&endpoint);
-                        req = head.request();
-                    }
-                    _ => return Err(e),
-                }
+                let retry = (idempotent
+                    && matches!(e, ProxyError::UpstreamReset { .. })
+                    && tried.may_try_another(failover, &set))
+                .then(|| again(&replay))
+                .flatten();
+                let Some(r) = retry else { return Err(e) };
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "replaying on another endpoint");
+                tried.add(&endpoint);
+                req = r;
             }
         }
     }
 }
 
-/// The head of a bodiless request, kept so the request can be sent again.
+/// How a request's body is kept for a replay.
+enum Replay {
+    Bodiless,
+    Copied(BodyCopy),
+}
+
+/// Whether a response is the callee sidecar's own answer that its app could not be reached.
+/// Only sidecars set `x-weft-error` (the inbound stack removes it from apps' responses).
+fn app_not_reached(resp: &Response<UpstreamBody>) -> bool {
+    resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "connect-failed" || v == "connect-timeout")
+}
+
+/// The head of a request, kept so the request can be sent again.
 struct RequestHead {
     method: http::Method,
     uri: http::Uri,
@@ -112,8 +151,8 @@ impl RequestHead {
         }
     }
 
-    fn request(&self) -> Request<UpBody> {
-        let mut r = Request::new(Either::Right(Empty::new()));
+    fn request(&self, body: UpBody) -> Request<UpBody> {
+        let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;

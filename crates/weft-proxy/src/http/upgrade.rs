@@ -7,7 +7,6 @@ use crate::failover::{self, Tried};
 use crate::record::{Outcome, RequestRecord};
 use crate::route::MatchedRoute;
 use http::{Request, Response, StatusCode, Version, header};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -42,7 +41,7 @@ async fn tunnel(
 ) -> Result<Response<Incoming>, ProxyError> {
     let downstream = hyper::upgrade::on(&mut req);
     let mut resp = s
-        .send_request(req.map(Either::Left))
+        .send_request(req.map(UpBody::Streamed))
         .await
         .map_err(|source| ProxyError::UpstreamReset { addr: ep.addr, source })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -130,17 +130,22 @@ async fn bodiless_get_is_replayed_after_a_reset_before_the_response() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn request_with_a_body_or_not_idempotent_is_not_replayed() {
+async fn after_a_reset_only_idempotent_requests_are_replayed_bodies_included() {
     let (mesh, counts) =
         Mesh::new(&[(addr(10), Behaviour::Reset), (addr(11), Behaviour::Answer { delay: Duration::ZERO })], None);
-    for (method, body) in [("POST", "payload"), ("POST", ""), ("PUT", "payload")] {
+    for (method, body) in [("POST", "payload"), ("POST", "")] {
         let (status, reason, _) = send(&mesh, method, body).await;
         assert_eq!((status, reason.as_str()), (StatusCode::BAD_GATEWAY, "upstream-reset"), "{method} {body:?}");
         // Round robin: the next request would start at the answering endpoint; move it back.
         let (status, _, _) = send(&mesh, "GET", "").await;
         assert_eq!(status, StatusCode::OK);
     }
-    assert_eq!(counts[0].requests.load(Ordering::Relaxed), 3, "each refused request reached it once, and only once");
+    assert_eq!(counts[0].requests.load(Ordering::Relaxed), 2, "each refused POST reached it once, and only once");
+    // A PUT is idempotent: its body was kept, so it is sent again, whole, to the other endpoint.
+    let (status, reason, _) = send(&mesh, "PUT", "payload").await;
+    assert_eq!((status, reason.as_str()), (StatusCode::OK, ""));
+    assert_eq!(counts[0].requests.load(Ordering::Relaxed), 3);
+    assert_eq!(counts[1].bodies.lock().unwrap().last().map(String::as_str), Some("payload"));
 }
 
 #[tokio::test(start_paused = true)]

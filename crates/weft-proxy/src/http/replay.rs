@@ -1,0 +1,113 @@
+//! What a request sends upstream, and the copy of its body kept so that it can be sent again
+//! on another endpoint. A body is copied only while a replay is possible (another endpoint
+//! exists) and only up to [`MAX_REPLAY_BODY`]; the copy shares the body's buffers (`Bytes`),
+//! so it costs no byte copying, only references.
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+/// The largest request body kept for a replay; a larger one is sent once.
+pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+
+/// A request body on its way upstream.
+pub enum UpBody {
+    /// The client's body, as it arrives.
+    Streamed(Incoming),
+    /// The client's body, as it arrives, copied into `copy` while it fits.
+    Copied {
+        body: Incoming,
+        copy: BodyCopy,
+    },
+    /// A complete copy, sent again.
+    Replayed(VecDeque<Bytes>),
+    Empty,
+}
+
+/// The copy of a request body, filled while the body is sent.
+#[derive(Clone, Default)]
+pub struct BodyCopy(Arc<Mutex<Copy>>);
+
+#[derive(Default)]
+struct Copy {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The body ended and every byte of it is in `chunks`.
+    complete: bool,
+    /// Too large, had trailers, or failed: no replay.
+    spoiled: bool,
+}
+
+impl BodyCopy {
+    fn with<R>(&self, f: impl FnOnce(&mut Copy) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The whole body again, if it was sent to the end and kept.
+    pub fn replay(&self) -> Option<UpBody> {
+        self.with(|c| (c.complete && !c.spoiled).then(|| UpBody::Replayed(c.chunks.iter().cloned().collect())))
+    }
+}
+
+impl UpBody {
+    /// Whether a body of this size hint can be kept for a replay.
+    pub fn fits(hint: &SizeHint) -> bool {
+        hint.upper().is_none_or(|n| n <= MAX_REPLAY_BODY as u64)
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Copied { body, copy } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Poll::Ready(r) = &polled {
+                    // hyper stops polling once `is_end_stream` says the body is done, so the
+                    // end is noted with the last frame, not only on `None`.
+                    let ended = body.is_end_stream();
+                    copy.with(|c| match r {
+                        Some(Ok(frame)) => match frame.data_ref() {
+                            Some(data) if !c.spoiled && c.len + data.len() <= MAX_REPLAY_BODY => {
+                                c.len += data.len();
+                                c.chunks.push(data.clone());
+                                c.complete = ended;
+                            }
+                            _ => {
+                                c.spoiled = true;
+                                c.chunks = Vec::new();
+                            }
+                        },
+                        Some(Err(_)) => c.spoiled = true,
+                        None => c.complete = true,
+                    });
+                }
+                polled
+            }
+            UpBody::Replayed(chunks) => Poll::Ready(chunks.pop_front().map(|d| Ok(Frame::data(d)))),
+            UpBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Streamed(b) | UpBody::Copied { body: b, .. } => b.is_end_stream(),
+            UpBody::Replayed(chunks) => chunks.is_empty(),
+            UpBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Streamed(b) | UpBody::Copied { body: b, .. } => b.size_hint(),
+            UpBody::Replayed(chunks) => SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum()),
+            UpBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Resilience end to end: failures a caller's sidecar absorbs without the client seeing them.
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use weft_tests::*;
+
+/// The app of one of three instances is SIGKILLed while its sidecar keeps running (and keeps
+/// reporting it healthy: its health check runs once an hour). Under a steady 400 req/s of GETs
+/// and POSTs with bodies, no request fails: the dead app's sidecar answers `connect-failed`,
+/// and the caller's sidecar sends the request (body included) to another instance.
+#[test]
+fn killed_app_behind_a_running_sidecar_loses_no_request() {
+    let dir = TestDir::new("killed-app");
+    let control = Control::start(&dir);
+    let mut apps = Vec::new();
+    let mut sidecars = Vec::new();
+    let admins: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, admin) in admins.iter().enumerate() {
+        let port = free_port();
+        let id = format!("backend-{i}");
+        let mut app = Command::new(weft_bin());
+        app.args(["demo-app", "--listen", &format!("127.0.0.1:{port}"), "--service", "backend", "--instance", &id]);
+        apps.push(Proc::spawn(&dir, &format!("app-{i}"), &mut app));
+        wait_until(Duration::from_secs(10), "app listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+        cmd.args(["--control", &control.addr, "--id", &id, "--admin", &format!("127.0.0.1:{admin}")]);
+        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+        sidecars.push(Proc::spawn(&dir, &id, &mut cmd));
+    }
+    wait_until(Duration::from_secs(15), "three healthy instances", || control.healthy_ids("backend").len() == 3);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees three", || edge.endpoint_addrs("backend").len() == 3);
+
+    let base = format!("http://127.0.0.1:{}", edge.ports["backend"]);
+    let failed = Arc::new(AtomicU32::new(0));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (ok, failures) = runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        // 400 req/s for 6 s; the app of backend-0 dies after 1.5 s.
+        let mut tick = tokio::time::interval(Duration::from_micros(2500));
+        let mut tasks = Vec::new();
+        for n in 0..2400u32 {
+            tick.tick().await;
+            if n == 600 {
+                apps[0].kill();
+            }
+            let (client, base, failed) = (client.clone(), base.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                let post = n % 2 == 1;
+                let body = format!("request {n} with a body");
+                let req = http::Request::builder()
+                    .method(if post { "POST" } else { "GET" })
+                    .uri(format!("{base}{}", if post { "/echo" } else { "/info" }))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(if post {
+                        body.clone()
+                    } else {
+                        String::new()
+                    })))
+                    .unwrap();
+                let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    let why = resp.headers().get("x-weft-error").map(|v| v.to_str().unwrap_or("?").to_owned());
+                    let got = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?;
+                    let got = String::from_utf8_lossy(&got.to_bytes()).into_owned();
+                    if status != 200 || (post && got != body) {
+                        return Err(format!("{status} {why:?} {got:?}"));
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+                if let Err(e) = &outcome
+                    && failed.fetch_add(1, Ordering::Relaxed) < 5
+                {
+                    eprintln!("request {n} failed: {e}");
+                }
+                outcome.is_ok()
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += u32::from(t.await.unwrap());
+        }
+        (ok, failed.load(Ordering::Relaxed))
+    });
+    assert_eq!(failures, 0, "{failures} of 2400 requests failed ({ok} ok)");
+    // The dead app's sidecar was asked and answered for it: the retries were real.
+    let metrics = curl(&[&format!("http://127.0.0.1:{}/metrics", admins[0])]).unwrap().body;
+    assert!(
+        metrics.contains("reason=\"connect-failed\""),
+        "the dead app's sidecar never answered connect-failed:\n{metrics}"
+    );
+    drop(sidecars);
+}
+
+/// Only sidecars may say the app was not reached: an app answering with `x-weft-error:
+/// connect-failed` itself has the header removed by its sidecar, so a POST it answered is not
+/// sent to another instance.
+#[test]
+fn an_app_cannot_make_callers_retry_by_imitating_a_sidecar() {
+    let dir = TestDir::new("imitating-app");
+    let control = Control::start(&dir);
+    let answer =
+        b"HTTP/1.1 502 Bad Gateway\r\nx-weft-error: connect-failed\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno"
+            .to_vec();
+    let (port_a, seen_a) = fake_app(answer.clone());
+    let (port_b, seen_b) = fake_app(answer);
+    let mut sidecars = Vec::new();
+    for (i, port) in [port_a, port_b].into_iter().enumerate() {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+        cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
+        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+        sidecars.push(Proc::spawn(&dir, &format!("backend-{i}"), &mut cmd));
+    }
+    wait_until(Duration::from_secs(15), "two healthy instances", || control.healthy_ids("backend").len() == 2);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees two", || edge.endpoint_addrs("backend").len() == 2);
+    // The TCP health checks connected once each; forget them.
+    std::thread::sleep(Duration::from_millis(200));
+    while seen_a.try_recv().is_ok() || seen_b.try_recv().is_ok() {}
+    let r = curl(&["-X", "POST", "-d", "once", &edge.url("backend", "/pay")]).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(!r.headers.contains_key("x-weft-error"), "the app's x-weft-error reached the client: {r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let posts: usize = [&seen_a, &seen_b].iter().map(|rx| rx.try_iter().count()).sum();
+    assert_eq!(posts, 1, "the POST reached {posts} apps");
+    drop(sidecars);
+}
