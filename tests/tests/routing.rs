@@ -54,3 +54,122 @@ spec:
     assert!(weft(&["delete", "httproute", "canary", "--control", &control.addr]).status.success());
     wait_until(std::time::Duration::from_secs(5), "default route back", || served(&[]) == "b0");
 }
+
+/// Sends `n` GETs through `base` with `concurrency` in flight; returns how many each instance
+/// (`x-served-by`) answered and the failures.
+fn spread(base: &str, n: usize, concurrency: usize) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let workers = (0..concurrency).map(|_| {
+            let (client, next, uri) = (client.clone(), next.clone(), format!("{base}/info"));
+            tokio::spawn(async move {
+                let (mut served, mut failed) = (Vec::new(), Vec::new());
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    match client.get(uri.parse().unwrap()).await {
+                        Ok(r) if r.status() == 200 => {
+                            let by = r.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("?");
+                            served.push(by.to_owned());
+                            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        }
+                        Ok(r) => failed.push(format!("{} {:?}", r.status(), r.headers().get("x-weft-error"))),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (served, failed)
+            })
+        });
+        let (mut counts, mut failures) = (std::collections::BTreeMap::new(), Vec::new());
+        for w in workers.collect::<Vec<_>>() {
+            let (served, failed) = w.await.unwrap();
+            for s in served {
+                *counts.entry(s).or_insert(0) += 1;
+            }
+            failures.extend(failed);
+        }
+        (counts, failures)
+    })
+}
+
+/// Versions are Services selecting a service's instances by label; a 90/10 split between them
+/// holds over 10,000 requests, and a cut-over to 0/100 under load takes effect within a second
+/// without a failed request.
+#[test]
+fn canary_between_versions_selected_by_labels_and_a_live_cut_over() {
+    // backend-0 and backend-2 are v1, backend-1 is v2.
+    let dir = TestDir::new("canary");
+    let control = Control::start(&dir);
+    let instances: Vec<Instance> = [("backend-0", "v1"), ("backend-1", "v2"), ("backend-2", "v1")]
+        .iter()
+        .map(|(id, v)| Instance::start(&dir, &control.addr, "backend", v, id, &[]))
+        .collect();
+    wait_until(std::time::Duration::from_secs(15), "healthy", || control.healthy_ids("backend").len() == 3);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    let apply = |weights: (u32, u32)| {
+        let path = dir.path.join("versions.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: backend-v1}}
+spec: {{selector: {{service: backend, labels: {{version: v1}}}}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: backend-v2}}
+spec: {{selector: {{service: backend, labels: {{version: v2}}}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: canary}}
+spec:
+  parentRefs: [{{name: backend}}]
+  rules:
+  - backendRefs: [{{name: backend-v1, weight: {}}}, {{name: backend-v2, weight: {}}}]
+",
+                weights.0, weights.1
+            ),
+        )
+        .unwrap();
+        let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    apply((90, 10));
+    let out = weft(&["get", "endpoints", "backend-v2", "--control", &control.addr]);
+    assert!(stdout(&out).contains("version=v2") && !stdout(&out).contains("version=v1"), "{}", stdout(&out));
+    let url = edge.url("backend", "/info");
+    wait_until(std::time::Duration::from_secs(5), "split in force", || {
+        (0..20).any(|_| curl(&[&url]).unwrap().headers["x-served-by"] == "backend-1")
+    });
+    let base = format!("http://127.0.0.1:{}", edge.ports["backend"]);
+    let (counts, failures) = spread(&base, 10_000, 16);
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    let v2 = counts.get("backend-1").copied().unwrap_or(0);
+    assert!((800..=1200).contains(&v2), "v2 got {v2} of 10,000 (want 10% ± 2%): {counts:?}");
+
+    // Blue-green cut-over under load: everything to v2 within a second, nothing fails.
+    let loader = {
+        let base = base.clone();
+        std::thread::spawn(move || spread(&base, 4_000, 4))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let switched = std::time::Instant::now();
+    apply((0, 100));
+    wait_until(std::time::Duration::from_secs(5), "all on v2", || {
+        (0..10).all(|_| curl(&[&url]).unwrap().headers["x-served-by"] == "backend-1")
+    });
+    // From the start of `weft apply` to ten requests in a row answered by v2.
+    let took = switched.elapsed();
+    assert!(took < std::time::Duration::from_secs(1), "cut-over took {took:?}");
+    let (_, failures) = loader.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed during the cut-over: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    drop(instances);
+}

@@ -138,6 +138,27 @@ pub struct ServiceSpec {
     /// `strict` or `permissive`; unset: the mesh-wide default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// Makes this service a version (a subset) of another: its instances are those registered
+    /// as `selector.service` whose labels include all of `selector.labels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<ServiceSelector>,
+}
+
+/// The instances a versioned service is made of, as a Kubernetes Service's selector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSelector {
+    /// The service the instances registered as.
+    pub service: String,
+    /// Labels every selected instance has (`version: v2`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ServiceSelector {
+    pub fn selects(&self, service: Option<&str>, labels: &BTreeMap<String, String>) -> bool {
+        service == Some(self.service.as_str()) && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 /// Whether a service's sidecars accept plaintext from other proxies. Unset in a `Service`, the
@@ -540,6 +561,16 @@ impl Resource {
                 if o.spec.connect_timeout.is_some_and(|t| t.is_zero()) {
                     return Err(ApplyError::new(doc, "spec.connectTimeout", "must be greater than 0"));
                 }
+                if let Some(sel) = &o.spec.selector {
+                    check_name(doc, "spec.selector.service", &sel.service)?;
+                    if sel.service == o.metadata.name {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.selector.service",
+                            "names this service itself; a selector picks instances of another service (e.g. backend-v2 selects backend's instances with version v2)",
+                        ));
+                    }
+                }
             }
             Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
@@ -552,7 +583,9 @@ impl Resource {
     /// plane rejects a document whose references name no known service.
     pub fn service_refs(&self) -> Vec<(String, &str)> {
         match self {
-            Resource::Service(_) => Vec::new(),
+            Resource::Service(o) => {
+                o.spec.selector.iter().map(|s| ("spec.selector.service".to_owned(), s.service.as_str())).collect()
+            }
             Resource::AuthorizationPolicy(o) => {
                 o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
             }
@@ -909,6 +942,15 @@ spec:
 
         let e = err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: Bad_Name}\nspec: {}\n");
         assert_eq!(e.path, "metadata.name");
+
+        let e =
+            err("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {selector: {service: a}}\n");
+        assert_eq!(e.path, "spec.selector.service");
+        let ok = parse_documents(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: b-v2}\nspec: {selector: {service: b, labels: {version: v2}}}\n",
+        )
+        .unwrap();
+        assert_eq!(ok[0].service_refs(), vec![("spec.selector.service".to_owned(), "b")]);
     }
 
     #[test]

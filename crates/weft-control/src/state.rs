@@ -260,9 +260,15 @@ impl Mesh {
         if !inner.service_names().contains(service) {
             return None;
         }
-        let of_service =
-            inner.instances.values().filter(|e| e.instance.registration.service.as_deref() == Some(service));
-        Some(of_service.map(|e| e.instance.clone()).collect())
+        let selector = inner.resources.values().find_map(|r| match r {
+            Resource::Service(o) if o.metadata.name == service => o.spec.selector.clone(),
+            _ => None,
+        });
+        let of_service = inner.instances.values().map(|e| &e.instance).filter(|i| match &selector {
+            Some(sel) => sel.selects(i.registration.service.as_deref(), &i.registration.labels),
+            None => i.registration.service.as_deref() == Some(service),
+        });
+        Some(of_service.cloned().collect())
     }
 
     pub fn proxy_update(&self, stream: u64, f: impl FnOnce(&mut ProxyStatus)) {

@@ -184,7 +184,24 @@ impl Snapshot {
         let mut mtls = HashMap::new();
         for name in &names {
             let spec = specs.get(name).cloned().unwrap_or_default();
-            let members = instances.get(name).map(Vec::as_slice).unwrap_or_default();
+            // A versioned service is a subset of another's instances, which present that
+            // service's identity.
+            let (members, identity_of): (Vec<&Instance>, &str) = match &spec.selector {
+                Some(sel) => (
+                    instances
+                        .get(&sel.service)
+                        .map(|all| {
+                            let selected = all
+                                .iter()
+                                .filter(|i| sel.selects(i.registration.service.as_deref(), &i.registration.labels));
+                            selected.copied().collect()
+                        })
+                        .unwrap_or_default(),
+                    &sel.service,
+                ),
+                None => (instances.get(name).cloned().unwrap_or_default(), name),
+            };
+            let members = members.as_slice();
             let rules: Vec<&HttpRouteRule> = routes
                 .iter()
                 .filter(|r| r.spec.parent_refs.iter().any(|p| &p.name == name))
@@ -195,7 +212,7 @@ impl Snapshot {
             };
             let mut cluster = eds_cluster(name, &spec);
             put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
-            let identity = spiffe_id(&settings.trust_domain, &settings.namespace, name);
+            let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
