@@ -201,3 +201,75 @@ fn hundred_megabyte_bodies_stream_in_bounded_memory() {
         assert!(kib < 64 * 1024, "{name} peak RSS {kib} KiB ≥ 64 MiB");
     }
 }
+
+/// An app that speaks one HTTP version only (`h2`: HTTP/2 with prior knowledge, h2c; else
+/// HTTP/1.1) and answers every request with its version and its body. Runs on a thread until
+/// the test process ends; returns the port.
+fn single_version_app(h2: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                        let version = format!("{:?}", req.version());
+                        let body = http_body_util::BodyExt::collect(req.into_body()).await?.to_bytes();
+                        let mut out = format!("{version} ").into_bytes();
+                        out.extend_from_slice(&body);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(out))))
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                    }
+                });
+            }
+        });
+    });
+    port
+}
+
+/// The declared protocol of a `Service` is what its sidecars speak to the app: an HTTP/2
+/// client reaches an HTTP/1.1-only app and an HTTP/1.1 client an h2c-only app, bodies intact.
+#[test]
+fn sidecars_translate_between_http1_and_http2_for_apps_that_speak_one() {
+    let dir = TestDir::new("translate");
+    let control = Control::start(&dir);
+    let services = dir.path.join("services.yaml");
+    std::fs::write(
+        &services,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: legacy}\nspec: {protocol: http}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: modern}\nspec: {protocol: http2}\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", services.to_str().unwrap(), "--control", &control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _legacy = app_sidecar(&dir, &control, "legacy", single_version_app(false), &[]);
+    let _modern = app_sidecar(&dir, &control, "modern", single_version_app(true), &[]);
+    let edge = Edge::start(&dir, &control, &["legacy", "modern"]);
+    wait_until(Duration::from_secs(5), "edge has both", || {
+        edge.endpoint_addrs("legacy").len() == 1 && edge.endpoint_addrs("modern").len() == 1
+    });
+    let body = dir.path.join("body.bin");
+    let payload: String = (0..50_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    std::fs::write(&body, &payload).unwrap();
+    let data = format!("@{}", body.display());
+    for (service, client, app_saw) in
+        [("legacy", "--http2-prior-knowledge", "HTTP/1.1"), ("modern", "--http1.1", "HTTP/2.0")]
+    {
+        let r = curl(&[client, "--data-binary", &data, &edge.url(service, "/echo")]).unwrap();
+        assert_eq!(r.status, 200, "{service} via {client}: {r:?}");
+        assert_eq!(r.body, format!("{app_saw} {payload}"), "{service} via {client}: the app's answer differs");
+        // And a GET without a body.
+        let r = curl(&[client, &edge.url(service, "/")]).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, format!("{app_saw} ").as_str()), "{service} GET via {client}");
+    }
+}

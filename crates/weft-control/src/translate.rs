@@ -270,7 +270,8 @@ impl Snapshot {
             Type::Cluster => {
                 let mut all = self.mesh_clusters.clone();
                 if let Some(app) = &reg.app {
-                    let c = static_cluster(names::INBOUND_CLUSTER, app);
+                    let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
+                    let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
                     all.insert(names::INBOUND_CLUSTER.to_owned(), Res::new(names::INBOUND_CLUSTER.to_owned(), &c));
                 }
                 all
@@ -391,9 +392,33 @@ fn eds_cluster(name: &str, spec: &ServiceSpec) -> Cluster {
     }
 }
 
-fn static_cluster(name: &str, addr: &str) -> Cluster {
+/// The HTTP version a sidecar speaks to its app: the one the service declares (`http`:
+/// HTTP/1.1; `http2`, `grpc`: HTTP/2), whatever its clients speak; otherwise the client's.
+fn app_protocol_options(protocol: Protocol) -> HashMap<String, Any> {
+    use envoy_types::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
+    let config = match protocol {
+        Protocol::Http => ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default()),
+        Protocol::Http2 | Protocol::Grpc => ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default()),
+        Protocol::Auto | Protocol::Tcp => return HashMap::new(),
+    };
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            http_protocol_options::ExplicitHttpConfig { protocol_config: Some(config) },
+        )),
+        ..Default::default()
+    };
+    HashMap::from([(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(),
+        envoy_types::util::pack_any(options),
+    )])
+}
+
+fn static_cluster(name: &str, addr: &str, protocol: Protocol) -> Cluster {
     let endpoint = lb_endpoint(addr, HealthStatus::Healthy, None);
     Cluster {
+        typed_extension_protocol_options: app_protocol_options(protocol),
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
         connect_timeout: Some(duration(DEFAULT_CONNECT_TIMEOUT)),

@@ -63,6 +63,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             connect_timeout: Duration::from_secs(1),
             static_endpoints: Some(eps),
             tls: None,
+            protocol: Default::default(),
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );

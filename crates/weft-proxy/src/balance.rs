@@ -3,7 +3,7 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef};
+use crate::config::{ClusterDef, EndpointDef, UpstreamProtocol};
 use crate::endpoint::{Endpoint, SWEEPS};
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
@@ -25,6 +25,7 @@ pub struct EndpointSet {
 pub struct Settings {
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
 }
 
 pub struct Cluster {
@@ -46,6 +47,7 @@ impl Cluster {
             settings: ArcSwap::from_pointee(Settings {
                 load_balancer: LoadBalancer::default(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                protocol: UpstreamProtocol::Downstream,
             }),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
@@ -186,8 +188,11 @@ impl ClusterManager {
         for def in defs {
             let c = self.get(&def.name);
             c.set_tls(def.tls.as_ref().map(tls));
-            c.settings
-                .store(Arc::new(Settings { load_balancer: def.load_balancer, connect_timeout: def.connect_timeout }));
+            c.settings.store(Arc::new(Settings {
+                load_balancer: def.load_balancer,
+                connect_timeout: def.connect_timeout,
+                protocol: def.protocol,
+            }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
             }
@@ -239,7 +244,11 @@ mod tests {
 
     fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
         let c = Cluster::new("svc", Arc::new(TcpConnect));
-        c.settings.store(Arc::new(Settings { load_balancer: lb, connect_timeout: DEFAULT_CONNECT_TIMEOUT }));
+        c.settings.store(Arc::new(Settings {
+            load_balancer: lb,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            protocol: UpstreamProtocol::Downstream,
+        }));
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {
                 address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),

@@ -76,6 +76,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 static_endpoints: Some(endpoints.to_vec()),
                 tls: None,
+                protocol: Default::default(),
             }],
             &crate::testing::no_tls,
         );

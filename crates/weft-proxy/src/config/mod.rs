@@ -140,6 +140,72 @@ pub struct ClusterDef {
     /// TLS origination towards the endpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTlsDef>,
+    /// The HTTP version spoken to the endpoints.
+    pub protocol: UpstreamProtocol,
+}
+
+/// From the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// The client's version (`use_downstream_protocol_config`, or no options).
+    #[default]
+    Downstream,
+    /// HTTP/1.1 whatever the client speaks (`explicit_http_config.http_protocol_options`).
+    Http1,
+    /// HTTP/2 (h2c or, through TLS, h2) whatever the client speaks
+    /// (`explicit_http_config.http2_protocol_options`).
+    Http2,
+}
+
+pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The upstream HTTP version from a cluster's protocol options, refusing any option weft would
+/// have to ignore.
+fn upstream_protocol(c: &Cluster) -> Result<UpstreamProtocol, String> {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+    let mut out = UpstreamProtocol::Downstream;
+    for (key, any) in &c.typed_extension_protocol_options {
+        if key != HTTP_PROTOCOL_OPTIONS || any.type_url != HttpProtocolOptions::type_url() {
+            return Err(format!(
+                "typed_extension_protocol_options {key:?} is not supported (only {HTTP_PROTOCOL_OPTIONS})"
+            ));
+        }
+        let opts = HttpProtocolOptions::decode(any.value.as_slice())
+            .map_err(|e| format!("{HTTP_PROTOCOL_OPTIONS}: cannot decode: {e}"))?;
+        let only = HttpProtocolOptions {
+            upstream_protocol_options: opts.upstream_protocol_options.clone(),
+            ..Default::default()
+        };
+        if opts != only {
+            return Err(format!("{HTTP_PROTOCOL_OPTIONS}: only upstream_protocol_options is supported"));
+        }
+        out = match &opts.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match &e.protocol_config {
+                Some(ProtocolConfig::HttpProtocolOptions(p)) if *p == Default::default() => UpstreamProtocol::Http1,
+                Some(ProtocolConfig::Http2ProtocolOptions(p)) if *p == Default::default() => UpstreamProtocol::Http2,
+                _ => {
+                    return Err(format!(
+                        "{HTTP_PROTOCOL_OPTIONS}: explicit_http_config must be http_protocol_options or http2_protocol_options, without settings"
+                    ));
+                }
+            },
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(d))
+                if *d == http_protocol_options::UseDownstreamHttpConfig::default() =>
+            {
+                UpstreamProtocol::Downstream
+            }
+            _ => {
+                return Err(format!(
+                    "{HTTP_PROTOCOL_OPTIONS}: only explicit_http_config and use_downstream_protocol_config (without settings) are supported"
+                ));
+            }
+        };
+    }
+    Ok(out)
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -493,7 +559,8 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         }
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
-    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls })
+    let protocol = upstream_protocol(&c).map_err(bad)?;
+    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls, protocol })
 }
 
 pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidResource> {

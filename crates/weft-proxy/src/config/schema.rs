@@ -201,6 +201,7 @@ pub static CLUSTER: Schema = Schema {
         Plain("load_balancing_policy"),
         Message("load_assignment", &CLUSTER_LOAD_ASSIGNMENT),
         Plain("transport_socket"),
+        Plain("typed_extension_protocol_options"),
     ],
 };
 static EDS_CLUSTER_CONFIG: Schema =

@@ -11,12 +11,14 @@ use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
 use super::replay::{BodyCopy, UpBody};
 use super::upgrade::{is_upgrade, upgrade_via};
+use crate::config::UpstreamProtocol;
 use crate::endpoint::{Conn, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::failover::{self, Tried};
 use crate::record::{Outcome, RequestRecord};
 use crate::route::MatchedRoute;
-use http::{Request, Response, Version};
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
@@ -28,10 +30,20 @@ pub async fn forward(
     let cluster = &route.backend;
     let failover = route.rule.policy.failover;
     let upgrade = is_upgrade(&req);
-    if !upgrade && req.version() != Version::HTTP_2 {
+    let downstream = req.version();
+    if !upgrade && downstream != Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), true);
     }
-    let h2 = req.version() == Version::HTTP_2;
+    // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
+    // behind an HTTP/2 client, or the reverse): the head is translated once, here.
+    let h2 = match cluster.settings.load().protocol {
+        UpstreamProtocol::Downstream => downstream == Version::HTTP_2,
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::Http2 => true,
+    };
+    if !upgrade && h2 != (downstream == Version::HTTP_2) {
+        to_version(&mut req, h2);
+    }
     if upgrade {
         // Rare and with large futures: boxed, so the common path's future stays small.
         return Box::pin(upgrade_via(&route, req, rec)).await;
@@ -89,6 +101,7 @@ pub async fn forward(
                 if !h2 {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
+                *resp.version_mut() = downstream;
                 return Ok(resp);
             }
             // The connection had closed before the request went out (e.g. the upstream closed
@@ -118,6 +131,36 @@ pub async fn forward(
                 req = r;
             }
         }
+    }
+}
+
+/// Rewrites a request's head for the other HTTP version: HTTP/1.1 takes an origin-form target
+/// and a `Host` header, HTTP/2 the authority in the URI (`:authority`).
+fn to_version<B>(req: &mut Request<B>, h2: bool) {
+    let uri = req.uri().clone();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    if h2 {
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| req.headers_mut().remove(HOST).and_then(|h| h.to_str().ok().map(str::to_owned)))
+            .unwrap_or_else(|| "localhost".to_owned());
+        req.headers_mut().remove(HOST);
+        if let Ok(u) = http::Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+            *req.uri_mut() = u;
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if let Some(a) = uri.authority()
+            && !req.headers().contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(HOST, v);
+        }
+        if let Ok(u) = path.parse() {
+            *req.uri_mut() = u;
+        }
+        *req.version_mut() = Version::HTTP_11;
     }
 }
 

@@ -43,6 +43,7 @@ impl Mesh {
                 connect_timeout: Duration::from_secs(1),
                 static_endpoints: Some(eps),
                 tls: None,
+                protocol: Default::default(),
             }],
             &crate::testing::no_tls,
         );
