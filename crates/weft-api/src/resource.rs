@@ -212,8 +212,112 @@ pub struct ParentRef {
 pub struct HttpRouteRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<HttpRouteMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpRouteTimeouts>,
+}
+
+/// `timeouts` of a rule. Without retries a request makes one attempt (plus failover on connect
+/// errors), so the effective limit is the smaller of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    /// From the request's arrival to the response head.
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub request: Option<Duration>,
+    /// For one attempt at a backend.
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<Duration>,
+}
+
+impl HttpRouteTimeouts {
+    pub fn effective(&self) -> Option<Duration> {
+        match (self.request, self.backend_request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HttpRouteFilterType {
+    RequestHeaderModifier,
+    ResponseHeaderModifier,
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite,
+    RequestRedirect,
+    RequestMirror,
+    ExtensionRef,
+}
+
+/// One filter of a rule: `type` and the field of that type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteFilter {
+    #[serde(rename = "type")]
+    pub kind: HttpRouteFilterType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header_modifier: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header_modifier: Option<HeaderModifier>,
+    #[serde(default, rename = "urlRewrite", skip_serializing_if = "Option::is_none")]
+    pub url_rewrite: Option<UrlRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_redirect: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension_ref: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderModifier {
+    /// Replace (or add) these headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValue>,
+    /// Add these values, keeping any already there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UrlRewrite {
+    /// The `Host` (`:authority`) the backend sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathModifierType {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub kind: PathModifierType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_full_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_prefix_match: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -225,6 +329,8 @@ pub struct HttpRouteMatch {
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<HeaderMatch>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +338,7 @@ pub enum PathMatchType {
     #[default]
     PathPrefix,
     Exact,
+    RegularExpression,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,6 +353,7 @@ pub struct PathMatch {
 pub enum HeaderMatchType {
     #[default]
     Exact,
+    RegularExpression,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -789,9 +897,36 @@ fn validate_request_authn(doc: usize, spec: &RequestAuthenticationSpec) -> Resul
     Ok(())
 }
 
+/// A regular expression as routes use it: the whole value must match (RE2 syntax, which the
+/// `regex` crate implements with the same linear-time guarantee).
+pub fn full_match_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| format!("{pattern:?} is not a valid regular expression: {e}"))
+}
+
+fn valid_hostname(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+}
+
 fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
     if spec.parent_refs.is_empty() {
         return Err(ApplyError::new(doc, "spec.parentRefs", "needs at least one Service the route attaches to"));
+    }
+    for (i, h) in spec.hostnames.iter().enumerate() {
+        if !valid_hostname(h) {
+            return Err(ApplyError::new(
+                doc,
+                format!("spec.hostnames[{i}]"),
+                format!(
+                    "{h:?} is not a hostname: lowercase DNS labels, optionally starting with \"*.\" (no port, no IP address)"
+                ),
+            ));
+        }
     }
     for (i, p) in spec.parent_refs.iter().enumerate() {
         check_service_ref(doc, &format!("spec.parentRefs[{i}]"), p.kind.as_deref(), p.group.as_deref())?;
@@ -816,24 +951,127 @@ fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
             )?;
         }
         for (m, mat) in rule.matches.iter().enumerate() {
-            if let Some(p) = &mat.path
-                && !p.value.starts_with('/')
-            {
+            let at = format!("spec.rules[{r}].matches[{m}]");
+            if let Some(p) = &mat.path {
+                let path = format!("{at}.path.value");
+                match p.kind {
+                    PathMatchType::RegularExpression => {
+                        full_match_regex(&p.value).map_err(|e| ApplyError::new(doc, &path, e))?;
+                    }
+                    _ if !p.value.starts_with('/') => {
+                        return Err(ApplyError::new(doc, path, format!("{:?} must start with '/'", p.value)));
+                    }
+                    _ => {}
+                }
+            }
+            for (field, list) in [("headers", &mat.headers), ("queryParams", &mat.query_params)] {
+                for (h, hm) in list.iter().enumerate() {
+                    if hm.name.is_empty() || (field == "headers" && http_header_name_invalid(&hm.name)) {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.{field}[{h}].name"),
+                            format!("{:?} is not a valid name", hm.name),
+                        ));
+                    }
+                    if hm.kind == HeaderMatchType::RegularExpression {
+                        full_match_regex(&hm.value)
+                            .map_err(|e| ApplyError::new(doc, format!("{at}.{field}[{h}].value"), e))?;
+                    }
+                }
+            }
+        }
+        if let Some(t) = &rule.timeouts
+            && let (Some(req), Some(backend)) = (t.request, t.backend_request)
+            && backend > req
+            && !req.is_zero()
+        {
+            return Err(ApplyError::new(
+                doc,
+                format!("spec.rules[{r}].timeouts.backendRequest"),
+                "must not be longer than timeouts.request",
+            ));
+        }
+        let mut rewrites = 0;
+        for (f, filter) in rule.filters.iter().enumerate() {
+            let at = format!("spec.rules[{r}].filters[{f}]");
+            let set = [
+                (HttpRouteFilterType::RequestHeaderModifier, filter.request_header_modifier.is_some()),
+                (HttpRouteFilterType::ResponseHeaderModifier, filter.response_header_modifier.is_some()),
+                (HttpRouteFilterType::UrlRewrite, filter.url_rewrite.is_some()),
+                (HttpRouteFilterType::RequestRedirect, filter.request_redirect.is_some()),
+                (HttpRouteFilterType::RequestMirror, filter.request_mirror.is_some()),
+                (HttpRouteFilterType::ExtensionRef, filter.extension_ref.is_some()),
+            ];
+            if set.iter().any(|(k, on)| *on != (*k == filter.kind)) {
                 return Err(ApplyError::new(
                     doc,
-                    format!("spec.rules[{r}].matches[{m}].path.value"),
-                    format!("{:?} must start with '/'", p.value),
+                    at,
+                    "set exactly the field of the filter's type (e.g. type: RequestHeaderModifier with requestHeaderModifier)",
                 ));
             }
-            for (h, hm) in mat.headers.iter().enumerate() {
-                if http_header_name_invalid(&hm.name) {
+            match filter.kind {
+                HttpRouteFilterType::RequestHeaderModifier | HttpRouteFilterType::ResponseHeaderModifier => {
+                    let m = filter.request_header_modifier.as_ref().or(filter.response_header_modifier.as_ref());
+                    let m = m.expect("checked above");
+                    let names = m.set.iter().chain(&m.add).map(|h| &h.name).chain(&m.remove);
+                    for name in names {
+                        if http_header_name_invalid(name) {
+                            return Err(ApplyError::new(doc, at, format!("{name:?} is not a valid HTTP header name")));
+                        }
+                    }
+                    if let Some(h) = m.set.iter().chain(&m.add).find(|h| h.value.contains(['\r', '\n'])) {
+                        return Err(ApplyError::new(
+                            doc,
+                            at,
+                            format!("the value of {:?} contains a line break", h.name),
+                        ));
+                    }
+                }
+                HttpRouteFilterType::UrlRewrite => {
+                    rewrites += 1;
+                    let u = filter.url_rewrite.as_ref().expect("checked above");
+                    if u.hostname.as_deref().is_some_and(|h| !valid_hostname(h) || h.starts_with("*.")) {
+                        return Err(ApplyError::new(doc, format!("{at}.urlRewrite.hostname"), "is not a hostname"));
+                    }
+                    if let Some(p) = &u.path {
+                        let (value, field) = match p.kind {
+                            PathModifierType::ReplaceFullPath => (&p.replace_full_path, "replaceFullPath"),
+                            PathModifierType::ReplacePrefixMatch => (&p.replace_prefix_match, "replacePrefixMatch"),
+                        };
+                        if !value.as_deref().is_some_and(|v| v.starts_with('/')) {
+                            return Err(ApplyError::new(
+                                doc,
+                                format!("{at}.urlRewrite.path.{field}"),
+                                "needs a path starting with '/' (set the field named by path.type)",
+                            ));
+                        }
+                        let prefix_matches = !rule.matches.is_empty()
+                            && rule
+                                .matches
+                                .iter()
+                                .all(|m| m.path.as_ref().is_none_or(|p| p.kind == PathMatchType::PathPrefix));
+                        if p.kind == PathModifierType::ReplacePrefixMatch && !prefix_matches {
+                            return Err(ApplyError::new(
+                                doc,
+                                format!("{at}.urlRewrite.path"),
+                                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+                            ));
+                        }
+                    }
+                }
+                other => {
                     return Err(ApplyError::new(
                         doc,
-                        format!("spec.rules[{r}].matches[{m}].headers[{h}].name"),
-                        format!("{:?} is not a valid HTTP header name", hm.name),
+                        format!("{at}.type"),
+                        format!(
+                            "{other:?} is not supported yet; weft supports RequestHeaderModifier, ResponseHeaderModifier and URLRewrite"
+                        ),
                     ));
                 }
             }
+        }
+        if rewrites > 1 {
+            return Err(ApplyError::new(doc, format!("spec.rules[{r}].filters"), "at most one URLRewrite per rule"));
         }
     }
     Ok(())

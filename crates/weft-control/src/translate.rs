@@ -26,6 +26,9 @@ use envoy_types::pb::envoy::config::core::v3::{
     TrafficDirection, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::core::v3::{DataSource, TransportSocket, data_source, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue as CoreHeaderValue, HeaderValueOption, header_value_option,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -33,8 +36,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, query_parameter_matcher, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -47,6 +50,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
     SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context, secret, subject_alt_name_matcher,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
@@ -57,8 +61,9 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer,
-    MtlsMode, Object, PathMatchType, Protocol, RequestAuthenticationSpec, Resource, ServiceSpec,
+    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource,
+    LoadBalancer, MtlsMode, Object, PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec, Resource,
+    ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -202,10 +207,10 @@ impl Snapshot {
                 None => (instances.get(name).cloned().unwrap_or_default(), name),
             };
             let members = members.as_slice();
-            let rules: Vec<&HttpRouteRule> = routes
+            let rules: Vec<HostRule<'_>> = routes
                 .iter()
                 .filter(|r| r.spec.parent_refs.iter().any(|p| &p.name == name))
-                .flat_map(|r| r.spec.rules.iter())
+                .flat_map(|r| r.spec.rules.iter().map(|rule| (r.spec.hostnames.as_slice(), rule)))
                 .collect();
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
@@ -484,14 +489,80 @@ fn load_assignment(name: &str, members: &[&Instance]) -> ClusterLoadAssignment {
     }
 }
 
-/// Gateway API precedence: exact paths before prefixes, longer prefixes first, then more
-/// header matches, then methods; ties keep the order in which rules were applied.
-fn precedence(m: &HttpRouteMatch) -> (u8, usize, usize, bool) {
-    let (exact, len) = match &m.path {
-        Some(p) => (p.kind == PathMatchType::Exact, p.value.len()),
-        None => (false, 1),
+/// A rule of an HTTPRoute with the route's hostnames (empty: any host).
+type HostRule<'a> = (&'a [String], &'a HttpRouteRule);
+
+/// Gateway API precedence: exact paths, then regular expressions (implementation-specific in
+/// the spec), then prefixes, longer first; then more header matches, then methods, then more
+/// query parameter matches; ties keep the order in which rules were applied.
+fn precedence(m: &HttpRouteMatch) -> (u8, usize, usize, bool, usize) {
+    let (kind, len) = match &m.path {
+        Some(p) if p.kind == PathMatchType::Exact => (0, p.value.len()),
+        Some(p) if p.kind == PathMatchType::RegularExpression => (1, p.value.len()),
+        Some(p) => (2, p.value.len()),
+        None => (2, 1),
     };
-    (u8::from(!exact), usize::MAX - len, usize::MAX - m.headers.len(), m.method.is_none())
+    (kind, usize::MAX - len, usize::MAX - m.headers.len(), m.method.is_none(), usize::MAX - m.query_params.len())
+}
+
+fn string_match(kind: HeaderMatchType, value: &str) -> StringMatcher {
+    let pattern = match kind {
+        HeaderMatchType::Exact => string_matcher::MatchPattern::Exact(value.to_owned()),
+        HeaderMatchType::RegularExpression => string_matcher::MatchPattern::SafeRegex(regex(value)),
+    };
+    StringMatcher { match_pattern: Some(pattern), ..Default::default() }
+}
+
+fn regex(pattern: &str) -> RegexMatcher {
+    RegexMatcher { regex: pattern.to_owned(), ..Default::default() }
+}
+
+fn header_options(
+    headers: &[weft_api::resource::HeaderValue],
+    action: header_value_option::HeaderAppendAction,
+) -> Vec<HeaderValueOption> {
+    headers
+        .iter()
+        .map(|h| HeaderValueOption {
+            header: Some(CoreHeaderValue {
+                key: h.name.to_ascii_lowercase(),
+                value: h.value.clone(),
+                ..Default::default()
+            }),
+            append_action: action as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// A rule's filters on a route: header modifiers on the route, rewrites on its action.
+fn apply_filters(route: &mut Route, rule: &HttpRouteRule) {
+    use header_value_option::HeaderAppendAction::{AppendIfExistsOrAdd, OverwriteIfExistsOrAdd};
+    for f in &rule.filters {
+        if let Some(m) = &f.request_header_modifier {
+            route.request_headers_to_add.extend(header_options(&m.set, OverwriteIfExistsOrAdd));
+            route.request_headers_to_add.extend(header_options(&m.add, AppendIfExistsOrAdd));
+            route.request_headers_to_remove.extend(m.remove.iter().map(|n| n.to_ascii_lowercase()));
+        }
+        if let Some(m) = &f.response_header_modifier {
+            route.response_headers_to_add.extend(header_options(&m.set, OverwriteIfExistsOrAdd));
+            route.response_headers_to_add.extend(header_options(&m.add, AppendIfExistsOrAdd));
+            route.response_headers_to_remove.extend(m.remove.iter().map(|n| n.to_ascii_lowercase()));
+        }
+        if let (Some(u), Some(route::Action::Route(action))) = (&f.url_rewrite, &mut route.action) {
+            if let Some(h) = &u.hostname {
+                action.host_rewrite_specifier = Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
+            }
+            match u.path.as_ref().map(|p| (p.kind, p.replace_full_path.as_deref(), p.replace_prefix_match.as_deref())) {
+                Some((PathModifierType::ReplacePrefixMatch, _, Some(to))) => action.prefix_rewrite = to.to_owned(),
+                Some((PathModifierType::ReplaceFullPath, Some(to), _)) => {
+                    action.regex_rewrite =
+                        Some(RegexMatchAndSubstitute { pattern: Some(regex("^/.*$")), substitution: to.to_owned() });
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 fn route_action(rule: &HttpRouteRule) -> route::Action {
@@ -512,7 +583,8 @@ fn route_action(rule: &HttpRouteRule) -> route::Action {
             ..Default::default()
         })
     };
-    route::Action::Route(RouteAction { cluster_specifier: Some(specifier), ..Default::default() })
+    let timeout = rule.timeouts.as_ref().and_then(|t| t.effective()).filter(|t| !t.is_zero()).map(duration);
+    route::Action::Route(RouteAction { cluster_specifier: Some(specifier), timeout, ..Default::default() })
 }
 
 fn exact_header(value: &str) -> header_matcher::HeaderMatchSpecifier {
@@ -537,7 +609,8 @@ fn default_route(cluster: &str) -> Route {
     }
 }
 
-fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
+/// The routes of the rules given, in Gateway API precedence, then the service's default route.
+fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
     let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule)> = Vec::new();
     let always = HttpRouteMatch::default();
     for rule in rules {
@@ -552,6 +625,9 @@ fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
         .map(|(m, rule)| {
             let path = match &m.path {
                 Some(p) if p.kind == PathMatchType::Exact => route_match::PathSpecifier::Path(p.value.clone()),
+                Some(p) if p.kind == PathMatchType::RegularExpression => {
+                    route_match::PathSpecifier::SafeRegex(regex(&p.value))
+                }
                 Some(p) => route_match::PathSpecifier::Prefix(p.value.clone()),
                 None => route_match::PathSpecifier::Prefix("/".to_owned()),
             };
@@ -560,7 +636,9 @@ fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
                 .iter()
                 .map(|h| HeaderMatcher {
                     name: h.name.to_ascii_lowercase(),
-                    header_match_specifier: Some(exact_header(&h.value)),
+                    header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(string_match(
+                        h.kind, &h.value,
+                    ))),
                     ..Default::default()
                 })
                 .collect();
@@ -571,24 +649,67 @@ fn route_config(service: &str, rules: &[&HttpRouteRule]) -> RouteConfiguration {
                     ..Default::default()
                 });
             }
-            Route {
-                r#match: Some(RouteMatch { path_specifier: Some(path), headers, ..Default::default() }),
+            let query_parameters = m
+                .query_params
+                .iter()
+                .map(|q| QueryParameterMatcher {
+                    name: q.name.clone(),
+                    query_parameter_match_specifier: Some(
+                        query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_match(
+                            q.kind, &q.value,
+                        )),
+                    ),
+                })
+                .collect();
+            let mut route = Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(path),
+                    headers,
+                    query_parameters,
+                    ..Default::default()
+                }),
                 action: Some(route_action(rule)),
+                ..Default::default()
+            };
+            apply_filters(&mut route, rule);
+            route
+        })
+        .collect();
+    routes.push(default_route(service));
+    routes
+}
+
+/// A service's route table: a virtual host per hostname that routes name (their rules, then
+/// the rules of routes without hostnames), and a `*` host for every other request.
+fn route_config(service: &str, rules: &[HostRule<'_>]) -> RouteConfiguration {
+    let mut hostnames: Vec<&String> = rules.iter().flat_map(|(h, _)| h.iter()).collect();
+    hostnames.sort();
+    hostnames.dedup();
+    let any_host: Vec<&HttpRouteRule> = rules.iter().filter(|(h, _)| h.is_empty()).map(|(_, r)| *r).collect();
+    let mut virtual_hosts: Vec<VirtualHost> = hostnames
+        .into_iter()
+        .map(|host| {
+            let named: Vec<&HttpRouteRule> = rules
+                .iter()
+                .filter(|(h, _)| h.contains(host))
+                .map(|(_, r)| *r)
+                .chain(any_host.iter().copied())
+                .collect();
+            VirtualHost {
+                name: format!("{service}|{host}"),
+                domains: vec![host.clone()],
+                routes: routes(service, &named),
                 ..Default::default()
             }
         })
         .collect();
-    routes.push(default_route(service));
-    RouteConfiguration {
+    virtual_hosts.push(VirtualHost {
         name: service.to_owned(),
-        virtual_hosts: vec![VirtualHost {
-            name: service.to_owned(),
-            domains: vec!["*".to_owned()],
-            routes,
-            ..Default::default()
-        }],
+        domains: vec!["*".to_owned()],
+        routes: routes(service, &any_host),
         ..Default::default()
-    }
+    });
+    RouteConfiguration { name: service.to_owned(), virtual_hosts, ..Default::default() }
 }
 
 fn inbound_route() -> RouteConfiguration {

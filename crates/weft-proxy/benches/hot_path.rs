@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_api::resource::LoadBalancer;
 use weft_proxy::balance::ClusterManager;
-use weft_proxy::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
+use weft_proxy::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef, StrMatch};
 use weft_proxy::metrics::{Direction, Metrics};
 use weft_proxy::route::RouteTable;
 
@@ -17,18 +17,17 @@ fn table() -> (ClusterManager, RouteTable) {
     let mut rules: Vec<RuleDef> = (0..10)
         .map(|i| RuleDef {
             path: PathDef::Prefix(format!("/api/v{i}")),
-            headers: vec![("x-tenant".into(), format!("t{i}"))],
+            headers: vec![("x-tenant".into(), StrMatch::Exact(format!("t{i}")))],
             backends: vec![(format!("svc-{i}"), 1)],
-            timeout: None,
+            ..Default::default()
         })
         .collect();
     rules.push(RuleDef {
         path: PathDef::Prefix("/".into()),
-        headers: vec![],
         backends: vec![("a".into(), 90), ("b".into(), 10)],
-        timeout: None,
+        ..Default::default()
     });
-    let t = RouteTable::build(&RouteDef { name: "r".into(), rules }, &clusters);
+    let t = RouteTable::build(&RouteDef::any_host("r", rules), &clusters);
     (clusters, t)
 }
 

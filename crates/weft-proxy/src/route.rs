@@ -3,7 +3,7 @@
 //! their clusters resolved. Routing decides everything about a request before any I/O: the
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
 use crate::balance::{Cluster, ClusterManager};
-use crate::config::{PathDef, RouteDef};
+use crate::config::{HeaderEdits, PathDef, Rewrite, RouteDef, RuleDef, StrMatch};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use arc_swap::ArcSwap;
@@ -12,7 +12,47 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub struct RouteTable {
+    /// Most specific domains first; a request takes the first host whose domain matches.
+    hosts: Vec<VirtualHost>,
+}
+
+struct VirtualHost {
+    domains: Vec<Domain>,
     rules: Vec<Arc<Rule>>,
+}
+
+/// Envoy's domain forms, in the order it prefers them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Domain {
+    Exact(String),
+    /// `*.example.com` (stored as `.example.com`): longer suffixes first.
+    Suffix(std::cmp::Reverse<usize>, String),
+    Prefix(std::cmp::Reverse<usize>, String),
+    Any,
+}
+
+impl Domain {
+    fn parse(d: &str) -> Domain {
+        let d = d.to_ascii_lowercase();
+        if d == "*" {
+            Domain::Any
+        } else if let Some(s) = d.strip_prefix('*') {
+            Domain::Suffix(std::cmp::Reverse(s.len()), s.to_owned())
+        } else if let Some(p) = d.strip_suffix('*') {
+            Domain::Prefix(std::cmp::Reverse(p.len()), p.to_owned())
+        } else {
+            Domain::Exact(d)
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Domain::Exact(h) => h == host,
+            Domain::Suffix(_, s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            Domain::Prefix(_, p) => host.len() > p.len() && host.starts_with(p.as_str()),
+            Domain::Any => true,
+        }
+    }
 }
 
 /// How many endpoints a request may be tried on when they fail without it being processed.
@@ -39,15 +79,52 @@ pub struct RoutePolicy {
     pub failover: Failover,
 }
 
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+enum ValueMatch {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl ValueMatch {
+    fn new(m: &StrMatch) -> Option<ValueMatch> {
+        Some(match m {
+            StrMatch::Exact(v) => ValueMatch::Exact(v.clone()),
+            StrMatch::Regex(r) => ValueMatch::Regex(weft_api::resource::full_match_regex(r).ok()?),
+        })
+    }
+
+    fn matches(&self, v: &[u8]) -> bool {
+        match self {
+            ValueMatch::Exact(e) => e.as_bytes() == v,
+            ValueMatch::Regex(r) => std::str::from_utf8(v).is_ok_and(|v| r.is_match(v)),
+        }
+    }
+}
+
+/// What a rule changes in requests and responses; `None` on a rule that changes nothing, so
+/// plain routes cost nothing.
+pub struct Edits {
+    request: HeaderEdits,
+    response: HeaderEdits,
+    rewrite: Rewrite,
+}
+
 pub struct Rule {
     /// `<route table>/<rule index>`, for records and logs.
     pub id: Arc<str>,
-    path: PathDef,
-    headers: Vec<(http::HeaderName, String)>,
+    path: PathMatch,
+    headers: Vec<(http::HeaderName, ValueMatch)>,
+    query: Vec<(String, ValueMatch)>,
     method: Option<http::Method>,
     backends: Vec<(Arc<Cluster>, u32)>,
     total_weight: u32,
     pub policy: RoutePolicy,
+    pub edits: Option<Box<Edits>>,
 }
 
 /// The decision for one request: the rule it matched and the backend picked among the rule's
@@ -59,53 +136,170 @@ pub struct MatchedRoute {
 
 impl RouteTable {
     pub fn empty() -> RouteTable {
-        RouteTable { rules: Vec::new() }
+        RouteTable { hosts: Vec::new() }
     }
 
     pub fn build(def: &RouteDef, clusters: &ClusterManager) -> RouteTable {
-        let rules = def
-            .rules
+        let mut n = 0;
+        let mut hosts: Vec<VirtualHost> = def
+            .virtual_hosts
             .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let mut headers = Vec::new();
-                let mut method = None;
-                for (name, value) in &r.headers {
-                    if name == ":method" {
-                        method = http::Method::from_bytes(value.as_bytes()).ok();
-                    } else if let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) {
-                        headers.push((n, value.clone()));
-                    }
-                }
-                let backends: Vec<(Arc<Cluster>, u32)> =
-                    r.backends.iter().filter(|(_, w)| *w > 0).map(|(c, w)| (clusters.get(c), *w)).collect();
-                let total_weight = backends.iter().map(|(_, w)| w).sum();
-                let policy = RoutePolicy { timeout: r.timeout, failover: Failover::default() };
-                let id = format!("{}/{i}", def.name).into();
-                Arc::new(Rule { id, path: r.path.clone(), headers, method, backends, total_weight, policy })
+            .map(|vh| {
+                let mut domains: Vec<Domain> = vh.domains.iter().map(|d| Domain::parse(d)).collect();
+                domains.sort();
+                let rules = vh
+                    .rules
+                    .iter()
+                    .map(|r| {
+                        let id = format!("{}/{n}", def.name).into();
+                        n += 1;
+                        Arc::new(Rule::build(id, r, clusters))
+                    })
+                    .collect();
+                VirtualHost { domains, rules }
             })
             .collect();
-        RouteTable { rules }
+        hosts.sort_by(|a, b| a.domains.first().cmp(&b.domains.first()));
+        RouteTable { hosts }
     }
 
-    /// The first matching rule, then a weighted pick among its backends.
+    /// The first matching rule of the request's virtual host, then a weighted pick among its
+    /// backends.
     pub fn route<B>(&self, req: &http::Request<B>) -> Option<MatchedRoute> {
+        let host = match self.hosts.as_slice() {
+            // One host for every domain (the common case): no need to look at the request's.
+            [only] if only.domains == [Domain::Any] => only,
+            hosts => {
+                let name = request_host(req);
+                hosts.iter().find(|h| h.domains.iter().any(|d| d.matches(&name)))?
+            }
+        };
         let path = req.uri().path();
-        let rule = self.rules.iter().find(|r| {
+        let rule = host.rules.iter().find(|r| {
             let path_ok = match &r.path {
-                PathDef::Prefix(p) => prefix_matches(path, p),
-                PathDef::Exact(p) => path == p,
+                PathMatch::Prefix(p) => prefix_matches(path, p),
+                PathMatch::Exact(p) => path == p,
+                PathMatch::Regex(re) => re.is_match(path),
             };
             path_ok
                 && r.method.as_ref().is_none_or(|m| m == req.method())
-                && r.headers.iter().all(|(n, v)| req.headers().get(n).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+                && r.headers.iter().all(|(n, v)| req.headers().get_all(n).iter().any(|h| v.matches(h.as_bytes())))
+                && r.query
+                    .iter()
+                    .all(|(n, v)| query_value(req.uri().query(), n).is_some_and(|q| v.matches(q.as_bytes())))
         })?;
         let backend = rule.pick()?.clone();
         Some(MatchedRoute { rule: rule.clone(), backend })
     }
 }
 
+/// The request's host, lower case, without a port: `:authority` (HTTP/2) or `Host`.
+fn request_host<B>(req: &http::Request<B>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host())
+        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => {
+            raw.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(raw, |(h, _)| h)
+        }
+    };
+    host.to_ascii_lowercase()
+}
+
+/// The first value of query parameter `name`, as sent (not percent-decoded, as in Envoy).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
 impl Rule {
+    fn build(id: Arc<str>, r: &RuleDef, clusters: &ClusterManager) -> Rule {
+        let mut headers = Vec::new();
+        let mut method = None;
+        for (name, value) in &r.headers {
+            if name == ":method" {
+                if let StrMatch::Exact(m) = value {
+                    method = http::Method::from_bytes(m.as_bytes()).ok();
+                }
+            } else if let (Ok(n), Some(v)) = (http::HeaderName::from_bytes(name.as_bytes()), ValueMatch::new(value)) {
+                headers.push((n, v));
+            }
+        }
+        let query = r.query.iter().filter_map(|(n, v)| Some((n.clone(), ValueMatch::new(v)?))).collect();
+        let path = match &r.path {
+            PathDef::Prefix(p) => PathMatch::Prefix(p.clone()),
+            PathDef::Exact(p) => PathMatch::Exact(p.clone()),
+            // Checked when the config was decoded; a pattern that still fails matches nothing.
+            PathDef::Regex(p) => PathMatch::Regex(
+                weft_api::resource::full_match_regex(p).unwrap_or_else(|_| regex::Regex::new("$^").expect("valid")),
+            ),
+        };
+        let backends: Vec<(Arc<Cluster>, u32)> =
+            r.backends.iter().filter(|(_, w)| *w > 0).map(|(c, w)| (clusters.get(c), *w)).collect();
+        let total_weight = backends.iter().map(|(_, w)| w).sum();
+        let policy = RoutePolicy { timeout: r.timeout, failover: Failover::default() };
+        let edits =
+            (!(r.request_headers.is_empty() && r.response_headers.is_empty() && r.rewrite.is_empty())).then(|| {
+                Box::new(Edits {
+                    request: r.request_headers.clone(),
+                    response: r.response_headers.clone(),
+                    rewrite: r.rewrite.clone(),
+                })
+            });
+        Rule { id, path, headers, query, method, backends, total_weight, policy, edits }
+    }
+
+    /// Applies the rule's request edits: headers, then the path and host rewrites.
+    pub fn edit_request<B>(&self, req: &mut http::Request<B>) {
+        let Some(e) = &self.edits else { return };
+        edit_headers(req.headers_mut(), &e.request);
+        let rw = &e.rewrite;
+        if rw.prefix.is_none() && rw.full_path.is_none() && rw.host.is_none() {
+            return;
+        }
+        let uri = req.uri().clone();
+        let path = uri.path();
+        let new_path = match (&rw.full_path, &rw.prefix, &self.path) {
+            (Some(full), _, _) => full.clone(),
+            (None, Some(to), PathMatch::Prefix(from)) => {
+                let rest = &path[from.trim_end_matches('/').len().min(path.len())..];
+                let joined = format!("{}{rest}", to.trim_end_matches('/'));
+                if joined.is_empty() { "/".to_owned() } else { joined }
+            }
+            _ => path.to_owned(),
+        };
+        let target = match uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        let mut parts = uri.into_parts();
+        if let Some(host) = &rw.host {
+            if parts.authority.is_some() {
+                parts.authority = host.parse().ok();
+            }
+            if let Ok(v) = http::HeaderValue::from_str(host) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+        parts.path_and_query = target.parse().ok();
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+
+    /// Applies the rule's response header edits.
+    pub fn edit_response<B>(&self, resp: &mut http::Response<B>) {
+        if let Some(e) = &self.edits {
+            edit_headers(resp.headers_mut(), &e.response);
+        }
+    }
+
     fn pick(&self) -> Option<&Arc<Cluster>> {
         if self.backends.len() == 1 {
             return Some(&self.backends[0].0);
@@ -137,6 +331,22 @@ pub fn decide<B>(
     Ok(route)
 }
 
+fn edit_headers(h: &mut http::HeaderMap, e: &HeaderEdits) {
+    for name in &e.remove {
+        h.remove(name.as_str());
+    }
+    for (name, value) in &e.set {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value)) {
+            h.insert(n, v);
+        }
+    }
+    for (name, value) in &e.add {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value)) {
+            h.append(n, v);
+        }
+    }
+}
+
 /// Gateway API path prefixes match whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
 fn prefix_matches(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
@@ -149,23 +359,22 @@ fn prefix_matches(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RuleDef;
-
     fn rule(path: PathDef, headers: Vec<(String, String)>, backends: Vec<(String, u32)>) -> RuleDef {
-        RuleDef { path, headers, backends, timeout: None }
+        let headers = headers.into_iter().map(|(n, v)| (n, StrMatch::Exact(v))).collect();
+        RuleDef { path, headers, backends, ..Default::default() }
     }
 
     #[test]
     fn first_matching_rule_wins_and_weights_split() {
         let clusters = ClusterManager::default();
-        let def = RouteDef {
-            name: "r".into(),
-            rules: vec![
+        let def = RouteDef::any_host(
+            "r",
+            vec![
                 rule(PathDef::Exact("/exact".into()), vec![], vec![("a".into(), 1)]),
                 rule(PathDef::Prefix("/api".into()), vec![("x-canary".into(), "1".into())], vec![("b".into(), 1)]),
                 rule(PathDef::Prefix("/".into()), vec![], vec![("c".into(), 3), ("d".into(), 1)]),
             ],
-        };
+        );
         let t = RouteTable::build(&def, &clusters);
         let req = |p: &str, canary: bool| {
             let mut b = http::Request::builder().uri(p);

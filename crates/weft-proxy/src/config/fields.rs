@@ -329,6 +329,9 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
             (14, "treat_missing_header_as_empty"),
         ],
     ),
+    ("envoy.config.route.v3.QueryParameterMatcher", &[(1, "name"), (5, "string_match"), (6, "present_match")]),
+    ("envoy.type.matcher.v3.RegexMatcher", &[(1, "google_re2"), (2, "regex")]),
+    ("envoy.type.matcher.v3.RegexMatchAndSubstitute", &[(1, "pattern"), (2, "substitution")]),
     (
         "envoy.config.route.v3.RouteAction",
         &[

@@ -11,9 +11,14 @@ use crate::inbound::InboundPolicy;
 use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDirection, address, socket_address};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue as CoreHeaderValue, HeaderValueOption, header_value_option,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, header_matcher, route, route_action, route_match};
+use envoy_types::pb::envoy::config::route::v3::{
+    RouteConfiguration, header_matcher, query_parameter_matcher, route, route_action, route_match,
+};
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -24,7 +29,7 @@ use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as Netw
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, value};
 use prost::{Message, Name};
 use serde::Serialize;
@@ -107,19 +112,43 @@ pub enum HttpDef {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteDef {
     pub name: String,
-    pub rules: Vec<RuleDef>,
+    pub virtual_hosts: Vec<VirtualHostDef>,
+}
+
+impl RouteDef {
+    /// A table with one virtual host for every domain.
+    pub fn any_host(name: &str, rules: Vec<RuleDef>) -> RouteDef {
+        RouteDef { name: name.into(), virtual_hosts: vec![VirtualHostDef { domains: vec!["*".into()], rules }] }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VirtualHostDef {
+    /// `*`, an exact host, `*.suffix` or `prefix*`; the request's host without its port.
+    pub domains: Vec<String>,
+    pub rules: Vec<RuleDef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RuleDef {
     pub path: PathDef,
-    pub headers: Vec<(String, String)>,
+    /// `:method` for the method.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, StrMatch)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<(String, StrMatch)>,
     /// (cluster, weight)
     pub backends: Vec<(String, u32)>,
     /// `RouteAction.timeout`: the time allowed from the request's arrival until the response
     /// head; `None` (unset or zero) for no limit.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
     pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "HeaderEdits::is_empty")]
+    pub request_headers: HeaderEdits,
+    #[serde(skip_serializing_if = "HeaderEdits::is_empty")]
+    pub response_headers: HeaderEdits,
+    #[serde(skip_serializing_if = "Rewrite::is_empty")]
+    pub rewrite: Rewrite,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -127,6 +156,54 @@ pub struct RuleDef {
 pub enum PathDef {
     Prefix(String),
     Exact(String),
+    Regex(String),
+}
+
+impl Default for PathDef {
+    fn default() -> Self {
+        PathDef::Prefix("/".into())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrMatch {
+    Exact(String),
+    /// RE2 syntax, matching the whole value.
+    Regex(String),
+}
+
+/// Headers a route sets (replacing), adds (appending) and removes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HeaderEdits {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// What a route changes in the request's target before forwarding it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rewrite {
+    /// Replaces the matched path prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Replaces the whole path (the query stays).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl Rewrite {
+    pub fn is_empty(&self) -> bool {
+        self.prefix.is_none() && self.full_path.is_none() && self.host.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -466,43 +543,103 @@ pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {
     route_config(&rc)
 }
 
+fn string_match(sm: &StringMatcher, what: &str) -> Result<StrMatch, String> {
+    if sm.ignore_case {
+        return Err(format!("{what}: ignore_case is not supported"));
+    }
+    match &sm.match_pattern {
+        Some(string_matcher::MatchPattern::Exact(v)) => Ok(StrMatch::Exact(v.clone())),
+        Some(string_matcher::MatchPattern::SafeRegex(r)) => {
+            weft_api::resource::full_match_regex(&r.regex).map_err(|e| format!("{what}: {e}"))?;
+            Ok(StrMatch::Regex(r.regex.clone()))
+        }
+        _ => Err(format!("{what}: only exact and safe_regex matches are supported")),
+    }
+}
+
+fn header_edits(add: &[HeaderValueOption], remove: &[String], what: &str) -> Result<HeaderEdits, String> {
+    let mut edits =
+        HeaderEdits { remove: remove.iter().map(|n| n.to_ascii_lowercase()).collect(), ..Default::default() };
+    for o in add {
+        let h = o.header.as_ref().ok_or_else(|| format!("{what}: a header value option without a header"))?;
+        let honoured = HeaderValueOption {
+            header: Some(CoreHeaderValue { key: h.key.clone(), value: h.value.clone(), ..Default::default() }),
+            append_action: o.append_action,
+            ..Default::default()
+        };
+        if *o != honoured {
+            return Err(format!("{what}: header {:?}: only key, value and append_action are supported", h.key));
+        }
+        http::HeaderName::from_bytes(h.key.as_bytes())
+            .map_err(|_| format!("{what}: {:?} is not a header name", h.key))?;
+        http::HeaderValue::from_str(&h.value).map_err(|_| format!("{what}: the value of {:?} is not valid", h.key))?;
+        let pair = (h.key.to_ascii_lowercase(), h.value.clone());
+        match header_value_option::HeaderAppendAction::try_from(o.append_action) {
+            Ok(header_value_option::HeaderAppendAction::AppendIfExistsOrAdd) => edits.add.push(pair),
+            Ok(header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd) => edits.set.push(pair),
+            _ => {
+                return Err(format!(
+                    "{what}: header {:?}: append_action must be APPEND_IF_EXISTS_OR_ADD or OVERWRITE_IF_EXISTS_OR_ADD",
+                    h.key
+                ));
+            }
+        }
+    }
+    Ok(edits)
+}
+
+/// The one regex rewrite weft honours: the whole path replaced (`^/.*$` → a literal path).
+const FULL_PATH_PATTERN: &str = "^/.*$";
+
 fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
     let bad = |reason: String| invalid("RouteConfiguration", &rc.name, reason);
-    let mut rules = Vec::new();
-    // Mesh routing has one destination per route table: a request matches regardless of its
-    // Host, which only a virtual host for every domain expresses.
+    let mut virtual_hosts = Vec::new();
     for vh in &rc.virtual_hosts {
         let bad = |reason: String| bad(format!("virtual host {:?}: {reason}", vh.name));
-        if vh.domains != ["*"] {
-            return Err(bad(format!(
-                "domains {:?} are not supported; weft routes match every host (\"*\")",
-                vh.domains
-            )));
+        if vh.domains.is_empty() {
+            return Err(bad("has no domains".into()));
         }
+        for d in &vh.domains {
+            let stars = d.matches('*').count();
+            let ok = d == "*" || stars == 0 || (stars == 1 && d.len() > 1 && (d.starts_with('*') || d.ends_with('*')));
+            if !ok {
+                return Err(bad(format!(
+                    "domain {d:?}: weft supports \"*\", exact hosts, \"*.suffix\" and \"prefix*\""
+                )));
+            }
+        }
+        let mut rules = Vec::new();
         for (i, r) in vh.routes.iter().enumerate() {
             let bad = |reason: String| bad(format!("route {i} {:?}: {reason}", r.name));
             let m = r.r#match.as_ref().ok_or_else(|| bad("route without match".into()))?;
             let path = match &m.path_specifier {
                 Some(route_match::PathSpecifier::Prefix(p)) => PathDef::Prefix(p.clone()),
                 Some(route_match::PathSpecifier::Path(p)) => PathDef::Exact(p.clone()),
+                Some(route_match::PathSpecifier::SafeRegex(re)) => {
+                    weft_api::resource::full_match_regex(&re.regex).map_err(bad)?;
+                    PathDef::Regex(re.regex.clone())
+                }
                 None => PathDef::Prefix("/".into()),
                 Some(other) => return Err(bad(format!("unsupported path match {other:?}"))),
             };
             let mut headers = Vec::new();
             for h in &m.headers {
-                let exact = match &h.header_match_specifier {
-                    Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => match &sm.match_pattern {
-                        Some(string_matcher::MatchPattern::Exact(v)) => v.clone(),
-                        _ => {
-                            return Err(bad(format!(
-                                "header {:?}: only exact, case-sensitive matches are supported",
-                                h.name
-                            )));
-                        }
-                    },
-                    _ => return Err(bad(format!("header {:?}: only exact string matches are supported", h.name))),
+                let sm = match &h.header_match_specifier {
+                    Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => sm,
+                    _ => return Err(bad(format!("header {:?}: only string matches are supported", h.name))),
                 };
-                headers.push((h.name.to_ascii_lowercase(), exact));
+                headers.push((
+                    h.name.to_ascii_lowercase(),
+                    string_match(sm, &format!("header {:?}", h.name)).map_err(bad)?,
+                ));
+            }
+            let mut query = Vec::new();
+            for q in &m.query_parameters {
+                let sm = match &q.query_parameter_match_specifier {
+                    Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(sm)) => sm,
+                    _ => return Err(bad(format!("query parameter {:?}: only string matches are supported", q.name))),
+                };
+                query.push((q.name.clone(), string_match(sm, &format!("query parameter {:?}", q.name)).map_err(bad)?));
             }
             let Some(route::Action::Route(action)) = &r.action else {
                 return Err(bad("only route actions are supported".into()));
@@ -522,10 +659,54 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 return Err(bad("weighted clusters all have weight 0".into()));
             }
             let timeout = action.timeout.as_ref().map(duration).filter(|d| !d.is_zero());
-            rules.push(RuleDef { path, headers, backends, timeout });
+            let full_path = match &action.regex_rewrite {
+                None => None,
+                Some(rw)
+                    if rw.pattern.as_ref().is_some_and(|p| p.regex == FULL_PATH_PATTERN)
+                        && rw.substitution.starts_with('/')
+                        && !rw.substitution.contains('\\') =>
+                {
+                    Some(rw.substitution.clone())
+                }
+                Some(_) => {
+                    return Err(bad(format!(
+                        "regex_rewrite: weft supports only pattern {FULL_PATH_PATTERN:?} with a literal path (a full path replacement)"
+                    )));
+                }
+            };
+            let prefix = (!action.prefix_rewrite.is_empty()).then(|| action.prefix_rewrite.clone());
+            if prefix.is_some() && !matches!(path, PathDef::Prefix(_)) {
+                return Err(bad("prefix_rewrite needs a prefix match".into()));
+            }
+            let host = match &action.host_rewrite_specifier {
+                None => None,
+                Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+                Some(_) => return Err(bad("only host_rewrite_literal is supported".into())),
+            };
+            rules.push(RuleDef {
+                path,
+                headers,
+                query,
+                backends,
+                timeout,
+                request_headers: header_edits(
+                    &r.request_headers_to_add,
+                    &r.request_headers_to_remove,
+                    "request_headers_to_add",
+                )
+                .map_err(bad)?,
+                response_headers: header_edits(
+                    &r.response_headers_to_add,
+                    &r.response_headers_to_remove,
+                    "response_headers_to_add",
+                )
+                .map_err(bad)?,
+                rewrite: Rewrite { prefix, full_path, host },
+            });
         }
+        virtual_hosts.push(VirtualHostDef { domains: vh.domains.clone(), rules });
     }
-    Ok(RouteDef { name: rc.name.clone(), rules })
+    Ok(RouteDef { name: rc.name.clone(), virtual_hosts })
 }
 
 pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
@@ -801,8 +982,8 @@ mod tests {
         let timeout =
             RouteAction { timeout: Some(protobuf::Duration { seconds: 1, nanos: 500_000_000 }), ..Default::default() };
         let def = route(&pack_any(route_table(timeout))).unwrap();
-        assert_eq!(def.rules[0].timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(def.virtual_hosts[0].rules[0].timeout, Some(Duration::from_millis(1500)));
         let zero = RouteAction { timeout: Some(protobuf::Duration::default()), ..Default::default() };
-        assert_eq!(route(&pack_any(route_table(zero))).unwrap().rules[0].timeout, None);
+        assert_eq!(route(&pack_any(route_table(zero))).unwrap().virtual_hosts[0].rules[0].timeout, None);
     }
 }

@@ -164,22 +164,56 @@ static VIRTUAL_HOST: Schema = Schema {
     message: "envoy.config.route.v3.VirtualHost",
     fields: &[Plain("name"), Plain("domains"), Repeated("routes", &ROUTE)],
 };
+/// Header values to add are checked field by field in the decoder.
 static ROUTE: Schema = Schema {
     message: "envoy.config.route.v3.Route",
-    fields: &[Plain("name"), Message("match", &ROUTE_MATCH), Message("route", &ROUTE_ACTION)],
+    fields: &[
+        Plain("name"),
+        Message("match", &ROUTE_MATCH),
+        Message("route", &ROUTE_ACTION),
+        Plain("request_headers_to_add"),
+        Plain("request_headers_to_remove"),
+        Plain("response_headers_to_add"),
+        Plain("response_headers_to_remove"),
+    ],
 };
 static ROUTE_MATCH: Schema = Schema {
     message: "envoy.config.route.v3.RouteMatch",
-    fields: &[Plain("prefix"), Plain("path"), Repeated("headers", &HEADER_MATCHER)],
+    fields: &[
+        Plain("prefix"),
+        Plain("path"),
+        Message("safe_regex", &REGEX_MATCHER),
+        Repeated("headers", &HEADER_MATCHER),
+        Repeated("query_parameters", &QUERY_PARAMETER_MATCHER),
+    ],
 };
 static HEADER_MATCHER: Schema = Schema {
     message: "envoy.config.route.v3.HeaderMatcher",
     fields: &[Plain("name"), Message("string_match", &STRING_MATCHER)],
 };
-static STRING_MATCHER: Schema = Schema { message: "envoy.type.matcher.v3.StringMatcher", fields: &[Plain("exact")] };
+static QUERY_PARAMETER_MATCHER: Schema = Schema {
+    message: "envoy.config.route.v3.QueryParameterMatcher",
+    fields: &[Plain("name"), Message("string_match", &STRING_MATCHER)],
+};
+static STRING_MATCHER: Schema = Schema {
+    message: "envoy.type.matcher.v3.StringMatcher",
+    fields: &[Plain("exact"), Message("safe_regex", &REGEX_MATCHER)],
+};
+static REGEX_MATCHER: Schema = Schema { message: "envoy.type.matcher.v3.RegexMatcher", fields: &[Plain("regex")] };
 static ROUTE_ACTION: Schema = Schema {
     message: "envoy.config.route.v3.RouteAction",
-    fields: &[Plain("cluster"), Message("weighted_clusters", &WEIGHTED_CLUSTER), Plain("timeout")],
+    fields: &[
+        Plain("cluster"),
+        Message("weighted_clusters", &WEIGHTED_CLUSTER),
+        Plain("timeout"),
+        Plain("prefix_rewrite"),
+        Message("regex_rewrite", &REGEX_MATCH_AND_SUBSTITUTE),
+        Plain("host_rewrite_literal"),
+    ],
+};
+static REGEX_MATCH_AND_SUBSTITUTE: Schema = Schema {
+    message: "envoy.type.matcher.v3.RegexMatchAndSubstitute",
+    fields: &[Message("pattern", &REGEX_MATCHER), Plain("substitution")],
 };
 static WEIGHTED_CLUSTER: Schema =
     Schema { message: "envoy.config.route.v3.WeightedCluster", fields: &[Repeated("clusters", &CLUSTER_WEIGHT)] };

@@ -1,7 +1,8 @@
 //! The outbound stack: requests from the local app to other services. Routing decides first
-//! (rule, backend, policy) without I/O; the policy then wraps the forwarding: the route's
-//! timeout bounds everything up to the response head, and failover moves a request between
-//! endpoints of the backend as [`crate::route::RoutePolicy`] allows.
+//! (rule, backend, policy) without I/O; the policy then wraps the forwarding: the rule's
+//! request edits (headers, path and host rewrites) apply first, the route's timeout bounds
+//! everything up to the response head, failover moves a request between endpoints of the
+//! backend as [`crate::route::RoutePolicy`] allows, and the rule's response edits apply last.
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
@@ -26,21 +27,30 @@ impl Outbound {
     /// per-connection request future.)
     pub fn call<'a>(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, Either<impl Future<Output = Reply> + Send + 'a, BoxFuture<'a, Reply>>> {
         let route = match decide(&self.routes, &req, rec) {
             Ok(route) => route,
             Err(e) => return Either::Left(ready(Err(e))),
         };
-        let Some(timeout) = route.rule.policy.timeout else {
+        let timeout = route.rule.policy.timeout;
+        if timeout.is_none() && route.rule.edits.is_none() {
             return Either::Right(Either::Left(crate::http::forward(route, req, rec)));
-        };
-        let id = route.rule.id.clone();
+        }
+        // Boxed: the timer and the rule's edits live only in requests whose route has them.
+        route.rule.edit_request(&mut req);
+        let rule = route.rule.clone();
         let forward = crate::http::forward(route, req, rec);
-        // Boxed: the timer lives only in requests whose route has a timeout.
         Either::Right(Either::Right(Box::pin(async move {
-            tokio::time::timeout(timeout, forward).await.map_err(|_| ProxyError::RouteTimeout { route: id, timeout })?
+            let mut resp = match timeout {
+                Some(t) => tokio::time::timeout(t, forward)
+                    .await
+                    .map_err(|_| ProxyError::RouteTimeout { route: rule.id.clone(), timeout: t })??,
+                None => forward.await?,
+            };
+            rule.edit_response(&mut resp);
+            Ok(resp)
         })))
     }
 }

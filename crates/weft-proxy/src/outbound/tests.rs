@@ -49,11 +49,11 @@ impl Mesh {
         );
         let rule = RuleDef {
             path: PathDef::Prefix("/".into()),
-            headers: vec![],
             backends: vec![("backend".into(), 1)],
             timeout,
+            ..Default::default()
         };
-        let table = RouteTable::build(&RouteDef { name: "backend".into(), rules: vec![rule] }, &clusters);
+        let table = RouteTable::build(&RouteDef::any_host("backend", vec![rule]), &clusters);
         let metrics = Metrics::new().traffic(Direction::outbound, "backend");
         let stack = Arc::new(HttpStack::new(
             Direction::outbound,
