@@ -18,10 +18,12 @@ pub enum Kind {
     HttpRoute,
     AuthorizationPolicy,
     RequestAuthentication,
+    TrafficPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy, Kind::RequestAuthentication];
+    pub const ALL: [Kind; 5] =
+        [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy, Kind::RequestAuthentication, Kind::TrafficPolicy];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -29,12 +31,15 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::TrafficPolicy => "TrafficPolicy",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::AuthorizationPolicy | Kind::RequestAuthentication => WEFT_API_VERSION,
+            Kind::Service | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::TrafficPolicy => {
+                WEFT_API_VERSION
+            }
             Kind::HttpRoute => GATEWAY_API_VERSION,
         }
     }
@@ -47,6 +52,7 @@ impl Kind {
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
             "authorizationpolicy" | "authorizationpolicies" | "authz" => Some(Kind::AuthorizationPolicy),
             "requestauthentication" | "requestauthentications" | "jwt" => Some(Kind::RequestAuthentication),
+            "trafficpolicy" | "trafficpolicies" => Some(Kind::TrafficPolicy),
             _ => None,
         }
     }
@@ -391,6 +397,38 @@ pub enum Resource {
     HttpRoute(Object<HttpRouteSpec>),
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     RequestAuthentication(Object<RequestAuthenticationSpec>),
+    TrafficPolicy(Object<TrafficPolicySpec>),
+}
+
+/// `kind: TrafficPolicy` — how callers' sidecars treat traffic to a service (Gateway API
+/// policy attachment: `targetRef` names the Service). Applies to every caller, each sidecar
+/// enforcing it on its own traffic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target_ref: PolicyTargetRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+}
+
+/// Limits each calling sidecar keeps towards the service; a request over a limit is answered
+/// at once with 503 `x-weft-error: overflow`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// Requests in flight to the service at once (until each response head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 /// `kind: AuthorizationPolicy` — who may call a service (or every service), checked by the
@@ -605,6 +643,7 @@ impl Resource {
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
         }
     }
 
@@ -614,6 +653,7 @@ impl Resource {
             Resource::HttpRoute(o) => &o.metadata.name,
             Resource::AuthorizationPolicy(o) => &o.metadata.name,
             Resource::RequestAuthentication(o) => &o.metadata.name,
+            Resource::TrafficPolicy(o) => &o.metadata.name,
         }
     }
 
@@ -638,6 +678,7 @@ impl Resource {
             Kind::HttpRoute => Resource::HttpRoute(typed(document, value)?),
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(document, value)?),
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(document, value)?),
+            Kind::TrafficPolicy => Resource::TrafficPolicy(typed(document, value)?),
         };
         resource.validate(document)?;
         Ok(resource)
@@ -655,6 +696,7 @@ impl Resource {
             Resource::HttpRoute(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::AuthorizationPolicy(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::RequestAuthentication(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::TrafficPolicy(o) => (&o.api_version, o.kind, &o.metadata),
         };
         if api_version != kind.api_version() {
             return Err(ApplyError::new(
@@ -683,6 +725,22 @@ impl Resource {
             Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
             Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
+            Resource::TrafficPolicy(o) => {
+                check_service_ref(
+                    doc,
+                    "spec.targetRef",
+                    o.spec.target_ref.kind.as_deref(),
+                    o.spec.target_ref.group.as_deref(),
+                )?;
+                check_name(doc, "spec.targetRef.name", &o.spec.target_ref.name)?;
+                if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
+                    return Err(ApplyError::new(
+                        doc,
+                        "spec.connectionPool.maxRequests",
+                        "must be at least 1 (0 would refuse every request)",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -700,6 +758,7 @@ impl Resource {
             Resource::RequestAuthentication(o) => {
                 o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
             }
+            Resource::TrafficPolicy(o) => vec![("spec.targetRef.name".to_owned(), o.spec.target_ref.name.as_str())],
             Resource::HttpRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));

@@ -206,7 +206,7 @@ fn kind(s: &str) -> Result<Kind, ApiError> {
         ApiError(
             StatusCode::NOT_FOUND,
             format!(
-                "unknown kind {s:?}; known kinds: services, httproutes, authorizationpolicies, requestauthentications"
+                "unknown kind {s:?}; known kinds: services, httproutes, authorizationpolicies, requestauthentications, trafficpolicies"
             ),
         )
     })

@@ -19,7 +19,9 @@
 //! chains, so plaintext matches nothing and is closed; a permissive one has plaintext chains
 //! too. Proxyless clients get the clusters without TLS (they reach permissive services).
 use crate::state::Inner;
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, LoadBalancingPolicy, cluster, load_balancing_policy};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, LoadBalancingPolicy, circuit_breakers, cluster, load_balancing_policy,
+};
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress,
@@ -61,9 +63,9 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource,
-    LoadBalancer, MtlsMode, Object, PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec, Resource,
-    ServiceSpec,
+    AuthorizationPolicySpec, ConnectionPool, DEFAULT_CONNECT_TIMEOUT, HeaderMatchType, HttpRouteMatch, HttpRouteRule,
+    JwksSource, LoadBalancer, MtlsMode, Object, PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec,
+    Resource, ServiceSpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -161,12 +163,19 @@ impl Snapshot {
         let mut routes = Vec::new();
         let mut policies = Vec::new();
         let mut authns = Vec::new();
+        // The first TrafficPolicy (by name) targeting a service applies to it.
+        let mut pools: HashMap<&str, &ConnectionPool> = HashMap::new();
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
                 Resource::HttpRoute(o) => routes.push(o),
                 Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
                 Resource::RequestAuthentication(o) => authns.push(o.clone()),
+                Resource::TrafficPolicy(o) => {
+                    if let Some(pool) = &o.spec.connection_pool {
+                        pools.entry(o.spec.target_ref.name.as_str()).or_insert(pool);
+                    }
+                }
             }
         }
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
@@ -215,7 +224,7 @@ impl Snapshot {
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
             };
-            let mut cluster = eds_cluster(name, &spec);
+            let mut cluster = eds_cluster(name, &spec, pools.get(name.as_str()).copied());
             put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
             let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
@@ -386,8 +395,16 @@ fn load_balancing_policy(lb: LoadBalancer) -> LoadBalancingPolicy {
     LoadBalancingPolicy { policies }
 }
 
-fn eds_cluster(name: &str, spec: &ServiceSpec) -> Cluster {
+fn eds_cluster(name: &str, spec: &ServiceSpec, pool: Option<&ConnectionPool>) -> Cluster {
+    let circuit_breakers = pool.and_then(|p| p.max_requests).map(|max| CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_requests: Some(UInt32Value { value: max }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
     Cluster {
+        circuit_breakers,
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),

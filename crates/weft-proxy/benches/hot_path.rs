@@ -63,6 +63,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             static_endpoints: Some(eps),
             tls: None,
             protocol: Default::default(),
+            max_requests: None,
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );

@@ -26,6 +26,7 @@ pub struct Settings {
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
+    pub max_requests: Option<u32>,
 }
 
 pub struct Cluster {
@@ -38,6 +39,17 @@ pub struct Cluster {
     connector: Arc<dyn Connect>,
     /// TLS origination towards the endpoints; shared with each of them.
     tls: Arc<ArcSwapOption<UpstreamTls>>,
+    /// Requests in flight, counted only while the cluster has a `max_requests`.
+    in_flight: std::sync::atomic::AtomicU32,
+}
+
+/// A request counted against its cluster's `max_requests`, until dropped.
+pub struct Admitted<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Cluster {
@@ -48,12 +60,14 @@ impl Cluster {
                 load_balancer: LoadBalancer::default(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 protocol: UpstreamProtocol::Downstream,
+                max_requests: None,
             }),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
             next: AtomicUsize::new(0),
             connector,
             tls: Arc::new(ArcSwapOption::empty()),
+            in_flight: Default::default(),
         }
     }
 
@@ -95,6 +109,17 @@ impl Cluster {
         }
         let ready = all.iter().filter(|e| e.healthy.load(Ordering::Relaxed)).cloned().collect();
         self.endpoints.store(Arc::new(EndpointSet { ready, all }));
+    }
+
+    /// Counts a request against the cluster's `max_requests`, or refuses it at once.
+    pub fn admit(&self, settings: &Settings) -> Result<Option<Admitted<'_>>, crate::error::ProxyError> {
+        let Some(limit) = settings.max_requests else { return Ok(None) };
+        let counted = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(&self.in_flight);
+        if counted >= limit {
+            return Err(crate::error::ProxyError::Overflow { cluster: self.name.clone(), limit });
+        }
+        Ok(Some(admitted))
     }
 
     /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
@@ -192,6 +217,7 @@ impl ClusterManager {
                 load_balancer: def.load_balancer,
                 connect_timeout: def.connect_timeout,
                 protocol: def.protocol,
+                max_requests: def.max_requests,
             }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
@@ -248,6 +274,7 @@ mod tests {
             load_balancer: lb,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             protocol: UpstreamProtocol::Downstream,
+            max_requests: None,
         }));
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {

@@ -17,6 +17,10 @@ pub enum ProxyError {
     Denied { policy: Arc<str> },
     #[error("JWT authentication failed: {0}")]
     Unauthenticated(#[from] crate::jwt::JwtError),
+    #[error(
+        "service {cluster:?} already has {limit} requests in flight from this sidecar (its TrafficPolicy's connectionPool.maxRequests); try again later"
+    )]
+    Overflow { cluster: Arc<str>, limit: u32 },
     #[error("cluster {0:?} is not configured (yet)")]
     UnknownCluster(String),
     #[error("service {0:?} has no healthy endpoints")]
@@ -49,6 +53,7 @@ impl ProxyError {
             ProxyError::Denied { .. } => "denied",
             ProxyError::Unauthenticated(e) => e.reason(),
             ProxyError::UnknownCluster(_) => "unknown-cluster",
+            ProxyError::Overflow { .. } => "overflow",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
@@ -65,7 +70,9 @@ impl ProxyError {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
-            ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) | ProxyError::Overflow { .. } => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::UpstreamTls { .. }

@@ -77,6 +77,7 @@ mod tests {
                 static_endpoints: Some(endpoints.to_vec()),
                 tls: None,
                 protocol: Default::default(),
+                max_requests: None,
             }],
             &crate::testing::no_tls,
         );

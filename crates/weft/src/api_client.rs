@@ -208,7 +208,7 @@ pub async fn get(
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service, httproutes, authorizationpolicies or requestauthentications"
+                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service, httproutes, authorizationpolicies, requestauthentications or trafficpolicies"
                 )
             })?;
             let path = match name {
@@ -226,7 +226,9 @@ pub async fn get(
 
 pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Result<()> {
     let k = Kind::parse(kind).ok_or_else(|| {
-        anyhow::anyhow!("unknown kind {kind:?}; use service, httproute, authorizationpolicy or requestauthentication")
+        anyhow::anyhow!(
+            "unknown kind {kind:?}; use service, httproute, authorizationpolicy, requestauthentication or trafficpolicy"
+        )
     })?;
     let path = format!("/api/v1/resources/{}/{name}", k.as_str().to_ascii_lowercase());
     let (status, v) = Api::new(control)?.call(Method::DELETE, &path, None).await?;

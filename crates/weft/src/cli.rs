@@ -37,7 +37,7 @@ pub enum Command {
     },
     /// Show services, endpoints, proxies, certificates, join tokens or resources.
     Get {
-        /// services | endpoints | proxies | certs | tokens | service | httproutes | authorizationpolicies | requestauthentications
+        /// services | endpoints | proxies | certs | tokens | service | httproutes | authorizationpolicies | requestauthentications | trafficpolicies
         kind: String,
         /// A name (for endpoints: the service).
         name: Option<String>,
@@ -66,7 +66,7 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// service | httproute | authorizationpolicy | requestauthentication
+        /// service | httproute | authorizationpolicy | requestauthentication | trafficpolicy
         kind: String,
         name: String,
         #[command(flatten)]

@@ -456,6 +456,20 @@ pub static FIELDS: &[(&str, &[(u32, &str)])] = &[
         ],
     ),
     ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", &[(1, "eds_config"), (2, "service_name")]),
+    ("envoy.config.cluster.v3.CircuitBreakers", &[(1, "thresholds"), (2, "per_host_thresholds")]),
+    (
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+        &[
+            (1, "priority"),
+            (2, "max_connections"),
+            (3, "max_pending_requests"),
+            (4, "max_requests"),
+            (5, "max_retries"),
+            (6, "track_remaining"),
+            (7, "max_connection_pools"),
+            (8, "retry_budget"),
+        ],
+    ),
     (
         "envoy.config.endpoint.v3.ClusterLoadAssignment",
         &[(1, "cluster_name"), (2, "endpoints"), (4, "policy"), (5, "named_endpoints")],

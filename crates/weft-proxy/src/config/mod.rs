@@ -219,6 +219,9 @@ pub struct ClusterDef {
     pub tls: Option<UpstreamTlsDef>,
     /// The HTTP version spoken to the endpoints.
     pub protocol: UpstreamProtocol,
+    /// From `circuit_breakers`: requests in flight at once; more are refused (`overflow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 /// From the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
@@ -741,7 +744,12 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
     let protocol = upstream_protocol(&c).map_err(bad)?;
-    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls, protocol })
+    let max_requests = match c.circuit_breakers.as_ref().map(|cb| cb.thresholds.as_slice()).unwrap_or_default() {
+        [] => None,
+        [t] if t.priority == 0 => t.max_requests.as_ref().map(|m| m.value),
+        _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
+    };
+    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls, protocol, max_requests })
 }
 
 pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidResource> {
@@ -791,7 +799,6 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
     use envoy_types::pb::envoy::config::core::v3::{SocketAddress, TransportSocket};
     use envoy_types::pb::envoy::config::listener::v3::Filter;
     use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost};
@@ -963,11 +970,12 @@ mod tests {
              sets request_mirror_policies, which weft does not support"
         );
         let mut c = Cluster { name: "c".into(), ..Default::default() };
-        c.circuit_breakers = Some(CircuitBreakers::default());
+        c.outlier_detection = Some(Default::default());
         assert_eq!(
             cluster(&pack_any(c.clone())).unwrap_err().to_string(),
-            "Cluster \"c\": it sets circuit_breakers, which weft does not support"
+            "Cluster \"c\": it sets outlier_detection, which weft does not support"
         );
+        c.outlier_detection = None;
         c.transport_socket = Some(tls);
         assert_eq!(
             cluster(&pack_any(c)).unwrap_err().to_string(),

@@ -236,7 +236,15 @@ pub static CLUSTER: Schema = Schema {
         Message("load_assignment", &CLUSTER_LOAD_ASSIGNMENT),
         Plain("transport_socket"),
         Plain("typed_extension_protocol_options"),
+        Message("circuit_breakers", &CIRCUIT_BREAKERS),
     ],
+};
+static CIRCUIT_BREAKERS: Schema =
+    Schema { message: "envoy.config.cluster.v3.CircuitBreakers", fields: &[Repeated("thresholds", &THRESHOLDS)] };
+/// `priority` must be DEFAULT, which the decoder checks.
+static THRESHOLDS: Schema = Schema {
+    message: "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+    fields: &[Plain("priority"), Plain("max_requests")],
 };
 static EDS_CLUSTER_CONFIG: Schema =
     Schema { message: "envoy.config.cluster.v3.Cluster.EdsClusterConfig", fields: &[Plain("eds_config")] };

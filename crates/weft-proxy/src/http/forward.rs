@@ -36,11 +36,15 @@ pub async fn forward(
     }
     // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
     // behind an HTTP/2 client, or the reverse): the head is translated once, here.
-    let h2 = match cluster.settings.load().protocol {
+    let settings = cluster.settings.load();
+    // Counted until the response head (or the failure) is returned.
+    let _admitted = cluster.admit(&settings)?;
+    let h2 = match settings.protocol {
         UpstreamProtocol::Downstream => downstream == Version::HTTP_2,
         UpstreamProtocol::Http1 => false,
         UpstreamProtocol::Http2 => true,
     };
+    drop(settings);
     if !upgrade && h2 != (downstream == Version::HTTP_2) {
         to_version(&mut req, h2);
     }

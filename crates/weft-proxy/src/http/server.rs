@@ -72,7 +72,10 @@ async fn handle(
         Ok(resp) => resp.map(Either::Left),
         Err(e) => {
             rec.error = Some(e.reason());
-            tracing::warn!(
+            // Load shed by a limit is counted, not logged: a log line per refusal would add
+            // work exactly when the proxy is overloaded.
+            if !matches!(e, crate::error::ProxyError::Overflow { .. }) {
+                tracing::warn!(
                 error = %e,
                 reason = e.reason(),
                 peer = %rec.conn.peer,
@@ -80,7 +83,8 @@ async fn handle(
                 route = ?rec.route,
                 attempts = ?rec.attempts,
                 "proxy answered the request itself"
-            );
+                );
+            }
             error_response(&e, grpc)
         }
     };

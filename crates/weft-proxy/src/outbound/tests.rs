@@ -44,6 +44,7 @@ impl Mesh {
                 static_endpoints: Some(eps),
                 tls: None,
                 protocol: Default::default(),
+                max_requests: None,
             }],
             &crate::testing::no_tls,
         );
