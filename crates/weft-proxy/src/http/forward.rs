@@ -22,16 +22,30 @@ use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
-pub async fn forward(
+/// Not an `async fn`: the common path's future is [`forward_body`]'s, not one wrapping it.
+pub fn forward<'a>(
     route: MatchedRoute,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
+    rec: &'a mut RequestRecord,
+) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+    if is_upgrade(&req) {
+        // Rare and with large futures: boxed, so the common path's future stays small.
+        return futures::future::Either::Left(Box::pin(async move { upgrade_via(&route, req, rec).await }));
+    }
+    futures::future::Either::Right(forward_body(route, req.map(UpBody::Streamed), rec))
+}
+
+/// Forwards a request that is not an upgrade, whose body may be the client's, a copy being
+/// kept (by a retry), or a replay.
+pub async fn forward_body(
+    route: MatchedRoute,
+    mut req: Request<UpBody>,
     rec: &mut RequestRecord,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = &route.backend;
     let failover = route.rule.policy.failover;
-    let upgrade = is_upgrade(&req);
     let downstream = req.version();
-    if !upgrade && downstream != Version::HTTP_2 {
+    if downstream != Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), true);
     }
     // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
@@ -45,33 +59,20 @@ pub async fn forward(
         UpstreamProtocol::Http2 => true,
     };
     drop(settings);
-    if !upgrade && h2 != (downstream == Version::HTTP_2) {
+    if h2 != (downstream == Version::HTTP_2) {
         to_version(&mut req, h2);
-    }
-    if upgrade {
-        // Rare and with large futures: boxed, so the common path's future stays small.
-        return Box::pin(upgrade_via(&route, req, rec)).await;
     }
     // Keep what a replay needs, unless there is no other endpoint to send it to (the head's
     // copy costs a header-map clone per request; a body's copy only references its buffers).
     let idempotent = req.method().is_idempotent();
-    let replay = (failover.max_endpoints > 1 && cluster.endpoints.load().ready.len() > 1)
-        .then(|| RequestHead::of(&req))
-        .map(|head| {
-            let body = http_body::Body::is_end_stream(req.body()).then_some(Replay::Bodiless).or_else(|| {
-                UpBody::fits(&http_body::Body::size_hint(req.body())).then(|| Replay::Copied(BodyCopy::default()))
-            });
-            (head, body)
-        });
-    let mut req = req.map(|body| match &replay {
-        Some((_, Some(Replay::Bodiless))) => UpBody::Empty,
-        Some((_, Some(Replay::Copied(copy)))) => UpBody::Copied { body, copy: copy.clone() },
-        _ => UpBody::Streamed(body),
+    let replay = (failover.max_endpoints > 1 && cluster.endpoints.load().ready.len() > 1).then(|| {
+        let (keep, body) = Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty));
+        *req.body_mut() = body;
+        (RequestHead::of(&req), keep)
     });
-    let again = |replay: &Option<(RequestHead, Option<Replay>)>| match replay {
-        Some((head, Some(Replay::Bodiless))) => Some(head.request(UpBody::Empty)),
-        Some((head, Some(Replay::Copied(copy)))) => copy.replay().map(|b| head.request(b)),
-        _ => None,
+    let again = |replay: &Option<(RequestHead, Option<Replay>)>| {
+        let (head, keep) = replay.as_ref()?;
+        Some(head.request(keep.as_ref()?.body()?))
     };
     let mut tried = Tried::default();
     let mut unsent = 0;
@@ -169,9 +170,36 @@ fn to_version<B>(req: &mut Request<B>, h2: bool) {
 }
 
 /// How a request's body is kept for a replay.
-enum Replay {
+pub enum Replay {
     Bodiless,
     Copied(BodyCopy),
+    Chunks(std::collections::VecDeque<bytes::Bytes>),
+}
+
+impl Replay {
+    /// What keeps `body` for a replay (if it can be kept), and the body to send first.
+    pub fn keep(body: UpBody) -> (Option<Replay>, UpBody) {
+        match body {
+            UpBody::Empty => (Some(Replay::Bodiless), UpBody::Empty),
+            UpBody::Copied { body, copy } => (Some(Replay::Copied(copy.clone())), UpBody::Copied { body, copy }),
+            UpBody::Replayed(chunks) => (Some(Replay::Chunks(chunks.clone())), UpBody::Replayed(chunks)),
+            UpBody::Streamed(b) if http_body::Body::is_end_stream(&b) => (Some(Replay::Bodiless), UpBody::Empty),
+            UpBody::Streamed(b) if UpBody::fits(&http_body::Body::size_hint(&b)) => {
+                let copy = BodyCopy::default();
+                (Some(Replay::Copied(copy.clone())), UpBody::Copied { body: b, copy })
+            }
+            streamed => (None, streamed),
+        }
+    }
+
+    /// The body again, if it was kept whole.
+    pub fn body(&self) -> Option<UpBody> {
+        match self {
+            Replay::Bodiless => Some(UpBody::Empty),
+            Replay::Copied(copy) => copy.replay(),
+            Replay::Chunks(chunks) => Some(UpBody::Replayed(chunks.clone())),
+        }
+    }
 }
 
 /// Whether a response is the callee sidecar's own answer that its app could not be reached.
@@ -181,7 +209,7 @@ fn app_not_reached(resp: &Response<UpstreamBody>) -> bool {
 }
 
 /// The head of a request, kept so the request can be sent again.
-struct RequestHead {
+pub struct RequestHead {
     method: http::Method,
     uri: http::Uri,
     version: Version,
@@ -189,7 +217,7 @@ struct RequestHead {
 }
 
 impl RequestHead {
-    fn of<B>(req: &Request<B>) -> RequestHead {
+    pub fn of<B>(req: &Request<B>) -> RequestHead {
         RequestHead {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -198,7 +226,7 @@ impl RequestHead {
         }
     }
 
-    fn request(&self, body: UpBody) -> Request<UpBody> {
+    pub fn request(&self, body: UpBody) -> Request<UpBody> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
