@@ -259,3 +259,154 @@ fn a_concurrency_limit_holds_and_excess_requests_fail_fast() {
     let metrics = curl(&[&format!("http://{}/metrics", edge.admin())]).unwrap().body;
     assert!(metrics.contains("reason=\"overflow\""), "{metrics}");
 }
+
+/// An app answering 503 to every `fail_every`-th request (1: to all), counting requests.
+fn failing_app(fail_every: u32) -> (u16, Arc<AtomicU32>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let count = Arc::new(AtomicU32::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                        let status = if n.is_multiple_of(fail_every) { 503 } else { 200 };
+                        async move {
+                            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
+                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+    });
+    (port, count)
+}
+
+/// `n` GETs through `url`, `concurrency` at a time; returns the statuses.
+fn load(url: &str, n: usize, concurrency: usize) -> Vec<u16> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let next = Arc::new(AtomicU32::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, next, url) = (client.clone(), next.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while (next.fetch_add(1, Ordering::Relaxed) as usize) < n {
+                        let r = client.get(url.parse().unwrap()).await.unwrap();
+                        out.push(r.status().as_u16());
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    })
+}
+
+fn mesh_of(dir: &TestDir, control: &Control, apps: &[u16]) -> (Vec<Proc>, Edge) {
+    let sidecars = apps
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let mut cmd = Command::new(weft_bin());
+            cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+            cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
+            cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+            Proc::spawn(dir, &format!("backend-{i}"), &mut cmd)
+        })
+        .collect();
+    wait_until(Duration::from_secs(15), "instances healthy", || control.healthy_ids("backend").len() == apps.len());
+    let edge = Edge::start(dir, control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees all", || edge.endpoint_addrs("backend").len() == apps.len());
+    (sidecars, edge)
+}
+
+fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
+    let path = dir.path.join("policy.yaml");
+    std::fs::write(
+        &path,
+        format!("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-retries}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  retry: {retry}\n"),
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// One of three instances answers 503 to every other request: with retries on 5xx, clients see
+/// (almost) no errors; the retries were real (the flaky app was asked more than its share).
+#[test]
+fn retries_hide_a_flaky_instance() {
+    let dir = TestDir::new("retries");
+    let control = Control::start(&dir);
+    let (good_a, _) = failing_app(u32::MAX);
+    let (good_b, _) = failing_app(u32::MAX);
+    let (flaky, flaky_count) = failing_app(2);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    let before = load(&url, 300, 4);
+    let failed_before = before.iter().filter(|s| **s != 200).count();
+    assert!(failed_before > 10, "the flaky instance should show without retries: {failed_before} of 300 failed");
+    apply_policy(&dir, &control, "{attempts: 2, retryOn: [5xx], backoff: {baseInterval: 2ms}}");
+    wait_until(Duration::from_secs(5), "retries in force", || load(&url, 30, 2).iter().all(|s| *s == 200));
+    let asked_before = flaky_count.load(Ordering::SeqCst);
+    let statuses = load(&url, 2000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert!(failed <= 2, "{failed} of 2000 requests failed with retries on (at most 0.1%)");
+    assert!(flaky_count.load(Ordering::SeqCst) > asked_before + 100, "the flaky instance was hardly asked");
+}
+
+/// Every instance fails: a retry budget of 20% keeps the attempts the apps see close to the
+/// requests sent, where three retries each would have quadrupled them.
+#[test]
+fn a_retry_budget_bounds_retries_when_everything_fails() {
+    let dir = TestDir::new("retry-budget");
+    let control = Control::start(&dir);
+    let apps: Vec<(u16, Arc<AtomicU32>)> = (0..3).map(|_| failing_app(1)).collect();
+    let (_sidecars, edge) = mesh_of(&dir, &control, &apps.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    let attempts = || apps.iter().map(|(_, c)| c.load(Ordering::SeqCst)).sum::<u32>();
+    // Without a budget (at most 3 retries in flight): many retries.
+    apply_policy(&dir, &control, "{attempts: 3, retryOn: [5xx], backoff: {baseInterval: 1ms}}");
+    wait_until(Duration::from_secs(5), "retries in force", || {
+        let a = attempts();
+        load(&url, 1, 1);
+        attempts() - a == 4
+    });
+    let (a0, n) = (attempts(), 300);
+    load(&url, n, 3);
+    let unbudgeted = f64::from(attempts() - a0) / n as f64;
+    apply_policy(
+        &dir,
+        &control,
+        "{attempts: 3, retryOn: [5xx], backoff: {baseInterval: 1ms}, budget: {percent: 20, minRetryConcurrency: 1}}",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let a1 = attempts();
+    let statuses = load(&url, n, 3);
+    assert!(statuses.iter().all(|s| *s == 503), "everything fails");
+    let budgeted = f64::from(attempts() - a1) / n as f64;
+    eprintln!("attempts per request: {unbudgeted:.2} without a budget, {budgeted:.2} with 20%");
+    // Three clients, each retrying three times: 4 attempts per request without a budget. With
+    // 20% of ~3 requests in flight (at least 1) only one retry runs at a time.
+    assert!(unbudgeted > 3.5, "{unbudgeted:.2} attempts per request without a budget");
+    assert!(budgeted < 2.5, "{budgeted:.2} attempts per request with a 20% budget");
+}

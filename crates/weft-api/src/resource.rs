@@ -409,6 +409,65 @@ pub struct TrafficPolicySpec {
     pub target_ref: PolicyTargetRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Retries of requests to the service, by the caller's sidecar. Only idempotent requests are
+/// retried after they reached an app; a request that never did (connect failure) is retried
+/// whatever its method. A body is kept for a retry up to 64 KiB.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Time allowed for each attempt (default: only the route's timeout).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// When to retry (default `[gateway-error, connect-failure, reset]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<RetryBackoff>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+}
+
+pub const RETRY_ON: [&str; 9] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+pub const DEFAULT_RETRY_ON: [&str; 3] = ["gateway-error", "connect-failure", "reset"];
+
+/// Exponential backoff with full jitter between retries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBackoff {
+    /// Default 25ms.
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub base_interval: Option<Duration>,
+    /// Default 10 × baseInterval.
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<Duration>,
+}
+
+/// Retries in flight at once may be at most `percent` of the requests in flight to the
+/// service, or `minRetryConcurrency`, whichever is more (Envoy's retry budget). Without a
+/// budget, at most 3 retries are in flight at once (Envoy's default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudget {
+    pub percent: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -733,6 +792,9 @@ impl Resource {
                     o.spec.target_ref.group.as_deref(),
                 )?;
                 check_name(doc, "spec.targetRef.name", &o.spec.target_ref.name)?;
+                if let Some(r) = &o.spec.retry {
+                    validate_retry(doc, r)?;
+                }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(
                         doc,
@@ -904,6 +966,39 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_retry(doc: usize, r: &RetryPolicy) -> Result<(), ApplyError> {
+    if r.attempts.is_some_and(|a| a > 10) {
+        return Err(ApplyError::new(doc, "spec.retry.attempts", "at most 10 retries"));
+    }
+    if r.per_try_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(ApplyError::new(doc, "spec.retry.perTryTimeout", "must be greater than 0"));
+    }
+    for (i, on) in r.retry_on.iter().enumerate() {
+        if !RETRY_ON.contains(&on.as_str()) {
+            return Err(ApplyError::new(
+                doc,
+                format!("spec.retry.retryOn[{i}]"),
+                format!("{on:?} is not a retry condition; use {}", RETRY_ON.join(", ")),
+            ));
+        }
+    }
+    if let Some(b) = &r.backoff {
+        let base = b.base_interval.unwrap_or(Duration::from_millis(25));
+        if base.is_zero() {
+            return Err(ApplyError::new(doc, "spec.retry.backoff.baseInterval", "must be greater than 0"));
+        }
+        if b.max_interval.is_some_and(|m| m < base) {
+            return Err(ApplyError::new(doc, "spec.retry.backoff.maxInterval", "must not be less than baseInterval"));
+        }
+    }
+    if let Some(b) = &r.budget
+        && !(b.percent > 0.0 && b.percent <= 100.0)
+    {
+        return Err(ApplyError::new(doc, "spec.retry.budget.percent", "must be more than 0 and at most 100"));
     }
     Ok(())
 }

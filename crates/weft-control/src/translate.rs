@@ -38,8 +38,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster, header_matcher, query_parameter_matcher, route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, retry_policy, route,
+    route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -54,6 +55,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
@@ -63,9 +65,9 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, ConnectionPool, DEFAULT_CONNECT_TIMEOUT, HeaderMatchType, HttpRouteMatch, HttpRouteRule,
+    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_ON, HeaderMatchType, HttpRouteMatch, HttpRouteRule,
     JwksSource, LoadBalancer, MtlsMode, Object, PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec,
-    Resource, ServiceSpec,
+    Resource, RetryPolicy, ServiceSpec, TrafficPolicySpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -164,18 +166,14 @@ impl Snapshot {
         let mut policies = Vec::new();
         let mut authns = Vec::new();
         // The first TrafficPolicy (by name) targeting a service applies to it.
-        let mut pools: HashMap<&str, &ConnectionPool> = HashMap::new();
+        let mut traffic: HashMap<&str, &TrafficPolicySpec> = HashMap::new();
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
                 Resource::HttpRoute(o) => routes.push(o),
                 Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
                 Resource::RequestAuthentication(o) => authns.push(o.clone()),
-                Resource::TrafficPolicy(o) => {
-                    if let Some(pool) = &o.spec.connection_pool {
-                        pools.entry(o.spec.target_ref.name.as_str()).or_insert(pool);
-                    }
-                }
+                Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
             }
         }
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
@@ -224,13 +222,15 @@ impl Snapshot {
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
             };
-            let mut cluster = eds_cluster(name, &spec, pools.get(name.as_str()).copied());
+            let policy = traffic.get(name.as_str()).copied();
+            let mut cluster = eds_cluster(name, &spec, policy);
             put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
             let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
-            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules)));
+            let retry = policy.and_then(|p| p.retry.as_ref()).map(retry_policy);
+            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, retry.as_ref())));
             put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
             services.insert(
                 name.clone(),
@@ -335,7 +335,7 @@ impl Snapshot {
             let http = if self.global[&Type::Route].contains_key(&up.service) {
                 HttpRoutes::Rds(&up.service)
             } else {
-                HttpRoutes::Inline(Box::new(route_config(&up.service, &[])))
+                HttpRoutes::Inline(Box::new(route_config(&up.service, &[], None)))
             };
             let l = proxy_listener(
                 &name,
@@ -395,10 +395,35 @@ fn load_balancing_policy(lb: LoadBalancer) -> LoadBalancingPolicy {
     LoadBalancingPolicy { policies }
 }
 
-fn eds_cluster(name: &str, spec: &ServiceSpec, pool: Option<&ConnectionPool>) -> Cluster {
-    let circuit_breakers = pool.and_then(|p| p.max_requests).map(|max| CircuitBreakers {
+/// A TrafficPolicy's retries as Envoy's route retry policy.
+fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
+    let on: Vec<&str> =
+        if r.retry_on.is_empty() { DEFAULT_RETRY_ON.to_vec() } else { r.retry_on.iter().map(String::as_str).collect() };
+    let base = r.backoff.as_ref().and_then(|b| b.base_interval).unwrap_or(std::time::Duration::from_millis(25));
+    let max = r.backoff.as_ref().and_then(|b| b.max_interval).unwrap_or(base * 10);
+    EnvoyRetryPolicy {
+        retry_on: on.join(","),
+        num_retries: Some(UInt32Value { value: r.attempts.unwrap_or(2) }),
+        per_try_timeout: r.per_try_timeout.map(duration),
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(duration(base)),
+            max_interval: Some(duration(max)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec>) -> Cluster {
+    let max_requests = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_requests);
+    let budget = policy.and_then(|p| p.retry.as_ref()).and_then(|r| r.budget.as_ref());
+    let circuit_breakers = (max_requests.is_some() || budget.is_some()).then(|| CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {
-            max_requests: Some(UInt32Value { value: max }),
+            max_requests: max_requests.map(|value| UInt32Value { value }),
+            retry_budget: budget.map(|b| circuit_breakers::thresholds::RetryBudget {
+                budget_percent: Some(Percent { value: b.percent }),
+                min_retry_concurrency: b.min_retry_concurrency.map(|value| UInt32Value { value }),
+                ..Default::default()
+            }),
             ..Default::default()
         }],
         ..Default::default()
@@ -698,7 +723,7 @@ fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
 
 /// A service's route table: a virtual host per hostname that routes name (their rules, then
 /// the rules of routes without hostnames), and a `*` host for every other request.
-fn route_config(service: &str, rules: &[HostRule<'_>]) -> RouteConfiguration {
+fn route_config(service: &str, rules: &[HostRule<'_>], retry: Option<&EnvoyRetryPolicy>) -> RouteConfiguration {
     let mut hostnames: Vec<&String> = rules.iter().flat_map(|(h, _)| h.iter()).collect();
     hostnames.sort();
     hostnames.dedup();
@@ -726,6 +751,14 @@ fn route_config(service: &str, rules: &[HostRule<'_>]) -> RouteConfiguration {
         routes: routes(service, &any_host),
         ..Default::default()
     });
+    // Every request addressed to the service gets its retry policy, whichever version serves it.
+    if let Some(retry) = retry {
+        for route in virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
+            if let Some(route::Action::Route(action)) = &mut route.action {
+                action.retry_policy = Some(retry.clone());
+            }
+        }
+    }
     RouteConfiguration { name: service.to_owned(), virtual_hosts, ..Default::default() }
 }
 

@@ -64,6 +64,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             tls: None,
             protocol: Default::default(),
             max_requests: None,
+            retry_limit: Default::default(),
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );

@@ -3,7 +3,7 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef, UpstreamProtocol};
+use crate::config::{ClusterDef, EndpointDef, RetryLimit, UpstreamProtocol};
 use crate::endpoint::{Endpoint, SWEEPS};
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
@@ -27,6 +27,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
     pub max_requests: Option<u32>,
+    pub retry_limit: RetryLimit,
 }
 
 pub struct Cluster {
@@ -39,8 +40,10 @@ pub struct Cluster {
     connector: Arc<dyn Connect>,
     /// TLS origination towards the endpoints; shared with each of them.
     tls: Arc<ArcSwapOption<UpstreamTls>>,
-    /// Requests in flight, counted only while the cluster has a `max_requests`.
+    /// Requests in flight, counted only while the cluster has a `max_requests` or a retry
+    /// budget.
     in_flight: std::sync::atomic::AtomicU32,
+    retries_in_flight: std::sync::atomic::AtomicU32,
 }
 
 /// A request counted against its cluster's `max_requests`, until dropped.
@@ -61,6 +64,7 @@ impl Cluster {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 protocol: UpstreamProtocol::Downstream,
                 max_requests: None,
+                retry_limit: RetryLimit::default(),
             }),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
@@ -68,6 +72,7 @@ impl Cluster {
             connector,
             tls: Arc::new(ArcSwapOption::empty()),
             in_flight: Default::default(),
+            retries_in_flight: Default::default(),
         }
     }
 
@@ -113,13 +118,32 @@ impl Cluster {
 
     /// Counts a request against the cluster's `max_requests`, or refuses it at once.
     pub fn admit(&self, settings: &Settings) -> Result<Option<Admitted<'_>>, crate::error::ProxyError> {
-        let Some(limit) = settings.max_requests else { return Ok(None) };
+        let budget = matches!(settings.retry_limit, RetryLimit::Budget { .. });
+        if settings.max_requests.is_none() && !budget {
+            return Ok(None);
+        }
         let counted = self.in_flight.fetch_add(1, Ordering::Relaxed);
         let admitted = Admitted(&self.in_flight);
-        if counted >= limit {
+        if let Some(limit) = settings.max_requests
+            && counted >= limit
+        {
             return Err(crate::error::ProxyError::Overflow { cluster: self.name.clone(), limit });
         }
         Ok(Some(admitted))
+    }
+
+    /// A retry, if the cluster's retry limit allows one more in flight; counted until dropped.
+    pub fn admit_retry(&self) -> Option<Admitted<'_>> {
+        let allowed = match self.settings.load().retry_limit {
+            RetryLimit::Fixed(n) => n,
+            RetryLimit::Budget { percent, min } => {
+                let live = f64::from(self.in_flight.load(Ordering::Relaxed));
+                ((live * percent / 100.0) as u32).max(min)
+            }
+        };
+        let counted = self.retries_in_flight.fetch_add(1, Ordering::Relaxed);
+        let retry = Admitted(&self.retries_in_flight);
+        (counted < allowed).then_some(retry)
     }
 
     /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
@@ -218,6 +242,7 @@ impl ClusterManager {
                 connect_timeout: def.connect_timeout,
                 protocol: def.protocol,
                 max_requests: def.max_requests,
+                retry_limit: def.retry_limit,
             }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
@@ -275,6 +300,7 @@ mod tests {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             protocol: UpstreamProtocol::Downstream,
             max_requests: None,
+            retry_limit: RetryLimit::default(),
         }));
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {

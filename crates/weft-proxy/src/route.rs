@@ -3,7 +3,7 @@
 //! their clusters resolved. Routing decides everything about a request before any I/O: the
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
 use crate::balance::{Cluster, ClusterManager};
-use crate::config::{HeaderEdits, PathDef, Rewrite, RouteDef, RuleDef, StrMatch};
+use crate::config::{HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use arc_swap::ArcSwap;
@@ -70,13 +70,14 @@ impl Default for Failover {
 }
 
 /// What applies to every request a rule matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RoutePolicy {
     /// From the request's arrival to the response head; `None` for no limit.
     pub timeout: Option<Duration>,
     /// Connect failures move a request to another endpoint, as does a reset before the
     /// response for an idempotent request without a body (it can be sent again whole).
     pub failover: Failover,
+    pub retry: Option<RetryDef>,
 }
 
 enum PathMatch {
@@ -243,7 +244,7 @@ impl Rule {
         let backends: Vec<(Arc<Cluster>, u32)> =
             r.backends.iter().filter(|(_, w)| *w > 0).map(|(c, w)| (clusters.get(c), *w)).collect();
         let total_weight = backends.iter().map(|(_, w)| w).sum();
-        let policy = RoutePolicy { timeout: r.timeout, failover: Failover::default() };
+        let policy = RoutePolicy { timeout: r.timeout, failover: Failover::default(), retry: r.retry.clone() };
         let edits =
             (!(r.request_headers.is_empty() && r.response_headers.is_empty() && r.rewrite.is_empty())).then(|| {
                 Box::new(Edits {

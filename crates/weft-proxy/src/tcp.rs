@@ -78,6 +78,7 @@ mod tests {
                 tls: None,
                 protocol: Default::default(),
                 max_requests: None,
+                retry_limit: Default::default(),
             }],
             &crate::testing::no_tls,
         );

@@ -149,6 +149,57 @@ pub struct RuleDef {
     pub response_headers: HeaderEdits,
     #[serde(skip_serializing_if = "Rewrite::is_empty")]
     pub rewrite: Rewrite,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryDef>,
+}
+
+/// From `RouteAction.retry_policy`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryDef {
+    /// Retries after the first attempt.
+    pub retries: u32,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+    #[serde(serialize_with = "ser_duration")]
+    pub base_interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_interval: Duration,
+}
+
+/// The conditions of `retry_on` weft honours.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx answer, a reset, a connect failure or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504 or a per-try timeout.
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    /// gRPC status codes from `cancelled`, `deadline-exceeded`, `internal`,
+    /// `resource-exhausted`, `unavailable`.
+    pub grpc: Vec<u8>,
+}
+
+impl RetryOn {
+    pub fn parse(s: &str) -> Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        for c in s.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match c {
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
+                other => return Err(format!("retry_on {other:?} is not supported")),
+            }
+        }
+        Ok(on)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -222,6 +273,23 @@ pub struct ClusterDef {
     /// From `circuit_breakers`: requests in flight at once; more are refused (`overflow`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    pub retry_limit: RetryLimit,
+}
+
+/// How many retries may be in flight at once (from `circuit_breakers`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryLimit {
+    /// `max_retries` (Envoy's default: 3).
+    Fixed(u32),
+    /// `retry_budget`: this percent of the requests in flight, at least `min` (default 3).
+    Budget { percent: f64, min: u32 },
+}
+
+impl Default for RetryLimit {
+    fn default() -> Self {
+        RetryLimit::Fixed(3)
+    }
 }
 
 /// From the cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
@@ -591,6 +659,19 @@ fn header_edits(add: &[HeaderValueOption], remove: &[String], what: &str) -> Res
     Ok(edits)
 }
 
+fn retry_def(p: &envoy_types::pb::envoy::config::route::v3::RetryPolicy) -> Result<RetryDef, String> {
+    let base = p.retry_back_off.as_ref().and_then(|b| b.base_interval.as_ref()).map(duration);
+    let base = base.filter(|d| !d.is_zero()).unwrap_or(Duration::from_millis(25));
+    let max = p.retry_back_off.as_ref().and_then(|b| b.max_interval.as_ref()).map(duration).unwrap_or(base * 10);
+    Ok(RetryDef {
+        retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout: p.per_try_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
+        on: RetryOn::parse(&p.retry_on).map_err(|e| format!("retry_policy: {e}"))?,
+        base_interval: base,
+        max_interval: max.max(base),
+    })
+}
+
 /// The one regex rewrite weft honours: the whole path replaced (`^/.*$` → a literal path).
 const FULL_PATH_PATTERN: &str = "^/.*$";
 
@@ -686,7 +767,9 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
                 Some(_) => return Err(bad("only host_rewrite_literal is supported".into())),
             };
+            let retry = action.retry_policy.as_ref().map(retry_def).transpose().map_err(bad)?;
             rules.push(RuleDef {
+                retry,
                 path,
                 headers,
                 query,
@@ -744,12 +827,32 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
     let protocol = upstream_protocol(&c).map_err(bad)?;
-    let max_requests = match c.circuit_breakers.as_ref().map(|cb| cb.thresholds.as_slice()).unwrap_or_default() {
-        [] => None,
-        [t] if t.priority == 0 => t.max_requests.as_ref().map(|m| m.value),
-        _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
-    };
-    Ok(ClusterDef { name: c.name, load_balancer, connect_timeout, static_endpoints, tls, protocol, max_requests })
+    let (max_requests, retry_limit) =
+        match c.circuit_breakers.as_ref().map(|cb| cb.thresholds.as_slice()).unwrap_or_default() {
+            [] => (None, RetryLimit::default()),
+            [t] if t.priority == 0 => {
+                let limit = match (&t.retry_budget, &t.max_retries) {
+                    (Some(b), _) => RetryLimit::Budget {
+                        percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+                        min: b.min_retry_concurrency.as_ref().map_or(3, |m| m.value),
+                    },
+                    (None, Some(m)) => RetryLimit::Fixed(m.value),
+                    (None, None) => RetryLimit::default(),
+                };
+                (t.max_requests.as_ref().map(|m| m.value), limit)
+            }
+            _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
+        };
+    Ok(ClusterDef {
+        name: c.name,
+        load_balancer,
+        connect_timeout,
+        static_endpoints,
+        tls,
+        protocol,
+        max_requests,
+        retry_limit,
+    })
 }
 
 pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointDef>), InvalidResource> {
@@ -954,10 +1057,19 @@ mod tests {
             refused(listener_with(tcp_proxy("b"), by_source, |_| {})),
             "Listener \"l\": filter_chains[0].filter_chain_match sets source_ports, which weft does not support"
         );
-        let retries = RouteAction { retry_policy: Some(RetryPolicy::default()), ..Default::default() };
+        let codes = RetryPolicy { retriable_status_codes: vec![409], ..Default::default() };
+        let retries = RouteAction { retry_policy: Some(codes), ..Default::default() };
         assert_eq!(
             route(&pack_any(route_table(retries))).unwrap_err().to_string(),
-            "RouteConfiguration \"backend\": virtual_hosts[0].routes[0].route sets retry_policy, which weft does not support"
+            "RouteConfiguration \"backend\": virtual_hosts[0].routes[0].route.retry_policy sets retriable_status_codes, which weft does not support"
+        );
+        let on = RetryPolicy { retry_on: "5xx,retriable-4xx".into(), ..Default::default() };
+        let retries = RouteAction { retry_policy: Some(on), ..Default::default() };
+        assert!(
+            route(&pack_any(route_table(retries)))
+                .unwrap_err()
+                .to_string()
+                .contains("retry_on \"retriable-4xx\" is not supported"),
         );
         let mirror = RouteAction { request_mirror_policies: vec![Default::default()], ..Default::default() };
         let mut inline = hcm(vec![]);

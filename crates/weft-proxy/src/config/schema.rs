@@ -209,7 +209,22 @@ static ROUTE_ACTION: Schema = Schema {
         Plain("prefix_rewrite"),
         Message("regex_rewrite", &REGEX_MATCH_AND_SUBSTITUTE),
         Plain("host_rewrite_literal"),
+        Message("retry_policy", &RETRY_POLICY),
     ],
+};
+/// `retry_on` values are checked by the decoder.
+static RETRY_POLICY: Schema = Schema {
+    message: "envoy.config.route.v3.RetryPolicy",
+    fields: &[
+        Plain("retry_on"),
+        Plain("num_retries"),
+        Plain("per_try_timeout"),
+        Message("retry_back_off", &RETRY_BACK_OFF),
+    ],
+};
+static RETRY_BACK_OFF: Schema = Schema {
+    message: "envoy.config.route.v3.RetryPolicy.RetryBackOff",
+    fields: &[Plain("base_interval"), Plain("max_interval")],
 };
 static REGEX_MATCH_AND_SUBSTITUTE: Schema = Schema {
     message: "envoy.type.matcher.v3.RegexMatchAndSubstitute",
@@ -244,7 +259,11 @@ static CIRCUIT_BREAKERS: Schema =
 /// `priority` must be DEFAULT, which the decoder checks.
 static THRESHOLDS: Schema = Schema {
     message: "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
-    fields: &[Plain("priority"), Plain("max_requests")],
+    fields: &[Plain("priority"), Plain("max_requests"), Plain("max_retries"), Message("retry_budget", &RETRY_BUDGET)],
+};
+static RETRY_BUDGET: Schema = Schema {
+    message: "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget",
+    fields: &[Plain("budget_percent"), Plain("min_retry_concurrency")],
 };
 static EDS_CLUSTER_CONFIG: Schema =
     Schema { message: "envoy.config.cluster.v3.Cluster.EdsClusterConfig", fields: &[Plain("eds_config")] };

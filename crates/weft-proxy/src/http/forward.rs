@@ -32,14 +32,16 @@ pub fn forward<'a>(
         // Rare and with large futures: boxed, so the common path's future stays small.
         return futures::future::Either::Left(Box::pin(async move { upgrade_via(&route, req, rec).await }));
     }
-    futures::future::Either::Right(forward_body(route, req.map(UpBody::Streamed), rec))
+    futures::future::Either::Right(forward_body(route, req.map(UpBody::Streamed), &[], rec))
 }
 
 /// Forwards a request that is not an upgrade, whose body may be the client's, a copy being
-/// kept (by a retry), or a replay.
+/// kept (by a retry), or a replay. Endpoints at `avoid` (where a retried request failed) are
+/// not picked while another is ready.
 pub async fn forward_body(
     route: MatchedRoute,
     mut req: Request<UpBody>,
+    avoid: &[std::net::SocketAddr],
     rec: &mut RequestRecord,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = &route.backend;
@@ -75,6 +77,12 @@ pub async fn forward_body(
         Some(head.request(keep.as_ref()?.body()?))
     };
     let mut tried = Tried::default();
+    if !avoid.is_empty() {
+        let set = cluster.endpoints.load();
+        if set.ready.iter().any(|e| !avoid.contains(&e.addr)) {
+            set.ready.iter().filter(|e| avoid.contains(&e.addr)).for_each(|e| tried.add(e));
+        }
+    }
     let mut unsent = 0;
     loop {
         let (endpoint, conn) =

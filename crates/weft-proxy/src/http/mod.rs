@@ -4,12 +4,12 @@
 //! the body types; [`headers`] strips hop-by-hop headers; [`respond`] renders the proxy's own
 //! answers.
 pub mod body;
-mod forward;
+pub mod forward;
 pub mod headers;
 pub mod replay;
 mod respond;
 mod server;
-mod upgrade;
+pub mod upgrade;
 
 pub use forward::forward;
 pub use headers::strip_hop_by_hop;

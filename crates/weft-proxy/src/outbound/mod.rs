@@ -35,13 +35,23 @@ impl Outbound {
             Err(e) => return Either::Left(ready(Err(e))),
         };
         let timeout = route.rule.policy.timeout;
-        if timeout.is_none() && route.rule.edits.is_none() {
+        let retry = route.rule.policy.retry.is_some() && !crate::http::upgrade::is_upgrade(&req);
+        if timeout.is_none() && route.rule.edits.is_none() && !retry {
             return Either::Right(Either::Left(crate::http::forward(route, req, rec)));
         }
-        // Boxed: the timer and the rule's edits live only in requests whose route has them.
+        // Boxed: the timer, the rule's edits and retries live only in requests whose route has them.
         route.rule.edit_request(&mut req);
         let rule = route.rule.clone();
-        let forward = crate::http::forward(route, req, rec);
+        let forward: BoxFuture<'a, Reply> = match &rule.policy.retry {
+            Some(_) if retry => {
+                let policy = rule.clone();
+                Box::pin(async move {
+                    let retry = policy.policy.retry.as_ref().expect("checked");
+                    retry::with_retries(route, req, retry, rec).await
+                })
+            }
+            _ => Box::pin(crate::http::forward(route, req, rec)),
+        };
         Either::Right(Either::Right(Box::pin(async move {
             let mut resp = match timeout {
                 Some(t) => tokio::time::timeout(t, forward)
@@ -55,5 +65,6 @@ impl Outbound {
     }
 }
 
+mod retry;
 #[cfg(test)]
 mod tests;

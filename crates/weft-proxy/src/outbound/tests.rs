@@ -45,6 +45,7 @@ impl Mesh {
                 tls: None,
                 protocol: Default::default(),
                 max_requests: None,
+                retry_limit: Default::default(),
             }],
             &crate::testing::no_tls,
         );
