@@ -8,12 +8,12 @@
 //!
 //! outbound  (the local app → other services)
 //!   listener → detect → outbound::Outbound:
-//!       route → per-route policy (timeout; [retries]) → balance + failover → mTLS origination → endpoint
+//!       route → request edits → timeout → retries → concurrency limit → balance + failover
+//!       → mTLS origination → endpoint → response edits
 //! ```
-//! Steps in brackets arrive with later issues: an inbound policy step is a call in
-//! [`crate::inbound::Inbound::call`] (as authorization is), an outbound one in
-//! [`crate::outbound::Outbound::call`]. Opaque TCP is authorized in [`crate::listener`]
-//! (it carries no JWT).
+//! An inbound policy step is a call in [`crate::inbound::Inbound::call`] (as authorization
+//! is), an outbound one in [`crate::outbound::Outbound::call`] (as retries are). Opaque TCP is
+//! authorized in [`crate::listener`] (it carries no JWT).
 //! Both stacks share the HTTP server and forwarding code ([`crate::http`]), the pools
 //! ([`crate::endpoint`]), error rendering and metrics; the TCP path is [`crate::tcp`].
 use crate::context::Direction;
