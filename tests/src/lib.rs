@@ -50,7 +50,24 @@ pub fn join_token(control: &str, service: &str) -> String {
     stdout(&out).trim().to_owned()
 }
 
+/// A port for a process under test to bind. Ports come from a block of this test process's
+/// own below the kernel's ephemeral range (32768+): a port the kernel hands out for `bind(0)`
+/// or for an outgoing connection (a proxy's upstream, a curl) could be taken again between
+/// picking it here and the child binding it, which made tests fail at random under load.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const BLOCK: u16 = 100;
+    const BLOCKS: u16 = 120; // 20000..32000
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = FIRST + (std::process::id() % u32::from(BLOCKS)) as u16 * BLOCK;
+    for _ in 0..BLOCK {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % BLOCK;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // Every port of the block is in use: fall back to one the kernel picks.
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

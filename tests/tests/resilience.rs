@@ -2,7 +2,7 @@
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use weft_tests::*;
 
 /// The app of one of three instances is SIGKILLed while its sidecar keeps running (and keeps
@@ -260,8 +260,9 @@ fn a_concurrency_limit_holds_and_excess_requests_fail_fast() {
     assert!(metrics.contains("reason=\"overflow\""), "{metrics}");
 }
 
-/// An app answering 503 to every `fail_every`-th request (1: to all), counting requests.
-fn failing_app(fail_every: u32) -> (u16, Arc<AtomicU32>) {
+/// An app answering 503 to the requests `fails` picks by their number (from 1), counting
+/// requests.
+fn failing_app(fails: fn(u32) -> bool) -> (u16, Arc<AtomicU32>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -277,7 +278,7 @@ fn failing_app(fail_every: u32) -> (u16, Arc<AtomicU32>) {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
                         let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-                        let status = if n.is_multiple_of(fail_every) { 503 } else { 200 };
+                        let status = if fails(n) { 503 } else { 200 };
                         async move {
                             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -341,10 +342,16 @@ fn mesh_of(dir: &TestDir, control: &Control, apps: &[u16]) -> (Vec<Proc>, Edge) 
 }
 
 fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
+    apply_policy_spec(dir, control, &format!("retry: {retry}"));
+}
+
+/// Applies a TrafficPolicy for `backend` whose spec (besides its target) is `spec`, indented
+/// by two spaces.
+fn apply_policy_spec(dir: &TestDir, control: &Control, spec: &str) {
     let path = dir.path.join("policy.yaml");
     std::fs::write(
         &path,
-        format!("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-retries}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  retry: {retry}\n"),
+        format!("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-policy}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  {spec}\n"),
     )
     .unwrap();
     let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
@@ -357,9 +364,9 @@ fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
 fn retries_hide_a_flaky_instance() {
     let dir = TestDir::new("retries");
     let control = Control::start(&dir);
-    let (good_a, _) = failing_app(u32::MAX);
-    let (good_b, _) = failing_app(u32::MAX);
-    let (flaky, flaky_count) = failing_app(2);
+    let (good_a, _) = failing_app(|_| false);
+    let (good_b, _) = failing_app(|_| false);
+    let (flaky, flaky_count) = failing_app(|n| n.is_multiple_of(2));
     let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
     let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
     let before = load(&url, 300, 4);
@@ -380,7 +387,7 @@ fn retries_hide_a_flaky_instance() {
 fn a_retry_budget_bounds_retries_when_everything_fails() {
     let dir = TestDir::new("retry-budget");
     let control = Control::start(&dir);
-    let apps: Vec<(u16, Arc<AtomicU32>)> = (0..3).map(|_| failing_app(1)).collect();
+    let apps: Vec<(u16, Arc<AtomicU32>)> = (0..3).map(|_| failing_app(|_| true)).collect();
     let (_sidecars, edge) = mesh_of(&dir, &control, &apps.iter().map(|(p, _)| *p).collect::<Vec<_>>());
     let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
     let attempts = || apps.iter().map(|(_, c)| c.load(Ordering::SeqCst)).sum::<u32>();
@@ -409,4 +416,64 @@ fn a_retry_budget_bounds_retries_when_everything_fails() {
     // 20% of ~3 requests in flight (at least 1) only one retry runs at a time.
     assert!(unbudgeted > 3.5, "{unbudgeted:.2} attempts per request without a budget");
     assert!(budgeted < 2.5, "{budgeted:.2} attempts per request with a 20% budget");
+}
+
+fn ejections(edge: &Edge) -> u64 {
+    let metrics = curl(&[&format!("http://{}/metrics", edge.admin())]).unwrap().body;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("weft_outlier_ejections_total{service=\"backend\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One of three instances fails half its requests (three in a row, then three good): with
+/// retries and outlier detection on, clients see no more than 0.1% errors; the instance is
+/// ejected after three failures in a row, asked nothing while ejected, and let back in when
+/// the ejection time is over.
+#[test]
+fn outlier_detection_ejects_a_failing_instance_and_lets_it_back_in() {
+    let dir = TestDir::new("outlier");
+    let control = Control::start(&dir);
+    let (good_a, _) = failing_app(|_| false);
+    let (good_b, _) = failing_app(|_| false);
+    let (flaky, flaky_count) = failing_app(|n| (n - 1) % 6 < 3);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    apply_policy_spec(
+        &dir,
+        &control,
+        "retry: {attempts: 2, retryOn: [5xx], backoff: {baseInterval: 2ms}}\n  \
+         outlierDetection: {consecutive5xx: 3, baseEjectionTime: 3s, maxEjectionPercent: 34}",
+    );
+    let mut sent = 0;
+    wait_until(Duration::from_secs(10), "the flaky instance ejected", || {
+        sent += 10;
+        load(&url, 10, 1);
+        ejections(&edge) >= 1
+    });
+    let ejected_at = Instant::now();
+    // While ejected, the instance is asked nothing.
+    let asked = flaky_count.load(Ordering::SeqCst);
+    let during = load(&url, 200, 4);
+    assert!(
+        ejected_at.elapsed() < Duration::from_secs(3),
+        "the load took too long to tell: {:?}",
+        ejected_at.elapsed()
+    );
+    assert_eq!(flaky_count.load(Ordering::SeqCst), asked, "an ejected instance was sent requests");
+    assert!(during.iter().all(|s| *s == 200), "{during:?}");
+    // After the ejection time it is asked again (and, still failing, ejected again).
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(ejected_at.elapsed()) + Duration::from_millis(200));
+    load(&url, 100, 2);
+    assert!(flaky_count.load(Ordering::SeqCst) > asked, "the instance was not let back in after its ejection time");
+    wait_until(Duration::from_secs(5), "a second ejection", || {
+        load(&url, 10, 1);
+        ejections(&edge) >= 2
+    });
+    // Overall, what clients saw.
+    let statuses = load(&url, 2000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert!(failed <= 2, "{failed} of 2000 requests failed (at most 0.1%)");
+    eprintln!("{sent} requests until the first ejection; {} ejections in all", ejections(&edge));
 }

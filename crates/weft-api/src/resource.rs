@@ -411,7 +411,44 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
 }
+
+/// Passive health checking by each calling sidecar: an instance that fails several requests in
+/// a row is ejected (not picked) for a while, longer each time it is ejected again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (or connect failures, resets) that eject an instance; default 5,
+    /// 0 turns this check off.
+    #[serde(default, rename = "consecutive5xx", skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502, 503 or 504 answers (or connect failures, resets) that eject an
+    /// instance; off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How long the first ejection lasts (default 30s); the n-th ejection in a row lasts n
+    /// times as long.
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<Duration>,
+    /// The longest an ejection lasts (default 300s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub max_ejection_time: Option<Duration>,
+    /// The share of instances that may be ejected at once (default 10); one may always be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// When fewer than this percentage of the instances are left un-ejected, ejections are
+    /// ignored and every instance is used (default 50; 0 never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
+}
+
+pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
 
 /// Retries of requests to the service, by the caller's sidecar. Only idempotent requests are
 /// retried after they reached an app; a request that never did (connect failure) is retried
@@ -795,6 +832,9 @@ impl Resource {
                 if let Some(r) = &o.spec.retry {
                     validate_retry(doc, r)?;
                 }
+                if let Some(od) = &o.spec.outlier_detection {
+                    validate_outlier(doc, od)?;
+                }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(
                         doc,
@@ -966,6 +1006,42 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_outlier(doc: usize, od: &OutlierDetection) -> Result<(), ApplyError> {
+    let at = |f: &str| format!("spec.outlierDetection.{f}");
+    if od.consecutive_5xx == Some(0) && od.consecutive_gateway_errors.is_none_or(|n| n == 0) {
+        return Err(ApplyError::new(
+            doc,
+            at("consecutive5xx"),
+            "is 0 and consecutiveGatewayErrors is not set: nothing would eject an instance (remove outlierDetection instead)",
+        ));
+    }
+    if od.consecutive_gateway_errors == Some(0) {
+        return Err(ApplyError::new(
+            doc,
+            at("consecutiveGatewayErrors"),
+            "must be at least 1 (leave it out to turn it off)",
+        ));
+    }
+    for (field, p) in [("maxEjectionPercent", od.max_ejection_percent), ("panicThreshold", od.panic_threshold)] {
+        if p.is_some_and(|p| p > 100) {
+            return Err(ApplyError::new(doc, at(field), format!("{} is not a percentage (0 to 100)", p.unwrap_or(0))));
+        }
+    }
+    let base = od.base_ejection_time.unwrap_or(DEFAULT_BASE_EJECTION_TIME);
+    if base < Duration::from_millis(10) {
+        return Err(ApplyError::new(doc, at("baseEjectionTime"), "must be at least 10ms"));
+    }
+    let max = od.max_ejection_time.unwrap_or(DEFAULT_MAX_EJECTION_TIME.max(base));
+    if max < base {
+        return Err(ApplyError::new(
+            doc,
+            at("maxEjectionTime"),
+            format!("{max:?} is shorter than baseEjectionTime ({base:?})"),
+        ));
     }
     Ok(())
 }
@@ -1309,6 +1385,28 @@ spec:
         // JSON round trip (the CLI sends JSON to the control plane).
         let json = serde_json::to_value(&docs[1]).unwrap();
         assert_eq!(Resource::from_json(0, json).unwrap(), docs[1]);
+    }
+
+    #[test]
+    fn traffic_policy_values_are_checked() {
+        let policy = |spec: &str| {
+            err(&format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: backend}}\n  {spec}\n"
+            ))
+        };
+        let e = policy("outlierDetection: {consecutive5xx: 0}");
+        assert_eq!(e.path, "spec.outlierDetection.consecutive5xx");
+        let e = policy("outlierDetection: {maxEjectionPercent: 120}");
+        assert_eq!(e.path, "spec.outlierDetection.maxEjectionPercent");
+        let e = policy("outlierDetection: {baseEjectionTime: 1m, maxEjectionTime: 30s}");
+        assert_eq!(e.path, "spec.outlierDetection.maxEjectionTime");
+        assert!(e.reason.contains("shorter than baseEjectionTime"), "{e}");
+        let e = policy("outlierDetection: {consecutiveGatewayErrors: 0}");
+        assert_eq!(e.path, "spec.outlierDetection.consecutiveGatewayErrors");
+        let e = policy("retry: {retryOn: [sometimes]}");
+        assert_eq!(e.path, "spec.retry.retryOn[0]");
+        let ok = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {name: backend}\n  outlierDetection: {consecutive5xx: 0, consecutiveGatewayErrors: 3}\n";
+        assert!(parse_documents(ok).is_ok());
     }
 
     #[test]

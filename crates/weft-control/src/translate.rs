@@ -20,7 +20,8 @@
 //! too. Proxyless clients get the clusters without TLS (they reach permissive services).
 use crate::state::Inner;
 use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, LoadBalancingPolicy, circuit_breakers, cluster, load_balancing_policy,
+    CircuitBreakers, Cluster, LoadBalancingPolicy, OutlierDetection as EnvoyOutlierDetection, circuit_breakers,
+    cluster, load_balancing_policy,
 };
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -65,9 +66,11 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RETRY_ON, HeaderMatchType, HttpRouteMatch, HttpRouteRule,
-    JwksSource, LoadBalancer, MtlsMode, Object, PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec,
-    Resource, RetryPolicy, ServiceSpec, TrafficPolicySpec,
+    AuthorizationPolicySpec, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
+    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON,
+    HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer, MtlsMode, Object, OutlierDetection,
+    PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec,
+    TrafficPolicySpec,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -413,6 +416,26 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
     }
 }
 
+/// A TrafficPolicy's outlier detection as Envoy's: consecutive 5xx (on unless 0) and
+/// consecutive gateway failures (on when set) enforced every time.
+fn outlier_detection(od: &OutlierDetection) -> EnvoyOutlierDetection {
+    let n = |value: u32| Some(UInt32Value { value });
+    let five_xx = od.consecutive_5xx.unwrap_or(DEFAULT_CONSECUTIVE_5XX);
+    let base = od.base_ejection_time.unwrap_or(DEFAULT_BASE_EJECTION_TIME);
+    EnvoyOutlierDetection {
+        consecutive_5xx: n(five_xx.max(1)),
+        enforcing_consecutive_5xx: n(if five_xx == 0 { 0 } else { 100 }),
+        consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(n),
+        enforcing_consecutive_gateway_failure: n(if od.consecutive_gateway_errors.is_some() { 100 } else { 0 }),
+        base_ejection_time: Some(duration(base)),
+        max_ejection_time: Some(duration(od.max_ejection_time.unwrap_or(DEFAULT_MAX_EJECTION_TIME.max(base)))),
+        max_ejection_percent: n(od.max_ejection_percent.unwrap_or(DEFAULT_MAX_EJECTION_PERCENT)),
+        // Success-rate and failure-percentage ejection are not offered: off.
+        enforcing_success_rate: n(0),
+        ..Default::default()
+    }
+}
+
 fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec>) -> Cluster {
     let max_requests = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_requests);
     let budget = policy.and_then(|p| p.retry.as_ref()).and_then(|r| r.budget.as_ref());
@@ -428,8 +451,16 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         }],
         ..Default::default()
     });
+    let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
     Cluster {
         circuit_breakers,
+        outlier_detection: outlier.map(outlier_detection),
+        common_lb_config: outlier.map(|od| cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(Percent {
+                value: f64::from(od.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD)),
+            }),
+            ..Default::default()
+        }),
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),

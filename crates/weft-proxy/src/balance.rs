@@ -3,11 +3,14 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef, RetryLimit, UpstreamProtocol};
-use crate::endpoint::{Endpoint, SWEEPS};
+use crate::config::{ClusterDef, EndpointDef, OutlierDef, RetryLimit, UpstreamProtocol};
+use crate::endpoint::{Endpoint, SWEEPS, clock};
+use crate::metrics::Metrics;
+use crate::outlier::{self, Observed};
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
 use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -28,6 +31,7 @@ pub struct Settings {
     pub protocol: UpstreamProtocol,
     pub max_requests: Option<u32>,
     pub retry_limit: RetryLimit,
+    pub outlier: Option<OutlierDef>,
 }
 
 pub struct Cluster {
@@ -44,6 +48,8 @@ pub struct Cluster {
     /// budget.
     in_flight: std::sync::atomic::AtomicU32,
     retries_in_flight: std::sync::atomic::AtomicU32,
+    /// Outlier ejections so far (`weft_outlier_ejections_total`).
+    ejections: Counter,
 }
 
 /// A request counted against its cluster's `max_requests`, until dropped.
@@ -56,7 +62,7 @@ impl Drop for Admitted<'_> {
 }
 
 impl Cluster {
-    fn new(name: &str, connector: Arc<dyn Connect>) -> Cluster {
+    fn new(name: &str, connector: Arc<dyn Connect>, ejections: Counter) -> Cluster {
         Cluster {
             name: name.into(),
             settings: ArcSwap::from_pointee(Settings {
@@ -65,6 +71,7 @@ impl Cluster {
                 protocol: UpstreamProtocol::Downstream,
                 max_requests: None,
                 retry_limit: RetryLimit::default(),
+                outlier: None,
             }),
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
@@ -73,6 +80,7 @@ impl Cluster {
             tls: Arc::new(ArcSwapOption::empty()),
             in_flight: Default::default(),
             retries_in_flight: Default::default(),
+            ejections,
         }
     }
 
@@ -151,11 +159,53 @@ impl Cluster {
         self.tls.load().is_some()
     }
 
-    /// Picks an endpoint not in `tried`, preferring ones that are not failing.
+    /// Counts an attempt's result towards outlier detection (if the cluster has it), and
+    /// ejects the endpoint when its failures in a row reach the limit, unless the most
+    /// endpoints that may be ejected at once already are.
+    pub fn observe(&self, outlier: Option<&OutlierDef>, ep: &Endpoint, what: Observed) {
+        let Some(def) = outlier else { return };
+        if !ep.outlier.record(def, what) {
+            return;
+        }
+        let now = clock();
+        let set = self.endpoints.load();
+        let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
+        if ep.outlier.ejected(now) || ejected >= outlier::max_ejected(set.ready.len(), def.max_ejection_percent) {
+            ep.outlier.forgive();
+            return;
+        }
+        let time = ep.outlier.eject(def, now);
+        self.ejections.inc();
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %ep.addr,
+            ejected_for_ms = time.as_millis() as u64,
+            "endpoint ejected after failing requests in a row (outlier detection)"
+        );
+    }
+
+    /// Picks an endpoint not in `tried`, preferring ones that are neither failing to connect
+    /// nor ejected.
     pub fn pick(&self, set: &EndpointSet, tried: &[usize]) -> Option<Arc<Endpoint>> {
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
-        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
-        let lb = self.settings.load().load_balancer;
+        let settings = self.settings.load();
+        let lb = settings.load_balancer;
+        let Some(outlier) = &settings.outlier else {
+            let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
+            return self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable));
+        };
+        // Ejections count only while enough endpoints are left un-ejected (the panic
+        // threshold); the count is taken only once a candidate turns out to be ejected.
+        let now = clock();
+        let panic = std::cell::OnceCell::new();
+        let in_service = |e: &&Arc<Endpoint>| {
+            !e.outlier.ejected(now)
+                || *panic.get_or_init(|| {
+                    let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
+                    outlier::panicking(set.ready.len(), ejected, outlier.panic_threshold)
+                })
+        };
+        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
         self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable))
     }
 
@@ -203,6 +253,7 @@ impl Cluster {
 pub struct ClusterManager {
     clusters: RwLock<HashMap<String, Arc<Cluster>>>,
     connector: Arc<dyn Connect>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for ClusterManager {
@@ -214,7 +265,13 @@ impl Default for ClusterManager {
 impl ClusterManager {
     /// Clusters whose endpoints are reached through `connector`.
     pub fn new(connector: Arc<dyn Connect>) -> ClusterManager {
-        ClusterManager { clusters: RwLock::default(), connector }
+        ClusterManager { clusters: RwLock::default(), connector, metrics: None }
+    }
+
+    /// Clusters that count their outlier ejections in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> ClusterManager {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn get(&self, name: &str) -> Arc<Cluster> {
@@ -222,7 +279,12 @@ impl ClusterManager {
             return c.clone();
         }
         let mut w = self.clusters.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(name.to_owned()).or_insert_with(|| Arc::new(Cluster::new(name, self.connector.clone()))).clone()
+        w.entry(name.to_owned())
+            .or_insert_with(|| {
+                let ejections = self.metrics.as_ref().map(|m| m.outlier_ejections(name)).unwrap_or_default();
+                Arc::new(Cluster::new(name, self.connector.clone(), ejections))
+            })
+            .clone()
     }
 
     /// The cluster of that name, if CDS defines it.
@@ -243,6 +305,7 @@ impl ClusterManager {
                 protocol: def.protocol,
                 max_requests: def.max_requests,
                 retry_limit: def.retry_limit,
+                outlier: def.outlier,
             }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
@@ -294,13 +357,14 @@ mod tests {
     use super::*;
 
     fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
-        let c = Cluster::new("svc", Arc::new(TcpConnect));
+        let c = Cluster::new("svc", Arc::new(TcpConnect), Counter::default());
         c.settings.store(Arc::new(Settings {
             load_balancer: lb,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             protocol: UpstreamProtocol::Downstream,
             max_requests: None,
             retry_limit: RetryLimit::default(),
+            outlier: None,
         }));
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {

@@ -51,6 +51,8 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
+    /// Failure streaks and ejection (see [`crate::outlier`]).
+    pub outlier: crate::outlier::OutlierState,
     // Boxed in the pool too: a connection moves between pool, request and body as a pointer.
     #[allow(clippy::vec_box)]
     h1_idle: Mutex<Vec<Box<H1Conn>>>,
@@ -109,7 +111,8 @@ impl H1Conn {
     }
 }
 
-fn clock() -> u64 {
+/// Nanoseconds since the first call (never 0).
+pub(crate) fn clock() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
@@ -132,6 +135,7 @@ impl Endpoint {
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
             failed_at: AtomicU64::new(0),
+            outlier: Default::default(),
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         }

@@ -4,6 +4,7 @@
 use crate::balance::{Cluster, EndpointSet};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
+use crate::outlier::Observed;
 use crate::record::{Attempt, Attempts};
 use crate::route::Failover;
 use smallvec::SmallVec;
@@ -42,7 +43,9 @@ pub async fn connect<C>(
     connect: impl AsyncFn(&Endpoint, Duration) -> Result<C, ProxyError>,
 ) -> Result<(Arc<Endpoint>, C), ProxyError> {
     let set = cluster.endpoints.load_full();
-    let timeout = cluster.settings.load().connect_timeout;
+    let settings = cluster.settings.load();
+    let (timeout, outlier) = (settings.connect_timeout, settings.outlier);
+    drop(settings);
     loop {
         let ep =
             cluster.pick(&set, tried.as_slice()).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
@@ -50,6 +53,7 @@ pub async fn connect<C>(
             Ok(c) => return Ok((ep, c)),
             Err(e) => {
                 attempts.push(Attempt { endpoint: ep.addr, outcome: (&e).into() });
+                cluster.observe(outlier.as_ref(), &ep, Observed::LocalFailure);
                 if !(e.before_send() && tried.may_try_another(failover, &set)) {
                     return Err(e);
                 }

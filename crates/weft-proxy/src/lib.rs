@@ -30,6 +30,7 @@ pub mod jwt;
 mod listener;
 pub mod metrics;
 mod outbound;
+pub mod outlier;
 pub mod record;
 pub mod route;
 pub mod stack;
@@ -329,12 +330,13 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let control = Arc::new(control_client::ControlApi::new(endpoint)?);
     let creds = identity::Credentials::new();
     let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
+    let metrics = Metrics::new();
     let proxy = Arc::new(Proxy {
-        clusters: ClusterManager::default(),
+        clusters: ClusterManager::default().with_metrics(metrics.clone()),
         routes: RwLock::default(),
         policies: RwLock::default(),
         listeners,
-        metrics: Metrics::new(),
+        metrics,
         healthy,
         dump: Mutex::default(),
         ready,

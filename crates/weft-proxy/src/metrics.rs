@@ -59,6 +59,12 @@ pub struct Metrics {
     cert_renewals: Family<RenewalLabels, Counter>,
     authz: Family<AuthzLabels, Counter>,
     jwt: Family<JwtLabels, Counter>,
+    ejections: Family<ServiceLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,7 +142,14 @@ impl Metrics {
             "Inbound requests checked for a JWT, by result (valid, missing: allowed without a token, or the refusal's reason)",
             jwt.clone(),
         );
+        let ejections = Family::<ServiceLabel, Counter>::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints of a service ejected by outlier detection (failures in a row)",
+            ejections.clone(),
+        );
         Arc::new(Metrics {
+            ejections,
             authz,
             jwt,
             registry,
@@ -184,6 +197,11 @@ impl Metrics {
             }
         }
         text
+    }
+
+    /// The ejection counter of a service's cluster (resolved once per cluster).
+    pub fn outlier_ejections(&self, service: &str) -> Counter {
+        self.ejections.get_or_create(&ServiceLabel { service: service.to_owned() }).clone()
     }
 
     pub fn xds(&self, type_url: &str, ack: bool) {

@@ -79,6 +79,7 @@ mod tests {
                 protocol: Default::default(),
                 max_requests: None,
                 retry_limit: Default::default(),
+                outlier: None,
             }],
             &crate::testing::no_tls,
         );

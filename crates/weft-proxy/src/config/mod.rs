@@ -30,7 +30,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::google::protobuf::{Any, value};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value, value};
 use prost::{Message, Name};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -274,6 +274,27 @@ pub struct ClusterDef {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
     pub retry_limit: RetryLimit,
+    /// From `outlier_detection` and `common_lb_config.healthy_panic_threshold`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierDef>,
+}
+
+/// When an endpoint is ejected for failing, and for how long (Envoy's consecutive-5xx and
+/// consecutive-gateway-failure detection).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OutlierDef {
+    /// 5xx answers (or local failures) in a row that eject; `None`: not checked.
+    pub consecutive_5xx: Option<u32>,
+    /// 502/503/504 answers (or local failures) in a row that eject; `None`: not checked.
+    pub consecutive_gateway: Option<u32>,
+    #[serde(serialize_with = "ser_duration")]
+    pub base_ejection: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_ejection: Duration,
+    /// At most this percentage of the endpoints is ejected at once (at least one may be).
+    pub max_ejection_percent: u32,
+    /// Below this percentage of un-ejected endpoints, ejections are ignored.
+    pub panic_threshold: f64,
 }
 
 /// How many retries may be in flight at once (from `circuit_breakers`).
@@ -843,7 +864,10 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
             }
             _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
         };
+    let outlier =
+        c.outlier_detection.as_ref().map(|od| outlier_def(od, c.common_lb_config.as_ref())).transpose().map_err(bad)?;
     Ok(ClusterDef {
+        outlier,
         name: c.name,
         load_balancer,
         connect_timeout,
@@ -852,6 +876,41 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         protocol,
         max_requests,
         retry_limit,
+    })
+}
+
+fn outlier_def(
+    od: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
+    lb: Option<&cluster::CommonLbConfig>,
+) -> Result<OutlierDef, String> {
+    // Enforcement is all or nothing: weft does not eject a random share of the time.
+    let enforced = |what: &str, v: &Option<UInt32Value>, default: u32| match v.as_ref().map_or(default, |v| v.value) {
+        0 => Ok(false),
+        100 => Ok(true),
+        other => Err(format!("outlier_detection.{what} is {other}: weft enforces 0 or 100 (percent)")),
+    };
+    if enforced("enforcing_success_rate", &od.enforcing_success_rate, 100)? {
+        return Err(
+            "outlier_detection: success-rate ejection (on unless enforcing_success_rate is 0) is not supported".into(),
+        );
+    }
+    let five_xx = enforced("enforcing_consecutive_5xx", &od.enforcing_consecutive_5xx, 100)?
+        .then(|| od.consecutive_5xx.as_ref().map_or(5, |v| v.value).max(1));
+    let gateway = enforced("enforcing_consecutive_gateway_failure", &od.enforcing_consecutive_gateway_failure, 0)?
+        .then(|| od.consecutive_gateway_failure.as_ref().map_or(5, |v| v.value).max(1));
+    let base = od.base_ejection_time.as_ref().map(duration).unwrap_or(Duration::from_secs(30));
+    let max = od.max_ejection_time.as_ref().map(duration).unwrap_or(Duration::from_secs(300)).max(base);
+    let panic = lb.and_then(|l| l.healthy_panic_threshold.as_ref()).map_or(50.0, |p| p.value);
+    if !(0.0..=100.0).contains(&panic) {
+        return Err(format!("common_lb_config.healthy_panic_threshold {panic} is not a percentage"));
+    }
+    Ok(OutlierDef {
+        consecutive_5xx: five_xx,
+        consecutive_gateway: gateway,
+        base_ejection: base,
+        max_ejection: max,
+        max_ejection_percent: od.max_ejection_percent.as_ref().map_or(10, |v| v.value.min(100)),
+        panic_threshold: panic,
     })
 }
 
@@ -1082,12 +1141,24 @@ mod tests {
              sets request_mirror_policies, which weft does not support"
         );
         let mut c = Cluster { name: "c".into(), ..Default::default() };
-        c.outlier_detection = Some(Default::default());
+        c.lb_subset_config = Some(Default::default());
         assert_eq!(
             cluster(&pack_any(c.clone())).unwrap_err().to_string(),
-            "Cluster \"c\": it sets outlier_detection, which weft does not support"
+            "Cluster \"c\": it sets lb_subset_config, which weft does not support"
         );
+        c.lb_subset_config = None;
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32));
+        // Envoy's outlier detection ejects on success rate unless told not to.
+        c.outlier_detection = Some(Default::default());
+        assert!(cluster(&pack_any(c.clone())).unwrap_err().to_string().contains("success-rate ejection"));
+        c.outlier_detection.as_mut().unwrap().enforcing_success_rate = Some(UInt32Value { value: 0 });
+        c.outlier_detection.as_mut().unwrap().enforcing_consecutive_5xx = Some(UInt32Value { value: 50 });
+        assert!(cluster(&pack_any(c.clone())).unwrap_err().to_string().contains("weft enforces 0 or 100"));
+        c.outlier_detection.as_mut().unwrap().enforcing_consecutive_5xx = None;
+        let od = cluster(&pack_any(c.clone())).unwrap().outlier.unwrap();
+        assert_eq!((od.consecutive_5xx, od.consecutive_gateway, od.panic_threshold), (Some(5), None, 50.0));
         c.outlier_detection = None;
+        c.cluster_discovery_type = None;
         c.transport_socket = Some(tls);
         assert_eq!(
             cluster(&pack_any(c)).unwrap_err().to_string(),

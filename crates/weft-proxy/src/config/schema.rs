@@ -252,8 +252,27 @@ pub static CLUSTER: Schema = Schema {
         Plain("transport_socket"),
         Plain("typed_extension_protocol_options"),
         Message("circuit_breakers", &CIRCUIT_BREAKERS),
+        Message("outlier_detection", &OUTLIER_DETECTION),
+        Message("common_lb_config", &COMMON_LB_CONFIG),
     ],
 };
+/// Enforcement percentages are checked by the decoder (0 or 100).
+static OUTLIER_DETECTION: Schema = Schema {
+    message: "envoy.config.cluster.v3.OutlierDetection",
+    fields: &[
+        Plain("consecutive_5xx"),
+        Plain("enforcing_consecutive_5xx"),
+        Plain("consecutive_gateway_failure"),
+        Plain("enforcing_consecutive_gateway_failure"),
+        Plain("enforcing_success_rate"),
+        Plain("base_ejection_time"),
+        Plain("max_ejection_time"),
+        Plain("max_ejection_percent"),
+    ],
+};
+/// The panic threshold applies to ejected endpoints (registry-unhealthy ones are never used).
+static COMMON_LB_CONFIG: Schema =
+    Schema { message: "envoy.config.cluster.v3.Cluster.CommonLbConfig", fields: &[Plain("healthy_panic_threshold")] };
 static CIRCUIT_BREAKERS: Schema =
     Schema { message: "envoy.config.cluster.v3.CircuitBreakers", fields: &[Repeated("thresholds", &THRESHOLDS)] };
 /// `priority` must be DEFAULT, which the decoder checks.

@@ -15,6 +15,7 @@ use crate::config::UpstreamProtocol;
 use crate::endpoint::{Conn, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::failover::{self, Tried};
+use crate::outlier::Observed;
 use crate::record::{Outcome, RequestRecord};
 use crate::route::MatchedRoute;
 use http::header::HOST;
@@ -55,6 +56,7 @@ pub async fn forward_body(
     let settings = cluster.settings.load();
     // Counted until the response head (or the failure) is returned.
     let _admitted = cluster.admit(&settings)?;
+    let outlier = settings.outlier;
     let h2 = match settings.protocol {
         UpstreamProtocol::Downstream => downstream == Version::HTTP_2,
         UpstreamProtocol::Http1 => false,
@@ -105,12 +107,14 @@ pub async fn forward_body(
             {
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
                 rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
+                cluster.observe(outlier.as_ref(), &endpoint, Observed::LocalFailure);
                 endpoint.mark_failing();
                 tried.add(&endpoint);
                 req = r;
             }
             Ok(Sent::Answered(mut resp)) => {
                 rec.attempt(endpoint.addr, Outcome::Answered);
+                cluster.observe(outlier.as_ref(), &endpoint, Observed::Status(resp.status().as_u16()));
                 if !h2 {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
@@ -132,6 +136,7 @@ pub async fn forward_body(
             }
             Err(e) => {
                 rec.attempt(endpoint.addr, (&e).into());
+                cluster.observe(outlier.as_ref(), &endpoint, Observed::LocalFailure);
                 let set = cluster.endpoints.load();
                 let retry = (idempotent
                     && matches!(e, ProxyError::UpstreamReset { .. })

@@ -46,6 +46,7 @@ impl Mesh {
                 protocol: Default::default(),
                 max_requests: None,
                 retry_limit: Default::default(),
+                outlier: None,
             }],
             &crate::testing::no_tls,
         );
