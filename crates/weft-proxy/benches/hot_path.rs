@@ -65,6 +65,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             protocol: Default::default(),
             max_requests: None,
             retry_limit: Default::default(),
+            outlier: None,
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );
