@@ -477,3 +477,75 @@ fn outlier_detection_ejects_a_failing_instance_and_lets_it_back_in() {
     assert!(failed <= 2, "{failed} of 2000 requests failed (at most 0.1%)");
     eprintln!("{sent} requests until the first ejection; {} ejections in all", ejections(&edge));
 }
+
+/// `n` GETs through `url`, `concurrency` at a time, each timed: (status, latency).
+fn timed_load(url: &str, n: usize, concurrency: usize) -> Vec<(u16, Duration)> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let next = Arc::new(AtomicU32::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, next, url) = (client.clone(), next.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while (next.fetch_add(1, Ordering::Relaxed) as usize) < n {
+                        let started = Instant::now();
+                        let r = client.get(url.parse().unwrap()).await.unwrap();
+                        let status = r.status().as_u16();
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        out.push((status, started.elapsed()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    })
+}
+
+/// Fault injection from a TrafficPolicy: 30% of 2,000 requests aborted with 503 (none of them
+/// reaching an app), then 50% of 400 delayed by 200 ms; both shares within five standard
+/// deviations, the delay within 50 ms.
+#[test]
+fn fault_injection_aborts_and_delays_a_share_of_requests() {
+    let dir = TestDir::new("faults");
+    let control = Control::start(&dir);
+    let apps: Vec<(u16, Arc<AtomicU32>)> = (0..2).map(|_| failing_app(|_| false)).collect();
+    let (_sidecars, edge) = mesh_of(&dir, &control, &apps.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    let asked = || apps.iter().map(|(_, c)| c.load(Ordering::SeqCst)).sum::<u32>();
+    apply_policy_spec(&dir, &control, "fault: {abort: {httpStatus: 503, percentage: 30}}");
+    wait_until(Duration::from_secs(5), "faults in force", || load(&url, 20, 2).contains(&503));
+    let a0 = asked();
+    let n = 2000;
+    let statuses = load(&url, n, 8);
+    let aborted = statuses.iter().filter(|s| **s == 503).count();
+    // Binomial(2000, 0.3): mean 600, standard deviation 20.5.
+    assert!((498..=702).contains(&aborted), "{aborted} of {n} aborted, expected 600 ± 102");
+    assert_eq!(asked() - a0, (n - aborted) as u32, "an aborted request reached an app");
+    let r = curl(&["-s", &url]);
+    let r = r.unwrap();
+    if r.status == 503 {
+        assert_eq!(r.headers.get("x-weft-error").map(String::as_str), Some("fault-injected"), "{r:?}");
+    }
+
+    apply_policy_spec(&dir, &control, "fault: {delay: {fixedDelay: 200ms, percentage: 50}}");
+    wait_until(Duration::from_secs(5), "delays in force, aborts gone", || {
+        let t = timed_load(&url, 20, 20);
+        t.iter().all(|(s, _)| *s == 200) && t.iter().any(|(_, d)| *d >= Duration::from_millis(150))
+    });
+    let timed = timed_load(&url, 400, 40);
+    assert!(timed.iter().all(|(s, _)| *s == 200));
+    let delayed: Vec<Duration> = timed.iter().map(|(_, t)| *t).filter(|t| *t >= Duration::from_millis(150)).collect();
+    // Binomial(400, 0.5): mean 200, standard deviation 10.
+    assert!((150..=250).contains(&delayed.len()), "{} of 400 delayed, expected 200 ± 50", delayed.len());
+    let worst = delayed.iter().max().unwrap();
+    let least = delayed.iter().min().unwrap();
+    assert!(*least >= Duration::from_millis(200) && *worst < Duration::from_millis(250), "delays {least:?}..{worst:?}");
+}

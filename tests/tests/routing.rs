@@ -275,14 +275,97 @@ spec:
     assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (504, Some("route-timeout")), "{r:?}");
     assert!(took >= std::time::Duration::from_millis(300) && took < std::time::Duration::from_millis(1500), "{took:?}");
     assert_eq!(call("/delay/10", &[]).0.status, 200);
+    // Measured without a curl process around it: the timeout fires within 50 ms of 300 ms.
+    for _ in 0..3 {
+        let (status, took) = timed_get(edge.ports["backend"], "/delay/2000");
+        assert_eq!(status, 504);
+        let ms = took.as_millis();
+        assert!((300..350).contains(&ms), "the 300 ms timeout fired after {ms} ms");
+    }
 
     // Filters weft does not support yet are refused at apply, naming the field.
     std::fs::write(
         &route,
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mirror}\nspec:\n  parentRefs: [{name: backend}]\n  rules:\n  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: heads}}}]\n    backendRefs: [{name: backend}]\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ext}\nspec:\n  parentRefs: [{name: backend}]\n  rules:\n  - filters: [{type: ExtensionRef, extensionRef: {group: x, kind: y, name: z}}]\n    backendRefs: [{name: backend}]\n",
     )
     .unwrap();
     let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &control.addr]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("spec.rules[0].filters[0].type"), "{}", stderr(&out));
+}
+
+/// One HTTP/1.1 GET on a fresh connection to 127.0.0.1:`port`: the status and how long the
+/// answer took, timed in-process.
+fn timed_get(port: u16, path: &str) -> (u16, std::time::Duration) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let started = std::time::Instant::now();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let took = started.elapsed();
+    let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, took)
+}
+
+/// A header match sends only matching requests to v2; a mirror sends a copy of every other
+/// request to v2 too, and the clients' answers all still come from v1, bodies intact.
+#[test]
+fn header_match_and_mirror() {
+    let dir = TestDir::new("mirror");
+    let control = Control::start(&dir);
+    let _v1 = Instance::start(&dir, &control.addr, "backend-v1", "v1", "b1", &[]);
+    let v2 = Instance::start(&dir, &control.addr, "backend-v2", "v2", "b2", &[]);
+    let _main = Instance::start(&dir, &control.addr, "backend", "v0", "b0", &[]);
+    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
+        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
+    });
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    let route = dir.path.join("route.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: \"yes\"}]}]
+    backendRefs: [{name: backend-v2}]
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: backend-v2}}}]
+    backendRefs: [{name: backend-v1}]
+",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let served = |extra: &[&str]| {
+        let url = edge.url("backend", "/echo");
+        let mut args = vec!["-d", "payload-0123456789"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let r = curl(&args).unwrap();
+        (r.headers.get("x-served-by").cloned().unwrap_or_default(), r.body)
+    };
+    wait_until(std::time::Duration::from_secs(5), "route in force", || served(&[]).0 == "b1");
+    // What v2's sidecar has answered so far (its inbound requests, mirrored ones included).
+    let v2_requests = || {
+        let metrics = curl(&[&format!("http://{}/metrics", v2.admin())]).unwrap().body;
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("weft_requests_total{") && l.contains("direction=\"inbound\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let before = v2_requests();
+    for _ in 0..50 {
+        assert_eq!(served(&[]), ("b1".to_owned(), "payload-0123456789".to_owned()));
+    }
+    for _ in 0..10 {
+        assert_eq!(served(&["-H", "x-canary: yes"]).0, "b2");
+    }
+    // 50 mirrored copies and 10 matched requests reached v2; mirrors are sent in the background.
+    wait_until(std::time::Duration::from_secs(5), "mirrored copies at v2", || v2_requests() >= before + 60);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(v2_requests(), before + 60, "v2 got other than 50 mirrored and 10 matched requests");
 }

@@ -19,6 +19,16 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Serde adapter for `Duration` fields written as strings (`with = "crate::duration"`).
+pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    parse(&s).map_err(serde::de::Error::custom)
+}
+
 /// Serde adapter for `Option<Duration>` fields written as strings.
 pub mod opt {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -274,9 +274,56 @@ pub struct HttpRouteFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_redirect: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_mirror: Option<serde_json::Value>,
+    pub request_mirror: Option<RequestMirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_ref: Option<serde_json::Value>,
+}
+
+/// `RequestMirror`: a copy of each request (or of `percent` / `fraction` of them) goes to
+/// another service too; its answers are dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMirror {
+    pub backend_ref: MirrorBackendRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorBackendRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default = "default_denominator")]
+    pub denominator: u32,
+}
+
+fn default_denominator() -> u32 {
+    100
+}
+
+impl RequestMirror {
+    /// The share of requests mirrored, in parts per million.
+    pub fn per_million(&self) -> u32 {
+        match (&self.fraction, self.percent) {
+            (Some(f), _) => (u64::from(f.numerator) * 1_000_000 / u64::from(f.denominator.max(1))) as u32,
+            (None, Some(p)) => p * 10_000,
+            (None, None) => 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -412,7 +459,48 @@ pub struct TrafficPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<OutlierDetection>,
+    pub outlier_detection: Option<Box<OutlierDetection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Box<FaultInjection>>,
+}
+
+/// Faults the callers' sidecars inject into requests to the service, for testing how the
+/// system copes: a delay before forwarding, or an answer the proxy makes itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultInjection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[serde(with = "crate::duration")]
+    pub fixed_delay: Duration,
+    /// Share of requests delayed, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+/// Answered by the proxy with `httpStatus`, or for gRPC requests `grpcStatus`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// Share of requests aborted, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+/// A percentage (0 to 100, fractions allowed) in parts per million.
+pub fn percent_per_million(p: Option<f64>) -> u32 {
+    (p.unwrap_or(100.0).clamp(0.0, 100.0) * 10_000.0).round() as u32
 }
 
 /// Passive health checking by each calling sidecar: an instance that fails several requests in
@@ -835,6 +923,9 @@ impl Resource {
                 if let Some(od) = &o.spec.outlier_detection {
                     validate_outlier(doc, od)?;
                 }
+                if let Some(f) = &o.spec.fault {
+                    validate_fault(doc, f)?;
+                }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(
                         doc,
@@ -870,7 +961,16 @@ impl Resource {
                         .enumerate()
                         .map(move |(b, br)| (format!("spec.rules[{r}].backendRefs[{b}].name"), br.name.as_str()))
                 });
-                parents.chain(backends).collect()
+                let mirrors = o.spec.rules.iter().enumerate().flat_map(|(r, rule)| {
+                    rule.filters.iter().enumerate().filter_map(move |(f, filter)| {
+                        let m = filter.request_mirror.as_ref()?;
+                        Some((
+                            format!("spec.rules[{r}].filters[{f}].requestMirror.backendRef.name"),
+                            m.backend_ref.name.as_str(),
+                        ))
+                    })
+                });
+                parents.chain(backends).chain(mirrors).collect()
             }
         }
     }
@@ -1006,6 +1106,49 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_fault(doc: usize, f: &FaultInjection) -> Result<(), ApplyError> {
+    let at = |field: &str| format!("spec.fault.{field}");
+    let percentage = |field: &str, p: Option<f64>| match p {
+        Some(p) if !(0.0..=100.0).contains(&p) => {
+            Err(ApplyError::new(doc, at(field), format!("{p} is not a percentage (0 to 100)")))
+        }
+        _ => Ok(()),
+    };
+    if f.delay.is_none() && f.abort.is_none() {
+        return Err(ApplyError::new(doc, "spec.fault", "sets neither delay nor abort"));
+    }
+    if let Some(d) = &f.delay {
+        if d.fixed_delay.is_zero() {
+            return Err(ApplyError::new(doc, at("delay.fixedDelay"), "must be greater than 0"));
+        }
+        percentage("delay.percentage", d.percentage)?;
+    }
+    if let Some(a) = &f.abort {
+        match (a.http_status, a.grpc_status) {
+            (None, None) => {
+                return Err(ApplyError::new(doc, at("abort"), "set httpStatus (200-599) or grpcStatus (1-16)"));
+            }
+            (Some(s), _) if !(200..=599).contains(&s) => {
+                return Err(ApplyError::new(
+                    doc,
+                    at("abort.httpStatus"),
+                    format!("{s} is not an HTTP status (200-599)"),
+                ));
+            }
+            (_, Some(g)) if !(1..=16).contains(&g) => {
+                return Err(ApplyError::new(
+                    doc,
+                    at("abort.grpcStatus"),
+                    format!("{g} is not a gRPC error status (1-16)"),
+                ));
+            }
+            _ => {}
+        }
+        percentage("abort.percentage", a.percentage)?;
     }
     Ok(())
 }
@@ -1289,12 +1432,41 @@ fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
                         }
                     }
                 }
+                HttpRouteFilterType::RequestMirror => {
+                    let m = filter.request_mirror.as_ref().expect("checked above");
+                    check_service_ref(
+                        doc,
+                        &format!("{at}.requestMirror.backendRef"),
+                        m.backend_ref.kind.as_deref(),
+                        m.backend_ref.group.as_deref(),
+                    )?;
+                    check_name(doc, &format!("{at}.requestMirror.backendRef.name"), &m.backend_ref.name)?;
+                    if m.percent.is_some() && m.fraction.is_some() {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.requestMirror"),
+                            "set percent or fraction, not both",
+                        ));
+                    }
+                    if m.percent.is_some_and(|p| p > 100) {
+                        return Err(ApplyError::new(doc, format!("{at}.requestMirror.percent"), "at most 100"));
+                    }
+                    if let Some(f) = &m.fraction
+                        && (f.denominator == 0 || f.numerator > f.denominator)
+                    {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.requestMirror.fraction"),
+                            "needs 0 <= numerator <= denominator and a denominator above 0",
+                        ));
+                    }
+                }
                 other => {
                     return Err(ApplyError::new(
                         doc,
                         format!("{at}.type"),
                         format!(
-                            "{other:?} is not supported yet; weft supports RequestHeaderModifier, ResponseHeaderModifier and URLRewrite"
+                            "{other:?} is not supported yet; weft supports RequestHeaderModifier, ResponseHeaderModifier, URLRewrite and RequestMirror"
                         ),
                     ));
                 }

@@ -23,6 +23,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, LoadBalancingPolicy, OutlierDetection as EnvoyOutlierDetection, circuit_breakers,
     cluster, load_balancing_policy,
 };
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, Metadata, SocketAddress,
@@ -43,6 +44,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, retry_policy, route,
     route_action, route_match, weighted_cluster,
 };
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -56,7 +58,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Percent, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
@@ -67,10 +69,10 @@ use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
     AuthorizationPolicySpec, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
-    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON,
+    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON, FaultInjection,
     HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer, MtlsMode, Object, OutlierDetection,
     PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec,
-    TrafficPolicySpec,
+    TrafficPolicySpec, percent_per_million,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -232,8 +234,7 @@ impl Snapshot {
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
-            let retry = policy.and_then(|p| p.retry.as_ref()).map(retry_policy);
-            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, retry.as_ref())));
+            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy)));
             put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
             services.insert(
                 name.clone(),
@@ -416,6 +417,33 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
     }
 }
 
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// A TrafficPolicy's faults as the fault filter's per-route config.
+fn http_fault(f: &FaultInjection) -> HttpFault {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{FaultAbort, fault_abort};
+    let share = |p: Option<f64>| FractionalPercent {
+        numerator: percent_per_million(p),
+        denominator: fractional_percent::DenominatorType::Million as i32,
+    };
+    HttpFault {
+        delay: f.delay.as_ref().map(|d| FaultDelay {
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(duration(d.fixed_delay))),
+            percentage: Some(share(d.percentage)),
+        }),
+        abort: f.abort.as_ref().map(|a| FaultAbort {
+            error_type: Some(match (a.grpc_status, a.http_status) {
+                (Some(g), _) => fault_abort::ErrorType::GrpcStatus(g),
+                (None, s) => fault_abort::ErrorType::HttpStatus(u32::from(s.unwrap_or(503))),
+            }),
+            percentage: Some(share(a.percentage)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A TrafficPolicy's outlier detection as Envoy's: consecutive 5xx (on unless 0) and
 /// consecutive gateway failures (on when set) enforced every time.
 fn outlier_detection(od: &OutlierDetection) -> EnvoyOutlierDetection {
@@ -451,7 +479,7 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         }],
         ..Default::default()
     });
-    let outlier = policy.and_then(|p| p.outlier_detection.as_ref());
+    let outlier = policy.and_then(|p| p.outlier_detection.as_deref());
     Cluster {
         circuit_breakers,
         outlier_detection: outlier.map(outlier_detection),
@@ -622,6 +650,19 @@ fn apply_filters(route: &mut Route, rule: &HttpRouteRule) {
             route.response_headers_to_add.extend(header_options(&m.add, AppendIfExistsOrAdd));
             route.response_headers_to_remove.extend(m.remove.iter().map(|n| n.to_ascii_lowercase()));
         }
+        if let (Some(m), Some(route::Action::Route(action))) = (&f.request_mirror, &mut route.action) {
+            action.request_mirror_policies.push(route_action::RequestMirrorPolicy {
+                cluster: m.backend_ref.name.clone(),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent {
+                        numerator: m.per_million(),
+                        denominator: fractional_percent::DenominatorType::Million as i32,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
         if let (Some(u), Some(route::Action::Route(action))) = (&f.url_rewrite, &mut route.action) {
             if let Some(h) = &u.hostname {
                 action.host_rewrite_specifier = Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
@@ -754,7 +795,7 @@ fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
 
 /// A service's route table: a virtual host per hostname that routes name (their rules, then
 /// the rules of routes without hostnames), and a `*` host for every other request.
-fn route_config(service: &str, rules: &[HostRule<'_>], retry: Option<&EnvoyRetryPolicy>) -> RouteConfiguration {
+fn route_config(service: &str, rules: &[HostRule<'_>], policy: Option<&TrafficPolicySpec>) -> RouteConfiguration {
     let mut hostnames: Vec<&String> = rules.iter().flat_map(|(h, _)| h.iter()).collect();
     hostnames.sort();
     hostnames.dedup();
@@ -782,12 +823,16 @@ fn route_config(service: &str, rules: &[HostRule<'_>], retry: Option<&EnvoyRetry
         routes: routes(service, &any_host),
         ..Default::default()
     });
-    // Every request addressed to the service gets its retry policy, whichever version serves it.
-    if let Some(retry) = retry {
-        for route in virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
-            if let Some(route::Action::Route(action)) = &mut route.action {
-                action.retry_policy = Some(retry.clone());
-            }
+    // Every request addressed to the service gets its retries and faults, whichever version
+    // serves it.
+    let retry = policy.and_then(|p| p.retry.as_ref()).map(retry_policy);
+    let fault = policy.and_then(|p| p.fault.as_deref()).map(http_fault);
+    for route in virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
+        if let Some(route::Action::Route(action)) = &mut route.action {
+            action.retry_policy.clone_from(&retry);
+        }
+        if let Some(f) = &fault {
+            route.typed_per_filter_config.insert(FAULT_FILTER.to_owned(), envoy_types::util::pack_any(f.clone()));
         }
     }
     RouteConfiguration { name: service.to_owned(), virtual_hosts, ..Default::default() }
@@ -822,11 +867,21 @@ fn http_connection_manager(stat_prefix: &str, routes: HttpRoutes<'_>) -> HttpCon
     HttpConnectionManager {
         stat_prefix: stat_prefix.to_owned(),
         route_specifier: Some(route_specifier),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_owned(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(Router::default()))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            // Configured per route, where a TrafficPolicy injects faults.
+            HttpFilter {
+                name: FAULT_FILTER.to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(
+                    HttpFault::default(),
+                ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.router".to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(Router::default()))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     }
 }

@@ -39,6 +39,8 @@ pub enum ProxyError {
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
     #[error("route {route} timed out after {timeout:?} without a response from the upstream")]
     RouteTimeout { route: Arc<str>, timeout: Duration },
+    #[error("fault injected by the TrafficPolicy of route {route}")]
+    FaultAbort { route: Arc<str>, status: http::StatusCode, grpc: Option<u8> },
     #[error(
         "upstream {addr} sent a response weft cannot forward: {source} (an HTTP/1.1 response head may be at most 16 KiB)"
     )]
@@ -62,12 +64,14 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::UpstreamBadResponse { .. } => "upstream-bad-response",
             ProxyError::RouteTimeout { .. } => "route-timeout",
+            ProxyError::FaultAbort { .. } => "fault-injected",
         }
     }
 
     pub fn status(&self) -> http::StatusCode {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
+            ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) | ProxyError::Overflow { .. } => {
@@ -86,7 +90,10 @@ impl ProxyError {
     /// PERMISSION_DENIED (7) for an authorization refusal, UNAUTHENTICATED (16) for a refused
     /// JWT, otherwise UNAVAILABLE (14), which gRPC clients may retry.
     pub fn grpc_status(&self) -> &'static str {
+        const CODES: [&str; 17] =
+            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
         match self {
+            ProxyError::FaultAbort { grpc: Some(code), .. } => CODES[usize::from(*code).min(16)],
             ProxyError::RouteTimeout { .. } => "4",
             ProxyError::Denied { .. } => "7",
             ProxyError::Unauthenticated(_) => "16",

@@ -3,7 +3,7 @@
 //! their clusters resolved. Routing decides everything about a request before any I/O: the
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
 use crate::balance::{Cluster, ClusterManager};
-use crate::config::{HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
+use crate::config::{FaultDef, HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use arc_swap::ArcSwap;
@@ -78,6 +78,7 @@ pub struct RoutePolicy {
     /// response for an idempotent request without a body (it can be sent again whole).
     pub failover: Failover,
     pub retry: Option<RetryDef>,
+    pub fault: Option<Box<FaultDef>>,
 }
 
 enum PathMatch {
@@ -126,6 +127,8 @@ pub struct Rule {
     total_weight: u32,
     pub policy: RoutePolicy,
     pub edits: Option<Box<Edits>>,
+    /// Clusters a copy of a share (per million) of the requests goes to.
+    pub mirrors: Vec<(Arc<Cluster>, u32)>,
 }
 
 /// The decision for one request: the rule it matched and the backend picked among the rule's
@@ -244,7 +247,13 @@ impl Rule {
         let backends: Vec<(Arc<Cluster>, u32)> =
             r.backends.iter().filter(|(_, w)| *w > 0).map(|(c, w)| (clusters.get(c), *w)).collect();
         let total_weight = backends.iter().map(|(_, w)| w).sum();
-        let policy = RoutePolicy { timeout: r.timeout, failover: Failover::default(), retry: r.retry.clone() };
+        let policy = RoutePolicy {
+            timeout: r.timeout,
+            failover: Failover::default(),
+            retry: r.retry.clone(),
+            fault: r.fault.clone().map(Box::new),
+        };
+        let mirrors = r.mirrors.iter().map(|m| (clusters.get(&m.cluster), m.per_million)).collect();
         let edits =
             (!(r.request_headers.is_empty() && r.response_headers.is_empty() && r.rewrite.is_empty())).then(|| {
                 Box::new(Edits {
@@ -253,7 +262,7 @@ impl Rule {
                     rewrite: r.rewrite.clone(),
                 })
             });
-        Rule { id, path, headers, query, method, backends, total_weight, policy, edits }
+        Rule { id, path, headers, query, method, backends, total_weight, policy, edits, mirrors }
     }
 
     /// Applies the rule's request edits: headers, then the path and host rewrites.
@@ -299,6 +308,15 @@ impl Rule {
         if let Some(e) = &self.edits {
             edit_headers(resp.headers_mut(), &e.response);
         }
+    }
+
+    /// Whether the rule does anything beyond forwarding to its backend.
+    pub fn has_policy(&self) -> bool {
+        self.policy.timeout.is_some()
+            || self.policy.retry.is_some()
+            || self.policy.fault.is_some()
+            || self.edits.is_some()
+            || !self.mirrors.is_empty()
     }
 
     fn pick(&self) -> Option<&Arc<Cluster>> {
@@ -355,6 +373,11 @@ fn prefix_matches(path: &str, prefix: &str) -> bool {
     }
     let prefix = prefix.trim_end_matches('/');
     path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
+}
+
+/// True for a share of calls given in parts per million.
+pub fn sampled(per_million: u32) -> bool {
+    per_million >= 1_000_000 || (per_million > 0 && fastrand::u32(..1_000_000) < per_million)
 }
 
 #[cfg(test)]

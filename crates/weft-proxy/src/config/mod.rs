@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter
 use envoy_types::pb::envoy::config::route::v3::{
     RouteConfiguration, header_matcher, query_parameter_matcher, route, route_action, route_match,
 };
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -30,6 +31,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value, value};
 use prost::{Message, Name};
 use serde::Serialize;
@@ -151,6 +153,43 @@ pub struct RuleDef {
     pub rewrite: Rewrite,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryDef>,
+    /// From `request_mirror_policies`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<MirrorDef>,
+    /// From the route's `typed_per_filter_config` for the fault filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultDef>,
+}
+
+/// A copy of a share of the rule's requests goes to `cluster`; its answers are dropped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MirrorDef {
+    pub cluster: String,
+    pub per_million: u32,
+}
+
+/// Faults injected into a share of the rule's requests (each share in parts per million).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelayDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbortDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultDelayDef {
+    #[serde(serialize_with = "ser_duration")]
+    pub delay: Duration,
+    pub per_million: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultAbortDef {
+    /// The HTTP status answered (gRPC requests get `grpc` if set, else the status's gRPC code).
+    pub http: Option<u16>,
+    pub grpc: Option<u8>,
+    pub per_million: u32,
 }
 
 /// From `RouteAction.retry_policy`.
@@ -553,6 +592,18 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                     jwt = Some(crate::jwt::decode(&f, &at)?);
                     continue;
                 }
+                // The fault filter is configured per route; here it must be empty.
+                if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
+                    && c.type_url == HttpFault::type_url()
+                {
+                    if !c.value.is_empty() {
+                        return Err(format!(
+                            "HTTP filter {:?}: weft takes fault settings per route (typed_per_filter_config), not on the filter",
+                            hf.name
+                        ));
+                    }
+                    continue;
+                }
                 let router = match &hf.config_type {
                     Some(http_filter::ConfigType::TypedConfig(c)) if c.type_url == Router::type_url() => c,
                     config => {
@@ -680,6 +731,45 @@ fn header_edits(add: &[HeaderValueOption], remove: &[String], what: &str) -> Res
     Ok(edits)
 }
 
+/// A `FractionalPercent` in parts per million.
+fn per_million(f: &FractionalPercent) -> u32 {
+    let scale = match fractional_percent::DenominatorType::try_from(f.denominator) {
+        Ok(fractional_percent::DenominatorType::Hundred) => 10_000,
+        Ok(fractional_percent::DenominatorType::TenThousand) => 100,
+        _ => 1,
+    };
+    f.numerator.saturating_mul(scale).min(1_000_000)
+}
+
+/// The fault filter's per-route config. As in Envoy, a fault without a percentage applies to
+/// no request.
+fn fault_def(f: &HttpFault) -> Result<FaultDef, String> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType;
+    let share = |p: &Option<FractionalPercent>| p.as_ref().map_or(0, per_million);
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => match &d.fault_delay_secifier {
+            Some(FaultDelaySecifier::FixedDelay(t)) => {
+                Some(FaultDelayDef { delay: duration(t), per_million: share(&d.percentage) })
+            }
+            _ => return Err("only a fixed_delay is supported (not a header-controlled one)".into()),
+        },
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            let (http, grpc) = match a.error_type {
+                Some(ErrorType::HttpStatus(s)) if (200..600).contains(&s) => (Some(s as u16), None),
+                Some(ErrorType::GrpcStatus(g)) if (1..=16).contains(&g) => (None, Some(g as u8)),
+                _ => return Err("abort needs an http_status (200-599) or a grpc_status (1-16)".into()),
+            };
+            Some(FaultAbortDef { http, grpc, per_million: share(&a.percentage) })
+        }
+    };
+    Ok(FaultDef { delay, abort })
+}
+
 fn retry_def(p: &envoy_types::pb::envoy::config::route::v3::RetryPolicy) -> Result<RetryDef, String> {
     let base = p.retry_back_off.as_ref().and_then(|b| b.base_interval.as_ref()).map(duration);
     let base = base.filter(|d| !d.is_zero()).unwrap_or(Duration::from_millis(25));
@@ -789,7 +879,33 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 Some(_) => return Err(bad("only host_rewrite_literal is supported".into())),
             };
             let retry = action.retry_policy.as_ref().map(retry_def).transpose().map_err(bad)?;
+            let mirrors = action
+                .request_mirror_policies
+                .iter()
+                .map(|m| {
+                    if m.cluster.is_empty() {
+                        return Err(bad("request_mirror_policies: a mirror needs a cluster".into()));
+                    }
+                    let fraction = m.runtime_fraction.as_ref().and_then(|f| f.default_value.as_ref());
+                    Ok(MirrorDef { cluster: m.cluster.clone(), per_million: fraction.map_or(1_000_000, per_million) })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut fault = None;
+            for (name, any) in &r.typed_per_filter_config {
+                if any.type_url != HttpFault::type_url() {
+                    return Err(bad(format!(
+                        "typed_per_filter_config {name:?} ({}) is not supported; weft would have to ignore it",
+                        any.type_url
+                    )));
+                }
+                schema::check(&any.value, &schema::HTTP_FAULT, &format!("typed_per_filter_config {name:?}"))
+                    .map_err(bad)?;
+                let f = HttpFault::decode(any.value.as_slice()).map_err(|e| bad(format!("{name:?}: {e}")))?;
+                fault = Some(fault_def(&f).map_err(|e| bad(format!("typed_per_filter_config {name:?}: {e}")))?);
+            }
             rules.push(RuleDef {
+                mirrors,
+                fault,
                 retry,
                 path,
                 headers,
@@ -1066,19 +1182,27 @@ mod tests {
             refused(listener_with(tcp_proxy("b"), |_| {}, |l| l.traffic_direction = 0)),
             "Listener \"l\": traffic_direction must be INBOUND or OUTBOUND"
         );
-        let fault = Any {
-            type_url: "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault".into(),
-            value: vec![],
-        };
+        let cors =
+            Any { type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors".into(), value: vec![] };
         let router = http_filter("envoy.filters.http.router", pack_any(Router::default()));
         assert_eq!(
             refused(listener_with(
-                hcm(vec![http_filter("envoy.filters.http.fault", fault), router.clone()]),
+                hcm(vec![http_filter("envoy.filters.http.cors", cors), router.clone()]),
                 |c| c.name = "http".into(),
                 |_| {}
             )),
-            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.fault\" \
-             (type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault) is not supported; weft would have to ignore it"
+            "Listener \"l\": filter chain \"http\": HTTP filter \"envoy.filters.http.cors\" \
+             (type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors) is not supported; weft would have to ignore it"
+        );
+        // The fault filter is honoured per route; settings on the filter itself are refused.
+        let fault = HttpFault { max_active_faults: Some(UInt32Value { value: 1 }), ..Default::default() };
+        assert!(
+            refused(listener_with(
+                hcm(vec![http_filter("envoy.filters.http.fault", pack_any(fault)), router.clone()]),
+                |_| {},
+                |_| {}
+            ))
+            .contains("weft takes fault settings per route")
         );
         // RBAC is honoured, but only what weft can evaluate: a CEL condition is refused.
         let cel = envoy_types::pb::envoy::config::rbac::v3::Rbac {
@@ -1130,7 +1254,8 @@ mod tests {
                 .to_string()
                 .contains("retry_on \"retriable-4xx\" is not supported"),
         );
-        let mirror = RouteAction { request_mirror_policies: vec![Default::default()], ..Default::default() };
+        let mirror =
+            RouteAction { idle_timeout: Some(protobuf::Duration { seconds: 5, nanos: 0 }), ..Default::default() };
         let mut inline = hcm(vec![]);
         let mut h = HttpConnectionManager::decode(inline.value.as_slice()).unwrap();
         h.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(route_table(mirror)));
@@ -1138,7 +1263,7 @@ mod tests {
         assert_eq!(
             refused(listener_with(inline, |c| c.name = "http".into(), |_| {})),
             "Listener \"l\": filter chain \"http\": http_connection_manager.route_config.virtual_hosts[0].routes[0].route \
-             sets request_mirror_policies, which weft does not support"
+             sets idle_timeout, which weft does not support"
         );
         let mut c = Cluster { name: "c".into(), ..Default::default() };
         c.lb_subset_config = Some(Default::default());

@@ -175,7 +175,32 @@ static ROUTE: Schema = Schema {
         Plain("request_headers_to_remove"),
         Plain("response_headers_to_add"),
         Plain("response_headers_to_remove"),
+        Plain("typed_per_filter_config"),
     ],
+};
+/// Per route (`typed_per_filter_config`); the decoder checks the oneofs' values.
+pub static HTTP_FAULT: Schema = Schema {
+    message: "envoy.extensions.filters.http.fault.v3.HTTPFault",
+    fields: &[Message("delay", &FAULT_DELAY), Message("abort", &FAULT_ABORT)],
+};
+static FAULT_DELAY: Schema = Schema {
+    message: "envoy.extensions.filters.common.fault.v3.FaultDelay",
+    fields: &[Plain("fixed_delay"), Message("percentage", &FRACTIONAL_PERCENT)],
+};
+static FAULT_ABORT: Schema = Schema {
+    message: "envoy.extensions.filters.http.fault.v3.FaultAbort",
+    fields: &[Plain("http_status"), Plain("grpc_status"), Message("percentage", &FRACTIONAL_PERCENT)],
+};
+static FRACTIONAL_PERCENT: Schema =
+    Schema { message: "envoy.type.v3.FractionalPercent", fields: &[Plain("numerator"), Plain("denominator")] };
+static REQUEST_MIRROR_POLICY: Schema = Schema {
+    message: "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
+    fields: &[Plain("cluster"), Message("runtime_fraction", &RUNTIME_FRACTIONAL_PERCENT)],
+};
+/// No runtime here: only the default value.
+static RUNTIME_FRACTIONAL_PERCENT: Schema = Schema {
+    message: "envoy.config.core.v3.RuntimeFractionalPercent",
+    fields: &[Message("default_value", &FRACTIONAL_PERCENT)],
 };
 static ROUTE_MATCH: Schema = Schema {
     message: "envoy.config.route.v3.RouteMatch",
@@ -210,6 +235,7 @@ static ROUTE_ACTION: Schema = Schema {
         Message("regex_rewrite", &REGEX_MATCH_AND_SUBSTITUTE),
         Plain("host_rewrite_literal"),
         Message("retry_policy", &RETRY_POLICY),
+        Repeated("request_mirror_policies", &REQUEST_MIRROR_POLICY),
     ],
 };
 /// `retry_on` values are checked by the decoder.
@@ -341,6 +367,7 @@ mod tests {
             &ROUTE_CONFIGURATION,
             &CLUSTER,
             &CLUSTER_LOAD_ASSIGNMENT,
+            &HTTP_FAULT,
         ] {
             visit(s, &mut seen);
         }

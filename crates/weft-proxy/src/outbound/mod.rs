@@ -1,16 +1,22 @@
 //! The outbound stack: requests from the local app to other services. Routing decides first
 //! (rule, backend, policy) without I/O; the policy then wraps the forwarding: the rule's
-//! request edits (headers, path and host rewrites) apply first, the route's timeout bounds
-//! everything up to the response head, failover moves a request between endpoints of the
-//! backend as [`crate::route::RoutePolicy`] allows, and the rule's response edits apply last.
+//! request edits (headers, path and host rewrites) apply first, then injected faults; the
+//! route's timeout bounds retries and forwarding up to the response head; failover moves a
+//! request between endpoints of the backend as [`crate::route::RoutePolicy`] allows; copies
+//! go to the mirrors once the request was sent; the rule's response edits apply last.
+use crate::balance::Cluster;
 use crate::error::ProxyError;
+use crate::http::forward::{Replay, RequestHead, forward_body};
+use crate::http::replay::UpBody;
+use crate::http::upgrade::is_upgrade;
 use crate::record::RequestRecord;
-use crate::route::{RouteTable, decide};
+use crate::route::{MatchedRoute, RouteTable, decide, sampled};
 use crate::stack::Reply;
 use arc_swap::ArcSwap;
 use futures::future::{BoxFuture, Either, Ready, ready};
 use http::Request;
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 pub struct Outbound {
@@ -34,37 +40,74 @@ impl Outbound {
             Ok(route) => route,
             Err(e) => return Either::Left(ready(Err(e))),
         };
-        let timeout = route.rule.policy.timeout;
-        let retry = route.rule.policy.retry.is_some() && !crate::http::upgrade::is_upgrade(&req);
-        if timeout.is_none() && route.rule.edits.is_none() && !retry {
+        if !route.rule.has_policy() {
             return Either::Right(Either::Left(crate::http::forward(route, req, rec)));
         }
-        // Boxed: the timer, the rule's edits and retries live only in requests whose route has them.
+        // Boxed: faults, edits, mirrors, the timer and retries live only in requests whose
+        // route has them.
         route.rule.edit_request(&mut req);
-        let rule = route.rule.clone();
-        let forward: BoxFuture<'a, Reply> = match &rule.policy.retry {
-            Some(_) if retry => {
-                let policy = rule.clone();
-                Box::pin(async move {
-                    let retry = policy.policy.retry.as_ref().expect("checked");
-                    retry::with_retries(route, req, retry, rec).await
-                })
-            }
-            _ => Box::pin(crate::http::forward(route, req, rec)),
-        };
-        Either::Right(Either::Right(Box::pin(async move {
-            let mut resp = match timeout {
-                Some(t) => tokio::time::timeout(t, forward)
-                    .await
-                    .map_err(|_| ProxyError::RouteTimeout { route: rule.id.clone(), timeout: t })??,
-                None => forward.await?,
-            };
-            rule.edit_response(&mut resp);
-            Ok(resp)
-        })))
+        Either::Right(Either::Right(Box::pin(with_policy(route, req, rec))))
     }
 }
 
+/// The route's policy around forwarding, in order: injected faults (a delay, then perhaps the
+/// proxy's own answer), the timeout around retries and forwarding, mirrors once the request
+/// was sent, and the response edits.
+async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut RequestRecord) -> Reply {
+    let rule = route.rule.clone();
+    if let Some(f) = &rule.policy.fault {
+        if let Some(d) = &f.delay
+            && sampled(d.per_million)
+        {
+            tokio::time::sleep(d.delay).await;
+        }
+        if let Some(a) = &f.abort
+            && sampled(a.per_million)
+        {
+            let status =
+                http::StatusCode::from_u16(a.http.unwrap_or(503)).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+            return Err(ProxyError::FaultAbort { route: rule.id.clone(), status, grpc: a.grpc });
+        }
+    }
+    let forward: BoxFuture<'_, Reply>;
+    let mut mirror = None;
+    if is_upgrade(&req) {
+        forward = Box::pin(crate::http::forward(route, req, rec));
+    } else {
+        let mut req = req.map(UpBody::Streamed);
+        let targets: SmallVec<[Arc<Cluster>; 1]> =
+            rule.mirrors.iter().filter(|(_, share)| sampled(*share)).map(|(c, _)| c.clone()).collect();
+        if !targets.is_empty() {
+            // The mirrors get the body as it was sent (kept while sending, up to 64 KiB).
+            let (kept, body) = Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty));
+            *req.body_mut() = body;
+            mirror = Some((RequestHead::of(&req), kept, targets, rec.conn.clone()));
+        }
+        forward = match &rule.policy.retry {
+            Some(retry) => Box::pin(retry::with_retries(route, req, retry, rec)),
+            None => Box::pin(forward_body(route, req, &[], rec)),
+        };
+    }
+    let result = match rule.policy.timeout {
+        Some(t) => tokio::time::timeout(t, forward)
+            .await
+            .unwrap_or_else(|_| Err(ProxyError::RouteTimeout { route: rule.id.clone(), timeout: t })),
+        None => forward.await,
+    };
+    if let Some((head, Some(kept), targets, conn)) = mirror {
+        for target in targets {
+            match kept.body() {
+                Some(body) => drop(tokio::spawn(mirror::send(rule.clone(), target, head.request(body), conn.clone()))),
+                None => tracing::debug!(route = %rule.id, "not mirrored: the body was not kept whole"),
+            }
+        }
+    }
+    let mut resp = result?;
+    rule.edit_response(&mut resp);
+    Ok(resp)
+}
+
+mod mirror;
 mod retry;
 #[cfg(test)]
 mod tests;

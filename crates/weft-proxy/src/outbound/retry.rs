@@ -14,18 +14,17 @@ use crate::record::RequestRecord;
 use crate::route::MatchedRoute;
 use crate::stack::Reply;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use std::time::Duration;
 
 pub async fn with_retries(
     route: MatchedRoute,
-    req: Request<Incoming>,
+    req: Request<UpBody>,
     retry: &RetryDef,
     rec: &mut RequestRecord,
 ) -> Reply {
     let idempotent = req.method().is_idempotent();
     let (parts, body) = req.into_parts();
-    let (kept, body) = Replay::keep(UpBody::Streamed(body));
+    let (kept, body) = Replay::keep(body);
     let mut next = Request::from_parts(parts, body);
     let head = RequestHead::of(&next);
     let mut retry_slot = None;
