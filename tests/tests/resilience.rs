@@ -549,3 +549,85 @@ fn fault_injection_aborts_and_delays_a_share_of_requests() {
     let least = delayed.iter().min().unwrap();
     assert!(*least >= Duration::from_millis(200) && *worst < Duration::from_millis(250), "delays {least:?}..{worst:?}");
 }
+
+/// GETs through `url` from `concurrency` clients for `window` (at most 20,000): the statuses.
+fn load_for(url: &str, window: Duration, concurrency: usize) -> Vec<u16> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let sent = Arc::new(AtomicU32::new(0));
+        let until = Instant::now() + window;
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, sent, url) = (client.clone(), sent.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while Instant::now() < until && sent.fetch_add(1, Ordering::Relaxed) < 20_000 {
+                        let r = client.get(url.parse().unwrap()).await.unwrap();
+                        out.push(r.status().as_u16());
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    })
+}
+
+/// A rate limit of 50 requests a second (bursts of 10) for the service holds within 10% over
+/// 3 s of as many requests as 8 clients can send; the rest get 429 with Retry-After. Then a
+/// per-caller limit of 20 a second (bursts of 5) gives each of two callers (two identities)
+/// its own share.
+#[test]
+fn rate_limits_hold_for_the_service_and_per_caller() {
+    let dir = TestDir::new("ratelimit");
+    let control = Control::start(&dir);
+    let (app, asked) = failing_app(|_| false);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[app]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    apply_policy_spec(&dir, &control, "rateLimit: {service: {requests: 50, interval: 1s, burst: 10}}");
+    wait_until(Duration::from_secs(5), "rate limit in force", || load(&url, 30, 4).contains(&429));
+    std::thread::sleep(Duration::from_secs(1)); // the bucket fills up again
+    let a0 = asked.load(Ordering::SeqCst);
+    let statuses = load_for(&url, Duration::from_secs(3), 8);
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let expected = 10 + 50 * 3;
+    eprintln!("service limit: {ok} of {} let through", statuses.len());
+    assert!(ok.abs_diff(expected) <= expected / 10, "{ok} requests let through in 3 s, expected {expected} ± 10%");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert_eq!(asked.load(Ordering::SeqCst) - a0, ok as u32, "refused requests reached the app");
+    let r = curl(&["-s", &url]).unwrap();
+    if r.status == 429 {
+        assert_eq!(r.headers.get("x-weft-error").map(String::as_str), Some("rate-limited"), "{r:?}");
+        assert!(r.headers.get("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)), "{r:?}");
+    }
+
+    apply_policy_spec(&dir, &control, "rateLimit: {perCaller: {requests: 20, interval: 1s, burst: 5}}");
+    let other = Edge::start_with(&dir, &control.addr, &control.addr, "edge-b", "edge-b", &["backend"], &[]);
+    let other_url = format!("http://127.0.0.1:{}/", other.ports["backend"]);
+    wait_until(Duration::from_secs(5), "per-caller limit in force", || {
+        let s = load(&url, 40, 4);
+        s.contains(&429) && s.iter().filter(|s| **s == 200).count() < 30
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| load_for(&url, Duration::from_secs(3), 4));
+        let b = s.spawn(|| load_for(&other_url, Duration::from_secs(3), 4));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let expected = 5 + 20 * 3;
+    for (who, statuses) in [("edge", a), ("edge-b", b)] {
+        let ok = statuses.iter().filter(|s| **s == 200).count();
+        eprintln!("{who}: {ok} of {} let through", statuses.len());
+        assert!(
+            ok.abs_diff(expected) <= expected / 10 + 1,
+            "{who}: {ok} let through in 3 s, expected {expected} ± 10%"
+        );
+    }
+}

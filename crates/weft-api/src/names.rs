@@ -22,3 +22,8 @@ pub const INBOUND_CLUSTER: &str = "inbound|app";
 
 /// The inline route configuration of the inbound listener.
 pub const INBOUND_ROUTE: &str = "inbound";
+
+/// The descriptor entry key of a per-caller bucket in the local rate limit filter: with an
+/// empty value, each caller (SPIFFE identity, or source address without mutual TLS) gets a
+/// bucket of its own.
+pub const CALLER_DESCRIPTOR: &str = "weft.caller";

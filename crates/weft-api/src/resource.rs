@@ -462,6 +462,34 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<Box<OutlierDetection>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Box<FaultInjection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Box<RateLimitPolicy>>,
+}
+
+/// Local rate limits, enforced by each of the service's own sidecars on the requests it
+/// receives (each instance counts alone): token buckets for the whole service and/or for each
+/// caller (its SPIFFE identity under mutual TLS, its source address otherwise). A refused
+/// request gets `429` with `Retry-After` (gRPC: RESOURCE_EXHAUSTED).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitPolicy {
+    /// For all callers together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<TokenBucket>,
+    /// For each caller apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_caller: Option<TokenBucket>,
+}
+
+/// `requests` per `interval` (default 1s), with bursts of up to `burst` (default `requests`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokenBucket {
+    pub requests: u32,
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 /// Faults the callers' sidecars inject into requests to the service, for testing how the
@@ -926,6 +954,9 @@ impl Resource {
                 if let Some(f) = &o.spec.fault {
                     validate_fault(doc, f)?;
                 }
+                if let Some(r) = &o.spec.rate_limit {
+                    validate_rate_limit(doc, r)?;
+                }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(
                         doc,
@@ -1105,6 +1136,30 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                     format!("{:?} is not a claim path (names separated by '.')", c.claim),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+fn validate_rate_limit(doc: usize, r: &RateLimitPolicy) -> Result<(), ApplyError> {
+    if r.service.is_none() && r.per_caller.is_none() {
+        return Err(ApplyError::new(doc, "spec.rateLimit", "sets neither service nor perCaller"));
+    }
+    for (field, b) in [("service", &r.service), ("perCaller", &r.per_caller)] {
+        let Some(b) = b else { continue };
+        let at = |f: &str| format!("spec.rateLimit.{field}.{f}");
+        if b.requests == 0 {
+            return Err(ApplyError::new(doc, at("requests"), "must be at least 1"));
+        }
+        let interval = b.interval.unwrap_or(Duration::from_secs(1));
+        if interval < Duration::from_millis(10) {
+            return Err(ApplyError::new(doc, at("interval"), "must be at least 10ms"));
+        }
+        if interval.as_nanos() / u128::from(b.requests) == 0 {
+            return Err(ApplyError::new(doc, at("requests"), "more than one request per nanosecond"));
+        }
+        if b.burst == Some(0) {
+            return Err(ApplyError::new(doc, at("burst"), "must be at least 1"));
         }
     }
     Ok(())

@@ -45,6 +45,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -58,7 +59,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Percent, fractional_percent};
+use envoy_types::pb::envoy::r#type::v3::{
+    FractionalPercent, Percent, TokenBucket as EnvoyTokenBucket, fractional_percent,
+};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
@@ -71,8 +74,8 @@ use weft_api::resource::{
     AuthorizationPolicySpec, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
     DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON, FaultInjection,
     HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer, MtlsMode, Object, OutlierDetection,
-    PathMatchType, PathModifierType, Protocol, RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec,
-    TrafficPolicySpec, percent_per_million,
+    PathMatchType, PathModifierType, Protocol, RateLimitPolicy, RequestAuthenticationSpec, Resource, RetryPolicy,
+    ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -155,6 +158,8 @@ pub struct Snapshot {
     jwks: BTreeMap<JwksSource, Arc<str>>,
     trust_domain: String,
     namespace: String,
+    /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
+    rate_limits: HashMap<String, RateLimitPolicy>,
 }
 
 /// What a service's inbound listeners check before the app: JWT, then authorization.
@@ -162,6 +167,7 @@ struct InboundFilters {
     mtls: MtlsMode,
     jwt: Option<crate::authn::ServiceJwt>,
     rbac: crate::authz::ServiceRbac,
+    rate_limit: Option<LocalRateLimit>,
 }
 
 impl Snapshot {
@@ -265,6 +271,10 @@ impl Snapshot {
             jwks: settings.jwks.clone(),
             trust_domain: settings.trust_domain.clone(),
             namespace: settings.namespace.clone(),
+            rate_limits: traffic
+                .iter()
+                .filter_map(|(name, p)| Some(((*name).to_owned(), p.rate_limit.as_deref()?.clone())))
+                .collect(),
         }
     }
 
@@ -315,6 +325,7 @@ impl Snapshot {
                 mtls,
                 jwt: crate::authn::for_service(service, &self.authns, &self.jwks),
                 rbac: crate::authz::for_service(service, &policies, &self.trust_domain, &self.namespace),
+                rate_limit: self.rate_limits.get(service).map(|r| local_rate_limit(service, r)),
             };
             let l = proxy_listener(
                 &name,
@@ -418,6 +429,48 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
 }
 
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
+const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+
+/// A TrafficPolicy's rate limits as Envoy's local rate limit filter: the service-wide bucket
+/// is the filter's own, the per-caller one a descriptor; with only a per-caller limit the
+/// filter's bucket (which Envoy requires) is never consumed.
+fn local_rate_limit(service: &str, r: &RateLimitPolicy) -> LocalRateLimit {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{LocalRateLimitDescriptor, rate_limit_descriptor};
+    let bucket = |b: &TokenBucket| EnvoyTokenBucket {
+        max_tokens: b.burst.unwrap_or(b.requests),
+        tokens_per_fill: Some(UInt32Value { value: b.requests }),
+        fill_interval: Some(duration(b.interval.unwrap_or(std::time::Duration::from_secs(1)))),
+    };
+    let always = RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            denominator: fractional_percent::DenominatorType::Hundred as i32,
+        }),
+        ..Default::default()
+    };
+    LocalRateLimit {
+        stat_prefix: service.to_owned(),
+        token_bucket: r.service.as_ref().or(r.per_caller.as_ref()).map(bucket),
+        filter_enabled: Some(always.clone()),
+        filter_enforced: Some(always),
+        descriptors: r
+            .per_caller
+            .as_ref()
+            .map(|b| LocalRateLimitDescriptor {
+                entries: vec![rate_limit_descriptor::Entry {
+                    key: names::CALLER_DESCRIPTOR.to_owned(),
+                    value: String::new(),
+                }],
+                token_bucket: Some(bucket(b)),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        always_consume_default_token_bucket: Some(BoolValue { value: r.service.is_some() }),
+        rate_limited_as_resource_exhausted: true,
+        ..Default::default()
+    }
+}
 
 /// A TrafficPolicy's faults as the fault filter's per-route config.
 fn http_fault(f: &FaultInjection) -> HttpFault {
@@ -932,7 +985,12 @@ fn proxy_listener(
             config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(f))),
             ..Default::default()
         });
-        hcm.http_filters.splice(0..0, jwt_filter.into_iter().chain(rbac_filters));
+        let rate_limit = inbound.and_then(|f| f.rate_limit.as_ref()).map(|r| HttpFilter {
+            name: RATE_LIMIT_FILTER.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(r.clone()))),
+            ..Default::default()
+        });
+        hcm.http_filters.splice(0..0, jwt_filter.into_iter().chain(rbac_filters).chain(rate_limit));
         plain.push(FilterChain {
             name: "http".to_owned(),
             filter_chain_match: (protocol == Protocol::Auto).then(|| FilterChainMatch {

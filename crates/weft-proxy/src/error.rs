@@ -39,6 +39,8 @@ pub enum ProxyError {
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
     #[error("route {route} timed out after {timeout:?} without a response from the upstream")]
     RouteTimeout { route: Arc<str>, timeout: Duration },
+    #[error("rate limit of this service reached (its TrafficPolicy's rateLimit); retry after {:?}", .0.retry_after)]
+    RateLimited(crate::ratelimit::Limited),
     #[error("fault injected by the TrafficPolicy of route {route}")]
     FaultAbort { route: Arc<str>, status: http::StatusCode, grpc: Option<u8> },
     #[error(
@@ -65,6 +67,7 @@ impl ProxyError {
             ProxyError::UpstreamBadResponse { .. } => "upstream-bad-response",
             ProxyError::RouteTimeout { .. } => "route-timeout",
             ProxyError::FaultAbort { .. } => "fault-injected",
+            ProxyError::RateLimited(_) => "rate-limited",
         }
     }
 
@@ -72,6 +75,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::FaultAbort { status, .. } => *status,
+            ProxyError::RateLimited(_) => http::StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) | ProxyError::Overflow { .. } => {
@@ -88,12 +92,14 @@ impl ProxyError {
 
     /// The `grpc-status` a gRPC client gets: DEADLINE_EXCEEDED (4) for a route timeout,
     /// PERMISSION_DENIED (7) for an authorization refusal, UNAUTHENTICATED (16) for a refused
-    /// JWT, otherwise UNAVAILABLE (14), which gRPC clients may retry.
+    /// JWT, RESOURCE_EXHAUSTED (8) for a rate limit, an injected fault's own code, otherwise
+    /// UNAVAILABLE (14), which gRPC clients may retry.
     pub fn grpc_status(&self) -> &'static str {
         const CODES: [&str; 17] =
             ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
         match self {
             ProxyError::FaultAbort { grpc: Some(code), .. } => CODES[usize::from(*code).min(16)],
+            ProxyError::RateLimited(l) if l.grpc_resource_exhausted => "8",
             ProxyError::RouteTimeout { .. } => "4",
             ProxyError::Denied { .. } => "7",
             ProxyError::Unauthenticated(_) => "16",

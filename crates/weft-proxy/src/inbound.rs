@@ -1,7 +1,8 @@
 //! The inbound stack: requests from other services to the local app. By the time a request is
 //! here, mutual TLS termination has set the caller's verified identity on the connection
 //! (`rec.conn.peer_identity`); every check that may refuse the request runs before anything
-//! is sent to the app, in this order: JWT authentication → authorization → route → forward.
+//! is sent to the app, in this order: JWT authentication → authorization → rate limit →
+//! route → forward.
 //! The app's responses lose any `x-weft-error`/`x-weft-policy` header: callers' sidecars act
 //! on those (a `connect-failed` is retried elsewhere for any method), so only a sidecar may
 //! set them.
@@ -9,6 +10,7 @@ use crate::authz::{Authz, Denied, Subject};
 use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
 use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
+use crate::ratelimit::RateLimit;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
 use crate::stack::Reply;
@@ -29,6 +31,9 @@ pub struct InboundPolicy {
     /// From the RBAC filters (the same on every chain).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// From the `local_ratelimit` HTTP filter (after JWT and RBAC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// A listener's policy as connections see it: swapped in place when the control plane changes
@@ -55,7 +60,7 @@ impl Inbound {
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, impl Future<Output = Reply> + Send + 'a> {
         let policy = self.policy.load();
-        if policy.jwt.is_some() || policy.authz.is_some() {
+        if policy.jwt.is_some() || policy.authz.is_some() || policy.rate_limit.is_some() {
             let (mut parts, body) = req.into_parts();
             if let Err(e) = self.check(&policy, &mut parts, rec) {
                 return Either::Left(ready(Err(e)));
@@ -95,6 +100,9 @@ impl Inbound {
             if let Err(Denied { policy }) = decision {
                 return Err(ProxyError::Denied { policy });
             }
+        }
+        if let Some(limit) = &policy.rate_limit {
+            limit.check(&rec.conn).map_err(ProxyError::RateLimited)?;
         }
         Ok(())
     }

@@ -31,6 +31,7 @@ mod listener;
 pub mod metrics;
 mod outbound;
 pub mod outlier;
+pub mod ratelimit;
 pub mod record;
 pub mod route;
 pub mod stack;
@@ -175,8 +176,15 @@ impl Proxy {
             };
             let metrics = self.metrics.traffic(def.direction, service);
             let policy = self.policy(&def.name);
+            // Unchanged rate limits keep their buckets.
+            let mut new_policy = def.policy.clone();
+            if let (Some(old), Some(new)) = (&policy.load().rate_limit, &new_policy.rate_limit)
+                && old.def == new.def
+            {
+                Arc::make_mut(&mut new_policy).rate_limit = Some(old.clone());
+            }
             // In force before the listener accepts anything; put back if the update fails.
-            let previous = policy.swap(def.policy.clone());
+            let previous = policy.swap(new_policy);
             new_policies.push((policy.clone(), previous));
             let http = def.http.as_ref().map(|h| {
                 let routes = match h {

@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -512,6 +513,17 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
             (None, Some(b)) => before.jwt = Some(b),
             _ => {}
         }
+        // So do rate limits.
+        match (&before.rate_limit, p.rate_limit) {
+            (Some(a), Some(b)) if *a != b => {
+                return Err(bad(format!(
+                    "filter chain {:?} has another local_ratelimit filter than the chains before it; weft applies one per listener",
+                    chain.name
+                )));
+            }
+            (None, Some(b)) => before.rate_limit = Some(b),
+            _ => {}
+        }
     }
     def.policy = Arc::new(policy.unwrap_or_default());
     if def.http.is_none() && def.tcp_cluster.is_none() {
@@ -561,6 +573,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
     // filter, DENY before ALLOW.
     let mut authz: Option<Authz> = None;
     let mut jwt = None;
+    let mut rate_limit = None;
     for f in &chain.filters {
         let Some(filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
             return Err(format!("filter {:?} has no typed_config", f.name));
@@ -569,6 +582,27 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
             let hcm: HttpConnectionManager = decode(cfg, "Listener").map_err(|e| e.reason)?;
             schema::check(&cfg.value, &schema::HTTP_CONNECTION_MANAGER, "http_connection_manager")?;
             for (i, hf) in hcm.http_filters.iter().enumerate() {
+                if rate_limit.is_some()
+                    && let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
+                    && (c.type_url == HttpRbac::type_url() || c.type_url == JwtAuthentication::type_url())
+                {
+                    return Err(format!(
+                        "HTTP filter {:?} comes after local_ratelimit; weft limits the rate after JWT and RBAC checks",
+                        hf.name
+                    ));
+                }
+                if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
+                    && c.type_url == LocalRateLimit::type_url()
+                {
+                    let at = format!("HTTP filter {:?}", hf.name);
+                    if rate_limit.is_some() {
+                        return Err(format!("{at}: weft supports one local_ratelimit filter"));
+                    }
+                    schema::check(&c.value, &schema::LOCAL_RATE_LIMIT, "local_ratelimit")?;
+                    let f: LocalRateLimit = decode(c, "Listener").map_err(|e| e.reason)?;
+                    rate_limit = Some(Arc::new(local_rate_limit(&f).map_err(|e| format!("{at}: {e}"))?));
+                    continue;
+                }
                 if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
                     && c.type_url == HttpRbac::type_url()
                 {
@@ -676,7 +710,50 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
     if def.tcp_cluster.is_none() {
         def.tcp_cluster = tcp_before;
     }
-    Ok(InboundPolicy { jwt, authz })
+    Ok(InboundPolicy { jwt, authz, rate_limit })
+}
+
+/// The local rate limit filter as weft enforces it: always on and enforced, a bucket for the
+/// listener and at most one per-caller descriptor (entry `weft.caller` with an empty value).
+fn local_rate_limit(f: &LocalRateLimit) -> Result<crate::ratelimit::RateLimit, String> {
+    use crate::ratelimit::{BucketDef, RateLimit, RateLimitDef};
+    let bucket = |b: &Option<envoy_types::pb::envoy::r#type::v3::TokenBucket>, what: &str| {
+        let b = b.as_ref().ok_or_else(|| format!("{what} has no token_bucket"))?;
+        let fill = b.fill_interval.as_ref().map(duration).filter(|d| !d.is_zero());
+        Ok::<_, String>(BucketDef {
+            max_tokens: b.max_tokens,
+            tokens_per_fill: b.tokens_per_fill.as_ref().map_or(1, |t| t.value),
+            fill_interval: fill.ok_or_else(|| format!("{what}: token_bucket needs a fill_interval"))?,
+        })
+    };
+    for (what, p) in [("filter_enabled", &f.filter_enabled), ("filter_enforced", &f.filter_enforced)] {
+        let share = p.as_ref().and_then(|p| p.default_value.as_ref()).map_or(0, per_million);
+        if share != 1_000_000 {
+            return Err(format!("{what} must be 100% (weft enforces a rate limit on every request, or not at all)"));
+        }
+    }
+    let per_caller = match f.descriptors.as_slice() {
+        [] => None,
+        [d] if d.entries.len() == 1
+            && d.entries[0].key == names::CALLER_DESCRIPTOR
+            && d.entries[0].value.is_empty()
+            && !d.shadow_mode =>
+        {
+            Some(bucket(&d.token_bucket, "the descriptor")?)
+        }
+        _ => {
+            return Err(format!(
+                "descriptors: weft supports one, with the single entry {{key: {:?}, value: \"\"}} (a bucket per caller)",
+                names::CALLER_DESCRIPTOR
+            ));
+        }
+    };
+    RateLimit::new(RateLimitDef {
+        service: bucket(&f.token_bucket, "the filter")?,
+        always_consume_service: f.always_consume_default_token_bucket.as_ref().is_none_or(|b| b.value),
+        per_caller,
+        grpc_resource_exhausted: f.rate_limited_as_resource_exhausted,
+    })
 }
 
 pub fn route(any: &Any) -> Result<RouteDef, InvalidResource> {

@@ -178,6 +178,23 @@ static ROUTE: Schema = Schema {
         Plain("typed_per_filter_config"),
     ],
 };
+/// Descriptors and percentages are checked by the decoder.
+pub static LOCAL_RATE_LIMIT: Schema = Schema {
+    message: "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+    fields: &[
+        Plain("stat_prefix"),
+        Message("token_bucket", &TOKEN_BUCKET),
+        Plain("filter_enabled"),
+        Plain("filter_enforced"),
+        Plain("descriptors"),
+        Plain("always_consume_default_token_bucket"),
+        Plain("rate_limited_as_resource_exhausted"),
+    ],
+};
+static TOKEN_BUCKET: Schema = Schema {
+    message: "envoy.type.v3.TokenBucket",
+    fields: &[Plain("max_tokens"), Plain("tokens_per_fill"), Plain("fill_interval")],
+};
 /// Per route (`typed_per_filter_config`); the decoder checks the oneofs' values.
 pub static HTTP_FAULT: Schema = Schema {
     message: "envoy.extensions.filters.http.fault.v3.HTTPFault",
@@ -368,6 +385,7 @@ mod tests {
             &CLUSTER,
             &CLUSTER_LOAD_ASSIGNMENT,
             &HTTP_FAULT,
+            &LOCAL_RATE_LIMIT,
         ] {
             visit(s, &mut seen);
         }

@@ -28,6 +28,11 @@ pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBod
     {
         resp.headers_mut().insert(POLICY_HEADER, v);
     }
+    // RFC 9110: when to try again, in whole seconds (at least one).
+    if let ProxyError::RateLimited(l) = e {
+        let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
     // RFC 6750: a refused bearer token says so, and why.
     if let ProxyError::Unauthenticated(j) = e {
         let challenge = match j {

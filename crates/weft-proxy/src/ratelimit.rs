@@ -1,0 +1,177 @@
+//! Local rate limiting on the inbound stack: token buckets (GCRA, from `governor`) for the
+//! whole service and for each caller, as the listener's `local_ratelimit` HTTP filter says.
+//! A caller is its verified SPIFFE identity, or its source address on a plaintext connection.
+//!
+//! Invariant: buckets outlive config updates that leave the limits as they were (the listener
+//! keeps its [`RateLimit`] when the new one's [`RateLimitDef`] is equal), so re-sending a
+//! listener does not hand every caller a fresh burst.
+use crate::context::ConnCtx;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Envoy's token bucket: up to `max_tokens`, refilled with `tokens_per_fill` every
+/// `fill_interval` (here continuously, at the same rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BucketDef {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub fill_interval: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+impl BucketDef {
+    fn quota(&self) -> Result<Quota, String> {
+        let tokens = self.tokens_per_fill.max(1);
+        let period = Quota::with_period(self.fill_interval / tokens)
+            .ok_or_else(|| format!("token_bucket: fill_interval {:?} is too short", self.fill_interval))?;
+        let burst = NonZeroU32::new(self.max_tokens).ok_or("token_bucket: max_tokens must be at least 1")?;
+        Ok(period.allow_burst(burst))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimitDef {
+    /// The listener's bucket, consumed by every request when `always_consume_service` (or
+    /// when there is no per-caller bucket).
+    pub service: BucketDef,
+    pub always_consume_service: bool,
+    pub per_caller: Option<BucketDef>,
+    /// gRPC requests refused get RESOURCE_EXHAUSTED (else UNAVAILABLE).
+    pub grpc_resource_exhausted: bool,
+}
+
+/// Who a per-caller bucket belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Caller {
+    Identity(Arc<str>),
+    Addr(IpAddr),
+}
+
+/// Per-caller buckets kept before idle ones are let go.
+const MAX_CALLERS: usize = 10_000;
+
+pub struct RateLimit {
+    pub def: RateLimitDef,
+    service: Option<DefaultDirectRateLimiter>,
+    callers: Option<DefaultKeyedRateLimiter<Caller>>,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.def.fmt(f)
+    }
+}
+
+impl PartialEq for RateLimit {
+    fn eq(&self, other: &Self) -> bool {
+        self.def == other.def
+    }
+}
+
+impl Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.def.serialize(s)
+    }
+}
+
+/// A refused request: when the caller may try again.
+#[derive(Debug)]
+pub struct Limited {
+    pub retry_after: Duration,
+    pub grpc_resource_exhausted: bool,
+}
+
+impl RateLimit {
+    pub fn new(def: RateLimitDef) -> Result<RateLimit, String> {
+        let service = (def.always_consume_service || def.per_caller.is_none())
+            .then(|| def.service.quota().map(RateLimiter::direct))
+            .transpose()?;
+        let callers = def.per_caller.map(|b| b.quota().map(RateLimiter::dashmap)).transpose()?;
+        Ok(RateLimit { def, service, callers })
+    }
+
+    /// Takes a token for the request from its caller's bucket, then from the service's.
+    pub fn check(&self, conn: &ConnCtx) -> Result<(), Limited> {
+        let limited = |not_until: governor::NotUntil<_>| Limited {
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            grpc_resource_exhausted: self.def.grpc_resource_exhausted,
+        };
+        if let Some(callers) = &self.callers {
+            let caller = match &conn.peer_identity {
+                Some(id) => Caller::Identity(id.0.clone()),
+                None => Caller::Addr(conn.peer.ip()),
+            };
+            if callers.len() > MAX_CALLERS {
+                callers.retain_recent();
+            }
+            callers.check_key(&caller).map_err(limited)?;
+        }
+        if let Some(service) = &self.service {
+            service.check().map_err(limited)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{Direction, PeerIdentity};
+
+    fn conn(peer: &str, identity: Option<&str>) -> ConnCtx {
+        ConnCtx {
+            peer: peer.parse().unwrap(),
+            local: "127.0.0.1:80".parse().unwrap(),
+            direction: Direction::inbound,
+            listener: "l".into(),
+            service: "s".into(),
+            peer_identity: identity.map(|i| PeerIdentity(i.into())),
+        }
+    }
+
+    fn bucket(n: u32) -> BucketDef {
+        BucketDef { max_tokens: n, tokens_per_fill: n, fill_interval: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn the_service_bucket_holds_for_everyone() {
+        let rl = RateLimit::new(RateLimitDef {
+            service: bucket(3),
+            always_consume_service: true,
+            per_caller: None,
+            grpc_resource_exhausted: true,
+        })
+        .unwrap();
+        let (a, b) = (conn("10.0.0.1:1", None), conn("10.0.0.2:1", None));
+        assert!(rl.check(&a).is_ok() && rl.check(&b).is_ok() && rl.check(&a).is_ok());
+        let refused = rl.check(&b).unwrap_err();
+        assert!(refused.retry_after > Duration::from_secs(10), "{refused:?}");
+    }
+
+    #[test]
+    fn each_caller_has_a_bucket_by_identity_or_address() {
+        let rl = RateLimit::new(RateLimitDef {
+            service: bucket(2),
+            always_consume_service: false,
+            per_caller: Some(bucket(2)),
+            grpc_resource_exhausted: true,
+        })
+        .unwrap();
+        let a1 = conn("10.0.0.1:1", Some("spiffe://t/ns/d/sa/a"));
+        let a2 = conn("10.0.0.9:7", Some("spiffe://t/ns/d/sa/a"));
+        let plain = conn("10.0.0.1:2", None);
+        assert!(rl.check(&a1).is_ok() && rl.check(&a2).is_ok());
+        assert!(rl.check(&a1).is_err(), "one identity, one bucket, whatever the address");
+        assert!(rl.check(&plain).is_ok() && rl.check(&plain).is_ok(), "the service bucket is not consumed");
+        assert!(rl.check(&plain).is_err());
+    }
+}
