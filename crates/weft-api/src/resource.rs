@@ -118,6 +118,14 @@ pub enum LoadBalancer {
     P2cEwma,
     #[serde(rename = "round-robin")]
     RoundRobin,
+    #[serde(rename = "random")]
+    Random,
+    /// Consistent hashing on a ring (the key from `Service.spec.consistentHash`).
+    #[serde(rename = "ring-hash")]
+    RingHash,
+    /// Consistent hashing with Maglev's lookup table.
+    #[serde(rename = "maglev")]
+    Maglev,
 }
 
 impl LoadBalancer {
@@ -125,8 +133,28 @@ impl LoadBalancer {
         match self {
             LoadBalancer::P2cEwma => "p2c-ewma",
             LoadBalancer::RoundRobin => "round-robin",
+            LoadBalancer::Random => "random",
+            LoadBalancer::RingHash => "ring-hash",
+            LoadBalancer::Maglev => "maglev",
         }
     }
+
+    pub fn is_consistent_hash(self) -> bool {
+        matches!(self, LoadBalancer::RingHash | LoadBalancer::Maglev)
+    }
+}
+
+/// What a consistent-hash load balancer hashes: exactly one of a header, a cookie or the
+/// caller's address. A request without the header or cookie goes to a random instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHash {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "std::ops::Not::not")]
+    pub source_ip: bool,
 }
 
 /// `kind: Service` — settings for traffic to one service. Services also exist without this
@@ -148,6 +176,9 @@ pub struct ServiceSpec {
     /// as `selector.service` whose labels include all of `selector.labels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<ServiceSelector>,
+    /// The key of `ring-hash` and `maglev` load balancing (required by them, refused otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
 }
 
 /// The instances a versioned service is made of, as a Kubernetes Service's selector.
@@ -920,6 +951,53 @@ impl Resource {
         check_name(doc, "metadata.name", &metadata.name)?;
         match self {
             Resource::Service(o) => {
+                match (&o.spec.consistent_hash, o.spec.load_balancer.is_consistent_hash()) {
+                    (None, true) => {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.consistentHash",
+                            format!(
+                                "loadBalancer {} needs a key: set consistentHash.header, .cookie or .sourceIP",
+                                o.spec.load_balancer.as_str()
+                            ),
+                        ));
+                    }
+                    (Some(_), false) => {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.consistentHash",
+                            format!(
+                                "is only used by loadBalancer ring-hash or maglev, not {}",
+                                o.spec.load_balancer.as_str()
+                            ),
+                        ));
+                    }
+                    (Some(h), true) => {
+                        let set = usize::from(h.header.is_some())
+                            + usize::from(h.cookie.is_some())
+                            + usize::from(h.source_ip);
+                        if set != 1 {
+                            return Err(ApplyError::new(
+                                doc,
+                                "spec.consistentHash",
+                                "set exactly one of header, cookie and sourceIP",
+                            ));
+                        }
+                        if let Some(name) = &h.header
+                            && http_header_name_invalid(name)
+                        {
+                            return Err(ApplyError::new(
+                                doc,
+                                "spec.consistentHash.header",
+                                format!("{name:?} is not a valid HTTP header name"),
+                            ));
+                        }
+                        if h.cookie.as_deref().is_some_and(|c| c.is_empty() || c.contains([';', '=', ' ', ','])) {
+                            return Err(ApplyError::new(doc, "spec.consistentHash.cookie", "is not a cookie name"));
+                        }
+                    }
+                    (None, false) => {}
+                }
                 if o.spec.connect_timeout.is_some_and(|t| t.is_zero()) {
                     return Err(ApplyError::new(doc, "spec.connectTimeout", "must be greater than 0"));
                 }

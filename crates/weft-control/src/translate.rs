@@ -52,6 +52,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::random::v3::Random;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
@@ -71,11 +74,11 @@ use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
-    AuthorizationPolicySpec, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
-    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON, FaultInjection,
-    HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer, MtlsMode, Object, OutlierDetection,
-    PathMatchType, PathModifierType, Protocol, RateLimitPolicy, RequestAuthenticationSpec, Resource, RetryPolicy,
-    ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
+    AuthorizationPolicySpec, ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONSECUTIVE_5XX, DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD,
+    DEFAULT_RETRY_ON, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer,
+    MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
+    RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
 };
 use weft_api::{Instance, ServiceSummary};
 
@@ -240,7 +243,8 @@ impl Snapshot {
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
-            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy)));
+            let hash = spec.consistent_hash.as_ref().filter(|_| spec.load_balancer.is_consistent_hash());
+            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy, hash)));
             put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
             services.insert(
                 name.clone(),
@@ -350,7 +354,7 @@ impl Snapshot {
             let http = if self.global[&Type::Route].contains_key(&up.service) {
                 HttpRoutes::Rds(&up.service)
             } else {
-                HttpRoutes::Inline(Box::new(route_config(&up.service, &[], None)))
+                HttpRoutes::Inline(Box::new(route_config(&up.service, &[], None, None)))
             };
             let l = proxy_listener(
                 &name,
@@ -400,12 +404,28 @@ fn load_balancing_policy(lb: LoadBalancer) -> LoadBalancingPolicy {
     };
     let round_robin =
         policy("envoy.load_balancing_policies.round_robin", envoy_types::util::pack_any(RoundRobin::default()));
+    let ring_hash =
+        || policy("envoy.load_balancing_policies.ring_hash", envoy_types::util::pack_any(RingHash::default()));
     let policies = match lb {
         LoadBalancer::P2cEwma => {
             let lr = LeastRequest { choice_count: Some(UInt32Value { value: 2 }), ..Default::default() };
             vec![policy("envoy.load_balancing_policies.least_request", envoy_types::util::pack_any(lr)), round_robin]
         }
         LoadBalancer::RoundRobin => vec![round_robin],
+        LoadBalancer::Random => {
+            vec![
+                policy("envoy.load_balancing_policies.random", envoy_types::util::pack_any(Random::default())),
+                round_robin,
+            ]
+        }
+        LoadBalancer::RingHash => vec![ring_hash()],
+        // gRPC clients lack Maglev: they hash on a ring.
+        LoadBalancer::Maglev => {
+            vec![
+                policy("envoy.load_balancing_policies.maglev", envoy_types::util::pack_any(Maglev::default())),
+                ring_hash(),
+            ]
+        }
     };
     LoadBalancingPolicy { policies }
 }
@@ -426,6 +446,19 @@ fn retry_policy(r: &RetryPolicy) -> EnvoyRetryPolicy {
         }),
         ..Default::default()
     }
+}
+
+/// A consistent-hash key as the route's hash policy.
+fn hash_policy(h: &ConsistentHash) -> route_action::HashPolicy {
+    use route_action::hash_policy::{ConnectionProperties, Cookie, Header, PolicySpecifier};
+    let specifier = match (&h.header, &h.cookie) {
+        (Some(name), _) => {
+            PolicySpecifier::Header(Header { header_name: name.to_ascii_lowercase(), ..Default::default() })
+        }
+        (None, Some(name)) => PolicySpecifier::Cookie(Cookie { name: name.clone(), ..Default::default() }),
+        (None, None) => PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true }),
+    };
+    route_action::HashPolicy { policy_specifier: Some(specifier), terminal: false }
 }
 
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
@@ -848,7 +881,12 @@ fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
 
 /// A service's route table: a virtual host per hostname that routes name (their rules, then
 /// the rules of routes without hostnames), and a `*` host for every other request.
-fn route_config(service: &str, rules: &[HostRule<'_>], policy: Option<&TrafficPolicySpec>) -> RouteConfiguration {
+fn route_config(
+    service: &str,
+    rules: &[HostRule<'_>],
+    policy: Option<&TrafficPolicySpec>,
+    hash: Option<&ConsistentHash>,
+) -> RouteConfiguration {
     let mut hostnames: Vec<&String> = rules.iter().flat_map(|(h, _)| h.iter()).collect();
     hostnames.sort();
     hostnames.dedup();
@@ -880,9 +918,11 @@ fn route_config(service: &str, rules: &[HostRule<'_>], policy: Option<&TrafficPo
     // serves it.
     let retry = policy.and_then(|p| p.retry.as_ref()).map(retry_policy);
     let fault = policy.and_then(|p| p.fault.as_deref()).map(http_fault);
+    let hash_policy: Vec<route_action::HashPolicy> = hash.map(hash_policy).into_iter().collect();
     for route in virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
         if let Some(route::Action::Route(action)) = &mut route.action {
             action.retry_policy.clone_from(&retry);
+            action.hash_policy.clone_from(&hash_policy);
         }
         if let Some(f) = &fault {
             route.typed_per_filter_config.insert(FAULT_FILTER.to_owned(), envoy_types::util::pack_any(f.clone()));

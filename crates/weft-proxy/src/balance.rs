@@ -10,6 +10,8 @@ use crate::outlier::{self, Observed};
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
 use arc_swap::ArcSwapOption;
+use hash::HashTable;
+pub use hash::key_hash;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +25,21 @@ pub struct EndpointSet {
     pub ready: Vec<Arc<Endpoint>>,
     /// Every endpoint, healthy or not, by address (so updates can reuse them).
     pub all: Vec<Arc<Endpoint>>,
+    /// For `ring-hash` and `maglev`: the ready endpoints' table.
+    hash: Option<HashTable>,
+}
+
+impl EndpointSet {
+    fn new(all: Vec<Arc<Endpoint>>, lb: LoadBalancer) -> EndpointSet {
+        let ready: Vec<Arc<Endpoint>> = all.iter().filter(|e| e.healthy.load(Ordering::Relaxed)).cloned().collect();
+        let addrs: Vec<std::net::SocketAddr> = ready.iter().map(|e| e.addr).collect();
+        let hash = match lb {
+            LoadBalancer::RingHash => Some(HashTable::ring(&addrs)),
+            LoadBalancer::Maglev => Some(HashTable::maglev(&addrs)),
+            _ => None,
+        };
+        EndpointSet { ready, all, hash }
+    }
 }
 
 pub struct Settings {
@@ -120,8 +137,8 @@ impl Cluster {
             };
             all.push(ep);
         }
-        let ready = all.iter().filter(|e| e.healthy.load(Ordering::Relaxed)).cloned().collect();
-        self.endpoints.store(Arc::new(EndpointSet { ready, all }));
+        let lb = self.settings.load().load_balancer;
+        self.endpoints.store(Arc::new(EndpointSet::new(all, lb)));
     }
 
     /// Counts a request against the cluster's `max_requests`, or refuses it at once.
@@ -186,9 +203,30 @@ impl Cluster {
 
     /// Picks an endpoint not in `tried`, preferring ones that are neither failing to connect
     /// nor ejected.
-    pub fn pick(&self, set: &EndpointSet, tried: &[usize]) -> Option<Arc<Endpoint>> {
+    ///
+    /// `hash` is the request's consistent-hash key (from the route), for `ring-hash` and
+    /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
+    /// balancers pick at random.
+    pub fn pick(&self, set: &EndpointSet, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
         let settings = self.settings.load();
+        if let (Some(table), Some(hash)) = (&set.hash, hash) {
+            let n = set.ready.len();
+            let now = clock();
+            let in_service = |e: &&Arc<Endpoint>| settings.outlier.is_none() || !e.outlier.ejected(now);
+            let mut fallback = None;
+            for i in table.candidates(hash, n) {
+                let e = &set.ready[i];
+                if !usable(&e) {
+                    continue;
+                }
+                if !e.failing() && in_service(&e) {
+                    return Some(e.clone());
+                }
+                fallback.get_or_insert_with(|| e.clone());
+            }
+            return fallback;
+        }
         let lb = settings.load_balancer;
         let Some(outlier) = &settings.outlier else {
             let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
@@ -223,6 +261,11 @@ impl Cluster {
         match lb {
             LoadBalancer::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|i| &eps[(start + i) % n]).find(|e| ok(e)).cloned()
+            }
+            // Consistent hashing without a key picks at random too.
+            LoadBalancer::Random | LoadBalancer::RingHash | LoadBalancer::Maglev => {
+                let start = fastrand::usize(..n);
                 (0..n).map(|i| &eps[(start + i) % n]).find(|e| ok(e)).cloned()
             }
             LoadBalancer::P2cEwma => {
@@ -299,6 +342,7 @@ impl ClusterManager {
         for def in defs {
             let c = self.get(&def.name);
             c.set_tls(def.tls.as_ref().map(tls));
+            let rehash = c.settings.load().load_balancer != def.load_balancer;
             c.settings.store(Arc::new(Settings {
                 load_balancer: def.load_balancer,
                 connect_timeout: def.connect_timeout,
@@ -309,6 +353,9 @@ impl ClusterManager {
             }));
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
+            } else if rehash {
+                let all = c.endpoints.load().all.clone();
+                c.endpoints.store(Arc::new(EndpointSet::new(all, def.load_balancer)));
             }
             c.defined.store(true, Ordering::Relaxed);
         }
@@ -352,6 +399,8 @@ impl ClusterManager {
     }
 }
 
+mod hash;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,10 +432,10 @@ mod tests {
         let c = cluster(3, LoadBalancer::RoundRobin);
         let set = c.endpoints.load();
         assert_eq!(set.ready.len(), 2);
-        let first = c.pick(&set, &[]).unwrap();
-        let second = c.pick(&set, &[Arc::as_ptr(&first) as usize]).unwrap();
+        let first = c.pick(&set, &[], None).unwrap();
+        let second = c.pick(&set, &[Arc::as_ptr(&first) as usize], None).unwrap();
         assert_ne!(first.addr, second.addr);
-        assert!(c.pick(&set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize]).is_none());
+        assert!(c.pick(&set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None).is_none());
     }
 
     #[test]
@@ -396,7 +445,7 @@ mod tests {
         let busy = set.ready[0].clone();
         let _load: Vec<_> = (0..50).map(|_| busy.start()).collect();
         for _ in 0..100 {
-            assert_ne!(c.pick(&set, &[]).unwrap().addr, busy.addr);
+            assert_ne!(c.pick(&set, &[], None).unwrap().addr, busy.addr);
         }
     }
 

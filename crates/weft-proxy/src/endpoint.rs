@@ -35,6 +35,9 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 const UNKNOWN_RTT_PENALTY: f64 = 1e9;
 /// Decay window of the peak-EWMA estimate.
 const DECAY: Duration = Duration::from_secs(10);
+/// An endpoint without an answer for this long is probed with the next request it is a
+/// candidate for (see [`Endpoint::cost`]).
+const PROBE_AFTER: Duration = Duration::from_secs(2);
 /// Pool sweeps done so far (see [`crate::balance::ClusterManager::sweep_pools`]). A pooled
 /// connection records the count when it is checked in, so the pool reads no clock per request.
 pub(crate) static SWEEPS: AtomicU64 = AtomicU64::new(0);
@@ -148,15 +151,25 @@ impl Endpoint {
     }
 
     /// Cost for P2C: estimated latency × (outstanding requests + 1). The estimate decays
-    /// while an endpoint is not chosen, so a once-slow endpoint is retried eventually.
+    /// while an endpoint is not chosen; and an idle endpoint that has not answered for
+    /// [`PROBE_AFTER`] costs nothing, so it gets the next request and a fresh sample: an
+    /// endpoint that was slow once is not shunned for the tens of seconds the decay alone
+    /// would take.
     pub fn cost(&self) -> f64 {
+        self.cost_at(clock())
+    }
+
+    fn cost_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
-        let pending = f64::from(self.pending.load(Ordering::Relaxed));
+        let pending = self.pending.load(Ordering::Relaxed);
         if rtt == 0.0 {
-            return pending * UNKNOWN_RTT_PENALTY;
+            return f64::from(pending) * UNKNOWN_RTT_PENALTY;
         }
-        let idle = clock().saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
-        rtt * (-idle / DECAY.as_nanos() as f64).exp() * (pending + 1.0)
+        let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed));
+        if pending == 0 && idle >= PROBE_AFTER.as_nanos() as u64 {
+            return 0.0;
+        }
+        rtt * (-(idle as f64) / DECAY.as_nanos() as f64).exp() * (f64::from(pending) + 1.0)
     }
 
     /// Marks a request as started; the returned guard records its latency when it ends.
@@ -325,5 +338,35 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.observe(self.started.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::TcpConnect;
+
+    /// An endpoint that answered slowly once is probed again after two seconds without
+    /// answers, not after the tens of seconds its decaying estimate alone would take.
+    #[test]
+    fn a_once_slow_endpoint_is_probed_again() {
+        let ep = Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            true,
+            Default::default(),
+            Arc::new(TcpConnect),
+            Arc::new(ArcSwapOption::empty()),
+        );
+        ep.observe(Duration::from_millis(500));
+        let answered = ep.stamp.load(Ordering::Relaxed);
+        let fast = 0.001e9; // 1 ms, in ns
+        assert!(ep.cost_at(answered) > 100.0 * fast, "just measured slow: {}", ep.cost_at(answered));
+        // 1.5 s later: still costly (the decay alone is slow)...
+        assert!(ep.cost_at(answered + 1_500_000_000) > 50.0 * fast);
+        // ...2 s later: it is probed.
+        assert_eq!(ep.cost_at(answered + 2_000_000_000), 0.0);
+        // Not while it has a request outstanding.
+        let _busy = ep.start();
+        assert!(ep.cost_at(answered + 2_000_000_000) > 0.0);
     }
 }

@@ -37,6 +37,7 @@ impl Tried {
 /// that connected.
 pub async fn connect<C>(
     cluster: &Cluster,
+    hash: Option<u64>,
     failover: Failover,
     tried: &mut Tried,
     attempts: &mut Attempts,
@@ -47,8 +48,9 @@ pub async fn connect<C>(
     let (timeout, outlier) = (settings.connect_timeout, settings.outlier);
     drop(settings);
     loop {
-        let ep =
-            cluster.pick(&set, tried.as_slice()).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
+        let ep = cluster
+            .pick(&set, tried.as_slice(), hash)
+            .ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
         match connect(&ep, timeout).await {
             Ok(c) => return Ok((ep, c)),
             Err(e) => {

@@ -2,8 +2,9 @@
 //! the policy that applies to requests it matches. Tables are built once per RDS update with
 //! their clusters resolved. Routing decides everything about a request before any I/O: the
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
+use crate::balance::key_hash;
 use crate::balance::{Cluster, ClusterManager};
-use crate::config::{FaultDef, HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
+use crate::config::{FaultDef, HashDef, HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use arc_swap::ArcSwap;
@@ -129,6 +130,7 @@ pub struct Rule {
     pub edits: Option<Box<Edits>>,
     /// Clusters a copy of a share (per million) of the requests goes to.
     pub mirrors: Vec<(Arc<Cluster>, u32)>,
+    hash: Vec<HashDef>,
 }
 
 /// The decision for one request: the rule it matched and the backend picked among the rule's
@@ -136,6 +138,9 @@ pub struct Rule {
 pub struct MatchedRoute {
     pub rule: Arc<Rule>,
     pub backend: Arc<Cluster>,
+    /// The request's consistent-hash key, when the rule has a hash policy and the request
+    /// carries what it hashes.
+    pub hash: Option<u64>,
 }
 
 impl RouteTable {
@@ -193,7 +198,7 @@ impl RouteTable {
                     .all(|(n, v)| query_value(req.uri().query(), n).is_some_and(|q| v.matches(q.as_bytes())))
         })?;
         let backend = rule.pick()?.clone();
-        Some(MatchedRoute { rule: rule.clone(), backend })
+        Some(MatchedRoute { rule: rule.clone(), backend, hash: None })
     }
 }
 
@@ -262,7 +267,7 @@ impl Rule {
                     rewrite: r.rewrite.clone(),
                 })
             });
-        Rule { id, path, headers, query, method, backends, total_weight, policy, edits, mirrors }
+        Rule { id, path, headers, query, method, backends, total_weight, policy, edits, mirrors, hash: r.hash.clone() }
     }
 
     /// Applies the rule's request edits: headers, then the path and host rewrites.
@@ -310,6 +315,23 @@ impl Rule {
         }
     }
 
+    /// The request's consistent-hash key: each source that yields a value folds into it (as
+    /// Envoy combines hash policies); `None` if none does.
+    pub fn hash_of<B>(&self, req: &http::Request<B>, peer: std::net::SocketAddr) -> Option<u64> {
+        let mut out: Option<u64> = None;
+        for h in &self.hash {
+            let key = match h {
+                HashDef::Header(name) => req.headers().get(name.as_str()).map(|v| key_hash(v.as_bytes())),
+                HashDef::Cookie(name) => cookie(req.headers(), name).map(|v| key_hash(v.as_bytes())),
+                HashDef::SourceIp => Some(key_hash(peer.ip().to_string().as_bytes())),
+            };
+            if let Some(k) = key {
+                out = Some(out.map_or(k, |h| h.rotate_left(1) ^ k));
+            }
+        }
+        out
+    }
+
     /// Whether the rule does anything beyond forwarding to its backend.
     pub fn has_policy(&self) -> bool {
         self.policy.timeout.is_some()
@@ -341,7 +363,10 @@ pub fn decide<B>(
     req: &http::Request<B>,
     rec: &mut RequestRecord,
 ) -> Result<MatchedRoute, ProxyError> {
-    let route = table.load().route(req).ok_or(ProxyError::NoRoute)?;
+    let mut route = table.load().route(req).ok_or(ProxyError::NoRoute)?;
+    if !route.rule.hash.is_empty() {
+        route.hash = route.rule.hash_of(req, rec.conn.peer);
+    }
     rec.route = Some(route.rule.id.clone());
     rec.cluster = Some(route.backend.name.clone());
     if !route.backend.defined.load(Ordering::Relaxed) {
@@ -364,6 +389,16 @@ fn edit_headers(h: &mut http::HeaderMap, e: &HeaderEdits) {
             h.append(n, v);
         }
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        v.split(';').find_map(|pair| {
+            let (k, val) = pair.trim().split_once('=')?;
+            (k == name).then_some(val)
+        })
+    })
 }
 
 /// Gateway API path prefixes match whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.

@@ -30,6 +30,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::random::v3::Random;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
@@ -160,6 +163,18 @@ pub struct RuleDef {
     /// From the route's `typed_per_filter_config` for the fault filter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultDef>,
+    /// From `hash_policy`: what consistent-hash load balancing hashes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hash: Vec<HashDef>,
+}
+
+/// One source of a request's consistent-hash key; several combine (Envoy's rule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashDef {
+    Header(String),
+    Cookie(String),
+    SourceIp,
 }
 
 /// A copy of a share of the rule's requests goes to `cluster`; its answers are dropped.
@@ -980,7 +995,30 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 let f = HttpFault::decode(any.value.as_slice()).map_err(|e| bad(format!("{name:?}: {e}")))?;
                 fault = Some(fault_def(&f).map_err(|e| bad(format!("typed_per_filter_config {name:?}: {e}")))?);
             }
+            let mut hash = Vec::new();
+            for h in &action.hash_policy {
+                use route_action::hash_policy::PolicySpecifier;
+                if h.terminal {
+                    return Err(bad("hash_policy: terminal is not supported".into()));
+                }
+                hash.push(match &h.policy_specifier {
+                    Some(PolicySpecifier::Header(hd)) if hd.regex_rewrite.is_none() => {
+                        HashDef::Header(hd.header_name.to_ascii_lowercase())
+                    }
+                    Some(PolicySpecifier::Cookie(c)) if c.ttl.is_none() && c.path.is_empty() && c.attributes.is_empty() => {
+                        HashDef::Cookie(c.name.clone())
+                    }
+                    Some(PolicySpecifier::ConnectionProperties(p)) if p.source_ip => HashDef::SourceIp,
+                    _ => {
+                        return Err(bad(
+                            "hash_policy: weft hashes a header, a cookie (without ttl, path or attributes) or the source IP"
+                                .into(),
+                        ));
+                    }
+                });
+            }
             rules.push(RuleDef {
+                hash,
                 mirrors,
                 fault,
                 retry,
@@ -1017,15 +1055,27 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     // The first policy of load_balancing_policy that weft knows wins; without one, lb_policy.
     let from_list = c.load_balancing_policy.iter().flat_map(|p| &p.policies).find_map(|p| {
         let url = p.typed_extension_config.as_ref()?.typed_config.as_ref()?.type_url.as_str();
-        if url == LeastRequest::type_url() {
-            Some(LoadBalancer::P2cEwma)
-        } else if url == RoundRobin::type_url() {
-            Some(LoadBalancer::RoundRobin)
-        } else {
-            None
-        }
+        let known = [
+            (LeastRequest::type_url(), LoadBalancer::P2cEwma),
+            (RoundRobin::type_url(), LoadBalancer::RoundRobin),
+            (Random::type_url(), LoadBalancer::Random),
+            (RingHash::type_url(), LoadBalancer::RingHash),
+            (Maglev::type_url(), LoadBalancer::Maglev),
+        ];
+        known.into_iter().find(|(u, _)| u == url).map(|(_, lb)| (lb, p))
     });
-    let load_balancer = match (from_list, cluster::LbPolicy::try_from(c.lb_policy)) {
+    // Settings of a hashing or random policy are not honoured: they must be left at their
+    // defaults (least_request's choice_count is read as P2C's two choices).
+    if let Some((lb, p)) = &from_list
+        && matches!(lb, LoadBalancer::Random | LoadBalancer::RingHash | LoadBalancer::Maglev)
+        && p.typed_extension_config.as_ref().and_then(|t| t.typed_config.as_ref()).is_some_and(|a| !a.value.is_empty())
+    {
+        return Err(bad(format!(
+            "load_balancing_policy {}: settings are not supported (leave them at their defaults)",
+            lb.as_str()
+        )));
+    }
+    let load_balancer = match (from_list.map(|(lb, _)| lb), cluster::LbPolicy::try_from(c.lb_policy)) {
         (Some(lb), _) => lb,
         (None, Ok(cluster::LbPolicy::RoundRobin)) => LoadBalancer::RoundRobin,
         (None, Ok(cluster::LbPolicy::LeastRequest)) => LoadBalancer::P2cEwma,

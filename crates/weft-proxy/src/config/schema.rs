@@ -214,6 +214,11 @@ static REQUEST_MIRROR_POLICY: Schema = Schema {
     message: "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
     fields: &[Plain("cluster"), Message("runtime_fraction", &RUNTIME_FRACTIONAL_PERCENT)],
 };
+/// The decoder checks which one is set.
+static HASH_POLICY: Schema = Schema {
+    message: "envoy.config.route.v3.RouteAction.HashPolicy",
+    fields: &[Plain("header"), Plain("cookie"), Plain("connection_properties"), Plain("terminal")],
+};
 /// No runtime here: only the default value.
 static RUNTIME_FRACTIONAL_PERCENT: Schema = Schema {
     message: "envoy.config.core.v3.RuntimeFractionalPercent",
@@ -253,6 +258,7 @@ static ROUTE_ACTION: Schema = Schema {
         Plain("host_rewrite_literal"),
         Message("retry_policy", &RETRY_POLICY),
         Repeated("request_mirror_policies", &REQUEST_MIRROR_POLICY),
+        Repeated("hash_policy", &HASH_POLICY),
     ],
 };
 /// `retry_on` values are checked by the decoder.

@@ -87,11 +87,15 @@ pub async fn forward_body(
     }
     let mut unsent = 0;
     loop {
-        let (endpoint, conn) =
-            failover::connect(cluster, failover, &mut tried, &mut rec.attempts, async move |ep: &Endpoint, t| {
-                ep.checkout(h2, t).await
-            })
-            .await?;
+        let (endpoint, conn) = failover::connect(
+            cluster,
+            route.hash,
+            failover,
+            &mut tried,
+            &mut rec.attempts,
+            async move |ep: &Endpoint, t| ep.checkout(h2, t).await,
+        )
+        .await?;
         let result = {
             let _in_flight = endpoint.start();
             send(&endpoint, conn, req).await

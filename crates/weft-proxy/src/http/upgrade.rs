@@ -22,6 +22,7 @@ pub async fn upgrade_via(
     let failover = route.rule.policy.failover;
     let (endpoint, conn) = failover::connect(
         &route.backend,
+        route.hash,
         failover,
         &mut Tried::default(),
         &mut rec.attempts,

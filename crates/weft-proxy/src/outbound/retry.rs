@@ -32,7 +32,7 @@ pub async fn with_retries(
     // Endpoints earlier attempts failed on: a retry goes elsewhere while it can.
     let mut failed_on: smallvec::SmallVec<[std::net::SocketAddr; 4]> = smallvec::SmallVec::new();
     loop {
-        let this_try = MatchedRoute { rule: route.rule.clone(), backend: route.backend.clone() };
+        let this_try = MatchedRoute { rule: route.rule.clone(), backend: route.backend.clone(), hash: route.hash };
         let sent = forward_body(this_try, next, &failed_on, rec);
         let result = match retry.per_try_timeout {
             Some(t) => tokio::time::timeout(t, sent)

@@ -1,0 +1,105 @@
+//! Load balancing choices of the `Service` resource, end to end: consistent hashing keeps a
+//! key on one instance, and moves only the keys of an instance that leaves.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+use weft_tests::*;
+
+/// The instance (`x-served-by`) that answers a GET through 127.0.0.1:`port` with `header`.
+fn served_by(port: u16, header: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nhost: backend\r\n{header}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-served-by: ").map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no x-served-by in {answer:?}"))
+}
+
+/// The load balancer the edge applies to `backend`.
+fn lb_in_force(edge: &Edge) -> String {
+    let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+    dump["clusters"]["backend"]["load_balancer"].as_str().unwrap_or_default().to_owned()
+}
+
+fn apply(dir: &TestDir, control: &Control, yaml: &str) {
+    let path = dir.path.join("service.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Where each of `keys` goes (`x-user: <key>`), each asked twice: both answers must agree.
+fn placement(port: u16, keys: &[String]) -> BTreeMap<String, String> {
+    keys.iter()
+        .map(|k| {
+            let first = served_by(port, &format!("x-user: {k}"));
+            assert_eq!(served_by(port, &format!("x-user: {k}")), first, "key {k} moved between two requests");
+            (k.clone(), first)
+        })
+        .collect()
+}
+
+#[test]
+fn ring_hash_and_maglev_keep_keys_on_one_instance_and_move_few_when_one_leaves() {
+    let dir = TestDir::new("hashing");
+    let control = Control::start(&dir);
+    let mut instances: Vec<Instance> =
+        (0..4).map(|i| Instance::start(&dir, &control.addr, "backend", "v1", &format!("b{i}"), &[])).collect();
+    wait_until(Duration::from_secs(15), "4 healthy", || control.healthy_ids("backend").len() == 4);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    let port = edge.ports["backend"];
+    let keys: Vec<String> = (0..200).map(|k| format!("user-{k}")).collect();
+
+    // Without a key, ring hash picks at random; invalid combinations are refused at apply.
+    let bad = dir.path.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: ring-hash}\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", bad.to_str().unwrap(), "--control", &control.addr]);
+    assert!(!out.status.success() && stderr(&out).contains("spec.consistentHash"), "{}", stderr(&out));
+
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: maglev, consistentHash: {header: x-user}}\n",
+    );
+    wait_until(Duration::from_secs(5), "maglev in force", || lb_in_force(&edge) == "maglev");
+    let maglev = placement(port, &keys);
+    let used: std::collections::BTreeSet<&String> = maglev.values().collect();
+    assert_eq!(used.len(), 4, "200 keys should reach all 4 instances: {used:?}");
+
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: ring-hash, consistentHash: {header: x-user}}\n",
+    );
+    wait_until(Duration::from_secs(5), "ring hash in force", || lb_in_force(&edge) == "ring-hash");
+    let before = placement(port, &keys);
+    let mut load: BTreeMap<&String, usize> = BTreeMap::new();
+    for v in before.values() {
+        *load.entry(v).or_default() += 1;
+    }
+    assert!(load.len() == 4 && load.values().all(|n| (20..=90).contains(n)), "uneven spread over 4: {load:?}");
+
+    // One of four leaves: its keys move to the others, the rest stay where they were.
+    let mut leaving = instances.remove(3);
+    let gone = leaving.id.clone();
+    leaving.proc.stop();
+    wait_until(Duration::from_secs(10), "3 endpoints at the edge", || edge.endpoint_addrs("backend").len() == 3);
+    let after = placement(port, &keys);
+    let moved_staying = keys.iter().filter(|k| before[*k] != gone && after[*k] != before[*k]).count();
+    let moved = keys.iter().filter(|k| after[*k] != before[*k]).count();
+    assert!(after.values().all(|v| *v != gone));
+    let detail: Vec<String> = keys
+        .iter()
+        .filter(|k| before[*k] != gone && after[*k] != before[*k])
+        .map(|k| format!("{k}: {} -> {}", before[k], after[k]))
+        .collect();
+    assert_eq!(moved_staying, 0, "keys of instances that stayed moved: {detail:?}");
+    assert_eq!(moved, load[&gone], "exactly the leaving instance's keys moved (about 1/4)");
+    eprintln!("ring hash: {moved} of {} keys moved when 1 of 4 instances left", keys.len());
+}
