@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_tests::*;
 
 const PASS: u8 = 0;
-const ADD_FAULT_FILTER: u8 = 1;
+const ADD_CORS_FILTER: u8 = 1;
 const ADD_TLS_SOCKET: u8 = 2;
 
 struct Relay {
@@ -43,7 +43,7 @@ fn tamper(mode: u8, any: &mut Any) {
                 chain.transport_socket =
                     Some(TransportSocket { name: "envoy.transport_sockets.tls".into(), config_type: None })
             }
-            ADD_FAULT_FILTER => {
+            ADD_CORS_FILTER => {
                 for f in &mut chain.filters {
                     let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(cfg)) =
                         &mut f.config_type
@@ -54,13 +54,13 @@ fn tamper(mode: u8, any: &mut Any) {
                         continue;
                     }
                     let mut hcm = HttpConnectionManager::decode(cfg.value.as_slice()).unwrap();
-                    let fault = Any {
-                        type_url: "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault".into(),
+                    let cors = Any {
+                        type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors".into(),
                         value: vec![],
                     };
                     let filter = HttpFilter {
-                        name: "envoy.filters.http.fault".into(),
-                        config_type: Some(http_filter::ConfigType::TypedConfig(fault)),
+                        name: "envoy.filters.http.cors".into(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(cors)),
                         ..Default::default()
                     };
                     hcm.http_filters.insert(0, filter);
@@ -193,7 +193,7 @@ fn unsupported_listener_config_is_nacked_and_the_last_good_config_keeps_serving(
     let listeners_before = get_json(&edge.admin(), "/config_dump").unwrap()["listeners"].clone();
 
     for (mode_value, protocol, what) in [
-        (ADD_FAULT_FILTER, "http", "HTTP filter \"envoy.filters.http.fault\""),
+        (ADD_CORS_FILTER, "http", "HTTP filter \"envoy.filters.http.cors\""),
         (ADD_TLS_SOCKET, "auto", "transport socket \"envoy.transport_sockets.tls\""),
     ] {
         mode.store(mode_value, Ordering::SeqCst);

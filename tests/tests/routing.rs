@@ -369,3 +369,56 @@ spec:
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(v2_requests(), before + 60, "v2 got other than 50 mirrored and 10 matched requests");
 }
+
+/// A GRPCRoute sends one gRPC method to v2 and every other call to v1; a method match that
+/// names no gRPC method is refused at apply, naming the field.
+#[test]
+fn grpcroute_routes_by_method() {
+    let dir = TestDir::new("grpcroute");
+    let control = Control::start(&dir);
+    let _v1 = Instance::start(&dir, &control.addr, "backend-v1", "v1", "b1", &[]);
+    let _v2 = Instance::start(&dir, &control.addr, "backend-v2", "v2", "b2", &[]);
+    let _main = Instance::start(&dir, &control.addr, "backend", "v0", "b0", &[]);
+    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
+        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
+    });
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    let target = format!("127.0.0.1:{}", edge.ports["backend"]);
+    let route = dir.path.join("grpcroute.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: by-method}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+  - matches: [{method: {service: weft.demo.v1.Demo, method: HelloStream}}]
+    backendRefs: [{name: backend-v2}]
+  - backendRefs: [{name: backend-v1}]
+",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unary = || stdout(&weft(&["demo-client", "--target", &target]));
+    wait_until(std::time::Duration::from_secs(5), "route in force", || unary().contains("(instance b1)"));
+    for _ in 0..5 {
+        assert!(unary().contains("(instance b1)"), "Hello goes to v1");
+        let out = weft(&["demo-client", "--target", &target, "--stream", "2"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let streamed = stdout(&out);
+        assert_eq!(streamed.matches("(instance b2)").count(), 2, "HelloStream goes to v2: {streamed}");
+    }
+    let out = weft(&["get", "grpcroutes", "--control", &control.addr]);
+    assert!(stdout(&out).contains("by-method"), "{}", stdout(&out));
+
+    std::fs::write(
+        &route,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: bad}\nspec:\n  parentRefs: [{name: backend}]\n  rules:\n  - matches: [{method: {service: \"weft/demo\"}}]\n    backendRefs: [{name: backend-v1}]\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &control.addr]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("spec.rules[0].matches[0].method.service"), "{}", stderr(&out));
+}

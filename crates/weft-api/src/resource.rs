@@ -16,19 +16,28 @@ pub enum Kind {
     Service,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute,
     AuthorizationPolicy,
     RequestAuthentication,
     TrafficPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] =
-        [Kind::Service, Kind::HttpRoute, Kind::AuthorizationPolicy, Kind::RequestAuthentication, Kind::TrafficPolicy];
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::AuthorizationPolicy,
+        Kind::RequestAuthentication,
+        Kind::TrafficPolicy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::TrafficPolicy => "TrafficPolicy",
@@ -40,7 +49,7 @@ impl Kind {
             Kind::Service | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::TrafficPolicy => {
                 WEFT_API_VERSION
             }
-            Kind::HttpRoute => GATEWAY_API_VERSION,
+            Kind::HttpRoute | Kind::GrpcRoute => GATEWAY_API_VERSION,
         }
     }
 
@@ -50,6 +59,7 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "service" | "services" | "svc" => Some(Kind::Service),
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
+            "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
             "authorizationpolicy" | "authorizationpolicies" | "authz" => Some(Kind::AuthorizationPolicy),
             "requestauthentication" | "requestauthentications" | "jwt" => Some(Kind::RequestAuthentication),
             "trafficpolicy" | "trafficpolicies" => Some(Kind::TrafficPolicy),
@@ -467,12 +477,110 @@ fn default_weight() -> u32 {
     1
 }
 
+/// `kind: GRPCRoute` (Gateway API v1, GAMMA style): routes gRPC calls to a service by their
+/// service and method. Translated into the same routes as an HTTPRoute (a call's path is
+/// `/SERVICE/METHOD`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestMirror`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A call's gRPC service (`package.Service`) and/or method; at least one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    #[serde(default, rename = "type")]
+    pub kind: HeaderMatchType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcRouteSpec {
+    /// The route as HTTPRoute rules: a method match becomes a path match on `/SERVICE/METHOD`
+    /// (exact for both, a prefix for a service alone, a regular expression otherwise).
+    pub fn http_rules(&self) -> Vec<HttpRouteRule> {
+        self.rules
+            .iter()
+            .map(|r| HttpRouteRule {
+                matches: r
+                    .matches
+                    .iter()
+                    .map(|m| HttpRouteMatch {
+                        path: m.method.as_ref().map(grpc_path),
+                        headers: m.headers.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                filters: r.filters.clone(),
+                backend_refs: r.backend_refs.clone(),
+                timeouts: None,
+            })
+            .collect()
+    }
+
+    pub fn as_http(&self) -> HttpRouteSpec {
+        HttpRouteSpec {
+            parent_refs: self.parent_refs.clone(),
+            hostnames: self.hostnames.clone(),
+            rules: self.http_rules(),
+        }
+    }
+}
+
+fn grpc_path(m: &GrpcMethodMatch) -> PathMatch {
+    match (m.kind, m.service.as_deref(), m.method.as_deref()) {
+        (HeaderMatchType::Exact, Some(s), Some(me)) => {
+            PathMatch { kind: PathMatchType::Exact, value: format!("/{s}/{me}") }
+        }
+        (HeaderMatchType::Exact, Some(s), None) => {
+            PathMatch { kind: PathMatchType::PathPrefix, value: format!("/{s}") }
+        }
+        (HeaderMatchType::Exact, None, me) => PathMatch {
+            kind: PathMatchType::RegularExpression,
+            value: format!("/[^/]+/{}", regex::escape(me.unwrap_or_default())),
+        },
+        (HeaderMatchType::RegularExpression, s, me) => PathMatch {
+            kind: PathMatchType::RegularExpression,
+            value: format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+        },
+    }
+}
+
 /// One validated resource.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Resource {
     Service(Object<ServiceSpec>),
     HttpRoute(Object<HttpRouteSpec>),
+    GrpcRoute(Object<GrpcRouteSpec>),
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     RequestAuthentication(Object<RequestAuthenticationSpec>),
     TrafficPolicy(Object<TrafficPolicySpec>),
@@ -884,6 +992,7 @@ impl Resource {
         match self {
             Resource::Service(_) => Kind::Service,
             Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::GrpcRoute(_) => Kind::GrpcRoute,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
             Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
@@ -894,6 +1003,7 @@ impl Resource {
         match self {
             Resource::Service(o) => &o.metadata.name,
             Resource::HttpRoute(o) => &o.metadata.name,
+            Resource::GrpcRoute(o) => &o.metadata.name,
             Resource::AuthorizationPolicy(o) => &o.metadata.name,
             Resource::RequestAuthentication(o) => &o.metadata.name,
             Resource::TrafficPolicy(o) => &o.metadata.name,
@@ -919,6 +1029,7 @@ impl Resource {
         let resource = match kind {
             Kind::Service => Resource::Service(typed(document, value)?),
             Kind::HttpRoute => Resource::HttpRoute(typed(document, value)?),
+            Kind::GrpcRoute => Resource::GrpcRoute(typed(document, value)?),
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(document, value)?),
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(document, value)?),
             Kind::TrafficPolicy => Resource::TrafficPolicy(typed(document, value)?),
@@ -937,6 +1048,7 @@ impl Resource {
         let (api_version, kind, metadata) = match self {
             Resource::Service(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::HttpRoute(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::GrpcRoute(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::AuthorizationPolicy(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::RequestAuthentication(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::TrafficPolicy(o) => (&o.api_version, o.kind, &o.metadata),
@@ -1013,6 +1125,7 @@ impl Resource {
                 }
             }
             Resource::HttpRoute(o) => validate_route(doc, &o.spec)?,
+            Resource::GrpcRoute(o) => validate_grpc_route(doc, &o.spec)?,
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
             Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
             Resource::TrafficPolicy(o) => {
@@ -1061,6 +1174,26 @@ impl Resource {
                 o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
             }
             Resource::TrafficPolicy(o) => vec![("spec.targetRef.name".to_owned(), o.spec.target_ref.name.as_str())],
+            Resource::GrpcRoute(o) => {
+                let parents = o.spec.parent_refs.iter().enumerate();
+                let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));
+                let backends = o.spec.rules.iter().enumerate().flat_map(|(r, rule)| {
+                    rule.backend_refs
+                        .iter()
+                        .enumerate()
+                        .map(move |(b, br)| (format!("spec.rules[{r}].backendRefs[{b}].name"), br.name.as_str()))
+                });
+                let mirrors = o.spec.rules.iter().enumerate().flat_map(|(r, rule)| {
+                    rule.filters.iter().enumerate().filter_map(move |(f, filter)| {
+                        let m = filter.request_mirror.as_ref()?;
+                        Some((
+                            format!("spec.rules[{r}].filters[{f}].requestMirror.backendRef.name"),
+                            m.backend_ref.name.as_str(),
+                        ))
+                    })
+                });
+                parents.chain(backends).chain(mirrors).collect()
+            }
             Resource::HttpRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));
@@ -1417,6 +1550,64 @@ fn valid_hostname(h: &str) -> bool {
         && name
             .split('.')
             .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+}
+
+fn validate_grpc_route(doc: usize, spec: &GrpcRouteSpec) -> Result<(), ApplyError> {
+    let name_ok = |s: &str, dots: bool| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (dots && c == '.'))
+    };
+    for (r, rule) in spec.rules.iter().enumerate() {
+        for (i, m) in rule.matches.iter().enumerate() {
+            let Some(mm) = &m.method else { continue };
+            let at = format!("spec.rules[{r}].matches[{i}].method");
+            if mm.service.is_none() && mm.method.is_none() {
+                return Err(ApplyError::new(doc, at, "set service, method or both"));
+            }
+            for (field, value, dots) in [("service", &mm.service, true), ("method", &mm.method, false)] {
+                let Some(v) = value else { continue };
+                match mm.kind {
+                    HeaderMatchType::Exact if !name_ok(v, dots) => {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.{field}"),
+                            format!(
+                                "{v:?} is not a gRPC {field} name (letters, digits and _{})",
+                                if dots { ", dots between parts" } else { "" }
+                            ),
+                        ));
+                    }
+                    HeaderMatchType::RegularExpression => {
+                        if v.contains('/') {
+                            return Err(ApplyError::new(doc, format!("{at}.{field}"), "must not match '/'"));
+                        }
+                        full_match_regex(v).map_err(|e| ApplyError::new(doc, format!("{at}.{field}"), e))?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (f, filter) in rule.filters.iter().enumerate() {
+            if !matches!(
+                filter.kind,
+                HttpRouteFilterType::RequestHeaderModifier
+                    | HttpRouteFilterType::ResponseHeaderModifier
+                    | HttpRouteFilterType::RequestMirror
+            ) {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("spec.rules[{r}].filters[{f}].type"),
+                    format!(
+                        "{:?} is not a GRPCRoute filter weft supports; use RequestHeaderModifier, ResponseHeaderModifier or RequestMirror",
+                        filter.kind
+                    ),
+                ));
+            }
+        }
+    }
+    // The rest is checked as the HTTPRoute it becomes (the field paths are the same).
+    validate_route(doc, &spec.as_http())
 }
 
 fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {

@@ -176,7 +176,8 @@ struct InboundFilters {
 impl Snapshot {
     pub(crate) fn build(inner: &Inner, version: u64) -> Snapshot {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
-        let mut routes = Vec::new();
+        // HTTPRoutes, and GRPCRoutes as the HTTPRoutes they amount to.
+        let mut routes: Vec<std::borrow::Cow<'_, weft_api::resource::HttpRouteSpec>> = Vec::new();
         let mut policies = Vec::new();
         let mut authns = Vec::new();
         // The first TrafficPolicy (by name) targeting a service applies to it.
@@ -184,7 +185,8 @@ impl Snapshot {
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
-                Resource::HttpRoute(o) => routes.push(o),
+                Resource::HttpRoute(o) => routes.push(std::borrow::Cow::Borrowed(&o.spec)),
+                Resource::GrpcRoute(o) => routes.push(std::borrow::Cow::Owned(o.spec.as_http())),
                 Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
                 Resource::RequestAuthentication(o) => authns.push(o.clone()),
                 Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
@@ -230,8 +232,8 @@ impl Snapshot {
             let members = members.as_slice();
             let rules: Vec<HostRule<'_>> = routes
                 .iter()
-                .filter(|r| r.spec.parent_refs.iter().any(|p| &p.name == name))
-                .flat_map(|r| r.spec.rules.iter().map(|rule| (r.spec.hostnames.as_slice(), rule)))
+                .filter(|r| r.parent_refs.iter().any(|p| &p.name == name))
+                .flat_map(|r| r.rules.iter().map(|rule| (r.hostnames.as_slice(), rule)))
                 .collect();
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
