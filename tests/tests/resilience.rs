@@ -621,6 +621,19 @@ fn rate_limits_hold_for_the_service_and_per_caller() {
         let b = s.spawn(|| load_for(&other_url, Duration::from_secs(3), 4));
         (a.join().unwrap(), b.join().unwrap())
     });
+    // What is in force on the service, and a second policy for it refused.
+    let out = weft(&["get", "policy", "backend", "--control", &control.addr]);
+    let shown = stdout(&out);
+    assert!(out.status.success() && shown.contains("name: backend-policy") && shown.contains("perCaller"), "{shown}");
+    let second = dir.path.join("second.yaml");
+    std::fs::write(
+        &second,
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: another}\nspec:\n  targetRef: {name: backend}\n  retry: {attempts: 1}\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", second.to_str().unwrap(), "--control", &control.addr]);
+    assert!(!out.status.success(), "a second TrafficPolicy for one service was accepted");
+    assert!(stderr(&out).contains("already has TrafficPolicy \"backend-policy\""), "{}", stderr(&out));
     let expected = 5 + 20 * 3;
     for (who, statuses) in [("edge", a), ("edge-b", b)] {
         let ok = statuses.iter().filter(|s| **s == 200).count();

@@ -44,6 +44,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
     let admin = Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}/endpoints", get(endpoints))
+        .route("/api/v1/services/{name}/policy", get(in_force))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/resources/{kind}", get(list))
         .route("/api/v1/resources/{kind}/{name}", get(get_one).delete(delete))
@@ -220,6 +221,12 @@ async fn endpoints(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> A
     let e =
         mesh.endpoints(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named {name:?}")))?;
     Ok(Json(e).into_response())
+}
+
+async fn in_force(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> ApiResult {
+    let v =
+        mesh.in_force(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named {name:?}")))?;
+    Ok(Json(v).into_response())
 }
 
 async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {

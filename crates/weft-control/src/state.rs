@@ -124,6 +124,31 @@ impl Mesh {
                 }
             }
         }
+        // A service takes one TrafficPolicy: a second one would contradict or silently shadow it.
+        let mut policy_of: BTreeMap<String, String> = inner
+            .resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::TrafficPolicy(o) => Some((o.spec.target_ref.name.clone(), o.metadata.name.clone())),
+                _ => None,
+            })
+            .collect();
+        for (doc, r) in resources.iter().enumerate() {
+            let Resource::TrafficPolicy(o) = r else { continue };
+            let target = &o.spec.target_ref.name;
+            match policy_of.get(target) {
+                Some(other) if *other != o.metadata.name => {
+                    return Err(ApplyError::new(
+                        doc,
+                        "spec.targetRef.name",
+                        format!(
+                            "service {target:?} already has TrafficPolicy {other:?}; a service takes one TrafficPolicy: put these settings in {other:?}, or delete it first"
+                        ),
+                    ));
+                }
+                _ => drop(policy_of.insert(target.clone(), o.metadata.name.clone())),
+            }
+        }
         let mut applied = Vec::new();
         let mut writes = Vec::new();
         let encoded: Vec<(String, String)> = resources
@@ -269,6 +294,62 @@ impl Mesh {
             None => i.registration.service.as_deref() == Some(service),
         });
         Some(of_service.cloned().collect())
+    }
+
+    /// Everything in force on `service`: its settings (with defaults filled in), the routes
+    /// attached to it and those sending traffic to it, and the policies that apply to it.
+    /// `None` if no such service is known.
+    pub fn in_force(&self, service: &str) -> Option<serde_json::Value> {
+        let inner = self.lock();
+        if !inner.service_names().contains(service) {
+            return None;
+        }
+        let snapshot = self.snapshot.borrow().clone();
+        let mut spec = None;
+        let (mut attached, mut routed_from, mut authz, mut authn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut traffic = None;
+        for r in inner.resources.values() {
+            let refs = r.service_refs();
+            let names = |prefix: &str| refs.iter().any(|(path, s)| path.starts_with(prefix) && *s == service);
+            match r {
+                Resource::Service(o) if o.metadata.name == service => spec = Some(o.spec.clone()),
+                Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
+                    let entry = serde_json::json!({"kind": r.kind(), "name": r.name()});
+                    if names("spec.parentRefs") {
+                        attached.push(entry);
+                    } else if refs.iter().any(|(_, s)| *s == service) {
+                        routed_from.push(entry);
+                    }
+                }
+                Resource::TrafficPolicy(o) if o.spec.target_ref.name == service => {
+                    traffic = Some(serde_json::json!({"name": o.metadata.name, "spec": o.spec}));
+                }
+                Resource::AuthorizationPolicy(o) if o.spec.service.as_deref().is_none_or(|s| s == service) => {
+                    authz.push(serde_json::json!({"name": o.metadata.name, "action": o.spec.action}));
+                }
+                Resource::RequestAuthentication(o) if o.spec.service.as_deref().is_none_or(|s| s == service) => {
+                    authn.push(o.metadata.name.clone());
+                }
+                _ => {}
+            }
+        }
+        let declared = spec.is_some();
+        let spec = spec.unwrap_or_default();
+        Some(serde_json::json!({
+            "service": service,
+            "declared": declared,
+            "protocol": spec.protocol.as_str(),
+            "loadBalancer": spec.load_balancer.as_str(),
+            "consistentHash": spec.consistent_hash,
+            "connectTimeout": format!("{}ms", spec.connect_timeout.unwrap_or(weft_api::resource::DEFAULT_CONNECT_TIMEOUT).as_millis()),
+            "mtls": snapshot.mtls(service),
+            "selector": spec.selector,
+            "routes": attached,
+            "routedFrom": routed_from,
+            "trafficPolicy": traffic,
+            "authorizationPolicies": authz,
+            "requestAuthentications": authn,
+        }))
     }
 
     pub fn proxy_update(&self, stream: u64, f: impl FnOnce(&mut ProxyStatus)) {

@@ -151,6 +151,11 @@ pub async fn get(
                 .collect();
             table(&["INSTANCE", "ADDRESS", "HEALTH", "PROXY", "LABELS"], rows);
         }
+        "policy" | "policies" | "in-force" => {
+            let svc = name.ok_or_else(|| anyhow::anyhow!("which service? usage: weft get policy SERVICE"))?;
+            let v = api.get_json(&format!("/api/v1/services/{svc}/policy")).await?;
+            print(&v, if output == "table" { "yaml" } else { output })?;
+        }
         "proxies" | "proxy" => {
             let v = api.get_json("/api/v1/proxies").await?;
             if print(&v, output)? {
@@ -208,7 +213,7 @@ pub async fn get(
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown kind {other:?}; use services, endpoints, proxies, certs, tokens, service, httproutes, authorizationpolicies, requestauthentications or trafficpolicies"
+                    "unknown kind {other:?}; use services, endpoints, policy, proxies, certs, tokens, service, httproutes, grpcroutes, authorizationpolicies, requestauthentications or trafficpolicies"
                 )
             })?;
             let path = match name {
@@ -227,7 +232,7 @@ pub async fn get(
 pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Result<()> {
     let k = Kind::parse(kind).ok_or_else(|| {
         anyhow::anyhow!(
-            "unknown kind {kind:?}; use service, httproute, authorizationpolicy, requestauthentication or trafficpolicy"
+            "unknown kind {kind:?}; use service, httproute, grpcroute, authorizationpolicy, requestauthentication or trafficpolicy"
         )
     })?;
     let path = format!("/api/v1/resources/{}/{name}", k.as_str().to_ascii_lowercase());
