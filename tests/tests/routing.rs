@@ -215,6 +215,14 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /delay}}]
     timeouts: {request: 300ms}
     backendRefs: [{name: backend}]
+  - matches: [{path: {type: PathPrefix, value: /moved}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: new.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /here}, statusCode: 301}
+  - matches: [{path: {type: Exact, value: /temp}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /elsewhere}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -275,6 +283,15 @@ spec:
     assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (504, Some("route-timeout")), "{r:?}");
     assert!(took >= std::time::Duration::from_millis(300) && took < std::time::Duration::from_millis(1500), "{took:?}");
     assert_eq!(call("/delay/10", &[]).0.status, 200);
+    // Redirects: the sidecar answers itself, keeping what the filter does not change.
+    let (r, _) = call("/moved/x?y=1", &[]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(r.headers.get("location").map(String::as_str), Some("https://new.example/here/x?y=1"), "{r:?}");
+    assert!(!r.headers.contains_key("x-weft-error"), "{r:?}");
+    let (r, _) = call("/temp", &[]);
+    let port = edge.ports["backend"];
+    assert_eq!(r.status, 302, "{r:?}");
+    assert_eq!(r.headers.get("location"), Some(&format!("http://127.0.0.1:{port}/elsewhere")), "{r:?}");
     // Measured without a curl process around it: the timeout fires within 50 ms of 300 ms.
     for _ in 0..3 {
         let (status, took) = timed_get(edge.ports["backend"], "/delay/2000");

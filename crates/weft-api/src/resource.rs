@@ -313,11 +313,30 @@ pub struct HttpRouteFilter {
     #[serde(default, rename = "urlRewrite", skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<UrlRewrite>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_redirect: Option<serde_json::Value>,
+    pub request_redirect: Option<RequestRedirect>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_mirror: Option<RequestMirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_ref: Option<serde_json::Value>,
+}
+
+/// `RequestRedirect`: the sidecar answers with a redirect instead of forwarding. Unset parts
+/// of the location are the request's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301, 302 (default), 303, 307 or 308.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
 }
 
 /// `RequestMirror`: a copy of each request (or of `percent` / `fraction` of them) goes to
@@ -1552,6 +1571,31 @@ fn valid_hostname(h: &str) -> bool {
             .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
 }
 
+/// A path replacement of a URLRewrite or RequestRedirect filter at `at` in `rule`.
+fn check_path_modifier(doc: usize, at: &str, p: &PathModifier, rule: &HttpRouteRule) -> Result<(), ApplyError> {
+    let (value, field) = match p.kind {
+        PathModifierType::ReplaceFullPath => (&p.replace_full_path, "replaceFullPath"),
+        PathModifierType::ReplacePrefixMatch => (&p.replace_prefix_match, "replacePrefixMatch"),
+    };
+    if !value.as_deref().is_some_and(|v| v.starts_with('/')) {
+        return Err(ApplyError::new(
+            doc,
+            format!("{at}.{field}"),
+            "needs a path starting with '/' (set the field named by path.type)",
+        ));
+    }
+    let prefix_matches = !rule.matches.is_empty()
+        && rule.matches.iter().all(|m| m.path.as_ref().is_none_or(|p| p.kind == PathMatchType::PathPrefix));
+    if p.kind == PathModifierType::ReplacePrefixMatch && !prefix_matches {
+        return Err(ApplyError::new(
+            doc,
+            at.to_owned(),
+            "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_grpc_route(doc: usize, spec: &GrpcRouteSpec) -> Result<(), ApplyError> {
     let name_ok = |s: &str, dots: bool| {
         let mut chars = s.chars();
@@ -1629,10 +1673,38 @@ fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
         check_service_ref(doc, &format!("spec.parentRefs[{i}]"), p.kind.as_deref(), p.group.as_deref())?;
     }
     for (r, rule) in spec.rules.iter().enumerate() {
-        if rule.backend_refs.is_empty() {
+        let redirects = rule.filters.iter().any(|f| f.kind == HttpRouteFilterType::RequestRedirect);
+        if redirects {
+            if !rule.backend_refs.is_empty() {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("spec.rules[{r}].backendRefs"),
+                    "a rule with a RequestRedirect sends nothing to backends: remove backendRefs",
+                ));
+            }
+            if let Some((f, other)) =
+                rule.filters.iter().enumerate().find(|(_, f)| f.kind != HttpRouteFilterType::RequestRedirect)
+            {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("spec.rules[{r}].filters[{f}]"),
+                    format!("{:?} cannot be combined with RequestRedirect (nothing is forwarded)", other.kind),
+                ));
+            }
+            if rule.timeouts.is_some() {
+                return Err(ApplyError::new(
+                    doc,
+                    format!("spec.rules[{r}].timeouts"),
+                    "a rule with a RequestRedirect forwards nothing to time out",
+                ));
+            }
+            if rule.filters.iter().filter(|f| f.kind == HttpRouteFilterType::RequestRedirect).count() > 1 {
+                return Err(ApplyError::new(doc, format!("spec.rules[{r}].filters"), "at most one RequestRedirect"));
+            }
+        } else if rule.backend_refs.is_empty() {
             return Err(ApplyError::new(doc, format!("spec.rules[{r}].backendRefs"), "needs at least one backend"));
         }
-        if rule.backend_refs.iter().all(|b| b.weight == 0) {
+        if !redirects && rule.backend_refs.iter().all(|b| b.weight == 0) {
             return Err(ApplyError::new(
                 doc,
                 format!("spec.rules[{r}].backendRefs"),
@@ -1731,29 +1803,30 @@ fn validate_route(doc: usize, spec: &HttpRouteSpec) -> Result<(), ApplyError> {
                         return Err(ApplyError::new(doc, format!("{at}.urlRewrite.hostname"), "is not a hostname"));
                     }
                     if let Some(p) = &u.path {
-                        let (value, field) = match p.kind {
-                            PathModifierType::ReplaceFullPath => (&p.replace_full_path, "replaceFullPath"),
-                            PathModifierType::ReplacePrefixMatch => (&p.replace_prefix_match, "replacePrefixMatch"),
-                        };
-                        if !value.as_deref().is_some_and(|v| v.starts_with('/')) {
-                            return Err(ApplyError::new(
-                                doc,
-                                format!("{at}.urlRewrite.path.{field}"),
-                                "needs a path starting with '/' (set the field named by path.type)",
-                            ));
-                        }
-                        let prefix_matches = !rule.matches.is_empty()
-                            && rule
-                                .matches
-                                .iter()
-                                .all(|m| m.path.as_ref().is_none_or(|p| p.kind == PathMatchType::PathPrefix));
-                        if p.kind == PathModifierType::ReplacePrefixMatch && !prefix_matches {
-                            return Err(ApplyError::new(
-                                doc,
-                                format!("{at}.urlRewrite.path"),
-                                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
-                            ));
-                        }
+                        check_path_modifier(doc, &format!("{at}.urlRewrite.path"), p, rule)?;
+                    }
+                }
+                HttpRouteFilterType::RequestRedirect => {
+                    let rd = filter.request_redirect.as_ref().expect("checked above");
+                    let at = format!("{at}.requestRedirect");
+                    if rd.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
+                        return Err(ApplyError::new(doc, format!("{at}.scheme"), "must be http or https"));
+                    }
+                    if rd.hostname.as_deref().is_some_and(|h| !valid_hostname(h) || h.starts_with("*.")) {
+                        return Err(ApplyError::new(doc, format!("{at}.hostname"), "is not a hostname"));
+                    }
+                    if rd.port == Some(0) {
+                        return Err(ApplyError::new(doc, format!("{at}.port"), "must be 1-65535"));
+                    }
+                    if rd.status_code.is_some_and(|c| ![301, 302, 303, 307, 308].contains(&c)) {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("{at}.statusCode"),
+                            "must be 301, 302, 303, 307 or 308",
+                        ));
+                    }
+                    if let Some(p) = &rd.path {
+                        check_path_modifier(doc, &format!("{at}.path"), p, rule)?;
                     }
                 }
                 HttpRouteFilterType::RequestMirror => {

@@ -40,9 +40,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, retry_policy, route,
-    route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher,
+    redirect_action, retry_policy, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
@@ -768,6 +768,9 @@ fn apply_filters(route: &mut Route, rule: &HttpRouteRule) {
 }
 
 fn route_action(rule: &HttpRouteRule) -> route::Action {
+    if let Some(r) = rule.filters.iter().find_map(|f| f.request_redirect.as_ref()) {
+        return route::Action::Redirect(redirect_action(r));
+    }
     let specifier = if rule.backend_refs.len() == 1 {
         route_action::ClusterSpecifier::Cluster(rule.backend_refs[0].name.clone())
     } else {
@@ -787,6 +790,29 @@ fn route_action(rule: &HttpRouteRule) -> route::Action {
     };
     let timeout = rule.timeouts.as_ref().and_then(|t| t.effective()).filter(|t| !t.is_zero()).map(duration);
     route::Action::Route(RouteAction { cluster_specifier: Some(specifier), timeout, ..Default::default() })
+}
+
+fn redirect_action(r: &weft_api::resource::RequestRedirect) -> RedirectAction {
+    use redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
+    let code = match r.status_code.unwrap_or(302) {
+        301 => RedirectResponseCode::MovedPermanently,
+        303 => RedirectResponseCode::SeeOther,
+        307 => RedirectResponseCode::TemporaryRedirect,
+        308 => RedirectResponseCode::PermanentRedirect,
+        _ => RedirectResponseCode::Found,
+    };
+    let path = r.path.as_ref().and_then(|p| match p.kind {
+        PathModifierType::ReplaceFullPath => p.replace_full_path.clone().map(PathRewriteSpecifier::PathRedirect),
+        PathModifierType::ReplacePrefixMatch => p.replace_prefix_match.clone().map(PathRewriteSpecifier::PrefixRewrite),
+    });
+    RedirectAction {
+        scheme_rewrite_specifier: r.scheme.clone().map(SchemeRewriteSpecifier::SchemeRedirect),
+        host_redirect: r.hostname.clone().unwrap_or_default(),
+        port_redirect: r.port.map_or(0, u32::from),
+        path_rewrite_specifier: path,
+        response_code: code as i32,
+        ..Default::default()
+    }
 }
 
 fn exact_header(value: &str) -> header_matcher::HeaderMatchSpecifier {
@@ -926,7 +952,7 @@ fn route_config(
             action.retry_policy.clone_from(&retry);
             action.hash_policy.clone_from(&hash_policy);
         }
-        if let Some(f) = &fault {
+        if let (Some(f), Some(route::Action::Route(_))) = (&fault, &route.action) {
             route.typed_per_filter_config.insert(FAULT_FILTER.to_owned(), envoy_types::util::pack_any(f.clone()));
         }
     }

@@ -39,6 +39,9 @@ pub enum ProxyError {
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
     #[error("route {route} timed out after {timeout:?} without a response from the upstream")]
     RouteTimeout { route: Arc<str>, timeout: Duration },
+    /// Not a failure: the route answers with a redirect (`Location`, no `x-weft-error`).
+    #[error("redirected to {location}")]
+    Redirect { location: String, status: u16 },
     #[error("rate limit of this service reached (its TrafficPolicy's rateLimit); retry after {:?}", .0.retry_after)]
     RateLimited(crate::ratelimit::Limited),
     #[error("fault injected by the TrafficPolicy of route {route}")]
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::RouteTimeout { .. } => "route-timeout",
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::RateLimited(_) => "rate-limited",
+            ProxyError::Redirect { .. } => "redirect",
         }
     }
 
@@ -76,6 +80,9 @@ impl ProxyError {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::RateLimited(_) => http::StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Redirect { status, .. } => {
+                http::StatusCode::from_u16(*status).unwrap_or(http::StatusCode::FOUND)
+            }
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
             ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) | ProxyError::Overflow { .. } => {

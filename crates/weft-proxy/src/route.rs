@@ -4,7 +4,9 @@
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
 use crate::balance::key_hash;
 use crate::balance::{Cluster, ClusterManager};
-use crate::config::{FaultDef, HashDef, HeaderEdits, PathDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch};
+use crate::config::{
+    FaultDef, HashDef, HeaderEdits, PathDef, RedirectDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch,
+};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use arc_swap::ArcSwap;
@@ -131,6 +133,8 @@ pub struct Rule {
     /// Clusters a copy of a share (per million) of the requests goes to.
     pub mirrors: Vec<(Arc<Cluster>, u32)>,
     hash: Vec<HashDef>,
+    /// A redirect rule answers with a redirect; it has no backends.
+    redirect: Option<Box<RedirectDef>>,
 }
 
 /// The decision for one request: the rule it matched and the backend picked among the rule's
@@ -175,6 +179,13 @@ impl RouteTable {
     /// The first matching rule of the request's virtual host, then a weighted pick among its
     /// backends.
     pub fn route<B>(&self, req: &http::Request<B>) -> Option<MatchedRoute> {
+        let rule = self.rule(req)?;
+        let backend = rule.pick()?.clone();
+        Some(MatchedRoute { rule: rule.clone(), backend, hash: None })
+    }
+
+    /// The first matching rule of the request's virtual host.
+    fn rule<B>(&self, req: &http::Request<B>) -> Option<&Arc<Rule>> {
         let host = match self.hosts.as_slice() {
             // One host for every domain (the common case): no need to look at the request's.
             [only] if only.domains == [Domain::Any] => only,
@@ -184,7 +195,7 @@ impl RouteTable {
             }
         };
         let path = req.uri().path();
-        let rule = host.rules.iter().find(|r| {
+        host.rules.iter().find(|r| {
             let path_ok = match &r.path {
                 PathMatch::Prefix(p) => prefix_matches(path, p),
                 PathMatch::Exact(p) => path == p,
@@ -196,10 +207,18 @@ impl RouteTable {
                 && r.query
                     .iter()
                     .all(|(n, v)| query_value(req.uri().query(), n).is_some_and(|q| v.matches(q.as_bytes())))
-        })?;
-        let backend = rule.pick()?.clone();
-        Some(MatchedRoute { rule: rule.clone(), backend, hash: None })
+        })
     }
+}
+
+/// The port the request's `:authority` or `Host` names, if any.
+fn request_port<B>(req: &http::Request<B>) -> Option<u16> {
+    if let Some(p) = req.uri().port_u16() {
+        return Some(p);
+    }
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    let (_, port) = host.rsplit_once(':')?;
+    port.parse().ok()
 }
 
 /// The request's host, lower case, without a port: `:authority` (HTTP/2) or `Host`.
@@ -267,7 +286,20 @@ impl Rule {
                     rewrite: r.rewrite.clone(),
                 })
             });
-        Rule { id, path, headers, query, method, backends, total_weight, policy, edits, mirrors, hash: r.hash.clone() }
+        Rule {
+            id,
+            path,
+            headers,
+            query,
+            method,
+            backends,
+            total_weight,
+            policy,
+            edits,
+            mirrors,
+            hash: r.hash.clone(),
+            redirect: r.redirect.clone().map(Box::new),
+        }
     }
 
     /// Applies the rule's request edits: headers, then the path and host rewrites.
@@ -279,16 +311,7 @@ impl Rule {
             return;
         }
         let uri = req.uri().clone();
-        let path = uri.path();
-        let new_path = match (&rw.full_path, &rw.prefix, &self.path) {
-            (Some(full), _, _) => full.clone(),
-            (None, Some(to), PathMatch::Prefix(from)) => {
-                let rest = &path[from.trim_end_matches('/').len().min(path.len())..];
-                let joined = format!("{}{rest}", to.trim_end_matches('/'));
-                if joined.is_empty() { "/".to_owned() } else { joined }
-            }
-            _ => path.to_owned(),
-        };
+        let new_path = self.rewritten_path(uri.path(), rw.full_path.as_deref(), rw.prefix.as_deref());
         let target = match uri.query() {
             Some(q) => format!("{new_path}?{q}"),
             None => new_path,
@@ -306,6 +329,39 @@ impl Rule {
         if let Ok(u) = http::Uri::from_parts(parts) {
             *req.uri_mut() = u;
         }
+    }
+
+    /// `path` with its whole path or the matched prefix replaced (the query is not part of it).
+    fn rewritten_path(&self, path: &str, full: Option<&str>, prefix: Option<&str>) -> String {
+        match (full, prefix, &self.path) {
+            (Some(full), _, _) => full.to_owned(),
+            (None, Some(to), PathMatch::Prefix(from)) => {
+                let rest = &path[from.trim_end_matches('/').len().min(path.len())..];
+                let joined = format!("{}{rest}", to.trim_end_matches('/'));
+                if joined.is_empty() { "/".to_owned() } else { joined }
+            }
+            _ => path.to_owned(),
+        }
+    }
+
+    /// Where a redirect rule sends the request: its `Location`. A scheme change without a
+    /// port drops the request's port (the new scheme's default applies).
+    fn redirect_location<B>(&self, rd: &RedirectDef, req: &http::Request<B>) -> String {
+        let scheme = rd.scheme.as_deref().or(req.uri().scheme_str()).unwrap_or("http");
+        let host = rd.host.clone().unwrap_or_else(|| request_host(req));
+        let port = rd.port.or_else(|| if rd.scheme.is_some() { None } else { request_port(req) });
+        let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let path = self.rewritten_path(req.uri().path(), rd.full_path.as_deref(), rd.prefix.as_deref());
+        let mut location = format!("{scheme}://{host}");
+        if let Some(p) = port {
+            location.push_str(&format!(":{p}"));
+        }
+        location.push_str(&path);
+        if let Some(q) = req.uri().query() {
+            location.push('?');
+            location.push_str(q);
+        }
+        location
     }
 
     /// Applies the rule's response header edits.
@@ -363,10 +419,15 @@ pub fn decide<B>(
     req: &http::Request<B>,
     rec: &mut RequestRecord,
 ) -> Result<MatchedRoute, ProxyError> {
-    let mut route = table.load().route(req).ok_or(ProxyError::NoRoute)?;
-    if !route.rule.hash.is_empty() {
-        route.hash = route.rule.hash_of(req, rec.conn.peer);
+    let table = table.load();
+    let rule = table.rule(req).ok_or(ProxyError::NoRoute)?;
+    if let Some(rd) = &rule.redirect {
+        rec.route = Some(rule.id.clone());
+        return Err(ProxyError::Redirect { location: rule.redirect_location(rd, req), status: rd.status });
     }
+    let backend = rule.pick().ok_or(ProxyError::NoRoute)?.clone();
+    let hash = if rule.hash.is_empty() { None } else { rule.hash_of(req, rec.conn.peer) };
+    let route = MatchedRoute { rule: rule.clone(), backend, hash };
     rec.route = Some(route.rule.id.clone());
     rec.cluster = Some(route.backend.name.clone());
     if !route.backend.defined.load(Ordering::Relaxed) {

@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    RouteConfiguration, header_matcher, query_parameter_matcher, route, route_action, route_match,
+    RedirectAction, RouteConfiguration, header_matcher, query_parameter_matcher, redirect_action, route, route_action,
+    route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
@@ -166,6 +167,28 @@ pub struct RuleDef {
     /// From `hash_policy`: what consistent-hash load balancing hashes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hash: Vec<HashDef>,
+    /// A redirect route (Envoy's `redirect` action) answers instead of forwarding; it has no
+    /// backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectDef>,
+}
+
+/// Where a redirect points; unset parts are the request's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RedirectDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Replaces the whole path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_path: Option<String>,
+    /// Replaces the matched prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    pub status: u16,
 }
 
 /// One source of a request's consistent-hash key; several combine (Envoy's rule).
@@ -823,6 +846,43 @@ fn header_edits(add: &[HeaderValueOption], remove: &[String], what: &str) -> Res
     Ok(edits)
 }
 
+fn redirect_def(rd: &RedirectAction, path: &PathDef) -> Result<RedirectDef, String> {
+    use redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
+    let scheme = match &rd.scheme_rewrite_specifier {
+        None => None,
+        Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".to_owned()),
+        Some(SchemeRewriteSpecifier::HttpsRedirect(false)) => None,
+        Some(SchemeRewriteSpecifier::SchemeRedirect(s)) if s == "http" || s == "https" => Some(s.clone()),
+        Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => {
+            return Err(format!("redirect: scheme {s:?} is not http or https"));
+        }
+    };
+    let (full_path, prefix) = match &rd.path_rewrite_specifier {
+        None => (None, None),
+        Some(PathRewriteSpecifier::PathRedirect(p)) => (Some(p.clone()), None),
+        Some(PathRewriteSpecifier::PrefixRewrite(p)) if matches!(path, PathDef::Prefix(_)) => (None, Some(p.clone())),
+        Some(PathRewriteSpecifier::PrefixRewrite(_)) => {
+            return Err("redirect: prefix_rewrite needs a prefix match".into());
+        }
+        Some(_) => return Err("redirect: only path_redirect and prefix_rewrite are supported".into()),
+    };
+    let status = match RedirectResponseCode::try_from(rd.response_code) {
+        Ok(RedirectResponseCode::MovedPermanently) => 301,
+        Ok(RedirectResponseCode::Found) => 302,
+        Ok(RedirectResponseCode::SeeOther) => 303,
+        Ok(RedirectResponseCode::TemporaryRedirect) => 307,
+        Ok(RedirectResponseCode::PermanentRedirect) => 308,
+        Err(_) => return Err(format!("redirect: unknown response_code {}", rd.response_code)),
+    };
+    let port = match u16::try_from(rd.port_redirect) {
+        Ok(0) => None,
+        Ok(p) => Some(p),
+        Err(_) => return Err(format!("redirect: port {} is out of range", rd.port_redirect)),
+    };
+    let host = (!rd.host_redirect.is_empty()).then(|| rd.host_redirect.clone());
+    Ok(RedirectDef { scheme, host, port, full_path, prefix, status })
+}
+
 /// A `FractionalPercent` in parts per million.
 fn per_million(f: &FractionalPercent) -> u32 {
     let scale = match fractional_percent::DenominatorType::try_from(f.denominator) {
@@ -928,8 +988,24 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 };
                 query.push((q.name.clone(), string_match(sm, &format!("query parameter {:?}", q.name)).map_err(bad)?));
             }
-            let Some(route::Action::Route(action)) = &r.action else {
-                return Err(bad("only route actions are supported".into()));
+            let action = match &r.action {
+                Some(route::Action::Route(action)) => action,
+                Some(route::Action::Redirect(rd)) => {
+                    if !r.typed_per_filter_config.is_empty() {
+                        return Err(bad("a redirect route takes no typed_per_filter_config".into()));
+                    }
+                    let edits = !(r.request_headers_to_add.is_empty()
+                        && r.request_headers_to_remove.is_empty()
+                        && r.response_headers_to_add.is_empty()
+                        && r.response_headers_to_remove.is_empty());
+                    if edits {
+                        return Err(bad("a redirect route takes no header edits".into()));
+                    }
+                    let redirect = redirect_def(rd, &path).map_err(bad)?;
+                    rules.push(RuleDef { path, headers, query, redirect: Some(redirect), ..Default::default() });
+                    continue;
+                }
+                _ => return Err(bad("only route and redirect actions are supported".into())),
             };
             let backends = match &action.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
@@ -1018,6 +1094,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 });
             }
             rules.push(RuleDef {
+                redirect: None,
                 hash,
                 mirrors,
                 fault,

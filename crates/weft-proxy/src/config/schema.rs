@@ -171,6 +171,7 @@ static ROUTE: Schema = Schema {
         Plain("name"),
         Message("match", &ROUTE_MATCH),
         Message("route", &ROUTE_ACTION),
+        Message("redirect", &REDIRECT_ACTION),
         Plain("request_headers_to_add"),
         Plain("request_headers_to_remove"),
         Plain("response_headers_to_add"),
@@ -213,6 +214,19 @@ static FRACTIONAL_PERCENT: Schema =
 static REQUEST_MIRROR_POLICY: Schema = Schema {
     message: "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
     fields: &[Plain("cluster"), Message("runtime_fraction", &RUNTIME_FRACTIONAL_PERCENT)],
+};
+/// Values are checked by the decoder.
+static REDIRECT_ACTION: Schema = Schema {
+    message: "envoy.config.route.v3.RedirectAction",
+    fields: &[
+        Plain("https_redirect"),
+        Plain("scheme_redirect"),
+        Plain("host_redirect"),
+        Plain("port_redirect"),
+        Plain("path_redirect"),
+        Plain("prefix_rewrite"),
+        Plain("response_code"),
+    ],
 };
 /// The decoder checks which one is set.
 static HASH_POLICY: Schema = Schema {

@@ -7,6 +7,14 @@ use http::{HeaderValue, Response, header};
 use http_body_util::{Either, Full};
 
 pub fn error_response(e: &ProxyError, grpc: bool) -> Response<Either<UpstreamBody, Full<Bytes>>> {
+    if let ProxyError::Redirect { location, .. } = e {
+        let mut r = Response::new(Either::Right(Full::default()));
+        *r.status_mut() = e.status();
+        if let Ok(v) = HeaderValue::from_str(location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return r;
+    }
     let mut resp = if grpc {
         // gRPC clients read the status from grpc-status; UNAVAILABLE (14) lets them retry.
         let mut r = Response::new(Either::Right(Full::default()));

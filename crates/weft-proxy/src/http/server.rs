@@ -70,6 +70,8 @@ async fn handle(
         && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let resp = match stack.call(req, &mut rec).await {
         Ok(resp) => resp.map(Either::Left),
+        // A redirect route's answer: no failure, nothing to log.
+        Err(e @ crate::error::ProxyError::Redirect { .. }) => error_response(&e, grpc),
         Err(e) => {
             rec.error = Some(e.reason());
             // Load shed by a limit is counted, not logged: a log line per refusal would add
