@@ -644,3 +644,76 @@ fn rate_limits_hold_for_the_service_and_per_caller() {
         );
     }
 }
+
+/// An app whose `/hc` answers 200 while `healthy` is set and 503 otherwise; every other path
+/// answers 200 and is counted.
+fn app_with_health(healthy: Arc<std::sync::atomic::AtomicBool>) -> (u16, Arc<AtomicU32>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let count = Arc::new(AtomicU32::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (seen, healthy) = (seen.clone(), healthy.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let status = if req.uri().path() == "/hc" {
+                            if healthy.load(Ordering::SeqCst) { 200 } else { 503 }
+                        } else {
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            200
+                        };
+                        async move {
+                            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
+                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+    });
+    (port, count)
+}
+
+/// Active health checks from the callers' sidecars: an instance whose health path fails (while
+/// the registry, checking only once an hour, still calls it healthy) gets no traffic after two
+/// failed probes, and gets traffic again once its probe passes.
+#[test]
+fn active_health_checks_take_a_failing_instance_out_and_back() {
+    let dir = TestDir::new("active-health");
+    let control = Control::start(&dir);
+    let flags: Vec<Arc<std::sync::atomic::AtomicBool>> =
+        (0..3).map(|_| Arc::new(std::sync::atomic::AtomicBool::new(true))).collect();
+    let apps: Vec<(u16, Arc<AtomicU32>)> = flags.iter().map(|f| app_with_health(f.clone())).collect();
+    let (_sidecars, edge) = mesh_of(&dir, &control, &apps.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    apply_policy_spec(
+        &dir,
+        &control,
+        "healthCheck: {interval: 200ms, timeout: 150ms, unhealthyThreshold: 2, healthyThreshold: 1, http: {path: /hc}}",
+    );
+    let dump_has_check = || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["clusters"]["backend"]["health_check"]["http_path"] == "/hc"
+    };
+    wait_until(Duration::from_secs(5), "health checks in force", dump_has_check);
+    flags[2].store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(800)); // two failed probes and then some
+    let before = apps[2].1.load(Ordering::SeqCst);
+    let statuses = load(&url, 300, 4);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(apps[2].1.load(Ordering::SeqCst), before, "an instance failing its health checks got traffic");
+    flags[2].store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(600));
+    let before = apps[2].1.load(Ordering::SeqCst);
+    load(&url, 300, 4);
+    assert!(apps[2].1.load(Ordering::SeqCst) > before + 30, "the instance did not get traffic back");
+}

@@ -622,7 +622,48 @@ pub struct TrafficPolicySpec {
     pub fault: Option<Box<FaultInjection>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<Box<RateLimitPolicy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Box<ActiveHealthCheck>>,
 }
+
+/// Active health checks: each calling sidecar probes every instance of the service (through
+/// the instance's sidecar) and stops sending to one that fails, on top of the registry's
+/// health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ActiveHealthCheck {
+    /// Between probes of one instance (default 5s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// For one probe (default 1s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Failed probes in a row that take an instance out (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed probes in a row that bring it back (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    /// `GET path` answered 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheck>,
+    /// A connection to the instance's sidecar succeeds (mutual TLS included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheck>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpHealthCheck {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheck {}
+
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Local rate limits, enforced by each of the service's own sidecars on the requests it
 /// receives (each instance counts alone): token buckets for the whole service and/or for each
@@ -1167,6 +1208,9 @@ impl Resource {
                 if let Some(r) = &o.spec.rate_limit {
                     validate_rate_limit(doc, r)?;
                 }
+                if let Some(h) = &o.spec.health_check {
+                    validate_health_check(doc, h)?;
+                }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(
                         doc,
@@ -1366,6 +1410,37 @@ fn validate_authz(doc: usize, spec: &AuthorizationPolicySpec) -> Result<(), Appl
                     format!("{:?} is not a claim path (names separated by '.')", c.claim),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+fn validate_health_check(doc: usize, h: &ActiveHealthCheck) -> Result<(), ApplyError> {
+    let at = |f: &str| format!("spec.healthCheck.{f}");
+    match (&h.http, &h.tcp) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(ApplyError::new(doc, "spec.healthCheck", "set exactly one of http: {path} and tcp: {}"));
+        }
+        (Some(http), None) if !http.path.starts_with('/') || http.path.contains(char::is_whitespace) => {
+            return Err(ApplyError::new(doc, at("http.path"), "must be a path starting with '/', without spaces"));
+        }
+        _ => {}
+    }
+    let interval = h.interval.unwrap_or(DEFAULT_HEALTH_CHECK_INTERVAL);
+    let timeout = h.timeout.unwrap_or(DEFAULT_HEALTH_CHECK_TIMEOUT);
+    if interval < Duration::from_millis(100) {
+        return Err(ApplyError::new(doc, at("interval"), "must be at least 100ms"));
+    }
+    if timeout.is_zero() || timeout > interval {
+        return Err(ApplyError::new(
+            doc,
+            at("timeout"),
+            format!("must be above 0 and at most the interval ({interval:?})"),
+        ));
+    }
+    for (field, v) in [("unhealthyThreshold", h.unhealthy_threshold), ("healthyThreshold", h.healthy_threshold)] {
+        if v == Some(0) {
+            return Err(ApplyError::new(doc, at(field), "must be at least 1"));
         }
     }
     Ok(())

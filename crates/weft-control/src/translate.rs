@@ -73,6 +73,7 @@ use std::sync::Arc;
 use weft_api::identity::{CERT_SECRET, ROOT_SECRET, spiffe_id};
 use weft_api::names;
 use weft_api::registry::InstanceRegistration;
+use weft_api::resource::{ActiveHealthCheck, DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT};
 use weft_api::resource::{
     AuthorizationPolicySpec, ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CONSECUTIVE_5XX, DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD,
@@ -532,6 +533,27 @@ fn http_fault(f: &FaultInjection) -> HttpFault {
     }
 }
 
+/// A TrafficPolicy's active health check as Envoy's.
+fn health_check(h: &ActiveHealthCheck) -> envoy_types::pb::envoy::config::core::v3::HealthCheck {
+    use envoy_types::pb::envoy::config::core::v3::health_check;
+    let n = |value: u32| Some(UInt32Value { value });
+    let checker = match &h.http {
+        Some(http) => health_check::HealthChecker::HttpHealthCheck(health_check::HttpHealthCheck {
+            path: http.path.clone(),
+            ..Default::default()
+        }),
+        None => health_check::HealthChecker::TcpHealthCheck(health_check::TcpHealthCheck::default()),
+    };
+    envoy_types::pb::envoy::config::core::v3::HealthCheck {
+        timeout: Some(duration(h.timeout.unwrap_or(DEFAULT_HEALTH_CHECK_TIMEOUT))),
+        interval: Some(duration(h.interval.unwrap_or(DEFAULT_HEALTH_CHECK_INTERVAL))),
+        unhealthy_threshold: n(h.unhealthy_threshold.unwrap_or(2)),
+        healthy_threshold: n(h.healthy_threshold.unwrap_or(1)),
+        health_checker: Some(checker),
+        ..Default::default()
+    }
+}
+
 /// A TrafficPolicy's outlier detection as Envoy's: consecutive 5xx (on unless 0) and
 /// consecutive gateway failures (on when set) enforced every time.
 fn outlier_detection(od: &OutlierDetection) -> EnvoyOutlierDetection {
@@ -568,7 +590,9 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         ..Default::default()
     });
     let outlier = policy.and_then(|p| p.outlier_detection.as_deref());
+    let health_checks = policy.and_then(|p| p.health_check.as_deref()).map(health_check).into_iter().collect();
     Cluster {
+        health_checks,
         circuit_breakers,
         outlier_detection: outlier.map(outlier_detection),
         common_lb_config: outlier.map(|od| cluster::CommonLbConfig {

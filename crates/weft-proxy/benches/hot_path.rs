@@ -66,6 +66,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             max_requests: None,
             retry_limit: Default::default(),
             outlier: None,
+            health_check: None,
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );

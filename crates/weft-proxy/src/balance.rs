@@ -3,7 +3,7 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef, OutlierDef, RetryLimit, UpstreamProtocol};
+use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, RetryLimit, UpstreamProtocol};
 use crate::endpoint::{Endpoint, SWEEPS, clock};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
@@ -31,7 +31,8 @@ pub struct EndpointSet {
 
 impl EndpointSet {
     fn new(all: Vec<Arc<Endpoint>>, lb: LoadBalancer) -> EndpointSet {
-        let ready: Vec<Arc<Endpoint>> = all.iter().filter(|e| e.healthy.load(Ordering::Relaxed)).cloned().collect();
+        let ready: Vec<Arc<Endpoint>> =
+            all.iter().filter(|e| e.healthy.load(Ordering::Relaxed) && !e.health_check.failed()).cloned().collect();
         let addrs: Vec<std::net::SocketAddr> = ready.iter().map(|e| e.addr).collect();
         let hash = match lb {
             LoadBalancer::RingHash => Some(HashTable::ring(&addrs)),
@@ -67,6 +68,16 @@ pub struct Cluster {
     retries_in_flight: std::sync::atomic::AtomicU32,
     /// Outlier ejections so far (`weft_outlier_ejections_total`).
     ejections: Counter,
+    /// The active health check task and what it checks.
+    health_check: std::sync::Mutex<Option<(HealthCheckDef, tokio::task::AbortHandle)>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.health_check.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
 }
 
 /// A request counted against its cluster's `max_requests`, until dropped.
@@ -98,6 +109,36 @@ impl Cluster {
             in_flight: Default::default(),
             retries_in_flight: Default::default(),
             ejections,
+            health_check: Default::default(),
+        }
+    }
+
+    /// Rebuilds the ready set from the endpoints' current health.
+    pub fn refresh(&self) {
+        let all = self.endpoints.load().all.clone();
+        let lb = self.settings.load().load_balancer;
+        self.endpoints.store(Arc::new(EndpointSet::new(all, lb)));
+    }
+
+    /// Starts, replaces or stops the active health check task (`def` is `None` to stop).
+    /// Stopping it forgets what the checks found.
+    fn set_health_check(self: &Arc<Self>, def: Option<&HealthCheckDef>) {
+        let mut current = self.health_check.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().map(|(d, _)| d) == def {
+            return;
+        }
+        if let Some((_, task)) = current.take() {
+            task.abort();
+        }
+        if let Some(def) = def {
+            let task = tokio::spawn(crate::active_health::run(Arc::downgrade(self), def.clone()));
+            *current = Some((def.clone(), task.abort_handle()));
+        } else {
+            drop(current);
+            for e in &self.endpoints.load().all {
+                e.health_check.reset();
+            }
+            self.refresh();
         }
     }
 
@@ -351,6 +392,7 @@ impl ClusterManager {
                 retry_limit: def.retry_limit,
                 outlier: def.outlier,
             }));
+            c.set_health_check(def.health_check.as_ref());
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
             } else if rehash {

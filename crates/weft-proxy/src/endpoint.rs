@@ -56,6 +56,8 @@ pub struct Endpoint {
     failed_at: AtomicU64,
     /// Failure streaks and ejection (see [`crate::outlier`]).
     pub outlier: crate::outlier::OutlierState,
+    /// This proxy's active health checks of the endpoint (see [`crate::active_health`]).
+    pub health_check: crate::active_health::HealthState,
     // Boxed in the pool too: a connection moves between pool, request and body as a pointer.
     #[allow(clippy::vec_box)]
     h1_idle: Mutex<Vec<Box<H1Conn>>>,
@@ -139,6 +141,7 @@ impl Endpoint {
             stamp: AtomicU64::new(clock()),
             failed_at: AtomicU64::new(0),
             outlier: Default::default(),
+            health_check: Default::default(),
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         }

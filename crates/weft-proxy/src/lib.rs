@@ -11,6 +11,7 @@
 //! and /config_dump.
 #![deny(unsafe_code)] // allowed once, in idle::trim (an FFI call)
 
+pub mod active_health;
 mod admin;
 pub mod authz;
 pub mod balance;

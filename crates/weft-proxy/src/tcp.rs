@@ -80,6 +80,7 @@ mod tests {
                 max_requests: None,
                 retry_limit: Default::default(),
                 outlier: None,
+                health_check: None,
             }],
             &crate::testing::no_tls,
         );

@@ -355,6 +355,22 @@ pub struct ClusterDef {
     /// From `outlier_detection` and `common_lb_config.healthy_panic_threshold`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierDef>,
+    /// From `health_checks` (at most one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckDef>,
+}
+
+/// Active health checking of the cluster's endpoints by this proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheckDef {
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    /// `GET` this path, 2xx healthy; `None`: a connection (with its TLS handshake) is enough.
+    pub http_path: Option<String>,
 }
 
 /// When an endpoint is ejected for failing, and for how long (Envoy's consecutive-5xx and
@@ -1186,7 +1202,13 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         };
     let outlier =
         c.outlier_detection.as_ref().map(|od| outlier_def(od, c.common_lb_config.as_ref())).transpose().map_err(bad)?;
+    let health_check = match c.health_checks.as_slice() {
+        [] => None,
+        [h] => Some(health_check_def(h).map_err(bad)?),
+        _ => return Err(bad("health_checks: weft runs at most one".into())),
+    };
     Ok(ClusterDef {
+        health_check,
         outlier,
         name: c.name,
         load_balancer,
@@ -1196,6 +1218,29 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         protocol,
         max_requests,
         retry_limit,
+    })
+}
+
+fn health_check_def(h: &envoy_types::pb::envoy::config::core::v3::HealthCheck) -> Result<HealthCheckDef, String> {
+    use envoy_types::pb::envoy::config::core::v3::health_check::HealthChecker;
+    let interval = h.interval.as_ref().map(duration).filter(|d| !d.is_zero());
+    let timeout = h.timeout.as_ref().map(duration).filter(|d| !d.is_zero());
+    let (Some(interval), Some(timeout)) = (interval, timeout) else {
+        return Err("health_checks: interval and timeout are required".into());
+    };
+    let http_path = match &h.health_checker {
+        Some(HealthChecker::HttpHealthCheck(http)) if http.path.starts_with('/') => Some(http.path.clone()),
+        Some(HealthChecker::TcpHealthCheck(tcp)) if tcp.send.is_none() && tcp.receive.is_empty() => None,
+        _ => {
+            return Err("health_checks: an http_health_check with a path or a tcp_health_check without payloads".into());
+        }
+    };
+    Ok(HealthCheckDef {
+        interval,
+        timeout,
+        unhealthy_threshold: h.unhealthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        healthy_threshold: h.healthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        http_path,
     })
 }
 

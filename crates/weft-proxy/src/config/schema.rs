@@ -317,8 +317,23 @@ pub static CLUSTER: Schema = Schema {
         Message("circuit_breakers", &CIRCUIT_BREAKERS),
         Message("outlier_detection", &OUTLIER_DETECTION),
         Message("common_lb_config", &COMMON_LB_CONFIG),
+        Repeated("health_checks", &HEALTH_CHECK),
     ],
 };
+/// The checker's settings are checked by the decoder.
+static HEALTH_CHECK: Schema = Schema {
+    message: "envoy.config.core.v3.HealthCheck",
+    fields: &[
+        Plain("timeout"),
+        Plain("interval"),
+        Plain("unhealthy_threshold"),
+        Plain("healthy_threshold"),
+        Message("http_health_check", &HTTP_HEALTH_CHECK),
+        Plain("tcp_health_check"),
+    ],
+};
+static HTTP_HEALTH_CHECK: Schema =
+    Schema { message: "envoy.config.core.v3.HealthCheck.HttpHealthCheck", fields: &[Plain("path")] };
 /// Enforcement percentages are checked by the decoder (0 or 100).
 static OUTLIER_DETECTION: Schema = Schema {
     message: "envoy.config.cluster.v3.OutlierDetection",

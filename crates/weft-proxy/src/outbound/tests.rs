@@ -47,6 +47,7 @@ impl Mesh {
                 max_requests: None,
                 retry_limit: Default::default(),
                 outlier: None,
+                health_check: None,
             }],
             &crate::testing::no_tls,
         );
