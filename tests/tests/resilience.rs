@@ -717,3 +717,60 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
     load(&url, 300, 4);
     assert!(apps[2].1.load(Ordering::SeqCst) > before + 30, "the instance did not get traffic back");
 }
+
+/// Connections the instance's sidecar has accepted (from callers' sidecars).
+fn accepted(instance: &Instance) -> u64 {
+    let metrics = curl(&[&format!("http://{}/metrics", instance.admin())]).unwrap().body;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_tcp_connections_opened_total{") && l.contains("direction=\"inbound\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Connection limits of a TrafficPolicy, seen at the callee's sidecar: requests per
+/// connection, a maximum connection age, and an idle timeout each make the caller's sidecar
+/// open new connections.
+#[test]
+fn connection_pool_limits_recycle_upstream_connections() {
+    let dir = TestDir::new("pool-limits");
+    let control = Control::start(&dir);
+    let backend = Instance::start(&dir, &control.addr, "backend", "v1", "b0", &[]);
+    wait_until(Duration::from_secs(15), "backend healthy", || control.healthy_ids("backend").len() == 1);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    let url = edge.url("backend", "/");
+    let pool_in_force = |field: &str| {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        !dump["clusters"]["backend"]["pool"][field].is_null()
+    };
+    let get = || assert_eq!(curl(&[&url]).unwrap().status, 200);
+
+    apply_policy_spec(&dir, &control, "connectionPool: {maxRequestsPerConnection: 2}");
+    wait_until(Duration::from_secs(5), "limit in force", || pool_in_force("max_requests_per_connection"));
+    get();
+    let before = accepted(&backend);
+    (0..10).for_each(|_| get());
+    let opened = accepted(&backend) - before;
+    assert!((5..=6).contains(&opened), "10 requests at 2 per connection opened {opened} connections");
+
+    apply_policy_spec(&dir, &control, "connectionPool: {maxConnectionDuration: 400ms}");
+    wait_until(Duration::from_secs(5), "duration in force", || pool_in_force("max_connection_duration"));
+    get();
+    let before = accepted(&backend);
+    for _ in 0..12 {
+        get();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opened = accepted(&backend) - before;
+    assert!((2..=5).contains(&opened), "1.2 s of requests with connections aged out at 400 ms opened {opened}");
+
+    apply_policy_spec(&dir, &control, "connectionPool: {idleTimeout: 200ms}");
+    wait_until(Duration::from_secs(5), "idle timeout in force", || pool_in_force("idle_timeout"));
+    get();
+    let before = accepted(&backend);
+    get();
+    assert_eq!(accepted(&backend) - before, 0, "a busy connection was not reused");
+    std::thread::sleep(Duration::from_millis(800));
+    get();
+    assert_eq!(accepted(&backend) - before, 1, "an idle connection was reused after its idle timeout");
+}

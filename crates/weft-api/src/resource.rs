@@ -840,6 +840,17 @@ pub struct ConnectionPool {
     /// Requests in flight to the service at once (until each response head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Requests sent on one upstream connection before it is closed (HTTP/1.1 exchanges or
+    /// HTTP/2 streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// A pooled connection unused this long is closed (default: the proxy's
+    /// `--upstream-idle-timeout`).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+    /// A connection this old takes no new requests (it closes once its last one is done).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<Duration>,
 }
 
 /// `kind: AuthorizationPolicy` — who may call a service (or every service), checked by the
@@ -1210,6 +1221,26 @@ impl Resource {
                 }
                 if let Some(h) = &o.spec.health_check {
                     validate_health_check(doc, h)?;
+                }
+                if let Some(pool) = &o.spec.connection_pool {
+                    if pool.max_requests_per_connection == Some(0) {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.connectionPool.maxRequestsPerConnection",
+                            "must be at least 1",
+                        ));
+                    }
+                    for (field, d) in
+                        [("idleTimeout", pool.idle_timeout), ("maxConnectionDuration", pool.max_connection_duration)]
+                    {
+                        if d.is_some_and(|d| d < Duration::from_millis(100)) {
+                            return Err(ApplyError::new(
+                                doc,
+                                format!("spec.connectionPool.{field}"),
+                                "must be at least 100ms",
+                            ));
+                        }
+                    }
                 }
                 if o.spec.connection_pool.as_ref().and_then(|p| p.max_requests) == Some(0) {
                     return Err(ApplyError::new(

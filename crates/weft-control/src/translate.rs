@@ -591,7 +591,9 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
     });
     let outlier = policy.and_then(|p| p.outlier_detection.as_deref());
     let health_checks = policy.and_then(|p| p.health_check.as_deref()).map(health_check).into_iter().collect();
+    let pool = policy.and_then(|p| p.connection_pool.as_ref());
     Cluster {
+        typed_extension_protocol_options: pool.map(pool_protocol_options).unwrap_or_default(),
         health_checks,
         circuit_breakers,
         outlier_detection: outlier.map(outlier_detection),
@@ -608,6 +610,35 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         load_balancing_policy: Some(load_balancing_policy(spec.load_balancer)),
         ..Default::default()
     }
+}
+
+/// Connection limits of a TrafficPolicy as the cluster's HTTP protocol options (the callee's
+/// sidecar is spoken to in the client's HTTP version).
+fn pool_protocol_options(pool: &weft_api::resource::ConnectionPool) -> HashMap<String, Any> {
+    use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as CommonHttpProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
+    if pool.max_requests_per_connection.is_none()
+        && pool.idle_timeout.is_none()
+        && pool.max_connection_duration.is_none()
+    {
+        return HashMap::new();
+    }
+    let options = HttpProtocolOptions {
+        common_http_protocol_options: Some(CommonHttpProtocolOptions {
+            idle_timeout: pool.idle_timeout.map(duration),
+            max_connection_duration: pool.max_connection_duration.map(duration),
+            max_requests_per_connection: pool.max_requests_per_connection.map(|value| UInt32Value { value }),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            Default::default(),
+        )),
+        ..Default::default()
+    };
+    HashMap::from([(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(),
+        envoy_types::util::pack_any(options),
+    )])
 }
 
 /// The HTTP version a sidecar speaks to its app: the one the service declares (`http`:

@@ -67,6 +67,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             retry_limit: Default::default(),
             outlier: None,
             health_check: None,
+            pool: Default::default(),
         }],
         &|_| unreachable!("the benchmark clusters have no TLS"),
     );

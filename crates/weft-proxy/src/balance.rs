@@ -3,7 +3,7 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, RetryLimit, UpstreamProtocol};
+use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, PoolDef, RetryLimit, UpstreamProtocol};
 use crate::endpoint::{Endpoint, SWEEPS, clock};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
@@ -62,6 +62,8 @@ pub struct Cluster {
     connector: Arc<dyn Connect>,
     /// TLS origination towards the endpoints; shared with each of them.
     tls: Arc<ArcSwapOption<UpstreamTls>>,
+    /// Connection limits; shared with each endpoint likewise.
+    pool: Arc<ArcSwap<PoolDef>>,
     /// Requests in flight, counted only while the cluster has a `max_requests` or a retry
     /// budget.
     in_flight: std::sync::atomic::AtomicU32,
@@ -106,6 +108,7 @@ impl Cluster {
             next: AtomicUsize::new(0),
             connector,
             tls: Arc::new(ArcSwapOption::empty()),
+            pool: Default::default(),
             in_flight: Default::default(),
             retries_in_flight: Default::default(),
             ejections,
@@ -174,6 +177,7 @@ impl Cluster {
                     d.labels.clone(),
                     self.connector.clone(),
                     self.tls.clone(),
+                    self.pool.clone(),
                 )),
             };
             all.push(ep);
@@ -338,6 +342,8 @@ pub struct ClusterManager {
     clusters: RwLock<HashMap<String, Arc<Cluster>>>,
     connector: Arc<dyn Connect>,
     metrics: Option<Arc<Metrics>>,
+    /// Wakes the pool sweeper when a cluster's idle timeout may have changed.
+    pools_changed: tokio::sync::Notify,
 }
 
 impl Default for ClusterManager {
@@ -349,7 +355,7 @@ impl Default for ClusterManager {
 impl ClusterManager {
     /// Clusters whose endpoints are reached through `connector`.
     pub fn new(connector: Arc<dyn Connect>) -> ClusterManager {
-        ClusterManager { clusters: RwLock::default(), connector, metrics: None }
+        ClusterManager { clusters: RwLock::default(), connector, metrics: None, pools_changed: Default::default() }
     }
 
     /// Clusters that count their outlier ejections in `metrics`.
@@ -393,6 +399,10 @@ impl ClusterManager {
                 outlier: def.outlier,
             }));
             c.set_health_check(def.health_check.as_ref());
+            if **c.pool.load() != def.pool {
+                c.pool.store(Arc::new(def.pool));
+                self.pools_changed.notify_one();
+            }
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
             } else if rehash {
@@ -418,21 +428,25 @@ impl ClusterManager {
     }
 
     /// Sweeps every endpoint's pooled HTTP/1.1 connections (see [`Endpoint::sweep_idle`]) every
-    /// `min(idle_timeout / 2, 5 s)`: a connection is closed after between `idle_timeout` and
-    /// `idle_timeout` + that period without use, and one the upstream has closed is let go
-    /// within one period.
+    /// `min(idle_timeout / 2, 5 s)`, `idle_timeout` being the shortest of the proxy's and the
+    /// clusters' own: a connection is closed after between its cluster's idle timeout and that
+    /// plus one period without use, and one the upstream has closed is let go within one period.
     pub async fn sweep_pools(&self, idle_timeout: Duration) {
-        let period = (idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        // Checked in between sweeps k and k+1, looked at in sweep n: idle ≥ (n - k - 1) periods.
-        let max_sweeps = idle_timeout.as_nanos().div_ceil(period.as_nanos()) as u64 + 1;
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sweeps = |timeout: Duration, period: Duration| timeout.as_nanos().div_ceil(period.as_nanos()) as u64 + 1;
         loop {
-            tick.tick().await;
-            let now = SWEEPS.fetch_add(1, Ordering::Relaxed) + 1;
             let clusters: Vec<Arc<Cluster>> =
                 self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            let shortest = clusters.iter().filter_map(|c| c.pool.load().idle_timeout).fold(idle_timeout, Duration::min);
+            let period = (shortest / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                // Sooner, with the new period, when a cluster's idle timeout changed.
+                _ = self.pools_changed.notified() => continue,
+            }
+            // Checked in between sweeps k and k+1, looked at in sweep n: idle ≥ (n - k - 1) periods.
+            let now = SWEEPS.fetch_add(1, Ordering::Relaxed) + 1;
             for c in clusters {
+                let max_sweeps = sweeps(c.pool.load().idle_timeout.unwrap_or(idle_timeout), period);
                 for ep in &c.endpoints.load().all {
                     ep.sweep_idle(now, max_sweeps);
                 }

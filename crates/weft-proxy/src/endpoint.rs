@@ -1,9 +1,10 @@
 //! One upstream endpoint: its address, its load estimate for the balancer, and its pooled
 //! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
 //! so pools and latency estimates survive EDS pushes.
+use crate::config::PoolDef;
 use crate::error::ProxyError;
 use crate::transport::{BoxedIo, Carries, Connect, UpstreamTls};
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -49,6 +50,8 @@ pub struct Endpoint {
     connector: Arc<dyn Connect>,
     /// The cluster's TLS origination (shared with the cluster, which updates it).
     tls: Arc<ArcSwapOption<UpstreamTls>>,
+    /// The cluster's connection limits (shared likewise).
+    pool: Arc<ArcSwap<PoolDef>>,
     pending: AtomicU32,
     /// Peak-EWMA round-trip time in nanoseconds (as f64 bits) and when it was last updated.
     rtt: AtomicU64,
@@ -61,7 +64,14 @@ pub struct Endpoint {
     // Boxed in the pool too: a connection moves between pool, request and body as a pointer.
     #[allow(clippy::vec_box)]
     h1_idle: Mutex<Vec<Box<H1Conn>>>,
-    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    h2: Mutex<Option<H2Conn>>,
+}
+
+/// The endpoint's HTTP/2 connection, shared by its requests.
+struct H2Conn {
+    send: http2::SendRequest<UpBody>,
+    opened: u64,
+    streams: u32,
 }
 
 /// A connection checked out of the pool.
@@ -85,6 +95,9 @@ pub struct H1Conn {
     conn: Option<http1::Connection<TokioIo<BoxedIo>, UpBody>>,
     /// [`SWEEPS`] when the connection was last put in the pool.
     pooled_at: u64,
+    /// [`clock`] when it was opened, and how many exchanges it carried.
+    opened: u64,
+    uses: u32,
 }
 
 impl H1Conn {
@@ -107,6 +120,7 @@ impl H1Conn {
         &mut self,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>> {
+        self.uses += 1;
         let mut response = std::pin::pin!(self.send.try_send_request(req));
         std::future::poll_fn(|cx| {
             self.poll_connection(cx);
@@ -129,6 +143,7 @@ impl Endpoint {
         labels: BTreeMap<String, String>,
         connector: Arc<dyn Connect>,
         tls: Arc<ArcSwapOption<UpstreamTls>>,
+        pool: Arc<ArcSwap<PoolDef>>,
     ) -> Endpoint {
         Endpoint {
             addr,
@@ -136,6 +151,7 @@ impl Endpoint {
             labels,
             connector,
             tls,
+            pool,
             pending: AtomicU32::new(0),
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
@@ -243,15 +259,23 @@ impl Endpoint {
         // Connecting is rare and its futures are large; boxing them keeps the per-request
         // future (which hyper keeps allocated per client connection) small.
         if h2 {
-            if let Some(s) = self.h2.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| !s.is_closed()) {
-                return Ok(Conn::H2(s.clone()));
+            {
+                let pool = self.pool.load();
+                let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(c) = slot.as_mut().filter(|c| !c.send.is_closed() && !pool.spent(c.opened, c.streams)) {
+                    c.streams += 1;
+                    return Ok(Conn::H2(c.send.clone()));
+                }
+                // A spent connection finishes its streams and closes once they let go of it.
+                slot.take();
             }
             let io = TokioIo::new(Box::pin(self.connect(timeout, Carries::Http2)).await?);
             let (send, conn) = Box::pin(http2::Builder::new(TokioExecutor::new()).adaptive_window(true).handshake(io))
                 .await
                 .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
             tokio::spawn(conn);
-            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
+            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(H2Conn { send: send.clone(), opened: clock(), streams: 1 });
             return Ok(Conn::H2(send));
         }
         // Pooled connections finished their last exchange and were open when last polled. One
@@ -277,7 +301,7 @@ impl Endpoint {
     /// A fresh HTTP/1.1 connection, to be pooled after its first exchange.
     pub async fn new_h1(&self, timeout: Duration) -> Result<Box<H1Conn>, ProxyError> {
         let (send, conn) = self.handshake_h1(timeout).await?;
-        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0 }))
+        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0, opened: clock(), uses: 0 }))
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade`, in a task of its own (an upgraded
@@ -288,8 +312,16 @@ impl Endpoint {
         Ok(send)
     }
 
+    /// A pooled connection; those past their maximum duration are closed on the way.
     fn take_idle_h1(&self) -> Option<Box<H1Conn>> {
-        self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        let pool = self.pool.load();
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if !pool.spent(c.opened, c.uses) {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// Closes every pooled connection; for when one turned out closed by the upstream. The
@@ -299,6 +331,11 @@ impl Endpoint {
         // Taken out first, so the connections close after the lock is released.
         let idle = std::mem::take(&mut *self.h1_idle.lock().unwrap_or_else(|p| p.into_inner()));
         drop(idle);
+    }
+
+    /// The cluster's idle timeout for pooled connections, if it sets its own.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.pool.load().idle_timeout
     }
 
     /// Closes every pooled connection, HTTP/1.1 and HTTP/2 (the cluster's TLS changed).
@@ -311,7 +348,7 @@ impl Endpoint {
     /// Returns a connection whose exchange is complete (response body read to the end); a
     /// closed one (e.g. after `Connection: close`) is dropped.
     pub fn checkin_h1(&self, mut c: Box<H1Conn>) {
-        if c.conn.is_none() {
+        if c.conn.is_none() || self.pool.load().spent(c.opened, c.uses) {
             return;
         }
         c.pooled_at = SWEEPS.load(Ordering::Relaxed);
@@ -359,6 +396,7 @@ mod tests {
             Default::default(),
             Arc::new(TcpConnect),
             Arc::new(ArcSwapOption::empty()),
+            Default::default(),
         );
         ep.observe(Duration::from_millis(500));
         let answered = ep.stamp.load(Ordering::Relaxed);

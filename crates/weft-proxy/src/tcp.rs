@@ -81,6 +81,7 @@ mod tests {
                 retry_limit: Default::default(),
                 outlier: None,
                 health_check: None,
+                pool: Default::default(),
             }],
             &crate::testing::no_tls,
         );

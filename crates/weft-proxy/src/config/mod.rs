@@ -358,6 +358,30 @@ pub struct ClusterDef {
     /// From `health_checks` (at most one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckDef>,
+    /// From the protocol options' `common_http_protocol_options`.
+    pub pool: PoolDef,
+}
+
+/// Limits on the upstream connections of a cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolDef {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
+    pub max_connection_duration: Option<Duration>,
+}
+
+impl PoolDef {
+    /// Whether a connection opened at `opened` (ns on the proxy's clock) that carried `uses`
+    /// requests may take no more.
+    pub fn spent(&self, opened: u64, uses: u32) -> bool {
+        self.max_requests_per_connection.is_some_and(|m| uses >= m)
+            || self
+                .max_connection_duration
+                .is_some_and(|d| crate::endpoint::clock().saturating_sub(opened) >= d.as_nanos() as u64)
+    }
 }
 
 /// Active health checking of the cluster's endpoints by this proxy.
@@ -425,12 +449,13 @@ pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.Http
 
 /// The upstream HTTP version from a cluster's protocol options, refusing any option weft would
 /// have to ignore.
-fn upstream_protocol(c: &Cluster) -> Result<UpstreamProtocol, String> {
+fn upstream_protocol(c: &Cluster) -> Result<(UpstreamProtocol, PoolDef), String> {
     use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
         UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     };
     use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
     let mut out = UpstreamProtocol::Downstream;
+    let mut pool = PoolDef::default();
     for (key, any) in &c.typed_extension_protocol_options {
         if key != HTTP_PROTOCOL_OPTIONS || any.type_url != HttpProtocolOptions::type_url() {
             return Err(format!(
@@ -441,10 +466,32 @@ fn upstream_protocol(c: &Cluster) -> Result<UpstreamProtocol, String> {
             .map_err(|e| format!("{HTTP_PROTOCOL_OPTIONS}: cannot decode: {e}"))?;
         let only = HttpProtocolOptions {
             upstream_protocol_options: opts.upstream_protocol_options.clone(),
+            common_http_protocol_options: opts.common_http_protocol_options,
             ..Default::default()
         };
         if opts != only {
-            return Err(format!("{HTTP_PROTOCOL_OPTIONS}: only upstream_protocol_options is supported"));
+            return Err(format!(
+                "{HTTP_PROTOCOL_OPTIONS}: only upstream_protocol_options and common_http_protocol_options are supported"
+            ));
+        }
+        if let Some(common) = &opts.common_http_protocol_options {
+            use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as Common;
+            let honoured = Common {
+                idle_timeout: common.idle_timeout,
+                max_connection_duration: common.max_connection_duration,
+                max_requests_per_connection: common.max_requests_per_connection,
+                ..Default::default()
+            };
+            if *common != honoured {
+                return Err(format!(
+                    "{HTTP_PROTOCOL_OPTIONS}: common_http_protocol_options: only idle_timeout, max_connection_duration and max_requests_per_connection are supported"
+                ));
+            }
+            pool = PoolDef {
+                max_requests_per_connection: common.max_requests_per_connection.map(|v| v.value).filter(|v| *v > 0),
+                idle_timeout: common.idle_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
+                max_connection_duration: common.max_connection_duration.as_ref().map(duration).filter(|d| !d.is_zero()),
+            };
         }
         out = match &opts.upstream_protocol_options {
             Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match &e.protocol_config {
@@ -468,7 +515,7 @@ fn upstream_protocol(c: &Cluster) -> Result<UpstreamProtocol, String> {
             }
         };
     }
-    Ok(out)
+    Ok((out, pool))
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1183,7 +1230,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         }
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
-    let protocol = upstream_protocol(&c).map_err(bad)?;
+    let (protocol, pool) = upstream_protocol(&c).map_err(bad)?;
     let (max_requests, retry_limit) =
         match c.circuit_breakers.as_ref().map(|cb| cb.thresholds.as_slice()).unwrap_or_default() {
             [] => (None, RetryLimit::default()),
@@ -1208,6 +1255,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         _ => return Err(bad("health_checks: weft runs at most one".into())),
     };
     Ok(ClusterDef {
+        pool,
         health_check,
         outlier,
         name: c.name,

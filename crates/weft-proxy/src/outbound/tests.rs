@@ -48,6 +48,7 @@ impl Mesh {
                 retry_limit: Default::default(),
                 outlier: None,
                 health_check: None,
+                pool: Default::default(),
             }],
             &crate::testing::no_tls,
         );
