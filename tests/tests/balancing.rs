@@ -103,3 +103,41 @@ fn ring_hash_and_maglev_keep_keys_on_one_instance_and_move_few_when_one_leaves()
     assert_eq!(moved, load[&gone], "exactly the leaving instance's keys moved (about 1/4)");
     eprintln!("ring hash: {moved} of {} keys moved when 1 of 4 instances left", keys.len());
 }
+
+/// With `locality: {preferSameZone: true}`, a caller in zone b sends to the instance in zone b
+/// only; when that instance goes, to zone a's, without a failed request; a caller without a
+/// zone uses every instance.
+#[test]
+fn locality_prefers_the_callers_zone_and_fails_over() {
+    let dir = TestDir::new("locality");
+    let control = Control::start(&dir);
+    let _a1 = Instance::start(&dir, &control.addr, "backend", "v1", "a1", &["--label", "zone=a"]);
+    let _a2 = Instance::start(&dir, &control.addr, "backend", "v1", "a2", &["--label", "zone=a"]);
+    let mut b1 = Instance::start(&dir, &control.addr, "backend", "v1", "b1", &["--label", "zone=b"]);
+    wait_until(Duration::from_secs(15), "3 healthy", || control.healthy_ids("backend").len() == 3);
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {locality: {preferSameZone: true}}\n",
+    );
+    let in_b =
+        Edge::start_with(&dir, &control.addr, &control.addr, "edge-b", "edge", &["backend"], &["--label", "zone=b"]);
+    let anywhere = Edge::start(&dir, &control, &["backend"]);
+    let spread = |edge: &Edge, n: usize| {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(served_by(edge.ports["backend"], "x-n: 1")).or_default() += 1;
+        }
+        seen
+    };
+    wait_until(Duration::from_secs(5), "zone b preferred", || spread(&in_b, 10).keys().eq(["b1"].iter()));
+    let near = spread(&in_b, 60);
+    assert_eq!(near.keys().collect::<Vec<_>>(), ["b1"], "a zone-b caller left its zone: {near:?}");
+    let all = spread(&anywhere, 60);
+    assert_eq!(all.len(), 3, "a caller without a zone should use every instance: {all:?}");
+    // Zone b empties: its callers fail over to zone a.
+    b1.proc.stop();
+    wait_until(Duration::from_secs(10), "b1 gone at the edge", || in_b.endpoint_addrs("backend").len() == 2);
+    let after = spread(&in_b, 40);
+    assert!(after.keys().all(|k| k.starts_with('a')) && after.len() == 2, "{after:?}");
+}

@@ -189,6 +189,17 @@ pub struct ServiceSpec {
     /// The key of `ring-hash` and `maglev` load balancing (required by them, refused otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<LocalityPolicy>,
+}
+
+/// Locality-aware load balancing: a caller whose instance has a `zone` label sends to the
+/// service's instances in the same zone while any of them can take the request, and to the
+/// other zones otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalityPolicy {
+    pub prefer_same_zone: bool,
 }
 
 /// The instances a versioned service is made of, as a Kubernetes Service's selector.

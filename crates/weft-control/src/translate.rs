@@ -164,6 +164,8 @@ pub struct Snapshot {
     namespace: String,
     /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
     rate_limits: HashMap<String, RateLimitPolicy>,
+    /// For services that prefer callers' zones: their endpoints as seen from each zone.
+    zonal_endpoints: HashMap<(String, String), Arc<Res>>,
 }
 
 /// What a service's inbound listeners check before the app: JWT, then authorization.
@@ -199,6 +201,13 @@ impl Snapshot {
                 instances.entry(svc.clone()).or_default().push(&e.instance);
             }
         }
+        // Zones callers may be in: their instances' `zone` labels.
+        let zones: std::collections::BTreeSet<String> = inner
+            .instances
+            .values()
+            .filter_map(|e| e.instance.registration.labels.get("zone").filter(|z| !z.is_empty()).cloned())
+            .collect();
+        let mut zonal_endpoints = HashMap::new();
         let mut names: Vec<String> = specs.keys().chain(instances.keys()).cloned().collect();
         names.sort();
         names.dedup();
@@ -245,7 +254,13 @@ impl Snapshot {
             let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
-            put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members)));
+            put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members, None)));
+            if spec.locality.as_ref().is_some_and(|l| l.prefer_same_zone) {
+                for zone in &zones {
+                    let cla = load_assignment(name, members, Some(zone));
+                    zonal_endpoints.insert((name.clone(), zone.clone()), Res::new(name.clone(), &cla));
+                }
+            }
             let hash = spec.consistent_hash.as_ref().filter(|_| spec.load_balancer.is_consistent_hash());
             put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy, hash)));
             put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
@@ -278,6 +293,7 @@ impl Snapshot {
             jwks: settings.jwks.clone(),
             trust_domain: settings.trust_domain.clone(),
             namespace: settings.namespace.clone(),
+            zonal_endpoints,
             rate_limits: traffic
                 .iter()
                 .filter_map(|(name, p)| Some(((*name).to_owned(), p.rate_limit.as_deref()?.clone())))
@@ -311,7 +327,18 @@ impl Snapshot {
                 }
                 all
             }
-            Type::Route | Type::Endpoint | Type::Secret => shared.clone(),
+            Type::Endpoint => {
+                let mut all = shared.clone();
+                if let Some(zone) = reg.labels.get("zone") {
+                    for ((name, z), res) in &self.zonal_endpoints {
+                        if z == zone {
+                            all.insert(name.clone(), res.clone());
+                        }
+                    }
+                }
+                all
+            }
+            Type::Route | Type::Secret => shared.clone(),
         }
     }
 
@@ -709,7 +736,9 @@ fn lb_endpoint(addr: &str, health: HealthStatus, instance: Option<&Instance>) ->
     }
 }
 
-fn load_assignment(name: &str, members: &[&Instance]) -> ClusterLoadAssignment {
+/// The instances of a service by zone; `near` (a caller's zone) puts that zone's at priority 0
+/// and the others at 1, which clients treat as a failover order.
+fn load_assignment(name: &str, members: &[&Instance], near: Option<&str>) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
     for i in members {
         let Some(addr) = &i.registration.inbound else { continue };
@@ -726,6 +755,7 @@ fn load_assignment(name: &str, members: &[&Instance]) -> ClusterLoadAssignment {
                 lb_endpoints,
                 // gRPC clients ignore localities without a weight.
                 load_balancing_weight: Some(UInt32Value { value: 1 }),
+                priority: u32::from(near.is_some_and(|n| n != zone)),
                 ..Default::default()
             })
             .collect(),

@@ -52,6 +52,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
             address: format!("127.0.0.1:{}", 10000 + i).parse().unwrap(),
             healthy: true,
             zone: String::new(),
+            priority: 0,
             labels: Default::default(),
         })
         .collect();

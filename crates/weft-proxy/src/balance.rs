@@ -27,19 +27,24 @@ pub struct EndpointSet {
     pub all: Vec<Arc<Endpoint>>,
     /// For `ring-hash` and `maglev`: the ready endpoints' table.
     hash: Option<HashTable>,
+    /// `ready` is ordered by priority; the first `preferred` are of the lowest priority among
+    /// them (all of them when there is one priority).
+    preferred: usize,
 }
 
 impl EndpointSet {
     fn new(all: Vec<Arc<Endpoint>>, lb: LoadBalancer) -> EndpointSet {
-        let ready: Vec<Arc<Endpoint>> =
+        let mut ready: Vec<Arc<Endpoint>> =
             all.iter().filter(|e| e.healthy.load(Ordering::Relaxed) && !e.health_check.failed()).cloned().collect();
+        ready.sort_by_key(|e| e.priority);
+        let preferred = ready.iter().take_while(|e| ready.first().is_some_and(|f| f.priority == e.priority)).count();
         let addrs: Vec<std::net::SocketAddr> = ready.iter().map(|e| e.addr).collect();
         let hash = match lb {
             LoadBalancer::RingHash => Some(HashTable::ring(&addrs)),
             LoadBalancer::Maglev => Some(HashTable::maglev(&addrs)),
             _ => None,
         };
-        EndpointSet { ready, all, hash }
+        EndpointSet { ready, all, hash, preferred }
     }
 }
 
@@ -166,7 +171,11 @@ impl Cluster {
         let old = self.endpoints.load();
         let mut all = Vec::with_capacity(defs.len());
         for d in defs {
-            let ep = match old.all.iter().find(|e| e.addr == d.address && e.labels == d.labels) {
+            let ep = match old
+                .all
+                .iter()
+                .find(|e| e.addr == d.address && e.labels == d.labels && e.priority == d.priority)
+            {
                 Some(e) => {
                     e.healthy.store(d.healthy, Ordering::Relaxed);
                     e.clone()
@@ -178,6 +187,7 @@ impl Cluster {
                     self.connector.clone(),
                     self.tls.clone(),
                     self.pool.clone(),
+                    d.priority,
                 )),
             };
             all.push(ep);
@@ -273,9 +283,14 @@ impl Cluster {
             return fallback;
         }
         let lb = settings.load_balancer;
+        // The preferred priority (the caller's zone) first, while one of its endpoints is fresh.
+        let preferred = &set.ready[..set.preferred];
         let Some(outlier) = &settings.outlier else {
             let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
-            return self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable));
+            return self
+                .choose(preferred, lb, fresh)
+                .or_else(|| self.choose(&set.ready, lb, fresh))
+                .or_else(|| self.choose(&set.ready, lb, usable));
         };
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected.
@@ -289,16 +304,17 @@ impl Cluster {
                 })
         };
         let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
-        self.choose(set, lb, fresh).or_else(|| self.choose(set, lb, usable))
+        self.choose(preferred, lb, fresh)
+            .or_else(|| self.choose(&set.ready, lb, fresh))
+            .or_else(|| self.choose(&set.ready, lb, usable))
     }
 
     fn choose(
         &self,
-        set: &EndpointSet,
+        eps: &[Arc<Endpoint>],
         lb: LoadBalancer,
         ok: impl Fn(&&Arc<Endpoint>) -> bool,
     ) -> Option<Arc<Endpoint>> {
-        let eps = &set.ready;
         let n = eps.len();
         if n == 0 {
             return None;
@@ -476,6 +492,7 @@ mod tests {
                 address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
                 healthy: i != 0,
                 zone: String::new(),
+                priority: 0,
                 labels: Default::default(),
             })
             .collect();
@@ -514,7 +531,13 @@ mod tests {
             .load()
             .all
             .iter()
-            .map(|e| EndpointDef { address: e.addr, healthy: true, zone: String::new(), labels: e.labels.clone() })
+            .map(|e| EndpointDef {
+                address: e.addr,
+                healthy: true,
+                zone: String::new(),
+                labels: e.labels.clone(),
+                priority: 0,
+            })
             .collect();
         c.set_endpoints(&defs);
         assert!(Arc::ptr_eq(&before, &c.endpoints.load().all[1]));

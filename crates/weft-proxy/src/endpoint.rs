@@ -46,6 +46,8 @@ pub(crate) static SWEEPS: AtomicU64 = AtomicU64::new(0);
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub healthy: AtomicBool,
+    /// Its locality's priority (0 first).
+    pub priority: u32,
     pub labels: BTreeMap<String, String>,
     connector: Arc<dyn Connect>,
     /// The cluster's TLS origination (shared with the cluster, which updates it).
@@ -144,10 +146,12 @@ impl Endpoint {
         connector: Arc<dyn Connect>,
         tls: Arc<ArcSwapOption<UpstreamTls>>,
         pool: Arc<ArcSwap<PoolDef>>,
+        priority: u32,
     ) -> Endpoint {
         Endpoint {
             addr,
             healthy: AtomicBool::new(healthy),
+            priority,
             labels,
             connector,
             tls,
@@ -397,6 +401,7 @@ mod tests {
             Arc::new(TcpConnect),
             Arc::new(ArcSwapOption::empty()),
             Default::default(),
+            0,
         );
         ep.observe(Duration::from_millis(500));
         let answered = ep.stamp.load(Ordering::Relaxed);

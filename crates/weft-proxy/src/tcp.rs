@@ -67,6 +67,7 @@ mod tests {
             address: addr(p),
             healthy: true,
             zone: String::new(),
+            priority: 0,
             labels: Default::default(),
         });
         clusters.update(

@@ -518,6 +518,10 @@ fn upstream_protocol(c: &Cluster) -> Result<(UpstreamProtocol, PoolDef), String>
     Ok((out, pool))
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}ms", d.as_millis()))
 }
@@ -534,6 +538,10 @@ pub struct EndpointDef {
     pub address: SocketAddr,
     pub healthy: bool,
     pub zone: String,
+    /// From the locality's `priority`: lower first; higher ones take traffic only when no
+    /// lower one can.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u32,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -1365,7 +1373,7 @@ fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>, InvalidRes
                         .collect()
                 })
                 .unwrap_or_default();
-            out.push(EndpointDef { address, healthy, zone: zone.clone(), labels });
+            out.push(EndpointDef { address, healthy, zone: zone.clone(), labels, priority: loc.priority });
         }
     }
     Ok(out)

@@ -369,10 +369,16 @@ pub static CLUSTER_LOAD_ASSIGNMENT: Schema = Schema {
     message: "envoy.config.endpoint.v3.ClusterLoadAssignment",
     fields: &[Plain("cluster_name"), Repeated("endpoints", &LOCALITY_LB_ENDPOINTS)],
 };
-/// Localities are balanced as one set: their weights are accepted and not used.
+/// Localities are balanced as one set: their weights are accepted and not used. Priorities
+/// order them for failover.
 static LOCALITY_LB_ENDPOINTS: Schema = Schema {
     message: "envoy.config.endpoint.v3.LocalityLbEndpoints",
-    fields: &[Plain("locality"), Repeated("lb_endpoints", &LB_ENDPOINT), Plain("load_balancing_weight")],
+    fields: &[
+        Plain("locality"),
+        Repeated("lb_endpoints", &LB_ENDPOINT),
+        Plain("load_balancing_weight"),
+        Plain("priority"),
+    ],
 };
 /// Endpoint weights other than 1 are refused by the decoder.
 static LB_ENDPOINT: Schema = Schema {

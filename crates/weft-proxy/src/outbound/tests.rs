@@ -34,7 +34,13 @@ impl Mesh {
         let clusters = ClusterManager::new(fakes.clone());
         let eps = endpoints
             .iter()
-            .map(|(a, _)| EndpointDef { address: *a, healthy: true, zone: String::new(), labels: Default::default() })
+            .map(|(a, _)| EndpointDef {
+                address: *a,
+                healthy: true,
+                zone: String::new(),
+                labels: Default::default(),
+                priority: 0,
+            })
             .collect();
         clusters.update(
             &[ClusterDef {
