@@ -774,3 +774,46 @@ fn connection_pool_limits_recycle_upstream_connections() {
     get();
     assert_eq!(accepted(&backend) - before, 1, "an idle connection was reused after its idle timeout");
 }
+
+/// A TrafficPolicy for one HTTPRoute governs that route's requests only (here: all of them
+/// aborted with 418), the service's own policy the rest; service-wide settings cannot target a
+/// route, and a route that does not exist cannot be targeted.
+#[test]
+fn a_traffic_policy_for_one_route() {
+    let dir = TestDir::new("route-policy");
+    let control = Control::start(&dir);
+    let (app, asked) = failing_app(|_| false);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[app]);
+    let write = |name: &str, text: &str| {
+        let path = dir.path.join(name);
+        std::fs::write(&path, text).unwrap();
+        weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr])
+    };
+    let policy = |spec: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api-faults}}\nspec:\n  targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api}}\n  {spec}\n"
+        )
+    };
+    let out = write("p.yaml", &policy("fault: {abort: {httpStatus: 418}}"));
+    assert!(!out.status.success() && stderr(&out).contains("HTTPRoute \"api\" does not exist"), "{}", stderr(&out));
+    let out = write(
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api}\nspec:\n  parentRefs: [{name: backend}]\n  rules:\n  - matches: [{path: {value: /api}}]\n    backendRefs: [{name: backend}]\n",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = write("p.yaml", &policy("connectionPool: {maxRequests: 5}"));
+    assert!(!out.status.success() && stderr(&out).contains("spec.connectionPool"), "{}", stderr(&out));
+    let out = write("p.yaml", &policy("fault: {abort: {httpStatus: 418}}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let api = edge.url("backend", "/api/x");
+    wait_until(Duration::from_secs(5), "route policy in force", || curl(&[&api]).unwrap().status == 418);
+    let before = asked.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let r = curl(&[&api]).unwrap();
+        assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (418, Some("fault-injected")));
+        assert_eq!(curl(&[&edge.url("backend", "/other")]).unwrap().status, 200, "another route was faulted");
+    }
+    assert_eq!(asked.load(Ordering::SeqCst) - before, 10, "only the other route's requests reach the app");
+    let shown = stdout(&weft(&["get", "policy", "backend", "--control", &control.addr]));
+    assert!(shown.contains("name: api-faults"), "{shown}");
+}

@@ -833,6 +833,10 @@ pub struct RetryBudget {
     pub min_retry_concurrency: Option<u32>,
 }
 
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+/// What a TrafficPolicy attaches to: a Service (`kind` unset or `Service`), or one HTTPRoute
+/// (`kind: HTTPRoute`), whose rules it then governs instead of the service's policy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicyTargetRef {
@@ -841,6 +845,18 @@ pub struct PolicyTargetRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     pub name: String,
+}
+
+impl PolicyTargetRef {
+    pub fn targets_route(&self) -> bool {
+        self.kind.as_deref() == Some("HTTPRoute")
+    }
+
+    /// `Service/NAME` or `HTTPRoute/NAME`: one TrafficPolicy per target.
+    pub fn key(&self) -> String {
+        let kind = if self.targets_route() { "HTTPRoute" } else { "Service" };
+        format!("{kind}/{}", self.name)
+    }
 }
 
 /// Limits each calling sidecar keeps towards the service; a request over a limit is answered
@@ -1211,12 +1227,40 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
             Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
             Resource::TrafficPolicy(o) => {
-                check_service_ref(
-                    doc,
-                    "spec.targetRef",
-                    o.spec.target_ref.kind.as_deref(),
-                    o.spec.target_ref.group.as_deref(),
-                )?;
+                if o.spec.target_ref.targets_route() {
+                    if o.spec.target_ref.group.as_deref().is_some_and(|g| g != GATEWAY_API_GROUP) {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.targetRef.group",
+                            format!("an HTTPRoute is in group {GATEWAY_API_GROUP}"),
+                        ));
+                    }
+                    // Only what applies per request can be set for one route.
+                    let service_wide = [
+                        ("connectionPool", o.spec.connection_pool.is_some()),
+                        ("outlierDetection", o.spec.outlier_detection.is_some()),
+                        ("rateLimit", o.spec.rate_limit.is_some()),
+                        ("healthCheck", o.spec.health_check.is_some()),
+                    ];
+                    if let Some((field, _)) = service_wide.iter().find(|(_, set)| *set) {
+                        return Err(ApplyError::new(
+                            doc,
+                            format!("spec.{field}"),
+                            "applies to a whole service: target the Service (a policy for an HTTPRoute takes retry and fault)",
+                        ));
+                    }
+                } else {
+                    check_service_ref(
+                        doc,
+                        "spec.targetRef",
+                        o.spec.target_ref.kind.as_deref(),
+                        o.spec.target_ref.group.as_deref(),
+                    )
+                    .map_err(|mut e| {
+                        e.reason.push_str(" (or kind HTTPRoute, group gateway.networking.k8s.io)");
+                        e
+                    })?;
+                }
                 check_name(doc, "spec.targetRef.name", &o.spec.target_ref.name)?;
                 if let Some(r) = &o.spec.retry {
                     validate_retry(doc, r)?;
@@ -1278,6 +1322,7 @@ impl Resource {
             Resource::RequestAuthentication(o) => {
                 o.spec.service.as_deref().map(|s| ("spec.service".to_owned(), s)).into_iter().collect()
             }
+            Resource::TrafficPolicy(o) if o.spec.target_ref.targets_route() => Vec::new(),
             Resource::TrafficPolicy(o) => vec![("spec.targetRef.name".to_owned(), o.spec.target_ref.name.as_str())],
             Resource::GrpcRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();

@@ -129,24 +129,35 @@ impl Mesh {
             .resources
             .values()
             .filter_map(|r| match r {
-                Resource::TrafficPolicy(o) => Some((o.spec.target_ref.name.clone(), o.metadata.name.clone())),
+                Resource::TrafficPolicy(o) => Some((o.spec.target_ref.key(), o.metadata.name.clone())),
                 _ => None,
             })
             .collect();
         for (doc, r) in resources.iter().enumerate() {
             let Resource::TrafficPolicy(o) = r else { continue };
-            let target = &o.spec.target_ref.name;
-            match policy_of.get(target) {
+            let target = o.spec.target_ref.key();
+            if o.spec.target_ref.targets_route() {
+                let name = &o.spec.target_ref.name;
+                let exists = |r: &Resource| matches!(r, Resource::HttpRoute(h) if h.metadata.name == *name);
+                if !inner.resources.values().any(exists) && !resources.iter().any(exists) {
+                    return Err(ApplyError::new(
+                        doc,
+                        "spec.targetRef.name",
+                        format!("HTTPRoute {name:?} does not exist; apply it first"),
+                    ));
+                }
+            }
+            match policy_of.get(&target) {
                 Some(other) if *other != o.metadata.name => {
                     return Err(ApplyError::new(
                         doc,
                         "spec.targetRef.name",
                         format!(
-                            "service {target:?} already has TrafficPolicy {other:?}; a service takes one TrafficPolicy: put these settings in {other:?}, or delete it first"
+                            "{target} already has TrafficPolicy {other:?}; it takes one TrafficPolicy: put these settings in {other:?}, or delete it first"
                         ),
                     ));
                 }
-                _ => drop(policy_of.insert(target.clone(), o.metadata.name.clone())),
+                _ => drop(policy_of.insert(target, o.metadata.name.clone())),
             }
         }
         let mut applied = Vec::new();
@@ -321,7 +332,9 @@ impl Mesh {
                         routed_from.push(entry);
                     }
                 }
-                Resource::TrafficPolicy(o) if o.spec.target_ref.name == service => {
+                Resource::TrafficPolicy(o)
+                    if !o.spec.target_ref.targets_route() && o.spec.target_ref.name == service =>
+                {
                     traffic = Some(serde_json::json!({"name": o.metadata.name, "spec": o.spec}));
                 }
                 Resource::AuthorizationPolicy(o) if o.spec.service.as_deref().is_none_or(|s| s == service) => {
@@ -331,6 +344,20 @@ impl Mesh {
                     authn.push(o.metadata.name.clone());
                 }
                 _ => {}
+            }
+        }
+        // Policies for one of the attached routes.
+        for route in &mut attached {
+            let policy = inner.resources.values().find_map(|r| match r {
+                Resource::TrafficPolicy(o)
+                    if o.spec.target_ref.targets_route() && route["name"] == *o.spec.target_ref.name =>
+                {
+                    Some(serde_json::json!({"name": o.metadata.name, "spec": o.spec}))
+                }
+                _ => None,
+            });
+            if let Some(p) = policy {
+                route["trafficPolicy"] = p;
             }
         }
         let declared = spec.is_some();

@@ -180,7 +180,9 @@ impl Snapshot {
     pub(crate) fn build(inner: &Inner, version: u64) -> Snapshot {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
         // HTTPRoutes, and GRPCRoutes as the HTTPRoutes they amount to.
-        let mut routes: Vec<std::borrow::Cow<'_, weft_api::resource::HttpRouteSpec>> = Vec::new();
+        let mut routes: Vec<(&str, std::borrow::Cow<'_, weft_api::resource::HttpRouteSpec>)> = Vec::new();
+        // TrafficPolicies for one HTTPRoute, by route name.
+        let mut route_policies: HashMap<&str, &TrafficPolicySpec> = HashMap::new();
         let mut policies = Vec::new();
         let mut authns = Vec::new();
         // The first TrafficPolicy (by name) targeting a service applies to it.
@@ -188,10 +190,15 @@ impl Snapshot {
         for r in inner.resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
-                Resource::HttpRoute(o) => routes.push(std::borrow::Cow::Borrowed(&o.spec)),
-                Resource::GrpcRoute(o) => routes.push(std::borrow::Cow::Owned(o.spec.as_http())),
+                Resource::HttpRoute(o) => routes.push((o.metadata.name.as_str(), std::borrow::Cow::Borrowed(&o.spec))),
+                Resource::GrpcRoute(o) => {
+                    routes.push((o.metadata.name.as_str(), std::borrow::Cow::Owned(o.spec.as_http())))
+                }
                 Resource::AuthorizationPolicy(o) => policies.push(o.clone()),
                 Resource::RequestAuthentication(o) => authns.push(o.clone()),
+                Resource::TrafficPolicy(o) if o.spec.target_ref.targets_route() => {
+                    route_policies.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec);
+                }
                 Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
             }
         }
@@ -242,8 +249,11 @@ impl Snapshot {
             let members = members.as_slice();
             let rules: Vec<HostRule<'_>> = routes
                 .iter()
-                .filter(|r| r.parent_refs.iter().any(|p| &p.name == name))
-                .flat_map(|r| r.rules.iter().map(|rule| (r.hostnames.as_slice(), rule)))
+                .filter(|(_, r)| r.parent_refs.iter().any(|p| &p.name == name))
+                .flat_map(|(route, r)| {
+                    let policy = route_policies.get(route).copied();
+                    r.rules.iter().map(move |rule| (r.hostnames.as_slice(), (rule, policy)))
+                })
                 .collect();
             let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
@@ -764,7 +774,10 @@ fn load_assignment(name: &str, members: &[&Instance], near: Option<&str>) -> Clu
 }
 
 /// A rule of an HTTPRoute with the route's hostnames (empty: any host).
-type HostRule<'a> = (&'a [String], &'a HttpRouteRule);
+type HostRule<'a> = (&'a [String], PolicedRule<'a>);
+
+/// A rule with the TrafficPolicy that targets its HTTPRoute, if any.
+type PolicedRule<'a> = (&'a HttpRouteRule, Option<&'a TrafficPolicySpec>);
 
 /// Gateway API precedence: exact paths, then regular expressions (implementation-specific in
 /// the spec), then prefixes, longer first; then more header matches, then methods, then more
@@ -923,19 +936,19 @@ fn default_route(cluster: &str) -> Route {
 }
 
 /// The routes of the rules given, in Gateway API precedence, then the service's default route.
-fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
-    let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule)> = Vec::new();
+fn routes(service: &str, rules: &[PolicedRule<'_>]) -> Vec<Route> {
+    let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule, Option<&TrafficPolicySpec>)> = Vec::new();
     let always = HttpRouteMatch::default();
-    for rule in rules {
+    for (rule, policy) in rules {
         if rule.matches.is_empty() {
-            matched.push((&always, rule));
+            matched.push((&always, rule, *policy));
         }
-        matched.extend(rule.matches.iter().map(|m| (m, *rule)));
+        matched.extend(rule.matches.iter().map(|m| (m, *rule, *policy)));
     }
-    matched.sort_by_key(|(m, _)| precedence(m));
+    matched.sort_by_key(|(m, _, _)| precedence(m));
     let mut routes: Vec<Route> = matched
         .into_iter()
-        .map(|(m, rule)| {
+        .map(|(m, rule, policy)| {
             let path = match &m.path {
                 Some(p) if p.kind == PathMatchType::Exact => route_match::PathSpecifier::Path(p.value.clone()),
                 Some(p) if p.kind == PathMatchType::RegularExpression => {
@@ -985,11 +998,28 @@ fn routes(service: &str, rules: &[&HttpRouteRule]) -> Vec<Route> {
                 ..Default::default()
             };
             apply_filters(&mut route, rule);
+            if let Some(p) = policy {
+                apply_policy(&mut route, p);
+            }
             route
         })
         .collect();
     routes.push(default_route(service));
     routes
+}
+
+/// A TrafficPolicy's per-request settings on a route: retries and faults, where the route
+/// has none yet (a policy for its HTTPRoute is applied before the service's).
+fn apply_policy(route: &mut Route, p: &TrafficPolicySpec) {
+    let Some(route::Action::Route(action)) = &mut route.action else { return };
+    if action.retry_policy.is_none() {
+        action.retry_policy = p.retry.as_ref().map(retry_policy);
+    }
+    if let Some(f) = p.fault.as_deref()
+        && !route.typed_per_filter_config.contains_key(FAULT_FILTER)
+    {
+        route.typed_per_filter_config.insert(FAULT_FILTER.to_owned(), envoy_types::util::pack_any(http_fault(f)));
+    }
 }
 
 /// A service's route table: a virtual host per hostname that routes name (their rules, then
@@ -1003,11 +1033,11 @@ fn route_config(
     let mut hostnames: Vec<&String> = rules.iter().flat_map(|(h, _)| h.iter()).collect();
     hostnames.sort();
     hostnames.dedup();
-    let any_host: Vec<&HttpRouteRule> = rules.iter().filter(|(h, _)| h.is_empty()).map(|(_, r)| *r).collect();
+    let any_host: Vec<PolicedRule<'_>> = rules.iter().filter(|(h, _)| h.is_empty()).map(|(_, r)| *r).collect();
     let mut virtual_hosts: Vec<VirtualHost> = hostnames
         .into_iter()
         .map(|host| {
-            let named: Vec<&HttpRouteRule> = rules
+            let named: Vec<PolicedRule<'_>> = rules
                 .iter()
                 .filter(|(h, _)| h.contains(host))
                 .map(|(_, r)| *r)
@@ -1028,17 +1058,14 @@ fn route_config(
         ..Default::default()
     });
     // Every request addressed to the service gets its retries and faults, whichever version
-    // serves it.
-    let retry = policy.and_then(|p| p.retry.as_ref()).map(retry_policy);
-    let fault = policy.and_then(|p| p.fault.as_deref()).map(http_fault);
+    // serves it, unless a policy for the rule's HTTPRoute set them.
     let hash_policy: Vec<route_action::HashPolicy> = hash.map(hash_policy).into_iter().collect();
     for route in virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
-        if let Some(route::Action::Route(action)) = &mut route.action {
-            action.retry_policy.clone_from(&retry);
-            action.hash_policy.clone_from(&hash_policy);
+        if let Some(p) = policy {
+            apply_policy(route, p);
         }
-        if let (Some(f), Some(route::Action::Route(_))) = (&fault, &route.action) {
-            route.typed_per_filter_config.insert(FAULT_FILTER.to_owned(), envoy_types::util::pack_any(f.clone()));
+        if let Some(route::Action::Route(action)) = &mut route.action {
+            action.hash_policy.clone_from(&hash_policy);
         }
     }
     RouteConfiguration { name: service.to_owned(), virtual_hosts, ..Default::default() }
