@@ -817,3 +817,26 @@ fn a_traffic_policy_for_one_route() {
     let shown = stdout(&weft(&["get", "policy", "backend", "--control", &control.addr]));
     assert!(shown.contains("name: api-faults"), "{shown}");
 }
+
+/// `retry.maxBodyBytes` bounds the bodies kept for a retry: PUTs with small bodies are
+/// retried past an instance failing every other request, larger ones are sent once.
+#[test]
+fn retries_keep_bodies_up_to_the_configured_size() {
+    let dir = TestDir::new("retry-body");
+    let control = Control::start(&dir);
+    let (app, _) = failing_app(|n| n.is_multiple_of(2));
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[app]);
+    let url = edge.url("backend", "/");
+    apply_policy(&dir, &control, "{attempts: 2, retryOn: [5xx], backoff: {baseInterval: 1ms}, maxBodyBytes: 100}");
+    let put = |body: &str| curl(&["-X", "PUT", "--data-binary", body, &url]).unwrap().status;
+    let small = "s".repeat(50);
+    wait_until(Duration::from_secs(5), "retries in force", || (0..4).all(|_| put(&small) == 200));
+    let small_failed = (0..20).filter(|_| put(&small) != 200).count();
+    let large = "l".repeat(1000);
+    let large_failed = (0..20).filter(|_| put(&large) != 200).count();
+    assert_eq!(small_failed, 0, "50-byte bodies should be retried");
+    assert!(
+        large_failed >= 5,
+        "1000-byte bodies (over maxBodyBytes) should not be retried: {large_failed} of 20 failed"
+    );
+}

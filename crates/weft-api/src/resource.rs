@@ -795,7 +795,13 @@ pub struct RetryPolicy {
     pub backoff: Option<RetryBackoff>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudget>,
+    /// The largest request body kept, while first sent, for a retry (and for failover and
+    /// mirrors on the same routes); default 65536, at most 16 MiB. A larger body is sent once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
 }
+
+pub const MAX_BODY_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
 
 pub const RETRY_ON: [&str; 9] = [
     "5xx",
@@ -1637,6 +1643,13 @@ fn validate_outlier(doc: usize, od: &OutlierDetection) -> Result<(), ApplyError>
 }
 
 fn validate_retry(doc: usize, r: &RetryPolicy) -> Result<(), ApplyError> {
+    if r.max_body_bytes.is_some_and(|b| b > MAX_BODY_BYTES_LIMIT) {
+        return Err(ApplyError::new(
+            doc,
+            "spec.retry.maxBodyBytes",
+            format!("at most {MAX_BODY_BYTES_LIMIT} (16 MiB): each request in flight may hold this much"),
+        ));
+    }
     if r.attempts.is_some_and(|a| a > 10) {
         return Err(ApplyError::new(doc, "spec.retry.attempts", "at most 10 retries"));
     }

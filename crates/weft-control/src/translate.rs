@@ -65,7 +65,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::envoy::r#type::v3::{
     FractionalPercent, Percent, TokenBucket as EnvoyTokenBucket, fractional_percent,
 };
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, Value, value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, UInt32Value, UInt64Value, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -1012,8 +1012,11 @@ fn routes(service: &str, rules: &[PolicedRule<'_>]) -> Vec<Route> {
 /// has none yet (a policy for its HTTPRoute is applied before the service's).
 fn apply_policy(route: &mut Route, p: &TrafficPolicySpec) {
     let Some(route::Action::Route(action)) = &mut route.action else { return };
-    if action.retry_policy.is_none() {
-        action.retry_policy = p.retry.as_ref().map(retry_policy);
+    if action.retry_policy.is_none()
+        && let Some(r) = &p.retry
+    {
+        action.retry_policy = Some(retry_policy(r));
+        route.request_body_buffer_limit = r.max_body_bytes.map(|b| UInt64Value { value: u64::from(b) });
     }
     if let Some(f) = p.fault.as_deref()
         && !route.typed_per_filter_config.contains_key(FAULT_FILTER)

@@ -82,6 +82,8 @@ pub struct RoutePolicy {
     pub failover: Failover,
     pub retry: Option<RetryDef>,
     pub fault: Option<Box<FaultDef>>,
+    /// The largest request body kept for a retry, a failover or a mirror.
+    pub replay_limit: usize,
 }
 
 enum PathMatch {
@@ -276,6 +278,7 @@ impl Rule {
             failover: Failover::default(),
             retry: r.retry.clone(),
             fault: r.fault.clone().map(Box::new),
+            replay_limit: r.buffer_limit.map_or(crate::http::replay::MAX_REPLAY_BODY, |b| b as usize),
         };
         let mirrors = r.mirrors.iter().map(|m| (clusters.get(&m.cluster), m.per_million)).collect();
         let edits =

@@ -167,6 +167,10 @@ pub struct RuleDef {
     /// From `hash_policy`: what consistent-hash load balancing hashes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hash: Vec<HashDef>,
+    /// From `request_body_buffer_limit`: the largest request body kept for a retry, a
+    /// failover or a mirror (default 64 KiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_limit: Option<u32>,
     /// A redirect route (Envoy's `redirect` action) answers instead of forwarding; it has no
     /// backends.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1165,6 +1169,7 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                 });
             }
             rules.push(RuleDef {
+                buffer_limit: r.request_body_buffer_limit.map(|b| u32::try_from(b.value).unwrap_or(u32::MAX)),
                 redirect: None,
                 hash,
                 mirrors,

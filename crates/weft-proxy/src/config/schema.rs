@@ -177,6 +177,7 @@ static ROUTE: Schema = Schema {
         Plain("response_headers_to_add"),
         Plain("response_headers_to_remove"),
         Plain("typed_per_filter_config"),
+        Plain("request_body_buffer_limit"),
     ],
 };
 /// Descriptors and percentages are checked by the decoder.

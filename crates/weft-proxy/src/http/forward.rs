@@ -70,7 +70,8 @@ pub async fn forward_body(
     // copy costs a header-map clone per request; a body's copy only references its buffers).
     let idempotent = req.method().is_idempotent();
     let replay = (failover.max_endpoints > 1 && cluster.endpoints.load().ready.len() > 1).then(|| {
-        let (keep, body) = Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty));
+        let (keep, body) =
+            Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty), route.rule.policy.replay_limit);
         *req.body_mut() = body;
         (RequestHead::of(&req), keep)
     });
@@ -195,14 +196,14 @@ pub enum Replay {
 
 impl Replay {
     /// What keeps `body` for a replay (if it can be kept), and the body to send first.
-    pub fn keep(body: UpBody) -> (Option<Replay>, UpBody) {
+    pub fn keep(body: UpBody, limit: usize) -> (Option<Replay>, UpBody) {
         match body {
             UpBody::Empty => (Some(Replay::Bodiless), UpBody::Empty),
             UpBody::Copied { body, copy } => (Some(Replay::Copied(copy.clone())), UpBody::Copied { body, copy }),
             UpBody::Replayed(chunks) => (Some(Replay::Chunks(chunks.clone())), UpBody::Replayed(chunks)),
             UpBody::Streamed(b) if http_body::Body::is_end_stream(&b) => (Some(Replay::Bodiless), UpBody::Empty),
-            UpBody::Streamed(b) if UpBody::fits(&http_body::Body::size_hint(&b)) => {
-                let copy = BodyCopy::default();
+            UpBody::Streamed(b) if UpBody::fits(&http_body::Body::size_hint(&b), limit) => {
+                let copy = BodyCopy::new(limit);
                 (Some(Replay::Copied(copy.clone())), UpBody::Copied { body: b, copy })
             }
             streamed => (None, streamed),

@@ -1,6 +1,6 @@
 //! What a request sends upstream, and the copy of its body kept so that it can be sent again
 //! on another endpoint. A body is copied only while a replay is possible (another endpoint
-//! exists) and only up to [`MAX_REPLAY_BODY`]; the copy shares the body's buffers (`Bytes`),
+//! exists) and only up to the route's limit ([`MAX_REPLAY_BODY`] by default); the copy shares the body's buffers (`Bytes`),
 //! so it costs no byte copying, only references.
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -10,7 +10,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-/// The largest request body kept for a replay; a larger one is sent once.
+/// The largest request body kept for a replay unless the route says otherwise; a larger one
+/// is sent once.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 /// A request body on its way upstream.
@@ -28,13 +29,14 @@ pub enum UpBody {
 }
 
 /// The copy of a request body, filled while the body is sent.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct BodyCopy(Arc<Mutex<Copy>>);
 
-#[derive(Default)]
 struct Copy {
     chunks: Vec<Bytes>,
     len: usize,
+    /// The most kept.
+    limit: usize,
     /// The body ended and every byte of it is in `chunks`.
     complete: bool,
     /// Too large, had trailers, or failed: no replay.
@@ -46,6 +48,10 @@ impl BodyCopy {
         f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    pub fn new(limit: usize) -> BodyCopy {
+        BodyCopy(Arc::new(Mutex::new(Copy { chunks: Vec::new(), len: 0, limit, complete: false, spoiled: false })))
+    }
+
     /// The whole body again, if it was sent to the end and kept.
     pub fn replay(&self) -> Option<UpBody> {
         self.with(|c| (c.complete && !c.spoiled).then(|| UpBody::Replayed(c.chunks.iter().cloned().collect())))
@@ -53,9 +59,9 @@ impl BodyCopy {
 }
 
 impl UpBody {
-    /// Whether a body of this size hint can be kept for a replay.
-    pub fn fits(hint: &SizeHint) -> bool {
-        hint.upper().is_none_or(|n| n <= MAX_REPLAY_BODY as u64)
+    /// Whether a body of this size hint can be kept for a replay of at most `limit` bytes.
+    pub fn fits(hint: &SizeHint, limit: usize) -> bool {
+        hint.upper().is_none_or(|n| n <= limit as u64)
     }
 }
 
@@ -74,7 +80,7 @@ impl Body for UpBody {
                     let ended = body.is_end_stream();
                     copy.with(|c| match r {
                         Some(Ok(frame)) => match frame.data_ref() {
-                            Some(data) if !c.spoiled && c.len + data.len() <= MAX_REPLAY_BODY => {
+                            Some(data) if !c.spoiled && c.len + data.len() <= c.limit => {
                                 c.len += data.len();
                                 c.chunks.push(data.clone());
                                 c.complete = ended;

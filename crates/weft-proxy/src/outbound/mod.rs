@@ -79,7 +79,7 @@ async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut Requ
             rule.mirrors.iter().filter(|(_, share)| sampled(*share)).map(|(c, _)| c.clone()).collect();
         if !targets.is_empty() {
             // The mirrors get the body as it was sent (kept while sending, up to 64 KiB).
-            let (kept, body) = Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty));
+            let (kept, body) = Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty), rule.policy.replay_limit);
             *req.body_mut() = body;
             mirror = Some((RequestHead::of(&req), kept, targets, rec.conn.clone()));
         }

@@ -24,7 +24,7 @@ pub async fn with_retries(
 ) -> Reply {
     let idempotent = req.method().is_idempotent();
     let (parts, body) = req.into_parts();
-    let (kept, body) = Replay::keep(body);
+    let (kept, body) = Replay::keep(body, route.rule.policy.replay_limit);
     let mut next = Request::from_parts(parts, body);
     let head = RequestHead::of(&next);
     let mut retry_slot = None;
