@@ -20,6 +20,7 @@ PEERS = {
     "weft-2hop": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "haproxy-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "nginx-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "haproxy-2hop-tls": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -200,9 +201,12 @@ def main():
 
     # This build against the baseline build (BENCH_BASELINE), measured in the same rounds.
     pairs = [(c, c + "-base") for c in ("weft-1hop", "weft-2hop") if c in configs and c + "-base" in configs]
+    # What a route with retries and a timeout costs, against the same set-up without policy.
+    if "weft-2hop-policy" in configs and "weft-2hop" in configs:
+        pairs.append(("weft-2hop-policy", "weft-2hop"))
     if pairs:
-        out.append("\n## This build vs the baseline build (same run)\n")
-        out.append("Ratio of medians, this build ÷ baseline: below 1.00 is better for CPU and RSS, "
+        out.append("\n## This build vs the baseline build, and policy vs none (same run)\n")
+        out.append("Ratio of medians, first ÷ second: below 1.00 is better for CPU and RSS, "
                    "above 1.00 is better for throughput.\n")
         keys = ["cpu_0", "cpu_1k", "cpu_64k", "rps_h1_1k", "rps_h2_1k", "rss_idle", "rss_conns", "rss_load",
                 "rss_idle_anon", "rss_conns_anon"]

@@ -840,3 +840,41 @@ fn retries_keep_bodies_up_to_the_configured_size() {
         "1000-byte bodies (over maxBodyBytes) should not be retried: {large_failed} of 20 failed"
     );
 }
+
+/// `maxConnectionsPerInstance: 2` with `maxPendingRequests: 5`: of 20 slow requests sent at
+/// once, two are served at a time over at most two connections, five wait their turn, and the
+/// rest are refused at once with `overflow`.
+#[test]
+fn connections_per_instance_and_pending_requests_are_limited() {
+    let dir = TestDir::new("max-connections");
+    let control = Control::start(&dir);
+    let backend = Instance::start(&dir, &control.addr, "backend", "v1", "b0", &[]);
+    wait_until(Duration::from_secs(15), "backend healthy", || control.healthy_ids("backend").len() == 1);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    apply_policy_spec(&dir, &control, "connectionPool: {maxConnectionsPerInstance: 2, maxPendingRequests: 5}");
+    wait_until(Duration::from_secs(5), "limits in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["clusters"]["backend"]["pool"]["max_connections_per_endpoint"] == 2
+    });
+    let before = accepted(&backend);
+    let url = edge.url("backend", "/delay/300");
+    let results: Vec<(u16, Option<String>, Duration)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    let started = Instant::now();
+                    let r = curl(&[&url]).unwrap();
+                    (r.status, r.headers.get("x-weft-error").cloned(), started.elapsed())
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let served = results.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused: Vec<&Duration> =
+        results.iter().filter(|(s, e, _)| *s == 503 && e.as_deref() == Some("overflow")).map(|(_, _, t)| t).collect();
+    assert_eq!(served + refused.len(), 20, "{results:?}");
+    assert!((7..=10).contains(&served), "{served} of 20 served: {results:?}");
+    assert!(refused.iter().all(|t| **t < Duration::from_millis(250)), "refusals waited: {refused:?}");
+    assert!(accepted(&backend) - before <= 2, "more than two connections to the instance");
+}

@@ -873,6 +873,14 @@ pub struct ConnectionPool {
     /// Requests in flight to the service at once (until each response head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// HTTP/1.1 connections each calling sidecar keeps to each instance at most; a request that
+    /// finds them all busy waits for one (see `maxPendingRequests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_instance: Option<u32>,
+    /// Requests waiting for a connection at once, across the service's instances (default
+    /// 1024); more are answered at once with 503 `overflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
     /// Requests sent on one upstream connection before it is closed (HTTP/1.1 exchanges or
     /// HTTP/2 streams).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1284,6 +1292,20 @@ impl Resource {
                     validate_health_check(doc, h)?;
                 }
                 if let Some(pool) = &o.spec.connection_pool {
+                    if pool.max_pending_requests.is_some() && pool.max_connections_per_instance.is_none() {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.connectionPool.maxPendingRequests",
+                            "requests wait for a connection only under maxConnectionsPerInstance: set it too",
+                        ));
+                    }
+                    if pool.max_connections_per_instance == Some(0) {
+                        return Err(ApplyError::new(
+                            doc,
+                            "spec.connectionPool.maxConnectionsPerInstance",
+                            "must be at least 1",
+                        ));
+                    }
                     if pool.max_requests_per_connection == Some(0) {
                         return Err(ApplyError::new(
                             doc,

@@ -613,9 +613,20 @@ fn outlier_detection(od: &OutlierDetection) -> EnvoyOutlierDetection {
 
 fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec>) -> Cluster {
     let max_requests = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_requests);
+    let per_instance = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_connections_per_instance);
+    let pending = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_pending_requests);
     let budget = policy.and_then(|p| p.retry.as_ref()).and_then(|r| r.budget.as_ref());
-    let circuit_breakers = (max_requests.is_some() || budget.is_some()).then(|| CircuitBreakers {
+    let limited = max_requests.is_some() || budget.is_some() || per_instance.is_some();
+    let circuit_breakers = limited.then(|| CircuitBreakers {
+        per_host_thresholds: per_instance
+            .map(|value| circuit_breakers::Thresholds {
+                max_connections: Some(UInt32Value { value }),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
         thresholds: vec![circuit_breakers::Thresholds {
+            max_pending_requests: per_instance.map(|_| UInt32Value { value: pending.unwrap_or(1024) }),
             max_requests: max_requests.map(|value| UInt32Value { value }),
             retry_budget: budget.map(|b| circuit_breakers::thresholds::RetryBudget {
                 budget_percent: Some(Percent { value: b.percent }),
@@ -624,7 +635,6 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
             }),
             ..Default::default()
         }],
-        ..Default::default()
     });
     let outlier = policy.and_then(|p| p.outlier_detection.as_deref());
     let health_checks = policy.and_then(|p| p.health_check.as_deref()).map(health_check).into_iter().collect();

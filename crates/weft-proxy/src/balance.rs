@@ -4,7 +4,7 @@
 //! other endpoint is left.
 use crate::config::UpstreamTlsDef;
 use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, PoolDef, RetryLimit, UpstreamProtocol};
-use crate::endpoint::{Endpoint, SWEEPS, clock};
+use crate::endpoint::{ClusterShared, Endpoint, SWEEPS, clock};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
@@ -14,7 +14,7 @@ use hash::HashTable;
 pub use hash::key_hash;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
@@ -69,6 +69,8 @@ pub struct Cluster {
     tls: Arc<ArcSwapOption<UpstreamTls>>,
     /// Connection limits; shared with each endpoint likewise.
     pool: Arc<ArcSwap<PoolDef>>,
+    /// Requests waiting for a connection to one of the endpoints (shared with them).
+    waiting: Arc<AtomicU32>,
     /// Requests in flight, counted only while the cluster has a `max_requests` or a retry
     /// budget.
     in_flight: std::sync::atomic::AtomicU32,
@@ -114,6 +116,7 @@ impl Cluster {
             connector,
             tls: Arc::new(ArcSwapOption::empty()),
             pool: Default::default(),
+            waiting: Default::default(),
             in_flight: Default::default(),
             retries_in_flight: Default::default(),
             ejections,
@@ -184,10 +187,13 @@ impl Cluster {
                     d.address,
                     d.healthy,
                     d.labels.clone(),
-                    self.connector.clone(),
-                    self.tls.clone(),
-                    self.pool.clone(),
                     d.priority,
+                    ClusterShared {
+                        connector: self.connector.clone(),
+                        tls: self.tls.clone(),
+                        pool: self.pool.clone(),
+                        waiting: self.waiting.clone(),
+                    },
                 )),
             };
             all.push(ep);

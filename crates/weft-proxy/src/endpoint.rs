@@ -54,6 +54,10 @@ pub struct Endpoint {
     tls: Arc<ArcSwapOption<UpstreamTls>>,
     /// The cluster's connection limits (shared likewise).
     pool: Arc<ArcSwap<PoolDef>>,
+    /// Open HTTP/1.1 connections, and a wake-up for requests waiting for one.
+    conns: Arc<ConnCount>,
+    /// Requests waiting for a connection to any endpoint of the cluster (shared with it).
+    waiting: Arc<AtomicU32>,
     pending: AtomicU32,
     /// Peak-EWMA round-trip time in nanoseconds (as f64 bits) and when it was last updated.
     rtt: AtomicU64,
@@ -74,6 +78,50 @@ struct H2Conn {
     send: http2::SendRequest<UpBody>,
     opened: u64,
     streams: u32,
+}
+
+/// An endpoint's open HTTP/1.1 connections (each holds a [`ConnSlot`]); waiters are woken when
+/// one closes or goes back to the pool.
+#[derive(Default)]
+pub struct ConnCount {
+    open: AtomicU32,
+    freed: tokio::sync::Notify,
+}
+
+/// One open connection's place in its endpoint's count.
+pub struct ConnSlot(Arc<ConnCount>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_one();
+    }
+}
+
+impl ConnCount {
+    /// A slot if fewer than `max` are open (always without a limit).
+    fn reserve(self: &Arc<Self>, max: Option<u32>) -> Option<ConnSlot> {
+        let taken = self.open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match max {
+            Some(m) if n >= m => None,
+            _ => Some(n + 1),
+        });
+        taken.is_ok().then(|| ConnSlot(self.clone()))
+    }
+}
+
+/// What a request waiting for an HTTP/1.1 connection gets.
+enum H1Turn {
+    Idle(Box<H1Conn>),
+    New(ConnSlot),
+}
+
+/// Counted in the cluster's waiting requests until dropped.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection checked out of the pool.
@@ -100,6 +148,7 @@ pub struct H1Conn {
     /// [`clock`] when it was opened, and how many exchanges it carried.
     opened: u64,
     uses: u32,
+    _slot: ConnSlot,
 }
 
 impl H1Conn {
@@ -138,16 +187,26 @@ pub(crate) fn clock() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
+/// What a cluster shares with each of its endpoints: how to connect, and settings and counts
+/// it updates for all of them.
+#[derive(Clone)]
+pub struct ClusterShared {
+    pub connector: Arc<dyn Connect>,
+    pub tls: Arc<ArcSwapOption<UpstreamTls>>,
+    pub pool: Arc<ArcSwap<PoolDef>>,
+    /// Requests waiting for a connection to any of the endpoints.
+    pub waiting: Arc<AtomicU32>,
+}
+
 impl Endpoint {
     pub fn new(
         addr: SocketAddr,
         healthy: bool,
         labels: BTreeMap<String, String>,
-        connector: Arc<dyn Connect>,
-        tls: Arc<ArcSwapOption<UpstreamTls>>,
-        pool: Arc<ArcSwap<PoolDef>>,
         priority: u32,
+        shared: ClusterShared,
     ) -> Endpoint {
+        let ClusterShared { connector, tls, pool, waiting } = shared;
         Endpoint {
             addr,
             healthy: AtomicBool::new(healthy),
@@ -156,6 +215,8 @@ impl Endpoint {
             connector,
             tls,
             pool,
+            conns: Default::default(),
+            waiting,
             pending: AtomicU32::new(0),
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
@@ -287,7 +348,39 @@ impl Endpoint {
         if let Some(c) = self.take_idle_h1() {
             return Ok(Conn::H1(c));
         }
-        Box::pin(self.new_h1(timeout)).await.map(Conn::H1)
+        let max = self.pool.load().max_connections_per_endpoint;
+        let slot = match self.conns.reserve(max) {
+            Some(slot) => slot,
+            None => match Box::pin(self.wait_for_h1()).await? {
+                H1Turn::Idle(c) => return Ok(Conn::H1(c)),
+                H1Turn::New(slot) => slot,
+            },
+        };
+        Box::pin(self.new_h1(timeout, slot)).await.map(Conn::H1)
+    }
+
+    /// Waits, counted in the cluster's waiting requests, for a pooled connection or room for a
+    /// new one (`max_connections_per_endpoint` are open); refuses at once when
+    /// `max_pending_requests` already wait.
+    async fn wait_for_h1(&self) -> Result<H1Turn, ProxyError> {
+        let pool = **self.pool.load();
+        let limit = pool.max_pending_requests.unwrap_or(1024);
+        let _waiting = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+            return Err(ProxyError::PendingOverflow { addr: self.addr, limit });
+        }
+        loop {
+            let freed = self.conns.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(c) = self.take_idle_h1() {
+                return Ok(H1Turn::Idle(c));
+            }
+            if let Some(slot) = self.conns.reserve(pool.max_connections_per_endpoint) {
+                return Ok(H1Turn::New(slot));
+            }
+            freed.await;
+        }
     }
 
     async fn handshake_h1(
@@ -302,10 +395,10 @@ impl Endpoint {
             .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })
     }
 
-    /// A fresh HTTP/1.1 connection, to be pooled after its first exchange.
-    pub async fn new_h1(&self, timeout: Duration) -> Result<Box<H1Conn>, ProxyError> {
+    /// A fresh HTTP/1.1 connection in `slot`, to be pooled after its first exchange.
+    async fn new_h1(&self, timeout: Duration, slot: ConnSlot) -> Result<Box<H1Conn>, ProxyError> {
         let (send, conn) = self.handshake_h1(timeout).await?;
-        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0, opened: clock(), uses: 0 }))
+        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0, opened: clock(), uses: 0, _slot: slot }))
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade`, in a task of its own (an upgraded
@@ -360,6 +453,9 @@ impl Endpoint {
         if idle.len() < MAX_IDLE_H1 {
             idle.push(c);
         }
+        drop(idle);
+        // A request may be waiting for a connection.
+        self.conns.freed.notify_one();
     }
 
     /// Closes pooled connections that have sat idle for `max_sweeps` sweeps, and drops those
@@ -398,10 +494,13 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             true,
             Default::default(),
-            Arc::new(TcpConnect),
-            Arc::new(ArcSwapOption::empty()),
-            Default::default(),
             0,
+            ClusterShared {
+                connector: Arc::new(TcpConnect),
+                tls: Arc::new(ArcSwapOption::empty()),
+                pool: Default::default(),
+                waiting: Default::default(),
+            },
         );
         ep.observe(Duration::from_millis(500));
         let answered = ep.stamp.load(Ordering::Relaxed);

@@ -21,6 +21,10 @@ pub enum ProxyError {
         "service {cluster:?} already has {limit} requests in flight from this sidecar (its TrafficPolicy's connectionPool.maxRequests); try again later"
     )]
     Overflow { cluster: Arc<str>, limit: u32 },
+    #[error(
+        "{limit} requests already wait for a connection to this service (its TrafficPolicy's connectionPool.maxPendingRequests; {addr} has all the connections maxConnectionsPerInstance allows); try again later"
+    )]
+    PendingOverflow { addr: SocketAddr, limit: u32 },
     #[error("cluster {0:?} is not configured (yet)")]
     UnknownCluster(String),
     #[error("service {0:?} has no healthy endpoints")]
@@ -60,7 +64,7 @@ impl ProxyError {
             ProxyError::Denied { .. } => "denied",
             ProxyError::Unauthenticated(e) => e.reason(),
             ProxyError::UnknownCluster(_) => "unknown-cluster",
-            ProxyError::Overflow { .. } => "overflow",
+            ProxyError::Overflow { .. } | ProxyError::PendingOverflow { .. } => "overflow",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
             ProxyError::ConnectTimeout { .. } => "connect-timeout",
@@ -85,9 +89,10 @@ impl ProxyError {
             }
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
-            ProxyError::UnknownCluster(_) | ProxyError::NoEndpoints(_) | ProxyError::Overflow { .. } => {
-                http::StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::UnknownCluster(_)
+            | ProxyError::NoEndpoints(_)
+            | ProxyError::Overflow { .. }
+            | ProxyError::PendingOverflow { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::RouteTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::UpstreamTls { .. }

@@ -9,6 +9,7 @@ use crate::authz::{self, Authz};
 use crate::context::Direction;
 use crate::inbound::InboundPolicy;
 use crate::route::Failover;
+use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds as cluster_thresholds;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDirection, address, socket_address};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -369,6 +370,12 @@ pub struct ClusterDef {
 /// Limits on the upstream connections of a cluster.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PoolDef {
+    /// From `circuit_breakers.per_host_thresholds`: HTTP/1.1 connections to each endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_endpoint: Option<u32>,
+    /// From `circuit_breakers.thresholds`: requests waiting for a connection, cluster-wide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_duration")]
@@ -495,6 +502,7 @@ fn upstream_protocol(c: &Cluster) -> Result<(UpstreamProtocol, PoolDef), String>
                 max_requests_per_connection: common.max_requests_per_connection.map(|v| v.value).filter(|v| *v > 0),
                 idle_timeout: common.idle_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
                 max_connection_duration: common.max_connection_duration.as_ref().map(duration).filter(|d| !d.is_zero()),
+                ..Default::default()
             };
         }
         out = match &opts.upstream_protocol_options {
@@ -1243,23 +1251,52 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         }
         _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
     };
-    let (protocol, pool) = upstream_protocol(&c).map_err(bad)?;
-    let (max_requests, retry_limit) =
-        match c.circuit_breakers.as_ref().map(|cb| cb.thresholds.as_slice()).unwrap_or_default() {
-            [] => (None, RetryLimit::default()),
-            [t] if t.priority == 0 => {
-                let limit = match (&t.retry_budget, &t.max_retries) {
-                    (Some(b), _) => RetryLimit::Budget {
-                        percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
-                        min: b.min_retry_concurrency.as_ref().map_or(3, |m| m.value),
-                    },
-                    (None, Some(m)) => RetryLimit::Fixed(m.value),
-                    (None, None) => RetryLimit::default(),
-                };
-                (t.max_requests.as_ref().map(|m| m.value), limit)
+    let (protocol, mut pool) = upstream_protocol(&c).map_err(bad)?;
+    pool.max_connections_per_endpoint = match c
+        .circuit_breakers
+        .as_ref()
+        .map(|cb| cb.per_host_thresholds.as_slice())
+        .unwrap_or_default()
+    {
+        [] => None,
+        [t] if t.priority == 0
+            && *t == (cluster_thresholds { max_connections: t.max_connections, ..Default::default() }) =>
+        {
+            t.max_connections.map(|m| m.value.max(1))
+        }
+        _ => {
+            return Err(bad(
+                    "circuit_breakers.per_host_thresholds: weft supports one, of DEFAULT priority, with max_connections only"
+                        .into(),
+                ));
+        }
+    };
+    let (max_requests, retry_limit) = match c
+        .circuit_breakers
+        .as_ref()
+        .map(|cb| cb.thresholds.as_slice())
+        .unwrap_or_default()
+    {
+        [] => (None, RetryLimit::default()),
+        [t] if t.priority == 0 => {
+            if t.max_connections.is_some() {
+                return Err(bad(
+                        "circuit_breakers: a cluster-wide max_connections is not supported (weft limits connections per endpoint: per_host_thresholds)".into(),
+                    ));
             }
-            _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
-        };
+            pool.max_pending_requests = t.max_pending_requests.map(|m| m.value);
+            let limit = match (&t.retry_budget, &t.max_retries) {
+                (Some(b), _) => RetryLimit::Budget {
+                    percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+                    min: b.min_retry_concurrency.as_ref().map_or(3, |m| m.value),
+                },
+                (None, Some(m)) => RetryLimit::Fixed(m.value),
+                (None, None) => RetryLimit::default(),
+            };
+            (t.max_requests.as_ref().map(|m| m.value), limit)
+        }
+        _ => return Err(bad("circuit_breakers: weft supports one threshold, of DEFAULT priority".into())),
+    };
     let outlier =
         c.outlier_detection.as_ref().map(|od| outlier_def(od, c.common_lb_config.as_ref())).transpose().map_err(bad)?;
     let health_check = match c.health_checks.as_slice() {

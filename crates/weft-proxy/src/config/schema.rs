@@ -352,12 +352,21 @@ static OUTLIER_DETECTION: Schema = Schema {
 /// The panic threshold applies to ejected endpoints (registry-unhealthy ones are never used).
 static COMMON_LB_CONFIG: Schema =
     Schema { message: "envoy.config.cluster.v3.Cluster.CommonLbConfig", fields: &[Plain("healthy_panic_threshold")] };
-static CIRCUIT_BREAKERS: Schema =
-    Schema { message: "envoy.config.cluster.v3.CircuitBreakers", fields: &[Repeated("thresholds", &THRESHOLDS)] };
+static CIRCUIT_BREAKERS: Schema = Schema {
+    message: "envoy.config.cluster.v3.CircuitBreakers",
+    fields: &[Repeated("thresholds", &THRESHOLDS), Plain("per_host_thresholds")],
+};
 /// `priority` must be DEFAULT, which the decoder checks.
 static THRESHOLDS: Schema = Schema {
     message: "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
-    fields: &[Plain("priority"), Plain("max_requests"), Plain("max_retries"), Message("retry_budget", &RETRY_BUDGET)],
+    fields: &[
+        Plain("priority"),
+        Plain("max_requests"),
+        Plain("max_retries"),
+        Message("retry_budget", &RETRY_BUDGET),
+        Plain("max_pending_requests"),
+        Plain("max_connections"),
+    ],
 };
 static RETRY_BUDGET: Schema = Schema {
     message: "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget",

@@ -76,7 +76,10 @@ async fn handle(
             rec.error = Some(e.reason());
             // Load shed by a limit is counted, not logged: a log line per refusal would add
             // work exactly when the proxy is overloaded.
-            if !matches!(e, crate::error::ProxyError::Overflow { .. }) {
+            if !matches!(
+                e,
+                crate::error::ProxyError::Overflow { .. } | crate::error::ProxyError::PendingOverflow { .. }
+            ) {
                 tracing::warn!(
                 error = %e,
                 reason = e.reason(),
