@@ -416,6 +416,25 @@ fn a_retry_budget_bounds_retries_when_everything_fails() {
     // 20% of ~3 requests in flight (at least 1) only one retry runs at a time.
     assert!(unbudgeted > 3.5, "{unbudgeted:.2} attempts per request without a budget");
     assert!(budgeted < 2.5, "{budgeted:.2} attempts per request with a 20% budget");
+
+    // Linkerd's budget: retries at most 20% of the requests over 10 s, plus 1 a second.
+    apply_policy(
+        &dir,
+        &control,
+        "{attempts: 3, retryOn: [5xx], backoff: {baseInterval: 1ms}, budget: {ratio: 0.2, minRetriesPerSecond: 1, ttl: 10s}}",
+    );
+    wait_until(Duration::from_secs(5), "ratio budget in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        !dump["clusters"]["backend"]["retry_limit"]["ratio"].is_null()
+    });
+    let a2 = attempts();
+    let started = std::time::Instant::now();
+    load(&url, n, 3);
+    let ratio = f64::from(attempts() - a2) / n as f64;
+    let allowed = 1.2 + started.elapsed().as_secs_f64().max(10.0) * 1.0 / n as f64;
+    eprintln!("attempts per request with a 0.2 ratio budget: {ratio:.3} (at most {allowed:.3})");
+    assert!(ratio <= allowed + 0.02, "{ratio:.3} attempts per request, the budget allows {allowed:.3}");
+    assert!(ratio > 1.1, "{ratio:.3}: the budget's retries were not made");
 }
 
 fn ejections(edge: &Edge) -> u64 {

@@ -834,10 +834,26 @@ pub struct RetryBackoff {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
-    pub percent: f64,
+    /// Envoy's budget: retries in flight at most this percent of the requests in flight...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// ...or this many (default 3), whichever is more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_retry_concurrency: Option<u32>,
+    /// Linkerd's budget: retries over the last `ttl` at most this ratio of the requests sent
+    /// in it (0.2: one retry for every five requests)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// ...plus this many per second (default 10), so a quiet service can still retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+    /// The window the ratio is counted over (default 10s, 1s to 60s).
+    #[serde(default, with = "crate::duration::opt", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
 }
+
+pub const DEFAULT_MIN_RETRIES_PER_SECOND: u32 = 10;
+pub const DEFAULT_RETRY_BUDGET_TTL: Duration = Duration::from_secs(10);
 
 pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 
@@ -1696,10 +1712,36 @@ fn validate_retry(doc: usize, r: &RetryPolicy) -> Result<(), ApplyError> {
             return Err(ApplyError::new(doc, "spec.retry.backoff.maxInterval", "must not be less than baseInterval"));
         }
     }
-    if let Some(b) = &r.budget
-        && !(b.percent > 0.0 && b.percent <= 100.0)
-    {
-        return Err(ApplyError::new(doc, "spec.retry.budget.percent", "must be more than 0 and at most 100"));
+    if let Some(b) = &r.budget {
+        let at = |f: &str| format!("spec.retry.budget.{f}");
+        match (b.percent, b.ratio) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ApplyError::new(
+                    doc,
+                    "spec.retry.budget",
+                    "set percent (retries in flight, as Envoy) or ratio (retries per request over a window, as Linkerd), not both",
+                ));
+            }
+            (Some(p), None) => {
+                if !(p > 0.0 && p <= 100.0) {
+                    return Err(ApplyError::new(doc, at("percent"), "must be more than 0 and at most 100"));
+                }
+                if b.min_retries_per_second.is_some() || b.ttl.is_some() {
+                    return Err(ApplyError::new(doc, at("percent"), "minRetriesPerSecond and ttl go with ratio"));
+                }
+            }
+            (None, Some(ratio)) => {
+                if !(ratio > 0.0 && ratio <= 10.0) {
+                    return Err(ApplyError::new(doc, at("ratio"), "must be more than 0 and at most 10"));
+                }
+                if b.min_retry_concurrency.is_some() {
+                    return Err(ApplyError::new(doc, at("minRetryConcurrency"), "goes with percent, not ratio"));
+                }
+                if b.ttl.is_some_and(|t| t < Duration::from_secs(1) || t > Duration::from_secs(60)) {
+                    return Err(ApplyError::new(doc, at("ttl"), "must be between 1s and 60s"));
+                }
+            }
+        }
     }
     Ok(())
 }

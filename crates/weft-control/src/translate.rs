@@ -81,6 +81,7 @@ use weft_api::resource::{
     MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
     RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
 };
+use weft_api::resource::{DEFAULT_MIN_RETRIES_PER_SECOND, DEFAULT_RETRY_BUDGET_TTL};
 use weft_api::{Instance, ServiceSummary};
 
 /// The resource types weft serves, in the order clients subscribe to them.
@@ -616,6 +617,9 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
     let per_instance = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_connections_per_instance);
     let pending = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_pending_requests);
     let budget = policy.and_then(|p| p.retry.as_ref()).and_then(|r| r.budget.as_ref());
+    // A ratio budget (Linkerd's) has no Envoy field: it travels in the cluster's metadata.
+    let ratio_budget = budget.filter(|b| b.ratio.is_some());
+    let budget = budget.and_then(|b| Some((b.percent?, b.min_retry_concurrency)));
     let limited = max_requests.is_some() || budget.is_some() || per_instance.is_some();
     let circuit_breakers = limited.then(|| CircuitBreakers {
         per_host_thresholds: per_instance
@@ -628,9 +632,9 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         thresholds: vec![circuit_breakers::Thresholds {
             max_pending_requests: per_instance.map(|_| UInt32Value { value: pending.unwrap_or(1024) }),
             max_requests: max_requests.map(|value| UInt32Value { value }),
-            retry_budget: budget.map(|b| circuit_breakers::thresholds::RetryBudget {
-                budget_percent: Some(Percent { value: b.percent }),
-                min_retry_concurrency: b.min_retry_concurrency.map(|value| UInt32Value { value }),
+            retry_budget: budget.map(|(percent, min)| circuit_breakers::thresholds::RetryBudget {
+                budget_percent: Some(Percent { value: percent }),
+                min_retry_concurrency: min.map(|value| UInt32Value { value }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -640,6 +644,7 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
     let health_checks = policy.and_then(|p| p.health_check.as_deref()).map(health_check).into_iter().collect();
     let pool = policy.and_then(|p| p.connection_pool.as_ref());
     Cluster {
+        metadata: ratio_budget.map(ratio_budget_metadata),
         typed_extension_protocol_options: pool.map(pool_protocol_options).unwrap_or_default(),
         health_checks,
         circuit_breakers,
@@ -655,6 +660,29 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
         eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
         connect_timeout: Some(duration(spec.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))),
         load_balancing_policy: Some(load_balancing_policy(spec.load_balancer)),
+        ..Default::default()
+    }
+}
+
+/// A ratio retry budget as the cluster's `weft` metadata: `retry_budget` with `ratio`,
+/// `min_retries_per_second` and `ttl_seconds`.
+fn ratio_budget_metadata(b: &weft_api::resource::RetryBudget) -> envoy_types::pb::envoy::config::core::v3::Metadata {
+    let number = |n: f64| Value { kind: Some(value::Kind::NumberValue(n)) };
+    let budget = Struct {
+        fields: [
+            ("ratio".to_owned(), number(b.ratio.unwrap_or(0.2))),
+            (
+                "min_retries_per_second".to_owned(),
+                number(f64::from(b.min_retries_per_second.unwrap_or(DEFAULT_MIN_RETRIES_PER_SECOND))),
+            ),
+            ("ttl_seconds".to_owned(), number(b.ttl.unwrap_or(DEFAULT_RETRY_BUDGET_TTL).as_secs_f64())),
+        ]
+        .into(),
+    };
+    let weft =
+        Struct { fields: [("retry_budget".to_owned(), Value { kind: Some(value::Kind::StructValue(budget)) })].into() };
+    envoy_types::pb::envoy::config::core::v3::Metadata {
+        filter_metadata: [(names::ENDPOINT_METADATA_NAMESPACE.to_owned(), weft)].into(),
         ..Default::default()
     }
 }

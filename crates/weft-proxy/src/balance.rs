@@ -7,6 +7,7 @@ use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, PoolDef
 use crate::endpoint::{ClusterShared, Endpoint, SWEEPS, clock};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
+use crate::retry_budget::RatioBudget;
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
 use arc_swap::ArcSwapOption;
@@ -77,6 +78,8 @@ pub struct Cluster {
     retries_in_flight: std::sync::atomic::AtomicU32,
     /// Outlier ejections so far (`weft_outlier_ejections_total`).
     ejections: Counter,
+    /// Requests and retries over the window of a ratio retry budget.
+    ratio_budget: RatioBudget,
     /// The active health check task and what it checks.
     health_check: std::sync::Mutex<Option<(HealthCheckDef, tokio::task::AbortHandle)>>,
 }
@@ -120,6 +123,7 @@ impl Cluster {
             in_flight: Default::default(),
             retries_in_flight: Default::default(),
             ejections,
+            ratio_budget: Default::default(),
             health_check: Default::default(),
         }
     }
@@ -202,8 +206,14 @@ impl Cluster {
         self.endpoints.store(Arc::new(EndpointSet::new(all, lb)));
     }
 
-    /// Counts a request against the cluster's `max_requests`, or refuses it at once.
-    pub fn admit(&self, settings: &Settings) -> Result<Option<Admitted<'_>>, crate::error::ProxyError> {
+    /// Counts an attempt against the cluster's `max_requests`, or refuses it at once; a
+    /// request's `first` attempt also counts towards a ratio retry budget.
+    pub fn admit(&self, settings: &Settings, first: bool) -> Result<Option<Admitted<'_>>, crate::error::ProxyError> {
+        if let RetryLimit::Ratio { ttl, .. } = settings.retry_limit
+            && first
+        {
+            self.ratio_budget.deposit(clock(), ttl);
+        }
         let budget = matches!(settings.retry_limit, RetryLimit::Budget { .. });
         if settings.max_requests.is_none() && !budget {
             return Ok(None);
@@ -225,6 +235,12 @@ impl Cluster {
             RetryLimit::Budget { percent, min } => {
                 let live = f64::from(self.in_flight.load(Ordering::Relaxed));
                 ((live * percent / 100.0) as u32).max(min)
+            }
+            RetryLimit::Ratio { ratio, min_per_second, ttl } => {
+                if !self.ratio_budget.withdraw(clock(), ttl, ratio, min_per_second) {
+                    return None;
+                }
+                u32::MAX
             }
         };
         let counted = self.retries_in_flight.fetch_add(1, Ordering::Relaxed);

@@ -34,6 +34,7 @@ mod outbound;
 pub mod outlier;
 pub mod ratelimit;
 pub mod record;
+pub mod retry_budget;
 pub mod route;
 pub mod stack;
 mod tcp;

@@ -434,6 +434,14 @@ pub enum RetryLimit {
     Fixed(u32),
     /// `retry_budget`: this percent of the requests in flight, at least `min` (default 3).
     Budget { percent: f64, min: u32 },
+    /// From the cluster's `weft` metadata (`retry_budget`): over the last `ttl`, retries at
+    /// most `ratio` × requests + `min_per_second` × the window's seconds (Linkerd's budget).
+    Ratio {
+        ratio: f64,
+        min_per_second: u32,
+        #[serde(serialize_with = "ser_duration")]
+        ttl: Duration,
+    },
 }
 
 impl Default for RetryLimit {
@@ -1299,6 +1307,20 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
     };
     let outlier =
         c.outlier_detection.as_ref().map(|od| outlier_def(od, c.common_lb_config.as_ref())).transpose().map_err(bad)?;
+    let retry_limit = match c.metadata.as_ref().map(ratio_budget).transpose().map_err(bad)?.flatten() {
+        Some(_)
+            if !matches!(retry_limit, RetryLimit::Fixed(3))
+                || c.circuit_breakers
+                    .as_ref()
+                    .is_some_and(|cb| cb.thresholds.iter().any(|t| t.max_retries.is_some())) =>
+        {
+            return Err(bad(
+                "a ratio retry budget (metadata) cannot be combined with circuit_breakers retry limits".into()
+            ));
+        }
+        Some(ratio) => ratio,
+        None => retry_limit,
+    };
     let health_check = match c.health_checks.as_slice() {
         [] => None,
         [h] => Some(health_check_def(h).map_err(bad)?),
@@ -1317,6 +1339,38 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         max_requests,
         retry_limit,
     })
+}
+
+/// The cluster's metadata: only `weft.retry_budget` {ratio, min_retries_per_second,
+/// ttl_seconds} is understood (and so accepted).
+fn ratio_budget(m: &envoy_types::pb::envoy::config::core::v3::Metadata) -> Result<Option<RetryLimit>, String> {
+    if !m.typed_filter_metadata.is_empty() || m.filter_metadata.keys().any(|k| k != names::ENDPOINT_METADATA_NAMESPACE)
+    {
+        return Err(format!("metadata: only the {:?} namespace is understood", names::ENDPOINT_METADATA_NAMESPACE));
+    }
+    let Some(weft) = m.filter_metadata.get(names::ENDPOINT_METADATA_NAMESPACE) else { return Ok(None) };
+    let bad = || "metadata: weft.retry_budget needs numbers ratio, min_retries_per_second and ttl_seconds".to_owned();
+    if weft.fields.keys().any(|k| k != "retry_budget") {
+        return Err("metadata: weft understands retry_budget only".into());
+    }
+    let Some(budget) = weft.fields.get("retry_budget") else { return Ok(None) };
+    let Some(value::Kind::StructValue(b)) = &budget.kind else { return Err(bad()) };
+    let number = |k: &str| match b.fields.get(k).and_then(|v| v.kind.as_ref()) {
+        Some(value::Kind::NumberValue(n)) if n.is_finite() && *n >= 0.0 => Ok(*n),
+        _ => Err(bad()),
+    };
+    if b.fields.len() != 3 {
+        return Err(bad());
+    }
+    let ttl = number("ttl_seconds")?;
+    if !(1.0..=60.0).contains(&ttl) {
+        return Err("metadata: weft.retry_budget.ttl_seconds must be 1 to 60".into());
+    }
+    Ok(Some(RetryLimit::Ratio {
+        ratio: number("ratio")?,
+        min_per_second: number("min_retries_per_second")? as u32,
+        ttl: Duration::from_secs_f64(ttl),
+    }))
 }
 
 fn health_check_def(h: &envoy_types::pb::envoy::config::core::v3::HealthCheck) -> Result<HealthCheckDef, String> {

@@ -319,6 +319,7 @@ pub static CLUSTER: Schema = Schema {
         Message("outlier_detection", &OUTLIER_DETECTION),
         Message("common_lb_config", &COMMON_LB_CONFIG),
         Repeated("health_checks", &HEALTH_CHECK),
+        Plain("metadata"),
     ],
 };
 /// The checker's settings are checked by the decoder.

@@ -55,7 +55,8 @@ pub async fn forward_body(
     // behind an HTTP/2 client, or the reverse): the head is translated once, here.
     let settings = cluster.settings.load();
     // Counted until the response head (or the failure) is returned.
-    let _admitted = cluster.admit(&settings)?;
+    // A retry's attempt comes with the earlier attempts in the record.
+    let _admitted = cluster.admit(&settings, rec.attempts.is_empty())?;
     let outlier = settings.outlier;
     let h2 = match settings.protocol {
         UpstreamProtocol::Downstream => downstream == Version::HTTP_2,
