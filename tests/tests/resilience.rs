@@ -569,7 +569,10 @@ fn fault_injection_aborts_and_delays_a_share_of_requests() {
     let mut sorted = delayed.clone();
     sorted.sort();
     let (least, median) = (sorted[0], sorted[sorted.len() / 2]);
-    assert!(least >= Duration::from_millis(200) && median < Duration::from_millis(250), "delays from {least:?}, median {median:?}");
+    assert!(
+        least >= Duration::from_millis(200) && median < Duration::from_millis(250),
+        "delays from {least:?}, median {median:?}"
+    );
 }
 
 /// GETs through `url` from `concurrency` clients for `window` (at most 20,000): the statuses.
