@@ -273,3 +273,33 @@ fn sidecars_translate_between_http1_and_http2_for_apps_that_speak_one() {
         assert_eq!((r.status, r.body.as_str()), (200, format!("{app_saw} ").as_str()), "{service} GET via {client}");
     }
 }
+
+/// Without a declared protocol, a sidecar learns what its app speaks (an h2c preface probe and
+/// an HTTP/1.1 probe): an HTTP/2 client still reaches an HTTP/1.1-only app and an HTTP/1.1
+/// client an h2c-only app; an app speaking both gets the client's version.
+#[test]
+fn sidecars_learn_what_their_app_speaks() {
+    let dir = TestDir::new("learn-protocol");
+    let control = Control::start(&dir);
+    let _legacy = app_sidecar(&dir, &control, "legacy", single_version_app(false), &[]);
+    let _modern = app_sidecar(&dir, &control, "modern", single_version_app(true), &[]);
+    let _both = Instance::start(&dir, &control.addr, "both", "v1", "both-0", &[]);
+    wait_until(Duration::from_secs(15), "all healthy", || {
+        ["legacy", "modern", "both"].iter().all(|s| control.healthy_ids(s).len() == 1)
+    });
+    let edge = Edge::start(&dir, &control, &["legacy", "modern", "both"]);
+    wait_until(Duration::from_secs(5), "edge has all three", || {
+        ["legacy", "modern", "both"].iter().all(|s| edge.endpoint_addrs(s).len() == 1)
+    });
+    for (service, client, app_saw) in
+        [("legacy", "--http2-prior-knowledge", "HTTP/1.1"), ("modern", "--http1.1", "HTTP/2.0")]
+    {
+        let r = curl(&[client, "--data-binary", "payload", &edge.url(service, "/echo")]).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, format!("{app_saw} payload").as_str()), "{service} via {client}");
+    }
+    // The demo app speaks both: it sees the client's version.
+    let r = curl(&["--http2-prior-knowledge", &edge.url("both", "/info")]).unwrap();
+    assert!(r.body.contains("HTTP/2"), "{r:?}");
+    let r = curl(&["--http1.1", &edge.url("both", "/info")]).unwrap();
+    assert!(r.body.contains("HTTP/1.1"), "{r:?}");
+}

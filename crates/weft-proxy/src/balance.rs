@@ -2,6 +2,7 @@
 //! and picks an endpoint per request or connection: power of two choices over peak-EWMA cost
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
+use crate::app_protocol::LearnedProtocol;
 use crate::config::UpstreamTlsDef;
 use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, PoolDef, RetryLimit, UpstreamProtocol};
 use crate::endpoint::{ClusterShared, Endpoint, SWEEPS, clock};
@@ -80,6 +81,10 @@ pub struct Cluster {
     ejections: Counter,
     /// Requests and retries over the window of a ratio retry budget.
     ratio_budget: RatioBudget,
+    /// For a plaintext cluster that leaves the HTTP version to the client: what its upstream
+    /// (a sidecar's app) speaks.
+    pub learned: Arc<LearnedProtocol>,
+    learned_from: ArcSwapOption<std::net::SocketAddr>,
     /// The active health check task and what it checks.
     health_check: std::sync::Mutex<Option<(HealthCheckDef, tokio::task::AbortHandle)>>,
 }
@@ -124,6 +129,8 @@ impl Cluster {
             retries_in_flight: Default::default(),
             ejections,
             ratio_budget: Default::default(),
+            learned: Default::default(),
+            learned_from: ArcSwapOption::empty(),
             health_check: Default::default(),
         }
     }
@@ -443,6 +450,16 @@ impl ClusterManager {
             }
             if let Some(eps) = &def.static_endpoints {
                 c.set_endpoints(eps);
+                // A sidecar's app: learn which HTTP versions it speaks, once per address.
+                if def.tls.is_none()
+                    && def.protocol == UpstreamProtocol::Downstream
+                    && let [ep] = eps.as_slice()
+                    && c.learned_from.swap(Some(Arc::new(ep.address))).is_none_or(|a| *a != ep.address)
+                    && let Ok(rt) = tokio::runtime::Handle::try_current()
+                {
+                    let (learned, addr) = (c.learned.clone(), ep.address);
+                    rt.spawn(async move { learned.learn(addr).await });
+                }
             } else if rehash {
                 let all = c.endpoints.load().all.clone();
                 c.endpoints.store(Arc::new(EndpointSet::new(all, def.load_balancer)));
@@ -484,6 +501,13 @@ impl ClusterManager {
             // Checked in between sweeps k and k+1, looked at in sweep n: idle ≥ (n - k - 1) periods.
             let now = SWEEPS.fetch_add(1, Ordering::Relaxed) + 1;
             for c in clusters {
+                // An app that could not be probed (not listening yet) is probed again.
+                if let Some(addr) = c.learned_from.load_full()
+                    && c.learned.get() == crate::app_protocol::Speaks::Unknown
+                {
+                    let learned = c.learned.clone();
+                    tokio::spawn(async move { learned.learn(*addr).await });
+                }
                 let max_sweeps = sweeps(c.pool.load().idle_timeout.unwrap_or(idle_timeout), period);
                 for ep in &c.endpoints.load().all {
                     ep.sweep_idle(now, max_sweeps);

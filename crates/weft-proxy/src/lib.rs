@@ -13,6 +13,7 @@
 
 pub mod active_health;
 mod admin;
+pub mod app_protocol;
 pub mod authz;
 pub mod balance;
 pub mod config;

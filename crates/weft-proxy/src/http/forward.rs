@@ -59,7 +59,7 @@ pub async fn forward_body(
     let _admitted = cluster.admit(&settings, rec.attempts.is_empty())?;
     let outlier = settings.outlier;
     let h2 = match settings.protocol {
-        UpstreamProtocol::Downstream => downstream == Version::HTTP_2,
+        UpstreamProtocol::Downstream => cluster.learned.h2_for(downstream == Version::HTTP_2),
         UpstreamProtocol::Http1 => false,
         UpstreamProtocol::Http2 => true,
     };
