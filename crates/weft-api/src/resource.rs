@@ -597,9 +597,10 @@ fn grpc_path(m: &GrpcMethodMatch) -> PathMatch {
             kind: PathMatchType::RegularExpression,
             value: format!("/[^/]+/{}", regex::escape(me.unwrap_or_default())),
         },
+        // Each part grouped, so an alternation in one stays inside it.
         (HeaderMatchType::RegularExpression, s, me) => PathMatch {
             kind: PathMatchType::RegularExpression,
-            value: format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+            value: format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
         },
     }
 }
@@ -2193,6 +2194,22 @@ spec:
         // JSON round trip (the CLI sends JSON to the control plane).
         let json = serde_json::to_value(&docs[1]).unwrap();
         assert_eq!(Resource::from_json(0, json).unwrap(), docs[1]);
+    }
+
+    #[test]
+    fn grpc_method_matches_become_paths() {
+        let m = |kind, service: Option<&str>, method: Option<&str>| {
+            grpc_path(&GrpcMethodMatch { kind, service: service.map(str::to_owned), method: method.map(str::to_owned) })
+        };
+        let exact = m(HeaderMatchType::Exact, Some("pkg.Svc"), Some("Get"));
+        assert_eq!((exact.kind, exact.value.as_str()), (PathMatchType::Exact, "/pkg.Svc/Get"));
+        let service = m(HeaderMatchType::Exact, Some("pkg.Svc"), None);
+        assert_eq!((service.kind, service.value.as_str()), (PathMatchType::PathPrefix, "/pkg.Svc"));
+        let re = full_match_regex(&m(HeaderMatchType::RegularExpression, Some("a|b"), Some("Get")).value).unwrap();
+        assert!(re.is_match("/a/Get") && re.is_match("/b/Get"));
+        assert!(!re.is_match("/a") && !re.is_match("/c/Get"), "an alternation stays within its part");
+        let method = full_match_regex(&m(HeaderMatchType::Exact, None, Some("Get")).value).unwrap();
+        assert!(method.is_match("/any.Svc/Get") && !method.is_match("/any.Svc/GetAll"));
     }
 
     #[test]
