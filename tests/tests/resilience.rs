@@ -310,20 +310,41 @@ fn failing_app(fails: fn(u32) -> bool) -> (u16, Arc<AtomicU32>) {
 
 /// `n` GETs through `url`, `concurrency` at a time; returns the statuses.
 fn load(url: &str, n: usize, concurrency: usize) -> Vec<u16> {
+    drive(url, n, None, concurrency).into_iter().map(|(s, _)| s).collect()
+}
+
+/// `n` GETs through `url`, `concurrency` at a time, each timed: (status, latency).
+fn timed_load(url: &str, n: usize, concurrency: usize) -> Vec<(u16, Duration)> {
+    drive(url, n, None, concurrency)
+}
+
+/// GETs through `url` from `concurrency` clients for `window` (at most 20,000): the statuses.
+fn load_for(url: &str, window: Duration, concurrency: usize) -> Vec<u16> {
+    drive(url, 20_000, Some(window), concurrency).into_iter().map(|(s, _)| s).collect()
+}
+
+/// At most `n` GETs through `url` from `concurrency` clients (for at most `window`), each
+/// timed: (status, latency).
+fn drive(url: &str, n: usize, window: Option<Duration>, concurrency: usize) -> Vec<(u16, Duration)> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let next = Arc::new(AtomicU32::new(0));
+        let until = window.map(|w| Instant::now() + w);
         let workers: Vec<_> = (0..concurrency)
             .map(|_| {
                 let (client, next, url) = (client.clone(), next.clone(), url.to_owned());
                 tokio::spawn(async move {
                     let mut out = Vec::new();
-                    while (next.fetch_add(1, Ordering::Relaxed) as usize) < n {
+                    while until.is_none_or(|u| Instant::now() < u)
+                        && (next.fetch_add(1, Ordering::Relaxed) as usize) < n
+                    {
+                        let started = Instant::now();
                         let r = client.get(url.parse().unwrap()).await.unwrap();
-                        out.push(r.status().as_u16());
+                        let status = r.status().as_u16();
                         let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        out.push((status, started.elapsed()));
                     }
                     out
                 })
@@ -511,37 +532,6 @@ fn outlier_detection_ejects_a_failing_instance_and_lets_it_back_in() {
     eprintln!("{sent} requests until the first ejection; {} ejections in all", ejections(&edge));
 }
 
-/// `n` GETs through `url`, `concurrency` at a time, each timed: (status, latency).
-fn timed_load(url: &str, n: usize, concurrency: usize) -> Vec<(u16, Duration)> {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let next = Arc::new(AtomicU32::new(0));
-        let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (client, next, url) = (client.clone(), next.clone(), url.to_owned());
-                tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    while (next.fetch_add(1, Ordering::Relaxed) as usize) < n {
-                        let started = Instant::now();
-                        let r = client.get(url.parse().unwrap()).await.unwrap();
-                        let status = r.status().as_u16();
-                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
-                        out.push((status, started.elapsed()));
-                    }
-                    out
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for w in workers {
-            all.extend(w.await.unwrap());
-        }
-        all
-    })
-}
-
 /// Fault injection from a TrafficPolicy: 30% of 2,000 requests aborted with 503 (none of them
 /// reaching an app), then 50% of 400 delayed by 200 ms; both shares within five standard
 /// deviations, the delay within 50 ms.
@@ -587,36 +577,6 @@ fn fault_injection_aborts_and_delays_a_share_of_requests() {
         least >= Duration::from_millis(200) && median < Duration::from_millis(250),
         "delays from {least:?}, median {median:?}"
     );
-}
-
-/// GETs through `url` from `concurrency` clients for `window` (at most 20,000): the statuses.
-fn load_for(url: &str, window: Duration, concurrency: usize) -> Vec<u16> {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let sent = Arc::new(AtomicU32::new(0));
-        let until = Instant::now() + window;
-        let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (client, sent, url) = (client.clone(), sent.clone(), url.to_owned());
-                tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    while Instant::now() < until && sent.fetch_add(1, Ordering::Relaxed) < 20_000 {
-                        let r = client.get(url.parse().unwrap()).await.unwrap();
-                        out.push(r.status().as_u16());
-                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
-                    }
-                    out
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for w in workers {
-            all.extend(w.await.unwrap());
-        }
-        all
-    })
 }
 
 /// A rate limit of 50 requests a second (bursts of 10) for the service holds within 10% over
