@@ -277,22 +277,40 @@ fn a_concurrency_limit_holds_and_excess_requests_fail_fast() {
 /// An app answering 503 to the requests `fails` picks by their number (from 1), counting
 /// requests.
 fn failing_app(fails: fn(u32) -> bool) -> (u16, Arc<AtomicU32>) {
+    scripted_app(move |_, count| if fails(count.fetch_add(1, Ordering::SeqCst) + 1) { 503 } else { 200 })
+}
+
+/// An app whose `/hc` answers 200 while `healthy` is set and 503 otherwise; every other path
+/// answers 200 and is counted.
+fn app_with_health(healthy: Arc<std::sync::atomic::AtomicBool>) -> (u16, Arc<AtomicU32>) {
+    scripted_app(move |path, count| match path {
+        "/hc" if healthy.load(Ordering::SeqCst) => 200,
+        "/hc" => 503,
+        _ => {
+            count.fetch_add(1, Ordering::SeqCst);
+            200
+        }
+    })
+}
+
+/// An HTTP/1.1 app on a thread of its own that answers every request with the status
+/// `answer` picks from the path and a counter it may bump; returns its port and the counter.
+fn scripted_app(answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static) -> (u16, Arc<AtomicU32>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
     let count = Arc::new(AtomicU32::new(0));
-    let seen = count.clone();
+    let (seen, answer) = (count.clone(), Arc::new(answer));
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let seen = seen.clone();
+                let (seen, answer) = (seen.clone(), answer.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                        let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-                        let status = if fails(n) { 503 } else { 200 };
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let status = answer(req.uri().path(), &seen);
                         async move {
                             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -642,44 +660,6 @@ fn rate_limits_hold_for_the_service_and_per_caller() {
             "{who}: {ok} let through in 3 s, expected {expected} ± 10%"
         );
     }
-}
-
-/// An app whose `/hc` answers 200 while `healthy` is set and 503 otherwise; every other path
-/// answers 200 and is counted.
-fn app_with_health(healthy: Arc<std::sync::atomic::AtomicBool>) -> (u16, Arc<AtomicU32>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
-    let count = Arc::new(AtomicU32::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (seen, healthy) = (seen.clone(), healthy.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let status = if req.uri().path() == "/hc" {
-                            if healthy.load(Ordering::SeqCst) { 200 } else { 503 }
-                        } else {
-                            seen.fetch_add(1, Ordering::SeqCst);
-                            200
-                        };
-                        async move {
-                            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
-                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-                });
-            }
-        });
-    });
-    (port, count)
 }
 
 /// Active health checks from the callers' sidecars: an instance whose health path fails (while
