@@ -6,12 +6,7 @@ use weft_tests::*;
 fn httproute_splits_and_matches() {
     let dir = TestDir::new("routing");
     let control = Control::start(&dir);
-    let _v1 = Instance::start(&dir, &control.addr, "backend-v1", "v1", "b1", &[]);
-    let _v2 = Instance::start(&dir, &control.addr, "backend-v2", "v2", "b2", &[]);
-    let _main = Instance::start(&dir, &control.addr, "backend", "v0", "b0", &[]);
-    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
-        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
-    });
+    let _instances = three_services(&dir, &control);
     let edge = Edge::start(&dir, &control, &["backend"]);
     let url = edge.url("backend", "/");
     let served = |extra: &[&str]| {
@@ -53,6 +48,19 @@ spec:
     // Deleting the route restores the default.
     assert!(weft(&["delete", "httproute", "canary", "--control", &control.addr]).status.success());
     wait_until(std::time::Duration::from_secs(5), "default route back", || served(&[]) == "b0");
+}
+
+/// One instance each of `backend-v1` (b1), `backend-v2` (b2) and `backend` (b0), healthy.
+fn three_services(dir: &TestDir, control: &Control) -> [Instance; 3] {
+    let instances = [
+        Instance::start(dir, &control.addr, "backend-v1", "v1", "b1", &[]),
+        Instance::start(dir, &control.addr, "backend-v2", "v2", "b2", &[]),
+        Instance::start(dir, &control.addr, "backend", "v0", "b0", &[]),
+    ];
+    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
+        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
+    });
+    instances
 }
 
 /// Sends `n` GETs through `base` with `concurrency` in flight; returns how many each instance
@@ -331,12 +339,7 @@ fn timed_get(port: u16, path: &str) -> (u16, std::time::Duration) {
 fn header_match_and_mirror() {
     let dir = TestDir::new("mirror");
     let control = Control::start(&dir);
-    let _v1 = Instance::start(&dir, &control.addr, "backend-v1", "v1", "b1", &[]);
-    let v2 = Instance::start(&dir, &control.addr, "backend-v2", "v2", "b2", &[]);
-    let _main = Instance::start(&dir, &control.addr, "backend", "v0", "b0", &[]);
-    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
-        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
-    });
+    let [_v1, v2, _main] = three_services(&dir, &control);
     let edge = Edge::start(&dir, &control, &["backend"]);
     let route = dir.path.join("route.yaml");
     std::fs::write(
@@ -393,12 +396,7 @@ spec:
 fn grpcroute_routes_by_method() {
     let dir = TestDir::new("grpcroute");
     let control = Control::start(&dir);
-    let _v1 = Instance::start(&dir, &control.addr, "backend-v1", "v1", "b1", &[]);
-    let _v2 = Instance::start(&dir, &control.addr, "backend-v2", "v2", "b2", &[]);
-    let _main = Instance::start(&dir, &control.addr, "backend", "v0", "b0", &[]);
-    wait_until(std::time::Duration::from_secs(15), "all healthy", || {
-        ["backend", "backend-v1", "backend-v2"].iter().all(|s| control.healthy_ids(s).len() == 1)
-    });
+    let _instances = three_services(&dir, &control);
     let edge = Edge::start(&dir, &control, &["backend"]);
     let target = format!("127.0.0.1:{}", edge.ports["backend"]);
     let route = dir.path.join("grpcroute.yaml");

@@ -97,8 +97,16 @@ impl Drop for Cluster {
     }
 }
 
-/// A request counted against its cluster's `max_requests`, until dropped.
-pub struct Admitted<'a>(&'a std::sync::atomic::AtomicU32);
+/// One place in a counter (requests or retries in flight, requests waiting), given back when
+/// dropped.
+pub struct Admitted<'a>(&'a AtomicU32);
+
+impl Admitted<'_> {
+    /// Takes a place in `counter`; also returns how many were counted before.
+    pub fn enter(counter: &AtomicU32) -> (u32, Admitted<'_>) {
+        (counter.fetch_add(1, Ordering::Relaxed), Admitted(counter))
+    }
+}
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
@@ -225,8 +233,7 @@ impl Cluster {
         if settings.max_requests.is_none() && !budget {
             return Ok(None);
         }
-        let counted = self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let admitted = Admitted(&self.in_flight);
+        let (counted, admitted) = Admitted::enter(&self.in_flight);
         if let Some(limit) = settings.max_requests
             && counted >= limit
         {
@@ -250,8 +257,7 @@ impl Cluster {
                 u32::MAX
             }
         };
-        let counted = self.retries_in_flight.fetch_add(1, Ordering::Relaxed);
-        let retry = Admitted(&self.retries_in_flight);
+        let (counted, retry) = Admitted::enter(&self.retries_in_flight);
         (counted < allowed).then_some(retry)
     }
 
@@ -294,46 +300,29 @@ impl Cluster {
     pub fn pick(&self, set: &EndpointSet, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
         let settings = self.settings.load();
+        // Ejections count only while enough endpoints are left un-ejected (the panic
+        // threshold); the count is taken only once a candidate turns out to be ejected. The
+        // clock is read only for clusters with outlier detection.
+        let now = settings.outlier.map(|_| clock());
+        let panic = std::cell::OnceCell::new();
+        let in_service = |e: &&Arc<Endpoint>| match (&settings.outlier, now) {
+            (Some(outlier), Some(now)) if e.outlier.ejected(now) => *panic.get_or_init(|| {
+                let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
+                outlier::panicking(set.ready.len(), ejected, outlier.panic_threshold)
+            }),
+            _ => true,
+        };
+        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
         if let (Some(table), Some(hash)) = (&set.hash, hash) {
-            let n = set.ready.len();
-            let now = clock();
-            let in_service = |e: &&Arc<Endpoint>| settings.outlier.is_none() || !e.outlier.ejected(now);
-            let mut fallback = None;
-            for i in table.candidates(hash, n) {
-                let e = &set.ready[i];
-                if !usable(&e) {
-                    continue;
-                }
-                if !e.failing() && in_service(&e) {
-                    return Some(e.clone());
-                }
-                fallback.get_or_insert_with(|| e.clone());
-            }
-            return fallback;
+            let mut candidates = table.candidates(hash, set.ready.len()).map(|i| &set.ready[i]).filter(|e| usable(e));
+            let first = candidates.next()?;
+            return Some(if fresh(&first) { first } else { candidates.find(|e| fresh(e)).unwrap_or(first) }.clone());
         }
         let lb = settings.load_balancer;
         // The preferred priority (the caller's zone) first, while one of its endpoints is fresh.
-        let preferred = &set.ready[..set.preferred];
-        let Some(outlier) = &settings.outlier else {
-            let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing();
-            return self
-                .choose(preferred, lb, fresh)
-                .or_else(|| self.choose(&set.ready, lb, fresh))
-                .or_else(|| self.choose(&set.ready, lb, usable));
-        };
-        // Ejections count only while enough endpoints are left un-ejected (the panic
-        // threshold); the count is taken only once a candidate turns out to be ejected.
-        let now = clock();
-        let panic = std::cell::OnceCell::new();
-        let in_service = |e: &&Arc<Endpoint>| {
-            !e.outlier.ejected(now)
-                || *panic.get_or_init(|| {
-                    let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
-                    outlier::panicking(set.ready.len(), ejected, outlier.panic_threshold)
-                })
-        };
-        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
-        self.choose(preferred, lb, fresh)
+        let preferred = (set.preferred < set.ready.len()).then(|| self.choose(&set.ready[..set.preferred], lb, fresh));
+        preferred
+            .flatten()
             .or_else(|| self.choose(&set.ready, lb, fresh))
             .or_else(|| self.choose(&set.ready, lb, usable))
     }

@@ -115,15 +115,6 @@ enum H1Turn {
     New(ConnSlot),
 }
 
-/// Counted in the cluster's waiting requests until dropped.
-struct Waiting<'a>(&'a AtomicU32);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A connection checked out of the pool.
 pub enum Conn {
     /// Boxed: the connection's state is large and moves between the pool, the request and the
@@ -365,8 +356,8 @@ impl Endpoint {
     async fn wait_for_h1(&self) -> Result<H1Turn, ProxyError> {
         let pool = **self.pool.load();
         let limit = pool.max_pending_requests.unwrap_or(1024);
-        let _waiting = Waiting(&self.waiting);
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+        let (waiting, _waiting) = crate::balance::Admitted::enter(&self.waiting);
+        if waiting >= limit {
             return Err(ProxyError::PendingOverflow { addr: self.addr, limit });
         }
         loop {

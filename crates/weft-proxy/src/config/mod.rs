@@ -1309,10 +1309,9 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         c.outlier_detection.as_ref().map(|od| outlier_def(od, c.common_lb_config.as_ref())).transpose().map_err(bad)?;
     let retry_limit = match c.metadata.as_ref().map(ratio_budget).transpose().map_err(bad)?.flatten() {
         Some(_)
-            if !matches!(retry_limit, RetryLimit::Fixed(3))
-                || c.circuit_breakers
-                    .as_ref()
-                    .is_some_and(|cb| cb.thresholds.iter().any(|t| t.max_retries.is_some())) =>
+            if c.circuit_breakers.as_ref().is_some_and(|cb| {
+                cb.thresholds.iter().any(|t| t.max_retries.is_some() || t.retry_budget.is_some())
+            }) =>
         {
             return Err(bad(
                 "a ratio retry budget (metadata) cannot be combined with circuit_breakers retry limits".into()
