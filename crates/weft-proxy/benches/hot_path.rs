@@ -111,9 +111,7 @@ fn record_request_metrics(b: divan::Bencher) {
     let conn = Arc::new(weft_proxy::context::ConnCtx {
         peer: "127.0.0.1:40000".parse().unwrap(),
         local: "127.0.0.1:9000".parse().unwrap(),
-        direction: Direction::outbound,
-        listener: "l".into(),
-        service: "backend".into(),
+        listener: weft_proxy::context::ListenerInfo::new("l", Direction::outbound, "backend"),
         peer_identity: None,
     });
     let mut rec = weft_proxy::record::RequestRecord::start(conn);

@@ -46,7 +46,7 @@ mod xds;
 
 use crate::balance::ClusterManager;
 use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, ListenerDef, RouteDef};
-use crate::context::Direction;
+use crate::context::{Direction, ListenerInfo};
 use crate::listener::{ListenerCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -201,9 +201,7 @@ impl Proxy {
                 .as_deref()
                 .map(|c| TcpTarget { cluster: self.clusters.get(c), failover: def.tcp_failover.unwrap_or_default() });
             let ctx = ListenerCtx {
-                name: def.name.as_str().into(),
-                direction: def.direction,
-                service: service.into(),
+                info: ListenerInfo::new(&def.name, def.direction, service),
                 http,
                 tcp,
                 tls: def.tls.as_ref().map(|_| self.acceptor.clone()),

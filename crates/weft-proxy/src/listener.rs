@@ -4,7 +4,7 @@
 //! its socket stays bound, so an update drops no connection.
 use crate::Limits;
 use crate::config::{ConfigError, ListenerDef};
-use crate::context::{ConnCtx, Direction, PeerIdentity};
+use crate::context::{ConnCtx, ListenerInfo, PeerIdentity};
 use crate::detect::{self, Protocol};
 use crate::identity::ALPN_MESH;
 use crate::metrics::TrafficMetrics;
@@ -12,8 +12,10 @@ use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
 use crate::transport::{Peek, Transport};
 use arc_swap::ArcSwap;
+use futures::future::Either;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -21,9 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// What a listener does with a connection.
 pub struct ListenerCtx {
-    pub name: Arc<str>,
-    pub direction: Direction,
-    pub service: Arc<str>,
+    pub info: Arc<ListenerInfo>,
     pub http: Option<Arc<HttpStack>>,
     pub tcp: Option<TcpTarget>,
     /// Mutual TLS termination (inbound listeners of the mesh).
@@ -143,7 +143,7 @@ async fn accept(
         let ctx = ctx.load_full();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             ctx.metrics.proxy_error("connection-limit");
-            tracing::warn!(%peer, listener = %ctx.name, limit = limits.max_connections, "connection limit reached; closing the new connection");
+            tracing::warn!(%peer, listener = %ctx.info.name, limit = limits.max_connections, "connection limit reached; closing the new connection");
             continue;
         };
         tokio::spawn(connection(stream, peer, ctx, limits.clone(), permit));
@@ -163,14 +163,7 @@ fn connection(
 ) -> impl Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let conn = Arc::new(ConnCtx {
-        peer,
-        local,
-        direction: ctx.direction,
-        listener: ctx.name.clone(),
-        service: ctx.service.clone(),
-        peer_identity: None,
-    });
+    let conn = Arc::new(ConnCtx { peer, local, listener: ctx.info.clone(), peer_identity: None });
     serve(stream, conn, ctx, limits, permit)
 }
 
@@ -178,54 +171,71 @@ fn connection(
 /// the listener's HTTP stack or its TCP target, with the connection's [`ConnCtx`] shared by
 /// all that follows. `held` (e.g. the connection's permit under the connection limit) is kept
 /// until the connection ends.
-pub async fn serve<T: Peek>(
+///
+/// Written as an `async move` block rather than an `async fn`: an `async fn` keeps its
+/// arguments twice in its state (as captured and as moved into its body), and this state is
+/// part of every connection's task for the connection's whole life.
+pub fn serve<T: Peek>(
     mut stream: T,
     conn: Arc<ConnCtx>,
     ctx: Arc<ListenerCtx>,
     limits: Arc<Limits>,
     held: impl Send,
-) {
-    let _held = held;
-    let _open = ctx.metrics.connection();
-    let peer = conn.peer;
-    let protocol = match ctx.http.is_some() || ctx.tls.is_some() {
-        true => match detect::detect(&mut stream, limits.detect_timeout).await {
-            Ok(p) => p,
-            Err(e) => return tracing::debug!(%peer, error = %e, "connection failed during detection"),
-        },
-        false => Protocol::Tcp,
-    };
-    if let Some(acceptor) = &ctx.tls {
-        let mesh = matches!(&protocol, Protocol::Tls(h) if h.alpn.iter().any(|p| p.as_bytes() == ALPN_MESH));
-        // A strict listener terminates every TLS client (and refuses plaintext); a permissive
-        // one terminates the mesh's mTLS and passes anything else through to the app.
-        match (&protocol, ctx.plaintext) {
-            (Protocol::Tls(_), false) => return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await,
-            (Protocol::Tls(_), true) if mesh => {
-                return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let _held = &held;
+        let _open = ctx.metrics.connection();
+        // A strict listener takes nothing but TLS, so there is no opaque TCP to fall back to:
+        // a client slow to send its ClientHello (a busy caller) gets the handshake's time, not
+        // detection's.
+        let strict = ctx.tls.is_some() && !ctx.plaintext;
+        let wait = if strict { limits.header_read_timeout } else { limits.detect_timeout };
+        let protocol = match ctx.http.is_some() || ctx.tls.is_some() {
+            true => match detect::detect(&mut stream, wait).await {
+                Ok(p) => p,
+                Err(e) => return tracing::debug!(peer = %conn.peer, error = %e, "connection failed during detection"),
+            },
+            false => Protocol::Tcp,
+        };
+        if let Some(acceptor) = &ctx.tls {
+            let mesh = matches!(&protocol, Protocol::Tls(h) if h.alpn.iter().any(|p| p.as_bytes() == ALPN_MESH));
+            // A strict listener terminates every TLS client (and refuses plaintext); a permissive
+            // one terminates the mesh's mTLS and passes anything else through to the app.
+            match (&protocol, ctx.plaintext) {
+                (Protocol::Tls(_), false) => return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await,
+                (Protocol::Tls(_), true) if mesh => {
+                    return Box::pin(terminate(stream, conn, &ctx, acceptor, &limits)).await;
+                }
+                (_, false) => {
+                    ctx.metrics.proxy_error("plaintext-refused");
+                    return tracing::info!(peer = %conn.peer, listener = %ctx.info.name, "plaintext connection refused: this service requires mutual TLS (mtls: strict); call it through a sidecar of the mesh");
+                }
+                _ => {}
             }
-            (_, false) => {
-                ctx.metrics.proxy_error("plaintext-refused");
-                return tracing::info!(%peer, listener = %ctx.name, "plaintext connection refused: this service requires mutual TLS (mtls: strict); call it through a sidecar of the mesh");
-            }
-            _ => {}
         }
+        dispatch(stream, protocol, conn, &ctx, &limits).await
     }
-    dispatch(stream, protocol, conn, &ctx, &limits).await
 }
 
-/// After detection (or inside TLS): the HTTP stack or the TCP target.
-async fn dispatch<T: Transport>(
+/// Any path but the HTTP stack's: boxed, so its state stays out of the (far more common)
+/// HTTP connection's.
+type OtherPath<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// After detection (or inside TLS): decides, before any I/O, which path serves the connection
+/// and returns that path's future, so an HTTP connection's task holds the HTTP server's state
+/// and nothing of this step: the HTTP stack, or the TCP target once authorization allows it.
+fn dispatch<'a, T: Transport>(
     stream: T,
     protocol: Protocol,
     conn: Arc<ConnCtx>,
-    ctx: &Arc<ListenerCtx>,
-    limits: &Limits,
-) {
+    ctx: &'a Arc<ListenerCtx>,
+    limits: &'a Limits,
+) -> impl Future<Output = ()> + Send + 'a {
     let peer = conn.peer;
+    let closed = || -> OtherPath<'a> { Box::pin(std::future::ready(())) };
     match (protocol, &ctx.http, &ctx.tcp) {
         (p @ (Protocol::Http1 | Protocol::Http2), Some(http), _) => {
-            crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), limits).await
+            Either::Left(crate::http::serve(stream, p == Protocol::Http2, conn, http.clone(), limits))
         }
         (p, _, Some(tcp)) => {
             if let Some(authz) = &ctx.policy.load().authz {
@@ -238,17 +248,20 @@ async fn dispatch<T: Transport>(
                 let decision = authz.check(&subject);
                 ctx.metrics.authz(&decision);
                 if let Err(denied) = decision {
-                    return tracing::info!(%peer, identity = ?conn.peer_identity, policy = %denied.policy, "TCP connection denied by authorization policy; closing");
+                    tracing::info!(%peer, identity = ?conn.peer_identity, policy = %denied.policy, "TCP connection denied by authorization policy; closing");
+                    return Either::Right(closed());
                 }
             }
             if let Protocol::Tls(hello) = &p {
-                tracing::debug!(%peer, listener = %ctx.name, sni = ?hello.server_name, alpn = ?hello.alpn, "TLS from the client; forwarding it as opaque TCP");
+                tracing::debug!(%peer, listener = %ctx.info.name, sni = ?hello.server_name, alpn = ?hello.alpn, "TLS from the client; forwarding it as opaque TCP");
             }
-            // Boxed: the TCP path's state stays out of the (far more common) HTTP connection's.
-            Box::pin(crate::tcp::forward(stream, &conn, tcp, &ctx.metrics)).await
+            let forward: OtherPath<'a> =
+                Box::pin(async move { crate::tcp::forward(stream, &conn, tcp, &ctx.metrics).await });
+            Either::Right(forward)
         }
         (_, _, None) => {
-            tracing::debug!(%peer, listener = %ctx.name, "not HTTP and the listener has no TCP route; closing")
+            tracing::debug!(%peer, listener = %ctx.info.name, "not HTTP and the listener has no TCP route; closing");
+            Either::Right(closed())
         }
     }
 }
@@ -268,11 +281,11 @@ async fn terminate<T: Peek>(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             ctx.metrics.proxy_error("tls-handshake-failed");
-            return tracing::info!(%peer, listener = %ctx.name, error = %e, "mutual TLS handshake failed: the client needs a certificate from this mesh's CA");
+            return tracing::info!(%peer, listener = %ctx.info.name, error = %e, "mutual TLS handshake failed: the client needs a certificate from this mesh's CA");
         }
         Err(_) => {
             ctx.metrics.proxy_error("tls-handshake-timeout");
-            return tracing::debug!(%peer, listener = %ctx.name, "mutual TLS handshake timed out");
+            return tracing::debug!(%peer, listener = %ctx.info.name, "mutual TLS handshake timed out");
         }
     };
     let (_, session) = tls.get_ref();
@@ -297,6 +310,8 @@ mod tests {
             std::mem::size_of::<F>()
         }
         let size = future_size(super::connection);
-        assert!(size <= 1024, "connection() future is {size} bytes");
+        // 568 bytes with Rust 1.95 (936 before `serve`, `dispatch` and `http::serve` stopped
+        // keeping their arguments twice and the HTTP/1 builder between sessions).
+        assert!(size <= 640, "connection() future is {size} bytes");
     }
 }

@@ -125,15 +125,13 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{Direction, PeerIdentity};
+    use crate::context::{Direction, ListenerInfo, PeerIdentity};
 
     fn conn(peer: &str, identity: Option<&str>) -> ConnCtx {
         ConnCtx {
             peer: peer.parse().unwrap(),
             local: "127.0.0.1:80".parse().unwrap(),
-            direction: Direction::inbound,
-            listener: "l".into(),
-            service: "s".into(),
+            listener: ListenerInfo::new("l", Direction::inbound, "s"),
             peer_identity: identity.map(|i| PeerIdentity(i.into())),
         }
     }

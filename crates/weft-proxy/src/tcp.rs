@@ -46,7 +46,7 @@ mod tests {
     use super::*;
     use crate::balance::ClusterManager;
     use crate::config::{ClusterDef, EndpointDef};
-    use crate::context::Direction;
+    use crate::context::{Direction, ListenerInfo};
     use crate::metrics::Metrics;
     use crate::testing::{Behaviour, ClientStream, FakeEndpoints, addr};
     use std::sync::Arc;
@@ -91,9 +91,7 @@ mod tests {
         let conn = ConnCtx {
             peer: addr(1),
             local: addr(2),
-            direction: Direction::outbound,
-            listener: "db".into(),
-            service: "db".into(),
+            listener: ListenerInfo::new("db", Direction::outbound, "db"),
             peer_identity: None,
         };
         let (mut client, proxy_side) = tokio::io::duplex(1024);

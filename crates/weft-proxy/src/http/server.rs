@@ -17,43 +17,59 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::sync::Arc;
 
-pub async fn serve<T: Transport>(stream: T, h2: bool, conn: Arc<ConnCtx>, stack: Arc<HttpStack>, limits: &Limits) {
-    if h2 {
-        let svc = hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), None, req));
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.max_header_bytes)
-            .adaptive_window(true)
-            .serve_connection(TokioIo::new(stream), svc);
-        if let Err(e) = Box::pin(served).await {
-            tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
-        }
-        return;
-    }
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(None) // enforced by IdleIo, without a timer per request
-        .max_buf_size(limits.max_header_bytes as usize);
-    let session = Arc::new(Session::default());
-    let mut stream = stream;
-    loop {
-        let svc = {
-            let (stack, conn, session) = (stack.clone(), conn.clone(), session.clone());
-            hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), Some(session.exchange()), req))
-        };
-        let io = TokioIo::new(IdleIo::new(stream, session.clone(), limits.header_read_timeout));
-        // Boxed: while the connection is parked, its task holds no hyper state at all.
-        if let Err(e) = Box::pin(http1.serve_connection(io, svc).with_upgrades()).await {
-            tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+/// Serves one client connection. Written as an `async move` block rather than an `async fn`,
+/// which would keep its arguments twice in its state; this state is part of the connection's
+/// task for the connection's whole life.
+pub fn serve<T: Transport>(
+    mut stream: T,
+    h2: bool,
+    conn: Arc<ConnCtx>,
+    stack: Arc<HttpStack>,
+    limits: &Limits,
+) -> impl Future<Output = ()> + Send + '_ {
+    async move {
+        if h2 {
+            let svc = hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), None, req));
+            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.max_header_bytes)
+                .adaptive_window(true)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = Box::pin(served).await {
+                tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
+            }
             return;
         }
-        let Some(mut parked) = session.take_parked() else { return };
-        crate::idle::trim_soon();
-        // An idle keep-alive connection is closed after the header read timeout, as before.
-        match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
-            Ok(Ok(())) => stream = parked,
-            _ => return,
+        let session = Arc::new(Session::default());
+        loop {
+            let svc = {
+                let (stack, conn, session) = (stack.clone(), conn.clone(), session.clone());
+                hyper::service::service_fn(move |req| {
+                    handle(stack.clone(), conn.clone(), Some(session.exchange()), req)
+                })
+            };
+            let io = TokioIo::new(IdleIo::new(stream, session.clone(), limits.header_read_timeout));
+            // Boxed: while the connection is parked, its task holds no hyper state at all (the
+            // builder is made per session for the same reason).
+            let served = Box::pin(
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(None) // enforced by IdleIo, without a timer per request
+                    .max_buf_size(limits.max_header_bytes as usize)
+                    .serve_connection(io, svc)
+                    .with_upgrades(),
+            );
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+                return;
+            }
+            let Some(mut parked) = session.take_parked() else { return };
+            crate::idle::trim_soon();
+            // An idle keep-alive connection is closed after the header read timeout, as before.
+            match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
+                Ok(Ok(())) => stream = parked,
+                _ => return,
+            }
         }
     }
 }
@@ -84,7 +100,7 @@ async fn handle(
                 error = %e,
                 reason = e.reason(),
                 peer = %rec.conn.peer,
-                listener = %rec.conn.listener,
+                listener = %rec.conn.listener.name,
                 route = ?rec.route,
                 attempts = ?rec.attempts,
                 "proxy answered the request itself"

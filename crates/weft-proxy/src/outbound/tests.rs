@@ -4,7 +4,7 @@
 use crate::Limits;
 use crate::balance::ClusterManager;
 use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
-use crate::context::{ConnCtx, Direction};
+use crate::context::{ConnCtx, Direction, ListenerInfo};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
@@ -81,9 +81,7 @@ impl Mesh {
         let conn = Arc::new(ConnCtx {
             peer: addr(1),
             local: addr(2),
-            direction: Direction::outbound,
-            listener: "test".into(),
-            service: "backend".into(),
+            listener: ListenerInfo::new("test", Direction::outbound, "backend"),
             peer_identity: None,
         });
         let stack = self.stack.clone();
