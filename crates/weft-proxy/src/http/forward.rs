@@ -111,6 +111,7 @@ pub async fn forward_body(
                     && tried.may_try_another(failover, &cluster.endpoints.load())
                     && let Some(r) = again(&replay) =>
             {
+                drain(resp.into_body()).await;
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
                 rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
                 cluster.observe(outlier.as_ref(), &endpoint, Observed::LocalFailure);
@@ -218,6 +219,17 @@ impl Replay {
             Replay::Copied(copy) => copy.replay(),
             Replay::Chunks(chunks) => Some(UpBody::Replayed(chunks.clone())),
         }
+    }
+}
+
+/// Reads a sidecar's short answer to its end, so its HTTP/1.1 connection goes back to the pool:
+/// one dropped with its body unread is closed, and while an app is down every request its
+/// sidecar turns away would otherwise cost a new connection and mutual TLS handshake to that
+/// sidecar. (A larger body is dropped unread; sidecars' own answers are a line of text.)
+async fn drain(body: UpstreamBody) {
+    const SHORT: u64 = 4096;
+    if http_body::Body::size_hint(&body).upper().is_some_and(|n| n <= SHORT) {
+        let _ = http_body_util::BodyExt::collect(body).await;
     }
 }
 
