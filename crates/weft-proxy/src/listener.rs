@@ -175,6 +175,7 @@ fn connection(
 /// Written as an `async move` block rather than an `async fn`: an `async fn` keeps its
 /// arguments twice in its state (as captured and as moved into its body), and this state is
 /// part of every connection's task for the connection's whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve<T: Peek>(
     mut stream: T,
     conn: Arc<ConnCtx>,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 /// Serves one client connection. Written as an `async move` block rather than an `async fn`,
 /// which would keep its arguments twice in its state; this state is part of the connection's
 /// task for the connection's whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve<T: Transport>(
     mut stream: T,
     h2: bool,
