@@ -1,13 +1,16 @@
 //! Errors the proxy answers for itself. Each maps to a status code and a reason that the
 //! response carries in the `x-weft-error` header, so a client can tell the proxy's own
 //! answers from the application's.
+use http::HeaderName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const ERROR_HEADER: &str = "x-weft-error";
+/// Header names as `HeaderName`s, not strings: a lookup by string parses the name first, and
+/// the inbound stack looks both up in every response.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-weft-error");
 /// On a `denied` response: the authorization policy that refused the request.
-pub const POLICY_HEADER: &str = "x-weft-policy";
+pub const POLICY_HEADER: HeaderName = HeaderName::from_static("x-weft-policy");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
