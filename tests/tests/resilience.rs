@@ -194,14 +194,7 @@ fn a_concurrency_limit_holds_and_excess_requests_fail_fast() {
     let control = Control::start(&dir);
     let (port, peak) = counting_app();
     let _sidecar = app_sidecar(&dir, &control, "backend", port, &[]);
-    let policy = dir.path.join("policy.yaml");
-    std::fs::write(
-        &policy,
-        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: backend-limits}\nspec:\n  targetRef: {kind: Service, name: backend}\n  connectionPool: {maxRequests: 10}\n",
-    )
-    .unwrap();
-    let out = weft(&["apply", "-f", policy.to_str().unwrap(), "--control", &control.addr]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    apply_policy_spec(&dir, &control, "connectionPool: {maxRequests: 10}");
     let edge = Edge::start(&dir, &control, &["backend"]);
     wait_until(Duration::from_secs(5), "edge has the endpoint", || edge.endpoint_addrs("backend").len() == 1);
     let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
@@ -407,12 +400,19 @@ fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
 /// Applies a TrafficPolicy for `backend` whose spec (besides its target) is `spec`, indented
 /// by two spaces.
 fn apply_policy_spec(dir: &TestDir, control: &Control, spec: &str) {
-    let path = dir.path.join("policy.yaml");
-    std::fs::write(
-        &path,
-        format!("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-policy}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  {spec}\n"),
-    )
-    .unwrap();
+    apply(
+        dir,
+        control,
+        &format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-policy}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  {spec}\n"
+        ),
+    );
+}
+
+/// `weft apply -f` of `yaml`, which must succeed.
+fn apply(dir: &TestDir, control: &Control, yaml: &str) {
+    let path = dir.path.join("apply.yaml");
+    std::fs::write(&path, yaml).unwrap();
     let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
@@ -518,6 +518,14 @@ fn outlier_detection_ejects_a_failing_instance_and_lets_it_back_in() {
     let (flaky, flaky_count) = failing_app(|n| (n - 1) % 6 < 3);
     let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
     let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    // Round robin keeps asking the flaky instance its share. With the default P2C over peak
+    // latency, one slow answer on a loaded machine shuns it for seconds (one probe every 2 s),
+    // and three failures in a row could take longer than this test waits.
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: round-robin}\n",
+    );
     apply_policy_spec(
         &dir,
         &control,
