@@ -50,6 +50,7 @@ impl EndpointSet {
     }
 }
 
+#[derive(Clone, Copy)]
 pub struct Settings {
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Duration,
@@ -297,9 +298,14 @@ impl Cluster {
     /// `hash` is the request's consistent-hash key (from the route), for `ring-hash` and
     /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
     /// balancers pick at random.
-    pub fn pick(&self, set: &EndpointSet, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+    pub fn pick(
+        &self,
+        settings: &Settings,
+        set: &EndpointSet,
+        tried: &[usize],
+        hash: Option<u64>,
+    ) -> Option<Arc<Endpoint>> {
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
-        let settings = self.settings.load();
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected. The
         // clock is read only for clusters with outlier detection.
@@ -540,10 +546,13 @@ mod tests {
         let c = cluster(3, LoadBalancer::RoundRobin);
         let set = c.endpoints.load();
         assert_eq!(set.ready.len(), 2);
-        let first = c.pick(&set, &[], None).unwrap();
-        let second = c.pick(&set, &[Arc::as_ptr(&first) as usize], None).unwrap();
+        let first = c.pick(&c.settings.load(), &set, &[], None).unwrap();
+        let second = c.pick(&c.settings.load(), &set, &[Arc::as_ptr(&first) as usize], None).unwrap();
         assert_ne!(first.addr, second.addr);
-        assert!(c.pick(&set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None).is_none());
+        assert!(
+            c.pick(&c.settings.load(), &set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None)
+                .is_none()
+        );
     }
 
     #[test]
@@ -553,7 +562,7 @@ mod tests {
         let busy = set.ready[0].clone();
         let _load: Vec<_> = (0..50).map(|_| busy.start()).collect();
         for _ in 0..100 {
-            assert_ne!(c.pick(&set, &[], None).unwrap().addr, busy.addr);
+            assert_ne!(c.pick(&c.settings.load(), &set, &[], None).unwrap().addr, busy.addr);
         }
     }
 

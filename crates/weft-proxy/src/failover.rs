@@ -44,12 +44,12 @@ pub async fn connect<C>(
     connect: impl AsyncFn(&Endpoint, Duration) -> Result<C, ProxyError>,
 ) -> Result<(Arc<Endpoint>, C), ProxyError> {
     let set = cluster.endpoints.load_full();
-    let settings = cluster.settings.load();
+    // A copy, read once for every pick: an `ArcSwap` guard must not be held across the connect.
+    let settings = **cluster.settings.load();
     let (timeout, outlier) = (settings.connect_timeout, settings.outlier);
-    drop(settings);
     loop {
         let ep = cluster
-            .pick(&set, tried.as_slice(), hash)
+            .pick(&settings, &set, tried.as_slice(), hash)
             .ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
         match connect(&ep, timeout).await {
             Ok(c) => return Ok((ep, c)),

@@ -110,9 +110,35 @@ impl Inbound {
 
 fn without_sidecar_headers(reply: Reply) -> Reply {
     reply.map(|mut resp| {
-        let h = resp.headers_mut();
-        h.remove(ERROR_HEADER);
-        h.remove(POLICY_HEADER);
+        strip_sidecar_headers(resp.headers_mut());
         resp
     })
+}
+
+/// One pass over the names finds whether the app set either header (it almost never does),
+/// comparing only names of their lengths; only then are they removed (each removal hashes).
+fn strip_sidecar_headers(h: &mut http::HeaderMap) {
+    let lengths = [ERROR_HEADER.as_str().len(), POLICY_HEADER.as_str().len()];
+    if h.keys().any(|k| lengths.contains(&k.as_str().len()) && (k == ERROR_HEADER || k == POLICY_HEADER)) {
+        h.remove(ERROR_HEADER);
+        h.remove(POLICY_HEADER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_apps_sidecar_headers_are_removed_and_the_rest_kept() {
+        for set in [&["x-weft-error"][..], &["x-weft-policy"], &["x-weft-policy", "x-weft-error"], &[]] {
+            let mut h = http::HeaderMap::new();
+            h.insert("content-type", "text/plain".parse().unwrap());
+            h.insert("x-weft-errors", "kept: not a sidecar header".parse().unwrap());
+            for name in set {
+                h.append(*name, "connect-failed".parse().unwrap());
+            }
+            super::strip_sidecar_headers(&mut h);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["content-type", "x-weft-errors"], "app set {set:?}");
+        }
+    }
 }
