@@ -54,21 +54,40 @@ pub fn join_token(control: &str, service: &str) -> String {
 /// own below the kernel's ephemeral range (32768+): a port the kernel hands out for `bind(0)`
 /// or for an outgoing connection (a proxy's upstream, a curl) could be taken again between
 /// picking it here and the child binding it, which made tests fail at random under load.
+/// The block is claimed by keeping its first port bound for the test process's life, so two
+/// test processes never share one (a test that restarts a process on the same port relies on
+/// nobody else taking it meanwhile).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
-    const FIRST: u16 = 20_000;
-    const BLOCK: u16 = 100;
-    const BLOCKS: u16 = 120; // 20000..32000
+    let base = port_block();
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = FIRST + (std::process::id() % u32::from(BLOCKS)) as u16 * BLOCK;
-    for _ in 0..BLOCK {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % BLOCK;
+    for _ in 1..PORT_BLOCK {
+        let port = base + 1 + NEXT.fetch_add(1, Ordering::Relaxed) % (PORT_BLOCK - 1);
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     // Every port of the block is in use: fall back to one the kernel picks.
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+const PORT_BLOCK: u16 = 100;
+
+/// The first port of this process's block (20000..32000), held bound as its claim; the search
+/// starts at a block picked by the process id.
+fn port_block() -> u16 {
+    const FIRST: u16 = 20_000;
+    const BLOCKS: u16 = 120;
+    static CLAIM: std::sync::OnceLock<(Option<std::net::TcpListener>, u16)> = std::sync::OnceLock::new();
+    let start = (std::process::id() % u32::from(BLOCKS)) as u16;
+    CLAIM
+        .get_or_init(|| {
+            (0..BLOCKS)
+                .map(|i| FIRST + (start + i) % BLOCKS * PORT_BLOCK)
+                .find_map(|base| std::net::TcpListener::bind(("127.0.0.1", base)).ok().map(|l| (Some(l), base)))
+                .unwrap_or((None, FIRST + start * PORT_BLOCK))
+        })
+        .1
 }
 
 /// A scratch directory for one test, holding data dirs and process logs. On a failing test
