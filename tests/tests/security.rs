@@ -89,6 +89,19 @@ fn strict_mtls_shows_the_spiffe_identity_and_refuses_plaintext_and_foreign_certi
 
     // Plaintext is closed without an answer.
     assert!(curl(&[&format!("http://{inbound}/")]).is_none(), "plaintext got an answer in strict mode");
+    // A TLS client slower than the 1 s protocol-detection timeout is still waited for (up to
+    // the header read timeout): a strict listener has no opaque TCP to fall back to.
+    {
+        use std::io::Read;
+        let mut slow = std::net::TcpStream::connect(&inbound).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        slow.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let read = slow.read(&mut [0u8; 16]);
+        assert!(
+            matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+            "a connection silent for 1.5 s was not left open for its ClientHello: {read:?}"
+        );
+    }
     // A client certificate from another CA is refused in the handshake.
     let other = m.dir.path.join("other");
     std::fs::create_dir_all(&other).unwrap();
