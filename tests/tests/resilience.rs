@@ -417,6 +417,59 @@ fn apply(dir: &TestDir, control: &Control, yaml: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// A sidecar whose app is down answers `connect-failed`; the caller's sidecar sends the request
+/// to another instance and, having read that short answer to its end, keeps its HTTP/1.1
+/// connection to that sidecar: every refused request comes on the one connection (and its
+/// mutual TLS session) instead of a new one each.
+#[test]
+fn a_sidecar_whose_app_is_down_is_asked_again_on_the_same_connection() {
+    let dir = TestDir::new("app-down-reuse");
+    let control = Control::start(&dir);
+    let (good, _) = failing_app(|_| false);
+    // Listening, so the sidecar starts healthy (one TCP health check, then none for an hour);
+    // closed below, so its app refuses connections.
+    let doomed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let doomed_port = doomed.local_addr().unwrap().port();
+    let admin = free_port();
+    let mut sidecars = Vec::new();
+    for (i, port) in [good, doomed_port].into_iter().enumerate() {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+        cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
+        if port == doomed_port {
+            cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
+        }
+        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+        sidecars.push(Proc::spawn(&dir, &format!("backend-{i}"), &mut cmd));
+    }
+    wait_until(Duration::from_secs(15), "instances healthy", || control.healthy_ids("backend").len() == 2);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees both", || edge.endpoint_addrs("backend").len() == 2);
+    drop(doomed);
+
+    let metric = |prefix: &str| -> u64 {
+        let text = curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).map(|r| r.body).unwrap_or_default();
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    };
+    let refused =
+        || metric("weft_proxy_errors_total{direction=\"inbound\",service=\"backend\",reason=\"connect-failed\"}");
+    // The caller avoids an instance for 2 s after each refusal, so three take over 4 s.
+    // Bounded: at most 2,000 requests, for at most 20 s.
+    let (started, mut statuses) = (Instant::now(), Vec::new());
+    while refused() < 3 && started.elapsed() < Duration::from_secs(20) && statuses.len() < 2000 {
+        statuses.extend(load(&url_of(&edge), 10, 1));
+    }
+    let refusals = refused();
+    assert!(refusals >= 3, "the sidecar of the app that is down turned away {refusals} requests");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let opened = metric("weft_tcp_connections_opened_total{direction=\"inbound\"");
+    assert_eq!(opened, 1, "{refusals} refused requests came on {opened} connections");
+}
+
+fn url_of(edge: &Edge) -> String {
+    format!("http://127.0.0.1:{}/", edge.ports["backend"])
+}
+
 /// One of three instances answers 503 to every other request: with retries on 5xx, clients see
 /// (almost) no errors; the retries were real (the flaky app was asked more than its share).
 #[test]
