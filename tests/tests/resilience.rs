@@ -26,11 +26,7 @@ fn killed_app_behind_a_running_sidecar_loses_no_request() {
         wait_until(Duration::from_secs(10), "app listening", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        let mut cmd = Command::new(weft_bin());
-        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
-        cmd.args(["--control", &control.addr, "--id", &id, "--admin", &format!("127.0.0.1:{admin}")]);
-        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
-        sidecars.push(Proc::spawn(&dir, &id, &mut cmd));
+        sidecars.push(backend_sidecar(&dir, &control, i, port, &["--admin", &format!("127.0.0.1:{admin}")]));
     }
     wait_until(Duration::from_secs(15), "three healthy instances", || control.healthy_ids("backend").len() == 3);
     let edge = Edge::start(&dir, &control, &["backend"]);
@@ -376,21 +372,22 @@ fn drive(url: &str, n: usize, window: Option<Duration>, concurrency: usize) -> V
 }
 
 fn mesh_of(dir: &TestDir, control: &Control, apps: &[u16]) -> (Vec<Proc>, Edge) {
-    let sidecars = apps
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            let mut cmd = Command::new(weft_bin());
-            cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
-            cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
-            cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
-            Proc::spawn(dir, &format!("backend-{i}"), &mut cmd)
-        })
-        .collect();
+    let sidecars = apps.iter().enumerate().map(|(i, port)| backend_sidecar(dir, control, i, *port, &[])).collect();
     wait_until(Duration::from_secs(15), "instances healthy", || control.healthy_ids("backend").len() == apps.len());
     let edge = Edge::start(dir, control, &["backend"]);
     wait_until(Duration::from_secs(5), "edge sees all", || edge.endpoint_addrs("backend").len() == apps.len());
     (sidecars, edge)
+}
+
+/// The sidecar `backend-{i}` of service `backend` in front of the app on `app_port`, which it
+/// checks once at start (then hourly).
+fn backend_sidecar(dir: &TestDir, control: &Control, i: usize, app_port: u16, extra: &[&str]) -> Proc {
+    let id = format!("backend-{i}");
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["proxy", "--service", "backend", "--app-port", &app_port.to_string(), "--health-interval", "1h"]);
+    cmd.args(["--control", &control.addr, "--id", &id]).args(extra);
+    cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+    Proc::spawn(dir, &id, &mut cmd)
 }
 
 fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
@@ -430,44 +427,30 @@ fn a_sidecar_whose_app_is_down_is_asked_again_on_the_same_connection() {
     // closed below, so its app refuses connections.
     let doomed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let doomed_port = doomed.local_addr().unwrap().port();
-    let admin = free_port();
-    let mut sidecars = Vec::new();
-    for (i, port) in [good, doomed_port].into_iter().enumerate() {
-        let mut cmd = Command::new(weft_bin());
-        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
-        cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
-        if port == doomed_port {
-            cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
-        }
-        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
-        sidecars.push(Proc::spawn(&dir, &format!("backend-{i}"), &mut cmd));
-    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _sidecars = [
+        backend_sidecar(&dir, &control, 0, good, &[]),
+        backend_sidecar(&dir, &control, 1, doomed_port, &["--admin", &admin]),
+    ];
     wait_until(Duration::from_secs(15), "instances healthy", || control.healthy_ids("backend").len() == 2);
     let edge = Edge::start(&dir, &control, &["backend"]);
     wait_until(Duration::from_secs(5), "edge sees both", || edge.endpoint_addrs("backend").len() == 2);
     drop(doomed);
 
-    let metric = |prefix: &str| -> u64 {
-        let text = curl(&[&format!("http://127.0.0.1:{admin}/metrics")]).map(|r| r.body).unwrap_or_default();
-        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
-    };
+    let url = edge.url("backend", "/");
     let refused =
-        || metric("weft_proxy_errors_total{direction=\"inbound\",service=\"backend\",reason=\"connect-failed\"}");
+        || counter(&admin, "weft_proxy_errors_total", &["direction=\"inbound\"", "reason=\"connect-failed\""]);
     // The caller avoids an instance for 2 s after each refusal, so three take over 4 s.
     // Bounded: at most 2,000 requests, for at most 20 s.
     let (started, mut statuses) = (Instant::now(), Vec::new());
     while refused() < 3 && started.elapsed() < Duration::from_secs(20) && statuses.len() < 2000 {
-        statuses.extend(load(&url_of(&edge), 10, 1));
+        statuses.extend(load(&url, 10, 1));
     }
     let refusals = refused();
     assert!(refusals >= 3, "the sidecar of the app that is down turned away {refusals} requests");
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let opened = metric("weft_tcp_connections_opened_total{direction=\"inbound\"");
+    let opened = accepted(&admin);
     assert_eq!(opened, 1, "{refusals} refused requests came on {opened} connections");
-}
-
-fn url_of(edge: &Edge) -> String {
-    format!("http://127.0.0.1:{}/", edge.ports["backend"])
 }
 
 /// One of three instances answers 503 to every other request: with retries on 5xx, clients see
@@ -557,12 +540,19 @@ fn a_retry_budget_bounds_retries_when_everything_fails() {
 }
 
 fn ejections(edge: &Edge) -> u64 {
-    let metrics = curl(&[&format!("http://{}/metrics", edge.admin())]).unwrap().body;
+    counter(&edge.admin(), "weft_outlier_ejections_total", &["service=\"backend\""])
+}
+
+/// The sum of a proxy's counter `name` over the series whose labels include all of `labels`,
+/// from its admin address's /metrics.
+fn counter(admin: &str, name: &str, labels: &[&str]) -> u64 {
+    let metrics = curl(&[&format!("http://{admin}/metrics")]).unwrap().body;
     metrics
         .lines()
-        .find(|l| l.starts_with("weft_outlier_ejections_total{service=\"backend\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One of three instances fails half its requests (three in a row, then three good): with
@@ -626,8 +616,8 @@ fn outlier_detection_ejects_a_failing_instance_and_lets_it_back_in() {
 
 /// Fault injection from a TrafficPolicy: 30% of 2,000 requests aborted with 503 (none of them
 /// reaching an app), then 50% of 400 delayed by 200 ms; both shares within five standard
-/// deviations, each delayed request at least 200 ms
-/// and the median under 400 ms (the delay made once).
+/// deviations, each delayed request at least 200 ms and the median under 400 ms (the delay
+/// made once).
 #[test]
 fn fault_injection_aborts_and_delays_a_share_of_requests() {
     let dir = TestDir::new("faults");
@@ -773,14 +763,9 @@ fn active_health_checks_take_a_failing_instance_out_and_back() {
     assert!(apps[2].1.load(Ordering::SeqCst) > before + 30, "the instance did not get traffic back");
 }
 
-/// Connections the instance's sidecar has accepted (from callers' sidecars).
-fn accepted(instance: &Instance) -> u64 {
-    let metrics = curl(&[&format!("http://{}/metrics", instance.admin())]).unwrap().body;
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("weft_tcp_connections_opened_total{") && l.contains("direction=\"inbound\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+/// Connections the sidecar with admin address `admin` has accepted (from callers' sidecars).
+fn accepted(admin: &str) -> u64 {
+    counter(admin, "weft_tcp_connections_opened_total", &["direction=\"inbound\""])
 }
 
 /// Connection limits of a TrafficPolicy, seen at the callee's sidecar: requests per
@@ -803,31 +788,31 @@ fn connection_pool_limits_recycle_upstream_connections() {
     apply_policy_spec(&dir, &control, "connectionPool: {maxRequestsPerConnection: 2}");
     wait_until(Duration::from_secs(5), "limit in force", || pool_in_force("max_requests_per_connection"));
     get();
-    let before = accepted(&backend);
+    let before = accepted(&backend.admin());
     (0..10).for_each(|_| get());
-    let opened = accepted(&backend) - before;
+    let opened = accepted(&backend.admin()) - before;
     assert!((5..=6).contains(&opened), "10 requests at 2 per connection opened {opened} connections");
 
     apply_policy_spec(&dir, &control, "connectionPool: {maxConnectionDuration: 400ms}");
     wait_until(Duration::from_secs(5), "duration in force", || pool_in_force("max_connection_duration"));
     get();
-    let before = accepted(&backend);
+    let before = accepted(&backend.admin());
     for _ in 0..12 {
         get();
         std::thread::sleep(Duration::from_millis(100));
     }
-    let opened = accepted(&backend) - before;
+    let opened = accepted(&backend.admin()) - before;
     assert!((2..=5).contains(&opened), "1.2 s of requests with connections aged out at 400 ms opened {opened}");
 
     apply_policy_spec(&dir, &control, "connectionPool: {idleTimeout: 200ms}");
     wait_until(Duration::from_secs(5), "idle timeout in force", || pool_in_force("idle_timeout"));
     get();
-    let before = accepted(&backend);
+    let before = accepted(&backend.admin());
     get();
-    assert_eq!(accepted(&backend) - before, 0, "a busy connection was not reused");
+    assert_eq!(accepted(&backend.admin()) - before, 0, "a busy connection was not reused");
     std::thread::sleep(Duration::from_millis(800));
     get();
-    assert_eq!(accepted(&backend) - before, 1, "an idle connection was reused after its idle timeout");
+    assert_eq!(accepted(&backend.admin()) - before, 1, "an idle connection was reused after its idle timeout");
 }
 
 /// A TrafficPolicy for one HTTPRoute governs that route's requests only (here: all of them
@@ -911,7 +896,7 @@ fn connections_per_instance_and_pending_requests_are_limited() {
         let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
         dump["clusters"]["backend"]["pool"]["max_connections_per_endpoint"] == 2
     });
-    let before = accepted(&backend);
+    let before = accepted(&backend.admin());
     let url = edge.url("backend", "/delay/300");
     let results: Vec<(u16, Option<String>, Duration)> = std::thread::scope(|s| {
         let calls: Vec<_> = (0..20)
@@ -931,5 +916,5 @@ fn connections_per_instance_and_pending_requests_are_limited() {
     assert_eq!(served + refused.len(), 20, "{results:?}");
     assert!((7..=10).contains(&served), "{served} of 20 served: {results:?}");
     assert!(refused.iter().all(|t| **t < Duration::from_millis(250)), "refusals waited: {refused:?}");
-    assert!(accepted(&backend) - before <= 2, "more than two connections to the instance");
+    assert!(accepted(&backend.admin()) - before <= 2, "more than two connections to the instance");
 }
