@@ -4,8 +4,8 @@
 //! other endpoint is left.
 use crate::app_protocol::LearnedProtocol;
 use crate::config::UpstreamTlsDef;
-use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, PoolDef, RetryLimit, UpstreamProtocol};
-use crate::endpoint::{ClusterShared, Endpoint, SWEEPS, clock};
+use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, RetryLimit, UpstreamProtocol};
+use crate::endpoint::{ClusterShared, Endpoint, PoolSettings, SWEEPS, clock};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
 use crate::retry_budget::RatioBudget;
@@ -16,7 +16,7 @@ use hash::HashTable;
 pub use hash::key_hash;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
@@ -60,6 +60,15 @@ pub struct Settings {
     pub outlier: Option<OutlierDef>,
 }
 
+/// A cluster's settings and endpoints, read once for one request or connection: its
+/// decisions (admission, replay, failover, picks) agree with each other, and the hot path
+/// loads each of the cluster's `ArcSwap`s once.
+pub struct ClusterView<'c> {
+    pub cluster: &'c Cluster,
+    pub settings: Arc<Settings>,
+    pub set: Arc<EndpointSet>,
+}
+
 pub struct Cluster {
     pub name: Arc<str>,
     pub settings: ArcSwap<Settings>,
@@ -70,8 +79,10 @@ pub struct Cluster {
     connector: Arc<dyn Connect>,
     /// TLS origination towards the endpoints; shared with each of them.
     tls: Arc<ArcSwapOption<UpstreamTls>>,
+    /// Whether `tls` is set: read per response, without loading `tls`.
+    mesh: AtomicBool,
     /// Connection limits; shared with each endpoint likewise.
-    pool: Arc<ArcSwap<PoolDef>>,
+    pool: Arc<PoolSettings>,
     /// Requests waiting for a connection to one of the endpoints (shared with them).
     waiting: Arc<AtomicU32>,
     /// Requests in flight, counted only while the cluster has a `max_requests` or a retry
@@ -132,6 +143,7 @@ impl Cluster {
             next: AtomicUsize::new(0),
             connector,
             tls: Arc::new(ArcSwapOption::empty()),
+            mesh: AtomicBool::new(false),
             pool: Default::default(),
             waiting: Default::default(),
             in_flight: Default::default(),
@@ -181,6 +193,7 @@ impl Cluster {
             _ => false,
         };
         if !same {
+            self.mesh.store(tls.is_some(), Ordering::Relaxed);
             self.tls.store(tls);
             for ep in &self.endpoints.load().all {
                 ep.drop_pools();
@@ -264,7 +277,12 @@ impl Cluster {
 
     /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
     pub fn is_mesh(&self) -> bool {
-        self.tls.load().is_some()
+        self.mesh.load(Ordering::Relaxed)
+    }
+
+    /// The cluster's settings and endpoints as one request (or connection) sees them.
+    pub fn view(&self) -> ClusterView<'_> {
+        ClusterView { cluster: self, settings: self.settings.load_full(), set: self.endpoints.load_full() }
     }
 
     /// Counts an attempt's result towards outlier detection (if the cluster has it), and
@@ -440,7 +458,7 @@ impl ClusterManager {
             }));
             c.set_health_check(def.health_check.as_ref());
             if **c.pool.load() != def.pool {
-                c.pool.store(Arc::new(def.pool));
+                c.pool.store(def.pool);
                 self.pools_changed.notify_one();
             }
             if let Some(eps) = &def.static_endpoints {

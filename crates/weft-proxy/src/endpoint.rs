@@ -7,7 +7,7 @@ use crate::transport::{BoxedIo, Carries, Connect, UpstreamTls};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,7 +53,7 @@ pub struct Endpoint {
     /// The cluster's TLS origination (shared with the cluster, which updates it).
     tls: Arc<ArcSwapOption<UpstreamTls>>,
     /// The cluster's connection limits (shared likewise).
-    pool: Arc<ArcSwap<PoolDef>>,
+    pool: Arc<PoolSettings>,
     /// Open HTTP/1.1 connections, and a wake-up for requests waiting for one.
     conns: Arc<ConnCount>,
     /// Requests waiting for a connection to any endpoint of the cluster (shared with it).
@@ -157,18 +157,35 @@ impl H1Conn {
     }
 
     /// Sends a request and waits for the response head, driving the connection meanwhile.
-    /// On a connection that turned out to be closed, the request comes back unsent.
-    pub async fn exchange(
+    /// On a connection that turned out to be closed, the request comes back unsent. The
+    /// request is handed to the connection at once, so the future does not keep it.
+    pub fn exchange(
         &mut self,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpBody>>> {
+    ) -> Exchange<'_, impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>> + use<>>
+    {
         self.uses += 1;
-        let mut response = std::pin::pin!(self.send.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            self.poll_connection(cx);
-            response.as_mut().poll(cx)
-        })
-        .await
+        let response = self.send.try_send_request(req);
+        Exchange { conn: self, response }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange on an [`H1Conn`]: waits for the response while driving the connection.
+    pub struct Exchange<'a, F> {
+        conn: &'a mut H1Conn,
+        #[pin]
+        response: F,
+    }
+}
+
+impl<F: Future> Future for Exchange<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.conn.poll_connection(cx);
+        this.response.poll(cx)
     }
 }
 
@@ -178,13 +195,40 @@ pub(crate) fn clock() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
+/// A cluster's connection pool settings, shared with its endpoints. Whether connections have a
+/// limited life (requests or duration) is also kept apart, so that checking a connection out
+/// and back in reads one flag when they do not (the default) instead of loading the settings.
+#[derive(Default)]
+pub struct PoolSettings {
+    def: ArcSwap<PoolDef>,
+    limited_life: AtomicBool,
+}
+
+impl PoolSettings {
+    pub fn load(&self) -> arc_swap::Guard<Arc<PoolDef>> {
+        self.def.load()
+    }
+
+    pub fn store(&self, def: PoolDef) {
+        let limited = def.max_requests_per_connection.is_some() || def.max_connection_duration.is_some();
+        self.def.store(Arc::new(def));
+        self.limited_life.store(limited, Ordering::Relaxed);
+    }
+
+    /// Whether a connection opened at `opened` that carried `uses` requests may take no more.
+    #[inline]
+    pub fn spent(&self, opened: u64, uses: u32) -> bool {
+        self.limited_life.load(Ordering::Relaxed) && self.def.load().spent(opened, uses)
+    }
+}
+
 /// What a cluster shares with each of its endpoints: how to connect, and settings and counts
 /// it updates for all of them.
 #[derive(Clone)]
 pub struct ClusterShared {
     pub connector: Arc<dyn Connect>,
     pub tls: Arc<ArcSwapOption<UpstreamTls>>,
-    pub pool: Arc<ArcSwap<PoolDef>>,
+    pub pool: Arc<PoolSettings>,
     /// Requests waiting for a connection to any of the endpoints.
     pub waiting: Arc<AtomicU32>,
 }
@@ -316,9 +360,8 @@ impl Endpoint {
         // future (which hyper keeps allocated per client connection) small.
         if h2 {
             {
-                let pool = self.pool.load();
                 let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(c) = slot.as_mut().filter(|c| !c.send.is_closed() && !pool.spent(c.opened, c.streams)) {
+                if let Some(c) = slot.as_mut().filter(|c| !c.send.is_closed() && !self.pool.spent(c.opened, c.streams)) {
                     c.streams += 1;
                     return Ok(Conn::H2(c.send.clone()));
                 }
@@ -402,10 +445,9 @@ impl Endpoint {
 
     /// A pooled connection; those past their maximum duration are closed on the way.
     fn take_idle_h1(&self) -> Option<Box<H1Conn>> {
-        let pool = self.pool.load();
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
-            if !pool.spent(c.opened, c.uses) {
+            if !self.pool.spent(c.opened, c.uses) {
                 return Some(c);
             }
         }
@@ -436,7 +478,7 @@ impl Endpoint {
     /// Returns a connection whose exchange is complete (response body read to the end); a
     /// closed one (e.g. after `Connection: close`) is dropped.
     pub fn checkin_h1(&self, mut c: Box<H1Conn>) {
-        if c.conn.is_none() || self.pool.load().spent(c.opened, c.uses) {
+        if c.conn.is_none() || self.pool.spent(c.opened, c.uses) {
             return;
         }
         c.pooled_at = SWEEPS.load(Ordering::Relaxed);

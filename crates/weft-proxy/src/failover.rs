@@ -1,7 +1,7 @@
 //! Connect, and fail over to another endpoint. The one place that decides whether a failed
 //! attempt may move to another endpoint; the HTTP path (pooled and upgrade connections,
 //! replays) and the TCP path both go through it.
-use crate::balance::{Cluster, EndpointSet};
+use crate::balance::{ClusterView, EndpointSet};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::outlier::Observed;
@@ -36,27 +36,25 @@ impl Tried {
 /// Every failed attempt is recorded in `attempts`; the caller records the outcome of the one
 /// that connected.
 pub async fn connect<C>(
-    cluster: &Cluster,
+    view: &ClusterView<'_>,
     hash: Option<u64>,
     failover: Failover,
     tried: &mut Tried,
     attempts: &mut Attempts,
     connect: impl AsyncFn(&Endpoint, Duration) -> Result<C, ProxyError>,
 ) -> Result<(Arc<Endpoint>, C), ProxyError> {
-    let set = cluster.endpoints.load_full();
-    // A copy, read once for every pick: an `ArcSwap` guard must not be held across the connect.
-    let settings = **cluster.settings.load();
-    let (timeout, outlier) = (settings.connect_timeout, settings.outlier);
+    let ClusterView { cluster, settings, set } = view;
+    let (timeout, outlier) = (settings.connect_timeout, settings.outlier.as_ref());
     loop {
         let ep = cluster
-            .pick(&settings, &set, tried.as_slice(), hash)
+            .pick(settings, set, tried.as_slice(), hash)
             .ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
         match connect(&ep, timeout).await {
             Ok(c) => return Ok((ep, c)),
             Err(e) => {
                 attempts.push(Attempt { endpoint: ep.addr, outcome: (&e).into() });
-                cluster.observe(outlier.as_ref(), &ep, Observed::LocalFailure);
-                if !(e.before_send() && tried.may_try_another(failover, &set)) {
+                cluster.observe(outlier, &ep, Observed::LocalFailure);
+                if !(e.before_send() && tried.may_try_another(failover, set)) {
                     return Err(e);
                 }
                 tracing::debug!(cluster = %cluster.name, endpoint = %ep.addr, error = %e, "trying another endpoint");

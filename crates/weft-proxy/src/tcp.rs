@@ -21,7 +21,7 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
     let cluster = &target.cluster;
     let mut rec = TcpRecord::default();
     let connected =
-        failover::connect(cluster, None, target.failover, &mut Tried::default(), &mut rec.attempts, async |ep, t| {
+        failover::connect(&cluster.view(), None, target.failover, &mut Tried::default(), &mut rec.attempts, async |ep, t| {
             ep.connect_tcp(t).await
         })
         .await;

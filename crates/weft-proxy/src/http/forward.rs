@@ -51,26 +51,27 @@ pub async fn forward_body(
     if downstream != Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), true);
     }
-    // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
-    // behind an HTTP/2 client, or the reverse): the head is translated once, here.
-    let settings = cluster.settings.load();
+    // Settings and endpoints as this request sees them, through every attempt.
+    let view = cluster.view();
+    let (settings, set) = (&view.settings, &view.set);
     // Counted until the response head (or the failure) is returned.
     // A retry's attempt comes with the earlier attempts in the record.
-    let _admitted = cluster.admit(&settings, rec.attempts.is_empty())?;
-    let outlier = settings.outlier;
+    let _admitted = cluster.admit(settings, rec.attempts.is_empty())?;
+    let outlier = settings.outlier.as_ref();
+    // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
+    // behind an HTTP/2 client, or the reverse): the head is translated once, here.
     let h2 = match settings.protocol {
         UpstreamProtocol::Downstream => cluster.learned.h2_for(downstream == Version::HTTP_2),
         UpstreamProtocol::Http1 => false,
         UpstreamProtocol::Http2 => true,
     };
-    drop(settings);
     if h2 != (downstream == Version::HTTP_2) {
         to_version(&mut req, h2);
     }
     // Keep what a replay needs, unless there is no other endpoint to send it to (the head's
     // copy costs a header-map clone per request; a body's copy only references its buffers).
     let idempotent = req.method().is_idempotent();
-    let replay = (failover.max_endpoints > 1 && cluster.endpoints.load().ready.len() > 1).then(|| {
+    let replay = (failover.max_endpoints > 1 && set.ready.len() > 1).then(|| {
         let (keep, body) =
             Replay::keep(std::mem::replace(req.body_mut(), UpBody::Empty), route.rule.policy.replay_limit);
         *req.body_mut() = body;
@@ -81,16 +82,13 @@ pub async fn forward_body(
         Some(head.request(keep.as_ref()?.body()?))
     };
     let mut tried = Tried::default();
-    if !avoid.is_empty() {
-        let set = cluster.endpoints.load();
-        if set.ready.iter().any(|e| !avoid.contains(&e.addr)) {
-            set.ready.iter().filter(|e| avoid.contains(&e.addr)).for_each(|e| tried.add(e));
-        }
+    if !avoid.is_empty() && set.ready.iter().any(|e| !avoid.contains(&e.addr)) {
+        set.ready.iter().filter(|e| avoid.contains(&e.addr)).for_each(|e| tried.add(e));
     }
     let mut unsent = 0;
     loop {
         let (endpoint, conn) = failover::connect(
-            cluster,
+            &view,
             route.hash,
             failover,
             &mut tried,
@@ -108,20 +106,20 @@ pub async fn forward_body(
             Ok(Sent::Answered(resp))
                 if cluster.is_mesh()
                     && app_not_reached(&resp)
-                    && tried.may_try_another(failover, &cluster.endpoints.load())
+                    && tried.may_try_another(failover, set)
                     && let Some(r) = again(&replay) =>
             {
                 drain(resp.into_body()).await;
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
                 rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
-                cluster.observe(outlier.as_ref(), &endpoint, Observed::LocalFailure);
+                cluster.observe(outlier, &endpoint, Observed::LocalFailure);
                 endpoint.mark_failing();
                 tried.add(&endpoint);
                 req = r;
             }
             Ok(Sent::Answered(mut resp)) => {
                 rec.attempt(endpoint.addr, Outcome::Answered);
-                cluster.observe(outlier.as_ref(), &endpoint, Observed::Status(resp.status().as_u16()));
+                cluster.observe(outlier, &endpoint, Observed::Status(resp.status().as_u16()));
                 if !h2 {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
@@ -143,11 +141,10 @@ pub async fn forward_body(
             }
             Err(e) => {
                 rec.attempt(endpoint.addr, (&e).into());
-                cluster.observe(outlier.as_ref(), &endpoint, Observed::LocalFailure);
-                let set = cluster.endpoints.load();
+                cluster.observe(outlier, &endpoint, Observed::LocalFailure);
                 let retry = (idempotent
                     && matches!(e, ProxyError::UpstreamReset { .. })
-                    && tried.may_try_another(failover, &set))
+                    && tried.may_try_another(failover, set))
                 .then(|| again(&replay))
                 .flatten();
                 let Some(r) = retry else { return Err(e) };
@@ -287,4 +284,48 @@ async fn send(ep: &Arc<Endpoint>, conn: Conn, req: Request<UpBody>) -> Result<Se
         },
     };
     Ok(Sent::Answered(resp.map(|body| UpstreamBody::new(body, conn.map(|c| (ep.clone(), c))))))
+}
+
+#[cfg(test)]
+#[allow(unreachable_code, unused_variables, clippy::diverging_sub_expression)]
+mod size_probe {
+    use super::*;
+    fn ret<F: FnOnce() -> R, R>(_: F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    #[test]
+    fn print_sizes() {
+        eprintln!("forward_body {}", ret(|| forward_body(todo!(), todo!(), &[], todo!())));
+        eprintln!("forward {}", ret(|| forward(todo!(), todo!(), todo!())));
+        eprintln!("send {}", ret(|| send(todo!(), todo!(), todo!())));
+        eprintln!("exchange {}", ret(|| crate::endpoint::H1Conn::exchange(todo!(), todo!())));
+        eprintln!(
+            "failover::connect {}",
+            ret(|| failover::connect(
+                todo!(),
+                None,
+                todo!(),
+                todo!(),
+                todo!(),
+                async move |ep: &Endpoint, t| ep.checkout(false, t).await
+            ))
+        );
+        eprintln!("checkout {}", ret(|| Endpoint::checkout(todo!(), false, todo!())));
+        eprintln!("drain {}", ret(|| drain(todo!())));
+        eprintln!("UpstreamBody {}", std::mem::size_of::<UpstreamBody>());
+        eprintln!("MatchedRoute {}", std::mem::size_of::<MatchedRoute>());
+        eprintln!("Request<UpBody> {}", std::mem::size_of::<Request<UpBody>>());
+        eprintln!("Request<Incoming> {}", std::mem::size_of::<Request<Incoming>>());
+        eprintln!("RequestHead {}", std::mem::size_of::<RequestHead>());
+        eprintln!("Replay {}", std::mem::size_of::<Option<(RequestHead, Option<Replay>)>>());
+        eprintln!("Tried {}", std::mem::size_of::<Tried>());
+        eprintln!("Sent {}", std::mem::size_of::<Result<Sent, ProxyError>>());
+        eprintln!("Response<UpstreamBody> {}", std::mem::size_of::<Response<UpstreamBody>>());
+        eprintln!("ProxyError {}", std::mem::size_of::<ProxyError>());
+        eprintln!("RequestRecord {}", std::mem::size_of::<RequestRecord>());
+        eprintln!(
+            "inbound call {}",
+            ret(|| crate::inbound::Inbound::call(todo!(), todo!(), todo!()))
+        );
+    }
 }

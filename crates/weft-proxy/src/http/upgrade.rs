@@ -21,7 +21,7 @@ pub async fn upgrade_via(
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let failover = route.rule.policy.failover;
     let (endpoint, conn) = failover::connect(
-        &route.backend,
+        &route.backend.view(),
         route.hash,
         failover,
         &mut Tried::default(),
