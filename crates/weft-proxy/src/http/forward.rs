@@ -87,18 +87,21 @@ pub async fn forward_body(
     }
     let mut unsent = 0;
     loop {
-        let (endpoint, conn) = failover::connect(
-            &view,
-            route.hash,
-            failover,
-            &mut tried,
-            &mut rec.attempts,
-            async move |ep: &Endpoint, t| ep.checkout(h2, t).await,
-        )
-        .await?;
+        // Each step's future is pinned where it is made (awaiting one by value copies it).
+        let (endpoint, conn) = {
+            let connect = std::pin::pin!(failover::connect(
+                &view,
+                route.hash,
+                failover,
+                &mut tried,
+                &mut rec.attempts,
+                async move |ep: &Endpoint, t| ep.checkout(h2, t).await,
+            ));
+            connect.await?
+        };
         let result = {
             let _in_flight = endpoint.start();
-            send(&endpoint, conn, req).await
+            std::pin::pin!(send(&endpoint, conn, req)).await
         };
         match result {
             // The callee's sidecar could not reach its app: the app never saw the request, so
