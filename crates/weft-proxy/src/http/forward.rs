@@ -99,63 +99,73 @@ pub async fn forward_body(
             ));
             connect.await?
         };
-        let result = {
-            let _in_flight = endpoint.start();
-            std::pin::pin!(send(&endpoint, conn, req)).await
+        // The callee's sidecar's own answer, when it could not reach its app (the arm below);
+        // read after the attempt's result is gone, so the request's future holds the two at
+        // different times.
+        let sidecar_answer = {
+            let result = {
+                let _in_flight = endpoint.start();
+                std::pin::pin!(send(&endpoint, conn, req)).await
+            };
+            match result {
+                // The app never saw the request, so another instance may take it whatever the
+                // method.
+                Ok(Sent::Answered(resp))
+                    if cluster.is_mesh()
+                        && app_not_reached(&resp)
+                        && tried.may_try_another(failover, set)
+                        && let Some(r) = again(&replay) =>
+                {
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
+                    rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
+                    cluster.observe(outlier, &endpoint, Observed::LocalFailure);
+                    endpoint.mark_failing();
+                    tried.add(&endpoint);
+                    req = r;
+                    resp.into_body()
+                }
+                Ok(Sent::Answered(mut resp)) => {
+                    rec.attempt(endpoint.addr, Outcome::Answered);
+                    cluster.observe(outlier, &endpoint, Observed::Status(resp.status().as_u16()));
+                    if !h2 {
+                        strip_hop_by_hop(resp.headers_mut(), false);
+                    }
+                    *resp.version_mut() = downstream;
+                    return Ok(resp);
+                }
+                // The connection had closed before the request went out (e.g. the upstream
+                // closed it while pooled, or the instance just died): check out again, which
+                // connects anew or, if that fails, moves on to another endpoint. Any method:
+                // nothing was sent.
+                Ok(Sent::Unsent(back, error)) => {
+                    let e = ProxyError::exchange(endpoint.addr, error);
+                    rec.attempt(endpoint.addr, Outcome::Failed { reason: e.reason(), sent: false });
+                    unsent += 1;
+                    if unsent == failover.max_endpoints {
+                        return Err(e);
+                    }
+                    endpoint.drop_idle_h1();
+                    req = back;
+                    continue;
+                }
+                Err(e) => {
+                    rec.attempt(endpoint.addr, (&e).into());
+                    cluster.observe(outlier, &endpoint, Observed::LocalFailure);
+                    let retry = (idempotent
+                        && matches!(e, ProxyError::UpstreamReset { .. })
+                        && tried.may_try_another(failover, set))
+                    .then(|| again(&replay))
+                    .flatten();
+                    let Some(r) = retry else { return Err(e) };
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "replaying on another endpoint");
+                    tried.add(&endpoint);
+                    req = r;
+                    continue;
+                }
+            }
         };
-        match result {
-            // The callee's sidecar could not reach its app: the app never saw the request, so
-            // another instance may take it whatever the method.
-            Ok(Sent::Answered(resp))
-                if cluster.is_mesh()
-                    && app_not_reached(&resp)
-                    && tried.may_try_another(failover, set)
-                    && let Some(r) = again(&replay) =>
-            {
-                drain(resp.into_body()).await;
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
-                rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
-                cluster.observe(outlier, &endpoint, Observed::LocalFailure);
-                endpoint.mark_failing();
-                tried.add(&endpoint);
-                req = r;
-            }
-            Ok(Sent::Answered(mut resp)) => {
-                rec.attempt(endpoint.addr, Outcome::Answered);
-                cluster.observe(outlier, &endpoint, Observed::Status(resp.status().as_u16()));
-                if !h2 {
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                }
-                *resp.version_mut() = downstream;
-                return Ok(resp);
-            }
-            // The connection had closed before the request went out (e.g. the upstream closed
-            // it while pooled, or the instance just died): check out again, which connects
-            // anew or, if that fails, moves on to another endpoint. Any method: nothing was sent.
-            Ok(Sent::Unsent(back, error)) => {
-                let e = ProxyError::exchange(endpoint.addr, error);
-                rec.attempt(endpoint.addr, Outcome::Failed { reason: e.reason(), sent: false });
-                unsent += 1;
-                if unsent == failover.max_endpoints {
-                    return Err(e);
-                }
-                endpoint.drop_idle_h1();
-                req = back;
-            }
-            Err(e) => {
-                rec.attempt(endpoint.addr, (&e).into());
-                cluster.observe(outlier, &endpoint, Observed::LocalFailure);
-                let retry = (idempotent
-                    && matches!(e, ProxyError::UpstreamReset { .. })
-                    && tried.may_try_another(failover, set))
-                .then(|| again(&replay))
-                .flatten();
-                let Some(r) = retry else { return Err(e) };
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "replaying on another endpoint");
-                tried.add(&endpoint);
-                req = r;
-            }
-        }
+        // Boxed: rare, and its future would take room in every request's.
+        Box::pin(drain(sidecar_answer)).await;
     }
 }
 
@@ -301,7 +311,6 @@ mod size_probe {
         eprintln!("forward_body {}", ret(|| forward_body(todo!(), todo!(), &[], todo!())));
         eprintln!("forward {}", ret(|| forward(todo!(), todo!(), todo!())));
         eprintln!("send {}", ret(|| send(todo!(), todo!(), todo!())));
-        eprintln!("exchange {}", ret(|| crate::endpoint::H1Conn::exchange(todo!(), todo!())));
         eprintln!(
             "failover::connect {}",
             ret(|| failover::connect(
