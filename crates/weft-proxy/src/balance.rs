@@ -371,17 +371,24 @@ impl Cluster {
                 let start = fastrand::usize(..n);
                 (0..n).map(|i| &eps[(start + i) % n]).find(|e| ok(e)).cloned()
             }
+            // One endpoint (as an inbound sidecar's app): nothing to compare.
+            LoadBalancer::P2cEwma if n == 1 => ok(&&eps[0]).then(|| eps[0].clone()),
             LoadBalancer::P2cEwma => {
                 // Two distinct random candidates; fall back to a scan when they are unusable.
+                // The clock is read once for every cost compared.
                 let a = fastrand::usize(..n);
-                let b = if n > 1 { (a + 1 + fastrand::usize(..n - 1)) % n } else { a };
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
                 let (ea, eb) = (&eps[a], &eps[b]);
                 match (ok(&ea), ok(&eb)) {
-                    (true, true) => Some(if eb.cost() < ea.cost() { eb } else { ea }.clone()),
+                    (true, true) => {
+                        let now = clock();
+                        Some(if eb.cost_at(now) < ea.cost_at(now) { eb } else { ea }.clone())
+                    }
                     (true, false) => Some(ea.clone()),
                     (false, true) => Some(eb.clone()),
                     (false, false) => {
-                        eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost().total_cmp(&y.cost())).cloned()
+                        let now = clock();
+                        eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost_at(now).total_cmp(&y.cost_at(now))).cloned()
                     }
                 }
             }

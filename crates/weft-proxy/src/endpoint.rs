@@ -162,8 +162,7 @@ impl H1Conn {
     pub fn exchange(
         &mut self,
         req: Request<UpBody>,
-    ) -> Exchange<'_, impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>> + use<>>
-    {
+    ) -> Exchange<'_, impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>> + use<>> {
         self.uses += 1;
         let response = self.send.try_send_request(req);
         Exchange { conn: self, response }
@@ -218,7 +217,11 @@ impl PoolSettings {
     /// Whether a connection opened at `opened` that carried `uses` requests may take no more.
     #[inline]
     pub fn spent(&self, opened: u64, uses: u32) -> bool {
-        self.limited_life.load(Ordering::Relaxed) && self.def.load().spent(opened, uses)
+        self.limited_life.load(Ordering::Relaxed) && self.spent_by_def(opened, uses)
+    }
+
+    fn spent_by_def(&self, opened: u64, uses: u32) -> bool {
+        self.def.load().spent(opened, uses)
     }
 }
 
@@ -269,16 +272,12 @@ impl Endpoint {
         at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
     }
 
-    /// Cost for P2C: estimated latency × (outstanding requests + 1). The estimate decays
+    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1). The estimate decays
     /// while an endpoint is not chosen; and an idle endpoint that has not answered for
     /// [`PROBE_AFTER`] costs nothing, so it gets the next request and a fresh sample: an
     /// endpoint that was slow once is not shunned for the tens of seconds the decay alone
     /// would take.
-    pub fn cost(&self) -> f64 {
-        self.cost_at(clock())
-    }
-
-    fn cost_at(&self, now: u64) -> f64 {
+    pub fn cost_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let pending = self.pending.load(Ordering::Relaxed);
         if rtt == 0.0 {
@@ -361,7 +360,8 @@ impl Endpoint {
         if h2 {
             {
                 let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(c) = slot.as_mut().filter(|c| !c.send.is_closed() && !self.pool.spent(c.opened, c.streams)) {
+                if let Some(c) = slot.as_mut().filter(|c| !c.send.is_closed() && !self.pool.spent(c.opened, c.streams))
+                {
                     c.streams += 1;
                     return Ok(Conn::H2(c.send.clone()));
                 }

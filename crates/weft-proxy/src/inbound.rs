@@ -21,6 +21,7 @@ use http::Request;
 use hyper::body::Incoming;
 use serde::Serialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What an inbound listener checks before a request or connection reaches the app.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -36,9 +37,51 @@ pub struct InboundPolicy {
     pub rate_limit: Option<Arc<RateLimit>>,
 }
 
+impl InboundPolicy {
+    /// Whether an HTTP request has anything to pass.
+    fn checks_http(&self) -> bool {
+        self.jwt.is_some() || self.authz.is_some() || self.rate_limit.is_some()
+    }
+}
+
 /// A listener's policy as connections see it: swapped in place when the control plane changes
 /// it, so open connections (pooled by callers for a long time) follow at once.
-pub type LivePolicy = Arc<ArcSwap<InboundPolicy>>;
+pub type LivePolicy = Arc<PolicyCell>;
+
+/// The policy in force, and whether it checks HTTP requests at all: a listener without policy
+/// (the default) passes requests on after reading one flag, without loading the policy.
+///
+/// Invariant: `checks_http` is set after a policy with checks is stored, and cleared before a
+/// policy without any is. A request that reads the flag clear while a policy is being put in
+/// force is one that arrived before it; one that reads it set loads that policy or a newer one.
+#[derive(Default)]
+pub struct PolicyCell {
+    policy: ArcSwap<InboundPolicy>,
+    checks_http: AtomicBool,
+}
+
+impl PolicyCell {
+    pub fn load(&self) -> arc_swap::Guard<Arc<InboundPolicy>> {
+        self.policy.load()
+    }
+
+    /// Puts `new` in force; returns the policy it replaces.
+    pub fn swap(&self, new: Arc<InboundPolicy>) -> Arc<InboundPolicy> {
+        if new.checks_http() {
+            let old = self.policy.swap(new);
+            self.checks_http.store(true, Ordering::Release);
+            old
+        } else {
+            self.checks_http.store(false, Ordering::Release);
+            self.policy.swap(new)
+        }
+    }
+
+    /// The policy an HTTP request must pass, if it has any checks.
+    fn for_http(&self) -> Option<arc_swap::Guard<Arc<InboundPolicy>>> {
+        self.checks_http.load(Ordering::Acquire).then(|| self.policy.load())
+    }
+}
 
 pub struct Inbound {
     /// Routes to the local app's cluster.
@@ -59,15 +102,13 @@ impl Inbound {
         mut req: Request<Incoming>,
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, impl Future<Output = Reply> + Send + 'a> {
-        let policy = self.policy.load();
-        if policy.jwt.is_some() || policy.authz.is_some() || policy.rate_limit.is_some() {
+        if let Some(policy) = self.policy.for_http() {
             let (mut parts, body) = req.into_parts();
             if let Err(e) = self.check(&policy, &mut parts, rec) {
                 return Either::Left(ready(Err(e)));
             }
             req = Request::from_parts(parts, body);
         }
-        drop(policy);
         match decide(&self.routes, &req, rec) {
             Ok(route) => Either::Right(crate::http::forward(route, req, rec).map(without_sidecar_headers)),
             Err(e) => Either::Left(ready(Err(e))),

@@ -215,7 +215,7 @@ impl Proxy {
             with_ctx.iter().map(|(d, _)| (d.name.clone(), d.clone())).collect();
         if let Err(e) = self.listeners.update(with_ctx) {
             for (live, previous) in new_policies {
-                live.store(previous);
+                live.swap(previous);
             }
             return Err(e);
         }

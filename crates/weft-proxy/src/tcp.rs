@@ -20,11 +20,15 @@ pub struct TcpTarget {
 pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTarget, metrics: &TrafficMetrics) {
     let cluster = &target.cluster;
     let mut rec = TcpRecord::default();
-    let connected =
-        failover::connect(&cluster.view(), None, target.failover, &mut Tried::default(), &mut rec.attempts, async |ep, t| {
-            ep.connect_tcp(t).await
-        })
-        .await;
+    let connected = failover::connect(
+        &cluster.view(),
+        None,
+        target.failover,
+        &mut Tried::default(),
+        &mut rec.attempts,
+        async |ep, t| ep.connect_tcp(t).await,
+    )
+    .await;
     match connected {
         Ok((endpoint, mut upstream)) => {
             rec.attempt(endpoint.addr, Outcome::Answered);

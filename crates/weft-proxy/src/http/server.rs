@@ -132,7 +132,7 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     /// hyper keeps one request future allocated per client connection, so its size is paid
-    /// per idle keep-alive connection. Rare paths (connecting, upgrades) are boxed to keep
+    /// per idle keep-alive connection. Rare paths (connecting, upgrades, reading a sidecar's refusal) are boxed to keep
     /// it small; this fails if a change makes the common path's future balloon.
     #[test]
     fn request_future_stays_small() {
@@ -140,7 +140,6 @@ mod tests {
             std::mem::size_of::<F>()
         }
         let size = future_size(super::handle);
-        eprintln!("handle {size}");
-        assert!(size <= 3 * 1024, "handle() future is {size} bytes");
+        assert!(size <= 2560, "handle() future is {size} bytes");
     }
 }
