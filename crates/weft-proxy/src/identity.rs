@@ -206,7 +206,7 @@ struct MeshClientVerifier(Arc<Credentials>);
 
 impl MeshClientVerifier {
     fn current(&self) -> Result<Arc<Arc<dyn ClientCertVerifier>>, rustls::Error> {
-        self.0.client_verifier.load_full().ok_or(rustls::Error::General("no trust bundle yet".into()))
+        self.0.client_verifier.load_full().ok_or_else(|| rustls::Error::General("no trust bundle yet".into()))
     }
 }
 

@@ -423,12 +423,12 @@ pub fn decide<B>(
     rec: &mut RequestRecord,
 ) -> Result<MatchedRoute, ProxyError> {
     let table = table.load();
-    let rule = table.rule(req).ok_or(ProxyError::NoRoute)?;
+    let rule = table.rule(req).ok_or_else(|| ProxyError::NoRoute)?;
     if let Some(rd) = &rule.redirect {
         rec.route = Some(rule.id.clone());
         return Err(ProxyError::Redirect { location: rule.redirect_location(rd, req), status: rd.status });
     }
-    let backend = rule.pick().ok_or(ProxyError::NoRoute)?.clone();
+    let backend = rule.pick().ok_or_else(|| ProxyError::NoRoute)?.clone();
     let hash = if rule.hash.is_empty() { None } else { rule.hash_of(req, rec.conn.peer) };
     let route = MatchedRoute { rule: rule.clone(), backend, hash };
     rec.route = Some(route.rule.id.clone());
