@@ -78,15 +78,15 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
 #[divan::bench(args = [2, 10, 100])]
 fn pick_p2c_ewma(b: divan::Bencher, n: usize) {
     let c = cluster(n, LoadBalancer::P2cEwma);
-    let (set, settings) = (c.endpoints.load_full(), **c.settings.load());
-    b.bench_local(|| divan::black_box(c.pick(&settings, &set, &[], None)).is_some());
+    let view = c.view();
+    b.bench_local(|| divan::black_box(view.pick(&[], None)).is_some());
 }
 
 #[divan::bench(args = [2, 10, 100])]
 fn pick_round_robin(b: divan::Bencher, n: usize) {
     let c = cluster(n, LoadBalancer::RoundRobin);
-    let (set, settings) = (c.endpoints.load_full(), **c.settings.load());
-    b.bench_local(|| divan::black_box(c.pick(&settings, &set, &[], None)).is_some());
+    let view = c.view();
+    b.bench_local(|| divan::black_box(view.pick(&[], None)).is_some());
 }
 
 #[divan::bench]

@@ -50,7 +50,6 @@ impl EndpointSet {
     }
 }
 
-#[derive(Clone, Copy)]
 pub struct Settings {
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Duration,
@@ -67,6 +66,45 @@ pub struct ClusterView<'c> {
     pub cluster: &'c Cluster,
     pub settings: Arc<Settings>,
     pub set: Arc<EndpointSet>,
+}
+
+impl ClusterView<'_> {
+    /// Picks an endpoint not in `tried`, preferring ones that are neither failing to connect
+    /// nor ejected.
+    ///
+    /// `hash` is the request's consistent-hash key (from the route), for `ring-hash` and
+    /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
+    /// balancers pick at random.
+    pub fn pick(&self, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+        let ClusterView { cluster, settings, set } = self;
+        let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
+        // Ejections count only while enough endpoints are left un-ejected (the panic
+        // threshold); the count is taken only once a candidate turns out to be ejected. The
+        // clock is read only for clusters with outlier detection.
+        let now = settings.outlier.map(|_| clock());
+        let panic = std::cell::OnceCell::new();
+        let in_service = |e: &&Arc<Endpoint>| match (&settings.outlier, now) {
+            (Some(outlier), Some(now)) if e.outlier.ejected(now) => *panic.get_or_init(|| {
+                let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
+                outlier::panicking(set.ready.len(), ejected, outlier.panic_threshold)
+            }),
+            _ => true,
+        };
+        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
+        if let (Some(table), Some(hash)) = (&set.hash, hash) {
+            let mut candidates = table.candidates(hash, set.ready.len()).map(|i| &set.ready[i]).filter(|e| usable(e));
+            let first = candidates.next()?;
+            return Some(if fresh(&first) { first } else { candidates.find(|e| fresh(e)).unwrap_or(first) }.clone());
+        }
+        let lb = settings.load_balancer;
+        // The preferred priority (the caller's zone) first, while one of its endpoints is fresh.
+        let preferred =
+            (set.preferred < set.ready.len()).then(|| cluster.choose(&set.ready[..set.preferred], lb, fresh));
+        preferred
+            .flatten()
+            .or_else(|| cluster.choose(&set.ready, lb, fresh))
+            .or_else(|| cluster.choose(&set.ready, lb, usable))
+    }
 }
 
 pub struct Cluster {
@@ -310,47 +348,6 @@ impl Cluster {
         );
     }
 
-    /// Picks an endpoint not in `tried`, preferring ones that are neither failing to connect
-    /// nor ejected.
-    ///
-    /// `hash` is the request's consistent-hash key (from the route), for `ring-hash` and
-    /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
-    /// balancers pick at random.
-    pub fn pick(
-        &self,
-        settings: &Settings,
-        set: &EndpointSet,
-        tried: &[usize],
-        hash: Option<u64>,
-    ) -> Option<Arc<Endpoint>> {
-        let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
-        // Ejections count only while enough endpoints are left un-ejected (the panic
-        // threshold); the count is taken only once a candidate turns out to be ejected. The
-        // clock is read only for clusters with outlier detection.
-        let now = settings.outlier.map(|_| clock());
-        let panic = std::cell::OnceCell::new();
-        let in_service = |e: &&Arc<Endpoint>| match (&settings.outlier, now) {
-            (Some(outlier), Some(now)) if e.outlier.ejected(now) => *panic.get_or_init(|| {
-                let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
-                outlier::panicking(set.ready.len(), ejected, outlier.panic_threshold)
-            }),
-            _ => true,
-        };
-        let fresh = |e: &&Arc<Endpoint>| usable(e) && !e.failing() && in_service(e);
-        if let (Some(table), Some(hash)) = (&set.hash, hash) {
-            let mut candidates = table.candidates(hash, set.ready.len()).map(|i| &set.ready[i]).filter(|e| usable(e));
-            let first = candidates.next()?;
-            return Some(if fresh(&first) { first } else { candidates.find(|e| fresh(e)).unwrap_or(first) }.clone());
-        }
-        let lb = settings.load_balancer;
-        // The preferred priority (the caller's zone) first, while one of its endpoints is fresh.
-        let preferred = (set.preferred < set.ready.len()).then(|| self.choose(&set.ready[..set.preferred], lb, fresh));
-        preferred
-            .flatten()
-            .or_else(|| self.choose(&set.ready, lb, fresh))
-            .or_else(|| self.choose(&set.ready, lb, usable))
-    }
-
     fn choose(
         &self,
         eps: &[Arc<Endpoint>],
@@ -569,25 +566,22 @@ mod tests {
     #[test]
     fn skips_unhealthy_and_tried() {
         let c = cluster(3, LoadBalancer::RoundRobin);
-        let set = c.endpoints.load();
-        assert_eq!(set.ready.len(), 2);
-        let first = c.pick(&c.settings.load(), &set, &[], None).unwrap();
-        let second = c.pick(&c.settings.load(), &set, &[Arc::as_ptr(&first) as usize], None).unwrap();
+        let view = c.view();
+        assert_eq!(view.set.ready.len(), 2);
+        let first = view.pick(&[], None).unwrap();
+        let second = view.pick(&[Arc::as_ptr(&first) as usize], None).unwrap();
         assert_ne!(first.addr, second.addr);
-        assert!(
-            c.pick(&c.settings.load(), &set, &[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None)
-                .is_none()
-        );
+        assert!(view.pick(&[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None).is_none());
     }
 
     #[test]
     fn p2c_prefers_less_loaded() {
         let c = cluster(3, LoadBalancer::P2cEwma);
-        let set = c.endpoints.load();
-        let busy = set.ready[0].clone();
+        let view = c.view();
+        let busy = view.set.ready[0].clone();
         let _load: Vec<_> = (0..50).map(|_| busy.start()).collect();
         for _ in 0..100 {
-            assert_ne!(c.pick(&c.settings.load(), &set, &[], None).unwrap().addr, busy.addr);
+            assert_ne!(view.pick(&[], None).unwrap().addr, busy.addr);
         }
     }
 

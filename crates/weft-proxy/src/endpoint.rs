@@ -220,6 +220,7 @@ impl PoolSettings {
         self.limited_life.load(Ordering::Relaxed) && self.spent_by_def(opened, uses)
     }
 
+    /// Apart from [`PoolSettings::spent`], so that the flag check inlines at every call.
     fn spent_by_def(&self, opened: u64, uses: u32) -> bool {
         self.def.load().spent(opened, uses)
     }
@@ -272,11 +273,11 @@ impl Endpoint {
         at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
     }
 
-    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1). The estimate decays
-    /// while an endpoint is not chosen; and an idle endpoint that has not answered for
-    /// [`PROBE_AFTER`] costs nothing, so it gets the next request and a fresh sample: an
-    /// endpoint that was slow once is not shunned for the tens of seconds the decay alone
-    /// would take.
+    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1).
+    /// The estimate decays while an endpoint is not chosen; and an idle endpoint that has not
+    /// answered for [`PROBE_AFTER`] costs nothing, so it gets the next request and a fresh
+    /// sample: an endpoint that was slow once is not shunned for the tens of seconds the decay
+    /// alone would take.
     pub fn cost_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let pending = self.pending.load(Ordering::Relaxed);

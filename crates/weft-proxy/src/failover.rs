@@ -46,9 +46,7 @@ pub async fn connect<C>(
     let ClusterView { cluster, settings, set } = view;
     let (timeout, outlier) = (settings.connect_timeout, settings.outlier.as_ref());
     loop {
-        let ep = cluster
-            .pick(settings, set, tried.as_slice(), hash)
-            .ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
+        let ep = view.pick(tried.as_slice(), hash).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
         match connect(&ep, timeout).await {
             Ok(c) => return Ok((ep, c)),
             Err(e) => {

@@ -132,8 +132,9 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     /// hyper keeps one request future allocated per client connection, so its size is paid
-    /// per idle keep-alive connection. Rare paths (connecting, upgrades, reading a sidecar's refusal) are boxed to keep
-    /// it small; this fails if a change makes the common path's future balloon.
+    /// per idle keep-alive connection. Rare paths (connecting, upgrades, reading a sidecar's
+    /// refusal) are boxed to keep it small; this fails if a change makes the common path's
+    /// future balloon.
     #[test]
     fn request_future_stays_small() {
         fn future_size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
