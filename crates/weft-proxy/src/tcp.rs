@@ -48,16 +48,12 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::ClusterManager;
-    use crate::config::{ClusterDef, EndpointDef};
     use crate::context::{Direction, ListenerInfo};
     use crate::metrics::Metrics;
-    use crate::testing::{Behaviour, ClientStream, FakeEndpoints, addr};
+    use crate::testing::{Behaviour, ClientStream, FakeEndpoints, addr, one_cluster};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use weft_api::resource::LoadBalancer;
 
     /// Opaque TCP fails over through the same function as HTTP: a refused endpoint is passed
     /// over for the next, and the bytes then flow both ways.
@@ -66,30 +62,7 @@ mod tests {
         let fakes = Arc::new(FakeEndpoints::default());
         let refused = fakes.add(addr(10), Behaviour::Refuse);
         let echo = fakes.add(addr(11), Behaviour::Echo);
-        let clusters = ClusterManager::new(fakes);
-        let endpoints = [10, 11].map(|p| EndpointDef {
-            address: addr(p),
-            healthy: true,
-            zone: String::new(),
-            priority: 0,
-            labels: Default::default(),
-        });
-        clusters.update(
-            &[ClusterDef {
-                name: "db".into(),
-                load_balancer: LoadBalancer::RoundRobin,
-                connect_timeout: Duration::from_secs(1),
-                static_endpoints: Some(endpoints.to_vec()),
-                tls: None,
-                protocol: Default::default(),
-                max_requests: None,
-                retry_limit: Default::default(),
-                outlier: None,
-                health_check: None,
-                pool: Default::default(),
-            }],
-            &crate::testing::no_tls,
-        );
+        let clusters = one_cluster(fakes, "db", &[addr(10), addr(11)]);
         let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default() };
         let metrics = Metrics::new().traffic(Direction::outbound, "db");
         let conn = ConnCtx {

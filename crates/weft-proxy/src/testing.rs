@@ -1,6 +1,8 @@
 //! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
 //! client connection in memory. With tokio's clock paused, everything they do is
 //! deterministic: time moves only when every task waits on a timer.
+use crate::balance::ClusterManager;
+use crate::config::{ClusterDef, EndpointDef};
 use crate::transport::{BoxedIo, Connect, ConnectFuture, Peek, Transport};
 use bytes::Bytes;
 use http::Response;
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use weft_api::resource::LoadBalancer;
 
 /// How a fake endpoint behaves.
 #[derive(Clone, Copy)]
@@ -138,8 +141,39 @@ impl Peek for ClientStream {
 }
 
 /// For clusters without TLS: tests that never configure origination.
-pub fn no_tls(def: &crate::config::UpstreamTlsDef) -> std::sync::Arc<crate::transport::UpstreamTls> {
+fn no_tls(def: &crate::config::UpstreamTlsDef) -> Arc<crate::transport::UpstreamTls> {
     unreachable!("test cluster configured with TLS towards {}", def.identity)
+}
+
+/// A cluster manager over `fakes` holding one round-robin cluster `name` of healthy, static,
+/// plaintext `endpoints`, defaults elsewhere: what in-process tests forward to.
+pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAddr]) -> ClusterManager {
+    let clusters = ClusterManager::new(fakes);
+    let endpoints = endpoints
+        .iter()
+        .map(|&address| EndpointDef {
+            address,
+            healthy: true,
+            zone: String::new(),
+            labels: Default::default(),
+            priority: 0,
+        })
+        .collect();
+    let def = ClusterDef {
+        name: name.into(),
+        load_balancer: LoadBalancer::RoundRobin,
+        connect_timeout: Duration::from_secs(1),
+        static_endpoints: Some(endpoints),
+        tls: None,
+        protocol: Default::default(),
+        max_requests: None,
+        retry_limit: Default::default(),
+        outlier: None,
+        health_check: None,
+        pool: Default::default(),
+    };
+    clusters.update(&[def], &no_tls);
+    clusters
 }
 
 impl AsyncRead for ClientStream {

@@ -2,13 +2,12 @@
 //! connected through in-memory streams, with tokio's clock paused. Time only moves when every
 //! task waits on a timer, so timeouts fire at exactly their configured time, with no sleeps.
 use crate::Limits;
-use crate::balance::ClusterManager;
-use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
+use crate::config::{PathDef, RouteDef, RuleDef};
 use crate::context::{ConnCtx, Direction, ListenerInfo};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
-use crate::testing::{Behaviour, ClientStream, Counts, FakeEndpoints, addr};
+use crate::testing::{Behaviour, ClientStream, Counts, FakeEndpoints, addr, one_cluster};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -19,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
-use weft_api::resource::LoadBalancer;
 
 /// An outbound stack for one route to cluster `backend`, whose endpoints are `endpoints` in
 /// that order (picked round robin, so the first request starts at the first endpoint).
@@ -31,33 +29,8 @@ impl Mesh {
     fn new(endpoints: &[(SocketAddr, Behaviour)], timeout: Option<Duration>) -> (Mesh, Vec<Arc<Counts>>) {
         let fakes = Arc::new(FakeEndpoints::default());
         let counts = endpoints.iter().map(|(a, b)| fakes.add(*a, *b)).collect();
-        let clusters = ClusterManager::new(fakes.clone());
-        let eps = endpoints
-            .iter()
-            .map(|(a, _)| EndpointDef {
-                address: *a,
-                healthy: true,
-                zone: String::new(),
-                labels: Default::default(),
-                priority: 0,
-            })
-            .collect();
-        clusters.update(
-            &[ClusterDef {
-                name: "backend".into(),
-                load_balancer: LoadBalancer::RoundRobin,
-                connect_timeout: Duration::from_secs(1),
-                static_endpoints: Some(eps),
-                tls: None,
-                protocol: Default::default(),
-                max_requests: None,
-                retry_limit: Default::default(),
-                outlier: None,
-                health_check: None,
-                pool: Default::default(),
-            }],
-            &crate::testing::no_tls,
-        );
+        let addrs: Vec<_> = endpoints.iter().map(|(a, _)| *a).collect();
+        let clusters = one_cluster(fakes, "backend", &addrs);
         let rule = RuleDef {
             path: PathDef::Prefix("/".into()),
             backends: vec![("backend".into(), 1)],
