@@ -73,7 +73,7 @@ pub async fn run(cluster: Weak<Cluster>, def: HealthCheckDef) {
     loop {
         tick.tick().await;
         let Some(cluster) = cluster.upgrade() else { return };
-        let set = cluster.endpoints.load_full();
+        let set = cluster.endpoints();
         let checked = set.all.iter().filter(|e| e.healthy.load(Ordering::Relaxed));
         let probes = checked.map(|e| async { (e.clone(), probe(e, &def, &cluster.name).await) });
         let mut changed = false;

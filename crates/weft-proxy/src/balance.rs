@@ -50,6 +50,7 @@ impl EndpointSet {
     }
 }
 
+#[derive(Clone)]
 pub struct Settings {
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Duration,
@@ -59,13 +60,26 @@ pub struct Settings {
     pub outlier: Option<OutlierDef>,
 }
 
-/// A cluster's settings and endpoints, read once for one request or connection: its
-/// decisions (admission, replay, failover, picks) agree with each other, and the hot path
-/// loads each of the cluster's `ArcSwap`s once.
+/// A cluster's settings and endpoints, replaced as one: a request reads both with a single
+/// load, and an endpoint set's hash table is always the one its settings' balancer uses.
+pub struct ClusterState {
+    pub settings: Settings,
+    pub set: Arc<EndpointSet>,
+}
+
+/// A cluster's state, read once for one request or connection: its decisions (admission,
+/// replay, failover, picks) agree with each other.
 pub struct ClusterView<'c> {
     pub cluster: &'c Cluster,
-    pub settings: Arc<Settings>,
-    pub set: Arc<EndpointSet>,
+    state: Arc<ClusterState>,
+}
+
+impl std::ops::Deref for ClusterView<'_> {
+    type Target = ClusterState;
+
+    fn deref(&self) -> &ClusterState {
+        &self.state
+    }
 }
 
 impl ClusterView<'_> {
@@ -76,7 +90,7 @@ impl ClusterView<'_> {
     /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
     /// balancers pick at random.
     pub fn pick(&self, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
-        let ClusterView { cluster, settings, set } = self;
+        let (cluster, ClusterState { settings, set }) = (self.cluster, &*self.state);
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected. The
@@ -109,8 +123,7 @@ impl ClusterView<'_> {
 
 pub struct Cluster {
     pub name: Arc<str>,
-    pub settings: ArcSwap<Settings>,
-    pub endpoints: ArcSwap<EndpointSet>,
+    state: ArcSwap<ClusterState>,
     /// Whether the control plane currently defines this cluster.
     pub defined: std::sync::atomic::AtomicBool,
     next: AtomicUsize,
@@ -168,15 +181,17 @@ impl Cluster {
     fn new(name: &str, connector: Arc<dyn Connect>, ejections: Counter) -> Cluster {
         Cluster {
             name: name.into(),
-            settings: ArcSwap::from_pointee(Settings {
-                load_balancer: LoadBalancer::default(),
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                protocol: UpstreamProtocol::Downstream,
-                max_requests: None,
-                retry_limit: RetryLimit::default(),
-                outlier: None,
+            state: ArcSwap::from_pointee(ClusterState {
+                settings: Settings {
+                    load_balancer: LoadBalancer::default(),
+                    connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                    protocol: UpstreamProtocol::Downstream,
+                    max_requests: None,
+                    retry_limit: RetryLimit::default(),
+                    outlier: None,
+                },
+                set: Default::default(),
             }),
-            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             defined: false.into(),
             next: AtomicUsize::new(0),
             connector,
@@ -194,11 +209,30 @@ impl Cluster {
         }
     }
 
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.state.load().set.clone()
+    }
+
     /// Rebuilds the ready set from the endpoints' current health.
     pub fn refresh(&self) {
-        let all = self.endpoints.load().all.clone();
-        let lb = self.settings.load().load_balancer;
-        self.endpoints.store(Arc::new(EndpointSet::new(all, lb)));
+        self.state.rcu(|s| ClusterState {
+            settings: s.settings.clone(),
+            set: Arc::new(EndpointSet::new(s.set.all.clone(), s.settings.load_balancer)),
+        });
+    }
+
+    /// Replaces the settings; the ready set is rebuilt if the balancer changed (its hash
+    /// table goes with the balancer).
+    fn set_settings(&self, settings: Settings) {
+        self.state.rcu(|s| {
+            let set = if s.settings.load_balancer == settings.load_balancer {
+                s.set.clone()
+            } else {
+                Arc::new(EndpointSet::new(s.set.all.clone(), settings.load_balancer))
+            };
+            ClusterState { settings: settings.clone(), set }
+        });
     }
 
     /// Starts, replaces or stops the active health check task (`def` is `None` to stop).
@@ -216,7 +250,7 @@ impl Cluster {
             *current = Some((def.clone(), task.abort_handle()));
         } else {
             drop(current);
-            for e in &self.endpoints.load().all {
+            for e in &self.endpoints().all {
                 e.health_check.reset();
             }
             self.refresh();
@@ -233,7 +267,7 @@ impl Cluster {
         if !same {
             self.mesh.store(tls.is_some(), Ordering::Relaxed);
             self.tls.store(tls);
-            for ep in &self.endpoints.load().all {
+            for ep in &self.endpoints().all {
                 ep.drop_pools();
             }
         }
@@ -242,7 +276,7 @@ impl Cluster {
     /// Replaces the endpoint set, keeping existing endpoint objects (and their pools and
     /// latency estimates) for addresses that remain.
     pub fn set_endpoints(&self, defs: &[EndpointDef]) {
-        let old = self.endpoints.load();
+        let old = self.endpoints();
         let mut all = Vec::with_capacity(defs.len());
         for d in defs {
             let ep = match old
@@ -269,8 +303,10 @@ impl Cluster {
             };
             all.push(ep);
         }
-        let lb = self.settings.load().load_balancer;
-        self.endpoints.store(Arc::new(EndpointSet::new(all, lb)));
+        self.state.rcu(|s| ClusterState {
+            settings: s.settings.clone(),
+            set: Arc::new(EndpointSet::new(all.clone(), s.settings.load_balancer)),
+        });
     }
 
     /// Counts an attempt against the cluster's `max_requests`, or refuses it at once; a
@@ -296,7 +332,7 @@ impl Cluster {
 
     /// A retry, if the cluster's retry limit allows one more in flight; counted until dropped.
     pub fn admit_retry(&self) -> Option<Admitted<'_>> {
-        let allowed = match self.settings.load().retry_limit {
+        let allowed = match self.state.load().settings.retry_limit {
             RetryLimit::Fixed(n) => n,
             RetryLimit::Budget { percent, min } => {
                 let live = f64::from(self.in_flight.load(Ordering::Relaxed));
@@ -320,7 +356,7 @@ impl Cluster {
 
     /// The cluster's settings and endpoints as one request (or connection) sees them.
     pub fn view(&self) -> ClusterView<'_> {
-        ClusterView { cluster: self, settings: self.settings.load_full(), set: self.endpoints.load_full() }
+        ClusterView { cluster: self, state: self.state.load_full() }
     }
 
     /// Counts an attempt's result towards outlier detection (if the cluster has it), and
@@ -332,7 +368,7 @@ impl Cluster {
             return;
         }
         let now = clock();
-        let set = self.endpoints.load();
+        let set = self.endpoints();
         let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
         if ep.outlier.ejected(now) || ejected >= outlier::max_ejected(set.ready.len(), def.max_ejection_percent) {
             ep.outlier.forgive();
@@ -451,15 +487,14 @@ impl ClusterManager {
         for def in defs {
             let c = self.get(&def.name);
             c.set_tls(def.tls.as_ref().map(tls));
-            let rehash = c.settings.load().load_balancer != def.load_balancer;
-            c.settings.store(Arc::new(Settings {
+            c.set_settings(Settings {
                 load_balancer: def.load_balancer,
                 connect_timeout: def.connect_timeout,
                 protocol: def.protocol,
                 max_requests: def.max_requests,
                 retry_limit: def.retry_limit,
                 outlier: def.outlier,
-            }));
+            });
             c.set_health_check(def.health_check.as_ref());
             if **c.pool.load() != def.pool {
                 c.pool.store(def.pool);
@@ -477,9 +512,6 @@ impl ClusterManager {
                     let (learned, addr) = (c.learned.clone(), ep.address);
                     rt.spawn(async move { learned.learn(addr).await });
                 }
-            } else if rehash {
-                let all = c.endpoints.load().all.clone();
-                c.endpoints.store(Arc::new(EndpointSet::new(all, def.load_balancer)));
             }
             c.defined.store(true, Ordering::Relaxed);
         }
@@ -526,7 +558,7 @@ impl ClusterManager {
                     tokio::spawn(async move { learned.learn(*addr).await });
                 }
                 let max_sweeps = sweeps(c.pool.load().idle_timeout.unwrap_or(idle_timeout), period);
-                for ep in &c.endpoints.load().all {
+                for ep in &c.endpoints().all {
                     ep.sweep_idle(now, max_sweeps);
                 }
             }
@@ -542,14 +574,14 @@ mod tests {
 
     fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
         let c = Cluster::new("svc", Arc::new(TcpConnect), Counter::default());
-        c.settings.store(Arc::new(Settings {
+        c.set_settings(Settings {
             load_balancer: lb,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             protocol: UpstreamProtocol::Downstream,
             max_requests: None,
             retry_limit: RetryLimit::default(),
             outlier: None,
-        }));
+        });
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef {
                 address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
@@ -588,10 +620,9 @@ mod tests {
     #[test]
     fn update_keeps_endpoint_identity() {
         let c = cluster(3, LoadBalancer::P2cEwma);
-        let before = c.endpoints.load().all[1].clone();
+        let before = c.endpoints().all[1].clone();
         let defs: Vec<EndpointDef> = c
-            .endpoints
-            .load()
+            .endpoints()
             .all
             .iter()
             .map(|e| EndpointDef {
@@ -603,7 +634,7 @@ mod tests {
             })
             .collect();
         c.set_endpoints(&defs);
-        assert!(Arc::ptr_eq(&before, &c.endpoints.load().all[1]));
-        assert_eq!(c.endpoints.load().ready.len(), 3);
+        assert!(Arc::ptr_eq(&before, &c.endpoints().all[1]));
+        assert_eq!(c.endpoints().ready.len(), 3);
     }
 }
