@@ -90,7 +90,7 @@ impl ClusterView<'_> {
     /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
     /// balancers pick at random.
     pub fn pick(&self, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
-        let (cluster, ClusterState { settings, set }) = (self.cluster, &*self.state);
+        let (cluster, settings, set) = (self.cluster, &self.settings, &self.set);
         let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected. The

@@ -1,7 +1,7 @@
 //! Connect, and fail over to another endpoint. The one place that decides whether a failed
 //! attempt may move to another endpoint; the HTTP path (pooled and upgrade connections,
 //! replays) and the TCP path both go through it.
-use crate::balance::{ClusterState, ClusterView, EndpointSet};
+use crate::balance::{ClusterView, EndpointSet};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::outlier::Observed;
@@ -43,7 +43,7 @@ pub async fn connect<C>(
     attempts: &mut Attempts,
     connect: impl AsyncFn(&Endpoint, Duration) -> Result<C, ProxyError>,
 ) -> Result<(Arc<Endpoint>, C), ProxyError> {
-    let (cluster, ClusterState { settings, set }) = (view.cluster, &**view);
+    let (cluster, settings, set) = (view.cluster, &view.settings, &view.set);
     let (timeout, outlier) = (settings.connect_timeout, settings.outlier.as_ref());
     loop {
         let ep = view.pick(tried.as_slice(), hash).ok_or_else(|| ProxyError::NoEndpoints(cluster.name.to_string()))?;
