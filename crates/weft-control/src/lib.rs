@@ -27,6 +27,14 @@ use weft_api::resource::MtlsMode;
 pub use ca::CaConfig;
 pub use state::Mesh;
 
+/// What the fuzz targets and their seed generator (fuzz/) use besides the public API:
+/// internals, exposed only with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::token::{Claims, TokenKey, id_of};
+    pub use crate::translate::Type;
+}
+
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
     /// Address for xDS (gRPC) and the admin API (HTTP/JSON), both over TLS.

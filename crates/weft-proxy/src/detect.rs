@@ -60,6 +60,15 @@ fn classify(buf: &[u8]) -> Verdict {
     }
 }
 
+/// The protocol `buf` shows, or `None` while more bytes are needed.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn known(buf: &[u8]) -> Option<Protocol> {
+    match classify(buf) {
+        Verdict::Known(p) => Some(p),
+        Verdict::NeedMore => None,
+    }
+}
+
 /// TLS record content type of a handshake message (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -115,13 +124,6 @@ pub async fn detect<T: Peek>(stream: &mut T, timeout: Duration) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn known(buf: &[u8]) -> Option<Protocol> {
-        match classify(buf) {
-            Verdict::Known(p) => Some(p),
-            Verdict::NeedMore => None,
-        }
-    }
 
     #[test]
     fn classifies() {

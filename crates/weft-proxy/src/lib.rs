@@ -39,8 +39,8 @@ pub mod retry_budget;
 pub mod route;
 pub mod stack;
 mod tcp;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 pub mod transport;
 mod xds;
 
@@ -62,6 +62,18 @@ use std::time::Duration;
 use weft_api::registry::{InstanceRegistration, Upstream};
 
 pub use error::ERROR_HEADER;
+
+/// What the fuzz targets (fuzz/) drive besides the public API: internals, exposed only with
+/// the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::detect::Protocol;
+
+    /// Protocol detection on a connection's first bytes: `None` while it needs more.
+    pub fn detect(buf: &[u8]) -> Option<Protocol> {
+        crate::detect::known(buf)
+    }
+}
 pub use health::HealthCheck;
 
 /// Limits that protect the proxy; all have safe defaults and command-line flags.

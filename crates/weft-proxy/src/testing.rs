@@ -1,9 +1,18 @@
 //! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
 //! client connection in memory. With tokio's clock paused, everything they do is
 //! deterministic: time moves only when every task waits on a timer.
+use crate::Limits;
 use crate::balance::ClusterManager;
-use crate::config::{ClusterDef, EndpointDef};
+use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
+use crate::context::{ConnCtx, Direction, ListenerInfo};
+use crate::inbound::LivePolicy;
+use crate::listener::ListenerCtx;
+use crate::metrics::Metrics;
+use crate::route::RouteTable;
+use crate::stack::HttpStack;
+use crate::tcp::TcpTarget;
 use crate::transport::{BoxedIo, Connect, ConnectFuture, Peek, Transport};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -39,6 +48,8 @@ pub struct Counts {
     pub requests: AtomicUsize,
     /// The request bodies answered, in order.
     pub bodies: Mutex<Vec<String>>,
+    /// The request targets answered (path and query), in order.
+    pub targets: Mutex<Vec<String>>,
 }
 
 /// Upstream endpoints in memory, by address.
@@ -88,6 +99,8 @@ impl Connect for FakeEndpoints {
                         let counts = counts.clone();
                         async move {
                             counts.requests.fetch_add(1, Ordering::Relaxed);
+                            let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                            counts.targets.lock().unwrap_or_else(|p| p.into_inner()).push(target);
                             let body = http_body_util::BodyExt::collect(req.into_body()).await;
                             let body =
                                 body.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
@@ -174,6 +187,32 @@ pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAdd
     };
     clusters.update(&[def], &no_tls);
     clusters
+}
+
+/// A listener of `direction` as the proxy builds one for a service: every HTTP request routed
+/// to the cluster `app` of `clusters`, other bytes forwarded to it as opaque TCP, `policy`
+/// checked on inbound requests.
+pub fn app_listener(direction: Direction, clusters: &ClusterManager, policy: LivePolicy) -> Arc<ListenerCtx> {
+    let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("app".into(), 1)], ..Default::default() };
+    let table = RouteTable::build(&RouteDef::any_host("app", vec![rule]), clusters);
+    let metrics = Metrics::new().traffic(direction, "app");
+    let http = HttpStack::new(direction, Arc::new(ArcSwap::from_pointee(table)), policy.clone(), metrics.clone());
+    Arc::new(ListenerCtx {
+        info: ListenerInfo::new("app", direction, "app"),
+        http: Some(Arc::new(http)),
+        tcp: Some(TcpTarget { cluster: clusters.get("app"), failover: Default::default() }),
+        tls: None,
+        policy,
+        plaintext: true,
+        metrics,
+    })
+}
+
+/// Serves an in-memory client connection as a listener serves an accepted one: detection,
+/// then the HTTP stack or opaque TCP, with default limits.
+pub fn serve(client: DuplexStream, ctx: Arc<ListenerCtx>) -> impl Future<Output = ()> + Send {
+    let conn = Arc::new(ConnCtx { peer: addr(1), local: addr(2), listener: ctx.info.clone(), peer_identity: None });
+    crate::listener::serve(ClientStream::new(client), conn, ctx, Arc::new(Limits::default()), ())
 }
 
 impl AsyncRead for ClientStream {
