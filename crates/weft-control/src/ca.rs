@@ -220,7 +220,7 @@ impl Ca {
     /// Loads the CA from `data_dir/ca`, creating a root at first start (or uses the operator's).
     pub fn open(data_dir: &Path, cfg: CaConfig) -> anyhow::Result<Ca> {
         let dir = data_dir.join("ca");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::store::private_dir(&dir)?;
         let signer = match &cfg.provided {
             Some((cert, key)) => load_provided(cert, key)?,
             None if dir.join("root.key").exists() => load_managed(&dir)?,

@@ -84,7 +84,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path.clone()));
     tokio::spawn(jwks::refresh(mesh.clone()));
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
-    let app = grpc.merge(api::router(mesh.clone()));
+    // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
+    let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
     tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
     // xDS streams never end on their own: after the stop signal, give in-flight API calls a
     // moment, then close everything.

@@ -66,8 +66,7 @@ impl TokenKey {
     /// Loads `ca/token.key`, creating it at first start.
     pub fn open(data_dir: &Path) -> anyhow::Result<TokenKey> {
         let path = data_dir.join("ca").join("token.key");
-        std::fs::create_dir_all(data_dir.join("ca"))
-            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        crate::store::private_dir(&data_dir.join("ca"))?;
         let secret = match std::fs::read_to_string(&path) {
             Ok(text) => B64.decode(text.trim()).with_context(|| format!("{} is corrupt", path.display()))?,
             Err(_) => {
