@@ -291,6 +291,14 @@ fn app_with_health(healthy: Arc<std::sync::atomic::AtomicBool>) -> (u16, Arc<Ato
 /// An HTTP/1.1 app on a thread of its own that answers every request with the status
 /// `answer` picks from the path and a counter it may bump; returns its port and the counter.
 fn scripted_app(answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static) -> (u16, Arc<AtomicU32>) {
+    scripted_app_with_delay(Duration::ZERO, answer)
+}
+
+/// [`scripted_app`] answering each request after `delay`.
+fn scripted_app_with_delay(
+    delay: Duration,
+    answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static,
+) -> (u16, Arc<AtomicU32>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -307,6 +315,7 @@ fn scripted_app(answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let status = answer(req.uri().path(), &seen);
                         async move {
+                            tokio::time::sleep(delay).await;
                             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, std::convert::Infallible>(r)
@@ -917,4 +926,125 @@ fn connections_per_instance_and_pending_requests_are_limited() {
     assert!((7..=10).contains(&served), "{served} of 20 served: {results:?}");
     assert!(refused.iter().all(|t| **t < Duration::from_millis(250)), "refusals waited: {refused:?}");
     assert!(accepted(&backend.admin()) - before <= 2, "more than two connections to the instance");
+}
+
+/// Apps killed while holding GETs: the sidecar of the dying app answers them `upstream-reset`
+/// (its app reset them before answering), and the caller's sidecar replays them on the other
+/// instance, as it would after a reset of its own: no client sees a failure. Three rounds, each
+/// killing an app with eight GETs in flight on it and restarting it.
+#[test]
+fn gets_in_flight_survive_their_app_being_killed() {
+    let dir = TestDir::new("killed-in-flight");
+    let control = Control::start(&dir);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let admin = free_port();
+    let start_app = |i: usize| {
+        let mut app = Command::new(weft_bin());
+        app.args(["demo-app", "--listen", &format!("127.0.0.1:{}", ports[i]), "--service", "backend"]);
+        let app = Proc::spawn(&dir, &format!("app-{i}"), &mut app);
+        wait_until(Duration::from_secs(10), "app listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", ports[i])).is_ok()
+        });
+        app
+    };
+    let mut apps: Vec<Proc> = (0..2).map(start_app).collect();
+    let _sidecars = [
+        backend_sidecar(&dir, &control, 0, ports[0], &["--admin", &format!("127.0.0.1:{admin}")]),
+        backend_sidecar(&dir, &control, 1, ports[1], &[]),
+    ];
+    wait_until(Duration::from_secs(15), "two healthy instances", || control.healthy_ids("backend").len() == 2);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees two", || edge.endpoint_addrs("backend").len() == 2);
+    let url = edge.url("backend", "/delay/1500");
+    let resets = || counter(&format!("127.0.0.1:{admin}"), "weft_proxy_errors_total", &["reason=\"upstream-reset\""]);
+    for round in 0..3 {
+        let before = resets();
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || curl(&["--max-time", "10", &url]))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        apps[0].kill();
+        let statuses: Vec<String> = clients
+            .into_iter()
+            .map(|c| c.join().unwrap().map_or("no response".to_owned(), |r| format!("{} {:?}", r.status, r.headers.get("x-weft-error"))))
+            .collect();
+        let failed: Vec<&String> = statuses.iter().filter(|s| !s.starts_with("200 ")).collect();
+        assert!(failed.is_empty(), "round {round}: {} of 16 GETs failed: {failed:?}", failed.len());
+        let killed = resets() - before;
+        assert!(killed > 0, "round {round}: the killed app held no request (its sidecar reported no reset)");
+        eprintln!("round {round}: {killed} GETs were in flight on the killed app; all answered");
+        apps[0] = start_app(0);
+        // Long enough for the caller to stop avoiding the instance that failed.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+/// An instance that fails every request at once looks fastest to a latency-only balancer; with
+/// the default balancer (P2C peak-EWMA), no outlier detection and no retries, it must get no
+/// more than its fair share (a third) of the requests.
+#[test]
+fn a_fast_failing_instance_gets_no_more_than_its_share() {
+    let dir = TestDir::new("fast-failing");
+    let control = Control::start(&dir);
+    let slow_ok = || scripted_app_with_delay(Duration::from_millis(5), |_, count| {
+        count.fetch_add(1, Ordering::SeqCst);
+        200
+    });
+    let (good_a, _) = slow_ok();
+    let (good_b, _) = slow_ok();
+    let (failing, failures) = failing_app(|_| true);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, failing]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    let statuses = load(&url, 600, 4);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = failures.load(Ordering::SeqCst);
+    eprintln!("the failing instance got {asked} of 600 requests ({failed} failed)");
+    assert!(asked <= 200, "the failing instance got {asked} of 600 requests, more than its third");
+}
+
+/// The README's retry example as written (`retry: {attempts: 2, retryOn: [5xx]}`, default
+/// backoff and budget) with one of three instances failing every other request: eight
+/// concurrent clients see no failure.
+#[test]
+fn the_readme_retry_example_hides_a_flaky_instance_under_concurrency() {
+    let dir = TestDir::new("readme-retry");
+    let control = Control::start(&dir);
+    let (good_a, _) = failing_app(|_| false);
+    let (good_b, _) = failing_app(|_| false);
+    let (flaky, flaky_count) = failing_app(|n| n.is_multiple_of(2));
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    apply_policy(&dir, &control, "{attempts: 2, retryOn: [5xx]}");
+    wait_until(Duration::from_secs(5), "retries in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["routes"].to_string().contains("\"retries\":2")
+    });
+    let asked_before = flaky_count.load(Ordering::SeqCst);
+    let statuses = load(&url, 3000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = flaky_count.load(Ordering::SeqCst) - asked_before;
+    eprintln!("{failed} of 3000 failed; the flaky instance was asked {asked} times");
+    assert_eq!(failed, 0, "{failed} of 3000 requests failed with the README's retry policy");
+    assert!(asked > 0, "the flaky instance was never asked");
+    // The default balancer soon sends the flaky instance little; round robin sends it a third
+    // of the requests, half of which need a retry, eight clients at once.
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: round-robin}\n",
+    );
+    wait_until(Duration::from_secs(5), "round robin in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["clusters"]["backend"]["load_balancer"] == "round-robin"
+    });
+    let asked_before = flaky_count.load(Ordering::SeqCst);
+    let statuses = load(&url, 3000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = flaky_count.load(Ordering::SeqCst) - asked_before;
+    eprintln!("round robin: {failed} of 3000 failed; the flaky instance was asked {asked} times");
+    assert_eq!(failed, 0, "{failed} of 3000 requests failed with the README's retry policy (round robin)");
+    assert!(asked > 600, "the flaky instance was asked {asked} times: the retries were not exercised");
 }
