@@ -317,7 +317,8 @@ fn sidecars_learn_what_their_app_speaks() {
 fn a_sidecar_started_before_its_app_translates_from_the_first_request() {
     let dir = TestDir::new("learn-late");
     let control = Control::start(&dir);
-    let services = [("legacy", false, "--http2-prior-knowledge", "HTTP/1.1"), ("modern", true, "--http1.1", "HTTP/2.0")];
+    let services =
+        [("legacy", false, "--http2-prior-knowledge", "HTTP/1.1"), ("modern", true, "--http1.1", "HTTP/2.0")];
     let ports: Vec<u16> = services.iter().map(|_| free_port()).collect();
     let _sidecars: Vec<Proc> = services
         .iter()
