@@ -18,6 +18,7 @@ pub struct TcpTarget {
 }
 
 pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTarget, metrics: &TrafficMetrics) {
+    let _work = conn.listener.drain.work();
     let cluster = &target.cluster;
     let mut rec = TcpRecord::default();
     let connected = failover::connect(

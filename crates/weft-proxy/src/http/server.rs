@@ -66,11 +66,23 @@ pub fn serve<T: Transport>(
             }
             let Some(mut parked) = session.take_parked() else { return };
             crate::idle::trim_soon();
-            // An idle keep-alive connection is closed after the header read timeout, as before.
-            match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
-                Ok(Ok(())) => stream = parked,
-                _ => return,
+            // An idle keep-alive connection is closed after the header read timeout, as before,
+            // and at once when the proxy drains. Boxed: a connection parks after a second
+            // without requests, and this wait would otherwise take room in every connection's
+            // future.
+            let drain = &conn.listener.drain;
+            let next_request = Box::pin(async {
+                tokio::select! {
+                    read = tokio::time::timeout(limits.header_read_timeout, parked.readable()) => {
+                        matches!(read, Ok(Ok(())))
+                    }
+                    _ = drain.started() => false,
+                }
+            });
+            if drain.is_draining() || !next_request.await {
+                return;
             }
+            stream = parked;
         }
     }
 }
@@ -82,9 +94,10 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut rec = RequestRecord::start(conn);
+    let h1 = req.version() != Version::HTTP_2;
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
-    let grpc = req.version() == Version::HTTP_2
-        && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc =
+        !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     // Pinned where it is made: awaiting the stack's future by value would copy the whole
     // (large) future into the request future's state, and then once more.
     let reply = {
@@ -117,6 +130,12 @@ async fn handle(
         }
     };
     rec.status = resp.status().as_u16();
+    let mut resp = resp;
+    // Draining: an HTTP/1.1 client is told to close the connection after this response (and
+    // connects elsewhere for its next request).
+    if h1 && rec.conn.listener.drain.is_draining() {
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     if rec.attempts.len() > 1 {
         tracing::debug!(peer = %rec.conn.peer, route = ?rec.route, status = rec.status, attempts = ?rec.attempts, "request needed more than one attempt");
     }
