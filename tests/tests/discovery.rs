@@ -301,6 +301,13 @@ fn a_sidecar_stopped_with_requests_in_flight_finishes_them() {
             })
         })
         .collect();
+    // And HTTP/2 clients (the edge speaks HTTP/2 to the sidecars for them).
+    let h2: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("{base}/delay/800");
+            std::thread::spawn(move || curl(&["--http2-prior-knowledge", "--max-time", "10", &url]))
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let stopped = std::time::Instant::now();
     sidecars[0].signal(nix::sys::signal::Signal::SIGTERM);
@@ -313,6 +320,10 @@ fn a_sidecar_stopped_with_requests_in_flight_finishes_them() {
     });
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "{} of 16 requests failed: {failed:?}", failed.len());
+    for r in h2 {
+        let r = r.join().unwrap();
+        assert!(r.as_ref().is_some_and(|r| r.status == 200), "an HTTP/2 request failed: {r:?}");
+    }
     assert_eq!(sidecars[0].wait(Duration::from_secs(10)), Some(0), "the sidecar exits 0 after draining");
     let took = stopped.elapsed();
     eprintln!("the sidecar exited {took:?} after SIGTERM");

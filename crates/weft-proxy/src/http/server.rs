@@ -30,13 +30,23 @@ pub fn serve<T: Transport>(
 ) -> impl Future<Output = ()> + Send + '_ {
     async move {
         if h2 {
+            let drain = conn.listener.drain.clone();
             let svc = hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), None, req));
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes)
                 .adaptive_window(true)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = Box::pin(served).await {
+            let mut served = Box::pin(served);
+            // Draining: GOAWAY, so the client opens no new stream here; those in flight finish.
+            let ended = tokio::select! {
+                ended = served.as_mut() => ended,
+                _ = drain.started() => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
             }
             return;
