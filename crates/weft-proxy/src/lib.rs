@@ -31,6 +31,7 @@ mod idle;
 pub mod inbound;
 pub mod jwt;
 mod listener;
+mod log_limit;
 pub mod metrics;
 mod outbound;
 pub mod outlier;

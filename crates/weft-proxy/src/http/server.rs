@@ -120,22 +120,7 @@ async fn handle(
         Err(e @ crate::error::ProxyError::Redirect { .. }) => error_response(&e, grpc),
         Err(e) => {
             rec.error = Some(e.reason());
-            // Load shed by a limit is counted, not logged: a log line per refusal would add
-            // work exactly when the proxy is overloaded.
-            if !matches!(
-                e,
-                crate::error::ProxyError::Overflow { .. } | crate::error::ProxyError::PendingOverflow { .. }
-            ) {
-                tracing::warn!(
-                error = %e,
-                reason = e.reason(),
-                peer = %rec.conn.peer,
-                listener = %rec.conn.listener.name,
-                route = ?rec.route,
-                attempts = ?rec.attempts,
-                "proxy answered the request itself"
-                );
-            }
+            log_answered(&e, &rec);
             error_response(&e, grpc)
         }
     };
@@ -156,6 +141,32 @@ async fn handle(
         exchange.upgraded();
     }
     Ok(resp.map(|inner| Body { inner, _exchange: exchange }))
+}
+
+/// Logs a response the proxy made itself, one line per reason per
+/// [`crate::log_limit::INTERVAL`] (every one is counted in `weft_proxy_errors_total`): a
+/// refusal by policy or a limit at info, a failure to reach the upstream at warn.
+fn log_answered(e: &crate::error::ProxyError, rec: &RequestRecord) {
+    let Some(left_out) = crate::log_limit::allow(e.reason()) else { return };
+    macro_rules! answered {
+        ($level:ident) => {
+            tracing::$level!(
+                error = %e,
+                reason = e.reason(),
+                peer = %rec.conn.peer,
+                listener = %rec.conn.listener.name,
+                route = ?rec.route,
+                attempts = ?rec.attempts,
+                like_it_since_last_line = left_out,
+                "proxy answered a request itself (one line per reason per 10 s; all are counted in weft_proxy_errors_total)"
+            )
+        };
+    }
+    if e.is_refusal() {
+        answered!(info);
+    } else {
+        answered!(warn);
+    }
 }
 
 #[cfg(test)]
