@@ -155,7 +155,7 @@ fn rolling_restart_under_load_loses_no_request() {
                             // Bounded: at most 4,000 requests per client.
                             while !stop.load(Ordering::Relaxed) && sent < 4000 {
                                 sent += 1;
-                                let post = (w + sent as usize) % 2 == 0;
+                                let post = (w + sent as usize).is_multiple_of(2);
                                 // A slow GET, or a POST whose body comes in three parts 10 ms apart
                                 // (the app holds each ~30 ms either way).
                                 let (uri, body): (String, Body) = if post {
