@@ -150,6 +150,10 @@ pub async fn forward_body(
                 }
                 Err(e) => {
                     rec.attempt(endpoint.addr, (&e).into());
+                    // The client's body failed: nothing to hold against the endpoint.
+                    if let ProxyError::BadRequestBody { .. } = e {
+                        return Err(e);
+                    }
                     cluster.observe(outlier, &endpoint, Observed::LocalFailure);
                     let retry = (idempotent
                         && matches!(e, ProxyError::UpstreamReset { .. })
