@@ -72,7 +72,8 @@ fn serve_app_connection(mut s: TcpStream, seen: Sender<Seen>) {
         };
         let head = text(&buf[..head_end]).to_ascii_lowercase();
         let header = |name: &str| {
-            head.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(|v| v.trim().to_owned()))
+            head.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(|v| v.trim().to_owned()))
         };
         let end = if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
             loop {
@@ -102,7 +103,8 @@ fn serve_app_connection(mut s: TcpStream, seen: Sender<Seen>) {
         let _ = seen.send(Seen::Request(text(&buf[..end])));
         buf.drain(..end);
         if let Some(protocol) = header("upgrade") {
-            let answer = format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n");
+            let answer =
+                format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n");
             let _ = s.write_all(answer.as_bytes());
             if !buf.is_empty() {
                 let _ = seen.send(Seen::Switched(text(&buf)));
@@ -220,8 +222,9 @@ impl Rig {
         let dir = TestDir::new(name);
         let control = Control::start_with(&dir, &["--mtls", "permissive"]);
         let protocol = if declared == Declared::Auto { "auto" } else { "http" };
-        let service =
-            format!("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: app}}\nspec: {{protocol: {protocol}}}\n");
+        let service = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: app}}\nspec: {{protocol: {protocol}}}\n"
+        );
         let policy = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-denied}\nspec:\n  service: app\n  action: DENY\n  rules:\n  - to: [{paths: [\"/denied/*\"]}]\n";
         let mut resources = vec![("service.yaml", service.as_str())];
         if declared == Declared::HttpWithPolicy {
@@ -336,7 +339,10 @@ fn h2c_upgrade_is_never_forwarded() {
         assert_eq!(rig.app_saw(port), [Seen::Request("GET /x HTTP/1.1\r\nhost: app\r\n\r\n".into())], "port {port}");
     }
     // `Upgrade` that `Connection` does not list is not an upgrade, and is not forwarded.
-    rig.forwarded(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n", "GET /ws HTTP/1.1\r\nhost: app\r\n\r\n");
+    rig.forwarded(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n\r\n",
+        "GET /ws HTTP/1.1\r\nhost: app\r\n\r\n",
+    );
     rig.forwarded(
         b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n\r\n",
         "GET /ws HTTP/1.1\r\nhost: app\r\n\r\n",

@@ -192,7 +192,12 @@ mod tests {
             b"get / HTTP/1.1\r\n",
             b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
         ] {
-            assert_eq!(known(probe), Some(Protocol::Http1), "{:?}", String::from_utf8_lossy(&probe[..probe.len().min(40)]));
+            assert_eq!(
+                known(probe),
+                Some(Protocol::Http1),
+                "{:?}",
+                String::from_utf8_lossy(&probe[..probe.len().min(40)])
+            );
         }
         assert_eq!(known(b"\x16\x03\x01\x02\x00"), None, "a TLS record, still incomplete");
         assert_eq!(known(b"\x16\x00garbage"), Some(Protocol::Tcp));

@@ -125,7 +125,8 @@ mod tests {
     fn heads_are_checked() {
         const HTTP_10: http::Version = http::Version::HTTP_10;
         const HTTP_11: http::Version = http::Version::HTTP_11;
-        let cases: &[(&str, &str, http::Version, &[(&str, &str)], Result<(), BadRequest>)] = &[
+        type Case<'a> = (&'a str, &'a str, http::Version, &'a [(&'a str, &'a str)], Result<(), BadRequest>);
+        let cases: &[Case] = &[
             ("GET", "/x", HTTP_11, &[("host", "app")], Ok(())),
             ("GET", "/x", HTTP_11, &[("host", "app:8080")], Ok(())),
             ("GET", "/x", HTTP_11, &[("host", "10.0.0.1:80")], Ok(())),
@@ -143,7 +144,13 @@ mod tests {
             ("GET", "/x", HTTP_11, &[("host", "app:80x")], Err(BadRequest::InvalidHost)),
             ("GET", "/x", HTTP_11, &[("host", "[::1")], Err(BadRequest::InvalidHost)),
             ("GET", "/x", HTTP_10, &[("host", "a b")], Err(BadRequest::InvalidHost)),
-            ("GET", "/x", HTTP_11, &[("host", "app"), ("connection", "close, Host")], Err(BadRequest::ConnectionNamesHost)),
+            (
+                "GET",
+                "/x",
+                HTTP_11,
+                &[("host", "app"), ("connection", "close, Host")],
+                Err(BadRequest::ConnectionNamesHost),
+            ),
             ("GET", "*", HTTP_11, &[("host", "app")], Err(BadRequest::Asterisk)),
             ("CONNECT", "app:443", HTTP_11, &[("host", "app:443")], Err(BadRequest::Connect)),
             ("GET", "ftp://app/x", HTTP_11, &[("host", "app")], Err(BadRequest::InvalidAbsoluteTarget)),

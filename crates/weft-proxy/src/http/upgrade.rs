@@ -1,12 +1,12 @@
 //! `Upgrade` (e.g. WebSocket): the handshake goes on a dedicated connection and, on
 //! `101 Switching Protocols`, the two upgraded connections are spliced together.
 use super::body::UpstreamBody;
+use super::headers::strip_hop_by_hop;
 use crate::endpoint::{Endpoint, UpBody};
 use crate::error::ProxyError;
 use crate::failover::{self, Tried};
 use crate::record::{Outcome, RequestRecord};
 use crate::route::MatchedRoute;
-use super::headers::strip_hop_by_hop;
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
