@@ -143,6 +143,22 @@ impl ProxyError {
         }
     }
 
+    /// Whether the proxy refused the request by policy or a limit (rather than failing to get
+    /// an answer upstream).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoRoute
+                | ProxyError::Denied { .. }
+                | ProxyError::Unauthenticated(_)
+                | ProxyError::Overflow { .. }
+                | ProxyError::PendingOverflow { .. }
+                | ProxyError::RateLimited(_)
+                | ProxyError::FaultAbort { .. }
+                | ProxyError::Redirect { .. }
+        )
+    }
+
     /// Whether the request never reached the endpoint, so another endpoint may take it.
     pub fn before_send(&self) -> bool {
         matches!(

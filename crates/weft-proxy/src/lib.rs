@@ -20,6 +20,7 @@ pub mod config;
 pub mod context;
 pub mod control_client;
 mod detect;
+mod drain;
 pub mod endpoint;
 mod error;
 mod failover;
@@ -30,6 +31,7 @@ mod idle;
 pub mod inbound;
 pub mod jwt;
 mod listener;
+mod log_limit;
 pub mod metrics;
 mod outbound;
 pub mod outlier;
@@ -91,6 +93,9 @@ impl Default for Limits {
     }
 }
 
+/// How long a stopping proxy serves what is in flight, at most (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything `weft proxy` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -114,6 +119,9 @@ pub struct ProxyOptions {
     pub health: Option<HealthCheck>,
     pub health_interval: Duration,
     pub limits: Limits,
+    /// On a stop, the longest the proxy keeps serving what is in flight after leaving the
+    /// mesh (see [`drain`]).
+    pub drain_timeout: Duration,
 }
 
 /// Configuration as last accepted from the control plane, for /config_dump.
@@ -147,6 +155,7 @@ pub struct Proxy {
     creds: Arc<identity::Credentials>,
     /// Mutual TLS termination, shared by every inbound listener.
     acceptor: tokio_rustls::TlsAcceptor,
+    drain: Arc<drain::Drain>,
 }
 
 impl Proxy {
@@ -201,7 +210,12 @@ impl Proxy {
                 .as_deref()
                 .map(|c| TcpTarget { cluster: self.clusters.get(c), failover: def.tcp_failover.unwrap_or_default() });
             let ctx = ListenerCtx {
-                info: ListenerInfo::new(&def.name, def.direction, service),
+                info: Arc::new(ListenerInfo {
+                    name: def.name.as_str().into(),
+                    direction: def.direction,
+                    service: service.into(),
+                    drain: self.drain.clone(),
+                }),
                 http,
                 tcp,
                 tls: def.tls.as_ref().map(|_| self.acceptor.clone()),
@@ -282,10 +296,11 @@ impl Proxy {
     }
 }
 
-/// Runs the proxy until `shutdown` resolves, then deregisters from the control plane.
+/// Runs the proxy until `shutdown` resolves, then leaves the mesh: deregisters, drains, stops.
 pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let running = start(opts).await?;
+    let mut running = start(opts).await?;
     shutdown.await;
+    running.drain().await;
     running.stop().await;
     Ok(())
 }
@@ -295,6 +310,7 @@ pub struct RunningProxy {
     proxy: Arc<Proxy>,
     control: Arc<control_client::ControlApi>,
     tasks: tokio::task::JoinSet<()>,
+    deregistered: bool,
 }
 
 impl RunningProxy {
@@ -306,14 +322,28 @@ impl RunningProxy {
         self.proxy.opts.inbound
     }
 
-    pub async fn stop(mut self) {
+    /// Leaves the endpoint sets of other proxies, then keeps serving what is in flight (and
+    /// what callers send before they learn of it) for at most the drain timeout: the app is
+    /// stopped only after this.
+    pub async fn drain(&mut self) {
+        self.deregister().await;
         let o = &self.proxy.opts;
-        if o.service.is_some() && o.inbound.is_some() {
-            // Leave the endpoint sets of other proxies before our listeners close.
+        tracing::info!(id = %o.id, timeout = ?o.drain_timeout, "draining");
+        self.proxy.drain.run(o.drain_timeout).await;
+    }
+
+    /// Stops serving (after [`RunningProxy::drain`], or at once when the app is gone).
+    pub async fn stop(mut self) {
+        self.deregister().await;
+        self.tasks.abort_all();
+        tracing::info!(id = %self.proxy.opts.id, "proxy stopped");
+    }
+
+    async fn deregister(&mut self) {
+        let o = &self.proxy.opts;
+        if o.service.is_some() && o.inbound.is_some() && !std::mem::replace(&mut self.deregistered, true) {
             self.control.deregister(&o.id).await;
         }
-        self.tasks.abort_all();
-        tracing::info!(id = %o.id, "proxy stopped");
     }
 }
 
@@ -351,6 +381,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         ready,
         creds,
         acceptor,
+        drain: Default::default(),
         opts,
     });
     let mut tasks = tokio::task::JoinSet::new();
@@ -379,5 +410,5 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let o = &proxy.opts;
     let inbound = o.inbound.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     tracing::info!(id = %o.id, service = ?o.service, inbound, admin = %o.admin, control = %o.control, "proxy started");
-    Ok(RunningProxy { proxy, control, tasks })
+    Ok(RunningProxy { proxy, control, tasks, deregistered: false })
 }

@@ -230,6 +230,11 @@ pub struct ProxyArgs {
     /// How long a pooled connection to an upstream may sit unused before it is closed.
     #[arg(long, default_value = "90s", value_parser = duration)]
     pub upstream_idle_timeout: Duration,
+    /// On SIGTERM: after leaving the mesh, how long the proxy keeps serving requests and
+    /// connections in flight at most (it stops sooner once none are left), before the app
+    /// (`weft run`) is stopped.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub drain_timeout: Duration,
     /// Worker threads for the proxy (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -370,6 +375,7 @@ impl ProxyArgs {
                 max_connections: self.max_connections,
                 upstream_idle_timeout: self.upstream_idle_timeout,
             },
+            drain_timeout: self.drain_timeout,
         })
     }
 }

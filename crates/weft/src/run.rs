@@ -43,9 +43,14 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             proxy.stop().await;
             code
         }
+        // Leave the mesh and serve what is in flight, then stop the app, then the sidecar
+        // (which serves the app's own calls while it stops).
         _ = supervise::stop_signal() => {
+            let mut proxy = proxy;
+            proxy.drain().await;
+            let code = supervise::stop(&mut app, Duration::from_secs(10)).await.unwrap_or(0);
             proxy.stop().await;
-            supervise::stop(&mut app, Duration::from_secs(10)).await.unwrap_or(0)
+            code
         }
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

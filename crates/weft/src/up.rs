@@ -214,6 +214,7 @@ async fn start_all(
             health: None,
             health_interval: Duration::from_secs(1),
             limits: Default::default(),
+            drain_timeout: weft_proxy::DEFAULT_DRAIN_TIMEOUT,
         };
         mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
     }
