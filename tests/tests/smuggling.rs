@@ -290,6 +290,13 @@ impl Rig {
         (r, self.app_saw(port))
     }
 
+    /// Whether the edge counted refusals for `reason` in its metrics.
+    fn counted(&self, reason: &str) {
+        let metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", self.edge.admin())]));
+        let series = format!("weft_proxy_errors_total{{direction=\"outbound\",service=\"app\",reason=\"{reason}\"}}");
+        assert!(metrics.contains(&series), "{series} not in\n{metrics}");
+    }
+
     /// A probe the proxy must refuse itself with `status` and `reason`, the app receiving
     /// nothing.
     fn refused(&self, probe: &[u8], status: u16, reason: Option<&str>) {
@@ -476,6 +483,7 @@ fn header_limit_is_exact() {
         }
         assert_eq!(c.response().map(|r| r.status), Some(431), "port {port}: a head over the limit in pieces");
     }
+    rig.counted("header-too-large");
 }
 
 /// Item 21: a malformed chunked request body is the client's fault: `400 bad-request`, not
@@ -543,6 +551,7 @@ fn smuggling_probes_are_refused_or_normalised() {
     }
     // A service declared `protocol: http` has no opaque TCP: what is not HTTP gets 400.
     rig.refused(b"hello, not HTTP\r\n\r\n", 400, None);
+    rig.counted("bad-request");
     // Normalised: duplicate equal Content-Lengths, chunk extensions, trailers.
     rig.forwarded(
         b"POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",

@@ -77,10 +77,17 @@ pub fn serve<T: Transport>(
             if let Err(e) = served.await {
                 // A head hyper could not parse was answered by hyper itself (400, or 431 for
                 // one over the limit) before the connection closed: count it.
-                if let Some(reason) = malformed(&e) {
-                    stack.metrics.proxy_error(reason);
+                match malformed(&e) {
+                    Some(reason) => {
+                        stack.metrics.proxy_error(reason);
+                        if let Some(left_out) = crate::log_limit::allow(reason) {
+                            tracing::info!(peer = %conn.peer, listener = %conn.listener.name, error = %e, reason, like_it_since_last_line = left_out, "malformed HTTP/1 request answered by the HTTP parser (one line per 10 s)");
+                        }
+                    }
+                    None => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "downstream HTTP/1 connection ended with an error")
+                    }
                 }
-                tracing::debug!(peer = %conn.peer, error = %e, "downstream HTTP/1 connection ended with an error");
                 return;
             }
             let Some(mut parked) = session.take_parked() else { return };
@@ -131,15 +138,12 @@ async fn handle(
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
     let grpc =
         !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    // Pinned where it is made: awaiting the stack's future by value would copy the whole
-    // (large) future into the request future's state, and then once more.
     // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
     // leave no such ambiguity, and h2 has refused what is malformed).
-    let checked = match req.version() {
-        Version::HTTP_2 => Ok(()),
-        _ => super::head::check(&mut req),
-    };
+    let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
     let reply = match checked {
+        // Pinned where it is made: awaiting the stack's future by value would copy the whole
+        // (large) future into the request future's state, and then once more.
         Ok(()) => {
             let call = std::pin::pin!(stack.call(req, &mut rec));
             call.await
