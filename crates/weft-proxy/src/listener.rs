@@ -267,7 +267,14 @@ fn dispatch<'a, T: Transport>(
                 Box::pin(async move { crate::tcp::forward(stream, &conn, tcp, &ctx.metrics).await });
             Either::Right(forward)
         }
-        (_, _, None) => {
+        // A listener that carries only HTTP (a service declared `protocol: http`, or one that
+        // requires JWTs) has its HTTP server answer whatever came: a client gets `400`, never
+        // the app's bytes.
+        (Protocol::Tcp | Protocol::Tls(_), Some(http), None) => {
+            tracing::debug!(%peer, listener = %ctx.info.name, "not HTTP on an HTTP-only listener; the HTTP server answers it");
+            Either::Left(crate::http::serve(stream, false, conn, http.clone(), limits))
+        }
+        (_, None, None) => {
             tracing::debug!(%peer, listener = %ctx.info.name, "not HTTP and the listener has no TCP route; closing");
             Either::Right(closed())
         }

@@ -164,6 +164,10 @@ pub async fn forward_body(
                 }
                 Err(e) => {
                     rec.attempt(endpoint.addr, (&e).into());
+                    // The client's body failed: nothing to hold against the endpoint.
+                    if let ProxyError::BadRequestBody { .. } = e {
+                        return Err(e);
+                    }
                     cluster.observe(outlier, &endpoint, Observed::LocalFailure);
                     endpoint.attempt_failed();
                     let retry = (idempotent

@@ -66,12 +66,28 @@ pub fn serve<T: Transport>(
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(None) // enforced by IdleIo, without a timer per request
-                    .max_buf_size(limits.max_header_bytes as usize)
+                    // Exact: the request line and header fields as received, and the same bound
+                    // for chunked trailers. (The read buffer's own bound is approximate: one read
+                    // may bring more, and a head that arrived whole would pass.)
+                    .max_header_size(limits.max_header_bytes as usize)
+                    .max_buf_size((limits.max_header_bytes as usize).max(MIN_BUF_SIZE))
                     .serve_connection(io, svc)
                     .with_upgrades(),
             );
             if let Err(e) = served.await {
-                tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+                // A head hyper could not parse was answered by hyper itself (400, or 431 for
+                // one over the limit) before the connection closed: count it.
+                match malformed(&e) {
+                    Some(reason) => {
+                        stack.metrics.proxy_error(reason);
+                        if let Some(left_out) = crate::log_limit::allow(reason) {
+                            tracing::info!(peer = %conn.peer, listener = %conn.listener.name, error = %e, reason, like_it_since_last_line = left_out, "malformed HTTP/1 request answered by the HTTP parser (one line per 10 s)");
+                        }
+                    }
+                    None => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "downstream HTTP/1 connection ended with an error")
+                    }
+                }
                 return;
             }
             let Some(mut parked) = session.take_parked() else { return };
@@ -97,22 +113,42 @@ pub fn serve<T: Transport>(
     }
 }
 
+/// hyper's smallest read buffer (it panics below it); `--max-header-bytes` may be smaller.
+const MIN_BUF_SIZE: usize = 8192;
+
+/// The reason for a request head hyper refused to parse, which hyper answered itself.
+fn malformed(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_parse_too_large() {
+        Some("header-too-large")
+    } else if e.is_parse() {
+        Some("bad-request")
+    } else {
+        None
+    }
+}
+
 async fn handle(
     stack: Arc<HttpStack>,
     conn: Arc<ConnCtx>,
     exchange: Option<Exchange>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut rec = RequestRecord::start(conn);
     let h1 = req.version() != Version::HTTP_2;
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
     let grpc =
         !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    // Pinned where it is made: awaiting the stack's future by value would copy the whole
-    // (large) future into the request future's state, and then once more.
-    let reply = {
-        let call = std::pin::pin!(stack.call(req, &mut rec));
-        call.await
+    // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
+    // leave no such ambiguity, and h2 has refused what is malformed).
+    let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
+    let reply = match checked {
+        // Pinned where it is made: awaiting the stack's future by value would copy the whole
+        // (large) future into the request future's state, and then once more.
+        Ok(()) => {
+            let call = std::pin::pin!(stack.call(req, &mut rec));
+            call.await
+        }
+        Err(e) => Err(e.into()),
     };
     let resp = match reply {
         Ok(resp) => resp.map(Either::Left),
