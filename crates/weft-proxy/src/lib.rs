@@ -366,8 +366,13 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
     let endpoint =
         control_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
-    let control = Arc::new(control_client::ControlApi::new(endpoint)?);
+    // Every client of the control plane trusts the live bundle once xDS delivers it, so a
+    // rotated root that the control plane's certificate chains to is trusted as soon as proxies
+    // learn it; the roots in the file only bootstrap.
+    let bootstrap = endpoint.roots()?;
     let creds = identity::Credentials::new();
+    let xds_tls = Arc::new(creds.control_plane_config(bootstrap.clone(), &[b"h2"]));
+    let control = Arc::new(control_client::ControlApi::with_tls(endpoint, creds.control_plane_config(bootstrap, &[])));
     let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
     let metrics = Metrics::new();
     let proxy = Arc::new(Proxy {
@@ -401,7 +406,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         address: proxy.opts.xds.clone().unwrap_or_else(|| proxy.opts.control.clone()),
         ..control.endpoint.clone()
     };
-    tasks.spawn(xds::run(proxy.clone(), xds_endpoint));
+    tasks.spawn(xds::run(proxy.clone(), xds_endpoint, xds_tls));
     let pools = proxy.clone();
     tasks.spawn(async move { pools.clusters.sweep_pools(pools.opts.limits.upstream_idle_timeout).await });
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {
