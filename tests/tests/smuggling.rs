@@ -552,7 +552,27 @@ fn smuggling_probes_are_refused_or_normalised() {
     // A service declared `protocol: http` has no opaque TCP: what is not HTTP gets 400.
     rig.refused(b"hello, not HTTP\r\n\r\n", 400, None);
     rig.counted("bad-request");
-    // Normalised: duplicate equal Content-Lengths, chunk extensions, trailers.
+    // Pipelined requests in one write are each routed and authorized.
+    for port in rig.ports() {
+        let mut c = Client::connect(port);
+        c.send(
+            b"POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n\r\nGET /denied/y HTTP/1.1\r\nHost: app\r\n\r\n",
+        );
+        assert_eq!(c.response().map(|r| r.status), Some(200), "port {port}");
+        assert_eq!(c.response().map(|r| r.status), Some(403), "port {port}");
+        let expected = "POST /x HTTP/1.1\r\nhost: app\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(rig.app_saw(port), [Seen::Request(expected.into())], "port {port}");
+    }
+    // A `Connection` that names the framing header does not unframe the body.
+    rig.forwarded(
+        b"POST /x HTTP/1.1\r\nHost: app\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\nabc",
+        "POST /x HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\nabc",
+    );
+    rig.forwarded(
+        b"POST /x HTTP/1.1\r\nHost: app\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        "POST /x HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    );
+    // Normalised: duplicate equal Content-Lengths, chunk extensions.
     rig.forwarded(
         b"POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
         "POST /x HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\nabc",
