@@ -203,7 +203,7 @@ pub struct ProxyArgs {
     /// Label of this instance, KEY=VALUE (e.g. version=v1, zone=a). Repeatable.
     #[arg(long = "label", value_parser = label)]
     pub labels: Vec<(String, String)>,
-    /// Unique id of this instance (default: SERVICE-PID).
+    /// Unique id of this instance (default: SERVICE-PID-RANDOM, 8 random hex digits).
     #[arg(long)]
     pub id: Option<String>,
     /// Admin endpoint (/live, /ready, /metrics, /config_dump). Port 0 picks one.

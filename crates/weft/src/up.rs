@@ -202,9 +202,9 @@ async fn start_all(
         let opts = weft_proxy::ProxyOptions {
             control: listen.to_string(),
             ca_file: Some(ca_file.clone()),
-            token: Some(join_token(&api, "gateway").await?),
+            token: Some(join_token(&api, weft_api::names::GATEWAY).await?),
             xds: None,
-            id: "gateway".into(),
+            id: weft_api::names::GATEWAY.into(),
             service: None,
             app: None,
             inbound: None,
