@@ -30,6 +30,14 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// `bytes` random bytes from the OS's CSPRNG, in hex: for secrets and unguessable names.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // getrandom fails only where the OS has no randomness at all, where no key is safe either.
+    provider().secure_random.fill(&mut b).expect("the operating system's random number generator is available");
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

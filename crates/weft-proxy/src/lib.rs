@@ -156,6 +156,9 @@ pub struct Proxy {
     /// Mutual TLS termination, shared by every inbound listener.
     acceptor: tokio_rustls::TlsAcceptor,
     drain: Arc<drain::Drain>,
+    /// Proves to the control plane that a re-registration of this instance id is this proxy's
+    /// ([`weft_api::names::NODE_INSTANCE_KEY`]).
+    instance_key: String,
 }
 
 impl Proxy {
@@ -387,6 +390,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         creds,
         acceptor,
         drain: Default::default(),
+        instance_key: identity::random_hex(16),
         opts,
     });
     let mut tasks = tokio::task::JoinSet::new();

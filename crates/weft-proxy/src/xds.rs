@@ -77,15 +77,16 @@ impl Stream {
 
 fn node(proxy: &Proxy) -> Node {
     let registration = serde_json::to_string(&proxy.registration()).expect("registration always serializes");
+    let string = |s: String| Value { kind: Some(value::Kind::StringValue(s)) };
     Node {
         id: proxy.opts.id.clone(),
         cluster: proxy.opts.service.clone().unwrap_or_default(),
         user_agent_name: "weft".to_owned(),
         metadata: Some(Struct {
-            fields: [(
-                names::NODE_METADATA_KEY.to_owned(),
-                Value { kind: Some(value::Kind::StringValue(registration)) },
-            )]
+            fields: [
+                (names::NODE_METADATA_KEY.to_owned(), string(registration)),
+                (names::NODE_INSTANCE_KEY.to_owned(), string(proxy.instance_key.clone())),
+            ]
             .into(),
         }),
         ..Default::default()
@@ -96,13 +97,22 @@ fn node(proxy: &Proxy) -> Node {
 pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint, tls: Arc<rustls::ClientConfig>) {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
+    // The last refusal logged, so a lasting one is logged once.
+    let mut refused = None;
     loop {
         match session(&proxy, &mut backoff, &control, &tls).await {
             Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
-            Err(e) if !warned => {
-                tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
-            }
-            Err(e) => tracing::debug!(error = %e, "xDS reconnect failed"),
+            Err(e) => match e.downcast_ref::<tonic::Status>().filter(|s| s.code() == tonic::Code::PermissionDenied) {
+                Some(s) if refused.as_deref() != Some(s.message()) => {
+                    tracing::warn!(error = %s.message(), "the control plane refused this proxy's xDS stream; retrying");
+                    refused = Some(s.message().to_owned());
+                }
+                Some(_) => {}
+                None if !warned => {
+                    tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
+                }
+                None => tracing::debug!(error = %e, "xDS reconnect failed"),
+            },
         }
         warned = true;
         proxy.dump().control_plane_connected = false;

@@ -345,10 +345,11 @@ impl ProxyArgs {
         if self.service.is_some() && app.is_none() {
             anyhow::bail!("--app-port is required with --service: the proxy needs the app it fronts");
         }
-        let id = self
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", self.service.as_deref().unwrap_or("proxy"), std::process::id()));
+        // The default id carries random bits, so nobody can name a live instance in advance.
+        let id = self.id.clone().unwrap_or_else(|| {
+            let service = self.service.as_deref().unwrap_or("proxy");
+            format!("{service}-{}-{}", std::process::id(), weft_proxy::identity::random_hex(4))
+        });
         let health = app.map(|addr| match &self.health_path {
             Some(path) => HealthCheck::Http { addr, path: path.clone() },
             None => HealthCheck::Tcp { addr },
