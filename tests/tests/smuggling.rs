@@ -483,6 +483,13 @@ fn header_limit_is_exact() {
         }
         assert_eq!(c.response().map(|r| r.status), Some(431), "port {port}: a head over the limit in pieces");
     }
+    // At most 100 header fields, however small (hyper's limit).
+    let fields = |n: usize| (1..n).map(|i| format!("x-{i}: 1\r\n")).collect::<String>();
+    for port in rig.ports() {
+        let (r, _) = rig.probe(port, format!("GET /x HTTP/1.1\r\nHost: app\r\n{}\r\n", fields(100)).as_bytes());
+        assert_eq!(r.map(|r| r.status), Some(200), "port {port}: 100 fields");
+    }
+    rig.refused(format!("GET /x HTTP/1.1\r\nHost: app\r\n{}\r\n", fields(101)).as_bytes(), 431, None);
     rig.counted("header-too-large");
 }
 

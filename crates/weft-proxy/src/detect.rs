@@ -44,8 +44,8 @@ fn classify(buf: &[u8]) -> Verdict {
 /// ends in an `HTTP/` version. Such a connection is HTTP even when its request is malformed:
 /// the HTTP server answers it (400, 414, 431) rather than passing its bytes to the app
 /// unchecked. Leading empty lines are skipped, as the HTTP parser does (RFC 9112 §2.2 asks
-/// for at least one). Anything else is opaque TCP
-/// (e.g. `hello world`, `SET key value`, `OPTIONS rtsp://host RTSP/1.0`).
+/// for at least one). Anything else is opaque TCP (e.g. `hello world`, `SET key value`,
+/// `OPTIONS rtsp://host RTSP/1.0`).
 fn http1(buf: &[u8]) -> Verdict {
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
     let buf = &buf[start..];
@@ -166,6 +166,9 @@ mod tests {
         assert_eq!(known(b"SET key value\r\n"), Some(Protocol::Tcp));
         assert_eq!(known(b"OPTIONS rtsp://h/ RTSP/1.0\r\n"), Some(Protocol::Tcp));
         assert_eq!(known(b"GET ht"), None, "may still be an absolute-form target");
+        assert_eq!(known(b"\x16\x03\x01\x02\x00"), None, "a TLS record, still incomplete");
+        assert_eq!(known(b"\x16\x00garbage"), Some(Protocol::Tcp));
+        assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
     }
 
     /// Whatever begins like an HTTP request is HTTP, so the HTTP server answers a malformed
@@ -179,6 +182,7 @@ mod tests {
             &b"GET /long-path-not-finished"[..],
             &long,
             b"\r\nGET / HTTP/1.1\r\n",
+            b"\r\n\r\nGET / HTTP/1.1\r\n",
             b"\nGET / HTTP/1.1\n",
             b"GET / HTTP/1.1\nHost: x\n\n",
             b"GET\t/ HTTP/1.1\r\n",
@@ -199,10 +203,6 @@ mod tests {
                 String::from_utf8_lossy(&probe[..probe.len().min(40)])
             );
         }
-        assert_eq!(known(b"\x16\x03\x01\x02\x00"), None, "a TLS record, still incomplete");
-        assert_eq!(known(b"\x16\x00garbage"), Some(Protocol::Tcp));
-        assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
-        assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
     }
 
     /// A ClientHello as rustls writes it: recognised whole, with its server name and ALPN,

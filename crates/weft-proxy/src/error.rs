@@ -130,8 +130,8 @@ impl ProxyError {
         }
     }
 
-    /// A failed exchange: the upstream's response could not be parsed (e.g. a head too large),
-    /// or the connection broke.
+    /// A failed exchange: the client's request body failed while it was sent, the upstream's
+    /// response could not be parsed (e.g. a head too large), or the connection broke.
     pub fn exchange(addr: SocketAddr, source: hyper::Error) -> ProxyError {
         // hyper wraps an error of the body it was sending (the client's) as its source.
         if source.is_user() && std::error::Error::source(&source).is_some_and(|s| s.is::<hyper::Error>()) {
