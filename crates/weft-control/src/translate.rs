@@ -48,7 +48,8 @@ use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager,
+    http_connection_manager::PathWithEscapedSlashesAction, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
@@ -77,8 +78,8 @@ use weft_api::resource::{ActiveHealthCheck, DEFAULT_HEALTH_CHECK_INTERVAL, DEFAU
 use weft_api::resource::{
     AuthorizationPolicySpec, ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CONSECUTIVE_5XX, DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD,
-    DEFAULT_RETRY_ON, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer,
-    MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
+    DEFAULT_RETRY_ON, EscapedSlashes, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource,
+    LoadBalancer, MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
     RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
 };
 use weft_api::resource::{DEFAULT_MIN_RETRIES_PER_SECOND, DEFAULT_RETRY_BUDGET_TTL};
@@ -154,6 +155,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, ServiceSummary>,
     protocols: HashMap<String, Protocol>,
     mtls: HashMap<String, MtlsMode>,
+    /// Services whose `escapedSlashes` is not `keep`.
+    escaped_slashes: HashMap<String, EscapedSlashes>,
     default_mtls: MtlsMode,
     global: HashMap<Type, ResMap>,
     /// The service clusters with mutual TLS, as weft proxies get them.
@@ -228,6 +231,7 @@ impl Snapshot {
         let mut services = BTreeMap::new();
         let mut protocols = HashMap::new();
         let mut mtls = HashMap::new();
+        let mut escaped_slashes = HashMap::new();
         for name in &names {
             let spec = specs.get(name).cloned().unwrap_or_default();
             // A versioned service is a subset of another's instances, which present that
@@ -290,12 +294,16 @@ impl Snapshot {
             if let Some(mode) = spec.mtls {
                 mtls.insert(name.clone(), mode);
             }
+            if spec.escaped_slashes != EscapedSlashes::Keep {
+                escaped_slashes.insert(name.clone(), spec.escaped_slashes);
+            }
         }
         Snapshot {
             version,
             services,
             protocols,
             mtls,
+            escaped_slashes,
             default_mtls: settings.default_mtls,
             global,
             mesh_clusters,
@@ -357,6 +365,10 @@ impl Snapshot {
         self.protocols.get(service).copied().unwrap_or_default()
     }
 
+    fn escaped_slashes(&self, service: &str) -> EscapedSlashes {
+        self.escaped_slashes.get(service).copied().unwrap_or_default()
+    }
+
     fn node_listeners(&self, reg: &InstanceRegistration) -> ResMap {
         let mut out = ResMap::new();
         if let (Some(inbound), Some(_)) = (&reg.inbound, &reg.app) {
@@ -378,6 +390,7 @@ impl Snapshot {
                 TrafficDirection::Inbound,
                 service,
                 protocol,
+                self.escaped_slashes(service),
                 http,
                 names::INBOUND_CLUSTER,
                 Some(&filters),
@@ -403,6 +416,7 @@ impl Snapshot {
                 TrafficDirection::Outbound,
                 &up.service,
                 self.protocol(&up.service),
+                self.escaped_slashes(&up.service),
                 http,
                 &up.service,
                 None,
@@ -1187,6 +1201,7 @@ fn proxy_listener(
     direction: TrafficDirection,
     service: &str,
     protocol: Protocol,
+    slashes: EscapedSlashes,
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
     inbound: Option<&InboundFilters>,
@@ -1196,6 +1211,14 @@ fn proxy_listener(
     let jwt = inbound.and_then(|f| f.jwt.as_ref());
     if protocol != Protocol::Tcp {
         let mut hcm = http_connection_manager(service, http);
+        // Paths are normalised before routing and authorization, as Istio's default does.
+        hcm.normalize_path = Some(BoolValue { value: true });
+        hcm.merge_slashes = true;
+        hcm.path_with_escaped_slashes_action = match slashes {
+            EscapedSlashes::Keep => PathWithEscapedSlashesAction::KeepUnchanged,
+            EscapedSlashes::Decode => PathWithEscapedSlashesAction::UnescapeAndForward,
+            EscapedSlashes::Reject => PathWithEscapedSlashesAction::RejectRequest,
+        } as i32;
         let jwt_filter = jwt.map(|j| HttpFilter {
             name: "envoy.filters.http.jwt_authn".to_owned(),
             config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(j.filter.clone()))),

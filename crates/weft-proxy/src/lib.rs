@@ -33,6 +33,7 @@ mod listener;
 pub mod metrics;
 mod outbound;
 pub mod outlier;
+pub mod path;
 pub mod ratelimit;
 pub mod record;
 pub mod retry_budget;
@@ -194,7 +195,7 @@ impl Proxy {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpStack::new(def.direction, routes, policy.clone(), metrics.clone()))
+                Arc::new(HttpStack::new(def.direction, routes, def.escaped_slashes, policy.clone(), metrics.clone()))
             });
             let tcp = def
                 .tcp_cluster

@@ -8,6 +8,7 @@
 use crate::authz::{self, Authz};
 use crate::context::Direction;
 use crate::inbound::InboundPolicy;
+use crate::path::EscapedSlashes;
 use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds as cluster_thresholds;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -27,7 +28,7 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::Loca
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager, http_filter,
+    HttpConnectionManager, http_connection_manager, http_connection_manager::PathWithEscapedSlashesAction, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
@@ -88,6 +89,9 @@ pub struct ListenerDef {
     /// connection manager or tcp_proxy (for metrics and logs).
     pub service: String,
     pub http: Option<HttpDef>,
+    /// From the HTTP connection manager's `path_with_escaped_slashes_action`. Paths are
+    /// always normalised (`normalize_path` and `merge_slashes` are taken as set).
+    pub escaped_slashes: EscapedSlashes,
     pub tcp_cluster: Option<String>,
     /// From tcp_proxy's `max_connect_attempts`: endpoints tried per connection.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_failover")]
@@ -610,6 +614,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         direction,
         service: String::new(),
         http: None,
+        escaped_slashes: EscapedSlashes::Keep,
         tcp_cluster: None,
         tcp_failover: None,
         tls: None,
@@ -786,6 +791,11 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                 schema::check(&router.value, &schema::ROUTER, "router")?;
             }
             def.service.clone_from(&hcm.stat_prefix);
+            let slashes = escaped_slashes(hcm.path_with_escaped_slashes_action())?;
+            if http_before.is_some() && slashes != def.escaped_slashes {
+                return Err("path_with_escaped_slashes_action differs from the HTTP chains before it".into());
+            }
+            def.escaped_slashes = slashes;
             def.http = Some(match hcm.route_specifier {
                 Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
                 Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
@@ -844,6 +854,23 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
 
 /// The local rate limit filter as weft enforces it: always on and enforced, a bucket for the
 /// listener and at most one per-caller descriptor (entry `weft.caller` with an empty value).
+/// Envoy's escaped-slash actions weft takes; a redirect to the decoded path is not one.
+fn escaped_slashes(action: PathWithEscapedSlashesAction) -> Result<EscapedSlashes, String> {
+    Ok(match action {
+        PathWithEscapedSlashesAction::ImplementationSpecificDefault | PathWithEscapedSlashesAction::KeepUnchanged => {
+            EscapedSlashes::Keep
+        }
+        PathWithEscapedSlashesAction::UnescapeAndForward => EscapedSlashes::Decode,
+        PathWithEscapedSlashesAction::RejectRequest => EscapedSlashes::Reject,
+        PathWithEscapedSlashesAction::UnescapeAndRedirect => {
+            return Err(
+                "path_with_escaped_slashes_action UNESCAPE_AND_REDIRECT is not supported; use UNESCAPE_AND_FORWARD"
+                    .into(),
+            );
+        }
+    })
+}
+
 fn local_rate_limit(f: &LocalRateLimit) -> Result<crate::ratelimit::RateLimit, String> {
     use crate::ratelimit::{BucketDef, RateLimit, RateLimitDef};
     let bucket = |b: &Option<envoy_types::pb::envoy::r#type::v3::TokenBucket>, what: &str| {
