@@ -354,6 +354,26 @@ pub fn get_json(addr: &str, path: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// GETs sent to `url` every 20 ms until `stop` (or `max`); returns (ok, the failures).
+pub fn request_loop(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: Duration,
+) -> std::thread::JoinHandle<(u32, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        let deadline = Instant::now() + max;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            match curl(&["--max-time", "5", &url]) {
+                Some(r) if r.status == 200 => ok += 1,
+                r => failed.push(format!("{r:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (ok, failed)
+    })
+}
+
 /// A control plane process. Its API and xDS are TLS on `addr`; proxyless xDS clients use the
 /// loopback plaintext listener `xds_plain`.
 pub struct Control {
@@ -377,7 +397,7 @@ impl Control {
         Control::start_at_with(dir, addr, data_dir, &[])
     }
 
-    fn start_at_with(dir: &TestDir, addr: &str, data_dir: PathBuf, extra: &[&str]) -> Control {
+    pub fn start_at_with(dir: &TestDir, addr: &str, data_dir: PathBuf, extra: &[&str]) -> Control {
         let xds_plain = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(weft_bin());
         cmd.args(["control", "--listen", addr, "--plaintext-xds", &xds_plain, "--data-dir"]).arg(&data_dir).args(extra);

@@ -126,3 +126,208 @@ fn clean_stop_deregisters_before_exit() {
     let app_pids = m.backends[1].proc.children();
     assert!(app_pids.iter().all(|p| !alive(*p)), "app outlived weft run");
 }
+
+/// A rolling restart under steady load: each of three instances in turn is stopped with
+/// SIGTERM (`weft run` deregisters, serves what is in flight, then stops the app) and replaced,
+/// twice over, while eight clients keep sending slow GETs and POSTs with bodies. Not one request
+/// fails: none is cut by its instance leaving.
+#[test]
+fn rolling_restart_under_load_loses_no_request() {
+    use futures::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut m = SmallMesh::start("rolling", 3);
+    let base = format!("http://127.0.0.1:{}", m.edge.ports["backend"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, base) = (stop.clone(), base.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+                let client: hyper_util::client::legacy::Client<_, Body> =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+                let workers: Vec<_> = (0..8)
+                    .map(|w| {
+                        let (client, stop, base) = (client.clone(), stop.clone(), base.clone());
+                        tokio::spawn(async move {
+                            let (mut sent, mut failures) = (0u32, Vec::new());
+                            // Bounded: at most 4,000 requests per client.
+                            while !stop.load(Ordering::Relaxed) && sent < 4000 {
+                                sent += 1;
+                                let post = (w + sent as usize).is_multiple_of(2);
+                                // A slow GET, or a POST whose body comes in three parts 10 ms apart
+                                // (the app holds each ~30 ms either way).
+                                let (uri, body): (String, Body) = if post {
+                                    let parts = futures::stream::iter(0..3).then(|i| async move {
+                                        if i > 0 {
+                                            tokio::time::sleep(Duration::from_millis(10)).await;
+                                        }
+                                        Ok(http_body::Frame::data(bytes::Bytes::from(format!("part {i};"))))
+                                    });
+                                    (
+                                        format!("{base}/echo"),
+                                        http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(parts)),
+                                    )
+                                } else {
+                                    (
+                                        format!("{base}/delay/30"),
+                                        http_body_util::BodyExt::boxed(http_body_util::Empty::new()),
+                                    )
+                                };
+                                let req = http::Request::builder()
+                                    .method(if post { "POST" } else { "GET" })
+                                    .uri(uri)
+                                    .body(body)
+                                    .unwrap();
+                                let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                                    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                                    let status = resp.status();
+                                    let why = resp.headers().get("x-weft-error").cloned();
+                                    let got = http_body_util::BodyExt::collect(resp.into_body())
+                                        .await
+                                        .map_err(|e| e.to_string())?
+                                        .to_bytes();
+                                    if status != 200 || (post && got != "part 0;part 1;part 2;") {
+                                        return Err(format!("{status} {why:?} {:?}", String::from_utf8_lossy(&got)));
+                                    }
+                                    Ok(())
+                                })
+                                .await
+                                .unwrap_or_else(|_| Err("timed out".into()));
+                                if let Err(e) = outcome {
+                                    failures.push(format!("{} {e}", if post { "POST" } else { "GET" }));
+                                }
+                            }
+                            (sent, failures)
+                        })
+                    })
+                    .collect();
+                let (mut sent, mut failures) = (0, Vec::new());
+                for w in workers {
+                    let (s, f) = w.await.unwrap();
+                    sent += s;
+                    failures.extend(f);
+                }
+                (sent, failures)
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..2 {
+        for i in 0..3 {
+            let old = &mut m.backends[i];
+            old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+            let code = old.proc.wait(Duration::from_secs(20));
+            assert_eq!(code, Some(0), "round {round}: backend {i} did not stop cleanly on SIGTERM");
+            let id = format!("backend-{round}-{i}");
+            let new = Instance::start(&m.dir, &m.control.addr, "backend", &format!("v{}", i + 1), &id, &[]);
+            wait_until(Duration::from_secs(15), "the replacement healthy", || {
+                m.control.healthy_ids("backend").contains(&id)
+            });
+            m.backends[i] = new;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failures) = load.join().unwrap();
+    eprintln!("{sent} requests during six restarts, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(sent > 500, "only {sent} requests were sent");
+}
+
+/// A sidecar stopped with SIGTERM while it carries requests (`weft proxy` beside an app that
+/// keeps running, as when a sidecar is upgraded): it leaves the mesh at once but finishes what
+/// it carries: slow GETs and POSTs whose bodies are still arriving all get their answers, and
+/// then it exits 0.
+#[test]
+fn a_sidecar_stopped_with_requests_in_flight_finishes_them() {
+    use futures::StreamExt;
+    let dir = TestDir::new("sidecar-drain");
+    let control = Control::start(&dir);
+    let mut sidecars = Vec::new();
+    let mut apps = Vec::new();
+    for i in 0..2 {
+        let port = free_port();
+        let mut app = std::process::Command::new(weft_bin());
+        app.args(["demo-app", "--listen", &format!("127.0.0.1:{port}"), "--service", "backend"]);
+        apps.push(Proc::spawn(&dir, &format!("app-{i}"), &mut app));
+        let mut cmd = std::process::Command::new(weft_bin());
+        cmd.args(["proxy", "--service", "backend", "--app-port", &port.to_string(), "--health-interval", "1h"]);
+        cmd.args(["--control", &control.addr, "--id", &format!("backend-{i}")]);
+        cmd.env("WEFT_TOKEN", join_token(&control.addr, "backend"));
+        sidecars.push(Proc::spawn(&dir, &format!("backend-{i}"), &mut cmd));
+    }
+    wait_until(Duration::from_secs(15), "two healthy instances", || control.healthy_ids("backend").len() == 2);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees two", || edge.endpoint_addrs("backend").len() == 2);
+    let base = format!("http://127.0.0.1:{}", edge.ports["backend"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let client: hyper_util::client::legacy::Client<_, Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let requests: Vec<_> = (0..16)
+        .map(|n| {
+            let (client, base) = (client.clone(), base.clone());
+            rt.spawn(async move {
+                let post = n % 2 == 0;
+                // A GET the app answers after 800 ms, or a POST whose body takes 600 ms to send.
+                let (uri, body): (String, Body) = if post {
+                    let parts = futures::stream::iter(0..4).then(|i| async move {
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Ok(http_body::Frame::data(bytes::Bytes::from(format!("part {i};"))))
+                    });
+                    (format!("{base}/echo"), http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(parts)))
+                } else {
+                    (format!("{base}/delay/800"), http_body_util::BodyExt::boxed(http_body_util::Empty::new()))
+                };
+                let req =
+                    http::Request::builder().method(if post { "POST" } else { "GET" }).uri(uri).body(body).unwrap();
+                let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+                let (status, why) = (resp.status(), resp.headers().get("x-weft-error").cloned());
+                let got = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| format!("{e:?}"))?;
+                let got = got.to_bytes();
+                if status != 200 || (post && got != "part 0;part 1;part 2;part 3;") {
+                    return Err(format!("{status} {why:?} {:?}", String::from_utf8_lossy(&got)));
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    // And HTTP/2 clients (the edge speaks HTTP/2 to the sidecars for them).
+    let h2: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("{base}/delay/800");
+            std::thread::spawn(move || curl(&["--http2-prior-knowledge", "--max-time", "10", &url]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = std::time::Instant::now();
+    sidecars[0].signal(nix::sys::signal::Signal::SIGTERM);
+    let results: Vec<Result<(), String>> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in requests {
+            out.push(r.await.unwrap());
+        }
+        out
+    });
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of 16 requests failed: {failed:?}", failed.len());
+    for r in h2 {
+        let r = r.join().unwrap();
+        assert!(r.as_ref().is_some_and(|r| r.status == 200), "an HTTP/2 request failed: {r:?}");
+    }
+    assert_eq!(sidecars[0].wait(Duration::from_secs(10)), Some(0), "the sidecar exits 0 after draining");
+    let took = stopped.elapsed();
+    eprintln!("the sidecar exited {took:?} after SIGTERM");
+    assert!(took < Duration::from_secs(6), "the drain took {took:?}, more than its 5 s timeout");
+    assert!(!control.healthy_ids("backend").contains(&"backend-0".to_owned()), "backend-0 left the registry");
+    drop(apps);
+}

@@ -190,3 +190,35 @@ fn proxy_says_why_when_it_answers_itself() {
         "{metrics}"
     );
 }
+
+/// A flood of requests the proxy answers itself (here 600 to a service with no instance) is
+/// counted one by one, but logged once per reason per 10 s, the line saying how many like it
+/// were left out.
+#[test]
+fn a_flood_of_refusals_is_counted_not_logged_line_by_line() {
+    let dir = TestDir::new("log-flood");
+    let control = Control::start(&dir);
+    let edge = Edge::start(&dir, &control, &["ghost"]);
+    let url = edge.url("ghost", "/");
+    let mut args = vec!["-s", "-w", "%{http_code}\\n"];
+    for _ in 0..300 {
+        args.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let answered = || -> Vec<String> {
+        let out = run("curl", &args);
+        stdout(&out).lines().map(str::to_owned).collect()
+    };
+    let codes: Vec<String> = answered().into_iter().chain(answered()).collect();
+    assert_eq!(codes.len(), 600);
+    assert!(codes.iter().all(|c| c == "503"), "{:?}", &codes[..5]);
+    let metrics = curl(&[&format!("http://{}/metrics", edge.admin())]).unwrap().body;
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_proxy_errors_total{") && l.contains("service=\"ghost\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted, 600, "every refusal is counted:\n{metrics}");
+    let log = std::fs::read_to_string(dir.path.join("edge.log")).unwrap();
+    let lines = log.lines().filter(|l| l.contains("answered") && l.contains("itself")).count();
+    assert_eq!(lines, 1, "600 refusals within 10 s make one log line:\n{log}");
+}

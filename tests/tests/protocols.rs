@@ -1,6 +1,7 @@
 //! Every protocol the proxy carries, end to end: client → edge proxy → inbound sidecar → app.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::process::Command;
 use std::time::Duration;
 use weft_tests::*;
 
@@ -206,7 +207,11 @@ fn hundred_megabyte_bodies_stream_in_bounded_memory() {
 /// HTTP/1.1) and answers every request with its version and its body. Runs on a thread until
 /// the test process ends; returns the port.
 fn single_version_app(h2: bool) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    single_version_app_on(TcpListener::bind("127.0.0.1:0").unwrap(), h2)
+}
+
+/// [`single_version_app`] on `listener`.
+fn single_version_app_on(listener: TcpListener, h2: bool) -> u16 {
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -302,4 +307,47 @@ fn sidecars_learn_what_their_app_speaks() {
     assert!(r.body.contains("HTTP/2"), "{r:?}");
     let r = curl(&["--http1.1", &edge.url("both", "/info")]).unwrap();
     assert!(r.body.contains("HTTP/1.1"), "{r:?}");
+}
+
+/// A sidecar that starts before its app (as `weft run` and most deployments start them) learns
+/// what the app speaks before its first request needs it: from the moment the instance is
+/// healthy, an HTTP/2 client reaches an HTTP/1.1-only app and an HTTP/1.1 client an h2c-only
+/// app, without the seconds of 502s a later probe left.
+#[test]
+fn a_sidecar_started_before_its_app_translates_from_the_first_request() {
+    let dir = TestDir::new("learn-late");
+    let control = Control::start(&dir);
+    let services =
+        [("legacy", false, "--http2-prior-knowledge", "HTTP/1.1"), ("modern", true, "--http1.1", "HTTP/2.0")];
+    let ports: Vec<u16> = services.iter().map(|_| free_port()).collect();
+    let _sidecars: Vec<Proc> = services
+        .iter()
+        .zip(&ports)
+        .map(|((service, ..), port)| {
+            let mut cmd = Command::new(weft_bin());
+            cmd.args(["proxy", "--service", service, "--app-port", &port.to_string(), "--health-interval", "100ms"]);
+            cmd.args(["--control", &control.addr, "--id", service]);
+            cmd.env("WEFT_TOKEN", join_token(&control.addr, service));
+            Proc::spawn(&dir, service, &mut cmd)
+        })
+        .collect();
+    let edge = Edge::start(&dir, &control, &["legacy", "modern"]);
+    wait_until(Duration::from_secs(10), "both registered (not healthy: no app yet)", || {
+        ["legacy", "modern"].iter().all(|s| control.endpoints(s).len() == 1)
+    });
+    // The sidecars have looked for their apps and found nothing listening.
+    std::thread::sleep(Duration::from_millis(300));
+    for ((service, h2, client, app_saw), port) in services.iter().zip(&ports) {
+        single_version_app_on(TcpListener::bind(("127.0.0.1", *port)).unwrap(), *h2);
+        wait_until(Duration::from_secs(10), "the edge sees the instance healthy", || {
+            let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+            dump["endpoints"][service][0]["healthy"] == true
+        });
+        let r = curl(&[client, "--data-binary", "payload", &edge.url(service, "/echo")]).unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, format!("{app_saw} payload").as_str()),
+            "{service} via {client}, first request after the app started: {r:?}"
+        );
+    }
 }

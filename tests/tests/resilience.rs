@@ -291,6 +291,14 @@ fn app_with_health(healthy: Arc<std::sync::atomic::AtomicBool>) -> (u16, Arc<Ato
 /// An HTTP/1.1 app on a thread of its own that answers every request with the status
 /// `answer` picks from the path and a counter it may bump; returns its port and the counter.
 fn scripted_app(answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static) -> (u16, Arc<AtomicU32>) {
+    scripted_app_with_delay(Duration::ZERO, answer)
+}
+
+/// [`scripted_app`] answering each request after `delay`.
+fn scripted_app_with_delay(
+    delay: Duration,
+    answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static,
+) -> (u16, Arc<AtomicU32>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -307,6 +315,7 @@ fn scripted_app(answer: impl Fn(&str, &AtomicU32) -> u16 + Send + Sync + 'static
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let status = answer(req.uri().path(), &seen);
                         async move {
+                            tokio::time::sleep(delay).await;
                             let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"x")));
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, std::convert::Infallible>(r)
@@ -453,36 +462,6 @@ fn a_sidecar_whose_app_is_down_is_asked_again_on_the_same_connection() {
     assert_eq!(opened, 1, "{refusals} refused requests came on {opened} connections");
 }
 
-/// One of three instances answers 503 to every other request: with retries on 5xx, clients see
-/// (almost) no errors; the retries were real (the flaky app was asked more than its share).
-#[test]
-fn retries_hide_a_flaky_instance() {
-    let dir = TestDir::new("retries");
-    let control = Control::start(&dir);
-    let (good_a, _) = failing_app(|_| false);
-    let (good_b, _) = failing_app(|_| false);
-    let (flaky, flaky_count) = failing_app(|n| n.is_multiple_of(2));
-    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
-    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
-    let before = load(&url, 300, 4);
-    let failed_before = before.iter().filter(|s| **s != 200).count();
-    assert!(failed_before > 10, "the flaky instance should show without retries: {failed_before} of 300 failed");
-    // Up to one retry per client connection in flight: the default (3 retries in flight, as
-    // Envoy's) would turn some retries down when a loaded machine lets more than 3 of the 8
-    // clients' requests fail at once, and the test is about retries, not their limit.
-    apply_policy(
-        &dir,
-        &control,
-        "{attempts: 2, retryOn: [5xx], backoff: {baseInterval: 2ms}, budget: {percent: 100, minRetryConcurrency: 8}}",
-    );
-    wait_until(Duration::from_secs(5), "retries in force", || load(&url, 30, 2).iter().all(|s| *s == 200));
-    let asked_before = flaky_count.load(Ordering::SeqCst);
-    let statuses = load(&url, 2000, 8);
-    let failed = statuses.iter().filter(|s| **s != 200).count();
-    assert!(failed <= 2, "{failed} of 2000 requests failed with retries on (at most 0.1%)");
-    assert!(flaky_count.load(Ordering::SeqCst) > asked_before + 100, "the flaky instance was hardly asked");
-}
-
 /// Every instance fails: a retry budget of 20% keeps the attempts the apps see close to the
 /// requests sent, where three retries each would have quadrupled them.
 #[test]
@@ -493,7 +472,7 @@ fn a_retry_budget_bounds_retries_when_everything_fails() {
     let (_sidecars, edge) = mesh_of(&dir, &control, &apps.iter().map(|(p, _)| *p).collect::<Vec<_>>());
     let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
     let attempts = || apps.iter().map(|(_, c)| c.load(Ordering::SeqCst)).sum::<u32>();
-    // Without a budget (at most 3 retries in flight): many retries.
+    // Without a budget (weft's default, 20% of the requests in flight or 10): many retries.
     apply_policy(&dir, &control, "{attempts: 3, retryOn: [5xx], backoff: {baseInterval: 1ms}}");
     wait_until(Duration::from_secs(5), "retries in force", || {
         let a = attempts();
@@ -514,7 +493,7 @@ fn a_retry_budget_bounds_retries_when_everything_fails() {
     assert!(statuses.iter().all(|s| *s == 503), "everything fails");
     let budgeted = f64::from(attempts() - a1) / n as f64;
     eprintln!("attempts per request: {unbudgeted:.2} without a budget, {budgeted:.2} with 20%");
-    // Three clients, each retrying three times: 4 attempts per request without a budget. With
+    // Three clients, each retrying three times: 4 attempts per request with the default. With
     // 20% of ~3 requests in flight (at least 1) only one retry runs at a time.
     assert!(unbudgeted > 3.5, "{unbudgeted:.2} attempts per request without a budget");
     assert!(budgeted < 2.5, "{budgeted:.2} attempts per request with a 20% budget");
@@ -917,4 +896,131 @@ fn connections_per_instance_and_pending_requests_are_limited() {
     assert!((7..=10).contains(&served), "{served} of 20 served: {results:?}");
     assert!(refused.iter().all(|t| **t < Duration::from_millis(250)), "refusals waited: {refused:?}");
     assert!(accepted(&backend.admin()) - before <= 2, "more than two connections to the instance");
+}
+
+/// Apps killed while holding GETs: the sidecar of the dying app answers them `upstream-reset`
+/// (its app reset them before answering), and the caller's sidecar replays them on the other
+/// instance, as it would after a reset of its own: no client sees a failure. Three rounds, each
+/// killing an app with eight GETs in flight on it and restarting it.
+#[test]
+fn gets_in_flight_survive_their_app_being_killed() {
+    let dir = TestDir::new("killed-in-flight");
+    let control = Control::start(&dir);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let admin = free_port();
+    let start_app = |i: usize| {
+        let mut app = Command::new(weft_bin());
+        app.args(["demo-app", "--listen", &format!("127.0.0.1:{}", ports[i]), "--service", "backend"]);
+        let app = Proc::spawn(&dir, &format!("app-{i}"), &mut app);
+        wait_until(Duration::from_secs(10), "app listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", ports[i])).is_ok()
+        });
+        app
+    };
+    let mut apps: Vec<Proc> = (0..2).map(start_app).collect();
+    let _sidecars = [
+        backend_sidecar(&dir, &control, 0, ports[0], &["--admin", &format!("127.0.0.1:{admin}")]),
+        backend_sidecar(&dir, &control, 1, ports[1], &[]),
+    ];
+    wait_until(Duration::from_secs(15), "two healthy instances", || control.healthy_ids("backend").len() == 2);
+    let edge = Edge::start(&dir, &control, &["backend"]);
+    wait_until(Duration::from_secs(5), "edge sees two", || edge.endpoint_addrs("backend").len() == 2);
+    let url = edge.url("backend", "/delay/1500");
+    let resets = || counter(&format!("127.0.0.1:{admin}"), "weft_proxy_errors_total", &["reason=\"upstream-reset\""]);
+    for round in 0..3 {
+        let before = resets();
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || curl(&["--max-time", "10", &url]))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        apps[0].kill();
+        let statuses: Vec<String> = clients
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap()
+                    .map_or("no response".to_owned(), |r| format!("{} {:?}", r.status, r.headers.get("x-weft-error")))
+            })
+            .collect();
+        let failed: Vec<&String> = statuses.iter().filter(|s| !s.starts_with("200 ")).collect();
+        assert!(failed.is_empty(), "round {round}: {} of 16 GETs failed: {failed:?}", failed.len());
+        let killed = resets() - before;
+        assert!(killed > 0, "round {round}: the killed app held no request (its sidecar reported no reset)");
+        eprintln!("round {round}: {killed} GETs were in flight on the killed app; all answered");
+        apps[0] = start_app(0);
+        // Long enough for the caller to stop avoiding the instance that failed.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+/// An instance that fails every request at once looks fastest to a latency-only balancer; with
+/// the default balancer (P2C peak-EWMA), no outlier detection and no retries, it must get no
+/// more than its fair share (a third) of the requests.
+#[test]
+fn a_fast_failing_instance_gets_no_more_than_its_share() {
+    let dir = TestDir::new("fast-failing");
+    let control = Control::start(&dir);
+    let slow_ok = || {
+        scripted_app_with_delay(Duration::from_millis(5), |_, count| {
+            count.fetch_add(1, Ordering::SeqCst);
+            200
+        })
+    };
+    let (good_a, _) = slow_ok();
+    let (good_b, _) = slow_ok();
+    let (failing, failures) = failing_app(|_| true);
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, failing]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    let statuses = load(&url, 600, 4);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = failures.load(Ordering::SeqCst);
+    eprintln!("the failing instance got {asked} of 600 requests ({failed} failed)");
+    assert!(asked <= 200, "the failing instance got {asked} of 600 requests, more than its third");
+}
+
+/// The README's retry example as written (`retry: {attempts: 2, retryOn: [5xx]}`, default
+/// backoff and budget) with one of three instances failing every other request: eight
+/// concurrent clients see no failure.
+#[test]
+fn the_readme_retry_example_hides_a_flaky_instance_under_concurrency() {
+    let dir = TestDir::new("readme-retry");
+    let control = Control::start(&dir);
+    let (good_a, _) = failing_app(|_| false);
+    let (good_b, _) = failing_app(|_| false);
+    let (flaky, flaky_count) = failing_app(|n| n.is_multiple_of(2));
+    let (_sidecars, edge) = mesh_of(&dir, &control, &[good_a, good_b, flaky]);
+    let url = format!("http://127.0.0.1:{}/", edge.ports["backend"]);
+    apply_policy(&dir, &control, "{attempts: 2, retryOn: [5xx]}");
+    wait_until(Duration::from_secs(5), "retries in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["routes"].to_string().contains("\"retries\":2")
+    });
+    let asked_before = flaky_count.load(Ordering::SeqCst);
+    let statuses = load(&url, 3000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = flaky_count.load(Ordering::SeqCst) - asked_before;
+    eprintln!("{failed} of 3000 failed; the flaky instance was asked {asked} times");
+    assert_eq!(failed, 0, "{failed} of 3000 requests failed with the README's retry policy");
+    assert!(asked > 0, "the flaky instance was never asked");
+    // The default balancer soon sends the flaky instance little; round robin sends it a third
+    // of the requests, half of which need a retry, eight clients at once.
+    apply(
+        &dir,
+        &control,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: round-robin}\n",
+    );
+    wait_until(Duration::from_secs(5), "round robin in force", || {
+        let dump = get_json(&edge.admin(), "/config_dump").unwrap_or_default();
+        dump["clusters"]["backend"]["load_balancer"] == "round-robin"
+    });
+    let asked_before = flaky_count.load(Ordering::SeqCst);
+    let statuses = load(&url, 3000, 8);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let asked = flaky_count.load(Ordering::SeqCst) - asked_before;
+    eprintln!("round robin: {failed} of 3000 failed; the flaky instance was asked {asked} times");
+    assert_eq!(failed, 0, "{failed} of 3000 requests failed with the README's retry policy (round robin)");
+    assert!(asked > 600, "the flaky instance was asked {asked} times: the retries were not exercised");
 }

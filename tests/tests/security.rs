@@ -244,25 +244,6 @@ fn every_join_token_misuse_is_refused_with_its_own_reason_and_yields_no_certific
     assert!(resp["error"].as_str().unwrap_or_default().contains("admin credential"), "{resp}");
 }
 
-/// Requests sent every 20 ms through the edge until `stop`; returns (ok, failed).
-fn request_loop(
-    url: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(u32, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0, Vec::new());
-        let deadline = Instant::now() + renewal_test_length() + Duration::from_secs(120);
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
-            match curl(&["--max-time", "5", &url]) {
-                Some(r) if r.status == 200 => ok += 1,
-                r => failed.push(format!("{r:?}")),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (ok, failed)
-    })
-}
-
 /// How long certificates renew under load: 75 s in CI (two renewals of each sidecar);
 /// `WEFT_RENEWAL_TEST_SECS=300` runs the full five minutes.
 fn renewal_test_length() -> Duration {
@@ -280,7 +261,7 @@ fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
     let length = renewal_test_length();
     let m = SmallMesh::start_with("renewal", 1, &["--cert-ttl", "1m"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let looping = request_loop(m.edge.url("backend", "/"), stop.clone());
+    let looping = request_loop(m.edge.url("backend", "/"), stop.clone(), length + Duration::from_secs(120));
     let (backend_admin, edge_admin) = (m.backends[0].admin(), m.edge.admin());
     let first = (serial(&backend_admin), serial(&edge_admin));
     let mut seen = (vec![first.0.clone()], vec![first.1.clone()]);

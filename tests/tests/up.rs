@@ -92,6 +92,10 @@ resources:
     kind: Service
     metadata: {{name: api}}
     spec: {{loadBalancer: round-robin}}
+  - apiVersion: weft.dev/v1alpha1
+    kind: AuthorizationPolicy
+    metadata: {{name: gateway-and-web-only}}
+    spec: {{rules: [{{from: [{{services: [gateway, web]}}]}}]}}
 "#
         ),
     )
@@ -101,6 +105,17 @@ resources:
     let r = curl(&[&format!("http://127.0.0.1:{gw}/")]).expect("response");
     assert!(r.body.contains("hello from web v1 (instance web-0)"), "{}", r.body);
     assert!(r.body.contains("hello from api v1 (instance api-v1-0)"), "{}", r.body);
+    // The gateway's identity is `gateway`: the mesh-wide policy lets in only it and web.
+    let out = weft(&["get", "certs", "-o", "json", "--control", &format!("127.0.0.1:{control}")]);
+    let certs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["instance"] == "gateway" && c["identity"] == "spiffe://weft.local/ns/default/sa/gateway"),
+        "{certs}"
+    );
     let out = weft(&["get", "services", "-o", "json", "--control", &format!("127.0.0.1:{control}")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let svc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -4,6 +4,15 @@
 /// Node metadata key under which a weft proxy sends its [`crate::InstanceRegistration`] (JSON).
 pub const NODE_METADATA_KEY: &str = "weft.registration";
 
+/// Node metadata key under which a weft proxy sends its instance key: a random secret made at
+/// start and kept for the process's life. The control plane binds a registered instance id to
+/// it, so only the proxy that registered an id may register it again (after a reconnect).
+pub const NODE_INSTANCE_KEY: &str = "weft.instance-key";
+
+/// The service a gateway's join token names, and so its identity (`spiffe://…/sa/gateway`),
+/// the caller authorization rules see for what it sends into the mesh: `weft up`'s gateway.
+pub const GATEWAY: &str = "gateway";
+
 /// Filter-metadata namespace on each LbEndpoint carrying the instance id and labels.
 pub const ENDPOINT_METADATA_NAMESPACE: &str = "weft";
 

@@ -854,14 +854,14 @@ pub struct RetryBackoff {
 
 /// Retries in flight at once may be at most `percent` of the requests in flight to the
 /// service, or `minRetryConcurrency`, whichever is more (Envoy's retry budget). Without a
-/// budget, at most 3 retries are in flight at once (Envoy's default).
+/// budget, 20% or 10 (a retry counts while in flight, not while it waits out its backoff).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     /// Envoy's budget: retries in flight at most this percent of the requests in flight...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
-    /// ...or this many (default 3), whichever is more.
+    /// ...or this many (default 10), whichever is more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_retry_concurrency: Option<u32>,
     /// Linkerd's budget: retries over the last `ttl` at most this ratio of the requests sent

@@ -202,6 +202,23 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// What answers a path nothing serves (a misspelled one, a trailing slash, other case or
+/// percent-encoding): 404. Only a gRPC request outside `/api/` gets gRPC's own answer for an
+/// unknown method, UNIMPLEMENTED, which gRPC clients expect.
+pub async fn unknown_path(req: axum::extract::Request) -> Response {
+    let path = req.uri().path();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    if grpc && !path.starts_with("/api/") {
+        return tonic::Status::unimplemented(format!("no gRPC method {path}")).into_http();
+    }
+    let msg = format!("no API at {} {path}; the paths are listed under `weft control` in the README", req.method());
+    ApiError(StatusCode::NOT_FOUND, msg).into_response()
+}
+
 fn kind(s: &str) -> Result<Kind, ApiError> {
     Kind::parse(s).ok_or_else(|| {
         ApiError(

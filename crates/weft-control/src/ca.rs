@@ -149,9 +149,19 @@ fn new_root(trust_domain: &str) -> anyhow::Result<(Signer, KeyPair)> {
     Ok((signer, key))
 }
 
+/// `N` bytes from the operating system's CSPRNG (for serials, ids and secrets).
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // getrandom fails only where the OS has no randomness at all, where no key is safe either.
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the operating system's random number generator is available");
+    b
+}
+
+/// A certificate serial: 16 bytes from the CSPRNG, positive and without a leading zero byte,
+/// so at least 120 random bits (CA/Browser Forum practice asks for 64).
 fn serial() -> SerialNumber {
-    let mut b = [0u8; 16];
-    fastrand::fill(&mut b);
+    let mut b: [u8; 16] = random();
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // and without a leading zero byte
     SerialNumber::from_slice(&b)
@@ -220,7 +230,7 @@ impl Ca {
     /// Loads the CA from `data_dir/ca`, creating a root at first start (or uses the operator's).
     pub fn open(data_dir: &Path, cfg: CaConfig) -> anyhow::Result<Ca> {
         let dir = data_dir.join("ca");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::store::private_dir(&dir)?;
         let signer = match &cfg.provided {
             Some((cert, key)) => load_provided(cert, key)?,
             None if dir.join("root.key").exists() => load_managed(&dir)?,
@@ -403,6 +413,33 @@ mod tests {
     fn csr(names: Vec<String>) -> String {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         CertificateParams::new(names).unwrap().serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn serials_are_positive_16_bytes_and_every_free_bit_varies() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-test-{}", fastrand::u64(..)));
+        let ca = Ca::open(&dir, cfg()).unwrap();
+        let req = csr(vec![]);
+        let serials: std::collections::BTreeSet<Vec<u8>> = (0..200)
+            .map(|_| {
+                let hex = ca.sign(&req, "backend").unwrap().serial;
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+            })
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(serials.len(), 200, "serials repeat");
+        let (mut ones, mut zeros) = ([0u8; 16], [0u8; 16]);
+        for s in &serials {
+            assert_eq!(s.len(), 16, "{s:02x?}");
+            assert!(s[0] & 0x80 == 0 && s[0] != 0, "not positive or with a leading zero: {s:02x?}");
+            for (i, b) in s.iter().enumerate() {
+                ones[i] |= b;
+                zeros[i] |= !b;
+            }
+        }
+        // Only the sign bit and the low bit of the first byte are fixed: 126 bits vary.
+        let varying: u32 = ones.iter().zip(&zeros).map(|(o, z)| (o & z).count_ones()).sum();
+        assert_eq!(varying, 126);
     }
 
     #[test]

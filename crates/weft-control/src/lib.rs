@@ -62,14 +62,14 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
         format!("cannot listen on {} (is another control plane running? pick another with --listen)", cfg.listen)
     })?;
     let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.default_mtls)?);
-    // The signing root, for clients verifying this control plane (the CLI, `weft run`).
+    // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
-    std::fs::write(&bundle_path, mesh.security.ca.bundle())
-        .with_context(|| format!("cannot write {}", bundle_path.display()))?;
+    ca::write_private(&bundle_path, &mesh.security.ca.bundle())?;
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), cfg.listen.ip().to_string()];
     names.extend(cfg.server_names.iter().cloned());
     names.dedup();
-    let tls = tls::server_config(&mesh.security.ca, &names)?;
+    let serving = tls::ServingCert::new(&mesh.security.ca, names)?;
+    let tls = tls::server_config(serving.clone())?;
     match weft_api::credentials::save(
         &cfg.listen.to_string(),
         weft_api::credentials::Entry {
@@ -81,9 +81,11 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
         Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),
     }
     tokio::spawn(state::expire_stale(mesh.clone()));
+    tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path.clone()));
     tokio::spawn(jwks::refresh(mesh.clone()));
     let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
-    let app = grpc.merge(api::router(mesh.clone()));
+    // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
+    let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
     tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
     // xDS streams never end on their own: after the stop signal, give in-flight API calls a
     // moment, then close everything.

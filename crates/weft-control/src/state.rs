@@ -33,8 +33,33 @@ pub(crate) struct Entry {
     pub instance: Instance,
     /// The xDS stream that registered the instance; only that stream's end removes it.
     stream: Option<u64>,
+    /// SHA-256 (hex) of the instance key of the proxy that registered the instance: only that
+    /// proxy may register the id again while the entry lives. `None` for an entry stored by a
+    /// version without instance keys (then the same service suffices).
+    owner: Option<String>,
     /// Set for instances restored from the store after a restart, until their proxy reconnects.
     stale_until: Option<Instant>,
+}
+
+/// An instance as the store keeps it: what the registry shows, and its owner (see [`Entry`]).
+#[derive(serde::Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    instance: Instance,
+    #[serde(default, rename = "ownerKeySha256")]
+    owner: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct StoredRef<'a> {
+    #[serde(flatten)]
+    instance: &'a Instance,
+    #[serde(rename = "ownerKeySha256", skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a str>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Outcome of applying one resource.
@@ -65,9 +90,9 @@ impl Mesh {
         }
         let stale_until = Some(Instant::now() + grace);
         for (id, json) in store.instances()? {
-            let mut instance: Instance = serde_json::from_str(&json)?;
+            let Stored { mut instance, owner } = serde_json::from_str(&json)?;
             instance.connected = false;
-            inner.instances.insert(id, Entry { instance, stream: None, stale_until });
+            inner.instances.insert(id, Entry { instance, stream: None, owner, stale_until });
         }
         tracing::info!(
             resources = inner.resources.len(),
@@ -222,15 +247,39 @@ impl Mesh {
         self.lock().resources.values().filter(|r| r.kind() == kind).cloned().collect()
     }
 
-    /// Registers (or re-registers) the instance behind an xDS stream.
-    pub fn connect(&self, id: &str, registration: InstanceRegistration, stream: u64) {
+    /// Registers (or re-registers) the instance behind an xDS stream. An id that is registered
+    /// already (connected, or restored after a restart and awaiting its proxy) may only be
+    /// registered again by the proxy that holds it: same service, same instance key (`key`).
+    /// So a reconnecting proxy gets its id back, and nobody else can take it over.
+    pub fn connect(
+        &self,
+        id: &str,
+        registration: InstanceRegistration,
+        stream: u64,
+        key: Option<&str>,
+    ) -> Result<(), String> {
         let mut inner = self.lock();
+        let owner = key.map(|k| hex(ring::digest::digest(&ring::digest::SHA256, k.as_bytes()).as_ref()));
+        if let Some(held) = inner.instances.get(id) {
+            let service = held.instance.registration.service.as_deref().unwrap_or("-");
+            let same_service = held.instance.registration.service == registration.service;
+            let same_proxy = held.owner.is_none() || held.owner == owner;
+            if !(same_service && same_proxy) {
+                tracing::warn!(instance = id, held_by = service, refused = ?registration.service, "registration of an instance id held by another proxy refused");
+                return Err(format!(
+                    "instance id {id:?} is held by another proxy (an instance of service {service:?}{}); give this instance an id of its own (--id), or stop the other proxy first",
+                    if held.stream.is_some() { "" } else { ", expected back after the control plane's restart" },
+                ));
+            }
+        }
         let healthy = registration.healthy;
         let instance = Instance { id: id.to_owned(), registration, healthy, connected: true };
-        self.persist(&instance);
-        tracing::info!(instance = id, service = ?instance.registration.service, healthy, "instance registered");
-        inner.instances.insert(id.to_owned(), Entry { instance, stream: Some(stream), stale_until: None });
+        let entry = Entry { instance, stream: Some(stream), owner, stale_until: None };
+        self.persist(&entry);
+        tracing::info!(instance = id, service = ?entry.instance.registration.service, healthy, "instance registered");
+        inner.instances.insert(id.to_owned(), entry);
         self.publish(&inner);
+        Ok(())
     }
 
     /// The xDS stream of an instance ended: its proxy stopped, crashed or lost the connection.
@@ -271,18 +320,18 @@ impl Mesh {
         if entry.instance.healthy != healthy {
             entry.instance.healthy = healthy;
             entry.instance.registration.healthy = healthy;
-            let instance = entry.instance.clone();
-            self.persist(&instance);
+            self.persist(entry);
             tracing::info!(instance = id, healthy, "health changed");
             self.publish(&inner);
         }
         true
     }
 
-    fn persist(&self, instance: &Instance) {
-        let json = serde_json::to_string(instance).expect("instances always serialize");
-        if let Err(e) = self.store.write(&[Write::PutInstance(&instance.id, &json)]) {
-            tracing::error!(instance = %instance.id, error = %e, "cannot store instance");
+    fn persist(&self, entry: &Entry) {
+        let stored = StoredRef { instance: &entry.instance, owner: entry.owner.as_deref() };
+        let json = serde_json::to_string(&stored).expect("instances always serialize");
+        if let Err(e) = self.store.write(&[Write::PutInstance(&entry.instance.id, &json)]) {
+            tracing::error!(instance = %entry.instance.id, error = %e, "cannot store instance");
         }
     }
 
@@ -482,5 +531,66 @@ pub async fn expire_stale(mesh: Arc<Mesh>) {
             mesh.refresh_bundle();
         }
         mesh.security.forget_expired();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Mesh {
+        let ca = CaConfig {
+            trust_domain: "test.local".into(),
+            namespace: "default".into(),
+            cert_ttl: Duration::from_secs(3600),
+            provided: None,
+        };
+        Mesh::open(dir, Duration::from_secs(60), ca, Default::default()).unwrap()
+    }
+
+    fn reg(service: &str) -> InstanceRegistration {
+        InstanceRegistration {
+            service: Some(service.into()),
+            inbound: Some("127.0.0.1:1".into()),
+            app: None,
+            admin: None,
+            labels: Default::default(),
+            upstreams: vec![],
+            healthy: true,
+        }
+    }
+
+    fn service_of(mesh: &Mesh, id: &str) -> Option<String> {
+        mesh.instance_service(id).flatten()
+    }
+
+    #[test]
+    fn an_instance_id_stays_with_the_proxy_that_registered_it() {
+        let dir = std::env::temp_dir().join(format!("weft-state-test-{}", fastrand::u64(..)));
+        let mesh = open(&dir);
+        mesh.connect("b-1", reg("b"), 1, Some("key-b")).unwrap();
+        // Another service's proxy, or another proxy of the same service, cannot take the id.
+        let e = mesh.connect("b-1", reg("a"), 2, Some("key-a")).unwrap_err();
+        assert!(e.contains("\"b-1\" is held by another proxy") && e.contains("service \"b\""), "{e}");
+        assert!(mesh.connect("b-1", reg("b"), 3, Some("key-other")).is_err());
+        assert!(mesh.connect("b-1", reg("b"), 3, None).is_err());
+        assert_eq!(service_of(&mesh, "b-1").as_deref(), Some("b"));
+        // The holder reconnects (a network blip: its old stream has not even ended yet).
+        mesh.connect("b-1", reg("b"), 4, Some("key-b")).unwrap();
+        // The old stream's end no longer removes the instance; the new one's does.
+        mesh.disconnect("b-1", 1);
+        assert_eq!(service_of(&mesh, "b-1").as_deref(), Some("b"));
+        mesh.disconnect("b-1", 4);
+        assert_eq!(service_of(&mesh, "b-1"), None);
+        // A free id is anyone's.
+        mesh.connect("b-1", reg("a"), 5, Some("key-a")).unwrap();
+        assert_eq!(service_of(&mesh, "b-1").as_deref(), Some("a"));
+
+        // After a restart the restored entry still belongs to its proxy, which gets it back.
+        drop(mesh);
+        let mesh = open(&dir);
+        assert!(mesh.connect("b-1", reg("b"), 1, Some("key-b")).is_err());
+        mesh.connect("b-1", reg("a"), 1, Some("key-a")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

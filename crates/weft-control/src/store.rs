@@ -2,12 +2,49 @@
 //! registry of instances. Everything else is derived from these two tables at startup.
 use anyhow::Context;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const INSTANCES: TableDefinition<&str, &str> = TableDefinition::new("instances");
 /// Join tokens issued (id → [`weft_api::identity::TokenInfo`] JSON), revoked ones flagged.
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+
+/// Creates `dir` (owner-only), or takes an existing one over: it and everything in it become
+/// owner-only (directories 0700, files 0600), whatever an older version or the umask left.
+/// The data directory holds the CA's and the token signer's keys and the admin credential.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    owner_only(dir)
+}
+
+fn owner_only(path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_symlink() {
+        return Ok(());
+    }
+    let want = if meta.is_dir() { 0o700 } else { 0o600 };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != want {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).with_context(|| {
+            format!(
+                "{} is accessible to others (mode {mode:o}) and cannot be made owner-only (is it yours?)",
+                path.display()
+            )
+        })?;
+        tracing::warn!(path = %path.display(), was = format!("{mode:o}"), now = format!("{want:o}"), "made owner-only");
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))? {
+            owner_only(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
 
 pub struct Store {
     db: Database,
@@ -25,8 +62,16 @@ pub enum Write<'a> {
 
 impl Store {
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        private_dir(dir)?;
         let path = dir.join("weft.redb");
+        // Created owner-only before redb opens it (redb initialises an empty file).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
                 "data directory {} is in use by another weft control plane; stop it or pass a different --data-dir",

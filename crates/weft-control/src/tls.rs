@@ -1,9 +1,14 @@
 //! TLS for the control plane's own port. Handshakes run in tasks of their own, so a slow or
 //! silent client never holds up the accept loop.
+use crate::Mesh;
 use crate::ca::Ca;
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -13,18 +18,86 @@ use tokio_rustls::server::TlsStream;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A server configuration with a fresh certificate from the mesh CA for `names`.
-pub fn server_config(ca: &Ca, names: &[String]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// The control plane's own certificate: re-issued when the CA signs with another root (a
+/// rotation), so that clients, which trust the live trust bundle, can still verify it after the
+/// old root leaves the bundle.
+pub struct ServingCert {
+    names: Vec<String>,
+    /// The fingerprint of the root that issued the certificate, and the certificate.
+    current: ArcSwap<(String, Arc<CertifiedKey>)>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert").field("names", &self.names).field("root", &self.current.load().0).finish()
+    }
+}
+
+impl ServingCert {
+    /// A fresh certificate from the mesh CA for `names`.
+    pub fn new(ca: &Ca, names: Vec<String>) -> anyhow::Result<Arc<ServingCert>> {
+        let current = ArcSwap::from_pointee(issue(ca, &names)?);
+        Ok(Arc::new(ServingCert { names, current }))
+    }
+
+    /// Re-issues the certificate if the CA's signing root is not the one that issued it.
+    pub fn follow(&self, ca: &Ca) {
+        if self.current.load().0 == ca.root_fingerprint() {
+            return;
+        }
+        match issue(ca, &self.names) {
+            Ok(c) => {
+                tracing::info!(root = %c.0, "control plane certificate re-issued from the new signing root");
+                self.current.store(Arc::new(c));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot re-issue the control plane's certificate"),
+        }
+    }
+}
+
+fn issue(ca: &Ca, names: &[String]) -> anyhow::Result<(String, Arc<CertifiedKey>)> {
+    let root = ca.root_fingerprint();
     let (chain, key) = ca.server_certificate(names)?;
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok((root, Arc::new(CertifiedKey::new(certs, signing))))
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().1.clone())
+    }
+}
+
+/// A server configuration presenting `cert`.
+pub fn server_config(cert: Arc<ServingCert>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Keeps what clients verify the control plane with in step with the CA: on every change of
+/// the trust bundle, rewrites `bundle_file` (read by the CLI and by proxies at start) and
+/// re-issues the control plane's certificate if the signing root changed.
+pub async fn follow_rotations(mesh: Arc<Mesh>, cert: Arc<ServingCert>, bundle_file: PathBuf) {
+    let mut snapshots = mesh.subscribe();
+    let mut bundle = mesh.security.ca.bundle();
+    while snapshots.changed().await.is_ok() {
+        let now = mesh.security.ca.bundle();
+        if now == bundle {
+            continue;
+        }
+        if let Err(e) = crate::ca::write_private(&bundle_file, &now) {
+            tracing::warn!(error = %e, "cannot rewrite the trust bundle file");
+        }
+        bundle = now;
+        cert.follow(&mesh.security.ca);
+    }
 }
 
 /// Accepts TCP connections and hands over those whose TLS handshake completed.

@@ -66,8 +66,7 @@ impl TokenKey {
     /// Loads `ca/token.key`, creating it at first start.
     pub fn open(data_dir: &Path) -> anyhow::Result<TokenKey> {
         let path = data_dir.join("ca").join("token.key");
-        std::fs::create_dir_all(data_dir.join("ca"))
-            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        crate::store::private_dir(&data_dir.join("ca"))?;
         let secret = match std::fs::read_to_string(&path) {
             Ok(text) => B64.decode(text.trim()).with_context(|| format!("{} is corrupt", path.display()))?,
             Err(_) => {
@@ -82,8 +81,8 @@ impl TokenKey {
     }
 
     pub fn issue(&self, service: &str, exp: u64) -> (Claims, String) {
-        let mut id = [0u8; 6];
-        fastrand::fill(&mut id);
+        // 128 bits from the CSPRNG: ids never collide, and none can be guessed.
+        let id: [u8; 16] = crate::ca::random();
         let claims = Claims { id: id.iter().map(|b| format!("{b:02x}")).collect(), service: service.to_owned(), exp };
         let body = B64.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let tag = ring::hmac::sign(&self.key, body.as_bytes());
@@ -150,5 +149,13 @@ mod tests {
         let (_, other) = ours.issue("frontend", 1000);
         let forged = format!("{}.{}.{}", PREFIX, other.split('.').nth(1).unwrap(), token.split('.').nth(2).unwrap());
         assert_eq!(ours.verify(Some(&forged), 0), Err(TokenError::ForeignSigned));
+    }
+
+    #[test]
+    fn token_ids_are_128_bits_and_distinct() {
+        let k = key();
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| k.issue("backend", 1000).0.id).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|id| id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())), "{ids:?}");
     }
 }

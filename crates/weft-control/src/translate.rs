@@ -206,6 +206,13 @@ impl Snapshot {
                 Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
             }
         }
+        // Services some route's own TrafficPolicy retries requests to: their clusters carry
+        // a retry budget even when their own policy has no retry.
+        let route_retries: std::collections::HashSet<&str> = routes
+            .iter()
+            .filter(|(route, _)| route_policies.get(route).is_some_and(|p| p.retry.is_some()))
+            .flat_map(|(_, r)| r.rules.iter().flat_map(|rule| rule.backend_refs.iter().map(|b| b.name.as_str())))
+            .collect();
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
         for e in inner.instances.values() {
             if let Some(svc) = &e.instance.registration.service {
@@ -264,7 +271,7 @@ impl Snapshot {
                 global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
             };
             let policy = traffic.get(name.as_str()).copied();
-            let mut cluster = eds_cluster(name, &spec, policy);
+            let mut cluster = eds_cluster(name, &spec, policy, route_retries.contains(name.as_str()));
             put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
             let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
@@ -626,14 +633,30 @@ fn outlier_detection(od: &OutlierDetection) -> EnvoyOutlierDetection {
     }
 }
 
-fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec>) -> Cluster {
+/// A retry budget's defaults (Envoy's budget, when a `TrafficPolicy` names none): retries in
+/// flight may be 20% of the requests in flight, or 10, whichever is more. Envoy's own default
+/// without a budget, 3 retries in flight, turned retries down under a handful of concurrent
+/// clients.
+const DEFAULT_RETRY_BUDGET_PERCENT: f64 = 20.0;
+const DEFAULT_MIN_RETRY_CONCURRENCY: u32 = 10;
+
+/// The cluster of a service; `retried`: some route's own policy retries requests to it.
+fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec>, retried: bool) -> Cluster {
     let max_requests = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_requests);
     let per_instance = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_connections_per_instance);
     let pending = policy.and_then(|p| p.connection_pool.as_ref()).and_then(|p| p.max_pending_requests);
-    let budget = policy.and_then(|p| p.retry.as_ref()).and_then(|r| r.budget.as_ref());
+    let retry = policy.and_then(|p| p.retry.as_ref());
+    let budget = retry.and_then(|r| r.budget.as_ref());
     // A ratio budget (Linkerd's) has no Envoy field: it travels in the cluster's metadata.
     let ratio_budget = budget.filter(|b| b.ratio.is_some());
-    let budget = budget.and_then(|b| Some((b.percent?, b.min_retry_concurrency)));
+    // Otherwise retried requests get Envoy's budget, with weft's defaults for what is unset.
+    let budget = (ratio_budget.is_none() && (retry.is_some() || retried)).then(|| {
+        let b = budget.cloned().unwrap_or_default();
+        (
+            b.percent.unwrap_or(DEFAULT_RETRY_BUDGET_PERCENT),
+            b.min_retry_concurrency.unwrap_or(DEFAULT_MIN_RETRY_CONCURRENCY),
+        )
+    });
     let limited = max_requests.is_some() || budget.is_some() || per_instance.is_some();
     let circuit_breakers = limited.then(|| CircuitBreakers {
         per_host_thresholds: per_instance
@@ -648,7 +671,7 @@ fn eds_cluster(name: &str, spec: &ServiceSpec, policy: Option<&TrafficPolicySpec
             max_requests: max_requests.map(|value| UInt32Value { value }),
             retry_budget: budget.map(|(percent, min)| circuit_breakers::thresholds::RetryBudget {
                 budget_percent: Some(Percent { value: percent }),
-                min_retry_concurrency: min.map(|value| UInt32Value { value }),
+                min_retry_concurrency: Some(UInt32Value { value: min }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -147,7 +147,6 @@ pub struct Cluster {
     /// For a plaintext cluster that leaves the HTTP version to the client: what its upstream
     /// (a sidecar's app) speaks.
     pub learned: Arc<LearnedProtocol>,
-    learned_from: ArcSwapOption<std::net::SocketAddr>,
     /// The active health check task and what it checks.
     health_check: std::sync::Mutex<Option<(HealthCheckDef, tokio::task::AbortHandle)>>,
 }
@@ -204,7 +203,6 @@ impl Cluster {
             ejections,
             ratio_budget: Default::default(),
             learned: Default::default(),
-            learned_from: ArcSwapOption::empty(),
             health_check: Default::default(),
         }
     }
@@ -352,6 +350,11 @@ impl Cluster {
     /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
     pub fn is_mesh(&self) -> bool {
         self.mesh.load(Ordering::Relaxed)
+    }
+
+    /// What the cluster's upstream (a sidecar's app) speaks, probed now if not yet known.
+    pub async fn learn_protocol(&self) -> crate::app_protocol::Speaks {
+        self.learned.learn(&*self.connector).await
     }
 
     /// The cluster's settings and endpoints as one request (or connection) sees them.
@@ -506,11 +509,11 @@ impl ClusterManager {
                 if def.tls.is_none()
                     && def.protocol == UpstreamProtocol::Downstream
                     && let [ep] = eps.as_slice()
-                    && c.learned_from.swap(Some(Arc::new(ep.address))).is_none_or(|a| *a != ep.address)
+                    && c.learned.set_target(ep.address)
                     && let Ok(rt) = tokio::runtime::Handle::try_current()
                 {
-                    let (learned, addr) = (c.learned.clone(), ep.address);
-                    rt.spawn(async move { learned.learn(addr).await });
+                    let (learned, connector) = (c.learned.clone(), c.connector.clone());
+                    rt.spawn(async move { learned.learn(&*connector).await });
                 }
             }
             c.defined.store(true, Ordering::Relaxed);
@@ -550,13 +553,6 @@ impl ClusterManager {
             // Checked in between sweeps k and k+1, looked at in sweep n: idle ≥ (n - k - 1) periods.
             let now = SWEEPS.fetch_add(1, Ordering::Relaxed) + 1;
             for c in clusters {
-                // An app that could not be probed (not listening yet) is probed again.
-                if let Some(addr) = c.learned_from.load_full()
-                    && c.learned.get() == crate::app_protocol::Speaks::Unknown
-                {
-                    let learned = c.learned.clone();
-                    tokio::spawn(async move { learned.learn(*addr).await });
-                }
                 let max_sweeps = sweeps(c.pool.load().idle_timeout.unwrap_or(idle_timeout), period);
                 for ep in &c.endpoints().all {
                     ep.sweep_idle(now, max_sweeps);
@@ -615,6 +611,27 @@ mod tests {
         for _ in 0..100 {
             assert_ne!(view.pick(&[], None).unwrap().addr, busy.addr);
         }
+    }
+
+    /// An instance that fails at once looks fastest by latency alone; its failures must cost
+    /// so that it gets no more than its fair share (here a third) of the requests.
+    #[test]
+    fn p2c_does_not_feed_a_fast_failing_endpoint() {
+        let c = cluster(4, LoadBalancer::P2cEwma);
+        let view = c.view();
+        let failer = view.set.ready[0].addr;
+        let mut picked = 0;
+        for _ in 0..300 {
+            let ep = view.pick(&[], None).unwrap();
+            drop(ep.start());
+            if ep.addr == failer {
+                picked += 1;
+                ep.attempt_failed();
+            } else {
+                ep.observe(Duration::from_millis(5));
+            }
+        }
+        assert!(picked <= 100, "the failing endpoint got {picked} of 300 requests");
     }
 
     #[test]

@@ -38,11 +38,14 @@ pub struct ListenerInfo {
     /// The service whose traffic this is (the local one for inbound, the called one for
     /// outbound).
     pub service: Arc<str>,
+    /// The proxy's drain, which every request and TCP connection counts in.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 impl ListenerInfo {
+    /// A listener of a proxy that never drains (in-process tests).
     pub fn new(name: &str, direction: Direction, service: &str) -> Arc<ListenerInfo> {
-        Arc::new(ListenerInfo { name: name.into(), direction, service: service.into() })
+        Arc::new(ListenerInfo { name: name.into(), direction, service: service.into(), drain: Default::default() })
     }
 }
 

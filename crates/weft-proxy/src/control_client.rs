@@ -1,6 +1,7 @@
-//! How anything talks to the control plane: TLS verified against the mesh root, and a bearer
-//! credential (a proxy's join token, or the CLI's admin credential). Shared by the proxy (xDS,
-//! certificates, health reports) and the `weft` CLI.
+//! How anything talks to the control plane: TLS verified against the mesh's roots (the CLI: the
+//! roots file; a proxy: its live trust bundle), and a bearer credential (a proxy's join token,
+//! or the CLI's admin credential). Shared by the proxy (xDS, certificates, health reports) and
+//! the `weft` CLI.
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -47,13 +48,14 @@ impl ControlEndpoint {
         host.trim_start_matches('[').trim_end_matches(']')
     }
 
-    pub fn root_pem(&self) -> anyhow::Result<Vec<u8>> {
+    fn root_pem(&self) -> anyhow::Result<Vec<u8>> {
         std::fs::read(&self.ca_file).map_err(|e| {
             anyhow::anyhow!("cannot read the mesh root {} (--ca-file / WEFT_CA_FILE): {e}", self.ca_file.display())
         })
     }
 
-    pub fn tls_config(&self, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
+    /// The roots in `ca_file`.
+    pub fn roots(&self) -> anyhow::Result<rustls::RootCertStore> {
         let pem = self.root_pem()?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&pem) {
@@ -61,9 +63,15 @@ impl ControlEndpoint {
             roots.add(cert).map_err(|e| anyhow::anyhow!("{}: unusable root: {e}", self.ca_file.display()))?;
         }
         anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", self.ca_file.display());
+        Ok(roots)
+    }
+
+    /// TLS trusting the roots in `ca_file`: for short-lived clients (the CLI). A proxy trusts
+    /// its live trust bundle instead ([`crate::identity::Credentials::control_plane_config`]).
+    pub fn tls_config(&self, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_root_certificates(self.roots()?)
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(cfg)
@@ -89,8 +97,13 @@ pub struct ApiError {
 impl ControlApi {
     pub fn new(endpoint: ControlEndpoint) -> anyhow::Result<ControlApi> {
         let tls = endpoint.tls_config(&[])?;
+        Ok(ControlApi::with_tls(endpoint, tls))
+    }
+
+    /// With a TLS configuration of the caller's (no ALPN: the API speaks HTTP/1.1).
+    pub fn with_tls(endpoint: ControlEndpoint, tls: rustls::ClientConfig) -> ControlApi {
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
-        Ok(ControlApi { endpoint, client: Client::builder(TokioExecutor::new()).build(https) })
+        ControlApi { endpoint, client: Client::builder(TokioExecutor::new()).build(https) }
     }
 
     /// Sends a request; returns the status and the body.

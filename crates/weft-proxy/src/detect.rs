@@ -16,7 +16,8 @@ pub enum Protocol {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Longest first line we wait for before deciding it is not HTTP/1.
+/// Longest first line we wait for before deciding it is not HTTP/1 (a request line that
+/// names an HTTP request target is recognised from its first bytes, whatever its length).
 const MAX_REQUEST_LINE: usize = 8192;
 
 enum Verdict {
@@ -35,29 +36,60 @@ fn classify(buf: &[u8]) -> Verdict {
     if buf[..n] == H2_PREFACE[..n] {
         return if n == H2_PREFACE.len() { Verdict::Known(Protocol::Http2) } else { Verdict::NeedMore };
     }
-    // HTTP/1: METHOD SP request-target SP HTTP/1.x CRLF
-    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    if method_len == 0 || method_len > 16 {
-        return Verdict::Known(Protocol::Tcp);
-    }
-    if method_len == buf.len() {
+    http1(buf)
+}
+
+/// Whether the bytes begin like an HTTP/1 request: a method token, whitespace, and either a
+/// request target that only HTTP uses (`/`, `*`, `http://`, `https://`) or a first line that
+/// ends in an `HTTP/` version. Such a connection is HTTP even when its request is malformed:
+/// the HTTP server answers it (400, 414, 431) rather than passing its bytes to the app
+/// unchecked. Leading empty lines are skipped, as the HTTP parser does (RFC 9112 §2.2 asks
+/// for at least one). Anything else is opaque TCP (e.g. `hello world`, `SET key value`,
+/// `OPTIONS rtsp://host RTSP/1.0`).
+fn http1(buf: &[u8]) -> Verdict {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
+    let buf = &buf[start..];
+    if buf.is_empty() {
         return Verdict::NeedMore;
     }
-    if buf[method_len] != b' ' {
+    let method_len = buf.iter().take_while(|&&b| is_tchar(b)).count();
+    if method_len == 0 || method_len > MAX_METHOD {
         return Verdict::Known(Protocol::Tcp);
     }
-    match buf.windows(2).position(|w| w == b"\r\n") {
+    let Some(&after) = buf.get(method_len) else { return Verdict::NeedMore };
+    if after != b' ' && after != b'\t' {
+        return Verdict::Known(Protocol::Tcp);
+    }
+    let target = &buf[method_len + 1..];
+    const SCHEMES: [&[u8]; 2] = [b"http://", b"https://"];
+    let starts = |p: &[u8]| target.len() >= p.len() && target[..p.len()].eq_ignore_ascii_case(p);
+    if target.starts_with(b"/") || target.starts_with(b"*") || SCHEMES.iter().any(|s| starts(s)) {
+        return Verdict::Known(Protocol::Http1);
+    }
+    match buf.iter().position(|&b| b == b'\n') {
         Some(end) => {
-            let line = &buf[..end];
-            if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
-                Verdict::Known(Protocol::Http1)
-            } else {
-                Verdict::Known(Protocol::Tcp)
+            let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+            let version = line.rsplit(|&b| b == b' ' || b == b'\t').next().unwrap_or_default();
+            match version.starts_with(b"HTTP/") {
+                true => Verdict::Known(Protocol::Http1),
+                false => Verdict::Known(Protocol::Tcp),
             }
+        }
+        // A target that may still become `http://…`.
+        None if SCHEMES.iter().any(|s| s.len() > target.len() && s[..target.len()].eq_ignore_ascii_case(target)) => {
+            Verdict::NeedMore
         }
         None if buf.len() >= MAX_REQUEST_LINE => Verdict::Known(Protocol::Tcp),
         None => Verdict::NeedMore,
     }
+}
+
+/// Longest method token taken for HTTP (the longest registered method is 17 bytes).
+const MAX_METHOD: usize = 32;
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// TLS record content type of a handshake message (RFC 8446 §5.1).
@@ -129,12 +161,48 @@ mod tests {
         assert_eq!(known(b"POST /a?b HTTP/1.0\r\n"), Some(Protocol::Http1));
         assert_eq!(known(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(known(b"PRI * HT"), None);
-        assert_eq!(known(b"GET /long-path-not-finished"), None);
         assert_eq!(known(b"GE"), None);
+        assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
+        assert_eq!(known(b"SET key value\r\n"), Some(Protocol::Tcp));
+        assert_eq!(known(b"OPTIONS rtsp://h/ RTSP/1.0\r\n"), Some(Protocol::Tcp));
+        assert_eq!(known(b"GET ht"), None, "may still be an absolute-form target");
         assert_eq!(known(b"\x16\x03\x01\x02\x00"), None, "a TLS record, still incomplete");
         assert_eq!(known(b"\x16\x00garbage"), Some(Protocol::Tcp));
-        assert_eq!(known(b"hello world\r\n"), Some(Protocol::Tcp));
         assert_eq!(known(b"PING\r\n"), Some(Protocol::Tcp));
+    }
+
+    /// Whatever begins like an HTTP request is HTTP, so the HTTP server answers a malformed
+    /// one (400, 414, 431) instead of its bytes reaching the app as opaque TCP: a target only
+    /// HTTP uses is recognised from its first byte (a long URL needs no line end within the
+    /// peek buffer), another one from its `HTTP/` version.
+    #[test]
+    fn malformed_http_is_http() {
+        let long = [&b"GET /"[..], &[b'a'; 70_000]].concat();
+        for probe in [
+            &b"GET /long-path-not-finished"[..],
+            &long,
+            b"\r\nGET / HTTP/1.1\r\n",
+            b"\r\n\r\nGET / HTTP/1.1\r\n",
+            b"\nGET / HTTP/1.1\n",
+            b"GET / HTTP/1.1\nHost: x\n\n",
+            b"GET\t/ HTTP/1.1\r\n",
+            b"GET /\tHTTP/1.1\r\n",
+            b"GET / HTTP/1.1 \r\n",
+            b"GET / HTTP/1.2\r\n",
+            b"GET /\r\n",
+            b"GET http://evil.example/ HTTP/1.1\r\n",
+            b"GET * HTTP/1.1\r\n",
+            b"CONNECT example.com:443 HTTP/1.1\r\n",
+            b"get / HTTP/1.1\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+        ] {
+            assert_eq!(
+                known(probe),
+                Some(Protocol::Http1),
+                "{:?}",
+                String::from_utf8_lossy(&probe[..probe.len().min(40)])
+            );
+        }
     }
 
     /// A ClientHello as rustls writes it: recognised whole, with its server name and ALPN,

@@ -39,6 +39,13 @@ const DECAY: Duration = Duration::from_secs(10);
 /// An endpoint without an answer for this long is probed with the next request it is a
 /// candidate for (see [`Endpoint::cost`]).
 const PROBE_AFTER: Duration = Duration::from_secs(2);
+/// What a failed attempt adds to an endpoint's P2C cost, as if it had answered this slowly
+/// (Finagle's and Linkerd's practice): an instance that fails fast would otherwise look the
+/// fastest and draw the most requests. The penalty fades over [`FAILURE_DECAY`], so one
+/// failure keeps an endpoint out of favour for a few seconds, not for the peak estimate's
+/// tens of seconds; it is still probed after [`PROBE_AFTER`] without requests.
+const FAILURE_PENALTY: f64 = 1e9;
+const FAILURE_DECAY: Duration = Duration::from_secs(1);
 /// Pool sweeps done so far (see [`crate::balance::ClusterManager::sweep_pools`]). A pooled
 /// connection records the count when it is checked in, so the pool reads no clock per request.
 pub(crate) static SWEEPS: AtomicU64 = AtomicU64::new(0);
@@ -63,6 +70,8 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
+    /// When an attempt on it last failed ([`clock`]; 0: never), for [`FAILURE_PENALTY`].
+    attempt_failed_at: AtomicU64,
     /// Failure streaks and ejection (see [`crate::outlier`]).
     pub outlier: crate::outlier::OutlierState,
     /// This proxy's active health checks of the endpoint (see [`crate::active_health`]).
@@ -260,6 +269,7 @@ impl Endpoint {
             rtt: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(clock()),
             failed_at: AtomicU64::new(0),
+            attempt_failed_at: AtomicU64::new(0),
             outlier: Default::default(),
             health_check: Default::default(),
             h1_idle: Mutex::new(Vec::new()),
@@ -273,22 +283,35 @@ impl Endpoint {
         at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
     }
 
-    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1).
-    /// The estimate decays while an endpoint is not chosen; and an idle endpoint that has not
-    /// answered for [`PROBE_AFTER`] costs nothing, so it gets the next request and a fresh
-    /// sample: an endpoint that was slow once is not shunned for the tens of seconds the decay
-    /// alone would take.
+    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1), plus
+    /// the fading penalty of a recent failed attempt. The estimate decays while an endpoint is
+    /// not chosen; and an idle endpoint that has not answered for [`PROBE_AFTER`] costs
+    /// nothing, so it gets the next request and a fresh sample: an endpoint that was slow (or
+    /// failed) once is not shunned for the tens of seconds the decay alone would take.
     pub fn cost_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let pending = self.pending.load(Ordering::Relaxed);
-        if rtt == 0.0 {
-            return f64::from(pending) * UNKNOWN_RTT_PENALTY;
+        let load = if rtt == 0.0 {
+            f64::from(pending) * UNKNOWN_RTT_PENALTY
+        } else {
+            let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed));
+            if pending == 0 && idle >= PROBE_AFTER.as_nanos() as u64 {
+                return 0.0;
+            }
+            rtt * (-(idle as f64) / DECAY.as_nanos() as f64).exp() * (f64::from(pending) + 1.0)
+        };
+        match self.attempt_failed_at.load(Ordering::Relaxed) {
+            0 => load,
+            at => {
+                let age = now.saturating_sub(at) as f64;
+                load + FAILURE_PENALTY * (-age / FAILURE_DECAY.as_nanos() as f64).exp()
+            }
         }
-        let idle = now.saturating_sub(self.stamp.load(Ordering::Relaxed));
-        if pending == 0 && idle >= PROBE_AFTER.as_nanos() as u64 {
-            return 0.0;
-        }
-        rtt * (-(idle as f64) / DECAY.as_nanos() as f64).exp() * (f64::from(pending) + 1.0)
+    }
+
+    /// Counts a failed attempt (an error, or a 5xx answer) against the endpoint's P2C cost.
+    pub fn attempt_failed(&self) {
+        self.attempt_failed_at.store(clock(), Ordering::Relaxed);
     }
 
     /// Marks a request as started; the returned guard records its latency when it ends.
@@ -297,7 +320,7 @@ impl Endpoint {
         InFlight { endpoint: self, started: Instant::now() }
     }
 
-    fn observe(&self, rtt: Duration) {
+    pub(crate) fn observe(&self, rtt: Duration) {
         let now = clock();
         let rtt = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.rtt.load(Ordering::Relaxed));

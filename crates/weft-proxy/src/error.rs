@@ -55,6 +55,12 @@ pub enum ProxyError {
     RateLimited(crate::ratelimit::Limited),
     #[error("fault injected by the TrafficPolicy of route {route}")]
     FaultAbort { route: Arc<str>, status: http::StatusCode, grpc: Option<u8> },
+    #[error("bad request: {0}")]
+    BadRequest(#[from] crate::http::head::BadRequest),
+    /// The client's request body broke off or was malformed (e.g. bad chunked framing) while
+    /// it was being forwarded: the client's fault, not the upstream's.
+    #[error("the request body could not be read: {source}")]
+    BadRequestBody { source: hyper::Error },
     #[error(
         "upstream {addr} sent a response weft cannot forward: {source} (an HTTP/1.1 response head may be at most 16 KiB)"
     )]
@@ -82,6 +88,7 @@ impl ProxyError {
             ProxyError::FaultAbort { .. } => "fault-injected",
             ProxyError::RateLimited(_) => "rate-limited",
             ProxyError::Redirect { .. } => "redirect",
+            ProxyError::BadRequest(_) | ProxyError::BadRequestBody { .. } => "bad-request",
         }
     }
 
@@ -96,6 +103,7 @@ impl ProxyError {
             }
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
+            ProxyError::BadRequest(_) | ProxyError::BadRequestBody { .. } => http::StatusCode::BAD_REQUEST,
             ProxyError::UnknownCluster(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::Overflow { .. }
@@ -126,14 +134,33 @@ impl ProxyError {
         }
     }
 
-    /// A failed exchange: the upstream's response could not be parsed (e.g. a head too large),
-    /// or the connection broke.
+    /// A failed exchange: the client's request body failed while it was sent, the upstream's
+    /// response could not be parsed (e.g. a head too large), or the connection broke.
     pub fn exchange(addr: SocketAddr, source: hyper::Error) -> ProxyError {
-        if source.is_parse() || source.is_parse_too_large() {
+        // hyper wraps an error of the body it was sending (the client's) as its source.
+        if source.is_user() && std::error::Error::source(&source).is_some_and(|s| s.is::<hyper::Error>()) {
+            ProxyError::BadRequestBody { source }
+        } else if source.is_parse() || source.is_parse_too_large() {
             ProxyError::UpstreamBadResponse { addr, source }
         } else {
             ProxyError::UpstreamReset { addr, source }
         }
+    }
+
+    /// Whether the proxy refused the request by policy or a limit (rather than failing to get
+    /// an answer upstream).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoRoute
+                | ProxyError::Denied { .. }
+                | ProxyError::Unauthenticated(_)
+                | ProxyError::Overflow { .. }
+                | ProxyError::PendingOverflow { .. }
+                | ProxyError::RateLimited(_)
+                | ProxyError::FaultAbort { .. }
+                | ProxyError::Redirect { .. }
+        )
     }
 
     /// Whether the request never reached the endpoint, so another endpoint may take it.

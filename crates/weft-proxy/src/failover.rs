@@ -52,6 +52,7 @@ pub async fn connect<C>(
             Err(e) => {
                 attempts.push(Attempt { endpoint: ep.addr, outcome: (&e).into() });
                 cluster.observe(outlier, &ep, Observed::LocalFailure);
+                ep.attempt_failed();
                 if !(e.before_send() && tried.may_try_another(failover, set)) {
                     return Err(e);
                 }

@@ -30,6 +30,14 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// `bytes` random bytes from the OS's CSPRNG, in hex: for secrets and unguessable names.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // getrandom fails only where the OS has no randomness at all, where no key is safe either.
+    provider().secure_random.fill(&mut b).expect("the operating system's random number generator is available");
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -159,6 +167,25 @@ impl Credentials {
         cfg.alpn_protocols = vec![alpn.to_vec(), ALPN_MESH.to_vec()];
         Arc::new(cfg)
     }
+
+    /// Client side of TLS to the control plane (certificates, xDS, health reports): the control
+    /// plane's certificate must name `host` and chain to the trust bundle in force, so a root
+    /// rotation reaches these clients as it reaches sidecar-to-sidecar TLS. Until the first bundle
+    /// arrives (the first certificate is requested before xDS connects), `bootstrap` (the roots
+    /// given by `--ca-file`) is trusted instead; from then on, only the bundle.
+    pub fn control_plane_config(self: &Arc<Self>, bootstrap: RootCertStore, alpn: &[&[u8]]) -> rustls::ClientConfig {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier {
+                creds: self.clone(),
+                bootstrap: Arc::new(bootstrap),
+            }))
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        cfg
+    }
 }
 
 /// ALPN every weft sidecar adds to what it offers, so a permissive inbound listener can tell
@@ -281,6 +308,62 @@ impl ServerCertVerifier for SpiffeVerifier {
                 self.expected
             ))),
         }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.creds.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.creds.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.creds.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies the control plane's certificate: it names the host dialled and chains to the live
+/// trust bundle (or, before there is one, to the bootstrap roots).
+#[derive(Debug)]
+struct ControlPlaneVerifier {
+    creds: Arc<Credentials>,
+    bootstrap: Arc<RootCertStore>,
+}
+
+impl ServerCertVerifier for ControlPlaneVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        let roots = match self.creds.signing_root.load().is_some() {
+            true => self.creds.roots.load_full(),
+            false => self.bootstrap.clone(),
+        };
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            now,
+            self.creds.algorithms.all,
+        )?;
+        rustls::client::verify_server_name(&parsed, server_name)?;
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -20,6 +20,7 @@ pub mod config;
 pub mod context;
 pub mod control_client;
 mod detect;
+mod drain;
 pub mod endpoint;
 mod error;
 mod failover;
@@ -30,6 +31,7 @@ mod idle;
 pub mod inbound;
 pub mod jwt;
 mod listener;
+mod log_limit;
 pub mod metrics;
 mod outbound;
 pub mod outlier;
@@ -92,6 +94,9 @@ impl Default for Limits {
     }
 }
 
+/// How long a stopping proxy serves what is in flight, at most (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything `weft proxy` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
@@ -115,6 +120,9 @@ pub struct ProxyOptions {
     pub health: Option<HealthCheck>,
     pub health_interval: Duration,
     pub limits: Limits,
+    /// On a stop, the longest the proxy keeps serving what is in flight after leaving the
+    /// mesh (see [`drain`]).
+    pub drain_timeout: Duration,
 }
 
 /// Configuration as last accepted from the control plane, for /config_dump.
@@ -148,6 +156,10 @@ pub struct Proxy {
     creds: Arc<identity::Credentials>,
     /// Mutual TLS termination, shared by every inbound listener.
     acceptor: tokio_rustls::TlsAcceptor,
+    drain: Arc<drain::Drain>,
+    /// Proves to the control plane that a re-registration of this instance id is this proxy's
+    /// ([`weft_api::names::NODE_INSTANCE_KEY`]).
+    instance_key: String,
 }
 
 impl Proxy {
@@ -202,7 +214,12 @@ impl Proxy {
                 .as_deref()
                 .map(|c| TcpTarget { cluster: self.clusters.get(c), failover: def.tcp_failover.unwrap_or_default() });
             let ctx = ListenerCtx {
-                info: ListenerInfo::new(&def.name, def.direction, service),
+                info: Arc::new(ListenerInfo {
+                    name: def.name.as_str().into(),
+                    direction: def.direction,
+                    service: service.into(),
+                    drain: self.drain.clone(),
+                }),
                 http,
                 tcp,
                 tls: def.tls.as_ref().map(|_| self.acceptor.clone()),
@@ -283,10 +300,11 @@ impl Proxy {
     }
 }
 
-/// Runs the proxy until `shutdown` resolves, then deregisters from the control plane.
+/// Runs the proxy until `shutdown` resolves, then leaves the mesh: deregisters, drains, stops.
 pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let running = start(opts).await?;
+    let mut running = start(opts).await?;
     shutdown.await;
+    running.drain().await;
     running.stop().await;
     Ok(())
 }
@@ -296,6 +314,7 @@ pub struct RunningProxy {
     proxy: Arc<Proxy>,
     control: Arc<control_client::ControlApi>,
     tasks: tokio::task::JoinSet<()>,
+    deregistered: bool,
 }
 
 impl RunningProxy {
@@ -307,14 +326,28 @@ impl RunningProxy {
         self.proxy.opts.inbound
     }
 
-    pub async fn stop(mut self) {
+    /// Leaves the endpoint sets of other proxies, then keeps serving what is in flight (and
+    /// what callers send before they learn of it) for at most the drain timeout: the app is
+    /// stopped only after this.
+    pub async fn drain(&mut self) {
+        self.deregister().await;
         let o = &self.proxy.opts;
-        if o.service.is_some() && o.inbound.is_some() {
-            // Leave the endpoint sets of other proxies before our listeners close.
+        tracing::info!(id = %o.id, timeout = ?o.drain_timeout, "draining");
+        self.proxy.drain.run(o.drain_timeout).await;
+    }
+
+    /// Stops serving (after [`RunningProxy::drain`], or at once when the app is gone).
+    pub async fn stop(mut self) {
+        self.deregister().await;
+        self.tasks.abort_all();
+        tracing::info!(id = %self.proxy.opts.id, "proxy stopped");
+    }
+
+    async fn deregister(&mut self) {
+        let o = &self.proxy.opts;
+        if o.service.is_some() && o.inbound.is_some() && !std::mem::replace(&mut self.deregistered, true) {
             self.control.deregister(&o.id).await;
         }
-        self.tasks.abort_all();
-        tracing::info!(id = %o.id, "proxy stopped");
     }
 }
 
@@ -337,8 +370,13 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
     let endpoint =
         control_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
-    let control = Arc::new(control_client::ControlApi::new(endpoint)?);
+    // Every client of the control plane trusts the live bundle once xDS delivers it, so a
+    // rotated root that the control plane's certificate chains to is trusted as soon as proxies
+    // learn it; the roots in the file only bootstrap.
+    let bootstrap = endpoint.roots()?;
     let creds = identity::Credentials::new();
+    let xds_tls = Arc::new(creds.control_plane_config(bootstrap.clone(), &[b"h2"]));
+    let control = Arc::new(control_client::ControlApi::with_tls(endpoint, creds.control_plane_config(bootstrap, &[])));
     let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
     let metrics = Metrics::new();
     let proxy = Arc::new(Proxy {
@@ -352,6 +390,8 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         ready,
         creds,
         acceptor,
+        drain: Default::default(),
+        instance_key: identity::random_hex(16),
         opts,
     });
     let mut tasks = tokio::task::JoinSet::new();
@@ -371,7 +411,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         address: proxy.opts.xds.clone().unwrap_or_else(|| proxy.opts.control.clone()),
         ..control.endpoint.clone()
     };
-    tasks.spawn(xds::run(proxy.clone(), xds_endpoint));
+    tasks.spawn(xds::run(proxy.clone(), xds_endpoint, xds_tls));
     let pools = proxy.clone();
     tasks.spawn(async move { pools.clusters.sweep_pools(pools.opts.limits.upstream_idle_timeout).await });
     if let (Some(check), Some(_)) = (proxy.opts.health.clone(), &proxy.opts.service) {
@@ -380,5 +420,5 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let o = &proxy.opts;
     let inbound = o.inbound.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     tracing::info!(id = %o.id, service = ?o.service, inbound, admin = %o.admin, control = %o.control, "proxy started");
-    Ok(RunningProxy { proxy, control, tasks })
+    Ok(RunningProxy { proxy, control, tasks, deregistered: false })
 }

@@ -143,7 +143,9 @@ async fn accept(
         let ctx = ctx.load_full();
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             ctx.metrics.proxy_error("connection-limit");
-            tracing::warn!(%peer, listener = %ctx.info.name, limit = limits.max_connections, "connection limit reached; closing the new connection");
+            if let Some(left_out) = crate::log_limit::allow("connection-limit") {
+                tracing::warn!(%peer, listener = %ctx.info.name, limit = limits.max_connections, like_it_since_last_line = left_out, "connection limit reached; closing the new connection (one line per 10 s)");
+            }
             continue;
         };
         tokio::spawn(connection(stream, peer, ctx, limits.clone(), permit));
@@ -209,7 +211,10 @@ pub fn serve<T: Peek>(
                 }
                 (_, false) => {
                     ctx.metrics.proxy_error("plaintext-refused");
-                    return tracing::info!(peer = %conn.peer, listener = %ctx.info.name, "plaintext connection refused: this service requires mutual TLS (mtls: strict); call it through a sidecar of the mesh");
+                    if let Some(left_out) = crate::log_limit::allow("plaintext-refused") {
+                        tracing::info!(peer = %conn.peer, listener = %ctx.info.name, like_it_since_last_line = left_out, "plaintext connection refused: this service requires mutual TLS (mtls: strict); call it through a sidecar of the mesh (one line per 10 s)");
+                    }
+                    return;
                 }
                 _ => {}
             }
@@ -249,7 +254,9 @@ fn dispatch<'a, T: Transport>(
                 let decision = authz.check(&subject);
                 ctx.metrics.authz(&decision);
                 if let Err(denied) = decision {
-                    tracing::info!(%peer, identity = ?conn.peer_identity, policy = %denied.policy, "TCP connection denied by authorization policy; closing");
+                    if let Some(left_out) = crate::log_limit::allow("tcp-denied") {
+                        tracing::info!(%peer, identity = ?conn.peer_identity, policy = %denied.policy, like_it_since_last_line = left_out, "TCP connection denied by authorization policy; closing (one line per 10 s)");
+                    }
                     return Either::Right(closed());
                 }
             }
@@ -260,7 +267,14 @@ fn dispatch<'a, T: Transport>(
                 Box::pin(async move { crate::tcp::forward(stream, &conn, tcp, &ctx.metrics).await });
             Either::Right(forward)
         }
-        (_, _, None) => {
+        // A listener that carries only HTTP (a service declared `protocol: http`, or one that
+        // requires JWTs) has its HTTP server answer whatever came: a client gets `400`, never
+        // the app's bytes.
+        (Protocol::Tcp | Protocol::Tls(_), Some(http), None) => {
+            tracing::debug!(%peer, listener = %ctx.info.name, "not HTTP on an HTTP-only listener; the HTTP server answers it");
+            Either::Left(crate::http::serve(stream, false, conn, http.clone(), limits))
+        }
+        (_, None, None) => {
             tracing::debug!(%peer, listener = %ctx.info.name, "not HTTP and the listener has no TCP route; closing");
             Either::Right(closed())
         }
@@ -282,7 +296,10 @@ async fn terminate<T: Peek>(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             ctx.metrics.proxy_error("tls-handshake-failed");
-            return tracing::info!(%peer, listener = %ctx.info.name, error = %e, "mutual TLS handshake failed: the client needs a certificate from this mesh's CA");
+            if let Some(left_out) = crate::log_limit::allow("tls-handshake-failed") {
+                tracing::info!(%peer, listener = %ctx.info.name, error = %e, like_it_since_last_line = left_out, "mutual TLS handshake failed: the client needs a certificate from this mesh's CA (one line per 10 s)");
+            }
+            return;
         }
         Err(_) => {
             ctx.metrics.proxy_error("tls-handshake-timeout");

@@ -35,7 +35,8 @@ impl From<&ProxyError> for Outcome {
     }
 }
 
-/// The story of one HTTP request, from arrival to answer.
+/// The story of one HTTP request, from arrival to answer. While it lives, the request counts
+/// as work in flight for the proxy's drain.
 #[derive(Debug)]
 pub struct RequestRecord {
     /// The connection the request came on: who is calling, on which listener.
@@ -54,6 +55,7 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn start(conn: Arc<ConnCtx>) -> RequestRecord {
+        conn.listener.drain.begin();
         RequestRecord {
             conn,
             started: Instant::now(),
@@ -67,6 +69,12 @@ impl RequestRecord {
 
     pub fn attempt(&mut self, endpoint: SocketAddr, outcome: Outcome) {
         self.attempts.push(Attempt { endpoint, outcome });
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.conn.listener.drain.end();
     }
 }
 

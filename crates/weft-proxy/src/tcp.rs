@@ -18,6 +18,7 @@ pub struct TcpTarget {
 }
 
 pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTarget, metrics: &TrafficMetrics) {
+    let _work = conn.listener.drain.work();
     let cluster = &target.cluster;
     let mut rec = TcpRecord::default();
     let connected = failover::connect(
@@ -39,7 +40,9 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
         }
         Err(e) => {
             rec.error = Some(e.reason());
-            tracing::warn!(cluster = %cluster.name, peer = %conn.peer, error = %e, reason = e.reason(), "closing TCP connection");
+            if let Some(left_out) = crate::log_limit::allow(e.reason()) {
+                tracing::warn!(cluster = %cluster.name, peer = %conn.peer, error = %e, reason = e.reason(), like_it_since_last_line = left_out, "closing a TCP connection (one line per reason per 10 s; all are counted in weft_proxy_errors_total)");
+            }
         }
     }
     metrics.tcp(&rec);

@@ -29,6 +29,8 @@ pub enum Behaviour {
     Answer { delay: Duration },
     /// Reads a request head, then closes the connection without answering.
     Reset,
+    /// Answers every request `503` at once.
+    Unavailable,
     /// Sends back every byte it gets (opaque TCP).
     Echo,
 }
@@ -82,6 +84,16 @@ impl Connect for FakeEndpoints {
                             return;
                         }
                     }
+                })),
+                Behaviour::Unavailable => drop(tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        counts.requests.fetch_add(1, Ordering::Relaxed);
+                        let mut resp = Response::new(Full::new(Bytes::from_static(b"unavailable")));
+                        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(app_side), svc).await;
                 })),
                 Behaviour::Answer { delay } => drop(tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -165,7 +177,9 @@ pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAdd
         connect_timeout: Duration::from_secs(1),
         static_endpoints: Some(endpoints),
         tls: None,
-        protocol: Default::default(),
+        // Declared, so the fakes are not probed for the versions they speak (the probe's
+        // answers would take their scripted delays).
+        protocol: crate::config::UpstreamProtocol::Http1,
         max_requests: None,
         retry_limit: Default::default(),
         outlier: None,

@@ -1,5 +1,5 @@
 //! The proxy's xDS client: one ADS stream (state of the world) to the control plane, over TLS
-//! verified against the mesh root, authenticated with the proxy's join token.
+//! verified against the mesh's trust bundle, authenticated with the proxy's join token.
 //!
 //! It subscribes to all clusters and listeners and to the trust bundle (SDS `ROOTCA`), then to
 //! the endpoints and routes those name.
@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status;
 use prost::Name;
+use rustls::pki_types::ServerName;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,31 +77,42 @@ impl Stream {
 
 fn node(proxy: &Proxy) -> Node {
     let registration = serde_json::to_string(&proxy.registration()).expect("registration always serializes");
+    let string = |s: String| Value { kind: Some(value::Kind::StringValue(s)) };
     Node {
         id: proxy.opts.id.clone(),
         cluster: proxy.opts.service.clone().unwrap_or_default(),
         user_agent_name: "weft".to_owned(),
         metadata: Some(Struct {
-            fields: [(
-                names::NODE_METADATA_KEY.to_owned(),
-                Value { kind: Some(value::Kind::StringValue(registration)) },
-            )]
+            fields: [
+                (names::NODE_METADATA_KEY.to_owned(), string(registration)),
+                (names::NODE_INSTANCE_KEY.to_owned(), string(proxy.instance_key.clone())),
+            ]
             .into(),
         }),
         ..Default::default()
     }
 }
 
-pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint) {
+/// `tls`: how to reach the control plane ([`crate::identity::Credentials::control_plane_config`]).
+pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint, tls: Arc<rustls::ClientConfig>) {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
+    // The last refusal logged, so a lasting one is logged once.
+    let mut refused = None;
     loop {
-        match session(&proxy, &mut backoff, &control).await {
+        match session(&proxy, &mut backoff, &control, &tls).await {
             Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
-            Err(e) if !warned => {
-                tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
-            }
-            Err(e) => tracing::debug!(error = %e, "xDS reconnect failed"),
+            Err(e) => match e.downcast_ref::<tonic::Status>().filter(|s| s.code() == tonic::Code::PermissionDenied) {
+                Some(s) if refused.as_deref() != Some(s.message()) => {
+                    tracing::warn!(error = %s.message(), "the control plane refused this proxy's xDS stream; retrying");
+                    refused = Some(s.message().to_owned());
+                }
+                Some(_) => {}
+                None if !warned => {
+                    tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
+                }
+                None => tracing::debug!(error = %e, "xDS reconnect failed"),
+            },
         }
         warned = true;
         proxy.dump().control_plane_connected = false;
@@ -110,17 +122,31 @@ pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint) {
     }
 }
 
-async fn session(proxy: &Arc<Proxy>, backoff: &mut Duration, control: &ControlEndpoint) -> anyhow::Result<()> {
-    // TLS to the control plane, verified against the mesh root; the join token as bearer.
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(control.root_pem()?))
-        .domain_name(control.host());
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", control.address))?
-        .tls_config(tls)?
+async fn session(
+    proxy: &Arc<Proxy>,
+    backoff: &mut Duration,
+    control: &ControlEndpoint,
+    tls: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<()> {
+    // TLS to the control plane, verified against the live trust bundle; the join token as bearer.
+    let (address, server_name) = (control.address.clone(), ServerName::try_from(control.host().to_owned())?);
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let (address, server_name, connector) = (address.clone(), server_name.clone(), connector.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The connector makes the TLS connection; the origin keeps the requests' scheme `https`.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", control.address))?
+        .origin(format!("https://{}", control.address).parse()?)
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await?;
+    let channel = endpoint.connect_with_connector(connect).await?;
     let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
         control.credential.as_ref().and_then(|t| format!("Bearer {t}").parse().ok());
     let with_token = move |mut req: tonic::Request<()>| {

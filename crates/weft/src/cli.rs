@@ -203,7 +203,7 @@ pub struct ProxyArgs {
     /// Label of this instance, KEY=VALUE (e.g. version=v1, zone=a). Repeatable.
     #[arg(long = "label", value_parser = label)]
     pub labels: Vec<(String, String)>,
-    /// Unique id of this instance (default: SERVICE-PID).
+    /// Unique id of this instance (default: SERVICE-PID-RANDOM, 8 random hex digits).
     #[arg(long)]
     pub id: Option<String>,
     /// Admin endpoint (/live, /ready, /metrics, /config_dump). Port 0 picks one.
@@ -230,6 +230,11 @@ pub struct ProxyArgs {
     /// How long a pooled connection to an upstream may sit unused before it is closed.
     #[arg(long, default_value = "90s", value_parser = duration)]
     pub upstream_idle_timeout: Duration,
+    /// On SIGTERM: after leaving the mesh, how long the proxy keeps serving requests and
+    /// connections in flight at most (it stops sooner once none are left), before the app
+    /// (`weft run`) is stopped.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub drain_timeout: Duration,
     /// Worker threads for the proxy (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -340,10 +345,11 @@ impl ProxyArgs {
         if self.service.is_some() && app.is_none() {
             anyhow::bail!("--app-port is required with --service: the proxy needs the app it fronts");
         }
-        let id = self
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", self.service.as_deref().unwrap_or("proxy"), std::process::id()));
+        // The default id carries random bits, so nobody can name a live instance in advance.
+        let id = self.id.clone().unwrap_or_else(|| {
+            let service = self.service.as_deref().unwrap_or("proxy");
+            format!("{service}-{}-{}", std::process::id(), weft_proxy::identity::random_hex(4))
+        });
         let health = app.map(|addr| match &self.health_path {
             Some(path) => HealthCheck::Http { addr, path: path.clone() },
             None => HealthCheck::Tcp { addr },
@@ -370,6 +376,7 @@ impl ProxyArgs {
                 max_connections: self.max_connections,
                 upstream_idle_timeout: self.upstream_idle_timeout,
             },
+            drain_timeout: self.drain_timeout,
         })
     }
 }

@@ -6,6 +6,11 @@ use crate::supervise;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Credentials `weft run` may be given in its environment (the join token, the admin
+/// credential, the credentials file's location): the app never needs them, so it never sees
+/// them.
+pub const CREDENTIAL_VARS: &[&str] = &["WEFT_TOKEN", "WEFT_ADMIN_TOKEN", "WEFT_CONFIG"];
+
 /// Environment an app is started with, naming its port, identity and upstream listeners.
 pub fn app_env(opts: &weft_proxy::ProxyOptions, port: u16) -> Vec<(String, String)> {
     let mut env = vec![("PORT".to_owned(), port.to_string()), ("WEFT_INSTANCE".to_owned(), opts.id.clone())];
@@ -29,7 +34,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = a.proxy.options(Some(a.port))?;
     let env = app_env(&opts, a.port);
     let proxy = weft_proxy::start(opts).await?;
-    let mut app = match supervise::spawn(&a.command, &env, false) {
+    let mut app = match supervise::spawn(&a.command, &env, CREDENTIAL_VARS, false) {
         Ok(c) => c,
         Err(e) => {
             proxy.stop().await;
@@ -38,15 +43,26 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let code = tokio::select! {
         status = app.wait() => {
-            let code = status.ok().and_then(|s| s.code()).unwrap_or(1);
+            let code = status.map(|s| exit_code(&s)).unwrap_or(1);
             tracing::info!(code, "app exited; stopping its sidecar");
             proxy.stop().await;
             code
         }
+        // Leave the mesh and serve what is in flight, then stop the app, then the sidecar
+        // (which serves the app's own calls while it stops).
         _ = supervise::stop_signal() => {
+            let mut proxy = proxy;
+            proxy.drain().await;
+            let code = supervise::stop(&mut app, Duration::from_secs(10)).await.unwrap_or(0);
             proxy.stop().await;
-            supervise::stop(&mut app, Duration::from_secs(10)).await.unwrap_or(0)
+            code
         }
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// An exit status as a shell reports it: the code, or 128 + the signal that killed the process.
+fn exit_code(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
 }

@@ -17,11 +17,15 @@ pub async fn stop_signal() {
     }
 }
 
-/// Spawns `argv` so that it is killed if this process dies, however it dies.
+/// Spawns `argv` so that it is killed if this process dies, however it dies, with `env` added
+/// to this process's environment and the variables `strip` taken out of it.
 #[allow(unsafe_code)]
-pub fn spawn(argv: &[String], env: &[(String, String)], quiet: bool) -> anyhow::Result<Child> {
+pub fn spawn(argv: &[String], env: &[(String, String)], strip: &[&str], quiet: bool) -> anyhow::Result<Child> {
     let (program, args) = argv.split_first().ok_or_else(|| anyhow::anyhow!("empty command"))?;
     let mut cmd = Command::new(program);
+    for var in strip {
+        cmd.env_remove(var);
+    }
     cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).kill_on_drop(true);
     if quiet {
         cmd.stdout(Stdio::null());

@@ -202,9 +202,9 @@ async fn start_all(
         let opts = weft_proxy::ProxyOptions {
             control: listen.to_string(),
             ca_file: Some(ca_file.clone()),
-            token: Some(join_token(&api, "gateway").await?),
+            token: Some(join_token(&api, weft_api::names::GATEWAY).await?),
             xds: None,
-            id: "gateway".into(),
+            id: weft_api::names::GATEWAY.into(),
             service: None,
             app: None,
             inbound: None,
@@ -214,6 +214,7 @@ async fn start_all(
             health: None,
             health_interval: Duration::from_secs(1),
             limits: Default::default(),
+            drain_timeout: weft_proxy::DEFAULT_DRAIN_TIMEOUT,
         };
         mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
     }
@@ -228,7 +229,7 @@ async fn start_all(
     }
     let exited = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in &planned {
-        let mut child = supervise::spawn(&p.argv, &p.env, false)?;
+        let mut child = supervise::spawn(&p.argv, &p.env, &[], false)?;
         let (id, stop, exited) = (p.id.clone(), stop.clone(), exited.clone());
         mesh.instances.spawn(async move {
             tokio::select! {

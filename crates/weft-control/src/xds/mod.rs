@@ -139,14 +139,13 @@ impl Session {
         }
         let node =
             node.ok_or_else(|| Status::invalid_argument("the first request of an xDS stream must carry a node"))?;
-        let registration = node
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get(names::NODE_METADATA_KEY))
-            .and_then(|v| match &v.kind {
-                Some(value::Kind::StringValue(s)) => Some(s),
+        let field = |key: &str| {
+            node.metadata.as_ref().and_then(|m| m.fields.get(key)).and_then(|v| match &v.kind {
+                Some(value::Kind::StringValue(s)) => Some(s.as_str()),
                 _ => None,
             })
+        };
+        let registration = field(names::NODE_METADATA_KEY)
             .map(|s| {
                 serde_json::from_str::<InstanceRegistration>(s).map_err(|e| {
                     Status::invalid_argument(format!(
@@ -162,6 +161,15 @@ impl Session {
                 .check_token("xds", self.token.as_deref(), reg.service.as_deref())
                 .map_err(|e| Status::permission_denied(format!("proxy {:?} may not join: {e}", node.id)))?;
         }
+        if let Some(reg) = &registration
+            && reg.service.is_some()
+            && reg.inbound.is_some()
+        {
+            self.mesh
+                .connect(&node.id, reg.clone(), self.id, field(names::NODE_INSTANCE_KEY))
+                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            self.registered = Some(node.id.clone());
+        }
         self.node = Some(node.id.clone());
         self.mesh.proxy_connected(
             self.id,
@@ -175,13 +183,6 @@ impl Session {
                 trust_bundle: None,
             },
         );
-        if let Some(reg) = &registration
-            && reg.service.is_some()
-            && reg.inbound.is_some()
-        {
-            self.mesh.connect(&node.id, reg.clone(), self.id);
-            self.registered = Some(node.id.clone());
-        }
         tracing::debug!(stream = self.id, node = %node.id, delta = self.delta, "xDS stream opened");
         self.registration = registration;
         self.snapshot = self.mesh.subscribe().borrow().clone();

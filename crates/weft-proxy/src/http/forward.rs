@@ -5,12 +5,15 @@
 //! connection had closed) whatever its method; a request the callee's sidecar answered with its
 //! own connect failure to its app (`x-weft-error: connect-failed` or `connect-timeout` from a
 //! mesh sidecar: the app never saw it) whatever its method; an idempotent request whose
-//! connection broke before the response. A request with a body is replayed only if its body
-//! was sent to the end and kept ([`super::replay`], at most 64 KiB).
+//! connection broke before the response, here or between the callee's sidecar and its app (its
+//! `upstream-reset`: the app died holding it, as when an instance is killed). A request with a
+//! body is replayed only if its body was sent to the end and kept ([`super::replay`], at most
+//! 64 KiB).
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
 use super::replay::{BodyCopy, UpBody};
 use super::upgrade::{is_upgrade, upgrade_via};
+use crate::app_protocol::Speaks;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::{Conn, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
@@ -61,7 +64,14 @@ pub async fn forward_body(
     // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
     // behind an HTTP/2 client, or the reverse): the head is translated once, here.
     let h2 = match settings.protocol {
-        UpstreamProtocol::Downstream => cluster.learned.h2_for(downstream == Version::HTTP_2),
+        UpstreamProtocol::Downstream => {
+            // Not yet known (the app was still starting when last probed): asked now, before
+            // the request is sent in a version the app may not speak. Boxed: rare.
+            if cluster.learned.get() == Speaks::Unknown {
+                Box::pin(cluster.learn_protocol()).await;
+            }
+            cluster.learned.h2_for(downstream == Version::HTTP_2)
+        }
         UpstreamProtocol::Http1 => false,
         UpstreamProtocol::Http2 => true,
     };
@@ -108,17 +118,18 @@ pub async fn forward_body(
                 std::pin::pin!(send(&endpoint, conn, req)).await
             };
             match result {
-                // The app never saw the request, so another instance may take it whatever the
-                // method.
+                // The callee's sidecar failed to get an answer from its app: another instance
+                // may take the request (whatever the method if the app never saw it).
                 Ok(Sent::Answered(resp))
                     if cluster.is_mesh()
-                        && app_not_reached(&resp)
+                        && let Some(failed) = app_failed(&resp, idempotent)
                         && tried.may_try_another(failover, set)
                         && let Some(r) = again(&replay) =>
                 {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, "the callee's sidecar could not reach its app; trying another endpoint");
-                    rec.attempt(endpoint.addr, Outcome::Failed { reason: "app-not-reached", sent: false });
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, reason = failed.reason, "the callee's sidecar got no answer from its app; trying another endpoint");
+                    rec.attempt(endpoint.addr, Outcome::Failed { reason: failed.reason, sent: failed.sent });
                     cluster.observe(outlier, &endpoint, Observed::LocalFailure);
+                    endpoint.attempt_failed();
                     endpoint.mark_failing();
                     tried.add(&endpoint);
                     req = r;
@@ -127,6 +138,9 @@ pub async fn forward_body(
                 Ok(Sent::Answered(mut resp)) => {
                     rec.attempt(endpoint.addr, Outcome::Answered);
                     cluster.observe(outlier, &endpoint, Observed::Status(resp.status().as_u16()));
+                    if resp.status().is_server_error() {
+                        endpoint.attempt_failed();
+                    }
                     if !h2 {
                         strip_hop_by_hop(resp.headers_mut(), false);
                     }
@@ -150,7 +164,12 @@ pub async fn forward_body(
                 }
                 Err(e) => {
                     rec.attempt(endpoint.addr, (&e).into());
+                    // The client's body failed: nothing to hold against the endpoint.
+                    if let ProxyError::BadRequestBody { .. } = e {
+                        return Err(e);
+                    }
                     cluster.observe(outlier, &endpoint, Observed::LocalFailure);
+                    endpoint.attempt_failed();
                     let retry = (idempotent
                         && matches!(e, ProxyError::UpstreamReset { .. })
                         && tried.may_try_another(failover, set))
@@ -243,10 +262,27 @@ async fn drain(body: UpstreamBody) {
     }
 }
 
-/// Whether a response is the callee sidecar's own answer that its app could not be reached.
-/// Only sidecars set `x-weft-error` (the inbound stack removes it from apps' responses).
-fn app_not_reached(resp: &Response<UpstreamBody>) -> bool {
-    resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "connect-failed" || v == "connect-timeout")
+/// How the callee's app failed a request, by its sidecar's own answer.
+struct AppFailed {
+    reason: &'static str,
+    /// Whether the app may have seen the request.
+    sent: bool,
+}
+
+/// The callee sidecar's own answer that its app failed the request before answering, if the
+/// request may go to another instance: the app could not be reached (any method), or it reset
+/// the connection before its response began (idempotent methods only: it may have acted on the
+/// request). Only sidecars set `x-weft-error` (the inbound stack removes it from apps'
+/// responses).
+fn app_failed(resp: &Response<UpstreamBody>, idempotent: bool) -> Option<AppFailed> {
+    let why = resp.headers().get(ERROR_HEADER)?;
+    if why == "connect-failed" || why == "connect-timeout" {
+        Some(AppFailed { reason: "app-not-reached", sent: false })
+    } else if why == "upstream-reset" && idempotent {
+        Some(AppFailed { reason: "app-reset", sent: true })
+    } else {
+        None
+    }
 }
 
 /// The head of a request, kept so the request can be sent again.

@@ -1,16 +1,23 @@
 //! Hop-by-hop headers: they describe one connection and must not be forwarded (RFC 9110 §7.6.1).
 use http::header;
 
-const HOP_BY_HOP_NAMES: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding"];
+/// The first three apply to responses too. A request also loses `upgrade` and
+/// `http2-settings`: a request that really upgrades (a WebSocket's) takes another path
+/// ([`super::upgrade`]), so on this one they could only ask the app to switch protocols behind
+/// the proxy's back (h2c upgrade smuggling).
+const HOP_BY_HOP_NAMES: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "http2-settings"];
 
 /// Pre-parsed, so stripping them does not parse names per request. A `static`, not a `const`:
 /// a const array would be built and dropped at every use.
-static HOP_BY_HOP: [http::HeaderName; 5] = [
+static HOP_BY_HOP: [http::HeaderName; 7] = [
     http::HeaderName::from_static(HOP_BY_HOP_NAMES[0]),
     http::HeaderName::from_static(HOP_BY_HOP_NAMES[1]),
     http::HeaderName::from_static(HOP_BY_HOP_NAMES[2]),
     http::HeaderName::from_static(HOP_BY_HOP_NAMES[3]),
     http::HeaderName::from_static(HOP_BY_HOP_NAMES[4]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[5]),
+    http::HeaderName::from_static(HOP_BY_HOP_NAMES[6]),
 ];
 
 /// Bit n is set if a hop-by-hop name is n bytes long: a header whose name length is not in
@@ -26,7 +33,7 @@ const HOP_BY_HOP_LENGTHS: u32 = {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set above, and any header the
 /// message's `Connection` names. `request` also drops `te` and `transfer-encoding`, which hyper
-/// re-derives for the upstream hop. Most messages carry none or one of them, so the names
+/// re-derives for the upstream hop, and `upgrade` and `http2-settings` (see above). Most messages carry none or one of them, so the names
 /// present are found in one pass over the map and only those are removed (each removal hashes);
 /// `Connection` is parsed only when it holds more than a lone `keep-alive` or `close`.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, request: bool) {
@@ -77,15 +84,18 @@ mod tests {
             ("x-other", "2"),
             ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
             ("x-end-to-end", "3"),
         ] {
             h.append(k, v.parse().unwrap());
         }
         let mut response = h.clone();
         super::strip_hop_by_hop(&mut response, false);
-        let left: Vec<&str> = response.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = response.keys().map(|k| k.as_str()).collect();
+        left.sort();
         // transfer-encoding stays on a response: hyper frames the body from it.
-        assert_eq!(left, ["transfer-encoding", "x-end-to-end"]);
+        assert_eq!(left, ["http2-settings", "transfer-encoding", "upgrade", "x-end-to-end"]);
         super::strip_hop_by_hop(&mut h, true);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-end-to-end"]);
     }

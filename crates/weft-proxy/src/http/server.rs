@@ -30,13 +30,23 @@ pub fn serve<T: Transport>(
 ) -> impl Future<Output = ()> + Send + '_ {
     async move {
         if h2 {
+            let drain = conn.listener.drain.clone();
             let svc = hyper::service::service_fn(move |req| handle(stack.clone(), conn.clone(), None, req));
             let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes)
                 .adaptive_window(true)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = Box::pin(served).await {
+            let mut served = Box::pin(served);
+            // Draining: GOAWAY, so the client opens no new stream here; those in flight finish.
+            let ended = tokio::select! {
+                ended = served.as_mut() => ended,
+                _ = drain.started() => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
             }
             return;
@@ -56,22 +66,64 @@ pub fn serve<T: Transport>(
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(None) // enforced by IdleIo, without a timer per request
-                    .max_buf_size(limits.max_header_bytes as usize)
+                    // Exact: the request line and header fields as received, and the same bound
+                    // for chunked trailers. (The read buffer's own bound is approximate: one read
+                    // may bring more, and a head that arrived whole would pass.)
+                    .max_header_size(limits.max_header_bytes as usize)
+                    .max_buf_size((limits.max_header_bytes as usize).max(MIN_BUF_SIZE))
                     .serve_connection(io, svc)
                     .with_upgrades(),
             );
             if let Err(e) = served.await {
-                tracing::debug!(error = %e, "downstream HTTP/1 connection ended with an error");
+                // A head hyper could not parse was answered by hyper itself (400, or 431 for
+                // one over the limit) before the connection closed: count it.
+                match malformed(&e) {
+                    Some(reason) => {
+                        stack.metrics.proxy_error(reason);
+                        if let Some(left_out) = crate::log_limit::allow(reason) {
+                            tracing::info!(peer = %conn.peer, listener = %conn.listener.name, error = %e, reason, like_it_since_last_line = left_out, "malformed HTTP/1 request answered by the HTTP parser (one line per 10 s)");
+                        }
+                    }
+                    None => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "downstream HTTP/1 connection ended with an error")
+                    }
+                }
                 return;
             }
             let Some(mut parked) = session.take_parked() else { return };
             crate::idle::trim_soon();
-            // An idle keep-alive connection is closed after the header read timeout, as before.
-            match tokio::time::timeout(limits.header_read_timeout, parked.readable()).await {
-                Ok(Ok(())) => stream = parked,
-                _ => return,
+            // An idle keep-alive connection is closed after the header read timeout, as before,
+            // and at once when the proxy drains. Boxed: a connection parks after a second
+            // without requests, and this wait would otherwise take room in every connection's
+            // future.
+            let drain = &conn.listener.drain;
+            let next_request = Box::pin(async {
+                tokio::select! {
+                    read = tokio::time::timeout(limits.header_read_timeout, parked.readable()) => {
+                        matches!(read, Ok(Ok(())))
+                    }
+                    _ = drain.started() => false,
+                }
+            });
+            if drain.is_draining() || !next_request.await {
+                return;
             }
+            stream = parked;
         }
+    }
+}
+
+/// hyper's smallest read buffer (it panics below it); `--max-header-bytes` may be smaller.
+const MIN_BUF_SIZE: usize = 8192;
+
+/// The reason for a request head hyper refused to parse, which hyper answered itself.
+fn malformed(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_parse_too_large() {
+        Some("header-too-large")
+    } else if e.is_parse() {
+        Some("bad-request")
+    } else {
+        None
     }
 }
 
@@ -79,17 +131,24 @@ async fn handle(
     stack: Arc<HttpStack>,
     conn: Arc<ConnCtx>,
     exchange: Option<Exchange>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut rec = RequestRecord::start(conn);
+    let h1 = req.version() != Version::HTTP_2;
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
-    let grpc = req.version() == Version::HTTP_2
-        && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    // Pinned where it is made: awaiting the stack's future by value would copy the whole
-    // (large) future into the request future's state, and then once more.
-    let reply = {
-        let call = std::pin::pin!(stack.call(req, &mut rec));
-        call.await
+    let grpc =
+        !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
+    // leave no such ambiguity, and h2 has refused what is malformed).
+    let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
+    let reply = match checked {
+        // Pinned where it is made: awaiting the stack's future by value would copy the whole
+        // (large) future into the request future's state, and then once more.
+        Ok(()) => {
+            let call = std::pin::pin!(stack.call(req, &mut rec));
+            call.await
+        }
+        Err(e) => Err(e.into()),
     };
     let resp = match reply {
         Ok(resp) => resp.map(Either::Left),
@@ -97,26 +156,17 @@ async fn handle(
         Err(e @ crate::error::ProxyError::Redirect { .. }) => error_response(&e, grpc),
         Err(e) => {
             rec.error = Some(e.reason());
-            // Load shed by a limit is counted, not logged: a log line per refusal would add
-            // work exactly when the proxy is overloaded.
-            if !matches!(
-                e,
-                crate::error::ProxyError::Overflow { .. } | crate::error::ProxyError::PendingOverflow { .. }
-            ) {
-                tracing::warn!(
-                error = %e,
-                reason = e.reason(),
-                peer = %rec.conn.peer,
-                listener = %rec.conn.listener.name,
-                route = ?rec.route,
-                attempts = ?rec.attempts,
-                "proxy answered the request itself"
-                );
-            }
+            log_answered(&e, &rec);
             error_response(&e, grpc)
         }
     };
     rec.status = resp.status().as_u16();
+    let mut resp = resp;
+    // Draining: an HTTP/1.1 client is told to close the connection after this response (and
+    // connects elsewhere for its next request).
+    if h1 && rec.conn.listener.drain.is_draining() {
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
     if rec.attempts.len() > 1 {
         tracing::debug!(peer = %rec.conn.peer, route = ?rec.route, status = rec.status, attempts = ?rec.attempts, "request needed more than one attempt");
     }
@@ -127,6 +177,32 @@ async fn handle(
         exchange.upgraded();
     }
     Ok(resp.map(|inner| Body { inner, _exchange: exchange }))
+}
+
+/// Logs a response the proxy made itself, one line per reason per
+/// [`crate::log_limit::INTERVAL`] (every one is counted in `weft_proxy_errors_total`): a
+/// refusal by policy or a limit at info, a failure to reach the upstream at warn.
+fn log_answered(e: &crate::error::ProxyError, rec: &RequestRecord) {
+    let Some(left_out) = crate::log_limit::allow(e.reason()) else { return };
+    macro_rules! answered {
+        ($level:ident) => {
+            tracing::$level!(
+                error = %e,
+                reason = e.reason(),
+                peer = %rec.conn.peer,
+                listener = %rec.conn.listener.name,
+                route = ?rec.route,
+                attempts = ?rec.attempts,
+                like_it_since_last_line = left_out,
+                "proxy answered a request itself (one line per reason per 10 s; all are counted in weft_proxy_errors_total)"
+            )
+        };
+    }
+    if e.is_refusal() {
+        answered!(info);
+    } else {
+        answered!(warn);
+    }
 }
 
 #[cfg(test)]

@@ -53,11 +53,14 @@ pub async fn with_retries(
         if let Some(last) = rec.attempts.last() {
             failed_on.push(last.endpoint);
         }
-        // Over the limit: the failure stands (a retry storm would make it worse).
+        // A retry counts against the limit while it is in flight, not while it waits out its
+        // backoff: a limit of a few retries in flight would otherwise turn retries down under
+        // modest concurrency. Over the limit, the failure stands (a retry storm would make it
+        // worse).
+        tokio::time::sleep(backoff(retry, attempt)).await;
         let Some(slot) = route.backend.admit_retry() else { return result };
         retry_slot = Some(slot);
         drop(result);
-        tokio::time::sleep(backoff(retry, attempt)).await;
         attempt += 1;
         next = head.request(body);
     }

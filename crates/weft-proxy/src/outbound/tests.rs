@@ -2,7 +2,7 @@
 //! connected through in-memory streams, with tokio's clock paused. Time only moves when every
 //! task waits on a timer, so timeouts fire at exactly their configured time, with no sleeps.
 use crate::Limits;
-use crate::config::{PathDef, RouteDef, RuleDef};
+use crate::config::{PathDef, RetryDef, RetryOn, RouteDef, RuleDef};
 use crate::context::{ConnCtx, Direction, ListenerInfo};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -27,16 +27,16 @@ struct Mesh {
 
 impl Mesh {
     fn new(endpoints: &[(SocketAddr, Behaviour)], timeout: Option<Duration>) -> (Mesh, Vec<Arc<Counts>>) {
+        Mesh::with_rule(endpoints, RuleDef { timeout, ..Default::default() })
+    }
+
+    /// As [`Mesh::new`], the route's one rule being `rule` (its path and backend set here).
+    fn with_rule(endpoints: &[(SocketAddr, Behaviour)], rule: RuleDef) -> (Mesh, Vec<Arc<Counts>>) {
         let fakes = Arc::new(FakeEndpoints::default());
         let counts = endpoints.iter().map(|(a, b)| fakes.add(*a, *b)).collect();
         let addrs: Vec<_> = endpoints.iter().map(|(a, _)| *a).collect();
         let clusters = one_cluster(fakes, "backend", &addrs);
-        let rule = RuleDef {
-            path: PathDef::Prefix("/".into()),
-            backends: vec![("backend".into(), 1)],
-            timeout,
-            ..Default::default()
-        };
+        let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("backend".into(), 1)], ..rule };
         let table = RouteTable::build(&RouteDef::any_host("backend", vec![rule]), &clusters);
         let metrics = Metrics::new().traffic(Direction::outbound, "backend");
         let stack = Arc::new(HttpStack::new(
@@ -154,4 +154,32 @@ async fn route_timeout_answers_504_at_exactly_the_timeout() {
     let quick = Behaviour::Answer { delay: Duration::from_millis(1400) };
     let (mesh, _) = Mesh::new(&[(addr(10), quick)], Some(Duration::from_millis(1500)));
     assert_eq!(send(&mesh, "GET", "").await.0, StatusCode::OK);
+}
+
+/// A retry counts against the cluster's retries in flight (here the default without a budget,
+/// 3) while it is sent, not while it waits out its backoff: twelve clients, half of whose first
+/// attempts fail at once, all get their answer.
+#[tokio::test(start_paused = true)]
+async fn retries_waiting_out_their_backoff_do_not_use_up_the_retry_limit() {
+    let retry = RetryDef {
+        retries: 2,
+        per_try_timeout: None,
+        on: RetryOn::parse("5xx").unwrap(),
+        base_interval: Duration::from_millis(25),
+        max_interval: Duration::from_millis(250),
+    };
+    let endpoints = [(addr(10), Behaviour::Unavailable), (addr(11), Behaviour::Answer { delay: Duration::ZERO })];
+    let (mesh, counts) = Mesh::with_rule(&endpoints, RuleDef { retry: Some(retry), ..Default::default() });
+    let mesh = Arc::new(mesh);
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let mesh = mesh.clone();
+            tokio::spawn(async move { send(&mesh, "GET", "").await })
+        })
+        .collect();
+    for c in clients {
+        let (status, reason, _) = c.await.unwrap();
+        assert_eq!((status, reason.as_str()), (StatusCode::OK, ""));
+    }
+    assert!(counts[0].requests.load(Ordering::Relaxed) >= 4, "the retries were needed");
 }
