@@ -854,17 +854,18 @@ type HostRule<'a> = (&'a [String], PolicedRule<'a>);
 /// A rule with the TrafficPolicy that targets its HTTPRoute, if any.
 type PolicedRule<'a> = (&'a HttpRouteRule, Option<&'a TrafficPolicySpec>);
 
-/// Gateway API precedence: exact paths, then regular expressions (implementation-specific in
-/// the spec), then prefixes, longer first; then more header matches, then methods, then more
+/// Gateway API precedence (HTTPRouteRule): exact paths, then regular expressions (their place
+/// is implementation-specific in the spec; after prefixes, a catch-all `/` would hide them),
+/// then prefixes, longer first; then a method match, then more header matches, then more
 /// query parameter matches; ties keep the order in which rules were applied.
-fn precedence(m: &HttpRouteMatch) -> (u8, usize, usize, bool, usize) {
+fn precedence(m: &HttpRouteMatch) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.path {
         Some(p) if p.kind == PathMatchType::Exact => (0, p.value.len()),
         Some(p) if p.kind == PathMatchType::RegularExpression => (1, p.value.len()),
         Some(p) => (2, p.value.len()),
         None => (2, 1),
     };
-    (kind, usize::MAX - len, usize::MAX - m.headers.len(), m.method.is_none(), usize::MAX - m.query_params.len())
+    (kind, usize::MAX - len, m.method.is_none(), usize::MAX - m.headers.len(), usize::MAX - m.query_params.len())
 }
 
 fn string_match(kind: HeaderMatchType, value: &str) -> StringMatcher {
@@ -1396,5 +1397,92 @@ fn root_secret(bundle: &str) -> Secret {
             }),
             ..Default::default()
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend of each route `routes` makes of the rules (one backend per rule), in order.
+    fn order(rules: serde_json::Value) -> Vec<String> {
+        let rules: Vec<HttpRouteRule> = serde_json::from_value(rules).unwrap();
+        let policed: Vec<PolicedRule<'_>> = rules.iter().map(|r| (r, None)).collect();
+        routes("svc", &policed)
+            .into_iter()
+            .map(|r| match r.action {
+                Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(c)),
+                    ..
+                })) => c,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn rule(backend: &str, m: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"matches": [m], "backendRefs": [{"name": backend}]})
+    }
+
+    /// The spec's criteria, each breaking a tie of the ones before it: an exact path, the
+    /// longest prefix, a method match, the most header matches, the most query parameter
+    /// matches; then the first rule. Rules are given in the reverse of that order.
+    #[test]
+    fn rules_are_ordered_by_gateway_api_precedence() {
+        let rules = serde_json::json!([
+            rule("first-of-equals", serde_json::json!({})),
+            rule("second-of-equals", serde_json::json!({})),
+            rule("query", serde_json::json!({"queryParams": [{"name": "q", "value": "1"}]})),
+            rule(
+                "two-queries",
+                serde_json::json!({"queryParams": [{"name": "q", "value": "1"}, {"name": "r", "value": "1"}]})
+            ),
+            rule(
+                "header",
+                serde_json::json!({"headers": [{"name": "x-a", "value": "1"}], "queryParams": [{"name": "q", "value": "1"}, {"name": "r", "value": "1"}, {"name": "s", "value": "1"}]})
+            ),
+            rule(
+                "two-headers",
+                serde_json::json!({"headers": [{"name": "x-a", "value": "1"}, {"name": "x-b", "value": "1"}]})
+            ),
+            rule("method", serde_json::json!({"method": "DELETE"})),
+            rule(
+                "method-and-header",
+                serde_json::json!({"method": "DELETE", "headers": [{"name": "x-a", "value": "1"}]})
+            ),
+            rule(
+                "prefix",
+                serde_json::json!({"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "x-a", "value": "1"}, {"name": "x-b", "value": "1"}, {"name": "x-c", "value": "1"}], "method": "GET"})
+            ),
+            rule("longer-prefix", serde_json::json!({"path": {"type": "PathPrefix", "value": "/api/v1"}})),
+            rule("exact", serde_json::json!({"path": {"type": "Exact", "value": "/"}})),
+        ]);
+        assert_eq!(
+            order(rules),
+            [
+                "exact",
+                "longer-prefix",
+                "prefix",
+                "method-and-header",
+                "method",
+                "two-headers",
+                "header",
+                "two-queries",
+                "query",
+                "first-of-equals",
+                "second-of-equals",
+                "svc",
+            ]
+        );
+    }
+
+    /// The issue's case: `DELETE` with a matching header goes to the method rule.
+    #[test]
+    fn a_method_match_outranks_a_header_match() {
+        let rules = serde_json::json!([
+            rule("by-header", serde_json::json!({"headers": [{"name": "x-canary", "value": "yes"}]})),
+            rule("by-method", serde_json::json!({"method": "DELETE"})),
+        ]);
+        assert_eq!(order(rules), ["by-method", "by-header", "svc"]);
     }
 }
