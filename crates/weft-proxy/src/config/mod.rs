@@ -933,6 +933,24 @@ fn string_match(sm: &StringMatcher, what: &str) -> Result<StrMatch, String> {
     }
 }
 
+/// A header match the route table honours: a valid header name, or `:method` with an exact
+/// method; other pseudo-headers (`:authority`, `:path`, `:scheme`) and a `:method` regex are
+/// refused rather than ignored, which would widen the route to every request.
+fn check_header_match(name: &str, value: &StrMatch) -> Result<(), String> {
+    match (name, value) {
+        (":method", StrMatch::Exact(m)) => {
+            http::Method::from_bytes(m.as_bytes()).map(drop).map_err(|_| format!("{m:?} is not an HTTP method"))
+        }
+        (":method", StrMatch::Regex(_)) => Err("only an exact :method match is supported".into()),
+        (pseudo, _) if pseudo.starts_with(':') => {
+            Err("pseudo-header matches other than an exact :method are not supported".into())
+        }
+        (name, _) => {
+            http::HeaderName::from_bytes(name.as_bytes()).map(drop).map_err(|_| "not a valid header name".into())
+        }
+    }
+}
+
 fn header_edits(add: &[HeaderValueOption], remove: &[String], what: &str) -> Result<HeaderEdits, String> {
     let mut edits =
         HeaderEdits { remove: remove.iter().map(|n| n.to_ascii_lowercase()).collect(), ..Default::default() };
@@ -1093,10 +1111,10 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                     Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => sm,
                     _ => return Err(bad(format!("header {:?}: only string matches are supported", h.name))),
                 };
-                headers.push((
-                    h.name.to_ascii_lowercase(),
-                    string_match(sm, &format!("header {:?}", h.name)).map_err(bad)?,
-                ));
+                let name = h.name.to_ascii_lowercase();
+                let value = string_match(sm, &format!("header {:?}", h.name)).map_err(bad)?;
+                check_header_match(&name, &value).map_err(|e| bad(format!("header {:?}: {e}", h.name)))?;
+                headers.push((name, value));
             }
             let mut query = Vec::new();
             for q in &m.query_parameters {
@@ -1506,7 +1524,9 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{SocketAddress, TransportSocket};
     use envoy_types::pb::envoy::config::listener::v3::Filter;
-    use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost};
+    use envoy_types::pb::envoy::config::route::v3::{
+        HeaderMatcher, RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+    };
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
     use envoy_types::pb::google::protobuf;
     use envoy_types::util::pack_any;
@@ -1728,5 +1748,43 @@ mod tests {
         assert_eq!(def.virtual_hosts[0].rules[0].timeout, Some(Duration::from_millis(1500)));
         let zero = RouteAction { timeout: Some(protobuf::Duration::default()), ..Default::default() };
         assert_eq!(route(&pack_any(route_table(zero))).unwrap().virtual_hosts[0].rules[0].timeout, None);
+    }
+
+    /// A header match the route table could not honour is refused, naming the header; it is
+    /// never dropped (the route would then match every request). An exact `:method` is kept.
+    #[test]
+    fn pseudo_header_matches_other_than_an_exact_method_are_refused() {
+        let with_header = |name: &str, pattern: string_matcher::MatchPattern| {
+            let mut rc = route_table(RouteAction::default());
+            rc.virtual_hosts[0].routes[0].r#match.as_mut().unwrap().headers = vec![HeaderMatcher {
+                name: name.into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(pattern),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }];
+            route(&pack_any(rc))
+        };
+        let exact = |v: &str| string_matcher::MatchPattern::Exact(v.into());
+        let regex = |v: &str| {
+            string_matcher::MatchPattern::SafeRegex(envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                regex: v.into(),
+                ..Default::default()
+            })
+        };
+        for (name, pattern, why) in [
+            (":method", regex("GET|HEAD"), "only an exact :method match is supported"),
+            (":method", exact("GET HEAD"), "\"GET HEAD\" is not an HTTP method"),
+            (":authority", exact("admin.local"), "pseudo-header matches other than an exact :method are not supported"),
+            (":path", regex("/admin.*"), "pseudo-header matches other than an exact :method are not supported"),
+            (":scheme", exact("https"), "pseudo-header matches other than an exact :method are not supported"),
+            ("bad header", exact("x"), "not a valid header name"),
+        ] {
+            let err = with_header(name, pattern).unwrap_err().to_string();
+            assert!(err.contains(&format!("route 0 \"\": header {name:?}: {why}")), "{name}: {err}");
+        }
+        let def = with_header(":method", exact("DELETE")).unwrap();
+        assert_eq!(def.virtual_hosts[0].rules[0].headers, [(":method".to_owned(), StrMatch::Exact("DELETE".into()))]);
     }
 }
