@@ -97,3 +97,60 @@ fn invalid_policies_are_refused_at_apply() {
     );
     assert_eq!(control.api("/api/v1/resources/authorizationpolicies").unwrap(), serde_json::json!([]));
 }
+
+/// Other spellings of a denied path (merged slashes, percent-encoded letters, dot segments,
+/// path parameters, encoded slashes) are normalised before authorization, so `DENY /admin/*`
+/// refuses them all, and the app is sent the normal form that policy saw.
+#[test]
+fn other_spellings_of_a_denied_path_are_denied() {
+    let dir = TestDir::new("authz-paths");
+    let control = Control::start(&dir);
+    let (port, seen) = fake_app(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n".to_vec());
+    let _sidecar = app_sidecar(&dir, &control, "paths", port, &[]);
+    let edge = Edge::start(&dir, &control, &["paths"]);
+    wait_until(Duration::from_secs(5), "edge has the endpoint", || edge.endpoint_addrs("paths").len() == 1);
+    apply(
+        &dir,
+        &control,
+        "deny",
+        "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\nspec:\n  service: paths\n  action: DENY\n  rules:\n  - to: [{paths: [\"/admin/*\"]}]\n",
+    );
+    let get = |path: &str| curl(&["--path-as-is", &edge.url("paths", path)]).expect("a response");
+    within("admin denied", || get("/admin/x").status == 403);
+    for path in ["//admin/x", "/%61dmin/x", "/public/../admin/x", "/./admin/x", "/public/%2e%2e/admin/x"] {
+        let r = get(path);
+        assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (403, Some("denied")), "{path}");
+    }
+    // Path parameters could be stripped by the app (`/admin;x/y` is `/admin/y` to Tomcat).
+    for path in ["/admin;x", "/admin;x/y", "/public/..;/admin/x"] {
+        let r = get(path);
+        assert_eq!(
+            (r.status, r.headers.get("x-weft-error").map(String::as_str)),
+            (400, Some("invalid-path")),
+            "{path}"
+        );
+    }
+    // Allowed requests reach the app in normal form, the query as sent.
+    while seen.try_recv().is_ok() {}
+    let r = get("/public/./a//b/../%63?q=%2e./x");
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = String::from_utf8(seen.recv_timeout(Duration::from_secs(5)).unwrap()).unwrap();
+    assert!(head.starts_with("GET /public/a/c?q=%2e./x HTTP/1.1\r\n"), "{head}");
+
+    // `%2F` is kept by default (one segment, as Istio's default); a service whose app decodes
+    // it has it decoded (and then denied), or refused.
+    assert_eq!(get("/admin%2fx").status, 200);
+    let head = String::from_utf8(seen.recv_timeout(Duration::from_secs(5)).unwrap()).unwrap();
+    assert!(head.starts_with("GET /admin%2Fx HTTP/1.1\r\n"), "{head}");
+    let service = |mode: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: paths}}\nspec: {{escapedSlashes: {mode}}}\n"
+        )
+    };
+    apply(&dir, &control, "decode", &service("decode"));
+    within("%2F decoded", || get("/admin%2Fx").status == 403);
+    assert_eq!(get("/admin%5Cx").status, 403);
+    apply(&dir, &control, "reject", &service("reject"));
+    within("%2F refused", || get("/admin%2Fx").status == 400);
+    assert_eq!(get("/public%2fx").headers.get("x-weft-error").map(String::as_str), Some("invalid-path"));
+}

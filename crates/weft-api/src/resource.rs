@@ -191,6 +191,29 @@ pub struct ServiceSpec {
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<LocalityPolicy>,
+    /// What the sidecars do with an encoded slash or backslash (`%2F`, `%5C`) in a request
+    /// path to this service, before routing and authorization.
+    #[serde(default, skip_serializing_if = "EscapedSlashes::is_keep")]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// `Service.escapedSlashes` (Envoy's `path_with_escaped_slashes_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    /// Left encoded, as Istio's default normalisation does: `/a%2Fb` is one segment.
+    #[default]
+    Keep,
+    /// Decoded to `/` before the path is normalised (for apps that decode them).
+    Decode,
+    /// The request is refused with 400 `invalid-path`.
+    Reject,
+}
+
+impl EscapedSlashes {
+    fn is_keep(&self) -> bool {
+        *self == EscapedSlashes::Keep
+    }
 }
 
 /// Locality-aware load balancing: a caller whose instance has a `zone` label sends to the

@@ -48,7 +48,8 @@ use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager,
+    http_connection_manager::PathWithEscapedSlashesAction, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
@@ -77,8 +78,8 @@ use weft_api::resource::{ActiveHealthCheck, DEFAULT_HEALTH_CHECK_INTERVAL, DEFAU
 use weft_api::resource::{
     AuthorizationPolicySpec, ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CONSECUTIVE_5XX, DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD,
-    DEFAULT_RETRY_ON, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource, LoadBalancer,
-    MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
+    DEFAULT_RETRY_ON, EscapedSlashes, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, JwksSource,
+    LoadBalancer, MtlsMode, Object, OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy,
     RequestAuthenticationSpec, Resource, RetryPolicy, ServiceSpec, TokenBucket, TrafficPolicySpec, percent_per_million,
 };
 use weft_api::resource::{DEFAULT_MIN_RETRIES_PER_SECOND, DEFAULT_RETRY_BUDGET_TTL};
@@ -154,6 +155,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, ServiceSummary>,
     protocols: HashMap<String, Protocol>,
     mtls: HashMap<String, MtlsMode>,
+    /// Services whose `escapedSlashes` is not `keep`.
+    escaped_slashes: HashMap<String, EscapedSlashes>,
     default_mtls: MtlsMode,
     global: HashMap<Type, ResMap>,
     /// The service clusters with mutual TLS, as weft proxies get them.
@@ -235,6 +238,7 @@ impl Snapshot {
         let mut services = BTreeMap::new();
         let mut protocols = HashMap::new();
         let mut mtls = HashMap::new();
+        let mut escaped_slashes = HashMap::new();
         for name in &names {
             let spec = specs.get(name).cloned().unwrap_or_default();
             // A versioned service is a subset of another's instances, which present that
@@ -297,12 +301,16 @@ impl Snapshot {
             if let Some(mode) = spec.mtls {
                 mtls.insert(name.clone(), mode);
             }
+            if spec.escaped_slashes != EscapedSlashes::Keep {
+                escaped_slashes.insert(name.clone(), spec.escaped_slashes);
+            }
         }
         Snapshot {
             version,
             services,
             protocols,
             mtls,
+            escaped_slashes,
             default_mtls: settings.default_mtls,
             global,
             mesh_clusters,
@@ -364,6 +372,10 @@ impl Snapshot {
         self.protocols.get(service).copied().unwrap_or_default()
     }
 
+    fn escaped_slashes(&self, service: &str) -> EscapedSlashes {
+        self.escaped_slashes.get(service).copied().unwrap_or_default()
+    }
+
     fn node_listeners(&self, reg: &InstanceRegistration) -> ResMap {
         let mut out = ResMap::new();
         if let (Some(inbound), Some(_)) = (&reg.inbound, &reg.app) {
@@ -385,6 +397,7 @@ impl Snapshot {
                 TrafficDirection::Inbound,
                 service,
                 protocol,
+                self.escaped_slashes(service),
                 http,
                 names::INBOUND_CLUSTER,
                 Some(&filters),
@@ -410,6 +423,7 @@ impl Snapshot {
                 TrafficDirection::Outbound,
                 &up.service,
                 self.protocol(&up.service),
+                self.escaped_slashes(&up.service),
                 http,
                 &up.service,
                 None,
@@ -840,17 +854,18 @@ type HostRule<'a> = (&'a [String], PolicedRule<'a>);
 /// A rule with the TrafficPolicy that targets its HTTPRoute, if any.
 type PolicedRule<'a> = (&'a HttpRouteRule, Option<&'a TrafficPolicySpec>);
 
-/// Gateway API precedence: exact paths, then regular expressions (implementation-specific in
-/// the spec), then prefixes, longer first; then more header matches, then methods, then more
+/// Gateway API precedence (HTTPRouteRule): exact paths, then regular expressions (their place
+/// is implementation-specific in the spec; after prefixes, a catch-all `/` would hide them),
+/// then prefixes, longer first; then a method match, then more header matches, then more
 /// query parameter matches; ties keep the order in which rules were applied.
-fn precedence(m: &HttpRouteMatch) -> (u8, usize, usize, bool, usize) {
+fn precedence(m: &HttpRouteMatch) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.path {
         Some(p) if p.kind == PathMatchType::Exact => (0, p.value.len()),
         Some(p) if p.kind == PathMatchType::RegularExpression => (1, p.value.len()),
         Some(p) => (2, p.value.len()),
         None => (2, 1),
     };
-    (kind, usize::MAX - len, usize::MAX - m.headers.len(), m.method.is_none(), usize::MAX - m.query_params.len())
+    (kind, usize::MAX - len, m.method.is_none(), usize::MAX - m.headers.len(), usize::MAX - m.query_params.len())
 }
 
 fn string_match(kind: HeaderMatchType, value: &str) -> StringMatcher {
@@ -1210,6 +1225,7 @@ fn proxy_listener(
     direction: TrafficDirection,
     service: &str,
     protocol: Protocol,
+    slashes: EscapedSlashes,
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
     inbound: Option<&InboundFilters>,
@@ -1219,6 +1235,14 @@ fn proxy_listener(
     let jwt = inbound.and_then(|f| f.jwt.as_ref());
     if protocol != Protocol::Tcp {
         let mut hcm = http_connection_manager(service, http);
+        // Paths are normalised before routing and authorization, as Istio's default does.
+        hcm.normalize_path = Some(BoolValue { value: true });
+        hcm.merge_slashes = true;
+        hcm.path_with_escaped_slashes_action = match slashes {
+            EscapedSlashes::Keep => PathWithEscapedSlashesAction::KeepUnchanged,
+            EscapedSlashes::Decode => PathWithEscapedSlashesAction::UnescapeAndForward,
+            EscapedSlashes::Reject => PathWithEscapedSlashesAction::RejectRequest,
+        } as i32;
         let jwt_filter = jwt.map(|j| HttpFilter {
             name: "envoy.filters.http.jwt_authn".to_owned(),
             config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(j.filter.clone()))),
@@ -1373,5 +1397,92 @@ fn root_secret(bundle: &str) -> Secret {
             }),
             ..Default::default()
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend of each route `routes` makes of the rules (one backend per rule), in order.
+    fn order(rules: serde_json::Value) -> Vec<String> {
+        let rules: Vec<HttpRouteRule> = serde_json::from_value(rules).unwrap();
+        let policed: Vec<PolicedRule<'_>> = rules.iter().map(|r| (r, None)).collect();
+        routes("svc", &policed)
+            .into_iter()
+            .map(|r| match r.action {
+                Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(c)),
+                    ..
+                })) => c,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn rule(backend: &str, m: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"matches": [m], "backendRefs": [{"name": backend}]})
+    }
+
+    /// The spec's criteria, each breaking a tie of the ones before it: an exact path, the
+    /// longest prefix, a method match, the most header matches, the most query parameter
+    /// matches; then the first rule. Rules are given in the reverse of that order.
+    #[test]
+    fn rules_are_ordered_by_gateway_api_precedence() {
+        let rules = serde_json::json!([
+            rule("first-of-equals", serde_json::json!({})),
+            rule("second-of-equals", serde_json::json!({})),
+            rule("query", serde_json::json!({"queryParams": [{"name": "q", "value": "1"}]})),
+            rule(
+                "two-queries",
+                serde_json::json!({"queryParams": [{"name": "q", "value": "1"}, {"name": "r", "value": "1"}]})
+            ),
+            rule(
+                "header",
+                serde_json::json!({"headers": [{"name": "x-a", "value": "1"}], "queryParams": [{"name": "q", "value": "1"}, {"name": "r", "value": "1"}, {"name": "s", "value": "1"}]})
+            ),
+            rule(
+                "two-headers",
+                serde_json::json!({"headers": [{"name": "x-a", "value": "1"}, {"name": "x-b", "value": "1"}]})
+            ),
+            rule("method", serde_json::json!({"method": "DELETE"})),
+            rule(
+                "method-and-header",
+                serde_json::json!({"method": "DELETE", "headers": [{"name": "x-a", "value": "1"}]})
+            ),
+            rule(
+                "prefix",
+                serde_json::json!({"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "x-a", "value": "1"}, {"name": "x-b", "value": "1"}, {"name": "x-c", "value": "1"}], "method": "GET"})
+            ),
+            rule("longer-prefix", serde_json::json!({"path": {"type": "PathPrefix", "value": "/api/v1"}})),
+            rule("exact", serde_json::json!({"path": {"type": "Exact", "value": "/"}})),
+        ]);
+        assert_eq!(
+            order(rules),
+            [
+                "exact",
+                "longer-prefix",
+                "prefix",
+                "method-and-header",
+                "method",
+                "two-headers",
+                "header",
+                "two-queries",
+                "query",
+                "first-of-equals",
+                "second-of-equals",
+                "svc",
+            ]
+        );
+    }
+
+    /// The issue's case: `DELETE` with a matching header goes to the method rule.
+    #[test]
+    fn a_method_match_outranks_a_header_match() {
+        let rules = serde_json::json!([
+            rule("by-header", serde_json::json!({"headers": [{"name": "x-canary", "value": "yes"}]})),
+            rule("by-method", serde_json::json!({"method": "DELETE"})),
+        ]);
+        assert_eq!(order(rules), ["by-method", "by-header", "svc"]);
     }
 }

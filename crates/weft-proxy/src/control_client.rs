@@ -1,6 +1,7 @@
-//! How anything talks to the control plane: TLS verified against the mesh root, and a bearer
-//! credential (a proxy's join token, or the CLI's admin credential). Shared by the proxy (xDS,
-//! certificates, health reports) and the `weft` CLI.
+//! How anything talks to the control plane: TLS verified against the mesh's roots (the CLI: the
+//! roots file; a proxy: its live trust bundle), and a bearer credential (a proxy's join token,
+//! or the CLI's admin credential). Shared by the proxy (xDS, certificates, health reports) and
+//! the `weft` CLI.
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

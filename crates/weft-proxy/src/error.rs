@@ -16,6 +16,8 @@ pub const POLICY_HEADER: HeaderName = HeaderName::from_static("x-weft-policy");
 pub enum ProxyError {
     #[error("no route matches this request")]
     NoRoute,
+    #[error("invalid request path: {0}")]
+    InvalidPath(#[from] crate::path::Reject),
     #[error("authorization policy {policy:?} does not allow this request")]
     Denied { policy: Arc<str> },
     #[error("JWT authentication failed: {0}")]
@@ -70,6 +72,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no-route",
+            ProxyError::InvalidPath(_) => "invalid-path",
             ProxyError::Denied { .. } => "denied",
             ProxyError::Unauthenticated(e) => e.reason(),
             ProxyError::UnknownCluster(_) => "unknown-cluster",
@@ -92,6 +95,7 @@ impl ProxyError {
     pub fn status(&self) -> http::StatusCode {
         match self {
             ProxyError::NoRoute => http::StatusCode::NOT_FOUND,
+            ProxyError::InvalidPath(_) => http::StatusCode::BAD_REQUEST,
             ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::RateLimited(_) => http::StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Redirect { status, .. } => {

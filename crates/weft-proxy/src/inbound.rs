@@ -1,7 +1,7 @@
 //! The inbound stack: requests from other services to the local app. By the time a request is
 //! here, mutual TLS termination has set the caller's verified identity on the connection
 //! (`rec.conn.peer_identity`); every check that may refuse the request runs before anything
-//! is sent to the app, in this order: JWT authentication → authorization → rate limit →
+//! is sent to the app, in this order: path normalisation → JWT authentication → authorization → rate limit →
 //! route → forward.
 //! The app's responses lose any `x-weft-error`/`x-weft-policy` header: callers' sidecars act
 //! on those (a `connect-failed` is retried elsewhere for any method), so only a sidecar may
@@ -10,6 +10,7 @@ use crate::authz::{Authz, Denied, Subject};
 use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
 use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
+use crate::path::{EscapedSlashes, normalize_request};
 use crate::ratelimit::RateLimit;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
@@ -86,13 +87,19 @@ impl PolicyCell {
 pub struct Inbound {
     /// Routes to the local app's cluster.
     routes: Arc<ArcSwap<RouteTable>>,
+    slashes: EscapedSlashes,
     policy: LivePolicy,
     metrics: Arc<TrafficMetrics>,
 }
 
 impl Inbound {
-    pub fn new(routes: Arc<ArcSwap<RouteTable>>, policy: LivePolicy, metrics: Arc<TrafficMetrics>) -> Inbound {
-        Inbound { routes, policy, metrics }
+    pub fn new(
+        routes: Arc<ArcSwap<RouteTable>>,
+        slashes: EscapedSlashes,
+        policy: LivePolicy,
+        metrics: Arc<TrafficMetrics>,
+    ) -> Inbound {
+        Inbound { routes, slashes, policy, metrics }
     }
 
     /// Decides at once; the future returned only forwards. (Not an `async fn`: each async
@@ -102,6 +109,9 @@ impl Inbound {
         mut req: Request<Incoming>,
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, impl Future<Output = Reply> + Send + 'a> {
+        if let Err(e) = normalize_request(&mut req, self.slashes) {
+            return Either::Left(ready(Err(e.into())));
+        }
         if let Some(policy) = self.policy.for_http() {
             let (mut parts, body) = req.into_parts();
             if let Err(e) = self.check(&policy, &mut parts, rec) {

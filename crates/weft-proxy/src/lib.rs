@@ -35,6 +35,7 @@ mod log_limit;
 pub mod metrics;
 mod outbound;
 pub mod outlier;
+pub mod path;
 pub mod ratelimit;
 pub mod record;
 pub mod retry_budget;
@@ -218,7 +219,7 @@ impl Proxy {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpStack::new(def.direction, routes, policy.clone(), metrics.clone()))
+                Arc::new(HttpStack::new(def.direction, routes, def.escaped_slashes, policy.clone(), metrics.clone()))
             });
             let tcp = def
                 .tcp_cluster

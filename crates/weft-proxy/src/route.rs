@@ -250,25 +250,36 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 
 impl Rule {
     fn build(id: Arc<str>, r: &RuleDef, clusters: &ClusterManager) -> Rule {
+        // Matches are checked when the config is decoded; one that still cannot be honoured
+        // makes the rule match nothing, never more.
+        let mut honoured = true;
         let mut headers = Vec::new();
         let mut method = None;
         for (name, value) in &r.headers {
-            if name == ":method" {
-                if let StrMatch::Exact(m) = value {
-                    method = http::Method::from_bytes(m.as_bytes()).ok();
-                }
-            } else if let (Ok(n), Some(v)) = (http::HeaderName::from_bytes(name.as_bytes()), ValueMatch::new(value)) {
-                headers.push((n, v));
+            match (name.as_str(), value) {
+                (":method", StrMatch::Exact(m)) => match http::Method::from_bytes(m.as_bytes()) {
+                    Ok(m) => method = Some(m),
+                    Err(_) => honoured = false,
+                },
+                (name, value) => match (http::HeaderName::from_bytes(name.as_bytes()), ValueMatch::new(value)) {
+                    (Ok(n), Some(v)) => headers.push((n, v)),
+                    _ => honoured = false,
+                },
             }
         }
-        let query = r.query.iter().filter_map(|(n, v)| Some((n.clone(), ValueMatch::new(v)?))).collect();
+        let mut query = Vec::new();
+        for (n, v) in &r.query {
+            match ValueMatch::new(v) {
+                Some(v) => query.push((n.clone(), v)),
+                None => honoured = false,
+            }
+        }
+        let never = || regex::Regex::new("$^").expect("valid");
         let path = match &r.path {
+            _ if !honoured => PathMatch::Regex(never()),
             PathDef::Prefix(p) => PathMatch::Prefix(p.clone()),
             PathDef::Exact(p) => PathMatch::Exact(p.clone()),
-            // Checked when the config was decoded; a pattern that still fails matches nothing.
-            PathDef::Regex(p) => PathMatch::Regex(
-                weft_api::resource::full_match_regex(p).unwrap_or_else(|_| regex::Regex::new("$^").expect("valid")),
-            ),
+            PathDef::Regex(p) => PathMatch::Regex(weft_api::resource::full_match_regex(p).unwrap_or_else(|_| never())),
         };
         let backends: Vec<(Arc<Cluster>, u32)> =
             r.backends.iter().filter(|(_, w)| *w > 0).map(|(c, w)| (clusters.get(c), *w)).collect();

@@ -4,11 +4,12 @@
 //! ```text
 //! inbound   (other services → the local app)
 //!   listener → detect → mTLS termination, peer identity (listener) → inbound::Inbound:
-//!       JWT authentication (jwt) → authorization (authz) → route → forward to the app
+//!       path normalisation (path) → JWT authentication (jwt) → authorization (authz)
+//!       → route → forward to the app
 //!
 //! outbound  (the local app → other services)
 //!   listener → detect → outbound::Outbound:
-//!       route → request edits → timeout → retries → concurrency limit → balance + failover
+//!       path normalisation (path) → route → request edits → timeout → retries → concurrency limit → balance + failover
 //!       → mTLS origination → endpoint → response edits
 //! ```
 //! An inbound policy step is a call in [`crate::inbound::Inbound::call`] (as authorization
@@ -22,6 +23,7 @@ use crate::http::body::UpstreamBody;
 use crate::inbound::{Inbound, LivePolicy};
 use crate::metrics::TrafficMetrics;
 use crate::outbound::Outbound;
+use crate::path::EscapedSlashes;
 use crate::record::RequestRecord;
 use crate::route::RouteTable;
 use arc_swap::ArcSwap;
@@ -48,12 +50,13 @@ impl HttpStack {
     pub fn new(
         direction: Direction,
         routes: Arc<ArcSwap<RouteTable>>,
+        slashes: EscapedSlashes,
         policy: LivePolicy,
         metrics: Arc<TrafficMetrics>,
     ) -> HttpStack {
         let stack = match direction {
-            Direction::inbound => Stack::Inbound(Inbound::new(routes, policy, metrics.clone())),
-            Direction::outbound => Stack::Outbound(Outbound::new(routes)),
+            Direction::inbound => Stack::Inbound(Inbound::new(routes, slashes, policy, metrics.clone())),
+            Direction::outbound => Stack::Outbound(Outbound::new(routes, slashes)),
         };
         HttpStack { metrics, stack }
     }

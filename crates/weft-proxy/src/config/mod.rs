@@ -8,6 +8,7 @@
 use crate::authz::{self, Authz};
 use crate::context::Direction;
 use crate::inbound::InboundPolicy;
+use crate::path::EscapedSlashes;
 use crate::route::Failover;
 use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds as cluster_thresholds;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -27,7 +28,7 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::Loca
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager, http_filter,
+    HttpConnectionManager, http_connection_manager, http_connection_manager::PathWithEscapedSlashesAction, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
@@ -88,6 +89,9 @@ pub struct ListenerDef {
     /// connection manager or tcp_proxy (for metrics and logs).
     pub service: String,
     pub http: Option<HttpDef>,
+    /// From the HTTP connection manager's `path_with_escaped_slashes_action`. Paths are
+    /// always normalised (`normalize_path` and `merge_slashes` are taken as set).
+    pub escaped_slashes: EscapedSlashes,
     pub tcp_cluster: Option<String>,
     /// From tcp_proxy's `max_connect_attempts`: endpoints tried per connection.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_failover")]
@@ -610,6 +614,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         direction,
         service: String::new(),
         http: None,
+        escaped_slashes: EscapedSlashes::Keep,
         tcp_cluster: None,
         tcp_failover: None,
         tls: None,
@@ -786,6 +791,11 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                 schema::check(&router.value, &schema::ROUTER, "router")?;
             }
             def.service.clone_from(&hcm.stat_prefix);
+            let slashes = escaped_slashes(hcm.path_with_escaped_slashes_action())?;
+            if http_before.is_some() && slashes != def.escaped_slashes {
+                return Err("path_with_escaped_slashes_action differs from the HTTP chains before it".into());
+            }
+            def.escaped_slashes = slashes;
             def.http = Some(match hcm.route_specifier {
                 Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
                 Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
@@ -844,6 +854,23 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
 
 /// The local rate limit filter as weft enforces it: always on and enforced, a bucket for the
 /// listener and at most one per-caller descriptor (entry `weft.caller` with an empty value).
+/// Envoy's escaped-slash actions weft takes; a redirect to the decoded path is not one.
+fn escaped_slashes(action: PathWithEscapedSlashesAction) -> Result<EscapedSlashes, String> {
+    Ok(match action {
+        PathWithEscapedSlashesAction::ImplementationSpecificDefault | PathWithEscapedSlashesAction::KeepUnchanged => {
+            EscapedSlashes::Keep
+        }
+        PathWithEscapedSlashesAction::UnescapeAndForward => EscapedSlashes::Decode,
+        PathWithEscapedSlashesAction::RejectRequest => EscapedSlashes::Reject,
+        PathWithEscapedSlashesAction::UnescapeAndRedirect => {
+            return Err(
+                "path_with_escaped_slashes_action UNESCAPE_AND_REDIRECT is not supported; use UNESCAPE_AND_FORWARD"
+                    .into(),
+            );
+        }
+    })
+}
+
 fn local_rate_limit(f: &LocalRateLimit) -> Result<crate::ratelimit::RateLimit, String> {
     use crate::ratelimit::{BucketDef, RateLimit, RateLimitDef};
     let bucket = |b: &Option<envoy_types::pb::envoy::r#type::v3::TokenBucket>, what: &str| {
@@ -903,6 +930,24 @@ fn string_match(sm: &StringMatcher, what: &str) -> Result<StrMatch, String> {
             Ok(StrMatch::Regex(r.regex.clone()))
         }
         _ => Err(format!("{what}: only exact and safe_regex matches are supported")),
+    }
+}
+
+/// A header match the route table honours: a valid header name, or `:method` with an exact
+/// method; other pseudo-headers (`:authority`, `:path`, `:scheme`) and a `:method` regex are
+/// refused rather than ignored, which would widen the route to every request.
+fn check_header_match(name: &str, value: &StrMatch) -> Result<(), String> {
+    match (name, value) {
+        (":method", StrMatch::Exact(m)) => {
+            http::Method::from_bytes(m.as_bytes()).map(drop).map_err(|_| format!("{m:?} is not an HTTP method"))
+        }
+        (":method", StrMatch::Regex(_)) => Err("only an exact :method match is supported".into()),
+        (pseudo, _) if pseudo.starts_with(':') => {
+            Err("pseudo-header matches other than an exact :method are not supported".into())
+        }
+        (name, _) => {
+            http::HeaderName::from_bytes(name.as_bytes()).map(drop).map_err(|_| "not a valid header name".into())
+        }
     }
 }
 
@@ -1066,10 +1111,10 @@ fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidResource> {
                     Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => sm,
                     _ => return Err(bad(format!("header {:?}: only string matches are supported", h.name))),
                 };
-                headers.push((
-                    h.name.to_ascii_lowercase(),
-                    string_match(sm, &format!("header {:?}", h.name)).map_err(bad)?,
-                ));
+                let name = h.name.to_ascii_lowercase();
+                let value = string_match(sm, &format!("header {:?}", h.name)).map_err(bad)?;
+                check_header_match(&name, &value).map_err(|e| bad(format!("header {:?}: {e}", h.name)))?;
+                headers.push((name, value));
             }
             let mut query = Vec::new();
             for q in &m.query_parameters {
@@ -1479,7 +1524,9 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{SocketAddress, TransportSocket};
     use envoy_types::pb::envoy::config::listener::v3::Filter;
-    use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost};
+    use envoy_types::pb::envoy::config::route::v3::{
+        HeaderMatcher, RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost,
+    };
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
     use envoy_types::pb::google::protobuf;
     use envoy_types::util::pack_any;
@@ -1701,5 +1748,43 @@ mod tests {
         assert_eq!(def.virtual_hosts[0].rules[0].timeout, Some(Duration::from_millis(1500)));
         let zero = RouteAction { timeout: Some(protobuf::Duration::default()), ..Default::default() };
         assert_eq!(route(&pack_any(route_table(zero))).unwrap().virtual_hosts[0].rules[0].timeout, None);
+    }
+
+    /// A header match the route table could not honour is refused, naming the header; it is
+    /// never dropped (the route would then match every request). An exact `:method` is kept.
+    #[test]
+    fn pseudo_header_matches_other_than_an_exact_method_are_refused() {
+        let with_header = |name: &str, pattern: string_matcher::MatchPattern| {
+            let mut rc = route_table(RouteAction::default());
+            rc.virtual_hosts[0].routes[0].r#match.as_mut().unwrap().headers = vec![HeaderMatcher {
+                name: name.into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(pattern),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }];
+            route(&pack_any(rc))
+        };
+        let exact = |v: &str| string_matcher::MatchPattern::Exact(v.into());
+        let regex = |v: &str| {
+            string_matcher::MatchPattern::SafeRegex(envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                regex: v.into(),
+                ..Default::default()
+            })
+        };
+        for (name, pattern, why) in [
+            (":method", regex("GET|HEAD"), "only an exact :method match is supported"),
+            (":method", exact("GET HEAD"), "\"GET HEAD\" is not an HTTP method"),
+            (":authority", exact("admin.local"), "pseudo-header matches other than an exact :method are not supported"),
+            (":path", regex("/admin.*"), "pseudo-header matches other than an exact :method are not supported"),
+            (":scheme", exact("https"), "pseudo-header matches other than an exact :method are not supported"),
+            ("bad header", exact("x"), "not a valid header name"),
+        ] {
+            let err = with_header(name, pattern).unwrap_err().to_string();
+            assert!(err.contains(&format!("route 0 \"\": header {name:?}: {why}")), "{name}: {err}");
+        }
+        let def = with_header(":method", exact("DELETE")).unwrap();
+        assert_eq!(def.virtual_hosts[0].rules[0].headers, [(":method".to_owned(), StrMatch::Exact("DELETE".into()))]);
     }
 }

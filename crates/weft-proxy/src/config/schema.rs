@@ -139,6 +139,10 @@ pub static HTTP_CONNECTION_MANAGER: Schema = Schema {
         Message("rds", &RDS),
         Message("route_config", &ROUTE_CONFIGURATION),
         Repeated("http_filters", &HTTP_FILTER),
+        // Paths are always normalised; the escaped-slash action is decoded.
+        Plain("normalize_path"),
+        Plain("merge_slashes"),
+        Plain("path_with_escaped_slashes_action"),
     ],
 };
 static RDS: Schema = Schema {

@@ -9,6 +9,7 @@ use crate::error::ProxyError;
 use crate::http::forward::{Replay, RequestHead, forward_body};
 use crate::http::replay::UpBody;
 use crate::http::upgrade::is_upgrade;
+use crate::path::{EscapedSlashes, normalize_request};
 use crate::record::RequestRecord;
 use crate::route::{MatchedRoute, RouteTable, decide, sampled};
 use crate::stack::Reply;
@@ -21,11 +22,12 @@ use std::sync::Arc;
 
 pub struct Outbound {
     routes: Arc<ArcSwap<RouteTable>>,
+    slashes: EscapedSlashes,
 }
 
 impl Outbound {
-    pub fn new(routes: Arc<ArcSwap<RouteTable>>) -> Outbound {
-        Outbound { routes }
+    pub fn new(routes: Arc<ArcSwap<RouteTable>>, slashes: EscapedSlashes) -> Outbound {
+        Outbound { routes, slashes }
     }
 
     /// Decides at once; the future returned runs the policy around forwarding. (Not an
@@ -36,6 +38,9 @@ impl Outbound {
         mut req: Request<Incoming>,
         rec: &'a mut RequestRecord,
     ) -> Either<Ready<Reply>, Either<impl Future<Output = Reply> + Send + 'a, BoxFuture<'a, Reply>>> {
+        if let Err(e) = normalize_request(&mut req, self.slashes) {
+            return Either::Left(ready(Err(e.into())));
+        }
         let route = match decide(&self.routes, &req, rec) {
             Ok(route) => route,
             Err(e) => return Either::Left(ready(Err(e))),

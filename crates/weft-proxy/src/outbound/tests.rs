@@ -43,6 +43,7 @@ impl Mesh {
             Direction::outbound,
             Arc::new(ArcSwap::from_pointee(table)),
             Default::default(),
+            Default::default(),
             metrics,
         ));
         (Mesh { stack }, counts)
