@@ -6,12 +6,17 @@
 //!   HTTP request of the same caller is allowed too (a policy's answer may only become known,
 //!   never change, once the request is seen);
 //! - negation: of a DENY policy on `X` and one on `NOT X`, exactly one refuses a request.
+//!
+//! A third kind of input is a path for normalisation (crates/weft-proxy/src/path.rs), whose
+//! result must be in normal form: normalising it again changes nothing, and it has no `.` or
+//! `..` segment, no empty segment, and (when escaped slashes are decoded) no `%2F` or `%5C`.
 #![no_main]
 use arbitrary::Arbitrary;
 use envoy_types::pb::envoy::config::rbac::v3::Rbac;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use weft_proxy::authz::{Authz, ClaimMatch, Match, PolicyDef, Subject, ValueMatch, What, Who};
+use weft_proxy::path::{EscapedSlashes, normalize};
 
 #[derive(Arbitrary, Debug)]
 enum M {
@@ -133,6 +138,7 @@ enum Input {
     Rbac(Vec<u8>, Request),
     Policies { deny: Vec<Policy>, allow: Option<Vec<Policy>>, request: Request },
     Negation { what: Wt, request: Request },
+    Normalize { path: String, slashes: u8 },
 }
 
 fn parts(r: &Request) -> Option<http::request::Parts> {
@@ -194,6 +200,24 @@ fuzz_target!(|input: Input| {
             let (yes, no) =
                 (deny(what.clone()).check(&s).is_err(), deny(What::Not(Box::new(what.clone()))).check(&s).is_err());
             assert_ne!(yes, no, "{what:?} and its negation decide alike");
+        }
+        Input::Normalize { path, slashes } => {
+            let slashes =
+                [EscapedSlashes::Keep, EscapedSlashes::Decode, EscapedSlashes::Reject][usize::from(slashes) % 3];
+            let Ok(once) = normalize(&path, slashes) else { return };
+            assert_eq!(normalize(&once, slashes).as_deref(), Ok(&*once), "normalising {path:?} twice");
+            if once.starts_with('/') {
+                let segments: Vec<&str> = once[1..].split('/').collect();
+                let last = segments.len() - 1;
+                for (i, seg) in segments.iter().enumerate() {
+                    assert!(*seg != "." && *seg != "..", "{path:?} → {once:?} keeps a dot segment");
+                    assert!(!seg.is_empty() || i == last, "{path:?} → {once:?} has an empty segment");
+                }
+                if slashes == EscapedSlashes::Decode {
+                    let upper = once.to_ascii_uppercase();
+                    assert!(!upper.contains("%2F") && !upper.contains("%5C"), "{path:?} → {once:?}");
+                }
+            }
         }
     }
 });

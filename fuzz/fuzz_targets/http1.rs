@@ -2,11 +2,13 @@
 //! listener as the proxy builds one (protocol detection, then the HTTP server and the
 //! inbound or outbound stack, or opaque TCP) to a stub app (a hyper server recording what
 //! reached it), over in-memory streams with tokio's clock paused (timeouts fire at once when
-//! everything waits). The first input byte picks the direction and how many writes the rest
-//! arrives in; the rest is what the client sends before it closes its side.
+//! everything waits). The first input byte picks the direction, what the service does with
+//! escaped slashes and how many writes the rest arrives in; the rest is what the client sends
+//! before it closes its side.
 //!
-//! Properties: nothing panics; what the client gets back is HTTP/1 (or nothing); inbound,
-//! with a policy denying `/admin`, no request for `/admin…` reaches the app.
+//! Properties: nothing panics; what the client gets back is HTTP/1 (or nothing); the app sees
+//! only normalised paths (what routing and policy saw); inbound, with a policy denying
+//! `/admin`, no request for `/admin…` reaches the app.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proxy::authz::{Authz, Match, PolicyDef, What, Who};
 use weft_proxy::context::Direction;
 use weft_proxy::inbound::{InboundPolicy, PolicyCell};
+use weft_proxy::path::{EscapedSlashes, normalize};
 use weft_proxy::testing::{Behaviour, FakeEndpoints, addr, app_listener, one_cluster, serve};
 
 fn deny_admin() -> Arc<PolicyCell> {
@@ -32,12 +35,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((&how, sent)) = data.split_first() else { return };
     let direction = if how & 1 == 0 { Direction::inbound } else { Direction::outbound };
     let writes = usize::from(how >> 1 & 7) + 1;
+    let slashes = [EscapedSlashes::Keep, EscapedSlashes::Decode, EscapedSlashes::Reject][usize::from(how >> 4) % 3];
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     rt.block_on(async {
         let fakes = Arc::new(FakeEndpoints::default());
         let app = fakes.add(addr(10), Behaviour::Answer { delay: Duration::ZERO });
         let clusters = one_cluster(fakes, "app", &[addr(10)]);
-        let ctx = app_listener(direction, &clusters, deny_admin());
+        let ctx = app_listener(direction, &clusters, deny_admin(), slashes);
         let (mut client, proxy_side) = tokio::io::duplex(64 * 1024);
         let served = tokio::spawn(serve(proxy_side, ctx));
         let exchange = async {
@@ -60,8 +64,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(got.starts_with(b"HTTP/1."), "the client got {:?}", String::from_utf8_lossy(&got));
         }
         let _ = served.await;
+        let targets = app.targets.lock().unwrap();
+        for t in targets.iter() {
+            let path = t.split_once('?').map_or(t.as_str(), |(p, _)| p);
+            assert_eq!(normalize(path, slashes).as_deref(), Ok(path), "the app was sent a path not in normal form");
+        }
         if direction == Direction::inbound {
-            let targets = app.targets.lock().unwrap();
             assert!(!targets.iter().any(|t| t.starts_with("/admin")), "denied requests reached the app: {targets:?}");
         }
     });

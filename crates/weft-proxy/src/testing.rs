@@ -8,6 +8,7 @@ use crate::context::{ConnCtx, Direction, ListenerInfo};
 use crate::inbound::LivePolicy;
 use crate::listener::ListenerCtx;
 use crate::metrics::Metrics;
+use crate::path::EscapedSlashes;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
@@ -205,12 +206,18 @@ pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAdd
 
 /// A listener of `direction` as the proxy builds one for a service: every HTTP request routed
 /// to the cluster `app` of `clusters`, other bytes forwarded to it as opaque TCP, `policy`
-/// checked on inbound requests.
-pub fn app_listener(direction: Direction, clusters: &ClusterManager, policy: LivePolicy) -> Arc<ListenerCtx> {
+/// checked on inbound requests, paths normalised with `slashes`.
+pub fn app_listener(
+    direction: Direction,
+    clusters: &ClusterManager,
+    policy: LivePolicy,
+    slashes: EscapedSlashes,
+) -> Arc<ListenerCtx> {
     let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("app".into(), 1)], ..Default::default() };
     let table = RouteTable::build(&RouteDef::any_host("app", vec![rule]), clusters);
     let metrics = Metrics::new().traffic(direction, "app");
-    let http = HttpStack::new(direction, Arc::new(ArcSwap::from_pointee(table)), policy.clone(), metrics.clone());
+    let http =
+        HttpStack::new(direction, Arc::new(ArcSwap::from_pointee(table)), slashes, policy.clone(), metrics.clone());
     Arc::new(ListenerCtx {
         info: ListenerInfo::new("app", direction, "app"),
         http: Some(Arc::new(http)),
