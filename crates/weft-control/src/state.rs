@@ -250,7 +250,10 @@ impl Mesh {
                 .into_iter()
                 .filter(|(_, svc)| !known.contains(*svc))
                 .map(|(field, svc)| {
-                    serde_json::json!({"field": field, "service": svc, "reason": "BackendNotFound", "message": format!("service {svc:?} does not exist (yet); start an instance of it or apply a Service named {svc:?}")})
+                    let message = format!(
+                        "service {svc:?} does not exist (yet); start an instance of it or apply a Service named {svc:?}"
+                    );
+                    serde_json::json!({"field": field, "service": svc, "reason": "BackendNotFound", "message": message})
                 })
                 .collect();
             if !unresolved.is_empty() {
