@@ -100,11 +100,12 @@ fn invalid_policies_are_refused_at_apply() {
 
 /// Other spellings of a denied path (merged slashes, percent-encoded letters, dot segments,
 /// path parameters, encoded slashes) are normalised before authorization, so `DENY /admin/*`
-/// refuses them all, and the app is sent the normal form that policy saw.
+/// refuses them all, and the app is sent the normal form that policy saw. Both sidecars
+/// normalise: the caller's (through the edge) and the app's own (plaintext, permissive mode).
 #[test]
 fn other_spellings_of_a_denied_path_are_denied() {
     let dir = TestDir::new("authz-paths");
-    let control = Control::start(&dir);
+    let control = Control::start_with(&dir, &["--mtls", "permissive"]);
     let (port, seen) = fake_app(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n".to_vec());
     let _sidecar = app_sidecar(&dir, &control, "paths", port, &[]);
     let edge = Edge::start(&dir, &control, &["paths"]);
@@ -116,20 +117,26 @@ fn other_spellings_of_a_denied_path_are_denied() {
         "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\nspec:\n  service: paths\n  action: DENY\n  rules:\n  - to: [{paths: [\"/admin/*\"]}]\n",
     );
     let get = |path: &str| curl(&["--path-as-is", &edge.url("paths", path)]).expect("a response");
-    within("admin denied", || get("/admin/x").status == 403);
+    let inbound = control.endpoints("paths")[0]["registration"]["inbound"].as_str().unwrap().to_owned();
+    let direct = |path: &str| curl(&["--path-as-is", &format!("http://{inbound}{path}")]).expect("a response");
+    within("admin denied", || get("/admin/x").status == 403 && direct("/admin/x").status == 403);
     for path in ["//admin/x", "/%61dmin/x", "/public/../admin/x", "/./admin/x", "/public/%2e%2e/admin/x"] {
-        let r = get(path);
-        assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (403, Some("denied")), "{path}");
+        for r in [get(path), direct(path)] {
+            assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (403, Some("denied")), "{path}");
+        }
     }
     // Path parameters could be stripped by the app (`/admin;x/y` is `/admin/y` to Tomcat).
     for path in ["/admin;x", "/admin;x/y", "/public/..;/admin/x"] {
-        let r = get(path);
-        assert_eq!(
-            (r.status, r.headers.get("x-weft-error").map(String::as_str)),
-            (400, Some("invalid-path")),
-            "{path}"
-        );
+        for r in [get(path), direct(path)] {
+            let reason = r.headers.get("x-weft-error").map(String::as_str);
+            assert_eq!((r.status, reason), (400, Some("invalid-path")), "{path}");
+        }
     }
+    // Straight to the app's sidecar, too, the app gets the normal form.
+    while seen.try_recv().is_ok() {}
+    assert_eq!(direct("//public/./b/%7e").status, 200);
+    let head = String::from_utf8(seen.recv_timeout(Duration::from_secs(5)).unwrap()).unwrap();
+    assert!(head.starts_with("GET /public/b/~ HTTP/1.1\r\n"), "{head}");
     // Allowed requests reach the app in normal form, the query as sent.
     while seen.try_recv().is_ok() {}
     let r = get("/public/./a//b/../%63?q=%2e./x");

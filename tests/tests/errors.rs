@@ -45,12 +45,14 @@ fn apply_rejects_bad_files_and_stores_nothing() {
             ],
         ),
         (
-            // The first document is fine; the second refers to a service that does not exist.
-            "bad-ref.yaml",
+            // The first document is fine; the second is not (README's example).
+            "route.yaml",
             &format!(
-                "{ROUTE_OK}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r2}}\nspec:\n  parentRefs: [{{name: backend}}]\n  rules: [{{backendRefs: [{{name: nope}}]}}]\n"
+                "{ROUTE_OK}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r2}}\nspec:\n  parentRefs: [{{name: backend}}]\n  rules: [{{backendRefs: [{{name: backend, weight: -1}}]}}]\n"
             ),
-            &["bad-ref.yaml: document 2, field spec.rules[0].backendRefs[0].name: service \"nope\" does not exist"],
+            &[
+                "route.yaml: document 2, field spec.rules[0].backendRefs[0].weight: invalid value: integer `-1`, expected u32; nothing was applied",
+            ],
         ),
     ];
     for (file, yaml, expected) in cases {

@@ -439,3 +439,51 @@ spec:
     assert!(!out.status.success());
     assert!(stderr(&out).contains("spec.rules[0].matches[0].method.service"), "{}", stderr(&out));
 }
+
+/// An HTTPRoute may name a service that does not exist yet, as Gateway API allows: it is
+/// applied, `weft get` shows the reference unresolved, requests routed to it get Gateway
+/// API's 500 (`invalid-backend`), and once an instance of the service starts they reach it
+/// without anything applied again.
+#[test]
+fn a_route_to_a_service_that_does_not_exist_yet_resolves_when_it_starts() {
+    let m = SmallMesh::start("late-backend", 1);
+    let route = m.dir.path.join("route.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-late}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+  - matches: [{headers: [{name: x-late, value: \"yes\"}]}]
+    backendRefs: [{name: late}]
+  - backendRefs: [{name: backend}]
+",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &m.control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "httproute/to-late created");
+    let get = || stdout(&weft(&["get", "httproutes", "to-late", "--control", &m.control.addr]));
+    let shown = get();
+    assert!(
+        shown.contains("unresolvedRefs")
+            && shown.contains("field: spec.rules[0].backendRefs[0].name")
+            && shown.contains("service: late")
+            && shown.contains("reason: BackendNotFound"),
+        "{shown}"
+    );
+    let url = m.edge.url("backend", "/");
+    let late = || curl(&["-H", "x-late: yes", &url]).expect("a response");
+    wait_until(std::time::Duration::from_secs(5), "route in force", || late().status != 200);
+    let r = late();
+    assert_eq!((r.status, r.headers.get("x-weft-error").map(String::as_str)), (500, Some("invalid-backend")), "{r:?}");
+    assert!(r.body.contains("\"late\", which does not exist"), "{}", r.body);
+    assert_eq!(curl(&[&url]).unwrap().status, 200);
+
+    let _late = Instance::start(&m.dir, &m.control.addr, "late", "v1", "late-0", &[]);
+    wait_until(std::time::Duration::from_secs(15), "late serves", || late().status == 200);
+    assert!(late().body.contains("hello from late v1 (instance late-0)"));
+    assert!(!get().contains("unresolvedRefs"), "{}", get());
+}

@@ -96,6 +96,13 @@ resources:
     kind: AuthorizationPolicy
     metadata: {{name: gateway-and-web-only}}
     spec: {{rules: [{{from: [{{services: [gateway, web]}}]}}]}}
+  # Names services whose instances register only after the resources are applied.
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{name: web}}
+    spec:
+      parentRefs: [{{name: web}}]
+      rules: [{{backendRefs: [{{name: web}}]}}]
 "#
         ),
     )
@@ -120,6 +127,9 @@ resources:
     assert!(out.status.success(), "{}", stderr(&out));
     let svc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(svc.as_array().unwrap().iter().any(|s| s["name"] == "api" && s["loadBalancer"] == "round-robin"), "{svc}");
+    let out = weft(&["get", "httproutes", "-o", "json", "--control", &format!("127.0.0.1:{control}")]);
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(routes[0]["metadata"]["name"] == "web" && routes[0].get("status").is_none(), "{routes}");
     let procs = descendants(&up);
     up.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(up.wait(Duration::from_secs(20)), Some(0));

@@ -251,12 +251,12 @@ async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {
 }
 
 async fn list(State(mesh): State<Arc<Mesh>>, Path(k): Path<String>) -> ApiResult {
-    Ok(Json(mesh.resources(kind(&k)?)).into_response())
+    Ok(Json(mesh.resources_with_status(kind(&k)?)).into_response())
 }
 
 async fn get_one(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> ApiResult {
     let k = kind(&k)?;
-    let r = mesh.resources(k).into_iter().find(|r| r.name() == name);
+    let r = mesh.resources_with_status(k).into_iter().find(|r| r["metadata"]["name"] == name.as_str());
     let r = r.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no {k} named {name:?}")))?;
     Ok(Json(r).into_response())
 }

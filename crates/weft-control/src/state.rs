@@ -128,27 +128,17 @@ impl Mesh {
 
     /// Validates references and stores all resources, or none. `jwks`: the keys the
     /// resources' JWKS sources were read to (see [`crate::jwks::load_for_apply`]).
+    ///
+    /// A reference to a service that does not exist is accepted, as Gateway API and
+    /// Kubernetes accept one: the service may be declared or start later (a mesh file's
+    /// instances register after its resources are applied). It is reported in the resource's
+    /// status ([`Mesh::resources_with_status`]) until then.
     pub fn apply(
         &self,
         resources: Vec<Resource>,
         jwks: Vec<(JwksSource, Arc<str>)>,
     ) -> Result<Vec<Applied>, ApplyError> {
         let mut inner = self.lock();
-        let mut known = inner.service_names();
-        known.extend(resources.iter().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned()));
-        for (doc, r) in resources.iter().enumerate() {
-            for (path, svc) in r.service_refs() {
-                if !known.contains(svc) {
-                    return Err(ApplyError::new(
-                        doc,
-                        path,
-                        format!(
-                            "service {svc:?} does not exist; start an instance of it or apply a Service named {svc:?} first"
-                        ),
-                    ));
-                }
-            }
-        }
         // A service takes one TrafficPolicy: a second one would contradict or silently shadow it.
         let mut policy_of: BTreeMap<String, String> = inner
             .resources
@@ -245,6 +235,33 @@ impl Mesh {
 
     pub fn resources(&self, kind: Kind) -> Vec<Resource> {
         self.lock().resources.values().filter(|r| r.kind() == kind).cloned().collect()
+    }
+
+    /// The resources of `kind` as the API shows them: one that refers to services that do
+    /// not exist (yet) has a `status.unresolvedRefs` naming each (the field and the service),
+    /// as Gateway API reports a `BackendNotFound` reference.
+    pub fn resources_with_status(&self, kind: Kind) -> Vec<serde_json::Value> {
+        let inner = self.lock();
+        let known = inner.service_names();
+        let shown = inner.resources.values().filter(|r| r.kind() == kind).map(|r| {
+            let mut v = serde_json::to_value(r).expect("resources always serialize");
+            let unresolved: Vec<serde_json::Value> = r
+                .service_refs()
+                .into_iter()
+                .filter(|(_, svc)| !known.contains(*svc))
+                .map(|(field, svc)| {
+                    let message = format!(
+                        "service {svc:?} does not exist (yet); start an instance of it or apply a Service named {svc:?}"
+                    );
+                    serde_json::json!({"field": field, "service": svc, "reason": "BackendNotFound", "message": message})
+                })
+                .collect();
+            if !unresolved.is_empty() {
+                v["status"] = serde_json::json!({ "unresolvedRefs": unresolved });
+            }
+            v
+        });
+        shown.collect()
     }
 
     /// Registers (or re-registers) the instance behind an xDS stream. An id that is registered

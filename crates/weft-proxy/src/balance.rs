@@ -436,7 +436,7 @@ impl Cluster {
 /// their config is applied, so requests never look clusters up by name.
 ///
 /// Invariant: the map holds the clusters CDS defines plus undefined ones something still
-/// refers to (a route to a service that went away answers `unknown-cluster`); an undefined
+/// refers to (a route to a service that went away answers `invalid-backend`); an undefined
 /// cluster has no endpoints, so no pool stays open for it, and [`ClusterManager::prune`] lets
 /// it go once nothing refers to it.
 pub struct ClusterManager {

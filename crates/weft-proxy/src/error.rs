@@ -32,6 +32,10 @@ pub enum ProxyError {
     PendingOverflow { addr: SocketAddr, limit: u32 },
     #[error("cluster {0:?} is not configured (yet)")]
     UnknownCluster(String),
+    #[error(
+        "route {route} sends to service {service:?}, which does not exist (yet): an unresolved backendRef (see weft get httproutes)"
+    )]
+    InvalidBackend { route: Arc<str>, service: Arc<str> },
     #[error("service {0:?} has no healthy endpoints")]
     NoEndpoints(String),
     #[error("connect to {addr} failed: {source}")]
@@ -76,6 +80,7 @@ impl ProxyError {
             ProxyError::Denied { .. } => "denied",
             ProxyError::Unauthenticated(e) => e.reason(),
             ProxyError::UnknownCluster(_) => "unknown-cluster",
+            ProxyError::InvalidBackend { .. } => "invalid-backend",
             ProxyError::Overflow { .. } | ProxyError::PendingOverflow { .. } => "overflow",
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
@@ -102,6 +107,8 @@ impl ProxyError {
                 http::StatusCode::from_u16(*status).unwrap_or(http::StatusCode::FOUND)
             }
             ProxyError::Denied { .. } => http::StatusCode::FORBIDDEN,
+            // Gateway API: requests for an invalid backendRef get 500.
+            ProxyError::InvalidBackend { .. } => http::StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Unauthenticated(_) => http::StatusCode::UNAUTHORIZED,
             ProxyError::BadRequest(_) | ProxyError::BadRequestBody { .. } => http::StatusCode::BAD_REQUEST,
             ProxyError::UnknownCluster(_)

@@ -124,6 +124,9 @@ pub struct Edits {
 pub struct Rule {
     /// `<route table>/<rule index>`, for records and logs.
     pub id: Arc<str>,
+    /// The route table's name: the service whose routes these are. A backend of another name
+    /// that is not defined is an unresolved reference of a route, not an unknown service.
+    table: Arc<str>,
     path: PathMatch,
     headers: Vec<(http::HeaderName, ValueMatch)>,
     query: Vec<(String, ValueMatch)>,
@@ -156,6 +159,7 @@ impl RouteTable {
 
     pub fn build(def: &RouteDef, clusters: &ClusterManager) -> RouteTable {
         let mut n = 0;
+        let table: Arc<str> = def.name.as_str().into();
         let mut hosts: Vec<VirtualHost> = def
             .virtual_hosts
             .iter()
@@ -168,7 +172,7 @@ impl RouteTable {
                     .map(|r| {
                         let id = format!("{}/{n}", def.name).into();
                         n += 1;
-                        Arc::new(Rule::build(id, r, clusters))
+                        Arc::new(Rule::build(id, table.clone(), r, clusters))
                     })
                     .collect();
                 VirtualHost { domains, rules }
@@ -249,7 +253,7 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 impl Rule {
-    fn build(id: Arc<str>, r: &RuleDef, clusters: &ClusterManager) -> Rule {
+    fn build(id: Arc<str>, table: Arc<str>, r: &RuleDef, clusters: &ClusterManager) -> Rule {
         // Matches are checked when the config is decoded; one that still cannot be honoured
         // makes the rule match nothing, never more.
         let mut honoured = true;
@@ -302,6 +306,7 @@ impl Rule {
             });
         Rule {
             id,
+            table,
             path,
             headers,
             query,
@@ -445,6 +450,12 @@ pub fn decide<B>(
     rec.route = Some(route.rule.id.clone());
     rec.cluster = Some(route.backend.name.clone());
     if !route.backend.defined.load(Ordering::Relaxed) {
+        if route.backend.name != route.rule.table {
+            return Err(ProxyError::InvalidBackend {
+                route: route.rule.id.clone(),
+                service: route.backend.name.clone(),
+            });
+        }
         return Err(ProxyError::UnknownCluster(route.backend.name.to_string()));
     }
     Ok(route)
