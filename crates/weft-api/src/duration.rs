@@ -1,7 +1,8 @@
 //! Durations as users write them in YAML and on the command line: `250ms`, `2s`, `1m`.
 use std::time::Duration;
 
-/// Parses `<number><unit>` with unit `ms`, `s`, `m` or `h`.
+/// Parses `<number><unit>` with unit `ms`, `s`, `m` or `h`, in whole milliseconds (what
+/// durations are written back as, so a value means the same on every hop).
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -16,7 +17,14 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("duration {s:?} has unknown unit {unit:?}; use ms, s, m or h")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    let ms = secs * 1000.0;
+    if !(ms <= 1e15) {
+        return Err(format!("duration {s:?} is too long"));
+    }
+    if (ms - ms.round()).abs() > 1e-6 {
+        return Err(format!("duration {s:?} is not a whole number of milliseconds"));
+    }
+    Ok(Duration::from_millis(ms.round() as u64))
 }
 
 /// Serde adapter for `Duration` fields written as strings (`with = "crate::duration"`).
@@ -59,5 +67,11 @@ mod tests {
         assert_eq!(parse("1m").unwrap(), Duration::from_secs(60));
         assert!(parse("5").unwrap_err().contains("no unit"));
         assert!(parse("5d").unwrap_err().contains("unknown unit"));
+        // Found by the yaml fuzz target: 0.6 ms was written back as "0ms".
+        assert!(parse("0.6ms").unwrap_err().contains("whole number of milliseconds"));
+        assert!(parse("0.0006s").unwrap_err().contains("whole number of milliseconds"));
+        assert_eq!(parse("0.001s").unwrap(), Duration::from_millis(1));
+        // Used to panic (Duration::from_secs_f64 of an infinite number).
+        assert!(parse(&format!("{}h", "9".repeat(400))).unwrap_err().contains("too long"));
     }
 }

@@ -166,7 +166,10 @@ impl Provider {
         if self.audiences.is_empty() {
             v.validate_aud = false;
         } else {
+            // A token without `aud` must not pass a provider that names audiences (found by
+            // the jwt fuzz target: jsonwebtoken checks `aud` only when it is present).
             v.set_audience(&self.audiences);
+            v.required_spec_claims.insert("aud".to_owned());
         }
         let mut last = JwtError::UnknownKey;
         for k in candidates {
@@ -177,6 +180,7 @@ impl Provider {
                         ErrorKind::ExpiredSignature => return Err(JwtError::Expired),
                         ErrorKind::ImmatureSignature => return Err(JwtError::NotYetValid),
                         ErrorKind::InvalidAudience => return Err(JwtError::WrongAudience),
+                        ErrorKind::MissingRequiredClaim(c) if c == "aud" => return Err(JwtError::WrongAudience),
                         ErrorKind::InvalidIssuer => return Err(JwtError::UnknownIssuer),
                         // A key of another family (an EC key for an RS256 token): not this key.
                         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => JwtError::UnknownKey,
@@ -392,6 +396,11 @@ mod tests {
             // Within the 5 s clock skew it still passes; beyond it, it has expired.
             (Some(token("k1", claims("https://issuer.test", "backend", now() - 60), SECRET)), JwtError::Expired),
             (Some(token("k1", claims("https://issuer.test", "frontend", now() + 60), SECRET)), JwtError::WrongAudience),
+            // No audience at all, where the provider names one.
+            (
+                Some(token("k1", serde_json::json!({"iss": "https://issuer.test", "exp": now() + 60}), SECRET)),
+                JwtError::WrongAudience,
+            ),
         ];
         for (t, want) in cases {
             assert_eq!(a.authenticate(&mut request(t.as_deref())).unwrap_err(), want, "{t:?}");
