@@ -18,7 +18,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("duration {s:?} has unknown unit {unit:?}; use ms, s, m or h")),
     };
     let ms = secs * 1000.0;
-    if !(ms <= 1e15) {
+    if !ms.is_finite() || ms > 1e15 {
         return Err(format!("duration {s:?} is too long"));
     }
     if (ms - ms.round()).abs() > 1e-6 {
