@@ -174,7 +174,7 @@ impl Provider {
         let mut last = JwtError::UnknownKey;
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
-                Ok(data) => return Ok(data.claims),
+                Ok(data) => return self.check_times(data.claims),
                 Err(e) => {
                     last = match e.kind() {
                         ErrorKind::ExpiredSignature => return Err(JwtError::Expired),
@@ -192,6 +192,26 @@ impl Provider {
             }
         }
         Err(last)
+    }
+
+    /// `exp` and `nbf` as RFC 7519 NumericDates: any JSON number, fractions and negative values
+    /// included. jsonwebtoken checks them only when they parse as unsigned integers and treats
+    /// any other value as absent, so a token with `"exp": -1` or `"exp": 1.5e9` would never
+    /// expire (found by the jwt fuzz target); another type is malformed.
+    fn check_times(&self, claims: Claims) -> Result<Claims, JwtError> {
+        let at = |name: &str| match claims.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_f64().filter(|t| t.is_finite()).map(Some).ok_or(JwtError::Malformed),
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let skew = f64::from(self.clock_skew_secs);
+        if at("exp")?.is_some_and(|exp| exp + skew < now) {
+            return Err(JwtError::Expired);
+        }
+        if at("nbf")?.is_some_and(|nbf| nbf - skew > now) {
+            return Err(JwtError::NotYetValid);
+        }
+        Ok(claims)
     }
 }
 
@@ -405,6 +425,20 @@ mod tests {
         for (t, want) in cases {
             assert_eq!(a.authenticate(&mut request(t.as_deref())).unwrap_err(), want, "{t:?}");
         }
+        // NumericDates that are not unsigned integers count too: negative or fractional
+        // (a negative `exp` passed before, as if the token never expired); a string is malformed.
+        let with = |extra: serde_json::Value| {
+            let mut c = claims("https://issuer.test", "backend", 0);
+            c.as_object_mut().unwrap().remove("exp");
+            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            a.authenticate(&mut request(Some(&token("k1", c, SECRET))))
+        };
+        assert_eq!(with(serde_json::json!({"exp": -102444800})).unwrap_err(), JwtError::Expired);
+        assert_eq!(with(serde_json::json!({"exp": 1.5e9})).unwrap_err(), JwtError::Expired);
+        assert_eq!(with(serde_json::json!({"exp": "2999999999"})).unwrap_err(), JwtError::Malformed);
+        assert_eq!(with(serde_json::json!({"nbf": 4.0e9})).unwrap_err(), JwtError::NotYetValid);
+        assert_eq!(with(serde_json::json!({"nbf": [1]})).unwrap_err(), JwtError::Malformed);
+        assert!(with(serde_json::json!({"exp": now() as f64 + 60.5, "nbf": -5})).is_ok());
         let skewed = token("k1", claims("https://issuer.test", "backend", now() - 2), SECRET);
         assert!(a.authenticate(&mut request(Some(&skewed))).is_ok());
         // allow_missing: no token passes, a bad one still does not.
