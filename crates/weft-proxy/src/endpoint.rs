@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Body of a request sent upstream: the client's body, or none for a request being replayed
 /// on another endpoint.
@@ -543,11 +544,8 @@ mod tests {
     use super::*;
     use crate::transport::TcpConnect;
 
-    /// An endpoint that answered slowly once is probed again after two seconds without
-    /// answers, not after the tens of seconds its decaying estimate alone would take.
-    #[test]
-    fn a_once_slow_endpoint_is_probed_again() {
-        let ep = Endpoint::new(
+    fn endpoint() -> Endpoint {
+        Endpoint::new(
             "127.0.0.1:1".parse().unwrap(),
             true,
             Default::default(),
@@ -558,7 +556,31 @@ mod tests {
                 pool: Default::default(),
                 waiting: Default::default(),
             },
-        );
+        )
+    }
+
+    /// Latency and failure penalties read the runtime's clock (tokio's, which is the system's
+    /// outside tests): with time paused, a request that took 300 ms is measured as exactly
+    /// that, and a failing endpoint is preferred again exactly when its penalty runs out.
+    #[tokio::test(start_paused = true)]
+    async fn latency_and_failure_penalties_follow_the_runtime_clock() {
+        let ep = endpoint();
+        let request = ep.start();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(request);
+        assert_eq!(f64::from_bits(ep.rtt.load(Ordering::Relaxed)), 300e6);
+        ep.mark_failing();
+        tokio::time::advance(FAILURE_BACKOFF - Duration::from_millis(1)).await;
+        assert!(ep.failing());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!ep.failing());
+    }
+
+    /// An endpoint that answered slowly once is probed again after two seconds without
+    /// answers, not after the tens of seconds its decaying estimate alone would take.
+    #[test]
+    fn a_once_slow_endpoint_is_probed_again() {
+        let ep = endpoint();
         ep.observe(Duration::from_millis(500));
         let answered = ep.stamp.load(Ordering::Relaxed);
         let fast = 0.001e9; // 1 ms, in ns
