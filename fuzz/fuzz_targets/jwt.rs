@@ -100,7 +100,13 @@ fuzz_target!(|data: &[u8]| {
     if let Some(exp) = claims.get("exp") {
         assert!(exp.as_f64().is_some_and(|e| e + SKEW as f64 >= now() as f64), "exp {exp}");
     }
-    let header: serde_json::Value = serde_json::from_str(&header).expect("a passed token's header is JSON");
-    assert_eq!(header["alg"], format!("{alg:?}"), "the header's alg is the key's");
+    // Only `alg` is read: other members are skipped unchecked, as jsonwebtoken skips them (an
+    // out-of-range number in one is no reason to refuse a token signed with a trusted key).
+    #[derive(serde::Deserialize)]
+    struct Alg {
+        alg: String,
+    }
+    let header: Alg = serde_json::from_str(&header).expect("a passed token's header has an alg");
+    assert_eq!(header.alg, format!("{alg:?}"), "the header's alg is the key's");
     assert!(parts.headers.get("authorization").is_none(), "the token is not forwarded");
 });
