@@ -89,9 +89,9 @@ impl ClusterView<'_> {
     /// `hash` is the request's consistent-hash key (from the route), for `ring-hash` and
     /// `maglev`: the first usable endpoint in the table's order for it. Without one, those
     /// balancers pick at random.
-    pub fn pick(&self, tried: &[usize], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+    pub fn pick(&self, tried: &[std::net::SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
         let (cluster, settings, set) = (self.cluster, &self.settings, &self.set);
-        let usable = |e: &&Arc<Endpoint>| !tried.contains(&(Arc::as_ptr(e) as usize));
+        let usable = |e: &&Arc<Endpoint>| !tried.contains(&e.addr);
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected. The
         // clock is read only for clusters with outlier detection.
@@ -597,9 +597,9 @@ mod tests {
         let view = c.view();
         assert_eq!(view.set.ready.len(), 2);
         let first = view.pick(&[], None).unwrap();
-        let second = view.pick(&[Arc::as_ptr(&first) as usize], None).unwrap();
+        let second = view.pick(&[first.addr], None).unwrap();
         assert_ne!(first.addr, second.addr);
-        assert!(view.pick(&[Arc::as_ptr(&first) as usize, Arc::as_ptr(&second) as usize], None).is_none());
+        assert!(view.pick(&[first.addr, second.addr], None).is_none());
     }
 
     #[test]

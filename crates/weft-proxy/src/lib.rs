@@ -14,6 +14,7 @@
 pub mod active_health;
 mod admin;
 pub mod app_protocol;
+mod attempt;
 pub mod authz;
 pub mod balance;
 pub mod config;
@@ -23,7 +24,6 @@ mod detect;
 mod drain;
 pub mod endpoint;
 mod error;
-mod failover;
 mod health;
 pub mod http;
 pub mod identity;

@@ -1,19 +1,22 @@
 //! Opaque TCP forwarding: connect to an endpoint of the listener's cluster (failing over as
 //! the policy allows), then copy bytes both ways until either side closes. The connection's
 //! [`TcpRecord`] feeds metrics once it ends.
+use crate::attempt::{self, Attempted, Exchange, Plan};
 use crate::balance::Cluster;
 use crate::context::ConnCtx;
-use crate::failover::{self, Tried};
+use crate::endpoint::Endpoint;
 use crate::metrics::TrafficMetrics;
-use crate::record::{Outcome, TcpRecord};
+use crate::record::TcpRecord;
 use crate::route::Failover;
-use crate::transport::Transport;
+use crate::transport::{BoxedIo, Transport};
+use std::sync::Arc;
+use std::time::Duration;
 
 const BUF: usize = 64 * 1024;
 
 /// Where a TCP listener sends its connections.
 pub struct TcpTarget {
-    pub cluster: std::sync::Arc<Cluster>,
+    pub cluster: Arc<Cluster>,
     pub failover: Failover,
 }
 
@@ -21,18 +24,16 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
     let _work = conn.listener.drain.work();
     let cluster = &target.cluster;
     let mut rec = TcpRecord::default();
-    let connected = failover::connect(
-        &cluster.view(),
-        None,
-        target.failover,
-        &mut Tried::default(),
-        &mut rec.attempts,
-        async |ep, t| ep.connect_tcp(t).await,
-    )
-    .await;
-    match connected {
-        Ok((endpoint, mut upstream)) => {
-            rec.attempt(endpoint.addr, Outcome::Answered);
+    let plan = Plan {
+        failover: target.failover,
+        retry: None,
+        route: &cluster.name,
+        idempotent: false,
+        mesh: false,
+        admit: false,
+    };
+    match attempt::run(&mut TcpConnect, &cluster.view(), None, &plan, &mut rec.attempts).await {
+        Ok(mut upstream) => {
             match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await {
                 Ok((rx, tx)) => (rec.rx, rec.tx) = (rx, tx),
                 Err(e) => tracing::debug!(cluster = %cluster.name, error = %e, "TCP stream ended with an error"),
@@ -48,6 +49,29 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
     metrics.tcp(&rec);
 }
 
+/// One attempt of an opaque TCP connection: connect to the endpoint.
+struct TcpConnect;
+
+impl Exchange for TcpConnect {
+    type Output = BoxedIo;
+
+    async fn attempt(&mut self, ep: &Arc<Endpoint>, connect_timeout: Duration) -> Attempted<BoxedIo> {
+        match ep.connect_tcp(connect_timeout).await {
+            Ok(io) => Attempted::Answered(io),
+            Err(e) => Attempted::Failed(e),
+        }
+    }
+
+    fn head(_: &BoxedIo) -> Option<(u16, &http::HeaderMap)> {
+        None
+    }
+
+    /// Nothing was sent: the connection can always be tried elsewhere.
+    fn rearm(&mut self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,7 +82,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Opaque TCP fails over through the same function as HTTP: a refused endpoint is passed
+    /// Opaque TCP fails over through the attempt engine, as HTTP does: a refused endpoint is passed
     /// over for the next, and the bytes then flow both ways.
     #[tokio::test(start_paused = true)]
     async fn connect_refused_fails_over_and_bytes_flow() {

@@ -2,15 +2,17 @@
 //! `101 Switching Protocols`, the two upgraded connections are spliced together.
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
+use crate::attempt::{self, Attempted, Exchange, Plan};
 use crate::endpoint::{Endpoint, UpBody};
 use crate::error::ProxyError;
-use crate::failover::{self, Tried};
-use crate::record::{Outcome, RequestRecord};
+use crate::record::RequestRecord;
 use crate::route::MatchedRoute;
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Whether an HTTP/1.1 request asks to upgrade: it carries `Upgrade` and its `Connection`
 /// lists `upgrade` (RFC 9110 §7.8), and not to h2c. hyper's server has already looked for
@@ -48,25 +50,57 @@ fn upgrade_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Sends an upgrade request through the attempt engine: it may fail over while no endpoint
+/// was reached; once sent, the client's connection is committed to that endpoint.
 pub async fn upgrade_via(
     route: &MatchedRoute,
     req: Request<Incoming>,
     rec: &mut RequestRecord,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let failover = route.rule.policy.failover;
-    let (endpoint, conn) = failover::connect(
-        &route.backend.view(),
-        route.hash,
-        failover,
-        &mut Tried::default(),
-        &mut rec.attempts,
-        async |ep: &Endpoint, t| ep.new_h1_upgradable(t).await,
-    )
-    .await?;
-    let _in_flight = endpoint.start();
-    let result = tunnel(&endpoint, conn, req).await;
-    rec.attempt(endpoint.addr, result.as_ref().map_or_else(Outcome::from, |_| Outcome::Answered));
-    Ok(result?.map(|b| UpstreamBody::new(b, None)))
+    let view = route.backend.view();
+    let plan = Plan {
+        failover: route.rule.policy.failover,
+        retry: None,
+        route: &route.rule.id,
+        idempotent: false,
+        mesh: route.backend.is_mesh(),
+        admit: false,
+    };
+    let mut exchange = UpgradeExchange { req: Some(req) };
+    let resp = attempt::run(&mut exchange, &view, route.hash, &plan, &mut rec.attempts).await?;
+    Ok(resp.map(|b| UpstreamBody::new(b, None)))
+}
+
+/// One attempt of an upgrade: a dedicated connection, the handshake on it, and on
+/// `101 Switching Protocols` the splice.
+struct UpgradeExchange {
+    /// The client's request, until it is sent (it cannot be sent twice).
+    req: Option<Request<Incoming>>,
+}
+
+impl Exchange for UpgradeExchange {
+    type Output = Response<Incoming>;
+
+    async fn attempt(&mut self, ep: &Arc<Endpoint>, connect_timeout: Duration) -> Attempted<Self::Output> {
+        let conn = match ep.new_h1_upgradable(connect_timeout).await {
+            Ok(conn) => conn,
+            Err(e) => return Attempted::Failed(e),
+        };
+        let req = self.req.take().expect("an upgrade is sent once");
+        let _in_flight = ep.start();
+        match tunnel(ep, conn, req).await {
+            Ok(resp) => Attempted::Answered(resp),
+            Err(e) => Attempted::Failed(e),
+        }
+    }
+
+    fn head(resp: &Self::Output) -> Option<(u16, &HeaderMap)> {
+        Some((resp.status().as_u16(), resp.headers()))
+    }
+
+    fn rearm(&mut self) -> bool {
+        self.req.is_some()
+    }
 }
 
 async fn tunnel(

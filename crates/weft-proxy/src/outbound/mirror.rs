@@ -26,7 +26,7 @@ pub async fn send(rule: Arc<Rule>, backend: Arc<Cluster>, mut req: Request<UpBod
     let (route_id, cluster) = (rule.id.clone(), backend.name.clone());
     let mut rec = RequestRecord::start(conn);
     let exchange = async {
-        let resp = forward_body(MatchedRoute { rule, backend, hash: None }, req, &[], &mut rec).await?;
+        let resp = forward_body(MatchedRoute { rule, backend, hash: None }, req, false, &mut rec).await?;
         // Read to the end, so a pooled HTTP/1.1 connection can be used again.
         let _ = resp.into_body().collect().await;
         Ok::<_, crate::error::ProxyError>(())

@@ -88,10 +88,7 @@ async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut Requ
             *req.body_mut() = body;
             mirror = Some((RequestHead::of(&req), kept, targets, rec.conn.clone()));
         }
-        forward = match &rule.policy.retry {
-            Some(retry) => Box::pin(retry::with_retries(route, req, retry, rec)),
-            None => Box::pin(forward_body(route, req, &[], rec)),
-        };
+        forward = Box::pin(forward_body(route, req, true, rec));
     }
     let result = match rule.policy.timeout {
         Some(t) => tokio::time::timeout(t, forward)
@@ -113,6 +110,5 @@ async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut Requ
 }
 
 mod mirror;
-mod retry;
 #[cfg(test)]
 mod tests;
