@@ -381,3 +381,107 @@ fn backoff(retry: &RetryDef, attempt: u32) -> Duration {
     let ceiling = retry.base_interval.saturating_mul(1 << attempt.min(16)).min(retry.max_interval);
     ceiling.mul_f64(fastrand::f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryOn;
+
+    fn plan<'a>(retry: Option<&'a RetryDef>, route: &'a Arc<str>, idempotent: bool) -> Plan<'a> {
+        Plan { failover: Failover::default(), retry, route, idempotent, mesh: true, admit: true }
+    }
+
+    fn reset() -> ProxyError {
+        ProxyError::UpstreamReset { addr: crate::testing::addr(1), source: hyper_error() }
+    }
+
+    /// A real `hyper::Error` (they cannot be built otherwise): a client's response to garbage.
+    fn hyper_error() -> hyper::Error {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let (client, mut server) = tokio::io::duplex(1024);
+            let (mut send, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(
+                hyper_util::rt::TokioIo::new(client),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let answer = tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 1024];
+                let _ = server.read(&mut buf).await;
+                drop(server);
+            });
+            let e = send.send_request(http::Request::new(http_body_util::Empty::new())).await.unwrap_err();
+            answer.await.unwrap();
+            e
+        })
+    }
+
+    /// Every way an attempt can end, and what the engine does next: the decisions of the
+    /// module's documentation, as a table.
+    #[test]
+    fn each_outcome_is_judged_as_documented() {
+        let route: Arc<str> = "r/0".into();
+        let retry = RetryDef {
+            retries: 1,
+            per_try_timeout: None,
+            on: RetryOn::parse("5xx").unwrap(),
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+        };
+        let fresh = Progress { endpoints: 1, untried_left: true, ..Default::default() };
+        let last = Progress { endpoints: 1, untried_left: false, ..Default::default() };
+        let spent = Progress { retries: 1, ..last };
+        let refused =
+            ProxyError::Connect { addr: crate::testing::addr(1), source: std::io::ErrorKind::ConnectionRefused.into() };
+        let reset = reset();
+        let with_error = |reason: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(ERROR_HEADER, http::HeaderValue::from_static(reason));
+            h
+        };
+        let (plain, not_reached, reset_by_app) =
+            (HeaderMap::new(), with_error("connect-failed"), with_error("upstream-reset"));
+        let ok = Seen::Answered(Some((200, &plain)));
+        let unavailable = Seen::Answered(Some((503, &plain)));
+        let app_not_reached = Seen::Answered(Some((502, &not_reached)));
+        let app_reset = Seen::Answered(Some((502, &reset_by_app)));
+        let is_retry = |n: Next| matches!(n, Next::Retry(d) if d <= Duration::from_millis(25));
+
+        let (get, post) = (plan(Some(&retry), &route, true), plan(Some(&retry), &route, false));
+        let no_policy = plan(None, &route, true);
+        // Answers.
+        assert_eq!(get.next(ok, fresh), Next::Return);
+        assert!(is_retry(get.next(unavailable, fresh)));
+        assert_eq!(post.next(unavailable, fresh), Next::Return, "a POST an app may have seen");
+        assert_eq!(get.next(unavailable, spent), Next::Return, "no retries left");
+        assert_eq!(no_policy.next(unavailable, fresh), Next::Return);
+        // The callee's sidecar on its app.
+        assert_eq!(post.next(app_not_reached, fresh), Next::Failover, "the app never saw it");
+        assert_eq!(get.next(app_reset, fresh), Next::Failover);
+        assert_eq!(post.next(app_reset, fresh), Next::Return, "a POST its app may have seen");
+        assert!(is_retry(get.next(app_reset, last)), "no endpoint left to move to: the policy");
+        let outside = Plan { mesh: false, ..plan(None, &route, true) };
+        assert_eq!(outside.next(app_not_reached, fresh), Next::Return, "not a sidecar's answer");
+        // Connect failures: nothing was sent, any method.
+        assert_eq!(post.next(Seen::Failed(&refused), fresh), Next::Failover);
+        assert!(is_retry(post.next(Seen::Failed(&refused), last)));
+        let tried_enough = Progress { endpoints: 3, ..fresh };
+        assert!(is_retry(post.next(Seen::Failed(&refused), tried_enough)), "max_endpoints reached");
+        assert_eq!(no_policy.next(Seen::Failed(&refused), last), Next::Return);
+        // A reset before the response.
+        assert_eq!(get.next(Seen::Failed(&reset), fresh), Next::Failover);
+        assert_eq!(post.next(Seen::Failed(&reset), fresh), Next::Return);
+        assert!(is_retry(get.next(Seen::Failed(&reset), last)));
+        // A pooled connection that had closed: the same endpoint again, a few times.
+        assert_eq!(post.next(Seen::Unsent(&reset), Progress { unsent: 1, ..fresh }), Next::Reconnect);
+        assert_eq!(post.next(Seen::Unsent(&reset), Progress { unsent: 3, ..fresh }), Next::Return);
+        // A per-try timeout is a 5xx to the policy, for idempotent requests.
+        let timeout = ProxyError::RouteTimeout { route: route.clone(), timeout: Duration::from_secs(1) };
+        assert!(is_retry(get.next(Seen::Failed(&timeout), fresh)));
+        assert_eq!(post.next(Seen::Failed(&timeout), fresh), Next::Return);
+        // A TCP connection that was made.
+        assert_eq!(get.next(Seen::Answered(None), fresh), Next::Return);
+    }
+}

@@ -357,6 +357,12 @@ impl Cluster {
         self.learned.learn(&*self.connector).await
     }
 
+    /// For in-process tests: takes the plaintext endpoints for mesh sidecars.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn pretend_mesh(&self) {
+        self.mesh.store(true, Ordering::Relaxed);
+    }
+
     /// The cluster's settings and endpoints as one request (or connection) sees them.
     pub fn view(&self) -> ClusterView<'_> {
         ClusterView { cluster: self, state: self.state.load_full() }

@@ -43,6 +43,9 @@ pub enum Behaviour {
     Unavailable,
     /// Sends back every byte it gets (opaque TCP).
     Echo,
+    /// A callee's sidecar whose app failed: answers every request `502` with this
+    /// `x-weft-error` (`connect-failed`, `upstream-reset`, ...).
+    SidecarAnswers(&'static str),
 }
 
 #[derive(Default)]
@@ -97,11 +100,15 @@ impl Connect for FakeEndpoints {
                         }
                     }
                 })),
-                Behaviour::Unavailable => drop(tokio::spawn(async move {
+                Behaviour::Unavailable | Behaviour::SidecarAnswers(_) => drop(tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
                         counts.requests.fetch_add(1, Ordering::Relaxed);
                         let mut resp = Response::new(Full::new(Bytes::from_static(b"unavailable")));
                         *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        if let Behaviour::SidecarAnswers(reason) = behaviour {
+                            *resp.status_mut() = http::StatusCode::BAD_GATEWAY;
+                            resp.headers_mut().insert(crate::ERROR_HEADER, http::HeaderValue::from_static(reason));
+                        }
                         std::future::ready(Ok::<_, std::convert::Infallible>(resp))
                     });
                     let _ =
@@ -175,6 +182,12 @@ fn no_tls(def: &crate::config::UpstreamTlsDef) -> Arc<crate::transport::Upstream
 /// plaintext `endpoints`, defaults elsewhere: what in-process tests forward to.
 pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAddr]) -> ClusterManager {
     let clusters = ClusterManager::new(fakes);
+    clusters.update(&[cluster_def(name, endpoints)], &no_tls);
+    clusters
+}
+
+/// The definition [`one_cluster`] gives its cluster, for tests that change it.
+pub fn cluster_def(name: &str, endpoints: &[SocketAddr]) -> ClusterDef {
     let endpoints = endpoints
         .iter()
         .map(|&address| EndpointDef {
@@ -185,7 +198,7 @@ pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAdd
             priority: 0,
         })
         .collect();
-    let def = ClusterDef {
+    ClusterDef {
         name: name.into(),
         load_balancer: LoadBalancer::RoundRobin,
         connect_timeout: Duration::from_secs(1),
@@ -199,8 +212,17 @@ pub fn one_cluster(fakes: Arc<FakeEndpoints>, name: &str, endpoints: &[SocketAdd
         outlier: None,
         health_check: None,
         pool: Default::default(),
-    };
-    clusters.update(&[def], &no_tls);
+    }
+}
+
+/// A cluster manager over `fakes` holding `def`, plaintext (so `mesh` says whether its
+/// endpoints are to be taken for sidecars, whose own answers the proxy reads).
+pub fn cluster_of(fakes: Arc<FakeEndpoints>, def: ClusterDef, mesh: bool) -> ClusterManager {
+    let clusters = ClusterManager::new(fakes);
+    clusters.update(std::slice::from_ref(&def), &no_tls);
+    if mesh {
+        clusters.get(&def.name).pretend_mesh();
+    }
     clusters
 }
 

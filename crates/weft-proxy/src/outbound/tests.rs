@@ -2,12 +2,12 @@
 //! connected through in-memory streams, with tokio's clock paused. Time only moves when every
 //! task waits on a timer, so timeouts fire at exactly their configured time, with no sleeps.
 use crate::Limits;
-use crate::config::{PathDef, RetryDef, RetryOn, RouteDef, RuleDef};
+use crate::config::{ClusterDef, PathDef, RetryDef, RetryLimit, RetryOn, RouteDef, RuleDef};
 use crate::context::{ConnCtx, Direction, ListenerInfo};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
-use crate::testing::{Behaviour, ClientStream, Counts, FakeEndpoints, addr, one_cluster};
+use crate::testing::{Behaviour, ClientStream, Counts, FakeEndpoints, addr, cluster_def, cluster_of};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -32,10 +32,23 @@ impl Mesh {
 
     /// As [`Mesh::new`], the route's one rule being `rule` (its path and backend set here).
     fn with_rule(endpoints: &[(SocketAddr, Behaviour)], rule: RuleDef) -> (Mesh, Vec<Arc<Counts>>) {
+        Mesh::build(endpoints, rule, |_| {}, false)
+    }
+
+    /// As [`Mesh::with_rule`], the cluster's definition changed by `edit`, its endpoints taken
+    /// for mesh sidecars if `mesh`.
+    fn build(
+        endpoints: &[(SocketAddr, Behaviour)],
+        rule: RuleDef,
+        edit: impl FnOnce(&mut ClusterDef),
+        mesh: bool,
+    ) -> (Mesh, Vec<Arc<Counts>>) {
         let fakes = Arc::new(FakeEndpoints::default());
         let counts = endpoints.iter().map(|(a, b)| fakes.add(*a, *b)).collect();
         let addrs: Vec<_> = endpoints.iter().map(|(a, _)| *a).collect();
-        let clusters = one_cluster(fakes, "backend", &addrs);
+        let mut def = cluster_def("backend", &addrs);
+        edit(&mut def);
+        let clusters = cluster_of(fakes, def, mesh);
         let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("backend".into(), 1)], ..rule };
         let table = RouteTable::build(&RouteDef::any_host("backend", vec![rule]), &clusters);
         let metrics = Metrics::new().traffic(Direction::outbound, "backend");
@@ -182,4 +195,121 @@ async fn retries_waiting_out_their_backoff_do_not_use_up_the_retry_limit() {
         assert_eq!((status, reason.as_str()), (StatusCode::OK, ""));
     }
     assert!(counts[0].requests.load(Ordering::Relaxed) >= 4, "the retries were needed");
+}
+
+fn retry_on(on: &str, retries: u32, per_try_timeout: Option<Duration>) -> RetryDef {
+    RetryDef {
+        retries,
+        per_try_timeout,
+        on: RetryOn::parse(on).unwrap(),
+        base_interval: Duration::from_millis(25),
+        max_interval: Duration::from_millis(250),
+    }
+}
+
+fn requests(counts: &Counts) -> usize {
+    counts.requests.load(Ordering::Relaxed)
+}
+
+const OK: Behaviour = Behaviour::Answer { delay: Duration::ZERO };
+
+/// A callee's sidecar that could not reach its app (`connect-failed`): the app never saw the
+/// request, so it goes to another instance whatever its method, body included. Its
+/// `upstream-reset` (the app reset the request) moves only idempotent requests.
+#[tokio::test(start_paused = true)]
+async fn a_callee_sidecars_connect_failed_moves_any_request_and_its_upstream_reset_only_idempotent_ones() {
+    let endpoints = [(addr(10), Behaviour::SidecarAnswers("connect-failed")), (addr(11), OK)];
+    let (mesh, counts) = Mesh::build(&endpoints, RuleDef::default(), |_| {}, true);
+    let (status, reason, body) = send(&mesh, "POST", "payload").await;
+    assert_eq!((status, reason.as_str(), body), (StatusCode::OK, "", addr(11).to_string()));
+    assert_eq!(counts[1].bodies.lock().unwrap().as_slice(), ["payload"], "the body went whole to the other instance");
+
+    let endpoints = [(addr(10), Behaviour::SidecarAnswers("upstream-reset")), (addr(11), OK)];
+    let (mesh, counts) = Mesh::build(&endpoints, RuleDef::default(), |_| {}, true);
+    let (status, reason, _) = send(&mesh, "POST", "payload").await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_GATEWAY, "upstream-reset"), "a POST the app may have seen");
+    assert_eq!(requests(&counts[1]), 0);
+    let endpoints = [(addr(10), Behaviour::SidecarAnswers("upstream-reset")), (addr(11), OK)];
+    let (mesh, counts) = Mesh::build(&endpoints, RuleDef::default(), |_| {}, true);
+    let (status, _, body) = send(&mesh, "GET", "").await;
+    assert_eq!((status, body), (StatusCode::OK, addr(11).to_string()), "a GET is sent again elsewhere");
+    assert_eq!(requests(&counts[0]), 1);
+
+    // Outside the mesh the header is an app's own: nothing is read into it.
+    let endpoints = [(addr(10), Behaviour::SidecarAnswers("connect-failed")), (addr(11), OK)];
+    let (mesh, counts) = Mesh::build(&endpoints, RuleDef::default(), |_| {}, false);
+    assert_eq!(send(&mesh, "GET", "").await.0, StatusCode::BAD_GATEWAY);
+    assert_eq!(requests(&counts[1]), 0);
+}
+
+/// The route's retry policy: an idempotent request answered with a status it names is sent
+/// again after a backoff (elsewhere while another endpoint is untried); a POST is not, once
+/// an app may have seen it.
+#[tokio::test(start_paused = true)]
+async fn the_retry_policy_resends_idempotent_requests_after_a_backoff() {
+    fastrand::seed(18);
+    let rule = RuleDef { retry: Some(retry_on("5xx", 2, None)), ..Default::default() };
+    let (mesh, counts) = Mesh::with_rule(&[(addr(10), Behaviour::Unavailable), (addr(11), OK)], rule);
+    let started = Instant::now();
+    let (status, _, body) = send(&mesh, "GET", "").await;
+    assert_eq!((status, body), (StatusCode::OK, addr(11).to_string()));
+    let waited = started.elapsed();
+    assert!(waited > Duration::ZERO && waited <= Duration::from_millis(25), "one backoff of at most 25 ms: {waited:?}");
+    assert_eq!((requests(&counts[0]), requests(&counts[1])), (1, 1));
+
+    // One endpoint: a GET is retried on it twice; a POST is not retried.
+    let rule = RuleDef { retry: Some(retry_on("5xx", 2, None)), ..Default::default() };
+    let (mesh, counts) = Mesh::with_rule(&[(addr(10), Behaviour::Unavailable)], rule);
+    assert_eq!(send(&mesh, "POST", "x").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(requests(&counts[0]), 1);
+    assert_eq!(send(&mesh, "GET", "").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(requests(&counts[0]), 4);
+}
+
+/// With the cluster's retry limit used up (here none allowed), the failure stands: the
+/// request is not sent again.
+#[tokio::test(start_paused = true)]
+async fn a_spent_retry_budget_lets_the_failure_stand() {
+    let rule = RuleDef { retry: Some(retry_on("5xx", 2, None)), ..Default::default() };
+    let no_retries = |def: &mut ClusterDef| def.retry_limit = RetryLimit::Fixed(0);
+    let (mesh, counts) = Mesh::build(&[(addr(10), Behaviour::Unavailable), (addr(11), OK)], rule, no_retries, false);
+    assert_eq!(send(&mesh, "GET", "").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!((requests(&counts[0]), requests(&counts[1])), (1, 0));
+}
+
+/// A per-try timeout ends an attempt at exactly its time; the retry goes to another endpoint.
+#[tokio::test(start_paused = true)]
+async fn a_per_try_timeout_moves_the_request_on_at_exactly_its_time() {
+    fastrand::seed(19);
+    let slow = Behaviour::Answer { delay: Duration::from_secs(10) };
+    let rule = RuleDef { retry: Some(retry_on("5xx", 1, Some(Duration::from_secs(1)))), ..Default::default() };
+    let (mesh, counts) = Mesh::with_rule(&[(addr(10), slow), (addr(11), OK)], rule);
+    let started = Instant::now();
+    let (status, _, body) = send(&mesh, "GET", "").await;
+    assert_eq!((status, body), (StatusCode::OK, addr(11).to_string()));
+    let waited = started.elapsed();
+    assert!(waited > Duration::from_secs(1) && waited <= Duration::from_millis(1025), "{waited:?}");
+    assert_eq!(requests(&counts[1]), 1);
+
+    // Out of retries, the timeout is the answer: 504 route-timeout.
+    let rule = RuleDef { retry: Some(retry_on("5xx", 1, Some(Duration::from_secs(1)))), ..Default::default() };
+    let (mesh, _) = Mesh::with_rule(&[(addr(10), slow), (addr(11), slow)], rule);
+    let (status, reason, _) = send(&mesh, "GET", "").await;
+    assert_eq!((status, reason.as_str()), (StatusCode::GATEWAY_TIMEOUT, "route-timeout"));
+}
+
+/// A body is sent again only if it was kept whole: within the route's buffer limit.
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_replay_limit_is_not_sent_again() {
+    let endpoints = [(addr(10), Behaviour::Reset), (addr(11), OK)];
+    let rule = RuleDef { buffer_limit: Some(8), ..Default::default() };
+    let (mesh, counts) = Mesh::with_rule(&endpoints, rule);
+    let (status, reason, _) = send(&mesh, "PUT", "more than eight bytes").await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_GATEWAY, "upstream-reset"));
+    assert_eq!(requests(&counts[1]), 0);
+    // Round robin starts the next request at the other endpoint: send one there first.
+    assert_eq!(send(&mesh, "GET", "").await.0, StatusCode::OK);
+    let (status, _, _) = send(&mesh, "PUT", "8 bytes!").await;
+    assert_eq!(status, StatusCode::OK, "a body within the limit is replayed");
+    assert_eq!(counts[1].bodies.lock().unwrap().last().map(String::as_str), Some("8 bytes!"));
 }
