@@ -3,20 +3,25 @@
 //!
 //! ```text
 //! inbound   (other services → the local app)
-//!   listener → detect → mTLS termination, peer identity (listener) → inbound::Inbound:
+//!   listener → detect → mTLS termination, peer identity (listener) → inbound::Inbound::call:
 //!       path normalisation (path) → JWT authentication (jwt) → authorization (authz)
-//!       → route → forward to the app
+//!       → rate limit (ratelimit) → route → forward to the app (http::forward)
 //!
 //! outbound  (the local app → other services)
-//!   listener → detect → outbound::Outbound:
-//!       path normalisation (path) → route → request edits → timeout → retries → concurrency limit → balance + failover
-//!       → mTLS origination → endpoint → response edits
+//!   listener → detect → outbound::Outbound::call:
+//!       path normalisation (path) → route → request edits → faults → timeout
+//!       → attempt engine (attempt::run: every re-send) → per attempt: concurrency limit
+//!       → balance (balance) → connect + mTLS origination (endpoint) → send
+//!       → mirrors → response edits
 //! ```
 //! An inbound policy step is a call in [`crate::inbound::Inbound::call`] (as authorization
-//! is), an outbound one in [`crate::outbound::Outbound::call`] (as retries are). Opaque TCP is
-//! authorized in [`crate::listener`] (it carries no JWT).
-//! Both stacks share the HTTP server and forwarding code ([`crate::http`]), the pools
-//! ([`crate::endpoint`]), error rendering and metrics; the TCP path is [`crate::tcp`].
+//! is), an outbound one in [`crate::outbound::Outbound::call`] (as faults are); whatever
+//! decides whether to send again belongs to [`crate::attempt`]. Opaque TCP is authorized in
+//! [`crate::listener`] (it carries no JWT) and connected through the same attempt engine
+//! ([`crate::tcp`]). Each request's decisions and attempts go into its
+//! [`crate::record::RequestRecord`], which [`crate::http::serve`] hands to metrics once the
+//! request is answered. Both stacks share the HTTP server and forwarding code
+//! ([`crate::http`]), the pools ([`crate::endpoint`]), error rendering and metrics.
 use crate::context::Direction;
 use crate::error::ProxyError;
 use crate::http::body::UpstreamBody;
