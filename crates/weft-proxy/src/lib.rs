@@ -4,7 +4,7 @@
 //! [`listener`] (accept; a [`context::ConnCtx`] per connection) → [`detect`] (HTTP/1, HTTP/2,
 //! TLS or opaque TCP) → [`stack`]: the [`inbound`] or [`outbound`] stack, by the listener's
 //! direction, over the shared [`http`] code, or [`tcp`] → [`route`] (a [`route::MatchedRoute`]:
-//! rule, backend, policy) → [`failover`] + [`balance`] (endpoint pick) → [`endpoint`] (pooled
+//! rule, backend, policy) → [`attempt`] (every re-send) + [`balance`] (endpoint pick) → [`endpoint`] (pooled
 //! connection over a [`transport`]). Each request's [`record`] feeds [`metrics`] once.
 //! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
