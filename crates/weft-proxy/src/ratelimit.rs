@@ -6,8 +6,11 @@
 //! keeps its [`RateLimit`] when the new one's [`RateLimitDef`] is equal), so re-sending a
 //! listener does not hand every caller a fresh burst.
 use crate::context::ConnCtx;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -56,13 +59,30 @@ enum Caller {
     Addr(IpAddr),
 }
 
+/// The buckets' clock: the runtime's (tokio's), as every timed policy in the proxy reads it:
+/// the system's monotonic clock in the proxy, paused and moved by the test in in-process tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RuntimeClock;
+
+impl Clock for RuntimeClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type ServiceBucket = RateLimiter<NotKeyed, InMemoryState, RuntimeClock, NoOpMiddleware<std::time::Instant>>;
+type CallerBuckets =
+    RateLimiter<Caller, DefaultKeyedStateStore<Caller>, RuntimeClock, NoOpMiddleware<std::time::Instant>>;
+
 /// Per-caller buckets kept before idle ones are let go.
 const MAX_CALLERS: usize = 10_000;
 
 pub struct RateLimit {
     pub def: RateLimitDef,
-    service: Option<DefaultDirectRateLimiter>,
-    callers: Option<DefaultKeyedRateLimiter<Caller>>,
+    service: Option<ServiceBucket>,
+    callers: Option<CallerBuckets>,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -93,16 +113,17 @@ pub struct Limited {
 impl RateLimit {
     pub fn new(def: RateLimitDef) -> Result<RateLimit, String> {
         let service = (def.always_consume_service || def.per_caller.is_none())
-            .then(|| def.service.quota().map(RateLimiter::direct))
+            .then(|| def.service.quota().map(|q| RateLimiter::direct_with_clock(q, RuntimeClock)))
             .transpose()?;
-        let callers = def.per_caller.map(|b| b.quota().map(RateLimiter::dashmap)).transpose()?;
+        let callers =
+            def.per_caller.map(|b| b.quota().map(|q| RateLimiter::dashmap_with_clock(q, RuntimeClock))).transpose()?;
         Ok(RateLimit { def, service, callers })
     }
 
     /// Takes a token for the request from its caller's bucket, then from the service's.
     pub fn check(&self, conn: &ConnCtx) -> Result<(), Limited> {
         let limited = |not_until: governor::NotUntil<_>| Limited {
-            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            retry_after: not_until.wait_time_from(RuntimeClock.now()),
             grpc_resource_exhausted: self.def.grpc_resource_exhausted,
         };
         if let Some(callers) = &self.callers {
@@ -153,6 +174,28 @@ mod tests {
         assert!(rl.check(&a).is_ok() && rl.check(&b).is_ok() && rl.check(&a).is_ok());
         let refused = rl.check(&b).unwrap_err();
         assert!(refused.retry_after > Duration::from_secs(10), "{refused:?}");
+    }
+
+    /// Buckets refill on the runtime's clock: with time paused, a refused caller gets its next
+    /// token at exactly the refill interval, and not a moment before.
+    #[tokio::test(start_paused = true)]
+    async fn buckets_refill_on_the_runtime_clock() {
+        let rl = RateLimit::new(RateLimitDef {
+            service: BucketDef { max_tokens: 2, tokens_per_fill: 1, fill_interval: Duration::from_secs(1) },
+            always_consume_service: true,
+            per_caller: None,
+            grpc_resource_exhausted: false,
+        })
+        .unwrap();
+        let a = conn("10.0.0.1:1", None);
+        assert!(rl.check(&a).is_ok() && rl.check(&a).is_ok());
+        let refused = rl.check(&a).unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(rl.check(&a).unwrap_err().retry_after, Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(rl.check(&a).is_ok(), "one token after exactly one interval");
+        assert!(rl.check(&a).is_err());
     }
 
     #[test]
