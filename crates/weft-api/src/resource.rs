@@ -1647,6 +1647,14 @@ fn validate_fault(doc: usize, f: &FaultInjection) -> Result<(), ApplyError> {
             (None, None) => {
                 return Err(ApplyError::new(doc, at("abort"), "set httpStatus (200-599) or grpcStatus (1-16)"));
             }
+            // Envoy's abort carries one status, which every request it aborts gets.
+            (Some(_), Some(_)) => {
+                return Err(ApplyError::new(
+                    doc,
+                    at("abort"),
+                    "set httpStatus or grpcStatus, not both: an abort answers with one status (HTTP requests get a grpcStatus abort as 503, gRPC requests an httpStatus abort as its gRPC code)",
+                ));
+            }
             (Some(s), _) if !(200..=599).contains(&s) => {
                 return Err(ApplyError::new(
                     doc,
@@ -1739,11 +1747,18 @@ fn validate_retry(doc: usize, r: &RetryPolicy) -> Result<(), ApplyError> {
     if let Some(b) = &r.budget {
         let at = |f: &str| format!("spec.retry.budget.{f}");
         match (b.percent, b.ratio) {
-            (Some(_), Some(_)) | (None, None) => {
+            (Some(_), Some(_)) => {
                 return Err(ApplyError::new(
                     doc,
                     "spec.retry.budget",
                     "set percent (retries in flight, as Envoy) or ratio (retries per request over a window, as Linkerd), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ApplyError::new(
+                    doc,
+                    "spec.retry.budget",
+                    "sets neither percent (retries in flight, as Envoy) nor ratio (retries per request over a window, as Linkerd): set one",
                 ));
             }
             (Some(p), None) => {

@@ -1401,6 +1401,8 @@ fn root_secret(bundle: &str) -> Secret {
 }
 
 #[cfg(test)]
+mod roundtrip;
+#[cfg(test)]
 mod tests {
     use super::*;
 

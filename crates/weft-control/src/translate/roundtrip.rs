@@ -1,0 +1,490 @@
+//! The round trip of every policy a `TrafficPolicy` and a `Service` carry: the resource as a
+//! user applies it → the control plane's Envoy resources for a calling and a called proxy →
+//! the proxy's own decoders (`weft_proxy::config`) → the policy the proxy enforces, compared
+//! with what the README says the resource means. The encoders (translate.rs) and the decoders
+//! (weft-proxy) are written apart; this keeps them saying the same thing. A property test
+//! generates the resources, within what validation accepts.
+use super::Type;
+use crate::ca::CaConfig;
+use crate::state::Mesh;
+use proptest::prelude::*;
+use std::time::Duration;
+use weft_api::registry::{InstanceRegistration, Upstream};
+use weft_api::resource::{
+    ActiveHealthCheck, ConnectionPool, FaultAbort, FaultDelay, FaultInjection, HttpHealthCheck, LoadBalancer,
+    OutlierDetection, RateLimitPolicy, Resource, RetryBackoff, RetryBudget, RetryPolicy, TcpHealthCheck, TokenBucket,
+    TrafficPolicySpec,
+};
+use weft_proxy::config::{
+    ClusterDef, FaultAbortDef, FaultDef, FaultDelayDef, HealthCheckDef, ListenerDef, OutlierDef, PoolDef, RetryDef,
+    RetryLimit, RetryOn, RuleDef,
+};
+use weft_proxy::ratelimit::BucketDef;
+
+/// What the proxies decode of service `b`'s policy: the caller's cluster and route rules for
+/// `b`, and `b`'s own inbound listener.
+struct Decoded {
+    cluster: ClusterDef,
+    rules: Vec<RuleDef>,
+    inbound: ListenerDef,
+}
+
+fn registration(service: &str, port: u16, upstreams: Vec<Upstream>) -> InstanceRegistration {
+    InstanceRegistration {
+        service: Some(service.into()),
+        inbound: Some(format!("127.0.0.1:{port}")),
+        app: Some(format!("127.0.0.1:{}", port + 1)),
+        admin: None,
+        labels: Default::default(),
+        upstreams,
+        healthy: true,
+    }
+}
+
+/// Applies `docs` to a fresh mesh with an instance of `b` and one of `a` calling `b`, and
+/// decodes what each proxy would get; or the control plane's refusal.
+fn round_trip(docs: Vec<serde_json::Value>) -> Result<Decoded, String> {
+    let dir = std::env::temp_dir().join(format!("weft-roundtrip-{}-{}", std::process::id(), fastrand::u64(..)));
+    let ca = CaConfig {
+        trust_domain: "test.local".into(),
+        namespace: "default".into(),
+        cert_ttl: Duration::from_secs(3600),
+        provided: None,
+    };
+    let mesh = Mesh::open(&dir, Duration::from_secs(60), ca, Default::default()).unwrap();
+    let decoded = (|| {
+        let resources = docs
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| Resource::from_json(i, d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        mesh.apply(resources, Vec::new()).map_err(|e| e.to_string())?;
+        let b = registration("b", 7000, vec![]);
+        let a = registration("a", 7100, vec![Upstream { service: "b".into(), listen: "127.0.0.1:7200".into() }]);
+        mesh.connect("b-1", b.clone(), 1, Some("key-b")).unwrap();
+        mesh.connect("a-1", a.clone(), 2, Some("key-a")).unwrap();
+        let snapshot = mesh.subscribe().borrow().clone();
+        let get = |t: Type, node: &InstanceRegistration, name: &str| {
+            let all = snapshot.available(t, Some(node));
+            all.get(name).unwrap_or_else(|| panic!("no {t:?} {name} in {:?}", all.keys())).any.clone()
+        };
+        let cluster = weft_proxy::config::cluster(&get(Type::Cluster, &a, "b")).map_err(|e| e.to_string())?;
+        let route = weft_proxy::config::route(&get(Type::Route, &a, "b")).map_err(|e| e.to_string())?;
+        let inbound_name = weft_api::names::inbound_listener(b.inbound.as_deref().unwrap());
+        let inbound =
+            weft_proxy::config::listener(&get(Type::Listener, &b, &inbound_name)).map_err(|e| e.to_string())?;
+        let rules = route.virtual_hosts.into_iter().flat_map(|v| v.rules).collect();
+        Ok(Decoded { cluster, rules, inbound })
+    })();
+    drop(mesh);
+    let _ = std::fs::remove_dir_all(&dir);
+    decoded
+}
+
+fn policy_doc(spec: &TrafficPolicySpec) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": "p"}, "spec": spec
+    })
+}
+
+fn service_doc(lb: LoadBalancer, connect_timeout: Option<Duration>) -> serde_json::Value {
+    let mut spec = serde_json::json!({"loadBalancer": lb});
+    if matches!(lb, LoadBalancer::RingHash | LoadBalancer::Maglev) {
+        spec["consistentHash"] = serde_json::json!({"header": "x-user"});
+    }
+    if let Some(t) = connect_timeout {
+        spec["connectTimeout"] = format!("{}ms", t.as_millis()).into();
+    }
+    serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"}, "spec": spec})
+}
+
+// What each field means, from the README's tables (written here apart from both translate.rs
+// and weft-proxy's decoders).
+
+fn retry_on(names: &[String]) -> RetryOn {
+    let names: Vec<&str> = if names.is_empty() {
+        vec!["gateway-error", "connect-failure", "reset"]
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    let has = |n: &str| names.contains(&n);
+    let grpc =
+        [("cancelled", 1), ("deadline-exceeded", 4), ("resource-exhausted", 8), ("internal", 13), ("unavailable", 14)];
+    RetryOn {
+        server_error: has("5xx"),
+        gateway_error: has("gateway-error"),
+        reset: has("reset"),
+        connect_failure: has("connect-failure"),
+        grpc: grpc.iter().filter(|(n, _)| has(n)).map(|&(_, c)| c).collect(),
+    }
+}
+
+fn expected_retry(r: &RetryPolicy) -> RetryDef {
+    let base = r.backoff.as_ref().and_then(|b| b.base_interval).unwrap_or(Duration::from_millis(25));
+    RetryDef {
+        retries: r.attempts.unwrap_or(2),
+        per_try_timeout: r.per_try_timeout,
+        on: retry_on(&r.retry_on),
+        base_interval: base,
+        max_interval: r.backoff.as_ref().and_then(|b| b.max_interval).unwrap_or(base * 10),
+    }
+}
+
+fn expected_retry_limit(r: Option<&RetryPolicy>) -> RetryLimit {
+    let Some(r) = r else { return RetryLimit::Fixed(3) };
+    let b = r.budget.clone().unwrap_or_default();
+    match b.ratio {
+        Some(ratio) => RetryLimit::Ratio {
+            ratio,
+            min_per_second: b.min_retries_per_second.unwrap_or(10),
+            ttl: b.ttl.unwrap_or(Duration::from_secs(10)),
+        },
+        None => RetryLimit::Budget { percent: b.percent.unwrap_or(20.0), min: b.min_retry_concurrency.unwrap_or(10) },
+    }
+}
+
+fn expected_outlier(od: &OutlierDetection) -> OutlierDef {
+    let base = od.base_ejection_time.unwrap_or(Duration::from_secs(30));
+    OutlierDef {
+        consecutive_5xx: Some(od.consecutive_5xx.unwrap_or(5)).filter(|&n| n > 0),
+        consecutive_gateway: od.consecutive_gateway_errors,
+        base_ejection: base,
+        max_ejection: od.max_ejection_time.unwrap_or(Duration::from_secs(300).max(base)),
+        max_ejection_percent: od.max_ejection_percent.unwrap_or(10),
+        panic_threshold: f64::from(od.panic_threshold.unwrap_or(50)),
+    }
+}
+
+fn expected_health_check(h: &ActiveHealthCheck) -> HealthCheckDef {
+    HealthCheckDef {
+        interval: h.interval.unwrap_or(Duration::from_secs(5)),
+        timeout: h.timeout.unwrap_or(Duration::from_secs(1)),
+        unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2),
+        healthy_threshold: h.healthy_threshold.unwrap_or(1),
+        http_path: h.http.as_ref().map(|h| h.path.clone()),
+    }
+}
+
+fn expected_pool(p: Option<&ConnectionPool>) -> PoolDef {
+    let p = p.cloned().unwrap_or_default();
+    PoolDef {
+        max_connections_per_endpoint: p.max_connections_per_instance,
+        max_pending_requests: p.max_connections_per_instance.map(|_| p.max_pending_requests.unwrap_or(1024)),
+        max_requests_per_connection: p.max_requests_per_connection,
+        idle_timeout: p.idle_timeout,
+        max_connection_duration: p.max_connection_duration,
+    }
+}
+
+fn per_million(percentage: Option<f64>) -> u32 {
+    (percentage.unwrap_or(100.0) * 10_000.0).round() as u32
+}
+
+fn expected_fault(f: &FaultInjection) -> FaultDef {
+    FaultDef {
+        delay: f.delay.as_ref().map(|d| FaultDelayDef { delay: d.fixed_delay, per_million: per_million(d.percentage) }),
+        abort: f.abort.as_ref().map(|a| FaultAbortDef {
+            http: a.http_status.or(a.grpc_status.is_none().then_some(503)),
+            grpc: a.grpc_status.map(|g| g as u8),
+            per_million: per_million(a.percentage),
+        }),
+    }
+}
+
+/// The buckets a request takes a token from: the service's (if one is consumed) and its
+/// caller's.
+fn expected_buckets(r: &RateLimitPolicy) -> (Option<BucketDef>, Option<BucketDef>) {
+    let bucket = |b: &TokenBucket| BucketDef {
+        max_tokens: b.burst.unwrap_or(b.requests),
+        tokens_per_fill: b.requests,
+        fill_interval: b.interval.unwrap_or(Duration::from_secs(1)),
+    };
+    (r.service.as_ref().map(bucket), r.per_caller.as_ref().map(bucket))
+}
+
+fn decoded_buckets(l: &ListenerDef) -> Option<(Option<BucketDef>, Option<BucketDef>)> {
+    let r = l.policy.rate_limit.as_ref()?;
+    Some((r.def.always_consume_service.then_some(r.def.service), r.def.per_caller))
+}
+
+/// Compares what the proxies decoded with what `spec` and the service's settings mean.
+fn check(spec: &TrafficPolicySpec, lb: LoadBalancer, connect_timeout: Option<Duration>, d: &Decoded) {
+    let c = &d.cluster;
+    assert_eq!(c.load_balancer, lb);
+    assert_eq!(c.connect_timeout, connect_timeout.unwrap_or(Duration::from_secs(1)));
+    assert_eq!(c.retry_limit, expected_retry_limit(spec.retry.as_ref()), "retry budget");
+    assert_eq!(c.outlier, spec.outlier_detection.as_deref().map(expected_outlier), "outlier detection");
+    assert_eq!(c.health_check, spec.health_check.as_deref().map(expected_health_check), "health check");
+    assert_eq!(c.max_requests, spec.connection_pool.as_ref().and_then(|p| p.max_requests), "maxRequests");
+    assert_eq!(c.pool, expected_pool(spec.connection_pool.as_ref()), "connection pool");
+    assert!(!d.rules.is_empty());
+    for rule in &d.rules {
+        let mut retry = rule.retry.clone();
+        if let Some(r) = &mut retry {
+            r.on.grpc.sort_unstable();
+        }
+        assert_eq!(retry, spec.retry.as_ref().map(expected_retry), "retry policy");
+        assert_eq!(rule.buffer_limit, spec.retry.as_ref().and_then(|r| r.max_body_bytes), "maxBodyBytes");
+        assert_eq!(rule.fault, spec.fault.as_deref().map(expected_fault), "fault");
+    }
+    assert_eq!(decoded_buckets(&d.inbound), spec.rate_limit.as_deref().map(expected_buckets), "rate limit");
+}
+
+fn target_b() -> weft_api::resource::PolicyTargetRef {
+    weft_api::resource::PolicyTargetRef { group: None, kind: Some("Service".into()), name: "b".into() }
+}
+
+/// Every field of every policy kind set at once, and each left to its default.
+#[test]
+fn every_policy_field_survives_the_round_trip() {
+    let ms = Duration::from_millis;
+    let full = TrafficPolicySpec {
+        target_ref: target_b(),
+        connection_pool: Some(ConnectionPool {
+            max_requests: Some(50),
+            max_connections_per_instance: Some(4),
+            max_pending_requests: Some(7),
+            max_requests_per_connection: Some(100),
+            idle_timeout: Some(ms(9000)),
+            max_connection_duration: Some(ms(60_000)),
+        }),
+        retry: Some(RetryPolicy {
+            attempts: Some(3),
+            per_try_timeout: Some(ms(250)),
+            retry_on: vec!["5xx".into(), "unavailable".into(), "cancelled".into()],
+            backoff: Some(RetryBackoff { base_interval: Some(ms(10)), max_interval: Some(ms(70)) }),
+            budget: Some(RetryBudget {
+                ratio: Some(0.3),
+                min_retries_per_second: Some(4),
+                ttl: Some(ms(5000)),
+                ..Default::default()
+            }),
+            max_body_bytes: Some(1000),
+        }),
+        outlier_detection: Some(Box::new(OutlierDetection {
+            consecutive_5xx: Some(0),
+            consecutive_gateway_errors: Some(3),
+            base_ejection_time: Some(ms(500)),
+            max_ejection_time: Some(ms(2000)),
+            max_ejection_percent: Some(40),
+            panic_threshold: Some(0),
+        })),
+        fault: Some(Box::new(FaultInjection {
+            delay: Some(FaultDelay { fixed_delay: ms(30), percentage: Some(12.5) }),
+            abort: Some(FaultAbort { http_status: None, grpc_status: Some(8), percentage: Some(0.0001) }),
+        })),
+        rate_limit: Some(Box::new(RateLimitPolicy {
+            service: Some(TokenBucket { requests: 100, interval: Some(ms(60_000)), burst: Some(5) }),
+            per_caller: Some(TokenBucket { requests: 3, interval: None, burst: None }),
+        })),
+        health_check: Some(Box::new(ActiveHealthCheck {
+            interval: Some(ms(700)),
+            timeout: Some(ms(700)),
+            unhealthy_threshold: Some(4),
+            healthy_threshold: Some(3),
+            http: Some(HttpHealthCheck { path: "/healthz".into() }),
+            tcp: None,
+        })),
+    };
+    let docs = vec![service_doc(LoadBalancer::Maglev, Some(ms(2500))), policy_doc(&full)];
+    check(&full, LoadBalancer::Maglev, Some(ms(2500)), &round_trip(docs).unwrap());
+
+    // An abort with both statuses cannot be carried (it lost httpStatus on the way): refused.
+    let both = TrafficPolicySpec {
+        fault: Some(Box::new(FaultInjection {
+            delay: None,
+            abort: Some(FaultAbort { http_status: Some(418), grpc_status: Some(8), percentage: None }),
+        })),
+        ..full.clone()
+    };
+    let e = round_trip(vec![policy_doc(&both)]).err().unwrap();
+    assert!(e.contains("spec.fault.abort") && e.contains("not both"), "{e}");
+
+    let defaults = TrafficPolicySpec {
+        target_ref: target_b(),
+        connection_pool: Some(ConnectionPool::default()),
+        retry: Some(RetryPolicy::default()),
+        outlier_detection: Some(Box::default()),
+        fault: Some(Box::new(FaultInjection {
+            delay: Some(FaultDelay { fixed_delay: ms(1), percentage: None }),
+            abort: Some(FaultAbort { http_status: None, grpc_status: None, percentage: None }),
+        })),
+        rate_limit: Some(Box::new(RateLimitPolicy {
+            service: None,
+            per_caller: Some(TokenBucket { requests: 1, interval: None, burst: None }),
+        })),
+        health_check: Some(Box::new(ActiveHealthCheck { tcp: Some(TcpHealthCheck {}), ..Default::default() })),
+    };
+    // An abort needs a status: the one default a user cannot leave out.
+    let e = round_trip(vec![policy_doc(&defaults)]).err().unwrap();
+    assert!(e.contains("spec.fault.abort"), "{e}");
+    let defaults = TrafficPolicySpec {
+        fault: Some(Box::new(FaultInjection {
+            delay: Some(FaultDelay { fixed_delay: ms(1), percentage: None }),
+            abort: Some(FaultAbort { http_status: Some(418), grpc_status: None, percentage: None }),
+        })),
+        ..defaults
+    };
+    check(&defaults, LoadBalancer::default(), None, &round_trip(vec![policy_doc(&defaults)]).unwrap());
+}
+
+fn ms_in(range: std::ops::RangeInclusive<u64>) -> impl Strategy<Value = Duration> {
+    range.prop_map(Duration::from_millis)
+}
+
+fn retry_policy() -> impl Strategy<Value = RetryPolicy> {
+    let names = prop::sample::subsequence(weft_api::resource::RETRY_ON.to_vec(), 0..=4);
+    let budget = prop_oneof![
+        Just(None),
+        (0.1..=100.0f64, prop::option::of(0..50u32)).prop_map(|(percent, min)| Some(RetryBudget {
+            percent: Some(percent),
+            min_retry_concurrency: min,
+            ..Default::default()
+        })),
+        (
+            0.01..=10.0f64,
+            prop::option::of(0..50u32),
+            prop::option::of(ms_in(1000..=60_000).prop_map(|d| { Duration::from_secs(d.as_secs().max(1)) }))
+        )
+            .prop_map(|(ratio, min, ttl)| Some(RetryBudget {
+                ratio: Some(ratio),
+                min_retries_per_second: min,
+                ttl,
+                ..Default::default()
+            })),
+    ];
+    (
+        prop::option::of(0..=10u32),
+        prop::option::of(ms_in(1..=10_000)),
+        names,
+        prop::option::of((ms_in(1..=100), 1..20u32)),
+        budget,
+        prop::option::of(0..=1_000_000u32),
+    )
+        .prop_map(|(attempts, per_try_timeout, names, backoff, budget, max_body_bytes)| RetryPolicy {
+            attempts,
+            per_try_timeout,
+            retry_on: names.into_iter().map(str::to_owned).collect(),
+            backoff: backoff
+                .map(|(base, times)| RetryBackoff { base_interval: Some(base), max_interval: Some(base * times) }),
+            budget,
+            max_body_bytes,
+        })
+}
+
+fn outlier() -> impl Strategy<Value = OutlierDetection> {
+    (
+        prop::option::of(1..20u32),
+        prop::option::of(1..20u32),
+        prop::option::of(ms_in(10..=60_000)),
+        prop::option::of(0..=100u32),
+        prop::option::of(0..=100u32),
+    )
+        .prop_map(|(five_xx, gateway, base, percent, panic)| OutlierDetection {
+            consecutive_5xx: five_xx,
+            consecutive_gateway_errors: gateway,
+            base_ejection_time: base,
+            max_ejection_time: base.map(|b| b * 3),
+            max_ejection_percent: percent,
+            panic_threshold: panic,
+        })
+}
+
+fn fault() -> impl Strategy<Value = FaultInjection> {
+    let share = || prop::option::of((0..=1_000_000u32).prop_map(|n| f64::from(n) / 10_000.0));
+    let delay =
+        prop::option::of((ms_in(1..=5000), share()).prop_map(|(d, p)| FaultDelay { fixed_delay: d, percentage: p }));
+    let status = prop_oneof![(200..=599u16).prop_map(|s| (Some(s), None)), (1..=16u32).prop_map(|g| (None, Some(g))),];
+    let abort = prop::option::of((status, share()).prop_map(|((http_status, grpc_status), percentage)| FaultAbort {
+        http_status,
+        grpc_status,
+        percentage,
+    }));
+    (delay, abort)
+        .prop_filter("a fault sets a delay or an abort", |(d, a)| d.is_some() || a.is_some())
+        .prop_map(|(delay, abort)| FaultInjection { delay, abort })
+}
+
+fn bucket() -> impl Strategy<Value = TokenBucket> {
+    (1..1000u32, prop::option::of(ms_in(1000..=60_000)), prop::option::of(1..1000u32))
+        .prop_map(|(requests, interval, burst)| TokenBucket { requests, interval, burst })
+}
+
+fn rate_limit() -> impl Strategy<Value = RateLimitPolicy> {
+    (prop::option::of(bucket()), prop::option::of(bucket()))
+        .prop_filter("a rate limit sets a bucket", |(s, c)| s.is_some() || c.is_some())
+        .prop_map(|(service, per_caller)| RateLimitPolicy { service, per_caller })
+}
+
+fn health_check() -> impl Strategy<Value = ActiveHealthCheck> {
+    (ms_in(100..=10_000), 1..=100u32, prop::option::of(1..10u32), prop::option::of(1..10u32), any::<bool>()).prop_map(
+        |(interval, timeout_share, unhealthy, healthy, http)| ActiveHealthCheck {
+            interval: Some(interval),
+            timeout: Some(Duration::from_millis((interval.as_millis() as u64 * u64::from(timeout_share) / 100).max(1))),
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+            http: http.then(|| HttpHealthCheck { path: "/ready".into() }),
+            tcp: (!http).then_some(TcpHealthCheck {}),
+        },
+    )
+}
+
+fn pool() -> impl Strategy<Value = ConnectionPool> {
+    (
+        prop::option::of(1..1000u32),
+        prop::option::of(1..100u32),
+        prop::option::of(1..1000u32),
+        prop::option::of(1..1000u32),
+        prop::option::of(ms_in(1000..=600_000)),
+        prop::option::of(ms_in(1000..=600_000)),
+    )
+        .prop_map(|(max_requests, per_instance, pending, per_connection, idle, age)| ConnectionPool {
+            max_requests,
+            max_connections_per_instance: per_instance,
+            max_pending_requests: per_instance.and(pending),
+            max_requests_per_connection: per_connection,
+            idle_timeout: idle,
+            max_connection_duration: age,
+        })
+}
+
+fn lb() -> impl Strategy<Value = LoadBalancer> {
+    prop_oneof![
+        Just(LoadBalancer::default()),
+        Just(LoadBalancer::RoundRobin),
+        Just(LoadBalancer::Random),
+        Just(LoadBalancer::RingHash),
+        Just(LoadBalancer::Maglev),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Generated policies, every kind at once, each field set or left out.
+    #[test]
+    fn generated_policies_survive_the_round_trip(
+        retry in prop::option::of(retry_policy()),
+        outlier in prop::option::of(outlier()),
+        fault in prop::option::of(fault()),
+        rate_limit in prop::option::of(rate_limit()),
+        health_check in prop::option::of(health_check()),
+        pool in prop::option::of(pool()),
+        lb in lb(),
+        connect_timeout in prop::option::of(ms_in(1..=10_000)),
+    ) {
+        let spec = TrafficPolicySpec {
+            target_ref: target_b(),
+            connection_pool: pool,
+            retry,
+            outlier_detection: outlier.map(Box::new),
+            fault: fault.map(Box::new),
+            rate_limit: rate_limit.map(Box::new),
+            health_check: health_check.map(Box::new),
+        };
+        let decoded = round_trip(vec![service_doc(lb, connect_timeout), policy_doc(&spec)]);
+        let decoded = decoded.unwrap_or_else(|e| panic!("refused: {e}\n{}", serde_json::to_string(&spec).unwrap()));
+        check(&spec, lb, connect_timeout, &decoded);
+    }
+}
