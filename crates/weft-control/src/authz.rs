@@ -152,43 +152,43 @@ fn path(p: &str) -> Permission {
 
 /// One rule as an RBAC policy: callers (principals) × operations and conditions (permissions).
 fn policy(rule: &AuthzRule, trust_domain: &str, namespace: &str) -> Policy {
-    let principals =
-        if rule.from.is_empty() {
-            vec![any_principal()]
-        } else {
-            rule.from
-                .iter()
-                .map(|src| {
-                    let mut all = Vec::new();
-                    let ids: Vec<Principal> = src
-                        .services
+    let principals = if rule.from.is_empty() {
+        vec![any_principal()]
+    } else {
+        rule.from
+            .iter()
+            .map(|src| {
+                // Each field set must match (any of its values): services and identities
+                // are two conditions, not one list.
+                let mut all = Vec::new();
+                if !src.services.is_empty() {
+                    let ids = src.services.iter().map(|s| authenticated(exact(&spiffe_id(trust_domain, namespace, s))));
+                    all.push(or_ids(ids.collect()));
+                }
+                if !src.identities.is_empty() {
+                    all.push(or_ids(src.identities.iter().map(|id| authenticated(exact(id))).collect()));
+                }
+                if !src.namespaces.is_empty() {
+                    let ns = src
+                        .namespaces
                         .iter()
-                        .map(|s| spiffe_id(trust_domain, namespace, s))
-                        .chain(src.identities.iter().cloned())
-                        .map(|id| authenticated(exact(&id)))
-                        .collect();
-                    if !ids.is_empty() {
-                        all.push(or_ids(ids));
-                    }
-                    if !src.namespaces.is_empty() {
-                        let ns = src.namespaces.iter().map(|n| {
-                            authenticated(string(string_matcher::MatchPattern::Contains(format!("/ns/{n}/sa/"))))
-                        });
-                        all.push(or_ids(ns.collect()));
-                    }
-                    if !src.request_principals.is_empty() {
-                        all.push(or_ids(src.request_principals.iter().map(|p| request_principal(p)).collect()));
-                    }
-                    if !src.trust_domains.is_empty() {
-                        let tds = src.trust_domains.iter().map(|t| {
-                            authenticated(string(string_matcher::MatchPattern::Prefix(format!("spiffe://{t}/"))))
-                        });
-                        all.push(or_ids(tds.collect()));
-                    }
-                    Principal { identifier: Some(principal::Identifier::AndIds(principal::Set { ids: all })) }
-                })
-                .collect()
-        };
+                        .map(|n| authenticated(string(string_matcher::MatchPattern::Contains(format!("/ns/{n}/sa/")))));
+                    all.push(or_ids(ns.collect()));
+                }
+                if !src.request_principals.is_empty() {
+                    all.push(or_ids(src.request_principals.iter().map(|p| request_principal(p)).collect()));
+                }
+                if !src.trust_domains.is_empty() {
+                    let tds = src
+                        .trust_domains
+                        .iter()
+                        .map(|t| authenticated(string(string_matcher::MatchPattern::Prefix(format!("spiffe://{t}/")))));
+                    all.push(or_ids(tds.collect()));
+                }
+                Principal { identifier: Some(principal::Identifier::AndIds(principal::Set { ids: all })) }
+            })
+            .collect()
+    };
     let mut conditions = Vec::new();
     if !rule.to.is_empty() {
         let ops = rule.to.iter().map(|op| {
