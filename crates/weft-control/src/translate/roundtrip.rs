@@ -1,4 +1,5 @@
-//! The round trip of every policy a `TrafficPolicy` and a `Service` carry: the resource as a
+//! The round trip of every policy a `TrafficPolicy`, a `Service`, an `HTTPRoute` and an
+//! `AuthorizationPolicy` carry: the resource as a
 //! user applies it → the control plane's Envoy resources for a calling and a called proxy →
 //! the proxy's own decoders (`weft_proxy::config`) → the policy the proxy enforces, compared
 //! with what the README says the resource means. The encoders (translate.rs) and the decoders
@@ -11,13 +12,13 @@ use proptest::prelude::*;
 use std::time::Duration;
 use weft_api::registry::{InstanceRegistration, Upstream};
 use weft_api::resource::{
-    ActiveHealthCheck, ConnectionPool, FaultAbort, FaultDelay, FaultInjection, HttpHealthCheck, LoadBalancer,
-    OutlierDetection, RateLimitPolicy, Resource, RetryBackoff, RetryBudget, RetryPolicy, TcpHealthCheck, TokenBucket,
-    TrafficPolicySpec,
+    ActiveHealthCheck, ConnectionPool, EscapedSlashes, FaultAbort, FaultDelay, FaultInjection, HttpHealthCheck,
+    LoadBalancer, MtlsMode, OutlierDetection, RateLimitPolicy, Resource, RetryBackoff, RetryBudget, RetryPolicy,
+    TcpHealthCheck, TokenBucket, TrafficPolicySpec,
 };
 use weft_proxy::config::{
-    ClusterDef, FaultAbortDef, FaultDef, FaultDelayDef, HealthCheckDef, ListenerDef, OutlierDef, PoolDef, RetryDef,
-    RetryLimit, RetryOn, RuleDef,
+    ClusterDef, FaultAbortDef, FaultDef, FaultDelayDef, HashDef, HealthCheckDef, ListenerDef, OutlierDef, PoolDef,
+    RetryDef, RetryLimit, RetryOn, RuleDef,
 };
 use weft_proxy::ratelimit::BucketDef;
 
@@ -88,13 +89,25 @@ fn policy_doc(spec: &TrafficPolicySpec) -> serde_json::Value {
     })
 }
 
-fn service_doc(lb: LoadBalancer, connect_timeout: Option<Duration>) -> serde_json::Value {
-    let mut spec = serde_json::json!({"loadBalancer": lb});
-    if matches!(lb, LoadBalancer::RingHash | LoadBalancer::Maglev) {
-        spec["consistentHash"] = serde_json::json!({"header": "x-user"});
+/// A `Service` resource's settings for `b`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Svc {
+    lb: LoadBalancer,
+    connect_timeout: Option<Duration>,
+    mtls: Option<MtlsMode>,
+    slashes: EscapedSlashes,
+}
+
+fn service_doc(svc: Svc) -> serde_json::Value {
+    let mut spec = serde_json::json!({"loadBalancer": svc.lb, "escapedSlashes": svc.slashes});
+    if matches!(svc.lb, LoadBalancer::RingHash | LoadBalancer::Maglev) {
+        spec["consistentHash"] = serde_json::json!({"header": "X-User"});
     }
-    if let Some(t) = connect_timeout {
+    if let Some(t) = svc.connect_timeout {
         spec["connectTimeout"] = format!("{}ms", t.as_millis()).into();
+    }
+    if let Some(m) = svc.mtls {
+        spec["mtls"] = serde_json::json!(m);
     }
     serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"}, "spec": spec})
 }
@@ -209,10 +222,17 @@ fn decoded_buckets(l: &ListenerDef) -> Option<(Option<BucketDef>, Option<BucketD
 }
 
 /// Compares what the proxies decoded with what `spec` and the service's settings mean.
-fn check(spec: &TrafficPolicySpec, lb: LoadBalancer, connect_timeout: Option<Duration>, d: &Decoded) {
+fn check(spec: &TrafficPolicySpec, svc: Svc, d: &Decoded) {
     let c = &d.cluster;
-    assert_eq!(c.load_balancer, lb);
-    assert_eq!(c.connect_timeout, connect_timeout.unwrap_or(Duration::from_secs(1)));
+    assert_eq!(c.load_balancer, svc.lb);
+    assert_eq!(c.connect_timeout, svc.connect_timeout.unwrap_or(Duration::from_secs(1)));
+    // The mesh-wide default here is strict.
+    assert_eq!(d.inbound.plaintext, svc.mtls == Some(MtlsMode::Permissive), "mtls");
+    assert_eq!(format!("{:?}", d.inbound.escaped_slashes), format!("{:?}", svc.slashes), "escapedSlashes");
+    let hash = match svc.lb {
+        LoadBalancer::RingHash | LoadBalancer::Maglev => vec![HashDef::Header("x-user".into())],
+        _ => vec![],
+    };
     assert_eq!(c.retry_limit, expected_retry_limit(spec.retry.as_ref()), "retry budget");
     assert_eq!(c.outlier, spec.outlier_detection.as_deref().map(expected_outlier), "outlier detection");
     assert_eq!(c.health_check, spec.health_check.as_deref().map(expected_health_check), "health check");
@@ -227,6 +247,7 @@ fn check(spec: &TrafficPolicySpec, lb: LoadBalancer, connect_timeout: Option<Dur
         assert_eq!(retry, spec.retry.as_ref().map(expected_retry), "retry policy");
         assert_eq!(rule.buffer_limit, spec.retry.as_ref().and_then(|r| r.max_body_bytes), "maxBodyBytes");
         assert_eq!(rule.fault, spec.fault.as_deref().map(expected_fault), "fault");
+        assert_eq!(rule.hash, hash, "consistentHash (header names are lowercased)");
     }
     assert_eq!(decoded_buckets(&d.inbound), spec.rate_limit.as_deref().map(expected_buckets), "rate limit");
 }
@@ -287,8 +308,13 @@ fn every_policy_field_survives_the_round_trip() {
             tcp: None,
         })),
     };
-    let docs = vec![service_doc(LoadBalancer::Maglev, Some(ms(2500))), policy_doc(&full)];
-    check(&full, LoadBalancer::Maglev, Some(ms(2500)), &round_trip(docs).unwrap());
+    let svc = Svc {
+        lb: LoadBalancer::Maglev,
+        connect_timeout: Some(ms(2500)),
+        mtls: Some(MtlsMode::Permissive),
+        slashes: EscapedSlashes::Reject,
+    };
+    check(&full, svc, &round_trip(vec![service_doc(svc), policy_doc(&full)]).unwrap());
 
     // An abort with both statuses cannot be carried (it lost httpStatus on the way): refused.
     let both = TrafficPolicySpec {
@@ -326,7 +352,7 @@ fn every_policy_field_survives_the_round_trip() {
         })),
         ..defaults
     };
-    check(&defaults, LoadBalancer::default(), None, &round_trip(vec![policy_doc(&defaults)]).unwrap());
+    check(&defaults, Svc::default(), &round_trip(vec![policy_doc(&defaults)]).unwrap());
 }
 
 fn ms_in(range: std::ops::RangeInclusive<u64>) -> impl Strategy<Value = Duration> {
@@ -473,6 +499,8 @@ proptest! {
         pool in prop::option::of(pool()),
         lb in lb(),
         connect_timeout in prop::option::of(ms_in(1..=10_000)),
+        mtls in prop::option::of(prop_oneof![Just(MtlsMode::Strict), Just(MtlsMode::Permissive)]),
+        slashes in prop_oneof![Just(EscapedSlashes::Keep), Just(EscapedSlashes::Decode), Just(EscapedSlashes::Reject)],
     ) {
         let spec = TrafficPolicySpec {
             target_ref: target_b(),
@@ -483,9 +511,10 @@ proptest! {
             rate_limit: rate_limit.map(Box::new),
             health_check: health_check.map(Box::new),
         };
-        let decoded = round_trip(vec![service_doc(lb, connect_timeout), policy_doc(&spec)]);
+        let svc = Svc { lb, connect_timeout, mtls, slashes };
+        let decoded = round_trip(vec![service_doc(svc), policy_doc(&spec)]);
         let decoded = decoded.unwrap_or_else(|e| panic!("refused: {e}\n{}", serde_json::to_string(&spec).unwrap()));
-        check(&spec, lb, connect_timeout, &decoded);
+        check(&spec, svc, &decoded);
     }
 }
 
