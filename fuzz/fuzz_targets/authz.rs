@@ -16,7 +16,8 @@ use envoy_types::pb::envoy::config::rbac::v3::Rbac;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use weft_proxy::authz::{Authz, ClaimMatch, Match, PolicyDef, Subject, ValueMatch, What, Who};
-use weft_proxy::path::{EscapedSlashes, normalize};
+use weft_proxy::config::EscapedSlashes;
+use weft_proxy::path::normalize;
 
 #[derive(Arbitrary, Debug)]
 enum M {

@@ -22,12 +22,12 @@
 //! the failure stands. Time is tokio's (paused in tests) and the backoff's jitter comes from
 //! the thread's `fastrand` generator (seeded in tests).
 use crate::balance::{Admitted, ClusterView};
+use crate::config::Failover;
 use crate::config::{RetryDef, RetryOn};
 use crate::endpoint::Endpoint;
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::outlier::Observed;
 use crate::record::{Attempt, Attempts, Outcome};
-use crate::route::Failover;
 use http::HeaderMap;
 use smallvec::SmallVec;
 use std::net::SocketAddr;

@@ -1,19 +1,9 @@
 //! What the proxy knows about a client connection. A [`ConnCtx`] is created when the
 //! connection is accepted and is read, never changed, by every step after it: protocol
 //! detection, the HTTP or TCP path, and each request's [`crate::record::RequestRecord`].
-use prometheus_client::encoding::EncodeLabelValue;
-use serde::Serialize;
+use crate::config::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-/// Which way a listener's traffic flows, from `Listener.traffic_direction`: inbound traffic
-/// comes from other services to the local app, outbound traffic from the local app to others.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue, Serialize)]
-#[allow(non_camel_case_types)] // label values are written as-is
-pub enum Direction {
-    inbound,
-    outbound,
-}
 
 /// The verified identity of the peer at the other end of a connection (a SPIFFE ID once mTLS
 /// exists). `None` in [`ConnCtx::peer_identity`] means the peer is unauthenticated.

@@ -232,7 +232,9 @@ impl PoolSettings {
 
     /// Apart from [`PoolSettings::spent`], so that the flag check inlines at every call.
     fn spent_by_def(&self, opened: u64, uses: u32) -> bool {
-        self.def.load().spent(opened, uses)
+        let def = self.def.load();
+        def.max_requests_per_connection.is_some_and(|m| uses >= m)
+            || def.max_connection_duration.is_some_and(|d| clock().saturating_sub(opened) >= d.as_nanos() as u64)
     }
 }
 

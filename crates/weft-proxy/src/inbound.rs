@@ -7,10 +7,11 @@
 //! on those (a `connect-failed` is retried elsewhere for any method), so only a sidecar may
 //! set them.
 use crate::authz::{Authz, Denied, Subject};
+use crate::config::{EscapedSlashes, InboundPolicyDef};
 use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
 use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
-use crate::path::{EscapedSlashes, normalize_request};
+use crate::path::normalize_request;
 use crate::ratelimit::RateLimit;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
@@ -20,25 +21,30 @@ use futures::FutureExt;
 use futures::future::{Either, Ready, ready};
 use http::Request;
 use hyper::body::Incoming;
-use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// What an inbound listener checks before a request or connection reaches the app.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// What an inbound listener checks before a request or connection reaches the app: its
+/// [`InboundPolicyDef`] with live token buckets.
+#[derive(Debug, Clone, Default)]
 pub struct InboundPolicy {
-    /// From the HTTP connection manager's `jwt_authn` filter.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<Arc<JwtAuthn>>,
-    /// From the RBAC filters (the same on every chain).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
-    /// From the `local_ratelimit` HTTP filter (after JWT and RBAC).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 impl InboundPolicy {
+    /// The policy `def` describes. Rate limits the policy in force (`old`) already has keep
+    /// their buckets, so a listener sent again does not hand every caller a fresh burst.
+    pub fn build(def: &InboundPolicyDef, old: &InboundPolicy) -> Result<InboundPolicy, String> {
+        let rate_limit = match (&def.rate_limit, &old.rate_limit) {
+            (None, _) => None,
+            (Some(new), Some(old)) if old.def == *new => Some(old.clone()),
+            (Some(new), _) => Some(Arc::new(RateLimit::new(*new)?)),
+        };
+        Ok(InboundPolicy { jwt: def.jwt.clone(), authz: def.authz.clone(), rate_limit })
+    }
+
     /// Whether an HTTP request has anything to pass.
     fn checks_http(&self) -> bool {
         self.jwt.is_some() || self.authz.is_some() || self.rate_limit.is_some()

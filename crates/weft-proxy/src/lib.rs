@@ -48,8 +48,9 @@ pub mod transport;
 mod xds;
 
 use crate::balance::ClusterManager;
+use crate::config::Direction;
 use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, ListenerDef, RouteDef};
-use crate::context::{Direction, ListenerInfo};
+use crate::context::ListenerInfo;
 use crate::listener::{ListenerCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -195,7 +196,7 @@ impl Proxy {
     /// Applies a full LDS update: each listener gets the stack of its direction.
     fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), ConfigError> {
         let mut with_ctx = Vec::with_capacity(defs.len());
-        let mut new_policies = Vec::with_capacity(defs.len());
+        let mut new_policies: Vec<(inbound::LivePolicy, Arc<inbound::InboundPolicy>)> = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
             let service = match (def.direction, &self.opts.service) {
@@ -204,13 +205,16 @@ impl Proxy {
             };
             let metrics = self.metrics.traffic(def.direction, service);
             let policy = self.policy(&def.name);
-            // Unchanged rate limits keep their buckets.
-            let mut new_policy = def.policy.clone();
-            if let (Some(old), Some(new)) = (&policy.load().rate_limit, &new_policy.rate_limit)
-                && old.def == new.def
-            {
-                Arc::make_mut(&mut new_policy).rate_limit = Some(old.clone());
-            }
+            let new_policy = match inbound::InboundPolicy::build(&def.policy, &policy.load()) {
+                Ok(p) => Arc::new(p),
+                Err(reason) => {
+                    for (live, previous) in new_policies {
+                        live.swap(previous);
+                    }
+                    let e = crate::config::InvalidResource { kind: "Listener", name: def.name.clone(), reason };
+                    return Err(e.into());
+                }
+            };
             // In force before the listener accepts anything; put back if the update fails.
             let previous = policy.swap(new_policy);
             new_policies.push((policy.clone(), previous));

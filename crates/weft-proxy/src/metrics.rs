@@ -1,6 +1,6 @@
 //! Prometheus metrics. Label sets are resolved once per listener ([`TrafficMetrics`]), so a
 //! request only increments pre-resolved counters and histograms.
-pub use crate::context::Direction;
+pub use crate::config::Direction;
 use crate::record::{RequestRecord, TcpRecord};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

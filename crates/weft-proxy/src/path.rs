@@ -9,20 +9,8 @@
 //! service's `escapedSlashes` says. A `;` (path parameters, which servers such as Tomcat strip
 //! from each segment, so that `/admin;x/y` would reach `/admin/y`) is refused: weft cannot tell
 //! how the app reads it, and policies must not see a different path than the app.
+use crate::config::EscapedSlashes;
 use std::borrow::Cow;
-
-/// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EscapedSlashes {
-    /// Left encoded (upper-cased): `/a%2Fb` is one segment.
-    #[default]
-    Keep,
-    /// Decoded to `/` before the path is normalised.
-    Decode,
-    /// The request is refused with 400.
-    Reject,
-}
 
 /// Why a path is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -5,6 +5,7 @@
 //! Invariant: buckets outlive config updates that leave the limits as they were (the listener
 //! keeps its [`RateLimit`] when the new one's [`RateLimitDef`] is equal), so re-sending a
 //! listener does not hand every caller a fresh burst.
+use crate::config::{BucketDef, RateLimitDef};
 use crate::context::ConnCtx;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
@@ -13,44 +14,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Envoy's token bucket: up to `max_tokens`, refilled with `tokens_per_fill` every
-/// `fill_interval` (here continuously, at the same rate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct BucketDef {
-    pub max_tokens: u32,
-    pub tokens_per_fill: u32,
-    #[serde(serialize_with = "ser_duration")]
-    pub fill_interval: Duration,
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{}ms", d.as_millis()))
-}
-
-impl BucketDef {
-    fn quota(&self) -> Result<Quota, String> {
-        let tokens = self.tokens_per_fill.max(1);
-        let period = Quota::with_period(self.fill_interval / tokens)
-            .ok_or_else(|| format!("token_bucket: fill_interval {:?} is too short", self.fill_interval))?;
-        let burst = NonZeroU32::new(self.max_tokens).ok_or("token_bucket: max_tokens must be at least 1")?;
-        Ok(period.allow_burst(burst))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct RateLimitDef {
-    /// The listener's bucket, consumed by every request when `always_consume_service` (or
-    /// when there is no per-caller bucket).
-    pub service: BucketDef,
-    pub always_consume_service: bool,
-    pub per_caller: Option<BucketDef>,
-    /// gRPC requests refused get RESOURCE_EXHAUSTED (else UNAVAILABLE).
-    pub grpc_resource_exhausted: bool,
-}
 
 /// Who a per-caller bucket belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -103,6 +68,12 @@ impl Serialize for RateLimit {
     }
 }
 
+/// A bucket's limit as governor's: one token every period, up to the burst.
+fn quota(b: &BucketDef) -> Result<Quota, String> {
+    let period = Quota::with_period(b.period()?).ok_or("token_bucket: a zero refill period")?;
+    Ok(period.allow_burst(b.burst()?))
+}
+
 /// A refused request: when the caller may try again.
 #[derive(Debug)]
 pub struct Limited {
@@ -113,10 +84,10 @@ pub struct Limited {
 impl RateLimit {
     pub fn new(def: RateLimitDef) -> Result<RateLimit, String> {
         let service = (def.always_consume_service || def.per_caller.is_none())
-            .then(|| def.service.quota().map(|q| RateLimiter::direct_with_clock(q, RuntimeClock)))
+            .then(|| quota(&def.service).map(|q| RateLimiter::direct_with_clock(q, RuntimeClock)))
             .transpose()?;
         let callers =
-            def.per_caller.map(|b| b.quota().map(|q| RateLimiter::dashmap_with_clock(q, RuntimeClock))).transpose()?;
+            def.per_caller.map(|b| quota(&b).map(|q| RateLimiter::dashmap_with_clock(q, RuntimeClock))).transpose()?;
         Ok(RateLimit { def, service, callers })
     }
 
@@ -146,7 +117,8 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{Direction, ListenerInfo, PeerIdentity};
+    use crate::config::Direction;
+    use crate::context::{ListenerInfo, PeerIdentity};
 
     fn conn(peer: &str, identity: Option<&str>) -> ConnCtx {
         ConnCtx {

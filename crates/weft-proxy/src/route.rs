@@ -5,7 +5,7 @@
 use crate::balance::key_hash;
 use crate::balance::{Cluster, ClusterManager};
 use crate::config::{
-    FaultDef, HashDef, HeaderEdits, PathDef, RedirectDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch,
+    Failover, FaultDef, HashDef, HeaderEdits, PathDef, RedirectDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch,
 };
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
@@ -55,20 +55,6 @@ impl Domain {
             Domain::Prefix(_, p) => host.len() > p.len() && host.starts_with(p.as_str()),
             Domain::Any => true,
         }
-    }
-}
-
-/// How many endpoints a request may be tried on when they fail without it being processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Failover {
-    /// Endpoints tried per request or connection, the first one included.
-    pub max_endpoints: usize,
-}
-
-impl Default for Failover {
-    /// The first endpoint plus two others.
-    fn default() -> Self {
-        Failover { max_endpoints: 3 }
     }
 }
 

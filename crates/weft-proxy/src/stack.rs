@@ -22,13 +22,12 @@
 //! [`crate::record::RequestRecord`], which [`crate::http::serve`] hands to metrics once the
 //! request is answered. Both stacks share the HTTP server and forwarding code
 //! ([`crate::http`]), the pools ([`crate::endpoint`]), error rendering and metrics.
-use crate::context::Direction;
+use crate::config::{Direction, EscapedSlashes};
 use crate::error::ProxyError;
 use crate::http::body::UpstreamBody;
 use crate::inbound::{Inbound, LivePolicy};
 use crate::metrics::TrafficMetrics;
 use crate::outbound::Outbound;
-use crate::path::EscapedSlashes;
 use crate::record::RequestRecord;
 use crate::route::RouteTable;
 use arc_swap::ArcSwap;

@@ -3,11 +3,11 @@
 //! [`TcpRecord`] feeds metrics once it ends.
 use crate::attempt::{self, Attempted, Exchange, Plan};
 use crate::balance::Cluster;
+use crate::config::Failover;
 use crate::context::ConnCtx;
 use crate::endpoint::Endpoint;
 use crate::metrics::TrafficMetrics;
 use crate::record::TcpRecord;
-use crate::route::Failover;
 use crate::transport::{BoxedIo, Transport};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,7 +75,8 @@ impl Exchange for TcpConnect {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{Direction, ListenerInfo};
+    use crate::config::Direction;
+    use crate::context::ListenerInfo;
     use crate::metrics::Metrics;
     use crate::testing::{Behaviour, ClientStream, FakeEndpoints, addr, one_cluster};
     use std::sync::Arc;

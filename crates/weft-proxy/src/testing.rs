@@ -4,11 +4,11 @@
 use crate::Limits;
 use crate::balance::ClusterManager;
 use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
-use crate::context::{ConnCtx, Direction, ListenerInfo};
+use crate::config::{Direction, EscapedSlashes};
+use crate::context::{ConnCtx, ListenerInfo};
 use crate::inbound::LivePolicy;
 use crate::listener::ListenerCtx;
 use crate::metrics::Metrics;
-use crate::path::EscapedSlashes;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;

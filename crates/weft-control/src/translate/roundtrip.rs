@@ -17,10 +17,9 @@ use weft_api::resource::{
     TcpHealthCheck, TokenBucket, TrafficPolicySpec,
 };
 use weft_proxy::config::{
-    ClusterDef, FaultAbortDef, FaultDef, FaultDelayDef, HashDef, HealthCheckDef, ListenerDef, OutlierDef, PoolDef,
-    RetryDef, RetryLimit, RetryOn, RuleDef,
+    BucketDef, ClusterDef, FaultAbortDef, FaultDef, FaultDelayDef, HashDef, HealthCheckDef, ListenerDef, OutlierDef,
+    PoolDef, RetryDef, RetryLimit, RetryOn, RuleDef,
 };
-use weft_proxy::ratelimit::BucketDef;
 
 /// What the proxies decode of service `b`'s policy: the caller's cluster and route rules for
 /// `b`, and `b`'s own inbound listener.
@@ -218,7 +217,7 @@ fn expected_buckets(r: &RateLimitPolicy) -> (Option<BucketDef>, Option<BucketDef
 
 fn decoded_buckets(l: &ListenerDef) -> Option<(Option<BucketDef>, Option<BucketDef>)> {
     let r = l.policy.rate_limit.as_ref()?;
-    Some((r.def.always_consume_service.then_some(r.def.service), r.def.per_caller))
+    Some((r.always_consume_service.then_some(r.service), r.per_caller))
 }
 
 /// Compares what the proxies decoded with what `spec` and the service's settings mean.

@@ -6,10 +6,7 @@
 //! update a NACK naming the field, and the previous configuration stays in force. A proxy that
 //! silently dropped a security filter would fail open.
 use crate::authz::{self, Authz};
-use crate::context::Direction;
-use crate::inbound::InboundPolicy;
-use crate::path::EscapedSlashes;
-use crate::route::Failover;
+use crate::jwt::JwtAuthn;
 use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds as cluster_thresholds;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus, TrafficDirection, address, socket_address};
@@ -54,6 +51,42 @@ mod schema;
 pub mod tls;
 
 pub use tls::{DownstreamTlsDef, UpstreamTlsDef};
+
+/// Which way a listener's traffic flows, from `Listener.traffic_direction`: inbound traffic
+/// comes from other services to the local app, outbound traffic from the local app to others.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue, Serialize)]
+#[allow(non_camel_case_types)] // label values are written as-is
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+/// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    /// Left encoded (upper-cased): `/a%2Fb` is one segment.
+    #[default]
+    Keep,
+    /// Decoded to `/` before the path is normalised.
+    Decode,
+    /// The request is refused with 400.
+    Reject,
+}
+
+/// How many endpoints a request may be tried on when they fail without it being processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failover {
+    /// Endpoints tried per request or connection, the first one included.
+    pub max_endpoints: usize,
+}
+
+impl Default for Failover {
+    /// The first endpoint plus two others.
+    fn default() -> Self {
+        Failover { max_endpoints: 3 }
+    }
+}
 
 /// Why a resource was rejected; the text goes back to the control plane in the NACK.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +137,59 @@ pub struct ListenerDef {
     /// JWT authentication (HTTP chains) and authorization (the RBAC filters, the same on
     /// every chain).
     #[serde(flatten)]
-    pub policy: Arc<InboundPolicy>,
+    pub policy: Arc<InboundPolicyDef>,
+}
+
+/// What an inbound listener checks before a request or connection reaches the app, as
+/// decoded; the runtime puts a [`crate::inbound::InboundPolicy`] built from it in force.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InboundPolicyDef {
+    /// From the HTTP connection manager's `jwt_authn` filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Arc<JwtAuthn>>,
+    /// From the RBAC filters (the same on every chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
+    /// From the `local_ratelimit` HTTP filter (after JWT and RBAC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitDef>,
+}
+
+/// Envoy's token bucket: up to `max_tokens`, refilled with `tokens_per_fill` every
+/// `fill_interval` (here continuously, at the same rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BucketDef {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub fill_interval: Duration,
+}
+
+impl BucketDef {
+    /// The time one token takes to come back (more than zero).
+    pub fn period(&self) -> Result<Duration, String> {
+        let period = self.fill_interval / self.tokens_per_fill.max(1);
+        if period.is_zero() {
+            return Err(format!("token_bucket: fill_interval {:?} is too short", self.fill_interval));
+        }
+        Ok(period)
+    }
+
+    /// The most tokens the bucket holds (at least one).
+    pub fn burst(&self) -> Result<std::num::NonZeroU32, String> {
+        std::num::NonZeroU32::new(self.max_tokens).ok_or_else(|| "token_bucket: max_tokens must be at least 1".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimitDef {
+    /// The listener's bucket, consumed by every request when `always_consume_service` (or
+    /// when there is no per-caller bucket).
+    pub service: BucketDef,
+    pub always_consume_service: bool,
+    pub per_caller: Option<BucketDef>,
+    /// gRPC requests refused get RESOURCE_EXHAUSTED (else UNAVAILABLE).
+    pub grpc_resource_exhausted: bool,
 }
 
 fn ser_failover<S: serde::Serializer>(f: &Option<Failover>, s: S) -> Result<S::Ok, S::Error> {
@@ -388,17 +473,6 @@ pub struct PoolDef {
     pub max_connection_duration: Option<Duration>,
 }
 
-impl PoolDef {
-    /// Whether a connection opened at `opened` (ns on the proxy's clock) that carried `uses`
-    /// requests may take no more.
-    pub fn spent(&self, opened: u64, uses: u32) -> bool {
-        self.max_requests_per_connection.is_some_and(|m| uses >= m)
-            || self
-                .max_connection_duration
-                .is_some_and(|d| crate::endpoint::clock().saturating_sub(opened) >= d.as_nanos() as u64)
-    }
-}
-
 /// Active health checking of the cluster's endpoints by this proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthCheckDef {
@@ -621,7 +695,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         plaintext: false,
         policy: Arc::default(),
     };
-    let mut policy: Option<InboundPolicy> = None;
+    let mut policy: Option<InboundPolicyDef> = None;
     for chain in &l.filter_chains {
         let p =
             filter_chain(chain, &mut def).map_err(|reason| bad(format!("filter chain {:?}: {reason}", chain.name)))?;
@@ -676,7 +750,7 @@ const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
 /// A listener's chains are one set of filters reached in plaintext, through TLS, or both: the
 /// TLS chains (matched on `transport_protocol: tls`) must carry the same transport socket, and
 /// every chain the same filters as the others of its kind (HTTP or TCP).
-fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPolicy, String> {
+fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPolicyDef, String> {
     let m = chain.filter_chain_match.clone().unwrap_or_default();
     if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
         return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
@@ -734,7 +808,7 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                     }
                     schema::check(&c.value, &schema::LOCAL_RATE_LIMIT, "local_ratelimit")?;
                     let f: LocalRateLimit = decode(c, "Listener").map_err(|e| e.reason)?;
-                    rate_limit = Some(Arc::new(local_rate_limit(&f).map_err(|e| format!("{at}: {e}"))?));
+                    rate_limit = Some(local_rate_limit(&f).map_err(|e| format!("{at}: {e}"))?);
                     continue;
                 }
                 if let Some(http_filter::ConfigType::TypedConfig(c)) = &hf.config_type
@@ -849,11 +923,9 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
     if def.tcp_cluster.is_none() {
         def.tcp_cluster = tcp_before;
     }
-    Ok(InboundPolicy { jwt, authz, rate_limit })
+    Ok(InboundPolicyDef { jwt, authz, rate_limit })
 }
 
-/// The local rate limit filter as weft enforces it: always on and enforced, a bucket for the
-/// listener and at most one per-caller descriptor (entry `weft.caller` with an empty value).
 /// Envoy's escaped-slash actions weft takes; a redirect to the decoded path is not one.
 fn escaped_slashes(action: PathWithEscapedSlashesAction) -> Result<EscapedSlashes, String> {
     Ok(match action {
@@ -871,16 +943,20 @@ fn escaped_slashes(action: PathWithEscapedSlashesAction) -> Result<EscapedSlashe
     })
 }
 
-fn local_rate_limit(f: &LocalRateLimit) -> Result<crate::ratelimit::RateLimit, String> {
-    use crate::ratelimit::{BucketDef, RateLimit, RateLimitDef};
+/// The local rate limit filter as weft enforces it: always on and enforced, a bucket for the
+/// listener and at most one per-caller descriptor (entry `weft.caller` with an empty value).
+fn local_rate_limit(f: &LocalRateLimit) -> Result<RateLimitDef, String> {
     let bucket = |b: &Option<envoy_types::pb::envoy::r#type::v3::TokenBucket>, what: &str| {
         let b = b.as_ref().ok_or_else(|| format!("{what} has no token_bucket"))?;
         let fill = b.fill_interval.as_ref().map(duration).filter(|d| !d.is_zero());
-        Ok::<_, String>(BucketDef {
+        let def = BucketDef {
             max_tokens: b.max_tokens,
             tokens_per_fill: b.tokens_per_fill.as_ref().map_or(1, |t| t.value),
             fill_interval: fill.ok_or_else(|| format!("{what}: token_bucket needs a fill_interval"))?,
-        })
+        };
+        def.period()?;
+        def.burst()?;
+        Ok::<_, String>(def)
     };
     for (what, p) in [("filter_enabled", &f.filter_enabled), ("filter_enforced", &f.filter_enforced)] {
         let share = p.as_ref().and_then(|p| p.default_value.as_ref()).map_or(0, per_million);
@@ -904,7 +980,7 @@ fn local_rate_limit(f: &LocalRateLimit) -> Result<crate::ratelimit::RateLimit, S
             ));
         }
     };
-    RateLimit::new(RateLimitDef {
+    Ok(RateLimitDef {
         service: bucket(&f.token_bucket, "the filter")?,
         always_consume_service: f.always_consume_default_token_bucket.as_ref().is_none_or(|b| b.value),
         per_caller,

@@ -5,11 +5,12 @@
 //! request between endpoints of the backend as [`crate::route::RoutePolicy`] allows; copies
 //! go to the mirrors once the request was sent; the rule's response edits apply last.
 use crate::balance::Cluster;
+use crate::config::EscapedSlashes;
 use crate::error::ProxyError;
 use crate::http::forward::{Replay, RequestHead, forward_body};
 use crate::http::replay::UpBody;
 use crate::http::upgrade::is_upgrade;
-use crate::path::{EscapedSlashes, normalize_request};
+use crate::path::normalize_request;
 use crate::record::RequestRecord;
 use crate::route::{MatchedRoute, RouteTable, decide, sampled};
 use crate::stack::Reply;
