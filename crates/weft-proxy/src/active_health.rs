@@ -2,12 +2,11 @@
 //! health: every interval each registry-healthy endpoint is probed (an HTTP `GET` through the
 //! endpoint's sidecar to its app, 2xx healthy; or a connection, TLS handshake included); after
 //! `unhealthy_threshold` failures in a row the endpoint leaves the balancer's set, after
-//! `healthy_threshold` passes in a row it is back. Endpoints start healthy.
-use crate::balance::Cluster;
+//! `healthy_threshold` passes in a row it is back. Endpoints start healthy. This module
+//! holds an endpoint's health as its probes leave it; one probe is
+//! [`crate::endpoint::Endpoint::probe`], and each cluster's probing task is in
+//! [`crate::balance`].
 use crate::config::HealthCheckDef;
-use crate::endpoint::Endpoint;
-use crate::http::replay::UpBody;
-use std::sync::Weak;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// One endpoint's active health.
@@ -43,53 +42,6 @@ impl HealthState {
         let now_failed = if failed { s < def.healthy_threshold as i32 } else { -s >= def.unhealthy_threshold as i32 };
         self.failed.store(now_failed, Ordering::Relaxed);
         now_failed != failed
-    }
-}
-
-async fn probe(ep: &Endpoint, def: &HealthCheckDef, authority: &str) -> bool {
-    let work = async {
-        match &def.http_path {
-            None => ep.connect_tcp(def.timeout).await.is_ok(),
-            Some(path) => {
-                let Ok(mut send) = ep.new_h1_upgradable(def.timeout).await else { return false };
-                let req = http::Request::get(path.as_str())
-                    .header(http::header::HOST, authority)
-                    .header(http::header::USER_AGENT, "weft-health-check")
-                    .header(http::header::CONNECTION, "close")
-                    .body(UpBody::Empty);
-                let Ok(req) = req else { return false };
-                send.send_request(req).await.is_ok_and(|r| r.status().is_success())
-            }
-        }
-    };
-    tokio::time::timeout(def.timeout, work).await.unwrap_or(false)
-}
-
-/// Probes `cluster`'s endpoints until the task is aborted (the cluster's check changed or
-/// went) or the cluster is gone.
-pub async fn run(cluster: Weak<Cluster>, def: HealthCheckDef) {
-    let mut tick = tokio::time::interval(def.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(cluster) = cluster.upgrade() else { return };
-        let set = cluster.endpoints();
-        let checked = set.all.iter().filter(|e| e.healthy.load(Ordering::Relaxed));
-        let probes = checked.map(|e| async { (e.clone(), probe(e, &def, &cluster.name).await) });
-        let mut changed = false;
-        for (ep, passed) in futures::future::join_all(probes).await {
-            if ep.health_check.record(&def, passed) {
-                changed = true;
-                if passed {
-                    tracing::info!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint passes its health checks again");
-                } else {
-                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, path = ?def.http_path, "endpoint failed its health checks; not sending to it");
-                }
-            }
-        }
-        if changed {
-            cluster.refresh();
-        }
     }
 }
 

@@ -21,10 +21,10 @@
 //! replay of it if its body was kept whole (see [`crate::http::forward::Replay`]); without one
 //! the failure stands. Time is tokio's (paused in tests) and the backoff's jitter comes from
 //! the thread's `fastrand` generator (seeded in tests).
-use crate::balance::{Admitted, ClusterView};
+use crate::balance::ClusterView;
 use crate::config::Failover;
 use crate::config::{RetryDef, RetryOn};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Admitted, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::outlier::Observed;
 use crate::record::{Attempt, Attempts, Outcome};

@@ -3,9 +3,10 @@
 //! by default, or round robin. Endpoints that just refused a connection are skipped while any
 //! other endpoint is left.
 use crate::app_protocol::LearnedProtocol;
+use crate::clock;
 use crate::config::UpstreamTlsDef;
 use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, RetryLimit, UpstreamProtocol};
-use crate::endpoint::{ClusterShared, Endpoint, PoolSettings, SWEEPS, clock};
+use crate::endpoint::{Admitted, ClusterShared, Endpoint, PoolSettings, SWEEPS};
 use crate::metrics::Metrics;
 use crate::outlier::{self, Observed};
 use crate::retry_budget::RatioBudget;
@@ -17,7 +18,7 @@ pub use hash::key_hash;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 use weft_api::resource::{DEFAULT_CONNECT_TIMEOUT, LoadBalancer};
 
@@ -95,7 +96,7 @@ impl ClusterView<'_> {
         // Ejections count only while enough endpoints are left un-ejected (the panic
         // threshold); the count is taken only once a candidate turns out to be ejected. The
         // clock is read only for clusters with outlier detection.
-        let now = settings.outlier.map(|_| clock());
+        let now = settings.outlier.map(|_| clock::now());
         let panic = std::cell::OnceCell::new();
         let in_service = |e: &&Arc<Endpoint>| match (&settings.outlier, now) {
             (Some(outlier), Some(now)) if e.outlier.ejected(now) => *panic.get_or_init(|| {
@@ -156,23 +157,6 @@ impl Drop for Cluster {
         if let Some((_, task)) = self.health_check.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
-    }
-}
-
-/// One place in a counter (requests or retries in flight, requests waiting), given back when
-/// dropped.
-pub struct Admitted<'a>(&'a AtomicU32);
-
-impl Admitted<'_> {
-    /// Takes a place in `counter`; also returns how many were counted before.
-    pub fn enter(counter: &AtomicU32) -> (u32, Admitted<'_>) {
-        (counter.fetch_add(1, Ordering::Relaxed), Admitted(counter))
-    }
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -244,7 +228,7 @@ impl Cluster {
             task.abort();
         }
         if let Some(def) = def {
-            let task = tokio::spawn(crate::active_health::run(Arc::downgrade(self), def.clone()));
+            let task = tokio::spawn(check_health(Arc::downgrade(self), def.clone()));
             *current = Some((def.clone(), task.abort_handle()));
         } else {
             drop(current);
@@ -313,7 +297,7 @@ impl Cluster {
         if let RetryLimit::Ratio { ttl, .. } = settings.retry_limit
             && first
         {
-            self.ratio_budget.deposit(clock(), ttl);
+            self.ratio_budget.deposit(clock::now(), ttl);
         }
         let budget = matches!(settings.retry_limit, RetryLimit::Budget { .. });
         if settings.max_requests.is_none() && !budget {
@@ -337,7 +321,7 @@ impl Cluster {
                 ((live * percent / 100.0) as u32).max(min)
             }
             RetryLimit::Ratio { ratio, min_per_second, ttl } => {
-                if !self.ratio_budget.withdraw(clock(), ttl, ratio, min_per_second) {
+                if !self.ratio_budget.withdraw(clock::now(), ttl, ratio, min_per_second) {
                     return None;
                 }
                 u32::MAX
@@ -376,7 +360,7 @@ impl Cluster {
         if !ep.outlier.record(def, what) {
             return;
         }
-        let now = clock();
+        let now = clock::now();
         let set = self.endpoints();
         let ejected = set.ready.iter().filter(|e| e.outlier.ejected(now)).count();
         if ep.outlier.ejected(now) || ejected >= outlier::max_ejected(set.ready.len(), def.max_ejection_percent) {
@@ -423,17 +407,45 @@ impl Cluster {
                 let (ea, eb) = (&eps[a], &eps[b]);
                 match (ok(&ea), ok(&eb)) {
                     (true, true) => {
-                        let now = clock();
+                        let now = clock::now();
                         Some(if eb.cost_at(now) < ea.cost_at(now) { eb } else { ea }.clone())
                     }
                     (true, false) => Some(ea.clone()),
                     (false, true) => Some(eb.clone()),
                     (false, false) => {
-                        let now = clock();
+                        let now = clock::now();
                         eps.iter().filter(|e| ok(e)).min_by(|x, y| x.cost_at(now).total_cmp(&y.cost_at(now))).cloned()
                     }
                 }
             }
+        }
+    }
+}
+
+/// Probes `cluster`'s endpoints until the task is aborted (the cluster's check changed or
+/// went) or the cluster is gone.
+async fn check_health(cluster: Weak<Cluster>, def: HealthCheckDef) {
+    let mut tick = tokio::time::interval(def.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else { return };
+        let set = cluster.endpoints();
+        let checked = set.all.iter().filter(|e| e.healthy.load(Ordering::Relaxed));
+        let probes = checked.map(|e| async { (e.clone(), e.probe(&def, &cluster.name).await) });
+        let mut changed = false;
+        for (ep, passed) in futures::future::join_all(probes).await {
+            if ep.health_check.record(&def, passed) {
+                changed = true;
+                if passed {
+                    tracing::info!(cluster = %cluster.name, endpoint = %ep.addr, "endpoint passes its health checks again");
+                } else {
+                    tracing::warn!(cluster = %cluster.name, endpoint = %ep.addr, path = ?def.http_path, "endpoint failed its health checks; not sending to it");
+                }
+            }
+        }
+        if changed {
+            cluster.refresh();
         }
     }
 }

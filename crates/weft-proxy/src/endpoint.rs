@@ -1,7 +1,8 @@
 //! One upstream endpoint: its address, its load estimate for the balancer, and its pooled
 //! connections. Endpoint objects outlive config updates (the cluster reuses them by address),
 //! so pools and latency estimates survive EDS pushes.
-use crate::config::PoolDef;
+use crate::clock;
+use crate::config::{HealthCheckDef, PoolDef};
 use crate::error::ProxyError;
 use crate::transport::{BoxedIo, Carries, Connect, UpstreamTls};
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -71,7 +72,7 @@ pub struct Endpoint {
     rtt: AtomicU64,
     stamp: AtomicU64,
     failed_at: AtomicU64,
-    /// When an attempt on it last failed ([`clock`]; 0: never), for [`FAILURE_PENALTY`].
+    /// When an attempt on it last failed ([`clock::now`]; 0: never), for [`FAILURE_PENALTY`].
     attempt_failed_at: AtomicU64,
     /// Failure streaks and ejection (see [`crate::outlier`]).
     pub outlier: crate::outlier::OutlierState,
@@ -146,7 +147,7 @@ pub struct H1Conn {
     conn: Option<http1::Connection<TokioIo<BoxedIo>, UpBody>>,
     /// [`SWEEPS`] when the connection was last put in the pool.
     pooled_at: u64,
-    /// [`clock`] when it was opened, and how many exchanges it carried.
+    /// [`clock::now`] when it was opened, and how many exchanges it carried.
     opened: u64,
     uses: u32,
     _slot: ConnSlot,
@@ -198,10 +199,21 @@ impl<F: Future> Future for Exchange<'_, F> {
     }
 }
 
-/// Nanoseconds since the first call (never 0).
-pub(crate) fn clock() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+/// One place in a counter (requests or retries in flight, requests waiting), given back when
+/// dropped.
+pub struct Admitted<'a>(&'a AtomicU32);
+
+impl Admitted<'_> {
+    /// Takes a place in `counter`; also returns how many were counted before.
+    pub fn enter(counter: &AtomicU32) -> (u32, Admitted<'_>) {
+        (counter.fetch_add(1, Ordering::Relaxed), Admitted(counter))
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A cluster's connection pool settings, shared with its endpoints. Whether connections have a
@@ -234,7 +246,7 @@ impl PoolSettings {
     fn spent_by_def(&self, opened: u64, uses: u32) -> bool {
         let def = self.def.load();
         def.max_requests_per_connection.is_some_and(|m| uses >= m)
-            || def.max_connection_duration.is_some_and(|d| clock().saturating_sub(opened) >= d.as_nanos() as u64)
+            || def.max_connection_duration.is_some_and(|d| clock::now().saturating_sub(opened) >= d.as_nanos() as u64)
     }
 }
 
@@ -270,7 +282,7 @@ impl Endpoint {
             waiting,
             pending: AtomicU32::new(0),
             rtt: AtomicU64::new(0f64.to_bits()),
-            stamp: AtomicU64::new(clock()),
+            stamp: AtomicU64::new(clock::now()),
             failed_at: AtomicU64::new(0),
             attempt_failed_at: AtomicU64::new(0),
             outlier: Default::default(),
@@ -283,10 +295,10 @@ impl Endpoint {
     /// Whether the endpoint refused a connection recently.
     pub fn failing(&self) -> bool {
         let at = self.failed_at.load(Ordering::Relaxed);
-        at != 0 && clock().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
+        at != 0 && clock::now().saturating_sub(at) < FAILURE_BACKOFF.as_nanos() as u64
     }
 
-    /// Cost for P2C at `now` ([`clock`]): estimated latency × (outstanding requests + 1), plus
+    /// Cost for P2C at `now` ([`clock::now`]): estimated latency × (outstanding requests + 1), plus
     /// the fading penalty of a recent failed attempt. The estimate decays while an endpoint is
     /// not chosen; and an idle endpoint that has not answered for [`PROBE_AFTER`] costs
     /// nothing, so it gets the next request and a fresh sample: an endpoint that was slow (or
@@ -314,7 +326,7 @@ impl Endpoint {
 
     /// Counts a failed attempt (an error, or a 5xx answer) against the endpoint's P2C cost.
     pub fn attempt_failed(&self) {
-        self.attempt_failed_at.store(clock(), Ordering::Relaxed);
+        self.attempt_failed_at.store(clock::now(), Ordering::Relaxed);
     }
 
     /// Marks a request as started; the returned guard records its latency when it ends.
@@ -324,7 +336,7 @@ impl Endpoint {
     }
 
     pub(crate) fn observe(&self, rtt: Duration) {
-        let now = clock();
+        let now = clock::now();
         let rtt = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
@@ -372,7 +384,28 @@ impl Endpoint {
 
     /// Makes the balancer prefer other endpoints for a while (as after a refused connect).
     pub fn mark_failing(&self) {
-        self.failed_at.store(clock(), Ordering::Relaxed);
+        self.failed_at.store(clock::now(), Ordering::Relaxed);
+    }
+
+    /// One active health check of the endpoint (see [`crate::active_health`]): whether it
+    /// passed within the check's timeout.
+    pub async fn probe(&self, def: &HealthCheckDef, authority: &str) -> bool {
+        let work = async {
+            match &def.http_path {
+                None => self.connect_tcp(def.timeout).await.is_ok(),
+                Some(path) => {
+                    let Ok(mut send) = self.new_h1_upgradable(def.timeout).await else { return false };
+                    let req = http::Request::get(path.as_str())
+                        .header(http::header::HOST, authority)
+                        .header(http::header::USER_AGENT, "weft-health-check")
+                        .header(http::header::CONNECTION, "close")
+                        .body(UpBody::Empty);
+                    let Ok(req) = req else { return false };
+                    send.send_request(req).await.is_ok_and(|r| r.status().is_success())
+                }
+            }
+        };
+        tokio::time::timeout(def.timeout, work).await.unwrap_or(false)
     }
 
     /// A connection for opaque forwarding.
@@ -401,7 +434,7 @@ impl Endpoint {
                 .map_err(|e| ProxyError::Handshake { addr: self.addr, source: e })?;
             tokio::spawn(conn);
             *self.h2.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(H2Conn { send: send.clone(), opened: clock(), streams: 1 });
+                Some(H2Conn { send: send.clone(), opened: clock::now(), streams: 1 });
             return Ok(Conn::H2(send));
         }
         // Pooled connections finished their last exchange and were open when last polled. One
@@ -426,7 +459,7 @@ impl Endpoint {
     async fn wait_for_h1(&self) -> Result<H1Turn, ProxyError> {
         let pool = **self.pool.load();
         let limit = pool.max_pending_requests.unwrap_or(1024);
-        let (waiting, _waiting) = crate::balance::Admitted::enter(&self.waiting);
+        let (waiting, _waiting) = Admitted::enter(&self.waiting);
         if waiting >= limit {
             return Err(ProxyError::PendingOverflow { addr: self.addr, limit });
         }
@@ -459,7 +492,7 @@ impl Endpoint {
     /// A fresh HTTP/1.1 connection in `slot`, to be pooled after its first exchange.
     async fn new_h1(&self, timeout: Duration, slot: ConnSlot) -> Result<Box<H1Conn>, ProxyError> {
         let (send, conn) = self.handshake_h1(timeout).await?;
-        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0, opened: clock(), uses: 0, _slot: slot }))
+        Ok(Box::new(H1Conn { send, conn: Some(conn), pooled_at: 0, opened: clock::now(), uses: 0, _slot: slot }))
     }
 
     /// A fresh HTTP/1.1 connection that supports `Upgrade`, in a task of its own (an upgraded

@@ -56,7 +56,7 @@ pub enum ProxyError {
     #[error("redirected to {location}")]
     Redirect { location: String, status: u16 },
     #[error("rate limit of this service reached (its TrafficPolicy's rateLimit); retry after {:?}", .0.retry_after)]
-    RateLimited(crate::ratelimit::Limited),
+    RateLimited(Limited),
     #[error("fault injected by the TrafficPolicy of route {route}")]
     FaultAbort { route: Arc<str>, status: http::StatusCode, grpc: Option<u8> },
     #[error("bad request: {0}")]
@@ -69,6 +69,13 @@ pub enum ProxyError {
         "upstream {addr} sent a response weft cannot forward: {source} (an HTTP/1.1 response head may be at most 16 KiB)"
     )]
     UpstreamBadResponse { addr: SocketAddr, source: hyper::Error },
+}
+
+/// A refused request: when the caller may try again.
+#[derive(Debug)]
+pub struct Limited {
+    pub retry_after: Duration,
+    pub grpc_resource_exhausted: bool,
 }
 
 impl ProxyError {

@@ -17,6 +17,7 @@ pub mod app_protocol;
 mod attempt;
 pub mod authz;
 pub mod balance;
+mod clock;
 pub mod config;
 pub mod context;
 pub mod control_client;

@@ -45,7 +45,7 @@ impl LogLimiter {
 /// kind `key` may be written now.
 pub fn allow(key: &'static str) -> Option<u64> {
     static LIMITER: std::sync::OnceLock<LogLimiter> = std::sync::OnceLock::new();
-    LIMITER.get_or_init(LogLimiter::default).allow_at(key, crate::endpoint::clock())
+    LIMITER.get_or_init(LogLimiter::default).allow_at(key, crate::clock::now())
 }
 
 #[cfg(test)]

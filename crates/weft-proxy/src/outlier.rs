@@ -25,7 +25,7 @@ pub enum Observed {
 pub struct OutlierState {
     five_xx: AtomicU32,
     gateway: AtomicU32,
-    /// Clock (ns, see [`crate::endpoint::clock`]) when the current or last ejection ends; 0
+    /// Clock (ns, see [`crate::clock::now`]) when the current or last ejection ends; 0
     /// if never ejected.
     ejected_until: AtomicU64,
     /// Ejections in a row (the multiplier of the next one).

@@ -7,6 +7,7 @@
 //! listener does not hand every caller a fresh burst.
 use crate::config::{BucketDef, RateLimitDef};
 use crate::context::ConnCtx;
+use crate::error::Limited;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -15,7 +16,6 @@ use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Who a per-caller bucket belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -74,13 +74,6 @@ fn quota(b: &BucketDef) -> Result<Quota, String> {
     Ok(period.allow_burst(b.burst()?))
 }
 
-/// A refused request: when the caller may try again.
-#[derive(Debug)]
-pub struct Limited {
-    pub retry_after: Duration,
-    pub grpc_resource_exhausted: bool,
-}
-
 impl RateLimit {
     pub fn new(def: RateLimitDef) -> Result<RateLimit, String> {
         let service = (def.always_consume_service || def.per_caller.is_none())
@@ -119,6 +112,7 @@ mod tests {
     use super::*;
     use crate::config::Direction;
     use crate::context::{ListenerInfo, PeerIdentity};
+    use std::time::Duration;
 
     fn conn(peer: &str, identity: Option<&str>) -> ConnCtx {
         ConnCtx {
