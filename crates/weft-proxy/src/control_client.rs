@@ -69,7 +69,7 @@ impl ControlEndpoint {
     /// TLS trusting the roots in `ca_file`: for short-lived clients (the CLI). A proxy trusts
     /// its live trust bundle instead ([`crate::identity::Credentials::control_plane_config`]).
     pub fn tls_config(&self, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(self.roots()?)
             .with_no_client_auth();

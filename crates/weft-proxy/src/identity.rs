@@ -10,9 +10,10 @@
 //! at each handshake, so renewals and rotations apply to new connections without a restart and
 //! without touching open ones.
 use crate::control_client::ControlApi;
+use crate::crypto::provider;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -25,18 +26,6 @@ use weft_api::identity::{CertificateRequest, CertificateResponse};
 
 /// Renewal retries back off up to this.
 const MAX_RETRY: Duration = Duration::from_secs(15);
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// `bytes` random bytes from the OS's CSPRNG, in hex: for secrets and unguessable names.
-pub fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    // getrandom fails only where the OS has no randomness at all, where no key is safe either.
-    provider().secure_random.fill(&mut b).expect("the operating system's random number generator is available");
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

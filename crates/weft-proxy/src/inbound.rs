@@ -9,13 +9,13 @@
 use crate::authz::{Authz, Denied, Subject};
 use crate::config::{EscapedSlashes, InboundPolicyDef};
 use crate::error::{ERROR_HEADER, POLICY_HEADER, ProxyError};
+use crate::http::body::Reply;
 use crate::jwt::JwtAuthn;
 use crate::metrics::TrafficMetrics;
 use crate::path::normalize_request;
 use crate::ratelimit::RateLimit;
 use crate::record::RequestRecord;
 use crate::route::{RouteTable, decide};
-use crate::stack::Reply;
 use arc_swap::ArcSwap;
 use futures::FutureExt;
 use futures::future::{Either, Ready, ready};

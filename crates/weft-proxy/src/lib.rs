@@ -21,6 +21,7 @@ mod clock;
 pub mod config;
 pub mod context;
 pub mod control_client;
+pub mod crypto;
 mod detect;
 mod drain;
 pub mod endpoint;
@@ -408,7 +409,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         creds,
         acceptor,
         drain: Default::default(),
-        instance_key: identity::random_hex(16),
+        instance_key: crypto::random_hex(16),
         opts,
     });
     let mut tasks = tokio::task::JoinSet::new();

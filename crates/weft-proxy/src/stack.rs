@@ -23,8 +23,7 @@
 //! request is answered. Both stacks share the HTTP server and forwarding code
 //! ([`crate::http`]), the pools ([`crate::endpoint`]), error rendering and metrics.
 use crate::config::{Direction, EscapedSlashes};
-use crate::error::ProxyError;
-use crate::http::body::UpstreamBody;
+use crate::http::body::Reply;
 use crate::inbound::{Inbound, LivePolicy};
 use crate::metrics::TrafficMetrics;
 use crate::outbound::Outbound;
@@ -32,12 +31,9 @@ use crate::record::RequestRecord;
 use crate::route::RouteTable;
 use arc_swap::ArcSwap;
 use futures::future::Either;
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use std::sync::Arc;
-
-/// What a stack answers: the upstream's response, or why the proxy answers itself.
-pub type Reply = Result<Response<UpstreamBody>, ProxyError>;
 
 /// What an HTTP listener runs each request through.
 pub struct HttpStack {

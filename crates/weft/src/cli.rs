@@ -348,7 +348,7 @@ impl ProxyArgs {
         // The default id carries random bits, so nobody can name a live instance in advance.
         let id = self.id.clone().unwrap_or_else(|| {
             let service = self.service.as_deref().unwrap_or("proxy");
-            format!("{service}-{}-{}", std::process::id(), weft_proxy::identity::random_hex(4))
+            format!("{service}-{}-{}", std::process::id(), weft_proxy::crypto::random_hex(4))
         });
         let health = app.map(|addr| match &self.health_path {
             Some(path) => HealthCheck::Http { addr, path: path.clone() },

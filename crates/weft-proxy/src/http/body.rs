@@ -1,10 +1,14 @@
 //! Body types: what the proxy sends to its client, and what it reads from an upstream.
 use crate::endpoint::{Endpoint, H1Conn};
+use crate::error::ProxyError;
 use crate::idle::Exchange;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
+
+/// What a stack answers: the upstream's response, or why the proxy answers itself.
+pub type Reply = Result<http::Response<UpstreamBody>, ProxyError>;
 
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
 /// connection counts as busy until hyper has written the body out and dropped it.

@@ -7,13 +7,13 @@
 use crate::balance::Cluster;
 use crate::config::EscapedSlashes;
 use crate::error::ProxyError;
+use crate::http::body::Reply;
 use crate::http::forward::{Replay, RequestHead, forward_body};
 use crate::http::replay::UpBody;
 use crate::http::upgrade::is_upgrade;
 use crate::path::normalize_request;
 use crate::record::RequestRecord;
 use crate::route::{MatchedRoute, RouteTable, decide, sampled};
-use crate::stack::Reply;
 use arc_swap::ArcSwap;
 use futures::future::{BoxFuture, Either, Ready, ready};
 use http::Request;
