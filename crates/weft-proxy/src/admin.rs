@@ -1,10 +1,22 @@
 //! The proxy's admin endpoint: `/live`, `/ready`, `/metrics`, `/config_dump`, `/certs`.
-use crate::Proxy;
+use crate::identity::CertStatus;
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+
+/// What the admin endpoint shows of the proxy.
+pub trait View: Send + Sync + 'static {
+    /// The proxy's certificate.
+    fn cert(&self) -> CertStatus;
+    /// The metrics in the Prometheus text format, or OpenMetrics.
+    fn metrics(&self, openmetrics: bool) -> String;
+    /// The configuration in force and the node it was given to.
+    fn config_dump(&self) -> serde_json::Value;
+    /// Whether the first full config is applied.
+    fn synced(&self) -> bool;
+}
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -13,30 +25,27 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
-fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn route(proxy: &impl View, req: &http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
         "/live" => reply(StatusCode::OK, TEXT, "live\n"),
         "/ready" => ready(proxy),
         "/certs" => {
-            let body = serde_json::to_vec_pretty(&proxy.creds.status()).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&proxy.cert()).unwrap_or_default();
             reply(StatusCode::OK, "application/json", body)
         }
         "/metrics" => {
             let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
             if accept.contains("application/openmetrics-text") {
                 let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-                reply(StatusCode::OK, ct, proxy.metrics.encode(true))
+                reply(StatusCode::OK, ct, proxy.metrics(true))
             } else {
-                reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", proxy.metrics.encode(false))
+                reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", proxy.metrics(false))
             }
         }
         "/config_dump" => {
-            let dump = proxy.dump().clone();
-            let mut json = serde_json::to_value(&dump).unwrap_or_default();
-            json["node"] = serde_json::json!({ "id": proxy.opts.id, "registration": proxy.registration() });
-            let body = serde_json::to_vec_pretty(&json).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&proxy.config_dump()).unwrap_or_default();
             reply(StatusCode::OK, "application/json", body)
         }
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found; try /live, /ready, /metrics, /config_dump or /certs\n"),
@@ -45,9 +54,9 @@ fn route(proxy: &Proxy, req: &http::Request<hyper::body::Incoming>) -> Response<
 
 /// Ready once the first full config is applied and a certificate is held. The detail names
 /// what is missing, and warns while renewals fail (before the certificate expires).
-fn ready(proxy: &Proxy) -> Response<Full<Bytes>> {
+fn ready(proxy: &impl View) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
-    let cert = proxy.creds.status();
+    let cert = proxy.cert();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let left = cert.not_after.map(|t| t.saturating_sub(now));
     let renewal = match (&cert.renewal_error, left) {
@@ -56,7 +65,7 @@ fn ready(proxy: &Proxy) -> Response<Full<Bytes>> {
         }
         _ => String::new(),
     };
-    if !*proxy.ready.borrow() {
+    if !proxy.synced() {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
             TEXT,
@@ -80,13 +89,13 @@ fn ready(proxy: &Proxy) -> Response<Full<Bytes>> {
     }
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
+pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<impl View>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let resp = route(&proxy, &req);
+                let resp = route(&*proxy, &req);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;

@@ -4,6 +4,7 @@
 use crate::config::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The verified identity of the peer at the other end of a connection (a SPIFFE ID once mTLS
 /// exists). `None` in [`ConnCtx::peer_identity`] means the peer is unauthenticated.
@@ -51,4 +52,31 @@ pub struct ConnCtx {
     pub listener: Arc<ListenerInfo>,
     /// Set only by mutual TLS termination, from the verified client certificate's SPIFFE ID.
     pub peer_identity: Option<PeerIdentity>,
+}
+
+/// Limits that protect the proxy; all have safe defaults and command-line flags.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    pub detect_timeout: Duration,
+    /// Largest request head (HTTP/1) or header list (HTTP/2) accepted.
+    pub max_header_bytes: u32,
+    /// Time allowed for an HTTP/1 client to send its request head.
+    pub header_read_timeout: Duration,
+    /// Open client connections per listener; new ones beyond it are closed at once.
+    pub max_connections: usize,
+    /// How long a pooled upstream HTTP/1.1 connection may sit unused before it is closed.
+    pub upstream_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            detect_timeout: Duration::from_secs(1),
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            upstream_idle_timeout: Duration::from_secs(90),
+        }
+    }
 }

@@ -1,6 +1,5 @@
 //! Health of the local application: probed on an interval, reported to the control plane
 //! whenever it changes (and again until the report gets through).
-use crate::Proxy;
 use crate::control_client::ControlApi;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -9,7 +8,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -42,8 +41,15 @@ async fn probe(check: &HealthCheck, client: &Client<HttpConnector, Full<Bytes>>,
 /// How often an undelivered health report is retried, whatever the probe interval.
 const REPORT_RETRY: Duration = Duration::from_millis(200);
 
-pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>) {
-    let interval = proxy.opts.health_interval;
+/// Probes the app every `interval`, keeps `healthy` up to date and reports each change of it
+/// for instance `id`.
+pub async fn run(
+    check: HealthCheck,
+    interval: Duration,
+    id: String,
+    healthy: Arc<AtomicBool>,
+    control: Arc<ControlApi>,
+) {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let mut failures = 0u32;
     let mut reported: Option<bool> = None;
@@ -53,7 +59,7 @@ pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>
             next_probe += interval;
             let ok = probe(&check, &client, interval.clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
             failures = if ok { 0 } else { failures + 1 };
-            let was = proxy.healthy.load(Ordering::Relaxed);
+            let was = healthy.load(Ordering::Relaxed);
             let now = if ok {
                 true
             } else if failures >= UNHEALTHY_AFTER {
@@ -62,13 +68,13 @@ pub async fn run(check: HealthCheck, proxy: Arc<Proxy>, control: Arc<ControlApi>
                 was
             };
             if now != was {
-                proxy.healthy.store(now, Ordering::Relaxed);
+                healthy.store(now, Ordering::Relaxed);
                 tracing::info!(healthy = now, check = ?check, "application health changed");
             }
         }
-        let now = proxy.healthy.load(Ordering::Relaxed);
+        let now = healthy.load(Ordering::Relaxed);
         if reported != Some(now) {
-            match control.report_health(&proxy.opts.id, now).await {
+            match control.report_health(&id, now).await {
                 Ok(()) => reported = Some(now),
                 // Not registered yet (stream still opening) or control plane away: retry soon.
                 Err(e) => tracing::debug!(error = %e, "health report not delivered"),

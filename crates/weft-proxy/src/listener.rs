@@ -2,8 +2,8 @@
 //! that hands every connection to protocol detection and then to the HTTP or TCP path.
 //! A listener's behaviour can change under it (an LDS update swaps its [`ListenerCtx`]);
 //! its socket stays bound, so an update drops no connection.
-use crate::Limits;
 use crate::config::{ConfigError, ListenerDef};
+use crate::context::Limits;
 use crate::context::{ConnCtx, ListenerInfo, PeerIdentity};
 use crate::detect::{self, Protocol};
 use crate::identity::ALPN_MESH;

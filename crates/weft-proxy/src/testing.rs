@@ -1,10 +1,10 @@
 //! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
 //! client connection in memory. With tokio's clock paused, everything they do is
 //! deterministic: time moves only when every task waits on a timer.
-use crate::Limits;
 use crate::balance::ClusterManager;
 use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
 use crate::config::{Direction, EscapedSlashes};
+use crate::context::Limits;
 use crate::context::{ConnCtx, ListenerInfo};
 use crate::inbound::LivePolicy;
 use crate::listener::ListenerCtx;

@@ -6,8 +6,7 @@
 //! Each response is decoded and validated as a whole before anything is applied; a bad one is
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
-use crate::Proxy;
-use crate::config::{self, ConfigError, InvalidResource};
+use crate::config::{self, ClusterDef, ConfigError, EndpointDef, InvalidResource, ListenerDef, RouteDef};
 use crate::control_client::ControlEndpoint;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -75,17 +74,60 @@ impl Stream {
     }
 }
 
-fn node(proxy: &Proxy) -> Node {
-    let registration = serde_json::to_string(&proxy.registration()).expect("registration always serializes");
+/// What the xDS client feeds: the proxy's runtime, through this one interface. The client
+/// decodes and checks each response; the runtime puts it in force whole or not at all.
+pub trait Runtime: Send + Sync + 'static {
+    /// Who this proxy is, for each stream's node.
+    fn node(&self) -> NodeInfo;
+    /// Puts an update in force; an error leaves the previous config (the client NACKs).
+    fn apply(&self, update: Update) -> Result<(), ConfigError>;
+    /// What happened on the stream, for metrics, `/config_dump` and readiness.
+    fn record(&self, event: Event<'_>);
+}
+
+/// The proxy's identity and registration, sent as the stream's node.
+pub struct NodeInfo {
+    pub id: String,
+    pub service: Option<String>,
+    pub registration: weft_api::registry::InstanceRegistration,
+    /// Proves a re-registration of the instance id is this proxy's.
+    pub instance_key: String,
+}
+
+/// One decoded and checked response.
+pub enum Update {
+    Listeners(Vec<ListenerDef>),
+    Clusters(Vec<ClusterDef>),
+    Routes(Vec<RouteDef>),
+    Endpoints(Vec<(String, Vec<EndpointDef>)>),
+    TrustBundle { name: String, pem: Vec<u8> },
+}
+
+pub enum Event<'a> {
+    Connected(bool),
+    Accepted {
+        type_url: &'a str,
+        version: &'a str,
+    },
+    Rejected {
+        type_url: &'a str,
+        error: &'a str,
+    },
+    /// Listeners, clusters and everything they name have arrived: the first full config.
+    Synced,
+}
+
+fn node(info: NodeInfo) -> Node {
+    let registration = serde_json::to_string(&info.registration).expect("registration always serializes");
     let string = |s: String| Value { kind: Some(value::Kind::StringValue(s)) };
     Node {
-        id: proxy.opts.id.clone(),
-        cluster: proxy.opts.service.clone().unwrap_or_default(),
+        id: info.id,
+        cluster: info.service.unwrap_or_default(),
         user_agent_name: "weft".to_owned(),
         metadata: Some(Struct {
             fields: [
                 (names::NODE_METADATA_KEY.to_owned(), string(registration)),
-                (names::NODE_INSTANCE_KEY.to_owned(), string(proxy.instance_key.clone())),
+                (names::NODE_INSTANCE_KEY.to_owned(), string(info.instance_key)),
             ]
             .into(),
         }),
@@ -94,7 +136,7 @@ fn node(proxy: &Proxy) -> Node {
 }
 
 /// `tls`: how to reach the control plane ([`crate::identity::Credentials::control_plane_config`]).
-pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint, tls: Arc<rustls::ClientConfig>) {
+pub async fn run<R: Runtime>(proxy: Arc<R>, control: ControlEndpoint, tls: Arc<rustls::ClientConfig>) {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     // The last refusal logged, so a lasting one is logged once.
@@ -109,21 +151,21 @@ pub async fn run(proxy: Arc<Proxy>, control: ControlEndpoint, tls: Arc<rustls::C
                 }
                 Some(_) => {}
                 None if !warned => {
-                    tracing::warn!(control = %proxy.opts.control, error = %e, "control plane unreachable; serving the last good config and retrying")
+                    tracing::warn!(control = %control.address, error = %e, "control plane unreachable; serving the last good config and retrying")
                 }
                 None => tracing::debug!(error = %e, "xDS reconnect failed"),
             },
         }
         warned = true;
-        proxy.dump().control_plane_connected = false;
+        proxy.record(Event::Connected(false));
         let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 4);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn session(
-    proxy: &Arc<Proxy>,
+async fn session<R: Runtime>(
+    proxy: &Arc<R>,
     backoff: &mut Duration,
     control: &ControlEndpoint,
     tls: &Arc<rustls::ClientConfig>,
@@ -159,7 +201,8 @@ async fn session(
         .max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
     // Clusters before listeners, as Envoy does: a listener's clusters are known when it arrives.
-    let first = DiscoveryRequest { node: Some(node(proxy)), type_url: Cluster::type_url(), ..Default::default() };
+    let first =
+        DiscoveryRequest { node: Some(node(proxy.node())), type_url: Cluster::type_url(), ..Default::default() };
     tx.send(first).await?;
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
     let mut s = Stream { tx, types: HashMap::new(), awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
@@ -167,38 +210,35 @@ async fn session(
     s.request(Listener::type_url(), None).await;
     // The trust bundle; listeners open only once it is here.
     s.subscribe(config::tls::secret_type_url(), BTreeSet::from([ROOT_SECRET.to_owned()])).await;
-    proxy.dump().control_plane_connected = true;
-    tracing::info!(control = %proxy.opts.control, "connected to control plane");
+    proxy.record(Event::Connected(true));
+    tracing::info!(control = %control.address, "connected to control plane");
     while let Some(resp) = responses.message().await? {
         *backoff = Duration::from_millis(100);
-        handle(proxy, &mut s, resp).await;
+        handle(&**proxy, &mut s, resp).await;
     }
     Ok(())
 }
 
-async fn handle(proxy: &Proxy, s: &mut Stream, resp: DiscoveryResponse) {
+async fn handle(proxy: &impl Runtime, s: &mut Stream, resp: DiscoveryResponse) {
     let type_url = resp.type_url.clone();
     let result = apply(proxy, s, &resp).await;
-    let ack = result.is_ok();
-    proxy.metrics.xds(&type_url, ack);
     let st = s.types.entry(type_url.clone()).or_default();
     st.nonce = resp.nonce.clone();
     match result {
         Ok(()) => {
             st.version = resp.version_info.clone();
-            proxy.dump().versions.insert(type_url.clone(), resp.version_info.clone());
+            proxy.record(Event::Accepted { type_url: &type_url, version: &resp.version_info });
             s.request(type_url, None).await;
         }
         Err(e) => {
             let e = e.to_string();
             tracing::warn!(type_url = %type_url, error = %e, "rejected config from control plane (NACK); keeping the previous config");
-            proxy.dump().last_rejected = Some(e.clone());
+            proxy.record(Event::Rejected { type_url: &type_url, error: &e });
             s.request(type_url, Some(e)).await;
         }
     }
-    if !*proxy.ready.borrow() && s.seen_lds && s.seen_cds && s.awaiting.is_empty() {
-        proxy.ready.send_replace(true);
-        tracing::info!("first full config applied; ready");
+    if s.seen_lds && s.seen_cds && s.awaiting.is_empty() {
+        proxy.record(Event::Synced);
     }
 }
 
@@ -210,7 +250,7 @@ fn decode_all<T>(
 }
 
 /// Decodes and checks a whole response, then applies it; on error nothing of it is applied.
-async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
+async fn apply(proxy: &impl Runtime, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
     let t = resp.type_url.as_str();
     if t == Listener::type_url() {
         let defs = decode_all(resp, config::listener)?;
@@ -221,14 +261,14 @@ async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Resul
                 _ => None,
             })
             .collect();
-        proxy.apply_listeners(defs)?;
+        proxy.apply(Update::Listeners(defs))?;
         s.seen_lds = true;
         s.subscribe(RouteConfiguration::type_url(), rds).await;
     } else if t == Cluster::type_url() {
         let defs = decode_all(resp, config::cluster)?;
         let eds: BTreeSet<String> =
             defs.iter().filter(|d| d.static_endpoints.is_none()).map(|d| d.name.clone()).collect();
-        proxy.apply_clusters(defs);
+        proxy.apply(Update::Clusters(defs))?;
         s.seen_cds = true;
         s.subscribe(ClusterLoadAssignment::type_url(), eds).await;
     } else if t == RouteConfiguration::type_url() {
@@ -236,23 +276,19 @@ async fn apply(proxy: &Proxy, s: &mut Stream, resp: &DiscoveryResponse) -> Resul
         for d in &defs {
             s.awaiting.remove(&(t.to_owned(), d.name.clone()));
         }
-        proxy.apply_routes(defs);
+        proxy.apply(Update::Routes(defs))?;
     } else if t == ClusterLoadAssignment::type_url() {
         let sets = decode_all(resp, config::load_assignment)?;
         for (name, _) in &sets {
             s.awaiting.remove(&(t.to_owned(), name.clone()));
         }
-        proxy.apply_endpoints(sets);
+        proxy.apply(Update::Endpoints(sets))?;
     } else if t == config::tls::secret_type_url() {
         let bundles = decode_all(resp, config::tls::bundle)?;
-        for (name, pem) in &bundles {
-            let roots = proxy.creds.set_bundle(pem).map_err(|reason| InvalidResource {
-                kind: "Secret",
-                name: name.clone(),
-                reason,
-            })?;
-            s.awaiting.remove(&(t.to_owned(), name.clone()));
-            tracing::info!(roots, "trust bundle updated");
+        for (name, pem) in bundles {
+            let key = (t.to_owned(), name.clone());
+            proxy.apply(Update::TrustBundle { name, pem })?;
+            s.awaiting.remove(&key);
         }
     } else {
         return Err(ConfigError::UnsupportedType(t.to_owned()));

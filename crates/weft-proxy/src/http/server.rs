@@ -4,8 +4,8 @@
 //! [`RequestRecord`], which feeds metrics and logs once the request is answered.
 use super::body::Body;
 use super::respond::error_response;
-use crate::Limits;
 use crate::context::ConnCtx;
+use crate::context::Limits;
 use crate::idle::{Exchange, IdleIo, Session};
 use crate::record::RequestRecord;
 use crate::stack::HttpStack;

@@ -1,9 +1,9 @@
 //! In-process tests of the outbound stack: a real HTTP/1.1 client and real hyper servers,
 //! connected through in-memory streams, with tokio's clock paused. Time only moves when every
 //! task waits on a timer, so timeouts fire at exactly their configured time, with no sleeps.
-use crate::Limits;
 use crate::config::Direction;
 use crate::config::{ClusterDef, PathDef, RetryDef, RetryLimit, RetryOn, RouteDef, RuleDef};
+use crate::context::Limits;
 use crate::context::{ConnCtx, ListenerInfo};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
