@@ -100,7 +100,7 @@ impl Mesh {
             "restored state from {}",
             dir.display()
         );
-        let snapshot = Snapshot::build(&inner, 1);
+        let snapshot = inner.snapshot(1);
         Ok(Mesh {
             inner: Mutex::new(inner),
             store,
@@ -122,7 +122,7 @@ impl Mesh {
     /// published in the order of the changes that caused them.
     fn publish(&self, inner: &Inner) {
         let version = self.snapshot.borrow().version + 1;
-        let snap = Snapshot::build(inner, version);
+        let snap = inner.snapshot(version);
         self.snapshot.send_replace(Arc::new(snap));
     }
 
@@ -521,6 +521,11 @@ impl Mesh {
 }
 
 impl Inner {
+    fn snapshot(&self, version: u64) -> Snapshot {
+        let registered: Vec<&Instance> = self.instances.values().map(|e| &e.instance).collect();
+        Snapshot::build(&self.resources, &registered, &self.settings, version)
+    }
+
     /// Services that exist: declared by a Service resource or registered by an instance.
     pub fn service_names(&self) -> BTreeSet<String> {
         let declared = self.resources.values().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned());

@@ -1,7 +1,7 @@
 //! TLS for the control plane's own port. Handshakes run in tasks of their own, so a slow or
 //! silent client never holds up the accept loop.
-use crate::Mesh;
 use crate::ca::Ca;
+use crate::state::Mesh;
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};

@@ -18,7 +18,6 @@
 //! proxy makes itself) and `ROOTCA`. A strict service's inbound listener has only TLS filter
 //! chains, so plaintext matches nothing and is closed; a permissive one has plaintext chains
 //! too. Proxyless clients get the clusters without TLS (they reach permissive services).
-use crate::state::Inner;
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, LoadBalancingPolicy, OutlierDetection as EnvoyOutlierDetection, circuit_breakers,
     cluster, load_balancing_policy,
@@ -181,7 +180,13 @@ struct InboundFilters {
 }
 
 impl Snapshot {
-    pub(crate) fn build(inner: &Inner, version: u64) -> Snapshot {
+    /// The snapshot of the mesh's `resources` and registered instances (`registered`).
+    pub(crate) fn build(
+        resources: &BTreeMap<String, Resource>,
+        registered: &[&Instance],
+        settings: &Settings,
+        version: u64,
+    ) -> Snapshot {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
         // HTTPRoutes, and GRPCRoutes as the HTTPRoutes they amount to.
         let mut routes: Vec<(&str, std::borrow::Cow<'_, weft_api::resource::HttpRouteSpec>)> = Vec::new();
@@ -191,7 +196,7 @@ impl Snapshot {
         let mut authns = Vec::new();
         // The first TrafficPolicy (by name) targeting a service applies to it.
         let mut traffic: HashMap<&str, &TrafficPolicySpec> = HashMap::new();
-        for r in inner.resources.values() {
+        for r in resources.values() {
             match r {
                 Resource::Service(o) => drop(specs.insert(o.metadata.name.clone(), o.spec.clone())),
                 Resource::HttpRoute(o) => routes.push((o.metadata.name.as_str(), std::borrow::Cow::Borrowed(&o.spec))),
@@ -214,16 +219,15 @@ impl Snapshot {
             .flat_map(|(_, r)| r.rules.iter().flat_map(|rule| rule.backend_refs.iter().map(|b| b.name.as_str())))
             .collect();
         let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
-        for e in inner.instances.values() {
-            if let Some(svc) = &e.instance.registration.service {
-                instances.entry(svc.clone()).or_default().push(&e.instance);
+        for &i in registered {
+            if let Some(svc) = &i.registration.service {
+                instances.entry(svc.clone()).or_default().push(i);
             }
         }
         // Zones callers may be in: their instances' `zone` labels.
-        let zones: std::collections::BTreeSet<String> = inner
-            .instances
-            .values()
-            .filter_map(|e| e.instance.registration.labels.get("zone").filter(|z| !z.is_empty()).cloned())
+        let zones: std::collections::BTreeSet<String> = registered
+            .iter()
+            .filter_map(|i| i.registration.labels.get("zone").filter(|z| !z.is_empty()).cloned())
             .collect();
         let mut zonal_endpoints = HashMap::new();
         let mut names: Vec<String> = specs.keys().chain(instances.keys()).cloned().collect();
@@ -231,7 +235,6 @@ impl Snapshot {
         names.dedup();
 
         let mut global: HashMap<Type, ResMap> = Type::ALL.into_iter().map(|t| (t, ResMap::new())).collect();
-        let settings = &inner.settings;
         let root = Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle));
         global.get_mut(&Type::Secret).expect("all types present").insert(ROOT_SECRET.to_owned(), root);
         let mut mesh_clusters = ResMap::new();

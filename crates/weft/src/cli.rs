@@ -1,10 +1,8 @@
 //! Command-line interface: every subcommand and flag, and where each goes.
-use crate::{api_client, run, up};
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 use weft_api::resource::MtlsMode;
 use weft_proxy::{HealthCheck, Limits, ProxyOptions};
@@ -379,45 +377,4 @@ impl ProxyArgs {
             drain_timeout: self.drain_timeout,
         })
     }
-}
-
-pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Control(a) => weft_control::run(a.config()?, crate::supervise::stop_signal()).await?,
-        Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
-        Command::Run(a) => return run::run(a).await,
-        Command::Up(a) => up::up(a).await?,
-        Command::Apply { file, control } => api_client::apply(&control, &file).await?,
-        Command::Get { kind, name, output, expiring_within, control } => {
-            api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
-        }
-        Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
-        Command::Token { action: TokenAction::Create { service, ttl }, control } => {
-            api_client::token_create(&control, &service, ttl).await?
-        }
-        Command::Token { action: TokenAction::Revoke { token }, control } => {
-            api_client::token_revoke(&control, &token).await?
-        }
-        Command::Ca { action: CaAction::Show, control } => api_client::ca_show(&control).await?,
-        Command::Ca { action: CaAction::Rotate { overlap }, control } => {
-            api_client::ca_rotate(&control, overlap).await?
-        }
-        Command::DemoApp(a) => {
-            let listen = a.listen.unwrap_or_else(|| {
-                let port = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
-                SocketAddr::from(([127, 0, 0, 1], port))
-            });
-            let instance = a.instance.unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
-            let cfg = weft_demo::DemoConfig {
-                listen,
-                service: a.service,
-                version: a.app_version,
-                instance,
-                upstream: a.upstream,
-            };
-            weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
-        }
-        Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -36,11 +36,53 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli::dispatch(cli)) {
+    match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the command the command line names.
+async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        cli::Command::Control(a) => weft_control::run(a.config()?, crate::supervise::stop_signal()).await?,
+        cli::Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
+        cli::Command::Run(a) => return run::run(a).await,
+        cli::Command::Up(a) => up::up(a).await?,
+        cli::Command::Apply { file, control } => api_client::apply(&control, &file).await?,
+        cli::Command::Get { kind, name, output, expiring_within, control } => {
+            api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
+        }
+        cli::Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
+        cli::Command::Token { action: cli::TokenAction::Create { service, ttl }, control } => {
+            api_client::token_create(&control, &service, ttl).await?
+        }
+        cli::Command::Token { action: cli::TokenAction::Revoke { token }, control } => {
+            api_client::token_revoke(&control, &token).await?
+        }
+        cli::Command::Ca { action: cli::CaAction::Show, control } => api_client::ca_show(&control).await?,
+        cli::Command::Ca { action: cli::CaAction::Rotate { overlap }, control } => {
+            api_client::ca_rotate(&control, overlap).await?
+        }
+        cli::Command::DemoApp(a) => {
+            let listen = a.listen.unwrap_or_else(|| {
+                let port = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+                std::net::SocketAddr::from(([127, 0, 0, 1], port))
+            });
+            let instance = a.instance.unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
+            let cfg = weft_demo::DemoConfig {
+                listen,
+                service: a.service,
+                version: a.app_version,
+                instance,
+                upstream: a.upstream,
+            };
+            weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
+        }
+        cli::Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
