@@ -59,7 +59,15 @@ fn round_trip(docs: Vec<serde_json::Value>) -> Result<Decoded, String> {
             .map(|(i, d)| Resource::from_json(i, d))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        mesh.apply(resources, Vec::new()).map_err(|e| e.to_string())?;
+        // What `weft apply` would have read: inline key sets are their own text.
+        let jwks = crate::jwks::sources(resources.iter())
+            .into_keys()
+            .filter_map(|source| match &source {
+                weft_api::resource::JwksSource::Inline(text) => Some((source.clone(), text.as_str().into())),
+                _ => None,
+            })
+            .collect();
+        mesh.apply(resources, jwks).map_err(|e| e.to_string())?;
         let b = registration("b", 7000, vec![]);
         let a = registration("a", 7100, vec![Upstream { service: "b".into(), listen: "127.0.0.1:7200".into() }]);
         mesh.connect("b-1", b.clone(), 1, Some("key-b")).unwrap();
@@ -775,5 +783,76 @@ mod authorization {
                 prop_assert_eq!(decide(&authz, &r), allowed(&policies, &r), "{:?}\n{}", r, serde_json::to_string(&policies).unwrap());
             }
         }
+    }
+}
+
+mod authentication {
+    //! RequestAuthentication through `jwt_authn` and back: the called proxy's verdict on
+    //! tokens, against the README's meaning of each field.
+    use super::*;
+    use base64::Engine;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn jwks() -> String {
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+        format!(r#"{{"keys":[{{"kty":"oct","kid":"k1","alg":"HS256","k":"{k}"}}]}}"#)
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        let header = jsonwebtoken::Header {
+            kid: Some("k1".into()),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+        };
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    /// The verdict on a request carrying `token` in `x-token` (or none): the failure's
+    /// reason, or whether the token was passed on to the app.
+    fn verdict(authn: &weft_proxy::jwt::JwtAuthn, token: Option<&str>) -> Result<bool, &'static str> {
+        let mut req = http::Request::builder().uri("/");
+        if let Some(t) = token {
+            req = req.header("x-token", format!("T {t}"));
+        }
+        let (mut parts, ()) = req.body(()).unwrap().into_parts();
+        authn.authenticate(&mut parts).map_err(|e| e.reason())?;
+        Ok(parts.headers.contains_key("x-token"))
+    }
+
+    fn doc(required: bool, forward: bool) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "RequestAuthentication", "metadata": {"name": "jwt"},
+            "spec": {"service": "b", "required": required, "issuers": [{
+                "issuer": "iss-a", "audiences": ["b", "b2"], "jwks": jwks(), "clockSkew": "10s",
+                "fromHeaders": [{"name": "x-token", "prefix": "T "}], "forwardOriginalToken": forward
+            }]}
+        })
+    }
+
+    #[test]
+    fn request_authentication_survives_the_round_trip() {
+        let decoded = round_trip(vec![doc(true, false)]).unwrap();
+        let authn = decoded.inbound.policy.jwt.clone().expect("a jwt_authn filter on b's inbound listener");
+        let good = token(serde_json::json!({"iss": "iss-a", "aud": "b2", "sub": "u", "exp": now() + 60}));
+        assert_eq!(verdict(&authn, Some(&good)), Ok(false), "verified, and removed before the app");
+        let skewed = token(serde_json::json!({"iss": "iss-a", "aud": "b", "exp": now() - 5}));
+        assert_eq!(verdict(&authn, Some(&skewed)), Ok(false), "within the clock skew");
+        let expired = token(serde_json::json!({"iss": "iss-a", "aud": "b", "exp": now() - 30}));
+        assert_eq!(verdict(&authn, Some(&expired)), Err("jwt-expired"));
+        let other = token(serde_json::json!({"iss": "iss-a", "aud": "c", "exp": now() + 60}));
+        assert_eq!(verdict(&authn, Some(&other)), Err("jwt-wrong-audience"));
+        let foreign = token(serde_json::json!({"iss": "iss-x", "aud": "b", "exp": now() + 60}));
+        assert!(verdict(&authn, Some(&foreign)).is_err());
+        assert_eq!(verdict(&authn, None), Err("jwt-missing"), "required");
+
+        let decoded = round_trip(vec![doc(false, true)]).unwrap();
+        let authn = decoded.inbound.policy.jwt.clone().unwrap();
+        assert_eq!(verdict(&authn, None), Ok(false), "not required: no token passes");
+        assert_eq!(verdict(&authn, Some(&good)), Ok(true), "forwardOriginalToken");
+        assert_eq!(verdict(&authn, Some(&expired)), Err("jwt-expired"), "a bad token never passes");
     }
 }
