@@ -310,7 +310,7 @@ fn record(view: &ClusterView<'_>, ep: &Endpoint, seen: Seen<'_>, mesh: bool, att
     let (cluster, outlier) = (view.cluster, view.settings.outlier.as_ref());
     let outcome = match seen {
         Seen::Answered(None) => Outcome::Answered,
-        Seen::Answered(Some((status, headers))) => match app_failed(headers).filter(|_| mesh) {
+        Seen::Answered(Some((status, headers))) => match mesh.then(|| app_failed(headers)).flatten() {
             // The callee's sidecar answered for an app that failed: the instance failed.
             Some(sent) => {
                 cluster.observe(outlier, ep, Observed::LocalFailure);

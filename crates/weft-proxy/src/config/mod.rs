@@ -61,18 +61,9 @@ pub enum Direction {
     outbound,
 }
 
-/// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EscapedSlashes {
-    /// Left encoded (upper-cased): `/a%2Fb` is one segment.
-    #[default]
-    Keep,
-    /// Decoded to `/` before the path is normalised.
-    Decode,
-    /// The request is refused with 400.
-    Reject,
-}
+/// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`):
+/// the same setting as a `Service`'s `escapedSlashes`.
+pub use weft_api::resource::EscapedSlashes;
 
 /// How many endpoints a request may be tried on when they fail without it being processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
