@@ -20,7 +20,11 @@ pub fn weft_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let p = target.join("debug/weft");
-    assert!(p.exists(), "{} is missing: run `cargo build --bin weft` first (scripts/test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bin weft --bin weft-proxy` first (scripts/test does)",
+        p.display()
+    );
     p
 }
 
@@ -496,6 +500,11 @@ impl Instance {
 
     pub fn admin(&self) -> String {
         format!("127.0.0.1:{}", self.admin)
+    }
+
+    /// The app's PIDs: `weft run` becomes the sidecar, whose child the app is.
+    pub fn app_pids(&self) -> Vec<i32> {
+        self.proc.children()
     }
 }
 

@@ -81,8 +81,8 @@ fn sigkill_of_an_instance_loses_no_request() {
 #[test]
 fn app_crash_takes_instance_out_and_sidecar_stops_with_it() {
     let mut m = SmallMesh::start("appcrash", 2);
-    let app_pids = m.backends[0].proc.children();
-    assert_eq!(app_pids.len(), 1, "weft run has one child (the app): {app_pids:?}");
+    let app_pids = m.backends[0].app_pids();
+    assert_eq!(app_pids.len(), 1, "weft run (now its sidecar) has one child, the app: {app_pids:?}");
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(app_pids[0]), nix::sys::signal::Signal::SIGKILL);
     let took = wait_until(Duration::from_secs(5), "crashed instance removed", || {
         !m.control.healthy_ids("backend").contains(&"backend-0".to_owned())
@@ -120,10 +120,11 @@ fn instance_failing_its_health_check_gets_no_traffic() {
 #[test]
 fn clean_stop_deregisters_before_exit() {
     let mut m = SmallMesh::start("cleanstop", 2);
+    let app_pids = m.backends[1].app_pids();
     let code = m.backends[1].proc.stop();
     assert_eq!(code, Some(0), "weft run exits 0 on SIGTERM when the app stops cleanly");
     assert_eq!(m.control.healthy_ids("backend"), vec!["backend-0".to_owned()]);
-    let app_pids = m.backends[1].proc.children();
+    assert_eq!(app_pids.len(), 1, "{app_pids:?}");
     assert!(app_pids.iter().all(|p| !alive(*p)), "app outlived weft run");
 }
 

@@ -1,6 +1,10 @@
 //! Names of the xDS resources weft generates. The control plane builds resources under these
 //! names and the proxy recognises them, so both sides use these functions and nothing else.
 
+/// Where the control plane listens (xDS and API), and where proxies and the CLI look for it,
+/// unless told otherwise.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:15010";
+
 /// Node metadata key under which a weft proxy sends its [`crate::InstanceRegistration`] (JSON).
 pub const NODE_METADATA_KEY: &str = "weft.registration";
 

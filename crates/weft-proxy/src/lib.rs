@@ -9,11 +9,12 @@
 //! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
 //! and /config_dump.
-#![deny(unsafe_code)] // allowed once, in idle::trim (an FFI call)
+#![deny(unsafe_code)] // allowed twice: idle::trim (an FFI call), supervise::spawn_command (pre_exec)
 
 pub mod active_health;
 mod admin;
 pub mod app_protocol;
+pub mod args;
 mod attempt;
 pub mod authz;
 pub mod balance;
@@ -35,6 +36,7 @@ pub mod jwt;
 mod listener;
 mod log_limit;
 pub mod metrics;
+pub mod notify;
 mod outbound;
 pub mod outlier;
 pub mod path;
@@ -44,6 +46,7 @@ pub mod record;
 pub mod retry_budget;
 pub mod route;
 pub mod stack;
+pub mod supervise;
 mod tcp;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
@@ -65,4 +68,4 @@ pub mod fuzzing {
 }
 pub use context::Limits;
 pub use health::HealthCheck;
-pub use proxy::{DEFAULT_DRAIN_TIMEOUT, ProxyOptions, RunningProxy, run, start};
+pub use proxy::{DEFAULT_DRAIN_TIMEOUT, ProxyOptions, RunningProxy, start};

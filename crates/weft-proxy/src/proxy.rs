@@ -232,15 +232,6 @@ impl Proxy {
     }
 }
 
-/// Runs the proxy until `shutdown` resolves, then leaves the mesh: deregisters, drains, stops.
-pub async fn run(opts: ProxyOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut running = start(opts).await?;
-    shutdown.await;
-    running.drain().await;
-    running.stop().await;
-    Ok(())
-}
-
 /// A started proxy; [`RunningProxy::stop`] takes it out of the mesh.
 pub struct RunningProxy {
     proxy: Arc<Proxy>,

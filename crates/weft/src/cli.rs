@@ -1,13 +1,11 @@
 //! Command-line interface: every subcommand and flag, and where each goes.
 use clap::{Args, Parser, Subcommand};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use weft_api::names::DEFAULT_CONTROL;
 use weft_api::resource::MtlsMode;
-use weft_proxy::{HealthCheck, Limits, ProxyOptions};
-
-pub const DEFAULT_CONTROL: &str = "127.0.0.1:15010";
+use weft_proxy::args::{ProxyArgs, duration};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "weft: a service mesh in one binary", propagate_version = true)]
@@ -20,7 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the control plane: registry, config store, xDS server and admin API.
     Control(ControlArgs),
-    /// Run a sidecar proxy for one service instance.
+    /// Run a sidecar proxy for one service instance (runs the `weft-proxy` binary with these
+    /// flags in place of this process).
     Proxy(ProxyArgs),
     /// Start an app with its sidecar; both stop together.
     Run(RunArgs),
@@ -181,71 +180,6 @@ impl ControlArgs {
     }
 }
 
-#[derive(Args, Clone)]
-pub struct ProxyArgs {
-    /// Service this instance belongs to. Without it the proxy only serves --upstream listeners.
-    #[arg(long)]
-    pub service: Option<String>,
-    /// Port of the local application.
-    #[arg(long = "app-port")]
-    pub app_port: Option<u16>,
-    /// Host of the local application.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub app_host: std::net::IpAddr,
-    /// Address of the inbound listener other proxies reach this instance on (port 0: pick one).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub inbound: SocketAddr,
-    /// Upstream service reachable on a local port: SERVICE=PORT or SERVICE=HOST:PORT. Repeatable.
-    #[arg(long = "upstream", value_parser = upstream)]
-    pub upstreams: Vec<(String, SocketAddr)>,
-    /// Label of this instance, KEY=VALUE (e.g. version=v1, zone=a). Repeatable.
-    #[arg(long = "label", value_parser = label)]
-    pub labels: Vec<(String, String)>,
-    /// Unique id of this instance (default: SERVICE-PID-RANDOM, 8 random hex digits).
-    #[arg(long)]
-    pub id: Option<String>,
-    /// Admin endpoint (/live, /ready, /metrics, /config_dump). Port 0 picks one.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub admin: SocketAddr,
-    /// HTTP health check path on the app (default: a TCP connect check).
-    #[arg(long)]
-    pub health_path: Option<String>,
-    /// Interval between health checks; two failures in a row mark the instance unhealthy.
-    #[arg(long, default_value = "500ms", value_parser = duration)]
-    pub health_interval: Duration,
-    /// How long to wait for a client's first bytes before treating a connection as opaque TCP.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    pub detect_timeout: Duration,
-    /// Largest HTTP request head / header list accepted, in bytes.
-    #[arg(long, default_value_t = 64 * 1024)]
-    pub max_header_bytes: u32,
-    /// Time allowed for an HTTP/1 client to send its request head.
-    #[arg(long, default_value = "10s", value_parser = duration)]
-    pub header_read_timeout: Duration,
-    /// Open client connections per listener; new ones beyond it are closed at once.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_connections: usize,
-    /// How long a pooled connection to an upstream may sit unused before it is closed.
-    #[arg(long, default_value = "90s", value_parser = duration)]
-    pub upstream_idle_timeout: Duration,
-    /// On SIGTERM: after leaving the mesh, how long the proxy keeps serving requests and
-    /// connections in flight at most (it stops sooner once none are left), before the app
-    /// (`weft run`) is stopped.
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    pub drain_timeout: Duration,
-    /// Worker threads for the proxy (default: one per CPU).
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// Join token for this proxy's service (`weft token create --service NAME`).
-    #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Send the xDS stream here instead of to --control (HOST:PORT, TLS with the same root).
-    #[arg(long)]
-    pub xds: Option<String>,
-    #[command(flatten)]
-    pub control: ControlAddr,
-}
-
 #[derive(Args)]
 pub struct RunArgs {
     /// Port the app listens on (also passed to it as $PORT).
@@ -293,29 +227,11 @@ pub struct DemoClientArgs {
     pub stream: Option<u32>,
 }
 
-pub fn duration(s: &str) -> Result<Duration, String> {
-    weft_api::duration::parse(s)
-}
-
-fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
-    let (svc, target) = s.split_once('=').ok_or("expected SERVICE=PORT or SERVICE=HOST:PORT")?;
-    let addr = match target.parse::<u16>() {
-        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
-        Err(_) => target.parse().map_err(|_| format!("{target:?} is neither a port nor HOST:PORT"))?,
-    };
-    Ok((svc.to_owned(), addr))
-}
-
-fn label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or("expected KEY=VALUE")?;
-    Ok((k.to_owned(), v.to_owned()))
-}
-
 impl Cli {
     pub fn workers(&self) -> Option<usize> {
         match &self.command {
-            Command::Proxy(p) => p.workers,
-            Command::Run(r) => r.proxy.workers,
+            // `weft proxy` and `weft run` become the sidecar, which has its own runtime.
+            Command::Proxy(_) | Command::Run(_) => Some(1),
             _ => None,
         }
     }
@@ -330,51 +246,5 @@ impl Cli {
             | Command::DemoClient(_) => "warn",
             _ => "info",
         }
-    }
-}
-
-impl ProxyArgs {
-    pub fn options(&self, app_port: Option<u16>) -> anyhow::Result<ProxyOptions> {
-        let app_port = app_port.or(self.app_port);
-        let app = app_port.map(|p| SocketAddr::new(self.app_host, p));
-        if app.is_some() && self.service.is_none() {
-            anyhow::bail!("--service is required when the proxy fronts an app (--app-port)");
-        }
-        if self.service.is_some() && app.is_none() {
-            anyhow::bail!("--app-port is required with --service: the proxy needs the app it fronts");
-        }
-        // The default id carries random bits, so nobody can name a live instance in advance.
-        let id = self.id.clone().unwrap_or_else(|| {
-            let service = self.service.as_deref().unwrap_or("proxy");
-            format!("{service}-{}-{}", std::process::id(), weft_proxy::crypto::random_hex(4))
-        });
-        let health = app.map(|addr| match &self.health_path {
-            Some(path) => HealthCheck::Http { addr, path: path.clone() },
-            None => HealthCheck::Tcp { addr },
-        });
-        let labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
-        Ok(ProxyOptions {
-            control: self.control.control.clone(),
-            ca_file: self.control.ca_file.clone(),
-            token: self.token.clone(),
-            xds: self.xds.clone(),
-            id,
-            service: self.service.clone(),
-            inbound: app.map(|_| self.inbound),
-            app,
-            upstreams: self.upstreams.clone(),
-            labels,
-            admin: self.admin,
-            health,
-            health_interval: self.health_interval,
-            limits: Limits {
-                detect_timeout: self.detect_timeout,
-                max_header_bytes: self.max_header_bytes,
-                header_read_timeout: self.header_read_timeout,
-                max_connections: self.max_connections,
-                upstream_idle_timeout: self.upstream_idle_timeout,
-            },
-            drain_timeout: self.drain_timeout,
-        })
     }
 }

@@ -1,11 +1,11 @@
 //! `weft`: the one binary of the weft service mesh.
-#![deny(unsafe_code)] // one exception, in supervise.rs, says why
+#![deny(unsafe_code)]
 
 mod api_client;
 mod cli;
 mod mesh_file;
 mod run;
-mod supervise;
+mod sidecar;
 mod up;
 
 use clap::Parser;
@@ -48,9 +48,9 @@ fn main() -> ExitCode {
 /// Runs the command the command line names.
 async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        cli::Command::Control(a) => weft_control::run(a.config()?, crate::supervise::stop_signal()).await?,
-        cli::Command::Proxy(a) => weft_proxy::run(a.options(None)?, crate::supervise::stop_signal()).await?,
-        cli::Command::Run(a) => return run::run(a).await,
+        cli::Command::Control(a) => weft_control::run(a.config()?, weft_proxy::supervise::stop_signal()).await?,
+        cli::Command::Proxy(a) => return Err(sidecar::exec(&a, &[])),
+        cli::Command::Run(a) => return Err(run::exec(a)),
         cli::Command::Up(a) => up::up(a).await?,
         cli::Command::Apply { file, control } => api_client::apply(&control, &file).await?,
         cli::Command::Get { kind, name, output, expiring_within, control } => {
@@ -80,7 +80,7 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 instance,
                 upstream: a.upstream,
             };
-            weft_demo::run(cfg, crate::supervise::stop_signal()).await?;
+            weft_demo::run(cfg, weft_proxy::supervise::stop_signal()).await?;
         }
         cli::Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,
     }

@@ -60,7 +60,7 @@ impl Default for ControlSection {
 }
 
 fn default_listen() -> SocketAddr {
-    crate::cli::DEFAULT_CONTROL.parse().expect("valid default")
+    weft_api::names::DEFAULT_CONTROL.parse().expect("valid default")
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,16 +1,18 @@
-//! `weft up`: a whole mesh on one machine. The control plane and a gateway proxy run in this
-//! process; every service instance runs as `weft run` in a child process of its own, so any
-//! of them can be killed or restarted like a real workload.
+//! `weft up`: a whole mesh on one machine. The control plane runs in this process, the gateway
+//! proxy as a sidecar process (`weft-proxy`); every service instance runs as `weft run` in a
+//! child process of its own, so any of them can be killed or restarted like a real workload.
 use crate::api_client::Api;
 use crate::cli::UpArgs;
 use crate::mesh_file::{self, MeshFile};
-use crate::supervise;
+use crate::sidecar::Sidecar;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use weft_proxy::args::ProxyArgs;
 use weft_proxy::control_client::ControlEndpoint;
+use weft_proxy::supervise;
 
 struct Planned {
     service: String,
@@ -66,9 +68,7 @@ fn plan(file: &MeshFile, exe: &str, ca_file: &std::path::Path) -> anyhow::Result
                 command.into_iter().enumerate().map(|(j, a)| if j == 0 && a == "weft" { exe.to_owned() } else { a }),
             );
             let mut env: Vec<(String, String)> = s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            if std::env::var_os("WEFT_LOG").is_none() {
-                env.push(("WEFT_LOG".into(), "warn".into()));
-            }
+            env.extend(quiet_log());
             out.push(Planned { service: s.name.clone(), id, app, argv, env });
         }
     }
@@ -113,6 +113,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     result
 }
 
+/// What `up` starts logs warnings only (unless `WEFT_LOG` says otherwise): the banner is the
+/// output.
+fn quiet_log() -> Vec<(String, String)> {
+    match std::env::var_os("WEFT_LOG") {
+        Some(_) => vec![],
+        None => vec![("WEFT_LOG".into(), "warn".into())],
+    }
+}
+
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -121,7 +130,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 struct Mesh {
     instances_stop: watch::Sender<bool>,
     instances: tokio::task::JoinSet<()>,
-    gateway: Option<weft_proxy::RunningProxy>,
+    gateway: Option<Sidecar>,
     control_stop: watch::Sender<bool>,
     control: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -199,24 +208,16 @@ async fn start_all(
         api.apply(resources).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     if !file.gateway.is_empty() {
-        let opts = weft_proxy::ProxyOptions {
-            control: listen.to_string(),
-            ca_file: Some(ca_file.clone()),
-            token: Some(join_token(&api, weft_api::names::GATEWAY).await?),
-            xds: None,
-            id: weft_api::names::GATEWAY.into(),
-            service: None,
-            app: None,
-            inbound: None,
-            upstreams: file.gateway.iter().map(|(s, p)| (s.clone(), SocketAddr::from(([127, 0, 0, 1], *p)))).collect(),
-            labels: Default::default(),
-            admin: "127.0.0.1:0".parse().expect("valid address"),
-            health: None,
-            health_interval: Duration::from_secs(1),
-            limits: Default::default(),
-            drain_timeout: weft_proxy::DEFAULT_DRAIN_TIMEOUT,
-        };
-        mesh.gateway = Some(weft_proxy::start(opts).await.context("cannot start the gateway")?);
+        let mut flags =
+            vec!["--id".to_owned(), weft_api::names::GATEWAY.into(), "--control".into(), listen.to_string()];
+        flags.extend(["--ca-file".into(), ca_file.display().to_string()]);
+        for (svc, port) in &file.gateway {
+            flags.extend(["--upstream".into(), format!("{svc}={port}")]);
+        }
+        let mut args = ProxyArgs::from_flags(&flags)?;
+        args.token = Some(join_token(&api, weft_api::names::GATEWAY).await?);
+        let gateway = Sidecar::start(&args, &quiet_log()).await.context("cannot start the gateway")?;
+        mesh.gateway = Some(gateway);
     }
     let mut planned = plan(file, exe, &ca_file)?;
     let mut tokens = std::collections::HashMap::new();
@@ -243,7 +244,7 @@ async fn start_all(
         });
     }
     let instances = wait_healthy(&api, &planned, &exited).await?;
-    banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin()), data_dir);
+    banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir);
     Ok(())
 }
 

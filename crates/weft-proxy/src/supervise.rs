@@ -1,35 +1,58 @@
-//! Child processes and signals: starting apps and sidecars, forwarding a stop to them, and
-//! making sure none outlives its parent.
+//! Child processes and signals: starting apps (and, in `weft up`, instances), forwarding a
+//! stop to them, and making sure none outlives its parent.
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    match StopSignals::new() {
+        Ok(mut signals) => signals.next().await,
         // Without signal handlers we can only run until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// SIGTERM and SIGINT, each a request to stop, for as long as this lives.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> std::io::Result<StopSignals> {
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
 /// Spawns `argv` so that it is killed if this process dies, however it dies, with `env` added
 /// to this process's environment and the variables `strip` taken out of it.
-#[allow(unsafe_code)]
 pub fn spawn(argv: &[String], env: &[(String, String)], strip: &[&str], quiet: bool) -> anyhow::Result<Child> {
     let (program, args) = argv.split_first().ok_or_else(|| anyhow::anyhow!("empty command"))?;
     let mut cmd = Command::new(program);
     for var in strip {
         cmd.env_remove(var);
     }
-    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
     if quiet {
         cmd.stdout(Stdio::null());
     }
+    spawn_command(cmd).map_err(|e| anyhow::anyhow!("cannot start {program:?}: {e}"))
+}
+
+/// Spawns `cmd` (with no input) so that it is killed if this process dies, however it dies.
+#[allow(unsafe_code)]
+pub fn spawn_command(mut cmd: Command) -> std::io::Result<Child> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     // SAFETY: pre_exec runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is
     // async-signal-safe and touches no memory of the parent. It is the only way to tie the
     // child's life to ours when we are SIGKILLed and cannot clean up.
@@ -38,7 +61,7 @@ pub fn spawn(argv: &[String], env: &[(String, String)], strip: &[&str], quiet: b
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
-    cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {program:?}: {e}"))
+    cmd.spawn()
 }
 
 /// Asks a child to stop (SIGTERM), then kills it after `grace`. Returns its exit code.
@@ -53,4 +76,10 @@ pub async fn stop(child: &mut Child, grace: Duration) -> Option<i32> {
             child.wait().await.ok().and_then(|s| s.code())
         }
     }
+}
+
+/// An exit status as a shell reports it: the code, or 128 + the signal that killed the process.
+pub fn exit_code(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
 }
