@@ -8,7 +8,12 @@ use weft_api::resource::MtlsMode;
 use weft_proxy::args::{ProxyArgs, duration};
 
 #[derive(Parser)]
-#[command(name = "weft", version, about = "weft: a service mesh in one binary", propagate_version = true)]
+#[command(
+    name = "weft",
+    version,
+    about = "weft: a service mesh (control plane, CLI, demo; the sidecar is weft-proxy)",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

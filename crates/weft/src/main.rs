@@ -1,4 +1,6 @@
-//! `weft`: the one binary of the weft service mesh.
+//! `weft`: the control plane, the CLI and the demo of the weft service mesh. The sidecar is a
+//! binary of its own, `weft-proxy` (crates/weft-proxy/src/main.rs), which `weft proxy` and
+//! `weft run` become.
 #![deny(unsafe_code)]
 
 mod api_client;
