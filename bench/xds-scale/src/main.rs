@@ -1,173 +1,400 @@
 //! Control-plane scale benchmark.
 //!
-//! Starts one `weft control`, connects N simulated proxies (each a distinct xDS node with its
-//! own ADS stream, subscribed to all clusters and to the endpoints of one service), then
-//! makes an endpoint change (a new instance of that service registers) and measures, per
-//! client, the time from the change until the client holds the new endpoint set and has
-//! ACKed it. Reports p50 / p99 / max and the control plane's RSS per connected client.
+//! Starts one `weft control` (TLS, join tokens, as shipped) and connects N simulated weft
+//! proxies to it. Each is what a sidecar is to the control plane: an xDS node carrying a
+//! registration (an instance of one of `--services` client services, with an inbound listener,
+//! an app and one upstream, `bench`), authenticated with its service's join token, on a TLS
+//! connection of its own (`--streams-per-connection` > 1 multiplexes streams instead), and it
+//! subscribes as the sidecar does: all clusters, all listeners and the trust bundle, then the
+//! endpoints of every cluster and the route of its upstream. It ACKs every response.
+//!
+//! Then, `--changes` times, a new instance of `bench` registers, and the benchmark measures per
+//! client the time from that change until the client holds the new endpoint set and has ACKed
+//! it, and the control plane's CPU time for the whole change. Reports p50 / p99 / max, CPU per
+//! change, connect time and the control plane's RSS per connected client.
 #![forbid(unsafe_code)]
 
 use clap::Parser;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
-use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
 use prost::{Message, Name};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Barrier, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use weft_api::identity::ROOT_SECRET;
+use weft_api::names;
 
 #[derive(Parser)]
 struct Args {
-    /// Simulated clients.
+    /// Simulated proxies.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
-    /// ADS streams per HTTP/2 connection.
-    #[arg(long, default_value_t = 100)]
+    /// ADS streams per TLS connection: 1 (the default) is one connection per proxy, as real
+    /// proxies have; more multiplexes streams over fewer connections.
+    #[arg(long, default_value_t = 1)]
     streams_per_connection: usize,
+    /// Client services the simulated proxies are instances of.
+    #[arg(long, default_value_t = 10)]
+    services: usize,
     /// Use delta xDS instead of state of the world.
     #[arg(long)]
     delta: bool,
-    /// The weft binary.
+    /// The weft binary that runs the control plane.
     #[arg(long, default_value = "target/release/weft")]
-    weft: String,
+    weft: PathBuf,
     /// Endpoint changes to measure.
     #[arg(long, default_value_t = 5)]
     changes: usize,
+    /// Seconds all clients may take to connect and get their first config.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout: u64,
+}
+
+/// How to reach the control plane: address, TLS and one join token per service.
+struct Control {
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+    tokens: HashMap<String, String>,
+}
+
+impl Control {
+    /// A new HTTP/2 connection over TLS, verified against the mesh's trust bundle.
+    async fn connect(&self) -> anyhow::Result<Channel> {
+        let addr = self.addr.clone();
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let connect = tower::service_fn(move |_: http::Uri| {
+            let (addr, connector) = (addr.clone(), connector.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP address");
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
+            .origin(format!("https://{}", self.addr).parse()?)
+            .connect_timeout(Duration::from_secs(10));
+        for attempt in 0.. {
+            match endpoint.connect_with_connector(connect.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if attempt >= 50 => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        unreachable!()
+    }
+
+    fn ads(
+        &self,
+        channel: Channel,
+        service: &str,
+    ) -> AggregatedDiscoveryServiceClient<
+        tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + use<>>,
+    > {
+        let bearer: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", self.tokens[service]).parse().expect("a token is ASCII");
+        AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        })
+        .max_decoding_message_size(256 * 1024 * 1024)
+    }
+}
+
+/// A simulated proxy's node: an instance of `service` with an inbound listener and one
+/// upstream, `bench`.
+fn node(id: &str, service: &str, n: usize) -> Node {
+    let reg = serde_json::json!({
+        "service": service,
+        "inbound": format!("127.1.{}.{}:{}", n / 250 % 250, 1 + n % 250, 20000 + n / 62500),
+        "app": "127.0.0.1:1",
+        "labels": {},
+        "upstreams": [{"service": "bench", "listen": format!("127.0.0.1:{}", 30000 + n % 20000)}],
+        "healthy": true,
+    });
+    let string = |s: String| Value { kind: Some(value::Kind::StringValue(s)) };
+    Node {
+        id: id.to_owned(),
+        cluster: service.to_owned(),
+        user_agent_name: "weft-xds-scale".to_owned(),
+        metadata: Some(Struct {
+            fields: [
+                (names::NODE_METADATA_KEY.to_owned(), string(reg.to_string())),
+                (names::NODE_INSTANCE_KEY.to_owned(), string(format!("key-{id}"))),
+            ]
+            .into(),
+        }),
+        ..Default::default()
+    }
 }
 
 fn healthy_endpoints(cla: &ClusterLoadAssignment) -> usize {
     cla.endpoints.iter().flat_map(|l| &l.lb_endpoints).filter(|e| e.health_status == 1).count()
 }
 
-/// One simulated proxy. Reports, for each change `i`, when it saw `i + 1` healthy endpoints.
-async fn client(
+/// The clusters a sidecar asks endpoints for: all but those whose endpoints are inline.
+fn eds_names<'a>(clusters: impl Iterator<Item = &'a Any>) -> anyhow::Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for any in clusters {
+        let c = Cluster::decode(any.value.as_slice())?;
+        if c.load_assignment.is_none() {
+            out.insert(c.name);
+        }
+    }
+    Ok(out)
+}
+
+/// What one simulated proxy reports: `bench`'s healthy endpoints when they change.
+struct Reporter {
+    last: usize,
+    seen: Option<mpsc::UnboundedSender<(usize, Instant)>>,
+}
+
+impl Reporter {
+    fn endpoints(&mut self, any: &Any, at: Instant) -> anyhow::Result<bool> {
+        let cla = ClusterLoadAssignment::decode(any.value.as_slice())?;
+        if cla.cluster_name != "bench" {
+            return Ok(false);
+        }
+        let healthy = healthy_endpoints(&cla);
+        if let Some(seen) = &self.seen
+            && healthy > self.last
+            && self.last > 0
+        {
+            let _ = seen.send((healthy - 1, at));
+        }
+        self.last = self.last.max(healthy);
+        Ok(true)
+    }
+}
+
+/// Responses received by all simulated proxies.
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// A proxy has its first config with 6 things: responses of the 5 types, `bench`'s endpoints.
+const READY: usize = 6;
+
+/// One simulated proxy over state-of-the-world ADS. `ready` is waited on once it holds
+/// clusters, listeners, the trust bundle and `bench`'s endpoints.
+async fn sotw(
+    control: Arc<Control>,
     channel: Channel,
-    id: usize,
-    delta: bool,
-    ready: Arc<Barrier>,
-    seen: mpsc::UnboundedSender<(usize, Instant)>,
+    node: Node,
+    mut report: Reporter,
+    ready: Option<Arc<Barrier>>,
 ) -> anyhow::Result<()> {
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
-    let node = Node { id: format!("sim-{id}"), cluster: "bench".into(), ..Default::default() };
-    let eds = ClusterLoadAssignment::type_url();
-    let mut last = 0usize;
-    let mut first = true;
-    if delta {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(node),
-            type_url: eds.clone(),
-            resource_names_subscribe: vec!["bench".into()],
-            ..Default::default()
-        })
-        .await?;
-        let mut s = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        while let Some(r) = s.message().await? {
-            let at = Instant::now();
-            tx.send(DeltaDiscoveryRequest {
-                type_url: eds.clone(),
-                response_nonce: r.nonce.clone(),
-                ..Default::default()
-            })
-            .await?;
-            for res in &r.resources {
-                let cla = ClusterLoadAssignment::decode(
-                    res.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default(),
-                )?;
-                last = report(healthy_endpoints(&cla), last, at, &seen);
-            }
-            if std::mem::take(&mut first) {
-                ready.wait().await;
-            }
-        }
-    } else {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(DiscoveryRequest { node: Some(node), type_url: Cluster::type_url(), ..Default::default() }).await?;
-        tx.send(DiscoveryRequest { type_url: eds.clone(), resource_names: vec!["bench".into()], ..Default::default() })
-            .await?;
-        let mut s = ads.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        while let Some(r) = s.message().await? {
-            let at = Instant::now();
-            tx.send(DiscoveryRequest {
-                type_url: r.type_url.clone(),
-                version_info: r.version_info.clone(),
-                response_nonce: r.nonce.clone(),
-                resource_names: if r.type_url == eds { vec!["bench".into()] } else { vec![] },
-                ..Default::default()
-            })
-            .await?;
-            if r.type_url == eds {
-                for a in &r.resources {
-                    last =
-                        report(healthy_endpoints(&ClusterLoadAssignment::decode(a.value.as_slice())?), last, at, &seen);
-                }
-                if std::mem::take(&mut first) {
-                    ready.wait().await;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn report(healthy: usize, last: usize, at: Instant, seen: &mpsc::UnboundedSender<(usize, Instant)>) -> usize {
-    if healthy > last && last > 0 {
-        let _ = seen.send((healthy - 1, at));
-    }
-    healthy.max(last)
-}
-
-/// A fake instance of service `bench`: an ADS stream carrying a weft registration.
-async fn instance(channel: Channel, n: usize, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let reg = serde_json::json!({
-        "service": "bench", "inbound": format!("127.0.0.{}:{}", 1 + n / 60000, 1000 + n % 60000),
-        "app": "127.0.0.1:1", "labels": {}, "upstreams": [], "healthy": true,
-    });
-    let node = Node {
-        id: format!("bench-instance-{n}"),
-        metadata: Some(Struct {
-            fields: [(
-                weft_api::names::NODE_METADATA_KEY.to_owned(),
-                Value { kind: Some(value::Kind::StringValue(reg.to_string())) },
-            )]
-            .into(),
-        }),
+    let service = node.cluster.clone();
+    let mut ads = control.ads(channel, &service);
+    let (tx, rx) = mpsc::channel(16);
+    let req = |t: String, names: &BTreeSet<String>| DiscoveryRequest {
+        type_url: t,
+        resource_names: names.iter().cloned().collect(),
         ..Default::default()
     };
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest { node: Some(node), type_url: Cluster::type_url(), ..Default::default() }).await?;
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
+    let none = BTreeSet::new();
+    tx.send(DiscoveryRequest { node: Some(node), ..req(Cluster::type_url(), &none) }).await?;
+    tx.send(req(Listener::type_url(), &none)).await?;
+    tx.send(req(Secret::type_url(), &BTreeSet::from([ROOT_SECRET.to_owned()]))).await?;
     let mut s = ads.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-    let mut stop = stop;
-    tokio::select! {
-        _ = async { while let Ok(Some(_)) = s.message().await {} } => {}
-        _ = stop.wait_for(|s| *s) => {}
+    let mut subscribed: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut have = BTreeSet::new();
+    let mut ready = ready;
+    while let Some(r) = s.message().await? {
+        let at = Instant::now();
+        RECEIVED.fetch_add(1, Ordering::Relaxed);
+        let t = r.type_url.clone();
+        let mut subscribe = None;
+        if t == Cluster::type_url() {
+            subscribe = Some((ClusterLoadAssignment::type_url(), eds_names(r.resources.iter())?));
+        } else if t == Listener::type_url() {
+            subscribe = Some((RouteConfiguration::type_url(), BTreeSet::from(["bench".to_owned()])));
+        } else if t == ClusterLoadAssignment::type_url() {
+            for a in &r.resources {
+                if report.endpoints(a, at)? {
+                    have.insert("bench".to_owned());
+                }
+            }
+        }
+        have.insert(t.clone());
+        let names = subscribed.get(&t).cloned().unwrap_or_default();
+        tx.send(DiscoveryRequest { version_info: r.version_info, response_nonce: r.nonce, ..req(t, &names) }).await?;
+        if let Some((t, names)) = subscribe
+            && subscribed.get(&t) != Some(&names)
+        {
+            tx.send(req(t.clone(), &names)).await?;
+            subscribed.insert(t, names);
+        }
+        if have.len() >= READY
+            && let Some(b) = ready.take()
+        {
+            b.wait().await;
+        }
     }
-    drop(tx);
     Ok(())
+}
+
+/// One simulated proxy over delta ADS, subscribing as [`sotw`] does.
+async fn delta(
+    control: Arc<Control>,
+    channel: Channel,
+    node: Node,
+    mut report: Reporter,
+    ready: Option<Arc<Barrier>>,
+) -> anyhow::Result<()> {
+    let service = node.cluster.clone();
+    let mut ads = control.ads(channel, &service);
+    let (tx, rx) = mpsc::channel(16);
+    let sub = |t: String, names: Vec<String>| DeltaDiscoveryRequest {
+        type_url: t,
+        resource_names_subscribe: names,
+        ..Default::default()
+    };
+    tx.send(DeltaDiscoveryRequest { node: Some(node), ..sub(Cluster::type_url(), vec![]) }).await?;
+    tx.send(sub(Listener::type_url(), vec![])).await?;
+    tx.send(sub(Secret::type_url(), vec![ROOT_SECRET.to_owned()])).await?;
+    let mut s = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut eds_subscribed = BTreeSet::new();
+    let mut have = BTreeSet::new();
+    let mut ready = ready;
+    while let Some(r) = s.message().await? {
+        let at = Instant::now();
+        RECEIVED.fetch_add(1, Ordering::Relaxed);
+        let t = r.type_url.clone();
+        tx.send(DeltaDiscoveryRequest { type_url: t.clone(), response_nonce: r.nonce.clone(), ..Default::default() })
+            .await?;
+        let resources = r.resources.iter().filter_map(|res| res.resource.as_ref());
+        if t == Cluster::type_url() {
+            let names = eds_names(resources)?;
+            let new: Vec<String> = names.difference(&eds_subscribed).cloned().collect();
+            if !new.is_empty() {
+                tx.send(sub(ClusterLoadAssignment::type_url(), new)).await?;
+                eds_subscribed.extend(names);
+            }
+        } else if t == Listener::type_url() && !have.contains(&t) {
+            tx.send(sub(RouteConfiguration::type_url(), vec!["bench".to_owned()])).await?;
+        } else if t == ClusterLoadAssignment::type_url() {
+            for a in resources {
+                if report.endpoints(a, at)? {
+                    have.insert("bench".to_owned());
+                }
+            }
+        }
+        have.insert(t);
+        if have.len() >= READY
+            && let Some(b) = ready.take()
+        {
+            b.wait().await;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one simulated proxy until the stream ends or `stop` is set; errors before then are
+/// printed.
+fn spawn_proxy(
+    control: &Arc<Control>,
+    channel: Channel,
+    node: Node,
+    delta_xds: bool,
+    report: Reporter,
+    ready: Option<Arc<Barrier>>,
+    stop: watch::Receiver<bool>,
+) {
+    let control = control.clone();
+    tokio::spawn(async move {
+        let id = node.id.clone();
+        let mut done = stop.clone();
+        let run = async {
+            if delta_xds {
+                delta(control, channel, node, report, ready).await
+            } else {
+                sotw(control, channel, node, report, ready).await
+            }
+        };
+        tokio::select! {
+            r = run => if let Err(e) = r && !*stop.borrow() {
+                eprintln!("{id}: {e}");
+            },
+            _ = done.wait_for(|s| *s) => {}
+        }
+    });
+}
+
+fn proc_field(pid: u32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
+    proc_field(pid, "status")
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
 
+/// The process's CPU time (user + system) so far.
+fn cpu(pid: u32) -> Duration {
+    let stat = proc_field(pid, "stat");
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    Duration::from_millis(f.iter().sum::<u64>() * 10)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Waits for a file the control plane writes at start.
+async fn wait_for(path: &Path) -> anyhow::Result<String> {
+    for _ in 0..300 {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the control plane did not write {} within 30 s", path.display())
+}
+
+/// A join token for `service`, made by the CLI as an operator would.
+fn join_token(args: &Args, addr: &str, data: &Path, admin: &str, service: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new(&args.weft)
+        .args(["token", "create", "--service", service, "--control", addr, "--ca-file"])
+        .arg(data.join("ca/trust-bundle.pem"))
+        .args(["--admin-token", admin])
+        .env("WEFT_CONFIG", data.join("cli-credentials.json"))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "weft token create: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(args.clients > 0 && args.services > 0 && args.streams_per_connection > 0, "counts must be > 0");
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
     let data = std::env::temp_dir().join(format!("weft-xds-scale-{}", std::process::id()));
@@ -178,92 +405,110 @@ async fn main() -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let pid = control.id().unwrap_or(0);
-    let endpoint = format!("http://{addr}");
-    let connect = || async {
-        for _ in 0..100 {
-            if let Ok(c) = Channel::from_shared(endpoint.clone())?.connect().await {
-                return Ok(c);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("control plane did not start")
-    };
+    let admin = wait_for(&data.join("admin.token")).await?.trim().to_owned();
+    let bundle = wait_for(&data.join("ca/trust-bundle.pem")).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let services: Vec<String> = (0..args.services).map(|k| format!("client-{k}")).collect();
+    let mut tokens = HashMap::new();
+    for s in services.iter().map(String::as_str).chain(["bench"]) {
+        tokens.insert(s.to_owned(), join_token(&args, &addr, &data, &admin, s)?);
+    }
+    let control_api = Arc::new(Control { addr, tls: Arc::new(tls), tokens });
+
     let (stop_tx, stop_rx) = watch::channel(false);
-    // One instance exists before the clients connect, so every client starts with 1 endpoint.
-    let base = connect().await?;
-    tokio::spawn(instance(base.clone(), 0, stop_rx.clone()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let instance = |n: usize, channel: Channel| {
+        let node = node(&format!("bench-{n}"), "bench", 100_000 + n);
+        let report = Reporter { last: 0, seen: None };
+        spawn_proxy(&control_api, channel, node, args.delta, report, None, stop_rx.clone());
+    };
+    // One instance of `bench` exists before the clients connect, so every client starts with 1.
+    let base = control_api.connect().await?;
+    instance(0, base.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(pid);
 
     let ready = Arc::new(Barrier::new(args.clients + 1));
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    let started = Instant::now();
-    let mut channel = connect().await?;
+    let (started, cpu_started) = (Instant::now(), cpu(pid));
+    let mut channel = None;
     for i in 0..args.clients {
-        if i > 0 && i % args.streams_per_connection == 0 {
-            channel = connect().await?;
+        if i % args.streams_per_connection == 0 {
+            channel = Some(control_api.connect().await?);
         }
-        let (c, r, s, done) = (channel.clone(), ready.clone(), seen_tx.clone(), stop_rx.clone());
-        let delta = args.delta;
-        tokio::spawn(async move {
-            // Streams break when the control plane is stopped at the end; only earlier errors count.
-            if let Err(e) = client(c, i, delta, r, s).await
-                && !*done.borrow()
-            {
-                eprintln!("client {i}: {e}");
-            }
-        });
+        let node = node(&format!("sim-{i}"), &services[i % services.len()], i);
+        let report = Reporter { last: 0, seen: Some(seen_tx.clone()) };
+        let ch = channel.clone().expect("connected above");
+        spawn_proxy(&control_api, ch, node, args.delta, report, Some(ready.clone()), stop_rx.clone());
     }
-    tokio::time::timeout(Duration::from_secs(120), ready.wait())
+    tokio::time::timeout(Duration::from_secs(args.connect_timeout), ready.wait())
         .await
-        .map_err(|_| anyhow::anyhow!("clients did not all get their first config within 120 s"))?;
-    let connected_in = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        .map_err(|_| anyhow::anyhow!("clients did not all get their first config within {} s", args.connect_timeout))?;
+    let (connected_in, connect_cpu) = (started.elapsed(), cpu(pid) - cpu_started);
+    // Until the last registrations' pushes have all arrived: no response for a second.
+    let mut last = RECEIVED.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = RECEIVED.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let rss_connected = rss_kib(pid);
 
-    let mut rows = Vec::new();
+    let (mut p50, mut p99, mut max, mut cpus) = (vec![], vec![], vec![], vec![]);
     for change in 1..=args.changes {
-        let t0 = Instant::now();
-        tokio::spawn(instance(base.clone(), change, stop_rx.clone()));
+        let (t0, cpu0) = (Instant::now(), cpu(pid));
+        instance(change, control_api.connect().await?);
         let mut times = Vec::with_capacity(args.clients);
-        let deadline = t0 + Duration::from_secs(60);
+        let deadline = t0 + Duration::from_secs(120);
         while times.len() < args.clients {
             match tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await {
                 Ok(Some((n, at))) if n == change => times.push(at.duration_since(t0)),
                 Ok(Some(_)) => {}
                 _ => anyhow::bail!(
-                    "change {change}: only {} of {} clients updated within 60 s",
+                    "change {change}: only {} of {} clients updated within 120 s",
                     times.len(),
                     args.clients
                 ),
             }
         }
-        times.sort();
-        rows.push((percentile(&times, 0.5), percentile(&times, 0.99), *times.last().unwrap_or(&Duration::ZERO)));
         tokio::time::sleep(Duration::from_millis(300)).await;
+        cpus.push(cpu(pid) - cpu0);
+        times.sort();
+        eprintln!(
+            "change {change}: p50 {:?} p99 {:?} max {:?}, control plane CPU {:?}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times.last().expect("clients > 0"),
+            cpus.last().expect("pushed above")
+        );
+        p50.push(percentile(&times, 0.5));
+        p99.push(percentile(&times, 0.99));
+        max.push(*times.last().expect("clients > 0"));
     }
     let _ = stop_tx.send(true);
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
-    let mut p50: Vec<Duration> = rows.iter().map(|r| r.0).collect();
-    let mut p99: Vec<Duration> = rows.iter().map(|r| r.1).collect();
-    let mut max: Vec<Duration> = rows.iter().map(|r| r.2).collect();
-    p50.sort();
-    p99.sort();
-    max.sort();
     let per_client = rss_connected.saturating_sub(rss_before) as f64 / args.clients as f64;
     println!(
-        "| clients | xDS | connect+first config | change→ACK p50 (ms) | p99 (ms) | max (ms) | CP RSS idle | CP RSS connected | RSS per client |"
+        "| clients | xDS | streams/conn | connect + first config | CP CPU to connect | change→ACK p50 (ms) | p99 (ms) | max (ms) | CP CPU per change (ms) | CP RSS connected | RSS per client |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {:.2} s | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+        "| {} | {} | {} | {:.2} s | {:.2} s | {} | {} | {} | {} | {:.1} MiB | {:.1} KiB |",
         args.clients,
-        if args.delta { "delta" } else { "sotw" },
+        if args.delta { "delta" } else { "SotW" },
+        args.streams_per_connection,
         connected_in.as_secs_f64(),
-        ms(p50[p50.len() / 2]),
-        ms(p99[p99.len() / 2]),
-        ms(max[max.len() - 1]),
-        rss_before as f64 / 1024.0,
+        connect_cpu.as_secs_f64(),
+        ms(median(p50)),
+        ms(median(p99)),
+        ms(*max.iter().max().expect("changes > 0")),
+        ms(median(cpus)),
         rss_connected as f64 / 1024.0,
         per_client
     );

@@ -100,7 +100,7 @@ impl Mesh {
             "restored state from {}",
             dir.display()
         );
-        let snapshot = inner.snapshot(1);
+        let snapshot = inner.snapshot(1, None);
         Ok(Mesh {
             inner: Mutex::new(inner),
             store,
@@ -121,8 +121,8 @@ impl Mesh {
     /// Rebuilds and publishes the snapshot. Called with the state lock held, so snapshots are
     /// published in the order of the changes that caused them.
     fn publish(&self, inner: &Inner) {
-        let version = self.snapshot.borrow().version + 1;
-        let snap = inner.snapshot(version);
+        let previous = self.snapshot.borrow().clone();
+        let snap = inner.snapshot(previous.version + 1, Some(&previous));
         self.snapshot.send_replace(Arc::new(snap));
     }
 
@@ -521,9 +521,10 @@ impl Mesh {
 }
 
 impl Inner {
-    fn snapshot(&self, version: u64) -> Snapshot {
+    /// The snapshot of this state, reusing what is unchanged since `previous`.
+    fn snapshot(&self, version: u64, previous: Option<&Snapshot>) -> Snapshot {
         let registered: Vec<&Instance> = self.instances.values().map(|e| &e.instance).collect();
-        Snapshot::build(&self.resources, &registered, &self.settings, version)
+        Snapshot::build(&self.resources, &registered, &self.settings, version, previous)
     }
 
     /// Services that exist: declared by a Service resource or registered by an instance.

@@ -138,7 +138,7 @@ impl Res {
 pub type ResMap = BTreeMap<String, Arc<Res>>;
 
 /// Mesh-wide security settings the translation needs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
     /// Every root proxies trust (PEM), the signing one first.
     pub bundle: String,
@@ -149,27 +149,74 @@ pub struct Settings {
     pub jwks: BTreeMap<JwksSource, Arc<str>>,
 }
 
+/// What the control plane serves at one moment, made by a pipeline of two stages from the
+/// state (resources, settings, registered instances):
+///
+/// 1. [`Config`]: listeners, clusters, routes and the trust bundle, made from the resources,
+///    the settings and which services exist. A snapshot whose inputs to it are unchanged (any
+///    change of instances alone: a registration, a health change) shares the previous
+///    snapshot's, with every proxy's own listeners and clusters already made.
+/// 2. Endpoints, one resource per service (and per caller's zone where a service prefers
+///    callers' zones), each encoded again only if what it is made of changed.
 pub struct Snapshot {
     pub version: u64,
     pub services: BTreeMap<String, ServiceSummary>,
-    protocols: HashMap<String, Protocol>,
-    mtls: HashMap<String, MtlsMode>,
-    /// Services whose `escapedSlashes` is not `keep`.
-    escaped_slashes: HashMap<String, EscapedSlashes>,
-    default_mtls: MtlsMode,
+    config: Arc<Config>,
+    endpoints: ResMap,
+    /// For services that prefer callers' zones: their endpoints as seen from each zone.
+    zonal_endpoints: HashMap<(String, String), Arc<Res>>,
+    /// What each endpoint resource (by service and caller's zone) was made of, hashed.
+    endpoint_inputs: HashMap<(String, Option<String>), u64>,
+}
+
+/// Stage 1 of the pipeline: everything but endpoints.
+struct Config {
+    resources: BTreeMap<String, Resource>,
+    settings: Settings,
+    /// Services that exist: declared, or registered by an instance.
+    names: Vec<String>,
+    specs: BTreeMap<String, ServiceSpec>,
+    /// Listeners (proxyless clients' API listeners), routes, clusters and the trust bundle.
     global: HashMap<Type, ResMap>,
     /// The service clusters with mutual TLS, as weft proxies get them.
     mesh_clusters: ResMap,
     policies: Vec<Object<AuthorizationPolicySpec>>,
     authns: Vec<Object<RequestAuthenticationSpec>>,
-    jwks: BTreeMap<JwksSource, Arc<str>>,
-    trust_domain: String,
-    namespace: String,
     /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
     rate_limits: HashMap<String, RateLimitPolicy>,
-    /// For services that prefer callers' zones: their endpoints as seen from each zone.
-    zonal_endpoints: HashMap<(String, String), Arc<Res>>,
+    /// Each weft proxy's own resources, by what they are made of, made at its first request.
+    nodes: std::sync::Mutex<HashMap<NodeShape, Arc<NodeResources>>>,
 }
+
+/// What a weft proxy's own listeners and clusters are made of, besides the config: proxies of
+/// the same shape get the same resources.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NodeShape {
+    service: Option<String>,
+    inbound: Option<String>,
+    app: Option<String>,
+    upstreams: Vec<(String, String)>,
+}
+
+impl NodeShape {
+    fn of(reg: &InstanceRegistration) -> NodeShape {
+        NodeShape {
+            service: reg.service.clone(),
+            inbound: reg.inbound.clone(),
+            app: reg.app.clone(),
+            upstreams: reg.upstreams.iter().map(|u| (u.service.clone(), u.listen.clone())).collect(),
+        }
+    }
+}
+
+struct NodeResources {
+    listeners: ResMap,
+    clusters: ResMap,
+}
+
+/// Node shapes a config keeps made resources for; past it (proxies come and go with new
+/// addresses), it starts over.
+const MAX_NODE_SHAPES: usize = 100_000;
 
 /// What a service's inbound listeners check before the app: JWT, then authorization.
 struct InboundFilters {
@@ -180,13 +227,147 @@ struct InboundFilters {
 }
 
 impl Snapshot {
-    /// The snapshot of the mesh's `resources` and registered instances (`registered`).
+    /// The snapshot of the mesh's `resources` and registered instances (`registered`), reusing
+    /// what is unchanged from `previous`.
     pub(crate) fn build(
         resources: &BTreeMap<String, Resource>,
         registered: &[&Instance],
         settings: &Settings,
         version: u64,
+        previous: Option<&Snapshot>,
     ) -> Snapshot {
+        let mut instances: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for &i in registered {
+            if let Some(svc) = &i.registration.service {
+                instances.entry(svc).or_default().push(i);
+            }
+        }
+        let declared = resources.values().filter_map(|r| match r {
+            Resource::Service(o) => Some(o.metadata.name.as_str()),
+            _ => None,
+        });
+        let mut names: Vec<String> = declared.chain(instances.keys().copied()).map(str::to_owned).collect();
+        names.sort();
+        names.dedup();
+        let config = match previous {
+            Some(p) if p.config.made_from(resources, settings, &names) => p.config.clone(),
+            _ => Arc::new(Config::build(resources, settings, names)),
+        };
+        // Zones callers may be in: their instances' `zone` labels.
+        let zones: std::collections::BTreeSet<&str> = registered
+            .iter()
+            .filter_map(|i| i.registration.labels.get("zone").map(String::as_str).filter(|z| !z.is_empty()))
+            .collect();
+        let mut snapshot = Snapshot {
+            version,
+            services: BTreeMap::new(),
+            config: config.clone(),
+            endpoints: ResMap::new(),
+            zonal_endpoints: HashMap::new(),
+            endpoint_inputs: HashMap::new(),
+        };
+        let default_spec = ServiceSpec::default();
+        for name in &config.names {
+            let spec = config.specs.get(name).unwrap_or(&default_spec);
+            // A versioned service is a subset of another's instances.
+            let members: Vec<&Instance> = match &spec.selector {
+                Some(sel) => instances
+                    .get(sel.service.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| sel.selects(i.registration.service.as_deref(), &i.registration.labels))
+                    .copied()
+                    .collect(),
+                None => instances.get(name.as_str()).cloned().unwrap_or_default(),
+            };
+            let made_of = endpoints_made_of(&members);
+            let res = snapshot.endpoint(previous, name, None, made_of, &members);
+            snapshot.endpoints.insert(name.clone(), res);
+            if spec.locality.as_ref().is_some_and(|l| l.prefer_same_zone) {
+                for zone in &zones {
+                    let res = snapshot.endpoint(previous, name, Some(zone), made_of, &members);
+                    snapshot.zonal_endpoints.insert((name.clone(), (*zone).to_owned()), res);
+                }
+            }
+            snapshot.services.insert(
+                name.clone(),
+                ServiceSummary {
+                    name: name.clone(),
+                    declared: config.specs.contains_key(name),
+                    instances: members.len(),
+                    healthy: members.iter().filter(|i| i.serving()).count(),
+                    protocol: spec.protocol.as_str().to_owned(),
+                    load_balancer: spec.load_balancer.as_str().to_owned(),
+                },
+            );
+        }
+        snapshot
+    }
+
+    /// The endpoints of service `name` as seen from `zone`: the previous snapshot's if they
+    /// were made of the same, else encoded anew.
+    fn endpoint(
+        &mut self,
+        previous: Option<&Snapshot>,
+        name: &str,
+        zone: Option<&str>,
+        made_of: u64,
+        members: &[&Instance],
+    ) -> Arc<Res> {
+        let key = (name.to_owned(), zone.map(str::to_owned));
+        let reused = previous.filter(|p| p.endpoint_inputs.get(&key) == Some(&made_of)).and_then(|p| match zone {
+            None => p.endpoints.get(name).cloned(),
+            Some(z) => p.zonal_endpoints.get(&(name.to_owned(), z.to_owned())).cloned(),
+        });
+        self.endpoint_inputs.insert(key, made_of);
+        reused.unwrap_or_else(|| Res::new(name.to_owned(), &load_assignment(name, members, zone)))
+    }
+
+    /// The mutual TLS mode of a service's inbound listeners.
+    pub fn mtls(&self, service: &str) -> MtlsMode {
+        self.config.mtls(service)
+    }
+
+    /// The version of the trust bundle resource, which proxies ACK once they hold it.
+    pub fn bundle_version(&self) -> String {
+        self.config.global[&Type::Secret].get(ROOT_SECRET).map(|r| r.version.clone()).unwrap_or_default()
+    }
+
+    /// Resources of type `t` a client may see: for a weft proxy, its own listeners and clusters
+    /// plus the shared clusters, routes and endpoints; for any other client, the shared ones.
+    pub fn available(&self, t: Type, node: Option<&InstanceRegistration>) -> ResMap {
+        match (t, node) {
+            (Type::Endpoint, None) => self.endpoints.clone(),
+            (Type::Endpoint, Some(reg)) => {
+                let mut all = self.endpoints.clone();
+                if let Some(zone) = reg.labels.get("zone") {
+                    for ((name, z), res) in &self.zonal_endpoints {
+                        if z == zone {
+                            all.insert(name.clone(), res.clone());
+                        }
+                    }
+                }
+                all
+            }
+            (Type::Listener, Some(reg)) => self.config.node(reg).listeners.clone(),
+            (Type::Cluster, Some(reg)) => self.config.node(reg).clusters.clone(),
+            _ => self.config.global[&t].clone(),
+        }
+    }
+}
+
+/// What a service's endpoint resources are made of, hashed: each member's id, address, labels
+/// and whether it serves, in order.
+fn endpoints_made_of(members: &[&Instance]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for i in members {
+        (&i.id, &i.registration.inbound, &i.registration.labels, i.serving()).hash(&mut h);
+    }
+    h.finish()
+}
+
+impl Config {
+    fn build(resources: &BTreeMap<String, Resource>, settings: &Settings, names: Vec<String>) -> Config {
         let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
         // HTTPRoutes, and GRPCRoutes as the HTTPRoutes they amount to.
         let mut routes: Vec<(&str, std::borrow::Cow<'_, weft_api::resource::HttpRouteSpec>)> = Vec::new();
@@ -218,50 +399,18 @@ impl Snapshot {
             .filter(|(route, _)| route_policies.get(route).is_some_and(|p| p.retry.is_some()))
             .flat_map(|(_, r)| r.rules.iter().flat_map(|rule| rule.backend_refs.iter().map(|b| b.name.as_str())))
             .collect();
-        let mut instances: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
-        for &i in registered {
-            if let Some(svc) = &i.registration.service {
-                instances.entry(svc.clone()).or_default().push(i);
-            }
-        }
-        // Zones callers may be in: their instances' `zone` labels.
-        let zones: std::collections::BTreeSet<String> = registered
-            .iter()
-            .filter_map(|i| i.registration.labels.get("zone").filter(|z| !z.is_empty()).cloned())
-            .collect();
-        let mut zonal_endpoints = HashMap::new();
-        let mut names: Vec<String> = specs.keys().chain(instances.keys()).cloned().collect();
-        names.sort();
-        names.dedup();
 
         let mut global: HashMap<Type, ResMap> = Type::ALL.into_iter().map(|t| (t, ResMap::new())).collect();
-        let root = Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle));
-        global.get_mut(&Type::Secret).expect("all types present").insert(ROOT_SECRET.to_owned(), root);
+        let mut put = |t: Type, res: Arc<Res>| {
+            global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
+        };
+        put(Type::Secret, Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle)));
         let mut mesh_clusters = ResMap::new();
-        let mut services = BTreeMap::new();
-        let mut protocols = HashMap::new();
-        let mut mtls = HashMap::new();
-        let mut escaped_slashes = HashMap::new();
+        let default_spec = ServiceSpec::default();
         for name in &names {
-            let spec = specs.get(name).cloned().unwrap_or_default();
-            // A versioned service is a subset of another's instances, which present that
-            // service's identity.
-            let (members, identity_of): (Vec<&Instance>, &str) = match &spec.selector {
-                Some(sel) => (
-                    instances
-                        .get(&sel.service)
-                        .map(|all| {
-                            let selected = all
-                                .iter()
-                                .filter(|i| sel.selects(i.registration.service.as_deref(), &i.registration.labels));
-                            selected.copied().collect()
-                        })
-                        .unwrap_or_default(),
-                    &sel.service,
-                ),
-                None => (instances.get(name).cloned().unwrap_or_default(), name),
-            };
-            let members = members.as_slice();
+            let spec = specs.get(name).unwrap_or(&default_spec);
+            // A versioned service's instances present the identity of the service they are of.
+            let identity_of = spec.selector.as_ref().map_or(name.as_str(), |sel| sel.service.as_str());
             let rules: Vec<HostRule<'_>> = routes
                 .iter()
                 .filter(|(_, r)| r.parent_refs.iter().any(|p| &p.name == name))
@@ -270,113 +419,79 @@ impl Snapshot {
                     r.rules.iter().map(move |rule| (r.hostnames.as_slice(), (rule, policy)))
                 })
                 .collect();
-            let put = |global: &mut HashMap<Type, ResMap>, t: Type, res: Arc<Res>| {
-                global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
-            };
             let policy = traffic.get(name.as_str()).copied();
-            let mut cluster = eds_cluster(name, &spec, policy, route_retries.contains(name.as_str()));
-            put(&mut global, Type::Cluster, Res::new(name.clone(), &cluster));
+            let mut cluster = eds_cluster(name, spec, policy, route_retries.contains(name.as_str()));
+            put(Type::Cluster, Res::new(name.clone(), &cluster));
             let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
-            put(&mut global, Type::Endpoint, Res::new(name.clone(), &load_assignment(name, members, None)));
-            if spec.locality.as_ref().is_some_and(|l| l.prefer_same_zone) {
-                for zone in &zones {
-                    let cla = load_assignment(name, members, Some(zone));
-                    zonal_endpoints.insert((name.clone(), zone.clone()), Res::new(name.clone(), &cla));
-                }
-            }
             let hash = spec.consistent_hash.as_ref().filter(|_| spec.load_balancer.is_consistent_hash());
-            put(&mut global, Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy, hash)));
-            put(&mut global, Type::Listener, Res::new(name.clone(), &api_listener(name)));
-            services.insert(
-                name.clone(),
-                ServiceSummary {
-                    name: name.clone(),
-                    declared: specs.contains_key(name),
-                    instances: members.len(),
-                    healthy: members.iter().filter(|i| i.serving()).count(),
-                    protocol: spec.protocol.as_str().to_owned(),
-                    load_balancer: spec.load_balancer.as_str().to_owned(),
-                },
-            );
-            protocols.insert(name.clone(), spec.protocol);
-            if let Some(mode) = spec.mtls {
-                mtls.insert(name.clone(), mode);
-            }
-            if spec.escaped_slashes != EscapedSlashes::Keep {
-                escaped_slashes.insert(name.clone(), spec.escaped_slashes);
-            }
+            put(Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy, hash)));
+            put(Type::Listener, Res::new(name.clone(), &api_listener(name)));
         }
-        Snapshot {
-            version,
-            services,
-            protocols,
-            mtls,
-            escaped_slashes,
-            default_mtls: settings.default_mtls,
+        let rate_limits = traffic
+            .iter()
+            .filter_map(|(name, p)| Some(((*name).to_owned(), p.rate_limit.as_deref()?.clone())))
+            .collect();
+        Config {
+            resources: resources.clone(),
+            settings: settings.clone(),
+            names,
+            specs,
             global,
             mesh_clusters,
             policies,
             authns,
-            jwks: settings.jwks.clone(),
-            trust_domain: settings.trust_domain.clone(),
-            namespace: settings.namespace.clone(),
-            zonal_endpoints,
-            rate_limits: traffic
-                .iter()
-                .filter_map(|(name, p)| Some(((*name).to_owned(), p.rate_limit.as_deref()?.clone())))
-                .collect(),
+            rate_limits,
+            nodes: Default::default(),
         }
     }
 
-    /// The mutual TLS mode of a service's inbound listeners.
-    pub fn mtls(&self, service: &str) -> MtlsMode {
-        self.mtls.get(service).copied().unwrap_or(self.default_mtls)
+    /// Whether this config is what these inputs make.
+    fn made_from(&self, resources: &BTreeMap<String, Resource>, settings: &Settings, names: &[String]) -> bool {
+        self.names == names && self.settings == *settings && self.resources == *resources
     }
 
-    /// The version of the trust bundle resource, which proxies ACK once they hold it.
-    pub fn bundle_version(&self) -> String {
-        self.global[&Type::Secret].get(ROOT_SECRET).map(|r| r.version.clone()).unwrap_or_default()
+    fn spec(&self, service: &str) -> Option<&ServiceSpec> {
+        self.specs.get(service)
     }
 
-    /// Resources of type `t` a client may see: for a weft proxy, its own listeners and clusters
-    /// plus the shared clusters, routes and endpoints; for any other client, the shared ones.
-    pub fn available(&self, t: Type, node: Option<&InstanceRegistration>) -> ResMap {
-        let shared = &self.global[&t];
-        let Some(reg) = node else { return shared.clone() };
-        match t {
-            Type::Listener => self.node_listeners(reg),
-            Type::Cluster => {
-                let mut all = self.mesh_clusters.clone();
-                if let Some(app) = &reg.app {
-                    let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
-                    let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
-                    all.insert(names::INBOUND_CLUSTER.to_owned(), Res::new(names::INBOUND_CLUSTER.to_owned(), &c));
-                }
-                all
-            }
-            Type::Endpoint => {
-                let mut all = shared.clone();
-                if let Some(zone) = reg.labels.get("zone") {
-                    for ((name, z), res) in &self.zonal_endpoints {
-                        if z == zone {
-                            all.insert(name.clone(), res.clone());
-                        }
-                    }
-                }
-                all
-            }
-            Type::Route | Type::Secret => shared.clone(),
-        }
+    fn mtls(&self, service: &str) -> MtlsMode {
+        self.spec(service).and_then(|s| s.mtls).unwrap_or(self.settings.default_mtls)
     }
 
     fn protocol(&self, service: &str) -> Protocol {
-        self.protocols.get(service).copied().unwrap_or_default()
+        self.spec(service).map(|s| s.protocol).unwrap_or_default()
     }
 
     fn escaped_slashes(&self, service: &str) -> EscapedSlashes {
-        self.escaped_slashes.get(service).copied().unwrap_or_default()
+        self.spec(service).map(|s| s.escaped_slashes).unwrap_or_default()
+    }
+
+    /// A weft proxy's own listeners and clusters, made once per node shape.
+    fn node(&self, reg: &InstanceRegistration) -> Arc<NodeResources> {
+        let shape = NodeShape::of(reg);
+        let lock = || self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(made) = lock().get(&shape) {
+            return made.clone();
+        }
+        let made = Arc::new(NodeResources { listeners: self.node_listeners(reg), clusters: self.node_clusters(reg) });
+        let mut nodes = lock();
+        if nodes.len() >= MAX_NODE_SHAPES {
+            nodes.clear();
+        }
+        nodes.insert(shape, made.clone());
+        made
+    }
+
+    fn node_clusters(&self, reg: &InstanceRegistration) -> ResMap {
+        let mut all = self.mesh_clusters.clone();
+        if let Some(app) = &reg.app {
+            let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
+            let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
+            all.insert(names::INBOUND_CLUSTER.to_owned(), Res::new(names::INBOUND_CLUSTER.to_owned(), &c));
+        }
+        all
     }
 
     fn node_listeners(&self, reg: &InstanceRegistration) -> ResMap {
@@ -388,10 +503,11 @@ impl Snapshot {
             let service = reg.service.as_deref().unwrap_or(names::INBOUND_CLUSTER);
             let mtls = reg.service.as_deref().map(|s| self.mtls(s)).unwrap_or_default();
             let policies: Vec<&Object<AuthorizationPolicySpec>> = self.policies.iter().collect();
+            let s = &self.settings;
             let filters = InboundFilters {
                 mtls,
-                jwt: crate::authn::for_service(service, &self.authns, &self.jwks),
-                rbac: crate::authz::for_service(service, &policies, &self.trust_domain, &self.namespace),
+                jwt: crate::authn::for_service(service, &self.authns, &s.jwks),
+                rbac: crate::authz::for_service(service, &policies, &s.trust_domain, &s.namespace),
                 rate_limit: self.rate_limits.get(service).map(|r| local_rate_limit(service, r)),
             };
             let l = proxy_listener(

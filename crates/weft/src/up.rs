@@ -244,6 +244,9 @@ async fn start_all(
         });
     }
     let instances = wait_healthy(&api, &planned, &exited).await?;
+    if let Some(g) = &mesh.gateway {
+        wait_gateway(g.admin, file, &instances).await?;
+    }
     banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir);
     Ok(())
 }
@@ -317,6 +320,44 @@ async fn wait_healthy(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the gateway holds every healthy instance of the services it serves: the
+/// control plane learns of an instance's health a moment before the gateway does, and the
+/// banner invites a request at once.
+async fn wait_gateway(admin: SocketAddr, file: &MeshFile, instances: &[weft_api::Instance]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(dump) = config_dump(admin).await
+            && file.gateway.keys().all(|svc| holds_all(&dump, svc, instances))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the gateway did not get its services' endpoints within 10s; see the messages above");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a proxy's config dump has every instance of `service` as a healthy endpoint.
+fn holds_all(dump: &serde_json::Value, service: &str, instances: &[weft_api::Instance]) -> bool {
+    let endpoints = dump["endpoints"][service].as_array().map(Vec::as_slice).unwrap_or_default();
+    instances.iter().filter(|i| i.registration.service.as_deref() == Some(service)).all(|i| {
+        let inbound = i.registration.inbound.as_deref();
+        endpoints.iter().any(|e| e["address"].as_str() == inbound && e["healthy"] == true)
+    })
+}
+
+/// A proxy's `/config_dump` (its admin endpoint, plain HTTP on loopback).
+async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(admin).await?;
+    conn.write_all(b"GET /config_dump HTTP/1.0\r\n\r\n").await?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await?;
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
+    Ok(serde_json::from_slice(&raw[at + 4..])?)
 }
 
 fn banner(

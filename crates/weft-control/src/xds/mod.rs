@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use envoy_types::pb::google::protobuf::value;
+use envoy_types::pb::google::protobuf::{Any, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -275,12 +275,17 @@ trait Flavor: Send + 'static {
     fn push(s: &mut Session, t: Type, force: bool) -> Option<Self::Resp>;
 }
 
+/// The shortest time between two pushes of new snapshots on one stream (Istio debounces its
+/// pushes by the same, but delays every change by it).
+const PUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn serve<F: Flavor>(
     s: &mut Session,
     mut inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin,
     tx: &mpsc::Sender<Result<F::Resp, Status>>,
 ) -> Result<(), Status> {
     let mut updates = s.mesh.subscribe();
+    let mut next_push = None;
     loop {
         tokio::select! {
             msg = inbound.next() => {
@@ -295,6 +300,13 @@ async fn serve<F: Flavor>(
                 if changed.is_err() {
                     return Ok(());
                 }
+                // Pushes are paced: a change is pushed at once, but at most one push per
+                // PUSH_INTERVAL, so a burst of changes (a fleet of proxies starting) reaches
+                // each stream as few pushes of the latest snapshot.
+                if let Some(at) = next_push {
+                    tokio::time::sleep_until(at).await;
+                }
+                next_push = Some(tokio::time::Instant::now() + PUSH_INTERVAL);
                 s.snapshot = updates.borrow_and_update().clone();
                 let types: Vec<Type> = Type::ALL.into_iter().filter(|t| s.subs.contains_key(t)).collect();
                 for t in types {
@@ -342,17 +354,30 @@ impl Flavor for Sotw {
         if (same && !force) || (view.is_empty() && !sub.wildcard) {
             return None;
         }
+        // Listeners and clusters go whole (one left out is removed); routes and endpoints only
+        // where they changed, as the protocol allows (one left out stays as it was), so a
+        // change of one service's endpoints does not resend every service's.
+        let resources: Vec<Any> = view
+            .values()
+            .filter(|r| force || t.wildcard_by_default() || sub.sent.get(&r.name) != Some(&r.version))
+            .map(|r| r.any.clone())
+            .collect();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for r in view.values() {
             (&r.name, &r.version).hash(&mut h);
         }
-        let nonce = s.next_nonce();
         let sub = s.subs.get_mut(&t).expect("subscribed");
         sub.sent = view.values().map(|r| (r.name.clone(), r.version.clone())).collect();
+        if resources.is_empty() && !view.is_empty() {
+            // Only removals, which a route or endpoint response cannot say.
+            return None;
+        }
+        let nonce = s.next_nonce();
+        let sub = s.subs.get_mut(&t).expect("subscribed");
         sub.last_nonce = nonce.clone();
         Some(DiscoveryResponse {
             version_info: format!("{:016x}", h.finish()),
-            resources: view.values().map(|r| r.any.clone()).collect(),
+            resources,
             type_url: t.url(),
             nonce,
             ..Default::default()
