@@ -3,7 +3,7 @@
 //! Starts one `weft control` (TLS, join tokens, as shipped) and connects N simulated weft
 //! proxies to it. Each is what a sidecar is to the control plane: an xDS node carrying a
 //! registration (an instance of one of `--services` client services, with an inbound listener,
-//! an app and one upstream, `bench`), authenticated with its service's join token, on a TLS
+//! an app and two upstreams: `bench` and the next client service), authenticated with its service's join token, on a TLS
 //! connection of its own (`--streams-per-connection` > 1 multiplexes streams instead), and it
 //! subscribes as the sidecar does: all clusters, all listeners and the trust bundle, then the
 //! endpoints of every cluster and the route of its upstream. It ACKs every response.
@@ -88,7 +88,11 @@ impl Control {
         });
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
             .origin(format!("https://{}", self.addr).parse()?)
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // Small receive windows: thousands of simulated proxies share this process, and
+            // the control plane may send each as much as its windows allow before it reads.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(256 * 1024);
         for attempt in 0.. {
             match endpoint.connect_with_connector(connect.clone()).await {
                 Ok(c) => return Ok(c),
@@ -116,15 +120,17 @@ impl Control {
     }
 }
 
-/// A simulated proxy's node: an instance of `service` with an inbound listener and one
-/// upstream, `bench`.
-fn node(id: &str, service: &str, n: usize) -> Node {
+/// A simulated proxy's node: an instance of `service` with an inbound listener, calling
+/// `upstreams`.
+fn node(id: &str, service: &str, upstreams: &[&str], n: usize) -> Node {
     let reg = serde_json::json!({
         "service": service,
         "inbound": format!("127.1.{}.{}:{}", n / 250 % 250, 1 + n % 250, 20000 + n / 62500),
         "app": "127.0.0.1:1",
         "labels": {},
-        "upstreams": [{"service": "bench", "listen": format!("127.0.0.1:{}", 30000 + n % 20000)}],
+        "upstreams": upstreams.iter().enumerate().map(|(k, u)| serde_json::json!({
+            "service": u, "listen": format!("127.0.0.{}:{}", 1 + k, 30000 + n % 20000),
+        })).collect::<Vec<_>>(),
         "healthy": true,
     });
     let string = |s: String| Value { kind: Some(value::Kind::StringValue(s)) };
@@ -182,6 +188,9 @@ impl Reporter {
         Ok(true)
     }
 }
+
+/// The first error of a simulated proxy's stream (before the end).
+static FAILED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Responses received by all simulated proxies.
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -328,7 +337,7 @@ fn spawn_proxy(
         };
         tokio::select! {
             r = run => if let Err(e) = r && !*stop.borrow() {
-                eprintln!("{id}: {e}");
+                let _ = FAILED.set(format!("{id}: {e:#}"));
             },
             _ = done.wait_for(|s| *s) => {}
         }
@@ -421,7 +430,7 @@ async fn main() -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let instance = |n: usize, channel: Channel| {
-        let node = node(&format!("bench-{n}"), "bench", 100_000 + n);
+        let node = node(&format!("bench-{n}"), "bench", &[], 100_000 + n);
         let report = Reporter { last: 0, seen: None };
         spawn_proxy(&control_api, channel, node, args.delta, report, None, stop_rx.clone());
     };
@@ -439,14 +448,28 @@ async fn main() -> anyhow::Result<()> {
         if i % args.streams_per_connection == 0 {
             channel = Some(control_api.connect().await?);
         }
-        let node = node(&format!("sim-{i}"), &services[i % services.len()], i);
+        // Each calls `bench` and the next client service, whose instances register meanwhile.
+        let next = &services[(i + 1) % services.len()];
+        let node = node(&format!("sim-{i}"), &services[i % services.len()], &["bench", next], i);
         let report = Reporter { last: 0, seen: Some(seen_tx.clone()) };
         let ch = channel.clone().expect("connected above");
         spawn_proxy(&control_api, ch, node, args.delta, report, Some(ready.clone()), stop_rx.clone());
     }
-    tokio::time::timeout(Duration::from_secs(args.connect_timeout), ready.wait())
-        .await
-        .map_err(|_| anyhow::anyhow!("clients did not all get their first config within {} s", args.connect_timeout))?;
+    let failed = async {
+        loop {
+            if let Some(e) = FAILED.get() {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = ready.wait() => {}
+        e = failed => anyhow::bail!("a simulated proxy failed: {e}"),
+        _ = tokio::time::sleep(Duration::from_secs(args.connect_timeout)) => {
+            anyhow::bail!("clients did not all get their first config within {} s", args.connect_timeout)
+        }
+    }
     let (connected_in, connect_cpu) = (started.elapsed(), cpu(pid) - cpu_started);
     // Until the last registrations' pushes have all arrived: no response for a second.
     let mut last = RECEIVED.load(Ordering::Relaxed);
@@ -470,6 +493,9 @@ async fn main() -> anyhow::Result<()> {
             match tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await {
                 Ok(Some((n, at))) if n == change => times.push(at.duration_since(t0)),
                 Ok(Some(_)) => {}
+                _ if FAILED.get().is_some() => {
+                    anyhow::bail!("a simulated proxy failed: {}", FAILED.get().expect("set"))
+                }
                 _ => anyhow::bail!(
                     "change {change}: only {} of {} clients updated within 120 s",
                     times.len(),

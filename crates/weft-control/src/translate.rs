@@ -180,6 +180,9 @@ struct Config {
     global: HashMap<Type, ResMap>,
     /// The service clusters with mutual TLS, as weft proxies get them.
     mesh_clusters: ResMap,
+    /// The clusters a call to each service can reach: itself, and its routes' backends and
+    /// mirrors.
+    reach: HashMap<String, std::collections::BTreeSet<String>>,
     policies: Vec<Object<AuthorizationPolicySpec>>,
     authns: Vec<Object<RequestAuthenticationSpec>>,
     /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
@@ -406,6 +409,7 @@ impl Config {
         };
         put(Type::Secret, Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle)));
         let mut mesh_clusters = ResMap::new();
+        let mut reach = HashMap::new();
         let default_spec = ServiceSpec::default();
         for name in &names {
             let spec = specs.get(name).unwrap_or(&default_spec);
@@ -419,6 +423,11 @@ impl Config {
                     r.rules.iter().map(move |rule| (r.hostnames.as_slice(), (rule, policy)))
                 })
                 .collect();
+            let backends = rules.iter().flat_map(|(_, (rule, _))| {
+                let mirrors = rule.filters.iter().filter_map(|f| f.request_mirror.as_ref());
+                rule.backend_refs.iter().map(|b| &b.name).chain(mirrors.map(|m| &m.backend_ref.name))
+            });
+            reach.insert(name.clone(), std::iter::once(name).chain(backends).cloned().collect());
             let policy = traffic.get(name.as_str()).copied();
             let mut cluster = eds_cluster(name, spec, policy, route_retries.contains(name.as_str()));
             put(Type::Cluster, Res::new(name.clone(), &cluster));
@@ -440,6 +449,7 @@ impl Config {
             specs,
             global,
             mesh_clusters,
+            reach,
             policies,
             authns,
             rate_limits,
@@ -484,8 +494,12 @@ impl Config {
         made
     }
 
+    /// The clusters a proxy's upstreams can reach, and its app's. A sidecar names the services
+    /// its app calls, so it never needs the others' clusters, nor so their endpoints: what a
+    /// proxy holds, and what each change sends it, grows with what it calls, not with the mesh.
     fn node_clusters(&self, reg: &InstanceRegistration) -> ResMap {
-        let mut all = self.mesh_clusters.clone();
+        let reachable = reg.upstreams.iter().flat_map(|u| self.reach.get(&u.service).into_iter().flatten());
+        let mut all: ResMap = reachable.filter_map(|c| Some((c.clone(), self.mesh_clusters.get(c)?.clone()))).collect();
         if let Some(app) = &reg.app {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
@@ -1524,6 +1538,80 @@ mod roundtrip;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_api::registry::Upstream;
+
+    fn parse(docs: serde_json::Value) -> BTreeMap<String, Resource> {
+        let docs: Vec<serde_json::Value> = serde_json::from_value(docs).unwrap();
+        let all = docs.into_iter().enumerate().map(|(i, d)| Resource::from_json(i, d).unwrap());
+        all.map(|r| (format!("{:?}/{}", r.kind(), r.name()), r)).collect()
+    }
+
+    fn service(name: &str) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": name}, "spec": {}})
+    }
+
+    fn instance(id: &str, service: &str, port: u16, upstreams: &[&str]) -> Instance {
+        let registration = InstanceRegistration {
+            service: Some(service.into()),
+            inbound: Some(format!("127.0.0.1:{port}")),
+            app: Some(format!("127.0.0.1:{}", port + 1)),
+            admin: None,
+            labels: Default::default(),
+            upstreams: upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Upstream { service: (*u).into(), listen: format!("127.0.0.1:{}", 9000 + i) })
+                .collect(),
+            healthy: true,
+        };
+        Instance { id: id.into(), registration, healthy: true, connected: true }
+    }
+
+    /// A sidecar gets the clusters its upstreams reach (the service, its routes' backends and
+    /// mirrors) and its app's; not the rest of the mesh, nor so the rest's endpoints.
+    #[test]
+    fn a_proxy_gets_the_clusters_its_upstreams_reach_and_no_others() {
+        let route = serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "split"},
+            "spec": {"parentRefs": [{"name": "api"}], "rules": [{
+                "backendRefs": [{"name": "api-v1", "weight": 90}, {"name": "api-v2", "weight": 10}],
+                "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}]
+            }]}
+        });
+        let all = ["api", "api-v1", "api-v2", "shadow", "billing", "web"].map(service);
+        let resources = parse(serde_json::json!(all.iter().chain([&route]).collect::<Vec<_>>()));
+        let web = instance("web-0", "web", 7000, &["api"]);
+        let snapshot = Snapshot::build(&resources, &[&web], &Settings::default(), 1, None);
+        let clusters = snapshot.available(Type::Cluster, Some(&web.registration));
+        let names: Vec<&str> = clusters.keys().map(String::as_str).collect();
+        assert_eq!(names, ["api", "api-v1", "api-v2", names::INBOUND_CLUSTER, "shadow"]);
+        // A client that is not a weft sidecar (proxyless gRPC) gets every service's.
+        assert_eq!(snapshot.available(Type::Cluster, None).len(), all.len());
+    }
+
+    /// A change of instances alone reuses the config stage whole and re-encodes only the
+    /// endpoints of the service whose instances changed.
+    #[test]
+    fn a_registration_re_encodes_only_its_services_endpoints() {
+        let resources = parse(serde_json::json!([service("api"), service("web")]));
+        let (api, web) = (instance("api-0", "api", 7000, &[]), instance("web-0", "web", 7100, &["api"]));
+        let settings = Settings::default();
+        let first = Snapshot::build(&resources, &[&api, &web], &settings, 1, None);
+        let listeners = first.available(Type::Listener, Some(&web.registration));
+        let api2 = instance("api-1", "api", 7200, &[]);
+        let second = Snapshot::build(&resources, &[&api, &api2, &web], &settings, 2, Some(&first));
+        assert!(Arc::ptr_eq(&first.config, &second.config), "the config stage is shared");
+        let again = second.available(Type::Listener, Some(&web.registration));
+        assert!(listeners.values().zip(again.values()).all(|(a, b)| Arc::ptr_eq(a, b)), "made once per shape");
+        assert!(Arc::ptr_eq(&first.endpoints["web"], &second.endpoints["web"]), "web's are unchanged");
+        assert!(!Arc::ptr_eq(&first.endpoints["api"], &second.endpoints["api"]));
+        assert_ne!(first.endpoints["api"].version, second.endpoints["api"].version);
+        // A change of resources makes the config anew.
+        let more = parse(serde_json::json!([service("api"), service("web"), service("billing")]));
+        let third = Snapshot::build(&more, &[&api, &api2, &web], &settings, 3, Some(&second));
+        assert!(!Arc::ptr_eq(&second.config, &third.config));
+        assert!(Arc::ptr_eq(&second.endpoints["api"], &third.endpoints["api"]), "endpoints are still reused");
+    }
 
     /// The backend of each route `routes` makes of the rules (one backend per rule), in order.
     fn order(rules: serde_json::Value) -> Vec<String> {

@@ -77,7 +77,10 @@ impl Ads {
         inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin + Send + 'static,
         token: Option<String>,
     ) -> ReceiverStream<Result<F::Resp, Status>> {
-        let (tx, rx) = mpsc::channel(8);
+        // One response waits while another is being sent: a stream that reads slowly holds the
+        // session back (its next push then carries the latest snapshot) rather than letting
+        // responses pile up in memory.
+        let (tx, rx) = mpsc::channel(1);
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
