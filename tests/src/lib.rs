@@ -41,10 +41,22 @@ pub fn python() -> PathBuf {
 /// This test's CLI credentials file (`WEFT_CONFIG`), given to every process it starts: the
 /// control planes it runs record their root and admin credential there, and the CLI and the
 /// proxies find them there. nextest runs each test in a process of its own, so tests never
-/// share one.
+/// share one. A test process cannot remove its own at exit, so each removes those of test
+/// processes that have ended.
 pub fn credentials_file() -> &'static Path {
     static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    FILE.get_or_init(|| std::env::temp_dir().join(format!("weft-test-credentials-{}.json", std::process::id())))
+    FILE.get_or_init(|| {
+        const PREFIX: &str = "weft-test-credentials-";
+        let dir = std::env::temp_dir();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX)?.strip_suffix(".json")?.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        dir.join(format!("{PREFIX}{}.json", std::process::id()))
+    })
 }
 
 /// A join token for `service` from the control plane at `control` (through the CLI).
