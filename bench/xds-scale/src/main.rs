@@ -6,7 +6,7 @@
 //! an app and two upstreams: `bench` and the next client service), authenticated with its service's join token, on a TLS
 //! connection of its own (`--streams-per-connection` > 1 multiplexes streams instead), and it
 //! subscribes as the sidecar does: all clusters, all listeners and the trust bundle, then the
-//! endpoints of every cluster and the route of its upstream. It ACKs every response.
+//! endpoints of every cluster it gets and the routes of its upstreams. It ACKs every response.
 //!
 //! Then, `--changes` times, a new instance of `bench` registers, and the benchmark measures per
 //! client the time from that change until the client holds the new endpoint set and has ACKed
@@ -149,6 +149,16 @@ fn node(id: &str, service: &str, upstreams: &[&str], n: usize) -> Node {
     }
 }
 
+/// The services a node's registration calls: the routes its outbound listeners name.
+fn upstream_services(node: &Node) -> Vec<String> {
+    let reg = node.metadata.as_ref().and_then(|m| m.fields.get(names::NODE_METADATA_KEY)).and_then(|v| match &v.kind {
+        Some(value::Kind::StringValue(s)) => serde_json::from_str::<serde_json::Value>(s).ok(),
+        _ => None,
+    });
+    let upstreams = reg.as_ref().and_then(|r| r["upstreams"].as_array().cloned()).unwrap_or_default();
+    upstreams.iter().filter_map(|u| u["service"].as_str().map(str::to_owned)).collect()
+}
+
 fn healthy_endpoints(cla: &ClusterLoadAssignment) -> usize {
     cla.endpoints.iter().flat_map(|l| &l.lb_endpoints).filter(|e| e.health_status == 1).count()
 }
@@ -208,6 +218,7 @@ async fn sotw(
     ready: Option<Arc<Barrier>>,
 ) -> anyhow::Result<()> {
     let service = node.cluster.clone();
+    let routes = upstream_services(&node);
     let mut ads = control.ads(channel, &service);
     let (tx, rx) = mpsc::channel(16);
     let req = |t: String, names: &BTreeSet<String>| DiscoveryRequest {
@@ -231,7 +242,7 @@ async fn sotw(
         if t == Cluster::type_url() {
             subscribe = Some((ClusterLoadAssignment::type_url(), eds_names(r.resources.iter())?));
         } else if t == Listener::type_url() {
-            subscribe = Some((RouteConfiguration::type_url(), BTreeSet::from(["bench".to_owned()])));
+            subscribe = Some((RouteConfiguration::type_url(), routes.iter().cloned().collect()));
         } else if t == ClusterLoadAssignment::type_url() {
             for a in &r.resources {
                 if report.endpoints(a, at)? {
@@ -266,6 +277,7 @@ async fn delta(
     ready: Option<Arc<Barrier>>,
 ) -> anyhow::Result<()> {
     let service = node.cluster.clone();
+    let routes = upstream_services(&node);
     let mut ads = control.ads(channel, &service);
     let (tx, rx) = mpsc::channel(16);
     let sub = |t: String, names: Vec<String>| DeltaDiscoveryRequest {
@@ -295,7 +307,7 @@ async fn delta(
                 eds_subscribed.extend(names);
             }
         } else if t == Listener::type_url() && !have.contains(&t) {
-            tx.send(sub(RouteConfiguration::type_url(), vec!["bench".to_owned()])).await?;
+            tx.send(sub(RouteConfiguration::type_url(), routes.clone())).await?;
         } else if t == ClusterLoadAssignment::type_url() {
             for a in resources {
                 if report.endpoints(a, at)? {
