@@ -368,3 +368,41 @@ async fn delta_stream_sends_changes_and_removals_only() {
     }
     assert!(c.quiet().await);
 }
+
+/// A change is pushed at once; a burst of changes (a fleet of proxies starting) reaches a
+/// stream as a few pushes of the latest state, at most one per `PUSH_INTERVAL`, not one each.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_reaches_a_stream_as_a_few_pushes_of_the_latest_state() {
+    let m = TestMesh::new("burst");
+    let mut c = m.stream::<Sotw>();
+    let cds_url = Cluster::type_url();
+    // A proxyless client: it gets every service's cluster.
+    let node = Node { id: "grpc-client".into(), ..Default::default() };
+    c.send(sotw(cds_url.clone(), &[], Some(node))).await;
+    let first = c.next().await;
+    c.send(ack(&first, &[])).await;
+
+    let t0 = tokio::time::Instant::now();
+    m.apply_service("s0");
+    let pushed = c.next().await;
+    assert!(t0.elapsed() < PUSH_INTERVAL, "the first change waits for nothing");
+    assert_eq!(names_of(&pushed, |c: Cluster| c.name), ["s0"]);
+    c.send(ack(&pushed, &[])).await;
+
+    // 20 changes, 10 ms apart: 200 ms of changes.
+    for i in 1..=20 {
+        m.apply_service(&format!("s{i}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut pushes = 0;
+    loop {
+        let r = c.next().await;
+        pushes += 1;
+        c.send(ack(&r, &[])).await;
+        if names_of(&r, |c: Cluster| c.name).len() == 21 {
+            break;
+        }
+    }
+    assert!(pushes <= 3, "{pushes} pushes for 20 changes over 200 ms");
+    assert!(c.quiet().await, "nothing after the latest state");
+}
