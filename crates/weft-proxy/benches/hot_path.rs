@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use weft_api::resource::LoadBalancer;
-use weft_proxy::balance::ClusterManager;
+use weft_proxy::cluster::balance::ClusterManager;
 use weft_proxy::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef, StrMatch};
 use weft_proxy::metrics::{Direction, Metrics};
 use weft_proxy::route::RouteTable;
@@ -45,7 +45,7 @@ fn route_match_header_rule(b: divan::Bencher) {
     b.bench_local(|| divan::black_box(t.route(divan::black_box(&req))).is_some());
 }
 
-fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::balance::Cluster> {
+fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::cluster::balance::Cluster> {
     let m = ClusterManager::default();
     let eps: Vec<EndpointDef> = (0..n)
         .map(|i| EndpointDef {

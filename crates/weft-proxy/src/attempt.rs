@@ -21,12 +21,12 @@
 //! replay of it if its body was kept whole (see [`crate::http::forward::Replay`]); without one
 //! the failure stands. Time is tokio's (paused in tests) and the backoff's jitter comes from
 //! the thread's `fastrand` generator (seeded in tests).
-use crate::balance::ClusterView;
+use crate::cluster::balance::ClusterView;
+use crate::cluster::endpoint::{Admitted, Endpoint};
+use crate::cluster::outlier::Observed;
 use crate::config::Failover;
 use crate::config::{RetryDef, RetryOn};
-use crate::endpoint::{Admitted, Endpoint};
 use crate::error::{ERROR_HEADER, ProxyError};
-use crate::outlier::Observed;
 use crate::record::{Attempt, Attempts, Outcome};
 use http::HeaderMap;
 use smallvec::SmallVec;

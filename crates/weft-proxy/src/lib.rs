@@ -11,21 +11,19 @@
 //! and /config_dump.
 #![deny(unsafe_code)] // allowed twice: idle::trim (an FFI call), supervise::spawn_command (pre_exec)
 
-pub mod active_health;
 mod admin;
 pub mod app_protocol;
 pub mod args;
 mod attempt;
 pub mod authz;
-pub mod balance;
 mod clock;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod control_client;
 pub mod crypto;
 mod detect;
 mod drain;
-pub mod endpoint;
 mod error;
 mod health;
 pub mod http;
@@ -38,12 +36,10 @@ mod log_limit;
 pub mod metrics;
 pub mod notify;
 mod outbound;
-pub mod outlier;
 pub mod path;
 mod proxy;
 pub mod ratelimit;
 pub mod record;
-pub mod retry_budget;
 pub mod route;
 pub mod stack;
 pub mod supervise;

@@ -2,7 +2,7 @@
 //! binds the listeners and starts the tasks (certificates, admin endpoint, xDS client, pool
 //! sweeps, app health); the xDS client hands it each accepted update ([`xds::Runtime`]), the
 //! admin endpoint reads it ([`admin::View`]).
-use crate::balance::ClusterManager;
+use crate::cluster::balance::ClusterManager;
 use crate::config::Direction;
 use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, InvalidResource, ListenerDef, RouteDef};
 use crate::context::Limits;

@@ -2,8 +2,8 @@
 //! the policy that applies to requests it matches. Tables are built once per RDS update with
 //! their clusters resolved. Routing decides everything about a request before any I/O: the
 //! result is a plain [`MatchedRoute`], which the stacks then execute.
-use crate::balance::key_hash;
-use crate::balance::{Cluster, ClusterManager};
+use crate::cluster::balance::key_hash;
+use crate::cluster::balance::{Cluster, ClusterManager};
 use crate::config::{
     Failover, FaultDef, HashDef, HeaderEdits, PathDef, RedirectDef, RetryDef, Rewrite, RouteDef, RuleDef, StrMatch,
 };

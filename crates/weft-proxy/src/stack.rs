@@ -21,7 +21,7 @@
 //! ([`crate::tcp`]). Each request's decisions and attempts go into its
 //! [`crate::record::RequestRecord`], which [`crate::http::serve`] hands to metrics once the
 //! request is answered. Both stacks share the HTTP server and forwarding code
-//! ([`crate::http`]), the pools ([`crate::endpoint`]), error rendering and metrics.
+//! ([`crate::http`]), the pools ([`crate::cluster::endpoint`]), error rendering and metrics.
 use crate::config::{Direction, EscapedSlashes};
 use crate::http::body::Reply;
 use crate::inbound::{Inbound, LivePolicy};

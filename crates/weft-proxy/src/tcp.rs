@@ -2,10 +2,10 @@
 //! the policy allows), then copy bytes both ways until either side closes. The connection's
 //! [`TcpRecord`] feeds metrics once it ends.
 use crate::attempt::{self, Attempted, Exchange, Plan};
-use crate::balance::Cluster;
+use crate::cluster::balance::Cluster;
+use crate::cluster::endpoint::Endpoint;
 use crate::config::Failover;
 use crate::context::ConnCtx;
-use crate::endpoint::Endpoint;
 use crate::metrics::TrafficMetrics;
 use crate::record::TcpRecord;
 use crate::transport::{BoxedIo, Transport};

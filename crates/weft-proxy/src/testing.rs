@@ -1,7 +1,7 @@
 //! Test doubles for in-process tests of the proxy: endpoints behind a fake [`Connect`] and a
 //! client connection in memory. With tokio's clock paused, everything they do is
 //! deterministic: time moves only when every task waits on a timer.
-use crate::balance::ClusterManager;
+use crate::cluster::balance::ClusterManager;
 use crate::config::{ClusterDef, EndpointDef, PathDef, RouteDef, RuleDef};
 use crate::config::{Direction, EscapedSlashes};
 use crate::context::Limits;

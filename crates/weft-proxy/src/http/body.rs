@@ -1,5 +1,5 @@
 //! Body types: what the proxy sends to its client, and what it reads from an upstream.
-use crate::endpoint::{Endpoint, H1Conn};
+use crate::cluster::endpoint::{Endpoint, H1Conn};
 use crate::error::ProxyError;
 use crate::idle::Exchange;
 use bytes::Bytes;

@@ -3,7 +3,7 @@
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
 use crate::attempt::{self, Attempted, Exchange, Plan};
-use crate::endpoint::{Endpoint, UpBody};
+use crate::cluster::endpoint::{Endpoint, UpBody};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
 use crate::route::MatchedRoute;

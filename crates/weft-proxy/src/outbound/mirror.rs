@@ -1,6 +1,6 @@
 //! Mirroring: a copy of a request goes to another service, and its answer is dropped. The
 //! client's response never waits for a mirror, and a mirror's failure is only logged.
-use crate::balance::Cluster;
+use crate::cluster::balance::Cluster;
 use crate::context::ConnCtx;
 use crate::http::forward::forward_body;
 use crate::http::replay::UpBody;

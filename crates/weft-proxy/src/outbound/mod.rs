@@ -4,7 +4,7 @@
 //! route's timeout bounds retries and forwarding up to the response head; failover moves a
 //! request between endpoints of the backend as [`crate::route::RoutePolicy`] allows; copies
 //! go to the mirrors once the request was sent; the rule's response edits apply last.
-use crate::balance::Cluster;
+use crate::cluster::balance::Cluster;
 use crate::config::EscapedSlashes;
 use crate::error::ProxyError;
 use crate::http::body::Reply;

@@ -48,7 +48,7 @@ const PROBE_AFTER: Duration = Duration::from_secs(2);
 /// tens of seconds; it is still probed after [`PROBE_AFTER`] without requests.
 const FAILURE_PENALTY: f64 = 1e9;
 const FAILURE_DECAY: Duration = Duration::from_secs(1);
-/// Pool sweeps done so far (see [`crate::balance::ClusterManager::sweep_pools`]). A pooled
+/// Pool sweeps done so far (see [`crate::cluster::balance::ClusterManager::sweep_pools`]). A pooled
 /// connection records the count when it is checked in, so the pool reads no clock per request.
 pub(crate) static SWEEPS: AtomicU64 = AtomicU64::new(0);
 
@@ -74,10 +74,10 @@ pub struct Endpoint {
     failed_at: AtomicU64,
     /// When an attempt on it last failed ([`clock::now`]; 0: never), for [`FAILURE_PENALTY`].
     attempt_failed_at: AtomicU64,
-    /// Failure streaks and ejection (see [`crate::outlier`]).
-    pub outlier: crate::outlier::OutlierState,
-    /// This proxy's active health checks of the endpoint (see [`crate::active_health`]).
-    pub health_check: crate::active_health::HealthState,
+    /// Failure streaks and ejection (see [`crate::cluster::outlier`]).
+    pub outlier: crate::cluster::outlier::OutlierState,
+    /// This proxy's active health checks of the endpoint (see [`crate::cluster::active_health`]).
+    pub health_check: crate::cluster::active_health::HealthState,
     // Boxed in the pool too: a connection moves between pool, request and body as a pointer.
     #[allow(clippy::vec_box)]
     h1_idle: Mutex<Vec<Box<H1Conn>>>,
@@ -387,7 +387,7 @@ impl Endpoint {
         self.failed_at.store(clock::now(), Ordering::Relaxed);
     }
 
-    /// One active health check of the endpoint (see [`crate::active_health`]): whether it
+    /// One active health check of the endpoint (see [`crate::cluster::active_health`]): whether it
     /// passed within the check's timeout.
     pub async fn probe(&self, def: &HealthCheckDef, authority: &str) -> bool {
         let work = async {

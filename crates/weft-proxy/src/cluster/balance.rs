@@ -4,12 +4,12 @@
 //! other endpoint is left.
 use crate::app_protocol::LearnedProtocol;
 use crate::clock;
+use crate::cluster::endpoint::{Admitted, ClusterShared, Endpoint, PoolSettings, SWEEPS};
+use crate::cluster::outlier::{self, Observed};
+use crate::cluster::retry_budget::RatioBudget;
 use crate::config::UpstreamTlsDef;
 use crate::config::{ClusterDef, EndpointDef, HealthCheckDef, OutlierDef, RetryLimit, UpstreamProtocol};
-use crate::endpoint::{Admitted, ClusterShared, Endpoint, PoolSettings, SWEEPS};
 use crate::metrics::Metrics;
-use crate::outlier::{self, Observed};
-use crate::retry_budget::RatioBudget;
 use crate::transport::{Connect, TcpConnect, UpstreamTls};
 use arc_swap::ArcSwap;
 use arc_swap::ArcSwapOption;

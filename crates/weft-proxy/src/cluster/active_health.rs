@@ -4,8 +4,8 @@
 //! `unhealthy_threshold` failures in a row the endpoint leaves the balancer's set, after
 //! `healthy_threshold` passes in a row it is back. Endpoints start healthy. This module
 //! holds an endpoint's health as its probes leave it; one probe is
-//! [`crate::endpoint::Endpoint::probe`], and each cluster's probing task is in
-//! [`crate::balance`].
+//! [`crate::cluster::endpoint::Endpoint::probe`], and each cluster's probing task is in
+//! [`crate::cluster::balance`].
 use crate::config::HealthCheckDef;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
