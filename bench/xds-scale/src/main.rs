@@ -325,8 +325,8 @@ async fn delta(
     Ok(())
 }
 
-/// Runs one simulated proxy until the stream ends or `stop` is set; errors before then are
-/// printed.
+/// Runs one simulated proxy until the stream ends or `stop` is set; the first error before
+/// then is kept in [`FAILED`], which ends the benchmark.
 fn spawn_proxy(
     control: &Arc<Control>,
     channel: Channel,
