@@ -244,9 +244,18 @@ async fn start_all(
         });
     }
     let instances = wait_healthy(&api, &planned, &exited).await?;
+    // Every proxy this mesh runs, with the services it calls.
+    let mut proxies: Vec<(SocketAddr, Vec<&str>)> = instances
+        .iter()
+        .filter_map(|i| {
+            let admin = i.registration.admin.as_deref()?.parse().ok()?;
+            Some((admin, i.registration.upstreams.iter().map(|u| u.service.as_str()).collect()))
+        })
+        .collect();
     if let Some(g) = &mesh.gateway {
-        wait_gateway(g.admin, file, &instances).await?;
+        proxies.push((g.admin, file.gateway.keys().map(String::as_str).collect()));
     }
+    wait_in_sync(&proxies, &instances).await?;
     banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir);
     Ok(())
 }
@@ -322,22 +331,27 @@ async fn wait_healthy(
     }
 }
 
-/// Waits until the gateway holds every healthy instance of the services it serves: the
-/// control plane learns of an instance's health a moment before the gateway does, and the
-/// banner invites a request at once.
-async fn wait_gateway(admin: SocketAddr, file: &MeshFile, instances: &[weft_api::Instance]) -> anyhow::Result<()> {
+/// Waits until every proxy (admin address, services it calls) holds every healthy instance of
+/// the services it calls: the control plane learns of an instance's health a moment before the
+/// proxies do, and the banner invites a request through all of them at once.
+async fn wait_in_sync(proxies: &[(SocketAddr, Vec<&str>)], instances: &[weft_api::Instance]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(dump) = config_dump(admin).await
-            && file.gateway.keys().all(|svc| holds_all(&dump, svc, instances))
-        {
-            return Ok(());
+    for (admin, calls) in proxies {
+        loop {
+            if let Ok(dump) = config_dump(*admin).await
+                && calls.iter().all(|svc| holds_all(&dump, svc, instances))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the proxy with admin {admin} did not get the endpoints of {calls:?} within 10s; see the messages above"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if Instant::now() > deadline {
-            anyhow::bail!("the gateway did not get its services' endpoints within 10s; see the messages above");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
 }
 
 /// Whether a proxy's config dump has every instance of `service` as a healthy endpoint.
