@@ -4,6 +4,8 @@
 //! handle drops; every wait is bounded.
 #![forbid(unsafe_code)]
 
+pub mod inprocess;
+
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod args;
 mod authn;
 mod authz;
 pub mod ca;
@@ -58,8 +59,36 @@ pub fn root_file(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("ca").join("root.pem")
 }
 
-/// Runs the control plane until `shutdown` resolves.
+/// Runs the control plane until `shutdown` resolves, after recording its root and admin
+/// credential in this machine's credentials file for the CLI.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let control = bind(cfg).await?;
+    match weft_api::credentials::save(
+        &control.cfg.listen.to_string(),
+        weft_api::credentials::Entry {
+            admin_token: control.admin_token().to_owned(),
+            ca_file: control.trust_bundle_file().to_owned(),
+        },
+    ) {
+        Ok(path) => tracing::info!(file = %path.display(), "CLI credentials written"),
+        Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),
+    }
+    control.serve(shutdown).await
+}
+
+/// A control plane with its ports bound, its store open and its CA ready, not yet serving.
+pub struct Bound {
+    cfg: ControlConfig,
+    listener: tokio::net::TcpListener,
+    plaintext: Option<tokio::net::TcpListener>,
+    mesh: Arc<Mesh>,
+    serving: Arc<tls::ServingCert>,
+    bundle_path: PathBuf,
+}
+
+/// Binds the control plane's ports (port 0 picks a free one; [`Bound::local_addr`] tells which)
+/// and opens its store and CA.
+pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
     if let Some(addr) = cfg.plaintext_xds {
         anyhow::ensure!(
             addr.ip().is_loopback(),
@@ -69,6 +98,15 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| {
         format!("cannot listen on {} (is another control plane running? pick another with --listen)", cfg.listen)
     })?;
+    cfg.listen = listener.local_addr()?;
+    let plaintext = match cfg.plaintext_xds {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for --plaintext-xds"))?,
+        ),
+        None => None,
+    };
     let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.default_mtls)?);
     // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
@@ -77,47 +115,58 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send +
     names.extend(cfg.server_names.iter().cloned());
     names.dedup();
     let serving = tls::ServingCert::new(&mesh.security.ca, names)?;
-    let tls = tls::server_config(serving.clone())?;
-    match weft_api::credentials::save(
-        &cfg.listen.to_string(),
-        weft_api::credentials::Entry {
-            admin_token: mesh.security.admin_token().to_owned(),
-            ca_file: bundle_path.clone(),
-        },
-    ) {
-        Ok(path) => tracing::info!(file = %path.display(), "CLI credentials written"),
-        Err(e) => tracing::warn!(error = %e, "cannot write the CLI credentials file; pass WEFT_ADMIN_TOKEN to the CLI"),
+    Ok(Bound { cfg, listener, plaintext, mesh, serving, bundle_path })
+}
+
+impl Bound {
+    /// The address xDS and the API are served on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.cfg.listen
     }
-    tokio::spawn(state::expire_stale(mesh.clone()));
-    tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path.clone()));
-    tokio::spawn(jwks::refresh(mesh.clone()));
-    let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
-    // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
-    let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
-    tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
-    // xDS streams never end on their own: after the stop signal, give in-flight API calls a
-    // moment, then close everything.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    if let Some(addr) = cfg.plaintext_xds {
-        let plain = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for --plaintext-xds"))?;
+
+    /// The credential of the API's admin calls.
+    pub fn admin_token(&self) -> &str {
+        self.mesh.security.admin_token()
+    }
+
+    /// The mesh roots (PEM) clients verify this control plane with.
+    pub fn trust_bundle_file(&self) -> &std::path::Path {
+        &self.bundle_path
+    }
+
+    /// Serves xDS and the API until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Bound { cfg, listener, plaintext, mesh, serving, bundle_path } = self;
+        let tls = tls::server_config(serving.clone())?;
+        tokio::spawn(state::expire_stale(mesh.clone()));
+        tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path));
+        tokio::spawn(jwks::refresh(mesh.clone()));
         let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
-        tracing::warn!(listen = %addr, "plaintext xDS listener for proxyless clients (no API, no registration without a token)");
-        tokio::spawn(axum::serve(plain, grpc).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+        // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
+        let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
+        tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
+        // xDS streams never end on their own: after the stop signal, give in-flight API calls a
+        // moment, then close everything.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some(plain) = plaintext {
+            let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
+            tracing::warn!(listen = %plain.local_addr()?, "plaintext xDS listener for proxyless clients (no API, no registration without a token)");
+            tokio::spawn(axum::serve(plain, grpc).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+        }
+        let serve =
+            axum::serve(tls::TlsListener::new(listener, tls), app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        tokio::select! {
+            r = serve => r?,
+            _ = async { stopped(stop_rx).await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => {}
+        }
+        tracing::info!("control plane stopped");
+        Ok(())
     }
-    let serve = axum::serve(tls::TlsListener::new(listener, tls), app).with_graceful_shutdown(stopped(stop_rx.clone()));
-    tokio::select! {
-        r = serve => r?,
-        _ = async { stopped(stop_rx).await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => {}
-    }
-    tracing::info!("control plane stopped");
-    Ok(())
 }

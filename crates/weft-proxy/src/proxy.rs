@@ -249,6 +249,11 @@ impl RunningProxy {
         self.proxy.opts.inbound
     }
 
+    /// The local address the app reaches `service` at (as bound: port 0 is resolved).
+    pub fn upstream(&self, service: &str) -> Option<SocketAddr> {
+        self.proxy.opts.upstreams.iter().find(|(s, _)| s == service).map(|(_, a)| *a)
+    }
+
     /// Leaves the endpoint sets of other proxies, then keeps serving what is in flight (and
     /// what callers send before they learn of it) for at most the drain timeout: the app is
     /// stopped only after this.
@@ -283,8 +288,8 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     if let Some(addr) = opts.inbound {
         opts.inbound = Some(listeners.prebind(addr, "inbound traffic (--inbound)")?);
     }
-    for (svc, addr) in &opts.upstreams {
-        listeners.prebind(*addr, &format!("upstream {svc}"))?;
+    for (svc, addr) in &mut opts.upstreams {
+        *addr = listeners.prebind(*addr, &format!("upstream {svc}"))?;
     }
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
-use weft_api::resource::MtlsMode;
 use weft_proxy::args::{ProxyArgs, duration};
 
 #[derive(Parser)]
@@ -22,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane: registry, config store, xDS server and admin API.
-    Control(ControlArgs),
+    Control(weft_control::args::ControlArgs),
     /// Run a sidecar proxy for one service instance (runs the `weft-proxy` binary with these
     /// flags in place of this process).
     Proxy(ProxyArgs),
@@ -118,71 +117,6 @@ pub struct ControlAddr {
     /// Admin credential for the API (default: from the credentials file).
     #[arg(long = "admin-token", env = "WEFT_ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub admin_token: Option<String>,
-}
-
-#[derive(Args)]
-pub struct ControlArgs {
-    /// Address for xDS (gRPC) and the admin API (HTTP/JSON).
-    #[arg(long, default_value = DEFAULT_CONTROL)]
-    pub listen: SocketAddr,
-    /// Where the embedded store keeps its file.
-    #[arg(long, default_value = ".weft/control")]
-    pub data_dir: PathBuf,
-    /// After a restart, how long restored instances keep their endpoints while proxies reconnect.
-    #[arg(long, default_value = "15s", value_parser = duration)]
-    pub reconnect_grace: Duration,
-    /// Trust domain of every SPIFFE ID (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE).
-    #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Namespace in every SPIFFE ID.
-    #[arg(long, default_value = weft_api::identity::DEFAULT_NAMESPACE)]
-    pub namespace: String,
-    /// Lifetime of proxy certificates (at least 1m); proxies renew at half of it.
-    #[arg(long, default_value = "24h", value_parser = duration)]
-    pub cert_ttl: Duration,
-    /// Sign with this intermediate CA (PEM: the CA first, then its chain up to the root)
-    /// instead of a root of the control plane's own. Needs --ca-key.
-    #[arg(long, requires = "ca_key")]
-    pub ca_cert: Option<PathBuf>,
-    /// Private key (PEM) of --ca-cert.
-    #[arg(long, requires = "ca_cert")]
-    pub ca_key: Option<PathBuf>,
-    /// Mutual TLS mode of services whose Service resource sets none: strict or permissive.
-    #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
-    pub mtls: String,
-    /// Another name (DNS or IP) clients use for the control plane; repeatable.
-    #[arg(long = "server-name")]
-    pub server_names: Vec<String>,
-    /// Also serve xDS without TLS on this loopback address, for proxyless gRPC clients.
-    #[arg(long)]
-    pub plaintext_xds: Option<SocketAddr>,
-}
-
-impl ControlArgs {
-    pub fn config(self) -> anyhow::Result<weft_control::ControlConfig> {
-        if self.cert_ttl < weft_control::ca::MIN_CERT_TTL {
-            anyhow::bail!("--cert-ttl {:?} is too short: certificates live at least 1m", self.cert_ttl);
-        }
-        for (what, v) in [("--trust-domain", &self.trust_domain), ("--namespace", &self.namespace)] {
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
-                anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
-            }
-        }
-        Ok(weft_control::ControlConfig {
-            listen: self.listen,
-            data_dir: self.data_dir,
-            reconnect_grace: self.reconnect_grace,
-            ca: weft_control::CaConfig {
-                trust_domain: self.trust_domain,
-                namespace: self.namespace,
-                cert_ttl: self.cert_ttl,
-                provided: self.ca_cert.zip(self.ca_key),
-            },
-            default_mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
-            server_names: self.server_names,
-            plaintext_xds: self.plaintext_xds,
-        })
-    }
 }
 
 #[derive(Args)]

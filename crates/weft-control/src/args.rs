@@ -1,0 +1,84 @@
+//! The control plane's command line (`weft control`), and how it becomes a [`ControlConfig`].
+use crate::ControlConfig;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use weft_api::names::DEFAULT_CONTROL;
+use weft_api::resource::MtlsMode;
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Address for xDS (gRPC) and the admin API (HTTP/JSON).
+    #[arg(long, default_value = DEFAULT_CONTROL)]
+    pub listen: SocketAddr,
+    /// Where the embedded store keeps its file.
+    #[arg(long, default_value = ".weft/control")]
+    pub data_dir: PathBuf,
+    /// After a restart, how long restored instances keep their endpoints while proxies reconnect.
+    #[arg(long, default_value = "15s", value_parser = weft_api::duration::parse)]
+    pub reconnect_grace: Duration,
+    /// Trust domain of every SPIFFE ID (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE).
+    #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Namespace in every SPIFFE ID.
+    #[arg(long, default_value = weft_api::identity::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Lifetime of proxy certificates (at least 1m); proxies renew at half of it.
+    #[arg(long, default_value = "24h", value_parser = weft_api::duration::parse)]
+    pub cert_ttl: Duration,
+    /// Sign with this intermediate CA (PEM: the CA first, then its chain up to the root)
+    /// instead of a root of the control plane's own. Needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Mutual TLS mode of services whose Service resource sets none: strict or permissive.
+    #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
+    pub mtls: String,
+    /// Another name (DNS or IP) clients use for the control plane; repeatable.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// Also serve xDS without TLS on this loopback address, for proxyless gRPC clients.
+    #[arg(long)]
+    pub plaintext_xds: Option<SocketAddr>,
+}
+
+impl ControlArgs {
+    /// Reads the flags of `weft control` from a list (as a user would type them).
+    pub fn from_flags(flags: &[String]) -> Result<ControlArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            control: ControlArgs,
+        }
+        Ok(Flags::try_parse_from(std::iter::once("weft-control".to_owned()).chain(flags.iter().cloned()))?.control)
+    }
+
+    pub fn config(self) -> anyhow::Result<ControlConfig> {
+        if self.cert_ttl < crate::ca::MIN_CERT_TTL {
+            anyhow::bail!("--cert-ttl {:?} is too short: certificates live at least 1m", self.cert_ttl);
+        }
+        for (what, v) in [("--trust-domain", &self.trust_domain), ("--namespace", &self.namespace)] {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
+                anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
+            }
+        }
+        Ok(ControlConfig {
+            listen: self.listen,
+            data_dir: self.data_dir,
+            reconnect_grace: self.reconnect_grace,
+            ca: crate::CaConfig {
+                trust_domain: self.trust_domain,
+                namespace: self.namespace,
+                cert_ttl: self.cert_ttl,
+                provided: self.ca_cert.zip(self.ca_key),
+            },
+            default_mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
+            server_names: self.server_names,
+            plaintext_xds: self.plaintext_xds,
+        })
+    }
+}
