@@ -75,11 +75,21 @@ impl Mesh {
         }
     }
 
-    /// `weft apply` of `yaml`: the control plane's refusal, if it refuses.
+    /// `weft apply` of `yaml`: the control plane's refusal (`path: reason`), if it refuses.
     pub async fn try_apply(&self, yaml: &str) -> Result<(), String> {
         let docs = weft_api::resource::parse_documents(yaml).map_err(|e| e.to_string())?;
         let body = serde_json::json!({ "resources": docs }).to_string();
-        self.api.call_ok(http::Method::POST, "/api/v1/apply", Some(body)).await.map(drop).map_err(|e| e.message)
+        let (status, answer) = self
+            .api
+            .call(http::Method::POST, "/api/v1/apply", Some(body), Duration::from_secs(5))
+            .await
+            .map_err(|e| e.message)?;
+        if status.is_success() {
+            return Ok(());
+        }
+        let v: Value = serde_json::from_slice(&answer).unwrap_or_default();
+        let e = &v["errors"][0];
+        Err(format!("{status}: {}: {}", e["path"].as_str().unwrap_or("-"), e["reason"].as_str().unwrap_or("-")))
     }
 
     /// A join token for `identity` (a service's name, or any name for a proxy without one).
@@ -159,10 +169,13 @@ impl Proxy {
 
     /// Waits until `/config_dump`'s value at `pointer` (a JSON pointer) is set.
     pub async fn wait_config(&self, pointer: &str) {
-        wait_until(&format!("{pointer} in force"), async || {
-            !self.config_dump().await.pointer(pointer).unwrap_or(&Value::Null).is_null()
-        })
-        .await;
+        self.wait_dump(&format!("{pointer} in force"), |dump| !dump.pointer(pointer).unwrap_or(&Value::Null).is_null())
+            .await;
+    }
+
+    /// Waits until `/config_dump` passes `check`.
+    pub async fn wait_dump(&self, what: &str, check: impl Fn(&Value) -> bool) {
+        wait_until(what, async || check(&self.config_dump().await)).await;
     }
 
     /// The sum of counter `name` over the series whose labels include all of `labels`.
@@ -227,9 +240,12 @@ impl App {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         // A sidecar's probe of the app's HTTP versions is answered apart.
-                        let status = if req.uri() == "*" { 200 } else { answer(req.uri().path(), &seen) };
+                        let probe = req.uri() == "*";
+                        let status = if probe { 200 } else { answer(req.uri().path(), &seen) };
                         async move {
-                            tokio::time::sleep(delay).await;
+                            if !probe {
+                                tokio::time::sleep(delay).await;
+                            }
                             let mut r = http::Response::new(Full::new(Bytes::from_static(b"x")));
                             *r.status_mut() = http::StatusCode::from_u16(status).expect("status");
                             Ok::<_, std::convert::Infallible>(r)

@@ -337,7 +337,9 @@ impl Endpoint {
 
     pub(crate) fn observe(&self, rtt: Duration) {
         let now = clock::now();
-        let rtt = rtt.as_nanos() as f64;
+        // At least 1 ns: 0 means "never measured" (an answer within the clock's resolution,
+        // or on a paused clock, is still a measurement).
+        let rtt = (rtt.as_nanos() as f64).max(1.0);
         let prev = f64::from_bits(self.rtt.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
         // Peak: jump up at once, decay down over DECAY. Races between updates only lose one sample.
