@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use weft_proxy::control_client::{ControlApi, ControlEndpoint};
+use weft_client::{ControlApi, ControlEndpoint};
 
 /// A control plane serving on 127.0.0.1 (a port of its own choosing), with its data in a
 /// scratch directory.

@@ -1,6 +1,5 @@
 //! Health of the local application: probed on an interval, reported to the control plane
 //! whenever it changes (and again until the report gets through).
-use crate::control_client::ControlApi;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -10,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use weft_client::ControlApi;
 
 #[derive(Debug, Clone)]
 pub enum HealthCheck {

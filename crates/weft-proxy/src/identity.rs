@@ -9,7 +9,6 @@
 //! Invariant: TLS configurations are built once and read the current certificate and bundle
 //! at each handshake, so renewals and rotations apply to new connections without a restart and
 //! without touching open ones.
-use crate::control_client::ControlApi;
 use crate::crypto::provider;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -23,6 +22,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use weft_api::identity::{CertificateRequest, CertificateResponse};
+use weft_client::ControlApi;
 
 /// Renewal retries back off up to this.
 const MAX_RETRY: Duration = Duration::from_secs(15);

@@ -4,8 +4,8 @@
 //! [`listener`] (accept; a [`context::ConnCtx`] per connection) → [`detect`] (HTTP/1, HTTP/2,
 //! TLS or opaque TCP) → [`stack`]: the [`inbound`] or [`outbound`] stack, by the listener's
 //! direction, over the shared [`http`] code, or [`tcp`] → [`route`] (a [`route::MatchedRoute`]:
-//! rule, backend, policy) → [`attempt`] (every re-send) + [`balance`] (endpoint pick) → [`endpoint`] (pooled
-//! connection over a [`transport`]). Each request's [`record`] feeds [`metrics`] once.
+//! rule, backend, policy) → [`attempt`] (every re-send) + [`cluster`] (balancing, endpoint pick,
+//! pooled connections over a [`transport`]). Each request's [`record`] feeds [`metrics`] once.
 //! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
 //! and /config_dump.
@@ -20,7 +20,6 @@ mod clock;
 pub mod cluster;
 pub mod config;
 pub mod context;
-pub mod control_client;
 pub mod crypto;
 mod detect;
 mod drain;

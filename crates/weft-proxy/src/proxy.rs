@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
-use crate::{admin, control_client, crypto, drain, health, identity, inbound, transport, xds};
+use crate::{admin, crypto, drain, health, identity, inbound, transport, xds};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -235,7 +235,7 @@ impl Proxy {
 /// A started proxy; [`RunningProxy::stop`] takes it out of the mesh.
 pub struct RunningProxy {
     proxy: Arc<Proxy>,
-    control: Arc<control_client::ControlApi>,
+    control: Arc<weft_client::ControlApi>,
     tasks: tokio::task::JoinSet<()>,
     deregistered: bool,
 }
@@ -296,15 +296,14 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
     opts.admin = admin.local_addr()?;
     let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
-    let endpoint =
-        control_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
+    let endpoint = weft_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
     // Every client of the control plane trusts the live bundle once xDS delivers it, so a
     // rotated root that the control plane's certificate chains to is trusted as soon as proxies
     // learn it; the roots in the file only bootstrap.
     let bootstrap = endpoint.roots()?;
     let creds = identity::Credentials::new();
     let xds_tls = Arc::new(creds.control_plane_config(bootstrap.clone(), &[b"h2"]));
-    let control = Arc::new(control_client::ControlApi::with_tls(endpoint, creds.control_plane_config(bootstrap, &[])));
+    let control = Arc::new(weft_client::ControlApi::with_tls(endpoint, creds.control_plane_config(bootstrap, &[])));
     let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
     let metrics = Metrics::new();
     let proxy = Arc::new(Proxy {
@@ -335,7 +334,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     }
     tasks.spawn(identity::run(proxy.creds.clone(), control.clone(), csr, proxy.metrics.clone()));
     tasks.spawn(admin::serve(admin, proxy.clone()));
-    let xds_endpoint = control_client::ControlEndpoint {
+    let xds_endpoint = weft_client::ControlEndpoint {
         address: proxy.opts.xds.clone().unwrap_or_else(|| proxy.opts.control.clone()),
         ..control.endpoint.clone()
     };

@@ -7,7 +7,6 @@
 //! NACKed with the reason and the previous config stays in force. When the control plane is
 //! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
 use crate::config::{self, ClusterDef, ConfigError, EndpointDef, InvalidResource, ListenerDef, RouteDef};
-use crate::control_client::ControlEndpoint;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -26,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::identity::ROOT_SECRET;
 use weft_api::names;
+use weft_client::ControlEndpoint;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 

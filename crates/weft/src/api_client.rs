@@ -8,7 +8,7 @@ use std::time::Duration;
 use weft_api::identity::{IssuedCertificate, TokenInfo};
 use weft_api::resource::{ApplyError, Kind, parse_documents};
 use weft_api::{Instance, ServiceSummary};
-use weft_proxy::control_client::{ControlApi, ControlEndpoint};
+use weft_client::{ControlApi, ControlEndpoint};
 
 pub struct Api {
     api: ControlApi,

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use weft_client::ControlEndpoint;
 use weft_proxy::args::ProxyArgs;
-use weft_proxy::control_client::ControlEndpoint;
 use weft_proxy::supervise;
 
 struct Planned {

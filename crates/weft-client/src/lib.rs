@@ -2,6 +2,7 @@
 //! roots file; a proxy: its live trust bundle), and a bearer credential (a proxy's join token,
 //! or the CLI's admin credential). Shared by the proxy (xDS, certificates, health reports) and
 //! the `weft` CLI.
+#![forbid(unsafe_code)]
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -67,12 +68,13 @@ impl ControlEndpoint {
     }
 
     /// TLS trusting the roots in `ca_file`: for short-lived clients (the CLI). A proxy trusts
-    /// its live trust bundle instead ([`crate::identity::Credentials::control_plane_config`]).
+    /// its live trust bundle instead (`weft_proxy::identity::Credentials::control_plane_config`).
     pub fn tls_config(&self, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.roots()?)
-            .with_no_client_auth();
+        let mut cfg =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(self.roots()?)
+                .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(cfg)
     }
