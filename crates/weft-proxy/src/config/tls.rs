@@ -5,7 +5,7 @@
 //! from the `ROOTCA` secret. A context is accepted only if it says exactly that (plus, for
 //! origination, the one SPIFFE ID the upstream must present); anything else in it is refused,
 //! because the proxy would have to ignore it.
-use super::{InvalidResource, decode, invalid};
+use super::decode::{InvalidResource, decode, invalid};
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, data_source, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, UpstreamTlsContext,
