@@ -124,9 +124,9 @@ fn main() {
     };
     let frontend = reg("frontend", 7000, "v1");
     let backend = reg("backend", 7001, "v1");
-    mesh.connect("backend-1", backend.clone(), 1);
-    mesh.connect("backend-2", reg("backend", 7002, "v2"), 2);
-    mesh.connect("frontend-1", frontend.clone(), 3);
+    mesh.connect("backend-1", backend.clone(), 1, None).expect("registered");
+    mesh.connect("backend-2", reg("backend", 7002, "v2"), 2, None).expect("registered");
+    mesh.connect("frontend-1", frontend.clone(), 3, None).expect("registered");
     let snapshot = mesh.subscribe().borrow().clone();
     for (kind, t) in [Type::Listener, Type::Route, Type::Cluster, Type::Endpoint, Type::Secret].into_iter().enumerate()
     {
