@@ -19,18 +19,21 @@ fn descendants(p: &Proc) -> Vec<i32> {
     all
 }
 
-fn wait_up(dir: &TestDir, up: &Proc) {
+/// Waits for `weft up`'s banner; fails at once (with its log) if it exits first.
+fn wait_up(dir: &TestDir, up: &mut Proc) {
     let log = dir.path.join(format!("{}.log", up.name));
     wait_until(Duration::from_secs(60), "weft up banner", || {
         std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
+            || up.wait(Duration::ZERO).is_some()
     });
+    assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up"), "weft up exited");
 }
 
 #[test]
 fn bundled_demo_mesh_serves_http1_http2_and_grpc_then_stops_cleanly() {
     let dir = TestDir::new("demo");
     let mut up = Proc::spawn(&dir, "up", Command::new(weft_bin()).arg("up"));
-    wait_up(&dir, &up);
+    wait_up(&dir, &mut up);
     let r = curl(&["http://127.0.0.1:8080/"]).expect("HTTP/1.1 response");
     assert_eq!(r.status, 200);
     assert!(r.body.contains("hello from frontend v1 (instance frontend-v1-0) via HTTP/1.1"), "{}", r.body);
@@ -108,7 +111,7 @@ resources:
     )
     .unwrap();
     let mut up = Proc::spawn(&dir, "up", Command::new(weft_bin()).args(["up", "-f", file.to_str().unwrap()]));
-    wait_up(&dir, &up);
+    wait_up(&dir, &mut up);
     let r = curl(&[&format!("http://127.0.0.1:{gw}/")]).expect("response");
     assert!(r.body.contains("hello from web v1 (instance web-0)"), "{}", r.body);
     assert!(r.body.contains("hello from api v1 (instance api-v1-0)"), "{}", r.body);

@@ -23,14 +23,27 @@ struct Planned {
 }
 
 /// A port for an app to listen on. Sidecars bind port 0 themselves; apps are told a port, so
-/// one is picked here (and never the same one twice).
+/// one is picked here (and never the same one twice). It is free now and below the kernel's
+/// ephemeral range, which the kernel hands out for `bind(0)` and outgoing connections: a port
+/// from that range could be taken by any connection on the machine before the app, started
+/// later, binds it (seen under load as "Address already in use" and the mesh not starting).
 fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if taken.insert(port) {
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    // Meshes started side by side start their search at unrelated places.
+    let start = fastrand::u16(..span);
+    for i in 0..span {
+        let port = LOWEST + (start + i) % span;
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
             return Ok(port);
         }
     }
+    anyhow::bail!("no free port for an app between {LOWEST} and {ephemeral}")
 }
 
 fn plan(file: &MeshFile, exe: &str, ca_file: &std::path::Path) -> anyhow::Result<Vec<Planned>> {
