@@ -19,8 +19,10 @@
 //!
 //! A re-send needs the request again: the exchange gives it back if it was never sent, or a
 //! replay of it if its body was kept whole (see [`crate::http::forward::Replay`]); without one
-//! the failure stands. Time is tokio's (paused in tests) and the backoff's jitter comes from
-//! the thread's `fastrand` generator (seeded in tests).
+//! the failure stands. The route's request timeout ([`Deadline`]) bounds every attempt and
+//! backoff up to the response head: each attempt has one timer, at its per-try timeout or the
+//! route's deadline, whichever comes first. Time is tokio's (paused in tests) and the
+//! backoff's jitter comes from the thread's `fastrand` generator (seeded in tests).
 use crate::cluster::balance::ClusterView;
 use crate::cluster::endpoint::{Admitted, Endpoint};
 use crate::cluster::outlier::Observed;
@@ -104,6 +106,20 @@ pub struct Progress {
     pub untried_left: bool,
 }
 
+/// A route's request timeout: when it is up, and how long it was (for the error).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    /// `timeout` from now.
+    pub fn after(timeout: Duration) -> Deadline {
+        Deadline { at: tokio::time::Instant::now() + timeout, timeout }
+    }
+}
+
 /// What may happen to one request or connection: decided before the first attempt.
 pub struct Plan<'a> {
     pub failover: Failover,
@@ -118,6 +134,8 @@ pub struct Plan<'a> {
     pub mesh: bool,
     /// Whether each attempt counts against the cluster's `max_requests` (HTTP requests do).
     pub admit: bool,
+    /// The route's request timeout, over every attempt and backoff up to the response head.
+    pub deadline: Option<Deadline>,
 }
 
 impl Plan<'_> {
@@ -237,7 +255,13 @@ impl<'c> Resend<'c> {
                     // would otherwise turn retries down under modest concurrency. Over the
                     // limit, the failure stands (a retry storm would make it worse).
                     drop((self.admitted.take(), self.retry_slot.take()));
-                    tokio::time::sleep(backoff).await;
+                    let wake = tokio::time::Instant::now() + backoff;
+                    if let Some(d) = plan.deadline.filter(|d| d.at <= wake) {
+                        tokio::time::sleep_until(d.at).await;
+                        result.map(X::discard).ok();
+                        return Err(ProxyError::RouteTimeout { route: plan.route.clone(), timeout: d.timeout });
+                    }
+                    tokio::time::sleep_until(wake).await;
                     let Some(slot) = cluster.admit_retry() else { return result };
                     self.retry_slot = Some(slot);
                     result.map(X::discard).ok();
@@ -274,12 +298,20 @@ async fn attempt<X: Exchange>(
     progress: &mut Progress,
     attempts: &mut Attempts,
 ) -> (Result<X::Output, ProxyError>, Next) {
+    let per_try = plan.retry.and_then(|r| r.per_try_timeout).map(Deadline::after);
+    let limit = match (per_try, plan.deadline) {
+        (Some(t), Some(d)) => Some(if t.at < d.at { t } else { d }),
+        (t, d) => t.or(d),
+    };
+    // Whether the route's deadline (not a per-try timeout) ended the attempt: then it is final.
+    let mut expired = false;
     let attempted = {
         let attempt = std::pin::pin!(exchange.attempt(ep, view.settings.connect_timeout));
-        match plan.retry.and_then(|r| r.per_try_timeout) {
-            // Boxed: only routes with a per-try timeout pay for its timer's room.
-            Some(t) => Box::pin(tokio::time::timeout(t, attempt)).await.unwrap_or_else(|_| {
-                Attempted::Failed(ProxyError::RouteTimeout { route: plan.route.clone(), timeout: t })
+        match limit {
+            // Boxed: only routes with a timeout pay for its timer's room.
+            Some(limit) => Box::pin(tokio::time::timeout_at(limit.at, attempt)).await.unwrap_or_else(|_| {
+                expired = plan.deadline.is_some_and(|d| d.at == limit.at);
+                Attempted::Failed(ProxyError::RouteTimeout { route: plan.route.clone(), timeout: limit.timeout })
             }),
             None => attempt.await,
         }
@@ -292,7 +324,7 @@ async fn attempt<X: Exchange>(
     record(view, ep, seen, plan.mesh, attempts);
     progress.unsent = if matches!(seen, Seen::Unsent(_)) { progress.unsent + 1 } else { 0 };
     progress.untried_left = view.set.ready.iter().any(|e| !tried.contains(&e.addr));
-    let next = plan.next(seen, *progress);
+    let next = if expired { Next::Return } else { plan.next(seen, *progress) };
     let result = match attempted {
         Attempted::Answered(out) => Ok(out),
         Attempted::Unsent(e) | Attempted::Failed(e) => Err(e),
@@ -388,7 +420,7 @@ mod tests {
     use crate::config::RetryOn;
 
     fn plan<'a>(retry: Option<&'a RetryDef>, route: &'a Arc<str>, idempotent: bool) -> Plan<'a> {
-        Plan { failover: Failover::default(), retry, route, idempotent, mesh: true, admit: true }
+        Plan { failover: Failover::default(), retry, route, idempotent, mesh: true, admit: true, deadline: None }
     }
 
     fn reset() -> ProxyError {

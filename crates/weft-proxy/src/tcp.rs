@@ -31,6 +31,7 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
         idempotent: false,
         mesh: false,
         admit: false,
+        deadline: None,
     };
     match attempt::run(&mut TcpConnect, &cluster.view(), None, &plan, &mut rec.attempts).await {
         Ok(mut upstream) => {

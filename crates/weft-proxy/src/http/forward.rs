@@ -10,7 +10,7 @@ use super::headers::strip_hop_by_hop;
 use super::replay::{BodyCopy, UpBody};
 use super::upgrade::{is_upgrade, upgrade_via};
 use crate::app_protocol::Speaks;
-use crate::attempt::{self, Attempted, Exchange, Plan};
+use crate::attempt::{self, Attempted, Deadline, Exchange, Plan};
 use crate::cluster::endpoint::{Conn, Endpoint};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
@@ -32,18 +32,20 @@ pub fn forward<'a>(
 ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
     if is_upgrade(&req) {
         // Rare and with large futures: boxed, so the common path's future stays small.
-        return futures::future::Either::Left(Box::pin(async move { upgrade_via(&route, req, rec).await }));
+        return futures::future::Either::Left(Box::pin(async move { upgrade_via(&route, req, rec, None).await }));
     }
     futures::future::Either::Right(forward_body(route, req.map(UpBody::Streamed), false, rec))
 }
 
-/// Forwards a request that is not an upgrade, with the route's retry policy if `retries`.
+/// Forwards a request that is not an upgrade, with the route's retry policy and request
+/// timeout if `policy`.
 pub fn forward_body<'a>(
     route: MatchedRoute,
     mut req: Request<UpBody>,
-    retries: bool,
+    policy: bool,
     rec: &'a mut RequestRecord,
 ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+    let deadline = route.rule.policy.timeout.filter(|_| policy).map(Deadline::after);
     let downstream = req.version();
     if downstream != Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), true);
@@ -54,8 +56,8 @@ pub fn forward_body<'a>(
     // fn` would keep its argument apart, in every request's future).
     async move {
         let cluster = &route.backend;
+        let retry = route.rule.policy.retry.as_ref().filter(|_| policy);
         let policy = &route.rule.policy;
-        let retry = policy.retry.as_ref().filter(|_| retries);
         // Settings and endpoints as this request sees them, through every attempt.
         let view = cluster.view();
         // The cluster may speak another HTTP version than the client (an HTTP/1.1-only app
@@ -65,7 +67,15 @@ pub fn forward_body<'a>(
                 // Not yet known (the app was still starting when last probed): asked now,
                 // before the request is sent in a version the app may not speak. Boxed: rare.
                 if cluster.learned.get() == Speaks::Unknown {
-                    Box::pin(cluster.learn_protocol()).await;
+                    let learn = Box::pin(cluster.learn_protocol());
+                    if let Some(d) = deadline {
+                        tokio::time::timeout_at(d.at, learn).await.map_err(|_| ProxyError::RouteTimeout {
+                            route: route.rule.id.clone(),
+                            timeout: d.timeout,
+                        })?;
+                    } else {
+                        learn.await;
+                    }
                 }
                 cluster.learned.h2_for(downstream == Version::HTTP_2)
             }
@@ -79,6 +89,7 @@ pub fn forward_body<'a>(
             idempotent,
             mesh: cluster.is_mesh(),
             admit: true,
+            deadline,
         };
         // Keep what a re-send needs, unless none can happen (the head's copy costs a
         // header-map clone per request; a body's copy only references its buffers).

@@ -2,7 +2,7 @@
 //! `101 Switching Protocols`, the two upgraded connections are spliced together.
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
-use crate::attempt::{self, Attempted, Exchange, Plan};
+use crate::attempt::{self, Attempted, Deadline, Exchange, Plan};
 use crate::cluster::endpoint::{Endpoint, UpBody};
 use crate::error::ProxyError;
 use crate::record::RequestRecord;
@@ -51,11 +51,13 @@ fn upgrade_headers(headers: &mut HeaderMap) {
 }
 
 /// Sends an upgrade request through the attempt engine: it may fail over while no endpoint
-/// was reached; once sent, the client's connection is committed to that endpoint.
+/// was reached; once sent, the client's connection is committed to that endpoint. The
+/// `deadline` (the route's request timeout, on the policy path) bounds it up to the answer.
 pub async fn upgrade_via(
     route: &MatchedRoute,
     req: Request<Incoming>,
     rec: &mut RequestRecord,
+    deadline: Option<Deadline>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let view = route.backend.view();
     let plan = Plan {
@@ -65,6 +67,7 @@ pub async fn upgrade_via(
         idempotent: false,
         mesh: route.backend.is_mesh(),
         admit: false,
+        deadline,
     };
     let mut exchange = UpgradeExchange { req: Some(req) };
     let resp = attempt::run(&mut exchange, &view, route.hash, &plan, &mut rec.attempts).await?;

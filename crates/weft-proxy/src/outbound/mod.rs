@@ -1,16 +1,18 @@
 //! The outbound stack: requests from the local app to other services. Routing decides first
 //! (rule, backend, policy) without I/O; the policy then wraps the forwarding: the rule's
 //! request edits (headers, path and host rewrites) apply first, then injected faults; the
-//! route's timeout bounds retries and forwarding up to the response head; failover moves a
+//! route's timeout bounds retries and forwarding up to the response head (a deadline the
+//! attempt engine keeps, [`crate::attempt::Deadline`]); failover moves a
 //! request between endpoints of the backend as [`crate::route::RoutePolicy`] allows; copies
 //! go to the mirrors once the request was sent; the rule's response edits apply last.
+use crate::attempt::Deadline;
 use crate::cluster::balance::Cluster;
 use crate::config::EscapedSlashes;
 use crate::error::ProxyError;
 use crate::http::body::Reply;
 use crate::http::forward::{Replay, RequestHead, forward_body};
 use crate::http::replay::UpBody;
-use crate::http::upgrade::is_upgrade;
+use crate::http::upgrade::{is_upgrade, upgrade_via};
 use crate::path::normalize_request;
 use crate::record::RequestRecord;
 use crate::route::{MatchedRoute, RouteTable, decide, sampled};
@@ -75,10 +77,11 @@ async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut Requ
             return Err(ProxyError::FaultAbort { route: rule.id.clone(), status, grpc: a.grpc });
         }
     }
-    let forward: BoxFuture<'_, Reply>;
     let mut mirror = None;
-    if is_upgrade(&req) {
-        forward = Box::pin(crate::http::forward(route, req, rec));
+    let result = if is_upgrade(&req) {
+        // Rare, with a large future: boxed.
+        let deadline = rule.policy.timeout.map(Deadline::after);
+        Box::pin(upgrade_via(&route, req, rec, deadline)).await
     } else {
         let mut req = req.map(UpBody::Streamed);
         let targets: SmallVec<[Arc<Cluster>; 1]> =
@@ -89,13 +92,7 @@ async fn with_policy(route: MatchedRoute, req: Request<Incoming>, rec: &mut Requ
             *req.body_mut() = body;
             mirror = Some((RequestHead::of(&req), kept, targets, rec.conn.clone()));
         }
-        forward = Box::pin(forward_body(route, req, true, rec));
-    }
-    let result = match rule.policy.timeout {
-        Some(t) => tokio::time::timeout(t, forward)
-            .await
-            .unwrap_or_else(|_| Err(ProxyError::RouteTimeout { route: rule.id.clone(), timeout: t })),
-        None => forward.await,
+        forward_body(route, req, true, rec).await
     };
     if let Some((head, Some(kept), targets, conn)) = mirror {
         for target in targets {

@@ -314,3 +314,32 @@ async fn a_body_over_the_replay_limit_is_not_sent_again() {
     assert_eq!(status, StatusCode::OK, "a body within the limit is replayed");
     assert_eq!(counts[1].bodies.lock().unwrap().last().map(String::as_str), Some("8 bytes!"));
 }
+
+/// The route's request timeout bounds the attempts and the backoffs between them: with
+/// per-try timeouts of 1 s, retries left and a short backoff, a route timeout of 2.5 s answers
+/// 504 at exactly 2.5 s (in the third attempt); with a backoff of seconds, one of 1.01 s
+/// answers at exactly 1.01 s (in the first retry's backoff). Both name the route's timeout,
+/// not the per-try one.
+#[tokio::test(start_paused = true)]
+async fn the_route_timeout_bounds_every_attempt_and_backoff() {
+    fastrand::seed(19);
+    let slow = Behaviour::Answer { delay: Duration::from_secs(10) };
+    for (route_timeout, backoff, attempts) in [
+        (Duration::from_millis(2500), Duration::from_millis(25), 3),
+        (Duration::from_millis(1010), Duration::from_secs(10), 1),
+    ] {
+        let retry = RetryDef {
+            base_interval: backoff,
+            max_interval: backoff,
+            ..retry_on("5xx", 5, Some(Duration::from_secs(1)))
+        };
+        let rule = RuleDef { retry: Some(retry), timeout: Some(route_timeout), ..Default::default() };
+        let (mesh, counts) = Mesh::with_rule(&[(addr(10), slow), (addr(11), slow)], rule);
+        let started = Instant::now();
+        let (status, reason, body) = send(&mesh, "GET", "").await;
+        assert_eq!((status, reason.as_str()), (StatusCode::GATEWAY_TIMEOUT, "route-timeout"));
+        assert!(body.contains(&format!("timed out after {route_timeout:?}")), "{body}");
+        assert_eq!(started.elapsed(), route_timeout);
+        assert_eq!(requests(&counts[0]) + requests(&counts[1]), attempts, "attempts within {route_timeout:?}");
+    }
+}
