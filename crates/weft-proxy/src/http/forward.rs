@@ -45,7 +45,6 @@ pub fn forward_body<'a>(
     policy: bool,
     rec: &'a mut RequestRecord,
 ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
-    let deadline = route.rule.policy.timeout.filter(|_| policy).map(Deadline::after);
     let downstream = req.version();
     if downstream != Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), true);
@@ -55,6 +54,8 @@ pub fn forward_body<'a>(
     // An async block, not an `async fn`: the request is kept once, in `exchange` (an `async
     // fn` would keep its argument apart, in every request's future).
     async move {
+        // From the first poll: a fault's delay before it does not count.
+        let deadline = route.rule.policy.timeout.filter(|_| policy).map(Deadline::after);
         let cluster = &route.backend;
         let retry = route.rule.policy.retry.as_ref().filter(|_| policy);
         let policy = &route.rule.policy;
