@@ -9,10 +9,10 @@
 //!
 //! outbound  (the local app → other services)
 //!   listener → detect → outbound::Outbound::call:
-//!       path normalisation (path) → route → request edits → faults → timeout
-//!       → attempt engine (attempt::run: every re-send) → per attempt: concurrency limit
-//!       → balance (balance) → connect + mTLS origination (endpoint) → send
-//!       → mirrors → response edits
+//!       path normalisation (path) → route → request edits → faults → timeout (a deadline)
+//!       → attempt engine (attempt::run: every re-send) → per attempt: one timer (per-try
+//!       timeout or the deadline) → concurrency limit → balance (cluster::balance)
+//!       → connect + mTLS origination (cluster::endpoint) → send → mirrors → response edits
 //! ```
 //! An inbound policy step is a call in [`crate::inbound::Inbound::call`] (as authorization
 //! is), an outbound one in [`crate::outbound::Outbound::call`] (as faults are); whatever
