@@ -4,6 +4,10 @@
 //! when every task waits on a timer, so what a policy does over time (ejections, rate limits,
 //! health checks, delays, connection lifetimes) is tested exactly, in milliseconds of real time.
 //!
+//! The proxies' random choices (balancing, fault and mirror sampling, backoff jitter) come from
+//! the test thread's generator, seeded at [`Mesh::start`] (`WEFT_TEST_SEED`, default 19), so a
+//! run can be repeated; the order in which loopback sockets become ready still varies.
+//!
 //! Every part is configured by the flags a user types (`weft control`, `weft proxy`), so the
 //! defaults are the shipped ones. What only processes show (signals, exit codes, ports held by
 //! another process, resident memory, real clients such as curl) stays with the process-level
@@ -41,6 +45,7 @@ impl Mesh {
     /// directory.
     pub async fn start_with(flags: &[&str]) -> Mesh {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        fastrand::seed(std::env::var("WEFT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(19));
         // What the parts log (`WEFT_LOG`, default warnings), shown with a failing test's output.
         let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
