@@ -32,7 +32,7 @@ pub struct Mesh {
     pub control: SocketAddr,
     ca_file: PathBuf,
     api: ControlApi,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: TestDir,
 }
 
@@ -70,7 +70,16 @@ impl Mesh {
         tokio::spawn(bound.serve(async move {
             let _ = stopped.await;
         }));
-        Mesh { control, ca_file, api, _stop: stop, _dir: dir }
+        Mesh { control, ca_file, api, stop: Some(stop), _dir: dir }
+    }
+
+    /// Stops the control plane (its port closes; the proxies keep running).
+    pub async fn stop_control(&mut self) {
+        drop(self.stop.take());
+        wait_until("the control plane's port closed", async || {
+            tokio::net::TcpStream::connect(self.control).await.is_err()
+        })
+        .await;
     }
 
     /// `weft apply` of `yaml`, which must be accepted.

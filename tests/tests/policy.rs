@@ -403,3 +403,23 @@ async fn a_sidecar_whose_app_is_down_is_asked_again_on_the_same_connection() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(accepted(&sidecars[1]).await, 1, "the refused requests came on more than one connection");
 }
+
+/// With the control plane gone for an hour (on the paused clock), every proxy keeps serving
+/// with the config it last accepted (endpoints, the retry policy, mutual TLS) and says it is
+/// disconnected; the edge's retries still hide an instance that fails every other request.
+#[tokio::test(start_paused = true)]
+async fn proxies_keep_their_last_config_while_the_control_plane_is_away() {
+    let mut mesh = Mesh::start().await;
+    let apps = [App::ok().await, App::failing(|n| n.is_multiple_of(2)).await];
+    let (_sidecars, edge) = backends(&mesh, &apps).await;
+    policy(&mesh, "retry: {attempts: 2, retryOn: [5xx]}").await;
+    edge.wait_dump("retries in force", |d| d["routes"].to_string().contains("\"retries\":2")).await;
+    mesh.stop_control().await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let dump = edge.config_dump().await;
+    assert_eq!(dump["control_plane_connected"], false, "{dump}");
+    let asked = apps[1].answered();
+    let statuses = client().statuses(&edge.url("backend", "/"), 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(apps[1].answered() > asked, "the flaky instance was dropped while the control plane was away");
+}

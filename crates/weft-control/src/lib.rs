@@ -141,22 +141,23 @@ impl Bound {
         tokio::spawn(state::expire_stale(mesh.clone()));
         tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path));
         tokio::spawn(jwks::refresh(mesh.clone()));
-        let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
-        // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
-        let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
-        tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
-        // xDS streams never end on their own: after the stop signal, give in-flight API calls a
-        // moment, then close everything.
+        // xDS streams never end on their own: after the stop signal they are ended (so their
+        // connections close), in-flight API calls get a moment, then everything is closed.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        let grpc = tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone())).prepare().into_axum_router();
+        // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
+        let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
+        tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
         if let Some(plain) = plaintext {
-            let grpc = tonic::service::Routes::new(xds::server(mesh.clone())).prepare().into_axum_router();
+            let grpc =
+                tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone())).prepare().into_axum_router();
             tracing::warn!(listen = %plain.local_addr()?, "plaintext xDS listener for proxyless clients (no API, no registration without a token)");
             tokio::spawn(axum::serve(plain, grpc).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
         }

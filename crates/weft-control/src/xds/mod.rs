@@ -24,7 +24,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -32,13 +32,16 @@ use weft_api::identity::ROOT_SECRET;
 use weft_api::names;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
 
-pub fn server(mesh: Arc<Mesh>) -> AggregatedDiscoveryServiceServer<Ads> {
-    AggregatedDiscoveryServiceServer::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)) })
+/// The ADS server; every stream it serves ends (UNAVAILABLE) once `stopping` turns true, so a
+/// stopping control plane's connections can close.
+pub fn server(mesh: Arc<Mesh>, stopping: watch::Receiver<bool>) -> AggregatedDiscoveryServiceServer<Ads> {
+    AggregatedDiscoveryServiceServer::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)), stopping })
 }
 
 pub struct Ads {
     mesh: Arc<Mesh>,
     streams: Arc<AtomicU64>,
+    stopping: watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -82,13 +85,23 @@ impl Ads {
         // responses pile up in memory.
         let (tx, rx) = mpsc::channel(1);
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
-        let mesh = self.mesh.clone();
+        let (mesh, mut stopping) = (self.mesh.clone(), self.stopping.clone());
         tokio::spawn(async move {
             let mut session = Session::new(id, mesh.clone(), F::DELTA, token);
-            if let Err(status) = serve::<F>(&mut session, inbound, &tx).await {
-                let _ = tx.send(Err(status)).await;
+            tokio::select! {
+                served = serve::<F>(&mut session, inbound, &tx) => {
+                    if let Err(status) = served {
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    session.close();
+                }
+                // The control plane is stopping, not the proxy leaving: its instance stays
+                // registered (and restored after a restart). A stop signal that can no longer
+                // come never ends the stream.
+                Ok(()) = async { stopping.wait_for(|s| *s).await.map(drop) } => {
+                    let _ = tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+                }
             }
-            session.close();
         });
         ReceiverStream::new(rx)
     }

@@ -36,7 +36,10 @@ impl TestMesh {
             provided: None,
         };
         let mesh = Arc::new(Mesh::open(&dir, Duration::from_secs(1), ca, Default::default()).unwrap());
-        TestMesh { ads: Ads { mesh, streams: Arc::new(AtomicU64::new(1)) }, dir }
+        TestMesh {
+            ads: Ads { mesh, streams: Arc::new(AtomicU64::new(1)), stopping: tokio::sync::watch::channel(false).1 },
+            dir,
+        }
     }
 
     fn apply_service(&self, name: &str) {
