@@ -628,3 +628,16 @@ impl SmallMesh {
         SmallMesh { dir, control, backends, edge }
     }
 }
+
+/// The sum of metric `name` (a sample name, e.g. `weft_requests_total`) over the series of a
+/// Prometheus text `body` whose labels include every one of `labels` (`key="value"`).
+pub fn metric_sum(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+        .filter(|l| {
+            let set = l.split_once('{').and_then(|(_, r)| r.rsplit_once('}')).map_or("", |(set, _)| set);
+            labels.iter().all(|label| set.split(',').any(|pair| pair == *label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -8,6 +8,7 @@ fn metrics_pass_promtool_and_count_traffic() {
         assert_eq!(curl(&[&m.edge.url("backend", "/")]).unwrap().status, 200);
     }
     assert_eq!(curl(&[&m.edge.url("backend", "/status/404")]).unwrap().status, 404);
+    assert_eq!(curl(&[&m.edge.url("backend", "/status/503")]).unwrap().status, 503);
     let r = curl(&[&format!("http://{}/metrics", m.edge.admin())]).unwrap();
     assert_eq!(r.status, 200);
     let path = m.dir.path.join("metrics.txt");
@@ -18,23 +19,36 @@ fn metrics_pass_promtool_and_count_traffic() {
         .output()
         .expect("promtool (Debian package prometheus) must be installed: scripts/test installs it");
     assert!(out.status.success(), "promtool: {}{}", stdout(&out), stderr(&out));
-    let find = |needle: &str| {
-        r.body
-            .lines()
-            .find(|l| l.starts_with(needle))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{needle} not in\n{}", r.body))
-    };
-    assert_eq!(find(r#"weft_requests_total{direction="outbound",service="backend",code="200"}"#), 5.0);
-    assert_eq!(find(r#"weft_requests_total{direction="outbound",service="backend",code="404"}"#), 1.0);
-    assert_eq!(find(r#"weft_request_duration_seconds_count{direction="outbound",service="backend"}"#), 6.0);
-    assert!(find(r#"weft_tcp_connections_opened_total{direction="outbound",service="backend"}"#) >= 6.0);
-    // The backend's sidecar counts the same requests inbound.
-    let inbound = curl(&[&format!("http://{}/metrics", m.backends[0].admin())]).unwrap().body;
+    let body = &r.body;
+    // The edge's outbound requests: the caller is the edge (its certificate names it), the
+    // callee the backend instance whose identity mutual TLS proved, over its default route.
+    let out = [
+        r#"direction="outbound""#,
+        r#"src_service="edge""#,
+        r#"dst_service="backend""#,
+        r#"peer_identity="spiffe://weft.local/ns/default/sa/backend""#,
+        r#"route="default""#,
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&str> { out.iter().copied().chain(extra.iter().copied()).collect() };
+    assert_eq!(metric_sum(body, "weft_requests_total", &with(&[r#"code="200""#, r#"class="success""#])), 5.0);
+    assert_eq!(metric_sum(body, "weft_requests_total", &with(&[r#"code="404""#, r#"class="success""#])), 1.0);
+    assert_eq!(metric_sum(body, "weft_requests_total", &with(&[r#"code="503""#, r#"class="failure""#])), 1.0);
+    assert_eq!(metric_sum(body, "weft_request_duration_seconds_count", &out), 7.0);
     assert!(
-        inbound.contains(r#"weft_requests_total{direction="inbound",service="backend",code="200"} 5"#),
-        "{inbound}"
+        metric_sum(body, "weft_tcp_connections_opened_total", &[r#"direction="outbound""#, r#"service="backend""#])
+            >= 7.0
     );
+    // The backend's sidecar counts the same requests inbound, from the edge's proven identity.
+    let inbound = curl(&[&format!("http://{}/metrics", m.backends[0].admin())]).unwrap().body;
+    let edge_in = [
+        r#"direction="inbound""#,
+        r#"src_service="edge""#,
+        r#"dst_service="backend""#,
+        r#"peer_identity="spiffe://weft.local/ns/default/sa/edge""#,
+        r#"route="default""#,
+        r#"code="200""#,
+    ];
+    assert_eq!(metric_sum(&inbound, "weft_requests_total", &edge_in), 5.0, "{inbound}");
     assert!(inbound.contains(
         r#"weft_xds_updates_total{type_url="type.googleapis.com/envoy.config.listener.v3.Listener",result="ack"}"#
     ));

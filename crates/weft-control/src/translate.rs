@@ -375,10 +375,10 @@ impl Config {
                 .filter(|(_, r)| r.parent_refs.iter().any(|p| &p.name == name))
                 .flat_map(|(route, r)| {
                     let policy = route_policies.get(route).copied();
-                    r.rules.iter().map(move |rule| (r.hostnames.as_slice(), (rule, policy)))
+                    r.rules.iter().map(move |rule| (r.hostnames.as_slice(), (rule, policy, *route)))
                 })
                 .collect();
-            let backends = rules.iter().flat_map(|(_, (rule, _))| {
+            let backends = rules.iter().flat_map(|(_, (rule, _, _))| {
                 let mirrors = rule.filters.iter().filter_map(|f| f.request_mirror.as_ref());
                 rule.backend_refs.iter().map(|b| &b.name).chain(mirrors.map(|m| &m.backend_ref.name))
             });

@@ -107,7 +107,7 @@ fn strip_hop_by_hop_headers(b: divan::Bencher) {
 #[divan::bench]
 fn record_request_metrics(b: divan::Bencher) {
     let m = Metrics::new();
-    let t = m.traffic(Direction::outbound, "backend");
+    let t = m.traffic(Direction::outbound, "backend", Some("frontend"));
     let conn = Arc::new(weft_proxy::context::ConnCtx {
         peer: "127.0.0.1:40000".parse().unwrap(),
         local: "127.0.0.1:9000".parse().unwrap(),
@@ -116,5 +116,8 @@ fn record_request_metrics(b: divan::Bencher) {
     });
     let mut rec = weft_proxy::record::RequestRecord::start(conn);
     rec.status = 200;
+    rec.route = Some("backend/0".into());
+    rec.cluster = Some("backend".into());
+    rec.upstream_identity = Some("spiffe://weft.local/ns/default/sa/backend".into());
     b.bench_local(|| t.request(divan::black_box(&rec)));
 }

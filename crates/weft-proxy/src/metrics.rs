@@ -2,14 +2,13 @@
 //! request only increments pre-resolved counters and histograms.
 pub use crate::config::Direction;
 use crate::record::{RequestRecord, TcpRecord};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Labels {
@@ -17,11 +16,54 @@ pub struct Labels {
     pub service: String,
 }
 
+/// Who called whom over which route: the labels every golden request metric carries. Bounded
+/// by the mesh's services, identities and routes (no path, no client address).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabels {
+struct EdgeLabels {
     direction: Direction,
-    service: String,
+    src_service: SrcService,
+    dst_service: Arc<str>,
+    /// The SPIFFE ID mutual TLS proved of the other side: the caller inbound, the called
+    /// instance outbound; empty when the peer is not authenticated.
+    peer_identity: Option<Arc<str>>,
+    /// The route that matched: an HTTPRoute's or GRPCRoute's name, `default` for a service's
+    /// fallback route; empty when none matched.
+    route: Option<Arc<str>>,
+}
+
+/// A request's labels: its edge, the status code, `success` or `failure`, and the gRPC status.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    #[prometheus(flatten)]
+    edge: EdgeLabels,
     code: u16,
+    class: &'static str,
+    grpc_status: Option<u16>,
+}
+
+/// The calling service: named (outbound, the proxy's own), or read from the caller's SPIFFE ID
+/// (`spiffe://…/sa/SERVICE`) when the label is written, so a request allocates nothing for it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+enum SrcService {
+    Named(Option<Arc<str>>),
+    OfIdentity(Option<Arc<str>>),
+}
+
+impl EncodeLabelValue for SrcService {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let name = match self {
+            SrcService::Named(n) => n.as_deref(),
+            SrcService::OfIdentity(id) => id.as_deref().and_then(|id| Some(id.rsplit_once("/sa/")?.1)),
+        };
+        EncodeLabelValue::encode(&name.unwrap_or(""), encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: Direction,
+    dst_service: Arc<str>,
+    route: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,8 +90,10 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<StatusLabels, Counter>,
-    duration: HistogramFamily<Labels>,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily<EdgeLabels>,
+    retries: Family<RouteLabels, Counter>,
+    tcp_duration: HistogramFamily<Labels>,
     errors: Family<ErrorLabels, Counter>,
     tcp_opened: Family<Labels, Counter>,
     tcp_open: Family<Labels, Gauge>,
@@ -92,22 +136,44 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+fn connection_histogram() -> Histogram {
+    // 1ms … ~4.5h
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
+}
+
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("weft");
-        let requests = Family::<StatusLabels, Counter>::default();
-        let duration: HistogramFamily<Labels> = Family::new_with_constructor(latency_histogram);
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration: HistogramFamily<EdgeLabels> = Family::new_with_constructor(latency_histogram);
+        let retries = Family::<RouteLabels, Counter>::default();
+        let tcp_duration: HistogramFamily<Labels> = Family::new_with_constructor(connection_histogram);
         let errors = Family::<ErrorLabels, Counter>::default();
         let tcp_opened = Family::<Labels, Counter>::default();
         let tcp_open = Family::<Labels, Gauge>::default();
         let tcp_bytes = Family::<FlowLabels, Counter>::default();
         let xds = Family::<XdsLabels, Counter>::default();
-        registry.register("requests", "HTTP requests by direction, service and status code", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP requests by edge (direction, source and destination service, peer identity, route), status code, class and gRPC status",
+            requests.clone(),
+        );
         registry.register_with_unit(
             "request_duration",
-            "HTTP request latency until response headers",
+            "HTTP request latency until the response head, by edge",
             prometheus_client::registry::Unit::Seconds,
             duration.clone(),
+        );
+        registry.register(
+            "request_retries",
+            "Requests sent again (retries and failover to another endpoint), by destination service and route",
+            retries.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_connection_duration",
+            "How long downstream connections stayed open",
+            prometheus_client::registry::Unit::Seconds,
+            tcp_duration.clone(),
         );
         registry.register("proxy_errors", "Responses the proxy made itself, by reason", errors.clone());
         registry.register("tcp_connections_opened", "Downstream connections accepted", tcp_opened.clone());
@@ -155,6 +221,8 @@ impl Metrics {
             registry,
             requests,
             duration,
+            retries,
+            tcp_duration,
             errors,
             tcp_opened,
             tcp_open,
@@ -217,13 +285,16 @@ impl Metrics {
         self.cert_renewals.get_or_create(&RenewalLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
-    pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str) -> Arc<TrafficMetrics> {
+    /// Handles for one listener's traffic: `service` is the listener's (the local one inbound,
+    /// the called one outbound), `own` the proxy's own service (the source of what it sends).
+    pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str, own: Option<&str>) -> Arc<TrafficMetrics> {
         let labels = Labels { direction, service: service.to_owned() };
         Arc::new(TrafficMetrics {
-            duration: self.duration.get_or_create_owned(&labels),
             tcp_opened: self.tcp_opened.get_or_create_owned(&labels),
             tcp_open: self.tcp_open.get_or_create_owned(&labels),
-            codes: (0..600).map(|_| OnceLock::new()).collect(),
+            tcp_duration: self.tcp_duration.get_or_create_owned(&labels),
+            dst_service: service.into(),
+            own: own.map(Arc::from),
             labels,
             root: self.clone(),
         })
@@ -233,11 +304,11 @@ impl Metrics {
 /// Metric handles for one listener's traffic.
 pub struct TrafficMetrics {
     labels: Labels,
-    duration: Histogram,
+    dst_service: Arc<str>,
+    own: Option<Arc<str>>,
     tcp_opened: Counter,
     tcp_open: Gauge,
-    /// Counter per status code, created on first use.
-    codes: Box<[OnceLock<Counter>]>,
+    tcp_duration: Histogram,
     root: Arc<Metrics>,
 }
 
@@ -268,34 +339,48 @@ impl TrafficMetrics {
         self.root.jwt.get_or_create(&JwtLabels { service: self.labels.service.clone(), result }).inc();
     }
 
-    /// Counts an answered request from its record.
+    /// Counts a request from its record, once its response has ended. One whose client went
+    /// away before an answer (status 0) is not a request anyone saw answered: not counted.
     pub fn request(&self, rec: &RequestRecord) {
         if let Some(reason) = rec.error {
             self.proxy_error(reason);
         }
-        self.response(rec.status, rec.started.elapsed());
-    }
-
-    fn response(&self, status: u16, elapsed: Duration) {
-        self.duration.observe(elapsed.as_secs_f64());
-        let counter = self.codes.get(usize::from(status)).map(|slot| {
-            slot.get_or_init(|| {
-                let l = StatusLabels {
-                    direction: self.labels.direction,
-                    service: self.labels.service.clone(),
-                    code: status,
-                };
-                self.root.requests.get_or_create_owned(&l)
-            })
-        });
-        match counter {
-            Some(c) => drop(c.inc()),
-            None => drop(self.root.requests.get_or_create(&self.status_labels(status)).inc()),
+        if rec.status == 0 {
+            return;
         }
-    }
-
-    fn status_labels(&self, code: u16) -> StatusLabels {
-        StatusLabels { direction: self.labels.direction, service: self.labels.service.clone(), code }
+        let inbound = self.labels.direction == Direction::inbound;
+        let peer =
+            if inbound { rec.conn.peer_identity.as_ref().map(|p| p.0.clone()) } else { rec.upstream_identity.clone() };
+        let edge = EdgeLabels {
+            direction: self.labels.direction,
+            src_service: if inbound {
+                SrcService::OfIdentity(peer.clone())
+            } else {
+                SrcService::Named(self.own.clone())
+            },
+            dst_service: match (&rec.cluster, inbound) {
+                (Some(c), false) => c.clone(),
+                _ => self.dst_service.clone(),
+            },
+            peer_identity: peer,
+            route: rec.route.clone(),
+        };
+        self.root.duration.get_or_create(&edge).observe(rec.head_latency.as_secs_f64());
+        if rec.attempts.len() > 1 {
+            let l = RouteLabels {
+                direction: edge.direction,
+                dst_service: edge.dst_service.clone(),
+                route: edge.route.clone(),
+            };
+            self.root.retries.get_or_create(&l).inc_by(rec.attempts.len() as u64 - 1);
+        }
+        let labels = RequestLabels {
+            edge,
+            code: rec.status,
+            class: if rec.failed() { "failure" } else { "success" },
+            grpc_status: rec.grpc_status,
+        };
+        self.root.requests.get_or_create(&labels).inc();
     }
 
     pub fn proxy_error(&self, reason: &'static str) {
@@ -303,11 +388,12 @@ impl TrafficMetrics {
         self.root.errors.get_or_create(&l).inc();
     }
 
-    /// Counts an accepted connection; the guard keeps it in the open-connections gauge.
+    /// Counts an accepted connection; the guard keeps it in the open-connections gauge and
+    /// observes how long it stayed open.
     pub fn connection(self: &Arc<Self>) -> OpenConnection {
         self.tcp_opened.inc();
         self.tcp_open.inc();
-        OpenConnection(self.clone())
+        OpenConnection(self.clone(), tokio::time::Instant::now())
     }
 
     /// Counts a finished TCP connection from its record.
@@ -322,10 +408,11 @@ impl TrafficMetrics {
     }
 }
 
-pub struct OpenConnection(Arc<TrafficMetrics>);
+pub struct OpenConnection(Arc<TrafficMetrics>, tokio::time::Instant);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.tcp_open.dec();
+        self.0.tcp_duration.observe(self.1.elapsed().as_secs_f64());
     }
 }

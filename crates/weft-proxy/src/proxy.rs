@@ -112,6 +112,12 @@ impl Proxy {
     /// Applies a full LDS update: each listener gets the stack of its direction.
     fn apply_listeners(&self, defs: Vec<ListenerDef>) -> Result<(), ConfigError> {
         let mut with_ctx = Vec::with_capacity(defs.len());
+        // The source of what this proxy sends: its service, or (a gateway) the one its
+        // certificate names.
+        let own = self.opts.service.clone().or_else(|| {
+            let id = self.creds.status().identity?;
+            Some(id.rsplit_once("/sa/")?.1.to_owned())
+        });
         let mut new_policies: Vec<(inbound::LivePolicy, Arc<inbound::InboundPolicy>)> = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
@@ -119,7 +125,7 @@ impl Proxy {
                 (Direction::inbound, Some(own)) => own.as_str(),
                 _ => def.service.as_str(),
             };
-            let metrics = self.metrics.traffic(def.direction, service);
+            let metrics = self.metrics.traffic(def.direction, service, own.as_deref());
             let policy = self.policy(&def.name);
             let new_policy = match inbound::InboundPolicy::build(&def.policy, &policy.load()) {
                 Ok(p) => Arc::new(p),

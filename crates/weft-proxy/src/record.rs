@@ -1,6 +1,6 @@
 //! Per-request and per-connection records. Every step of a request writes what it decided and
-//! what happened into one [`RequestRecord`]; when the request is answered, metrics (and later
-//! access logs and traces) read the record once. No step reports on its own.
+//! what happened into one [`RequestRecord`]; when the response has been sent (its body written
+//! out, or given up), metrics and access logs read the record once. No step reports on its own.
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
 use smallvec::SmallVec;
@@ -35,22 +35,45 @@ impl From<&ProxyError> for Outcome {
     }
 }
 
-/// The story of one HTTP request, from arrival to answer. While it lives, the request counts
-/// as work in flight for the proxy's drain.
-#[derive(Debug)]
+/// The story of one HTTP request, from arrival to the end of its response. While it lives, the
+/// request counts as work in flight for the proxy's drain.
 pub struct RequestRecord {
     /// The connection the request came on: who is calling, on which listener.
     pub conn: Arc<ConnCtx>,
     pub started: Instant,
-    /// The matched route (`<route table>/<rule index>`), once routing has decided.
+    /// The matched rule's route name, once routing has decided.
     pub route: Option<Arc<str>>,
     /// The cluster the route chose.
     pub cluster: Option<Arc<str>>,
+    /// The identity the chosen cluster's endpoints prove with mutual TLS (mesh services).
+    pub upstream_identity: Option<Arc<str>>,
     pub attempts: Attempts,
     /// The status the client got.
     pub status: u16,
     /// Set when the proxy answered the request itself: why.
     pub error: Option<&'static str>,
+    /// Whether the request is gRPC (HTTP/2 with an `application/grpc` content type).
+    pub grpc: bool,
+    /// The response's `grpc-status`, from its head (trailers-only) or its trailers.
+    pub grpc_status: Option<u16>,
+    /// From arrival until the response head was sent.
+    pub head_latency: std::time::Duration,
+    /// Response body bytes sent to the client.
+    pub bytes_out: u64,
+}
+
+impl std::fmt::Debug for RequestRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestRecord")
+            .field("peer", &self.conn.peer)
+            .field("route", &self.route)
+            .field("cluster", &self.cluster)
+            .field("attempts", &self.attempts)
+            .field("status", &self.status)
+            .field("error", &self.error)
+            .field("grpc_status", &self.grpc_status)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestRecord {
@@ -61,14 +84,32 @@ impl RequestRecord {
             started: Instant::now(),
             route: None,
             cluster: None,
+            upstream_identity: None,
             attempts: Attempts::new(),
             status: 0,
             error: None,
+            grpc: false,
+            grpc_status: None,
+            head_latency: std::time::Duration::ZERO,
+            bytes_out: 0,
         }
     }
 
     pub fn attempt(&mut self, endpoint: SocketAddr, outcome: Outcome) {
         self.attempts.push(Attempt { endpoint, outcome });
+    }
+
+    /// Notes the response's `grpc-status` if `headers` (a head or trailers) carry one.
+    pub fn grpc_status_from(&mut self, headers: &http::HeaderMap) {
+        if let Some(v) = headers.get("grpc-status") {
+            self.grpc_status = std::str::from_utf8(v.as_bytes()).ok().and_then(|s| s.parse().ok());
+        }
+    }
+
+    /// Whether the request failed, as success rates count it: the proxy or the app answered
+    /// 5xx, gRPC answered anything but OK, or the client never got an answer.
+    pub fn failed(&self) -> bool {
+        self.status == 0 || self.status >= 500 || (self.grpc && self.grpc_status.is_some_and(|s| s != 0))
     }
 }
 

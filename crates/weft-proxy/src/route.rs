@@ -108,8 +108,11 @@ pub struct Edits {
 }
 
 pub struct Rule {
-    /// `<route table>/<rule index>`, for records and logs.
+    /// `<route table>/<rule index>`, for errors and logs.
     pub id: Arc<str>,
+    /// The route the rule came from (`Route.name`, or the id if it has none): the request
+    /// record's and metrics' `route`.
+    pub name: Arc<str>,
     /// The route table's name: the service whose routes these are. A backend of another name
     /// that is not defined is an unresolved reference of a route, not an unknown service.
     table: Arc<str>,
@@ -291,6 +294,7 @@ impl Rule {
                 })
             });
         Rule {
+            name: if r.name.is_empty() { id.clone() } else { r.name.as_str().into() },
             id,
             table,
             path,
@@ -427,14 +431,15 @@ pub fn decide<B>(
     let table = table.load();
     let rule = table.rule(req).ok_or_else(|| ProxyError::NoRoute)?;
     if let Some(rd) = &rule.redirect {
-        rec.route = Some(rule.id.clone());
+        rec.route = Some(rule.name.clone());
         return Err(ProxyError::Redirect { location: rule.redirect_location(rd, req), status: rd.status });
     }
     let backend = rule.pick().ok_or_else(|| ProxyError::NoRoute)?.clone();
     let hash = if rule.hash.is_empty() { None } else { rule.hash_of(req, rec.conn.peer) };
     let route = MatchedRoute { rule: rule.clone(), backend, hash };
-    rec.route = Some(route.rule.id.clone());
+    rec.route = Some(route.rule.name.clone());
     rec.cluster = Some(route.backend.name.clone());
+    rec.upstream_identity = route.backend.identity();
     if !route.backend.defined.load(Ordering::Relaxed) {
         if route.backend.name != route.rule.table {
             return Err(ProxyError::InvalidBackend {

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -76,7 +77,7 @@ pub enum Carries {
 /// TLS origination towards a cluster's endpoints, which must prove `identity`: one client
 /// configuration per protocol (ALPN is set per configuration).
 pub struct UpstreamTls {
-    pub identity: Box<str>,
+    pub identity: Arc<str>,
     http1: tokio_rustls::TlsConnector,
     http2: tokio_rustls::TlsConnector,
     tcp: tokio_rustls::TlsConnector,

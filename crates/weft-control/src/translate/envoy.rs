@@ -494,8 +494,9 @@ pub(super) fn load_assignment(name: &str, members: &[&Instance], near: Option<&s
 /// A rule of an HTTPRoute with the route's hostnames (empty: any host).
 pub(super) type HostRule<'a> = (&'a [String], PolicedRule<'a>);
 
-/// A rule with the TrafficPolicy that targets its HTTPRoute, if any.
-pub(super) type PolicedRule<'a> = (&'a HttpRouteRule, Option<&'a TrafficPolicySpec>);
+/// A rule with the TrafficPolicy that targets its HTTPRoute, if any, and that route's name
+/// (the proxies' `route` label).
+pub(super) type PolicedRule<'a> = (&'a HttpRouteRule, Option<&'a TrafficPolicySpec>, &'a str);
 
 /// Gateway API precedence (HTTPRouteRule): exact paths, then regular expressions (their place
 /// is implementation-specific in the spec; after prefixes, a catch-all `/` would hide them),
@@ -656,18 +657,18 @@ fn default_route(cluster: &str) -> Route {
 
 /// The routes of the rules given, in Gateway API precedence, then the service's default route.
 fn routes(service: &str, rules: &[PolicedRule<'_>]) -> Vec<Route> {
-    let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule, Option<&TrafficPolicySpec>)> = Vec::new();
+    let mut matched: Vec<(&HttpRouteMatch, &HttpRouteRule, Option<&TrafficPolicySpec>, &str)> = Vec::new();
     let always = HttpRouteMatch::default();
-    for (rule, policy) in rules {
+    for (rule, policy, name) in rules {
         if rule.matches.is_empty() {
-            matched.push((&always, rule, *policy));
+            matched.push((&always, rule, *policy, *name));
         }
-        matched.extend(rule.matches.iter().map(|m| (m, *rule, *policy)));
+        matched.extend(rule.matches.iter().map(|m| (m, *rule, *policy, *name)));
     }
-    matched.sort_by_key(|(m, _, _)| precedence(m));
+    matched.sort_by_key(|(m, _, _, _)| precedence(m));
     let mut routes: Vec<Route> = matched
         .into_iter()
-        .map(|(m, rule, policy)| {
+        .map(|(m, rule, policy, name)| {
             let path = match &m.path {
                 Some(p) if p.kind == PathMatchType::Exact => route_match::PathSpecifier::Path(p.value.clone()),
                 Some(p) if p.kind == PathMatchType::RegularExpression => {
@@ -707,6 +708,7 @@ fn routes(service: &str, rules: &[PolicedRule<'_>]) -> Vec<Route> {
                 })
                 .collect();
             let mut route = Route {
+                name: name.to_owned(),
                 r#match: Some(RouteMatch {
                     path_specifier: Some(path),
                     headers,
@@ -1050,7 +1052,7 @@ mod tests {
     /// The backend of each route `routes` makes of the rules (one backend per rule), in order.
     fn order(rules: serde_json::Value) -> Vec<String> {
         let rules: Vec<HttpRouteRule> = serde_json::from_value(rules).unwrap();
-        let policed: Vec<PolicedRule<'_>> = rules.iter().map(|r| (r, None)).collect();
+        let policed: Vec<PolicedRule<'_>> = rules.iter().map(|r| (r, None, "r")).collect();
         routes("svc", &policed)
             .into_iter()
             .map(|r| match r.action {

@@ -567,7 +567,9 @@ fn every_httproute_match_and_filter_survives_the_round_trip() {
     });
     let c = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "c"}, "spec": {}});
     let decoded = round_trip(vec![c, route]).unwrap();
+    // Each rule carries its route's name (metrics' `route` label).
     let exact = RuleDef {
+        name: "r".into(),
         path: PathDef::Exact("/exact".into()),
         headers: vec![
             ("x-a".into(), StrMatch::Exact("1".into())),
@@ -587,12 +589,14 @@ fn every_httproute_match_and_filter_survives_the_round_trip() {
         ..Default::default()
     };
     let rewrite = RuleDef {
+        name: "r".into(),
         path: PathDef::Prefix("/v2".into()),
         backends: vec![("b".into(), 1)],
         rewrite: Rewrite { prefix: Some("/v1".into()), full_path: None, host: Some("b.internal".into()) },
         ..Default::default()
     };
     let redirect = RuleDef {
+        name: "r".into(),
         path: PathDef::Regex("/old/.*".into()),
         redirect: Some(RedirectDef {
             scheme: Some("https".into()),
@@ -604,7 +608,7 @@ fn every_httproute_match_and_filter_survives_the_round_trip() {
         }),
         ..Default::default()
     };
-    let default = RuleDef { backends: vec![("b".into(), 1)], ..Default::default() };
+    let default = RuleDef { name: "default".into(), backends: vec![("b".into(), 1)], ..Default::default() };
     // Exact paths first, then regular expressions, then prefixes (translate.rs: precedence).
     assert_eq!(decoded.rules, vec![exact, redirect, rewrite, default]);
 }

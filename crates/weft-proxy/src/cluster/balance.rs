@@ -336,6 +336,15 @@ impl Cluster {
         self.mesh.load(Ordering::Relaxed)
     }
 
+    /// The identity the cluster's endpoints must prove (mesh clusters only); read per request
+    /// only when the cluster is a mesh one.
+    pub fn identity(&self) -> Option<Arc<str>> {
+        if !self.is_mesh() {
+            return None;
+        }
+        self.tls.load().as_ref().map(|t| t.identity.clone())
+    }
+
     /// What the cluster's upstream (a sidecar's app) speaks, probed now if not yet known.
     pub async fn learn_protocol(&self) -> crate::app_protocol::Speaks {
         self.learned.learn(&*self.connector).await

@@ -39,6 +39,10 @@ pub struct VirtualHostDef {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RuleDef {
+    /// `Route.name`: the HTTPRoute (or GRPCRoute) the rule came from, `default` for a
+    /// service's fallback route; metrics' `route` label. Empty if the control plane set none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
     pub path: PathDef,
     /// `:method` for the method.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -456,7 +460,14 @@ pub(super) fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidR
                         return Err(bad("a redirect route takes no header edits".into()));
                     }
                     let redirect = redirect_def(rd, &path).map_err(bad)?;
-                    rules.push(RuleDef { path, headers, query, redirect: Some(redirect), ..Default::default() });
+                    rules.push(RuleDef {
+                        name: r.name.clone(),
+                        path,
+                        headers,
+                        query,
+                        redirect: Some(redirect),
+                        ..Default::default()
+                    });
                     continue;
                 }
                 _ => return Err(bad("only route and redirect actions are supported".into())),
@@ -548,6 +559,7 @@ pub(super) fn route_config(rc: &RouteConfiguration) -> Result<RouteDef, InvalidR
                 });
             }
             rules.push(RuleDef {
+                name: r.name.clone(),
                 buffer_limit: r.request_body_buffer_limit.map(|b| u32::try_from(b.value).unwrap_or(u32::MAX)),
                 redirect: None,
                 hash,

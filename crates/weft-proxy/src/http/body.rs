@@ -1,41 +1,12 @@
-//! Body types: what the proxy sends to its client, and what it reads from an upstream.
+//! What the proxy reads from an upstream, and what a stack answers.
 use crate::cluster::endpoint::{Endpoint, H1Conn};
 use crate::error::ProxyError;
-use crate::idle::Exchange;
 use bytes::Bytes;
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
 /// What a stack answers: the upstream's response, or why the proxy answers itself.
 pub type Reply = Result<http::Response<UpstreamBody>, ProxyError>;
-
-/// The body of a response to the client. It holds the request's [`Exchange`], so the
-/// connection counts as busy until hyper has written the body out and dropped it.
-pub struct Body {
-    pub(super) inner: Either<UpstreamBody, Full<Bytes>>,
-    pub(super) _exchange: Option<Exchange>,
-}
-
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// A response body from an upstream. On a pooled HTTP/1.1 connection it drives the connection
 /// as the client reads (see [`H1Conn`]) and puts it back in the pool once the body has been read

@@ -1,8 +1,9 @@
 //! Serving one client connection: HTTP/2 as one hyper session for the connection's life;
 //! HTTP/1.1 in sessions, parked between them with only its socket once it goes idle (see
 //! [`crate::idle`]). Each request goes through the listener's [`HttpStack`] with a fresh
-//! [`RequestRecord`], which feeds metrics and logs once the request is answered.
-use super::body::Body;
+//! [`RequestRecord`], which the response body carries and hands to metrics and logs when the
+//! response has ended.
+use super::body::UpstreamBody;
 use super::respond::error_response;
 use crate::context::ConnCtx;
 use crate::context::Limits;
@@ -10,8 +11,9 @@ use crate::idle::{Exchange, IdleIo, Session};
 use crate::record::RequestRecord;
 use crate::stack::HttpStack;
 use crate::transport::Transport;
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version, header};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
@@ -138,6 +140,7 @@ async fn handle(
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
     let grpc =
         !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    rec.grpc = grpc;
     // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
     // leave no such ambiguity, and h2 has refused what is malformed).
     let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
@@ -161,6 +164,10 @@ async fn handle(
         }
     };
     rec.status = resp.status().as_u16();
+    rec.head_latency = rec.started.elapsed();
+    if grpc {
+        rec.grpc_status_from(resp.headers());
+    }
     let mut resp = resp;
     // Draining: an HTTP/1.1 client is told to close the connection after this response (and
     // connects elsewhere for its next request).
@@ -170,13 +177,60 @@ async fn handle(
     if rec.attempts.len() > 1 {
         tracing::debug!(peer = %rec.conn.peer, route = ?rec.route, status = rec.status, attempts = ?rec.attempts, "request needed more than one attempt");
     }
-    stack.metrics.request(&rec);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(exchange) = &exchange
     {
         exchange.upgraded();
     }
-    Ok(resp.map(|inner| Body { inner, _exchange: exchange }))
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack }))
+}
+
+/// The body of a response to the client. It holds the request's [`Exchange`], so the
+/// connection counts as busy until hyper has written the body out and dropped it, and the
+/// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
+/// to metrics when it is dropped: after its end was written, or when the client went away.
+pub struct Body {
+    inner: Either<UpstreamBody, Full<Bytes>>,
+    _exchange: Option<Exchange>,
+    rec: RequestRecord,
+    stack: Arc<HttpStack>,
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        self.stack.metrics.request(&self.rec);
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.rec.bytes_out += data.len() as u64;
+            } else if let Some(trailers) = frame.trailers_ref()
+                && this.rec.grpc
+            {
+                this.rec.grpc_status_from(trailers);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Logs a response the proxy made itself, one line per reason per
