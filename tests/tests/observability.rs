@@ -79,3 +79,94 @@ fn live_ready_and_config_dump() {
             .ends_with(&m.backends[0].app_port.to_string())
     );
 }
+
+/// Access logs switched on for one service by `weft apply` are written within a second: one
+/// JSON object per request at each end (the caller's sidecar, outbound, and the service's own,
+/// inbound), to an owner-only file. Deleted, they stop.
+#[test]
+fn access_logs_follow_a_telemetry_resource_live() {
+    let m = SmallMesh::start("access-log", 1);
+    let log = m.dir.path.join("access.log");
+    let doc = m.dir.path.join("telemetry.yaml");
+    std::fs::write(
+        &doc,
+        format!(
+            "apiVersion: weft.dev/v1alpha1
+kind: Telemetry
+metadata: {{name: backend-logs}}
+spec:
+  targetRef: {{kind: Service, name: backend}}
+  accessLog: {{output: {}}}
+",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}")))
+            .collect()
+    };
+    assert_eq!(curl(&[&m.edge.url("backend", "/")]).unwrap().status, 200);
+    assert!(lines().is_empty(), "nothing is logged by default");
+    let out = weft(&["apply", "-f", doc.to_str().unwrap(), "--control", &m.control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+    let url = m.edge.url("backend", "/status/503?token=secret");
+    wait_until(std::time::Duration::from_secs(1), "both ends to log a request", || {
+        assert_eq!(curl(&["-H", &traceparent, &url]).unwrap().status, 503);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let l = lines();
+        ["outbound", "inbound"].iter().all(|d| l.iter().any(|e| e["direction"] == *d))
+    });
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&log).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the log file is owner-only");
+    let all = lines();
+    let entry = |direction: &str| all.iter().rev().find(|e| e["direction"] == direction).unwrap().clone();
+    let (out, inb) = (entry("outbound"), entry("inbound"));
+    let backend_id = "spiffe://weft.local/ns/default/sa/backend";
+    let edge_id = "spiffe://weft.local/ns/default/sa/edge";
+    for e in [&out, &inb] {
+        assert_eq!(e["method"], "GET", "{e}");
+        assert_eq!(e["path"], "/status/503", "the path without its query: {e}");
+        assert_eq!(e["protocol"], "HTTP/1.1", "{e}");
+        assert_eq!(e["status"], 503, "{e}");
+        assert_eq!(e["grpc_status"], serde_json::Value::Null, "{e}");
+        assert_eq!(e["src_service"], "edge", "{e}");
+        assert_eq!(e["dst_service"], "backend", "{e}");
+        assert_eq!(e["src_identity"], edge_id, "{e}");
+        assert_eq!(e["dst_identity"], backend_id, "{e}");
+        assert_eq!(e["route"], "default", "{e}");
+        assert_eq!(e["attempts"], 1, "{e}");
+        assert_eq!(e["error"], serde_json::Value::Null, "the app answered 503, not the proxy: {e}");
+        assert_eq!(e["trace_id"], trace, "{e}");
+        assert!(e["duration_ms"].as_f64().unwrap() > 0.0, "{e}");
+        assert!(e["duration_ms"].as_f64() >= e["response_head_ms"].as_f64(), "{e}");
+        assert!(e["bytes_out"].as_u64().unwrap() > 0, "{e}");
+        assert!(e["time"].as_str().unwrap().starts_with("20"), "{e}");
+        assert!(e["authority"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    }
+    let app = format!("127.0.0.1:{}", m.backends[0].app_port);
+    assert_eq!(inb["upstream"], app.as_str(), "the inbound side's upstream is the app: {inb}");
+    assert_ne!(out["upstream"], app.as_str(), "the caller's upstream is the backend's sidecar: {out}");
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("secret"), "no query string is logged");
+    let out = weft(&["delete", "telemetry", "backend-logs", "--control", &m.control.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(std::time::Duration::from_secs(5), "the edge's access log to be gone", || {
+        let dump = get_json(&m.edge.admin(), "/config_dump").unwrap();
+        dump["listeners"].as_object().unwrap().values().all(|l| l.get("access_log").is_none())
+    });
+    wait_until(std::time::Duration::from_secs(5), "the backend's access log to be gone", || {
+        let dump = get_json(&m.backends[0].admin(), "/config_dump").unwrap();
+        dump["listeners"].as_object().unwrap().values().all(|l| l.get("access_log").is_none())
+    });
+    let before = lines().len();
+    for _ in 0..10 {
+        assert_eq!(curl(&[&m.edge.url("backend", "/")]).unwrap().status, 200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(lines().len(), before, "logged after the Telemetry was deleted");
+}

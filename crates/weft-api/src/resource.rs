@@ -14,6 +14,7 @@ mod common;
 mod grpc_route;
 mod route;
 mod service;
+mod telemetry;
 mod traffic_policy;
 
 // Every public item of the kinds' modules, so that each keeps its path `weft_api::resource::X`.
@@ -32,6 +33,7 @@ pub use service::{
     ConsistentHash, DEFAULT_CONNECT_TIMEOUT, EscapedSlashes, LoadBalancer, LocalityPolicy, MtlsMode, Protocol,
     ServiceSelector, ServiceSpec,
 };
+pub use telemetry::{AccessLogSpec, TelemetrySpec};
 pub use traffic_policy::{
     ActiveHealthCheck, ConnectionPool, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONSECUTIVE_5XX,
     DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT, DEFAULT_MAX_EJECTION_PERCENT,
@@ -47,6 +49,7 @@ use common::check_name;
 use grpc_route::validate_grpc_route;
 use route::validate_route;
 use service::validate_service;
+use telemetry::validate_telemetry;
 use traffic_policy::validate_traffic_policy;
 
 pub const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
@@ -63,16 +66,18 @@ pub enum Kind {
     AuthorizationPolicy,
     RequestAuthentication,
     TrafficPolicy,
+    Telemetry,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
         Kind::RequestAuthentication,
         Kind::TrafficPolicy,
+        Kind::Telemetry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,14 +88,17 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::TrafficPolicy => {
-                WEFT_API_VERSION
-            }
+            Kind::Service
+            | Kind::AuthorizationPolicy
+            | Kind::RequestAuthentication
+            | Kind::TrafficPolicy
+            | Kind::Telemetry => WEFT_API_VERSION,
             Kind::HttpRoute | Kind::GrpcRoute => GATEWAY_API_VERSION,
         }
     }
@@ -105,6 +113,7 @@ impl Kind {
             "authorizationpolicy" | "authorizationpolicies" | "authz" => Some(Kind::AuthorizationPolicy),
             "requestauthentication" | "requestauthentications" | "jwt" => Some(Kind::RequestAuthentication),
             "trafficpolicy" | "trafficpolicies" => Some(Kind::TrafficPolicy),
+            "telemetry" | "telemetries" => Some(Kind::Telemetry),
             _ => None,
         }
     }
@@ -148,6 +157,7 @@ pub enum Resource {
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     RequestAuthentication(Object<RequestAuthenticationSpec>),
     TrafficPolicy(Object<TrafficPolicySpec>),
+    Telemetry(Object<TelemetrySpec>),
 }
 
 impl Resource {
@@ -159,6 +169,7 @@ impl Resource {
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
             Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Resource::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -170,6 +181,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &o.metadata.name,
             Resource::RequestAuthentication(o) => &o.metadata.name,
             Resource::TrafficPolicy(o) => &o.metadata.name,
+            Resource::Telemetry(o) => &o.metadata.name,
         }
     }
 
@@ -196,6 +208,7 @@ impl Resource {
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(document, value)?),
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(document, value)?),
             Kind::TrafficPolicy => Resource::TrafficPolicy(typed(document, value)?),
+            Kind::Telemetry => Resource::Telemetry(typed(document, value)?),
         };
         resource.validate(document)?;
         Ok(resource)
@@ -215,6 +228,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::RequestAuthentication(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::TrafficPolicy(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::Telemetry(o) => (&o.api_version, o.kind, &o.metadata),
         };
         if api_version != kind.api_version() {
             return Err(ApplyError::new(
@@ -231,6 +245,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => validate_authz(doc, &o.spec)?,
             Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
             Resource::TrafficPolicy(o) => validate_traffic_policy(doc, &o.spec)?,
+            Resource::Telemetry(o) => validate_telemetry(doc, &o.spec)?,
         }
         Ok(())
     }
@@ -250,6 +265,9 @@ impl Resource {
             }
             Resource::TrafficPolicy(o) if o.spec.target_ref.targets_route() => Vec::new(),
             Resource::TrafficPolicy(o) => vec![("spec.targetRef.name".to_owned(), o.spec.target_ref.name.as_str())],
+            Resource::Telemetry(o) => {
+                o.spec.service().map(|s| ("spec.targetRef.name".to_owned(), s)).into_iter().collect()
+            }
             Resource::GrpcRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));

@@ -41,7 +41,9 @@ use weft_api::resource::{
 };
 use weft_api::{Instance, ServiceSummary};
 
+mod access_log;
 mod envoy;
+use access_log::AccessLogs;
 use envoy::{
     HostRule, HttpRoutes, InboundFilters, api_listener, eds_cluster, inbound_route, load_assignment, local_rate_limit,
     proxy_listener, root_secret, route_config, static_cluster, tls_socket, upstream_tls,
@@ -150,6 +152,8 @@ struct Config {
     authns: Vec<Object<RequestAuthenticationSpec>>,
     /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
     rate_limits: HashMap<String, RateLimitPolicy>,
+    /// Telemetry resources: which listeners log which requests.
+    access_logs: AccessLogs,
     /// Each weft proxy's own resources, by what they are made of, made at its first request.
     nodes: std::sync::Mutex<HashMap<NodeShape, Arc<NodeResources>>>,
 }
@@ -348,8 +352,10 @@ impl Config {
                     route_policies.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec);
                 }
                 Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
+                Resource::Telemetry(_) => {}
             }
         }
+        let access_logs = AccessLogs::new(resources, routes.iter().map(|(name, r)| (*name, r.as_ref())));
         // Services some route's own TrafficPolicy retries requests to: their clusters carry
         // a retry budget even when their own policy has no retry.
         let route_retries: std::collections::HashSet<&str> = routes
@@ -408,6 +414,7 @@ impl Config {
             policies,
             authns,
             rate_limits,
+            access_logs,
             nodes: Default::default(),
         }
     }
@@ -489,6 +496,7 @@ impl Config {
                 http,
                 names::INBOUND_CLUSTER,
                 Some(&filters),
+                self.access_logs.for_listener(service, false),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
@@ -515,6 +523,7 @@ impl Config {
                 http,
                 &up.service,
                 None,
+                self.access_logs.for_listener(&up.service, true),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }

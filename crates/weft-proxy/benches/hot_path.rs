@@ -107,7 +107,7 @@ fn strip_hop_by_hop_headers(b: divan::Bencher) {
 #[divan::bench]
 fn record_request_metrics(b: divan::Bencher) {
     let m = Metrics::new();
-    let t = m.traffic(Direction::outbound, "backend", Some("frontend"));
+    let t = m.traffic(Direction::outbound, "backend");
     let conn = Arc::new(weft_proxy::context::ConnCtx {
         peer: "127.0.0.1:40000".parse().unwrap(),
         local: "127.0.0.1:9000".parse().unwrap(),

@@ -29,6 +29,10 @@ pub struct ListenerInfo {
     /// The service whose traffic this is (the local one for inbound, the called one for
     /// outbound).
     pub service: Arc<str>,
+    /// The proxy's own service (the source of what it sends), if it knows it.
+    pub own_service: Option<Arc<str>>,
+    /// The proxy's own SPIFFE ID, once it has a certificate.
+    pub own_identity: Option<Arc<str>>,
     /// The proxy's drain, which every request and TCP connection counts in.
     pub drain: Arc<crate::drain::Drain>,
 }
@@ -36,7 +40,14 @@ pub struct ListenerInfo {
 impl ListenerInfo {
     /// A listener of a proxy that never drains (in-process tests).
     pub fn new(name: &str, direction: Direction, service: &str) -> Arc<ListenerInfo> {
-        Arc::new(ListenerInfo { name: name.into(), direction, service: service.into(), drain: Default::default() })
+        Arc::new(ListenerInfo {
+            name: name.into(),
+            direction,
+            service: service.into(),
+            own_service: None,
+            own_identity: None,
+            drain: Default::default(),
+        })
     }
 }
 

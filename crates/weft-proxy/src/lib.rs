@@ -5,12 +5,14 @@
 //! TLS or opaque TCP) → [`stack`]: the [`inbound`] or [`outbound`] stack, by the listener's
 //! direction, over the shared [`http`] code, or [`tcp`] → [`route`] (a [`route::MatchedRoute`]:
 //! rule, backend, policy) → [`attempt`] (every re-send) + [`cluster`] (balancing, endpoint pick,
-//! pooled connections over a [`transport`]). Each request's [`record`] feeds [`metrics`] once.
+//! pooled connections over a [`transport`]). Each request's [`record`] feeds [`metrics`] and
+//! [`access_log`] once.
 //! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
 //! and /config_dump.
 #![deny(unsafe_code)] // allowed twice: idle::trim (an FFI call), supervise::spawn_command (pre_exec)
 
+mod access_log;
 mod admin;
 pub mod app_protocol;
 pub mod args;

@@ -1,7 +1,7 @@
 //! Prometheus metrics. Label sets are resolved once per listener ([`TrafficMetrics`]), so a
 //! request only increments pre-resolved counters and histograms.
 pub use crate::config::Direction;
-use crate::record::{RequestRecord, TcpRecord};
+use crate::record::{RequestRecord, TcpRecord, service_of};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -53,7 +53,7 @@ impl EncodeLabelValue for SrcService {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         let name = match self {
             SrcService::Named(n) => n.as_deref(),
-            SrcService::OfIdentity(id) => id.as_deref().and_then(|id| Some(id.rsplit_once("/sa/")?.1)),
+            SrcService::OfIdentity(id) => id.as_deref().and_then(service_of),
         };
         EncodeLabelValue::encode(&name.unwrap_or(""), encoder)
     }
@@ -100,10 +100,11 @@ pub struct Metrics {
     tcp_bytes: Family<FlowLabels, Counter>,
     xds: Family<XdsLabels, Counter>,
     cert_expiry: Gauge,
-    cert_renewals: Family<RenewalLabels, Counter>,
+    cert_renewals: Family<ResultLabels, Counter>,
     authz: Family<AuthzLabels, Counter>,
     jwt: Family<JwtLabels, Counter>,
     ejections: Family<ServiceLabel, Counter>,
+    access_log: Family<ResultLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,7 +128,7 @@ struct AuthzLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RenewalLabels {
+struct ResultLabels {
     result: &'static str,
 }
 
@@ -190,7 +191,7 @@ impl Metrics {
             "When the proxy's certificate expires (Unix seconds; 0 before the first one)",
             cert_expiry.clone(),
         );
-        let cert_renewals = Family::<RenewalLabels, Counter>::default();
+        let cert_renewals = Family::<ResultLabels, Counter>::default();
         registry.register(
             "identity_cert_renewals",
             "Certificate requests to the control plane's CA, by result (ok or failed)",
@@ -214,7 +215,14 @@ impl Metrics {
             "Endpoints of a service ejected by outlier detection (failures in a row)",
             ejections.clone(),
         );
+        let access_log = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "access_log_entries",
+            "Access log entries by result: written, or dropped because the output's queue was full",
+            access_log.clone(),
+        );
         Arc::new(Metrics {
+            access_log,
             ejections,
             authz,
             jwt,
@@ -267,6 +275,11 @@ impl Metrics {
         text
     }
 
+    /// The counter of access log entries with `result` (written or dropped).
+    pub fn access_log_entries(&self, result: &'static str) -> Counter {
+        self.access_log.get_or_create(&ResultLabels { result }).clone()
+    }
+
     /// The ejection counter of a service's cluster (resolved once per cluster).
     pub fn outlier_ejections(&self, service: &str) -> Counter {
         self.ejections.get_or_create(&ServiceLabel { service: service.to_owned() }).clone()
@@ -282,19 +295,17 @@ impl Metrics {
         if ok {
             self.cert_expiry.set(not_after as i64);
         }
-        self.cert_renewals.get_or_create(&RenewalLabels { result: if ok { "ok" } else { "failed" } }).inc();
+        self.cert_renewals.get_or_create(&ResultLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     /// Handles for one listener's traffic: `service` is the listener's (the local one inbound,
-    /// the called one outbound), `own` the proxy's own service (the source of what it sends).
-    pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str, own: Option<&str>) -> Arc<TrafficMetrics> {
+    /// the called one outbound).
+    pub fn traffic(self: &Arc<Self>, direction: Direction, service: &str) -> Arc<TrafficMetrics> {
         let labels = Labels { direction, service: service.to_owned() };
         Arc::new(TrafficMetrics {
             tcp_opened: self.tcp_opened.get_or_create_owned(&labels),
             tcp_open: self.tcp_open.get_or_create_owned(&labels),
             tcp_duration: self.tcp_duration.get_or_create_owned(&labels),
-            dst_service: service.into(),
-            own: own.map(Arc::from),
             labels,
             root: self.clone(),
         })
@@ -304,8 +315,6 @@ impl Metrics {
 /// Metric handles for one listener's traffic.
 pub struct TrafficMetrics {
     labels: Labels,
-    dst_service: Arc<str>,
-    own: Option<Arc<str>>,
     tcp_opened: Counter,
     tcp_open: Gauge,
     tcp_duration: Histogram,
@@ -349,19 +358,15 @@ impl TrafficMetrics {
             return;
         }
         let inbound = self.labels.direction == Direction::inbound;
-        let peer =
-            if inbound { rec.conn.peer_identity.as_ref().map(|p| p.0.clone()) } else { rec.upstream_identity.clone() };
+        let peer = rec.peer_identity().cloned();
         let edge = EdgeLabels {
             direction: self.labels.direction,
             src_service: if inbound {
                 SrcService::OfIdentity(peer.clone())
             } else {
-                SrcService::Named(self.own.clone())
+                SrcService::Named(rec.conn.listener.own_service.clone())
             },
-            dst_service: match (&rec.cluster, inbound) {
-                (Some(c), false) => c.clone(),
-                _ => self.dst_service.clone(),
-            },
+            dst_service: rec.dst_service().clone(),
             peer_identity: peer,
             route: rec.route.clone(),
         };

@@ -2,6 +2,7 @@
 //! binds the listeners and starts the tasks (certificates, admin endpoint, xDS client, pool
 //! sweeps, app health); the xDS client hands it each accepted update ([`xds::Runtime`]), the
 //! admin endpoint reads it ([`admin::View`]).
+use crate::access_log::{AccessLog, LogCell, Outputs};
 use crate::cluster::balance::ClusterManager;
 use crate::config::Direction;
 use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, InvalidResource, ListenerDef, RouteDef};
@@ -75,6 +76,9 @@ pub struct Proxy {
     /// Each inbound listener's policy (JWT, authorization), by listener name (kept across LDS
     /// updates, so open connections follow a change).
     policies: RwLock<HashMap<String, inbound::LivePolicy>>,
+    /// Each listener's access logs, by listener name (kept likewise), and their outputs.
+    logs: RwLock<HashMap<String, Arc<LogCell>>>,
+    outputs: Outputs,
     listeners: Listeners,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
@@ -105,6 +109,11 @@ impl Proxy {
         w.entry(listener.to_owned()).or_default().clone()
     }
 
+    fn log_cell(&self, listener: &str) -> Arc<LogCell> {
+        let mut w = self.logs.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(listener.to_owned()).or_default().clone()
+    }
+
     fn dump(&self) -> std::sync::MutexGuard<'_, Dump> {
         self.dump.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -114,21 +123,28 @@ impl Proxy {
         let mut with_ctx = Vec::with_capacity(defs.len());
         // The source of what this proxy sends: its service, or (a gateway) the one its
         // certificate names.
-        let own = self.opts.service.clone().or_else(|| {
-            let id = self.creds.status().identity?;
-            Some(id.rsplit_once("/sa/")?.1.to_owned())
-        });
+        let own_identity: Option<Arc<str>> = self.creds.status().identity.map(Arc::from);
+        let own =
+            self.opts.service.clone().or_else(|| Some(crate::record::service_of(own_identity.as_deref()?)?.to_owned()));
         let mut new_policies: Vec<(inbound::LivePolicy, Arc<inbound::InboundPolicy>)> = Vec::with_capacity(defs.len());
+        // Access logs go in force once the whole update is.
+        let mut new_logs: Vec<(Arc<LogCell>, Option<Arc<AccessLog>>)> = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
             let service = match (def.direction, &self.opts.service) {
                 (Direction::inbound, Some(own)) => own.as_str(),
                 _ => def.service.as_str(),
             };
-            let metrics = self.metrics.traffic(def.direction, service, own.as_deref());
+            let metrics = self.metrics.traffic(def.direction, service);
             let policy = self.policy(&def.name);
-            let new_policy = match inbound::InboundPolicy::build(&def.policy, &policy.load()) {
-                Ok(p) => Arc::new(p),
+            let log_cell = self.log_cell(&def.name);
+            let built = inbound::InboundPolicy::build(&def.policy, &policy.load())
+                .and_then(|p| Ok((p, self.outputs.build(&def.access_log, &self.metrics)?)));
+            let new_policy = match built {
+                Ok((p, log)) => {
+                    new_logs.push((log_cell.clone(), log));
+                    Arc::new(p)
+                }
                 Err(reason) => {
                     for (live, previous) in new_policies {
                         live.swap(previous);
@@ -145,7 +161,14 @@ impl Proxy {
                     HttpDef::Rds(name) => self.route_table(name),
                     HttpDef::Inline(rd) => Arc::new(ArcSwap::from_pointee(RouteTable::build(rd, &self.clusters))),
                 };
-                Arc::new(HttpStack::new(def.direction, routes, def.escaped_slashes, policy.clone(), metrics.clone()))
+                Arc::new(HttpStack::new(
+                    def.direction,
+                    routes,
+                    def.escaped_slashes,
+                    policy.clone(),
+                    metrics.clone(),
+                    log_cell.clone(),
+                ))
             });
             let tcp = def
                 .tcp_cluster
@@ -156,6 +179,8 @@ impl Proxy {
                     name: def.name.as_str().into(),
                     direction: def.direction,
                     service: service.into(),
+                    own_service: own.as_deref().map(Arc::from),
+                    own_identity: own_identity.clone(),
                     drain: self.drain.clone(),
                 }),
                 http,
@@ -175,6 +200,9 @@ impl Proxy {
             }
             return Err(e);
         }
+        for (cell, log) in new_logs {
+            cell.set(log);
+        }
         // Route tables no listener names any more are gone (RDS stops sending them too).
         let rds: Vec<&str> = listeners
             .values()
@@ -185,6 +213,7 @@ impl Proxy {
             .collect();
         self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| rds.contains(&name.as_str()));
         self.policies.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
+        self.logs.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
         let mut dump = self.dump();
         dump.routes.retain(|name, _| rds.contains(&name.as_str()));
         dump.listeners = listeners;
@@ -316,6 +345,8 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         clusters: ClusterManager::default().with_metrics(metrics.clone()),
         routes: RwLock::default(),
         policies: RwLock::default(),
+        logs: RwLock::default(),
+        outputs: Outputs::default(),
         listeners,
         metrics,
         healthy,

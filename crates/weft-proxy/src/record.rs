@@ -1,6 +1,7 @@
 //! Per-request and per-connection records. Every step of a request writes what it decided and
 //! what happened into one [`RequestRecord`]; when the response has been sent (its body written
 //! out, or given up), metrics and access logs read the record once. No step reports on its own.
+use crate::config::Direction;
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
 use smallvec::SmallVec;
@@ -60,6 +61,46 @@ pub struct RequestRecord {
     pub head_latency: std::time::Duration,
     /// Response body bytes sent to the client.
     pub bytes_out: u64,
+    /// What an access log says of the request itself: noted at arrival, only on a listener
+    /// that logs.
+    pub request: Option<Box<RequestInfo>>,
+}
+
+/// A request as it arrived, for its access log line.
+#[derive(Debug)]
+pub struct RequestInfo {
+    pub time: std::time::SystemTime,
+    pub method: http::Method,
+    pub authority: Option<http::uri::Authority>,
+    /// The path as received, without the query (which may carry credentials).
+    pub path: String,
+    pub version: http::Version,
+    /// The trace id of the request's W3C `traceparent`, if it came with one.
+    pub trace_id: Option<String>,
+}
+
+impl RequestInfo {
+    pub fn of<B>(req: &http::Request<B>) -> RequestInfo {
+        let authority = req.uri().authority().cloned().or_else(|| {
+            let host = req.headers().get(http::header::HOST)?;
+            http::uri::Authority::try_from(host.as_bytes()).ok()
+        });
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('-').nth(1))
+            .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
+        RequestInfo {
+            time: std::time::SystemTime::now(),
+            method: req.method().clone(),
+            authority,
+            path: req.uri().path().to_owned(),
+            version: req.version(),
+            trace_id,
+        }
+    }
 }
 
 impl std::fmt::Debug for RequestRecord {
@@ -92,6 +133,7 @@ impl RequestRecord {
             grpc_status: None,
             head_latency: std::time::Duration::ZERO,
             bytes_out: 0,
+            request: None,
         }
     }
 
@@ -106,11 +148,42 @@ impl RequestRecord {
         }
     }
 
+    /// The service that sent the request: this proxy's (outbound), or the one named by the
+    /// SPIFFE ID the caller proved (inbound).
+    pub fn src_service(&self) -> Option<&str> {
+        match self.conn.listener.direction {
+            Direction::outbound => self.conn.listener.own_service.as_deref(),
+            Direction::inbound => service_of(self.peer_identity()?),
+        }
+    }
+
+    /// The service the request went to: the route's backend (outbound), or this proxy's.
+    pub fn dst_service(&self) -> &Arc<str> {
+        match (&self.cluster, self.conn.listener.direction) {
+            (Some(c), Direction::outbound) => c,
+            _ => &self.conn.listener.service,
+        }
+    }
+
+    /// The SPIFFE ID mutual TLS proved of the other side: the caller (inbound), or the called
+    /// instance (outbound).
+    pub fn peer_identity(&self) -> Option<&Arc<str>> {
+        match self.conn.listener.direction {
+            Direction::inbound => self.conn.peer_identity.as_ref().map(|p| &p.0),
+            Direction::outbound => self.upstream_identity.as_ref(),
+        }
+    }
+
     /// Whether the request failed, as success rates count it: the proxy or the app answered
     /// 5xx, gRPC answered anything but OK, or the client never got an answer.
     pub fn failed(&self) -> bool {
         self.status == 0 || self.status >= 500 || (self.grpc && self.grpc_status.is_some_and(|s| s != 0))
     }
+}
+
+/// The service a SPIFFE ID (`spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE`) names.
+pub fn service_of(identity: &str) -> Option<&str> {
+    Some(identity.rsplit_once("/sa/")?.1)
 }
 
 impl Drop for RequestRecord {

@@ -93,7 +93,7 @@ mod tests {
         let echo = fakes.add(addr(11), Behaviour::Echo);
         let clusters = one_cluster(fakes, "db", &[addr(10), addr(11)]);
         let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default() };
-        let metrics = Metrics::new().traffic(Direction::outbound, "db", None);
+        let metrics = Metrics::new().traffic(Direction::outbound, "db");
         let conn = ConnCtx {
             peer: addr(1),
             local: addr(2),

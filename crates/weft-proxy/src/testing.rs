@@ -237,9 +237,15 @@ pub fn app_listener(
 ) -> Arc<ListenerCtx> {
     let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("app".into(), 1)], ..Default::default() };
     let table = RouteTable::build(&RouteDef::any_host("app", vec![rule]), clusters);
-    let metrics = Metrics::new().traffic(direction, "app", Some("client"));
-    let http =
-        HttpStack::new(direction, Arc::new(ArcSwap::from_pointee(table)), slashes, policy.clone(), metrics.clone());
+    let metrics = Metrics::new().traffic(direction, "app");
+    let http = HttpStack::new(
+        direction,
+        Arc::new(ArcSwap::from_pointee(table)),
+        slashes,
+        policy.clone(),
+        metrics.clone(),
+        Default::default(),
+    );
     Arc::new(ListenerCtx {
         info: ListenerInfo::new("app", direction, "app"),
         http: Some(Arc::new(http)),

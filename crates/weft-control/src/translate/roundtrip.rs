@@ -27,6 +27,8 @@ struct Decoded {
     cluster: ClusterDef,
     rules: Vec<RuleDef>,
     inbound: ListenerDef,
+    /// The caller's outbound listener for `b`.
+    outbound: ListenerDef,
 }
 
 fn registration(service: &str, port: u16, upstreams: Vec<Upstream>) -> InstanceRegistration {
@@ -82,8 +84,11 @@ fn round_trip(docs: Vec<serde_json::Value>) -> Result<Decoded, String> {
         let inbound_name = weft_api::names::inbound_listener(b.inbound.as_deref().unwrap());
         let inbound =
             weft_proxy::config::listener(&get(Type::Listener, &b, &inbound_name)).map_err(|e| e.to_string())?;
+        let outbound_name = weft_api::names::outbound_listener("b", "127.0.0.1:7200");
+        let outbound =
+            weft_proxy::config::listener(&get(Type::Listener, &a, &outbound_name)).map_err(|e| e.to_string())?;
         let rules = route.virtual_hosts.into_iter().flat_map(|v| v.rules).collect();
-        Ok(Decoded { cluster, rules, inbound })
+        Ok(Decoded { cluster, rules, inbound, outbound })
     })();
     drop(mesh);
     let _ = std::fs::remove_dir_all(&dir);
@@ -611,6 +616,64 @@ fn every_httproute_match_and_filter_survives_the_round_trip() {
     let default = RuleDef { name: "default".into(), backends: vec![("b".into(), 1)], ..Default::default() };
     // Exact paths first, then regular expressions, then prefixes (translate.rs: precedence).
     assert_eq!(decoded.rules, vec![exact, redirect, rewrite, default]);
+}
+
+/// Telemetry for the mesh, a service and a route, as each listener logs it (README: "Access
+/// logs").
+#[test]
+fn telemetry_access_logs_survive_the_round_trip() {
+    use weft_proxy::config::{AccessLogDef, Comparison, LogFilter, LogOutput};
+    let telemetry = |name: &str, target: serde_json::Value, log: serde_json::Value| {
+        let mut spec = serde_json::json!({"accessLog": log});
+        if !target.is_null() {
+            spec["targetRef"] = target;
+        }
+        serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Telemetry", "metadata": {"name": name}, "spec": spec})
+    };
+    let route = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "r"},
+        "spec": {"parentRefs": [{"name": "b"}], "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/r"}}],
+                 "backendRefs": [{"name": "b"}]}]}
+    });
+    let errors = LogFilter::Any(vec![
+        LogFilter::Status { op: Comparison::Ge, value: 500 },
+        LogFilter::Grpc { statuses: vec![0], exclude: true },
+    ]);
+    // The mesh's alone: every listener, errors only.
+    let mesh = telemetry("mesh", serde_json::Value::Null, serde_json::json!({"errorsOnly": true}));
+    let d = round_trip(vec![mesh.clone()]).unwrap();
+    let expected = vec![AccessLogDef { output: LogOutput::Stderr, filter: Some(errors.clone()) }];
+    assert_eq!((&d.inbound.access_log, &d.outbound.access_log), (&expected, &expected));
+    // The service's wins over the mesh's; the route's over the service's, on the callers'
+    // listener, where routes are evaluated.
+    let svc = telemetry(
+        "svc",
+        serde_json::json!({"kind": "Service", "name": "b"}),
+        serde_json::json!({"output": "/var/log/weft.log", "percentage": 25}),
+    );
+    let on_route = telemetry(
+        "on-route",
+        serde_json::json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}),
+        serde_json::json!({"output": "stdout"}),
+    );
+    let d = round_trip(vec![mesh.clone(), svc.clone(), on_route, route.clone()]).unwrap();
+    let sampled = LogFilter::Sampled { per_million: 250_000 };
+    let file = LogOutput::File("/var/log/weft.log".into());
+    assert_eq!(d.inbound.access_log, vec![AccessLogDef { output: file.clone(), filter: Some(sampled.clone()) }]);
+    assert_eq!(
+        d.outbound.access_log,
+        vec![
+            AccessLogDef { output: LogOutput::Stdout, filter: Some(LogFilter::RouteIn(vec!["r".into()])) },
+            AccessLogDef {
+                output: file,
+                filter: Some(LogFilter::All(vec![sampled, LogFilter::RouteNotIn(vec!["r".into()])])),
+            },
+        ]
+    );
+    // Switched off for the service: nothing, though the mesh's is on.
+    let off = telemetry("svc", serde_json::json!({"name": "b"}), serde_json::json!({"enabled": false}));
+    let d = round_trip(vec![mesh, off, route]).unwrap();
+    assert_eq!((d.inbound.access_log.len(), d.outbound.access_log.len()), (0, 0));
 }
 
 mod authorization {

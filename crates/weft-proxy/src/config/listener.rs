@@ -1,5 +1,6 @@
 //! Listeners: the address, the direction, and the filter chains (HTTP connection manager or
 //! tcp_proxy, TLS termination, and the inbound policy: JWT, RBAC, local rate limits).
+use super::access_log::{AccessLogDef, access_logs};
 use super::decode::{InvalidResource, decode, duration, invalid, per_million, ser_duration, socket_addr};
 use super::route::{RouteDef, route_config};
 use super::schema;
@@ -76,6 +77,9 @@ pub struct ListenerDef {
     /// every chain).
     #[serde(flatten)]
     pub policy: Arc<InboundPolicyDef>,
+    /// From the HTTP connection manager's `access_log` (the same on every HTTP chain).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<AccessLogDef>,
 }
 
 /// What an inbound listener checks before a request or connection reaches the app, as
@@ -169,6 +173,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         tls: None,
         plaintext: false,
         policy: Arc::default(),
+        access_log: Vec::new(),
     };
     let mut policy: Option<InboundPolicyDef> = None;
     for chain in &l.filter_chains {
@@ -345,6 +350,11 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                 return Err("path_with_escaped_slashes_action differs from the HTTP chains before it".into());
             }
             def.escaped_slashes = slashes;
+            let logs = access_logs(&hcm.access_log)?;
+            if http_before.is_some() && logs != def.access_log {
+                return Err("access_log differs from the HTTP chains before it".into());
+            }
+            def.access_log = logs;
             def.http = Some(match hcm.route_specifier {
                 Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
                 Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {

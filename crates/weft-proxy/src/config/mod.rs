@@ -12,6 +12,7 @@
 //! re-exported here, so that each is `crate::config::X`.
 use std::net::SocketAddr;
 
+mod access_log;
 mod cluster;
 mod decode;
 mod fields;
@@ -20,6 +21,7 @@ mod route;
 mod schema;
 pub mod tls;
 
+pub use access_log::{AccessLogDef, Comparison, LogFilter, LogOutput};
 pub use cluster::{
     ClusterDef, EndpointDef, HTTP_PROTOCOL_OPTIONS, HealthCheckDef, OutlierDef, PoolDef, RetryLimit, UpstreamProtocol,
     cluster, load_assignment,

@@ -143,8 +143,63 @@ pub static HTTP_CONNECTION_MANAGER: Schema = Schema {
         Plain("normalize_path"),
         Plain("merge_slashes"),
         Plain("path_with_escaped_slashes_action"),
+        Repeated("access_log", &ACCESS_LOG),
     ],
 };
+/// Access logs: the logger's `typed_config` and an extension filter's are checked by the
+/// decoder (config/access_log.rs), which knows their types.
+static ACCESS_LOG: Schema = Schema {
+    message: "envoy.config.accesslog.v3.AccessLog",
+    fields: &[Plain("name"), Message("filter", &ACCESS_LOG_FILTER), Plain("typed_config")],
+};
+static ACCESS_LOG_FILTER: Schema = Schema {
+    message: "envoy.config.accesslog.v3.AccessLogFilter",
+    fields: &[
+        Message("status_code_filter", &STATUS_CODE_FILTER),
+        Message("runtime_filter", &RUNTIME_FILTER),
+        Message("and_filter", &AND_FILTER),
+        Message("or_filter", &OR_FILTER),
+        Message("grpc_status_filter", &GRPC_STATUS_FILTER),
+        Message("extension_filter", &EXTENSION_FILTER),
+    ],
+};
+static STATUS_CODE_FILTER: Schema =
+    Schema { message: "envoy.config.accesslog.v3.StatusCodeFilter", fields: &[Message("comparison", &COMPARISON)] };
+static COMPARISON: Schema = Schema {
+    message: "envoy.config.accesslog.v3.ComparisonFilter",
+    fields: &[Plain("op"), Message("value", &RUNTIME_UINT32)],
+};
+/// No runtime here: only the default value.
+static RUNTIME_UINT32: Schema =
+    Schema { message: "envoy.config.core.v3.RuntimeUInt32", fields: &[Plain("default_value"), Plain("runtime_key")] };
+/// The key names no runtime value (weft has none); the percentage is sampled per request.
+static RUNTIME_FILTER: Schema = Schema {
+    message: "envoy.config.accesslog.v3.RuntimeFilter",
+    fields: &[
+        Plain("runtime_key"),
+        Message("percent_sampled", &FRACTIONAL_PERCENT),
+        Plain("use_independent_randomness"),
+    ],
+};
+static AND_FILTER: Schema =
+    Schema { message: "envoy.config.accesslog.v3.AndFilter", fields: &[Repeated("filters", &ACCESS_LOG_FILTER)] };
+static OR_FILTER: Schema =
+    Schema { message: "envoy.config.accesslog.v3.OrFilter", fields: &[Repeated("filters", &ACCESS_LOG_FILTER)] };
+static GRPC_STATUS_FILTER: Schema =
+    Schema { message: "envoy.config.accesslog.v3.GrpcStatusFilter", fields: &[Plain("statuses"), Plain("exclude")] };
+static EXTENSION_FILTER: Schema =
+    Schema { message: "envoy.config.accesslog.v3.ExtensionFilter", fields: &[Plain("name"), Plain("typed_config")] };
+pub static CEL_FILTER: Schema = Schema {
+    message: "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+    fields: &[Plain("expression")],
+};
+/// No `access_log_format`: weft writes its own JSON object per request.
+pub static STDERR_ACCESS_LOG: Schema =
+    Schema { message: "envoy.extensions.access_loggers.stream.v3.StderrAccessLog", fields: &[] };
+pub static STDOUT_ACCESS_LOG: Schema =
+    Schema { message: "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", fields: &[] };
+pub static FILE_ACCESS_LOG: Schema =
+    Schema { message: "envoy.extensions.access_loggers.file.v3.FileAccessLog", fields: &[Plain("path")] };
 static RDS: Schema = Schema {
     message: "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
     fields: &[Plain("route_config_name"), Plain("config_source")],

@@ -5,10 +5,11 @@
 //! response has ended.
 use super::body::UpstreamBody;
 use super::respond::error_response;
+use crate::access_log::AccessLog;
 use crate::context::ConnCtx;
 use crate::context::Limits;
 use crate::idle::{Exchange, IdleIo, Session};
-use crate::record::RequestRecord;
+use crate::record::{RequestInfo, RequestRecord};
 use crate::stack::HttpStack;
 use crate::transport::Transport;
 use bytes::Bytes;
@@ -141,6 +142,10 @@ async fn handle(
     let grpc =
         !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     rec.grpc = grpc;
+    let log = stack.access_log.get();
+    if log.is_some() {
+        rec.request = Some(Box::new(RequestInfo::of(&req)));
+    }
     // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
     // leave no such ambiguity, and h2 has refused what is malformed).
     let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
@@ -182,23 +187,27 @@ async fn handle(
     {
         exchange.upgraded();
     }
-    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack }))
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack, log }))
 }
 
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
 /// connection counts as busy until hyper has written the body out and dropped it, and the
 /// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
-/// to metrics when it is dropped: after its end was written, or when the client went away.
+/// to metrics and the listener's access logs when it is dropped: after its end was written, or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
     _exchange: Option<Exchange>,
     rec: RequestRecord,
     stack: Arc<HttpStack>,
+    log: Option<Arc<AccessLog>>,
 }
 
 impl Drop for Body {
     fn drop(&mut self) {
         self.stack.metrics.request(&self.rec);
+        if let Some(log) = &self.log {
+            log.record(&self.rec);
+        }
     }
 }
 

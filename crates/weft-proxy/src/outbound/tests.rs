@@ -52,13 +52,14 @@ impl Mesh {
         let clusters = cluster_of(fakes, def, mesh);
         let rule = RuleDef { path: PathDef::Prefix("/".into()), backends: vec![("backend".into(), 1)], ..rule };
         let table = RouteTable::build(&RouteDef::any_host("backend", vec![rule]), &clusters);
-        let metrics = Metrics::new().traffic(Direction::outbound, "backend", Some("frontend"));
+        let metrics = Metrics::new().traffic(Direction::outbound, "backend");
         let stack = Arc::new(HttpStack::new(
             Direction::outbound,
             Arc::new(ArcSwap::from_pointee(table)),
             Default::default(),
             Default::default(),
             metrics,
+            Default::default(),
         ));
         (Mesh { stack }, counts)
     }
