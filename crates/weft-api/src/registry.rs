@@ -88,4 +88,10 @@ pub struct ProxyStatus {
     /// Version of the trust bundle (`ROOTCA` secret) the proxy last acknowledged.
     #[serde(default)]
     pub trust_bundle: Option<String>,
+    /// The proxy's admin endpoint (/metrics), from its registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// The proxy's labels (`version`, `zone`), from its registration.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | GET | /healthz | liveness of the control plane (no credential) |
 //! | GET | /metrics | the control plane's Prometheus metrics (no credential) |
+//! | GET | /api/v1/prometheus/targets | every proxy's metrics endpoint, Prometheus HTTP service discovery (metrics or admin credential) |
 //! | POST | /api/v1/certificates | a proxy's CSR → its certificate (join token) |
 //! | PUT | /api/v1/instances/{id}/health | a proxy reports its app's health (join token) |
 //! | DELETE | /api/v1/instances/{id} | a proxy deregisters on a clean stop (join token) |
@@ -61,6 +62,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/certificates", post(issue))
         .route("/api/v1/instances/{id}/health", put(health))
         .route("/api/v1/instances/{id}", axum::routing::delete(deregister))
+        .route("/api/v1/prometheus/targets", get(scrape_targets))
         .merge(admin)
         .with_state(mesh)
 }
@@ -91,6 +93,20 @@ async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+}
+
+/// Prometheus HTTP service discovery: a target group per proxy.
+async fn scrape_targets(State(mesh): State<Arc<Mesh>>, headers: HeaderMap) -> ApiResult {
+    if !mesh.security.is_metrics_reader(bearer(&headers)) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the scrape targets need the metrics credential (DATA_DIR/{}) or the admin one",
+                crate::security::METRICS_TOKEN_FILE
+            ),
+        ));
+    }
+    Ok(Json(mesh.scrape_targets()).into_response())
 }
 
 async fn issue(

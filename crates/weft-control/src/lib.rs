@@ -59,6 +59,28 @@ pub fn root_file(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("ca").join("root.pem")
 }
 
+/// The repository's deploy/prometheus.yml, which the control plane fills in for itself.
+const PROMETHEUS_CONFIG: &str = include_str!("../../../deploy/prometheus.yml");
+
+/// Where the control plane writes a Prometheus configuration that scrapes its mesh.
+pub fn prometheus_config_file(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("prometheus.yml")
+}
+
+/// Writes deploy/prometheus.yml with this control plane's address (loopback when it listens
+/// on every address) and data directory.
+fn write_prometheus_config(data_dir: &std::path::Path, mut listen: SocketAddr) -> anyhow::Result<()> {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let dir = std::path::absolute(data_dir).with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+    let text = PROMETHEUS_CONFIG
+        .replace(weft_api::names::DEFAULT_CONTROL, &listen.to_string())
+        .replace("/var/lib/weft/control", &dir.display().to_string());
+    let path = prometheus_config_file(data_dir);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Runs the control plane until `shutdown` resolves, after recording its root and admin
 /// credential in this machine's credentials file for the CLI.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -111,6 +133,7 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
     // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
     ca::write_private(&bundle_path, &mesh.security.ca.bundle())?;
+    write_prometheus_config(&cfg.data_dir, cfg.listen)?;
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), cfg.listen.ip().to_string()];
     names.extend(cfg.server_names.iter().cloned());
     names.dedup();

@@ -1,5 +1,6 @@
 //! Admission and identity: join tokens, the certificates the CA issues against them, and the
-//! admin credential that guards the API. Every refusal is counted by reason.
+//! admin credential that guards the API (and the metrics credential, which reads only the
+//! scrape targets). Every refusal is counted by reason.
 use crate::ca::{self, Ca, CaConfig, CsrError};
 use crate::store::{Store, Write};
 use crate::token::{Claims, TokenError, TokenKey};
@@ -47,9 +48,33 @@ pub struct Security {
     /// The latest certificate of each proxy instance.
     issued: Mutex<BTreeMap<String, IssuedCertificate>>,
     admin_token: String,
+    /// Reads the scrape targets only (Prometheus' HTTP service discovery).
+    metrics_token: String,
     refusals: Family<Refusal, Counter>,
     certificates: Counter,
     pub registry: Registry,
+}
+
+/// Where the metrics credential is kept in the data directory.
+pub const METRICS_TOKEN_FILE: &str = "metrics.token";
+
+/// The credential kept in `path` (owner-only), made from a CSPRNG the first time.
+fn credential(path: &Path, prefix: &str) -> anyhow::Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        return Ok(t.trim().to_owned());
+    }
+    let mut b = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| anyhow::anyhow!("no randomness for the credential in {}", path.display()))?;
+    let t = format!("{prefix}-{}", b.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    ca::write_private(path, &t)?;
+    Ok(t)
+}
+
+/// Compares digests, so the time taken says nothing about the secret.
+fn same_secret(bearer: Option<&str>, secret: &str) -> bool {
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().to_vec();
+    bearer.is_some_and(|b| digest(b) == digest(secret))
 }
 
 fn now() -> u64 {
@@ -60,18 +85,8 @@ impl Security {
     pub fn open(data_dir: &Path, cfg: CaConfig, store: Arc<Store>) -> anyhow::Result<Security> {
         let ca = Ca::open(data_dir, cfg)?;
         let key = TokenKey::open(data_dir)?;
-        let admin_path = data_dir.join("admin.token");
-        let admin_token = match std::fs::read_to_string(&admin_path) {
-            Ok(t) => t.trim().to_owned(),
-            Err(_) => {
-                let mut b = [0u8; 24];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-                    .map_err(|_| anyhow::anyhow!("no randomness for the admin credential"))?;
-                let t = format!("weft-admin-{}", b.iter().map(|b| format!("{b:02x}")).collect::<String>());
-                ca::write_private(&admin_path, &t)?;
-                t
-            }
-        };
+        let admin_token = credential(&data_dir.join("admin.token"), "weft-admin")?;
+        let metrics_token = credential(&data_dir.join(METRICS_TOKEN_FILE), "weft-metrics")?;
         let mut tokens = BTreeMap::new();
         for (id, json) in store.tokens()? {
             let info: TokenInfo =
@@ -94,6 +109,7 @@ impl Security {
             tokens: Mutex::new(tokens),
             issued: Mutex::default(),
             admin_token,
+            metrics_token,
             refusals,
             certificates,
             registry,
@@ -101,9 +117,12 @@ impl Security {
     }
 
     pub fn is_admin(&self, bearer: Option<&str>) -> bool {
-        // Digests are compared, so the time taken says nothing about the credential.
-        let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().to_vec();
-        bearer.is_some_and(|b| digest(b) == digest(&self.admin_token))
+        same_secret(bearer, &self.admin_token)
+    }
+
+    /// Whether `bearer` may read the scrape targets: the metrics credential, or the admin one.
+    pub fn is_metrics_reader(&self, bearer: Option<&str>) -> bool {
+        same_secret(bearer, &self.metrics_token) || self.is_admin(bearer)
     }
 
     pub fn admin_token(&self) -> &str {

@@ -352,6 +352,46 @@ impl Mesh {
         }
     }
 
+    /// Every connected weft proxy's metrics endpoint, as Prometheus HTTP service discovery
+    /// lists target groups: one per proxy, labelled with its id (`instance`), service (`app`;
+    /// a gateway's from its certificate), `version` and `zone`. An admin endpoint on an
+    /// unspecified address (`0.0.0.0:PORT`) is listed at the instance's own address.
+    pub fn scrape_targets(&self) -> Vec<serde_json::Value> {
+        let certs: BTreeMap<String, String> =
+            self.security.certificates().into_iter().map(|c| (c.instance, c.identity)).collect();
+        let proxies = self.proxies();
+        let inner = self.lock();
+        let mut targets: Vec<serde_json::Value> = proxies
+            .iter()
+            .filter(|p| p.weft)
+            .filter_map(|p| {
+                let admin: std::net::SocketAddr = p.admin.as_deref()?.parse().ok()?;
+                let inbound = inner.instances.get(&p.node).and_then(|e| e.instance.registration.inbound.as_deref());
+                let admin = match inbound.and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
+                    Some(inbound) if admin.ip().is_unspecified() => {
+                        std::net::SocketAddr::new(inbound.ip(), admin.port())
+                    }
+                    _ => admin,
+                };
+                let app = p.service.clone().or_else(|| {
+                    let id = certs.get(&p.node)?;
+                    Some(id.rsplit_once("/sa/")?.1.to_owned())
+                });
+                let mut labels = serde_json::json!({"instance": p.node});
+                for (name, value) in
+                    [("app", app.as_ref()), ("version", p.labels.get("version")), ("zone", p.labels.get("zone"))]
+                {
+                    if let Some(v) = value {
+                        labels[name] = v.as_str().into();
+                    }
+                }
+                Some(serde_json::json!({"targets": [admin.to_string()], "labels": labels}))
+            })
+            .collect();
+        targets.sort_by(|a, b| a["labels"]["instance"].as_str().cmp(&b["labels"]["instance"].as_str()));
+        targets
+    }
+
     pub fn services(&self) -> Vec<ServiceSummary> {
         self.snapshot.borrow().services.values().cloned().collect()
     }

@@ -35,10 +35,15 @@ pub struct DemoConfig {
     pub instance: String,
     /// Address of the local sidecar listener for the upstream service, if this app calls one.
     pub upstream: Option<SocketAddr>,
+    /// The share of `/` and `/info` requests answered `500` on purpose (0 to 100; exactly
+    /// that share, spread evenly), to show failures in metrics and logs.
+    pub fail_percent: u8,
 }
 
 struct App {
     cfg: DemoConfig,
+    /// Requests to `/` and `/info` so far, for `fail_percent`.
+    served: std::sync::atomic::AtomicU64,
     http: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
 }
 
@@ -52,6 +57,16 @@ impl App {
         }
     }
 
+    /// Whether this request is one of the `fail_percent` share answered 500.
+    fn fails_now(&self) -> Option<Response> {
+        let p = u64::from(self.cfg.fail_percent.min(100));
+        let n = self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ((n + 1) * p / 100 > n * p / 100).then(|| {
+            let text = format!("failed on purpose by {} (--fail-percent {p})\n", self.who());
+            served_by(self, (axum::http::StatusCode::INTERNAL_SERVER_ERROR, text).into_response())
+        })
+    }
+
     fn who(&self) -> String {
         format!("{} {} (instance {})", self.cfg.service, self.cfg.version, self.cfg.instance)
     }
@@ -62,7 +77,7 @@ pub async fn run(cfg: DemoConfig, shutdown: impl Future<Output = ()> + Send + 's
         .await
         .map_err(|e| anyhow::anyhow!("demo app cannot listen on {}: {e}", cfg.listen))?;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let app = Arc::new(App { cfg, http });
+    let app = Arc::new(App { cfg, http, served: Default::default() });
     let grpc = tonic::service::Routes::new(DemoServer::from_arc(app.clone())).prepare().into_axum_router();
     let router = Router::new()
         .route("/", get(index))
@@ -129,6 +144,9 @@ fn served_by(app: &App, mut r: Response) -> Response {
 }
 
 async fn index(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
+    if let Some(failed) = app.fails_now() {
+        return failed;
+    }
     let mut text = format!("hello from {} via {}\n", app.who(), proto(req.version()));
     if let Some(up) = app.cfg.upstream {
         let call = axum::http::Request::get(format!("http://{up}/")).body(Body::empty()).expect("valid request");
@@ -145,6 +163,9 @@ async fn index(State(app): State<Arc<App>>, req: axum::extract::Request) -> Resp
 }
 
 async fn info(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
+    if let Some(failed) = app.fails_now() {
+        return failed;
+    }
     let body = serde_json::json!({
         "service": app.cfg.service, "version": app.cfg.version,
         "instance": app.cfg.instance, "protocol": proto(req.version()),

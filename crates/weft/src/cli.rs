@@ -152,6 +152,9 @@ pub struct DemoAppArgs {
     /// Upstream to call from `/` and Hello (the local sidecar listener), HOST:PORT.
     #[arg(long, env = "WEFT_UPSTREAM")]
     pub upstream: Option<SocketAddr>,
+    /// Answer this share of `/` and `/info` requests with 500, exactly and evenly (0-100).
+    #[arg(long, env = "WEFT_DEMO_FAIL_PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub fail_percent: u8,
 }
 
 #[derive(Args)]

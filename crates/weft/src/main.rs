@@ -81,6 +81,7 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 version: a.app_version,
                 instance,
                 upstream: a.upstream,
+                fail_percent: a.fail_percent,
             };
             weft_demo::run(cfg, weft_proxy::supervise::stop_signal()).await?;
         }

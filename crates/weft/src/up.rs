@@ -420,5 +420,7 @@ fn banner(
         println!("  weft get services --control {control}");
         println!("  weft get endpoints {svc} --control {control}");
     }
+    println!("\nPrometheus (scrapes every proxy, found through the control plane):");
+    println!("  prometheus --config.file={}", weft_control::prometheus_config_file(data_dir).display());
     println!("\nCtrl-C stops the whole mesh.");
 }

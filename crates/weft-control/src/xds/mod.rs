@@ -197,6 +197,8 @@ impl Session {
                 acked: Default::default(),
                 weft: registration.is_some(),
                 trust_bundle: None,
+                admin: registration.as_ref().and_then(|r| r.admin.clone()),
+                labels: registration.as_ref().map(|r| r.labels.clone()).unwrap_or_default(),
             },
         );
         tracing::debug!(stream = self.id, node = %node.id, delta = self.delta, "xDS stream opened");
