@@ -21,6 +21,7 @@ PEERS = {
     "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "haproxy-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "nginx-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "haproxy-2hop-tls": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -202,8 +203,9 @@ def main():
     # This build against the baseline build (BENCH_BASELINE), measured in the same rounds.
     pairs = [(c, c + "-base") for c in ("weft-1hop", "weft-2hop") if c in configs and c + "-base" in configs]
     # What a route with retries and a timeout costs, against the same set-up without policy.
-    if "weft-2hop-policy" in configs and "weft-2hop" in configs:
-        pairs.append(("weft-2hop-policy", "weft-2hop"))
+    for extra in ("weft-2hop-policy", "weft-2hop-logs"):
+        if extra in configs and "weft-2hop" in configs:
+            pairs.append((extra, "weft-2hop"))
     if pairs:
         out.append("\n## This build vs the baseline build, and policy vs none (same run)\n")
         out.append("Ratio of medians, first ÷ second: below 1.00 is better for CPU and RSS, "

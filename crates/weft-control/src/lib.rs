@@ -77,8 +77,8 @@ fn write_prometheus_config(data_dir: &std::path::Path, mut listen: SocketAddr) -
     let text = PROMETHEUS_CONFIG
         .replace(weft_api::names::DEFAULT_CONTROL, &listen.to_string())
         .replace("/var/lib/weft/control", &dir.display().to_string());
-    let path = prometheus_config_file(data_dir);
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    // Owner-only like everything in the data directory (it names the credential's file).
+    ca::write_private(&prometheus_config_file(data_dir), &text)
 }
 
 /// Runs the control plane until `shutdown` resolves, after recording its root and admin
