@@ -94,6 +94,19 @@ spec:
   - matches: [{method: {service: weft.demo.v1.Demo, method: HelloStream}}]
     backendRefs: [{name: backend-v2}]
   - backendRefs: [{name: backend-v1}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: Telemetry
+metadata: {name: mesh-errors}
+spec:
+  accessLog: {errorsOnly: true, percentage: 50}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Telemetry
+metadata: {name: split-logs}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: backend-split}
+  accessLog: {output: /var/log/weft/split.log}
 "#;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
