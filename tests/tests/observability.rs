@@ -170,3 +170,63 @@ spec:
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(lines().len(), before, "logged after the Telemetry was deleted");
 }
+
+/// `weft check` passes on a healthy mesh, and fails naming the cause when a proxy rejects its
+/// config, when a certificate is near expiry (its renewal refused) and when the control plane
+/// is down.
+#[test]
+fn weft_check_names_what_is_wrong() {
+    let mut m = SmallMesh::start_with("check", 1, &["--cert-ttl", "1m"]);
+    let control = m.control.addr.clone();
+    let check = || {
+        let out = weft(&["check", "--control", &control]);
+        (out.status.success(), stdout(&out))
+    };
+    let (ok, text) = check();
+    assert!(ok, "{text}");
+    for line in ["ok   control plane reachable", "ok   config accepted", "ok   certificates", "ok   clock"] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    let out = weft(&["check", "-o", "json", "--control", &control]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ok"], true, "{json}");
+
+    // A config the proxies cannot honour: an access log in a directory that does not exist.
+    let doc = m.dir.path.join("telemetry.yaml");
+    std::fs::write(
+        &doc,
+        "apiVersion: weft.dev/v1alpha1
+kind: Telemetry
+metadata: {name: nowhere}
+spec:
+  accessLog: {output: /nonexistent-weft-dir/access.log}
+",
+    )
+    .unwrap();
+    assert!(weft(&["apply", "-f", doc.to_str().unwrap(), "--control", &control]).status.success());
+    wait_until(std::time::Duration::from_secs(10), "check to fail on the rejected config", || {
+        let (ok, text) = check();
+        !ok && text.contains("FAIL config accepted") && text.contains("cannot open access log file")
+    });
+    assert!(weft(&["delete", "telemetry", "nowhere", "--control", &control]).status.success());
+    wait_until(std::time::Duration::from_secs(10), "check to pass once the config is taken", || check().0);
+
+    // Certificates that cannot renew: every join token revoked, the 1-minute certificates run
+    // out (proxies renew at half; a quarter left is near expiry).
+    let out = weft(&["get", "tokens", "-o", "json", "--control", &control]);
+    let tokens: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for t in tokens.as_array().unwrap() {
+        let id = t["id"].as_str().unwrap();
+        assert!(weft(&["token", "revoke", id, "--control", &control]).status.success());
+    }
+    wait_until(std::time::Duration::from_secs(60), "check to fail on certificates near expiry", || {
+        let (ok, text) = check();
+        !ok && text.contains("FAIL certificates") && text.contains("spiffe://weft.local/ns/default/sa/backend")
+    });
+
+    // The control plane down: named, with the fix.
+    m.control.proc.kill();
+    let (ok, text) = check();
+    assert!(!ok && text.contains("FAIL control plane reachable"), "{text}");
+    assert!(text.contains("fix: start it"), "{text}");
+}

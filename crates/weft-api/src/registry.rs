@@ -94,4 +94,8 @@ pub struct ProxyStatus {
     /// The proxy's labels (`version`, `zone`), from its registration.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Type URL → why the proxy refuses that type's current config: its NACKs not yet
+    /// followed by an ACK of the type.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejecting: BTreeMap<String, String>,
 }

@@ -22,6 +22,7 @@
 //! | GET | /api/v1/services | services with instance counts |
 //! | GET | /api/v1/services/{name}/endpoints | instances of a service |
 //! | GET | /api/v1/proxies | connected xDS clients, what they ACKed, their last NACK |
+//! | GET | /api/v1/check | `weft check`'s control-plane checks, and the control plane's clock |
 //! | GET | /api/v1/resources/{kind}[/{name}] | applied resources |
 //! | POST | /api/v1/apply | validate and store resources (all or nothing) |
 //! | DELETE | /api/v1/resources/{kind}/{name} | delete a resource |
@@ -55,6 +56,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/ca", get(ca_info))
         .route("/api/v1/ca/rotate", post(rotate))
+        .route("/api/v1/check", get(check))
         .route_layer(axum::middleware::from_fn_with_state(mesh.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -260,6 +262,11 @@ async fn in_force(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> Ap
     let v =
         mesh.in_force(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named {name:?}")))?;
     Ok(Json(v).into_response())
+}
+
+async fn check(State(mesh): State<Arc<Mesh>>) -> Response {
+    let time = crate::ca::unix(std::time::SystemTime::now());
+    Json(json!({"time": time, "checks": crate::check::run(&mesh)})).into_response()
 }
 
 async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {

@@ -9,6 +9,7 @@ pub mod args;
 mod authn;
 mod authz;
 pub mod ca;
+mod check;
 mod jwks;
 mod security;
 mod state;

@@ -499,6 +499,16 @@ impl Mesh {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream);
     }
 
+    /// Every registered instance, connected or not.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.lock().instances.values().map(|e| e.instance.clone()).collect()
+    }
+
+    /// Whether the store answers a read.
+    pub fn store_readable(&self) -> anyhow::Result<()> {
+        self.store.tokens().map(drop)
+    }
+
     pub fn proxies(&self) -> Vec<ProxyStatus> {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }

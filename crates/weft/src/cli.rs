@@ -38,7 +38,7 @@ pub enum Command {
     },
     /// Show services, endpoints, proxies, certificates, join tokens or resources.
     Get {
-        /// services | endpoints | proxies | certs | tokens | service | httproutes | authorizationpolicies | requestauthentications | trafficpolicies
+        /// services | endpoints | proxies | certs | tokens | service | httproutes | grpcroutes | authorizationpolicies | requestauthentications | trafficpolicies | telemetries
         kind: String,
         /// A name (for endpoints: the service).
         name: Option<String>,
@@ -65,9 +65,17 @@ pub enum Command {
         #[command(flatten)]
         control: ControlAddr,
     },
+    /// Pre-flight and health checks, one line each with the fix; exits 1 if any fails.
+    Check {
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
     /// Delete a resource.
     Delete {
-        /// service | httproute | authorizationpolicy | requestauthentication | trafficpolicy
+        /// service | httproute | grpcroute | authorizationpolicy | requestauthentication | trafficpolicy | telemetry
         kind: String,
         name: String,
         #[command(flatten)]

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod api_client;
+mod check;
 mod cli;
 mod mesh_file;
 mod run;
@@ -59,6 +60,11 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
         }
         cli::Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
+        cli::Command::Check { output, control } => {
+            if !check::run(&control, &output).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         cli::Command::Token { action: cli::TokenAction::Create { service, ttl }, control } => {
             api_client::token_create(&control, &service, ttl).await?
         }

@@ -199,6 +199,7 @@ impl Session {
                 trust_bundle: None,
                 admin: registration.as_ref().and_then(|r| r.admin.clone()),
                 labels: registration.as_ref().map(|r| r.labels.clone()).unwrap_or_default(),
+                rejecting: Default::default(),
             },
         );
         tracing::debug!(stream = self.id, node = %node.id, delta = self.delta, "xDS stream opened");
@@ -237,13 +238,17 @@ impl Session {
             Some(e) => {
                 tracing::warn!(stream = self.id, node = ?self.node, type_url = %url, error = %e.message, "proxy rejected config (NACK)");
                 let e = e.message.clone();
-                self.mesh.proxy_update(self.id, |p| p.last_error = Some(e));
+                self.mesh.proxy_update(self.id, |p| {
+                    p.rejecting.insert(url, e.clone());
+                    p.last_error = Some(e);
+                });
                 Answer::Nack
             }
             None => {
                 let v = version.to_owned();
                 let bundle = (t == Type::Secret).then(|| sub.sent.get(ROOT_SECRET).cloned()).flatten();
                 self.mesh.proxy_update(self.id, |p| {
+                    p.rejecting.remove(&url);
                     p.acked.insert(url, v);
                     if bundle.is_some() {
                         p.trust_bundle = bundle;

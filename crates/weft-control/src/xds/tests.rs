@@ -260,6 +260,7 @@ async fn state_of_the_world_stream() {
     assert_eq!((status.node.as_str(), status.service.as_deref()), ("frontend-0", Some("frontend")));
     assert_eq!(status.last_error.as_deref(), Some("HTTP filter \"x\" is not supported"));
     assert_eq!(status.acked.get(&lds_url), None, "a NACK is no ACK");
+    assert_eq!(status.rejecting.get(&lds_url).map(String::as_str), Some("HTTP filter \"x\" is not supported"));
 
     // No RouteConfiguration is made up for `backend`: only the registered `frontend` has one.
     c.send(sotw(rds_url.clone(), &routes, None)).await;
@@ -284,6 +285,9 @@ async fn state_of_the_world_stream() {
     c.send(ack(&pushed[&lds_url], &[])).await;
     c.send(ack(&pushed[&rds_url], &routes)).await;
     assert!(c.quiet().await);
+    let status = m.proxy_status();
+    assert!(status.rejecting.is_empty(), "an ACK of the type ends its rejection: {status:?}");
+    assert!(status.last_error.is_some(), "the last NACK stays on record");
 
     // Deleting it takes its cluster away again, and the listener back to inline. Its route
     // is not pushed: a route response cannot say a route is gone (nothing names it any more).
