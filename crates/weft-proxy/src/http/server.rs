@@ -193,7 +193,8 @@ async fn handle(
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
 /// connection counts as busy until hyper has written the body out and dropped it, and the
 /// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
-/// to metrics and the listener's access logs when it is dropped: after its end was written, or when the client went away.
+/// to metrics and the listener's access logs when it is dropped: after its end was written,
+/// or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
     _exchange: Option<Exchange>,
