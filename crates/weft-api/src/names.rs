@@ -40,3 +40,6 @@ pub const INBOUND_ROUTE: &str = "inbound";
 /// empty value, each caller (SPIFFE identity, or source address without mutual TLS) gets a
 /// bucket of its own.
 pub const CALLER_DESCRIPTOR: &str = "weft.caller";
+
+/// The tracer weft proxies implement, by its Envoy extension name: OpenTelemetry over OTLP/gRPC.
+pub const OTEL_TRACER: &str = "envoy.tracers.opentelemetry";

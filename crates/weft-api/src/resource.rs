@@ -33,7 +33,7 @@ pub use service::{
     ConsistentHash, DEFAULT_CONNECT_TIMEOUT, EscapedSlashes, LoadBalancer, LocalityPolicy, MtlsMode, Protocol,
     ServiceSelector, ServiceSpec,
 };
-pub use telemetry::{AccessLogSpec, TelemetrySpec};
+pub use telemetry::{AccessLogSpec, DEFAULT_TRACE_SAMPLING_PERCENT, TelemetrySpec, TracingSpec};
 pub use traffic_policy::{
     ActiveHealthCheck, ConnectionPool, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONSECUTIVE_5XX,
     DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT, DEFAULT_MAX_EJECTION_PERCENT,

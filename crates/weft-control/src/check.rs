@@ -45,7 +45,40 @@ pub fn run(mesh: &Mesh) -> Vec<Check> {
     out.extend(proxies(mesh));
     out.extend(certificates(mesh));
     out.extend(references(mesh));
+    out.push(tracing(mesh));
     out
+}
+
+/// Telemetry that switches tracing on with no collector to send spans to: the mesh's names
+/// none, and the service's neither.
+fn tracing(mesh: &Mesh) -> Check {
+    let telemetry: Vec<_> = mesh
+        .resources(Kind::Telemetry)
+        .into_iter()
+        .filter_map(|r| match r {
+            Resource::Telemetry(o) => Some(o),
+            _ => None,
+        })
+        .collect();
+    let mesh_collector = telemetry
+        .iter()
+        .find(|t| t.spec.target_ref.is_none() && t.spec.tracing.is_some())
+        .and_then(|t| t.spec.tracing.as_ref()?.collector.as_ref());
+    let lost: Vec<String> = telemetry
+        .iter()
+        .filter(|t| t.spec.tracing.as_ref().is_some_and(|tr| tr.enabled && tr.collector.is_none()))
+        .filter(|_| mesh_collector.is_none())
+        .map(|t| format!("Telemetry/{}", t.metadata.name))
+        .collect();
+    if lost.is_empty() {
+        return Check::ok("tracing has a collector", "every Telemetry that traces has a collector to export to");
+    }
+    Check::bad(
+        "tracing has a collector",
+        Status::Warn,
+        format!("tracing is on with no collector, so nothing is traced: {}", lost.join(", ")),
+        "set spec.tracing.collector (host:port of an OTLP/gRPC collector) on the mesh's Telemetry (no targetRef)",
+    )
 }
 
 fn store(mesh: &Mesh) -> Check {

@@ -41,13 +41,13 @@ use weft_api::resource::{
 };
 use weft_api::{Instance, ServiceSummary};
 
-mod access_log;
 mod envoy;
-use access_log::AccessLogs;
+mod telemetry;
 use envoy::{
     HostRule, HttpRoutes, InboundFilters, api_listener, eds_cluster, inbound_route, load_assignment, local_rate_limit,
     proxy_listener, root_secret, route_config, static_cluster, tls_socket, upstream_tls,
 };
+use telemetry::{HcmTelemetry, Telemetry};
 
 /// The resource types weft serves, in the order clients subscribe to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -152,8 +152,8 @@ struct Config {
     authns: Vec<Object<RequestAuthenticationSpec>>,
     /// TrafficPolicy rate limits, by service (enforced by its own sidecars).
     rate_limits: HashMap<String, RateLimitPolicy>,
-    /// Telemetry resources: which listeners log which requests.
-    access_logs: AccessLogs,
+    /// Telemetry resources: which listeners log and trace which requests.
+    telemetry: Telemetry,
     /// Each weft proxy's own resources, by what they are made of, made at its first request.
     nodes: std::sync::Mutex<HashMap<NodeShape, Arc<NodeResources>>>,
 }
@@ -355,7 +355,7 @@ impl Config {
                 Resource::Telemetry(_) => {}
             }
         }
-        let access_logs = AccessLogs::new(resources, routes.iter().map(|(name, r)| (*name, r.as_ref())));
+        let telemetry = Telemetry::new(resources, routes.iter().map(|(name, r)| (*name, r.as_ref())));
         // Services some route's own TrafficPolicy retries requests to: their clusters carry
         // a retry budget even when their own policy has no retry.
         let route_retries: std::collections::HashSet<&str> = routes
@@ -414,7 +414,7 @@ impl Config {
             policies,
             authns,
             rate_limits,
-            access_logs,
+            telemetry,
             nodes: Default::default(),
         }
     }
@@ -496,10 +496,12 @@ impl Config {
                 http,
                 names::INBOUND_CLUSTER,
                 Some(&filters),
-                self.access_logs.for_listener(service, false),
+                self.telemetry.for_listener(service, false, service),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }
+        // A gateway's spans are named after the gateway.
+        let own = reg.service.as_deref().unwrap_or(names::GATEWAY);
         for up in &reg.upstreams {
             let name = names::outbound_listener(&up.service, &up.listen);
             // Invariant: the listener names a RouteConfiguration in RDS exactly when RDS serves
@@ -523,7 +525,7 @@ impl Config {
                 http,
                 &up.service,
                 None,
-                self.access_logs.for_listener(&up.service, true),
+                self.telemetry.for_listener(&up.service, true, own),
             );
             out.insert(name.clone(), Res::new(name, &l));
         }

@@ -136,6 +136,20 @@ fn proto(v: Version) -> &'static str {
     }
 }
 
+/// The headers that carry a request's trace context (W3C, then B3). The app copies them from the
+/// request it serves to the requests it makes on its behalf, so each of its calls continues the
+/// trace the mesh started (every app in a traced mesh must, in whatever way its framework has).
+const TRACE_HEADERS: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
 fn served_by(app: &App, mut r: Response) -> Response {
     if let Ok(v) = HeaderValue::from_str(&app.cfg.instance) {
         r.headers_mut().insert("x-served-by", v);
@@ -149,7 +163,12 @@ async fn index(State(app): State<Arc<App>>, req: axum::extract::Request) -> Resp
     }
     let mut text = format!("hello from {} via {}\n", app.who(), proto(req.version()));
     if let Some(up) = app.cfg.upstream {
-        let call = axum::http::Request::get(format!("http://{up}/")).body(Body::empty()).expect("valid request");
+        let mut call = axum::http::Request::get(format!("http://{up}/")).body(Body::empty()).expect("valid request");
+        for name in TRACE_HEADERS {
+            if let Some(v) = req.headers().get(*name) {
+                call.headers_mut().insert(*name, v.clone());
+            }
+        }
         match app.http.request(call).await {
             Ok(resp) => {
                 let status = resp.status();
@@ -242,13 +261,20 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>
 #[tonic::async_trait]
 impl Demo for App {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<tonic::Response<HelloReply>, Status> {
-        let name = req.into_inner().name;
+        let (incoming, _, req) = req.into_parts();
+        let name = req.name;
         let mut message = format!("hello {name} from {}", self.who());
         if let Some(up) = self.cfg.upstream {
             let mut client = DemoClient::connect(format!("http://{up}"))
                 .await
                 .map_err(|e| Status::unavailable(format!("upstream {up}: {e}")))?;
-            let r = client.hello(HelloRequest { name, count: 0 }).await?.into_inner();
+            let mut call = Request::new(HelloRequest { name, count: 0 });
+            for name in TRACE_HEADERS {
+                if let Some(v) = incoming.get(*name) {
+                    call.metadata_mut().insert(*name, v.clone());
+                }
+            }
+            let r = client.hello(call).await?.into_inner();
             message = format!("{message} -> {}", r.message);
         }
         Ok(tonic::Response::new(self.reply(message)))

@@ -9,49 +9,16 @@
 use crate::config::{AccessLogDef, Comparison, Direction, LogFilter, LogOutput};
 use crate::metrics::Metrics;
 use crate::record::{RequestInfo, RequestRecord};
-use arc_swap::ArcSwapOption;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 
 /// Entries an output holds while its thread writes; more are dropped.
 const QUEUE: usize = 4096;
-
-/// A listener's access logs as its connections see them: swapped in place when the control
-/// plane changes them, so open connections follow at once.
-#[derive(Default)]
-pub struct LogCell {
-    on: AtomicBool,
-    log: ArcSwapOption<AccessLog>,
-}
-
-impl LogCell {
-    /// The access logs in force, if any (one flag read when there are none).
-    pub fn get(&self) -> Option<Arc<AccessLog>> {
-        if !self.on.load(Ordering::Acquire) {
-            return None;
-        }
-        self.log.load_full()
-    }
-
-    pub fn set(&self, log: Option<Arc<AccessLog>>) {
-        match log {
-            Some(l) => {
-                self.log.store(Some(l));
-                self.on.store(true, Ordering::Release);
-            }
-            None => {
-                self.on.store(false, Ordering::Release);
-                self.log.store(None);
-            }
-        }
-    }
-}
 
 /// A listener's access logs: for each, which requests it takes and where they go.
 pub struct AccessLog {

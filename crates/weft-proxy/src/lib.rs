@@ -45,8 +45,10 @@ pub mod route;
 pub mod stack;
 pub mod supervise;
 mod tcp;
+mod telemetry;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
+mod trace;
 pub mod transport;
 mod xds;
 

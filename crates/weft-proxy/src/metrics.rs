@@ -105,6 +105,7 @@ pub struct Metrics {
     jwt: Family<JwtLabels, Counter>,
     ejections: Family<ServiceLabel, Counter>,
     access_log: Family<ResultLabels, Counter>,
+    trace_spans: Family<ResultLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,8 +222,15 @@ impl Metrics {
             "Access log entries by result: written, or dropped because the output's queue was full",
             access_log.clone(),
         );
+        let trace_spans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Trace spans by result: exported to the collector, or dropped (its queue was full, or the export failed)",
+            trace_spans.clone(),
+        );
         Arc::new(Metrics {
             access_log,
+            trace_spans,
             ejections,
             authz,
             jwt,
@@ -278,6 +286,11 @@ impl Metrics {
     /// The counter of access log entries with `result` (written or dropped).
     pub fn access_log_entries(&self, result: &'static str) -> Counter {
         self.access_log.get_or_create(&ResultLabels { result }).clone()
+    }
+
+    /// The counter of trace spans with `result` (exported or dropped).
+    pub fn trace_spans(&self, result: &'static str) -> Counter {
+        self.trace_spans.get_or_create(&ResultLabels { result }).clone()
     }
 
     /// The ejection counter of a service's cluster (resolved once per cluster).

@@ -2,7 +2,7 @@
 //! binds the listeners and starts the tasks (certificates, admin endpoint, xDS client, pool
 //! sweeps, app health); the xDS client hands it each accepted update ([`xds::Runtime`]), the
 //! admin endpoint reads it ([`admin::View`]).
-use crate::access_log::{AccessLog, LogCell, Outputs};
+use crate::access_log::{AccessLog, Outputs};
 use crate::cluster::balance::ClusterManager;
 use crate::config::Direction;
 use crate::config::{ClusterDef, ConfigError, EndpointDef, HttpDef, InvalidResource, ListenerDef, RouteDef};
@@ -14,6 +14,8 @@ use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
+use crate::telemetry::ListenerTelemetry;
+use crate::trace::{Exporters, Tracer};
 use crate::{admin, crypto, drain, health, identity, inbound, transport, xds};
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -76,9 +78,11 @@ pub struct Proxy {
     /// Each inbound listener's policy (JWT, authorization), by listener name (kept across LDS
     /// updates, so open connections follow a change).
     policies: RwLock<HashMap<String, inbound::LivePolicy>>,
-    /// Each listener's access logs, by listener name (kept likewise), and their outputs.
-    logs: RwLock<HashMap<String, Arc<LogCell>>>,
+    /// Each listener's access logs and tracer, by listener name (kept likewise); the logs'
+    /// outputs and the tracers' collectors.
+    telemetry: RwLock<HashMap<String, Arc<ListenerTelemetry>>>,
     outputs: Outputs,
+    exporters: Exporters,
     listeners: Listeners,
     metrics: Arc<Metrics>,
     healthy: Arc<AtomicBool>,
@@ -109,8 +113,8 @@ impl Proxy {
         w.entry(listener.to_owned()).or_default().clone()
     }
 
-    fn log_cell(&self, listener: &str) -> Arc<LogCell> {
-        let mut w = self.logs.write().unwrap_or_else(|p| p.into_inner());
+    fn telemetry(&self, listener: &str) -> Arc<ListenerTelemetry> {
+        let mut w = self.telemetry.write().unwrap_or_else(|p| p.into_inner());
         w.entry(listener.to_owned()).or_default().clone()
     }
 
@@ -127,8 +131,9 @@ impl Proxy {
         let own =
             self.opts.service.clone().or_else(|| Some(crate::record::service_of(own_identity.as_deref()?)?.to_owned()));
         let mut new_policies: Vec<(inbound::LivePolicy, Arc<inbound::InboundPolicy>)> = Vec::with_capacity(defs.len());
-        // Access logs go in force once the whole update is.
-        let mut new_logs: Vec<(Arc<LogCell>, Option<Arc<AccessLog>>)> = Vec::with_capacity(defs.len());
+        // Access logs and tracers go in force once the whole update is.
+        type Recorders = (Arc<ListenerTelemetry>, Option<Arc<AccessLog>>, Option<Arc<Tracer>>);
+        let mut new_telemetry: Vec<Recorders> = Vec::with_capacity(defs.len());
         for def in defs {
             // Inbound traffic is the local service's, whatever the control plane calls it.
             let service = match (def.direction, &self.opts.service) {
@@ -137,12 +142,13 @@ impl Proxy {
             };
             let metrics = self.metrics.traffic(def.direction, service);
             let policy = self.policy(&def.name);
-            let log_cell = self.log_cell(&def.name);
+            let telemetry = self.telemetry(&def.name);
             let built = inbound::InboundPolicy::build(&def.policy, &policy.load())
                 .and_then(|p| Ok((p, self.outputs.build(&def.access_log, &self.metrics)?)));
             let new_policy = match built {
                 Ok((p, log)) => {
-                    new_logs.push((log_cell.clone(), log));
+                    let tracer = self.exporters.build(def.tracing.as_ref(), own.as_deref(), &self.metrics);
+                    new_telemetry.push((telemetry.clone(), log, tracer));
                     Arc::new(p)
                 }
                 Err(reason) => {
@@ -167,7 +173,7 @@ impl Proxy {
                     def.escaped_slashes,
                     policy.clone(),
                     metrics.clone(),
-                    log_cell.clone(),
+                    telemetry.clone(),
                 ))
             });
             let tcp = def
@@ -200,8 +206,9 @@ impl Proxy {
             }
             return Err(e);
         }
-        for (cell, log) in new_logs {
-            cell.set(log);
+        for (cell, log, tracer) in new_telemetry {
+            cell.access_log.set(log);
+            cell.tracer.set(tracer);
         }
         // Route tables no listener names any more are gone (RDS stops sending them too).
         let rds: Vec<&str> = listeners
@@ -213,7 +220,7 @@ impl Proxy {
             .collect();
         self.routes.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| rds.contains(&name.as_str()));
         self.policies.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
-        self.logs.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
+        self.telemetry.write().unwrap_or_else(|p| p.into_inner()).retain(|name, _| listeners.contains_key(name));
         let mut dump = self.dump();
         dump.routes.retain(|name, _| rds.contains(&name.as_str()));
         dump.listeners = listeners;
@@ -345,8 +352,9 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         clusters: ClusterManager::default().with_metrics(metrics.clone()),
         routes: RwLock::default(),
         policies: RwLock::default(),
-        logs: RwLock::default(),
+        telemetry: RwLock::default(),
         outputs: Outputs::default(),
+        exporters: Exporters::default(),
         listeners,
         metrics,
         healthy,

@@ -4,6 +4,7 @@
 use crate::config::Direction;
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
+use crate::trace::TraceContext;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +65,8 @@ pub struct RequestRecord {
     /// What an access log says of the request itself: noted at arrival, only on a listener
     /// that logs.
     pub request: Option<Box<RequestInfo>>,
+    /// The request's place in its trace, on a listener that traces.
+    pub trace: Option<TraceContext>,
 }
 
 /// A request as it arrived, for its access log line.
@@ -75,23 +78,25 @@ pub struct RequestInfo {
     /// The path as received, without the query (which may carry credentials).
     pub path: String,
     pub version: http::Version,
-    /// The trace id of the request's W3C `traceparent`, if it came with one.
+    /// The request's trace id: from its context on a listener that traces, else from the W3C
+    /// `traceparent` it came with.
     pub trace_id: Option<String>,
 }
 
 impl RequestInfo {
-    pub fn of<B>(req: &http::Request<B>) -> RequestInfo {
+    pub fn of<B>(req: &http::Request<B>, trace: Option<&TraceContext>) -> RequestInfo {
         let authority = req.uri().authority().cloned().or_else(|| {
             let host = req.headers().get(http::header::HOST)?;
             http::uri::Authority::try_from(host.as_bytes()).ok()
         });
-        let trace_id = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split('-').nth(1))
-            .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-            .map(str::to_owned);
+        let trace_id = trace.map(TraceContext::trace_id_hex).or_else(|| {
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('-').nth(1))
+                .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_owned)
+        });
         RequestInfo {
             time: std::time::SystemTime::now(),
             method: req.method().clone(),
@@ -134,6 +139,7 @@ impl RequestRecord {
             head_latency: std::time::Duration::ZERO,
             bytes_out: 0,
             request: None,
+            trace: None,
         }
     }
 

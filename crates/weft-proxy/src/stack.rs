@@ -19,10 +19,10 @@
 //! decides whether to send again belongs to [`crate::attempt`]. Opaque TCP is authorized in
 //! [`crate::listener`] (it carries no JWT) and connected through the same attempt engine
 //! ([`crate::tcp`]). Each request's decisions and attempts go into its
-//! [`crate::record::RequestRecord`], which [`crate::http::serve`] hands to metrics and the
-//! access logs once the response has ended. Both stacks share the HTTP server and forwarding code
+//! [`crate::record::RequestRecord`], which [`crate::http::serve`] hands to metrics, the access
+//! logs and the tracer once the response has ended (the tracer reads and rewrites the trace
+//! context at arrival). Both stacks share the HTTP server and forwarding code
 //! ([`crate::http`]), the pools ([`crate::cluster::endpoint`]), error rendering and metrics.
-use crate::access_log::LogCell;
 use crate::config::{Direction, EscapedSlashes};
 use crate::http::body::Reply;
 use crate::inbound::{Inbound, LivePolicy};
@@ -30,6 +30,7 @@ use crate::metrics::TrafficMetrics;
 use crate::outbound::Outbound;
 use crate::record::RequestRecord;
 use crate::route::RouteTable;
+use crate::telemetry::ListenerTelemetry;
 use arc_swap::ArcSwap;
 use futures::future::Either;
 use http::Request;
@@ -39,8 +40,8 @@ use std::sync::Arc;
 /// What an HTTP listener runs each request through.
 pub struct HttpStack {
     pub metrics: Arc<TrafficMetrics>,
-    /// The listener's access logs (live: shared with the listener's later stacks).
-    pub access_log: Arc<LogCell>,
+    /// The listener's access logs and tracer (live: shared with the listener's later stacks).
+    pub telemetry: Arc<ListenerTelemetry>,
     stack: Stack,
 }
 
@@ -56,13 +57,13 @@ impl HttpStack {
         slashes: EscapedSlashes,
         policy: LivePolicy,
         metrics: Arc<TrafficMetrics>,
-        access_log: Arc<LogCell>,
+        telemetry: Arc<ListenerTelemetry>,
     ) -> HttpStack {
         let stack = match direction {
             Direction::inbound => Stack::Inbound(Inbound::new(routes, slashes, policy, metrics.clone())),
             Direction::outbound => Stack::Outbound(Outbound::new(routes, slashes)),
         };
-        HttpStack { metrics, access_log, stack }
+        HttpStack { metrics, telemetry, stack }
     }
 
     /// Runs a request through the stack. Routing and every other decision happen before the

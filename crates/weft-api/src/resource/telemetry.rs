@@ -1,14 +1,15 @@
-//! `kind: Telemetry`: what the proxies record of each request beyond metrics (access logs),
-//! for the whole mesh, one service or one route, applied live; and its checks.
+//! `kind: Telemetry`: what the proxies record of each request beyond metrics (access logs and
+//! traces), for the whole mesh, one service or one route, applied live; and its checks.
 use super::common::{ApplyError, check_name, check_service_ref};
 use super::traffic_policy::{GATEWAY_API_GROUP, PolicyTargetRef};
 use serde::{Deserialize, Serialize};
 
-/// `kind: Telemetry` — switches access logs on (or off) without restarting anything.
-/// Without `targetRef` it applies to every proxy; with `kind: Service` (the default) to the
-/// requests to that service, logged by its callers' sidecars (and the gateway) and by its own
-/// instances' sidecars; with `kind: HTTPRoute` to the requests that route matches. The most
-/// specific one wins: a route's over its service's, a service's over the mesh's.
+/// `kind: Telemetry` — switches access logs and tracing on (or off) without restarting
+/// anything. Without `targetRef` it applies to every proxy; with `kind: Service` (the default)
+/// to the requests to that service, recorded by its callers' sidecars (and the gateway) and by
+/// its own instances' sidecars; with `kind: HTTPRoute` (access logs only) to the requests that
+/// route matches. The most specific one wins: a route's over its service's, a service's over
+/// the mesh's; access logs and tracing are chosen separately.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TelemetrySpec {
@@ -16,6 +17,8 @@ pub struct TelemetrySpec {
     pub target_ref: Option<PolicyTargetRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
 }
 
 /// One JSON object per request, written by the proxy off the request path.
@@ -36,6 +39,27 @@ pub struct AccessLogSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<f64>,
 }
+
+/// Spans for each proxy hop, exported over OTLP/gRPC. The sampling decision is taken where a
+/// trace starts (the first proxy a request meets without a sampled or unsampled `traceparent`)
+/// and followed by every hop after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// `false` switches tracing off where a wider Telemetry switched it on (default `true`).
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// The OpenTelemetry collector's OTLP/gRPC address, `host:port` (plaintext). A service's
+    /// Telemetry without one uses the mesh's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// The share of new traces sampled, a percentage (0 to 100, fractions allowed; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_percentage: Option<f64>,
+}
+
+/// The share of new traces sampled when a Telemetry does not say (as Istio's default).
+pub const DEFAULT_TRACE_SAMPLING_PERCENT: f64 = 1.0;
 
 fn enabled() -> bool {
     true
@@ -73,9 +97,17 @@ pub(super) fn validate_telemetry(doc: usize, spec: &TelemetrySpec) -> Result<(),
         }
         check_name(doc, "spec.targetRef.name", &t.name)?;
     }
-    let Some(log) = &spec.access_log else {
-        return Err(ApplyError::new(doc, "spec.accessLog", "missing; a Telemetry says what to log (accessLog)"));
-    };
+    if spec.access_log.is_none() && spec.tracing.is_none() {
+        return Err(ApplyError::new(
+            doc,
+            "spec",
+            "says nothing; a Telemetry says what to record (accessLog, tracing or both)",
+        ));
+    }
+    if let Some(tracing) = &spec.tracing {
+        validate_tracing(doc, spec, tracing)?;
+    }
+    let Some(log) = &spec.access_log else { return Ok(()) };
     if let Some(out) = &log.output
         && !matches!(out.as_str(), "stderr" | "stdout")
         && !out.starts_with('/')
@@ -90,6 +122,37 @@ pub(super) fn validate_telemetry(doc: usize, spec: &TelemetrySpec) -> Result<(),
         && !(0.0..=100.0).contains(&p)
     {
         return Err(ApplyError::new(doc, "spec.accessLog.percentage", format!("{p} is not between 0 and 100")));
+    }
+    Ok(())
+}
+
+fn validate_tracing(doc: usize, spec: &TelemetrySpec, tracing: &TracingSpec) -> Result<(), ApplyError> {
+    if spec.route().is_some() {
+        return Err(ApplyError::new(
+            doc,
+            "spec.tracing",
+            "tracing is chosen per service or for the whole mesh, not per route; target the route's service",
+        ));
+    }
+    if let Some(c) = &tracing.collector {
+        let valid = c.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains('/')
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+                && !c.contains(char::is_whitespace)
+        });
+        if !valid {
+            return Err(ApplyError::new(
+                doc,
+                "spec.tracing.collector",
+                format!("{c:?} is not host:port (an OTLP/gRPC collector, e.g. 127.0.0.1:4317)"),
+            ));
+        }
+    }
+    if let Some(p) = tracing.sampling_percentage
+        && !(0.0..=100.0).contains(&p)
+    {
+        return Err(ApplyError::new(doc, "spec.tracing.samplingPercentage", format!("{p} is not between 0 and 100")));
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! Envoy v3 encoders: each turns part of the mesh's model into one standard resource (or a
 //! piece of one). Plain functions of their inputs; which resources exist and when they are
 //! made again is the pipeline's business (translate.rs).
-use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, LoadBalancingPolicy, OutlierDetection as EnvoyOutlierDetection, circuit_breakers,
     cluster, load_balancing_policy,
@@ -875,14 +874,15 @@ pub(super) fn proxy_listener(
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
     inbound: Option<&InboundFilters>,
-    access_log: Vec<AccessLog>,
+    telemetry: super::HcmTelemetry,
 ) -> Listener {
     let mut plain = Vec::new();
     let rbac = inbound.map(|f| &f.rbac).filter(|r| !r.is_empty());
     let jwt = inbound.and_then(|f| f.jwt.as_ref());
     if protocol != Protocol::Tcp {
         let mut hcm = http_connection_manager(service, http);
-        hcm.access_log = access_log;
+        hcm.access_log = telemetry.access_log;
+        hcm.tracing = telemetry.tracing;
         // Paths are normalised before routing and authorization, as Istio's default does.
         hcm.normalize_path = Some(BoolValue { value: true });
         hcm.merge_slashes = true;

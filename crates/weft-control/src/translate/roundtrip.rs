@@ -23,6 +23,7 @@ use weft_proxy::config::{
 
 /// What the proxies decode of service `b`'s policy: the caller's cluster and route rules for
 /// `b`, and `b`'s own inbound listener.
+#[derive(Debug)]
 struct Decoded {
     cluster: ClusterDef,
     rules: Vec<RuleDef>,
@@ -674,6 +675,54 @@ fn telemetry_access_logs_survive_the_round_trip() {
     let off = telemetry("svc", serde_json::json!({"name": "b"}), serde_json::json!({"enabled": false}));
     let d = round_trip(vec![mesh, off, route]).unwrap();
     assert_eq!((d.inbound.access_log.len(), d.outbound.access_log.len()), (0, 0));
+}
+
+/// Tracing for the mesh and a service, as each listener traces (README: "Tracing").
+#[test]
+fn telemetry_tracing_survives_the_round_trip() {
+    use weft_proxy::config::TracingDef;
+    let telemetry = |name: &str, target: serde_json::Value, tracing: serde_json::Value| {
+        let mut spec = serde_json::json!({"tracing": tracing});
+        if !target.is_null() {
+            spec["targetRef"] = target;
+        }
+        serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Telemetry", "metadata": {"name": name}, "spec": spec})
+    };
+    let def = |collector: &str, per_million: u32, service: &str| TracingDef {
+        collector: collector.into(),
+        sampling_per_million: per_million,
+        service_name: service.into(),
+        timeout: Duration::from_secs(5),
+    };
+    // The mesh's alone, at the default rate (1%): the callee's span is b's, the caller's a's.
+    let mesh = telemetry("mesh", serde_json::Value::Null, serde_json::json!({"collector": "127.0.0.1:4317"}));
+    let d = round_trip(vec![mesh.clone()]).unwrap();
+    assert_eq!(d.inbound.tracing, Some(def("127.0.0.1:4317", 10_000, "b")));
+    assert_eq!(d.outbound.tracing, Some(def("127.0.0.1:4317", 10_000, "a")));
+    // A service's rate, with the mesh's collector; its listeners only.
+    let svc = telemetry(
+        "svc",
+        serde_json::json!({"kind": "Service", "name": "b"}),
+        serde_json::json!({"samplingPercentage": 12.5}),
+    );
+    let d = round_trip(vec![mesh.clone(), svc.clone()]).unwrap();
+    assert_eq!(d.inbound.tracing, Some(def("127.0.0.1:4317", 125_000, "b")));
+    assert_eq!(d.outbound.tracing, Some(def("127.0.0.1:4317", 125_000, "a")));
+    // Without any collector there is nothing to export to: no tracing.
+    assert_eq!(round_trip(vec![svc]).unwrap().inbound.tracing, None);
+    // Switched off for the service.
+    let off = telemetry("svc", serde_json::json!({"name": "b"}), serde_json::json!({"enabled": false}));
+    let d = round_trip(vec![mesh, off]).unwrap();
+    assert_eq!((d.inbound.tracing, d.outbound.tracing), (None, None));
+    // Per route is refused, naming the field.
+    let on_route = telemetry(
+        "r",
+        serde_json::json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}),
+        serde_json::json!({"collector": "127.0.0.1:4317"}),
+    );
+    assert!(round_trip(vec![on_route]).unwrap_err().contains("spec.tracing"));
+    let bad = telemetry("m", serde_json::Value::Null, serde_json::json!({"collector": "http://x:4317/"}));
+    assert!(round_trip(vec![bad]).unwrap_err().contains("spec.tracing.collector"));
 }
 
 mod authorization {

@@ -5,6 +5,7 @@ use super::decode::{InvalidResource, decode, duration, invalid, per_million, ser
 use super::route::{RouteDef, route_config};
 use super::schema;
 use super::tls::{self, DownstreamTlsDef};
+use super::tracing::{TracingDef, tracing};
 use crate::authz::{self, Authz};
 use crate::jwt::JwtAuthn;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
@@ -80,6 +81,9 @@ pub struct ListenerDef {
     /// From the HTTP connection manager's `access_log` (the same on every HTTP chain).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub access_log: Vec<AccessLogDef>,
+    /// From the HTTP connection manager's `tracing` (the same on every HTTP chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingDef>,
 }
 
 /// What an inbound listener checks before a request or connection reaches the app, as
@@ -174,6 +178,7 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         plaintext: false,
         policy: Arc::default(),
         access_log: Vec::new(),
+        tracing: None,
     };
     let mut policy: Option<InboundPolicyDef> = None;
     for chain in &l.filter_chains {
@@ -355,6 +360,11 @@ fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPol
                 return Err("access_log differs from the HTTP chains before it".into());
             }
             def.access_log = logs;
+            let traced = hcm.tracing.as_ref().map(tracing).transpose()?;
+            if http_before.is_some() && traced != def.tracing {
+                return Err("tracing differs from the HTTP chains before it".into());
+            }
+            def.tracing = traced;
             def.http = Some(match hcm.route_specifier {
                 Some(http_connection_manager::RouteSpecifier::Rds(rds)) => HttpDef::Rds(rds.route_config_name),
                 Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {

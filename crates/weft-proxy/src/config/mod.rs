@@ -20,6 +20,7 @@ mod listener;
 mod route;
 mod schema;
 pub mod tls;
+mod tracing;
 
 pub use access_log::{AccessLogDef, Comparison, LogFilter, LogOutput};
 pub use cluster::{
@@ -33,6 +34,7 @@ pub use route::{
     Rewrite, RouteDef, RuleDef, StrMatch, VirtualHostDef, route,
 };
 pub use tls::{DownstreamTlsDef, UpstreamTlsDef};
+pub use tracing::TracingDef;
 
 /// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`):
 /// the same setting as a `Service`'s `escapedSlashes`.

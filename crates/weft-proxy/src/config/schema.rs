@@ -144,7 +144,29 @@ pub static HTTP_CONNECTION_MANAGER: Schema = Schema {
         Plain("merge_slashes"),
         Plain("path_with_escaped_slashes_action"),
         Repeated("access_log", &ACCESS_LOG),
+        Message("tracing", &TRACING),
     ],
+};
+/// Tracing: the provider's `typed_config` is checked by the decoder (config/tracing.rs).
+static TRACING: Schema = Schema {
+    message: "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing",
+    fields: &[Message("random_sampling", &PERCENT), Message("provider", &TRACING_HTTP)],
+};
+static PERCENT: Schema = Schema { message: "envoy.type.v3.Percent", fields: &[Plain("value")] };
+static TRACING_HTTP: Schema =
+    Schema { message: "envoy.config.trace.v3.Tracing.Http", fields: &[Plain("name"), Plain("typed_config")] };
+pub static OPEN_TELEMETRY: Schema = Schema {
+    message: "envoy.config.trace.v3.OpenTelemetryConfig",
+    fields: &[Message("grpc_service", &GRPC_SERVICE), Plain("service_name")],
+};
+static GRPC_SERVICE: Schema = Schema {
+    message: "envoy.config.core.v3.GrpcService",
+    fields: &[Message("google_grpc", &GOOGLE_GRPC), Plain("envoy_grpc"), Plain("timeout")],
+};
+/// No credentials: the collector is reached in plaintext. `stat_prefix` names stats only.
+static GOOGLE_GRPC: Schema = Schema {
+    message: "envoy.config.core.v3.GrpcService.GoogleGrpc",
+    fields: &[Plain("target_uri"), Plain("stat_prefix")],
 };
 /// Access logs: the logger's `typed_config` and an extension filter's are checked by the
 /// decoder (config/access_log.rs), which knows their types.

@@ -5,12 +5,12 @@
 //! response has ended.
 use super::body::UpstreamBody;
 use super::respond::error_response;
-use crate::access_log::AccessLog;
 use crate::context::ConnCtx;
 use crate::context::Limits;
 use crate::idle::{Exchange, IdleIo, Session};
 use crate::record::{RequestInfo, RequestRecord};
 use crate::stack::HttpStack;
+use crate::trace::Tracer;
 use crate::transport::Transport;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version, header};
@@ -142,13 +142,20 @@ async fn handle(
     let grpc =
         !h1 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     rec.grpc = grpc;
-    let log = stack.access_log.get();
-    if log.is_some() {
-        rec.request = Some(Box::new(RequestInfo::of(&req)));
-    }
     // An HTTP/1 head is checked before anything routes or authorizes it (HTTP/2's pseudo-headers
     // leave no such ambiguity, and h2 has refused what is malformed).
     let checked = if h1 { super::head::check(&mut req) } else { Ok(()) };
+    let log = stack.telemetry.access_log.get();
+    // The trace context is continued (or started) on every request of a listener that traces;
+    // only a sampled request keeps the tracer, for its span.
+    let tracer = stack.telemetry.tracer.get().filter(|t| {
+        let ctx = t.start(req.headers_mut());
+        rec.trace = Some(ctx);
+        ctx.sampled
+    });
+    if log.is_some() || tracer.is_some() {
+        rec.request = Some(Box::new(RequestInfo::of(&req, rec.trace.as_ref())));
+    }
     let reply = match checked {
         // Pinned where it is made: awaiting the stack's future by value would copy the whole
         // (large) future into the request future's state, and then once more.
@@ -187,20 +194,21 @@ async fn handle(
     {
         exchange.upgraded();
     }
-    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack, log }))
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack, log, tracer }))
 }
 
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
 /// connection counts as busy until hyper has written the body out and dropped it, and the
 /// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
-/// to metrics and the listener's access logs when it is dropped: after its end was written,
-/// or when the client went away.
+/// to metrics, the listener's access logs and its tracer (a sampled request's span) when it is
+/// dropped: after its end was written, or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
     _exchange: Option<Exchange>,
     rec: RequestRecord,
     stack: Arc<HttpStack>,
-    log: Option<Arc<AccessLog>>,
+    log: Option<Arc<crate::access_log::AccessLog>>,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl Drop for Body {
@@ -208,6 +216,9 @@ impl Drop for Body {
         self.stack.metrics.request(&self.rec);
         if let Some(log) = &self.log {
             log.record(&self.rec);
+        }
+        if let Some(tracer) = &self.tracer {
+            tracer.finish(&self.rec);
         }
     }
 }

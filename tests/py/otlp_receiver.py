@@ -1,0 +1,65 @@
+"""An OTLP/gRPC trace receiver for the tests: a grpcio server built from the
+opentelemetry-proto definitions that prints each span it receives as one JSON line on stdout.
+
+    python otlp_receiver.py PORT [--slow SECONDS]
+
+`--slow` holds every export that long before answering (a collector that cannot keep up).
+"""
+import argparse
+import json
+import sys
+import time
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+def value(v):
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, slow):
+        self.slow = slow
+
+    def Export(self, request, context):
+        if self.slow:
+            time.sleep(self.slow)
+        for rs in request.resource_spans:
+            resource = {a.key: value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    line = {
+                        "service": resource.get("service.name"),
+                        "trace_id": s.trace_id.hex(),
+                        "span_id": s.span_id.hex(),
+                        "parent_span_id": s.parent_span_id.hex(),
+                        "name": s.name,
+                        "kind": s.kind,
+                        "start": s.start_time_unix_nano,
+                        "end": s.end_time_unix_nano,
+                        "status": s.status.code,
+                        "attributes": {a.key: value(a.value) for a in s.attributes},
+                        "events": [e.name for e in s.events],
+                    }
+                    print(json.dumps(line), flush=True)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("port", type=int)
+    p.add_argument("--slow", type=float, default=0)
+    args = p.parse_args()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(args.slow), server)
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    print(json.dumps({"listening": args.port}), flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
