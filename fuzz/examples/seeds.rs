@@ -100,6 +100,7 @@ kind: Telemetry
 metadata: {name: mesh-errors}
 spec:
   accessLog: {errorsOnly: true, percentage: 50}
+  tracing: {collector: 127.0.0.1:4317, samplingPercentage: 10}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: Telemetry
