@@ -9,6 +9,7 @@ pub mod identity;
 pub mod jwks;
 pub mod names;
 pub mod registry;
+pub mod report;
 pub mod resource;
 
 pub use registry::{Instance, InstanceRegistration, ServiceSummary};

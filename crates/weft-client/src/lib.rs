@@ -116,6 +116,41 @@ impl ControlApi {
         body: Option<String>,
         timeout: Duration,
     ) -> Result<(http::StatusCode, Bytes), ApiError> {
+        let resp = tokio::time::timeout(timeout, self.send(method, path, body)).await.map_err(|_| ApiError {
+            status: None,
+            message: format!("the control plane at {} did not answer within {timeout:?}", self.endpoint.address),
+        })??;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// A GET whose answer is read as it comes (a live stream); its head must come within
+    /// `timeout`. A non-2xx answer is an error carrying the control plane's message.
+    pub async fn stream(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+        let resp =
+            tokio::time::timeout(timeout, self.send(http::Method::GET, path, None)).await.map_err(|_| ApiError {
+                status: None,
+                message: format!("the control plane at {} did not answer within {timeout:?}", self.endpoint.address),
+            })??;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Err(ApiError { status: Some(status), message: error_message(status, &bytes) })
+    }
+
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
         let failed = |message: String| ApiError { status: None, message };
         let uri = format!("https://{}{path}", self.endpoint.address);
         let mut req = http::Request::builder().method(method).uri(&uri);
@@ -128,10 +163,7 @@ impl ControlApi {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| failed(format!("invalid control plane address {:?}: {e}", self.endpoint.address)))?;
-        let resp = tokio::time::timeout(timeout, self.client.request(req))
-            .await
-            .map_err(|_| failed(format!("the control plane at {} did not answer within {timeout:?}", self.endpoint.address)))?
-            .map_err(|e| {
+        self.client.request(req).await.map_err(|e| {
                 let mut cause = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -143,10 +175,7 @@ impl ControlApi {
                     self.endpoint.address,
                     self.endpoint.ca_file.display()
                 ))
-            })?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        Ok((status, body))
+            })
     }
 
     /// A call whose non-2xx answer is an error carrying the control plane's message.
@@ -155,11 +184,7 @@ impl ControlApi {
         if status.is_success() {
             return Ok(bytes);
         }
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("{status}: {}", String::from_utf8_lossy(&bytes)));
-        Err(ApiError { status: Some(status), message })
+        Err(ApiError { status: Some(status), message: error_message(status, &bytes) })
     }
 
     pub async fn request_certificate(
@@ -182,4 +207,12 @@ impl ControlApi {
             tracing::debug!(error = %e, "deregistration failed; the control plane will notice the closed stream");
         }
     }
+}
+
+/// The control plane's message in an error answer (`{"error": ...}`), or the answer itself.
+fn error_message(status: http::StatusCode, bytes: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{status}: {}", String::from_utf8_lossy(bytes)))
 }

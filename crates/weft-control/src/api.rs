@@ -57,6 +57,8 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/ca", get(ca_info))
         .route("/api/v1/ca/rotate", post(rotate))
         .route("/api/v1/check", get(check))
+        .route("/api/v1/stat/{by}", get(stat))
+        .route("/api/v1/tap", get(tap))
         .route_layer(axum::middleware::from_fn_with_state(mesh.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -267,6 +269,94 @@ async fn in_force(State(mesh): State<Arc<Mesh>>, Path(name): Path<String>) -> Ap
 async fn check(State(mesh): State<Arc<Mesh>>) -> Response {
     let time = crate::ca::unix(std::time::SystemTime::now());
     Json(json!({"time": time, "checks": crate::check::run(&mesh)})).into_response()
+}
+
+#[derive(Deserialize)]
+struct StatQuery {
+    name: Option<String>,
+    /// A duration (`1m`, `30s`); one minute by default.
+    window: Option<String>,
+}
+
+/// `GET /api/v1/stat/{services|routes|instances|edges}?name=&window=`: from the proxies'
+/// reports (see traffic.rs).
+async fn stat(
+    State(mesh): State<Arc<Mesh>>,
+    Path(by): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<StatQuery>,
+) -> ApiResult {
+    let by: crate::traffic::StatBy = serde_json::from_value(json!(by)).map_err(|_| {
+        ApiError(StatusCode::BAD_REQUEST, format!("cannot group by {by:?}: services, routes, instances or edges"))
+    })?;
+    let window = match q.window.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(w) => {
+            weft_api::duration::parse(w).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("window: {e}")))?
+        }
+    };
+    if window < weft_api::report::INTERVAL * 2 || window > crate::traffic::KEEP {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "window {window:?} is out of range: from {:?} (two reports) to {:?} (what is kept)",
+                weft_api::report::INTERVAL * 2,
+                crate::traffic::KEEP
+            ),
+        ));
+    }
+    let rows = mesh.traffic.stat(by, q.name.as_deref(), window);
+    Ok(Json(json!({"window_seconds": window.as_secs(), "rows": rows})).into_response())
+}
+
+#[derive(Deserialize)]
+struct TapQuery {
+    service: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    headers: bool,
+    /// Events per second per proxy (default 100).
+    rate: Option<u32>,
+}
+
+/// `GET /api/v1/tap?service=&path=&method=&to=&headers=&rate=`: a live stream of the requests
+/// the proxies see, one JSON object per line, until the client goes away (which stops the
+/// tap). A line `{"dropped": N}` every few seconds counts the events left out so far.
+async fn tap(State(mesh): State<Arc<Mesh>>, axum::extract::Query(q): axum::extract::Query<TapQuery>) -> ApiResult {
+    let known = mesh.services();
+    for (field, name) in [("service", &q.service), ("to", &q.to)] {
+        if !name.is_empty() && !known.iter().any(|s| &s.name == name) {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("{field}: no service {name:?} (weft get services)")));
+        }
+    }
+    if !q.path.is_empty() && !q.path.starts_with('/') {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("path {:?} does not start with /", q.path)));
+    }
+    let order = weft_api::report::TapStart {
+        id: String::new(),
+        service: q.service,
+        path_prefix: q.path,
+        method: q.method.to_ascii_uppercase(),
+        to: q.to,
+        headers: q.headers,
+        max_per_second: q.rate.unwrap_or(100),
+    };
+    let stream = mesh.traffic.tap(order);
+    let tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    let lines = futures::stream::unfold((stream, tick), |(mut stream, mut tick)| async move {
+        let line = tokio::select! {
+            e = stream.events.recv() => serde_json::to_vec(&crate::traffic::event_json(&e?)).ok()?,
+            _ = tick.tick() => serde_json::to_vec(&json!({"dropped": stream.dropped.load(std::sync::atomic::Ordering::Relaxed)})).ok()?,
+        };
+        let mut line = line;
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), (stream, tick)))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(lines)).into_response())
 }
 
 async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {

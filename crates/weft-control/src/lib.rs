@@ -16,6 +16,7 @@ mod state;
 mod store;
 mod tls;
 mod token;
+mod traffic;
 mod translate;
 mod xds;
 
@@ -172,7 +173,10 @@ impl Bound {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let grpc = tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone())).prepare().into_axum_router();
+        let grpc = tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone()))
+            .add_service(traffic::server(mesh.clone()))
+            .prepare()
+            .into_axum_router();
         // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.
         let app = grpc.merge(api::router(mesh.clone())).fallback(api::unknown_path);
         tracing::info!(listen = %cfg.listen, data_dir = %cfg.data_dir.display(), root = %mesh.security.ca.root_fingerprint(), "control plane serving xDS and API over TLS");

@@ -20,6 +20,10 @@ pub struct Mesh {
     pub security: Security,
     snapshot: watch::Sender<Arc<Snapshot>>,
     proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+    /// By xDS stream: the node and the SHA-256 (hex) of the instance key it presented.
+    proxy_keys: Mutex<BTreeMap<u64, (String, String)>>,
+    /// The proxies' reported traffic and the taps in force.
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 #[derive(Default)]
@@ -107,6 +111,8 @@ impl Mesh {
             security,
             snapshot: watch::Sender::new(Arc::new(snapshot)),
             proxies: Mutex::default(),
+            proxy_keys: Mutex::default(),
+            traffic: Default::default(),
         })
     }
 
@@ -491,12 +497,25 @@ impl Mesh {
         }
     }
 
-    pub fn proxy_connected(&self, stream: u64, status: ProxyStatus) {
+    /// A weft proxy's xDS stream opened; `key` is the instance key it presented.
+    pub fn proxy_connected(&self, stream: u64, status: ProxyStatus, key: Option<&str>) {
+        if let Some(k) = key {
+            let digest = hex(ring::digest::digest(&ring::digest::SHA256, k.as_bytes()).as_ref());
+            self.proxy_keys.lock().unwrap_or_else(|p| p.into_inner()).insert(stream, (status.node.clone(), digest));
+        }
         self.proxies.lock().unwrap_or_else(|p| p.into_inner()).insert(stream, status);
     }
 
     pub fn proxy_gone(&self, stream: u64) {
+        self.proxy_keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream);
         self.proxies.lock().unwrap_or_else(|p| p.into_inner()).remove(&stream);
+    }
+
+    /// Whether `node` has an xDS stream open that presented instance key `key`: a proof, for
+    /// its other streams, that they are that proxy's.
+    pub fn owns(&self, node: &str, key: &str) -> bool {
+        let digest = hex(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref());
+        self.proxy_keys.lock().unwrap_or_else(|p| p.into_inner()).values().any(|(n, d)| n == node && *d == digest)
     }
 
     /// Every registered instance, connected or not.

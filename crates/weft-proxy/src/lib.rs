@@ -41,6 +41,7 @@ pub mod path;
 mod proxy;
 pub mod ratelimit;
 pub mod record;
+mod report;
 pub mod route;
 pub mod stack;
 pub mod supervise;

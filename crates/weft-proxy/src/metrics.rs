@@ -90,6 +90,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
+    /// The request counters and latencies alone, for the report stream.
+    reported: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<EdgeLabels>,
     retries: Family<RouteLabels, Counter>,
@@ -134,8 +136,8 @@ struct ResultLabels {
 }
 
 fn latency_histogram() -> Histogram {
-    // 100µs … ~3.3s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+    // 100µs … ~3.3s, as the report stream's buckets
+    Histogram::new(weft_api::report::latency_bounds().filter(|b| b.is_finite()))
 }
 
 fn connection_histogram() -> Histogram {
@@ -146,6 +148,7 @@ fn connection_histogram() -> Histogram {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("weft");
+        let mut reported = Registry::with_prefix("weft");
         let requests = Family::<RequestLabels, Counter>::default();
         let duration: HistogramFamily<EdgeLabels> = Family::new_with_constructor(latency_histogram);
         let retries = Family::<RouteLabels, Counter>::default();
@@ -163,6 +166,13 @@ impl Metrics {
         registry.register_with_unit(
             "request_duration",
             "HTTP request latency until the response head, by edge",
+            prometheus_client::registry::Unit::Seconds,
+            duration.clone(),
+        );
+        reported.register("requests", "", requests.clone());
+        reported.register_with_unit(
+            "request_duration",
+            "",
             prometheus_client::registry::Unit::Seconds,
             duration.clone(),
         );
@@ -229,6 +239,7 @@ impl Metrics {
             trace_spans.clone(),
         );
         Arc::new(Metrics {
+            reported,
             access_log,
             trace_spans,
             ejections,
@@ -247,6 +258,49 @@ impl Metrics {
             cert_expiry,
             cert_renewals,
         })
+    }
+
+    /// Every edge's request counts and latency buckets so far, from the same series `/metrics`
+    /// shows (for the report stream).
+    pub fn edge_stats(&self) -> Vec<weft_api::report::EdgeStats> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.reported).expect("writing to a String cannot fail");
+        let bounds: Vec<f64> = weft_api::report::latency_bounds().collect();
+        let mut edges: std::collections::BTreeMap<[String; 5], weft_api::report::EdgeStats> = Default::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, labels, value)) = sample(line) else { continue };
+            let label = |k: &str| labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+            let key = ["direction", "src_service", "dst_service", "route", "peer_identity"].map(label);
+            let e = edges.entry(key.clone()).or_insert_with(|| {
+                let [direction, src_service, dst_service, route, peer_identity] = key;
+                weft_api::report::EdgeStats {
+                    direction,
+                    src_service,
+                    dst_service,
+                    route,
+                    peer_identity,
+                    latency_buckets: vec![0; bounds.len()],
+                    ..Default::default()
+                }
+            });
+            match name {
+                "weft_requests_total" => {
+                    e.requests += value as u64;
+                    if label("class") == "failure" {
+                        e.failures += value as u64;
+                    }
+                }
+                "weft_request_duration_seconds_bucket" => {
+                    let le = label("le");
+                    let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+                    if let Some(i) = bounds.iter().position(|b| *b == le || (b - le).abs() <= b * 1e-9) {
+                        e.latency_buckets[i] = value as u64;
+                    }
+                }
+                _ => {}
+            }
+        }
+        edges.into_values().filter(|e| e.requests > 0).collect()
     }
 
     /// The registry in OpenMetrics text, or (`openmetrics == false`) in the Prometheus 0.0.4
@@ -432,5 +486,60 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.tcp_open.dec();
         self.0.tcp_duration.observe(self.1.elapsed().as_secs_f64());
+    }
+}
+
+/// A sample's labels, unescaped.
+type SampleLabels = Vec<(String, String)>;
+
+/// One sample line of the text format: its name, labels and value.
+fn sample(line: &str) -> Option<(&str, SampleLabels, f64)> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let Some((name, rest)) = series.split_once('{') else { return Some((series, Vec::new(), value)) };
+    let mut labels = Vec::new();
+    let mut chars = rest.strip_suffix('}')?.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next()? != '"' {
+            return None;
+        }
+        let mut v = String::new();
+        loop {
+            match chars.next()? {
+                '\\' => match chars.next()? {
+                    'n' => v.push('\n'),
+                    c => v.push(c),
+                },
+                '"' => break,
+                c => v.push(c),
+            }
+        }
+        labels.push((key.trim_start_matches(',').to_owned(), v));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some((name, labels, value))
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_read_back_with_escaped_label_values() {
+        let (name, labels, value) =
+            sample(r#"weft_requests_total{route="a\"b\\c",dst_service="backend",le="+Inf"} 42"#).unwrap();
+        assert_eq!((name, value), ("weft_requests_total", 42.0));
+        let expected: SampleLabels = [("route", "a\"b\\c"), ("dst_service", "backend"), ("le", "+Inf")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(labels, expected);
+        assert!(sample("weft_requests_total{route=\"unterminated} 1").is_none());
     }
 }

@@ -11,6 +11,7 @@ use crate::context::ListenerInfo;
 use crate::health::HealthCheck;
 use crate::listener::{ListenerCtx, Listeners};
 use crate::metrics::Metrics;
+use crate::report::{Reporter, Taps};
 use crate::route::RouteTable;
 use crate::stack::HttpStack;
 use crate::tcp::TcpTarget;
@@ -81,6 +82,8 @@ pub struct Proxy {
     /// Each listener's access logs and tracer, by listener name (kept likewise); the logs'
     /// outputs and the tracers' collectors.
     telemetry: RwLock<HashMap<String, Arc<ListenerTelemetry>>>,
+    /// What the proxy reports to the control plane: its counts, and the taps in force.
+    reporter: Arc<Reporter>,
     outputs: Outputs,
     exporters: Exporters,
     listeners: Listeners,
@@ -115,7 +118,9 @@ impl Proxy {
 
     fn telemetry(&self, listener: &str) -> Arc<ListenerTelemetry> {
         let mut w = self.telemetry.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(listener.to_owned()).or_default().clone()
+        w.entry(listener.to_owned())
+            .or_insert_with(|| Arc::new(ListenerTelemetry::new(self.reporter.taps.clone())))
+            .clone()
     }
 
     fn dump(&self) -> std::sync::MutexGuard<'_, Dump> {
@@ -355,6 +360,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         telemetry: RwLock::default(),
         outputs: Outputs::default(),
         exporters: Exporters::default(),
+        reporter: Arc::new(Reporter { metrics: metrics.clone(), taps: Arc::new(Taps::default()) }),
         listeners,
         metrics,
         healthy,
@@ -424,6 +430,10 @@ impl xds::Runtime for Proxy {
             }
         }
         Ok(())
+    }
+
+    fn reporter(&self) -> Option<Arc<Reporter>> {
+        Some(self.reporter.clone())
     }
 
     fn record(&self, event: xds::Event<'_>) {

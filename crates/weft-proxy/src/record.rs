@@ -81,10 +81,12 @@ pub struct RequestInfo {
     /// The request's trace id: from its context on a listener that traces, else from the W3C
     /// `traceparent` it came with.
     pub trace_id: Option<String>,
+    /// The request's headers, only for a tap that asked for them.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl RequestInfo {
-    pub fn of<B>(req: &http::Request<B>, trace: Option<&TraceContext>) -> RequestInfo {
+    pub fn of<B>(req: &http::Request<B>, trace: Option<&TraceContext>, headers: bool) -> RequestInfo {
         let authority = req.uri().authority().cloned().or_else(|| {
             let host = req.headers().get(http::header::HOST)?;
             http::uri::Authority::try_from(host.as_bytes()).ok()
@@ -104,6 +106,11 @@ impl RequestInfo {
             path: req.uri().path().to_owned(),
             version: req.version(),
             trace_id,
+            headers: if headers {
+                req.headers().iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

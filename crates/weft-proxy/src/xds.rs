@@ -83,6 +83,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn apply(&self, update: Update) -> Result<(), ConfigError>;
     /// What happened on the stream, for metrics, `/config_dump` and readiness.
     fn record(&self, event: Event<'_>);
+    /// What the proxy reports on its report stream beside the xDS one, if it reports.
+    fn reporter(&self) -> Option<Arc<crate::report::Reporter>> {
+        None
+    }
 }
 
 /// The proxy's identity and registration, sent as the stream's node.
@@ -191,6 +195,14 @@ async fn session<R: Runtime>(
     let channel = endpoint.connect_with_connector(connect).await?;
     let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
         control.credential.as_ref().and_then(|t| format!("Bearer {t}").parse().ok());
+    // The report stream shares the connection and ends with this session; it opens once the
+    // first response shows this stream's registration is in force.
+    let mut reports = proxy.reporter().map(|r| {
+        let node = proxy.node();
+        let hello = weft_api::report::Hello { node: node.id, instance_key: node.instance_key };
+        (channel.clone(), bearer.clone(), r, hello)
+    });
+    let mut _reporting = None;
     let with_token = move |mut req: tonic::Request<()>| {
         if let Some(b) = &bearer {
             req.metadata_mut().insert("authorization", b.clone());
@@ -215,6 +227,9 @@ async fn session<R: Runtime>(
     while let Some(resp) = responses.message().await? {
         *backoff = Duration::from_millis(100);
         handle(&**proxy, &mut s, resp).await;
+        if let Some((channel, bearer, r, hello)) = reports.take() {
+            _reporting = Some(AbortOnDrop(tokio::spawn(crate::report::run(channel, bearer, r, hello))));
+        }
     }
     Ok(())
 }
@@ -294,4 +309,13 @@ async fn apply(proxy: &impl Runtime, s: &mut Stream, resp: &DiscoveryResponse) -
         return Err(ConfigError::UnsupportedType(t.to_owned()));
     }
     Ok(())
+}
+
+/// Ends a task when the session that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -36,6 +36,11 @@ impl Api {
         Ok((status, value))
     }
 
+    /// A live answer, read as it comes.
+    pub async fn stream(&self, path: &str) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        Ok(self.api.stream(path, Duration::from_secs(10)).await?)
+    }
+
     pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let (status, v) = self.call(Method::GET, path, None).await?;
         if !status.is_success() {
@@ -79,21 +84,29 @@ pub async fn apply(control: &ControlAddr, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    print!("{}", render_table(header, rows));
+}
+
+/// Columns padded to their widest cell, three spaces apart.
+pub(crate) fn render_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("   ").trim_end());
+        out.push_str(padded.join("   ").trim_end());
+        out.push('\n');
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
         line(r);
     }
+    out
 }
 
 fn print(value: &Value, output: &str) -> anyhow::Result<bool> {

@@ -73,6 +73,55 @@ pub enum Command {
         #[command(flatten)]
         control: ControlAddr,
     },
+    /// Success rate, requests per second and latency percentiles, from what the proxies report
+    /// to the control plane.
+    Stat {
+        /// services | routes | instances | edges
+        #[arg(default_value = "services", value_parser = ["services", "routes", "instances", "edges"])]
+        kind: String,
+        /// Only the rows about this service (or route, or instance).
+        name: Option<String>,
+        /// Over the last WINDOW (10s to 15m).
+        #[arg(long, default_value = "1m", value_parser = duration)]
+        window: Duration,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// A live stream of the requests to and from a service, as its proxies see them (Ctrl-C
+    /// stops it).
+    Tap {
+        service: String,
+        #[command(flatten)]
+        filter: TapFilter,
+        /// Show the request headers too (credentials redacted); bodies are never shown.
+        #[arg(long)]
+        headers: bool,
+        /// Stop after this many requests.
+        #[arg(short = 'n', long)]
+        count: Option<usize>,
+        /// Output format: one line, or one JSON object, per request.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// A live table of a service's busiest paths, from a tap (Ctrl-C stops it).
+    Top {
+        service: String,
+        #[command(flatten)]
+        filter: TapFilter,
+        /// How often the table is redrawn.
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        interval: Duration,
+        /// Output format: the table, or one JSON array per interval.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
     /// Delete a resource.
     Delete {
         /// service | httproute | grpcroute | authorizationpolicy | requestauthentication | trafficpolicy | telemetry
@@ -111,6 +160,24 @@ pub enum CaAction {
         #[arg(long, default_value = "1h", value_parser = duration)]
         overlap: Duration,
     },
+}
+
+/// Which requests a tap shows.
+#[derive(Args, Clone)]
+pub struct TapFilter {
+    /// Only paths starting with this prefix.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only this method.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only requests from the service to this one.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// At most this many requests per second from each proxy (1 to 1000); more are counted,
+    /// not shown, so tapping a busy service cannot hurt it.
+    #[arg(long, default_value_t = 100)]
+    pub max_rps: u32,
 }
 
 #[derive(Args, Clone)]

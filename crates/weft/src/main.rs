@@ -10,6 +10,7 @@ mod mesh_file;
 mod run;
 mod sidecar;
 mod up;
+mod viz;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -60,6 +61,15 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
         }
         cli::Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
+        cli::Command::Stat { kind, name, window, output, control } => {
+            viz::stat(&control, &kind, name.as_deref(), window, &output).await?
+        }
+        cli::Command::Tap { service, filter, headers, count, output, control } => {
+            viz::tap(&control, &service, &filter, headers, count, &output).await?
+        }
+        cli::Command::Top { service, filter, interval, output, control } => {
+            viz::top(&control, &service, &filter, interval, &output).await?
+        }
         cli::Command::Check { output, control } => {
             if !check::run(&control, &output).await? {
                 return Ok(ExitCode::FAILURE);

@@ -67,7 +67,7 @@ impl AggregatedDiscoveryService for Ads {
 }
 
 /// The bearer token of a request's `authorization` metadata.
-fn bearer(md: &tonic::metadata::MetadataMap) -> Option<String> {
+pub(crate) fn bearer(md: &tonic::metadata::MetadataMap) -> Option<String> {
     let v = md.get("authorization")?.to_str().ok()?;
     Some(v.strip_prefix("Bearer ").unwrap_or(v).to_owned())
 }
@@ -201,6 +201,7 @@ impl Session {
                 labels: registration.as_ref().map(|r| r.labels.clone()).unwrap_or_default(),
                 rejecting: Default::default(),
             },
+            registration.as_ref().and(field(names::NODE_INSTANCE_KEY)),
         );
         tracing::debug!(stream = self.id, node = %node.id, delta = self.delta, "xDS stream opened");
         self.registration = registration;

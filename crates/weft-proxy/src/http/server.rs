@@ -153,8 +153,9 @@ async fn handle(
         rec.trace = Some(ctx);
         ctx.sampled
     });
-    if log.is_some() || tracer.is_some() {
-        rec.request = Some(Box::new(RequestInfo::of(&req, rec.trace.as_ref())));
+    let taps = &stack.telemetry.taps;
+    if log.is_some() || tracer.is_some() || taps.active() {
+        rec.request = Some(Box::new(RequestInfo::of(&req, rec.trace.as_ref(), taps.want_headers())));
     }
     let reply = match checked {
         // Pinned where it is made: awaiting the stack's future by value would copy the whole
@@ -200,8 +201,8 @@ async fn handle(
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
 /// connection counts as busy until hyper has written the body out and dropped it, and the
 /// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
-/// to metrics, the listener's access logs and its tracer (a sampled request's span) when it is
-/// dropped: after its end was written, or when the client went away.
+/// to metrics, the listener's access logs, its tracer (a sampled request's span) and the
+/// proxy's taps when it is dropped: after its end was written, or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
     _exchange: Option<Exchange>,
@@ -219,6 +220,10 @@ impl Drop for Body {
         }
         if let Some(tracer) = &self.tracer {
             tracer.finish(&self.rec);
+        }
+        let taps = &self.stack.telemetry.taps;
+        if taps.active() {
+            taps.offer(&self.rec);
         }
     }
 }
