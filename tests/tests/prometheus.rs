@@ -144,6 +144,22 @@ services:
     );
     assert!((success - expected).abs() < 0.02, "PromQL success rate {success}, clients saw {expected}");
 
+    // `weft stat`, from what the proxies report to the control plane, agrees within 5%.
+    let control_addr = format!("127.0.0.1:{control}");
+    let stat = || -> serde_json::Value {
+        let out = weft(&["stat", "services", "backend", "-o", "json", "--window", "15m", "--control", &control_addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["rows"][0].clone()
+    };
+    wait_until(Duration::from_secs(20), "weft stat to count the traffic", || {
+        stat()["requests"].as_u64() == Some(seen.len() as u64)
+    });
+    let stat_success = stat()["success_rate"].as_f64().unwrap();
+    assert!(
+        (stat_success - success).abs() <= 0.05 * success,
+        "weft stat's success rate {stat_success}, Prometheus's {success}"
+    );
+
     // Every query of the dashboard runs and finds data; its success rate agrees.
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana-dashboard.json")).unwrap(),
