@@ -73,6 +73,14 @@ pub enum Command {
         #[command(flatten)]
         control: ControlAddr,
     },
+    /// Serve the dashboard (embedded in this binary) on a loopback address; it reads the control
+    /// plane with this CLI's credentials.
+    Dashboard {
+        #[arg(long, default_value = crate::dashboard::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
     /// Success rate, requests per second and latency percentiles, from what the proxies report
     /// to the control plane.
     Stat {

@@ -6,6 +6,7 @@
 mod api_client;
 mod check;
 mod cli;
+mod dashboard;
 mod mesh_file;
 mod run;
 mod sidecar;
@@ -61,6 +62,7 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             api_client::get(&control, &kind, name.as_deref(), &output, expiring_within).await?
         }
         cli::Command::Delete { kind, name, control } => api_client::delete(&control, &kind, &name).await?,
+        cli::Command::Dashboard { listen, control } => dashboard::run(&control, listen).await?,
         cli::Command::Stat { kind, name, window, output, control } => {
             viz::stat(&control, &kind, name.as_deref(), window, &output).await?
         }

@@ -39,6 +39,15 @@ pub struct MeshFile {
     /// Resources (as `weft apply` takes them) applied once the control plane is up.
     #[serde(default)]
     pub resources: Vec<serde_norway::Value>,
+    #[serde(default)]
+    pub dashboard: DashboardSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DashboardSection {
+    /// A loopback address; default 127.0.0.1:15080, or a free port if that one is taken.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]

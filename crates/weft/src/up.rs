@@ -220,6 +220,25 @@ async fn start_all(
     if !resources.is_empty() {
         api.apply(resources).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    let dashboard = match file.dashboard.listen {
+        Some(listen) => crate::dashboard::bind(listen).await?,
+        None => match crate::dashboard::bind(crate::dashboard::DEFAULT_LISTEN.parse()?).await {
+            Ok(l) => l,
+            // Another mesh (or dashboard) has the default port: any free one will do.
+            Err(_) => crate::dashboard::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,
+        },
+    };
+    let dashboard_addr = dashboard.local_addr()?;
+    let dashboard_api = Api::with(ControlEndpoint {
+        address: listen.to_string(),
+        ca_file: ca_file.clone(),
+        credential: Some(admin.trim().to_owned()),
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = crate::dashboard::serve(dashboard, dashboard_api).await {
+            eprintln!("weft up: the dashboard stopped: {e:#}");
+        }
+    });
     if !file.gateway.is_empty() {
         let mut flags =
             vec!["--id".to_owned(), weft_api::names::GATEWAY.into(), "--control".into(), listen.to_string()];
@@ -269,7 +288,7 @@ async fn start_all(
         proxies.push((g.admin, file.gateway.keys().map(String::as_str).collect()));
     }
     wait_in_sync(&proxies, &instances).await?;
-    banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir);
+    banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir, dashboard_addr);
     Ok(())
 }
 
@@ -393,9 +412,11 @@ fn banner(
     instances: &[weft_api::Instance],
     gateway_admin: Option<SocketAddr>,
     data_dir: &std::path::Path,
+    dashboard: SocketAddr,
 ) {
     println!("weft mesh is up\n");
     println!("  control plane  {}   (xDS + API; data in {})", file.control.listen, data_dir.display());
+    println!("  dashboard      http://{dashboard}/");
     if let Some(admin) = gateway_admin {
         for (svc, port) in &file.gateway {
             println!("  gateway        {svc:<10} http://127.0.0.1:{port}/");
