@@ -22,6 +22,9 @@ PEERS = {
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-trace0": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-trace1": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-trace100": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "haproxy-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "nginx-2hop-plain": ["haproxy-2hop-plain", "nginx-2hop-plain"],
     "haproxy-2hop-tls": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -203,7 +206,7 @@ def main():
     # This build against the baseline build (BENCH_BASELINE), measured in the same rounds.
     pairs = [(c, c + "-base") for c in ("weft-1hop", "weft-2hop") if c in configs and c + "-base" in configs]
     # What a route with retries and a timeout costs, against the same set-up without policy.
-    for extra in ("weft-2hop-policy", "weft-2hop-logs"):
+    for extra in ("weft-2hop-policy", "weft-2hop-logs", "weft-2hop-trace0", "weft-2hop-trace1", "weft-2hop-trace100"):
         if extra in configs and "weft-2hop" in configs:
             pairs.append((extra, "weft-2hop"))
     if pairs:

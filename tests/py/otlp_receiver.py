@@ -1,9 +1,10 @@
 """An OTLP/gRPC trace receiver for the tests: a grpcio server built from the
 opentelemetry-proto definitions that prints each span it receives as one JSON line on stdout.
 
-    python otlp_receiver.py PORT [--slow SECONDS]
+    python otlp_receiver.py PORT [--slow SECONDS] [--count-only]
 
-`--slow` holds every export that long before answering (a collector that cannot keep up).
+`--slow` holds every export that long before answering (a collector that cannot keep up);
+`--count-only` prints only a count of spans every second (for benchmarks).
 """
 import argparse
 import json
@@ -21,12 +22,17 @@ def value(v):
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, slow):
+    def __init__(self, slow, count_only):
         self.slow = slow
+        self.count_only = count_only
+        self.spans = 0
 
     def Export(self, request, context):
         if self.slow:
             time.sleep(self.slow)
+        if self.count_only:
+            self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
         for rs in request.resource_spans:
             resource = {a.key: value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
@@ -52,13 +58,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("port", type=int)
     p.add_argument("--slow", type=float, default=0)
+    p.add_argument("--count-only", action="store_true")
     args = p.parse_args()
+    receiver = Receiver(args.slow, args.count_only)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(args.slow), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(json.dumps({"listening": args.port}), flush=True)
-    server.wait_for_termination()
+    while not server.wait_for_termination(timeout=1):
+        if args.count_only:
+            print(json.dumps({"spans": receiver.spans}), flush=True)
 
 
 if __name__ == "__main__":
