@@ -117,7 +117,7 @@ spec:
     let traceparent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
     let url = m.edge.url("backend", "/status/503?token=secret");
     wait_until(std::time::Duration::from_secs(1), "both ends to log a request", || {
-        assert_eq!(curl(&["-H", &traceparent, &url]).unwrap().status, 503);
+        assert_eq!(curl(&["-H", &traceparent, "-d", "0123456789", &url]).unwrap().status, 503);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let l = lines();
         ["outbound", "inbound"].iter().all(|d| l.iter().any(|e| e["direction"] == *d))
@@ -130,7 +130,8 @@ spec:
     let backend_id = "spiffe://weft.local/ns/default/sa/backend";
     let edge_id = "spiffe://weft.local/ns/default/sa/edge";
     for e in [&out, &inb] {
-        assert_eq!(e["method"], "GET", "{e}");
+        assert_eq!(e["method"], "POST", "{e}");
+        assert_eq!(e["bytes_in"], 10, "{e}");
         assert_eq!(e["path"], "/status/503", "the path without its query: {e}");
         assert_eq!(e["protocol"], "HTTP/1.1", "{e}");
         assert_eq!(e["status"], 503, "{e}");

@@ -22,6 +22,10 @@ use weft_api::report::{
 
 /// How much history of counts is kept per proxy: the longest `weft stat --window`.
 pub const KEEP: Duration = Duration::from_secs(15 * 60);
+/// Every report of the last two minutes is kept; before that, one a minute (so a proxy's
+/// history is about 40 reports, not 180).
+const FINE: Duration = Duration::from_secs(120);
+const COARSE: Duration = Duration::from_secs(60);
 /// Tap events waiting for a slow reader; more are dropped (and counted for it).
 const TAP_QUEUE: usize = 1024;
 
@@ -243,6 +247,17 @@ impl Traffic {
         while p.history.len() > 2 && p.history.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= KEEP) {
             p.history.pop_front();
         }
+        let mut last_kept: Option<Instant> = None;
+        p.history.retain(|(t, _)| {
+            if now.duration_since(*t) < FINE {
+                return true;
+            }
+            let keep = last_kept.is_none_or(|k| t.duration_since(k) >= COARSE);
+            if keep {
+                last_kept = Some(*t);
+            }
+            keep
+        });
     }
 
     fn tap_events(&self, events: Vec<TapEvent>, dropped_by_proxy: u64) {
@@ -432,6 +447,26 @@ mod tests {
         t.disconnected("backend-0", s);
         t.stats("backend-0", s, vec![]);
         assert!(t.stat(StatBy::Services, None, Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn history_is_thinned_to_one_report_a_minute_after_two_minutes() {
+        let t = Traffic::default();
+        let (orders, _rx) = mpsc::channel(1);
+        let s = t.connected("a", orders);
+        let start = Instant::now() - Duration::from_secs(600);
+        let history: VecDeque<_> = (0..120).map(|i| (start + Duration::from_secs(5 * i), vec![])).collect();
+        t.proxies.lock().unwrap().get_mut("a").unwrap().history = history;
+        t.stats("a", s, vec![]);
+        let kept: Vec<Instant> = t.proxies.lock().unwrap()["a"].history.iter().map(|(at, _)| *at).collect();
+        let now = Instant::now();
+        let recent = kept.iter().filter(|at| now.duration_since(**at) < FINE).count();
+        assert!((24..=26).contains(&recent), "every report of the last two minutes: {recent}");
+        assert!(kept.len() < recent + 10, "one a minute before that: {} kept", kept.len());
+        assert_eq!(kept[0], start, "the oldest stays, as the base of the longest window");
+        for pair in kept.windows(2).filter(|w| now.duration_since(w[1]) >= FINE) {
+            assert!(pair[1].duration_since(pair[0]) >= COARSE);
+        }
     }
 
     #[test]

@@ -79,6 +79,8 @@ struct Entry {
     duration_ms: f64,
     /// From arrival until the response head.
     response_head_ms: f64,
+    /// Request body bytes received from the client.
+    bytes_in: u64,
     bytes_out: u64,
     /// The endpoint of the last attempt.
     upstream: Option<SocketAddr>,
@@ -118,6 +120,7 @@ impl Entry {
             grpc_status: rec.grpc_status,
             duration_ms: rec.started.elapsed().as_secs_f64() * 1000.0,
             response_head_ms: rec.head_latency.as_secs_f64() * 1000.0,
+            bytes_in: info.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
             bytes_out: rec.bytes_out,
             upstream: rec.attempts.last().map(|a| a.endpoint),
             src_service: rec.src_service().map(Arc::from),

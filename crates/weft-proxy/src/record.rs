@@ -83,6 +83,8 @@ pub struct RequestInfo {
     pub trace_id: Option<String>,
     /// The request's headers, only for a tap that asked for them.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Request body bytes received from the client, counted as they are forwarded.
+    pub bytes_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RequestInfo {
@@ -106,6 +108,7 @@ impl RequestInfo {
             path: req.uri().path().to_owned(),
             version: req.version(),
             trace_id,
+            bytes_in: Arc::default(),
             headers: if headers {
                 req.headers().iter().map(|(n, v)| (n.clone(), v.clone())).collect()
             } else {
@@ -152,6 +155,11 @@ impl RequestRecord {
 
     pub fn attempt(&mut self, endpoint: SocketAddr, outcome: Outcome) {
         self.attempts.push(Attempt { endpoint, outcome });
+    }
+
+    /// Where the client's request body counts its bytes, when the request is recorded.
+    pub fn received(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        self.request.as_ref().map(|i| i.bytes_in.clone())
     }
 
     /// Notes the response's `grpc-status` if `headers` (a head or trailers) carry one.

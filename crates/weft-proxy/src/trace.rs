@@ -270,6 +270,7 @@ fn span(rec: &RequestRecord, ctx: &TraceContext) -> Span {
             _ => "1.1",
         };
         attributes.push(text("network.protocol.version", version));
+        attributes.push(int("http.request.body.size", info.bytes_in.load(std::sync::atomic::Ordering::Relaxed) as i64));
     }
     if rec.status != 0 {
         attributes.push(int("http.response.status_code", rec.status));

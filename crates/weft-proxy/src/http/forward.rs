@@ -7,7 +7,7 @@
 //! ([`super::replay`], at most the route's replay limit, 64 KiB by default).
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
-use super::replay::{BodyCopy, UpBody};
+use super::replay::{BodyCopy, ClientBody, UpBody};
 use super::upgrade::{is_upgrade, upgrade_via};
 use crate::app_protocol::Speaks;
 use crate::attempt::{self, Attempted, Deadline, Exchange, Plan};
@@ -34,7 +34,13 @@ pub fn forward<'a>(
         // Rare and with large futures: boxed, so the common path's future stays small.
         return futures::future::Either::Left(Box::pin(async move { upgrade_via(&route, req, rec, None).await }));
     }
-    futures::future::Either::Right(forward_body(route, req.map(UpBody::Streamed), false, rec))
+    let received = rec.received();
+    futures::future::Either::Right(forward_body(
+        route,
+        req.map(|b| UpBody::Streamed(ClientBody::new(b, received))),
+        false,
+        rec,
+    ))
 }
 
 /// Forwards a request that is not an upgrade, with the route's retry policy and request

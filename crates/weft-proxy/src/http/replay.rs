@@ -7,6 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -17,15 +18,52 @@ pub const MAX_REPLAY_BODY: usize = 64 * 1024;
 /// A request body on its way upstream.
 pub enum UpBody {
     /// The client's body, as it arrives.
-    Streamed(Incoming),
+    Streamed(ClientBody),
     /// The client's body, as it arrives, copied into `copy` while it fits.
     Copied {
-        body: Incoming,
+        body: ClientBody,
         copy: BodyCopy,
     },
     /// A complete copy, sent again.
     Replayed(VecDeque<Bytes>),
     Empty,
+}
+
+/// The client's request body, counting the bytes it delivers into `received` when the request
+/// is recorded beyond metrics (its access log line, span or tap event shows them).
+pub struct ClientBody {
+    inner: Incoming,
+    received: Option<Arc<AtomicU64>>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, received: Option<Arc<AtomicU64>>) -> ClientBody {
+        ClientBody { inner, received }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(received), Poll::Ready(Some(Ok(frame)))) = (&this.received, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The copy of a request body, filled while the body is sent.

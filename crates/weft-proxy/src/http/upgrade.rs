@@ -2,6 +2,7 @@
 //! `101 Switching Protocols`, the two upgraded connections are spliced together.
 use super::body::UpstreamBody;
 use super::headers::strip_hop_by_hop;
+use super::replay::ClientBody;
 use crate::attempt::{self, Attempted, Deadline, Exchange, Plan};
 use crate::cluster::endpoint::{Endpoint, UpBody};
 use crate::error::ProxyError;
@@ -114,7 +115,7 @@ async fn tunnel(
     let downstream = hyper::upgrade::on(&mut req);
     upgrade_headers(req.headers_mut());
     let mut resp = s
-        .send_request(req.map(UpBody::Streamed))
+        .send_request(req.map(|b| UpBody::Streamed(ClientBody::new(b, None))))
         .await
         .map_err(|source| ProxyError::UpstreamReset { addr: ep.addr, source })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

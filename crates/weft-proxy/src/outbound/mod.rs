@@ -11,7 +11,7 @@ use crate::config::EscapedSlashes;
 use crate::error::ProxyError;
 use crate::http::body::Reply;
 use crate::http::forward::{Replay, RequestHead, forward_body};
-use crate::http::replay::UpBody;
+use crate::http::replay::{ClientBody, UpBody};
 use crate::http::upgrade::is_upgrade;
 use crate::path::normalize_request;
 use crate::record::RequestRecord;
@@ -90,7 +90,8 @@ fn with_policy<'a>(
             crate::http::upgrade::upgrade_via(&route, req, rec, timeout.map(Deadline::after)).await
         })))
     } else {
-        let mut req = req.map(UpBody::Streamed);
+        let received = rec.received();
+        let mut req = req.map(|b| UpBody::Streamed(ClientBody::new(b, received)));
         let targets: SmallVec<[Arc<Cluster>; 1]> =
             rule.mirrors.iter().filter(|(_, share)| sampled(*share)).map(|(c, _)| c.clone()).collect();
         if !targets.is_empty() {
