@@ -211,6 +211,7 @@ async fn start_all(
     let listen = file.control.listen;
     let ca_file = data_dir.join("ca").join("trust-bundle.pem");
     wait_for_control(&listen, data_dir, &mut mesh.control).await?;
+    eprintln!("weft up: control plane ready on {listen}");
     let admin = std::fs::read_to_string(data_dir.join("admin.token")).context("cannot read the admin credential")?;
     let api = Api::with(ControlEndpoint {
         address: listen.to_string(),
@@ -275,6 +276,7 @@ async fn start_all(
             }
         });
     }
+    eprintln!("weft up: started {} instances, each with its sidecar", planned.len());
     let instances = wait_healthy(&api, &planned, &exited).await?;
     // Every proxy this mesh runs, with the services it calls.
     let mut proxies: Vec<(SocketAddr, Vec<&str>)> = instances
@@ -287,6 +289,7 @@ async fn start_all(
     if let Some(g) = &mesh.gateway {
         proxies.push((g.admin, file.gateway.keys().map(String::as_str).collect()));
     }
+    eprintln!("weft up: waiting for every proxy to hold the endpoints it calls");
     wait_in_sync(&proxies, &instances).await?;
     banner(file, &planned, &instances, mesh.gateway.as_ref().map(|g| g.admin), data_dir, dashboard_addr);
     Ok(())
@@ -338,6 +341,7 @@ async fn wait_healthy(
     let mut services: Vec<&str> = planned.iter().map(|p| p.service.as_str()).collect();
     services.sort();
     services.dedup();
+    let mut shown = usize::MAX;
     loop {
         let mut healthy = Vec::new();
         for s in &services {
@@ -345,6 +349,11 @@ async fn wait_healthy(
                 let instances: Vec<weft_api::Instance> = serde_json::from_value(v).unwrap_or_default();
                 healthy.extend(instances.into_iter().filter(|i| i.healthy && planned.iter().any(|p| p.id == i.id)));
             }
+        }
+        if healthy.len() != shown {
+            // Progress, on stderr: the banner on stdout stays what a script reads.
+            eprintln!("weft up: {} of {} instances healthy", healthy.len(), planned.len());
+            shown = healthy.len();
         }
         if healthy.len() == planned.len() {
             return Ok(healthy);
