@@ -31,32 +31,40 @@ def main():
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 30, poll_frequency=0.2)
-        edge = wait.until(lambda d: d.find_element(By.ID, "edge-frontend-backend"))
-        first = edge.text
+        # The graph is redrawn every 2 s: the edge is read in one script call each time, never
+        # held across a redraw.
+        def edge(d):
+            return d.execute_script(
+                "const e = document.getElementById('edge-frontend-backend');"
+                "return e ? [e.textContent, e.getAttribute('data-mtls')] : null")
+
+        first, mtls = wait.until(edge)
         report["edge_first"] = first
-        assert edge.get_attribute("data-mtls") == "true", f"the edge is not shown as mTLS: {first!r}"
+        assert mtls == "true", f"the edge is not shown as mTLS: {first!r}"
         driver.save_screenshot(os.path.join(shots, "1-graph.png"))
         # Numbers change without a reload (the page never navigates again).
         start = time.time()
-        wait.until(lambda d: d.find_element(By.ID, "edge-frontend-backend").text != first)
-        report["edge_later"] = driver.find_element(By.ID, "edge-frontend-backend").text
+        wait.until(lambda d: (edge(d) or [first])[0] != first)
+        report["edge_later"] = edge(driver)[0]
         report["changed_after_s"] = round(time.time() - start, 1)
 
         def rows(table):
-            return driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+            # Tables are rebuilt on each refresh: their rows' texts, read in one call.
+            return driver.execute_script(
+                f"return [...document.querySelectorAll('#{table} tbody tr')].map(r => r.innerText)")
 
         wait.until(lambda d: len(rows("instances")) >= 2 and len(rows("certs")) >= 2 and len(rows("proxies")) >= 3)
-        services = [r.text for r in rows("services")]
+        services = rows("services")
         assert any(t.startswith("backend") for t in services), services
         health = driver.find_element(By.ID, "health").text
         assert health == "all checks pass", f"the healthy demo mesh shows {health!r}"
         report["services"] = services
-        report["instances"] = [r.text for r in rows("instances")]
+        report["instances"] = rows("instances")
         # A live tap of backend.
         Select(driver.find_element(By.ID, "tap-service")).select_by_value("backend")
         driver.find_element(By.ID, "tap-start").click()
         wait.until(lambda d: len(rows("tap")) >= 3)
-        report["tap"] = [r.text for r in rows("tap")[:3]]
+        report["tap"] = rows("tap")[:3]
         driver.save_screenshot(os.path.join(shots, "2-tap.png"))
         driver.find_element(By.ID, "tap-stop").click()
         # Readable on a laptop: nothing wider than the window.

@@ -9,6 +9,7 @@ opentelemetry-proto definitions that prints each span it receives as one JSON li
 import argparse
 import json
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -26,6 +27,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.slow = slow
         self.count_only = count_only
         self.spans = 0
+        # Exports arrive on several threads: each one's lines are written whole, under a lock,
+        # so lines of two exports never interleave.
+        self.lock = threading.Lock()
 
     def Export(self, request, context):
         if self.slow:
@@ -33,6 +37,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         if self.count_only:
             self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             return trace_service_pb2.ExportTraceServiceResponse()
+        lines = []
         for rs in request.resource_spans:
             resource = {a.key: value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
@@ -50,7 +55,10 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                         "attributes": {a.key: value(a.value) for a in s.attributes},
                         "events": [e.name for e in s.events],
                     }
-                    print(json.dumps(line), flush=True)
+                    lines.append(json.dumps(line) + "\n")
+        with self.lock:
+            sys.stdout.write("".join(lines))
+            sys.stdout.flush()
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

@@ -129,6 +129,11 @@ services:
     // Each series has a sample before the measured traffic (rates need two).
     std::thread::sleep(Duration::from_secs(6));
     seen.extend(statuses(&url, 600));
+    // The balancer makes a failing instance pay for its failures, so on a busy machine v2 may
+    // get few requests: more, up to 1,800, until it has failed some.
+    while !seen.contains(&500) && seen.len() < 1850 {
+        seen.extend(statuses(&url, 200));
+    }
     let failed = seen.iter().filter(|s| **s == 500).count();
     assert_eq!(seen.iter().filter(|s| **s == 200).count() + failed, seen.len(), "{seen:?}");
     assert!(failed > 0, "v2 failed none of its requests");
@@ -176,12 +181,18 @@ services:
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             let promql = expr.replace("$service", "backend").replace("$__rate_interval", "1m");
-            let r = query(&prometheus, &promql).unwrap();
             queries += 1;
             if panel["title"] == "Retries and proxy errors" {
+                query(&prometheus, &promql).unwrap();
                 continue; // none happened
             }
-            assert!(!r.is_empty(), "{:?}: no data for {promql}", panel["title"]);
+            // A rate needs two scrapes of a series; on a busy machine a proxy's latest may be
+            // its first.
+            let mut r = Vec::new();
+            wait_until(Duration::from_secs(20), &format!("data for {promql}"), || {
+                r = query(&prometheus, &promql).unwrap();
+                !r.is_empty()
+            });
             if panel["title"] == "Success rate" {
                 let rate: f64 = r[0]["value"][1].as_str().unwrap().parse().unwrap();
                 assert!((rate - expected).abs() < 0.02, "dashboard success rate {rate}, clients saw {expected}");

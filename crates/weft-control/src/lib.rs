@@ -11,6 +11,7 @@ mod authz;
 pub mod ca;
 mod check;
 mod jwks;
+mod report;
 mod security;
 mod state;
 mod store;
@@ -174,7 +175,7 @@ impl Bound {
             let _ = stop_tx.send(true);
         });
         let grpc = tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone()))
-            .add_service(traffic::server(mesh.clone()))
+            .add_service(report::server(mesh.clone()))
             .prepare()
             .into_axum_router();
         // The gRPC router's fallback would answer any other path 200 with an empty gRPC body.

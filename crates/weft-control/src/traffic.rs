@@ -1,24 +1,17 @@
 //! The mesh's own view of its traffic, from the proxies' report streams
-//! ([`weft_api::report`]): each proxy sends its cumulative request counts every few seconds
+//! ([`weft_api::report`], served by report.rs): each proxy sends its cumulative request counts every few seconds
 //! and the events of the taps in force; the control plane keeps the last [`KEEP`] of counts per
 //! proxy, answers `weft stat` from their differences over a window, and relays tap events to
 //! whoever asked (`weft tap`, `weft top`). The control plane never connects to a proxy: the
 //! streams come in on the connection each proxy holds for xDS.
-use crate::state::Mesh;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use weft_api::report::proxy_reports_server::{ProxyReports, ProxyReportsServer};
-use weft_api::report::{
-    ControlMessage, EdgeStats, ProxyMessage, TapEvent, TapStart, TapStop, control_message, latency_bounds,
-    proxy_message,
-};
+use tonic::Status;
+use weft_api::report::{ControlMessage, EdgeStats, TapEvent, TapStart, TapStop, control_message, latency_bounds};
 
 /// How much history of counts is kept per proxy: the longest `weft stat --window`.
 pub const KEEP: Duration = Duration::from_secs(15 * 60);
@@ -221,7 +214,7 @@ impl Traffic {
         self.order(control_message::Kind::Stop(TapStop { id: id.to_owned() }));
     }
 
-    fn connected(&self, node: &str, orders: mpsc::Sender<Result<ControlMessage, Status>>) -> u64 {
+    pub(crate) fn connected(&self, node: &str, orders: mpsc::Sender<Result<ControlMessage, Status>>) -> u64 {
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         for t in self.taps.lock().unwrap_or_else(|p| p.into_inner()).values() {
             let _ = orders.try_send(Ok(ControlMessage { kind: Some(control_message::Kind::Start(t.order.clone())) }));
@@ -231,14 +224,14 @@ impl Traffic {
         session
     }
 
-    fn disconnected(&self, node: &str, session: u64) {
+    pub(crate) fn disconnected(&self, node: &str, session: u64) {
         let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         if proxies.get(node).is_some_and(|p| p.session == session) {
             proxies.remove(node);
         }
     }
 
-    fn stats(&self, node: &str, session: u64, edges: Vec<EdgeStats>) {
+    pub(crate) fn stats(&self, node: &str, session: u64, edges: Vec<EdgeStats>) {
         let now = Instant::now();
         let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = proxies.get_mut(node).filter(|p| p.session == session) else { return };
@@ -260,7 +253,7 @@ impl Traffic {
         });
     }
 
-    fn tap_events(&self, events: Vec<TapEvent>, dropped_by_proxy: u64) {
+    pub(crate) fn tap_events(&self, events: Vec<TapEvent>, dropped_by_proxy: u64) {
         let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
         if dropped_by_proxy > 0
             && let Some(t) = taps.values().next()
@@ -348,55 +341,6 @@ pub struct TapStream {
 impl Drop for TapStream {
     fn drop(&mut self) {
         self.traffic.stop_tap(&self.id);
-    }
-}
-
-/// The report service, served beside ADS on the control plane's TLS listener.
-pub fn server(mesh: Arc<Mesh>) -> ProxyReportsServer<Reports> {
-    ProxyReportsServer::new(Reports { mesh })
-}
-
-pub struct Reports {
-    mesh: Arc<Mesh>,
-}
-
-#[tonic::async_trait]
-impl ProxyReports for Reports {
-    type ReportStream = ReceiverStream<Result<ControlMessage, Status>>;
-
-    async fn report(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ReportStream>, Status> {
-        let token = crate::xds::bearer(req.metadata());
-        self.mesh
-            .security
-            .check_token("report", token.as_deref(), None)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let mut inbound = req.into_inner();
-        let hello = match inbound.message().await?.and_then(|m| m.kind) {
-            Some(proxy_message::Kind::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("a report stream opens with a Hello")),
-        };
-        // Only the proxy that registered an instance reports for it.
-        if !self.mesh.owns(&hello.node, &hello.instance_key) {
-            return Err(Status::permission_denied(format!(
-                "instance {:?} is not registered by this proxy (open the xDS stream first)",
-                hello.node
-            )));
-        }
-        let (orders, rx) = mpsc::channel(64);
-        let traffic = self.mesh.traffic.clone();
-        let node = hello.node;
-        let session = traffic.connected(&node, orders);
-        tokio::spawn(async move {
-            while let Some(Ok(msg)) = inbound.next().await {
-                match msg.kind {
-                    Some(proxy_message::Kind::Stats(s)) => traffic.stats(&node, session, s.edges),
-                    Some(proxy_message::Kind::Tap(t)) => traffic.tap_events(t.events, t.dropped),
-                    Some(proxy_message::Kind::Hello(_)) | None => {}
-                }
-            }
-            traffic.disconnected(&node, session);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

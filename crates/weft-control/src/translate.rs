@@ -47,7 +47,7 @@ use envoy::{
     HostRule, HttpRoutes, InboundFilters, api_listener, eds_cluster, inbound_route, load_assignment, local_rate_limit,
     proxy_listener, root_secret, route_config, static_cluster, tls_socket, upstream_tls,
 };
-use telemetry::{HcmTelemetry, Telemetry};
+use telemetry::Telemetry;
 
 /// The resource types weft serves, in the order clients subscribe to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

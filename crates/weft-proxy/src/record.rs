@@ -4,7 +4,6 @@
 use crate::config::Direction;
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
-use crate::trace::TraceContext;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -200,6 +199,33 @@ impl RequestRecord {
     pub fn failed(&self) -> bool {
         self.status == 0 || self.status >= 500 || (self.grpc && self.grpc_status.is_some_and(|s| s != 0))
     }
+}
+
+/// One request's place in its trace (see [`crate::trace`]): the trace, this hop's span, the
+/// span it continues (the caller's), and whether the trace is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent: Option<[u8; 8]>,
+    pub sampled: bool,
+}
+
+impl TraceContext {
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+}
+
+/// Bytes in lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(DIGITS[usize::from(x >> 4)] as char);
+        s.push(DIGITS[usize::from(x & 15)] as char);
+    }
+    s
 }
 
 /// The service a SPIFFE ID (`spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE`) names.

@@ -17,7 +17,7 @@
 //! or fails traffic. Ids come from a CSPRNG (ChaCha per thread, seeded by the OS).
 use crate::config::{Direction, TracingDef};
 use crate::metrics::Metrics;
-use crate::record::{Outcome, RequestRecord};
+use crate::record::{Outcome, RequestRecord, TraceContext, hex};
 use http::{HeaderMap, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -37,22 +37,6 @@ const QUEUE: usize = 2048;
 const BATCH: usize = 512;
 /// How long the first span of a batch waits for others.
 const LINGER: Duration = Duration::from_millis(200);
-
-/// One request's place in its trace: the trace, this hop's span, the span it continues (the
-/// caller's), and whether the trace is sampled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TraceContext {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub parent: Option<[u8; 8]>,
-    pub sampled: bool,
-}
-
-impl TraceContext {
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
-    }
-}
 
 /// A listener's tracing: its sampling rate for new traces and where its spans go.
 pub struct Tracer {
@@ -196,16 +180,6 @@ fn parse_hex<const N: usize>(v: &[u8]) -> Option<[u8; N]> {
         out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
-}
-
-fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(DIGITS[usize::from(x >> 4)] as char);
-        s.push(DIGITS[usize::from(x & 15)] as char);
-    }
-    s
 }
 
 fn value(s: String) -> HeaderValue {

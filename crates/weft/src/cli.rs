@@ -6,6 +6,9 @@ use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
 use weft_proxy::args::{ProxyArgs, duration};
 
+/// The address `weft dashboard` and `weft up` serve the dashboard on unless told otherwise.
+pub const DASHBOARD_LISTEN: &str = "127.0.0.1:15080";
+
 #[derive(Parser)]
 #[command(
     name = "weft",
@@ -76,7 +79,7 @@ pub enum Command {
     /// Serve the dashboard (embedded in this binary) on a loopback address; it reads the control
     /// plane with this CLI's credentials.
     Dashboard {
-        #[arg(long, default_value = crate::dashboard::DEFAULT_LISTEN)]
+        #[arg(long, default_value = DASHBOARD_LISTEN)]
         listen: SocketAddr,
         #[command(flatten)]
         control: ControlAddr,

@@ -20,9 +20,6 @@ const INDEX: &str = include_str!("../dashboard/index.html");
 const SCRIPT: &str = include_str!("../dashboard/dashboard.js");
 const STYLE: &str = include_str!("../dashboard/dashboard.css");
 
-/// The address `weft dashboard` and `weft up` serve the dashboard on unless told otherwise.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
-
 /// `weft dashboard`: serves until Ctrl-C.
 pub async fn run(control: &ControlAddr, listen: SocketAddr) -> anyhow::Result<()> {
     let api = Api::new(control)?;

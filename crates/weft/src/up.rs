@@ -223,7 +223,7 @@ async fn start_all(
     }
     let dashboard = match file.dashboard.listen {
         Some(listen) => crate::dashboard::bind(listen).await?,
-        None => match crate::dashboard::bind(crate::dashboard::DEFAULT_LISTEN.parse()?).await {
+        None => match crate::dashboard::bind(crate::cli::DASHBOARD_LISTEN.parse()?).await {
             Ok(l) => l,
             // Another mesh (or dashboard) has the default port: any free one will do.
             Err(_) => crate::dashboard::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,

@@ -874,7 +874,7 @@ pub(super) fn proxy_listener(
     http: HttpRoutes<'_>,
     tcp_cluster: &str,
     inbound: Option<&InboundFilters>,
-    telemetry: super::HcmTelemetry,
+    telemetry: super::telemetry::HcmTelemetry,
 ) -> Listener {
     let mut plain = Vec::new();
     let rbac = inbound.map(|f| &f.rbac).filter(|r| !r.is_empty());
