@@ -286,6 +286,10 @@ fn short_lived_certificates_renew_and_root_rotation_loses_no_request() {
 
     // Rotate the root while requests flow.
     let old_root = stdout(&weft(&["ca", "show", "--control", &m.control.addr]));
+    let shown: serde_json::Value =
+        serde_json::from_slice(&weft(&["ca", "show", "-o", "json", "--control", &m.control.addr]).stdout).unwrap();
+    let fingerprint = shown["rootFingerprint"].as_str().unwrap();
+    assert!(old_root.contains(fingerprint), "-o json shows the same root: {shown}");
     let out = weft(&["ca", "rotate", "--overlap", "1h", "--control", &m.control.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
     let new_root = stdout(&out).split_whitespace().nth(2).unwrap_or_default().to_owned();

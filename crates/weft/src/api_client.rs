@@ -303,8 +303,11 @@ pub async fn ca_rotate(control: &ControlAddr, overlap: Duration) -> anyhow::Resu
     Ok(())
 }
 
-pub async fn ca_show(control: &ControlAddr) -> anyhow::Result<()> {
+pub async fn ca_show(control: &ControlAddr, output: &str) -> anyhow::Result<()> {
     let v = Api::new(control)?.get_json("/api/v1/ca").await?;
+    if print(&v, output)? {
+        return Ok(());
+    }
     println!("trust domain  {}", v["trustDomain"].as_str().unwrap_or_default());
     println!("namespace     {}", v["namespace"].as_str().unwrap_or_default());
     println!("cert lifetime {}s", v["certTtlSeconds"]);

@@ -164,7 +164,11 @@ pub enum TokenAction {
 #[derive(Subcommand)]
 pub enum CaAction {
     /// Show the trust domain and the signing root.
-    Show,
+    Show {
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Introduce a new root: trusted everywhere first, then signing; the old root stays trusted
     /// for the overlap period.
     Rotate {

@@ -83,7 +83,9 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Token { action: cli::TokenAction::Revoke { token }, control } => {
             api_client::token_revoke(&control, &token).await?
         }
-        cli::Command::Ca { action: cli::CaAction::Show, control } => api_client::ca_show(&control).await?,
+        cli::Command::Ca { action: cli::CaAction::Show { output }, control } => {
+            api_client::ca_show(&control, &output).await?
+        }
         cli::Command::Ca { action: cli::CaAction::Rotate { overlap }, control } => {
             api_client::ca_rotate(&control, overlap).await?
         }
