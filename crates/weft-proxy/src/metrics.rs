@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Labels {
@@ -373,6 +373,7 @@ impl Metrics {
             tcp_opened: self.tcp_opened.get_or_create_owned(&labels),
             tcp_open: self.tcp_open.get_or_create_owned(&labels),
             tcp_duration: self.tcp_duration.get_or_create_owned(&labels),
+            recent: Mutex::default(),
             labels,
             root: self.clone(),
         })
@@ -385,7 +386,47 @@ pub struct TrafficMetrics {
     tcp_opened: Counter,
     tcp_open: Gauge,
     tcp_duration: Histogram,
+    /// The handles of the label sets this listener's requests used last, newest first: a
+    /// request finds its own by comparing a few fields (its strings are mostly the same `Arc`s,
+    /// compared by address first) instead of hashing its labels into two families.
+    recent: Mutex<Vec<RequestHandles>>,
     root: Arc<Metrics>,
+}
+
+/// How many label sets a listener keeps handles for (more live in the families, found there).
+const RECENT: usize = 8;
+
+impl RequestLabels {
+    /// Whether these are the labels of `rec` (of the listener they were made for, so of its
+    /// direction), compared in place: a request allocates and clones nothing to find them.
+    fn are_of(&self, rec: &RequestRecord, class: &'static str) -> bool {
+        fn same(a: &Option<Arc<str>>, b: Option<&Arc<str>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let e = &self.edge;
+        let peer = rec.peer_identity();
+        self.code == rec.status
+            && self.class == class
+            && self.grpc_status == rec.grpc_status
+            && same(&e.route, rec.route.as_ref())
+            && e.dst_service == *rec.dst_service()
+            && same(&e.peer_identity, peer)
+            && match &e.src_service {
+                SrcService::OfIdentity(p) => same(p, peer),
+                SrcService::Named(n) => same(n, rec.conn.listener.own_service.as_ref()),
+            }
+    }
+}
+
+/// A request label set's counter and its edge's latency histogram.
+struct RequestHandles {
+    labels: RequestLabels,
+    requests: Counter,
+    duration: Histogram,
 }
 
 impl TrafficMetrics {
@@ -424,35 +465,46 @@ impl TrafficMetrics {
         if rec.status == 0 {
             return;
         }
-        let inbound = self.labels.direction == Direction::inbound;
+        if rec.attempts.len() > 1 {
+            let l = RouteLabels {
+                direction: self.labels.direction,
+                dst_service: rec.dst_service().clone(),
+                route: rec.route.clone(),
+            };
+            self.root.retries.get_or_create(&l).inc_by(rec.attempts.len() as u64 - 1);
+        }
+        let class = if rec.failed() { "failure" } else { "success" };
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        match recent.iter().position(|h| h.labels.are_of(rec, class)) {
+            Some(i) => recent[..=i].rotate_right(1),
+            None => {
+                let labels = self.labels_of(rec, class);
+                let found = RequestHandles {
+                    requests: self.root.requests.get_or_create_owned(&labels),
+                    duration: self.root.duration.get_or_create_owned(&labels.edge),
+                    labels,
+                };
+                recent.truncate(RECENT - 1);
+                recent.insert(0, found);
+            }
+        }
+        recent[0].requests.inc();
+        recent[0].duration.observe(rec.head_latency.as_secs_f64());
+    }
+
+    fn labels_of(&self, rec: &RequestRecord, class: &'static str) -> RequestLabels {
         let peer = rec.peer_identity().cloned();
         let edge = EdgeLabels {
             direction: self.labels.direction,
-            src_service: if inbound {
-                SrcService::OfIdentity(peer.clone())
-            } else {
-                SrcService::Named(rec.conn.listener.own_service.clone())
+            src_service: match self.labels.direction {
+                Direction::inbound => SrcService::OfIdentity(peer.clone()),
+                Direction::outbound => SrcService::Named(rec.conn.listener.own_service.clone()),
             },
             dst_service: rec.dst_service().clone(),
             peer_identity: peer,
             route: rec.route.clone(),
         };
-        self.root.duration.get_or_create(&edge).observe(rec.head_latency.as_secs_f64());
-        if rec.attempts.len() > 1 {
-            let l = RouteLabels {
-                direction: edge.direction,
-                dst_service: edge.dst_service.clone(),
-                route: edge.route.clone(),
-            };
-            self.root.retries.get_or_create(&l).inc_by(rec.attempts.len() as u64 - 1);
-        }
-        let labels = RequestLabels {
-            edge,
-            code: rec.status,
-            class: if rec.failed() { "failure" } else { "success" },
-            grpc_status: rec.grpc_status,
-        };
-        self.root.requests.get_or_create(&labels).inc();
+        RequestLabels { edge, code: rec.status, class, grpc_status: rec.grpc_status }
     }
 
     pub fn proxy_error(&self, reason: &'static str) {
@@ -541,5 +593,64 @@ mod report_tests {
             .collect();
         assert_eq!(labels, expected);
         assert!(sample("weft_requests_total{route=\"unterminated} 1").is_none());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{ConnCtx, ListenerInfo, PeerIdentity};
+
+    /// More label sets than a listener keeps handles for, interleaved: each request still
+    /// lands in its own series, and the edge's latency histogram counts every one.
+    #[test]
+    fn requests_are_counted_by_their_labels_past_the_recent_handles() {
+        let metrics = Metrics::new();
+        let traffic = metrics.traffic(Direction::inbound, "backend");
+        let conn = |caller: &str| {
+            Arc::new(ConnCtx {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                local: "127.0.0.1:2".parse().unwrap(),
+                listener: ListenerInfo::new("inbound", Direction::inbound, "backend"),
+                // A new `Arc` per connection: found by value, not by address.
+                peer_identity: Some(PeerIdentity(format!("spiffe://weft.local/ns/default/sa/{caller}").into())),
+            })
+        };
+        let codes: Vec<u16> = (200..200 + RECENT as u16 + 4).collect();
+        for _ in 0..3 {
+            for (i, code) in codes.iter().enumerate() {
+                for caller in ["frontend", "gateway"] {
+                    let mut rec = RequestRecord::start(conn(caller));
+                    rec.status = *code;
+                    rec.route = Some("default".into());
+                    // Each code gets i + 1 requests per caller per round.
+                    for _ in 0..=i {
+                        traffic.request(&rec);
+                    }
+                }
+            }
+        }
+        let text = metrics.encode(false);
+        for (i, code) in codes.iter().enumerate() {
+            for caller in ["frontend", "gateway"] {
+                let line = text
+                    .lines()
+                    .find(|l| {
+                        l.starts_with("weft_requests_total{")
+                            && l.contains(&format!("src_service=\"{caller}\""))
+                            && l.contains(&format!("code=\"{code}\""))
+                    })
+                    .unwrap_or_else(|| panic!("no series for {caller} {code}:\n{text}"));
+                assert!(line.ends_with(&format!(" {}", 3 * (i + 1))), "{line}");
+            }
+        }
+        let per_caller: usize = (1..=codes.len()).sum::<usize>() * 3;
+        for caller in ["frontend", "gateway"] {
+            let count = text
+                .lines()
+                .find(|l| l.starts_with("weft_request_duration_seconds_count{") && l.contains(caller))
+                .unwrap();
+            assert!(count.ends_with(&format!(" {per_caller}")), "{count}");
+        }
     }
 }

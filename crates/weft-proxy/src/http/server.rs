@@ -136,7 +136,9 @@ async fn handle(
     exchange: Option<Exchange>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let mut rec = RequestRecord::start(conn);
+    // On the heap from the start: the record goes on to the response body, and a pointer is
+    // all that moves with it.
+    let mut rec = Box::new(RequestRecord::start(conn));
     let h1 = req.version() != Version::HTTP_2;
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
     let grpc =
@@ -195,7 +197,8 @@ async fn handle(
     {
         exchange.upgraded();
     }
-    Ok(resp.map(|inner| Body { inner, _exchange: exchange, rec, stack, log, tracer }))
+    let end = BodyEnd { _exchange: exchange, rec, stack, log, tracer };
+    Ok(resp.map(|inner| Body { inner, end }))
 }
 
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
@@ -205,14 +208,20 @@ async fn handle(
 /// proxy's taps when it is dropped: after its end was written, or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
+    end: BodyEnd,
+}
+
+/// What a response body hands on when it ends.
+struct BodyEnd {
     _exchange: Option<Exchange>,
-    rec: RequestRecord,
+    /// Boxed: hyper moves the body several times on its way out.
+    rec: Box<RequestRecord>,
     stack: Arc<HttpStack>,
     log: Option<Arc<crate::access_log::AccessLog>>,
     tracer: Option<Arc<Tracer>>,
 }
 
-impl Drop for Body {
+impl Drop for BodyEnd {
     fn drop(&mut self) {
         self.stack.metrics.request(&self.rec);
         if let Some(log) = &self.log {
@@ -240,11 +249,11 @@ impl http_body::Body for Body {
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                this.rec.bytes_out += data.len() as u64;
+                this.end.rec.bytes_out += data.len() as u64;
             } else if let Some(trailers) = frame.trailers_ref()
-                && this.rec.grpc
+                && this.end.rec.grpc
             {
-                this.rec.grpc_status_from(trailers);
+                this.end.rec.grpc_status_from(trailers);
             }
         }
         polled
