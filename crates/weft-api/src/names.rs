@@ -43,3 +43,43 @@ pub const CALLER_DESCRIPTOR: &str = "weft.caller";
 
 /// The tracer weft proxies implement, by its Envoy extension name: OpenTelemetry over OTLP/gRPC.
 pub const OTEL_TRACER: &str = "envoy.tracers.opentelemetry";
+
+/// The capture listener of a transparent instance: every TCP connection its app opens arrives
+/// here (Envoy's `use_original_dst` listener) and is handed to the listener of where it was
+/// going.
+pub const CAPTURE_LISTENER: &str = "outbound|capture";
+
+/// The cluster of connections to destinations outside the mesh, sent on unchanged (Envoy's
+/// `ORIGINAL_DST` type: the connection's own original destination).
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// The outbound listener a captured connection to `service`'s virtual IP is handed to. It
+/// binds no socket (`bind_to_port: false`); its address is `VIP:0`, port 0 meaning any port.
+pub fn virtual_listener(service: &str, vip: std::net::Ipv4Addr) -> String {
+    format!("outbound|{service}|{vip}")
+}
+
+/// The range services' virtual IPs come from (as Istio's auto-allocated ones): class E,
+/// never routed, so a virtual IP cannot be mistaken for a real address.
+pub const VIP_RANGE: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(240, 240, 0, 0), 16);
+
+/// The socket mark of a transparent sidecar's own connections, which its namespace's capture
+/// rules let through (Istio's in-pod mark).
+pub const CAPTURE_MARK: u32 = 0x1337;
+
+/// The ports a transparent instance's sidecar listens on inside its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturePorts {
+    /// Every TCP connection the app opens is redirected here (loopback).
+    pub outbound: u16,
+    /// Every TCP connection that arrives is redirected here: the inbound listener.
+    pub inbound: u16,
+    /// The resolver (loopback, UDP and TCP); DNS the app sends anywhere is redirected here.
+    pub dns: u16,
+    /// The admin endpoint (/metrics), reachable on the instance's address.
+    pub admin: u16,
+}
+
+pub const fn capture_ports() -> CapturePorts {
+    CapturePorts { outbound: 15001, inbound: 15006, dns: 15053, admin: 15020 }
+}

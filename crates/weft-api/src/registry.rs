@@ -22,6 +22,10 @@ pub struct InstanceRegistration {
     /// Upstream services the application reaches through local listeners.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// A transparent instance: where its capture listener is (the app's outbound TCP is
+    /// redirected there), so it reaches every service by name or virtual IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
     /// Health of the application when the proxy connected.
     #[serde(default)]
     pub healthy: bool,
@@ -63,6 +67,9 @@ pub struct ServiceSummary {
     pub healthy: usize,
     pub protocol: String,
     pub load_balancer: String,
+    /// The service's virtual IP: what its mesh DNS names resolve to in transparent instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 /// Body of `PUT /api/v1/instances/{id}/health`.

@@ -84,8 +84,15 @@ impl Mesh {
             trust_domain: security.ca.config().trust_domain.clone(),
             namespace: security.ca.config().namespace.clone(),
             jwks: Default::default(),
+            vips: Default::default(),
         };
         let mut inner = Inner { settings, ..Default::default() };
+        let mut vips = BTreeMap::new();
+        for (service, ip) in store.vips()? {
+            let ip = ip.parse().map_err(|_| anyhow::anyhow!("stored virtual IP {ip:?} of {service} is invalid"))?;
+            vips.insert(service, ip);
+        }
+        inner.settings.vips = Arc::new(vips);
         for (key, json) in store.resources()? {
             let value = serde_json::from_str(&json)?;
             let r =
@@ -105,7 +112,7 @@ impl Mesh {
             dir.display()
         );
         let snapshot = inner.snapshot(1, None);
-        Ok(Mesh {
+        let mesh = Mesh {
             inner: Mutex::new(inner),
             store,
             security,
@@ -113,7 +120,10 @@ impl Mesh {
             proxies: Mutex::default(),
             proxy_keys: Mutex::default(),
             traffic: Default::default(),
-        })
+        };
+        // Restored services without a virtual IP (stored by an older version) get one.
+        mesh.publish(&mut mesh.lock());
+        Ok(mesh)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -126,10 +136,37 @@ impl Mesh {
 
     /// Rebuilds and publishes the snapshot. Called with the state lock held, so snapshots are
     /// published in the order of the changes that caused them.
-    fn publish(&self, inner: &Inner) {
+    fn publish(&self, inner: &mut Inner) {
+        self.allocate_vips(inner);
         let previous = self.snapshot.borrow().clone();
         let snap = inner.snapshot(previous.version + 1, Some(&previous));
         self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    /// Gives every service without one a virtual IP, stored before it is used. An address
+    /// that cannot be stored is not handed out (the service gets one at the next change).
+    fn allocate_vips(&self, inner: &mut Inner) {
+        let names = inner.service_names();
+        if names.iter().all(|n| inner.settings.vips.contains_key(n)) {
+            return;
+        }
+        let mut vips = (*inner.settings.vips).clone();
+        for name in names {
+            if vips.contains_key(&name) {
+                continue;
+            }
+            let used: BTreeSet<std::net::Ipv4Addr> = vips.values().copied().collect();
+            let Some(vip) = crate::translate::vip_for(&name, &used) else {
+                tracing::error!(service = %name, "every virtual IP is in use; the service cannot be reached by name from transparent instances");
+                continue;
+            };
+            if let Err(e) = self.store.write(&[Write::PutVip(&name, &vip.to_string())]) {
+                tracing::error!(service = %name, error = %e, "cannot store the service's virtual IP");
+                continue;
+            }
+            vips.insert(name, vip);
+        }
+        inner.settings.vips = Arc::new(vips);
     }
 
     /// Validates references and stores all resources, or none. `jwks`: the keys the
@@ -203,7 +240,7 @@ impl Mesh {
             inner.resources.insert(r.key(), r);
         }
         inner.settings.jwks.extend(jwks);
-        self.publish(&inner);
+        self.publish(&mut inner);
         Ok(applied)
     }
 
@@ -219,7 +256,7 @@ impl Mesh {
         }
         tracing::info!(source = ?source, "JWKS changed; pushing it to the sidecars");
         inner.settings.jwks.insert(source, text);
-        self.publish(&inner);
+        self.publish(&mut inner);
     }
 
     /// Forgets keys no resource uses any more.
@@ -235,7 +272,7 @@ impl Mesh {
         }
         self.store.write(&[Write::DeleteResource(&key)])?;
         inner.resources.remove(&key);
-        self.publish(&inner);
+        self.publish(&mut inner);
         Ok(true)
     }
 
@@ -301,7 +338,7 @@ impl Mesh {
         self.persist(&entry);
         tracing::info!(instance = id, service = ?entry.instance.registration.service, healthy, "instance registered");
         inner.instances.insert(id.to_owned(), entry);
-        self.publish(&inner);
+        self.publish(&mut inner);
         Ok(())
     }
 
@@ -345,7 +382,7 @@ impl Mesh {
             entry.instance.registration.healthy = healthy;
             self.persist(entry);
             tracing::info!(instance = id, healthy, "health changed");
-            self.publish(&inner);
+            self.publish(&mut inner);
         }
         true
     }
@@ -536,7 +573,7 @@ impl Mesh {
     pub fn refresh_bundle(&self) {
         let mut inner = self.lock();
         inner.settings.bundle = self.security.ca.bundle();
-        self.publish(&inner);
+        self.publish(&mut inner);
     }
 
     /// Connected weft proxies that have not acknowledged the current trust bundle yet.
@@ -648,6 +685,7 @@ mod tests {
             admin: None,
             labels: Default::default(),
             upstreams: vec![],
+            capture: None,
             healthy: true,
         }
     }

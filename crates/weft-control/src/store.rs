@@ -9,6 +9,9 @@ const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources")
 const INSTANCES: TableDefinition<&str, &str> = TableDefinition::new("instances");
 /// Join tokens issued (id → [`weft_api::identity::TokenInfo`] JSON), revoked ones flagged.
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+/// Services' virtual IPs (service → address): allocated once, kept for good, so a name
+/// resolves to the same address across restarts and however services come and go.
+const VIPS: TableDefinition<&str, &str> = TableDefinition::new("vips");
 
 /// Creates `dir` (owner-only), or takes an existing one over: it and everything in it become
 /// owner-only (directories 0700, files 0600), whatever an older version or the umask left.
@@ -58,6 +61,7 @@ pub enum Write<'a> {
     DeleteInstance(&'a str),
     PutToken(&'a str, &'a str),
     DeleteToken(&'a str),
+    PutVip(&'a str, &'a str),
 }
 
 impl Store {
@@ -83,6 +87,7 @@ impl Store {
         txn.open_table(RESOURCES)?;
         txn.open_table(INSTANCES)?;
         txn.open_table(TOKENS)?;
+        txn.open_table(VIPS)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -93,6 +98,7 @@ impl Store {
             let mut resources = txn.open_table(RESOURCES)?;
             let mut instances = txn.open_table(INSTANCES)?;
             let mut tokens = txn.open_table(TOKENS)?;
+            let mut vips = txn.open_table(VIPS)?;
             for w in writes {
                 match *w {
                     Write::PutResource(k, v) => drop(resources.insert(k, v)?),
@@ -101,6 +107,7 @@ impl Store {
                     Write::DeleteInstance(k) => drop(instances.remove(k)?),
                     Write::PutToken(k, v) => drop(tokens.insert(k, v)?),
                     Write::DeleteToken(k) => drop(tokens.remove(k)?),
+                    Write::PutVip(k, v) => drop(vips.insert(k, v)?),
                 }
             }
         }
@@ -121,6 +128,11 @@ impl Store {
     /// All join tokens, as `(id, json)`.
     pub fn tokens(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.load(TOKENS)
+    }
+
+    /// Every service's virtual IP, as `(service, address)`.
+    pub fn vips(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.load(VIPS)
     }
 
     fn load(&self, table: TableDefinition<&str, &str>) -> anyhow::Result<Vec<(String, String)>> {

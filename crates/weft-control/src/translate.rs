@@ -31,6 +31,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use weft_api::identity::{ROOT_SECRET, spiffe_id};
 use weft_api::names;
@@ -44,8 +45,9 @@ use weft_api::{Instance, ServiceSummary};
 mod envoy;
 mod telemetry;
 use envoy::{
-    HostRule, HttpRoutes, InboundFilters, api_listener, eds_cluster, inbound_route, load_assignment, local_rate_limit,
-    proxy_listener, root_secret, route_config, static_cluster, tls_socket, upstream_tls,
+    HostRule, HttpRoutes, InboundFilters, api_listener, capture_listener, eds_cluster, inbound_route, load_assignment,
+    local_rate_limit, passthrough_cluster, proxy_listener, root_secret, route_config, static_cluster, tls_socket,
+    upstream_tls,
 };
 use telemetry::Telemetry;
 
@@ -112,6 +114,19 @@ pub struct Settings {
     pub namespace: String,
     /// Issuers' keys, by where they are read from.
     pub jwks: BTreeMap<JwksSource, Arc<str>>,
+    /// Services' virtual IPs (allocated and stored by the state, [`vip_for`]).
+    pub vips: Arc<BTreeMap<String, Ipv4Addr>>,
+}
+
+/// A virtual IP for `service` not among `used`: one derived from its name (FNV-1a), else the
+/// next free one after it, in [`names::VIP_RANGE`] (network and broadcast addresses left out).
+/// `None` when the range is full.
+pub fn vip_for(service: &str, used: &std::collections::BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let (base, prefix) = names::VIP_RANGE;
+    let hosts = (1u32 << (32 - prefix)) - 2;
+    let hash = service.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let start = (hash % u64::from(hosts)) as u32;
+    (0..hosts).map(|i| Ipv4Addr::from(u32::from(base) + 1 + (start + i) % hosts)).find(|ip| !used.contains(ip))
 }
 
 /// What the control plane serves at one moment, made by a pipeline of two stages from the
@@ -166,6 +181,7 @@ struct NodeShape {
     inbound: Option<String>,
     app: Option<String>,
     upstreams: Vec<(String, String)>,
+    capture: Option<String>,
 }
 
 impl NodeShape {
@@ -175,6 +191,7 @@ impl NodeShape {
             inbound: reg.inbound.clone(),
             app: reg.app.clone(),
             upstreams: reg.upstreams.iter().map(|u| (u.service.clone(), u.listen.clone())).collect(),
+            capture: reg.capture.clone(),
         }
     }
 }
@@ -260,6 +277,7 @@ impl Snapshot {
                     healthy: members.iter().filter(|i| i.serving()).count(),
                     protocol: spec.protocol.as_str().to_owned(),
                     load_balancer: spec.load_balancer.as_str().to_owned(),
+                    vip: config.settings.vips.get(name).copied(),
                 },
             );
         }
@@ -459,9 +477,21 @@ impl Config {
     /// The clusters a proxy's upstreams can reach, and its app's. A sidecar names the services
     /// its app calls, so it never needs the others' clusters, nor so their endpoints: what a
     /// proxy holds, and what each change sends it, grows with what it calls, not with the mesh.
+    /// A transparent instance may call any service, so it gets them all, and the passthrough
+    /// cluster.
     fn node_clusters(&self, reg: &InstanceRegistration) -> ResMap {
-        let reachable = reg.upstreams.iter().flat_map(|u| self.reach.get(&u.service).into_iter().flatten());
-        let mut all: ResMap = reachable.filter_map(|c| Some((c.clone(), self.mesh_clusters.get(c)?.clone()))).collect();
+        let mut all: ResMap = match &reg.capture {
+            Some(_) => {
+                let mut all = self.mesh_clusters.clone();
+                let p = passthrough_cluster();
+                all.insert(p.name.clone(), Res::new(p.name.clone(), &p));
+                all
+            }
+            None => {
+                let reachable = reg.upstreams.iter().flat_map(|u| self.reach.get(&u.service).into_iter().flatten());
+                reachable.filter_map(|c| Some((c.clone(), self.mesh_clusters.get(c)?.clone()))).collect()
+            }
+        };
         if let Some(app) = &reg.app {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
@@ -502,32 +532,51 @@ impl Config {
         }
         // A gateway's spans are named after the gateway.
         let own = reg.service.as_deref().unwrap_or(names::GATEWAY);
-        for up in &reg.upstreams {
-            let name = names::outbound_listener(&up.service, &up.listen);
+        // Explicit upstreams, each on its own local address; a transparent instance's capture
+        // listener and a listener per service at its virtual IP (bound to no socket: the
+        // capture listener hands connections to it).
+        let explicit = reg
+            .upstreams
+            .iter()
+            .map(|u| (u.service.as_str(), names::outbound_listener(&u.service, &u.listen), u.listen.clone(), true));
+        let virtuals = reg.capture.iter().flat_map(|_| {
+            self.names.iter().filter_map(|service| {
+                let vip = *self.settings.vips.get(service)?;
+                Some((service.as_str(), names::virtual_listener(service, vip), format!("{vip}:0"), false))
+            })
+        });
+        for (service, name, listen, bind) in explicit.chain(virtuals) {
             // Invariant: the listener names a RouteConfiguration in RDS exactly when RDS serves
             // one of that name. A service nobody declared or registered has none, so its
             // listener carries the same default route inline, to a cluster that does not exist:
             // the proxy answers such requests with a clear error (unknown-cluster) until the
             // service appears. The listener's bytes differ between the two, so creating or
             // deleting the service re-pushes it.
-            let http = if self.global[&Type::Route].contains_key(&up.service) {
-                HttpRoutes::Rds(&up.service)
+            let http = if self.global[&Type::Route].contains_key(service) {
+                HttpRoutes::Rds(service)
             } else {
-                HttpRoutes::Inline(Box::new(route_config(&up.service, &[], None, None)))
+                HttpRoutes::Inline(Box::new(route_config(service, &[], None, None)))
             };
-            let l = proxy_listener(
+            let mut l = proxy_listener(
                 &name,
-                &up.listen,
+                &listen,
                 TrafficDirection::Outbound,
-                &up.service,
-                self.protocol(&up.service),
-                self.escaped_slashes(&up.service),
+                service,
+                self.protocol(service),
+                self.escaped_slashes(service),
                 http,
-                &up.service,
+                service,
                 None,
-                self.telemetry.for_listener(&up.service, true, own),
+                self.telemetry.for_listener(service, true, own),
             );
+            if !bind {
+                l.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+            }
             out.insert(name.clone(), Res::new(name, &l));
+        }
+        if let Some(capture) = &reg.capture {
+            let l = capture_listener(capture);
+            out.insert(l.name.clone(), Res::new(l.name.clone(), &l));
         }
         out
     }
@@ -562,6 +611,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, u)| Upstream { service: (*u).into(), listen: format!("127.0.0.1:{}", 9000 + i) })
                 .collect(),
+            capture: None,
             healthy: true,
         };
         Instance { id: id.into(), registration, healthy: true, connected: true }

@@ -62,6 +62,7 @@ fn cluster(n: usize, lb: LoadBalancer) -> Arc<weft_proxy::cluster::balance::Clus
             load_balancer: lb,
             connect_timeout: Duration::from_secs(1),
             static_endpoints: Some(eps),
+            original_dst: false,
             tls: None,
             protocol: Default::default(),
             max_requests: None,

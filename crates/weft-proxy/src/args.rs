@@ -27,6 +27,18 @@ pub struct ProxyArgs {
     /// Upstream service reachable on a local port: SERVICE=PORT or SERVICE=HOST:PORT. Repeatable.
     #[arg(long = "upstream", value_parser = upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Transparent instances: the capture listener every TCP connection the app opens is
+    /// redirected to (by `weft run --transparent`'s rules); the proxy hands each to the
+    /// service it was for, by virtual IP or instance address, and marks its own connections.
+    #[arg(long)]
+    pub capture: Option<SocketAddr>,
+    /// Serve mesh DNS here (UDP and TCP): services' names to their virtual IPs, other names
+    /// asked of --dns-upstream.
+    #[arg(long)]
+    pub dns: Option<SocketAddr>,
+    /// A resolver mesh DNS forwards other names to (IP or IP:PORT). Repeatable.
+    #[arg(long = "dns-upstream", value_parser = dns_upstream)]
+    pub dns_upstreams: Vec<SocketAddr>,
     /// Label of this instance, KEY=VALUE (e.g. version=v1, zone=a). Repeatable.
     #[arg(long = "label", value_parser = label)]
     pub labels: Vec<(String, String)>,
@@ -93,6 +105,12 @@ fn upstream(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((svc.to_owned(), addr))
 }
 
+fn dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is neither an IP address nor IP:PORT"))
+}
+
 fn label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or("expected KEY=VALUE")?;
     Ok((k.to_owned(), v.to_owned()))
@@ -140,6 +158,9 @@ impl ProxyArgs {
             inbound: app.map(|_| self.inbound),
             app,
             upstreams: self.upstreams.clone(),
+            capture: self.capture,
+            dns: self.dns,
+            dns_upstreams: self.dns_upstreams.clone(),
             labels,
             admin: self.admin,
             health,
@@ -166,6 +187,9 @@ impl ProxyArgs {
             app_host,
             inbound,
             upstreams,
+            capture,
+            dns,
+            dns_upstreams,
             labels,
             id,
             admin,
@@ -191,6 +215,9 @@ impl ProxyArgs {
         flag("app-host", app_host.to_string());
         flag("inbound", inbound.to_string());
         upstreams.iter().for_each(|(s, a)| flag("upstream", format!("{s}={a}")));
+        capture.iter().for_each(|a| flag("capture", a.to_string()));
+        dns.iter().for_each(|a| flag("dns", a.to_string()));
+        dns_upstreams.iter().for_each(|a| flag("dns-upstream", a.to_string()));
         labels.iter().for_each(|(k, v)| flag("label", format!("{k}={v}")));
         id.iter().for_each(|v| flag("id", v.clone()));
         flag("admin", admin.to_string());
@@ -227,6 +254,10 @@ mod tests {
             "--inbound=127.0.0.1:7000",
             "--upstream=api=7001",
             "--upstream=db=127.0.0.3:5432",
+            "--capture=127.0.0.1:15001",
+            "--dns=127.0.0.1:15053",
+            "--dns-upstream=10.255.255.53",
+            "--dns-upstream=10.0.0.2:5353",
             "--label=version=v2",
             "--label=zone=a",
             "--id=web-1",

@@ -14,7 +14,7 @@ use crate::transport::{Peek, Transport};
 use arc_swap::ArcSwap;
 use futures::future::Either;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,11 +34,17 @@ pub struct ListenerCtx {
     /// Whether plaintext clients are served; false on a strict inbound listener.
     pub plaintext: bool,
     pub metrics: Arc<TrafficMetrics>,
+    /// A transparent instance's capture listener: hands each connection to the listener of
+    /// where it was going ([`crate::capture`]).
+    pub capture: Option<Arc<Capture>>,
 }
+
+/// A listener's context, which an LDS update swaps under its connections.
+pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;
 
 struct Running {
     address: SocketAddr,
-    ctx: Arc<ArcSwap<ListenerCtx>>,
+    ctx: SharedCtx,
     task: JoinHandle<()>,
 }
 
@@ -50,11 +56,22 @@ pub struct Listeners {
     /// Sockets bound at startup from the command line, waiting for their xDS listener.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
     running: Mutex<HashMap<String, Running>>,
+    /// Listeners bound to no socket (`bind_to_port: false`): what a capture listener hands
+    /// connections to, by their address's IP.
+    unbound: Mutex<HashMap<String, (SocketAddr, SharedCtx)>>,
+    pub virtuals: Arc<Virtuals>,
 }
 
 impl Listeners {
     pub fn new(limits: Arc<Limits>, ready: tokio::sync::watch::Receiver<bool>) -> Listeners {
-        Listeners { limits, ready, prebound: Mutex::default(), running: Mutex::default() }
+        Listeners {
+            limits,
+            ready,
+            prebound: Mutex::default(),
+            running: Mutex::default(),
+            unbound: Mutex::default(),
+            virtuals: Arc::default(),
+        }
     }
 
     /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
@@ -83,6 +100,7 @@ impl Listeners {
     /// Applies a full LDS update. Every new listener is bound before anything changes, so a
     /// bind failure rejects the whole update and leaves the running listeners as they were.
     pub fn update(&self, defs: Vec<(ListenerDef, ListenerCtx)>) -> Result<(), ConfigError> {
+        let (defs, unbound): (Vec<_>, Vec<_>) = defs.into_iter().partition(|(d, _)| d.bind_to_port);
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh = HashMap::new();
         for (def, _) in &defs {
@@ -116,7 +134,86 @@ impl Listeners {
                 None => running[&def.name].ctx.store(ctx),
             }
         }
+        // Unbound listeners keep their shared context across updates, as bound ones do.
+        let mut kept = self.unbound.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|name, _| unbound.iter().any(|(d, _)| &d.name == name));
+        for (def, ctx) in unbound {
+            match kept.get(&def.name) {
+                Some((address, shared)) if *address == def.address => shared.store(Arc::new(ctx)),
+                _ => drop(kept.insert(def.name.clone(), (def.address, Arc::new(ArcSwap::from_pointee(ctx))))),
+            }
+        }
+        self.virtuals.replace(kept.values().map(|(a, c)| (a.ip(), c.clone())).collect());
         Ok(())
+    }
+}
+
+// Transparent capture (see [`crate::capture`]).
+
+/// The outbound listeners a captured connection can be handed to, by virtual IP.
+#[derive(Default)]
+pub struct Virtuals {
+    by_ip: ArcSwap<HashMap<IpAddr, SharedCtx>>,
+}
+
+impl Virtuals {
+    pub fn replace(&self, by_ip: HashMap<IpAddr, SharedCtx>) {
+        self.by_ip.store(Arc::new(by_ip));
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<ListenerCtx>> {
+        self.by_ip.load().get(&ip).map(|c| c.load_full())
+    }
+
+    /// The listener of `service`, if it has a virtual IP.
+    pub fn of_service(&self, service: &str) -> Option<Arc<ListenerCtx>> {
+        self.by_ip.load().values().map(|c| c.load_full()).find(|c| &*c.info.service == service)
+    }
+}
+
+/// What a capture listener needs to hand connections on.
+pub struct Capture {
+    pub virtuals: Arc<Virtuals>,
+    pub clusters: Arc<crate::cluster::balance::ClusterManager>,
+}
+
+impl Capture {
+    /// The listener that serves `stream` (accepted by the capture listener `own`), and where
+    /// it was going; `None` closes it: it was not redirected (a client called the capture
+    /// listener itself, which would loop).
+    pub fn route(
+        &self,
+        stream: &tokio::net::TcpStream,
+        own: &Arc<ListenerCtx>,
+    ) -> Option<(Arc<ListenerCtx>, SocketAddr)> {
+        let dst = match crate::capture::original_dst(stream) {
+            Ok(dst) if Some(dst) != stream.local_addr().ok() => dst,
+            _ => {
+                own.metrics.proxy_error("not-redirected");
+                return None;
+            }
+        };
+        if let Some(to) = self.virtuals.get(dst.ip()) {
+            return Some((to, dst));
+        }
+        // An instance's own address: to that instance, through its sidecar, as its service's
+        // listener would (metrics under that service).
+        if let Some((service, endpoint)) = self.clusters.endpoint_at(dst.ip()) {
+            let base = self.virtuals.of_service(&service).unwrap_or_else(|| own.clone());
+            let cluster = self.clusters.get(&service);
+            let pinned = ListenerCtx {
+                info: base.info.clone(),
+                http: None,
+                tcp: Some(crate::tcp::TcpTarget { cluster, failover: Default::default(), endpoint: Some(endpoint) }),
+                tls: None,
+                policy: base.policy.clone(),
+                plaintext: true,
+                metrics: base.metrics.clone(),
+                capture: None,
+            };
+            return Some((Arc::new(pinned), dst));
+        }
+        Some((own.clone(), dst))
     }
 }
 
@@ -140,7 +237,14 @@ async fn accept(
                 continue;
             }
         };
-        let ctx = ctx.load_full();
+        let mut ctx = ctx.load_full();
+        let mut local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if let Some(capture) = &ctx.capture {
+            match capture.route(&stream, &ctx) {
+                Some((to, original)) => (ctx, local) = (to, original),
+                None => continue,
+            }
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             ctx.metrics.proxy_error("connection-limit");
             if let Some(left_out) = crate::log_limit::allow("connection-limit") {
@@ -148,7 +252,7 @@ async fn accept(
             }
             continue;
         };
-        tokio::spawn(connection(stream, peer, ctx, limits.clone(), permit));
+        tokio::spawn(connection(stream, peer, local, ctx, limits.clone(), permit));
     }
 }
 
@@ -159,12 +263,12 @@ async fn accept(
 fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     ctx: Arc<ListenerCtx>,
     limits: Arc<Limits>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let conn = Arc::new(ConnCtx { peer, local, listener: ctx.info.clone(), peer_identity: None });
     serve(stream, conn, ctx, limits, permit)
 }
@@ -324,7 +428,7 @@ mod tests {
     /// The connection future is allocated per client connection and kept while it idles.
     #[test]
     fn connection_future_stays_small() {
-        fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        fn future_size<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let size = future_size(super::connection);

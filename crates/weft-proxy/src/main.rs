@@ -81,6 +81,17 @@ async fn serve(cli: Cli) -> anyhow::Result<i32> {
         running.stop().await;
         return Ok(0);
     }
+    // A transparent app's every connection and name goes through the sidecar: it starts once
+    // the sidecar knows the mesh (an app that resolves `backend` first thing must find it).
+    if running.captures() {
+        tokio::select! {
+            _ = running.configured() => {}
+            _ = stop.next() => {
+                running.stop().await;
+                return Ok(0);
+            }
+        }
+    }
     let mut app = match supervise::spawn(&cli.app, &app_env, NOT_FOR_THE_APP, false) {
         Ok(app) => app,
         Err(e) => {

@@ -48,6 +48,11 @@ pub struct ProxyOptions {
     pub app: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// A transparent instance's capture listener (see [`crate::capture`]).
+    pub capture: Option<SocketAddr>,
+    /// Where mesh DNS is served (see [`crate::dns`]), and where other names are asked.
+    pub dns: Option<SocketAddr>,
+    pub dns_upstreams: Vec<SocketAddr>,
     pub labels: BTreeMap<String, String>,
     pub admin: SocketAddr,
     pub health: Option<HealthCheck>,
@@ -74,7 +79,7 @@ struct Dump {
 /// The running proxy: the config in force and the machinery that serves it.
 pub struct Proxy {
     opts: ProxyOptions,
-    clusters: ClusterManager,
+    clusters: Arc<ClusterManager>,
     routes: RwLock<HashMap<String, Arc<ArcSwap<RouteTable>>>>,
     /// Each inbound listener's policy (JWT, authorization), by listener name (kept across LDS
     /// updates, so open connections follow a change).
@@ -100,6 +105,8 @@ pub struct Proxy {
     /// Proves to the control plane that a re-registration of this instance id is this proxy's
     /// ([`weft_api::names::NODE_INSTANCE_KEY`]).
     instance_key: String,
+    /// Mesh DNS (`--dns`): answers services' names with their virtual IPs.
+    resolver: Option<Arc<crate::dns::Resolver>>,
 }
 
 impl Proxy {
@@ -181,10 +188,11 @@ impl Proxy {
                     telemetry.clone(),
                 ))
             });
-            let tcp = def
-                .tcp_cluster
-                .as_deref()
-                .map(|c| TcpTarget { cluster: self.clusters.get(c), failover: def.tcp_failover.unwrap_or_default() });
+            let tcp = def.tcp_cluster.as_deref().map(|c| TcpTarget {
+                cluster: self.clusters.get(c),
+                failover: def.tcp_failover.unwrap_or_default(),
+                endpoint: None,
+            });
             let ctx = ListenerCtx {
                 info: Arc::new(ListenerInfo {
                     name: def.name.as_str().into(),
@@ -200,6 +208,12 @@ impl Proxy {
                 policy,
                 plaintext: def.plaintext || def.tls.is_none(),
                 metrics,
+                capture: def.use_original_dst.then(|| {
+                    Arc::new(crate::listener::Capture {
+                        virtuals: self.listeners.virtuals.clone(),
+                        clusters: self.clusters.clone(),
+                    })
+                }),
             };
             with_ctx.push((def, ctx));
         }
@@ -214,6 +228,20 @@ impl Proxy {
         for (cell, log, tracer) in new_telemetry {
             cell.access_log.set(log);
             cell.tracer.set(tracer);
+        }
+        if let Some(resolver) = &self.resolver {
+            // The mesh's names are in this proxy's own namespace and trust domain.
+            let id = own_identity.as_deref().unwrap_or_default();
+            let parts: Vec<&str> = id.strip_prefix("spiffe://").unwrap_or_default().split('/').collect();
+            let (trust_domain, namespace) = match parts.as_slice() {
+                [td, "ns", ns, ..] => (*td, *ns),
+                _ => (weft_api::identity::DEFAULT_TRUST_DOMAIN, weft_api::identity::DEFAULT_NAMESPACE),
+            };
+            let services = listeners.values().filter(|l| !l.bind_to_port).filter_map(|l| match l.address.ip() {
+                std::net::IpAddr::V4(vip) => Some((l.service.as_str(), vip)),
+                std::net::IpAddr::V6(_) => None,
+            });
+            resolver.update(crate::dns::MeshNames::new(services, namespace, trust_domain));
         }
         // Route tables no listener names any more are gone (RDS stops sending them too).
         let rds: Vec<&str> = listeners
@@ -274,6 +302,7 @@ impl Proxy {
                 .iter()
                 .map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() })
                 .collect(),
+            capture: o.capture.map(|a| a.to_string()),
             healthy: self.healthy.load(Ordering::Relaxed),
         }
     }
@@ -294,6 +323,17 @@ impl RunningProxy {
 
     pub fn inbound(&self) -> Option<SocketAddr> {
         self.proxy.opts.inbound
+    }
+
+    /// Whether the proxy captures its app's connections (a transparent instance).
+    pub fn captures(&self) -> bool {
+        self.proxy.opts.capture.is_some()
+    }
+
+    /// Waits for the first full config from the control plane: from then on the listeners
+    /// serve, and mesh DNS knows the mesh's names.
+    pub async fn configured(&self) {
+        let _ = self.proxy.ready.subscribe().wait_for(|r| *r).await;
     }
 
     /// The local address the app reaches `service` at (as bound: port 0 is resolved).
@@ -338,6 +378,19 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     for (svc, addr) in &mut opts.upstreams {
         *addr = listeners.prebind(*addr, &format!("upstream {svc}"))?;
     }
+    if let Some(addr) = opts.capture {
+        opts.capture = Some(listeners.prebind(addr, "captured connections (--capture)")?);
+        // Its own connections must not be captured again.
+        transport::set_mark(weft_api::names::CAPTURE_MARK);
+    }
+    let resolver = match opts.dns {
+        Some(addr) => {
+            let r = crate::dns::Resolver::new(opts.dns_upstreams.clone());
+            crate::dns::serve(addr, r.clone())?;
+            Some(r)
+        }
+        None => None,
+    };
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
@@ -354,7 +407,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
     let metrics = Metrics::new();
     let proxy = Arc::new(Proxy {
-        clusters: ClusterManager::default().with_metrics(metrics.clone()),
+        clusters: Arc::new(ClusterManager::default().with_metrics(metrics.clone())),
         routes: RwLock::default(),
         policies: RwLock::default(),
         telemetry: RwLock::default(),
@@ -370,6 +423,7 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         acceptor,
         drain: Default::default(),
         instance_key: crypto::random_hex(16),
+        resolver,
         opts,
     });
     let mut tasks = tokio::task::JoinSet::new();

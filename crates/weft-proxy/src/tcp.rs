@@ -6,8 +6,9 @@ use crate::cluster::balance::Cluster;
 use crate::cluster::endpoint::Endpoint;
 use crate::config::Failover;
 use crate::context::ConnCtx;
+use crate::error::ProxyError;
 use crate::metrics::TrafficMetrics;
-use crate::record::TcpRecord;
+use crate::record::{Attempt, Outcome, TcpRecord};
 use crate::transport::{BoxedIo, Transport};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,9 @@ const BUF: usize = 64 * 1024;
 pub struct TcpTarget {
     pub cluster: Arc<Cluster>,
     pub failover: Failover,
+    /// An instance a transparent app addressed itself: connected to alone (over its cluster's
+    /// mutual TLS), never balanced away from.
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTarget, metrics: &TrafficMetrics) {
@@ -33,7 +37,30 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
         admit: false,
         deadline: None,
     };
-    match attempt::run(&mut TcpConnect, &cluster.view(), None, &plan, &mut rec.attempts).await {
+    let connected = if let Some(ep) = &target.endpoint {
+        let r = ep.connect_tcp(cluster.connect_timeout()).await;
+        rec.attempts.push(Attempt {
+            endpoint: ep.addr,
+            outcome: r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered),
+        });
+        r
+    } else if cluster.original_dst() {
+        // Out of the mesh: where the client was going, from the proxy's own (marked) socket.
+        let (addr, timeout) = (conn.local, cluster.connect_timeout());
+        let r = match tokio::time::timeout(timeout, crate::transport::connect_marked(addr)).await {
+            Ok(Ok(s)) => Ok(Box::new(s) as BoxedIo),
+            Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+            Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
+        };
+        rec.attempts.push(Attempt {
+            endpoint: conn.local,
+            outcome: r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered),
+        });
+        r
+    } else {
+        attempt::run(&mut TcpConnect, &cluster.view(), None, &plan, &mut rec.attempts).await
+    };
+    match connected {
         Ok(mut upstream) => {
             match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF, BUF).await {
                 Ok((rx, tx)) => (rec.rx, rec.tx) = (rx, tx),
@@ -92,7 +119,7 @@ mod tests {
         let refused = fakes.add(addr(10), Behaviour::Refuse);
         let echo = fakes.add(addr(11), Behaviour::Echo);
         let clusters = one_cluster(fakes, "db", &[addr(10), addr(11)]);
-        let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default() };
+        let target = TcpTarget { cluster: clusters.get("db"), failover: Failover::default(), endpoint: None };
         let metrics = Metrics::new().traffic(Direction::outbound, "db");
         let conn = ConnCtx {
             peer: addr(1),

@@ -203,6 +203,7 @@ pub fn cluster_def(name: &str, endpoints: &[SocketAddr]) -> ClusterDef {
         load_balancer: LoadBalancer::RoundRobin,
         connect_timeout: Duration::from_secs(1),
         static_endpoints: Some(endpoints),
+        original_dst: false,
         tls: None,
         // Declared, so the fakes are not probed for the versions they speak (the probe's
         // answers would take their scripted delays).
@@ -249,11 +250,12 @@ pub fn app_listener(
     Arc::new(ListenerCtx {
         info: ListenerInfo::new("app", direction, "app"),
         http: Some(Arc::new(http)),
-        tcp: Some(TcpTarget { cluster: clusters.get("app"), failover: Default::default() }),
+        tcp: Some(TcpTarget { cluster: clusters.get("app"), failover: Default::default(), endpoint: None }),
         tls: None,
         policy,
         plaintext: true,
         metrics,
+        capture: None,
     })
 }
 

@@ -107,13 +107,40 @@ impl UpstreamTls {
     }
 }
 
+/// The socket mark of the proxy's own connections; 0 (none) unless it is a transparent
+/// instance's sidecar, whose namespace's capture rules let marked connections through
+/// ([`weft_api::names::CAPTURE_MARK`]). Set once at startup.
+static MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Marks every connection the proxy makes from now on with `mark` (needs CAP_NET_ADMIN).
+pub fn set_mark(mark: u32) {
+    MARK.store(mark, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Marks `socket` as the proxy's own, if the proxy marks its connections.
+pub fn mark<S: std::os::fd::AsFd>(socket: &S) {
+    let m = MARK.load(std::sync::atomic::Ordering::Relaxed);
+    if m != 0
+        && let Err(e) = socket2::SockRef::from(socket).set_mark(m)
+    {
+        tracing::warn!(error = %e, "cannot mark a connection of the sidecar; the capture rules will send it back to the sidecar");
+    }
+}
+
+/// A TCP connection of the proxy's own (marked: see [`mark`]).
+pub async fn connect_marked(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    mark(&socket);
+    socket.connect(addr).await
+}
+
 /// Plain TCP, with Nagle off (requests and responses are written whole).
 pub struct TcpConnect;
 
 impl Connect for TcpConnect {
     fn connect(&self, addr: SocketAddr) -> ConnectFuture {
         Box::pin(async move {
-            let stream = TcpStream::connect(addr).await?;
+            let stream = connect_marked(addr).await?;
             let _ = stream.set_nodelay(true);
             Ok(Box::new(stream) as BoxedIo)
         })

@@ -180,7 +180,13 @@ async fn session<R: Runtime>(
     let connect = tower::service_fn(move |_: http::Uri| {
         let (address, server_name, connector) = (address.clone(), server_name.clone(), connector.clone());
         async move {
-            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            let tcp = crate::transport::connect_marked(
+                tokio::net::lookup_host(&address)
+                    .await?
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("the control plane's name resolves to no address"))?,
+            )
+            .await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -282,7 +288,7 @@ async fn apply(proxy: &impl Runtime, s: &mut Stream, resp: &DiscoveryResponse) -
     } else if t == Cluster::type_url() {
         let defs = decode_all(resp, config::cluster)?;
         let eds: BTreeSet<String> =
-            defs.iter().filter(|d| d.static_endpoints.is_none()).map(|d| d.name.clone()).collect();
+            defs.iter().filter(|d| d.static_endpoints.is_none() && !d.original_dst).map(|d| d.name.clone()).collect();
         proxy.apply(Update::Clusters(defs))?;
         s.seen_cds = true;
         s.subscribe(ClusterLoadAssignment::type_url(), eds).await;

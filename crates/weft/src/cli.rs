@@ -143,6 +143,9 @@ pub enum Command {
     },
     /// The bundled demo app: HTTP/1.1, HTTP/2, gRPC and WebSocket on one port.
     DemoApp(DemoAppArgs),
+    /// Remove what `weft run --transparent` made and a killed one left behind: instances'
+    /// network namespaces, their veth pairs and resolver files, and the bridge once unused.
+    Cleanup,
     /// Call the demo app's gRPC service (a gRPC client for trying the mesh).
     DemoClient(DemoClientArgs),
 }
@@ -214,6 +217,15 @@ pub struct RunArgs {
     /// Port the app listens on (also passed to it as $PORT).
     #[arg(long)]
     pub port: u16,
+    /// Run the app and its sidecar in a network namespace of their own, with an address on
+    /// this host's bridge (weft0), the app's TCP captured by the sidecar both ways and its DNS
+    /// answered by it: the app calls services by name (`http://backend/`), unchanged. Needs
+    /// root (or CAP_NET_ADMIN and CAP_SYS_ADMIN).
+    #[arg(long)]
+    pub transparent: bool,
+    /// --transparent: the addresses instances' namespaces get (the first is the bridge's).
+    #[arg(long, default_value = crate::netns::DEFAULT_RANGE)]
+    pub netns_range: crate::netns::Range,
     #[command(flatten)]
     pub proxy: ProxyArgs,
     /// The app's command line.

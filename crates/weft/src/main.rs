@@ -8,6 +8,7 @@ mod check;
 mod cli;
 mod dashboard;
 mod mesh_file;
+mod netns;
 mod run;
 mod sidecar;
 mod up;
@@ -55,7 +56,7 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Control(a) => weft_control::run(a.config()?, weft_proxy::supervise::stop_signal()).await?,
         cli::Command::Proxy(a) => return Err(sidecar::exec(&a, &[])),
-        cli::Command::Run(a) => return Err(run::exec(a)),
+        cli::Command::Run(a) => return run::run(a).await,
         cli::Command::Up(a) => up::up(a).await?,
         cli::Command::Apply { file, control } => api_client::apply(&control, &file).await?,
         cli::Command::Get { kind, name, output, expiring_within, control } => {
@@ -104,6 +105,11 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
                 fail_percent: a.fail_percent,
             };
             weft_demo::run(cfg, weft_proxy::supervise::stop_signal()).await?;
+        }
+        cli::Command::Cleanup => {
+            for netns in netns::cleanup()? {
+                println!("removed {netns}");
+            }
         }
         cli::Command::DemoClient(a) => weft_demo::call(a.target, &a.name, a.stream).await?,
     }

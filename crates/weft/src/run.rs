@@ -1,10 +1,84 @@
 //! `weft run`: an app and its sidecar as one unit, in one process of the sidecar binary, which
 //! `weft run` becomes (see crates/weft-proxy/src/main.rs for how it supervises the app).
+//!
+//! `weft run --transparent` instead stays, as the owner of the instance's network namespace
+//! ([`crate::netns`]): it makes the namespace and its capture rules, runs the sidecar (and the
+//! sidecar the app) inside it, passes signals on, and removes the namespace when they are done.
 use crate::cli::RunArgs;
+use crate::netns::{InstanceNet, preflight};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use weft_api::names::capture_ports;
+
+pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    if !a.transparent {
+        return Err(exec(a));
+    }
+    transparent(a).await
+}
 
 /// Runs the sidecar for the app in place of this process; returns only if it cannot.
-pub fn exec(a: RunArgs) -> anyhow::Error {
+fn exec(a: RunArgs) -> anyhow::Error {
     let mut args = a.proxy;
     args.app_port = Some(a.port);
     crate::sidecar::exec(&args, &a.command)
+}
+
+async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
+    preflight()?;
+    let control: Vec<SocketAddr> =
+        a.proxy.control.to_socket_addrs().map_err(|e| anyhow::anyhow!("--control {}: {e}", a.proxy.control))?.collect();
+    if control.iter().any(|c| c.ip().is_loopback()) {
+        anyhow::bail!(
+            "--control {} is this host's loopback, which the instance's own network namespace cannot reach: give an address of the control plane on the bridge ({}) or on another interface, where it listens (e.g. `weft control --listen 0.0.0.0:15010 --server-name {}`)",
+            a.proxy.control,
+            a.netns_range.gateway(),
+            a.netns_range.gateway()
+        );
+    }
+    let service = a.proxy.service.clone().unwrap_or_default();
+    let mut args = a.proxy;
+    if args.dns_upstreams.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        args.dns_upstreams = weft_proxy::dns::nameservers(&conf);
+        if args.dns_upstreams.is_empty() {
+            tracing::warn!(
+                "/etc/resolv.conf names no resolver the instance's namespace can reach (only loopback ones, or none): names outside the mesh will not resolve; give one with --dns-upstream"
+            );
+        }
+    }
+    let net = InstanceNet::create(args.id.as_deref().unwrap_or(&service), a.netns_range)?;
+    net.capture(&control)?;
+    let ip = std::net::IpAddr::V4(net.address());
+    let ports = capture_ports();
+    args.app_port = Some(a.port);
+    args.inbound = SocketAddr::new(ip, ports.inbound);
+    args.admin = SocketAddr::new(ip, ports.admin);
+    args.capture = Some(SocketAddr::from(([127, 0, 0, 1], ports.outbound)));
+    args.dns = Some(SocketAddr::from(([127, 0, 0, 1], ports.dns)));
+    tracing::info!(netns = net.name(), address = %ip, "instance namespace ready; starting the sidecar in it");
+    let sidecar = crate::sidecar::binary()?;
+    let cmd = crate::sidecar::command(net.command(&sidecar), &args, &a.command);
+    // Killed with this process (then the next start or `weft cleanup` removes the namespace).
+    let mut child = weft_proxy::supervise::spawn_command(tokio::process::Command::from(cmd))
+        .map_err(|e| anyhow::anyhow!("cannot start the sidecar in {}: {e}", net.name()))?;
+    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let status = loop {
+        let sig = tokio::select! {
+            status = child.wait() => break status?,
+            _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
+            _ = int.recv() => nix::sys::signal::Signal::SIGINT,
+        };
+        // The sidecar drains and stops the app; this waits for it, then removes the namespace.
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    };
+    drop(net);
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

@@ -30,10 +30,10 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     Ok(sidecar)
 }
 
-/// The sidecar's command: `args` (the join token in its environment, not on its command line,
-/// where `ps` would show it), then the app's command line if there is one.
-fn command(sidecar: &std::path::Path, args: &ProxyArgs, app: &[String]) -> std::process::Command {
-    let mut cmd = std::process::Command::new(sidecar);
+/// The sidecar's command: `cmd` (which runs the sidecar binary, directly or inside a
+/// namespace) with `args` (the join token in its environment, not on its command line, where
+/// `ps` would show it), then the app's command line if there is one.
+pub fn command(mut cmd: std::process::Command, args: &ProxyArgs, app: &[String]) -> std::process::Command {
     cmd.args(args.to_args());
     if let Some(token) = &args.token {
         cmd.env("WEFT_TOKEN", token);
@@ -50,7 +50,7 @@ pub fn exec(args: &ProxyArgs, app: &[String]) -> anyhow::Error {
     use std::os::unix::process::CommandExt;
     match binary() {
         Ok(sidecar) => {
-            let e = command(&sidecar, args, app).exec();
+            let e = command(std::process::Command::new(&sidecar), args, app).exec();
             anyhow::anyhow!("cannot run {}: {e}", sidecar.display())
         }
         Err(e) => e,
@@ -70,7 +70,7 @@ impl Sidecar {
     pub async fn start(args: &ProxyArgs, env: &[(String, String)]) -> anyhow::Result<Sidecar> {
         let notices = notify::Listener::bind().context("cannot open the socket the sidecar reports on")?;
         let sidecar = binary()?;
-        let mut cmd = tokio::process::Command::from(command(&sidecar, args, &[]));
+        let mut cmd = tokio::process::Command::from(command(std::process::Command::new(&sidecar), args, &[]));
         cmd.envs(env.iter().map(|(k, v)| (k, v))).env(notify::SOCKET_VAR, notices.address());
         let mut child =
             supervise::spawn_command(cmd).with_context(|| format!("cannot start the sidecar {}", sidecar.display()))?;

@@ -981,6 +981,44 @@ pub(super) fn proxy_listener(
     }
 }
 
+/// A transparent instance's capture listener (`use_original_dst`): each connection goes to the
+/// listener of its original destination, and one with none (out of the mesh) through the
+/// filter chain here, a tcp_proxy to the passthrough cluster.
+pub(super) fn capture_listener(addr: &str) -> Listener {
+    let tcp = TcpProxy {
+        stat_prefix: "passthrough".to_owned(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(names::PASSTHROUGH_CLUSTER.to_owned())),
+        ..Default::default()
+    };
+    Listener {
+        name: names::CAPTURE_LISTENER.to_owned(),
+        address: Some(socket_address(addr)),
+        use_original_dst: Some(BoolValue { value: true }),
+        filter_chains: vec![FilterChain {
+            name: "passthrough".to_owned(),
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".to_owned(),
+                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
+            }],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+/// Connections to destinations outside the mesh: each goes where it was going
+/// (`ORIGINAL_DST`).
+pub(super) fn passthrough_cluster() -> Cluster {
+    Cluster {
+        name: names::PASSTHROUGH_CLUSTER.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::OriginalDst as i32)),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(duration(DEFAULT_CONNECT_TIMEOUT)),
+        ..Default::default()
+    }
+}
+
 fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.to_owned(), sds_config: Some(ads()) }
 }

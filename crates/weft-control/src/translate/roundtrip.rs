@@ -40,6 +40,7 @@ fn registration(service: &str, port: u16, upstreams: Vec<Upstream>) -> InstanceR
         admin: None,
         labels: Default::default(),
         upstreams,
+        capture: None,
         healthy: true,
     }
 }
@@ -971,4 +972,50 @@ mod authentication {
         assert_eq!(verdict(&authn, Some(&good)), Ok(true), "forwardOriginalToken");
         assert_eq!(verdict(&authn, Some(&expired)), Err("jwt-expired"), "a bad token never passes");
     }
+}
+
+/// A transparent instance gets its capture listener, a listener per service at the service's
+/// virtual IP (bound to no socket) and the passthrough cluster, and its proxy decodes them as
+/// such; an instance with explicit upstreams gets none of them. Virtual IPs survive a restart.
+#[test]
+fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passthrough() {
+    let dir = std::env::temp_dir().join(format!("weft-roundtrip-capture-{}", std::process::id()));
+    let ca = || CaConfig {
+        trust_domain: "test.local".into(),
+        namespace: "default".into(),
+        cert_ttl: Duration::from_secs(3600),
+        provided: None,
+    };
+    let mesh = Mesh::open(&dir, Duration::from_secs(60), ca(), Default::default()).unwrap();
+    let b = registration("b", 7000, vec![]);
+    let mut t = registration("t", 7100, vec![]);
+    t.capture = Some("127.0.0.1:15001".into());
+    mesh.connect("b-1", b.clone(), 1, Some("key-b")).unwrap();
+    mesh.connect("t-1", t.clone(), 2, Some("key-t")).unwrap();
+    let snapshot = mesh.subscribe().borrow().clone();
+    let vip = snapshot.services["b"].vip.expect("b has a virtual IP");
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    assert_ne!(Some(vip), snapshot.services["t"].vip, "each service its own");
+    let listeners = snapshot.available(Type::Listener, Some(&t));
+    let capture = weft_proxy::config::listener(&listeners[weft_api::names::CAPTURE_LISTENER].any).unwrap();
+    assert!(capture.use_original_dst && capture.bind_to_port);
+    assert_eq!(capture.address.to_string(), "127.0.0.1:15001");
+    assert_eq!(capture.tcp_cluster.as_deref(), Some(weft_api::names::PASSTHROUGH_CLUSTER));
+    let virtual_b = weft_proxy::config::listener(&listeners[&weft_api::names::virtual_listener("b", vip)].any).unwrap();
+    assert!(!virtual_b.bind_to_port && !virtual_b.use_original_dst);
+    assert_eq!(virtual_b.address, std::net::SocketAddr::new(vip.into(), 0));
+    assert_eq!(virtual_b.service, "b");
+    assert!(virtual_b.http.is_some(), "the service's routes apply to captured calls");
+    let clusters = snapshot.available(Type::Cluster, Some(&t));
+    let passthrough = weft_proxy::config::cluster(&clusters[weft_api::names::PASSTHROUGH_CLUSTER].any).unwrap();
+    assert!(passthrough.original_dst && passthrough.static_endpoints.is_none());
+    assert!(clusters.contains_key("b"), "a transparent instance may call every service");
+    // An instance with explicit upstreams (none here) gets nothing of it.
+    assert!(!snapshot.available(Type::Listener, Some(&b)).keys().any(|k| k.starts_with("outbound|")));
+    assert!(!snapshot.available(Type::Cluster, Some(&b)).contains_key(weft_api::names::PASSTHROUGH_CLUSTER));
+    drop(mesh);
+    let again = Mesh::open(&dir, Duration::from_secs(60), ca(), Default::default()).unwrap();
+    assert_eq!(again.subscribe().borrow().services["b"].vip, Some(vip), "the same virtual IP after a restart");
+    drop(again);
+    let _ = std::fs::remove_dir_all(&dir);
 }

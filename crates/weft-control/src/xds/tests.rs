@@ -142,6 +142,7 @@ fn sidecar_node() -> Node {
         admin: None,
         labels: Default::default(),
         upstreams: vec![Upstream { service: "backend".into(), listen: BACKEND_ADDR.into() }],
+        capture: None,
         healthy: true,
     };
     let value = Value { kind: Some(value::Kind::StringValue(serde_json::to_string(&registration).unwrap())) };

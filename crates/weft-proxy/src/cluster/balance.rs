@@ -59,6 +59,8 @@ pub struct Settings {
     pub max_requests: Option<u32>,
     pub retry_limit: RetryLimit,
     pub outlier: Option<OutlierDef>,
+    /// A passthrough cluster: a connection goes to its own original destination.
+    pub original_dst: bool,
 }
 
 /// A cluster's settings and endpoints, replaced as one: a request reads both with a single
@@ -168,6 +170,7 @@ impl Cluster {
                 settings: Settings {
                     load_balancer: LoadBalancer::default(),
                     connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                    original_dst: false,
                     protocol: UpstreamProtocol::Downstream,
                     max_requests: None,
                     retry_limit: RetryLimit::default(),
@@ -334,6 +337,15 @@ impl Cluster {
     /// Whether the cluster's endpoints are mesh sidecars (reached through mutual TLS).
     pub fn is_mesh(&self) -> bool {
         self.mesh.load(Ordering::Relaxed)
+    }
+
+    /// Whether connections go to their own original destination (a passthrough cluster).
+    pub fn original_dst(&self) -> bool {
+        self.state.load().settings.original_dst
+    }
+
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.state.load().settings.connect_timeout
     }
 
     /// The identity the cluster's endpoints must prove (mesh clusters only); read per request
@@ -505,6 +517,19 @@ impl ClusterManager {
             .clone()
     }
 
+    /// The mesh cluster with an endpoint at `ip` (the first by name, when subsets share it),
+    /// and that endpoint: where a transparent app's call to an instance's address goes.
+    pub fn endpoint_at(&self, ip: std::net::IpAddr) -> Option<(String, Arc<Endpoint>)> {
+        let clusters = self.clusters.read().unwrap_or_else(|p| p.into_inner());
+        let mut found: Vec<(String, Arc<Endpoint>)> = clusters
+            .iter()
+            .filter(|(_, c)| c.defined.load(Ordering::Relaxed) && c.is_mesh())
+            .filter_map(|(name, c)| Some((name.clone(), c.endpoints().all.iter().find(|e| e.addr.ip() == ip)?.clone())))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.into_iter().next()
+    }
+
     /// The cluster of that name, if CDS defines it.
     pub fn defined(&self, name: &str) -> Option<Arc<Cluster>> {
         let clusters = self.clusters.read().unwrap_or_else(|p| p.into_inner());
@@ -520,6 +545,7 @@ impl ClusterManager {
             c.set_settings(Settings {
                 load_balancer: def.load_balancer,
                 connect_timeout: def.connect_timeout,
+                original_dst: def.original_dst,
                 protocol: def.protocol,
                 max_requests: def.max_requests,
                 retry_limit: def.retry_limit,
@@ -600,6 +626,7 @@ mod tests {
         c.set_settings(Settings {
             load_balancer: lb,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            original_dst: false,
             protocol: UpstreamProtocol::Downstream,
             max_requests: None,
             retry_limit: RetryLimit::default(),

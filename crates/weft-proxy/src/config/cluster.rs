@@ -29,6 +29,9 @@ pub struct ClusterDef {
     pub connect_timeout: Duration,
     /// Endpoints given inline (static clusters); EDS clusters get theirs separately.
     pub static_endpoints: Option<Vec<EndpointDef>>,
+    /// An `ORIGINAL_DST` cluster (with `lb_policy: CLUSTER_PROVIDED`): a connection goes to
+    /// its own original destination (a transparent instance's passthrough).
+    pub original_dst: bool,
     /// TLS origination towards the endpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTlsDef>,
@@ -252,7 +255,12 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
             lb.as_str()
         )));
     }
+    let original_dst = matches!(c.cluster_discovery_type, Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::OriginalDst as i32);
     let load_balancer = match (from_list.map(|(lb, _)| lb), cluster::LbPolicy::try_from(c.lb_policy)) {
+        (None, Ok(cluster::LbPolicy::ClusterProvided)) if original_dst => LoadBalancer::default(),
+        (_, _) if original_dst => {
+            return Err(bad("an ORIGINAL_DST cluster must have lb_policy CLUSTER_PROVIDED".into()));
+        }
         (Some(lb), _) => lb,
         (None, Ok(cluster::LbPolicy::RoundRobin)) => LoadBalancer::RoundRobin,
         (None, Ok(cluster::LbPolicy::LeastRequest)) => LoadBalancer::P2cEwma,
@@ -265,7 +273,8 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
             let cla = c.load_assignment.as_ref().ok_or_else(|| bad("static cluster without load_assignment".into()))?;
             Some(endpoints(cla)?)
         }
-        _ => return Err(bad("only EDS and STATIC clusters are supported".into())),
+        _ if original_dst => None,
+        _ => return Err(bad("only EDS, STATIC and ORIGINAL_DST clusters are supported".into())),
     };
     let (protocol, mut pool) = upstream_protocol(&c).map_err(bad)?;
     pool.max_connections_per_endpoint = match c
@@ -341,6 +350,7 @@ pub fn cluster(any: &Any) -> Result<ClusterDef, InvalidResource> {
         load_balancer,
         connect_timeout,
         static_endpoints,
+        original_dst,
         tls,
         protocol,
         max_requests,

@@ -56,6 +56,12 @@ impl Default for Failover {
 pub struct ListenerDef {
     pub name: String,
     pub address: SocketAddr,
+    /// From `bind_to_port` (default true). An unbound listener is a transparent instance's
+    /// listener for one virtual IP: the capture listener hands it the connections addressed to
+    /// that IP, on any port (its address's port is 0).
+    pub bind_to_port: bool,
+    /// From `use_original_dst`: a capture listener ([`crate::capture`]).
+    pub use_original_dst: bool,
     /// From `Listener.traffic_direction`, which must be set.
     pub direction: Direction,
     /// The service whose traffic this listener carries: the `stat_prefix` of its HTTP
@@ -165,9 +171,17 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         Ok(TrafficDirection::Outbound) => Direction::outbound,
         _ => return Err(bad("traffic_direction must be INBOUND or OUTBOUND".into())),
     };
+    let bind_to_port = l.bind_to_port.is_none_or(|b| b.value);
+    if !bind_to_port && address.ip().is_unspecified() {
+        return Err(bad(
+            "bind_to_port false needs the virtual IP the capture listener hands connections to as its address, not an unspecified one".into(),
+        ));
+    }
     let mut def = ListenerDef {
         name: l.name.clone(),
         address,
+        bind_to_port,
+        use_original_dst: l.use_original_dst.is_some_and(|b| b.value),
         direction,
         service: String::new(),
         http: None,

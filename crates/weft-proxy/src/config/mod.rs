@@ -282,7 +282,17 @@ mod tests {
             "Cluster \"c\": transport socket \"envoy.transport_sockets.tls\" has no typed_config"
         );
         let e = cluster(&pack_any(Cluster { name: "c".into(), ..Default::default() })).unwrap_err().to_string();
-        assert_eq!(e, "Cluster \"c\": only EDS and STATIC clusters are supported");
+        assert_eq!(e, "Cluster \"c\": only EDS, STATIC and ORIGINAL_DST clusters are supported");
+        // A passthrough cluster balances nothing: its lb_policy must say so.
+        let original_dst = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            ..Default::default()
+        };
+        let e = cluster(&pack_any(original_dst)).unwrap_err().to_string();
+        assert_eq!(e, "Cluster \"c\": an ORIGINAL_DST cluster must have lb_policy CLUSTER_PROVIDED");
     }
 
     #[test]

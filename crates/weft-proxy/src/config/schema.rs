@@ -112,6 +112,8 @@ pub static LISTENER: Schema = Schema {
         Repeated("filter_chains", &FILTER_CHAIN),
         Plain("traffic_direction"),
         Plain("listener_filters"),
+        Plain("bind_to_port"),
+        Plain("use_original_dst"),
     ],
 };
 static FILTER_CHAIN: Schema = Schema {

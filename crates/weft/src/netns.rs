@@ -1,0 +1,403 @@
+//! An instance's own network namespace, as a pod has (`weft run --transparent`): the app and
+//! its sidecar share it, with an address of its own on a bridge of the host (`weft0`), and
+//! iptables rules inside it send the app's TCP through the sidecar:
+//! - inbound: every TCP connection that arrives (but to the sidecar's own ports) goes to the
+//!   sidecar's inbound listener, so nothing reaches the app around it;
+//! - outbound: every TCP connection the app opens (but to loopback, and to the control plane)
+//!   goes to the sidecar's capture listener, which reads where it was going
+//!   (`SO_ORIGINAL_DST`); DNS (UDP and TCP port 53) goes to the sidecar's resolver;
+//! - the sidecar's own connections carry a socket mark ([`weft_api::names::CAPTURE_MARK`])
+//!   and are let through.
+//!
+//! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
+//! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
+//! the namespace (its rules and its end of the veth pair go with it), `/etc/netns/NAME/`, and the
+//! bridge once no instance uses it. The host namespace's own filter rules are never touched.
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use weft_api::names::{CAPTURE_MARK, capture_ports};
+
+/// Where weft records the namespaces it made (a tmpfs: gone at reboot, as the namespaces are).
+pub const STATE_DIR: &str = "/run/weft/netns";
+/// The bridge instances' namespaces are joined to, in the namespace `weft run` runs in.
+pub const BRIDGE: &str = "weft0";
+/// Addresses of instances' namespaces (`--netns-range`); the first is the bridge's.
+pub const DEFAULT_RANGE: &str = "10.240.0.0/16";
+
+/// An IPv4 range, `ADDRESS/PREFIX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Range {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Range, String> {
+        let (ip, prefix) =
+            s.split_once('/').ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX, e.g. 10.240.0.0/16"))?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| {
+            format!("{s:?}: the prefix must be a number from 8 to 30 (room for the bridge and instances)")
+        })?;
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Range { base: Ipv4Addr::from(u32::from(ip) & mask), prefix })
+    }
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl Range {
+    /// The bridge's address: the range's first.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+
+    /// Instances' addresses: all but the network, the bridge's and the broadcast address.
+    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.base);
+        let size = 1u32 << (32 - self.prefix);
+        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+}
+
+/// What weft recorded of one namespace it made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    /// The namespace (`ip netns` name).
+    netns: String,
+    /// The host side of its veth pair.
+    veth: String,
+    address: Ipv4Addr,
+    /// The `weft run` that made it; when it is gone, so should the namespace be.
+    owner: u32,
+    /// The network namespace it was made from (where its bridge and veth end are):
+    /// `/proc/self/ns/net`'s inode.
+    host: u64,
+}
+
+/// An instance's network namespace, removed when dropped.
+pub struct InstanceNet {
+    record: Record,
+    range: Range,
+}
+
+/// Whether this process may make namespaces and rules: root, or CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN (for `ip netns`). `Err` says what is missing, in one line.
+pub fn preflight() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    if effective & (CAP_NET_ADMIN | CAP_SYS_ADMIN) != CAP_NET_ADMIN | CAP_SYS_ADMIN {
+        bail!(
+            "--transparent needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) to make the instance's network namespace and its capture rules: run it with sudo, or leave out --transparent and give the app its upstreams with --upstream"
+        );
+    }
+    for tool in ["ip", iptables_restore().as_str()] {
+        if which(tool).is_none() {
+            bail!("--transparent needs `{tool}` (Debian: apt-get install iproute2 iptables)");
+        }
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+/// The iptables flavour: `WEFT_IPTABLES` (`iptables-nft` or `iptables-legacy`), else the
+/// system's `iptables`.
+fn iptables() -> String {
+    std::env::var("WEFT_IPTABLES").unwrap_or_else(|_| "iptables".to_owned())
+}
+
+fn iptables_restore() -> String {
+    format!("{}-restore", iptables())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().with_context(|| format!("cannot run {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Runs `program` inside namespace `netns`.
+fn in_netns(netns: &str, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, program]).args(args);
+    c
+}
+
+fn this_netns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0)
+}
+
+fn records() -> Vec<(PathBuf, Record)> {
+    let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let r = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+            Some((path, r))
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// A lock over the records (address allocation, cleanup), held while it lives.
+struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    fn take() -> anyhow::Result<StateLock> {
+        std::fs::create_dir_all(STATE_DIR).with_context(|| format!("cannot make {STATE_DIR}"))?;
+        let f = std::fs::File::create(Path::new(STATE_DIR).with_extension("lock"))?;
+        #[allow(deprecated)] // flock(2) on the file; released when it is closed
+        nix::fcntl::flock(std::os::fd::AsRawFd::as_raw_fd(&f), nix::fcntl::FlockArg::LockExclusive)?;
+        Ok(StateLock { _file: f })
+    }
+}
+
+/// Removes what weft made for instances whose `weft run` is gone: their namespaces, resolver
+/// files and records, and this namespace's bridge if no instance of it is left. Returns the
+/// namespaces removed.
+pub fn cleanup() -> anyhow::Result<Vec<String>> {
+    let _lock = StateLock::take()?;
+    Ok(cleanup_locked())
+}
+
+fn cleanup_locked() -> Vec<String> {
+    let mut removed = Vec::new();
+    for (path, r) in records() {
+        if alive(r.owner) && r.owner != std::process::id() {
+            continue;
+        }
+        remove_netns(&r);
+        let _ = std::fs::remove_file(&path);
+        removed.push(r.netns);
+    }
+    // Namespaces named by weft with no record (killed between making one and recording it).
+    let listed = ip(&["netns", "list"]).unwrap_or_default();
+    let recorded: Vec<String> = records().into_iter().map(|(_, r)| r.netns).collect();
+    for name in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name.starts_with("weft-i-") && !recorded.iter().any(|r| r == name) {
+            let orphan = Record {
+                netns: name.to_owned(),
+                veth: String::new(),
+                address: Ipv4Addr::UNSPECIFIED,
+                owner: 0,
+                host: 0,
+            };
+            remove_netns(&orphan);
+            removed.push(name.to_owned());
+        }
+    }
+    let host = this_netns();
+    if !records().iter().any(|(_, r)| r.host == host) && ip(&["link", "show", BRIDGE]).is_ok() {
+        let _ = ip(&["link", "del", BRIDGE]);
+    }
+    removed
+}
+
+fn remove_netns(r: &Record) {
+    let _ = ip(&["netns", "del", &r.netns]);
+    if !r.veth.is_empty() {
+        // Gone with the namespace's end; only a half-made pair is left here.
+        let _ = ip(&["link", "del", &r.veth]);
+    }
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&r.netns));
+}
+
+impl InstanceNet {
+    /// Makes instance `id`'s namespace with an address from `range`, joined to this
+    /// namespace's bridge (made if missing), with `resolv.conf` naming the sidecar's resolver.
+    /// What a killed `weft run` left is removed first.
+    pub fn create(id: &str, range: Range) -> anyhow::Result<InstanceNet> {
+        let _lock = StateLock::take()?;
+        cleanup_locked();
+        let host = this_netns();
+        let used: Vec<Ipv4Addr> =
+            records().into_iter().filter(|(_, r)| r.host == host).map(|(_, r)| r.address).collect();
+        let address = range.hosts().find(|a| !used.contains(a)).with_context(|| {
+            format!("every address of {range} is in use by an instance; give --netns-range a larger one")
+        })?;
+        let suffix = weft_proxy::crypto::random_hex(4);
+        let netns = format!("weft-i-{}-{suffix}", sanitize(id));
+        let record =
+            Record { netns: netns.clone(), veth: format!("wv{suffix}"), address, owner: std::process::id(), host };
+        // Recorded before anything is made, so whatever happens next can be cleaned up.
+        let path = Path::new(STATE_DIR).join(format!("{netns}.json"));
+        std::fs::write(&path, serde_json::to_vec(&record)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let net = InstanceNet { record, range };
+        net.build().with_context(|| format!("cannot set up the network namespace {netns}"))?;
+        Ok(net)
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        let r = &self.record;
+        let gateway = self.range.gateway();
+        if ip(&["link", "show", BRIDGE]).is_err() {
+            ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+            ip(&["addr", "add", &format!("{gateway}/{}", self.range.prefix), "dev", BRIDGE])?;
+            ip(&["link", "set", BRIDGE, "up"])?;
+        }
+        ip(&["netns", "add", &r.netns])?;
+        ip(&["link", "add", &r.veth, "type", "veth", "peer", "name", "eth0", "netns", &r.netns])?;
+        ip(&["link", "set", &r.veth, "master", BRIDGE, "up"])?;
+        let inside = |args: &[&str]| run(&mut in_netns(&r.netns, "ip", args));
+        inside(&["link", "set", "lo", "up"])?;
+        inside(&["addr", "add", &format!("{}/{}", r.address, self.range.prefix), "dev", "eth0"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["route", "add", "default", "via", &gateway.to_string()])?;
+        // `ip netns exec` shows processes this file as /etc/resolv.conf: the sidecar's resolver.
+        let etc = Path::new("/etc/netns").join(&r.netns);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            "# weft: the sidecar answers mesh names and forwards the rest\nnameserver 127.0.0.1\noptions edns0\n",
+        )?;
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.record.netns
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        self.record.address
+    }
+
+    /// Installs the capture rules inside the namespace and checks that they are in force.
+    /// `control`: the control plane's address, which the sidecar reaches directly.
+    pub fn capture(&self, control: &[SocketAddr]) -> anyhow::Result<()> {
+        let rules = capture_rules(control);
+        let mut restore = in_netns(&self.record.netns, &iptables_restore(), &["--noflush"]);
+        restore
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = restore.spawn().with_context(|| format!("cannot run {}", iptables_restore()))?;
+        use std::io::Write;
+        child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{} refused the capture rules: {}", iptables_restore(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let save = format!("{}-save", iptables());
+        let saved = run(&mut in_netns(&self.record.netns, &save, &["-t", "nat"]))?;
+        let expected = rules.lines().filter(|l| l.starts_with("-A ")).count();
+        let found = saved.lines().filter(|l| l.starts_with("-A ") && l.contains("WEFT")).count();
+        if found != expected {
+            bail!(
+                "the capture rules are not in force after {}: {found} of {expected} rules found by {save}",
+                iptables_restore()
+            );
+        }
+        Ok(())
+    }
+
+    /// The command that runs `program` inside the namespace (with its resolv.conf).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.record.netns]).arg(program);
+        c
+    }
+}
+
+impl Drop for InstanceNet {
+    fn drop(&mut self) {
+        let Ok(_lock) = StateLock::take() else { return };
+        remove_netns(&self.record);
+        let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", self.record.netns)));
+        let host = this_netns();
+        if !records().iter().any(|(_, r)| r.host == host) {
+            let _ = ip(&["link", "del", BRIDGE]);
+        }
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(24).collect()
+}
+
+/// The nat table rules of an instance's namespace (iptables-restore input).
+fn capture_rules(control: &[SocketAddr]) -> String {
+    let p = capture_ports();
+    let mut r = String::from("*nat\n:WEFT_INBOUND - [0:0]\n:WEFT_OUTPUT - [0:0]\n");
+    r += "-A PREROUTING -p tcp -j WEFT_INBOUND\n";
+    for own in [p.inbound, p.admin] {
+        r += &format!("-A WEFT_INBOUND -p tcp --dport {own} -j RETURN\n");
+    }
+    r += &format!("-A WEFT_INBOUND -p tcp -j REDIRECT --to-ports {}\n", p.inbound);
+    r += "-A OUTPUT -j WEFT_OUTPUT\n";
+    r += &format!("-A WEFT_OUTPUT -m mark --mark {CAPTURE_MARK:#x} -j RETURN\n");
+    for proto in ["udp", "tcp"] {
+        r += &format!("-A WEFT_OUTPUT -p {proto} --dport 53 -j REDIRECT --to-ports {}\n", p.dns);
+    }
+    for c in control {
+        r += &format!("-A WEFT_OUTPUT -d {}/32 -p tcp --dport {} -j RETURN\n", c.ip(), c.port());
+    }
+    r += "-A WEFT_OUTPUT -d 127.0.0.0/8 -j RETURN\n";
+    r += &format!("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports {}\n", p.outbound);
+    r += "COMMIT\n";
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_with_clear_errors() {
+        let r: Range = "10.240.7.9/16".parse().unwrap();
+        assert_eq!(r.to_string(), "10.240.0.0/16");
+        assert_eq!(r.gateway(), Ipv4Addr::new(10, 240, 0, 1));
+        assert_eq!(r.hosts().next(), Some(Ipv4Addr::new(10, 240, 0, 2)));
+        let small: Range = "10.1.2.0/30".parse().unwrap();
+        assert_eq!(small.hosts().collect::<Vec<_>>(), vec![Ipv4Addr::new(10, 1, 2, 2)]);
+        for bad in ["10.240.0.0", "10.240.0.0/31", "fd00::/64", "10.240.0.0/x"] {
+            let e = bad.parse::<Range>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_sidecar_its_resolver_and_the_control_plane_are_never_captured() {
+        let rules = capture_rules(&["10.240.0.1:15010".parse().unwrap()]);
+        let lines: Vec<&str> = rules.lines().collect();
+        let at =
+            |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {rules}"));
+        let redirect = at("--to-ports 15001");
+        assert!(at("--mark 0x1337") < redirect);
+        assert!(at("-d 10.240.0.1/32 -p tcp --dport 15010 -j RETURN") < redirect);
+        assert!(at("-d 127.0.0.0/8") < redirect);
+        assert!(at("--mark") < at("--dport 53"), "the resolver's own queries go out");
+        assert!(at("--dport 15006 -j RETURN") < at("REDIRECT --to-ports 15006"));
+    }
+}
