@@ -76,7 +76,9 @@ struct Mesh {
     host: Host,
     dir: TestDir,
     _control: Proc,
+    /// The control plane as the CLI on its host reaches it, and as instances do.
     control: String,
+    reached_at: String,
     ca: String,
     admin: String,
 }
@@ -87,6 +89,12 @@ const GATEWAY: &str = "10.240.0.1";
 impl Mesh {
     fn start(tag: &str) -> Option<Mesh> {
         let host = Host::new(tag)?;
+        Some(Mesh::start_on(host, tag, GATEWAY))
+    }
+
+    /// A control plane on `host`, reached by instances at `address` (named in its
+    /// certificate).
+    fn start_on(host: Host, tag: &str, address: &str) -> Mesh {
         let dir = TestDir::new(&format!("transparent-{tag}"));
         let data = dir.path.join("control");
         let port = free_port();
@@ -94,21 +102,21 @@ impl Mesh {
             &dir,
             "control",
             host.cmd(weft_bin())
-                .args(["control", "--listen", &format!("0.0.0.0:{port}"), "--server-name", GATEWAY])
+                .args(["control", "--listen", &format!("0.0.0.0:{port}"), "--server-name", address])
                 .arg("--data-dir")
                 .arg(&data),
         );
         let token = data.join("admin.token");
         wait_until(Duration::from_secs(20), "the control plane", || token.exists());
-        let m = Mesh {
+        Mesh {
+            reached_at: format!("{address}:{port}"),
             control: format!("127.0.0.1:{port}"),
             ca: data.join("ca/trust-bundle.pem").display().to_string(),
             admin: std::fs::read_to_string(&token).unwrap().trim().to_owned(),
             host,
             dir,
             _control: control,
-        };
-        Some(m)
+        }
     }
 
     fn weft(&self, args: &[&str]) -> Output {
@@ -122,16 +130,20 @@ impl Mesh {
 
     /// `weft run --transparent` of `app` as an instance of `service`.
     fn instance(&self, service: &str, port: u16, app: &[&str]) -> Proc {
+        self.instance_on(&self.host, &[], service, port, app)
+    }
+
+    /// The same on `host`, with `flags` for `weft run`.
+    fn instance_on(&self, host: &Host, flags: &[&str], service: &str, port: u16, app: &[&str]) -> Proc {
         let token = stdout(&self.weft(&["token", "create", "--service", service])).trim().to_owned();
         assert!(!token.is_empty(), "a join token for {service}");
-        let control = self.control.replace("127.0.0.1", GATEWAY);
         Proc::spawn(
             &self.dir,
-            service,
-            self.host
-                .cmd(weft_bin())
+            &format!("{service}-{}", fastrand_suffix()),
+            host.cmd(weft_bin())
                 .args(["run", "--transparent", "--service", service, "--port", &port.to_string()])
-                .args(["--control", &control, "--ca-file", &self.ca, "--"])
+                .args(flags)
+                .args(["--control", &self.reached_at, "--ca-file", &self.ca, "--"])
                 .args(app)
                 .env("WEFT_TOKEN", token),
         )
@@ -149,9 +161,75 @@ impl Mesh {
     }
 
     fn metrics(&self, instance_ip: &str) -> String {
-        stdout(&self.host.run("curl", &["-s", &format!("http://{instance_ip}:15020/metrics")]))
+        metrics_from(&self.host, instance_ip)
+    }
+
+    /// The addresses of `service`'s healthy instances.
+    fn instance_ips(&self, service: &str) -> Vec<String> {
+        let mut ips: Vec<String> = self
+            .endpoints(service)
+            .iter()
+            .filter_map(|e| e["registration"]["inbound"].as_str()?.split(':').next().map(str::to_owned))
+            .collect();
+        ips.sort();
+        ips
     }
 }
+
+/// An instance's metrics, read from `host` (where its bridge is).
+fn metrics_from(host: &Host, instance_ip: &str) -> String {
+    stdout(&host.run("curl", &["-s", &format!("http://{instance_ip}:15020/metrics")]))
+}
+
+fn fastrand_suffix() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Simulated hosts joined by a switch (a bridge in a namespace of its own): host `h` is
+/// 10.99.0.h on it, its instances get 10.240.h.0/24 (its bridge 10.240.h.1), and every host
+/// routes the others' instance ranges to them, as a network of real hosts would.
+struct Fabric {
+    hosts: Vec<Host>,
+    _switch: Host,
+}
+
+impl Fabric {
+    fn new(tag: &str, n: u8) -> Option<Fabric> {
+        let switch = Host::new(&format!("{tag}-sw"))?;
+        assert!(switch.run("ip", &["link", "add", "br0", "type", "bridge"]).status.success());
+        assert!(switch.run("ip", &["link", "set", "br0", "up"]).status.success());
+        let mut hosts = Vec::new();
+        for h in 1..=n {
+            let host = Host::new(&format!("{tag}-h{h}"))?;
+            let port = format!("p{h}");
+            let made =
+                switch.run("ip", &["link", "add", &port, "type", "veth", "peer", "name", "fab", "netns", &host.name]);
+            assert!(made.status.success(), "{}", stderr(&made));
+            assert!(switch.run("ip", &["link", "set", &port, "master", "br0", "up"]).status.success());
+            for args in
+                [vec!["addr", "add", &*format!("10.99.0.{h}/24"), "dev", "fab"], vec!["link", "set", "fab", "up"]]
+            {
+                let out = host.run("ip", &args);
+                assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+            }
+            assert!(host.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).status.success());
+            for other in (1..=n).filter(|o| *o != h) {
+                let out = host
+                    .run("ip", &["route", "add", &format!("10.240.{other}.0/24"), "via", &format!("10.99.0.{other}")]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
+            hosts.push(host);
+        }
+        Some(Fabric { hosts, _switch: switch })
+    }
+}
+
+/// A gRPC call of an unmodified grpcio client: Demo/Hello to `target`; the reply's bytes.
+const GRPC_HELLO: &str = "import grpc, sys\n\
+channel = grpc.insecure_channel(sys.argv[1])\n\
+reply = channel.unary_unary('/weft.demo.v1.Demo/Hello')(b'\\x0a\\x04mesh', timeout=15)\n\
+print(reply.decode('utf-8', 'replace'))\n";
 
 fn demo_app(service: &str) -> Vec<String> {
     vec![weft_bin().display().to_string(), "demo-app".into(), "--service".into(), service.into()]
@@ -223,4 +301,92 @@ fn a_killed_instance_leaves_nothing_after_cleanup() {
     assert!(stdout(&out).contains("weft-i-leftover-"), "cleanup names what it removed: {}", stdout(&out));
     assert!(instance_netns("leftover").is_empty());
     assert_eq!(stdout(&mesh.host.run("ip", &["-o", "link"])), links_before, "the bridge and veth are gone");
+}
+
+/// Three hosts: the control plane and a client on the first, a backend instance on each of
+/// the others. The unmodified client reaches backend by name with curl, Python and grpcio,
+/// over mutual TLS across hosts, balanced over both; its direct call to an instance's address
+/// goes through both sidecars; a plaintext client on a host is refused while backend is
+/// strict and served once it is permissive.
+#[test]
+fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
+    let Some(fabric) = Fabric::new("mh", 3) else { return };
+    let [h1, h2, h3] = &fabric.hosts[..] else { unreachable!() };
+    let host = Host { name: h1.name.clone() };
+    let mesh = Mesh::start_on(host, "multi-host", "10.99.0.1");
+    let backend_app = demo_app("backend");
+    let backend_app: Vec<&str> = backend_app.iter().map(String::as_str).collect();
+    let (r1, r2, r3) = ("10.240.1.0/24", "10.240.2.0/24", "10.240.3.0/24");
+    let _b2 = mesh.instance_on(h2, &["--netns-range", r2], "backend", 8080, &backend_app);
+    let _b3 = mesh.instance_on(h3, &["--netns-range", r3], "backend", 8080, &backend_app);
+    let client_app = demo_app("client");
+    let client_app: Vec<&str> = client_app.iter().map(String::as_str).collect();
+    let _client = mesh.instance_on(h1, &["--netns-range", r1], "client", 8080, &client_app);
+    wait_until(Duration::from_secs(60), "two backends and the client healthy", || {
+        mesh.endpoints("backend").len() == 2 && mesh.endpoints("client").len() == 1
+    });
+    let backends = mesh.instance_ips("backend");
+    assert_eq!(backends, ["10.240.2.2", "10.240.3.2"], "one backend on each of the other hosts");
+    let client_ns = instance_netns("client");
+    assert_eq!(client_ns.len(), 1, "{client_ns:?}");
+    let client_ns = &client_ns[0];
+
+    // curl by name, 20 times: every call answered, by both instances.
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let out = in_netns(client_ns, "curl", &["-s", "-w", " %{http_code}", "http://backend/"]);
+        let body = stdout(&out);
+        assert!(
+            body.ends_with(" 200") && body.contains("hello from backend"),
+            "curl http://backend/: {body} {}",
+            stderr(&out)
+        );
+        let instance = body.split("(instance ").nth(1).and_then(|r| r.split(')').next()).unwrap_or_default();
+        served_by.insert(instance.to_owned());
+    }
+    assert_eq!(served_by.len(), 2, "balanced across both hosts' instances: {served_by:?}");
+    let py = "import urllib.request; print(urllib.request.urlopen('http://backend.default/').status)";
+    let out = in_netns(client_ns, "python3", &["-c", py]);
+    assert_eq!(stdout(&out).trim(), "200", "{}", stderr(&out));
+    let python = python().display().to_string();
+    let out = in_netns(client_ns, &python, &["-c", GRPC_HELLO, "dns:///backend:50051"]);
+    assert!(stdout(&out).contains("backend"), "grpcio dns:///backend:50051: {} {}", stdout(&out), stderr(&out));
+    let out = in_netns(client_ns, "getent", &["hosts", "backend.default.svc.weft.local"]);
+    assert!(stdout(&out).starts_with("240.240."), "a virtual IP: {}", stdout(&out));
+
+    // Each backend's sidecar saw the client's SPIFFE identity: mutual TLS across hosts.
+    let client_id = "spiffe://weft.local/ns/default/sa/client";
+    let from_client = |m: &str| {
+        metric_sum(m, "weft_requests_total", &["direction=\"inbound\"", &format!("peer_identity=\"{client_id}\"")])
+    };
+    for (host, ip) in [(h2, &backends[0]), (h3, &backends[1])] {
+        wait_until(Duration::from_secs(10), "backend counts the client's requests", || {
+            from_client(&metrics_from(host, ip)) >= 1.0
+        });
+    }
+
+    // Calling an instance's address and app port directly still goes through both sidecars.
+    let opened = |host: &Host, ip: &str| {
+        metric_sum(&metrics_from(host, ip), "weft_tcp_connections_opened_total", &["direction=\"inbound\""])
+    };
+    let before = opened(h2, &backends[0]);
+    let direct = format!("http://{}:8080/", backends[0]);
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
+    assert_eq!(stdout(&out), "200", "{direct}: {}", stderr(&out));
+    assert!(opened(h2, &backends[0]) > before, "the direct call reached the instance's sidecar");
+
+    // A plaintext client outside the mesh (host 3 itself) is refused while backend is strict
+    // (the default) and served once it is permissive.
+    let plain =
+        |host: &Host| stdout(&host.run("curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct]));
+    assert_ne!(plain(h3), "200", "a plaintext client reached backend's app around its sidecar");
+    let permissive = mesh.dir.path.join("permissive.yaml");
+    std::fs::write(
+        &permissive,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {mtls: permissive}\n",
+    )
+    .unwrap();
+    let out = mesh.weft(&["apply", "-f", permissive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(Duration::from_secs(10), "permissive backend serves plaintext", || plain(h3) == "200");
 }
