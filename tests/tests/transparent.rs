@@ -54,10 +54,10 @@ impl Drop for Host {
     }
 }
 
-/// The namespaces weft made for instances of `service`.
+/// The namespaces weft made for instances of `service` (of any service: "").
 fn instance_netns(service: &str) -> Vec<String> {
     let list = stdout(&run("ip", &["netns", "list"]));
-    let prefix = format!("weft-i-{service}-");
+    let prefix = if service.is_empty() { "weft-i-".to_owned() } else { format!("weft-i-{service}-") };
     list.lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|n| n.starts_with(&prefix))
@@ -235,72 +235,158 @@ fn demo_app(service: &str) -> Vec<String> {
     vec![weft_bin().display().to_string(), "demo-app".into(), "--service".into(), service.into()]
 }
 
+/// What is not the mesh's, as a transparent app meets it: names outside the mesh are asked of
+/// the host's resolver (here one on the host, given with --dns-upstream), mesh names are
+/// answered over TCP too, and a server outside the mesh is reached unchanged, counted as
+/// passthrough by the caller's sidecar.
 #[test]
-fn an_unmodified_app_reaches_a_service_by_name_through_both_sidecars() {
-    let Some(mesh) = Mesh::start("by-name") else { return };
+fn names_and_destinations_outside_the_mesh() {
+    let Some(mesh) = Mesh::start("outside") else { return };
     let backend_app = demo_app("backend");
     let backend_app: Vec<&str> = backend_app.iter().map(String::as_str).collect();
     let _backend = mesh.instance("backend", 8080, &backend_app);
+    wait_until(Duration::from_secs(30), "backend healthy", || mesh.endpoints("backend").len() == 1);
+    // The host's resolver and a web server outside the mesh, on the host (the bridge is up).
+    let dns_check = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/dns_check.py");
+    let dns_check = dns_check.to_str().unwrap();
+    let _resolver = Proc::spawn(
+        &mesh.dir,
+        "resolver",
+        mesh.host.cmd("python3").args([dns_check, "serve", "0.0.0.0:5353", "outside.example", "192.0.2.7"]),
+    );
+    let web_port = free_port().to_string();
+    let _web = Proc::spawn(
+        &mesh.dir,
+        "web",
+        mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
+    );
     let client_app = demo_app("client");
     let client_app: Vec<&str> = client_app.iter().map(String::as_str).collect();
-    let _client = mesh.instance("client", 8080, &client_app);
-    wait_until(Duration::from_secs(30), "backend and client healthy", || {
-        mesh.endpoints("backend").len() == 1 && mesh.endpoints("client").len() == 1
-    });
-    let backend_ip =
-        mesh.endpoints("backend")[0]["registration"]["inbound"].as_str().unwrap().split(':').next().unwrap().to_owned();
+    let upstream = format!("{GATEWAY}:5353");
+    let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "client", 8080, &client_app);
+    wait_until(Duration::from_secs(30), "client healthy", || mesh.endpoints("client").len() == 1);
     let client_ns = instance_netns("client");
     assert_eq!(client_ns.len(), 1, "{client_ns:?}");
     let client_ns = &client_ns[0];
+    let client_ip = mesh.instance_ips("client")[0].clone();
 
-    // curl (glibc's resolver) and Python by the mesh's names, as the app would in production.
     let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://backend/"]);
     assert_eq!(stdout(&out), "200", "curl http://backend/: {}", stderr(&out));
-    let py = "import urllib.request; print(urllib.request.urlopen('http://backend.default/').status)";
-    let out = in_netns(client_ns, "python3", &["-c", py]);
-    assert_eq!(stdout(&out).trim(), "200", "{}", stderr(&out));
-    let out = in_netns(client_ns, "getent", &["hosts", "backend.default.svc.weft.local"]);
-    assert!(stdout(&out).starts_with("240.240."), "a virtual IP: {}", stdout(&out));
+    let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "backend"]))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(vip.starts_with("240.240."), "backend's virtual IP: {vip:?}");
+    let services = stdout(&mesh.weft(&["get", "services"]));
+    assert!(
+        services.lines().any(|l| l.starts_with("backend") && l.ends_with(&vip)),
+        "weft get services shows it:\n{services}"
+    );
+    let out = in_netns(client_ns, "python3", &[dns_check, "ask-tcp", "127.0.0.1", "backend.default"]);
+    assert_eq!(stdout(&out).trim(), vip, "mesh DNS over TCP: {}", stderr(&out));
+    let out = in_netns(client_ns, "getent", &["hosts", "outside.example"]);
+    assert!(
+        stdout(&out).starts_with("192.0.2.7"),
+        "forwarded to the host's resolver: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = in_netns(client_ns, "getent", &["hosts", "nothing.default.svc.weft.local"]);
+    assert!(!out.status.success(), "the mesh's zone has no such service: {}", stdout(&out));
 
-    // Backend's sidecar saw the client's SPIFFE identity: mutual TLS all the way.
-    let client_id = "spiffe://weft.local/ns/default/sa/client";
-    let served = |m: &str| {
-        metric_sum(m, "weft_requests_total", &["direction=\"inbound\"", &format!("peer_identity=\"{client_id}\"")])
-    };
-    wait_until(Duration::from_secs(10), "backend counts the client's requests", || {
-        served(&mesh.metrics(&backend_ip)) >= 2.0
+    // A server outside the mesh: reached unchanged, and counted.
+    let passthrough = |m: &str| metric_sum(m, "weft_tcp_connections_opened_total", &["service=\"passthrough\""]);
+    let before = passthrough(&mesh.metrics(&client_ip));
+    let outside = format!("http://{GATEWAY}:{web_port}/");
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &outside]);
+    assert_eq!(stdout(&out), "200", "{outside}: {}", stderr(&out));
+    assert_eq!(passthrough(&mesh.metrics(&client_ip)), before + 1.0, "counted as passthrough");
+
+    // registry-only: the same call is refused, and counted; the mesh is still reached.
+    let policy = mesh.dir.path.join("registry-only.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: client}\nspec: {egress: registry-only}\n",
+    )
+    .unwrap();
+    let out = mesh.weft(&["apply", "-f", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = |m: &str| metric_sum(m, "weft_proxy_errors_total", &["reason=\"egress-refused\""]);
+    wait_until(Duration::from_secs(10), "the outside server refused", || {
+        let out = in_netns(client_ns, "curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &outside]);
+        stdout(&out) != "200" && refused(&mesh.metrics(&client_ip)) >= 1.0
     });
-
-    // Calling backend's instance address and app port directly still goes through both sidecars.
-    let before =
-        metric_sum(&mesh.metrics(&backend_ip), "weft_tcp_connections_opened_total", &["direction=\"inbound\""]);
-    let direct = format!("http://{backend_ip}:8080/");
-    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
-    assert_eq!(stdout(&out), "200", "{direct}: {}", stderr(&out));
-    let after = metric_sum(&mesh.metrics(&backend_ip), "weft_tcp_connections_opened_total", &["direction=\"inbound\""]);
-    assert!(after > before, "the direct call reached backend's sidecar ({before} → {after})");
-
-    // A plaintext client outside the mesh (the host) is refused: backend is strict.
-    let out = mesh.host.run("curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
-    assert_ne!(stdout(&out), "200", "a plaintext client reached backend's app around its sidecar");
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://backend/"]);
+    assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
+/// What weft made, as `ip` and iptables/nftables show it: the namespaces of `leftover`
+/// instances (this test's; others run beside it) and the host's links, addresses and rules.
+fn made_state(host: &Host) -> String {
+    let mut state = instance_netns("leftover").join("\n");
+    for (program, args) in [
+        ("ip", vec!["-o", "link"]),
+        ("ip", vec!["-o", "addr"]),
+        ("ip", vec!["route"]),
+        ("iptables-save", vec![]),
+        ("nft", vec!["list", "ruleset"]),
+    ] {
+        let out = host.run(program, &args);
+        // iptables-save dates its output: the rules are what counts.
+        let text: String = stdout(&out).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+        state += &format!("\n== {program} {args:?}\n{text}");
+    }
+    state
+}
+
+/// After SIGKILL of `weft run`, `weft cleanup` or the next start leaves the host as it was;
+/// after SIGKILL of the sidecar alone, `weft run` cleans up itself; after SIGTERM, too.
 #[test]
-fn a_killed_instance_leaves_nothing_after_cleanup() {
+fn a_killed_instance_leaves_nothing_behind() {
     let Some(mesh) = Mesh::start("cleanup") else { return };
-    let links_before = stdout(&mesh.host.run("ip", &["-o", "link"]));
+    let before = made_state(&mesh.host);
     let app = demo_app("leftover");
     let app: Vec<&str> = app.iter().map(String::as_str).collect();
+    let healthy = |n: usize| {
+        wait_until(Duration::from_secs(30), "the instance healthy", || mesh.endpoints("leftover").len() == n);
+    };
+
+    // SIGKILL of weft run, then weft cleanup.
     let mut instance = mesh.instance("leftover", 8080, &app);
-    wait_until(Duration::from_secs(30), "the instance healthy", || mesh.endpoints("leftover").len() == 1);
+    healthy(1);
     assert_eq!(instance_netns("leftover").len(), 1);
     instance.kill();
     assert_eq!(instance_netns("leftover").len(), 1, "a SIGKILLed weft run cannot clean up after itself");
     let out = mesh.host.cmd(weft_bin()).arg("cleanup").output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("weft-i-leftover-"), "cleanup names what it removed: {}", stdout(&out));
-    assert!(instance_netns("leftover").is_empty());
-    assert_eq!(stdout(&mesh.host.run("ip", &["-o", "link"])), links_before, "the bridge and veth are gone");
+    assert!(stdout(&out).contains("removed weft-i-leftover-"), "cleanup names what it removed: {}", stdout(&out));
+    assert_eq!(made_state(&mesh.host), before, "weft cleanup left the host as it was");
+
+    // SIGKILL of weft run, then a fresh start: it removes what the killed one left.
+    let mut killed = mesh.instance("leftover", 8080, &app);
+    wait_until(Duration::from_secs(30), "a namespace", || instance_netns("leftover").len() == 1);
+    let left = instance_netns("leftover");
+    killed.kill();
+    let mut fresh = mesh.instance("leftover", 8080, &app);
+    wait_until(Duration::from_secs(30), "the fresh start removed the leftover", || {
+        let now = instance_netns("leftover");
+        now.len() == 1 && now != left
+    });
+    // SIGTERM: the instance stops and weft run removes its namespace.
+    healthy(1);
+    assert_eq!(fresh.stop(), Some(0), "weft run exits 0 after a SIGTERM");
+    assert_eq!(made_state(&mesh.host), before, "a stopped weft run left the host as it was");
+
+    // SIGKILL of the sidecar alone: weft run sees it go and cleans up.
+    let mut instance = mesh.instance("leftover", 8080, &app);
+    healthy(1);
+    let sidecar = instance.children()[0];
+    let exe = std::fs::read_link(format!("/proc/{sidecar}/exe")).unwrap();
+    assert!(exe.ends_with("weft-proxy"), "weft run's child is its sidecar: {}", exe.display());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sidecar), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(instance.wait(Duration::from_secs(10)), Some(137), "weft run reports its sidecar's end");
+    assert_eq!(made_state(&mesh.host), before, "weft run cleaned up after its killed sidecar");
 }
 
 /// Three hosts: the control plane and a client on the first, a backend instance on each of

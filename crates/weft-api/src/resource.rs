@@ -30,7 +30,7 @@ pub use route::{
     PathMatch, PathMatchType, PathModifier, PathModifierType, RequestMirror, RequestRedirect, UrlRewrite,
 };
 pub use service::{
-    ConsistentHash, DEFAULT_CONNECT_TIMEOUT, EscapedSlashes, LoadBalancer, LocalityPolicy, MtlsMode, Protocol,
+    ConsistentHash, DEFAULT_CONNECT_TIMEOUT, Egress, EscapedSlashes, LoadBalancer, LocalityPolicy, MtlsMode, Protocol,
     ServiceSelector, ServiceSpec,
 };
 pub use telemetry::{AccessLogSpec, DEFAULT_TRACE_SAMPLING_PERCENT, TelemetrySpec, TracingSpec};

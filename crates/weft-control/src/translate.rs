@@ -575,7 +575,8 @@ impl Config {
             out.insert(name.clone(), Res::new(name, &l));
         }
         if let Some(capture) = &reg.capture {
-            let l = capture_listener(capture);
+            let egress = reg.service.as_deref().and_then(|s| self.spec(s)).map(|s| s.egress).unwrap_or_default();
+            let l = capture_listener(capture, egress);
             out.insert(l.name.clone(), Res::new(l.name.clone(), &l));
         }
         out

@@ -148,8 +148,6 @@ impl Listeners {
     }
 }
 
-// Transparent capture (see [`crate::capture`]).
-
 /// The outbound listeners a captured connection can be handed to, by virtual IP.
 #[derive(Default)]
 pub struct Virtuals {
@@ -213,13 +211,20 @@ impl Capture {
             };
             return Some((Arc::new(pinned), dst));
         }
+        if own.tcp.is_none() && own.http.is_none() {
+            own.metrics.proxy_error("egress-refused");
+            if let Some(left_out) = crate::log_limit::allow("egress-refused") {
+                tracing::info!(destination = %dst, like_it_since_last_line = left_out, "connection to a destination outside the mesh refused: this service's egress is registry-only (one line per 10 s)");
+            }
+            return None;
+        }
         Some((own.clone(), dst))
     }
 }
 
 async fn accept(
     listener: TcpListener,
-    ctx: Arc<ArcSwap<ListenerCtx>>,
+    ctx: SharedCtx,
     limits: Arc<Limits>,
     mut ready: tokio::sync::watch::Receiver<bool>,
 ) {

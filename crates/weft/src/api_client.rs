@@ -137,10 +137,19 @@ pub async fn get(
                 .into_iter()
                 .map(|s| {
                     let declared = if s.declared { "yes" } else { "no" }.to_owned();
-                    vec![s.name, s.instances.to_string(), s.healthy.to_string(), s.protocol, s.load_balancer, declared]
+                    let vip = s.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    vec![
+                        s.name,
+                        s.instances.to_string(),
+                        s.healthy.to_string(),
+                        s.protocol,
+                        s.load_balancer,
+                        declared,
+                        vip,
+                    ]
                 })
                 .collect();
-            table(&["NAME", "INSTANCES", "HEALTHY", "PROTOCOL", "LOAD-BALANCER", "DECLARED"], rows);
+            table(&["NAME", "INSTANCES", "HEALTHY", "PROTOCOL", "LOAD-BALANCER", "DECLARED", "VIRTUAL-IP"], rows);
         }
         "endpoints" | "endpoint" | "ep" => {
             let svc = name.ok_or_else(|| anyhow::anyhow!("which service? usage: weft get endpoints SERVICE"))?;

@@ -26,6 +26,11 @@ fn exec(a: RunArgs) -> anyhow::Error {
 
 async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     preflight()?;
+    // From now on a SIGINT/SIGTERM is this process's to handle: one during the set-up stops
+    // it once the namespace is made, which it then removes.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let control: Vec<SocketAddr> =
         a.proxy.control.to_socket_addrs().map_err(|e| anyhow::anyhow!("--control {}: {e}", a.proxy.control))?.collect();
     if control.iter().any(|c| c.ip().is_loopback()) {
@@ -49,6 +54,12 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let net = InstanceNet::create(args.id.as_deref().unwrap_or(&service), a.netns_range)?;
     net.capture(&control)?;
+    use futures::FutureExt;
+    if term.recv().now_or_never().is_some() || int.recv().now_or_never().is_some() {
+        tracing::info!("stopped before the sidecar started");
+        drop(net);
+        return Ok(ExitCode::from(128 + 15));
+    }
     let ip = std::net::IpAddr::V4(net.address());
     let ports = capture_ports();
     args.app_port = Some(a.port);
@@ -63,9 +74,6 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut child = weft_proxy::supervise::spawn_command(tokio::process::Command::from(cmd))
         .map_err(|e| anyhow::anyhow!("cannot start the sidecar in {}: {e}", net.name()))?;
     let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let status = loop {
         let sig = tokio::select! {
             status = child.wait() => break status?,

@@ -104,6 +104,27 @@ pub struct ServiceSpec {
     /// path to this service, before routing and authorization.
     #[serde(default, skip_serializing_if = "EscapedSlashes::is_keep")]
     pub escaped_slashes: EscapedSlashes,
+    /// What the service's transparent instances may reach outside the mesh.
+    #[serde(default, skip_serializing_if = "Egress::is_allow_any")]
+    pub egress: Egress,
+}
+
+/// `Service.egress` (Istio's `outboundTrafficPolicy`): where a transparent instance's
+/// connections to destinations that are not the mesh's go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Egress {
+    /// Out of the mesh, unchanged (counted as `passthrough`).
+    #[default]
+    AllowAny,
+    /// Refused: the connection is closed, counted as `egress-refused`.
+    RegistryOnly,
+}
+
+impl Egress {
+    fn is_allow_any(&self) -> bool {
+        *self == Egress::AllowAny
+    }
 }
 
 /// `Service.escapedSlashes` (Envoy's `path_with_escaped_slashes_action`).

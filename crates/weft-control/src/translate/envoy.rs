@@ -57,10 +57,10 @@ use weft_api::names;
 use weft_api::resource::{ActiveHealthCheck, DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT};
 use weft_api::resource::{
     ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
-    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON, EscapedSlashes,
-    FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode, OutlierDetection,
-    PathMatchType, PathModifierType, Protocol, RateLimitPolicy, RetryPolicy, ServiceSpec, TokenBucket,
-    TrafficPolicySpec, percent_per_million,
+    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_PANIC_THRESHOLD, DEFAULT_RETRY_ON, Egress,
+    EscapedSlashes, FaultInjection, HeaderMatchType, HttpRouteMatch, HttpRouteRule, LoadBalancer, MtlsMode,
+    OutlierDetection, PathMatchType, PathModifierType, Protocol, RateLimitPolicy, RetryPolicy, ServiceSpec,
+    TokenBucket, TrafficPolicySpec, percent_per_million,
 };
 use weft_api::resource::{DEFAULT_MIN_RETRIES_PER_SECOND, DEFAULT_RETRY_BUDGET_TTL};
 
@@ -982,26 +982,31 @@ pub(super) fn proxy_listener(
 }
 
 /// A transparent instance's capture listener (`use_original_dst`): each connection goes to the
-/// listener of its original destination, and one with none (out of the mesh) through the
-/// filter chain here, a tcp_proxy to the passthrough cluster.
-pub(super) fn capture_listener(addr: &str) -> Listener {
+/// listener of its original destination. One with none (out of the mesh) goes, under
+/// `allow-any`, through the filter chain here, a tcp_proxy to the passthrough cluster; under
+/// `registry-only` it matches no chain and is closed.
+pub(super) fn capture_listener(addr: &str, egress: Egress) -> Listener {
     let tcp = TcpProxy {
         stat_prefix: "passthrough".to_owned(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(names::PASSTHROUGH_CLUSTER.to_owned())),
+        ..Default::default()
+    };
+    let passthrough = FilterChain {
+        name: "passthrough".to_owned(),
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".to_owned(),
+            config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
+        }],
         ..Default::default()
     };
     Listener {
         name: names::CAPTURE_LISTENER.to_owned(),
         address: Some(socket_address(addr)),
         use_original_dst: Some(BoolValue { value: true }),
-        filter_chains: vec![FilterChain {
-            name: "passthrough".to_owned(),
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".to_owned(),
-                config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
-            }],
-            ..Default::default()
-        }],
+        filter_chains: match egress {
+            Egress::AllowAny => vec![passthrough],
+            Egress::RegistryOnly => vec![],
+        },
         traffic_direction: TrafficDirection::Outbound as i32,
         ..Default::default()
     }

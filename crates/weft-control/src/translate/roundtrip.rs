@@ -1010,6 +1010,13 @@ fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passth
     let passthrough = weft_proxy::config::cluster(&clusters[weft_api::names::PASSTHROUGH_CLUSTER].any).unwrap();
     assert!(passthrough.original_dst && passthrough.static_endpoints.is_none());
     assert!(clusters.contains_key("b"), "a transparent instance may call every service");
+    // registry-only: the capture listener has no chain for what is not the mesh's.
+    let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "t"}, "spec": {"egress": "registry-only"}});
+    mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
+    let snapshot = mesh.subscribe().borrow().clone();
+    let listeners = snapshot.available(Type::Listener, Some(&t));
+    let closed = weft_proxy::config::listener(&listeners[weft_api::names::CAPTURE_LISTENER].any).unwrap();
+    assert!(closed.use_original_dst && closed.tcp_cluster.is_none() && closed.http.is_none());
     // An instance with explicit upstreams (none here) gets nothing of it.
     assert!(!snapshot.available(Type::Listener, Some(&b)).keys().any(|k| k.starts_with("outbound|")));
     assert!(!snapshot.available(Type::Cluster, Some(&b)).contains_key(weft_api::names::PASSTHROUGH_CLUSTER));

@@ -233,7 +233,8 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         }
     }
     def.policy = Arc::new(policy.unwrap_or_default());
-    if def.http.is_none() && def.tcp_cluster.is_none() {
+    // A capture listener without chains closes what is not the mesh's (`registry-only`).
+    if def.http.is_none() && def.tcp_cluster.is_none() && !(def.use_original_dst && l.filter_chains.is_empty()) {
         return Err(bad("has neither an HTTP connection manager nor a tcp_proxy filter".into()));
     }
     if def.service.is_empty() {
