@@ -134,6 +134,7 @@ fn main() {
         admin: None,
         labels: [("version".to_owned(), version.to_owned())].into(),
         upstreams: vec![Upstream { service: "backend".into(), listen: "127.0.0.1:9000".into() }],
+        capture: None,
         healthy: true,
     };
     let frontend = reg("frontend", 7000, "v1");
@@ -141,10 +142,22 @@ fn main() {
     mesh.connect("backend-1", backend.clone(), 1, None).expect("registered");
     mesh.connect("backend-2", reg("backend", 7002, "v2"), 2, None).expect("registered");
     mesh.connect("frontend-1", frontend.clone(), 3, None).expect("registered");
+    // A transparent instance: its capture listener, virtual listeners and passthrough cluster.
+    let transparent = InstanceRegistration {
+        upstreams: vec![],
+        capture: Some("127.0.0.1:15001".into()),
+        ..reg("client", 7003, "v1")
+    };
+    mesh.connect("client-1", transparent.clone(), 4, None).expect("registered");
     let snapshot = mesh.subscribe().borrow().clone();
     for (kind, t) in [Type::Listener, Type::Route, Type::Cluster, Type::Endpoint, Type::Secret].into_iter().enumerate()
     {
-        for (node, who) in [(Some(&frontend), "frontend"), (Some(&backend), "backend"), (None, "shared")] {
+        for (node, who) in [
+            (Some(&frontend), "frontend"),
+            (Some(&backend), "backend"),
+            (Some(&transparent), "client"),
+            (None, "shared"),
+        ] {
             for (name, res) in snapshot.available(t, node) {
                 let mut seed = vec![kind as u8];
                 seed.extend_from_slice(&res.any.value);

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proxy::authz::{Authz, Match, PolicyDef, What, Who};
 use weft_proxy::config::Direction;
-use weft_proxy::inbound::{InboundPolicy, PolicyCell};
 use weft_proxy::config::EscapedSlashes;
+use weft_proxy::inbound::{InboundPolicy, PolicyCell};
 use weft_proxy::path::normalize;
 use weft_proxy::testing::{Behaviour, FakeEndpoints, addr, app_listener, one_cluster, serve};
 
