@@ -242,10 +242,10 @@ fn demo_app(service: &str) -> Vec<String> {
 #[test]
 fn names_and_destinations_outside_the_mesh() {
     let Some(mesh) = Mesh::start("outside") else { return };
-    let backend_app = demo_app("backend");
+    let backend_app = demo_app("store");
     let backend_app: Vec<&str> = backend_app.iter().map(String::as_str).collect();
-    let _backend = mesh.instance("backend", 8080, &backend_app);
-    wait_until(Duration::from_secs(30), "backend healthy", || mesh.endpoints("backend").len() == 1);
+    let _backend = mesh.instance("store", 8080, &backend_app);
+    wait_until(Duration::from_secs(30), "store healthy", || mesh.endpoints("store").len() == 1);
     // The host's resolver and a web server outside the mesh, on the host (the bridge is up).
     let dns_check = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/dns_check.py");
     let dns_check = dns_check.to_str().unwrap();
@@ -260,30 +260,30 @@ fn names_and_destinations_outside_the_mesh() {
         "web",
         mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
     );
-    let client_app = demo_app("client");
+    let client_app = demo_app("shop");
     let client_app: Vec<&str> = client_app.iter().map(String::as_str).collect();
     let upstream = format!("{GATEWAY}:5353");
-    let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "client", 8080, &client_app);
-    wait_until(Duration::from_secs(30), "client healthy", || mesh.endpoints("client").len() == 1);
-    let client_ns = instance_netns("client");
+    let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "shop", 8080, &client_app);
+    wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
+    let client_ns = instance_netns("shop");
     assert_eq!(client_ns.len(), 1, "{client_ns:?}");
     let client_ns = &client_ns[0];
-    let client_ip = mesh.instance_ips("client")[0].clone();
+    let client_ip = mesh.instance_ips("shop")[0].clone();
 
-    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://backend/"]);
-    assert_eq!(stdout(&out), "200", "curl http://backend/: {}", stderr(&out));
-    let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "backend"]))
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
+    assert_eq!(stdout(&out), "200", "curl http://store/: {}", stderr(&out));
+    let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "store"]))
         .split_whitespace()
         .next()
         .unwrap_or_default()
         .to_owned();
-    assert!(vip.starts_with("240.240."), "backend's virtual IP: {vip:?}");
+    assert!(vip.starts_with("240.240."), "store's virtual IP: {vip:?}");
     let services = stdout(&mesh.weft(&["get", "services"]));
     assert!(
-        services.lines().any(|l| l.starts_with("backend") && l.ends_with(&vip)),
+        services.lines().any(|l| l.starts_with("store") && l.ends_with(&vip)),
         "weft get services shows it:\n{services}"
     );
-    let out = in_netns(client_ns, "python3", &[dns_check, "ask-tcp", "127.0.0.1", "backend.default"]);
+    let out = in_netns(client_ns, "python3", &[dns_check, "ask-tcp", "127.0.0.1", "store.default"]);
     assert_eq!(stdout(&out).trim(), vip, "mesh DNS over TCP: {}", stderr(&out));
     let out = in_netns(client_ns, "getent", &["hosts", "outside.example"]);
     assert!(
@@ -307,7 +307,7 @@ fn names_and_destinations_outside_the_mesh() {
     let policy = mesh.dir.path.join("registry-only.yaml");
     std::fs::write(
         &policy,
-        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: client}\nspec: {egress: registry-only}\n",
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: shop}\nspec: {egress: registry-only}\n",
     )
     .unwrap();
     let out = mesh.weft(&["apply", "-f", policy.to_str().unwrap()]);
@@ -317,7 +317,7 @@ fn names_and_destinations_outside_the_mesh() {
         let out = in_netns(client_ns, "curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &outside]);
         stdout(&out) != "200" && refused(&mesh.metrics(&client_ip)) >= 1.0
     });
-    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://backend/"]);
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
@@ -475,4 +475,52 @@ fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
     let out = mesh.weft(&["apply", "-f", permissive.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_until(Duration::from_secs(10), "permissive backend serves plaintext", || plain(h3) == "200");
+}
+
+/// `weft up` with transparent services (README: mesh file, `transparent: true`): the gateway
+/// (explicit upstream, on the host) calls web, whose unmodified app calls `api:80` by
+/// name; stopping `weft up` leaves the host as it was.
+#[test]
+fn weft_up_runs_transparent_services() {
+    let Some(host) = Host::new("up") else { return };
+    let dir = TestDir::new("transparent-up");
+    let (control, gateway) = (free_port(), free_port());
+    let file = dir.path.join("mesh.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"control: {{listen: "127.0.0.1:{control}"}}
+gateway: {{web: {gateway}}}
+services:
+  - name: web
+    transparent: true
+    env: {{WEFT_UPSTREAM: "api:80"}}
+  - name: api
+    transparent: true
+    instances: 2
+"#
+        ),
+    )
+    .unwrap();
+    let before = made_state(&host);
+    let mut up = Proc::spawn(&dir, "up", host.cmd(weft_bin()).arg("up").arg("-f").arg(&file));
+    let log = dir.path.join("up.log");
+    wait_until(Duration::from_secs(90), "weft up banner", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
+            || up.wait(Duration::ZERO).is_some()
+    });
+    let url = format!("http://127.0.0.1:{gateway}/");
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let out = host.run("curl", &["-s", &url]);
+        let body = stdout(&out);
+        assert!(body.contains("hello from web"), "{url}: {body} {}", stderr(&out));
+        assert!(body.contains("upstream (200 OK): hello from api"), "web reached api by name: {body}");
+        backends.extend(body.split("(instance api-").nth(1).and_then(|r| r.split(')').next()).map(str::to_owned));
+    }
+    assert_eq!(backends.len(), 2, "both api instances served: {backends:?}");
+    assert_eq!(instance_netns("web").len() + instance_netns("api").len(), 3);
+    assert_eq!(up.stop(), Some(0), "weft up stops cleanly");
+    assert!(instance_netns("web").is_empty() && instance_netns("api").is_empty());
+    assert_eq!(made_state(&host), before, "weft up left the host as it was");
 }

@@ -33,8 +33,9 @@ pub struct DemoConfig {
     pub service: String,
     pub version: String,
     pub instance: String,
-    /// Address of the local sidecar listener for the upstream service, if this app calls one.
-    pub upstream: Option<SocketAddr>,
+    /// The upstream service this app calls, if any, HOST:PORT: its sidecar's local listener
+    /// (`127.0.0.1:9001`), or, in a transparent instance, the service's name (`backend:80`).
+    pub upstream: Option<String>,
     /// The share of `/` and `/info` requests answered `500` on purpose (0 to 100; exactly
     /// that share, spread evenly), to show failures in metrics and logs.
     pub fail_percent: u8,
@@ -162,7 +163,7 @@ async fn index(State(app): State<Arc<App>>, req: axum::extract::Request) -> Resp
         return failed;
     }
     let mut text = format!("hello from {} via {}\n", app.who(), proto(req.version()));
-    if let Some(up) = app.cfg.upstream {
+    if let Some(up) = &app.cfg.upstream {
         let mut call = axum::http::Request::get(format!("http://{up}/")).body(Body::empty()).expect("valid request");
         for name in TRACE_HEADERS {
             if let Some(v) = req.headers().get(*name) {
@@ -264,7 +265,7 @@ impl Demo for App {
         let (incoming, _, req) = req.into_parts();
         let name = req.name;
         let mut message = format!("hello {name} from {}", self.who());
-        if let Some(up) = self.cfg.upstream {
+        if let Some(up) = &self.cfg.upstream {
             let mut client = DemoClient::connect(format!("http://{up}"))
                 .await
                 .map_err(|e| Status::unavailable(format!("upstream {up}: {e}")))?;

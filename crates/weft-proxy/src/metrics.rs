@@ -37,8 +37,16 @@ struct RequestLabels {
     #[prometheus(flatten)]
     edge: EdgeLabels,
     code: u16,
-    class: &'static str,
+    class: Class,
     grpc_status: Option<u16>,
+}
+
+/// A request's class: `success` or `failure` (as success rates count it, [`RequestRecord::failed`]).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values as Prometheus shows them
+enum Class {
+    success,
+    failure,
 }
 
 /// The calling service: named (outbound, the proxy's own), or read from the caller's SPIFFE ID
@@ -399,7 +407,7 @@ const RECENT: usize = 8;
 impl RequestLabels {
     /// Whether these are the labels of `rec` (of the listener they were made for, so of its
     /// direction), compared in place: a request allocates and clones nothing to find them.
-    fn are_of(&self, rec: &RequestRecord, class: &'static str) -> bool {
+    fn are_of(&self, rec: &RequestRecord, class: Class) -> bool {
         fn same(a: &Option<Arc<str>>, b: Option<&Arc<str>>) -> bool {
             match (a, b) {
                 (Some(a), Some(b)) => a == b,
@@ -473,7 +481,7 @@ impl TrafficMetrics {
             };
             self.root.retries.get_or_create(&l).inc_by(rec.attempts.len() as u64 - 1);
         }
-        let class = if rec.failed() { "failure" } else { "success" };
+        let class = if rec.failed() { Class::failure } else { Class::success };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         match recent.iter().position(|h| h.labels.are_of(rec, class)) {
             Some(i) => recent[..=i].rotate_right(1),
@@ -492,7 +500,7 @@ impl TrafficMetrics {
         recent[0].duration.observe(rec.head_latency.as_secs_f64());
     }
 
-    fn labels_of(&self, rec: &RequestRecord, class: &'static str) -> RequestLabels {
+    fn labels_of(&self, rec: &RequestRecord, class: Class) -> RequestLabels {
         let peer = rec.peer_identity().cloned();
         let edge = EdgeLabels {
             direction: self.labels.direction,

@@ -251,9 +251,10 @@ pub struct DemoAppArgs {
     pub app_version: String,
     #[arg(long, env = "WEFT_INSTANCE")]
     pub instance: Option<String>,
-    /// Upstream to call from `/` and Hello (the local sidecar listener), HOST:PORT.
+    /// Upstream to call from `/` and Hello, HOST:PORT: the local sidecar listener, or a
+    /// service's name in a transparent instance (`backend:80`).
     #[arg(long, env = "WEFT_UPSTREAM")]
-    pub upstream: Option<SocketAddr>,
+    pub upstream: Option<String>,
     /// Answer this share of `/` and `/info` requests with 500, exactly and evenly (0-100).
     #[arg(long, env = "WEFT_DEMO_FAIL_PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub fail_percent: u8,

@@ -93,6 +93,10 @@ pub struct ServiceSection {
     /// Extra environment for the app.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Run each instance in a network namespace of its own with its traffic captured
+    /// (`weft run --transparent`; needs root): the app calls services by name.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 fn one() -> u16 {

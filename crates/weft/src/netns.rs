@@ -262,11 +262,7 @@ impl InstanceNet {
     fn build(&self) -> anyhow::Result<()> {
         let r = &self.record;
         let gateway = self.range.gateway();
-        if ip(&["link", "show", BRIDGE]).is_err() {
-            ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-            ip(&["addr", "add", &format!("{gateway}/{}", self.range.prefix), "dev", BRIDGE])?;
-            ip(&["link", "set", BRIDGE, "up"])?;
-        }
+        make_bridge(self.range)?;
         ip(&["netns", "add", &r.netns])?;
         ip(&["link", "add", &r.veth, "type", "veth", "peer", "name", "eth0", "netns", &r.netns])?;
         ip(&["link", "set", &r.veth, "master", BRIDGE, "up"])?;
@@ -335,6 +331,42 @@ impl Drop for InstanceNet {
         let Ok(_lock) = StateLock::take() else { return };
         remove_netns(&self.record);
         let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", self.record.netns)));
+        let host = this_netns();
+        if !records().iter().any(|(_, r)| r.host == host) {
+            let _ = ip(&["link", "del", BRIDGE]);
+        }
+    }
+}
+
+/// Makes this namespace's bridge, with the range's first address, unless it is there.
+fn make_bridge(range: Range) -> anyhow::Result<()> {
+    if ip(&["link", "show", BRIDGE]).is_err() {
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{}/{}", range.gateway(), range.prefix), "dev", BRIDGE])?;
+        ip(&["link", "set", BRIDGE, "up"])?;
+    }
+    Ok(())
+}
+
+/// This namespace's bridge, for a process that needs its address before any instance is
+/// made (`weft up` serves the control plane there); removed when dropped, unless an instance
+/// still uses it.
+pub struct Bridge {
+    pub gateway: Ipv4Addr,
+}
+
+impl Bridge {
+    pub fn ensure(range: Range) -> anyhow::Result<Bridge> {
+        let _lock = StateLock::take()?;
+        cleanup_locked();
+        make_bridge(range).with_context(|| format!("cannot make the bridge {BRIDGE}"))?;
+        Ok(Bridge { gateway: range.gateway() })
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let Ok(_lock) = StateLock::take() else { return };
         let host = this_netns();
         if !records().iter().any(|(_, r)| r.host == host) {
             let _ = ip(&["link", "del", BRIDGE]);

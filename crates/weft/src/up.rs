@@ -46,7 +46,13 @@ fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> 
     anyhow::bail!("no free port for an app between {LOWEST} and {ephemeral}")
 }
 
-fn plan(file: &MeshFile, exe: &str, ca_file: &std::path::Path) -> anyhow::Result<Vec<Planned>> {
+/// `transparent_control`: where transparent instances reach the control plane (the bridge).
+fn plan(
+    file: &MeshFile,
+    exe: &str,
+    ca_file: &std::path::Path,
+    transparent_control: Option<SocketAddr>,
+) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
     let mut counters = std::collections::HashMap::<(String, Option<String>), usize>::new();
     let mut taken = std::collections::HashSet::new();
@@ -61,8 +67,14 @@ fn plan(file: &MeshFile, exe: &str, ca_file: &std::path::Path) -> anyhow::Result
             let app = free_port(&mut taken)?;
             let mut argv = vec![exe.to_owned(), "run".into(), "--service".into(), s.name.clone()];
             argv.extend(["--port".into(), app.to_string(), "--id".into(), id.clone()]);
-            argv.extend(["--inbound".into(), "127.0.0.1:0".into(), "--admin".into(), "127.0.0.1:0".into()]);
-            argv.extend(["--control".into(), file.control.listen.to_string()]);
+            match transparent_control.filter(|_| s.transparent) {
+                // Its own namespace: the sidecar's addresses are the namespace's.
+                Some(control) => argv.extend(["--transparent".into(), "--control".into(), control.to_string()]),
+                None => {
+                    argv.extend(["--inbound".into(), "127.0.0.1:0".into(), "--admin".into(), "127.0.0.1:0".into()]);
+                    argv.extend(["--control".into(), file.control.listen.to_string()]);
+                }
+            }
             argv.extend(["--ca-file".into(), ca_file.display().to_string()]);
             for (k, v) in &s.labels {
                 argv.extend(["--label".into(), format!("{k}={v}")]);
@@ -168,6 +180,25 @@ async fn run_mesh(
     data_dir: PathBuf,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
+    // Transparent instances live in namespaces of their own: they reach the control plane on
+    // the host's bridge, where a relay passes connections on to it (it listens on loopback).
+    let bridge = match file.services.iter().any(|s| s.transparent) {
+        true => {
+            crate::netns::preflight()?;
+            Some(crate::netns::Bridge::ensure(crate::netns::DEFAULT_RANGE.parse().map_err(anyhow::Error::msg)?)?)
+        }
+        false => None,
+    };
+    let relay = match &bridge {
+        Some(b) => {
+            let l = tokio::net::TcpListener::bind((b.gateway, listen.port())).await.with_context(|| {
+                format!("cannot listen on {}:{} for transparent instances", b.gateway, listen.port())
+            })?;
+            let at = l.local_addr()?;
+            Some((at, tokio::spawn(relay(l, listen))))
+        }
+        None => None,
+    };
     let cfg = weft_control::ControlConfig {
         listen,
         data_dir: data_dir.clone(),
@@ -179,7 +210,7 @@ async fn run_mesh(
             provided: None,
         },
         default_mtls: file.control.mtls,
-        server_names: vec![],
+        server_names: relay.iter().map(|(at, _)| at.ip().to_string()).collect(),
         plaintext_xds: None,
     };
     let (control_stop, control_rx) = watch::channel(false);
@@ -191,13 +222,31 @@ async fn run_mesh(
         control_stop,
         control: tokio::spawn(weft_control::run(cfg, stopped(control_rx))),
     };
-    let result = start_all(&mut mesh, file, resources, exe, &data_dir, stop).await;
+    let transparent_control = relay.as_ref().map(|(at, _)| *at);
+    let result = start_all(&mut mesh, file, resources, exe, &data_dir, stop, transparent_control).await;
     if result.is_ok() {
         supervise::stop_signal().await;
         eprintln!("\nweft up: stopping...");
     }
     mesh.shutdown().await;
+    if let Some((_, task)) = relay {
+        task.abort();
+    }
+    // After the instances: each removed its namespace, and the bridge goes with the last.
+    drop(bridge);
     result
+}
+
+/// Passes each connection accepted on `listener` on to `to`.
+async fn relay(listener: tokio::net::TcpListener, to: SocketAddr) {
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            if let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        });
+    }
 }
 
 async fn start_all(
@@ -207,6 +256,7 @@ async fn start_all(
     exe: &str,
     data_dir: &std::path::Path,
     stop: watch::Receiver<bool>,
+    transparent_control: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
     let ca_file = data_dir.join("ca").join("trust-bundle.pem");
@@ -252,7 +302,7 @@ async fn start_all(
         let gateway = Sidecar::start(&args, &quiet_log()).await.context("cannot start the gateway")?;
         mesh.gateway = Some(gateway);
     }
-    let mut planned = plan(file, exe, &ca_file)?;
+    let mut planned = plan(file, exe, &ca_file, transparent_control)?;
     let mut tokens = std::collections::HashMap::new();
     for p in &mut planned {
         if !tokens.contains_key(&p.service) {

@@ -241,6 +241,7 @@ impl http_body::Body for Body {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
+    #[inline]
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -259,10 +260,12 @@ impl http_body::Body for Body {
         polled
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
     }
 
+    #[inline]
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
