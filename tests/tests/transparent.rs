@@ -191,7 +191,7 @@ fn fastrand_suffix() -> u32 {
 /// routes the others' instance ranges to them, as a network of real hosts would.
 struct Fabric {
     hosts: Vec<Host>,
-    _switch: Host,
+    switch: Host,
 }
 
 impl Fabric {
@@ -221,7 +221,7 @@ impl Fabric {
             }
             hosts.push(host);
         }
-        Some(Fabric { hosts, _switch: switch })
+        Some(Fabric { hosts, switch })
     }
 }
 
@@ -523,4 +523,60 @@ services:
     assert_eq!(up.stop(), Some(0), "weft up stops cleanly");
     assert!(instance_netns("web").is_empty() && instance_netns("api").is_empty());
     assert_eq!(made_state(&host), before, "weft up left the host as it was");
+}
+
+/// A host drops off the network (its link goes down) under a steady 100 requests a second from
+/// a client on another host to a service with an instance on it and one on a third host. New
+/// connections to it time out and fail over; requests already sent to it, and the odd one
+/// sent again on a pooled connection to it while its instance is still registered, fail at the
+/// client's timeout (3 s); once the control plane has removed the instance (its sidecar's
+/// stream to the control plane is gone), none fails.
+#[test]
+fn a_host_dropping_off_moves_traffic_to_the_other_instance() {
+    let Some(fabric) = Fabric::new("down", 3) else { return };
+    let [h1, h2, h3] = &fabric.hosts[..] else { unreachable!() };
+    let mesh = Mesh::start_on(Host { name: h1.name.clone() }, "host-down", "10.99.0.1");
+    let app = demo_app("stock");
+    let app: Vec<&str> = app.iter().map(String::as_str).collect();
+    let _s2 = mesh.instance_on(h2, &["--netns-range", "10.240.2.0/24"], "stock", 8080, &app);
+    let _s3 = mesh.instance_on(h3, &["--netns-range", "10.240.3.0/24"], "stock", 8080, &app);
+    let buyer = demo_app("buyer");
+    let buyer: Vec<&str> = buyer.iter().map(String::as_str).collect();
+    let _buyer = mesh.instance_on(h1, &["--netns-range", "10.240.1.0/24"], "buyer", 8080, &buyer);
+    wait_until(Duration::from_secs(60), "two stock instances and the buyer healthy", || {
+        mesh.endpoints("stock").len() == 2 && mesh.endpoints("buyer").len() == 1
+    });
+    let buyer_ns = instance_netns("buyer");
+    let load_script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/steady_load.py");
+    let mut load = Proc::spawn(
+        &mesh.dir,
+        "load",
+        Command::new("ip").args(["netns", "exec", &buyer_ns[0], "python3"]).arg(&load_script).args([
+            "http://stock/",
+            "100",
+            "30",
+            "3",
+        ]),
+    );
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(fabric.switch.run("ip", &["link", "set", "p3", "down"]).status.success());
+    wait_until(Duration::from_secs(25), "the control plane removes the instance on host 3", || {
+        mesh.endpoints("stock").len() == 1
+    });
+    let removed = started.elapsed().as_secs_f64();
+    assert_eq!(load.wait(Duration::from_secs(60)), Some(0), "the load ran to its end");
+    let out = std::fs::read_to_string(mesh.dir.path.join("load.log")).unwrap();
+    let result: Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (sent, failed) = (result["sent"].as_u64().unwrap(), result["failed"].as_u64().unwrap());
+    eprintln!(
+        "host 3 dropped off 4 s into the load, its instance removed at {removed:.1} s: {failed} of {sent} requests failed: {}",
+        result["failures"]
+    );
+    assert_eq!(sent, 3000);
+    assert!(failed <= 5, "{failed} failed: {}", result["failures"]);
+    let late: Vec<&Value> =
+        result["failures"].as_array().unwrap().iter().filter(|f| f[0].as_f64().unwrap() > removed).collect();
+    assert!(late.is_empty(), "failures after the instance was removed at {removed:.1} s: {late:?}");
 }

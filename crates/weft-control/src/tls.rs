@@ -124,6 +124,7 @@ impl TlsListener {
                 let (acceptor, handed) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
+                    dead_peer_detection(&tcp);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => drop(handed.send((tls, peer)).await),
                         Ok(Err(e)) => {
@@ -138,6 +139,25 @@ impl TlsListener {
             }
         });
         TlsListener { local, ready }
+    }
+}
+
+/// A client whose host drops off the network sends nothing more, and TCP would notice only
+/// after about 15 minutes of retransmissions: its proxy's xDS stream would stay open and its
+/// instance registered. Keepalive probes after 10 s of silence (3, 5 s apart) and a 20 s
+/// limit on unacknowledged data end such a connection within about 25 s, and with it the
+/// stream and the registration.
+fn dead_peer_detection(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(10))
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(std::time::Duration::from_secs(20))))
+    {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on a control plane connection");
     }
 }
 
