@@ -135,6 +135,19 @@ impl Mesh {
 
     /// The same on `host`, with `flags` for `weft run`.
     fn instance_on(&self, host: &Host, flags: &[&str], service: &str, port: u16, app: &[&str]) -> Proc {
+        self.instance_with(host, flags, &[], service, port, app)
+    }
+
+    /// The same with `env` in `weft run`'s environment.
+    fn instance_with(
+        &self,
+        host: &Host,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        service: &str,
+        port: u16,
+        app: &[&str],
+    ) -> Proc {
         let token = stdout(&self.weft(&["token", "create", "--service", service])).trim().to_owned();
         assert!(!token.is_empty(), "a join token for {service}");
         Proc::spawn(
@@ -145,6 +158,7 @@ impl Mesh {
                 .args(flags)
                 .args(["--control", &self.reached_at, "--ca-file", &self.ca, "--"])
                 .args(app)
+                .envs(env.iter().copied())
                 .env("WEFT_TOKEN", token),
         )
     }
@@ -579,4 +593,31 @@ fn a_host_dropping_off_moves_traffic_to_the_other_instance() {
     let late: Vec<&Value> =
         result["failures"].as_array().unwrap().iter().filter(|f| f[0].as_f64().unwrap() > removed).collect();
     assert!(late.is_empty(), "failures after the instance was removed at {removed:.1} s: {late:?}");
+}
+
+/// The capture rules as iptables-legacy and as iptables-nft make them (`WEFT_IPTABLES`): each
+/// instance's rules are in its namespace's tables of that flavour, and its app reaches the
+/// other instance by name through them.
+#[test]
+fn capture_works_with_iptables_legacy_and_nft() {
+    let Some(mesh) = Mesh::start("flavours") else { return };
+    let mut running = Vec::new();
+    for (service, flavour) in [("legacy", "iptables-legacy"), ("nftables", "iptables-nft")] {
+        let app = demo_app(service);
+        let app: Vec<&str> = app.iter().map(String::as_str).collect();
+        running.push(mesh.instance_with(&mesh.host, &[], &[("WEFT_IPTABLES", flavour)], service, 8080, &app));
+    }
+    wait_until(Duration::from_secs(30), "both instances healthy", || {
+        mesh.endpoints("legacy").len() == 1 && mesh.endpoints("nftables").len() == 1
+    });
+    for (service, flavour, other) in [("legacy", "iptables-legacy", "nftables"), ("nftables", "iptables-nft", "legacy")]
+    {
+        let ns = instance_netns(service);
+        assert_eq!(ns.len(), 1, "{ns:?}");
+        let rules = stdout(&in_netns(&ns[0], &format!("{flavour}-save"), &["-t", "nat"]));
+        assert!(rules.contains("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"), "{flavour}:\n{rules}");
+        let out =
+            in_netns(&ns[0], "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{other}/")]);
+        assert_eq!(stdout(&out), "200", "{service} ({flavour}) calling {other}: {}", stderr(&out));
+    }
 }
