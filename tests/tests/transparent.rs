@@ -621,3 +621,42 @@ fn capture_works_with_iptables_legacy_and_nft() {
         assert_eq!(stdout(&out), "200", "{service} ({flavour}) calling {other}: {}", stderr(&out));
     }
 }
+
+/// Mistakes a new user makes get one clear line and change nothing: no root (no
+/// CAP_NET_ADMIN), and a control plane on the host's loopback, which an instance's namespace
+/// cannot reach.
+#[test]
+fn transparent_mistakes_get_one_clear_line() {
+    let Some(host) = Host::new("mistakes") else { return };
+    let before = made_state(&host);
+    // A copy an unprivileged user can run wherever the build is (it fails before it looks for
+    // the sidecar binary).
+    let copy = std::env::temp_dir().join(format!("weft-unprivileged-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).unwrap();
+    let weft = copy.join("weft");
+    std::fs::copy(weft_bin(), &weft).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for path in [&copy, &weft] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let run_as = |prefix: &[&str], control: &str| {
+        let mut c = host.cmd("timeout");
+        c.arg("20").args(prefix).arg(&weft);
+        c.args(["run", "--transparent", "--service", "x", "--port", "8080", "--control", control, "--", "true"]);
+        c.output().unwrap()
+    };
+    let out =
+        run_as(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"], "10.240.0.1:15010");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--transparent needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN)"), "{}", stderr(&out));
+    let out = run_as(&[], "127.0.0.1:15010");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is this host's loopback, which the instance's own network namespace cannot reach"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "one line: {}", stderr(&out));
+    assert_eq!(made_state(&host), before, "nothing was made");
+    let _ = std::fs::remove_dir_all(&copy);
+}
