@@ -616,9 +616,11 @@ fn capture_works_with_iptables_legacy_and_nft() {
         assert_eq!(ns.len(), 1, "{ns:?}");
         let rules = stdout(&in_netns(&ns[0], &format!("{flavour}-save"), &["-t", "nat"]));
         assert!(rules.contains("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"), "{flavour}:\n{rules}");
-        let out =
-            in_netns(&ns[0], "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{other}/")]);
-        assert_eq!(stdout(&out), "200", "{service} ({flavour}) calling {other}: {}", stderr(&out));
+        // Healthy at the control plane a moment before the caller's sidecar holds the endpoint.
+        let url = format!("http://{other}/");
+        wait_until(Duration::from_secs(10), &format!("{service} ({flavour}) reaching {other}"), || {
+            stdout(&in_netns(&ns[0], "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])) == "200"
+        });
     }
 }
 
