@@ -335,10 +335,17 @@ fn names_and_destinations_outside_the_mesh() {
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
-/// What weft made, as `ip` and iptables/nftables show it: the namespaces of `leftover`
-/// instances (this test's; others run beside it) and the host's links, addresses and rules.
-fn made_state(host: &Host) -> String {
-    let mut state = instance_netns("leftover").join("\n");
+/// What weft made, as `ip` and iptables/nftables show it: the namespaces whose names start
+/// with one of `netns` (this test's; others run beside it) and the host's links, addresses and
+/// rules.
+fn made_state(host: &Host, netns: &[&str]) -> String {
+    let list = stdout(&run("ip", &["netns", "list"]));
+    let mut state: String = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| netns.iter().any(|p| n.starts_with(p)))
+        .map(|n| format!("{n}\n"))
+        .collect();
     for (program, args) in [
         ("ip", vec!["-o", "link"]),
         ("ip", vec!["-o", "addr"]),
@@ -358,8 +365,9 @@ fn made_state(host: &Host) -> String {
 /// after SIGKILL of the sidecar alone, `weft run` cleans up itself; after SIGTERM, too.
 #[test]
 fn a_killed_instance_leaves_nothing_behind() {
+    const LEFTOVER: &[&str] = &["weft-i-leftover-"];
     let Some(mesh) = Mesh::start("cleanup") else { return };
-    let before = made_state(&mesh.host);
+    let before = made_state(&mesh.host, LEFTOVER);
     let app = demo_app("leftover");
     let app: Vec<&str> = app.iter().map(String::as_str).collect();
     let healthy = |n: usize| {
@@ -375,7 +383,7 @@ fn a_killed_instance_leaves_nothing_behind() {
     let out = mesh.host.cmd(weft_bin()).arg("cleanup").output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("removed weft-i-leftover-"), "cleanup names what it removed: {}", stdout(&out));
-    assert_eq!(made_state(&mesh.host), before, "weft cleanup left the host as it was");
+    assert_eq!(made_state(&mesh.host, LEFTOVER), before, "weft cleanup left the host as it was");
 
     // SIGKILL of weft run, then a fresh start: it removes what the killed one left.
     let mut killed = mesh.instance("leftover", 8080, &app);
@@ -390,7 +398,7 @@ fn a_killed_instance_leaves_nothing_behind() {
     // SIGTERM: the instance stops and weft run removes its namespace.
     healthy(1);
     assert_eq!(fresh.stop(), Some(0), "weft run exits 0 after a SIGTERM");
-    assert_eq!(made_state(&mesh.host), before, "a stopped weft run left the host as it was");
+    assert_eq!(made_state(&mesh.host, LEFTOVER), before, "a stopped weft run left the host as it was");
 
     // SIGKILL of the sidecar alone: weft run sees it go and cleans up.
     let mut instance = mesh.instance("leftover", 8080, &app);
@@ -400,7 +408,7 @@ fn a_killed_instance_leaves_nothing_behind() {
     assert!(exe.ends_with("weft-proxy"), "weft run's child is its sidecar: {}", exe.display());
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(sidecar), nix::sys::signal::Signal::SIGKILL).unwrap();
     assert_eq!(instance.wait(Duration::from_secs(10)), Some(137), "weft run reports its sidecar's end");
-    assert_eq!(made_state(&mesh.host), before, "weft run cleaned up after its killed sidecar");
+    assert_eq!(made_state(&mesh.host, LEFTOVER), before, "weft run cleaned up after its killed sidecar");
 }
 
 /// Three hosts: the control plane and a client on the first, a backend instance on each of
@@ -516,7 +524,8 @@ services:
         ),
     )
     .unwrap();
-    let before = made_state(&host);
+    const MADE: &[&str] = &["weft-i-web-", "weft-i-api-"];
+    let before = made_state(&host, MADE);
     let mut up = Proc::spawn(&dir, "up", host.cmd(weft_bin()).arg("up").arg("-f").arg(&file));
     let log = dir.path.join("up.log");
     wait_until(Duration::from_secs(90), "weft up banner", || {
@@ -536,7 +545,7 @@ services:
     assert_eq!(instance_netns("web").len() + instance_netns("api").len(), 3);
     assert_eq!(up.stop(), Some(0), "weft up stops cleanly");
     assert!(instance_netns("web").is_empty() && instance_netns("api").is_empty());
-    assert_eq!(made_state(&host), before, "weft up left the host as it was");
+    assert_eq!(made_state(&host, MADE), before, "weft up left the host as it was");
 }
 
 /// A host drops off the network (its link goes down) under a steady 100 requests a second from
@@ -630,7 +639,7 @@ fn capture_works_with_iptables_legacy_and_nft() {
 #[test]
 fn transparent_mistakes_get_one_clear_line() {
     let Some(host) = Host::new("mistakes") else { return };
-    let before = made_state(&host);
+    let before = made_state(&host, &["weft-i-x-"]);
     // A copy an unprivileged user can run wherever the build is (it fails before it looks for
     // the sidecar binary).
     let copy = std::env::temp_dir().join(format!("weft-unprivileged-{}", std::process::id()));
@@ -659,6 +668,80 @@ fn transparent_mistakes_get_one_clear_line() {
         stderr(&out)
     );
     assert_eq!(stderr(&out).lines().count(), 1, "one line: {}", stderr(&out));
-    assert_eq!(made_state(&host), before, "nothing was made");
+    assert_eq!(made_state(&host, &["weft-i-x-"]), before, "nothing was made");
     let _ = std::fs::remove_dir_all(&copy);
+}
+
+/// `weft up --hosts 3`, the bundled demo as the README runs it: three simulated hosts, the
+/// instances spread over them, the gateway here reaching frontend, which reaches backend's
+/// instances on the other hosts over mutual TLS. After SIGKILL of `weft up`, `weft cleanup`
+/// leaves the host as it was; so does the next start, then a stop.
+#[test]
+fn weft_up_simulates_hosts_and_leaves_nothing_when_killed() {
+    let Some(host) = Host::new("hosts") else { return };
+    let dir = TestDir::new("up-hosts");
+    const MADE: &[&str] = &["weft-h-", "weft-i-frontend-", "weft-i-backend-v"];
+    let before = made_state(&host, MADE);
+    let start = |name: &str| {
+        let up = Proc::spawn(&dir, name, host.cmd(weft_bin()).args(["up", "--hosts", "3"]));
+        let log = dir.path.join(format!("{name}.log"));
+        wait_until(Duration::from_secs(90), "weft up banner", || {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("Ctrl-C stops the whole mesh")
+        });
+        (up, std::fs::read_to_string(&log).unwrap())
+    };
+    let (mut up, banner) = start("up");
+    // Four instances, placed on the three hosts in turn.
+    let on: Vec<&str> = banner.lines().filter_map(|l| l.split(" on weft-h-").nth(1)).collect();
+    assert_eq!(on.len(), 4, "{banner}");
+    let mut hosts: Vec<&str> = on.iter().filter_map(|h| h.split(' ').next()).collect();
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "every host runs an instance: {banner}");
+    let host_of = |id: &str| {
+        let line = banner.lines().find(|l| l.contains(&format!(" {id} "))).unwrap_or_default();
+        line.split(" on weft-h-").nth(1).and_then(|h| h.split('-').next()).map(str::to_owned)
+    };
+    for (id, h) in [("backend-v1-0", "1"), ("backend-v1-1", "2"), ("backend-v2-0", "3"), ("frontend-v1-0", "1")] {
+        assert_eq!(host_of(id).as_deref(), Some(h), "{id} on host {h}: {banner}");
+    }
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let out = host.run("curl", &["-s", "http://127.0.0.1:8080/"]);
+        let body = stdout(&out);
+        assert!(body.contains("upstream (200 OK): hello from backend"), "{body} {}", stderr(&out));
+        backends.extend(body.split("(instance backend-").nth(1).and_then(|r| r.split(')').next()).map(str::to_owned));
+    }
+    assert_eq!(backends.len(), 3, "every backend instance served, on hosts 1-3: {backends:?}");
+    // Across hosts over mutual TLS: backend's sidecars count frontend's identity.
+    let frontend = "peer_identity=\"spiffe://weft.local/ns/default/sa/frontend\"";
+    let counted: f64 = ["10.240.2.2", "10.240.3.2"]
+        .iter()
+        .map(|ip| metric_sum(&metrics_from(&host, ip), "weft_requests_total", &["direction=\"inbound\"", frontend]))
+        .sum();
+    assert!(counted >= 1.0, "backend's sidecars on hosts 2 and 3 saw frontend's identity");
+    assert_ne!(made_state(&host, MADE), before);
+
+    // SIGKILL: what weft up started dies with it (the kernel kills them: PR_SET_PDEATHSIG),
+    // a moment later.
+    let kill = |up: &mut Proc| {
+        let started = up.children();
+        assert!(!started.is_empty());
+        up.kill();
+        wait_until(Duration::from_secs(5), "weft up's instances die with it", || !started.iter().any(|p| alive(*p)));
+    };
+    kill(&mut up);
+    let out = host.cmd(weft_bin()).arg("cleanup").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed weft-h-sw-"), "{}", stdout(&out));
+    assert_eq!(made_state(&host, MADE), before, "weft cleanup after SIGKILL of weft up");
+
+    // SIGKILL, then a fresh start removes what the killed one left; a stop removes the rest.
+    let (mut killed, _) = start("up-killed");
+    kill(&mut killed);
+    let (mut fresh, _) = start("up-fresh");
+    let out = host.run("curl", &["-s", "http://127.0.0.1:8080/"]);
+    assert!(stdout(&out).contains("hello from backend"), "{}", stdout(&out));
+    assert_eq!(fresh.stop(), Some(0), "weft up stops cleanly");
+    assert_eq!(made_state(&host, MADE), before, "the fresh start, then a stop, left the host as it was");
 }

@@ -238,6 +238,11 @@ pub struct UpArgs {
     /// Mesh file; without it, the bundled demo mesh runs.
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
+    /// Simulate N hosts on this machine (network namespaces on a switch; needs root) and run
+    /// every instance transparent on one of them, in turn; the control plane, gateway and
+    /// dashboard stay here.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=crate::netns::MAX_HOSTS as i64))]
+    pub hosts: Option<u8>,
 }
 
 #[derive(Args)]

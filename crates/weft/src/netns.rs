@@ -13,6 +13,10 @@
 //! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
 //! the namespace (its rules and its end of the veth pair go with it), `/etc/netns/NAME/`, and the
 //! bridge once no instance uses it. The host namespace's own filter rules are never touched.
+//!
+//! [`Hosts`] (`weft up --hosts N`) simulates a network of N hosts on this machine: namespaces
+//! `weft-h-K-…` joined by a switch (a bridge in a namespace of its own), each a host with its own
+//! address and instance range, as the test suite's multi-host fixture builds them.
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,6 +30,13 @@ pub const STATE_DIR: &str = "/run/weft/netns";
 pub const BRIDGE: &str = "weft0";
 /// Addresses of instances' namespaces (`--netns-range`); the first is the bridge's.
 pub const DEFAULT_RANGE: &str = "10.240.0.0/16";
+/// Prefixes of the namespaces weft makes: an instance's, and a simulated host's.
+const INSTANCE_PREFIX: &str = "weft-i-";
+const HOST_PREFIX: &str = "weft-h-";
+/// This namespace's end of the link to the simulated hosts' switch ([`Hosts`]).
+pub const HOSTS_LINK: &str = "weft-hosts";
+/// The most simulated hosts: host K is 10.241.0.K, its instances 10.240.K.0/24.
+pub const MAX_HOSTS: u8 = 32;
 
 /// An IPv4 range, `ADDRESS/PREFIX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,8 +175,12 @@ fn records() -> Vec<(PathBuf, Record)> {
         .collect()
 }
 
+/// Whether process `pid` runs: not gone, and not a zombie (dead, not yet reaped by its new
+/// parent after its own was killed).
 fn alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "PID (COMMAND) STATE ...": the command may hold spaces and parentheses.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X")
 }
 
 /// A lock over the records (address allocation, cleanup), held while it lives.
@@ -205,7 +220,8 @@ fn cleanup_locked() -> Vec<String> {
     let listed = ip(&["netns", "list"]).unwrap_or_default();
     let recorded: Vec<String> = records().into_iter().map(|(_, r)| r.netns).collect();
     for name in listed.lines().filter_map(|l| l.split_whitespace().next()) {
-        if name.starts_with("weft-i-") && !recorded.iter().any(|r| r == name) {
+        let ours = name.starts_with(INSTANCE_PREFIX) || name.starts_with(HOST_PREFIX);
+        if ours && !recorded.iter().any(|r| r == name) {
             let orphan = Record {
                 netns: name.to_owned(),
                 veth: String::new(),
@@ -217,11 +233,24 @@ fn cleanup_locked() -> Vec<String> {
             removed.push(name.to_owned());
         }
     }
-    let host = this_netns();
-    if !records().iter().any(|(_, r)| r.host == host) && ip(&["link", "show", BRIDGE]).is_ok() {
-        let _ = ip(&["link", "del", BRIDGE]);
+    remove_bridge_if_unused();
+    // The switch's namespace is gone, and this end of its link with it; only a half-made
+    // link is left here.
+    if !records().iter().any(|(_, r)| r.host == this_netns() && r.veth == HOSTS_LINK)
+        && ip(&["link", "show", HOSTS_LINK]).is_ok()
+    {
+        let _ = ip(&["link", "del", HOSTS_LINK]);
     }
     removed
+}
+
+/// Removes this namespace's bridge unless an instance made from here still uses it.
+fn remove_bridge_if_unused() {
+    let host = this_netns();
+    let used = records().iter().any(|(_, r)| r.host == host && r.netns.starts_with(INSTANCE_PREFIX));
+    if !used && ip(&["link", "show", BRIDGE]).is_ok() {
+        let _ = ip(&["link", "del", BRIDGE]);
+    }
 }
 
 fn remove_netns(r: &Record) {
@@ -241,13 +270,16 @@ impl InstanceNet {
         let _lock = StateLock::take()?;
         cleanup_locked();
         let host = this_netns();
-        let used: Vec<Ipv4Addr> =
-            records().into_iter().filter(|(_, r)| r.host == host).map(|(_, r)| r.address).collect();
+        let used: Vec<Ipv4Addr> = records()
+            .into_iter()
+            .filter(|(_, r)| r.host == host && r.netns.starts_with(INSTANCE_PREFIX))
+            .map(|(_, r)| r.address)
+            .collect();
         let address = range.hosts().find(|a| !used.contains(a)).with_context(|| {
             format!("every address of {range} is in use by an instance; give --netns-range a larger one")
         })?;
         let suffix = weft_proxy::crypto::random_hex(4);
-        let netns = format!("weft-i-{}-{suffix}", sanitize(id));
+        let netns = format!("{INSTANCE_PREFIX}{}-{suffix}", sanitize(id));
         let record =
             Record { netns: netns.clone(), veth: format!("wv{suffix}"), address, owner: std::process::id(), host };
         // Recorded before anything is made, so whatever happens next can be cleaned up.
@@ -331,10 +363,7 @@ impl Drop for InstanceNet {
         let Ok(_lock) = StateLock::take() else { return };
         remove_netns(&self.record);
         let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", self.record.netns)));
-        let host = this_netns();
-        if !records().iter().any(|(_, r)| r.host == host) {
-            let _ = ip(&["link", "del", BRIDGE]);
-        }
+        remove_bridge_if_unused();
     }
 }
 
@@ -367,9 +396,118 @@ impl Bridge {
 impl Drop for Bridge {
     fn drop(&mut self) {
         let Ok(_lock) = StateLock::take() else { return };
-        let host = this_netns();
-        if !records().iter().any(|(_, r)| r.host == host) {
-            let _ = ip(&["link", "del", BRIDGE]);
+        remove_bridge_if_unused();
+    }
+}
+
+/// Simulated hosts on this machine (`weft up --hosts N`): host K is a network namespace
+/// `weft-h-K-…` at 10.241.0.K on a switch (a bridge in a namespace of its own, `weft-h-sw-…`),
+/// whose instances get 10.240.K.0/24 and which routes the other hosts' instance ranges to them.
+/// This namespace joins the switch at [`Hosts::here`] through the link [`HOSTS_LINK`], with a
+/// route to every host's instances, so it can be the operator's machine: the control plane and
+/// the gateway run here. Everything is recorded like instances' namespaces and removed when
+/// dropped, or by the next start or `weft cleanup` after a SIGKILL.
+pub struct Hosts {
+    records: Vec<Record>,
+    pub here: Ipv4Addr,
+}
+
+/// One simulated host.
+pub struct SimHost {
+    /// Its namespace: run a process there with `nsenter --net=/run/netns/NAME`.
+    pub netns: String,
+    pub address: Ipv4Addr,
+    /// Its instances' addresses (`weft run --netns-range`).
+    pub range: Range,
+}
+
+impl Hosts {
+    pub fn create(n: u8) -> anyhow::Result<Hosts> {
+        anyhow::ensure!((1..=MAX_HOSTS).contains(&n), "--hosts must be from 1 to {MAX_HOSTS}");
+        let _lock = StateLock::take()?;
+        cleanup_locked();
+        if ip(&["link", "show", HOSTS_LINK]).is_ok() {
+            bail!(
+                "simulated hosts are already running here (the link {HOSTS_LINK} is up): stop that `weft up --hosts` first"
+            );
+        }
+        let suffix = weft_proxy::crypto::random_hex(3);
+        let here = Ipv4Addr::new(10, 241, 0, 254);
+        let mut hosts = Hosts { records: Vec::new(), here };
+        let switch = hosts.record(format!("{HOST_PREFIX}sw-{suffix}"), HOSTS_LINK, here)?;
+        for k in 1..=n {
+            hosts.record(format!("{HOST_PREFIX}{k}-{suffix}"), "", Ipv4Addr::new(10, 241, 0, k))?;
+        }
+        hosts.build(&switch).context("cannot set up the simulated hosts")?;
+        Ok(hosts)
+    }
+
+    /// Records a namespace to make (before making it, so whatever happens can be cleaned up).
+    fn record(&mut self, netns: String, veth: &str, address: Ipv4Addr) -> anyhow::Result<String> {
+        let record = Record { netns, veth: veth.to_owned(), address, owner: std::process::id(), host: this_netns() };
+        let path = Path::new(STATE_DIR).join(format!("{}.json", record.netns));
+        std::fs::write(&path, serde_json::to_vec(&record)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let name = record.netns.clone();
+        self.records.push(record);
+        Ok(name)
+    }
+
+    fn build(&self, switch: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", switch])?;
+        let in_switch = |args: &[&str]| run(&mut in_netns(switch, "ip", args));
+        in_switch(&["link", "add", "br0", "type", "bridge"])?;
+        in_switch(&["link", "set", "br0", "up"])?;
+        // This namespace's link to the switch.
+        ip(&["link", "add", HOSTS_LINK, "type", "veth", "peer", "name", "here", "netns", switch])?;
+        in_switch(&["link", "set", "here", "master", "br0", "up"])?;
+        ip(&["addr", "add", &format!("{}/24", self.here), "dev", HOSTS_LINK])?;
+        ip(&["link", "set", HOSTS_LINK, "up"])?;
+        let hosts = self.hosts();
+        for (k, h) in hosts.iter().enumerate() {
+            let port = format!("p{}", k + 1);
+            ip(&["netns", "add", &h.netns])?;
+            in_switch(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &h.netns])?;
+            in_switch(&["link", "set", &port, "master", "br0", "up"])?;
+            let inside = |args: &[&str]| run(&mut in_netns(&h.netns, "ip", args));
+            inside(&["link", "set", "lo", "up"])?;
+            inside(&["addr", "add", &format!("{}/24", h.address), "dev", "eth0"])?;
+            inside(&["link", "set", "eth0", "up"])?;
+            // A host forwards between its instances' bridge and the network.
+            run(&mut in_netns(&h.netns, "sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
+            for other in hosts.iter().filter(|o| o.netns != h.netns) {
+                inside(&["route", "add", &other.range.to_string(), "via", &other.address.to_string()])?;
+            }
+            // Gone with the link when the switch's namespace is removed.
+            ip(&["route", "add", &h.range.to_string(), "via", &h.address.to_string(), "dev", HOSTS_LINK])?;
+        }
+        Ok(())
+    }
+
+    /// The hosts, first to last.
+    pub fn hosts(&self) -> Vec<SimHost> {
+        self.records
+            .iter()
+            .filter(|r| r.veth.is_empty())
+            .map(|r| {
+                let k = r.address.octets()[3];
+                SimHost {
+                    netns: r.netns.clone(),
+                    address: r.address,
+                    range: Range { base: Ipv4Addr::new(10, 240, k, 0), prefix: 24 },
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let Ok(_lock) = StateLock::take() else { return };
+        // Hosts first (their instances' links go with them), then the switch.
+        for r in self.records.iter().rev() {
+            remove_netns(r);
+            let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", r.netns)));
         }
     }
 }

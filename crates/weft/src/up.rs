@@ -18,6 +18,8 @@ struct Planned {
     service: String,
     id: String,
     app: u16,
+    /// The simulated host it runs on (`--hosts`).
+    host: Option<String>,
     argv: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -46,14 +48,22 @@ fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> 
     anyhow::bail!("no free port for an app between {LOWEST} and {ephemeral}")
 }
 
-/// `transparent_control`: where transparent instances reach the control plane (the bridge).
+/// Where transparent instances run: this host, or simulated hosts (`--hosts`, all of them
+/// transparent then).
+struct Transparent {
+    /// Where they reach the control plane (a relay on the bridge, or on the hosts' switch).
+    control: SocketAddr,
+    hosts: Vec<crate::netns::SimHost>,
+}
+
 fn plan(
     file: &MeshFile,
     exe: &str,
     ca_file: &std::path::Path,
-    transparent_control: Option<SocketAddr>,
+    transparent: Option<&Transparent>,
 ) -> anyhow::Result<Vec<Planned>> {
     let mut out = Vec::new();
+    let mut next_host = 0;
     let mut counters = std::collections::HashMap::<(String, Option<String>), usize>::new();
     let mut taken = std::collections::HashSet::new();
     for s in &file.services {
@@ -65,11 +75,25 @@ fn plan(
             };
             *n += 1;
             let app = free_port(&mut taken)?;
-            let mut argv = vec![exe.to_owned(), "run".into(), "--service".into(), s.name.clone()];
+            // On a simulated host, in turn (`--hosts`): `weft run` there makes the namespace.
+            let on = transparent.filter(|t| !t.hosts.is_empty()).map(|t| {
+                next_host += 1;
+                &t.hosts[(next_host - 1) % t.hosts.len()]
+            });
+            let mut argv = match on {
+                Some(h) => vec!["nsenter".to_owned(), format!("--net=/run/netns/{}", h.netns), "--".into()],
+                None => Vec::new(),
+            };
+            argv.extend([exe.to_owned(), "run".into(), "--service".into(), s.name.clone()]);
             argv.extend(["--port".into(), app.to_string(), "--id".into(), id.clone()]);
-            match transparent_control.filter(|_| s.transparent) {
+            match transparent.filter(|_| s.transparent || on.is_some()) {
                 // Its own namespace: the sidecar's addresses are the namespace's.
-                Some(control) => argv.extend(["--transparent".into(), "--control".into(), control.to_string()]),
+                Some(t) => {
+                    argv.extend(["--transparent".into(), "--control".into(), t.control.to_string()]);
+                    if let Some(h) = on {
+                        argv.extend(["--netns-range".into(), h.range.to_string()]);
+                    }
+                }
                 None => {
                     argv.extend(["--inbound".into(), "127.0.0.1:0".into(), "--admin".into(), "127.0.0.1:0".into()]);
                     argv.extend(["--control".into(), file.control.listen.to_string()]);
@@ -94,7 +118,8 @@ fn plan(
             );
             let mut env: Vec<(String, String)> = s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             env.extend(quiet_log());
-            out.push(Planned { service: s.name.clone(), id, app, argv, env });
+            let host = on.map(|h| format!("{} ({})", h.netns, h.address));
+            out.push(Planned { service: s.name.clone(), id, app, host, argv, env });
         }
     }
     Ok(out)
@@ -129,7 +154,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
-    let result = run_mesh(&file, &resources, &exe, data_dir.clone()).await;
+    let result = run_mesh(&file, &resources, &exe, data_dir.clone(), args.hosts).await;
     if temp {
         // The mesh is gone with its data: so is its entry in the CLI credentials file.
         weft_api::credentials::forget(&file.control.listen.to_string());
@@ -178,22 +203,30 @@ async fn run_mesh(
     resources: &[weft_api::Resource],
     exe: &str,
     data_dir: PathBuf,
+    hosts: Option<u8>,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
-    // Transparent instances live in namespaces of their own: they reach the control plane on
-    // the host's bridge, where a relay passes connections on to it (it listens on loopback).
-    let bridge = match file.services.iter().any(|s| s.transparent) {
-        true => {
-            crate::netns::preflight()?;
-            Some(crate::netns::Bridge::ensure(crate::netns::DEFAULT_RANGE.parse().map_err(anyhow::Error::msg)?)?)
+    // Transparent instances live in namespaces of their own: on this host's bridge, or on
+    // simulated hosts. They reach the control plane through a relay, there, that passes
+    // connections on to it (it listens on loopback).
+    let (hosts, bridge) = match hosts {
+        Some(n) => {
+            crate::netns::preflight().context("--hosts")?;
+            (Some(crate::netns::Hosts::create(n)?), None)
         }
-        false => None,
+        None if file.services.iter().any(|s| s.transparent) => {
+            crate::netns::preflight()?;
+            let range = crate::netns::DEFAULT_RANGE.parse().map_err(anyhow::Error::msg)?;
+            (None, Some(crate::netns::Bridge::ensure(range)?))
+        }
+        None => (None, None),
     };
-    let relay = match &bridge {
-        Some(b) => {
-            let l = tokio::net::TcpListener::bind((b.gateway, listen.port())).await.with_context(|| {
-                format!("cannot listen on {}:{} for transparent instances", b.gateway, listen.port())
-            })?;
+    let relay_at = hosts.as_ref().map(|h| h.here).or(bridge.as_ref().map(|b| b.gateway));
+    let relay = match relay_at {
+        Some(ip) => {
+            let l = tokio::net::TcpListener::bind((ip, listen.port()))
+                .await
+                .with_context(|| format!("cannot listen on {ip}:{} for transparent instances", listen.port()))?;
             let at = l.local_addr()?;
             Some((at, tokio::spawn(relay(l, listen))))
         }
@@ -222,8 +255,10 @@ async fn run_mesh(
         control_stop,
         control: tokio::spawn(weft_control::run(cfg, stopped(control_rx))),
     };
-    let transparent_control = relay.as_ref().map(|(at, _)| *at);
-    let result = start_all(&mut mesh, file, resources, exe, &data_dir, stop, transparent_control).await;
+    let transparent = relay
+        .as_ref()
+        .map(|(at, _)| Transparent { control: *at, hosts: hosts.as_ref().map(|h| h.hosts()).unwrap_or_default() });
+    let result = start_all(&mut mesh, file, resources, exe, &data_dir, stop, transparent.as_ref()).await;
     if result.is_ok() {
         supervise::stop_signal().await;
         eprintln!("\nweft up: stopping...");
@@ -234,6 +269,7 @@ async fn run_mesh(
     }
     // After the instances: each removed its namespace, and the bridge goes with the last.
     drop(bridge);
+    drop(hosts);
     result
 }
 
@@ -256,7 +292,7 @@ async fn start_all(
     exe: &str,
     data_dir: &std::path::Path,
     stop: watch::Receiver<bool>,
-    transparent_control: Option<SocketAddr>,
+    transparent: Option<&Transparent>,
 ) -> anyhow::Result<()> {
     let listen = file.control.listen;
     let ca_file = data_dir.join("ca").join("trust-bundle.pem");
@@ -302,7 +338,7 @@ async fn start_all(
         let gateway = Sidecar::start(&args, &quiet_log()).await.context("cannot start the gateway")?;
         mesh.gateway = Some(gateway);
     }
-    let mut planned = plan(file, exe, &ca_file, transparent_control)?;
+    let mut planned = plan(file, exe, &ca_file, transparent)?;
     let mut tokens = std::collections::HashMap::new();
     for p in &mut planned {
         if !tokens.contains_key(&p.service) {
@@ -488,8 +524,12 @@ fn banner(
         let reg = instances.iter().find(|i| i.id == p.id).map(|i| &i.registration);
         let inbound = reg.and_then(|r| r.inbound.clone()).unwrap_or_default();
         let admin = reg.and_then(|r| r.admin.clone()).unwrap_or_default();
-        let app = format!("127.0.0.1:{}", p.app);
-        println!("  {:<14} {:<20} {app:<18} {inbound:<18} http://{admin}/config_dump", p.service, p.id);
+        // A transparent instance's app listens on its namespace's address.
+        let transparent = !inbound.starts_with("127.");
+        let ip = if transparent { inbound.split(':').next().unwrap_or_default() } else { "127.0.0.1" };
+        let app = format!("{ip}:{}", p.app);
+        let on = p.host.as_deref().map(|h| format!("   on {h}")).unwrap_or_default();
+        println!("  {:<14} {:<20} {app:<18} {inbound:<18} http://{admin}/config_dump{on}", p.service, p.id);
     }
     let control = file.control.listen;
     if let Some((svc, port)) = file.gateway.iter().min_by_key(|(_, port)| **port) {
