@@ -1,11 +1,12 @@
 //! The control plane's command line (`weft control`), and how it becomes a [`ControlConfig`].
 use crate::ControlConfig;
+use crate::Defaults;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
-use weft_api::resource::MtlsMode;
+use weft_api::resource::{Egress, MtlsMode};
 
 #[derive(Args)]
 pub struct ControlArgs {
@@ -37,6 +38,10 @@ pub struct ControlArgs {
     /// Mutual TLS mode of services whose Service resource sets none: strict or permissive.
     #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
     pub mtls: String,
+    /// Where transparent instances of services whose Service resource sets no `egress` may
+    /// connect outside the mesh: allow-any (passthrough, counted) or registry-only (refused).
+    #[arg(long, default_value = "allow-any", value_parser = ["allow-any", "registry-only"])]
+    pub egress: String,
     /// Another name (DNS or IP) clients use for the control plane; repeatable.
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
@@ -76,7 +81,10 @@ impl ControlArgs {
                 cert_ttl: self.cert_ttl,
                 provided: self.ca_cert.zip(self.ca_key),
             },
-            default_mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
+            defaults: Defaults {
+                mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
+                egress: if self.egress == "registry-only" { Egress::RegistryOnly } else { Egress::AllowAny },
+            },
             server_names: self.server_names,
             plaintext_xds: self.plaintext_xds,
         })

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use weft_api::resource::MtlsMode;
+pub use translate::Defaults;
 
 pub use ca::CaConfig;
 pub use state::Mesh;
@@ -49,7 +49,8 @@ pub struct ControlConfig {
     pub reconnect_grace: Duration,
     pub ca: CaConfig,
     /// Mutual TLS mode of services whose `Service` resource does not set one.
-    pub default_mtls: MtlsMode,
+    /// What services that set none get: mutual TLS mode, egress.
+    pub defaults: Defaults,
     /// Names (DNS or IP) the control plane's certificate is valid for, besides `localhost`,
     /// 127.0.0.1 and the listen address.
     pub server_names: Vec<String>,
@@ -132,7 +133,7 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
-    let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.default_mtls)?);
+    let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?);
     // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
     ca::write_private(&bundle_path, &mesh.security.ca.bundle())?;

@@ -4,14 +4,14 @@
 use crate::ca::CaConfig;
 use crate::security::Security;
 use crate::store::{Store, Write};
-use crate::translate::{Settings, Snapshot};
+use crate::translate::{Defaults, Settings, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use weft_api::registry::{InstanceRegistration, ProxyStatus};
-use weft_api::resource::{ApplyError, JwksSource, Kind, MtlsMode, Resource};
+use weft_api::resource::{ApplyError, JwksSource, Kind, Resource};
 use weft_api::{Instance, ServiceSummary};
 
 pub struct Mesh {
@@ -75,12 +75,12 @@ pub struct Applied {
 }
 
 impl Mesh {
-    pub fn open(dir: &Path, grace: Duration, ca: CaConfig, default_mtls: MtlsMode) -> anyhow::Result<Mesh> {
+    pub fn open(dir: &Path, grace: Duration, ca: CaConfig, defaults: Defaults) -> anyhow::Result<Mesh> {
         let store = Arc::new(Store::open(dir)?);
         let security = Security::open(dir, ca, store.clone())?;
         let settings = Settings {
             bundle: security.ca.bundle(),
-            default_mtls,
+            defaults,
             trust_domain: security.ca.config().trust_domain.clone(),
             namespace: security.ca.config().namespace.clone(),
             jwks: Default::default(),

@@ -104,12 +104,21 @@ impl Res {
 
 pub type ResMap = BTreeMap<String, Arc<Res>>;
 
+/// The mesh-wide modes of services whose `Service` resource sets none (`weft control --mtls`,
+/// `--egress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Defaults {
+    pub mtls: MtlsMode,
+    pub egress: weft_api::resource::Egress,
+}
+
 /// Mesh-wide security settings the translation needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
     /// Every root proxies trust (PEM), the signing one first.
     pub bundle: String,
-    pub default_mtls: MtlsMode,
+    /// What services that set none get.
+    pub defaults: Defaults,
     pub trust_domain: String,
     pub namespace: String,
     /// Issuers' keys, by where they are read from.
@@ -447,7 +456,7 @@ impl Config {
     }
 
     fn mtls(&self, service: &str) -> MtlsMode {
-        self.spec(service).and_then(|s| s.mtls).unwrap_or(self.settings.default_mtls)
+        self.spec(service).and_then(|s| s.mtls).unwrap_or(self.settings.defaults.mtls)
     }
 
     fn protocol(&self, service: &str) -> Protocol {
@@ -575,7 +584,8 @@ impl Config {
             out.insert(name.clone(), Res::new(name, &l));
         }
         if let Some(capture) = &reg.capture {
-            let egress = reg.service.as_deref().and_then(|s| self.spec(s)).map(|s| s.egress).unwrap_or_default();
+            let egress =
+                reg.service.as_deref().and_then(|s| self.spec(s)?.egress).unwrap_or(self.settings.defaults.egress);
             let l = capture_listener(capture, egress);
             out.insert(l.name.clone(), Res::new(l.name.clone(), &l));
         }

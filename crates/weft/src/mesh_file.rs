@@ -60,11 +60,19 @@ pub struct ControlSection {
     /// Mutual TLS mode of services that set none: strict (default) or permissive.
     #[serde(default)]
     pub mtls: weft_api::resource::MtlsMode,
+    /// Egress mode of services that set none: allow-any (default) or registry-only.
+    #[serde(default)]
+    pub egress: weft_api::resource::Egress,
 }
 
 impl Default for ControlSection {
     fn default() -> Self {
-        ControlSection { listen: default_listen(), data_dir: None, mtls: Default::default() }
+        ControlSection {
+            listen: default_listen(),
+            data_dir: None,
+            mtls: Default::default(),
+            egress: Default::default(),
+        }
     }
 }
 

@@ -242,7 +242,7 @@ async fn run_mesh(
             cert_ttl: Duration::from_secs(24 * 3600),
             provided: None,
         },
-        default_mtls: file.control.mtls,
+        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress },
         server_names: relay.iter().map(|(at, _)| at.ip().to_string()).collect(),
         plaintext_xds: None,
     };

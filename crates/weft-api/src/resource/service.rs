@@ -104,9 +104,10 @@ pub struct ServiceSpec {
     /// path to this service, before routing and authorization.
     #[serde(default, skip_serializing_if = "EscapedSlashes::is_keep")]
     pub escaped_slashes: EscapedSlashes,
-    /// What the service's transparent instances may reach outside the mesh.
-    #[serde(default, skip_serializing_if = "Egress::is_allow_any")]
-    pub egress: Egress,
+    /// What the service's transparent instances may reach outside the mesh; default: the
+    /// mesh's (`weft control --egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
 }
 
 /// `Service.egress` (Istio's `outboundTrafficPolicy`): where a transparent instance's
@@ -119,12 +120,6 @@ pub enum Egress {
     AllowAny,
     /// Refused: the connection is closed, counted as `egress-refused`.
     RegistryOnly,
-}
-
-impl Egress {
-    fn is_allow_any(&self) -> bool {
-        *self == Egress::AllowAny
-    }
 }
 
 /// `Service.escapedSlashes` (Envoy's `path_with_escaped_slashes_action`).

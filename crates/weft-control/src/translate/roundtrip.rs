@@ -1024,5 +1024,23 @@ fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passth
     let again = Mesh::open(&dir, Duration::from_secs(60), ca(), Default::default()).unwrap();
     assert_eq!(again.subscribe().borrow().services["b"].vip, Some(vip), "the same virtual IP after a restart");
     drop(again);
+    // A mesh-wide registry-only (`weft control --egress registry-only`): services that set no
+    // egress get it; one that says allow-any keeps its passthrough.
+    let defaults = crate::Defaults { egress: weft_api::resource::Egress::RegistryOnly, ..Default::default() };
+    let strict = Mesh::open(&dir, Duration::from_secs(60), ca(), defaults).unwrap();
+    let mut u = registration("u", 7200, vec![]);
+    u.capture = Some("127.0.0.1:15001".into());
+    strict.connect("t-1", t.clone(), 3, Some("key-t")).unwrap();
+    strict.connect("u-1", u.clone(), 4, Some("key-u")).unwrap();
+    let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "t"}, "spec": {"egress": "allow-any"}});
+    strict.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
+    let snapshot = strict.subscribe().borrow().clone();
+    let capture = |r: &InstanceRegistration| {
+        let listeners = snapshot.available(Type::Listener, Some(r));
+        weft_proxy::config::listener(&listeners[weft_api::names::CAPTURE_LISTENER].any).unwrap()
+    };
+    assert!(capture(&u).tcp_cluster.is_none(), "u sets no egress: the mesh's registry-only");
+    assert_eq!(capture(&t).tcp_cluster.as_deref(), Some(weft_api::names::PASSTHROUGH_CLUSTER), "t's own allow-any");
+    drop(strict);
     let _ = std::fs::remove_dir_all(&dir);
 }
