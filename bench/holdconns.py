@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Hold N idle HTTP/1.1 keep-alive connections open against 127.0.0.1:PORT.
+"""Hold N idle HTTP/1.1 keep-alive connections open against 127.0.0.1:PORT (or HOST:PORT).
 
-Usage: holdconns.py PORT N READY_FILE STOP_FILE [MAX_SECONDS]
+Usage: holdconns.py [HOST:]PORT N READY_FILE STOP_FILE [MAX_SECONDS]
 
 Opens N connections, sends one keep-alive `GET /0` on each and reads the whole response,
 then writes the number of connections that got a 200 to READY_FILE and keeps every socket
@@ -38,7 +38,9 @@ def read_response(sock: socket.socket) -> int:
 
 
 def main() -> None:
-    port, n, ready_file, stop_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    host, _, port = sys.argv[1].rpartition(":")
+    host, port = host or "127.0.0.1", int(port)
+    n, ready_file, stop_file = int(sys.argv[2]), sys.argv[3], sys.argv[4]
     max_seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 30.0
     deadline = time.monotonic() + max_seconds
     request = b"GET /0 HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\n\r\n"
@@ -46,7 +48,7 @@ def main() -> None:
     for _ in range(n):
         if time.monotonic() > deadline:
             break
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s = socket.create_connection((host, port), timeout=5)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(s)
         try:

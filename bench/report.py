@@ -20,6 +20,7 @@ PEERS = {
     "weft-2hop": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-capture": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-trace0": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -224,6 +225,23 @@ def main():
                 cells.append(f"{x / y:.3f} ({fmt(x * spec[key][5], spec[key][6])} vs {fmt(y * spec[key][5], spec[key][6])})"
                              if x and y else "n/a")
             out.append(f"| {spec[key][1].split(' (')[0]} | " + " | ".join(cells) + " |")
+
+    # Issue 21: what transparent capture adds to a call (same rounds, same inbound side).
+    if "weft-2hop-capture" in configs and "weft-2hop" in configs:
+        out.append("\n## Transparent capture vs explicit ports (weft-2hop-capture vs weft-2hop)\n")
+        out.append("The caller's sidecar CPU per request includes the capture listener's original-destination "
+                   "lookup; latency includes the kernel's redirect and the veth hop. Target: CPU within 5%.\n")
+        out.append("| figure | explicit | capture | capture ÷ explicit | added |")
+        out.append("|---|---:|---:|---:|---:|")
+        rows = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
+                ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
+                ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
+                ("lat_half_p99", "latency p99 at 50%")]
+        for key, label in rows:
+            x, y = med("weft-2hop-capture", key), med("weft-2hop", key)
+            if x and y:
+                unit, d = spec[key][2], spec[key][6]
+                out.append(f"| {label} | {fmt(y, d)} {unit} | {fmt(x, d)} {unit} | {x / y:.3f} | {x - y:+.1f} {unit} |")
 
     warns = [w for w in open(warnings).read().splitlines() if w.strip()]
     out.append("\n## Warnings during the run\n")
