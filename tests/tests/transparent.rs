@@ -286,6 +286,11 @@ fn names_and_destinations_outside_the_mesh() {
 
     let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
     assert_eq!(stdout(&out), "200", "curl http://store/: {}", stderr(&out));
+    // No way around the IPv4 capture rules over IPv6: no address on the link (not even
+    // link-local), while loopback keeps ::1.
+    let out = in_netns(client_ns, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"]);
+    assert_eq!(stdout(&out).trim(), "", "IPv6 on the instance's link: {}", stderr(&out));
+    assert!(stdout(&in_netns(client_ns, "ip", &["-6", "-o", "addr", "show", "dev", "lo"])).contains("::1"));
     let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "store"]))
         .split_whitespace()
         .next()

@@ -7,7 +7,9 @@
 //!   goes to the sidecar's capture listener, which reads where it was going
 //!   (`SO_ORIGINAL_DST`); DNS (UDP and TCP port 53) goes to the sidecar's resolver;
 //! - the sidecar's own connections carry a socket mark ([`weft_api::names::CAPTURE_MARK`])
-//!   and are let through.
+//!   and are let through;
+//! - IPv6 is off on the namespace's link (the rules are IPv4's), so nothing reaches the app, or
+//!   leaves it, over IPv6 around the sidecar.
 //!
 //! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
 //! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
@@ -301,6 +303,10 @@ impl InstanceNet {
         let inside = |args: &[&str]| run(&mut in_netns(&r.netns, "ip", args));
         inside(&["link", "set", "lo", "up"])?;
         inside(&["addr", "add", &format!("{}/{}", r.address, self.range.prefix), "dev", "eth0"])?;
+        // IPv4 only: the capture rules are IPv4's, so IPv6 is off on the namespace's link (no
+        // link-local address another instance could reach the app at, around the sidecar).
+        // Loopback keeps ::1.
+        run(&mut in_netns(&r.netns, "sh", &["-c", "f=/proc/sys/net/ipv6/conf/eth0/disable_ipv6; [ ! -e $f ] || echo 1 > $f"]))?;
         inside(&["link", "set", "eth0", "up"])?;
         inside(&["route", "add", "default", "via", &gateway.to_string()])?;
         // `ip netns exec` shows processes this file as /etc/resolv.conf: the sidecar's resolver.
