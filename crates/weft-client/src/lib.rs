@@ -16,7 +16,8 @@ use std::time::Duration;
 /// Where a client finds what it needs to reach a control plane.
 #[derive(Debug, Clone)]
 pub struct ControlEndpoint {
-    /// host:port
+    /// host:port, or several comma-separated: replicas of one control plane, tried in turn
+    /// (each one's certificate names its host).
     pub address: String,
     /// PEM file with the mesh root(s) the control plane's certificate chains to.
     pub ca_file: PathBuf,
@@ -32,7 +33,7 @@ impl ControlEndpoint {
         ca_file: Option<&Path>,
         credential: Option<String>,
     ) -> anyhow::Result<ControlEndpoint> {
-        let recorded = weft_api::credentials::load(address);
+        let recorded = address.split(',').find_map(|a| weft_api::credentials::load(a.trim()));
         let ca_file = match (ca_file, &recorded) {
             (Some(f), _) => f.to_owned(),
             (None, Some(e)) => e.ca_file.clone(),
@@ -43,10 +44,9 @@ impl ControlEndpoint {
         Ok(ControlEndpoint { address: address.to_owned(), ca_file, credential })
     }
 
-    /// The host part of the address, which the control plane's certificate must name.
-    pub fn host(&self) -> &str {
-        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']')
+    /// The replicas' addresses (host:port), in the order given.
+    pub fn addresses(&self) -> Vec<&str> {
+        self.address.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
     }
 
     fn root_pem(&self) -> anyhow::Result<Vec<u8>> {
@@ -80,12 +80,24 @@ impl ControlEndpoint {
     }
 }
 
+/// The host part of a control plane's address (host:port), which its certificate must name.
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The control plane's JSON API over HTTPS.
+/// How long a connection to one replica may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The control plane's JSON API over HTTPS. With several replicas, a call goes to the one that
+/// answered last, and to the next ones in turn while it cannot be reached.
 pub struct ControlApi {
     pub endpoint: ControlEndpoint,
     client: Client<Https, Full<Bytes>>,
+    /// The replica that answered last (an index into the endpoint's addresses).
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 /// An API call's failure: the status (if the control plane answered) and its message.
@@ -104,8 +116,19 @@ impl ControlApi {
 
     /// With a TLS configuration of the caller's (no ALPN: the API speaks HTTP/1.1).
     pub fn with_tls(endpoint: ControlEndpoint, tls: rustls::ClientConfig) -> ControlApi {
-        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
-        ControlApi { endpoint, client: Client::builder(TokioExecutor::new()).build(https) }
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        ControlApi {
+            endpoint,
+            client: Client::builder(TokioExecutor::new()).build(https),
+            preferred: Default::default(),
+        }
     }
 
     /// Sends a request; returns the status and the body.
@@ -145,14 +168,42 @@ impl ControlApi {
         Err(ApiError { status: Some(status), message: error_message(status, &bytes) })
     }
 
+    /// Sends to the preferred replica, then to the others in turn while one cannot be reached.
     async fn send(
         &self,
         method: http::Method,
         path: &str,
         body: Option<String>,
     ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+        use std::sync::atomic::Ordering;
+        let addresses = self.endpoint.addresses();
+        let first = self.preferred.load(Ordering::Relaxed);
+        for i in 0..addresses.len() {
+            let at = (first + i) % addresses.len();
+            match self.send_to(addresses[at], method.clone(), path, body.clone()).await {
+                Ok(resp) => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                // Unreachable: the next replica.
+                Err(e) if e.status.is_none() && i + 1 < addresses.len() => {
+                    tracing::debug!(control = addresses[at], error = %e.message, "control plane replica unreachable");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError { status: None, message: format!("no control plane address given ({:?})", self.endpoint.address) })
+    }
+
+    async fn send_to(
+        &self,
+        address: &str,
+        method: http::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
         let failed = |message: String| ApiError { status: None, message };
-        let uri = format!("https://{}{path}", self.endpoint.address);
+        let uri = format!("https://{address}{path}");
         let mut req = http::Request::builder().method(method).uri(&uri);
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
@@ -162,7 +213,7 @@ impl ControlApi {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| failed(format!("invalid control plane address {:?}: {e}", self.endpoint.address)))?;
+            .map_err(|e| failed(format!("invalid control plane address {address:?}: {e}")))?;
         self.client.request(req).await.map_err(|e| {
                 let mut cause = e.to_string();
                 let mut src = std::error::Error::source(&e);

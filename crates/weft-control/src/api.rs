@@ -167,12 +167,16 @@ async fn create_token(
         .security
         .create_token(&body.service, std::time::Duration::from_secs(body.ttl_seconds))
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    stored(&mesh).await?;
     Ok(Json(json!({ "token": token, "info": info })).into_response())
 }
 
 async fn revoke_token(State(mesh): State<Arc<Mesh>>, Path(id): Path<String>) -> ApiResult {
     match mesh.security.revoke(&id) {
-        Ok(Some(info)) => Ok(Json(info).into_response()),
+        Ok(Some(info)) => {
+            stored(&mesh).await?;
+            Ok(Json(info).into_response())
+        }
         Ok(None) => {
             Err(ApiError(StatusCode::NOT_FOUND, format!("no join token {id:?} was issued here (or it has expired)")))
         }
@@ -396,7 +400,10 @@ async fn apply(
         Err(e) => Err(e),
     };
     Ok(match outcome {
-        Ok(applied) => Json(json!({ "applied": applied })).into_response(),
+        Ok(applied) => {
+            stored(&mesh).await?;
+            Json(json!({ "applied": applied })).into_response()
+        }
         Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "errors": [e] }))).into_response(),
     })
 }
@@ -404,10 +411,21 @@ async fn apply(
 async fn delete(State(mesh): State<Arc<Mesh>>, Path((k, name)): Path<(String, String)>) -> ApiResult {
     let k = kind(&k)?;
     match mesh.delete(k, &name) {
-        Ok(true) => Ok(Json(json!({ "deleted": { "kind": k, "name": name } })).into_response()),
+        Ok(true) => {
+            stored(&mesh).await?;
+            Ok(Json(json!({ "deleted": { "kind": k, "name": name } })).into_response())
+        }
         Ok(false) => Err(ApiError(StatusCode::NOT_FOUND, format!("no {k} named {name:?}"))),
         Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
+}
+
+/// A change is answered once it is durable: at once with the embedded store, once etcd has
+/// confirmed it with a shared one.
+async fn stored(mesh: &Mesh) -> Result<(), ApiError> {
+    mesh.flushed().await.map_err(|e| {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the change is made at this control plane, but {e}"))
+    })
 }
 
 fn no_instance(id: &str) -> ApiError {

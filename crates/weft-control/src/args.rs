@@ -1,12 +1,20 @@
 //! The control plane's command line (`weft control`), and how it becomes a [`ControlConfig`].
 use crate::ControlConfig;
 use crate::Defaults;
+use crate::store::etcd::StoreKey;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
 use weft_api::resource::{Egress, MtlsMode};
+
+/// Where the control plane keeps the mesh's state.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Embedded,
+    Etcd(crate::store::etcd::EtcdConfig, StoreKey),
+}
 
 #[derive(Args)]
 pub struct ControlArgs {
@@ -48,6 +56,29 @@ pub struct ControlArgs {
     /// Also serve xDS without TLS on this loopback address, for proxyless gRPC clients.
     #[arg(long)]
     pub plaintext_xds: Option<SocketAddr>,
+    /// Where the mesh's state lives: `embedded` (a file in --data-dir, one control plane) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (shared by every replica of the control plane).
+    #[arg(long, default_value = "embedded")]
+    pub store: crate::store::StoreUrl,
+    /// With etcd: a file holding the key (64 hex digits, `openssl rand -hex 32`) the mesh's
+    /// CA key and credentials are encrypted with in etcd; every replica is given the same.
+    #[arg(long)]
+    pub store_key_file: Option<PathBuf>,
+    /// etcd's CA (PEM), when etcd serves TLS.
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// This control plane's client certificate for etcd (PEM); needs --etcd-key-file.
+    #[arg(long, requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The key of --etcd-cert-file (PEM).
+    #[arg(long, requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// An etcd user (etcd's authentication); needs --etcd-password-file.
+    #[arg(long, requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user.
+    #[arg(long, requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl ControlArgs {
@@ -71,7 +102,30 @@ impl ControlArgs {
                 anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
             }
         }
+        let store = match self.store {
+            crate::store::StoreUrl::Embedded => Store::Embedded,
+            crate::store::StoreUrl::Etcd(mut etcd) => {
+                etcd.ca_file = self.etcd_ca_file;
+                etcd.cert_file = self.etcd_cert_file;
+                etcd.key_file = self.etcd_key_file;
+                etcd.user = self.etcd_user;
+                etcd.password_file = self.etcd_password_file;
+                let key = match (&self.store_key_file, std::env::var("WEFT_STORE_KEY")) {
+                    (Some(path), _) => {
+                        let text = std::fs::read_to_string(path)
+                            .map_err(|e| anyhow::anyhow!("--store-key-file {}: {e}", path.display()))?;
+                        StoreKey::parse(&text, &format!("--store-key-file {}", path.display()))?
+                    }
+                    (None, Ok(text)) => StoreKey::parse(&text, "WEFT_STORE_KEY")?,
+                    (None, Err(_)) => anyhow::bail!(
+                        "--store etcd://… needs --store-key-file (or WEFT_STORE_KEY): the key the mesh's CA key and credentials are encrypted with in etcd, the same for every replica; make one with `openssl rand -hex 32 > store.key && chmod 600 store.key`"
+                    ),
+                };
+                Store::Etcd(etcd, key)
+            }
+        };
         Ok(ControlConfig {
+            store,
             listen: self.listen,
             data_dir: self.data_dir,
             reconnect_grace: self.reconnect_grace,

@@ -41,6 +41,8 @@ pub mod fuzzing {
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
+    /// Where the mesh's state lives: the embedded store in `data_dir`, or etcd.
+    pub store: args::Store,
     /// Address for xDS (gRPC) and the admin API (HTTP/JSON), both over TLS.
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -48,7 +50,6 @@ pub struct ControlConfig {
     /// their proxies reconnect.
     pub reconnect_grace: Duration,
     pub ca: CaConfig,
-    /// Mutual TLS mode of services whose `Service` resource does not set one.
     /// What services that set none get: mutual TLS mode, egress.
     pub defaults: Defaults,
     /// Names (DNS or IP) the control plane's certificate is valid for, besides `localhost`,
@@ -133,7 +134,21 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
-    let mesh = Arc::new(Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?);
+    let mesh = Arc::new(match &cfg.store {
+        args::Store::Embedded => Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?,
+        args::Store::Etcd(etcd, key) => {
+            // Replicas of one mesh share its state, and its CA and credentials, in etcd.
+            let store =
+                Arc::new(store::Store::Etcd(Box::new(store::etcd::Etcd::open(etcd, cfg.reconnect_grace).await?)));
+            let store::Store::Etcd(shared) = &*store else { unreachable!("made above") };
+            shared
+                .share_secrets(&cfg.data_dir, key, || {
+                    store::private_dir(&cfg.data_dir)?;
+                    Mesh::with_store(store.clone(), &cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)
+                })
+                .await?
+        }
+    });
     // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
     ca::write_private(&bundle_path, &mesh.security.ca.bundle())?;
@@ -166,6 +181,7 @@ impl Bound {
         let Bound { cfg, listener, plaintext, mesh, serving, bundle_path } = self;
         let tls = tls::server_config(serving.clone())?;
         tokio::spawn(state::expire_stale(mesh.clone()));
+        tokio::spawn(state::follow_store(mesh.clone()));
         tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path));
         tokio::spawn(jwks::refresh(mesh.clone()));
         // xDS streams never end on their own: after the stop signal they are ended (so their

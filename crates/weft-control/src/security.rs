@@ -88,7 +88,7 @@ impl Security {
         let admin_token = credential(&data_dir.join("admin.token"), "weft-admin")?;
         let metrics_token = credential(&data_dir.join(METRICS_TOKEN_FILE), "weft-metrics")?;
         let mut tokens = BTreeMap::new();
-        for (id, json) in store.tokens()? {
+        for (id, json) in store.load(crate::store::Table::Tokens)? {
             let info: TokenInfo =
                 serde_json::from_str(&json).with_context(|| format!("stored token {id} is corrupt"))?;
             tokens.insert(id, info);
@@ -147,6 +147,17 @@ impl Security {
         self.store.write(&[Write::PutToken(&info.id, &serde_json::to_string(&info)?)])?;
         tokens.insert(id, info.clone());
         Ok(Some(info))
+    }
+
+    /// A token issued, revoked or forgotten by another replica (or this one), as the shared
+    /// store reports it.
+    pub fn token_changed(&self, id: &str, json: Option<&str>) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        match json.map(serde_json::from_str::<TokenInfo>) {
+            Some(Ok(info)) => drop(tokens.insert(id.to_owned(), info)),
+            Some(Err(e)) => tracing::error!(token = id, error = %e, "a join token in etcd is invalid; ignored"),
+            None => drop(tokens.remove(id)),
+        }
     }
 
     /// Tokens issued and not yet expired (expired ones are forgotten).

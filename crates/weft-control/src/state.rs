@@ -3,7 +3,8 @@
 //! that all xDS streams watch.
 use crate::ca::CaConfig;
 use crate::security::Security;
-use crate::store::{Store, Write};
+use crate::store::etcd::Event;
+use crate::store::{Change, Store, Table, Write};
 use crate::translate::{Defaults, Settings, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -16,6 +17,9 @@ use weft_api::{Instance, ServiceSummary};
 
 pub struct Mesh {
     inner: Mutex<Inner>,
+    /// How long an instance stays after its proxy's stream ended, in a shared store (while
+    /// its proxy reconnects to another replica), or after a restart, in the embedded one.
+    grace: Duration,
     store: Arc<Store>,
     pub security: Security,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -62,6 +66,12 @@ struct StoredRef<'a> {
     owner: Option<&'a str>,
 }
 
+/// A resource as the store keeps it (JSON).
+fn stored_resource(json: &str) -> Result<Resource, String> {
+    let value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    Resource::from_json(0, value).map_err(|e| e.to_string())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -75,8 +85,19 @@ pub struct Applied {
 }
 
 impl Mesh {
+    /// The mesh of a control plane with the embedded store in `dir`.
     pub fn open(dir: &Path, grace: Duration, ca: CaConfig, defaults: Defaults) -> anyhow::Result<Mesh> {
-        let store = Arc::new(Store::open(dir)?);
+        Mesh::with_store(Arc::new(Store::embedded(dir)?), dir, grace, ca, defaults)
+    }
+
+    /// The mesh as `store` holds it; `dir` holds the CA and the credentials.
+    pub fn with_store(
+        store: Arc<Store>,
+        dir: &Path,
+        grace: Duration,
+        ca: CaConfig,
+        defaults: Defaults,
+    ) -> anyhow::Result<Mesh> {
         let security = Security::open(dir, ca, store.clone())?;
         let settings = Settings {
             bundle: security.ca.bundle(),
@@ -88,19 +109,19 @@ impl Mesh {
         };
         let mut inner = Inner { settings, ..Default::default() };
         let mut vips = BTreeMap::new();
-        for (service, ip) in store.vips()? {
+        for (service, ip) in store.load(Table::Vips)? {
             let ip = ip.parse().map_err(|_| anyhow::anyhow!("stored virtual IP {ip:?} of {service} is invalid"))?;
             vips.insert(service, ip);
         }
         inner.settings.vips = Arc::new(vips);
-        for (key, json) in store.resources()? {
-            let value = serde_json::from_str(&json)?;
-            let r =
-                Resource::from_json(0, value).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
+        for (key, json) in store.load(Table::Resources)? {
+            let r = stored_resource(&json).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
             inner.resources.insert(key, r);
         }
-        let stale_until = Some(Instant::now() + grace);
-        for (id, json) in store.instances()? {
+        // Restored after a restart, an instance waits a grace period for its proxy. In a
+        // shared store, instances live by the leases of the replicas holding them.
+        let stale_until = (!store.shared()).then(|| Instant::now() + grace);
+        for (id, json) in store.load(Table::Instances)? {
             let Stored { mut instance, owner } = serde_json::from_str(&json)?;
             instance.connected = false;
             inner.instances.insert(id, Entry { instance, stream: None, owner, stale_until });
@@ -109,11 +130,12 @@ impl Mesh {
             resources = inner.resources.len(),
             instances = inner.instances.len(),
             "restored state from {}",
-            dir.display()
+            if store.shared() { "etcd".to_owned() } else { dir.display().to_string() }
         );
         let snapshot = inner.snapshot(1, None);
         let mesh = Mesh {
             inner: Mutex::new(inner),
+            grace,
             store,
             security,
             snapshot: watch::Sender::new(Arc::new(snapshot)),
@@ -343,11 +365,17 @@ impl Mesh {
     }
 
     /// The xDS stream of an instance ended: its proxy stopped, crashed or lost the connection.
+    /// With a shared store, the instance stays for the grace period: its proxy may be
+    /// reconnecting to another replica (this one may be stopping), which then holds it.
     pub fn disconnect(&self, id: &str, stream: u64) {
         let mut inner = self.lock();
-        if inner.instances.get(id).is_some_and(|e| e.stream == Some(stream)) {
-            self.remove_locked(&mut inner, id, "xDS stream closed");
+        let Some(entry) = inner.instances.get_mut(id).filter(|e| e.stream == Some(stream)) else { return };
+        if self.store.shared() {
+            entry.stream = None;
+            entry.stale_until = Some(Instant::now() + self.grace);
+            return;
         }
+        self.remove_locked(&mut inner, id, "xDS stream closed");
     }
 
     /// Removes an instance on request (a clean stop). Returns whether it existed.
@@ -387,10 +415,15 @@ impl Mesh {
         true
     }
 
+    /// Writes an instance: as held here if its proxy's stream is here, else as an update of
+    /// whoever holds it.
     fn persist(&self, entry: &Entry) {
         let stored = StoredRef { instance: &entry.instance, owner: entry.owner.as_deref() };
         let json = serde_json::to_string(&stored).expect("instances always serialize");
-        if let Err(e) = self.store.write(&[Write::PutInstance(&entry.instance.id, &json)]) {
+        let id = &entry.instance.id;
+        let write =
+            if entry.stream.is_some() { Write::PutInstance(id, &json) } else { Write::UpdateInstance(id, &json) };
+        if let Err(e) = self.store.write(&[write]) {
             tracing::error!(instance = %entry.instance.id, error = %e, "cannot store instance");
         }
     }
@@ -560,9 +593,107 @@ impl Mesh {
         self.lock().instances.values().map(|e| e.instance.clone()).collect()
     }
 
-    /// Whether the store answers a read.
+    /// Whether the store answers.
     pub fn store_readable(&self) -> anyhow::Result<()> {
-        self.store.tokens().map(drop)
+        self.store.readable()
+    }
+
+    /// Waits until every change made so far is durable (see [`Store::flushed`]): what the API
+    /// does before it answers that a change was made.
+    pub async fn flushed(&self) -> anyhow::Result<()> {
+        self.store.flushed().await
+    }
+
+    /// A change found in the shared store (made by any replica, this one included), applied
+    /// here unless it is already so.
+    fn changed(&self, c: Change) {
+        let mut inner = self.lock();
+        let changed = match c.table {
+            Table::Resources => match c.value.as_deref().map(stored_resource) {
+                Some(Ok(r)) if inner.resources.get(&c.key) != Some(&r) => {
+                    inner.resources.insert(c.key.clone(), r);
+                    true
+                }
+                Some(Ok(_)) => false,
+                Some(Err(e)) => {
+                    tracing::error!(key = %c.key, error = %e, "a resource in etcd is invalid; ignored");
+                    false
+                }
+                None => inner.resources.remove(&c.key).is_some(),
+            },
+            Table::Instances => self.instance_changed(&mut inner, &c),
+            Table::Vips => match c.value.as_deref().map(str::parse::<std::net::Ipv4Addr>) {
+                Some(Ok(ip)) if inner.settings.vips.get(&c.key) != Some(&ip) => {
+                    let mut vips = (*inner.settings.vips).clone();
+                    vips.insert(c.key.clone(), ip);
+                    inner.settings.vips = Arc::new(vips);
+                    true
+                }
+                _ => false,
+            },
+            Table::Tokens => {
+                self.security.token_changed(&c.key, c.value.as_deref());
+                false
+            }
+        };
+        if changed {
+            self.publish(&mut inner);
+        }
+    }
+
+    /// An instance written or removed by a replica. Its record in etcd is the truth, but
+    /// for what only this replica knows: whether its proxy's stream is here.
+    fn instance_changed(&self, inner: &mut Inner, c: &Change) -> bool {
+        let Some(json) = &c.value else {
+            return match inner.instances.get(&c.key) {
+                // Removed while its proxy is connected here (this replica's lease was lost,
+                // or the lease it was under was another's): written again, under this one's.
+                Some(e) if e.stream.is_some() => {
+                    self.persist(e);
+                    false
+                }
+                Some(_) => {
+                    inner.instances.remove(&c.key);
+                    tracing::info!(instance = %c.key, "instance removed (by another replica, or its lease expired)");
+                    true
+                }
+                None => false,
+            };
+        };
+        let Ok(Stored { instance, owner }) = serde_json::from_str::<Stored>(json) else {
+            tracing::error!(instance = %c.key, "an instance in etcd is invalid; ignored");
+            return false;
+        };
+        match inner.instances.get_mut(&c.key) {
+            Some(e) if e.instance == instance && e.owner == owner => {
+                if !c.ours {
+                    // Its proxy is connected to another replica now: no stream here ends it.
+                    e.stream = None;
+                }
+                false
+            }
+            Some(e) => {
+                e.instance = instance;
+                e.owner = owner;
+                if !c.ours {
+                    e.stream = None;
+                }
+                e.stale_until = None;
+                true
+            }
+            None => {
+                inner.instances.insert(c.key.clone(), Entry { instance, stream: None, owner, stale_until: None });
+                true
+            }
+        }
+    }
+
+    /// Writes again every instance whose proxy is connected here (under a new lease).
+    fn rewrite_held(&self) {
+        let inner = self.lock();
+        for e in inner.instances.values().filter(|e| e.stream.is_some()) {
+            self.persist(e);
+        }
     }
 
     pub fn proxies(&self) -> Vec<ProxyStatus> {
@@ -610,7 +741,8 @@ impl Mesh {
         Ok(RotateReport { new_root, lagging, overlap_secs: overlap.as_secs() })
     }
 
-    /// Drops restored instances whose proxies did not come back within the grace period.
+    /// Drops instances whose proxies did not come back within the grace period (after a
+    /// restart; with a shared store, after their stream here ended).
     fn expire(&self) {
         let mut inner = self.lock();
         let now = Instant::now();
@@ -621,6 +753,16 @@ impl Mesh {
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
+            if self.store.shared() {
+                // Removed here when etcd says so: not if another replica holds it by now.
+                if let Err(e) = self.store.write(&[Write::ReleaseInstance(&id)]) {
+                    tracing::error!(instance = %id, error = %e, "cannot release instance in the store");
+                }
+                if let Some(e) = inner.instances.get_mut(&id) {
+                    e.stale_until = None;
+                }
+                continue;
+            }
             self.remove_locked(&mut inner, &id, "proxy did not reconnect after control plane restart");
         }
     }
@@ -649,6 +791,18 @@ pub struct RotateReport {
     /// Proxies that had not acknowledged the new bundle when the new root began to sign.
     pub lagging: Vec<String>,
     pub overlap_secs: u64,
+}
+
+/// Applies what the shared store's watch reports, in its order, for as long as the process
+/// runs (nothing to do with the embedded store).
+pub async fn follow_store(mesh: Arc<Mesh>) {
+    let Some(mut events) = mesh.store.take_changes() else { return };
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Changed(c) => mesh.changed(c),
+            Event::LeaseRenewed => mesh.rewrite_held(),
+        }
+    }
 }
 
 pub async fn expire_stale(mesh: Arc<Mesh>) {

@@ -83,7 +83,7 @@ pub struct ProxyArgs {
     /// Send the xDS stream here instead of to --control (HOST:PORT, TLS with the same root).
     #[arg(long)]
     pub xds: Option<String>,
-    /// Control plane address.
+    /// Control plane address (HOST:PORT), or its replicas' (A,B,C), tried in turn.
     #[arg(long = "control", env = "WEFT_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: String,
     /// Mesh root (PEM) the control plane's TLS certificate is verified with (default: the one

@@ -5,7 +5,9 @@
 //! the endpoints and routes those name.
 //! Each response is decoded and validated as a whole before anything is applied; a bad one is
 //! NACKed with the reason and the previous config stays in force. When the control plane is
-//! unreachable the proxy keeps serving and reconnects with capped exponential backoff.
+//! unreachable the proxy keeps serving and reconnects with capped exponential backoff; given
+//! several replicas (`--control A,B,C`), it goes to the next one, telling it the versions it
+//! holds.
 use crate::config::{self, ClusterDef, ConfigError, EndpointDef, InvalidResource, ListenerDef, RouteDef};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -36,18 +38,28 @@ struct TypeState {
     nonce: String,
 }
 
-struct Stream {
+struct Stream<'a> {
     tx: mpsc::Sender<DiscoveryRequest>,
     types: HashMap<String, TypeState>,
+    /// The version of each type held from earlier streams, sent in a type's first request.
+    held: &'a mut HashMap<String, String>,
     /// RDS and EDS names whose first response has not arrived yet.
     awaiting: BTreeSet<(String, String)>,
     seen_lds: bool,
     seen_cds: bool,
 }
 
-impl Stream {
+impl Stream<'_> {
+    fn state(&mut self, type_url: &str) -> &mut TypeState {
+        let held = &self.held;
+        self.types.entry(type_url.to_owned()).or_insert_with(|| TypeState {
+            version: held.get(type_url).cloned().unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
     async fn request(&mut self, type_url: String, error: Option<String>) {
-        let st = self.types.entry(type_url.clone()).or_default();
+        let st = self.state(&type_url);
         let req = DiscoveryRequest {
             version_info: st.version.clone(),
             resource_names: st.names.iter().cloned().collect(),
@@ -61,15 +73,16 @@ impl Stream {
 
     /// Changes the names subscribed for an RDS/EDS type, sending a request if they changed.
     async fn subscribe(&mut self, type_url: String, names: BTreeSet<String>) {
-        let st = self.types.entry(type_url.clone()).or_default();
-        if st.names == names {
+        let old = std::mem::take(&mut self.state(&type_url).names);
+        if old == names {
+            self.state(&type_url).names = old;
             return;
         }
-        for n in names.difference(&st.names) {
+        for n in names.difference(&old) {
             self.awaiting.insert((type_url.clone(), n.clone()));
         }
         self.awaiting.retain(|(t, n)| t != &type_url || names.contains(n));
-        st.names = names;
+        self.state(&type_url).names = names;
         self.request(type_url, None).await;
     }
 }
@@ -145,8 +158,12 @@ pub async fn run<R: Runtime>(proxy: Arc<R>, control: ControlEndpoint, tls: Arc<r
     let mut warned = false;
     // The last refusal logged, so a lasting one is logged once.
     let mut refused = None;
+    let addresses: Vec<String> = control.addresses().into_iter().map(str::to_owned).collect();
+    let mut at = 0;
+    let mut held = HashMap::new();
     loop {
-        match session(&proxy, &mut backoff, &control, &tls).await {
+        let address = &addresses[at % addresses.len().max(1)];
+        match session(&proxy, &mut backoff, address, &control, &tls, &mut held).await {
             Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
             Err(e) => match e.downcast_ref::<tonic::Status>().filter(|s| s.code() == tonic::Code::PermissionDenied) {
                 Some(s) if refused.as_deref() != Some(s.message()) => {
@@ -155,11 +172,13 @@ pub async fn run<R: Runtime>(proxy: Arc<R>, control: ControlEndpoint, tls: Arc<r
                 }
                 Some(_) => {}
                 None if !warned => {
-                    tracing::warn!(control = %control.address, error = %e, "control plane unreachable; serving the last good config and retrying")
+                    tracing::warn!(control = %address, error = %e, "control plane unreachable; serving the last good config and retrying")
                 }
-                None => tracing::debug!(error = %e, "xDS reconnect failed"),
+                None => tracing::debug!(control = %address, error = %e, "xDS reconnect failed"),
             },
         }
+        // The next replica, if there are several.
+        at = (at + 1) % addresses.len().max(1);
         warned = true;
         proxy.record(Event::Connected(false));
         let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 4);
@@ -168,14 +187,19 @@ pub async fn run<R: Runtime>(proxy: Arc<R>, control: ControlEndpoint, tls: Arc<r
     }
 }
 
+/// One xDS stream to the control plane at `address`; `held`: the versions held, kept up to date.
 async fn session<R: Runtime>(
     proxy: &Arc<R>,
     backoff: &mut Duration,
+    address: &str,
     control: &ControlEndpoint,
     tls: &Arc<rustls::ClientConfig>,
+    held: &mut HashMap<String, String>,
 ) -> anyhow::Result<()> {
     // TLS to the control plane, verified against the live trust bundle; the join token as bearer.
-    let (address, server_name) = (control.address.clone(), ServerName::try_from(control.host().to_owned())?);
+    let server_name = ServerName::try_from(weft_client::host_of(address).to_owned())?;
+    let endpoint_uri = address.to_owned();
+    let address = address.to_owned();
     let connector = tokio_rustls::TlsConnector::from(tls.clone());
     let connect = tower::service_fn(move |_: http::Uri| {
         let (address, server_name, connector) = (address.clone(), server_name.clone(), connector.clone());
@@ -193,8 +217,8 @@ async fn session<R: Runtime>(
         }
     });
     // The connector makes the TLS connection; the origin keeps the requests' scheme `https`.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", control.address))?
-        .origin(format!("https://{}", control.address).parse()?)
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{endpoint_uri}"))?
+        .origin(format!("https://{endpoint_uri}").parse()?)
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
@@ -223,16 +247,19 @@ async fn session<R: Runtime>(
         DiscoveryRequest { node: Some(node(proxy.node())), type_url: Cluster::type_url(), ..Default::default() };
     tx.send(first).await?;
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-    let mut s = Stream { tx, types: HashMap::new(), awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
-    s.types.insert(Cluster::type_url(), TypeState::default());
+    let mut s = Stream { tx, types: HashMap::new(), held, awaiting: BTreeSet::new(), seen_lds: false, seen_cds: false };
+    s.state(&Cluster::type_url());
     s.request(Listener::type_url(), None).await;
     // The trust bundle; listeners open only once it is here.
     s.subscribe(config::tls::secret_type_url(), BTreeSet::from([ROOT_SECRET.to_owned()])).await;
     proxy.record(Event::Connected(true));
-    tracing::info!(control = %control.address, "connected to control plane");
+    tracing::info!(control = %endpoint_uri, "connected to control plane");
     while let Some(resp) = responses.message().await? {
         *backoff = Duration::from_millis(100);
         handle(&**proxy, &mut s, resp).await;
+        for (t, st) in &s.types {
+            s.held.insert(t.clone(), st.version.clone());
+        }
         if let Some((channel, bearer, r, hello)) = reports.take() {
             _reporting = Some(AbortOnDrop(tokio::spawn(crate::report::run(channel, bearer, r, hello))));
         }
@@ -240,7 +267,7 @@ async fn session<R: Runtime>(
     Ok(())
 }
 
-async fn handle(proxy: &impl Runtime, s: &mut Stream, resp: DiscoveryResponse) {
+async fn handle(proxy: &impl Runtime, s: &mut Stream<'_>, resp: DiscoveryResponse) {
     let type_url = resp.type_url.clone();
     let result = apply(proxy, s, &resp).await;
     let st = s.types.entry(type_url.clone()).or_default();
@@ -271,7 +298,7 @@ fn decode_all<T>(
 }
 
 /// Decodes and checks a whole response, then applies it; on error nothing of it is applied.
-async fn apply(proxy: &impl Runtime, s: &mut Stream, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
+async fn apply(proxy: &impl Runtime, s: &mut Stream<'_>, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
     let t = resp.type_url.as_str();
     if t == Listener::type_url() {
         let defs = decode_all(resp, config::listener)?;

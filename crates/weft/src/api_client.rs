@@ -19,7 +19,7 @@ impl Api {
     /// the credentials file, its admin credential from --admin-token / WEFT_ADMIN_TOKEN or the
     /// credentials file.
     pub fn new(addr: &ControlAddr) -> anyhow::Result<Api> {
-        let recorded = weft_api::credentials::load(&addr.control);
+        let recorded = addr.control.split(',').find_map(|a| weft_api::credentials::load(a.trim()));
         let credential = addr.admin_token.clone().or_else(|| recorded.map(|e| e.admin_token));
         let endpoint = ControlEndpoint::resolve(&addr.control, addr.ca_file.as_deref(), credential)?;
         Api::with(endpoint)

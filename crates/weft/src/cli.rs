@@ -200,7 +200,7 @@ pub struct TapFilter {
 
 #[derive(Args, Clone)]
 pub struct ControlAddr {
-    /// Control plane address.
+    /// Control plane address (HOST:PORT), or its replicas' (A,B,C), tried in turn.
     #[arg(long = "control", env = "WEFT_CONTROL", default_value = DEFAULT_CONTROL, global = true)]
     pub control: String,
     /// Mesh root (PEM) the control plane's TLS certificate is verified with (default: the one

@@ -306,7 +306,11 @@ impl InstanceNet {
         // IPv4 only: the capture rules are IPv4's, so IPv6 is off on the namespace's link (no
         // link-local address another instance could reach the app at, around the sidecar).
         // Loopback keeps ::1.
-        run(&mut in_netns(&r.netns, "sh", &["-c", "f=/proc/sys/net/ipv6/conf/eth0/disable_ipv6; [ ! -e $f ] || echo 1 > $f"]))?;
+        run(&mut in_netns(
+            &r.netns,
+            "sh",
+            &["-c", "f=/proc/sys/net/ipv6/conf/eth0/disable_ipv6; [ ! -e $f ] || echo 1 > $f"],
+        ))?;
         inside(&["link", "set", "eth0", "up"])?;
         inside(&["route", "add", "default", "via", &gateway.to_string()])?;
         // `ip netns exec` shows processes this file as /etc/resolv.conf: the sidecar's resolver.

@@ -31,8 +31,11 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let control: Vec<SocketAddr> =
-        a.proxy.control.to_socket_addrs().map_err(|e| anyhow::anyhow!("--control {}: {e}", a.proxy.control))?.collect();
+    // Every replica's addresses (`--control A,B,C`).
+    let mut control: Vec<SocketAddr> = Vec::new();
+    for replica in a.proxy.control.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        control.extend(replica.to_socket_addrs().map_err(|e| anyhow::anyhow!("--control {replica}: {e}"))?);
+    }
     if control.iter().any(|c| c.ip().is_loopback()) {
         anyhow::bail!(
             "--control {} is this host's loopback, which the instance's own network namespace cannot reach: give an address of the control plane on the bridge ({}) or on another interface, where it listens (e.g. `weft control --listen 0.0.0.0:15010 --server-name {}`)",

@@ -1,5 +1,5 @@
-//! Durable state of the control plane in an embedded redb file: applied resources and the
-//! registry of instances. Everything else is derived from these two tables at startup.
+//! The embedded store: a redb file in the data directory, one table per [`Table`].
+use super::{Table, Write};
 use anyhow::Context;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -49,23 +49,12 @@ fn owner_only(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub struct Store {
+pub struct Embedded {
     db: Database,
 }
 
-/// A change to write atomically.
-pub enum Write<'a> {
-    PutResource(&'a str, &'a str),
-    DeleteResource(&'a str),
-    PutInstance(&'a str, &'a str),
-    DeleteInstance(&'a str),
-    PutToken(&'a str, &'a str),
-    DeleteToken(&'a str),
-    PutVip(&'a str, &'a str),
-}
-
-impl Store {
-    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+impl Embedded {
+    pub fn open(dir: &Path) -> anyhow::Result<Embedded> {
         private_dir(dir)?;
         let path = dir.join("weft.redb");
         // Created owner-only before redb opens it (redb initialises an empty file).
@@ -84,65 +73,44 @@ impl Store {
             e => anyhow::anyhow!("cannot open {}: {e}", path.display()),
         })?;
         let txn = db.begin_write()?;
-        txn.open_table(RESOURCES)?;
-        txn.open_table(INSTANCES)?;
-        txn.open_table(TOKENS)?;
-        txn.open_table(VIPS)?;
+        for table in Table::ALL {
+            txn.open_table(definition(table))?;
+        }
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Embedded { db })
     }
 
     pub fn write(&self, writes: &[Write<'_>]) -> anyhow::Result<()> {
         let txn = self.db.begin_write()?;
-        {
-            let mut resources = txn.open_table(RESOURCES)?;
-            let mut instances = txn.open_table(INSTANCES)?;
-            let mut tokens = txn.open_table(TOKENS)?;
-            let mut vips = txn.open_table(VIPS)?;
-            for w in writes {
-                match *w {
-                    Write::PutResource(k, v) => drop(resources.insert(k, v)?),
-                    Write::DeleteResource(k) => drop(resources.remove(k)?),
-                    Write::PutInstance(k, v) => drop(instances.insert(k, v)?),
-                    Write::DeleteInstance(k) => drop(instances.remove(k)?),
-                    Write::PutToken(k, v) => drop(tokens.insert(k, v)?),
-                    Write::DeleteToken(k) => drop(tokens.remove(k)?),
-                    Write::PutVip(k, v) => drop(vips.insert(k, v)?),
-                }
+        for w in writes {
+            let (table, key, value) = w.parts();
+            let mut t = txn.open_table(definition(table))?;
+            match value {
+                Some(v) => drop(t.insert(key, v)?),
+                None => drop(t.remove(key)?),
             }
         }
         txn.commit()?;
         Ok(())
     }
 
-    /// All resources, as `(key, json)`.
-    pub fn resources(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.load(RESOURCES)
-    }
-
-    /// All instances, as `(id, json)`.
-    pub fn instances(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.load(INSTANCES)
-    }
-
-    /// All join tokens, as `(id, json)`.
-    pub fn tokens(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.load(TOKENS)
-    }
-
-    /// Every service's virtual IP, as `(service, address)`.
-    pub fn vips(&self) -> anyhow::Result<Vec<(String, String)>> {
-        self.load(VIPS)
-    }
-
-    fn load(&self, table: TableDefinition<&str, &str>) -> anyhow::Result<Vec<(String, String)>> {
+    pub fn load(&self, table: Table) -> anyhow::Result<Vec<(String, String)>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(table)?;
+        let t = txn.open_table(definition(table))?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
             out.push((k.value().to_owned(), v.value().to_owned()));
         }
         Ok(out)
+    }
+}
+
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static str> {
+    match table {
+        Table::Resources => RESOURCES,
+        Table::Instances => INSTANCES,
+        Table::Tokens => TOKENS,
+        Table::Vips => VIPS,
     }
 }

@@ -1,0 +1,505 @@
+//! The shared store on etcd (`--store etcd://…`): every replica of the control plane reads and
+//! writes the same keys, under [`PREFIX`]:
+//! - `resources/KEY`, `tokens/ID`, `vips/SERVICE`: as in the embedded store;
+//! - `instances/ID`: under the lease of the replica the instance's proxy is connected to;
+//! - `secrets/NAME`: the CA's and the token signer's keys and the credentials, encrypted
+//!   (AES-256-GCM) under the store key every replica is given.
+//!
+//! Writes are queued and made in order by one task, batched into transactions; a watch of the
+//! prefix feeds every change, this replica's own included, back to the mesh's state, so all
+//! replicas converge on etcd's order.
+use super::{Change, Table, Write};
+use anyhow::Context;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Every key weft keeps in etcd starts with this.
+pub const PREFIX: &str = "/weft/v1/";
+/// How long [`Etcd::flushed`] waits for etcd to confirm a write.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// Operations in one transaction (etcd's default limit is 128).
+const MAX_BATCH: usize = 100;
+/// The mesh's secrets, as files in the data directory (paths relative to it).
+pub const SECRET_FILES: [&str; 8] = [
+    "ca/root.key",
+    "ca/root.pem",
+    "ca/next.key",
+    "ca/next.pem",
+    "ca/retired.json",
+    "ca/token.key",
+    "admin.token",
+    "metrics.token",
+];
+
+/// How to reach etcd: `--store etcd://…` and the `--etcd-*` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// etcd's TLS: the CA that signed its certificate, and this client's certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd's authentication: a user, and a file holding its password.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// The key the secrets are encrypted with (32 bytes).
+#[derive(Clone)]
+pub struct StoreKey([u8; 32]);
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(…)")
+    }
+}
+
+impl StoreKey {
+    /// Reads a key written as 64 hexadecimal digits (e.g. by `openssl rand -hex 32`).
+    pub fn parse(text: &str, from: &str) -> anyhow::Result<StoreKey> {
+        let hex = text.trim();
+        let bytes: Option<Vec<u8>> = (hex.len() == 64)
+            .then(|| (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect())
+            .flatten();
+        let bytes = bytes.with_context(|| {
+            format!("{from}: the store key must be 64 hexadecimal digits (make one with `openssl rand -hex 32`)")
+        })?;
+        Ok(StoreKey(bytes.try_into().expect("32 bytes")))
+    }
+
+    fn seal(&self, name: &str, plain: &[u8]) -> Vec<u8> {
+        use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("a 32-byte key"));
+        let nonce: [u8; 12] = crate::ca::random();
+        let mut sealed = plain.to_vec();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(name.as_bytes()), &mut sealed)
+            .expect("sealing cannot fail");
+        [b"weft1".as_slice(), &nonce, &sealed].concat()
+    }
+
+    fn open(&self, name: &str, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
+        use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let body = sealed.strip_prefix(b"weft1").filter(|b| b.len() >= 12 + 16);
+        let body = body.with_context(|| format!("secret {name} in etcd is not in weft's format"))?;
+        let (nonce, ciphertext) = body.split_at(12);
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("a 32-byte key"));
+        let mut buf = ciphertext.to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
+        let plain = key.open_in_place(nonce, Aad::from(name.as_bytes()), &mut buf).map_err(|_| {
+            anyhow::anyhow!(
+                "cannot decrypt secret {name} from etcd: this replica's store key is not the one it was written with (give every replica the same --store-key-file)"
+            )
+        })?;
+        Ok(plain.to_vec())
+    }
+}
+
+struct Op {
+    table: Table,
+    key: String,
+    value: Option<String>,
+    /// Only where this replica holds the instance, or keeping whose lease it is:
+    /// [`Write::UpdateInstance`], [`Write::ReleaseInstance`].
+    if_held: bool,
+}
+
+struct Batch {
+    seq: u64,
+    ops: Vec<Op>,
+}
+
+/// What the watch of the prefix delivers to the mesh's state.
+#[derive(Debug)]
+pub enum Event {
+    Changed(Change),
+    /// This replica's lease was lost (etcd unreachable longer than its time to live) and a new
+    /// one granted: the instances connected here must be written again, under it.
+    LeaseRenewed,
+}
+
+pub struct Etcd {
+    client: Client,
+    /// The writer's queue, and the sequence number of the last batch queued (in the order
+    /// the batches are queued, so under one lock).
+    queue: Mutex<(mpsc::UnboundedSender<Batch>, u64)>,
+    committed: watch::Receiver<u64>,
+    lease: Arc<AtomicI64>,
+    healthy: Arc<AtomicBool>,
+    loaded: BTreeMap<&'static str, Vec<(String, String)>>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+}
+
+fn key_of(table: Table, key: &str) -> String {
+    format!("{PREFIX}{}/{key}", table.name())
+}
+
+/// `(table, key)` of an etcd key under [`PREFIX`]; `None` for keys that are not a table's.
+fn parse_key(raw: &[u8]) -> Option<(Table, String)> {
+    let s = std::str::from_utf8(raw).ok()?.strip_prefix(PREFIX)?;
+    let (table, key) = s.split_once('/')?;
+    Some((Table::of(table)?, key.to_owned()))
+}
+
+impl Etcd {
+    /// Connects, takes a lease of `lease_ttl` (kept alive while this process runs), reads
+    /// everything under [`PREFIX`], and starts following it from there.
+    pub async fn open(cfg: &EtcdConfig, lease_ttl: Duration) -> anyhow::Result<Etcd> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if cfg.ca_file.is_some() || cfg.cert_file.is_some() {
+            let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &cfg.ca_file {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+                tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some(user) = &cfg.user {
+            let path = cfg.password_file.as_ref().context("--etcd-user needs --etcd-password-file")?;
+            let password = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            options = options.with_user(user.clone(), password.trim().to_owned());
+        }
+        let endpoints = cfg.endpoints.join(",");
+        let mut client = Client::connect(&cfg.endpoints, Some(options))
+            .await
+            .with_context(|| format!("cannot reach etcd at {endpoints}"))?;
+        let ttl = lease_ttl.as_secs().max(2) as i64;
+        let lease = client
+            .lease_grant(ttl, None)
+            .await
+            .with_context(|| format!("cannot reach etcd at {endpoints} (a lease was refused)"))?
+            .id();
+        let all = client
+            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+            .await
+            .with_context(|| format!("cannot read {PREFIX} from etcd at {endpoints}"))?;
+        let revision = all.header().map(|h| h.revision()).unwrap_or(0);
+        let mut loaded: BTreeMap<&'static str, Vec<(String, String)>> = BTreeMap::new();
+        for kv in all.kvs() {
+            if let Some((table, key)) = parse_key(kv.key()) {
+                loaded.entry(table.name()).or_default().push((key, kv.value_str()?.to_owned()));
+            }
+        }
+        let lease = Arc::new(AtomicI64::new(lease));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let watch = client
+            .watch(PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
+            .await
+            .context("cannot watch etcd")?;
+        tokio::spawn(follow(watch, lease.clone(), events_tx.clone()));
+        tokio::spawn(keep_alive(client.clone(), lease.clone(), ttl, healthy.clone(), events_tx));
+        let (queue, rx) = mpsc::unbounded_channel();
+        let (done, committed) = watch::channel(0);
+        tokio::spawn(commit(client.clone(), rx, done, lease.clone(), healthy.clone()));
+        tracing::info!(etcd = %endpoints, revision, lease_ttl_s = ttl, "store: etcd");
+        Ok(Etcd {
+            client,
+            queue: Mutex::new((queue, 0)),
+            committed,
+            lease,
+            healthy,
+            loaded,
+            events: Mutex::new(Some(events)),
+        })
+    }
+
+    pub fn enqueue(&self, writes: &[Write<'_>]) {
+        let ops = writes
+            .iter()
+            .map(|w| {
+                let (table, key, value) = w.parts();
+                let if_held = matches!(w, Write::UpdateInstance(..) | Write::ReleaseInstance(..));
+                Op { table, key: key.to_owned(), value: value.map(str::to_owned), if_held }
+            })
+            .collect();
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.1 += 1;
+        // The writer ends only with the process.
+        let _ = queue.0.send(Batch { seq: queue.1, ops });
+    }
+
+    /// Waits until every write queued so far is in etcd.
+    pub async fn flushed(&self) -> anyhow::Result<()> {
+        let want = self.queue.lock().unwrap_or_else(|p| p.into_inner()).1;
+        let mut rx = self.committed.clone();
+        match tokio::time::timeout(COMMIT_WAIT, rx.wait_for(|done| *done >= want)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => anyhow::bail!(
+                "etcd did not confirm the write within {}s (is it reachable?); it is kept and retried",
+                COMMIT_WAIT.as_secs()
+            ),
+        }
+    }
+
+    pub fn loaded(&self, table: Table) -> Vec<(String, String)> {
+        self.loaded.get(table.name()).cloned().unwrap_or_default()
+    }
+
+    pub fn take_changes(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    pub fn healthy(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.healthy.load(Ordering::Relaxed), "etcd is not reachable");
+        Ok(())
+    }
+
+    /// This replica's lease (instances connected here are written under it).
+    pub fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Relaxed)
+    }
+
+    /// Makes the mesh's secrets the same on every replica, around `open` (which opens, or
+    /// creates, the CA, the token signer and the credentials from the files in `dir`).
+    /// Replicas take turns (an etcd lock): if etcd holds the secrets, they are written to
+    /// `dir` first (and local ones etcd does not hold are removed: etcd is the truth); if it
+    /// holds none, this is the first replica, and what `open` made is stored encrypted.
+    pub async fn share_secrets<T>(
+        &self,
+        dir: &Path,
+        key: &StoreKey,
+        open: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut client = self.client.clone();
+        let lock = client
+            .lock(format!("{PREFIX}locks/secrets"), Some(etcd_client::LockOptions::new().with_lease(self.lease())))
+            .await
+            .context("cannot take the secrets lock in etcd")?;
+        let result = self.share_locked(&mut client, dir, key, open).await;
+        let _ = client.unlock(lock.key()).await;
+        result
+    }
+
+    async fn share_locked<T>(
+        &self,
+        client: &mut Client,
+        dir: &Path,
+        key: &StoreKey,
+        open: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let prefix = format!("{PREFIX}secrets/");
+        let held = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
+        let held: BTreeMap<String, Vec<u8>> = held
+            .kvs()
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned(), kv.value().to_vec())))
+            .collect();
+        if !held.is_empty() {
+            for name in SECRET_FILES {
+                let path = dir.join(name);
+                match held.get(name) {
+                    Some(sealed) => {
+                        let plain = key.open(name, sealed)?;
+                        let text = String::from_utf8(plain).with_context(|| format!("secret {name} is not text"))?;
+                        crate::store::private_dir(path.parent().expect("under the data directory"))?;
+                        crate::ca::write_private(&path, &text)?;
+                    }
+                    None => match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            tracing::info!(secrets = held.len(), "the mesh's CA and credentials taken from etcd");
+        }
+        let opened = open()?;
+        if held.is_empty() {
+            let mut ops = Vec::new();
+            for name in SECRET_FILES {
+                if let Ok(plain) = std::fs::read(dir.join(name)) {
+                    ops.push(TxnOp::put(format!("{prefix}{name}"), key.seal(name, &plain), None));
+                }
+            }
+            // Only into an empty prefix: the lock makes this replica the only writer.
+            client.txn(Txn::new().and_then(ops)).await.context("cannot store the mesh's secrets in etcd")?;
+            tracing::info!("the mesh's CA and credentials stored in etcd, encrypted");
+        }
+        Ok(opened)
+    }
+}
+
+/// Turns the watch of the prefix into the mesh's events.
+async fn follow(mut stream: etcd_client::WatchStream, lease: Arc<AtomicI64>, events: mpsc::UnboundedSender<Event>) {
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                tracing::error!("the etcd watch ended: changes made at other replicas are no longer seen here");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the etcd watch failed: changes made at other replicas are no longer seen here");
+                return;
+            }
+        };
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Some((table, key)) = parse_key(kv.key()) else { continue };
+            let value = match ev.event_type() {
+                EventType::Put => kv.value_str().ok().map(str::to_owned),
+                EventType::Delete => None,
+            };
+            let ours = table == Table::Instances && kv.lease() == lease.load(Ordering::Relaxed) && kv.lease() != 0;
+            if events.send(Event::Changed(Change { table, key, value, ours })).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Keeps this replica's lease alive; if it is lost, takes a new one.
+async fn keep_alive(
+    mut client: Client,
+    lease: Arc<AtomicI64>,
+    ttl: i64,
+    healthy: Arc<AtomicBool>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let every = Duration::from_secs((ttl / 3).max(1) as u64);
+    loop {
+        let id = lease.load(Ordering::Relaxed);
+        let alive = async {
+            let (mut keeper, mut answers) = client.lease_keep_alive(id).await?;
+            loop {
+                keeper.keep_alive().await?;
+                match answers.message().await? {
+                    Some(a) if a.ttl() > 0 => healthy.store(true, Ordering::Relaxed),
+                    _ => return Ok::<(), etcd_client::Error>(()),
+                }
+                tokio::time::sleep(every).await;
+            }
+        };
+        let why = match alive.await {
+            Ok(()) => "it expired".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        healthy.store(false, Ordering::Relaxed);
+        tracing::warn!(lease = id, why, "the etcd lease of this replica is lost; taking a new one");
+        loop {
+            tokio::time::sleep(every).await;
+            match client.lease_grant(ttl, None).await {
+                Ok(granted) => {
+                    lease.store(granted.id(), Ordering::Relaxed);
+                    healthy.store(true, Ordering::Relaxed);
+                    let _ = events.send(Event::LeaseRenewed);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "etcd refused a new lease; trying again"),
+            }
+        }
+    }
+}
+
+/// Writes the queued batches in order, several to a transaction, retrying until etcd takes
+/// them. An instance is written under this replica's lease, and deleted only while it still
+/// holds it (its proxy may have moved to another replica).
+async fn commit(
+    mut client: Client,
+    mut queue: mpsc::UnboundedReceiver<Batch>,
+    done: watch::Sender<u64>,
+    lease: Arc<AtomicI64>,
+    healthy: Arc<AtomicBool>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut last = first.seq;
+        let mut ops = first.ops;
+        while ops.len() < MAX_BATCH {
+            let Ok(more) = queue.try_recv() else { break };
+            last = more.seq;
+            ops.extend(more.ops);
+        }
+        // One operation per key (etcd refuses a transaction naming a key twice): the last.
+        let mut seen = std::collections::HashSet::new();
+        let mut ops: Vec<Op> = ops.into_iter().rev().filter(|o| seen.insert((o.table, o.key.clone()))).collect();
+        ops.reverse();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match write(&mut client, &ops, lease.load(Ordering::Relaxed)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot write to etcd");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = done.send(last);
+    }
+}
+
+async fn write(client: &mut Client, ops: &[Op], lease: i64) -> Result<(), etcd_client::Error> {
+    let mut plain = Vec::new();
+    // Conditional ones, each a transaction of its own (a condition holds for a whole one).
+    let mut conditional = Vec::new();
+    for op in ops {
+        let key = key_of(op.table, &op.key);
+        match (&op.value, op.table) {
+            (Some(v), Table::Instances) if op.if_held => {
+                let exists = Compare::create_revision(key.as_str(), CompareOp::Greater, 0);
+                let put = TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_ignore_lease()));
+                conditional.push((exists, put));
+            }
+            (Some(v), Table::Instances) => {
+                plain.push(TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_lease(lease))))
+            }
+            (Some(v), _) => plain.push(TxnOp::put(key, v.as_str(), None)),
+            // Only while this replica holds it: its proxy may be at another one now.
+            (None, Table::Instances) if op.if_held => {
+                conditional.push((Compare::lease(key.as_str(), CompareOp::Equal, lease), TxnOp::delete(key, None)))
+            }
+            (None, _) => plain.push(TxnOp::delete(key, None)),
+        }
+    }
+    if !plain.is_empty() {
+        client.txn(Txn::new().and_then(plain)).await?;
+    }
+    for (when, op) in conditional {
+        client.txn(Txn::new().when([when]).and_then([op])).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_and_a_wrong_key_is_named() {
+        let key = StoreKey::parse(&"ab".repeat(32), "test").unwrap();
+        let sealed = key.seal("ca/root.key", b"secret");
+        assert!(!sealed.windows(6).any(|w| w == b"secret"), "stored in the clear");
+        assert_eq!(key.open("ca/root.key", &sealed).unwrap(), b"secret");
+        assert!(key.open("admin.token", &sealed).is_err(), "bound to its name");
+        let other = StoreKey::parse(&"cd".repeat(32), "test").unwrap();
+        let e = other.open("ca/root.key", &sealed).unwrap_err().to_string();
+        assert!(e.contains("store key is not the one it was written with"), "{e}");
+        let e = StoreKey::parse("abc", "key.hex").err().unwrap().to_string();
+        assert!(e.starts_with("key.hex: the store key must be 64 hexadecimal digits"), "{e}");
+    }
+
+    #[test]
+    fn keys_name_their_table() {
+        assert_eq!(key_of(Table::Instances, "web-0"), "/weft/v1/instances/web-0");
+        assert_eq!(parse_key(b"/weft/v1/instances/web-0"), Some((Table::Instances, "web-0".into())));
+        assert_eq!(parse_key(b"/weft/v1/resources/HTTPRoute/a/b"), Some((Table::Resources, "HTTPRoute/a/b".into())));
+        assert_eq!(parse_key(b"/weft/v1/secrets/ca/root.key"), None);
+        assert_eq!(parse_key(b"/other/instances/x"), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! Replicas of the control plane sharing the mesh in etcd (`weft control --store etcd://…`):
+//! a real etcd cluster (Debian's etcd-server, three members on loopback) and real replicas.
+use std::process::Command;
+use std::time::Duration;
+use weft_tests::*;
+
+/// An etcd cluster of `n` members on loopback, each with its own data directory.
+struct Etcd {
+    members: Vec<Proc>,
+    /// `etcd://A,B,C` for `--store`.
+    url: String,
+}
+
+impl Etcd {
+    fn start(dir: &TestDir, n: usize) -> Etcd {
+        let etcd = which("etcd").expect("etcd is not installed: apt-get install etcd-server (scripts/test does)");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let (client, peer) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+                let mut cmd = Command::new(&etcd);
+                cmd.args(["--name", &format!("e{i}"), "--data-dir"]).arg(dir.path.join(format!("etcd-{i}")));
+                cmd.args(["--listen-client-urls", &client, "--advertise-client-urls", &client]);
+                cmd.args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer]);
+                cmd.args(["--initial-cluster", &cluster.join(","), "--initial-cluster-state", "new"]);
+                cmd.args(["--initial-cluster-token", &format!("weft-test-{}", std::process::id())]);
+                Proc::spawn(dir, &format!("etcd-{i}"), &mut cmd)
+            })
+            .collect();
+        let endpoints: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
+        let url = format!("etcd://{}", endpoints.join(","));
+        let health = endpoints.iter().map(|e| format!("http://{e}")).collect::<Vec<_>>().join(",");
+        wait_until(Duration::from_secs(30), "etcd cluster healthy", || {
+            run("etcdctl", &["--endpoints", &health, "endpoint", "health"]).status.success()
+        });
+        Etcd { members, url }
+    }
+}
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+/// A replica of the control plane on etcd, with its own data directory.
+fn replica(dir: &TestDir, etcd: &Etcd, key: &std::path::Path, name: &str) -> Control {
+    let data = dir.path.join(format!("replica-{name}"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let key = key.to_str().unwrap();
+    let flags = ["--store", &etcd.url, "--store-key-file", key, "--reconnect-grace", "3s"];
+    Control::start_at_with(dir, &addr, data, &flags)
+}
+
+/// Two replicas share one mesh: the same CA and credentials (the second takes them from etcd,
+/// where they are encrypted), the registry (an instance connected to one is reached by a proxy
+/// connected to the other, over mutual TLS with certificates from either) and resources (a
+/// route applied at one takes effect at proxies of the other within a second). When a replica
+/// is killed under load, a proxy given both replicas moves to the other, and no request fails;
+/// an instance whose proxy knows only the killed replica leaves the registry when that
+/// replica's lease expires, and comes back, once, with the replica.
+#[test]
+fn replicas_share_one_mesh_through_etcd() {
+    let dir = TestDir::new("ha-share");
+    let etcd = Etcd::start(&dir, 3);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "5f".repeat(32)).unwrap();
+    let a = replica(&dir, &etcd, &key, "a");
+    let mut b = replica(&dir, &etcd, &key, "b");
+    let read = |c: &Control, f: &str| std::fs::read_to_string(c.data_dir.join(f)).unwrap();
+    assert_eq!(read(&a, "ca/root.pem"), read(&b, "ca/root.pem"), "one mesh root");
+    assert_eq!(a.admin_token(), b.admin_token(), "one admin credential");
+    // Nothing secret in etcd in the clear.
+    let endpoints: Vec<String> =
+        etcd.url.trim_start_matches("etcd://").split(',').map(|e| format!("http://{e}")).collect();
+    let dump = run("etcdctl", &["--endpoints", &endpoints.join(","), "get", "--prefix", "/weft/v1/secrets/"]);
+    assert!(dump.status.success(), "{}", stderr(&dump));
+    let root_key = read(&a, "ca/root.key");
+    let body = root_key.lines().nth(1).unwrap();
+    assert!(!stdout(&dump).contains(body) && stdout(&dump).contains("/weft/v1/secrets/ca/root.key"));
+
+    // web's proxy knows both replicas, b first; solo's knows only b.
+    let both = format!("{},{}", b.addr, a.addr);
+    let web = Instance::start(&dir, &both, "web", "v1", "web-0", &[]);
+    let _solo = Instance::start(&dir, &b.addr, "solo", "v1", "solo-0", &[]);
+    wait_until(Duration::from_secs(15), "web and solo healthy, seen at replica a", || {
+        a.healthy_ids("web") == ["web-0"] && a.healthy_ids("solo") == ["solo-0"]
+    });
+    let edge = Edge::start(&dir, &a, &["web"]);
+    let url = edge.url("web", "/");
+    wait_until(Duration::from_secs(10), "the edge (at a) reaches web (at b)", || {
+        curl(&[&url]).is_some_and(|r| r.status == 200)
+    });
+
+    // A route applied at b takes effect at the edge, whose replica is a.
+    let route = dir.path.join("route.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: tagged}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {add: [{name: x-applied-at, value: b}]}\n    backendRefs: [{name: web}]\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &b.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let took = wait_until(Duration::from_secs(5), "the route in force at a's proxy", || {
+        run("curl", &["-s", "-D", "-", "-o", "/dev/null", &url]).stdout.windows(14).any(|w| w == b"x-applied-at: ")
+    });
+    assert!(took < Duration::from_secs(1), "a route applied at one replica took {took:?} to reach a proxy of another");
+    let routes = stdout(&weft(&["get", "httproutes", "--control", &a.addr]));
+    assert!(routes.contains("tagged"), "replica a lists the route applied at b:\n{routes}");
+
+    // b dies under load: web's proxy moves to a, and no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = request_loop(url.clone(), stop.clone(), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    b.proc.kill();
+    let moved = wait_until(Duration::from_secs(10), "web's proxy connected to a", || {
+        web_log_says(&dir, "connected to control plane", &a.addr)
+    });
+    assert!(moved < Duration::from_secs(5), "web's proxy took {moved:?} to reach the other replica");
+    // solo's proxy has nowhere to go: solo leaves with b's lease (3 s); web stays.
+    wait_until(Duration::from_secs(10), "solo gone with b's lease", || a.endpoints("solo").is_empty());
+    assert_eq!(a.healthy_ids("web"), ["web-0"], "web stayed registered");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(
+        failed.is_empty() && ok > 50,
+        "{} of {} requests failed while a replica died: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+
+    // b is back: solo registers again, once.
+    let b = Control::start_at_with(
+        &dir,
+        &b.addr,
+        b.data_dir.clone(),
+        &["--store", &etcd.url, "--store-key-file", key.to_str().unwrap(), "--reconnect-grace", "3s"],
+    );
+    wait_until(Duration::from_secs(20), "solo back, through b", || a.healthy_ids("solo") == ["solo-0"]);
+    assert_eq!(b.endpoints("solo").len(), 1, "solo once");
+    assert_eq!(b.endpoints("web").len(), 1, "web once");
+    drop(web);
+    drop(etcd.members);
+}
+
+/// Whether web-0's log has a line with both `what` and `at`.
+fn web_log_says(dir: &TestDir, what: &str, at: &str) -> bool {
+    std::fs::read_to_string(dir.path.join("web-0.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(what) && l.contains(at))
+}
+
+/// Mistakes get one clear line: etcd without a store key, a bad key, an unreachable etcd.
+#[test]
+fn etcd_store_mistakes_are_named() {
+    let dir = TestDir::new("ha-mistakes");
+    let run_control = |extra: &[&str]| {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["control", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"]);
+        cmd.arg(dir.path.join("data")).args(extra).env_remove("WEFT_STORE_KEY");
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    let e = run_control(&["--store", "etcd://127.0.0.1:1"]);
+    assert!(e.contains("needs --store-key-file (or WEFT_STORE_KEY)") && e.contains("openssl rand -hex 32"), "{e}");
+    let bad = dir.path.join("bad.key");
+    std::fs::write(&bad, "not a key").unwrap();
+    let e = run_control(&["--store", "etcd://127.0.0.1:1", "--store-key-file", bad.to_str().unwrap()]);
+    assert!(e.contains("the store key must be 64 hexadecimal digits"), "{e}");
+    let e = run_control(&["--store", "etcd:/x"]);
+    assert!(e.contains("expected `embedded` or etcd://HOST:PORT"), "{e}");
+    let good = dir.path.join("good.key");
+    std::fs::write(&good, "aa".repeat(32)).unwrap();
+    let e = run_control(&[
+        "--store",
+        &format!("etcd://127.0.0.1:{}", free_port()),
+        "--store-key-file",
+        good.to_str().unwrap(),
+    ]);
+    assert!(e.contains("cannot reach etcd at 127.0.0.1:"), "{e}");
+}
