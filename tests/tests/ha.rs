@@ -58,14 +58,15 @@ fn replica(dir: &TestDir, etcd: &Etcd, key: &std::path::Path, name: &str) -> Con
 /// Two replicas share one mesh: the same CA and credentials (the second takes them from etcd,
 /// where they are encrypted), the registry (an instance connected to one is reached by a proxy
 /// connected to the other, over mutual TLS with certificates from either) and resources (a
-/// route applied at one takes effect at proxies of the other within a second). When a replica
-/// is killed under load, a proxy given both replicas moves to the other, and no request fails;
+/// route applied at one takes effect at proxies of the other within a second). An etcd member
+/// killed changes nothing. `weft get replicas` lists both, one the leader. When a replica is
+/// killed under load, a proxy given both replicas moves to the other, and no request fails;
 /// an instance whose proxy knows only the killed replica leaves the registry when that
 /// replica's lease expires, and comes back, once, with the replica.
 #[test]
 fn replicas_share_one_mesh_through_etcd() {
     let dir = TestDir::new("ha-share");
-    let etcd = Etcd::start(&dir, 3);
+    let mut etcd = Etcd::start(&dir, 3);
     let key = dir.path.join("store.key");
     std::fs::write(&key, "5f".repeat(32)).unwrap();
     let a = replica(&dir, &etcd, &key, "a");
@@ -111,6 +112,32 @@ fn replicas_share_one_mesh_through_etcd() {
     let routes = stdout(&weft(&["get", "httproutes", "--control", &a.addr]));
     assert!(routes.contains("tagged"), "replica a lists the route applied at b:\n{routes}");
 
+    // An etcd member dies: the mesh goes on (a change at a reaches b through the others).
+    etcd.members[0].kill();
+    let out = weft(&["delete", "httproute", "tagged", "--control", &a.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(Duration::from_secs(5), "the route gone at b too", || {
+        let out = weft(&["get", "httproutes", "--control", &b.addr]);
+        out.status.success() && !stdout(&out).contains("tagged")
+    });
+
+    // `weft get replicas`: both, one of them the leader, and the proxies at each.
+    let replicas = |at: &Control| -> Vec<serde_json::Value> {
+        serde_json::from_slice::<serde_json::Value>(
+            &weft(&["get", "replicas", "-o", "json", "--control", &at.addr]).stdout,
+        )
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(5), "two replicas, one leader, web and solo at b", || {
+        let r = replicas(&a);
+        let at_b = r.iter().find(|x| x["address"] == b.addr.as_str()).map(|x| x["proxies"].as_u64());
+        r.len() == 2 && r.iter().filter(|x| x["leader"] == true).count() == 1 && at_b == Some(Some(2))
+    });
+    let table = stdout(&weft(&["get", "replicas", "--control", &a.addr]));
+    assert!(table.starts_with("REPLICA") && table.contains(&a.addr) && table.contains(&b.addr), "{table}");
+
     // b dies under load: web's proxy moves to a, and no request fails.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = request_loop(url.clone(), stop.clone(), Duration::from_secs(60));
@@ -123,6 +150,10 @@ fn replicas_share_one_mesh_through_etcd() {
     // solo's proxy has nowhere to go: solo leaves with b's lease (3 s); web stays.
     wait_until(Duration::from_secs(10), "solo gone with b's lease", || a.endpoints("solo").is_empty());
     assert_eq!(a.healthy_ids("web"), ["web-0"], "web stayed registered");
+    wait_until(Duration::from_secs(10), "a alone, and the leader", || {
+        let r = replicas(&a);
+        r.len() == 1 && r[0]["address"] == a.addr.as_str() && r[0]["leader"] == true
+    });
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.join().unwrap();
@@ -144,6 +175,43 @@ fn replicas_share_one_mesh_through_etcd() {
     assert_eq!(b.endpoints("solo").len(), 1, "solo once");
     assert_eq!(b.endpoints("web").len(), 1, "web once");
     drop(web);
+    drop(etcd.members);
+}
+
+/// `weft ca rotate` at one replica is the whole mesh's: the other replica trusts the new root
+/// and signs with it too (its proxies' certificates are re-issued from it), and traffic between
+/// proxies of the two replicas goes on.
+#[test]
+fn a_root_rotation_at_one_replica_reaches_every_replica() {
+    let dir = TestDir::new("ha-rotate");
+    let etcd = Etcd::start(&dir, 1);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "6e".repeat(32)).unwrap();
+    let a = replica(&dir, &etcd, &key, "a");
+    let b = replica(&dir, &etcd, &key, "b");
+    let _web = Instance::start(&dir, &b.addr, "web", "v1", "web-0", &[]);
+    wait_until(Duration::from_secs(15), "web healthy", || a.healthy_ids("web") == ["web-0"]);
+    let edge = Edge::start(&dir, &a, &["web"]);
+    let url = edge.url("web", "/");
+    wait_until(Duration::from_secs(10), "the edge reaches web", || curl(&[&url]).is_some_and(|r| r.status == 200));
+    let out = weft(&["ca", "rotate", "--overlap", "1h", "--control", &a.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new_root = stdout(&out).split_whitespace().nth(2).unwrap_or_default().to_owned();
+    assert!(!new_root.is_empty(), "{}", stdout(&out));
+    wait_until(Duration::from_secs(10), "b signs with the new root", || {
+        b.api("/api/v1/ca").is_some_and(|v| v["rootFingerprint"] == new_root.as_str())
+    });
+    wait_until(Duration::from_secs(15), "web's certificate re-issued by b from the new root", || {
+        stdout(&weft(&["get", "certs", "--control", &b.addr]))
+            .lines()
+            .any(|l| l.contains("web-0") && l.contains(&new_root))
+    });
+    let bundle =
+        b.api("/api/v1/ca").map(|v| v["bundle"].as_str().unwrap_or_default().matches("BEGIN CERTIFICATE").count());
+    assert_eq!(bundle, Some(2), "b's bundle: the new root and the retiring one");
+    assert_eq!(curl(&[&url]).map(|r| r.status), Some(200), "traffic across the two replicas' proxies");
+    let again = weft(&["ca", "rotate", "--overlap", "1h", "--control", &b.addr]);
+    assert!(again.status.success(), "a second rotation, at the other replica: {}", stderr(&again));
     drop(etcd.members);
 }
 

@@ -56,6 +56,24 @@ impl Instance {
     }
 }
 
+/// A replica of the control plane, as `weft get replicas` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    /// Where proxies and the CLI reach it (HOST:PORT); also its name.
+    pub address: String,
+    /// When it started (Unix seconds).
+    pub started: u64,
+    /// Proxies with an xDS stream to it.
+    pub proxies: usize,
+    /// The replica that does what must happen once (finishing a CA rotation a replica left).
+    #[serde(default)]
+    pub leader: bool,
+    /// Whether it reaches the store.
+    #[serde(default)]
+    pub healthy: bool,
+}
+
 /// A service as `weft get services` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -65,11 +65,32 @@ struct Retired {
     until: u64,
 }
 
+/// A rotation in progress, as `ca/rotation.json` records it beside `ca/next.key` and
+/// `ca/next.pem`, so that a restart, or another replica, can finish it.
+#[derive(Clone, Serialize, Deserialize)]
+struct Rotation {
+    /// The root being replaced, trusted until `retiring.until` once the new one signs.
+    retiring: Retired,
+    /// When the new root signs at the latest (Unix seconds), whoever is there to make it.
+    activate_by: u64,
+}
+
 struct State {
     signer: Signer,
     /// A root created by a rotation in progress: trusted, not yet signing.
-    next: Option<(Signer, Retired)>,
+    next: Option<(Signer, Rotation)>,
     retired: Vec<Retired>,
+}
+
+impl State {
+    /// What the bundle and signing depend on: the roots' certificates, in order, and the
+    /// retired ones' ends.
+    fn shape(&self) -> Vec<String> {
+        let mut v = vec![self.signer.root.pem.clone()];
+        v.extend(self.next.iter().map(|(n, _)| n.root.pem.clone()));
+        v.extend(self.retired.iter().map(|r| format!("{}{}", r.pem, r.until)));
+        v
+    }
 }
 
 pub struct Ca {
@@ -167,8 +188,10 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn load_managed(dir: &Path) -> anyhow::Result<Signer> {
-    let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
+/// A root of the CA's own: `NAME.pem` and `NAME.key` in `dir` (`root`, or `next` during a
+/// rotation).
+fn load_managed(dir: &Path, name: &str) -> anyhow::Result<Signer> {
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     let pem = std::fs::read_to_string(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
     let key = std::fs::read_to_string(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
     let key = KeyPair::from_pem(&key).with_context(|| format!("{} is not a valid private key", key_path.display()))?;
@@ -231,24 +254,32 @@ impl Ca {
     pub fn open(data_dir: &Path, cfg: CaConfig) -> anyhow::Result<Ca> {
         let dir = data_dir.join("ca");
         crate::store::private_dir(&dir)?;
-        let signer = match &cfg.provided {
-            Some((cert, key)) => load_provided(cert, key)?,
-            None if dir.join("root.key").exists() => load_managed(&dir)?,
-            None => {
-                let (signer, key) = new_root(&cfg.trust_domain)?;
-                write_private(&dir.join("root.key"), &key.serialize_pem())?;
-                write_private(&dir.join("root.pem"), &signer.root.pem)?;
-                tracing::info!(root = %fingerprint(&signer.root.der), dir = %dir.display(), "created the mesh root CA");
-                signer
-            }
-        };
-        let retired = match std::fs::read_to_string(dir.join("retired.json")) {
-            Ok(text) => serde_json::from_str(&text).context("ca/retired.json is corrupt")?,
-            Err(_) => Vec::new(),
-        };
-        let ca = Ca { cfg, dir, state: RwLock::new(State { signer, next: None, retired }) };
+        if cfg.provided.is_none() && !dir.join("root.key").exists() {
+            let (signer, key) = new_root(&cfg.trust_domain)?;
+            write_private(&dir.join("root.key"), &key.serialize_pem())?;
+            write_private(&dir.join("root.pem"), &signer.root.pem)?;
+            tracing::info!(root = %fingerprint(&signer.root.der), dir = %dir.display(), "created the mesh root CA");
+        }
+        let state = read_state(&dir, &cfg)?;
+        let ca = Ca { cfg, dir, state: RwLock::new(state) };
         ca.expire_retired();
         Ok(ca)
+    }
+
+    /// Reads the CA's files again (another replica changed them: a rotation); true if the
+    /// bundle or the signing root changed.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let fresh = read_state(&self.dir, &self.cfg)?;
+        let mut s = self.write();
+        let changed = s.shape() != fresh.shape();
+        *s = fresh;
+        Ok(changed)
+    }
+
+    /// Whether a rotation in progress is due to finish ([`Ca::activate_next`]): its time has
+    /// come, and the replica that started it did not finish it (it may be gone).
+    pub fn rotation_due(&self) -> bool {
+        self.read().next.as_ref().is_some_and(|(_, r)| r.activate_by <= unix(SystemTime::now()))
     }
 
     pub fn config(&self) -> &CaConfig {
@@ -335,8 +366,9 @@ impl Ca {
     }
 
     /// Starts a rotation: a new root is trusted (put in the bundle) but does not sign yet.
-    /// [`Ca::activate_next`] makes it sign once every proxy has the new bundle.
-    pub fn begin_rotation(&self, overlap: Duration) -> anyhow::Result<String> {
+    /// [`Ca::activate_next`] makes it sign once every proxy has the new bundle, or after
+    /// `wait` at the latest.
+    pub fn begin_rotation(&self, overlap: Duration, wait: Duration) -> anyhow::Result<String> {
         anyhow::ensure!(
             self.cfg.provided.is_none(),
             "this control plane signs with an intermediate given by --ca-cert; to rotate, restart it with the new intermediate (add the new root to the old chain's trust first)"
@@ -345,11 +377,16 @@ impl Ca {
         anyhow::ensure!(s.next.is_none(), "a rotation is already in progress; wait for it to finish");
         let (next, key) = new_root(&self.cfg.trust_domain)?;
         let fp = fingerprint(&next.root.der);
-        let retiring = Retired { pem: s.signer.root.pem.clone(), until: unix(SystemTime::now() + overlap) };
+        let now = SystemTime::now();
+        let rotation = Rotation {
+            retiring: Retired { pem: s.signer.root.pem.clone(), until: unix(now + overlap) },
+            activate_by: unix(now + wait),
+        };
         // The new key is written before it signs anything, so a restart keeps what was issued.
         write_private(&self.dir.join("next.key"), &key.serialize_pem())?;
         write_private(&self.dir.join("next.pem"), &next.root.pem)?;
-        s.next = Some((next, retiring));
+        write_private(&self.dir.join("rotation.json"), &serde_json::to_string(&rotation)?)?;
+        s.next = Some((next, rotation));
         Ok(fp)
     }
 
@@ -357,12 +394,13 @@ impl Ca {
     /// overlap period ends.
     pub fn activate_next(&self) -> anyhow::Result<()> {
         let mut s = self.write();
-        let Some((next, retiring)) = s.next.take() else { return Ok(()) };
+        let Some((next, rotation)) = s.next.take() else { return Ok(()) };
         let mut retired = s.retired.clone();
-        retired.push(retiring);
+        retired.push(rotation.retiring);
         write_private(&self.dir.join("retired.json"), &serde_json::to_string(&retired)?)?;
         std::fs::rename(self.dir.join("next.key"), self.dir.join("root.key"))?;
         std::fs::rename(self.dir.join("next.pem"), self.dir.join("root.pem"))?;
+        std::fs::remove_file(self.dir.join("rotation.json"))?;
         s.signer = next;
         s.retired = retired;
         tracing::info!(root = %fingerprint(&s.signer.root.der), "new root CA is signing");
@@ -390,6 +428,26 @@ impl Ca {
     pub fn next_expiry(&self) -> Option<u64> {
         self.read().retired.iter().map(|r| r.until).min()
     }
+}
+
+/// The CA's state as its files in `dir` hold it (the operator's intermediate if given).
+fn read_state(dir: &Path, cfg: &CaConfig) -> anyhow::Result<State> {
+    let signer = match &cfg.provided {
+        Some((cert, key)) => load_provided(cert, key)?,
+        None => load_managed(dir, "root")?,
+    };
+    let next = match std::fs::read_to_string(dir.join("rotation.json")) {
+        Ok(text) if cfg.provided.is_none() => {
+            let rotation: Rotation = serde_json::from_str(&text).context("ca/rotation.json is corrupt")?;
+            Some((load_managed(dir, "next")?, rotation))
+        }
+        _ => None,
+    };
+    let retired = match std::fs::read_to_string(dir.join("retired.json")) {
+        Ok(text) => serde_json::from_str(&text).context("ca/retired.json is corrupt")?,
+        Err(_) => Vec::new(),
+    };
+    Ok(State { signer, next, retired })
 }
 
 /// The root (PEM) a chain was issued under, as the fingerprint `weft get certs` shows.
@@ -484,7 +542,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-ca-test-{}", fastrand::u64(..)));
         let ca = Ca::open(&dir, cfg()).unwrap();
         let old = ca.root_fingerprint();
-        let new = ca.begin_rotation(Duration::from_secs(3600)).unwrap();
+        let new = ca.begin_rotation(Duration::from_secs(3600), Duration::from_secs(10)).unwrap();
         assert_eq!(pem_blocks(&ca.bundle()).len(), 2);
         assert_eq!(ca.root_fingerprint(), old, "the new root does not sign before activation");
         ca.activate_next().unwrap();

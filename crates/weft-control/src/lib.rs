@@ -138,11 +138,11 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
         args::Store::Embedded => Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?,
         args::Store::Etcd(etcd, key) => {
             // Replicas of one mesh share its state, and its CA and credentials, in etcd.
-            let store =
-                Arc::new(store::Store::Etcd(Box::new(store::etcd::Etcd::open(etcd, cfg.reconnect_grace).await?)));
+            let opened = store::etcd::Etcd::open(etcd, key.clone(), cfg.reconnect_grace).await?;
+            let store = Arc::new(store::Store::Etcd(Box::new(opened)));
             let store::Store::Etcd(shared) = &*store else { unreachable!("made above") };
             shared
-                .share_secrets(&cfg.data_dir, key, || {
+                .share_secrets(&cfg.data_dir, || {
                     store::private_dir(&cfg.data_dir)?;
                     Mesh::with_store(store.clone(), &cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)
                 })
@@ -157,6 +157,17 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
     names.extend(cfg.server_names.iter().cloned());
     names.dedup();
     let serving = tls::ServingCert::new(&mesh.security.ca, names)?;
+    // Its name among replicas: the address clients are given (a --server-name, else the
+    // listen address, this host's name for an unspecified one).
+    let host = match cfg.server_names.first() {
+        Some(n) => n.clone(),
+        None if cfg.listen.ip().is_unspecified() => {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+        }
+        None => cfg.listen.ip().to_string(),
+    };
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let _ = mesh.me.set((format!("{host}:{}", cfg.listen.port()), started));
     Ok(Bound { cfg, listener, plaintext, mesh, serving, bundle_path })
 }
 
@@ -182,6 +193,7 @@ impl Bound {
         let tls = tls::server_config(serving.clone())?;
         tokio::spawn(state::expire_stale(mesh.clone()));
         tokio::spawn(state::follow_store(mesh.clone()));
+        tokio::spawn(mesh.clone().announce());
         tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path));
         tokio::spawn(jwks::refresh(mesh.clone()));
         // xDS streams never end on their own: after the stop signal they are ended (so their

@@ -3,7 +3,7 @@
 //! that all xDS streams watch.
 use crate::ca::CaConfig;
 use crate::security::Security;
-use crate::store::etcd::Event;
+use crate::store::etcd::{Event, Push};
 use crate::store::{Change, Store, Table, Write};
 use crate::translate::{Defaults, Settings, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,6 +17,10 @@ use weft_api::{Instance, ServiceSummary};
 
 pub struct Mesh {
     inner: Mutex<Inner>,
+    /// The data directory: the CA's and the credentials' files.
+    data_dir: std::path::PathBuf,
+    /// Where this control plane serves (its name among replicas) and when it started.
+    pub me: std::sync::OnceLock<(String, u64)>,
     /// How long an instance stays after its proxy's stream ended, in a shared store (while
     /// its proxy reconnects to another replica), or after a restart, in the embedded one.
     grace: Duration,
@@ -135,6 +139,8 @@ impl Mesh {
         let snapshot = inner.snapshot(1, None);
         let mesh = Mesh {
             inner: Mutex::new(inner),
+            data_dir: dir.to_owned(),
+            me: Default::default(),
             grace,
             store,
             security,
@@ -593,6 +599,43 @@ impl Mesh {
         self.lock().instances.values().map(|e| e.instance.clone()).collect()
     }
 
+    /// This control plane as a replica, now.
+    pub fn replica(&self) -> weft_api::registry::Replica {
+        let (address, started) = self.me.get().cloned().unwrap_or_default();
+        weft_api::registry::Replica {
+            address,
+            started,
+            proxies: self.proxies().len(),
+            leader: self.store.leads(),
+            healthy: self.store.readable().is_ok(),
+        }
+    }
+
+    /// Every replica of this control plane (itself alone with the embedded store).
+    pub async fn replicas(&self) -> anyhow::Result<Vec<weft_api::registry::Replica>> {
+        match &*self.store {
+            Store::Etcd(s) => s.replicas().await,
+            Store::Embedded(_) => Ok(vec![self.replica()]),
+        }
+    }
+
+    /// With etcd: stands for election, and says what this replica is every 2 s (under its
+    /// lease, so it is gone from `weft get replicas` when the replica is).
+    pub async fn announce(self: Arc<Self>) {
+        let Store::Etcd(s) = &*self.store else { return };
+        let address = self.replica().address;
+        let campaign = s.campaign(address);
+        let announce = async {
+            loop {
+                if let Err(e) = s.announce(&self.replica()).await {
+                    tracing::debug!(error = %e, "cannot announce this replica in etcd");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        };
+        tokio::join!(campaign, announce);
+    }
+
     /// Whether the store answers.
     pub fn store_readable(&self) -> anyhow::Result<()> {
         self.store.readable()
@@ -721,8 +764,17 @@ impl Mesh {
     /// `weft ca rotate`: trust a new root everywhere, then sign with it. The new root signs
     /// only once every connected proxy holds the bundle that trusts it (or after `wait`), so
     /// no proxy meets a certificate it cannot verify.
+    /// With replicas, each step is shared through the store: the others trust the new root
+    /// (and push it to their proxies) at once, and sign with it when this one does; if this
+    /// one is gone by then, they finish the rotation after `wait`.
     pub async fn rotate(&self, overlap: Duration, wait: Duration) -> anyhow::Result<RotateReport> {
-        let new_root = self.security.ca.begin_rotation(overlap)?;
+        let new_root = self.security.ca.begin_rotation(overlap, wait)?;
+        if let Err(e) = self.store.secrets_changed(&self.data_dir, Push::NewRotation).await {
+            // Not shared: undone here, as if it never started.
+            self.store.pull_secrets(&self.data_dir).await?;
+            self.security.ca.reload()?;
+            return Err(e);
+        }
         self.refresh_bundle();
         let deadline = Instant::now() + wait;
         let mut lagging = self.proxies_without_bundle();
@@ -736,9 +788,37 @@ impl Mesh {
                 "proxies did not acknowledge the new trust bundle in time; activating the new root anyway"
             );
         }
-        self.security.ca.activate_next()?;
-        self.refresh_bundle();
+        self.finish_rotation().await?;
         Ok(RotateReport { new_root, lagging, overlap_secs: overlap.as_secs() })
+    }
+
+    /// The new root signs from now on, here and (through the store) at every replica.
+    async fn finish_rotation(&self) -> anyhow::Result<()> {
+        if let Err(e) = self.security.ca.activate_next() {
+            // Another replica finished it first (its files replaced these): take its result.
+            self.store.pull_secrets(&self.data_dir).await?;
+            anyhow::ensure!(self.store.shared() && self.security.ca.reload().is_ok(), e);
+            self.refresh_bundle();
+            return Ok(());
+        }
+        self.refresh_bundle();
+        self.store.secrets_changed(&self.data_dir, Push::All).await
+    }
+
+    /// Another replica changed the mesh's secrets (a rotation's step): read them again.
+    async fn secrets_changed(&self) {
+        let reloaded = async {
+            self.store.pull_secrets(&self.data_dir).await?;
+            self.security.ca.reload()
+        };
+        match reloaded.await {
+            Ok(true) => {
+                tracing::info!(root = %self.security.ca.root_fingerprint(), "the CA changed at another replica; its bundle is pushed to the proxies");
+                self.refresh_bundle();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the CA as another replica changed it"),
+        }
     }
 
     /// Drops instances whose proxies did not come back within the grace period (after a
@@ -801,6 +881,7 @@ pub async fn follow_store(mesh: Arc<Mesh>) {
         match ev {
             Event::Changed(c) => mesh.changed(c),
             Event::LeaseRenewed => mesh.rewrite_held(),
+            Event::Secrets => mesh.secrets_changed().await,
         }
     }
 }
@@ -812,6 +893,17 @@ pub async fn expire_stale(mesh: Arc<Mesh>) {
         mesh.expire();
         if mesh.security.ca.expire_retired() {
             mesh.refresh_bundle();
+            if let Err(e) = mesh.store.secrets_changed(&mesh.data_dir, Push::All).await {
+                tracing::warn!(error = %e, "cannot share the CA's retired roots");
+            }
+        }
+        // A rotation whose replica did not finish it (gone, or restarted) is finished by the
+        // elected replica.
+        if mesh.store.leads() && mesh.security.ca.rotation_due() {
+            tracing::warn!("a CA rotation was not finished in time by the replica that started it; finishing it here");
+            if let Err(e) = mesh.finish_rotation().await {
+                tracing::error!(error = %e, "cannot finish the CA rotation");
+            }
         }
         mesh.security.forget_expired();
     }

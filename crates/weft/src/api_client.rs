@@ -199,6 +199,28 @@ pub async fn get(
                 .collect();
             table(&["NODE", "SERVICE", "XDS", "ACKED-TYPES", "LAST-NACK"], rows);
         }
+        "replicas" | "replica" => {
+            let v = api.get_json("/api/v1/replicas").await?;
+            if print(&v, output)? {
+                return Ok(());
+            }
+            let mut replicas: Vec<weft_api::registry::Replica> = serde_json::from_value(v)?;
+            replicas.sort_by(|a, b| a.address.cmp(&b.address));
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let rows = replicas
+                .into_iter()
+                .map(|r| {
+                    vec![
+                        r.address,
+                        if r.healthy { "healthy" } else { "store unreachable" }.to_owned(),
+                        if r.leader { "yes" } else { "-" }.to_owned(),
+                        r.proxies.to_string(),
+                        format!("{}s", now.saturating_sub(r.started)),
+                    ]
+                })
+                .collect();
+            table(&["REPLICA", "HEALTH", "LEADER", "PROXIES", "UP"], rows);
+        }
         "certs" | "certificates" | "cert" => {
             let v = api.get_json("/api/v1/certificates").await?;
             if print(&v, output)? {
@@ -235,7 +257,7 @@ pub async fn get(
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown kind {other:?}; use services, endpoints, policy, proxies, certs, tokens, service, httproutes, grpcroutes, authorizationpolicies, requestauthentications or trafficpolicies"
+                    "unknown kind {other:?}; use services, endpoints, policy, proxies, replicas, certs, tokens, service, httproutes, grpcroutes, authorizationpolicies, requestauthentications or trafficpolicies"
                 )
             })?;
             let path = match name {

@@ -41,7 +41,7 @@ pub enum Command {
     },
     /// Show services, endpoints, proxies, certificates, join tokens or resources.
     Get {
-        /// services | endpoints | proxies | certs | tokens | service | httproutes | grpcroutes | authorizationpolicies | requestauthentications | trafficpolicies | telemetries
+        /// services | endpoints | proxies | replicas | certs | tokens | service | httproutes | grpcroutes | authorizationpolicies | requestauthentications | trafficpolicies | telemetries
         kind: String,
         /// A name (for endpoints: the service).
         name: Option<String>,

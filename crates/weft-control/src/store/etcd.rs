@@ -22,16 +22,21 @@ use tokio::sync::{mpsc, watch};
 
 /// Every key weft keeps in etcd starts with this.
 pub const PREFIX: &str = "/weft/v1/";
+/// How long an operation that etcd answers at once may take before the next member is tried.
+const SHORT: Duration = Duration::from_millis(1500);
+/// The election of the replica that does what must happen once.
+const LEADER: &str = "/weft/v1/election/leader";
 /// How long [`Etcd::flushed`] waits for etcd to confirm a write.
 pub const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// Operations in one transaction (etcd's default limit is 128).
 const MAX_BATCH: usize = 100;
 /// The mesh's secrets, as files in the data directory (paths relative to it).
-pub const SECRET_FILES: [&str; 8] = [
+pub const SECRET_FILES: [&str; 9] = [
     "ca/root.key",
     "ca/root.pem",
     "ca/next.key",
     "ca/next.pem",
+    "ca/rotation.json",
     "ca/retired.json",
     "ca/token.key",
     "admin.token",
@@ -122,10 +127,102 @@ pub enum Event {
     /// This replica's lease was lost (etcd unreachable longer than its time to live) and a new
     /// one granted: the instances connected here must be written again, under it.
     LeaseRenewed,
+    /// The mesh's secrets changed (a rotation's step, at any replica): to be read again.
+    Secrets,
+}
+
+/// etcd's members, reached one at a time: operations go to the member in use; after one
+/// fails, the next operation connects to the next member. (A client balancing over all of
+/// them kept sending to one that had died.)
+pub struct Members {
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    /// The member in use, its client once connected, and how many times it changed.
+    current: tokio::sync::Mutex<(usize, Option<Client>, u64)>,
+}
+
+impl Members {
+    /// A client of the member in use (connecting to it, or to the next ones in turn), and the
+    /// epoch to name in [`Members::failed`].
+    async fn client(&self) -> Result<(Client, u64), etcd_client::Error> {
+        let mut cur = self.current.lock().await;
+        if let Some(c) = &cur.1 {
+            return Ok((c.clone(), cur.2));
+        }
+        let mut last = None;
+        for i in 0..self.endpoints.len() {
+            let at = (cur.0 + i) % self.endpoints.len();
+            match Client::connect([self.endpoints[at].as_str()], Some(self.options.clone())).await {
+                Ok(c) => {
+                    cur.0 = at;
+                    cur.1 = Some(c.clone());
+                    return Ok((c, cur.2));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+
+    /// An operation through the client of `epoch` failed: the next one goes to the next member.
+    async fn failed(&self, epoch: u64) {
+        let mut cur = self.current.lock().await;
+        if cur.2 == epoch && cur.1.take().is_some() {
+            cur.0 = (cur.0 + 1) % self.endpoints.len();
+            cur.2 += 1;
+        }
+    }
+
+    /// Runs `op` through each member in turn until one answers (an operation that must not
+    /// wait for a retry loop: a replica's start, an API call).
+    async fn any<T, Fut>(&self, op: impl Fn(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for _ in 0..self.endpoints.len() {
+            match self.within(SHORT, &op).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+
+    /// Runs `op` with a client of the member in use; if it fails, the next operation goes to
+    /// the next member.
+    async fn with<T, Fut>(&self, op: impl FnOnce(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let (client, epoch) = self.client().await?;
+        let result = op(client).await;
+        if result.is_err() {
+            self.failed(epoch).await;
+        }
+        result
+    }
+
+    /// [`Members::with`] for an operation that answers at once when etcd is there: one that
+    /// takes longer than `limit` failed (a request to a member that just died can hang).
+    async fn within<T, Fut>(&self, limit: Duration, op: impl FnOnce(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let (client, epoch) = self.client().await?;
+        let result = match tokio::time::timeout(limit, op(client)).await {
+            Ok(r) => r,
+            Err(_) => Err(etcd_client::Error::Internal(format!("no answer from etcd within {limit:?}"))),
+        };
+        if result.is_err() {
+            self.failed(epoch).await;
+        }
+        result
+    }
 }
 
 pub struct Etcd {
-    client: Client,
+    members: Arc<Members>,
     /// The writer's queue, and the sequence number of the last batch queued (in the order
     /// the batches are queued, so under one lock).
     queue: Mutex<(mpsc::UnboundedSender<Batch>, u64)>,
@@ -134,6 +231,10 @@ pub struct Etcd {
     healthy: Arc<AtomicBool>,
     loaded: BTreeMap<&'static str, Vec<(String, String)>>,
     events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// What the secrets are encrypted with.
+    key: StoreKey,
+    /// Whether this replica is the elected one ([`Etcd::campaign`]).
+    leading: Arc<AtomicBool>,
 }
 
 fn key_of(table: Table, key: &str) -> String {
@@ -150,7 +251,7 @@ fn parse_key(raw: &[u8]) -> Option<(Table, String)> {
 impl Etcd {
     /// Connects, takes a lease of `lease_ttl` (kept alive while this process runs), reads
     /// everything under [`PREFIX`], and starts following it from there.
-    pub async fn open(cfg: &EtcdConfig, lease_ttl: Duration) -> anyhow::Result<Etcd> {
+    pub async fn open(cfg: &EtcdConfig, key: StoreKey, lease_ttl: Duration) -> anyhow::Result<Etcd> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(5))
@@ -173,17 +274,19 @@ impl Etcd {
             options = options.with_user(user.clone(), password.trim().to_owned());
         }
         let endpoints = cfg.endpoints.join(",");
-        let mut client = Client::connect(&cfg.endpoints, Some(options))
-            .await
-            .with_context(|| format!("cannot reach etcd at {endpoints}"))?;
+        let members = Arc::new(Members {
+            endpoints: cfg.endpoints.clone(),
+            options,
+            current: tokio::sync::Mutex::new((0, None, 0)),
+        });
         let ttl = lease_ttl.as_secs().max(2) as i64;
-        let lease = client
-            .lease_grant(ttl, None)
+        let lease = members
+            .any(|mut c| async move { c.lease_grant(ttl, None).await })
             .await
-            .with_context(|| format!("cannot reach etcd at {endpoints} (a lease was refused)"))?
+            .with_context(|| format!("cannot reach etcd at {endpoints}"))?
             .id();
-        let all = client
-            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+        let all = members
+            .any(|mut c| async move { c.get(PREFIX, Some(GetOptions::new().with_prefix())).await })
             .await
             .with_context(|| format!("cannot read {PREFIX} from etcd at {endpoints}"))?;
         let revision = all.header().map(|h| h.revision()).unwrap_or(0);
@@ -196,24 +299,28 @@ impl Etcd {
         let lease = Arc::new(AtomicI64::new(lease));
         let healthy = Arc::new(AtomicBool::new(true));
         let (events_tx, events) = mpsc::unbounded_channel();
-        let watch = client
-            .watch(PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
+        let watch = members
+            .any(|mut c| async move {
+                c.watch(PREFIX, Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))).await
+            })
             .await
             .context("cannot watch etcd")?;
-        tokio::spawn(follow(watch, lease.clone(), events_tx.clone()));
-        tokio::spawn(keep_alive(client.clone(), lease.clone(), ttl, healthy.clone(), events_tx));
+        tokio::spawn(follow(members.clone(), watch, revision + 1, lease.clone(), events_tx.clone()));
+        tokio::spawn(keep_alive(members.clone(), lease.clone(), ttl, healthy.clone(), events_tx));
         let (queue, rx) = mpsc::unbounded_channel();
         let (done, committed) = watch::channel(0);
-        tokio::spawn(commit(client.clone(), rx, done, lease.clone(), healthy.clone()));
+        tokio::spawn(commit(members.clone(), rx, done, lease.clone(), healthy.clone()));
         tracing::info!(etcd = %endpoints, revision, lease_ttl_s = ttl, "store: etcd");
         Ok(Etcd {
-            client,
+            members,
             queue: Mutex::new((queue, 0)),
             committed,
             lease,
             healthy,
             loaded,
             events: Mutex::new(Some(events)),
+            key,
+            leading: Default::default(),
         })
     }
 
@@ -258,6 +365,67 @@ impl Etcd {
         Ok(())
     }
 
+    /// Whether this replica is the elected one.
+    pub fn leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
+    }
+
+    /// Stands for election as `address`, for as long as the process runs: elected, it leads
+    /// until its lease is lost (it stood with it), then stands again.
+    pub async fn campaign(&self, address: String) {
+        loop {
+            let lease = self.lease();
+            let value = address.clone();
+            let elected = self.members.with(|mut c| async move { c.campaign(LEADER, value, lease).await }).await;
+            match elected {
+                Ok(_) => {
+                    self.leading.store(true, Ordering::Relaxed);
+                    tracing::info!(replica = %address, "this replica leads (finishes what must happen once)");
+                    while self.lease() == lease {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    self.leading.store(false, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot stand for election in etcd; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Says what this replica is, under its lease (gone with it).
+    pub async fn announce(&self, me: &weft_api::registry::Replica) -> anyhow::Result<()> {
+        let json = serde_json::to_string(me)?;
+        let at = format!("{PREFIX}replicas/{}", me.address);
+        let lease = self.lease();
+        let (at, json) = (&at, &json);
+        self.members
+            .any(|mut c| async move { c.put(at.as_str(), json.as_str(), Some(PutOptions::new().with_lease(lease))).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Every replica that announced itself and whose lease lives, the leader marked.
+    pub async fn replicas(&self) -> anyhow::Result<Vec<weft_api::registry::Replica>> {
+        let all = self
+            .members
+            .any(
+                |mut c| async move { c.get(format!("{PREFIX}replicas/"), Some(GetOptions::new().with_prefix())).await },
+            )
+            .await?;
+        let leader = match self.members.any(|mut c| async move { c.leader(LEADER).await }).await {
+            Ok(l) => l.kv().and_then(|kv| kv.value_str().ok().map(str::to_owned)),
+            Err(_) => None,
+        };
+        let mut out: Vec<weft_api::registry::Replica> =
+            all.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+        for r in &mut out {
+            r.leader = leader.as_deref() == Some(r.address.as_str());
+        }
+        Ok(out)
+    }
+
     /// This replica's lease (instances connected here are written under it).
     pub fn lease(&self) -> i64 {
         self.lease.load(Ordering::Relaxed)
@@ -266,90 +434,171 @@ impl Etcd {
     /// Makes the mesh's secrets the same on every replica, around `open` (which opens, or
     /// creates, the CA, the token signer and the credentials from the files in `dir`).
     /// Replicas take turns (an etcd lock): if etcd holds the secrets, they are written to
-    /// `dir` first (and local ones etcd does not hold are removed: etcd is the truth); if it
-    /// holds none, this is the first replica, and what `open` made is stored encrypted.
-    pub async fn share_secrets<T>(
-        &self,
-        dir: &Path,
-        key: &StoreKey,
-        open: impl FnOnce() -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
-        let mut client = self.client.clone();
-        let lock = client
-            .lock(format!("{PREFIX}locks/secrets"), Some(etcd_client::LockOptions::new().with_lease(self.lease())))
+    /// `dir` first (see [`Etcd::pull_secrets`]); if it holds none, this is the first replica,
+    /// and what `open` made is stored.
+    pub async fn share_secrets<T>(&self, dir: &Path, open: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let lease = self.lease();
+        let name = format!("{PREFIX}locks/secrets");
+        let lock = self
+            .members
+            .any(|mut c| {
+                let name = name.clone();
+                async move { c.lock(name, Some(etcd_client::LockOptions::new().with_lease(lease))).await }
+            })
             .await
             .context("cannot take the secrets lock in etcd")?;
-        let result = self.share_locked(&mut client, dir, key, open).await;
-        let _ = client.unlock(lock.key()).await;
+        let result = async {
+            let held = self.pull_secrets(dir).await?;
+            let opened = open()?;
+            if held == 0 {
+                self.push_secrets(dir, Push::All).await?;
+                tracing::info!("the mesh's CA and credentials stored in etcd, encrypted");
+            } else {
+                tracing::info!(secrets = held, "the mesh's CA and credentials taken from etcd");
+            }
+            Ok(opened)
+        }
+        .await;
+        let key = lock.key().to_vec();
+        let _ = self.members.within(SHORT, |mut c| async move { c.unlock(key).await }).await;
         result
     }
 
-    async fn share_locked<T>(
-        &self,
-        client: &mut Client,
-        dir: &Path,
-        key: &StoreKey,
-        open: impl FnOnce() -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
+    /// Writes the secrets etcd holds to `dir`, and removes the ones it does not hold (etcd is
+    /// the truth), unless it holds none; returns how many it holds.
+    pub async fn pull_secrets(&self, dir: &Path) -> anyhow::Result<usize> {
         let prefix = format!("{PREFIX}secrets/");
-        let held = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
+        let held = self
+            .members
+            .any(|mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let held: BTreeMap<String, Vec<u8>> = held
             .kvs()
             .iter()
             .filter_map(|kv| Some((kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned(), kv.value().to_vec())))
             .collect();
-        if !held.is_empty() {
-            for name in SECRET_FILES {
-                let path = dir.join(name);
-                match held.get(name) {
-                    Some(sealed) => {
-                        let plain = key.open(name, sealed)?;
-                        let text = String::from_utf8(plain).with_context(|| format!("secret {name} is not text"))?;
-                        crate::store::private_dir(path.parent().expect("under the data directory"))?;
-                        crate::ca::write_private(&path, &text)?;
-                    }
-                    None => match std::fs::remove_file(&path) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(e).with_context(|| format!("cannot remove {}", path.display()));
-                        }
-                        _ => {}
-                    },
-                }
-            }
-            tracing::info!(secrets = held.len(), "the mesh's CA and credentials taken from etcd");
-        }
-        let opened = open()?;
         if held.is_empty() {
-            let mut ops = Vec::new();
-            for name in SECRET_FILES {
-                if let Ok(plain) = std::fs::read(dir.join(name)) {
-                    ops.push(TxnOp::put(format!("{prefix}{name}"), key.seal(name, &plain), None));
-                }
-            }
-            // Only into an empty prefix: the lock makes this replica the only writer.
-            client.txn(Txn::new().and_then(ops)).await.context("cannot store the mesh's secrets in etcd")?;
-            tracing::info!("the mesh's CA and credentials stored in etcd, encrypted");
+            return Ok(0);
         }
-        Ok(opened)
+        for name in SECRET_FILES {
+            let path = dir.join(name);
+            match held.get(name) {
+                Some(sealed) => {
+                    let plain = self.key.open(name, sealed)?;
+                    let text = String::from_utf8(plain).with_context(|| format!("secret {name} is not text"))?;
+                    crate::store::private_dir(path.parent().expect("under the data directory"))?;
+                    crate::ca::write_private(&path, &text)?;
+                }
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(held.len())
+    }
+
+    /// Stores the secrets in `dir` (encrypted), and deletes from etcd the ones `dir` does not
+    /// hold, in one transaction. [`Push::NewRotation`] only if no rotation is in progress.
+    pub async fn push_secrets(&self, dir: &Path, how: Push) -> anyhow::Result<()> {
+        let prefix = format!("{PREFIX}secrets/");
+        let mut ops = Vec::new();
+        for name in SECRET_FILES {
+            let key = format!("{prefix}{name}");
+            match std::fs::read(dir.join(name)) {
+                Ok(plain) => ops.push(TxnOp::put(key, self.key.seal(name, &plain), None)),
+                Err(_) => ops.push(TxnOp::delete(key, None)),
+            }
+        }
+        let mut txn = Txn::new();
+        if how == Push::NewRotation {
+            txn = txn.when([Compare::create_revision(format!("{prefix}ca/rotation.json"), CompareOp::Equal, 0)]);
+        }
+        let txn = txn.and_then(ops);
+        let done = self
+            .members
+            .any(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .context("cannot store the mesh's secrets in etcd")?;
+        anyhow::ensure!(
+            done.succeeded(),
+            "a rotation is already in progress (started at another replica); wait for it to finish"
+        );
+        Ok(())
     }
 }
 
-/// Turns the watch of the prefix into the mesh's events.
-async fn follow(mut stream: etcd_client::WatchStream, lease: Arc<AtomicI64>, events: mpsc::UnboundedSender<Event>) {
+/// How [`Etcd::push_secrets`] stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    All,
+    /// A rotation's start: only if no other is in progress.
+    NewRotation,
+}
+
+/// Turns the watch of the prefix into the mesh's events, from revision `from` on; when the
+/// watch breaks (the etcd member it went through died), it is made again, through another,
+/// from the revision after the last one seen, so no change is missed.
+async fn follow(
+    members: Arc<Members>,
+    mut stream: etcd_client::WatchStream,
+    mut from: i64,
+    lease: Arc<AtomicI64>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let secrets = format!("{PREFIX}secrets/");
     loop {
         let resp = match stream.message().await {
-            Ok(Some(resp)) => resp,
-            Ok(None) => {
-                tracing::error!("the etcd watch ended: changes made at other replicas are no longer seen here");
-                return;
+            Ok(Some(resp)) if resp.canceled() => {
+                if resp.compact_revision() > from {
+                    tracing::error!(
+                        missed_from = from,
+                        compacted_to = resp.compact_revision(),
+                        "etcd compacted changes this replica had not seen; restart it to read the mesh again"
+                    );
+                    from = resp.compact_revision();
+                }
+                Err(format!("canceled: {}", resp.cancel_reason()))
             }
-            Err(e) => {
-                tracing::error!(error = %e, "the etcd watch failed: changes made at other replicas are no longer seen here");
-                return;
+            Ok(Some(resp)) => Ok(resp),
+            Ok(None) => Err("ended".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(why) => {
+                tracing::warn!(why, revision = from, "the etcd watch broke; watching again from where it was");
+                // Through another member: this one may be gone.
+                if let Ok((_, epoch)) = members.client().await {
+                    members.failed(epoch).await;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let again = WatchOptions::new().with_prefix().with_start_revision(from);
+                    match members.within(SHORT, |mut c| async move { c.watch(PREFIX, Some(again)).await }).await {
+                        Ok(s) => break stream = s,
+                        Err(e) => tracing::debug!(error = %e, "cannot watch etcd yet"),
+                    }
+                }
+                continue;
             }
         };
+        if resp.events().iter().any(|ev| ev.kv().is_some_and(|kv| kv.key().starts_with(secrets.as_bytes())))
+            && events.send(Event::Secrets).is_err()
+        {
+            return;
+        }
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
+            from = from.max(kv.mod_revision() + 1);
             let Some((table, key)) = parse_key(kv.key()) else { continue };
             let value = match ev.event_type() {
                 EventType::Put => kv.value_str().ok().map(str::to_owned),
@@ -363,9 +612,10 @@ async fn follow(mut stream: etcd_client::WatchStream, lease: Arc<AtomicI64>, eve
     }
 }
 
-/// Keeps this replica's lease alive; if it is lost, takes a new one.
+/// Keeps this replica's lease alive (through another member when one goes away); if it
+/// expired, takes a new one.
 async fn keep_alive(
-    mut client: Client,
+    members: Arc<Members>,
     lease: Arc<AtomicI64>,
     ttl: i64,
     healthy: Arc<AtomicBool>,
@@ -374,26 +624,35 @@ async fn keep_alive(
     let every = Duration::from_secs((ttl / 3).max(1) as u64);
     loop {
         let id = lease.load(Ordering::Relaxed);
-        let alive = async {
-            let (mut keeper, mut answers) = client.lease_keep_alive(id).await?;
+        let healthy = &healthy;
+        let alive = members.with(|mut c| async move {
+            let (mut keeper, mut answers) = c.lease_keep_alive(id).await?;
             loop {
                 keeper.keep_alive().await?;
-                match answers.message().await? {
+                // A member that died may leave the answer hanging: then, through another.
+                let answer = tokio::time::timeout(SHORT, answers.message()).await.map_err(|_| {
+                    etcd_client::Error::LeaseKeepAliveError("no answer to a keep-alive within 1.5s".into())
+                })?;
+                match answer? {
                     Some(a) if a.ttl() > 0 => healthy.store(true, Ordering::Relaxed),
                     _ => return Ok::<(), etcd_client::Error>(()),
                 }
                 tokio::time::sleep(every).await;
             }
-        };
-        let why = match alive.await {
-            Ok(()) => "it expired".to_owned(),
-            Err(e) => e.to_string(),
-        };
+        });
+        if let Err(e) = alive.await {
+            // The member went away (or etcd is unreachable): the lease may well live; keep it
+            // alive through another. Once it has expired, etcd says so (above).
+            healthy.store(false, Ordering::Relaxed);
+            tracing::debug!(lease = id, error = %e, "cannot keep the lease alive through this etcd member");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         healthy.store(false, Ordering::Relaxed);
-        tracing::warn!(lease = id, why, "the etcd lease of this replica is lost; taking a new one");
+        tracing::warn!(lease = id, "the etcd lease of this replica expired; taking a new one");
         loop {
             tokio::time::sleep(every).await;
-            match client.lease_grant(ttl, None).await {
+            match members.within(SHORT, |mut c| async move { c.lease_grant(ttl, None).await }).await {
                 Ok(granted) => {
                     lease.store(granted.id(), Ordering::Relaxed);
                     healthy.store(true, Ordering::Relaxed);
@@ -410,7 +669,7 @@ async fn keep_alive(
 /// them. An instance is written under this replica's lease, and deleted only while it still
 /// holds it (its proxy may have moved to another replica).
 async fn commit(
-    mut client: Client,
+    members: Arc<Members>,
     mut queue: mpsc::UnboundedReceiver<Batch>,
     done: watch::Sender<u64>,
     lease: Arc<AtomicI64>,
@@ -430,7 +689,9 @@ async fn commit(
         ops.reverse();
         let mut delay = Duration::from_millis(100);
         loop {
-            match write(&mut client, &ops, lease.load(Ordering::Relaxed)).await {
+            let held = lease.load(Ordering::Relaxed);
+            let ops = &ops;
+            match members.within(SHORT, |mut c| async move { write(&mut c, ops, held).await }).await {
                 Ok(()) => break,
                 Err(e) => {
                     healthy.store(false, Ordering::Relaxed);

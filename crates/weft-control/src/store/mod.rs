@@ -152,6 +152,32 @@ impl Store {
         }
     }
 
+    /// The mesh's secrets in `dir` changed here (a rotation's step): shared with the other
+    /// replicas (etcd); nothing to do for the embedded store, whose secrets are those files.
+    pub async fn secrets_changed(&self, dir: &Path, how: etcd::Push) -> anyhow::Result<()> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Etcd(s) => s.push_secrets(dir, how).await,
+        }
+    }
+
+    /// Writes the shared secrets to `dir` (another replica changed them).
+    pub async fn pull_secrets(&self, dir: &Path) -> anyhow::Result<()> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Etcd(s) => s.pull_secrets(dir).await.map(drop),
+        }
+    }
+
+    /// Whether this control plane does what must happen once: the only one (embedded), or the
+    /// elected replica.
+    pub fn leads(&self) -> bool {
+        match self {
+            Store::Embedded(_) => true,
+            Store::Etcd(s) => s.leading(),
+        }
+    }
+
     /// Whether replicas share it (etcd): instances then live by leases, not by this process.
     pub fn shared(&self) -> bool {
         matches!(self, Store::Etcd(_))
