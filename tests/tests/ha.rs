@@ -253,3 +253,93 @@ fn etcd_store_mistakes_are_named() {
     ]);
     assert!(e.contains("cannot reach etcd at 127.0.0.1:"), "{e}");
 }
+
+/// A mesh moves from one machine's embedded store to etcd: `weft store backup` (from the
+/// running control plane, and from the stopped one's data directory: the same), `weft store
+/// restore` into an empty etcd (refused into one that holds a mesh), then a replica on etcd
+/// has the same CA, credentials, resources, virtual IPs and join tokens (a proxy joins with
+/// a token issued before the move). Restoring into an empty data directory works the same.
+#[test]
+fn a_mesh_moves_from_the_embedded_store_to_etcd() {
+    let dir = TestDir::new("ha-migrate");
+    let mut single = Control::start(&dir);
+    let resources = dir.path.join("mesh.yaml");
+    std::fs::write(
+        &resources,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {mtls: strict}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: moved}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - backendRefs: [{name: web}]\n",
+    )
+    .unwrap();
+    let out = weft(&["apply", "-f", resources.to_str().unwrap(), "--control", &single.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = join_token(&single.addr, "mover");
+    let vip_of = |c: &Control| -> String {
+        let v: serde_json::Value =
+            serde_json::from_slice(&weft(&["get", "services", "-o", "json", "--control", &c.addr]).stdout)
+                .unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == "web")
+            .map(|s| s["vip"].to_string())
+            .unwrap_or_default()
+    };
+    let vip = vip_of(&single);
+    assert!(vip.contains("240.240."), "web's virtual IP: {vip}");
+    let root = std::fs::read_to_string(single.data_dir.join("ca/root.pem")).unwrap();
+
+    let online = dir.path.join("online.json");
+    let out = weft(&["store", "backup", "-o", online.to_str().unwrap(), "--control", &single.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&online).unwrap().permissions().mode() & 0o777, 0o600, "owner-only");
+    assert_eq!(single.proc.stop(), Some(0));
+    let offline = dir.path.join("offline.json");
+    let out =
+        weft(&["store", "backup", "-o", offline.to_str().unwrap(), "--data-dir", single.data_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let parts = |p: &std::path::Path| {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        (v["tables"].clone(), v["secrets"].clone())
+    };
+    assert_eq!(parts(&online), parts(&offline), "the running control plane's backup and its store's are the same");
+
+    let etcd = Etcd::start(&dir, 1);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "7a".repeat(32)).unwrap();
+    let restore = |into: &[&str]| {
+        let mut args = vec!["store", "restore", "-i", offline.to_str().unwrap()];
+        args.extend(into);
+        weft(&args)
+    };
+    let to_etcd = ["--store", etcd.url.as_str(), "--store-key-file", key.to_str().unwrap()];
+    let out = restore(&to_etcd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("restored 2 resources, 1 join tokens"), "{}", stdout(&out));
+    let again = restore(&to_etcd);
+    assert!(!again.status.success() && stderr(&again).contains("etcd already holds a mesh"), "{}", stderr(&again));
+
+    let r = replica(&dir, &etcd, &key, "r");
+    assert_eq!(std::fs::read_to_string(r.data_dir.join("ca/root.pem")).unwrap(), root, "the same CA");
+    assert_eq!(vip_of(&r), vip, "the same virtual IP");
+    assert!(stdout(&weft(&["get", "httproutes", "--control", &r.addr])).contains("moved"));
+    // A proxy joins with the token issued before the move.
+    let admin = free_port();
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["proxy", "--control", &r.addr, "--id", "mover-0", "--admin", &format!("127.0.0.1:{admin}")]);
+    cmd.env("WEFT_TOKEN", &token);
+    let _mover = Proc::spawn(&dir, "mover", &mut cmd);
+    wait_until(Duration::from_secs(15), "the proxy with the old token ready", || {
+        run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success()
+    });
+
+    // Into an empty data directory, the same.
+    let fresh = dir.path.join("fresh");
+    let out = restore(&["--data-dir", fresh.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let copy = Control::start_at(&dir, &format!("127.0.0.1:{}", free_port()), fresh.clone());
+    assert_eq!(std::fs::read_to_string(fresh.join("ca/root.pem")).unwrap(), root);
+    assert_eq!(vip_of(&copy), vip);
+    let again = restore(&["--data-dir", fresh.to_str().unwrap()]);
+    assert!(stderr(&again).contains("already holds a mesh"), "{}", stderr(&again));
+    drop(etcd.members);
+}

@@ -129,12 +129,19 @@ impl Mesh {
     }
 
     /// `weft run --transparent` of `app` as an instance of `service`.
-    fn instance(&self, service: &str, port: u16, app: &[&str]) -> Proc {
+    fn instance(&self, service: &str, port: u16, app: &[impl AsRef<std::ffi::OsStr>]) -> Proc {
         self.instance_on(&self.host, &[], service, port, app)
     }
 
     /// The same on `host`, with `flags` for `weft run`.
-    fn instance_on(&self, host: &Host, flags: &[&str], service: &str, port: u16, app: &[&str]) -> Proc {
+    fn instance_on(
+        &self,
+        host: &Host,
+        flags: &[&str],
+        service: &str,
+        port: u16,
+        app: &[impl AsRef<std::ffi::OsStr>],
+    ) -> Proc {
         self.instance_with(host, flags, &[], service, port, app)
     }
 
@@ -146,7 +153,7 @@ impl Mesh {
         env: &[(&str, &str)],
         service: &str,
         port: u16,
-        app: &[&str],
+        app: &[impl AsRef<std::ffi::OsStr>],
     ) -> Proc {
         let token = stdout(&self.weft(&["token", "create", "--service", service])).trim().to_owned();
         assert!(!token.is_empty(), "a join token for {service}");
@@ -257,7 +264,6 @@ fn demo_app(service: &str) -> Vec<String> {
 fn names_and_destinations_outside_the_mesh() {
     let Some(mesh) = Mesh::start("outside") else { return };
     let backend_app = demo_app("store");
-    let backend_app: Vec<&str> = backend_app.iter().map(String::as_str).collect();
     let _backend = mesh.instance("store", 8080, &backend_app);
     wait_until(Duration::from_secs(30), "store healthy", || mesh.endpoints("store").len() == 1);
     // The host's resolver and a web server outside the mesh, on the host (the bridge is up).
@@ -275,7 +281,6 @@ fn names_and_destinations_outside_the_mesh() {
         mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
     );
     let client_app = demo_app("shop");
-    let client_app: Vec<&str> = client_app.iter().map(String::as_str).collect();
     let upstream = format!("{GATEWAY}:5353");
     let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "shop", 8080, &client_app);
     wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
@@ -374,7 +379,6 @@ fn a_killed_instance_leaves_nothing_behind() {
     let Some(mesh) = Mesh::start("cleanup") else { return };
     let before = made_state(&mesh.host, LEFTOVER);
     let app = demo_app("leftover");
-    let app: Vec<&str> = app.iter().map(String::as_str).collect();
     let healthy = |n: usize| {
         wait_until(Duration::from_secs(30), "the instance healthy", || mesh.endpoints("leftover").len() == n);
     };
@@ -428,12 +432,10 @@ fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
     let host = Host { name: h1.name.clone() };
     let mesh = Mesh::start_on(host, "multi-host", "10.99.0.1");
     let backend_app = demo_app("backend");
-    let backend_app: Vec<&str> = backend_app.iter().map(String::as_str).collect();
     let (r1, r2, r3) = ("10.240.1.0/24", "10.240.2.0/24", "10.240.3.0/24");
     let _b2 = mesh.instance_on(h2, &["--netns-range", r2], "backend", 8080, &backend_app);
     let _b3 = mesh.instance_on(h3, &["--netns-range", r3], "backend", 8080, &backend_app);
     let client_app = demo_app("client");
-    let client_app: Vec<&str> = client_app.iter().map(String::as_str).collect();
     let _client = mesh.instance_on(h1, &["--netns-range", r1], "client", 8080, &client_app);
     wait_until(Duration::from_secs(60), "two backends and the client healthy", || {
         mesh.endpoints("backend").len() == 2 && mesh.endpoints("client").len() == 1
@@ -565,11 +567,9 @@ fn a_host_dropping_off_moves_traffic_to_the_other_instance() {
     let [h1, h2, h3] = &fabric.hosts[..] else { unreachable!() };
     let mesh = Mesh::start_on(Host { name: h1.name.clone() }, "host-down", "10.99.0.1");
     let app = demo_app("stock");
-    let app: Vec<&str> = app.iter().map(String::as_str).collect();
     let _s2 = mesh.instance_on(h2, &["--netns-range", "10.240.2.0/24"], "stock", 8080, &app);
     let _s3 = mesh.instance_on(h3, &["--netns-range", "10.240.3.0/24"], "stock", 8080, &app);
     let buyer = demo_app("buyer");
-    let buyer: Vec<&str> = buyer.iter().map(String::as_str).collect();
     let _buyer = mesh.instance_on(h1, &["--netns-range", "10.240.1.0/24"], "buyer", 8080, &buyer);
     wait_until(Duration::from_secs(60), "two stock instances and the buyer healthy", || {
         mesh.endpoints("stock").len() == 2 && mesh.endpoints("buyer").len() == 1
@@ -618,7 +618,6 @@ fn capture_works_with_iptables_legacy_and_nft() {
     let mut running = Vec::new();
     for (service, flavour) in [("legacy", "iptables-legacy"), ("nftables", "iptables-nft")] {
         let app = demo_app(service);
-        let app: Vec<&str> = app.iter().map(String::as_str).collect();
         running.push(mesh.instance_with(&mesh.host, &[], &[("WEFT_IPTABLES", flavour)], service, 8080, &app));
     }
     wait_until(Duration::from_secs(30), "both instances healthy", || {

@@ -21,6 +21,14 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}")
 }
 
+/// The trust domain, namespace and service of a SPIFFE ID [`spiffe_id`] made.
+pub fn spiffe_parts(id: &str) -> Option<(&str, &str, &str)> {
+    match id.strip_prefix("spiffe://")?.split('/').collect::<Vec<_>>().as_slice() {
+        [td, "ns", ns, "sa", service] => Some((td, ns, service)),
+        _ => None,
+    }
+}
+
 /// A proxy's request for a certificate (`POST /api/v1/certificates`, join token as bearer).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertificateRequest {
@@ -70,4 +78,16 @@ pub struct TokenInfo {
     /// Unix seconds.
     pub expires: u64,
     pub revoked: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn spiffe_ids_part_as_they_are_made() {
+        let id = super::spiffe_id("weft.local", "default", "web");
+        assert_eq!(super::spiffe_parts(&id), Some(("weft.local", "default", "web")));
+        for bad in ["spiffe://weft.local/sa/web", "https://weft.local/ns/a/sa/b", "spiffe://td/ns/a/sa/b/c"] {
+            assert_eq!(super::spiffe_parts(bad), None, "{bad}");
+        }
+    }
 }

@@ -23,6 +23,7 @@
 //! | GET | /api/v1/services/{name}/endpoints | instances of a service |
 //! | GET | /api/v1/proxies | connected xDS clients, what they ACKed, their last NACK |
 //! | GET | /api/v1/replicas | the control plane's replicas: address, health, leader, proxies, start |
+//! | GET | /api/v1/store/backup | the mesh's resources, tokens, virtual IPs and secrets (`weft store backup`) |
 //! | GET | /api/v1/check | `weft check`'s control-plane checks, and the control plane's clock |
 //! | GET | /api/v1/resources/{kind}[/{name}] | applied resources |
 //! | POST | /api/v1/apply | validate and store resources (all or nothing) |
@@ -50,6 +51,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/services/{name}/policy", get(in_force))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/replicas", get(replicas))
+        .route("/api/v1/store/backup", get(backup))
         .route("/api/v1/resources/{kind}", get(list))
         .route("/api/v1/resources/{kind}/{name}", get(get_one).delete(delete))
         .route("/api/v1/apply", post(apply))
@@ -367,6 +369,10 @@ async fn tap(State(mesh): State<Arc<Mesh>>, axum::extract::Query(q): axum::extra
 
 async fn proxies(State(mesh): State<Arc<Mesh>>) -> Response {
     Json(mesh.proxies()).into_response()
+}
+
+async fn backup(State(mesh): State<Arc<Mesh>>) -> Response {
+    Json(mesh.backup()).into_response()
 }
 
 async fn replicas(State(mesh): State<Arc<Mesh>>) -> ApiResult {

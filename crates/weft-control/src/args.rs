@@ -56,6 +56,13 @@ pub struct ControlArgs {
     /// Also serve xDS without TLS on this loopback address, for proxyless gRPC clients.
     #[arg(long)]
     pub plaintext_xds: Option<SocketAddr>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Where the mesh's state lives (`weft control`, `weft store restore`).
+#[derive(Args, Clone)]
+pub struct StoreArgs {
     /// Where the mesh's state lives: `embedded` (a file in --data-dir, one control plane) or
     /// etcd://HOST:PORT[,HOST:PORT...] (shared by every replica of the control plane).
     #[arg(long, default_value = "embedded")]
@@ -81,6 +88,33 @@ pub struct ControlArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+impl StoreArgs {
+    pub fn resolve(self) -> anyhow::Result<Store> {
+        Ok(match self.store {
+            crate::store::StoreUrl::Embedded => Store::Embedded,
+            crate::store::StoreUrl::Etcd(mut etcd) => {
+                etcd.ca_file = self.etcd_ca_file;
+                etcd.cert_file = self.etcd_cert_file;
+                etcd.key_file = self.etcd_key_file;
+                etcd.user = self.etcd_user;
+                etcd.password_file = self.etcd_password_file;
+                let key = match (&self.store_key_file, std::env::var("WEFT_STORE_KEY")) {
+                    (Some(path), _) => {
+                        let text = std::fs::read_to_string(path)
+                            .map_err(|e| anyhow::anyhow!("--store-key-file {}: {e}", path.display()))?;
+                        StoreKey::parse(&text, &format!("--store-key-file {}", path.display()))?
+                    }
+                    (None, Ok(text)) => StoreKey::parse(&text, "WEFT_STORE_KEY")?,
+                    (None, Err(_)) => anyhow::bail!(
+                        "--store etcd://… needs --store-key-file (or WEFT_STORE_KEY): the key the mesh's CA key and credentials are encrypted with in etcd, the same for every replica; make one with `openssl rand -hex 32 > store.key && chmod 600 store.key`"
+                    ),
+                };
+                Store::Etcd(etcd, key)
+            }
+        })
+    }
+}
+
 impl ControlArgs {
     /// Reads the flags of `weft control` from a list (as a user would type them).
     pub fn from_flags(flags: &[String]) -> Result<ControlArgs, clap::Error> {
@@ -102,28 +136,7 @@ impl ControlArgs {
                 anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
             }
         }
-        let store = match self.store {
-            crate::store::StoreUrl::Embedded => Store::Embedded,
-            crate::store::StoreUrl::Etcd(mut etcd) => {
-                etcd.ca_file = self.etcd_ca_file;
-                etcd.cert_file = self.etcd_cert_file;
-                etcd.key_file = self.etcd_key_file;
-                etcd.user = self.etcd_user;
-                etcd.password_file = self.etcd_password_file;
-                let key = match (&self.store_key_file, std::env::var("WEFT_STORE_KEY")) {
-                    (Some(path), _) => {
-                        let text = std::fs::read_to_string(path)
-                            .map_err(|e| anyhow::anyhow!("--store-key-file {}: {e}", path.display()))?;
-                        StoreKey::parse(&text, &format!("--store-key-file {}", path.display()))?
-                    }
-                    (None, Ok(text)) => StoreKey::parse(&text, "WEFT_STORE_KEY")?,
-                    (None, Err(_)) => anyhow::bail!(
-                        "--store etcd://… needs --store-key-file (or WEFT_STORE_KEY): the key the mesh's CA key and credentials are encrypted with in etcd, the same for every replica; make one with `openssl rand -hex 32 > store.key && chmod 600 store.key`"
-                    ),
-                };
-                Store::Etcd(etcd, key)
-            }
-        };
+        let store = self.store.resolve()?;
         Ok(ControlConfig {
             store,
             listen: self.listen,

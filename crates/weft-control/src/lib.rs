@@ -8,6 +8,7 @@ mod api;
 pub mod args;
 mod authn;
 mod authz;
+pub mod backup;
 pub mod ca;
 mod check;
 mod jwks;

@@ -599,6 +599,27 @@ impl Mesh {
         self.lock().instances.values().map(|e| e.instance.clone()).collect()
     }
 
+    /// A backup of the mesh as this control plane holds it now (see [`crate::backup`]).
+    pub fn backup(&self) -> crate::backup::Backup {
+        let inner = self.lock();
+        let mut tables = BTreeMap::new();
+        let resources = inner
+            .resources
+            .iter()
+            .map(|(k, r)| (k.clone(), serde_json::to_string(r).expect("resources always serialize")));
+        tables.insert(Table::Resources.name().to_owned(), resources.collect());
+        let vips = inner.settings.vips.iter().map(|(s, ip)| (s.clone(), ip.to_string()));
+        tables.insert(Table::Vips.name().to_owned(), vips.collect());
+        drop(inner);
+        let tokens = self
+            .security
+            .tokens()
+            .into_iter()
+            .map(|t| (t.id.clone(), serde_json::to_string(&t).expect("tokens always serialize")));
+        tables.insert(Table::Tokens.name().to_owned(), tokens.collect());
+        crate::backup::Backup::new(tables, &self.data_dir)
+    }
+
     /// This control plane as a replica, now.
     pub fn replica(&self) -> weft_api::registry::Replica {
         let (address, started) = self.me.get().cloned().unwrap_or_default();

@@ -231,12 +231,11 @@ impl Proxy {
         }
         if let Some(resolver) = &self.resolver {
             // The mesh's names are in this proxy's own namespace and trust domain.
-            let id = own_identity.as_deref().unwrap_or_default();
-            let parts: Vec<&str> = id.strip_prefix("spiffe://").unwrap_or_default().split('/').collect();
-            let (trust_domain, namespace) = match parts.as_slice() {
-                [td, "ns", ns, ..] => (*td, *ns),
-                _ => (weft_api::identity::DEFAULT_TRUST_DOMAIN, weft_api::identity::DEFAULT_NAMESPACE),
-            };
+            let (trust_domain, namespace) = own_identity
+                .as_deref()
+                .and_then(weft_api::identity::spiffe_parts)
+                .map(|(td, ns, _)| (td, ns))
+                .unwrap_or((weft_api::identity::DEFAULT_TRUST_DOMAIN, weft_api::identity::DEFAULT_NAMESPACE));
             let services = listeners.values().filter(|l| !l.bind_to_port).filter_map(|l| match l.address.ip() {
                 std::net::IpAddr::V4(vip) => Some((l.service.as_str(), vip)),
                 std::net::IpAddr::V6(_) => None,

@@ -8,7 +8,7 @@ use crate::config::Failover;
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
 use crate::metrics::TrafficMetrics;
-use crate::record::{Attempt, Outcome, TcpRecord};
+use crate::record::{Outcome, TcpRecord};
 use crate::transport::{BoxedIo, Transport};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +39,7 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
     };
     let connected = if let Some(ep) = &target.endpoint {
         let r = ep.connect_tcp(cluster.connect_timeout()).await;
-        rec.attempts.push(Attempt {
-            endpoint: ep.addr,
-            outcome: r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered),
-        });
+        rec.attempt(ep.addr, r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered));
         r
     } else if cluster.original_dst() {
         // Out of the mesh: where the client was going, from the proxy's own (marked) socket.
@@ -52,10 +49,7 @@ pub async fn forward<T: Transport>(mut client: T, conn: &ConnCtx, target: &TcpTa
             Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
             Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
         };
-        rec.attempts.push(Attempt {
-            endpoint: conn.local,
-            outcome: r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered),
-        });
+        rec.attempt(conn.local, r.as_ref().err().map(Outcome::from).unwrap_or(Outcome::Answered));
         r
     } else {
         attempt::run(&mut TcpConnect, &cluster.view(), None, &plan, &mut rec.attempts).await

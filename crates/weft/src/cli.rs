@@ -68,6 +68,11 @@ pub enum Command {
         #[command(flatten)]
         control: ControlAddr,
     },
+    /// Backups of the mesh's state, and their restore (e.g. into etcd).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Pre-flight and health checks, one line each with the fix; exits 1 if any fails.
     Check {
         /// Output format.
@@ -177,6 +182,34 @@ pub enum CaAction {
     Rotate {
         #[arg(long, default_value = "1h", value_parser = duration)]
         overlap: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreAction {
+    /// Write the mesh's resources, join tokens, virtual IPs and secrets (the CA, the
+    /// credentials) to a file, owner-only: from the running control plane (--control), or
+    /// from the embedded store of a stopped one (--data-dir).
+    Backup {
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// The data directory of a stopped control plane, read directly.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// Restore a backup into an empty store: the embedded one in --data-dir, or etcd
+    /// (--store etcd://… with its options, as `weft control` takes them). Start control planes
+    /// on it afterwards.
+    Restore {
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+        /// With the embedded store: the (empty) data directory to restore into.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        store: Box<weft_control::args::StoreArgs>,
     },
 }
 
@@ -293,6 +326,7 @@ impl Cli {
             | Command::Delete { .. }
             | Command::Token { .. }
             | Command::Ca { .. }
+            | Command::Store { .. }
             | Command::DemoClient(_) => "warn",
             _ => "info",
         }

@@ -90,6 +90,27 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Ca { action: cli::CaAction::Rotate { overlap }, control } => {
             api_client::ca_rotate(&control, overlap).await?
         }
+        cli::Command::Store { action: cli::StoreAction::Backup { output, data_dir, control } } => {
+            let backup = match data_dir {
+                Some(dir) => weft_control::backup::Backup::of_embedded(&dir)?,
+                None => {
+                    serde_json::from_value(api_client::Api::new(&control)?.get_json("/api/v1/store/backup").await?)?
+                }
+            };
+            backup.write(&output)?;
+            println!("wrote {} (owner-only: it holds the mesh's CA key and credentials)", output.display());
+        }
+        cli::Command::Store { action: cli::StoreAction::Restore { input, data_dir, store } } => {
+            let backup = weft_control::backup::Backup::read(&input)?;
+            let target = store.resolve()?;
+            let dir = match (&target, data_dir) {
+                (weft_control::args::Store::Embedded, None) => {
+                    anyhow::bail!("restore into which store? give --data-dir DIR (embedded) or --store etcd://…")
+                }
+                (_, dir) => dir.unwrap_or_default(),
+            };
+            println!("{}", backup.restore(&target, &dir).await?);
+        }
         cli::Command::DemoApp(a) => {
             let listen = a.listen.unwrap_or_else(|| {
                 let port = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);

@@ -63,7 +63,17 @@ impl Table {
     }
 }
 
-impl Write<'_> {
+impl<'a> Write<'a> {
+    /// A row put into `table`.
+    pub fn put(table: Table, key: &'a str, value: &'a str) -> Write<'a> {
+        match table {
+            Table::Resources => Write::PutResource(key, value),
+            Table::Instances => Write::PutInstance(key, value),
+            Table::Tokens => Write::PutToken(key, value),
+            Table::Vips => Write::PutVip(key, value),
+        }
+    }
+
     /// The table, key and new value (`None`: deleted).
     fn parts(&self) -> (Table, &str, Option<&str>) {
         match *self {
