@@ -3,11 +3,15 @@
 //! - `resources/KEY`, `tokens/ID`, `vips/SERVICE`: as in the embedded store;
 //! - `instances/ID`: under the lease of the replica the instance's proxy is connected to;
 //! - `secrets/NAME`: the CA's and the token signer's keys and the credentials, encrypted
-//!   (AES-256-GCM) under the store key every replica is given.
+//!   (AES-256-GCM) under the store key every replica is given;
+//! - `replicas/ADDRESS`: what each replica says of itself, under its lease;
+//! - `election/leader/…` and `locks/…`: etcd's election and lock keys (the leader; the turns
+//!   replicas take when they first share the secrets).
 //!
 //! Writes are queued and made in order by one task, batched into transactions; a watch of the
 //! prefix feeds every change, this replica's own included, back to the mesh's state, so all
-//! replicas converge on etcd's order.
+//! replicas converge on etcd's order. etcd's members are reached one at a time ([`Members`]),
+//! the next one when an operation through the current one fails.
 use super::{Change, Table, Write};
 use anyhow::Context;
 use etcd_client::{
