@@ -1,6 +1,7 @@
 //! The control plane's command line (`weft control`), and how it becomes a [`ControlConfig`].
 use crate::ControlConfig;
 use crate::Defaults;
+use crate::store::Backend;
 use crate::store::etcd::StoreKey;
 use clap::Args;
 use std::net::SocketAddr;
@@ -8,13 +9,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
 use weft_api::resource::{Egress, MtlsMode};
-
-/// Where the control plane keeps the mesh's state.
-#[derive(Clone, Debug)]
-pub enum Store {
-    Embedded,
-    Etcd(crate::store::etcd::EtcdConfig, StoreKey),
-}
 
 #[derive(Args)]
 pub struct ControlArgs {
@@ -89,9 +83,9 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn resolve(self) -> anyhow::Result<Store> {
+    pub fn resolve(self) -> anyhow::Result<Backend> {
         Ok(match self.store {
-            crate::store::StoreUrl::Embedded => Store::Embedded,
+            crate::store::StoreUrl::Embedded => Backend::Embedded,
             crate::store::StoreUrl::Etcd(mut etcd) => {
                 etcd.ca_file = self.etcd_ca_file;
                 etcd.cert_file = self.etcd_cert_file;
@@ -109,7 +103,7 @@ impl StoreArgs {
                         "--store etcd://… needs --store-key-file (or WEFT_STORE_KEY): the key the mesh's CA key and credentials are encrypted with in etcd, the same for every replica; make one with `openssl rand -hex 32 > store.key && chmod 600 store.key`"
                     ),
                 };
-                Store::Etcd(etcd, key)
+                Backend::Etcd(etcd, key)
             }
         })
     }

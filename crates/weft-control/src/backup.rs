@@ -5,9 +5,8 @@
 //! Taken from a running control plane (its API), or from an embedded store whose control plane
 //! is stopped; restored into an empty embedded store or an empty etcd, which is how a mesh
 //! moves from one machine's store to etcd's replicas.
-use crate::args;
 use crate::store::etcd::{Etcd, Push, SECRET_FILES};
-use crate::store::{Store, Table, Write};
+use crate::store::{Backend, Store, Table, Write};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -86,7 +85,7 @@ impl Backup {
 
     /// Writes it to `path`, owner-only (it holds the CA's key).
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        crate::ca::write_private(path, &serde_json::to_string_pretty(self)?)
+        crate::files::write_private(path, &serde_json::to_string_pretty(self)?)
     }
 
     fn writes(&self) -> Vec<(Table, &str, &str)> {
@@ -99,11 +98,11 @@ impl Backup {
 
     /// Restores it into `target`, which must hold no mesh: the embedded store in `data_dir`,
     /// or etcd. Returns what was restored, in words.
-    pub async fn restore(&self, target: &args::Store, data_dir: &Path) -> anyhow::Result<String> {
+    pub async fn restore(&self, target: &Backend, data_dir: &Path) -> anyhow::Result<String> {
         let rows = self.writes();
         let writes: Vec<Write<'_>> = rows.iter().map(|(t, k, v)| Write::put(*t, k, v)).collect();
         match target {
-            args::Store::Embedded => {
+            Backend::Embedded => {
                 let occupied = SECRET_FILES.iter().find(|f| data_dir.join(f).exists());
                 anyhow::ensure!(
                     occupied.is_none() && !data_dir.join("weft.redb").exists(),
@@ -115,7 +114,7 @@ impl Backup {
                 store.write(&writes)?;
                 self.write_secrets(data_dir)?;
             }
-            args::Store::Etcd(cfg, key) => {
+            Backend::Etcd(cfg, key) => {
                 let etcd = Etcd::open(cfg, key.clone(), Duration::from_secs(10)).await?;
                 let held: usize = Table::ALL.iter().map(|t| etcd.loaded(*t).len()).sum();
                 let scratch = tempdir()?;
@@ -151,8 +150,8 @@ impl Backup {
     fn write_secrets(&self, dir: &Path) -> anyhow::Result<()> {
         for (name, text) in &self.secrets {
             let path = dir.join(name);
-            crate::store::private_dir(path.parent().expect("under the directory"))?;
-            crate::ca::write_private(&path, text)?;
+            crate::files::private_dir(path.parent().expect("under the directory"))?;
+            crate::files::write_private(&path, text)?;
         }
         Ok(())
     }
@@ -161,6 +160,6 @@ impl Backup {
 /// An owner-only scratch directory for secrets on their way to etcd.
 fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("weft-restore-{}-{}", std::process::id(), crate::ca::random::<4>()[0]));
-    crate::store::private_dir(&dir)?;
+    crate::files::private_dir(&dir)?;
     Ok(dir)
 }

@@ -9,6 +9,7 @@
 //! a certificate itself, so a CSR cannot ask for another identity; the trust bundle always
 //! holds the root that signs, first, plus roots retired by `weft ca rotate` until their overlap
 //! period ends.
+use crate::files::write_private;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -129,24 +130,6 @@ fn to_pem(der: &[u8]) -> String {
     out
 }
 
-/// Writes a file readable by its owner only.
-pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 fn new_root(trust_domain: &str) -> anyhow::Result<(Signer, KeyPair)> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
@@ -253,7 +236,7 @@ impl Ca {
     /// Loads the CA from `data_dir/ca`, creating a root at first start (or uses the operator's).
     pub fn open(data_dir: &Path, cfg: CaConfig) -> anyhow::Result<Ca> {
         let dir = data_dir.join("ca");
-        crate::store::private_dir(&dir)?;
+        crate::files::private_dir(&dir)?;
         if cfg.provided.is_none() && !dir.join("root.key").exists() {
             let (signer, key) = new_root(&cfg.trust_domain)?;
             write_private(&dir.join("root.key"), &key.serialize_pem())?;

@@ -11,6 +11,7 @@ mod authz;
 pub mod backup;
 pub mod ca;
 mod check;
+mod files;
 mod jwks;
 mod report;
 mod security;
@@ -31,6 +32,7 @@ pub use translate::Defaults;
 
 pub use ca::CaConfig;
 pub use state::Mesh;
+pub use store::Backend;
 
 /// What the fuzz targets and their seed generator (fuzz/) use besides the public API:
 /// internals, exposed only with the `fuzzing` feature.
@@ -43,7 +45,7 @@ pub mod fuzzing {
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
     /// Where the mesh's state lives: the embedded store in `data_dir`, or etcd.
-    pub store: args::Store,
+    pub store: store::Backend,
     /// Address for xDS (gRPC) and the admin API (HTTP/JSON), both over TLS.
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -84,7 +86,7 @@ fn write_prometheus_config(data_dir: &std::path::Path, mut listen: SocketAddr) -
         .replace(weft_api::names::DEFAULT_CONTROL, &listen.to_string())
         .replace("/var/lib/weft/control", &dir.display().to_string());
     // Owner-only like everything in the data directory (it names the credential's file).
-    ca::write_private(&prometheus_config_file(data_dir), &text)
+    files::write_private(&prometheus_config_file(data_dir), &text)
 }
 
 /// Runs the control plane until `shutdown` resolves, after recording its root and admin
@@ -136,15 +138,15 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
         None => None,
     };
     let mesh = Arc::new(match &cfg.store {
-        args::Store::Embedded => Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?,
-        args::Store::Etcd(etcd, key) => {
+        store::Backend::Embedded => Mesh::open(&cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)?,
+        store::Backend::Etcd(etcd, key) => {
             // Replicas of one mesh share its state, and its CA and credentials, in etcd.
             let opened = store::etcd::Etcd::open(etcd, key.clone(), cfg.reconnect_grace).await?;
             let store = Arc::new(store::Store::Etcd(Box::new(opened)));
             let store::Store::Etcd(shared) = &*store else { unreachable!("made above") };
             shared
                 .share_secrets(&cfg.data_dir, || {
-                    store::private_dir(&cfg.data_dir)?;
+                    files::private_dir(&cfg.data_dir)?;
                     Mesh::with_store(store.clone(), &cfg.data_dir, cfg.reconnect_grace, cfg.ca.clone(), cfg.defaults)
                 })
                 .await?
@@ -152,7 +154,7 @@ pub async fn bind(mut cfg: ControlConfig) -> anyhow::Result<Bound> {
     });
     // The trust bundle, for clients verifying this control plane (the CLI, `weft run`).
     let bundle_path = cfg.data_dir.join("ca").join("trust-bundle.pem");
-    ca::write_private(&bundle_path, &mesh.security.ca.bundle())?;
+    files::write_private(&bundle_path, &mesh.security.ca.bundle())?;
     write_prometheus_config(&cfg.data_dir, cfg.listen)?;
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), cfg.listen.ip().to_string()];
     names.extend(cfg.server_names.iter().cloned());

@@ -67,7 +67,7 @@ fn credential(path: &Path, prefix: &str) -> anyhow::Result<String> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow::anyhow!("no randomness for the credential in {}", path.display()))?;
     let t = format!("{prefix}-{}", b.iter().map(|b| format!("{b:02x}")).collect::<String>());
-    ca::write_private(path, &t)?;
+    crate::files::write_private(path, &t)?;
     Ok(t)
 }
 

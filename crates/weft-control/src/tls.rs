@@ -92,7 +92,7 @@ pub async fn follow_rotations(mesh: Arc<Mesh>, cert: Arc<ServingCert>, bundle_fi
         if now == bundle {
             continue;
         }
-        if let Err(e) = crate::ca::write_private(&bundle_file, &now) {
+        if let Err(e) = crate::files::write_private(&bundle_file, &now) {
             tracing::warn!(error = %e, "cannot rewrite the trust bundle file");
         }
         bundle = now;

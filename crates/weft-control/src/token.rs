@@ -66,14 +66,14 @@ impl TokenKey {
     /// Loads `ca/token.key`, creating it at first start.
     pub fn open(data_dir: &Path) -> anyhow::Result<TokenKey> {
         let path = data_dir.join("ca").join("token.key");
-        crate::store::private_dir(&data_dir.join("ca"))?;
+        crate::files::private_dir(&data_dir.join("ca"))?;
         let secret = match std::fs::read_to_string(&path) {
             Ok(text) => B64.decode(text.trim()).with_context(|| format!("{} is corrupt", path.display()))?,
             Err(_) => {
                 let mut secret = vec![0u8; 32];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
                     .map_err(|_| anyhow::anyhow!("no randomness for the token key"))?;
-                crate::ca::write_private(&path, &B64.encode(&secret))?;
+                crate::files::write_private(&path, &B64.encode(&secret))?;
                 secret
             }
         };

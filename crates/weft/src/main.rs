@@ -104,7 +104,7 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             let backup = weft_control::backup::Backup::read(&input)?;
             let target = store.resolve()?;
             let dir = match (&target, data_dir) {
-                (weft_control::args::Store::Embedded, None) => {
+                (weft_control::Backend::Embedded, None) => {
                     anyhow::bail!("restore into which store? give --data-dir DIR (embedded) or --store etcd://…")
                 }
                 (_, dir) => dir.unwrap_or_default(),

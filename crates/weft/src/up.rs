@@ -233,7 +233,7 @@ async fn run_mesh(
         None => None,
     };
     let cfg = weft_control::ControlConfig {
-        store: weft_control::args::Store::Embedded,
+        store: weft_control::Backend::Embedded,
         listen,
         data_dir: data_dir.clone(),
         reconnect_grace: Duration::from_secs(15),

@@ -12,7 +12,7 @@
 //! prefix feeds every change, this replica's own included, back to the mesh's state, so all
 //! replicas converge on etcd's order. etcd's members are reached one at a time ([`Members`]),
 //! the next one when an operation through the current one fails.
-use super::{Change, Table, Write};
+use super::table::{Change, Table, Write};
 use anyhow::Context;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
@@ -493,8 +493,8 @@ impl Etcd {
                 Some(sealed) => {
                     let plain = self.key.open(name, sealed)?;
                     let text = String::from_utf8(plain).with_context(|| format!("secret {name} is not text"))?;
-                    crate::store::private_dir(path.parent().expect("under the data directory"))?;
-                    crate::ca::write_private(&path, &text)?;
+                    crate::files::private_dir(path.parent().expect("under the data directory"))?;
+                    crate::files::write_private(&path, &text)?;
                 }
                 None => match std::fs::remove_file(&path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

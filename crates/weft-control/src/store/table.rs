@@ -1,0 +1,82 @@
+//! What the store holds: its tables, the writes made to them, and the changes found in a
+//! shared store.
+/// A change to write atomically.
+pub enum Write<'a> {
+    PutResource(&'a str, &'a str),
+    DeleteResource(&'a str),
+    /// An instance whose proxy is connected to this control plane (in etcd: under its lease).
+    PutInstance(&'a str, &'a str),
+    /// An instance's record changed here (a health report) while its proxy's stream may be
+    /// at another replica (in etcd: its lease stays whose it is; nothing if it is gone).
+    UpdateInstance(&'a str, &'a str),
+    /// An instance gone for good (its proxy deregistered).
+    DeleteInstance(&'a str),
+    /// An instance whose proxy's stream to this control plane ended (in etcd: deleted only
+    /// while this replica holds it; its proxy may have moved to another).
+    ReleaseInstance(&'a str),
+    PutToken(&'a str, &'a str),
+    DeleteToken(&'a str),
+    PutVip(&'a str, &'a str),
+}
+
+/// The store's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    Resources,
+    Instances,
+    Tokens,
+    Vips,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Resources, Table::Instances, Table::Tokens, Table::Vips];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Resources => "resources",
+            Table::Instances => "instances",
+            Table::Tokens => "tokens",
+            Table::Vips => "vips",
+        }
+    }
+
+    pub(super) fn of(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl<'a> Write<'a> {
+    /// A row put into `table`.
+    pub fn put(table: Table, key: &'a str, value: &'a str) -> Write<'a> {
+        match table {
+            Table::Resources => Write::PutResource(key, value),
+            Table::Instances => Write::PutInstance(key, value),
+            Table::Tokens => Write::PutToken(key, value),
+            Table::Vips => Write::PutVip(key, value),
+        }
+    }
+
+    /// The table, key and new value (`None`: deleted).
+    pub(super) fn parts(&self) -> (Table, &str, Option<&str>) {
+        match *self {
+            Write::PutResource(k, v) => (Table::Resources, k, Some(v)),
+            Write::DeleteResource(k) => (Table::Resources, k, None),
+            Write::PutInstance(k, v) | Write::UpdateInstance(k, v) => (Table::Instances, k, Some(v)),
+            Write::DeleteInstance(k) | Write::ReleaseInstance(k) => (Table::Instances, k, None),
+            Write::PutToken(k, v) => (Table::Tokens, k, Some(v)),
+            Write::DeleteToken(k) => (Table::Tokens, k, None),
+            Write::PutVip(k, v) => (Table::Vips, k, Some(v)),
+        }
+    }
+}
+
+/// A change found in the shared store (etcd), made by any replica, this one included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: Table,
+    pub key: String,
+    /// The new value; `None`: deleted (or its holder's lease expired).
+    pub value: Option<String>,
+    /// For an instance: whether this replica holds it (wrote it under its own lease).
+    pub ours: bool,
+}
