@@ -68,6 +68,14 @@ pub fn join_token(control: &str, service: &str) -> String {
     stdout(&out).trim().to_owned()
 }
 
+/// `weft apply -f` of `yaml`, written to `name` in the test's directory, at the control plane
+/// at `control`.
+pub fn apply_yaml(dir: &TestDir, control: &str, name: &str, yaml: &str) -> Output {
+    let file = dir.path.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    weft(&["apply", "-f", file.to_str().unwrap(), "--control", control])
+}
+
 /// A port for a process under test to bind. Ports come from a block of this test process's
 /// own below the kernel's ephemeral range (32768+): a port the kernel hands out for `bind(0)`
 /// or for an outgoing connection (a proxy's upstream, a curl) could be taken again between

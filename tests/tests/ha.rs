@@ -97,13 +97,12 @@ fn replicas_share_one_mesh_through_etcd() {
     });
 
     // A route applied at b takes effect at the edge, whose replica is a.
-    let route = dir.path.join("route.yaml");
-    std::fs::write(
-        &route,
+    let out = apply_yaml(
+        &dir,
+        &b.addr,
+        "route.yaml",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: tagged}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {add: [{name: x-applied-at, value: b}]}\n    backendRefs: [{name: web}]\n",
-    )
-    .unwrap();
-    let out = weft(&["apply", "-f", route.to_str().unwrap(), "--control", &b.addr]);
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let took = wait_until(Duration::from_secs(5), "the route in force at a's proxy", || {
         run("curl", &["-s", "-D", "-", "-o", "/dev/null", &url]).stdout.windows(14).any(|w| w == b"x-applied-at: ")
@@ -263,13 +262,12 @@ fn etcd_store_mistakes_are_named() {
 fn a_mesh_moves_from_the_embedded_store_to_etcd() {
     let dir = TestDir::new("ha-migrate");
     let mut single = Control::start(&dir);
-    let resources = dir.path.join("mesh.yaml");
-    std::fs::write(
-        &resources,
+    let out = apply_yaml(
+        &dir,
+        &single.addr,
+        "mesh.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {mtls: strict}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: moved}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - backendRefs: [{name: web}]\n",
-    )
-    .unwrap();
-    let out = weft(&["apply", "-f", resources.to_str().unwrap(), "--control", &single.addr]);
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let token = join_token(&single.addr, "mover");
     let vip_of = |c: &Control| -> String {

@@ -729,21 +729,16 @@ impl Mesh {
             return false;
         };
         match inner.instances.get_mut(&c.key) {
-            Some(e) if e.instance == instance && e.owner == owner => {
+            Some(e) => {
                 if !c.ours {
                     // Its proxy is connected to another replica now: no stream here ends it.
                     e.stream = None;
                 }
-                false
-            }
-            Some(e) => {
-                e.instance = instance;
-                e.owner = owner;
-                if !c.ours {
-                    e.stream = None;
+                let changed = e.instance != instance || e.owner != owner;
+                if changed {
+                    (e.instance, e.owner, e.stale_until) = (instance, owner, None);
                 }
-                e.stale_until = None;
-                true
+                changed
             }
             None => {
                 inner.instances.insert(c.key.clone(), Entry { instance, stream: None, owner, stale_until: None });

@@ -213,15 +213,12 @@ impl Members {
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let (client, epoch) = self.client().await?;
-        let result = match tokio::time::timeout(limit, op(client)).await {
-            Ok(r) => r,
-            Err(_) => Err(etcd_client::Error::Internal(format!("no answer from etcd within {limit:?}"))),
-        };
-        if result.is_err() {
-            self.failed(epoch).await;
-        }
-        result
+        self.with(|client| async move {
+            tokio::time::timeout(limit, op(client))
+                .await
+                .unwrap_or_else(|_| Err(etcd_client::Error::Internal(format!("no answer from etcd within {limit:?}"))))
+        })
+        .await
     }
 }
 
