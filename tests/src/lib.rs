@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod inprocess;
+pub mod jwt;
 
 use serde_json::Value;
 use std::collections::HashMap;

@@ -121,14 +121,6 @@ fn replicas_share_one_mesh_through_etcd() {
     });
 
     // `weft get replicas`: both, one of them the leader, and the proxies at each.
-    let replicas = |at: &Control| -> Vec<serde_json::Value> {
-        serde_json::from_slice::<serde_json::Value>(
-            &weft(&["get", "replicas", "-o", "json", "--control", &at.addr]).stdout,
-        )
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-    };
     wait_until(Duration::from_secs(5), "two replicas, one leader, web and solo at b", || {
         let r = replicas(&a);
         let at_b = r.iter().find(|x| x["address"] == b.addr.as_str()).map(|x| x["proxies"].as_u64());
@@ -211,6 +203,73 @@ fn a_root_rotation_at_one_replica_reaches_every_replica() {
     assert_eq!(curl(&[&url]).map(|r| r.status), Some(200), "traffic across the two replicas' proxies");
     let again = weft(&["ca", "rotate", "--overlap", "1h", "--control", &b.addr]);
     assert!(again.status.success(), "a second rotation, at the other replica: {}", stderr(&again));
+    drop(etcd.members);
+}
+
+/// `weft get replicas -o json` at `at`.
+fn replicas(at: &Control) -> Vec<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(&weft(&["get", "replicas", "-o", "json", "--control", &at.addr]).stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// An issuer's keys are read by one replica, the elected one, and reach sidecars of every
+/// replica through the store; when that replica dies, the next one elected reads them.
+#[test]
+fn one_replica_reads_an_issuers_keys_for_all() {
+    use weft_tests::jwt::{JwksServer, SigningKey, jwks, unix_now};
+    let dir = TestDir::new("ha-jwks");
+    let etcd = Etcd::start(&dir, 1);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "3c".repeat(32)).unwrap();
+    let mut a = replica(&dir, &etcd, &key, "a");
+    wait_until(Duration::from_secs(10), "a elected", || replicas(&a).iter().any(|r| r["leader"] == true));
+    let b = replica(&dir, &etcd, &key, "b");
+    let (k1, k2, k3) = (SigningKey::new("k1"), SigningKey::new("k2"), SigningKey::new("k3"));
+    let issuer = JwksServer::start(jwks(&[&k1]));
+    let out = apply_yaml(
+        &dir,
+        &b.addr,
+        "jwt.yaml",
+        &format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: web-jwt}}\nspec:\n  service: web\n  required: true\n  issuers:\n  - issuer: https://issuer.test\n    jwksUri: http://127.0.0.1:{}/jwks\n    refreshInterval: 2s\n",
+            issuer.port
+        ),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // web and the edge are b's, which does not lead.
+    let _web = Instance::start(&dir, &b.addr, "web", "v1", "web-0", &[]);
+    let edge = Edge::start(&dir, &b, &["web"]);
+    let url = edge.url("web", "/");
+    let with = |k: &SigningKey, kid: &str| {
+        let token = k.sign(kid, serde_json::json!({"iss": "https://issuer.test", "sub": "u", "exp": unix_now() + 300}));
+        let auth = format!("authorization: Bearer {token}");
+        curl(&["-H", &auth, &url]).map(|r| r.status)
+    };
+    wait_until(Duration::from_secs(15), "web takes k1's tokens", || with(&k1, "k1") == Some(200));
+    assert_eq!(curl(&[&url]).map(|r| r.status), Some(401), "a token is required");
+
+    // One reader: a read every 2-3 s (the refresh is checked each second), not one per
+    // replica (which would be at least 8 in 12 s).
+    let before = issuer.reads();
+    std::thread::sleep(Duration::from_secs(12));
+    let reads = issuer.reads() - before;
+    assert!((2..=7).contains(&reads), "{reads} reads of the JWKS in 12 s at a 2 s refresh, with two replicas");
+
+    // New keys reach b's sidecars through the store.
+    issuer.set(jwks(&[&k2]));
+    wait_until(Duration::from_secs(8), "web takes k2's tokens", || with(&k2, "k2") == Some(200));
+
+    // The reader dies: b is elected and reads from then on.
+    a.proc.kill();
+    wait_until(Duration::from_secs(10), "b elected", || {
+        let r = replicas(&b);
+        r.len() == 1 && r[0]["leader"] == true
+    });
+    issuer.set(jwks(&[&k3]));
+    wait_until(Duration::from_secs(8), "web takes k3's tokens", || with(&k3, "k3") == Some(200));
+    assert_eq!(with(&k1, "k1"), Some(401), "k1 is no longer listed");
     drop(etcd.members);
 }
 

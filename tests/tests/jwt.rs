@@ -2,62 +2,9 @@
 //! whose keys are served over HTTP and one whose keys are in a file; tokens signed here with
 //! real ECDSA keys and sent with curl through a calling sidecar. Each refusal is a 401 with its
 //! own reason; claims feed authorization; a changed JWKS file is picked up without a restart.
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use std::io::{Read, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use weft_tests::jwt::{JwksServer, SigningKey, jwks, unix_now as now};
 use weft_tests::*;
-
-/// An ECDSA P-256 signing key and its public JWK.
-struct SigningKey {
-    encoding: EncodingKey,
-    jwk: serde_json::Value,
-}
-
-impl SigningKey {
-    fn new(kid: &str) -> SigningKey {
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let raw = pair.public_key_raw(); // 0x04 || X || Y
-        let jwk = serde_json::json!({
-            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
-            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
-        });
-        SigningKey { encoding: EncodingKey::from_ec_der(&pair.serialize_der()), jwk }
-    }
-
-    fn sign(&self, kid: &str, claims: serde_json::Value) -> String {
-        let header = Header { kid: Some(kid.into()), ..Header::new(Algorithm::ES256) };
-        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
-    }
-}
-
-fn jwks(keys: &[&SigningKey]) -> String {
-    serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() }).to_string()
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// Serves `body` to every HTTP request on a loopback port, until the test process ends.
-fn serve_jwks(body: String) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(body.as_bytes());
-        }
-    });
-    port
-}
 
 fn apply(dir: &TestDir, control: &Control, name: &str, yaml: &str) -> std::process::Output {
     let path = dir.path.join(format!("{name}.yaml"));
@@ -72,7 +19,8 @@ const FILE_ISSUER: &str = "file-issuer";
 fn tokens_are_validated_with_a_reason_for_each_refusal_and_claims_feed_authorization() {
     let m = SmallMesh::start("jwt", 1);
     let (key_a, key_b, key_c) = (SigningKey::new("a"), SigningKey::new("b"), SigningKey::new("c"));
-    let port = serve_jwks(jwks(&[&key_a]));
+    let jwks_server = JwksServer::start(jwks(&[&key_a]));
+    let port = jwks_server.port;
     let jwks_file = m.dir.path.join("file-issuer.jwks");
     std::fs::write(&jwks_file, jwks(&[&key_b])).unwrap();
 

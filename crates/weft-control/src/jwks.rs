@@ -98,11 +98,17 @@ pub async fn load_for_apply(
 }
 
 /// Re-reads each source when its interval is up; runs for the control plane's lifetime.
+/// With replicas, the elected one reads and stores the keys, and the others take them from
+/// the store: one reader for the issuer, and the same keys at every replica's sidecars.
 pub async fn refresh(mesh: Arc<Mesh>) {
     let mut read_at: BTreeMap<JwksSource, Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if !mesh.leads() {
+            read_at.clear();
+            continue;
+        }
         let wanted = sources(mesh.resources(weft_api::Kind::RequestAuthentication).iter());
         read_at.retain(|s, _| wanted.contains_key(s));
         mesh.retain_jwks(|s| wanted.contains_key(s));

@@ -160,17 +160,26 @@ impl Security {
         }
     }
 
-    /// Tokens issued and not yet expired (expired ones are forgotten).
+    /// Tokens issued and not yet expired.
     pub fn tokens(&self) -> Vec<TokenInfo> {
+        let now = now();
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.values().filter(|t| t.expires > now).cloned().collect()
+    }
+
+    /// Forgets expired tokens, in the store too. Called where what must happen once is done
+    /// (the only control plane, or the elected replica); other replicas drop them when the
+    /// store says so.
+    pub fn sweep_tokens(&self) {
         let now = now();
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let expired: Vec<String> = tokens.values().filter(|t| t.expires <= now).map(|t| t.id.clone()).collect();
         for id in &expired {
-            if self.store.write(&[Write::DeleteToken(id)]).is_ok() {
-                tokens.remove(id);
+            match self.store.write(&[Write::DeleteToken(id)]) {
+                Ok(()) => drop(tokens.remove(id)),
+                Err(e) => tracing::warn!(token = %id, error = %e, "cannot forget an expired join token"),
             }
         }
-        tokens.values().cloned().collect()
     }
 
     /// Checks a join token presented for `purpose`: valid, not revoked, and (when `service` is

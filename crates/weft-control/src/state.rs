@@ -4,7 +4,7 @@
 use crate::ca::CaConfig;
 use crate::security::Security;
 use crate::store::etcd::{Event, Push};
-use crate::store::{Change, Store, Table, Write};
+use crate::store::{Change, Store, Table, Write, jwks_key, jwks_source};
 use crate::translate::{Defaults, Settings, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -118,6 +118,11 @@ impl Mesh {
             vips.insert(service, ip);
         }
         inner.settings.vips = Arc::new(vips);
+        for (key, text) in store.load(Table::Jwks)? {
+            if let Some(source) = jwks_source(&key) {
+                inner.settings.jwks.insert(source, text.into());
+            }
+        }
         for (key, json) in store.load(Table::Resources)? {
             let r = stored_resource(&json).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
             inner.resources.insert(key, r);
@@ -261,6 +266,12 @@ impl Mesh {
             applied.push(Applied { kind: r.kind(), name: r.name().to_owned(), action });
             writes.push(Write::PutResource(key, json));
         }
+        let jwks_keys: Vec<Option<String>> = jwks.iter().map(|(s, _)| jwks_key(s)).collect();
+        for ((_, text), key) in jwks.iter().zip(&jwks_keys) {
+            if let Some(key) = key {
+                writes.push(Write::PutJwks(key, text));
+            }
+        }
         self.store
             .write(&writes)
             .map_err(|e| ApplyError::new(0, "", format!("control plane could not store the change: {e}")))?;
@@ -272,24 +283,44 @@ impl Mesh {
         Ok(applied)
     }
 
+    /// Whether this control plane does what must happen once in the mesh (see [`Store::leads`]).
+    pub fn leads(&self) -> bool {
+        self.store.leads()
+    }
+
     pub fn has_jwks(&self, source: &JwksSource) -> bool {
         self.lock().settings.jwks.contains_key(source)
     }
 
-    /// Keys read from `source`; published only if they changed.
+    /// Keys read from `source` (here, or by the replica that reads them); stored, and
+    /// published only if they changed.
     pub fn set_jwks(&self, source: JwksSource, text: Arc<str>) {
         let mut inner = self.lock();
         if inner.settings.jwks.get(&source) == Some(&text) {
             return;
+        }
+        if let Some(key) = jwks_key(&source)
+            && let Err(e) = self.store.write(&[Write::PutJwks(&key, &text)])
+        {
+            tracing::warn!(source = ?source, error = %e, "cannot store the JWKS read; it is served from memory");
         }
         tracing::info!(source = ?source, "JWKS changed; pushing it to the sidecars");
         inner.settings.jwks.insert(source, text);
         self.publish(&mut inner);
     }
 
-    /// Forgets keys no resource uses any more.
+    /// Forgets keys no resource uses any more (in the store too, where this control plane is
+    /// the one that reads them).
     pub fn retain_jwks(&self, keep: impl Fn(&JwksSource) -> bool) {
-        self.lock().settings.jwks.retain(|s, _| keep(s));
+        let mut inner = self.lock();
+        let gone: Vec<String> = inner.settings.jwks.keys().filter(|s| !keep(s)).filter_map(jwks_key).collect();
+        inner.settings.jwks.retain(|s, _| keep(s));
+        if self.store.leads() && !gone.is_empty() {
+            let deletes: Vec<Write> = gone.iter().map(|k| Write::DeleteJwks(k)).collect();
+            if let Err(e) = self.store.write(&deletes) {
+                tracing::warn!(error = %e, "cannot forget unused JWKS in the store");
+            }
+        }
     }
 
     pub fn delete(&self, kind: Kind, name: &str) -> anyhow::Result<bool> {
@@ -699,6 +730,13 @@ impl Mesh {
                 self.security.token_changed(&c.key, c.value.as_deref());
                 false
             }
+            Table::Jwks => match (jwks_source(&c.key), c.value) {
+                (Some(source), Some(text)) if inner.settings.jwks.get(&source).map(|t| &**t) != Some(text.as_str()) => {
+                    inner.settings.jwks.insert(source, text.into());
+                    true
+                }
+                _ => false,
+            },
         };
         if changed {
             self.publish(&mut inner);
@@ -920,6 +958,9 @@ pub async fn expire_stale(mesh: Arc<Mesh>) {
             if let Err(e) = mesh.finish_rotation().await {
                 tracing::error!(error = %e, "cannot finish the CA rotation");
             }
+        }
+        if mesh.store.leads() {
+            mesh.security.sweep_tokens();
         }
         mesh.security.forget_expired();
     }

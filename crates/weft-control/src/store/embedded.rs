@@ -13,6 +13,8 @@ const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 /// Services' virtual IPs (service → address): allocated once, kept for good, so a name
 /// resolves to the same address across restarts and however services come and go.
 const VIPS: TableDefinition<&str, &str> = TableDefinition::new("vips");
+/// The keys last read from each JWKS source ([`super::table::jwks_key`] → JWKS JSON).
+const JWKS: TableDefinition<&str, &str> = TableDefinition::new("jwks");
 
 pub struct Embedded {
     db: Database,
@@ -77,5 +79,6 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static s
         Table::Instances => INSTANCES,
         Table::Tokens => TOKENS,
         Table::Vips => VIPS,
+        Table::Jwks => JWKS,
     }
 }

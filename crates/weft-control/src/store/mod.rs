@@ -17,7 +17,7 @@ pub mod etcd;
 mod table;
 
 use std::path::Path;
-pub use table::{Change, Table, Write};
+pub use table::{Change, Table, Write, jwks_key, jwks_source};
 
 /// Where the store is, resolved from `--store` and its options.
 #[derive(Clone, Debug)]

@@ -1,5 +1,7 @@
 //! What the store holds: its tables, the writes made to them, and the changes found in a
 //! shared store.
+use weft_api::resource::JwksSource;
+
 /// A change to write atomically.
 pub enum Write<'a> {
     PutResource(&'a str, &'a str),
@@ -17,6 +19,9 @@ pub enum Write<'a> {
     PutToken(&'a str, &'a str),
     DeleteToken(&'a str),
     PutVip(&'a str, &'a str),
+    /// The keys last read from a JWKS source (key: [`jwks_key`]).
+    PutJwks(&'a str, &'a str),
+    DeleteJwks(&'a str),
 }
 
 /// The store's tables.
@@ -26,10 +31,13 @@ pub enum Table {
     Instances,
     Tokens,
     Vips,
+    /// Keys read from issuers' JWKS sources, so every replica (and a restart) serves the
+    /// last good keys without reading them itself.
+    Jwks,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Resources, Table::Instances, Table::Tokens, Table::Vips];
+    pub const ALL: [Table; 5] = [Table::Resources, Table::Instances, Table::Tokens, Table::Vips, Table::Jwks];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,6 +45,7 @@ impl Table {
             Table::Instances => "instances",
             Table::Tokens => "tokens",
             Table::Vips => "vips",
+            Table::Jwks => "jwks",
         }
     }
 
@@ -53,6 +62,7 @@ impl<'a> Write<'a> {
             Table::Instances => Write::PutInstance(key, value),
             Table::Tokens => Write::PutToken(key, value),
             Table::Vips => Write::PutVip(key, value),
+            Table::Jwks => Write::PutJwks(key, value),
         }
     }
 
@@ -66,7 +76,28 @@ impl<'a> Write<'a> {
             Write::PutToken(k, v) => (Table::Tokens, k, Some(v)),
             Write::DeleteToken(k) => (Table::Tokens, k, None),
             Write::PutVip(k, v) => (Table::Vips, k, Some(v)),
+            Write::PutJwks(k, v) => (Table::Jwks, k, Some(v)),
+            Write::DeleteJwks(k) => (Table::Jwks, k, None),
         }
+    }
+}
+
+/// The store's key for a JWKS source read from outside (`None`: inline keys, kept in their
+/// resource).
+pub fn jwks_key(source: &JwksSource) -> Option<String> {
+    match source {
+        JwksSource::Uri(u) => Some(format!("uri:{u}")),
+        JwksSource::File(f) => Some(format!("file:{f}")),
+        JwksSource::Inline(_) => None,
+    }
+}
+
+/// The source a [`jwks_key`] names.
+pub fn jwks_source(key: &str) -> Option<JwksSource> {
+    if let Some(u) = key.strip_prefix("uri:") {
+        Some(JwksSource::Uri(u.to_owned()))
+    } else {
+        key.strip_prefix("file:").map(|f| JwksSource::File(f.to_owned()))
     }
 }
 
