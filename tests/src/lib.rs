@@ -401,6 +401,65 @@ pub fn request_loop(
     })
 }
 
+/// What [`steady_load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u32,
+    /// Each failed request: when it was sent (since the start) and what came back.
+    pub failed: Vec<(Duration, String)>,
+}
+
+/// GETs of `url` at `per_second`, each on its own (over a pool of kept-alive connections,
+/// as a busy client sends them), whatever the answers take, until `stop` (or `max`). A
+/// request fails if the answer is not 200 or takes over 5 s.
+pub fn steady_load(
+    url: String,
+    per_second: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: Duration,
+) -> std::thread::JoinHandle<LoadReport> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            let uri: http::Uri = url.parse().unwrap();
+            let start = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+            let mut sent = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < max {
+                tick.tick().await;
+                let (client, uri, at) = (client.clone(), uri.clone(), start.elapsed());
+                sent.push(tokio::spawn(async move {
+                    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                        let resp = client.get(uri).await.map_err(|e| format!("{e:?}"))?;
+                        let (status, why) = (resp.status(), resp.headers().get("x-weft-error").cloned());
+                        http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| format!("{e:?}"))?;
+                        if status == 200 { Ok(()) } else { Err(format!("{status} {why:?}")) }
+                    });
+                    (at, answer.await.unwrap_or_else(|_| Err("no answer within 5 s".into())))
+                }));
+            }
+            let mut report = LoadReport::default();
+            for t in sent {
+                match t.await.unwrap() {
+                    (_, Ok(())) => report.ok += 1,
+                    (at, Err(e)) => report.failed.push((at, e)),
+                }
+            }
+            report
+        })
+    })
+}
+
+/// Whether `name`'s log (in `dir`) has a line with both `what` and `at`.
+pub fn log_says(dir: &TestDir, name: &str, what: &str, at: &str) -> bool {
+    std::fs::read_to_string(dir.path.join(format!("{name}.log")))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(what) && l.contains(at))
+}
+
 /// A control plane process. Its API and xDS are TLS on `addr`; proxyless xDS clients use the
 /// loopback plaintext listener `xds_plain`.
 pub struct Control {
