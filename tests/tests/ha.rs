@@ -357,6 +357,37 @@ fn one_replica_reads_an_issuers_keys_for_all() {
     drop(etcd.members);
 }
 
+/// Mistakes get one clear line: etcd without a store key, a bad key, an unreachable etcd.
+#[test]
+fn etcd_store_mistakes_are_named() {
+    let dir = TestDir::new("ha-mistakes");
+    let run_control = |extra: &[&str]| {
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["control", "--listen", &format!("127.0.0.1:{}", free_port()), "--data-dir"]);
+        cmd.arg(dir.path.join("data")).args(extra).env_remove("WEFT_STORE_KEY");
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    let e = run_control(&["--store", "etcd://127.0.0.1:1"]);
+    assert!(e.contains("needs --store-key-file (or WEFT_STORE_KEY)") && e.contains("openssl rand -hex 32"), "{e}");
+    let bad = dir.path.join("bad.key");
+    std::fs::write(&bad, "not a key").unwrap();
+    let e = run_control(&["--store", "etcd://127.0.0.1:1", "--store-key-file", bad.to_str().unwrap()]);
+    assert!(e.contains("the store key must be 64 hexadecimal digits"), "{e}");
+    let e = run_control(&["--store", "etcd:/x"]);
+    assert!(e.contains("expected `embedded` or etcd://HOST:PORT"), "{e}");
+    let good = dir.path.join("good.key");
+    std::fs::write(&good, "aa".repeat(32)).unwrap();
+    let e = run_control(&[
+        "--store",
+        &format!("etcd://127.0.0.1:{}", free_port()),
+        "--store-key-file",
+        good.to_str().unwrap(),
+    ]);
+    assert!(e.contains("cannot reach etcd at 127.0.0.1:"), "{e}");
+}
+
 /// A mesh moves from one machine's embedded store to etcd: `weft store backup` (from the
 /// running control plane, and from the stopped one's data directory: the same), `weft store
 /// restore` into an empty etcd (refused into one that holds a mesh), then a replica on etcd
