@@ -48,10 +48,15 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
 
 /// A replica of the control plane on etcd, with its own data directory.
 fn replica(dir: &TestDir, etcd: &Etcd, key: &std::path::Path, name: &str) -> Control {
+    replica_with(dir, etcd, key, name, &[])
+}
+
+fn replica_with(dir: &TestDir, etcd: &Etcd, key: &std::path::Path, name: &str, extra: &[&str]) -> Control {
     let data = dir.path.join(format!("replica-{name}"));
     let addr = format!("127.0.0.1:{}", free_port());
     let key = key.to_str().unwrap();
-    let flags = ["--store", &etcd.url, "--store-key-file", key, "--reconnect-grace", "3s"];
+    let mut flags = vec!["--store", &etcd.url, "--store-key-file", key, "--reconnect-grace", "3s"];
+    flags.extend(extra);
     Control::start_at_with(dir, &addr, data, &flags)
 }
 
@@ -296,6 +301,106 @@ fn replicas(at: &Control) -> Vec<serde_json::Value> {
         .ok()
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
+}
+
+/// Certificates of one minute keep renewing for three minutes under load while a replica
+/// dies, and a root rotation started at that replica, stuck waiting for a proxy that does
+/// not answer (stopped), is finished by the others: they sign with the new root, every
+/// proxy's certificate is re-issued from it, and not one request fails.
+#[test]
+fn certificates_renew_and_a_rotation_completes_through_a_replica_death() {
+    let dir = TestDir::new("ha-renew");
+    let etcd = Etcd::start(&dir, 1);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "4b".repeat(32)).unwrap();
+    let start = |name: &str| replica_with(&dir, &etcd, &key, name, &["--cert-ttl", "1m"]);
+    let (mut a, b, c) = (start("a"), start("b"), start("c"));
+    let list = |x: &[&Control]| x.iter().map(|c| c.addr.as_str()).collect::<Vec<_>>().join(",");
+    let web0 = Instance::start(&dir, &list(&[&a, &b, &c]), "web", "v1", "web-0", &[]);
+    let web1 = Instance::start(&dir, &list(&[&b, &c, &a]), "web", "v1", "web-1", &[]);
+    let edge = Edge::start_via(&dir, &list(&[&c, &b, &a]), "edge-0", &["web"]);
+    wait_until(Duration::from_secs(20), "two web instances at the edge", || edge.endpoint_addrs("web").len() == 2);
+    wait_until(Duration::from_secs(10), "web answers", || {
+        curl(&[&edge.url("web", "/")]).is_some_and(|r| r.status == 200)
+    });
+    let admins = [web0.admin(), web1.admin(), edge.admin()];
+    let renewals = || -> Vec<u64> {
+        admins.iter().map(|a| get_json(a, "/certs").and_then(|v| v["renewals"].as_u64()).unwrap_or(0)).collect()
+    };
+    let before = renewals();
+
+    let url = edge.url("web", "/");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = steady_load(url, 100, stop.clone(), Duration::from_secs(240));
+    let loaded = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(40));
+
+    // A proxy of a's stops answering; a rotation started at a waits for it.
+    let admin = free_port();
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["proxy", "--control", &a.addr, "--id", "lag-0", "--admin", &format!("127.0.0.1:{admin}")]);
+    cmd.env("WEFT_TOKEN", join_token(&a.addr, "lag"));
+    let lag = Proc::spawn(&dir, "lag-0", &mut cmd);
+    wait_until(Duration::from_secs(15), "lag-0 ready", || {
+        run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success()
+    });
+    lag.signal(nix::sys::signal::Signal::SIGSTOP);
+    let old_root = a.api("/api/v1/ca").map(|v| v["rootFingerprint"].to_string()).unwrap();
+    let at_a = a.addr.clone();
+    let rotate = std::thread::spawn(move || weft(&["ca", "rotate", "--overlap", "1h", "--control", &at_a]));
+    wait_until(Duration::from_secs(5), "b trusts the new root", || {
+        b.api("/api/v1/ca")
+            .is_some_and(|v| v["bundle"].as_str().unwrap_or_default().matches("BEGIN CERTIFICATE").count() == 2)
+    });
+    assert_eq!(
+        a.api("/api/v1/ca").map(|v| v["rootFingerprint"].to_string()),
+        Some(old_root.clone()),
+        "mid-rotation: the new root does not sign yet"
+    );
+    a.proc.kill();
+    let out = rotate.join().unwrap();
+    assert!(!out.status.success(), "the rotation could not have finished at a: {}", stdout(&out));
+
+    // b and c finish it: both sign with the new root, and re-issue every certificate from it.
+    let root_of = |x: &Control| x.api("/api/v1/ca").map(|v| v["rootFingerprint"].to_string());
+    let finished = wait_until(Duration::from_secs(30), "b and c sign with the new root", || {
+        let (rb, rc) = (root_of(&b), root_of(&c));
+        rb.is_some() && rb != Some(old_root.clone()) && rb == rc
+    });
+    let new_root = root_of(&b).unwrap().trim_matches('"').to_owned();
+    wait_until(Duration::from_secs(30), "every proxy's certificate from the new root", || {
+        let issued = format!(
+            "{}{}",
+            stdout(&weft(&["get", "certs", "--control", &b.addr])),
+            stdout(&weft(&["get", "certs", "--control", &c.addr]))
+        );
+        ["web-0", "web-1", "edge-0"].iter().all(|id| issued.lines().any(|l| l.contains(id) && l.contains(&new_root)))
+    });
+
+    // Three minutes of one-minute certificates, renewed through it all.
+    std::thread::sleep(Duration::from_secs(180).saturating_sub(loaded.elapsed()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = load.join().unwrap();
+    let after = renewals();
+    eprintln!(
+        "measured: rotation finished {finished:?} after its replica died; renewals per proxy {before:?} -> {after:?}; {} requests",
+        report.ok
+    );
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(a - b >= 5, "{} renewed {} times in 3 minutes of 1-minute certificates", admins[i], a - b);
+    }
+    for admin in &admins {
+        let status = get_json(admin, "/certs").unwrap();
+        assert!(status["renewal_error"].is_null(), "{admin}: {status}");
+    }
+    assert!(
+        report.failed.is_empty() && report.ok > 15_000,
+        "{} of {} requests failed: {:?}",
+        report.failed.len(),
+        report.ok as usize + report.failed.len(),
+        &report.failed[..report.failed.len().min(20)]
+    );
+    drop(etcd.members);
 }
 
 /// An issuer's keys are read by one replica, the elected one, and reach sidecars of every
