@@ -4,6 +4,7 @@
 //! handle drops; every wait is bounded.
 #![forbid(unsafe_code)]
 
+pub mod hosts;
 pub mod inprocess;
 pub mod jwt;
 
