@@ -21,6 +21,7 @@ PEERS = {
     "weft-1hop-base": ["haproxy-1hop", "nginx-1hop"],
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-capture": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-netns": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-trace0": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -226,22 +227,37 @@ def main():
                              if x and y else "n/a")
             out.append(f"| {spec[key][1].split(' (')[0]} | " + " | ".join(cells) + " |")
 
-    # Issue 21: what transparent capture adds to a call (same rounds, same inbound side).
+    # Issue 21: what transparent capture adds to a call (same rounds, same inbound side), and
+    # what the instance's namespace adds apart from capture (weft-2hop-netns: the same
+    # namespace and sidecar, explicit ports on its loopback).
     if "weft-2hop-capture" in configs and "weft-2hop" in configs:
-        out.append("\n## Transparent capture vs explicit ports (weft-2hop-capture vs weft-2hop)\n")
-        out.append("The caller's sidecar CPU per request includes the capture listener's original-destination "
-                   "lookup; latency includes the kernel's redirect and the veth hop. Target: CPU within 5%.\n")
-        out.append("| figure | explicit | capture | capture ÷ explicit | added |")
-        out.append("|---|---:|---:|---:|---:|")
+        netns = "weft-2hop-netns" in configs
+        out.append("\n## Transparent capture vs explicit ports (weft-2hop-capture vs weft-2hop"
+                   + (" and weft-2hop-netns" if netns else "") + ")\n")
+        out.append("explicit: weft-2hop (the caller on this host's loopback); "
+                   + ("explicit in netns: weft-2hop-netns (the caller's sidecar in the instance's namespace, "
+                      "called on its explicit ports there: the namespace and veth hop without capture); " if netns else "")
+                   + "capture: weft-2hop-capture (the same namespace, called by name, redirected by iptables). "
+                   "Target: capture's proxy CPU within 5% of the explicit path's.\n")
+        head = "| figure | explicit | " + ("explicit in netns | " if netns else "") + "capture | capture ÷ explicit | " \
+            + ("capture ÷ explicit in netns | " if netns else "") + "added by capture |"
+        out.append(head)
+        out.append("|---" + "|---:" * (head.count("|") - 2) + "|")
         rows = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
                 ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
                 ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
                 ("lat_half_p99", "latency p99 at 50%")]
         for key, label in rows:
             x, y = med("weft-2hop-capture", key), med("weft-2hop", key)
-            if x and y:
-                unit, d = spec[key][2], spec[key][6]
-                out.append(f"| {label} | {fmt(y, d)} {unit} | {fmt(x, d)} {unit} | {x / y:.3f} | {x - y:+.1f} {unit} |")
+            z = med("weft-2hop-netns", key) if netns else None
+            if not (x and y):
+                continue
+            unit, d = spec[key][2], spec[key][6]
+            base = z if netns and z else y
+            cells = [f"{fmt(y, d)} {unit}"] + ([f"{fmt(z, d)} {unit}" if z else "n/a"] if netns else []) \
+                + [f"{fmt(x, d)} {unit}", f"{x / y:.3f}"] + ([f"{x / z:.3f}" if z else "n/a"] if netns else []) \
+                + [f"{x - base:+.1f} {unit}"]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
 
     warns = [w for w in open(warnings).read().splitlines() if w.strip()]
     out.append("\n## Warnings during the run\n")
