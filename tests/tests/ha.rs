@@ -446,6 +446,9 @@ fn one_replica_reads_an_issuers_keys_for_all() {
     let reads = issuer.reads() - before;
     assert!((2..=7).contains(&reads), "{reads} reads of the JWKS in 12 s at a 2 s refresh, with two replicas");
 
+    // b stands for election all along, quietly (no warning while a leads).
+    assert!(!log_says(&dir, &b.proc.name, "cannot stand for election", ""), "b's log warns of its campaign");
+
     // New keys reach b's sidecars through the store.
     issuer.set(jwks(&[&k2]));
     wait_until(Duration::from_secs(8), "web takes k2's tokens", || with(&k2, "k2") == Some(200));

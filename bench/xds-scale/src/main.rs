@@ -1,7 +1,8 @@
 //! Control-plane scale benchmark.
 //!
-//! Starts one `weft control` (TLS, join tokens, as shipped) and connects N simulated weft
-//! proxies to it. Each is what a sidecar is to the control plane: an xDS node carrying a
+//! Starts one `weft control` (TLS, join tokens, as shipped), or `--replicas R` of them sharing
+//! an etcd it starts (Debian's `etcd-server`), and connects N simulated weft proxies, spread
+//! over the replicas in turn. Each is what a sidecar is to the control plane: an xDS node carrying a
 //! registration (an instance of one of `--services` client services, with an inbound listener,
 //! an app and two upstreams: `bench` and the next client service), authenticated with its service's join token, on a TLS
 //! connection of its own (`--streams-per-connection` > 1 multiplexes streams instead), and it
@@ -11,7 +12,8 @@
 //! Then, `--changes` times, a new instance of `bench` registers, and the benchmark measures per
 //! client the time from that change until the client holds the new endpoint set and has ACKed
 //! it, and the control plane's CPU time for the whole change. Reports p50 / p99 / max, CPU per
-//! change, connect time and the control plane's RSS per connected client.
+//! change, connect time and the control plane's RSS per connected client (with replicas: each
+//! replica's RSS growth over the clients connected to it, the worst replica's).
 #![forbid(unsafe_code)]
 
 use clap::Parser;
@@ -62,22 +64,31 @@ struct Args {
     /// Seconds all clients may take to connect and get their first config.
     #[arg(long, default_value_t = 300)]
     connect_timeout: u64,
+    /// Replicas of the control plane, on an etcd this benchmark starts (1: the embedded
+    /// store, as `weft control` runs by default).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// The etcd binary (with `--replicas` > 1).
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
 }
 
-/// How to reach the control plane: address, TLS and one join token per service.
+/// How to reach the control plane: its replicas' addresses, TLS and one join token per service.
 struct Control {
-    addr: String,
+    addrs: Vec<String>,
     tls: Arc<rustls::ClientConfig>,
     tokens: HashMap<String, String>,
 }
 
 impl Control {
-    /// A new HTTP/2 connection over TLS, verified against the mesh's trust bundle.
-    async fn connect(&self) -> anyhow::Result<Channel> {
-        let addr = self.addr.clone();
+    /// A new HTTP/2 connection over TLS to replica `n` (modulo their number), verified against
+    /// the mesh's trust bundle.
+    async fn connect(&self, n: usize) -> anyhow::Result<Channel> {
+        let addr = self.addrs[n % self.addrs.len()].clone();
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let to = addr.clone();
         let connect = tower::service_fn(move |_: http::Uri| {
-            let (addr, connector) = (addr.clone(), connector.clone());
+            let (addr, connector) = (to.clone(), connector.clone());
             async move {
                 let tcp = tokio::net::TcpStream::connect(&addr).await?;
                 tcp.set_nodelay(true)?;
@@ -86,8 +97,8 @@ impl Control {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         });
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
-            .origin(format!("https://{}", self.addr).parse()?)
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .origin(format!("https://{addr}").parse()?)
             .connect_timeout(Duration::from_secs(10))
             // Small receive windows: thousands of simulated proxies share this process, and
             // the control plane may send each as much as its windows allow before it reads.
@@ -414,20 +425,67 @@ fn join_token(args: &Args, addr: &str, data: &Path, admin: &str, service: &str) 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.clients > 0 && args.services > 0 && args.streams_per_connection > 0, "counts must be > 0");
+    anyhow::ensure!(
+        args.clients > 0 && args.services > 0 && args.streams_per_connection > 0 && args.replicas > 0,
+        "counts must be > 0"
+    );
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
     let data = std::env::temp_dir().join(format!("weft-xds-scale-{}", std::process::id()));
-    let mut control = tokio::process::Command::new(&args.weft)
-        .args(["control", "--listen", &addr, "--data-dir"])
-        .arg(&data)
-        .env("WEFT_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = control.id().unwrap_or(0);
-    let admin = wait_for(&data.join("admin.token")).await?.trim().to_owned();
-    let bundle = wait_for(&data.join("ca/trust-bundle.pem")).await?;
+    std::fs::create_dir_all(&data)?;
+    let free_port = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    // With replicas: one etcd member on loopback, and the store key every replica is given.
+    let mut etcd = None;
+    let mut store: Vec<String> = Vec::new();
+    if args.replicas > 1 {
+        let (client, peer) = (free_port()?, free_port()?);
+        let (client, peer) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+        etcd = Some(
+            tokio::process::Command::new(&args.etcd)
+                .args(["--name", "bench", "--data-dir"])
+                .arg(data.join("etcd"))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("bench={peer}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot start {}: {e} (apt-get install etcd-server)", args.etcd.display())
+                })?,
+        );
+        let at = client.trim_start_matches("http://").to_owned();
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(&at).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let key = data.join("store.key");
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        std::fs::write(&key, bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        store = vec!["--store".into(), client.replace("http://", "etcd://"), "--store-key-file".into()];
+        store.push(key.display().to_string());
+    }
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for r in 0..args.replicas {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let dir = data.join(format!("control-{r}"));
+        let mut cmd = tokio::process::Command::new(&args.weft);
+        cmd.args(["control", "--listen", &addr, "--data-dir"]).arg(&dir).args(&store);
+        let child = cmd.env("WEFT_LOG", "warn").kill_on_drop(true).spawn()?;
+        // Each replica in turn: the first makes the CA, the next take it from etcd.
+        wait_for(&dir.join("admin.token")).await?;
+        wait_for(&dir.join("ca/trust-bundle.pem")).await?;
+        replicas.push(child);
+        addrs.push(addr);
+    }
+    let pids: Vec<u32> = replicas.iter().map(|c| c.id().unwrap_or(0)).collect();
+    let first = data.join("control-0");
+    let admin = wait_for(&first.join("admin.token")).await?.trim().to_owned();
+    let bundle = wait_for(&first.join("ca/trust-bundle.pem")).await?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         roots.add(cert?)?;
@@ -436,9 +494,11 @@ async fn main() -> anyhow::Result<()> {
     let services: Vec<String> = (0..args.services).map(|k| format!("client-{k}")).collect();
     let mut tokens = HashMap::new();
     for s in services.iter().map(String::as_str).chain(["bench"]) {
-        tokens.insert(s.to_owned(), join_token(&args, &addr, &data, &admin, s)?);
+        tokens.insert(s.to_owned(), join_token(&args, &addrs[0], &first, &admin, s)?);
     }
-    let control_api = Arc::new(Control { addr, tls: Arc::new(tls), tokens });
+    let control_api = Arc::new(Control { addrs, tls: Arc::new(tls), tokens });
+    let cpu = || pids.iter().map(|p| cpu(*p)).sum::<Duration>();
+    let rss = || pids.iter().map(|p| rss_kib(*p)).collect::<Vec<u64>>();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let instance = |n: usize, channel: Channel| {
@@ -447,18 +507,20 @@ async fn main() -> anyhow::Result<()> {
         spawn_proxy(&control_api, channel, node, args.delta, report, None, stop_rx.clone());
     };
     // One instance of `bench` exists before the clients connect, so every client starts with 1.
-    let base = control_api.connect().await?;
+    let base = control_api.connect(0).await?;
     instance(0, base.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_kib(pid);
+    let rss_before = rss();
 
     let ready = Arc::new(Barrier::new(args.clients + 1));
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    let (started, cpu_started) = (Instant::now(), cpu(pid));
-    let mut channel = None;
+    let (started, cpu_started) = (Instant::now(), cpu());
+    let mut channels: Vec<Option<Channel>> = vec![None; args.replicas];
     for i in 0..args.clients {
-        if i % args.streams_per_connection == 0 {
-            channel = Some(control_api.connect().await?);
+        // Client i at replica i mod R; a connection carries streams of one replica's clients.
+        let channel = &mut channels[i % args.replicas];
+        if i / args.replicas % args.streams_per_connection == 0 {
+            *channel = Some(control_api.connect(i).await?);
         }
         // Each calls `bench` and the next client service, whose instances register meanwhile.
         let next = &services[(i + 1) % services.len()];
@@ -482,7 +544,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("clients did not all get their first config within {} s", args.connect_timeout)
         }
     }
-    let (connected_in, connect_cpu) = (started.elapsed(), cpu(pid) - cpu_started);
+    let (connected_in, connect_cpu) = (started.elapsed(), cpu() - cpu_started);
     // Until the last registrations' pushes have all arrived: no response for a second.
     let mut last = RECEIVED.load(Ordering::Relaxed);
     loop {
@@ -493,12 +555,13 @@ async fn main() -> anyhow::Result<()> {
         }
         last = now;
     }
-    let rss_connected = rss_kib(pid);
+    let rss_connected = rss();
 
     let (mut p50, mut p99, mut max, mut cpus) = (vec![], vec![], vec![], vec![]);
     for change in 1..=args.changes {
-        let (t0, cpu0) = (Instant::now(), cpu(pid));
-        instance(change, control_api.connect().await?);
+        // The new instance registers at each replica in turn: its clients and the others'.
+        let (t0, cpu0) = (Instant::now(), cpu());
+        instance(change, control_api.connect(change).await?);
         let mut times = Vec::with_capacity(args.clients);
         let deadline = t0 + Duration::from_secs(120);
         while times.len() < args.clients {
@@ -516,7 +579,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        cpus.push(cpu(pid) - cpu0);
+        cpus.push(cpu() - cpu0);
         times.sort();
         eprintln!(
             "change {change}: p50 {:?} p99 {:?} max {:?}, control plane CPU {:?}",
@@ -531,14 +594,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
-    let per_client = rss_connected.saturating_sub(rss_before) as f64 / args.clients as f64;
+    // Each replica's growth over the clients it holds; the worst replica's.
+    let held = |r: usize| (args.clients + args.replicas - 1 - r) / args.replicas;
+    let per_client = (0..args.replicas)
+        .map(|r| rss_connected[r].saturating_sub(rss_before[r]) as f64 / held(r).max(1) as f64)
+        .fold(0.0, f64::max);
+    let rss_max = rss_connected.iter().max().copied().unwrap_or(0);
     println!(
-        "| clients | xDS | streams/conn | connect + first config | CP CPU to connect | change→ACK p50 (ms) | p99 (ms) | max (ms) | CP CPU per change (ms) | CP RSS connected | RSS per client |"
+        "| clients | replicas | xDS | streams/conn | connect + first config | CP CPU to connect | change→ACK p50 (ms) | p99 (ms) | max (ms) | CP CPU per change (ms) | CP RSS connected (largest replica) | RSS per client per replica |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {:.2} s | {:.2} s | {} | {} | {} | {} | {:.1} MiB | {:.1} KiB |",
+        "| {} | {} | {} | {} | {:.2} s | {:.2} s | {} | {} | {} | {} | {:.1} MiB | {:.1} KiB |",
         args.clients,
+        args.replicas,
         if args.delta { "delta" } else { "SotW" },
         args.streams_per_connection,
         connected_in.as_secs_f64(),
@@ -547,12 +616,14 @@ async fn main() -> anyhow::Result<()> {
         ms(median(p99)),
         ms(*max.iter().max().expect("changes > 0")),
         ms(median(cpus)),
-        rss_connected as f64 / 1024.0,
+        rss_max as f64 / 1024.0,
         per_client
     );
     eprintln!("(medians over {} changes; max is the worst single client over all changes)", args.changes);
-    let _ = control.start_kill();
-    let _ = control.wait().await;
+    for mut c in replicas.into_iter().chain(etcd) {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -387,6 +387,13 @@ impl Etcd {
                     }
                     self.leading.store(false, Ordering::Relaxed);
                 }
+                // Another replica leads: a campaign waits in etcd until it is gone, and gives up
+                // at the client's request timeout (etcd then withdraws it); this replica stands
+                // again after a pause, without a warning: nothing is wrong.
+                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::Cancelled => {
+                    tracing::debug!("another replica leads; standing for election again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot stand for election in etcd; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
