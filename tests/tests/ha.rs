@@ -13,8 +13,18 @@ struct Etcd {
 
 impl Etcd {
     fn start(dir: &TestDir, n: usize) -> Etcd {
+        Etcd::start_on(dir, (0..n).map(|_| (free_port(), free_port())).collect())
+    }
+
+    /// `etcd://…` for members on these (client, peer) ports.
+    fn url_of(ports: &[(u16, u16)]) -> String {
+        let endpoints: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
+        format!("etcd://{}", endpoints.join(","))
+    }
+
+    /// Members on these (client, peer) ports.
+    fn start_on(dir: &TestDir, ports: Vec<(u16, u16)>) -> Etcd {
         let etcd = which("etcd").expect("etcd is not installed: apt-get install etcd-server (scripts/test does)");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let cluster: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
         let members = ports
@@ -31,9 +41,8 @@ impl Etcd {
                 Proc::spawn(dir, &format!("etcd-{i}"), &mut cmd)
             })
             .collect();
-        let endpoints: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
-        let url = format!("etcd://{}", endpoints.join(","));
-        let health = endpoints.iter().map(|e| format!("http://{e}")).collect::<Vec<_>>().join(",");
+        let url = Etcd::url_of(&ports);
+        let health = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect::<Vec<_>>().join(",");
         wait_until(Duration::from_secs(30), "etcd cluster healthy", || {
             run("etcdctl", &["--endpoints", &health, "endpoint", "health"]).status.success()
         });
@@ -492,8 +501,33 @@ fn etcd_store_mistakes_are_named() {
         &format!("etcd://127.0.0.1:{}", free_port()),
         "--store-key-file",
         good.to_str().unwrap(),
+        "--etcd-wait",
+        "2s",
     ]);
-    assert!(e.contains("cannot reach etcd at 127.0.0.1:"), "{e}");
+    assert!(e.contains("cannot reach etcd at 127.0.0.1:") && e.contains("(waited 2s, --etcd-wait)"), "{e}");
+}
+
+/// A replica started before etcd (a host booting, its services in any order) waits for it,
+/// saying so once, and then serves.
+#[test]
+fn a_replica_waits_for_etcd_to_start() {
+    let dir = TestDir::new("ha-wait");
+    let ports = vec![(free_port(), free_port())];
+    let url = Etcd::url_of(&ports);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "1f".repeat(32)).unwrap();
+    let (addr, xds_plain) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let data_dir = dir.path.join("replica");
+    let mut cmd = Command::new(weft_bin());
+    cmd.args(["control", "--listen", &addr, "--plaintext-xds", &xds_plain, "--data-dir"]).arg(&data_dir);
+    cmd.args(["--store", &url, "--store-key-file", key.to_str().unwrap()]);
+    let replica = Control { proc: Proc::spawn(&dir, "replica", &mut cmd), addr, xds_plain, data_dir };
+    std::thread::sleep(Duration::from_secs(3));
+    let etcd = Etcd::start_on(&dir, ports);
+    wait_until(Duration::from_secs(15), "the replica serving", || replica.api("/api/v1/services").is_some());
+    let log = std::fs::read_to_string(dir.path.join("replica.log")).unwrap();
+    assert_eq!(log.matches("etcd does not answer yet; waiting for it").count(), 1, "said once:\n{log}");
+    drop(etcd.members);
 }
 
 /// A mesh moves from one machine's embedded store to etcd: `weft store backup` (from the

@@ -80,6 +80,9 @@ pub struct StoreArgs {
     /// A file holding the password of --etcd-user.
     #[arg(long, requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+    /// At start, how long to wait for etcd to answer (its members may be starting too).
+    #[arg(long, default_value = "30s", value_parser = weft_api::duration::parse)]
+    pub etcd_wait: std::time::Duration,
 }
 
 impl StoreArgs {
@@ -92,6 +95,7 @@ impl StoreArgs {
                 etcd.key_file = self.etcd_key_file;
                 etcd.user = self.etcd_user;
                 etcd.password_file = self.etcd_password_file;
+                etcd.wait = self.etcd_wait;
                 let key = match (&self.store_key_file, std::env::var("WEFT_STORE_KEY")) {
                     (Some(path), _) => {
                         let text = std::fs::read_to_string(path)

@@ -58,6 +58,8 @@ pub struct EtcdConfig {
     /// etcd's authentication: a user, and a file holding its password.
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// How long to wait at start for etcd to answer.
+    pub wait: Duration,
 }
 
 /// The key the secrets are encrypted with (32 bytes).
@@ -281,11 +283,24 @@ impl Etcd {
             current: tokio::sync::Mutex::new((0, None, 0)),
         });
         let ttl = lease_ttl.as_secs().max(2) as i64;
-        let lease = members
-            .any(|mut c| async move { c.lease_grant(ttl, None).await })
-            .await
-            .with_context(|| format!("cannot reach etcd at {endpoints}"))?
-            .id();
+        // etcd may be starting with this process (a host booting, its members coming up one
+        // by one): waited for, once said.
+        let (deadline, mut said) = (tokio::time::Instant::now() + cfg.wait, false);
+        let lease = loop {
+            match members.any(|mut c| async move { c.lease_grant(ttl, None).await }).await {
+                Ok(granted) => break granted.id(),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::warn!(etcd = %endpoints, error = %e, wait = ?cfg.wait, "etcd does not answer yet; waiting for it (--etcd-wait)");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot reach etcd at {endpoints} (waited {:?}, --etcd-wait)", cfg.wait)));
+                }
+            }
+        };
         let all = members
             .any(|mut c| async move { c.get(PREFIX, Some(GetOptions::new().with_prefix())).await })
             .await
