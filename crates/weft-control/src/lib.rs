@@ -220,10 +220,13 @@ impl Bound {
             let grpc =
                 tonic::service::Routes::new(xds::server(mesh.clone(), stop_rx.clone())).prepare().into_axum_router();
             tracing::warn!(listen = %plain.local_addr()?, "plaintext xDS listener for proxyless clients (no API, no registration without a token)");
-            tokio::spawn(axum::serve(plain, grpc).with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
+            let plain = axum::serve(plain, grpc.into_make_service());
+            tokio::spawn(plain.with_graceful_shutdown(stopped(stop_rx.clone())).into_future());
         }
-        let serve =
-            axum::serve(tls::TlsListener::new(listener, tls), app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        // The router as it is for every connection (axum's default turns its routes into
+        // services again per connection: 9 KB kept for as long as a proxy stays connected).
+        let serve = axum::serve(tls::TlsListener::new(listener, tls), app.into_make_service())
+            .with_graceful_shutdown(stopped(stop_rx.clone()));
         tokio::select! {
             r = serve => r?,
             _ = async { stopped(stop_rx).await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => {}

@@ -699,11 +699,23 @@ impl Mesh {
         self.store.flushed().await
     }
 
-    /// A change found in the shared store (made by any replica, this one included), applied
-    /// here unless it is already so.
-    fn changed(&self, c: Change) {
+    /// Changes found in the shared store (made by any replica, this one included), applied
+    /// here unless they are already so, and published once: a replica catching up with
+    /// thousands of registrations builds one snapshot for all that arrived together.
+    fn changed(&self, batch: Vec<Change>) {
         let mut inner = self.lock();
-        let changed = match c.table {
+        let mut any = false;
+        for c in batch {
+            any |= self.apply_change(&mut inner, c);
+        }
+        if any {
+            self.publish(&mut inner);
+        }
+    }
+
+    /// Applies one change from the shared store; whether anything changed here.
+    fn apply_change(&self, inner: &mut Inner, c: Change) -> bool {
+        match c.table {
             Table::Resources => match c.value.as_deref().map(stored_resource) {
                 Some(Ok(r)) if inner.resources.get(&c.key) != Some(&r) => {
                     inner.resources.insert(c.key.clone(), r);
@@ -716,7 +728,7 @@ impl Mesh {
                 }
                 None => inner.resources.remove(&c.key).is_some(),
             },
-            Table::Instances => self.instance_changed(&mut inner, &c),
+            Table::Instances => self.instance_changed(inner, &c),
             Table::Vips => match c.value.as_deref().map(str::parse::<std::net::Ipv4Addr>) {
                 Some(Ok(ip)) if inner.settings.vips.get(&c.key) != Some(&ip) => {
                     let mut vips = (*inner.settings.vips).clone();
@@ -737,9 +749,6 @@ impl Mesh {
                 }
                 _ => false,
             },
-        };
-        if changed {
-            self.publish(&mut inner);
         }
     }
 
@@ -931,11 +940,29 @@ pub struct RotateReport {
 /// runs (nothing to do with the embedded store).
 pub async fn follow_store(mesh: Arc<Mesh>) {
     let Some(mut events) = mesh.store.take_changes() else { return };
-    while let Some(ev) = events.recv().await {
+    let mut next = events.recv().await;
+    while let Some(ev) = next.take() {
         match ev {
-            Event::Changed(c) => mesh.changed(c),
+            Event::Changed(c) => {
+                // With the changes already waiting behind it (up to a bound), in order.
+                let mut batch = vec![c];
+                while batch.len() < 4096 {
+                    match events.try_recv() {
+                        Ok(Event::Changed(c)) => batch.push(c),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                mesh.changed(batch);
+            }
             Event::LeaseRenewed => mesh.rewrite_held(),
             Event::Secrets => mesh.secrets_changed().await,
+        }
+        if next.is_none() {
+            next = events.recv().await;
         }
     }
 }

@@ -38,6 +38,12 @@ pub fn server(mesh: Arc<Mesh>, stopping: watch::Receiver<bool>) -> AggregatedDis
     AggregatedDiscoveryServiceServer::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)), stopping })
 }
 
+/// A stream's responses, boxed on their way through its channel: a channel's block holds 32
+/// slots of its item, and a response with a gRPC status is hundreds of bytes, kept for as long
+/// as the stream lives (thousands of streams).
+type Item<R> = Box<Result<R, Status>>;
+pub type Responses<R> = tokio_stream::adapters::Map<ReceiverStream<Item<R>>, fn(Item<R>) -> Result<R, Status>>;
+
 pub struct Ads {
     mesh: Arc<Mesh>,
     streams: Arc<AtomicU64>,
@@ -46,8 +52,8 @@ pub struct Ads {
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
 
     async fn stream_aggregated_resources(
         &self,
@@ -79,7 +85,7 @@ impl Ads {
         &self,
         inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin + Send + 'static,
         token: Option<String>,
-    ) -> ReceiverStream<Result<F::Resp, Status>> {
+    ) -> Responses<F::Resp> {
         // One response waits while another is being sent: a stream that reads slowly holds the
         // session back (its next push then carries the latest snapshot) rather than letting
         // responses pile up in memory.
@@ -91,7 +97,7 @@ impl Ads {
             tokio::select! {
                 served = serve::<F>(&mut session, inbound, &tx) => {
                     if let Err(status) = served {
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Box::new(Err(status))).await;
                     }
                     session.close();
                 }
@@ -99,11 +105,11 @@ impl Ads {
                 // registered (and restored after a restart). A stop signal that can no longer
                 // come never ends the stream.
                 Ok(()) = async { stopping.wait_for(|s| *s).await.map(drop) } => {
-                    let _ = tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+                    let _ = tx.send(Box::new(Err(Status::unavailable("the control plane is stopping")))).await;
                 }
             }
         });
-        ReceiverStream::new(rx)
+        ReceiverStream::new(rx).map(|item: Item<F::Resp>| *item)
     }
 }
 
@@ -306,7 +312,7 @@ const PUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100)
 async fn serve<F: Flavor>(
     s: &mut Session,
     mut inbound: impl Stream<Item = Result<F::Req, Status>> + Unpin,
-    tx: &mpsc::Sender<Result<F::Resp, Status>>,
+    tx: &mpsc::Sender<Item<F::Resp>>,
 ) -> Result<(), Status> {
     let mut updates = s.mesh.subscribe();
     let mut next_push = None;
@@ -316,7 +322,7 @@ async fn serve<F: Flavor>(
                 let Some(req) = msg.transpose()? else { return Ok(()) };
                 s.identify(F::node(&req))?;
                 if let Some(resp) = F::request(s, req)
-                    && tx.send(Ok(resp)).await.is_err() {
+                    && tx.send(Box::new(Ok(resp))).await.is_err() {
                     return Ok(());
                 }
             }
@@ -335,7 +341,7 @@ async fn serve<F: Flavor>(
                 let types: Vec<Type> = Type::ALL.into_iter().filter(|t| s.subs.contains_key(t)).collect();
                 for t in types {
                     if let Some(resp) = F::push(s, t, false)
-                        && tx.send(Ok(resp)).await.is_err() {
+                        && tx.send(Box::new(Ok(resp))).await.is_err() {
                         return Ok(());
                     }
                 }

@@ -64,7 +64,7 @@ impl TestMesh {
         let (tx, requests) = mpsc::channel(8);
         // A token for any service: the tests' registrations name "frontend" or none.
         let token = self.ads.mesh.security.create_token("frontend", Duration::from_secs(3600)).unwrap().1;
-        let responses = self.ads.spawn::<F>(ReceiverStream::new(requests), Some(token)).into_inner();
+        let responses = self.ads.spawn::<F>(ReceiverStream::new(requests), Some(token));
         Client { tx, responses }
     }
 }
@@ -94,7 +94,7 @@ impl TypeUrl for DeltaDiscoveryResponse {
 
 struct Client<F: Flavor> {
     tx: mpsc::Sender<Result<F::Req, Status>>,
-    responses: mpsc::Receiver<Result<F::Resp, Status>>,
+    responses: super::Responses<F::Resp>,
 }
 
 impl<F: Flavor> Client<F>
@@ -107,7 +107,7 @@ where
 
     /// The next response; the timeout is only a safety net against a hung test.
     async fn next(&mut self) -> F::Resp {
-        let next = tokio::time::timeout(Duration::from_secs(30), self.responses.recv()).await;
+        let next = tokio::time::timeout(Duration::from_secs(30), self.responses.next()).await;
         next.expect("a response").expect("the stream is open").expect("not an error")
     }
 
@@ -125,7 +125,7 @@ where
 
     /// Whether the stream stays quiet (checked once every task has gone idle).
     async fn quiet(&mut self) -> bool {
-        tokio::time::timeout(Duration::from_secs(5), self.responses.recv()).await.is_err()
+        tokio::time::timeout(Duration::from_secs(5), self.responses.next()).await.is_err()
     }
 }
 
