@@ -9,12 +9,12 @@
 //! - Only a stream that presents a valid join token (gRPC `authorization: Bearer …`) for the
 //!   registration's service may register; proxyless clients, which send no registration, need
 //!   none.
-mod codec;
-
 use crate::state::Mesh;
 use crate::translate::{ResMap, Snapshot, Type};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
@@ -34,71 +34,8 @@ use weft_api::registry::{InstanceRegistration, ProxyStatus};
 
 /// The ADS server; every stream it serves ends (UNAVAILABLE) once `stopping` turns true, so a
 /// stopping control plane's connections can close.
-pub fn server(mesh: Arc<Mesh>, stopping: watch::Receiver<bool>) -> AdsServer {
-    AdsServer(Arc::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)), stopping }))
-}
-
-/// [`Ads`] as tonic serves it: what the generated server does, with the small buffers of
-/// [`codec::Lean`].
-#[derive(Clone)]
-pub struct AdsServer(Arc<Ads>);
-
-impl tonic::server::NamedService for AdsServer {
-    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-}
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<B> tower::Service<http::Request<B>> for AdsServer
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ads = self.0.clone();
-        match req.uri().path().strip_prefix(concat!("/", "envoy.service.discovery.v3.AggregatedDiscoveryService", "/"))
-        {
-            Some("StreamAggregatedResources") => Box::pin(async move {
-                Ok(tonic::server::Grpc::new(codec::Lean::default()).streaming(SotwMethod(ads), req).await)
-            }),
-            Some("DeltaAggregatedResources") => Box::pin(async move {
-                Ok(tonic::server::Grpc::new(codec::Lean::default()).streaming(DeltaMethod(ads), req).await)
-            }),
-            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
-        }
-    }
-}
-
-/// The two methods, as tonic calls them.
-struct SotwMethod(Arc<Ads>);
-struct DeltaMethod(Arc<Ads>);
-
-impl tonic::server::StreamingService<DiscoveryRequest> for SotwMethod {
-    type Response = DiscoveryResponse;
-    type ResponseStream = Responses<DiscoveryResponse>;
-    type Future = BoxFuture<Result<Response<Self::ResponseStream>, Status>>;
-    fn call(&mut self, req: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let ads = self.0.clone();
-        Box::pin(async move { ads.stream_aggregated_resources(req).await })
-    }
-}
-
-impl tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream = Responses<DeltaDiscoveryResponse>;
-    type Future = BoxFuture<Result<Response<Self::ResponseStream>, Status>>;
-    fn call(&mut self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let ads = self.0.clone();
-        Box::pin(async move { ads.delta_aggregated_resources(req).await })
-    }
+pub fn server(mesh: Arc<Mesh>, stopping: watch::Receiver<bool>) -> AggregatedDiscoveryServiceServer<Ads> {
+    AggregatedDiscoveryServiceServer::new(Ads { mesh, streams: Arc::new(AtomicU64::new(1)), stopping })
 }
 
 /// A stream's responses, boxed on their way through its channel: a channel's block holds 32
