@@ -120,6 +120,7 @@ fn main() {
     let tmp = std::env::temp_dir().join(format!("weft-seeds-{}", std::process::id()));
     let ca = CaConfig {
         trust_domain: "weft.local".into(),
+        datacenter: "dc1".into(),
         namespace: "default".into(),
         cert_ttl: Duration::from_secs(3600),
         provided: None,

@@ -1,6 +1,6 @@
 //! Simulated hosts for tests: network namespaces (made by the test, removed when dropped),
 //! alone or joined by a switch as hosts on one network.
-use crate::{run, stderr, weft_bin};
+use crate::{Proc, TestDir, run, stderr, stdout, weft_bin};
 use std::process::{Command, Output};
 
 /// A simulated host: a network namespace with its loopback up.
@@ -84,4 +84,73 @@ impl Fabric {
         }
         Some(Fabric { hosts, switch })
     }
+}
+
+/// A host's shell, as the README's reader types into it: variables set on one line are
+/// there on the next; a line ending in `&` keeps running (a process the test kills).
+pub struct Shell {
+    pub host: usize,
+    pub home: std::path::PathBuf,
+    pub env: Vec<(String, String)>,
+    pub procs: Vec<Proc>,
+}
+
+impl Shell {
+    /// Host `host`'s shell (1-based), in `home` (its directory and `HOME`), with the weft
+    /// binaries under test first in its `PATH`.
+    pub fn new(host: usize, home: std::path::PathBuf) -> Shell {
+        std::fs::create_dir_all(&home).unwrap();
+        let bin_dir = weft_bin().parent().unwrap().to_owned();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        Shell { host, home, env: vec![("PATH".into(), path)], procs: Vec::new() }
+    }
+
+    /// `sh -c LINE` on this host, in its directory, with its variables.
+    pub fn command(&self, fabric: &Fabric, line: &str) -> Command {
+        let mut cmd = fabric.hosts[self.host - 1].cmd("sh");
+        // The host's own credentials file, under its HOME (not the test's, which `Proc` sets).
+        cmd.args(["-c", &format!("unset WEFT_CONFIG XDG_CONFIG_HOME\n{line}")]);
+        cmd.current_dir(&self.home).env("HOME", &self.home).env_remove("WEFT_TOKEN");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs a README block here (10.0.0.K read as this fabric's 10.99.0.K; `ME=10.0.0.1` as this
+    /// host's address); the output of each line that ran to its end.
+    pub fn run_block(&mut self, dir: &TestDir, fabric: &Fabric, block: &str) -> Vec<String> {
+        let block = block.replace("ME=10.0.0.1", &format!("ME=10.0.0.{}", self.host)).replace("10.0.0.", "10.99.0.");
+        let mut said = Vec::new();
+        for line in block.replace("\\\n", " ").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let assignment = line
+                .trim_start_matches("export ")
+                .split_once('=')
+                .filter(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            if let Some((name, _)) = assignment {
+                let out = self.command(fabric, &format!("{line}\nprintf %s \"${name}\"")).output().unwrap();
+                let value = stdout(&out);
+                assert!(out.status.success() && !value.is_empty(), "host {}: {line}: {}", self.host, stderr(&out));
+                self.env.push((name.to_owned(), value));
+            } else if let Some(background) = line.strip_suffix('&') {
+                let name = format!("host{}-{}", self.host, self.procs.len());
+                let proc = Proc::spawn(dir, &name, &mut self.command(fabric, &format!("exec {background}")));
+                self.procs.push(proc);
+            } else {
+                let out = self.command(fabric, line).output().unwrap();
+                assert!(out.status.success(), "host {}: {line}: {}{}", self.host, stdout(&out), stderr(&out));
+                said.push(stdout(&out));
+            }
+        }
+        said
+    }
+}
+
+/// The code blocks in `lang` (e.g. `sh`) of the README's section whose heading starts with
+/// `heading`, in order.
+pub fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section =
+        readme.split(&format!("\n## {heading}")).nth(1).unwrap_or_else(|| panic!("README: no section {heading}"));
+    let section = section.split("\n## ").next().unwrap();
+    let fence = format!("```{lang}\n");
+    section.split(fence.as_str()).skip(1).map(|b| b.split("```").next().unwrap().to_owned()).collect()
 }

@@ -2,6 +2,7 @@
 //! a real etcd cluster (Debian's etcd-server, three members on loopback) and real replicas.
 use std::process::Command;
 use std::time::Duration;
+use weft_tests::hosts::{Shell, readme_blocks};
 use weft_tests::*;
 
 /// An etcd cluster of `n` members on loopback, each with its own data directory.
@@ -628,30 +629,19 @@ fn the_readme_runs_for_real_on_three_hosts() {
         return;
     };
     let dir = TestDir::new("ha-real");
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let section = readme.split("\n## Run it for real").nth(1).expect("README: section Run it for real");
-    let section = section.split("\n## ").next().unwrap();
-    let blocks: Vec<&str> = section.split("```sh\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    let blocks = readme_blocks("Run it for real", "sh");
     assert_eq!(blocks.len(), 5, "the section's five steps");
-    let bin_dir = weft_bin().parent().unwrap().to_owned();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    let mut shells: Vec<Shell> = (1..=3)
-        .map(|h| {
-            let home = dir.path.join(format!("host{h}"));
-            std::fs::create_dir_all(&home).unwrap();
-            Shell { host: h, home, env: vec![("PATH".into(), path.clone())], procs: Vec::new() }
-        })
-        .collect();
+    let mut shells: Vec<Shell> = (1..=3).map(|h| Shell::new(h, dir.path.join(format!("host{h}")))).collect();
 
-    shells[0].run_block(&dir, &fabric, blocks[0]);
+    shells[0].run_block(&dir, &fabric, &blocks[0]);
     for h in [1, 2] {
         std::fs::copy(shells[0].home.join("store.key"), shells[h].home.join("store.key")).unwrap();
     }
     for shell in shells.iter_mut() {
-        shell.run_block(&dir, &fabric, blocks[1]);
+        shell.run_block(&dir, &fabric, &blocks[1]);
     }
     for shell in shells.iter_mut() {
-        shell.run_block(&dir, &fabric, blocks[2]);
+        shell.run_block(&dir, &fabric, &blocks[2]);
     }
     let list = "10.99.0.1:15010,10.99.0.2:15010,10.99.0.3:15010";
     let replicas = |shell: &Shell| {
@@ -659,9 +649,9 @@ fn the_readme_runs_for_real_on_three_hosts() {
         stdout(&out).lines().filter(|l| l.contains(":15010")).count()
     };
     wait_until(Duration::from_secs(30), "three replicas", || replicas(&shells[1]) == 3);
-    let said = shells[1].run_block(&dir, &fabric, blocks[3]);
+    let said = shells[1].run_block(&dir, &fabric, &blocks[3]);
     assert!(["10.99.0.1", "10.99.0.2", "10.99.0.3"].iter().all(|a| said[0].contains(a)), "{}", said[0]);
-    let said = shells[2].run_block(&dir, &fabric, blocks[4]);
+    let said = shells[2].run_block(&dir, &fabric, &blocks[4]);
     assert!(said.last().is_some_and(|r| r.contains("hello")), "hello answered: {said:?}");
 
     // The first host dies: hello answers on, and two replicas remain.
@@ -678,53 +668,4 @@ fn the_readme_runs_for_real_on_three_hosts() {
     }
     wait_until(Duration::from_secs(30), "two replicas", || replicas(&shells[2]) == 2);
     assert!(call(), "hello answers with two replicas");
-}
-
-/// A host's shell, as the README's reader types into it: variables set on one line are
-/// there on the next; a line ending in `&` keeps running (a process the test kills).
-struct Shell {
-    host: usize,
-    home: std::path::PathBuf,
-    env: Vec<(String, String)>,
-    procs: Vec<Proc>,
-}
-
-impl Shell {
-    /// `sh -c LINE` on this host, in its directory, with its variables.
-    fn command(&self, fabric: &weft_tests::hosts::Fabric, line: &str) -> Command {
-        let mut cmd = fabric.hosts[self.host - 1].cmd("sh");
-        // The host's own credentials file, under its HOME (not the test's, which `Proc` sets).
-        cmd.args(["-c", &format!("unset WEFT_CONFIG XDG_CONFIG_HOME\n{line}")]);
-        cmd.current_dir(&self.home).env("HOME", &self.home).env_remove("WEFT_TOKEN");
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        cmd
-    }
-
-    /// Runs a README block here (10.0.0.K read as this fabric's 10.99.0.K; `ME=10.0.0.1` as this
-    /// host's address); the output of each line that ran to its end.
-    fn run_block(&mut self, dir: &TestDir, fabric: &weft_tests::hosts::Fabric, block: &str) -> Vec<String> {
-        let block = block.replace("ME=10.0.0.1", &format!("ME=10.0.0.{}", self.host)).replace("10.0.0.", "10.99.0.");
-        let mut said = Vec::new();
-        for line in block.replace("\\\n", " ").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let assignment = line
-                .trim_start_matches("export ")
-                .split_once('=')
-                .filter(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
-            if let Some((name, _)) = assignment {
-                let out = self.command(fabric, &format!("{line}\nprintf %s \"${name}\"")).output().unwrap();
-                let value = stdout(&out);
-                assert!(out.status.success() && !value.is_empty(), "host {}: {line}: {}", self.host, stderr(&out));
-                self.env.push((name.to_owned(), value));
-            } else if let Some(background) = line.strip_suffix('&') {
-                let name = format!("host{}-{}", self.host, self.procs.len());
-                let proc = Proc::spawn(dir, &name, &mut self.command(fabric, &format!("exec {background}")));
-                self.procs.push(proc);
-            } else {
-                let out = self.command(fabric, line).output().unwrap();
-                assert!(out.status.success(), "host {}: {line}: {}{}", self.host, stdout(&out), stderr(&out));
-                said.push(stdout(&out));
-            }
-        }
-        said
-    }
 }

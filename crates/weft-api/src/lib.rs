@@ -8,6 +8,7 @@ pub mod duration;
 pub mod identity;
 pub mod jwks;
 pub mod names;
+pub mod peering;
 pub mod registry;
 pub mod report;
 pub mod resource;

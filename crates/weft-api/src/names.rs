@@ -17,6 +17,24 @@ pub const NODE_INSTANCE_KEY: &str = "weft.instance-key";
 /// the caller authorization rules see for what it sends into the mesh: `weft up`'s gateway.
 pub const GATEWAY: &str = "gateway";
 
+/// The listener filter of a mesh gateway's listener: it reads each connection's TLS server
+/// name, by which the connection is routed without being decrypted.
+pub const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+
+/// The certificate validator of a peered mesh's trust bundle: each trust domain's roots.
+pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
+
+/// A mesh gateway's listener at `addr`.
+pub fn mesh_gateway_listener(addr: &str) -> String {
+    format!("mesh-gateway|{addr}")
+}
+
+/// A mesh gateway's cluster of `service`'s instances in its own datacenter (and the endpoint
+/// resource of them).
+pub fn local_cluster(service: &str) -> String {
+    format!("local|{service}")
+}
+
 /// Filter-metadata namespace on each LbEndpoint carrying the instance id and labels.
 pub const ENDPOINT_METADATA_NAMESPACE: &str = "weft";
 

@@ -88,6 +88,21 @@ pub struct ServiceSummary {
     /// The service's virtual IP: what its mesh DNS names resolve to in transparent instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<std::net::Ipv4Addr>,
+    /// Peer datacenters that export the service to this one (failover targets, in order),
+    /// with how many of their instances serve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imported: Vec<Imported>,
+}
+
+/// A service as a peer datacenter exports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Imported {
+    /// The peering's name here.
+    pub peer: String,
+    pub datacenter: String,
+    pub healthy: u32,
+    pub instances: u32,
 }
 
 /// Body of `PUT /api/v1/instances/{id}/health`.

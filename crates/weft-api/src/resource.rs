@@ -11,6 +11,7 @@ use std::fmt;
 mod authentication;
 mod authorization;
 mod common;
+mod exported;
 mod grpc_route;
 mod route;
 mod service;
@@ -23,6 +24,7 @@ pub use authentication::{
 };
 pub use authorization::{AuthorizationPolicySpec, AuthzAction, AuthzCondition, AuthzOperation, AuthzRule, AuthzSource};
 pub use common::{ApplyError, full_match_regex, valid_name};
+pub use exported::{Consumer, ExportedService, ExportedServicesSpec};
 pub use grpc_route::{GrpcMethodMatch, GrpcRouteMatch, GrpcRouteRule, GrpcRouteSpec};
 pub use route::{
     BackendRef, Fraction, HeaderMatch, HeaderMatchType, HeaderModifier, HeaderValue, HttpRouteFilter,
@@ -46,6 +48,7 @@ pub use traffic_policy::{
 use authentication::validate_request_authn;
 use authorization::validate_authz;
 use common::check_name;
+use exported::validate_exported;
 use grpc_route::validate_grpc_route;
 use route::validate_route;
 use service::validate_service;
@@ -67,10 +70,11 @@ pub enum Kind {
     RequestAuthentication,
     TrafficPolicy,
     Telemetry,
+    ExportedServices,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::HttpRoute,
         Kind::GrpcRoute,
@@ -78,6 +82,7 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::TrafficPolicy,
         Kind::Telemetry,
+        Kind::ExportedServices,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +94,7 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::Telemetry => "Telemetry",
+            Kind::ExportedServices => "ExportedServices",
         }
     }
 
@@ -98,7 +104,8 @@ impl Kind {
             | Kind::AuthorizationPolicy
             | Kind::RequestAuthentication
             | Kind::TrafficPolicy
-            | Kind::Telemetry => WEFT_API_VERSION,
+            | Kind::Telemetry
+            | Kind::ExportedServices => WEFT_API_VERSION,
             Kind::HttpRoute | Kind::GrpcRoute => GATEWAY_API_VERSION,
         }
     }
@@ -114,6 +121,7 @@ impl Kind {
             "requestauthentication" | "requestauthentications" | "jwt" => Some(Kind::RequestAuthentication),
             "trafficpolicy" | "trafficpolicies" => Some(Kind::TrafficPolicy),
             "telemetry" | "telemetries" => Some(Kind::Telemetry),
+            "exportedservices" | "exports" => Some(Kind::ExportedServices),
             _ => None,
         }
     }
@@ -158,6 +166,7 @@ pub enum Resource {
     RequestAuthentication(Object<RequestAuthenticationSpec>),
     TrafficPolicy(Object<TrafficPolicySpec>),
     Telemetry(Object<TelemetrySpec>),
+    ExportedServices(Object<ExportedServicesSpec>),
 }
 
 impl Resource {
@@ -170,6 +179,7 @@ impl Resource {
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
             Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
             Resource::Telemetry(_) => Kind::Telemetry,
+            Resource::ExportedServices(_) => Kind::ExportedServices,
         }
     }
 
@@ -182,6 +192,7 @@ impl Resource {
             Resource::RequestAuthentication(o) => &o.metadata.name,
             Resource::TrafficPolicy(o) => &o.metadata.name,
             Resource::Telemetry(o) => &o.metadata.name,
+            Resource::ExportedServices(o) => &o.metadata.name,
         }
     }
 
@@ -209,6 +220,7 @@ impl Resource {
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(document, value)?),
             Kind::TrafficPolicy => Resource::TrafficPolicy(typed(document, value)?),
             Kind::Telemetry => Resource::Telemetry(typed(document, value)?),
+            Kind::ExportedServices => Resource::ExportedServices(typed(document, value)?),
         };
         resource.validate(document)?;
         Ok(resource)
@@ -229,6 +241,7 @@ impl Resource {
             Resource::RequestAuthentication(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::TrafficPolicy(o) => (&o.api_version, o.kind, &o.metadata),
             Resource::Telemetry(o) => (&o.api_version, o.kind, &o.metadata),
+            Resource::ExportedServices(o) => (&o.api_version, o.kind, &o.metadata),
         };
         if api_version != kind.api_version() {
             return Err(ApplyError::new(
@@ -246,6 +259,7 @@ impl Resource {
             Resource::RequestAuthentication(o) => validate_request_authn(doc, &o.spec)?,
             Resource::TrafficPolicy(o) => validate_traffic_policy(doc, &o.spec)?,
             Resource::Telemetry(o) => validate_telemetry(doc, &o.spec)?,
+            Resource::ExportedServices(o) => validate_exported(doc, &o.spec)?,
         }
         Ok(())
     }
@@ -268,6 +282,13 @@ impl Resource {
             Resource::Telemetry(o) => {
                 o.spec.service().map(|s| ("spec.targetRef.name".to_owned(), s)).into_iter().collect()
             }
+            Resource::ExportedServices(o) => o
+                .spec
+                .services
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("spec.services[{i}].name"), s.name.as_str()))
+                .collect(),
             Resource::GrpcRoute(o) => {
                 let parents = o.spec.parent_refs.iter().enumerate();
                 let parents = parents.map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.as_str()));

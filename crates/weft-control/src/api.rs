@@ -28,6 +28,11 @@
 //! | GET | /api/v1/resources/{kind}[/{name}] | applied resources |
 //! | POST | /api/v1/apply | validate and store resources (all or nothing) |
 //! | DELETE | /api/v1/resources/{kind}/{name} | delete a resource |
+//! | GET, POST | /api/v1/peers | peerings with other datacenters: list, create `{name, ttlSeconds}` → its token |
+//! | POST | /api/v1/peers/accept | accept a peer's token `{name, token}` |
+//! | DELETE | /api/v1/peers/{name} | end a peering |
+//! | POST | /api/v1/peering/establish | a peer trades its token's one-time secret (the secret is the credential) |
+//! | POST, DELETE | /api/v1/peering/exchange | a peer's exchange of states, or its end (the peering's secret) |
 use crate::security::IssueError;
 use crate::state::Mesh;
 use axum::extract::{Path, State};
@@ -63,6 +68,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/check", get(check))
         .route("/api/v1/stat/{by}", get(stat))
         .route("/api/v1/tap", get(tap))
+        .merge(crate::peering::admin_routes())
         .route_layer(axum::middleware::from_fn_with_state(mesh.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -71,6 +77,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/api/v1/instances/{id}/health", put(health))
         .route("/api/v1/instances/{id}", axum::routing::delete(deregister))
         .route("/api/v1/prometheus/targets", get(scrape_targets))
+        .merge(crate::peering::peer_routes())
         .merge(admin)
         .with_state(mesh)
 }

@@ -24,6 +24,10 @@ pub struct ControlArgs {
     /// Trust domain of every SPIFFE ID (spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE).
     #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// This datacenter's name: peers know this mesh by it, and its services' endpoints in a
+    /// peer carry it as their locality. Give each datacenter its own --trust-domain too.
+    #[arg(long, default_value = weft_api::peering::DEFAULT_DATACENTER)]
+    pub datacenter: String,
     /// Namespace in every SPIFFE ID.
     #[arg(long, default_value = weft_api::identity::DEFAULT_NAMESPACE)]
     pub namespace: String,
@@ -134,6 +138,8 @@ impl ControlArgs {
                 anyhow::bail!("{what} {v:?}: use lowercase letters, digits, '-', '.' and '_'");
             }
         }
+        weft_api::resource::valid_name(&self.datacenter)
+            .map_err(|why| anyhow::anyhow!("--datacenter {:?} {why}", self.datacenter))?;
         let store = self.store.resolve()?;
         Ok(ControlConfig {
             store,
@@ -142,6 +148,7 @@ impl ControlArgs {
             reconnect_grace: self.reconnect_grace,
             ca: crate::CaConfig {
                 trust_domain: self.trust_domain,
+                datacenter: self.datacenter,
                 namespace: self.namespace,
                 cert_ttl: self.cert_ttl,
                 provided: self.ca_cert.zip(self.ca_key),

@@ -16,7 +16,7 @@ use std::time::Duration;
 /// The format of backups this version writes and reads.
 pub const FORMAT: u32 = 1;
 /// The tables a backup holds.
-const KEPT: [Table; 3] = [Table::Resources, Table::Tokens, Table::Vips];
+const KEPT: [Table; 4] = [Table::Resources, Table::Tokens, Table::Vips, Table::Peers];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -139,10 +139,11 @@ impl Backup {
             }
         }
         Ok(format!(
-            "restored {} resources, {} join tokens, {} virtual IPs and {} secrets (the CA and credentials)",
+            "restored {} resources, {} join tokens, {} virtual IPs, {} peerings and {} secrets (the CA and credentials)",
             self.tables.get("resources").map_or(0, BTreeMap::len),
             self.tables.get("tokens").map_or(0, BTreeMap::len),
             self.tables.get("vips").map_or(0, BTreeMap::len),
+            self.tables.get("peers").map_or(0, BTreeMap::len),
             self.secrets.len()
         ))
     }

@@ -30,6 +30,8 @@ const BACKDATE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct CaConfig {
     pub trust_domain: String,
+    /// The datacenter these identities live in: the name peers know this mesh by.
+    pub datacenter: String,
     pub namespace: String,
     pub cert_ttl: Duration,
     /// An operator's intermediate CA: the certificate file (the CA first, then its chain up to
@@ -445,6 +447,7 @@ mod tests {
     fn cfg() -> CaConfig {
         CaConfig {
             trust_domain: "example.org".into(),
+            datacenter: "dc1".into(),
             namespace: "prod".into(),
             cert_ttl: Duration::from_secs(3600),
             provided: None,

@@ -13,6 +13,8 @@ pub mod ca;
 mod check;
 mod files;
 mod jwks;
+mod peering;
+mod peers;
 mod report;
 mod security;
 mod state;
@@ -199,6 +201,7 @@ impl Bound {
         tokio::spawn(mesh.clone().announce());
         tokio::spawn(tls::follow_rotations(mesh.clone(), serving, bundle_path));
         tokio::spawn(jwks::refresh(mesh.clone()));
+        tokio::spawn(peering::run(mesh.clone()));
         // xDS streams never end on their own: after the stop signal they are ended (so their
         // connections close), in-flight API calls get a moment, then everything is closed.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

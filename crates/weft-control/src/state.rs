@@ -2,6 +2,7 @@
 //! to the store first, then applied in memory, then translated once into a new [`Snapshot`]
 //! that all xDS streams watch.
 use crate::ca::CaConfig;
+use crate::peers::PeerRecord;
 use crate::security::Security;
 use crate::store::etcd::{Event, Push};
 use crate::store::{Change, Store, Table, Write, jwks_key, jwks_source};
@@ -32,13 +33,21 @@ pub struct Mesh {
     proxy_keys: Mutex<BTreeMap<u64, (String, String)>>,
     /// The proxies' reported traffic and the taps in force.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// By peering: how its exchanges went here.
+    peer_sync: Mutex<BTreeMap<String, PeerSync>>,
 }
+
+/// When a peering's last exchange succeeded here (Unix seconds), and the error of the last one
+/// if it failed.
+type PeerSync = (Option<u64>, Option<String>);
 
 #[derive(Default)]
 pub(crate) struct Inner {
     pub resources: BTreeMap<String, Resource>,
     pub instances: BTreeMap<String, Entry>,
     pub settings: Settings,
+    /// Peerings with other datacenters, by name.
+    pub peers: BTreeMap<String, PeerRecord>,
 }
 
 pub(crate) struct Entry {
@@ -110,6 +119,8 @@ impl Mesh {
             namespace: security.ca.config().namespace.clone(),
             jwks: Default::default(),
             vips: Default::default(),
+            datacenter: security.ca.config().datacenter.clone(),
+            peers: Default::default(),
         };
         let mut inner = Inner { settings, ..Default::default() };
         let mut vips = BTreeMap::new();
@@ -123,6 +134,12 @@ impl Mesh {
                 inner.settings.jwks.insert(source, text.into());
             }
         }
+        for (name, json) in store.load(Table::Peers)? {
+            let record: PeerRecord =
+                serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("stored peering {name} is invalid: {e}"))?;
+            inner.peers.insert(name, record);
+        }
+        inner.settings.peers = Arc::new(inner.imports());
         for (key, json) in store.load(Table::Resources)? {
             let r = stored_resource(&json).map_err(|e| anyhow::anyhow!("stored resource {key} is invalid: {e}"))?;
             inner.resources.insert(key, r);
@@ -153,6 +170,7 @@ impl Mesh {
             proxies: Mutex::default(),
             proxy_keys: Mutex::default(),
             traffic: Default::default(),
+            peer_sync: Mutex::default(),
         };
         // Restored services without a virtual IP (stored by an older version) get one.
         mesh.publish(&mut mesh.lock());
@@ -749,6 +767,17 @@ impl Mesh {
                 }
                 _ => false,
             },
+            Table::Peers => {
+                match c.value.as_deref().map(serde_json::from_str::<PeerRecord>) {
+                    Some(Ok(r)) => drop(inner.peers.insert(c.key.clone(), r)),
+                    Some(Err(e)) => {
+                        tracing::error!(peer = %c.key, error = %e, "a peering in etcd is invalid; ignored");
+                        return false;
+                    }
+                    None => drop(inner.peers.remove(&c.key)),
+                }
+                inner.refresh_imports()
+            }
         }
     }
 
@@ -799,6 +828,104 @@ impl Mesh {
         let inner = self.lock();
         for e in inner.instances.values().filter(|e| e.stream.is_some()) {
             self.persist(e);
+        }
+    }
+
+    /// Every peering.
+    pub fn peers(&self) -> Vec<PeerRecord> {
+        self.lock().peers.values().cloned().collect()
+    }
+
+    pub fn peer(&self, name: &str) -> Option<PeerRecord> {
+        self.lock().peers.get(name).cloned()
+    }
+
+    /// Stores a peering (new, or changed by its exchange) and puts what it imports in force.
+    pub fn put_peer(&self, record: PeerRecord) -> anyhow::Result<()> {
+        let mut inner = self.lock();
+        if inner.peers.get(&record.name) == Some(&record) {
+            return Ok(());
+        }
+        let json = serde_json::to_string(&record).expect("peerings always serialize");
+        self.store.write(&[Write::PutPeer(&record.name, &json)])?;
+        inner.peers.insert(record.name.clone(), record);
+        if inner.refresh_imports() {
+            self.publish(&mut inner);
+        }
+        Ok(())
+    }
+
+    /// Forgets a peering and everything it imported. Returns whether it existed.
+    pub fn delete_peer(&self, name: &str) -> anyhow::Result<bool> {
+        let mut inner = self.lock();
+        if !inner.peers.contains_key(name) {
+            return Ok(false);
+        }
+        self.store.write(&[Write::DeletePeer(name)])?;
+        inner.peers.remove(name);
+        if inner.refresh_imports() {
+            self.publish(&mut inner);
+        }
+        Ok(true)
+    }
+
+    /// Notes an exchange with `peer`: a success (`error` None) or why it failed.
+    pub fn peer_synced(&self, peer: &str, error: Option<String>) {
+        let mut sync = self.peer_sync.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = sync.entry(peer.to_owned()).or_default();
+        if error.is_none() {
+            entry.0 = Some(crate::ca::unix(std::time::SystemTime::now()));
+        }
+        entry.1 = error;
+    }
+
+    /// The last successful exchange with `peer` and the last error since.
+    pub fn peer_sync(&self, peer: &str) -> PeerSync {
+        self.peer_sync.lock().unwrap_or_else(|p| p.into_inner()).get(peer).cloned().unwrap_or_default()
+    }
+
+    pub fn peer_error(&self, peer: &str) -> Option<String> {
+        self.peer_sync(peer).1
+    }
+
+    /// What this datacenter tells peer `peer`: its identity, roots and serving mesh gateways,
+    /// and the services exported to that peer with how many of their own instances serve
+    /// (never what this datacenter imports itself: no traffic goes round between peers).
+    pub fn state_for_peer(&self, peer: &str) -> weft_api::peering::PeerState {
+        let inner = self.lock();
+        let snapshot = self.snapshot.borrow().clone();
+        let mut exported: BTreeSet<&str> = BTreeSet::new();
+        for r in inner.resources.values() {
+            if let Resource::ExportedServices(o) = r {
+                exported.extend(o.spec.to_peer(peer));
+            }
+        }
+        let services = exported
+            .into_iter()
+            .map(|name| {
+                let s = snapshot.services.get(name);
+                weft_api::peering::ExportedState {
+                    name: name.to_owned(),
+                    healthy: s.map_or(0, |s| s.healthy as u32),
+                    instances: s.map_or(0, |s| s.instances as u32),
+                }
+            })
+            .collect();
+        let gateways = inner
+            .instances
+            .values()
+            .map(|e| &e.instance)
+            .filter(|i| i.serving() && i.registration.service.as_deref() == Some(weft_api::peering::MESH_GATEWAY))
+            .filter_map(|i| i.registration.inbound.clone())
+            .collect();
+        let s = &inner.settings;
+        weft_api::peering::PeerState {
+            datacenter: s.datacenter.clone(),
+            trust_domain: s.trust_domain.clone(),
+            namespace: s.namespace.clone(),
+            roots: s.bundle.clone(),
+            gateways,
+            services,
         }
     }
 
@@ -918,6 +1045,21 @@ impl Inner {
         Snapshot::build(&self.resources, &registered, &self.settings, version, previous)
     }
 
+    /// What the peerings import, by peering name.
+    fn imports(&self) -> BTreeMap<String, weft_api::peering::PeerState> {
+        self.peers.iter().filter_map(|(name, r)| Some((name.clone(), r.imports()?.clone()))).collect()
+    }
+
+    /// Puts the peerings' imports in the settings; whether they changed.
+    fn refresh_imports(&mut self) -> bool {
+        let imports = self.imports();
+        if *self.settings.peers == imports {
+            return false;
+        }
+        self.settings.peers = Arc::new(imports);
+        true
+    }
+
     /// Services that exist: declared by a Service resource or registered by an instance.
     pub fn service_names(&self) -> BTreeSet<String> {
         let declared = self.resources.values().filter(|r| r.kind() == Kind::Service).map(|r| r.name().to_owned());
@@ -1000,6 +1142,7 @@ mod tests {
     fn open(dir: &Path) -> Mesh {
         let ca = CaConfig {
             trust_domain: "test.local".into(),
+            datacenter: "dc1".into(),
             namespace: "default".into(),
             cert_ttl: Duration::from_secs(3600),
             provided: None,

@@ -45,9 +45,9 @@ use weft_api::{Instance, ServiceSummary};
 mod envoy;
 mod telemetry;
 use envoy::{
-    HostRule, HttpRoutes, InboundFilters, api_listener, capture_listener, eds_cluster, inbound_route, load_assignment,
-    local_rate_limit, passthrough_cluster, proxy_listener, root_secret, route_config, static_cluster, tls_socket,
-    upstream_tls,
+    HostRule, HttpRoutes, InboundFilters, Remote, api_listener, capture_listener, eds_cluster, gateway_cluster,
+    inbound_route, load_assignment, local_rate_limit, mesh_gateway_listener, passthrough_cluster, proxy_listener,
+    root_secret, route_config, static_cluster, tls_socket, upstream_tls,
 };
 use telemetry::Telemetry;
 
@@ -125,6 +125,10 @@ pub struct Settings {
     pub jwks: BTreeMap<JwksSource, Arc<str>>,
     /// Services' virtual IPs (allocated and stored by the state, [`vip_for`]).
     pub vips: Arc<BTreeMap<String, Ipv4Addr>>,
+    /// This datacenter's name.
+    pub datacenter: String,
+    /// What each peering (by name) imports: the peer's last state.
+    pub peers: Arc<BTreeMap<String, weft_api::peering::PeerState>>,
 }
 
 /// A virtual IP for `service` not among `used`: one derived from its name (FNV-1a), else the
@@ -178,6 +182,8 @@ struct Config {
     rate_limits: HashMap<String, RateLimitPolicy>,
     /// Telemetry resources: which listeners log and trace which requests.
     telemetry: Telemetry,
+    /// Services exported to some peer: a mesh gateway routes to these.
+    exported: std::collections::BTreeSet<String>,
     /// Each weft proxy's own resources, by what they are made of, made at its first request.
     nodes: std::sync::Mutex<HashMap<NodeShape, Arc<NodeResources>>>,
 }
@@ -210,6 +216,11 @@ struct NodeResources {
     clusters: ResMap,
 }
 
+/// Whether a proxy is a mesh gateway: of the service `mesh-gateway`, with no app.
+fn is_mesh_gateway(reg: &InstanceRegistration) -> bool {
+    reg.service.as_deref() == Some(weft_api::peering::MESH_GATEWAY) && reg.app.is_none()
+}
+
 /// Node shapes a config keeps made resources for; past it (proxies come and go with new
 /// addresses), it starts over.
 const MAX_NODE_SHAPES: usize = 100_000;
@@ -234,7 +245,9 @@ impl Snapshot {
             Resource::Service(o) => Some(o.metadata.name.as_str()),
             _ => None,
         });
-        let mut names: Vec<String> = declared.chain(instances.keys().copied()).map(str::to_owned).collect();
+        let imported = settings.peers.values().flat_map(|p| p.services.iter().map(|s| s.name.as_str()));
+        let mut names: Vec<String> =
+            declared.chain(instances.keys().copied()).chain(imported).map(str::to_owned).collect();
         names.sort();
         names.dedup();
         let config = match previous {
@@ -268,14 +281,22 @@ impl Snapshot {
                     .collect(),
                 None => instances.get(name.as_str()).cloned().unwrap_or_default(),
             };
-            let made_of = endpoints_made_of(&members);
-            let res = snapshot.endpoint(previous, name, None, made_of, &members);
+            let remote = remotes(settings, name);
+            let made_of = endpoints_made_of(&members, &remote);
+            let res = snapshot.endpoint(previous, name, None, made_of, &members, &remote);
             snapshot.endpoints.insert(name.clone(), res);
             if spec.locality.as_ref().is_some_and(|l| l.prefer_same_zone) {
                 for zone in &zones {
-                    let res = snapshot.endpoint(previous, name, Some(zone), made_of, &members);
+                    let res = snapshot.endpoint(previous, name, Some(zone), made_of, &members, &remote);
                     snapshot.zonal_endpoints.insert((name.clone(), (*zone).to_owned()), res);
                 }
+            }
+            // A mesh gateway reaches the service's own instances only.
+            if config.exported.contains(name) {
+                let local = names::local_cluster(name);
+                let made_of = endpoints_made_of(&members, &[]);
+                let res = snapshot.endpoint(previous, &local, None, made_of, &members, &[]);
+                snapshot.endpoints.insert(local, res);
             }
             snapshot.services.insert(
                 name.clone(),
@@ -287,6 +308,19 @@ impl Snapshot {
                     protocol: spec.protocol.as_str().to_owned(),
                     load_balancer: spec.load_balancer.as_str().to_owned(),
                     vip: config.settings.vips.get(name).copied(),
+                    imported: settings
+                        .peers
+                        .iter()
+                        .filter_map(|(peer, state)| {
+                            let s = state.services.iter().find(|s| s.name == *name)?;
+                            Some(weft_api::registry::Imported {
+                                peer: peer.clone(),
+                                datacenter: state.datacenter.clone(),
+                                healthy: s.healthy,
+                                instances: s.instances,
+                            })
+                        })
+                        .collect(),
                 },
             );
         }
@@ -302,6 +336,7 @@ impl Snapshot {
         zone: Option<&str>,
         made_of: u64,
         members: &[&Instance],
+        remote: &[Remote<'_>],
     ) -> Arc<Res> {
         let key = (name.to_owned(), zone.map(str::to_owned));
         let reused = previous.filter(|p| p.endpoint_inputs.get(&key) == Some(&made_of)).and_then(|p| match zone {
@@ -309,7 +344,7 @@ impl Snapshot {
             Some(z) => p.zonal_endpoints.get(&(name.to_owned(), z.to_owned())).cloned(),
         });
         self.endpoint_inputs.insert(key, made_of);
-        reused.unwrap_or_else(|| Res::new(name.to_owned(), &load_assignment(name, members, zone)))
+        reused.unwrap_or_else(|| Res::new(name.to_owned(), &load_assignment(name, members, zone, remote)))
     }
 
     /// The mutual TLS mode of a service's inbound listeners.
@@ -346,13 +381,29 @@ impl Snapshot {
 }
 
 /// What a service's endpoint resources are made of, hashed: each member's id, address, labels
-/// and whether it serves, in order.
-fn endpoints_made_of(members: &[&Instance]) -> u64 {
+/// and whether it serves, in order, and the peers' gateways standing for theirs.
+fn endpoints_made_of(members: &[&Instance], remote: &[Remote<'_>]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for i in members {
         (&i.id, &i.registration.inbound, &i.registration.labels, i.serving()).hash(&mut h);
     }
+    for r in remote {
+        (r.datacenter, r.gateways, r.serving).hash(&mut h);
+    }
     h.finish()
+}
+
+/// The peer datacenters that export `service` to this one, in failover order (by the
+/// peerings' names), as its endpoints reach them.
+fn remotes<'a>(settings: &'a Settings, service: &str) -> Vec<Remote<'a>> {
+    settings
+        .peers
+        .values()
+        .filter_map(|p| {
+            let s = p.services.iter().find(|s| s.name == service)?;
+            Some(Remote { datacenter: &p.datacenter, gateways: &p.gateways, serving: s.healthy > 0 })
+        })
+        .collect()
 }
 
 impl Config {
@@ -379,7 +430,7 @@ impl Config {
                     route_policies.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec);
                 }
                 Resource::TrafficPolicy(o) => drop(traffic.entry(o.spec.target_ref.name.as_str()).or_insert(&o.spec)),
-                Resource::Telemetry(_) => {}
+                Resource::Telemetry(_) | Resource::ExportedServices(_) => {}
             }
         }
         let telemetry = Telemetry::new(resources, routes.iter().map(|(name, r)| (*name, r.as_ref())));
@@ -395,7 +446,14 @@ impl Config {
         let mut put = |t: Type, res: Arc<Res>| {
             global.get_mut(&t).expect("all types present").insert(res.name.clone(), res);
         };
-        put(Type::Secret, Res::new(ROOT_SECRET.to_owned(), &root_secret(&settings.bundle)));
+        let peer_roots: Vec<(&str, &str)> = settings
+            .peers
+            .values()
+            .filter(|p| !p.trust_domain.is_empty() && !p.roots.is_empty())
+            .map(|p| (p.trust_domain.as_str(), p.roots.as_str()))
+            .collect();
+        let bundle = root_secret(&settings.bundle, &settings.trust_domain, &peer_roots);
+        put(Type::Secret, Res::new(ROOT_SECRET.to_owned(), &bundle));
         let mut mesh_clusters = ResMap::new();
         let mut reach = HashMap::new();
         let default_spec = ServiceSpec::default();
@@ -419,8 +477,15 @@ impl Config {
             let policy = traffic.get(name.as_str()).copied();
             let mut cluster = eds_cluster(name, spec, policy, route_retries.contains(name.as_str()));
             put(Type::Cluster, Res::new(name.clone(), &cluster));
-            let identity = spiffe_id(&settings.trust_domain, &settings.namespace, identity_of);
-            cluster.transport_socket = Some(tls_socket(&upstream_tls(&identity)));
+            // Instances of the service in peer datacenters prove their own trust domain's
+            // identity, reached through their gateways by the service's server name.
+            let mut identities = vec![spiffe_id(&settings.trust_domain, &settings.namespace, identity_of)];
+            let mut sni = None;
+            for p in settings.peers.values().filter(|p| p.services.iter().any(|s| s.name == *name)) {
+                identities.push(spiffe_id(&p.trust_domain, &p.namespace, name));
+                sni.get_or_insert_with(|| weft_api::peering::server_name(name, &p.namespace));
+            }
+            cluster.transport_socket = Some(tls_socket(&upstream_tls(&identities, sni)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             let hash = spec.consistent_hash.as_ref().filter(|_| spec.load_balancer.is_consistent_hash());
             put(Type::Route, Res::new(name.clone(), &route_config(name, &rules, policy, hash)));
@@ -430,7 +495,16 @@ impl Config {
             .iter()
             .filter_map(|(name, p)| Some(((*name).to_owned(), p.rate_limit.as_deref()?.clone())))
             .collect();
+        let exported = resources
+            .values()
+            .filter_map(|r| match r {
+                Resource::ExportedServices(o) => Some(o.spec.services.iter().map(|s| s.name.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         Config {
+            exported,
             resources: resources.clone(),
             settings: settings.clone(),
             names,
@@ -501,6 +575,14 @@ impl Config {
                 reachable.filter_map(|c| Some((c.clone(), self.mesh_clusters.get(c)?.clone()))).collect()
             }
         };
+        if is_mesh_gateway(reg) {
+            for service in &self.exported {
+                let name = names::local_cluster(service);
+                let timeout = self.spec(service).and_then(|s| s.connect_timeout);
+                let c = gateway_cluster(&name, timeout.unwrap_or(weft_api::resource::DEFAULT_CONNECT_TIMEOUT));
+                all.insert(name.clone(), Res::new(name, &c));
+            }
+        }
         if let Some(app) = &reg.app {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let c = static_cluster(names::INBOUND_CLUSTER, app, protocol);
@@ -511,6 +593,15 @@ impl Config {
 
     fn node_listeners(&self, reg: &InstanceRegistration) -> ResMap {
         let mut out = ResMap::new();
+        if let (true, Some(addr)) = (is_mesh_gateway(reg), &reg.inbound) {
+            let routes: Vec<(String, String)> = self
+                .exported
+                .iter()
+                .map(|s| (weft_api::peering::server_name(s, &self.settings.namespace), names::local_cluster(s)))
+                .collect();
+            let name = names::mesh_gateway_listener(addr);
+            out.insert(name.clone(), Res::new(name.clone(), &mesh_gateway_listener(&name, addr, &routes)));
+        }
         if let (Some(inbound), Some(_)) = (&reg.inbound, &reg.app) {
             let protocol = reg.service.as_deref().map(|s| self.protocol(s)).unwrap_or_default();
             let name = names::inbound_listener(inbound);

@@ -27,6 +27,11 @@ pub struct ProxyArgs {
     /// Upstream service reachable on a local port: SERVICE=PORT or SERVICE=HOST:PORT. Repeatable.
     #[arg(long = "upstream", value_parser = upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Run as this datacenter's mesh gateway, listening here (the address peer datacenters'
+    /// sidecars reach): TLS connections for an exported service are passed, still encrypted,
+    /// to its instances. Needs a join token for the service `mesh-gateway`; no app.
+    #[arg(long = "mesh-gateway", conflicts_with_all = ["service", "app_port", "upstreams", "capture"])]
+    pub mesh_gateway: Option<SocketAddr>,
     /// Transparent instances: the capture listener every TCP connection the app opens is
     /// redirected to (by `weft run --transparent`'s rules); the proxy hands each to the
     /// service it was for, by virtual IP or instance address, and marks its own connections.
@@ -132,6 +137,13 @@ impl ProxyArgs {
 
     pub fn options(&self) -> anyhow::Result<ProxyOptions> {
         let app = self.app_port.map(|p| SocketAddr::new(self.app_host, p));
+        if let Some(addr) = self.mesh_gateway
+            && addr.ip().is_unspecified()
+        {
+            anyhow::bail!(
+                "--mesh-gateway {addr}: give the address peer datacenters reach this gateway at, not an unspecified one"
+            );
+        }
         if app.is_some() && self.service.is_none() {
             anyhow::bail!("--service is required when the proxy fronts an app (--app-port)");
         }
@@ -154,8 +166,11 @@ impl ProxyArgs {
             token: self.token.clone(),
             xds: self.xds.clone(),
             id,
-            service: self.service.clone(),
-            inbound: app.map(|_| self.inbound),
+            service: match self.mesh_gateway {
+                Some(_) => Some(weft_api::peering::MESH_GATEWAY.to_owned()),
+                None => self.service.clone(),
+            },
+            inbound: self.mesh_gateway.or(app.map(|_| self.inbound)),
             app,
             upstreams: self.upstreams.clone(),
             capture: self.capture,
@@ -186,6 +201,7 @@ impl ProxyArgs {
             app_port,
             app_host,
             inbound,
+            mesh_gateway,
             upstreams,
             capture,
             dns,
@@ -214,6 +230,7 @@ impl ProxyArgs {
         app_port.iter().for_each(|v| flag("app-port", v.to_string()));
         flag("app-host", app_host.to_string());
         flag("inbound", inbound.to_string());
+        mesh_gateway.iter().for_each(|a| flag("mesh-gateway", a.to_string()));
         upstreams.iter().for_each(|(s, a)| flag("upstream", format!("{s}={a}")));
         capture.iter().for_each(|a| flag("capture", a.to_string()));
         dns.iter().for_each(|a| flag("dns", a.to_string()));
@@ -279,6 +296,8 @@ mod tests {
         .to_vec();
         let args = parse(&given);
         assert_eq!(parse(&args.to_args()), args);
+        let gateway = parse(&["--mesh-gateway=127.0.0.1:15443".to_owned(), "--id=gw".to_owned()]);
+        assert_eq!(parse(&gateway.to_args()), gateway);
         // The defaults as shipped survive the trip too.
         let defaults = parse(&[]);
         assert_eq!(parse(&defaults.to_args()), defaults);

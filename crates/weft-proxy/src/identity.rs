@@ -9,6 +9,7 @@
 //! Invariant: TLS configurations are built once and read the current certificate and bundle
 //! at each handshake, so renewals and rotations apply to new connections without a restart and
 //! without touching open ones.
+use crate::config::BundleDef;
 use crate::crypto::provider;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -49,6 +50,8 @@ pub struct Credentials {
     /// The root that signed `cert` (DER).
     cert_root: ArcSwapOption<Vec<u8>>,
     roots: ArcSwap<RootCertStore>,
+    /// In a peered mesh: its own trust domain, and each peer trust domain's roots.
+    peers: ArcSwap<PeerTrust>,
     /// The first root of the bundle: the one the CA signs with now.
     signing_root: ArcSwapOption<Vec<u8>>,
     client_verifier: ArcSwapOption<Arc<dyn ClientCertVerifier>>,
@@ -64,6 +67,7 @@ impl Credentials {
             cert: ArcSwapOption::empty(),
             cert_root: ArcSwapOption::empty(),
             roots: ArcSwap::from_pointee(RootCertStore::empty()),
+            peers: ArcSwap::from_pointee(PeerTrust::default()),
             signing_root: ArcSwapOption::empty(),
             client_verifier: ArcSwapOption::empty(),
             algorithms: provider().signature_verification_algorithms,
@@ -81,30 +85,54 @@ impl Credentials {
         self.cert.load().is_some() && self.signing_root.load().is_some()
     }
 
-    /// Installs a trust bundle (PEM, signing root first). Fails without changing anything if
-    /// it holds no usable certificate.
-    pub fn set_bundle(&self, pem: &[u8]) -> Result<usize, String> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("the trust bundle is not valid PEM: {e}"))?;
-        let mut roots = RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
-        if added == 0 || added != certs.len() {
-            return Err(format!("the trust bundle holds {} certificates, {added} of them usable roots", certs.len()));
+    /// Installs a trust bundle: this mesh's roots (PEM, signing root first) and each peer trust
+    /// domain's. Fails without changing anything if any of it holds no usable certificate.
+    pub fn set_bundle(&self, bundle: &BundleDef) -> Result<usize, String> {
+        let (roots, verifier) = trust_from(&bundle.own).map_err(|e| format!("the trust bundle {e}"))?;
+        let mut peers = PeerTrust { own_domain: bundle.trust_domain.clone(), domains: Vec::new() };
+        for (domain, pem) in &bundle.peers {
+            let (roots, verifier) = trust_from(pem).map_err(|e| format!("the roots of trust domain {domain:?} {e}"))?;
+            peers.domains.push((domain.clone(), roots, verifier));
         }
-        let roots = Arc::new(roots);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| format!("cannot verify clients with this bundle: {e}"))?;
+        let first = CertificateDer::pem_slice_iter(&bundle.own)
+            .next()
+            .and_then(Result::ok)
+            .map(|c| c.to_vec())
+            .ok_or("the trust bundle holds no certificate")?;
+        let added = roots.roots.len();
         self.client_verifier.store(Some(Arc::new(verifier)));
         self.roots.store(roots);
-        let first = certs[0].to_vec();
+        self.peers.store(Arc::new(peers));
         self.signing_root.store(Some(Arc::new(first.clone())));
         // A new signing root (a rotation): get a certificate from it now.
         if self.cert_root.load().as_deref().is_some_and(|r| **r != first) {
             self.renew_now.notify_one();
         }
         Ok(added)
+    }
+
+    /// The roots (and client verifier) a certificate naming `id` must chain to: a peer trust
+    /// domain's for its identities; this mesh's for the others, and in a peered mesh only for
+    /// its own trust domain's, so no CA vouches for another domain's identities.
+    fn trust_for(&self, id: Option<&str>) -> Result<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>), rustls::Error> {
+        let domain = id.and_then(weft_api::identity::spiffe_parts).map(|(td, _, _)| td);
+        let peers = self.peers.load();
+        if let Some(d) = domain
+            && let Some((_, roots, verifier)) = peers.domains.iter().find(|(name, _, _)| name == d)
+        {
+            return Ok((roots.clone(), verifier.clone()));
+        }
+        if let Some(own) = &peers.own_domain
+            && domain != Some(own.as_str())
+        {
+            return Err(rustls::Error::General(format!(
+                "the certificate's identity {} is of no trust domain this mesh trusts (its own is {own})",
+                id.unwrap_or("(none)")
+            )));
+        }
+        let verifier =
+            self.client_verifier.load_full().ok_or_else(|| rustls::Error::General("no trust bundle yet".into()))?;
+        Ok((self.roots.load_full(), (*verifier).clone()))
     }
 
     fn install(&self, resp: &CertificateResponse, key: PrivateKeyDer<'static>) -> Result<(), String> {
@@ -142,15 +170,15 @@ impl Credentials {
         Arc::new(cfg)
     }
 
-    /// Client side of mutual TLS towards a sidecar that must prove `expected` (a SPIFFE ID).
-    pub fn client_config(self: &Arc<Self>, expected: &str, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    /// Client side of mutual TLS towards a sidecar that must prove one of `expected` (SPIFFE IDs).
+    pub fn client_config(self: &Arc<Self>, expected: &[String], alpn: &[u8]) -> Arc<rustls::ClientConfig> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("ring supports TLS 1.3")
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SpiffeVerifier {
                 creds: self.clone(),
-                expected: expected.into(),
+                expected: expected.iter().map(|e| e.as_str().into()).collect(),
             }))
             .with_client_cert_resolver(Arc::new(OwnCert(self.clone())));
         cfg.alpn_protocols = vec![alpn.to_vec(), ALPN_MESH.to_vec()];
@@ -175,6 +203,31 @@ impl Credentials {
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         cfg
     }
+}
+
+/// What a peered mesh trusts besides its own roots.
+#[derive(Default)]
+struct PeerTrust {
+    /// This mesh's trust domain: its roots vouch for its identities only.
+    own_domain: Option<String>,
+    /// Each peer trust domain's roots, and a client verifier of them.
+    domains: Vec<(String, Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
+}
+
+/// Roots from PEM, and a client verifier of them.
+fn trust_from(pem: &[u8]) -> Result<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>), String> {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| format!("is not valid PEM: {e}"))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+    if added == 0 || added != certs.len() {
+        return Err(format!("holds {} certificates, {added} of them usable roots", certs.len()));
+    }
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| format!("cannot verify clients: {e}"))?;
+    Ok((roots, verifier))
 }
 
 /// ALPN every weft sidecar adds to what it offers, so a permissive inbound listener can tell
@@ -216,15 +269,10 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Verifies a client certificate against the bundle in force at the handshake.
+/// Verifies a client certificate against the bundle in force at the handshake (in a peered
+/// mesh, against the roots of the trust domain its identity names).
 #[derive(Debug)]
 struct MeshClientVerifier(Arc<Credentials>);
-
-impl MeshClientVerifier {
-    fn current(&self) -> Result<Arc<Arc<dyn ClientCertVerifier>>, rustls::Error> {
-        self.0.client_verifier.load_full().ok_or_else(|| rustls::Error::General("no trust bundle yet".into()))
-    }
-}
 
 impl ClientCertVerifier for MeshClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -237,7 +285,9 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()?.verify_client_cert(end_entity, intermediates, now)
+        let id = spiffe_id(end_entity);
+        let (_, verifier) = self.0.trust_for(id.as_deref())?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -263,12 +313,13 @@ impl ClientCertVerifier for MeshClientVerifier {
     }
 }
 
-/// Verifies a server certificate: it chains to the bundle, and its URI SAN is `expected`.
-/// (A SPIFFE certificate has no DNS name, so the usual hostname check does not apply.)
+/// Verifies a server certificate: its URI SAN is one of `expected`, and it chains to the
+/// roots of that identity's trust domain. (A SPIFFE certificate has no DNS name, so the usual
+/// hostname check does not apply.)
 #[derive(Debug)]
 struct SpiffeVerifier {
     creds: Arc<Credentials>,
-    expected: Box<str>,
+    expected: Box<[Box<str>]>,
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -280,8 +331,16 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = spiffe_id(end_entity);
+        if !id.as_deref().is_some_and(|id| self.expected.iter().any(|e| **e == *id)) {
+            return Err(rustls::Error::General(format!(
+                "the upstream presented identity {} but {} was expected",
+                id.as_deref().unwrap_or("(none)"),
+                self.expected.join(" or ")
+            )));
+        }
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        let roots = self.creds.roots.load();
+        let (roots, _) = self.creds.trust_for(id.as_deref())?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
@@ -289,14 +348,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.creds.algorithms.all,
         )?;
-        match spiffe_id(end_entity) {
-            Some(id) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
-            found => Err(rustls::Error::General(format!(
-                "the upstream presented identity {} but {} was expected",
-                found.as_deref().unwrap_or("(none)"),
-                self.expected
-            ))),
-        }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

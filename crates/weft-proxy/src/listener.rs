@@ -37,6 +37,8 @@ pub struct ListenerCtx {
     /// A transparent instance's capture listener: hands each connection to the listener of
     /// where it was going ([`crate::capture`]).
     pub capture: Option<Arc<Capture>>,
+    /// A mesh gateway's routes: by TLS server name, where a connection goes, still encrypted.
+    pub server_names: HashMap<Box<str>, TcpTarget>,
 }
 
 /// A listener's context, which an LDS update swaps under its connections.
@@ -208,6 +210,7 @@ impl Capture {
                 plaintext: true,
                 metrics: base.metrics.clone(),
                 capture: None,
+                server_names: HashMap::new(),
             };
             return Some((Arc::new(pinned), dst));
         }
@@ -302,13 +305,16 @@ pub fn serve<T: Peek>(
         // detection's.
         let strict = ctx.tls.is_some() && !ctx.plaintext;
         let wait = if strict { limits.header_read_timeout } else { limits.detect_timeout };
-        let protocol = match ctx.http.is_some() || ctx.tls.is_some() {
+        let protocol = match ctx.http.is_some() || ctx.tls.is_some() || !ctx.server_names.is_empty() {
             true => match detect::detect(&mut stream, wait).await {
                 Ok(p) => p,
                 Err(e) => return tracing::debug!(peer = %conn.peer, error = %e, "connection failed during detection"),
             },
             false => Protocol::Tcp,
         };
+        if !ctx.server_names.is_empty() {
+            return Box::pin(pass_through(stream, protocol, conn, &ctx)).await;
+        }
         if let Some(acceptor) = &ctx.tls {
             let mesh = matches!(&protocol, Protocol::Tls(h) if h.alpn.iter().any(|p| p.as_bytes() == ALPN_MESH));
             // A strict listener terminates every TLS client (and refuses plaintext); a permissive
@@ -388,6 +394,25 @@ fn dispatch<'a, T: Transport>(
             Either::Right(closed())
         }
     }
+}
+
+/// A mesh gateway: a TLS connection goes, still encrypted, to the cluster of the service its
+/// server name names (the caller's sidecar and the callee's hold the only keys); any other
+/// connection is closed, and counted.
+async fn pass_through<T: Peek>(stream: T, protocol: Protocol, conn: Arc<ConnCtx>, ctx: &ListenerCtx) {
+    let name = match &protocol {
+        Protocol::Tls(hello) => hello.server_name.as_deref(),
+        _ => None,
+    };
+    let Some(target) = name.and_then(|n| ctx.server_names.get(n)) else {
+        ctx.metrics.proxy_error("unknown-server-name");
+        if let Some(left_out) = crate::log_limit::allow("unknown-server-name") {
+            tracing::info!(peer = %conn.peer, server_name = ?name, like_it_since_last_line = left_out, "mesh gateway connection closed: it is not TLS for a service this datacenter exports (one line per 10 s)");
+        }
+        return;
+    };
+    tracing::debug!(peer = %conn.peer, server_name = ?name, cluster = %target.cluster.name, "mesh gateway passing TLS through");
+    crate::tcp::forward(stream, &conn, target, &ctx.metrics).await
 }
 
 /// Mutual TLS termination: the handshake verifies the client's certificate against the trust

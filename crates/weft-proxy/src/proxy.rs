@@ -214,6 +214,18 @@ impl Proxy {
                         clusters: self.clusters.clone(),
                     })
                 }),
+                server_names: def
+                    .server_names
+                    .iter()
+                    .map(|(name, cluster)| {
+                        let target = TcpTarget {
+                            cluster: self.clusters.get(cluster),
+                            failover: Default::default(),
+                            endpoint: None,
+                        };
+                        (name.as_str().into(), target)
+                    })
+                    .collect(),
             };
             with_ctx.push((def, ctx));
         }
@@ -271,7 +283,7 @@ impl Proxy {
 
     /// Applies a full CDS update; clusters left out lose their endpoints and leave the dump.
     fn apply_clusters(&self, defs: Vec<ClusterDef>) {
-        self.clusters.update(&defs, &|tls| Arc::new(transport::UpstreamTls::new(&self.creds, &tls.identity)));
+        self.clusters.update(&defs, &|tls| Arc::new(transport::UpstreamTls::new(&self.creds, tls)));
         let mut dump = self.dump();
         dump.clusters = defs.into_iter().map(|d| (d.name.clone(), d)).collect();
         let Dump { clusters, endpoints, .. } = &mut *dump;
@@ -394,7 +406,8 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the admin endpoint (--admin): {e}", opts.admin))?;
     opts.admin = admin.local_addr()?;
-    let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.app.is_some()));
+    // Without an app to check, a proxy others reach (a mesh gateway) serves from the start.
+    let healthy = Arc::new(AtomicBool::new(opts.health.is_none() && opts.inbound.is_some()));
     let endpoint = weft_client::ControlEndpoint::resolve(&opts.control, opts.ca_file.as_deref(), opts.token.clone())?;
     // Every client of the control plane trusts the live bundle once xDS delivers it, so a
     // rotated root that the control plane's certificate chains to is trusted as soon as proxies
@@ -476,10 +489,14 @@ impl xds::Runtime for Proxy {
             xds::Update::Clusters(defs) => self.apply_clusters(defs),
             xds::Update::Routes(defs) => self.apply_routes(defs),
             xds::Update::Endpoints(sets) => self.apply_endpoints(sets),
-            xds::Update::TrustBundle { name, pem } => {
-                let roots =
-                    self.creds.set_bundle(&pem).map_err(|reason| InvalidResource { kind: "Secret", name, reason })?;
-                tracing::info!(roots, "trust bundle updated");
+            xds::Update::TrustBundle { name, bundle } => {
+                let roots = self.creds.set_bundle(&bundle).map_err(|reason| InvalidResource {
+                    kind: "Secret",
+                    name,
+                    reason,
+                })?;
+                let peers: Vec<&str> = bundle.peers.iter().map(|(d, _)| d.as_str()).collect();
+                tracing::info!(roots, peer_trust_domains = ?peers, "trust bundle updated");
             }
         }
         Ok(())

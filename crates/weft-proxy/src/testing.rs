@@ -256,6 +256,7 @@ pub fn app_listener(
         plaintext: true,
         metrics,
         capture: None,
+        server_names: Default::default(),
     })
 }
 

@@ -74,35 +74,52 @@ pub enum Carries {
     Tcp,
 }
 
-/// TLS origination towards a cluster's endpoints, which must prove `identity`: one client
-/// configuration per protocol (ALPN is set per configuration).
+/// TLS origination towards a cluster's endpoints, which must prove `identity` (or, in a peer
+/// datacenter, one of the cluster's peer identities): one client configuration per protocol
+/// (ALPN is set per configuration).
 pub struct UpstreamTls {
     pub identity: Arc<str>,
+    /// What it was made of: another cluster setting makes another origination.
+    pub def: crate::config::UpstreamTlsDef,
+    /// The server name sent, if the cluster names one (a peer's mesh gateway routes by it).
+    sni: Option<rustls::pki_types::ServerName<'static>>,
     http1: tokio_rustls::TlsConnector,
     http2: tokio_rustls::TlsConnector,
     tcp: tokio_rustls::TlsConnector,
 }
 
 impl UpstreamTls {
-    pub fn new(creds: &std::sync::Arc<crate::identity::Credentials>, identity: &str) -> UpstreamTls {
-        let connector = |alpn: &[u8]| tokio_rustls::TlsConnector::from(creds.client_config(identity, alpn));
+    pub fn new(
+        creds: &std::sync::Arc<crate::identity::Credentials>,
+        def: &crate::config::UpstreamTlsDef,
+    ) -> UpstreamTls {
+        let mut accepted = vec![def.identity.clone()];
+        accepted.extend(def.peer_identities.iter().cloned());
+        let connector = |alpn: &[u8]| tokio_rustls::TlsConnector::from(creds.client_config(&accepted, alpn));
         UpstreamTls {
-            identity: identity.into(),
+            identity: def.identity.as_str().into(),
+            def: def.clone(),
+            // Checked when the cluster was decoded.
+            sni: def.sni.as_ref().and_then(|n| rustls::pki_types::ServerName::try_from(n.clone()).ok()),
             http1: connector(b"http/1.1"),
             http2: connector(b"h2"),
             tcp: connector(weft_api::identity::ALPN_TCP.as_bytes()),
         }
     }
 
-    /// Runs the TLS handshake over `io`. The server name is the endpoint's address (no SNI is
-    /// sent for an IP); the certificate is checked against `identity`, not a host name.
+    /// Runs the TLS handshake over `io`. The server name is the cluster's (sent as SNI), or the
+    /// endpoint's address (no SNI is sent for an IP); the certificate is checked against the
+    /// expected identities, not a host name.
     pub async fn handshake(&self, io: BoxedIo, addr: SocketAddr, carries: Carries) -> io::Result<BoxedIo> {
         let connector = match carries {
             Carries::Http1 => &self.http1,
             Carries::Http2 => &self.http2,
             Carries::Tcp => &self.tcp,
         };
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let name = match &self.sni {
+            Some(n) => n.clone(),
+            None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        };
         Ok(Box::new(connector.connect(name, io).await?))
     }
 }

@@ -117,7 +117,7 @@ pub enum Update {
     Clusters(Vec<ClusterDef>),
     Routes(Vec<RouteDef>),
     Endpoints(Vec<(String, Vec<EndpointDef>)>),
-    TrustBundle { name: String, pem: Vec<u8> },
+    TrustBundle { name: String, bundle: crate::config::BundleDef },
 }
 
 pub enum Event<'a> {
@@ -333,9 +333,9 @@ async fn apply(proxy: &impl Runtime, s: &mut Stream<'_>, resp: &DiscoveryRespons
         proxy.apply(Update::Endpoints(sets))?;
     } else if t == config::tls::secret_type_url() {
         let bundles = decode_all(resp, config::tls::bundle)?;
-        for (name, pem) in bundles {
+        for (name, bundle) in bundles {
             let key = (t.to_owned(), name.clone());
-            proxy.apply(Update::TrustBundle { name, pem })?;
+            proxy.apply(Update::TrustBundle { name, bundle })?;
             s.awaiting.remove(&key);
         }
     } else {

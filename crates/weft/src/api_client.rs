@@ -138,6 +138,11 @@ pub async fn get(
                 .map(|s| {
                     let declared = if s.declared { "yes" } else { "no" }.to_owned();
                     let vip = s.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    let imported: Vec<String> = s
+                        .imported
+                        .iter()
+                        .map(|i| format!("{} ({}/{})", i.datacenter, i.healthy, i.instances))
+                        .collect();
                     vec![
                         s.name,
                         s.instances.to_string(),
@@ -146,10 +151,23 @@ pub async fn get(
                         s.load_balancer,
                         declared,
                         vip,
+                        if imported.is_empty() { "-".into() } else { imported.join(",") },
                     ]
                 })
                 .collect();
-            table(&["NAME", "INSTANCES", "HEALTHY", "PROTOCOL", "LOAD-BALANCER", "DECLARED", "VIRTUAL-IP"], rows);
+            table(
+                &[
+                    "NAME",
+                    "INSTANCES",
+                    "HEALTHY",
+                    "PROTOCOL",
+                    "LOAD-BALANCER",
+                    "DECLARED",
+                    "VIRTUAL-IP",
+                    "IMPORTED-FROM",
+                ],
+                rows,
+            );
         }
         "endpoints" | "endpoint" | "ep" => {
             let svc = name.ok_or_else(|| anyhow::anyhow!("which service? usage: weft get endpoints SERVICE"))?;
@@ -221,6 +239,37 @@ pub async fn get(
                 .collect();
             table(&["REPLICA", "HEALTH", "LEADER", "PROXIES", "UP"], rows);
         }
+        "peers" | "peer" | "peerings" => {
+            let v = api.get_json("/api/v1/peers").await?;
+            if print(&v, output)? {
+                return Ok(());
+            }
+            let peers: Vec<weft_api::peering::PeerSummary> = serde_json::from_value(v)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let rows = peers
+                .into_iter()
+                .map(|p| {
+                    let imported: Vec<String> =
+                        p.imported.iter().map(|s| format!("{} ({}/{})", s.name, s.healthy, s.instances)).collect();
+                    let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+                    vec![
+                        p.name,
+                        p.state,
+                        p.role,
+                        p.datacenter.unwrap_or_else(|| "-".into()),
+                        p.trust_domain.unwrap_or_else(|| "-".into()),
+                        p.last_sync.map_or("-".into(), |t| format!("{}s ago", now.saturating_sub(t))),
+                        list(p.exported),
+                        list(imported),
+                        p.error.unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            table(
+                &["PEER", "STATE", "ROLE", "DATACENTER", "TRUST-DOMAIN", "LAST-SYNC", "EXPORTED", "IMPORTED", "ERROR"],
+                rows,
+            );
+        }
         "certs" | "certificates" | "cert" => {
             let v = api.get_json("/api/v1/certificates").await?;
             if print(&v, output)? {
@@ -257,7 +306,7 @@ pub async fn get(
         other => {
             let k = Kind::parse(other).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "unknown kind {other:?}; use services, endpoints, policy, proxies, replicas, certs, tokens, service, httproutes, grpcroutes, authorizationpolicies, requestauthentications or trafficpolicies"
+                    "unknown kind {other:?}; use services, endpoints, policy, proxies, replicas, peers, certs, tokens, service, httproutes, grpcroutes, authorizationpolicies, requestauthentications, trafficpolicies, telemetries or exportedservices"
                 )
             })?;
             let path = match name {
@@ -285,6 +334,44 @@ pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Re
         anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
     }
     println!("{}/{name} deleted", k.as_str().to_ascii_lowercase());
+    Ok(())
+}
+
+/// `weft peer create`: prints the token alone on stdout (so `$(weft peer create …)` works).
+pub async fn peer_create(control: &ControlAddr, name: &str, ttl: Duration) -> anyhow::Result<()> {
+    let body = json!({ "name": name, "ttlSeconds": ttl.as_secs().max(1) });
+    let (status, v) = Api::new(control)?.call(Method::POST, "/api/v1/peers", Some(body)).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    eprintln!(
+        "peering token for peer {name:?}, usable once within {}s; give it to the other datacenter: weft peer accept --name NAME TOKEN",
+        ttl.as_secs()
+    );
+    Ok(())
+}
+
+pub async fn peer_accept(control: &ControlAddr, name: &str, token: &str) -> anyhow::Result<()> {
+    let body = json!({ "name": name, "token": token });
+    let (status, v) = Api::new(control)?.call(Method::POST, "/api/v1/peers/accept", Some(body)).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!(
+        "peering {name:?} established with datacenter {} (trust domain {})",
+        v["datacenter"].as_str().unwrap_or("?"),
+        v["trustDomain"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub async fn peer_delete(control: &ControlAddr, name: &str) -> anyhow::Result<()> {
+    let (status, v) = Api::new(control)?.call(Method::DELETE, &format!("/api/v1/peers/{name}"), None).await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", v["error"].as_str().unwrap_or(status.as_str()));
+    }
+    println!("peering {name:?} deleted");
     Ok(())
 }
 

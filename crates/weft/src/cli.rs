@@ -41,7 +41,7 @@ pub enum Command {
     },
     /// Show services, endpoints, proxies, certificates, join tokens or resources.
     Get {
-        /// services | endpoints | proxies | replicas | certs | tokens | service | httproutes | grpcroutes | authorizationpolicies | requestauthentications | trafficpolicies | telemetries
+        /// services | endpoints | proxies | replicas | peers | certs | tokens | service | httproutes | grpcroutes | authorizationpolicies | requestauthentications | trafficpolicies | telemetries | exportedservices
         kind: String,
         /// A name (for endpoints: the service).
         name: Option<String>,
@@ -58,6 +58,14 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+        #[command(flatten)]
+        control: ControlAddr,
+    },
+    /// Peerings with other datacenters (each keeps its own CA and trust domain; what one
+    /// offers the other is an ExportedServices resource).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
         #[command(flatten)]
         control: ControlAddr,
     },
@@ -167,6 +175,29 @@ pub enum TokenAction {
     },
     /// Revoke a join token (its id, or the token itself): proxies can no longer use it.
     Revoke { token: String },
+}
+
+#[derive(Subcommand)]
+pub enum PeerAction {
+    /// Make a peering token for another datacenter, which it accepts with `weft peer accept`;
+    /// prints the token (shown once, usable once).
+    Create {
+        /// This datacenter's name for the peer.
+        name: String,
+        /// How long the token may be accepted.
+        #[arg(long, default_value = "24h", value_parser = duration)]
+        ttl: Duration,
+    },
+    /// Establish the peering a token from another datacenter's `weft peer create` offers.
+    Accept {
+        /// This datacenter's name for the peer.
+        #[arg(long)]
+        name: String,
+        /// The token (or `-` to read it from standard input).
+        token: String,
+    },
+    /// End a peering: nothing of the peer stays in any proxy, and the peer is told.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]

@@ -84,6 +84,16 @@ async fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Token { action: cli::TokenAction::Revoke { token }, control } => {
             api_client::token_revoke(&control, &token).await?
         }
+        cli::Command::Peer { action: cli::PeerAction::Create { name, ttl }, control } => {
+            api_client::peer_create(&control, &name, ttl).await?
+        }
+        cli::Command::Peer { action: cli::PeerAction::Accept { name, token }, control } => {
+            let token = if token == "-" { std::io::read_to_string(std::io::stdin())? } else { token };
+            api_client::peer_accept(&control, &name, token.trim()).await?
+        }
+        cli::Command::Peer { action: cli::PeerAction::Delete { name }, control } => {
+            api_client::peer_delete(&control, &name).await?
+        }
         cli::Command::Ca { action: cli::CaAction::Show { output }, control } => {
             api_client::ca_show(&control, &output).await?
         }

@@ -239,6 +239,7 @@ async fn run_mesh(
         reconnect_grace: Duration::from_secs(15),
         ca: weft_control::CaConfig {
             trust_domain: weft_api::identity::DEFAULT_TRUST_DOMAIN.into(),
+            datacenter: weft_api::peering::DEFAULT_DATACENTER.into(),
             namespace: weft_api::identity::DEFAULT_NAMESPACE.into(),
             cert_ttl: Duration::from_secs(24 * 3600),
             provided: None,

@@ -15,6 +15,8 @@ const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 const VIPS: TableDefinition<&str, &str> = TableDefinition::new("vips");
 /// The keys last read from each JWKS source ([`super::table::jwks_key`] → JWKS JSON).
 const JWKS: TableDefinition<&str, &str> = TableDefinition::new("jwks");
+/// Peerings with other datacenters (name → JSON, see `crate::peering`).
+const PEERS: TableDefinition<&str, &str> = TableDefinition::new("peers");
 
 pub struct Embedded {
     db: Database,
@@ -80,5 +82,6 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static s
         Table::Tokens => TOKENS,
         Table::Vips => VIPS,
         Table::Jwks => JWKS,
+        Table::Peers => PEERS,
     }
 }

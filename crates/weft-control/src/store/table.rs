@@ -22,6 +22,9 @@ pub enum Write<'a> {
     /// The keys last read from a JWKS source (key: [`jwks_key`]).
     PutJwks(&'a str, &'a str),
     DeleteJwks(&'a str),
+    /// A peering with another datacenter (key: the peering's name; see `crate::peering`).
+    PutPeer(&'a str, &'a str),
+    DeletePeer(&'a str),
 }
 
 /// The store's tables.
@@ -34,10 +37,14 @@ pub enum Table {
     /// Keys read from issuers' JWKS sources, so every replica (and a restart) serves the
     /// last good keys without reading them itself.
     Jwks,
+    /// Peerings with other datacenters: how to reach each, its secrets' digests, and the
+    /// state it last sent (what it exports, its roots and gateways).
+    Peers,
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [Table::Resources, Table::Instances, Table::Tokens, Table::Vips, Table::Jwks];
+    pub const ALL: [Table; 6] =
+        [Table::Resources, Table::Instances, Table::Tokens, Table::Vips, Table::Jwks, Table::Peers];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +53,7 @@ impl Table {
             Table::Tokens => "tokens",
             Table::Vips => "vips",
             Table::Jwks => "jwks",
+            Table::Peers => "peers",
         }
     }
 
@@ -63,6 +71,7 @@ impl<'a> Write<'a> {
             Table::Tokens => Write::PutToken(key, value),
             Table::Vips => Write::PutVip(key, value),
             Table::Jwks => Write::PutJwks(key, value),
+            Table::Peers => Write::PutPeer(key, value),
         }
     }
 
@@ -78,6 +87,8 @@ impl<'a> Write<'a> {
             Write::PutVip(k, v) => (Table::Vips, k, Some(v)),
             Write::PutJwks(k, v) => (Table::Jwks, k, Some(v)),
             Write::DeleteJwks(k) => (Table::Jwks, k, None),
+            Write::PutPeer(k, v) => (Table::Peers, k, Some(v)),
+            Write::DeletePeer(k) => (Table::Peers, k, None),
         }
     }
 }

@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy as EnvoyRetryPolicy, Route, RouteAction,
@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager,
     http_connection_manager::PathWithEscapedSlashesAction, http_filter,
@@ -41,7 +42,8 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
-    SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context, secret, subject_alt_name_matcher,
+    SpiffeCertValidatorConfig, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context, secret,
+    spiffe_cert_validator_config, subject_alt_name_matcher,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
@@ -54,6 +56,7 @@ use std::collections::{BTreeMap, HashMap};
 use weft_api::Instance;
 use weft_api::identity::{CERT_SECRET, ROOT_SECRET};
 use weft_api::names;
+use weft_api::names::{SPIFFE_VALIDATOR, TLS_INSPECTOR};
 use weft_api::resource::{ActiveHealthCheck, DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT};
 use weft_api::resource::{
     ConsistentHash, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSECUTIVE_5XX,
@@ -464,9 +467,26 @@ fn lb_endpoint(addr: &str, health: HealthStatus, instance: Option<&Instance>) ->
     }
 }
 
+/// A peer datacenter's instances of a service, as this datacenter reaches them: through the
+/// peer's mesh gateways, which stand for all of them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Remote<'a> {
+    pub datacenter: &'a str,
+    pub gateways: &'a [String],
+    /// Whether any of the peer's instances serves.
+    pub serving: bool,
+}
+
 /// The instances of a service by zone; `near` (a caller's zone) puts that zone's at priority 0
-/// and the others at 1, which clients treat as a failover order.
-pub(super) fn load_assignment(name: &str, members: &[&Instance], near: Option<&str>) -> ClusterLoadAssignment {
+/// and the others at 1, which clients treat as a failover order. Peer datacenters' come after
+/// them, one priority each in `remote`'s order, as endpoints at their mesh gateways with the
+/// datacenter as their locality's region.
+pub(super) fn load_assignment(
+    name: &str,
+    members: &[&Instance],
+    near: Option<&str>,
+    remote: &[Remote<'_>],
+) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
     for i in members {
         let Some(addr) = &i.registration.inbound else { continue };
@@ -474,19 +494,94 @@ pub(super) fn load_assignment(name: &str, members: &[&Instance], near: Option<&s
         let zone = i.registration.labels.get("zone").map(String::as_str).unwrap_or("");
         by_zone.entry(zone).or_default().push(lb_endpoint(addr, health, Some(i)));
     }
+    let local_levels = if near.is_some() { 2 } else { 1 };
+    let local = by_zone.into_iter().map(|(zone, lb_endpoints)| LocalityLbEndpoints {
+        locality: Some(Locality { zone: zone.to_owned(), ..Default::default() }),
+        lb_endpoints,
+        // gRPC clients ignore localities without a weight.
+        load_balancing_weight: Some(UInt32Value { value: 1 }),
+        priority: u32::from(near.is_some_and(|n| n != zone)),
+        ..Default::default()
+    });
+    let remote = remote.iter().enumerate().filter(|(_, r)| !r.gateways.is_empty()).map(|(i, r)| {
+        let health = if r.serving { HealthStatus::Healthy } else { HealthStatus::Unhealthy };
+        LocalityLbEndpoints {
+            locality: Some(Locality { region: r.datacenter.to_owned(), ..Default::default() }),
+            lb_endpoints: r.gateways.iter().map(|g| remote_endpoint(g, health, r.datacenter)).collect(),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            priority: local_levels + i as u32,
+            ..Default::default()
+        }
+    });
     ClusterLoadAssignment {
         cluster_name: name.to_owned(),
-        endpoints: by_zone
-            .into_iter()
-            .map(|(zone, lb_endpoints)| LocalityLbEndpoints {
-                locality: Some(Locality { zone: zone.to_owned(), ..Default::default() }),
-                lb_endpoints,
-                // gRPC clients ignore localities without a weight.
-                load_balancing_weight: Some(UInt32Value { value: 1 }),
-                priority: u32::from(near.is_some_and(|n| n != zone)),
+        endpoints: local.chain(remote).collect(),
+        ..Default::default()
+    }
+}
+
+/// A peer's mesh gateway standing for its instances of a service (labelled `datacenter`).
+fn remote_endpoint(gateway: &str, health: HealthStatus, datacenter: &str) -> LbEndpoint {
+    let fields = HashMap::from([("datacenter".to_owned(), string_value(datacenter))]);
+    LbEndpoint {
+        metadata: Some(Metadata {
+            filter_metadata: HashMap::from([(names::ENDPOINT_METADATA_NAMESPACE.to_owned(), Struct { fields })]),
+            ..Default::default()
+        }),
+        ..lb_endpoint(gateway, health, None)
+    }
+}
+
+/// A mesh gateway's listener: it reads the server name of each TLS connection (without
+/// terminating it) and hands the connection, still encrypted, to the cluster of the service
+/// that name is of; a connection for any other name matches no chain and is closed.
+pub(super) fn mesh_gateway_listener(name: &str, addr: &str, routes: &[(String, String)]) -> Listener {
+    let chains = routes
+        .iter()
+        .map(|(server_name, cluster)| {
+            let tcp = TcpProxy {
+                stat_prefix: cluster.clone(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.clone())),
                 ..Default::default()
-            })
-            .collect(),
+            };
+            FilterChain {
+                name: server_name.clone(),
+                filter_chain_match: Some(FilterChainMatch {
+                    server_names: vec![server_name.clone()],
+                    ..Default::default()
+                }),
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".to_owned(),
+                    config_type: Some(filter::ConfigType::TypedConfig(envoy_types::util::pack_any(tcp))),
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    Listener {
+        name: name.to_owned(),
+        address: Some(socket_address(addr)),
+        listener_filters: vec![ListenerFilter {
+            name: TLS_INSPECTOR.to_owned(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(envoy_types::util::pack_any(
+                TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }],
+        filter_chains: chains,
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+/// A mesh gateway's cluster of a service's own instances, without TLS of its own: what
+/// it forwards is the caller's mutual TLS, to the instances' sidecars.
+pub(super) fn gateway_cluster(name: &str, connect_timeout: std::time::Duration) -> Cluster {
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
+        connect_timeout: Some(duration(connect_timeout)),
         ..Default::default()
     }
 }
@@ -1028,17 +1123,21 @@ fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.to_owned(), sds_config: Some(ads()) }
 }
 
-/// TLS settings both sides share: the proxy's own certificate and the mesh's trust bundle.
-fn common_tls(identity: Option<&str>) -> CommonTlsContext {
-    let default_validation_context = identity.map(|id| CertificateValidationContext {
-        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
-            san_type: subject_alt_name_matcher::SanType::Uri as i32,
-            matcher: Some(StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::Exact(id.to_owned())),
+/// TLS settings both sides share: the proxy's own certificate and the mesh's trust bundle;
+/// on origination, the SPIFFE IDs the upstream may present.
+fn common_tls(identities: &[String]) -> CommonTlsContext {
+    let default_validation_context = (!identities.is_empty()).then(|| CertificateValidationContext {
+        match_typed_subject_alt_names: identities
+            .iter()
+            .map(|id| SubjectAltNameMatcher {
+                san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact(id.clone())),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }],
+            })
+            .collect(),
         ..Default::default()
     });
     CommonTlsContext {
@@ -1054,15 +1153,21 @@ fn common_tls(identity: Option<&str>) -> CommonTlsContext {
     }
 }
 
-/// Origination: the upstream must present a certificate for `identity`.
-pub(super) fn upstream_tls(identity: &str) -> UpstreamTlsContext {
-    UpstreamTlsContext { common_tls_context: Some(common_tls(Some(identity))), ..Default::default() }
+/// Origination: the upstream must present a certificate for one of `identities` (a service's
+/// own, and its peers' where they export it). `sni` names the service for a peer's mesh
+/// gateway, which routes by it.
+pub(super) fn upstream_tls(identities: &[String], sni: Option<String>) -> UpstreamTlsContext {
+    UpstreamTlsContext {
+        common_tls_context: Some(common_tls(identities)),
+        sni: sni.unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 /// Termination: the client must present a certificate chaining to the bundle.
 fn downstream_tls() -> DownstreamTlsContext {
     DownstreamTlsContext {
-        common_tls_context: Some(common_tls(None)),
+        common_tls_context: Some(common_tls(&[])),
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     }
@@ -1078,14 +1183,36 @@ pub(super) fn tls_socket<M: Message + Name>(ctx: &M) -> TransportSocket {
     }
 }
 
-pub(super) fn root_secret(bundle: &str) -> Secret {
+/// The trust bundle: this mesh's roots (`trusted_ca`, the signing one first) and, once it is
+/// peered, each trust domain's own roots (Envoy's SPIFFE certificate validator), so a peer's
+/// roots are trusted for identities of the peer's trust domain only.
+pub(super) fn root_secret(bundle: &str, trust_domain: &str, peers: &[(&str, &str)]) -> Secret {
+    let inline = |pem: &str| DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(pem.as_bytes().to_vec())),
+        ..Default::default()
+    };
+    let custom_validator_config = (!peers.is_empty()).then(|| {
+        let domains = std::iter::once((trust_domain, bundle)).chain(peers.iter().copied());
+        let spiffe = SpiffeCertValidatorConfig {
+            trust_domains: domains
+                .map(|(name, pem)| spiffe_cert_validator_config::TrustDomain {
+                    name: name.to_owned(),
+                    trust_bundle: Some(inline(pem)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        TypedExtensionConfig {
+            name: SPIFFE_VALIDATOR.to_owned(),
+            typed_config: Some(envoy_types::util::pack_any(spiffe)),
+        }
+    });
     Secret {
         name: ROOT_SECRET.to_owned(),
         r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
-            trusted_ca: Some(DataSource {
-                specifier: Some(data_source::Specifier::InlineBytes(bundle.as_bytes().to_vec())),
-                ..Default::default()
-            }),
+            trusted_ca: Some(inline(bundle)),
+            custom_validator_config,
             ..Default::default()
         })),
     }

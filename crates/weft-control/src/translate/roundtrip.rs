@@ -51,6 +51,7 @@ fn round_trip(docs: Vec<serde_json::Value>) -> Result<Decoded, String> {
     let dir = std::env::temp_dir().join(format!("weft-roundtrip-{}-{}", std::process::id(), fastrand::u64(..)));
     let ca = CaConfig {
         trust_domain: "test.local".into(),
+        datacenter: "dc1".into(),
         namespace: "default".into(),
         cert_ttl: Duration::from_secs(3600),
         provided: None,
@@ -982,6 +983,7 @@ fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passth
     let dir = std::env::temp_dir().join(format!("weft-roundtrip-capture-{}", std::process::id()));
     let ca = || CaConfig {
         trust_domain: "test.local".into(),
+        datacenter: "dc1".into(),
         namespace: "default".into(),
         cert_ttl: Duration::from_secs(3600),
         provided: None,
@@ -1042,5 +1044,112 @@ fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passth
     assert!(capture(&u).tcp_cluster.is_none(), "u sets no egress: the mesh's registry-only");
     assert_eq!(capture(&t).tcp_cluster.as_deref(), Some(weft_api::names::PASSTHROUGH_CLUSTER), "t's own allow-any");
     drop(strict);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A peered datacenter's resources, through the proxy's decoders: a caller's cluster accepts
+/// the service's identity in the peer's trust domain and names the service for the peer's
+/// gateway; its endpoints put the peer's gateway after the local instances; the trust bundle
+/// keeps each trust domain's roots apart; this datacenter's mesh gateway routes an exported
+/// service's server name to its own instances alone, without TLS of its own.
+#[test]
+fn a_peered_datacenter_round_trips() {
+    let dir = std::env::temp_dir().join(format!("weft-roundtrip-peer-{}-{}", std::process::id(), fastrand::u64(..)));
+    let ca = CaConfig {
+        trust_domain: "dc1.weft".into(),
+        datacenter: "dc1".into(),
+        namespace: "default".into(),
+        cert_ttl: Duration::from_secs(3600),
+        provided: None,
+    };
+    let mesh = Mesh::open(&dir, Duration::from_secs(60), ca, Default::default()).unwrap();
+    let export = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "ExportedServices",
+        "metadata": {"name": "e"}, "spec": {"services": [{"name": "b", "consumers": [{"peer": "dc2"}]}]}});
+    mesh.apply(vec![Resource::from_json(0, export).unwrap()], Default::default()).unwrap();
+    let b = registration("b", 7000, vec![]);
+    let a = registration("a", 7100, vec![Upstream { service: "b".into(), listen: "127.0.0.1:7200".into() }]);
+    let gateway = InstanceRegistration {
+        service: Some(weft_api::peering::MESH_GATEWAY.into()),
+        inbound: Some("127.0.0.1:15443".into()),
+        app: None,
+        ..registration("x", 1, vec![])
+    };
+    mesh.connect("b-1", b.clone(), 1, Some("key-b")).unwrap();
+    mesh.connect("a-1", a.clone(), 2, Some("key-a")).unwrap();
+    mesh.connect("gw-1", gateway.clone(), 3, Some("key-gw")).unwrap();
+    // Any valid roots will do (the peer's own are another CA's).
+    let peer_roots = mesh.security.ca.bundle();
+    let remote = weft_api::peering::PeerState {
+        datacenter: "dc2".into(),
+        trust_domain: "dc2.weft".into(),
+        namespace: "default".into(),
+        roots: peer_roots,
+        gateways: vec!["127.0.0.2:15443".into()],
+        services: vec![weft_api::peering::ExportedState { name: "b".into(), healthy: 2, instances: 2 }],
+    };
+    mesh.put_peer(crate::peers::PeerRecord {
+        name: "dc2".into(),
+        role: crate::peers::Role::Acceptor,
+        secret_sha256: None,
+        token_expires: None,
+        stream_secret_sha256: None,
+        control: vec!["127.0.0.2:15010".into()],
+        ca: String::new(),
+        stream_secret: Some("s".into()),
+        remote: Some(remote.clone()),
+        terminated: false,
+    })
+    .unwrap();
+    // What this datacenter tells dc2: b, with its own serving instance only.
+    let told = mesh.state_for_peer("dc2");
+    assert_eq!(told.services, vec![weft_api::peering::ExportedState { name: "b".into(), healthy: 1, instances: 1 }]);
+    assert_eq!(told.gateways, vec!["127.0.0.1:15443".to_owned()]);
+    assert!(mesh.state_for_peer("dc3").services.is_empty(), "b is exported to dc2 only");
+
+    let snapshot = mesh.subscribe().borrow().clone();
+    let get = |t: Type, node: &InstanceRegistration, name: &str| {
+        let all = snapshot.available(t, Some(node));
+        all.get(name).unwrap_or_else(|| panic!("no {t:?} {name} in {:?}", all.keys())).any.clone()
+    };
+    let cluster = weft_proxy::config::cluster(&get(Type::Cluster, &a, "b")).unwrap();
+    let tls = cluster.tls.unwrap();
+    assert_eq!(tls.identity, "spiffe://dc1.weft/ns/default/sa/b");
+    assert_eq!(tls.peer_identities, vec!["spiffe://dc2.weft/ns/default/sa/b".to_owned()]);
+    assert_eq!(tls.sni.as_deref(), Some("b.default.mesh"));
+    let (_, endpoints) = weft_proxy::config::load_assignment(&get(Type::Endpoint, &a, "b")).unwrap();
+    let found: Vec<(String, u32, Option<&str>)> = endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.priority, e.labels.get("datacenter").map(String::as_str)))
+        .collect();
+    assert_eq!(found, vec![("127.0.0.1:7000".into(), 0, None), ("127.0.0.2:15443".into(), 1, Some("dc2"))]);
+    let (_, bundle) = weft_proxy::config::tls::bundle(&get(Type::Secret, &a, weft_api::identity::ROOT_SECRET)).unwrap();
+    assert_eq!(bundle.trust_domain.as_deref(), Some("dc1.weft"));
+    assert_eq!(bundle.peers.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(), ["dc2.weft"]);
+
+    // The mesh gateway: b's server name to its own instances, passed through.
+    let listener = weft_api::names::mesh_gateway_listener("127.0.0.1:15443");
+    let l = weft_proxy::config::listener(&get(Type::Listener, &gateway, &listener)).unwrap();
+    assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::local_cluster("b"))]);
+    assert!(l.tls.is_none() && l.http.is_none());
+    let local =
+        weft_proxy::config::cluster(&get(Type::Cluster, &gateway, &weft_api::names::local_cluster("b"))).unwrap();
+    assert!(local.tls.is_none(), "the gateway adds no TLS of its own");
+    let (_, only_local) =
+        weft_proxy::config::load_assignment(&get(Type::Endpoint, &gateway, &weft_api::names::local_cluster("b")))
+            .unwrap();
+    assert_eq!(only_local.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
+
+    // The peering deleted: nothing of dc2 is left.
+    assert!(mesh.delete_peer("dc2").unwrap());
+    let snapshot = mesh.subscribe().borrow().clone();
+    let all = snapshot.available(Type::Endpoint, Some(&a));
+    let (_, endpoints) = weft_proxy::config::load_assignment(&all["b"].any).unwrap();
+    assert_eq!(endpoints.len(), 1);
+    let (_, bundle) = weft_proxy::config::tls::bundle(
+        &snapshot.available(Type::Secret, Some(&a))[weft_api::identity::ROOT_SECRET].any,
+    )
+    .unwrap();
+    assert!(bundle.peers.is_empty() && bundle.trust_domain.is_none());
+    drop(mesh);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -31,6 +31,7 @@ impl TestMesh {
         std::fs::create_dir_all(&dir).unwrap();
         let ca = crate::ca::CaConfig {
             trust_domain: "test.local".into(),
+            datacenter: "dc1".into(),
             namespace: "default".into(),
             cert_ttl: Duration::from_secs(3600),
             provided: None,

@@ -30,9 +30,9 @@ pub struct EndpointSet {
     pub all: Vec<Arc<Endpoint>>,
     /// For `ring-hash` and `maglev`: the ready endpoints' table.
     hash: Option<HashTable>,
-    /// `ready` is ordered by priority; the first `preferred` are of the lowest priority among
-    /// them (all of them when there is one priority).
-    preferred: usize,
+    /// `ready` is ordered by priority: where each priority's endpoints end in it, in order
+    /// (one entry, `ready.len()`, when there is one priority).
+    levels: Vec<usize>,
 }
 
 impl EndpointSet {
@@ -40,14 +40,15 @@ impl EndpointSet {
         let mut ready: Vec<Arc<Endpoint>> =
             all.iter().filter(|e| e.healthy.load(Ordering::Relaxed) && !e.health_check.failed()).cloned().collect();
         ready.sort_by_key(|e| e.priority);
-        let preferred = ready.iter().take_while(|e| ready.first().is_some_and(|f| f.priority == e.priority)).count();
+        let mut levels: Vec<usize> = (1..ready.len()).filter(|&i| ready[i].priority != ready[i - 1].priority).collect();
+        levels.push(ready.len());
         let addrs: Vec<std::net::SocketAddr> = ready.iter().map(|e| e.addr).collect();
         let hash = match lb {
             LoadBalancer::RingHash => Some(HashTable::ring(&addrs)),
             LoadBalancer::Maglev => Some(HashTable::maglev(&addrs)),
             _ => None,
         };
-        EndpointSet { ready, all, hash, preferred }
+        EndpointSet { ready, all, hash, levels }
     }
 }
 
@@ -114,13 +115,16 @@ impl ClusterView<'_> {
             return Some(if fresh(&first) { first } else { candidates.find(|e| fresh(e)).unwrap_or(first) }.clone());
         }
         let lb = settings.load_balancer;
-        // The preferred priority (the caller's zone) first, while one of its endpoints is fresh.
-        let preferred =
-            (set.preferred < set.ready.len()).then(|| cluster.choose(&set.ready[..set.preferred], lb, fresh));
-        preferred
-            .flatten()
-            .or_else(|| cluster.choose(&set.ready, lb, fresh))
-            .or_else(|| cluster.choose(&set.ready, lb, usable))
+        // Priorities in order (the caller's zone, the other zones, then peer datacenters in
+        // their failover order): the first with a fresh endpoint.
+        let mut start = 0;
+        for &end in &set.levels {
+            if let Some(e) = cluster.choose(&set.ready[start..end], lb, fresh) {
+                return Some(e);
+            }
+            start = end;
+        }
+        cluster.choose(&set.ready, lb, usable)
     }
 }
 
@@ -246,7 +250,7 @@ impl Cluster {
     fn set_tls(&self, tls: Option<Arc<UpstreamTls>>) {
         let same = match (self.tls.load().as_deref(), tls.as_deref()) {
             (None, None) => true,
-            (Some(a), Some(b)) => a.identity == b.identity,
+            (Some(a), Some(b)) => a.def == b.def,
             _ => false,
         };
         if !same {

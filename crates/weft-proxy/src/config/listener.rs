@@ -9,12 +9,13 @@ use super::tracing::{TracingDef, tracing};
 use crate::authz::{self, Authz};
 use crate::jwt::JwtAuthn;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
-use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_connection_manager::PathWithEscapedSlashesAction, http_filter,
 };
@@ -90,6 +91,10 @@ pub struct ListenerDef {
     /// From the HTTP connection manager's `tracing` (the same on every HTTP chain).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingDef>,
+    /// A mesh gateway's routes (a `tls_inspector` listener whose chains match `server_names`):
+    /// by TLS server name, the cluster a connection is handed to, still encrypted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<(String, String)>,
 }
 
 /// What an inbound listener checks before a request or connection reaches the app, as
@@ -161,10 +166,26 @@ pub enum HttpDef {
 pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
     let l: Listener = decode(any, "Listener")?;
     let bad = |reason: String| invalid("Listener", &l.name, reason);
-    if let Some(lf) = l.listener_filters.first() {
-        return Err(bad(format!("listener filter {:?} is not supported", lf.name)));
-    }
     schema::check(&any.value, &schema::LISTENER, "").map_err(bad)?;
+    let inspects_tls = match l.listener_filters.as_slice() {
+        [] => false,
+        [lf] if lf.name == names::TLS_INSPECTOR => {
+            if let Some(listener_filter::ConfigType::TypedConfig(cfg)) = &lf.config_type {
+                let inspector: TlsInspector = decode(cfg, "Listener")?;
+                if inspector != TlsInspector::default() {
+                    return Err(bad("tls_inspector fields are not supported".into()));
+                }
+            }
+            true
+        }
+        [lf, ..] => {
+            return Err(bad(format!(
+                "listener filter {:?} is not supported (weft supports {} alone, on a mesh gateway's listener)",
+                lf.name,
+                names::TLS_INSPECTOR
+            )));
+        }
+    };
     let address = socket_addr("Listener", &l.name, l.address.as_ref())?;
     let direction = match TrafficDirection::try_from(l.traffic_direction) {
         Ok(TrafficDirection::Inbound) => Direction::inbound,
@@ -193,7 +214,13 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
         policy: Arc::default(),
         access_log: Vec::new(),
         tracing: None,
+        server_names: Vec::new(),
     };
+    if inspects_tls {
+        def.server_names = server_name_routes(&l).map_err(bad)?;
+        def.service = def.name.clone();
+        return Ok(def);
+    }
     let mut policy: Option<InboundPolicyDef> = None;
     for chain in &l.filter_chains {
         let p =
@@ -243,6 +270,45 @@ pub fn listener(any: &Any) -> Result<ListenerDef, InvalidResource> {
     Ok(def)
 }
 
+/// A mesh gateway's chains: each matches `server_names` and hands the connection, still
+/// encrypted, to a tcp_proxy's cluster; nothing else.
+fn server_name_routes(l: &Listener) -> Result<Vec<(String, String)>, String> {
+    let mut routes = Vec::new();
+    for chain in &l.filter_chains {
+        let at = format!("filter chain {:?}", chain.name);
+        let m = chain.filter_chain_match.clone().unwrap_or_default();
+        if m.server_names.is_empty() || !m.application_protocols.is_empty() || !m.transport_protocol.is_empty() {
+            return Err(format!("{at}: a tls_inspector listener's chains match server_names, and nothing else"));
+        }
+        if chain.transport_socket.is_some() {
+            return Err(format!("{at}: a mesh gateway passes TLS through; its chains have no transport socket"));
+        }
+        let [f] = chain.filters.as_slice() else {
+            return Err(format!("{at}: a tls_inspector listener's chains have one filter, a tcp_proxy"));
+        };
+        let tcp = match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(cfg)) if cfg.type_url == TcpProxy::type_url() => {
+                schema::check(&cfg.value, &schema::TCP_PROXY, "tcp_proxy")?;
+                decode::<TcpProxy>(cfg, "Listener").map_err(|e| e.reason)?
+            }
+            _ => return Err(format!("{at}: filter {:?} is not a tcp_proxy", f.name)),
+        };
+        let Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) = tcp.cluster_specifier else {
+            return Err(format!("{at}: the tcp_proxy names no cluster"));
+        };
+        for name in m.server_names {
+            if name.starts_with("*.") || name.is_empty() {
+                return Err(format!("{at}: server name {name:?}: weft matches exact server names only"));
+            }
+            if routes.iter().any(|(n, _)| *n == name) {
+                return Err(format!("{at}: server name {name:?} is matched by an earlier chain too"));
+            }
+            routes.push((name, cluster.clone()));
+        }
+    }
+    Ok(routes)
+}
+
 /// Application protocols the proxy's own detection (or ALPN, inside TLS) recognises; a chain
 /// may be matched on them.
 const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
@@ -252,6 +318,9 @@ const DETECTED_PROTOCOLS: [&str; 3] = ["http/1.1", "h2c", "h2"];
 /// every chain the same filters as the others of its kind (HTTP or TCP).
 fn filter_chain(chain: &FilterChain, def: &mut ListenerDef) -> Result<InboundPolicyDef, String> {
     let m = chain.filter_chain_match.clone().unwrap_or_default();
+    if !m.server_names.is_empty() {
+        return Err("filter_chain_match on server_names needs the tls_inspector listener filter".into());
+    }
     if let Some(p) = m.application_protocols.iter().find(|p| !DETECTED_PROTOCOLS.contains(&p.as_str())) {
         return Err(format!("filter_chain_match on application protocol {p:?} is not supported"));
     }

@@ -33,7 +33,7 @@ pub use route::{
     FaultAbortDef, FaultDef, FaultDelayDef, HashDef, HeaderEdits, MirrorDef, PathDef, RedirectDef, RetryDef, RetryOn,
     Rewrite, RouteDef, RuleDef, StrMatch, VirtualHostDef, route,
 };
-pub use tls::{DownstreamTlsDef, UpstreamTlsDef};
+pub use tls::{BundleDef, DownstreamTlsDef, UpstreamTlsDef};
 pub use tracing::TracingDef;
 
 /// What to do with `%2F` and `%5C` in a path (Envoy's `path_with_escaped_slashes_action`):

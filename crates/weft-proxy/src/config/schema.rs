@@ -125,10 +125,11 @@ static FILTER_CHAIN: Schema = Schema {
         Plain("transport_socket"),
     ],
 };
-/// The proxy detects the protocol (and TLS) itself: a chain may be matched on them, nothing else.
+/// The proxy detects the protocol (and TLS) itself: a chain may be matched on them, or (on a
+/// mesh gateway's listener) on the TLS server name, nothing else.
 static FILTER_CHAIN_MATCH: Schema = Schema {
     message: "envoy.config.listener.v3.FilterChainMatch",
-    fields: &[Plain("application_protocols"), Plain("transport_protocol")],
+    fields: &[Plain("application_protocols"), Plain("transport_protocol"), Plain("server_names")],
 };
 /// `typed_config` is decoded by its type URL in the decoder (HCM, tcp_proxy; others refused).
 static FILTER: Schema =

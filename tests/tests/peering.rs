@@ -1,0 +1,255 @@
+//! Two datacenters, one mesh (issue 23): two control planes, each with its own CA and trust
+//! domain, peered by `weft peer create` / `weft peer accept` as the README shows; DC2 exports
+//! `backend` through its mesh gateway. Everything runs on loopback, one process per part.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use weft_tests::*;
+
+const EXPORT: &str = "apiVersion: weft.dev/v1alpha1
+kind: ExportedServices
+metadata: {name: to-dc1}
+spec:
+  services:
+  - name: backend
+    consumers: [{peer: dc1}]
+";
+
+/// A datacenter's control plane.
+fn datacenter(dir: &TestDir, name: &str) -> Control {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let flags = ["--datacenter", name, "--trust-domain", &format!("{name}.weft")];
+    Control::start_at_with(dir, &addr, dir.path.join(name), &flags)
+}
+
+/// A mesh gateway of the datacenter at `control`, listening on `addr`.
+fn mesh_gateway(dir: &TestDir, control: &Control, id: &str, addr: &str) -> (Proc, u16) {
+    let admin = free_port();
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["proxy", "--mesh-gateway", addr, "--id", id, "--control", &control.addr]);
+    cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
+    cmd.env("WEFT_TOKEN", join_token(&control.addr, "mesh-gateway"));
+    let proc = Proc::spawn(dir, id, &mut cmd);
+    wait_until(Duration::from_secs(10), "mesh gateway ready", || {
+        run("curl", &["-s", "-f", &format!("http://127.0.0.1:{admin}/ready")]).status.success()
+    });
+    (proc, admin)
+}
+
+/// Peers DC1 and DC2 as the README shows: DC2 makes a token for DC1, DC1 accepts it.
+fn peer(dc1: &Control, dc2: &Control) {
+    let made = weft(&["peer", "create", "dc1", "--control", &dc2.addr]);
+    assert!(made.status.success(), "weft peer create: {}", stderr(&made));
+    let token = stdout(&made).trim().to_owned();
+    let accepted = weft(&["peer", "accept", "--name", "dc2", &token, "--control", &dc1.addr]);
+    assert!(accepted.status.success(), "weft peer accept: {}", stderr(&accepted));
+    assert!(stdout(&accepted).contains("established with datacenter dc2"), "{}", stdout(&accepted));
+    // The token was for one use.
+    let again = weft(&["peer", "accept", "--name", "dc2-again", &token, "--control", &dc1.addr]);
+    assert!(!again.status.success() && stderr(&again).contains("used already"), "{}", stderr(&again));
+}
+
+/// Who answered a GET of `url` (the demo app's `x-served-by`), if it was answered with 200.
+fn served_by(url: &str) -> Option<String> {
+    let r = curl(&[url])?;
+    (r.status == 200).then(|| r.headers.get("x-served-by").cloned()).flatten()
+}
+
+#[test]
+fn a_peer_datacenter_takes_over_when_local_instances_die_and_gives_back_when_they_return() {
+    let dir = TestDir::new("peering-failover");
+    let dc1 = datacenter(&dir, "dc1");
+    let dc2 = datacenter(&dir, "dc2");
+    let remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let (_gateway, gateway_admin) = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
+    let out = apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut local = Instance::start(&dir, &dc1.addr, "backend", "v1", "dc1-backend-0", &[]);
+    wait_until(Duration::from_secs(15), "backends healthy", || {
+        dc1.healthy_ids("backend").len() == 1 && dc2.healthy_ids("backend").len() == 1
+    });
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    peer(&dc1, &dc2);
+
+    // DC2's backend appears in DC1 as one endpoint, at DC2's gateway, after DC1's own.
+    wait_until(Duration::from_secs(5), "DC1's sidecars see DC2's gateway", || {
+        edge.endpoint_addrs("backend").contains(&gateway_addr)
+    });
+    let services = dc1.api("/api/v1/services").unwrap();
+    let backend = services.as_array().unwrap().iter().find(|s| s["name"] == "backend").unwrap().clone();
+    assert_eq!(backend["imported"][0]["datacenter"], "dc2", "{backend}");
+    assert_eq!(backend["imported"][0]["healthy"], 1, "{backend}");
+    let peers = stdout(&weft(&["get", "peers", "--control", &dc1.addr]));
+    assert!(peers.contains("dc2") && peers.contains("active") && peers.contains("backend (1/1)"), "{peers}");
+    // Local first: every request goes to DC1's instance while it serves.
+    for _ in 0..20 {
+        assert_eq!(served_by(&edge.url("backend", "/")).as_deref(), Some("dc1-backend-0"));
+    }
+
+    // All of DC1's backend instances die under a steady 100 req/s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(edge.url("backend", "/"), 100, stop.clone(), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    for pid in local.app_pids() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    local.proc.kill();
+    let moved = wait_until(Duration::from_secs(10), "DC2 answers for DC1", || {
+        served_by(&edge.url("backend", "/")).as_deref() == Some("dc2-backend-0")
+    });
+    eprintln!("requests answered by DC2 {:?} after DC1's instances died", moved);
+    // A while on DC2 alone, then DC1's instance comes back and takes its traffic back.
+    std::thread::sleep(Duration::from_secs(3));
+    let back = Instance::start(&dir, &dc1.addr, "backend", "v1", "dc1-backend-1", &[]);
+    let returned = wait_until(Duration::from_secs(15), "traffic back in DC1", || {
+        served_by(&edge.url("backend", "/")).as_deref() == Some("dc1-backend-1")
+    });
+    eprintln!("requests answered by DC1 again {:?} after its new instance started", returned);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let report = load.join().unwrap();
+    let since_kill = |at: &Duration| at.saturating_sub(Duration::from_secs(2));
+    eprintln!(
+        "{} requests, {} failed: {:?}",
+        report.ok as usize + report.failed.len(),
+        report.failed.len(),
+        report.failed.iter().map(|(at, e)| (since_kill(at), e.clone())).collect::<Vec<_>>()
+    );
+    // The window: requests in flight on the killed instance (the sidecar retries connect
+    // failures on another endpoint, DC2's gateway among them). None fails after it.
+    let window = Duration::from_millis(500);
+    let late: Vec<_> = report.failed.iter().filter(|(at, _)| since_kill(at) > window).collect();
+    assert!(late.is_empty(), "requests failed after the failover window: {late:?}");
+    assert!(report.ok > 500, "{report:?}");
+    let _ = killed_at;
+    // The gateway passed TLS through: it counted connections, never an HTTP request.
+    let metrics = run("curl", &["-s", &format!("http://127.0.0.1:{gateway_admin}/metrics")]);
+    let metrics = stdout(&metrics);
+    assert!(metric_sum(&metrics, "weft_tcp_connections_opened_total", &[]) > 0.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "weft_requests_total", &[]), 0.0, "{metrics}");
+    drop((remote, back));
+}
+
+#[test]
+fn identities_cross_datacenters_as_they_are_and_trust_stops_at_each_trust_domain() {
+    let dir = TestDir::new("peering-identity");
+    let dc1 = datacenter(&dir, "dc1");
+    let dc2 = datacenter(&dir, "dc2");
+    let remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
+    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT).status.success());
+    wait_until(Duration::from_secs(15), "DC2's backend healthy", || dc2.healthy_ids("backend").len() == 1);
+    // DC1 declares backend but runs no instance of it.
+    let declared = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {}\n";
+    assert!(apply_yaml(&dir, &dc1.addr, "backend.yaml", declared).status.success());
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    // Before peering, DC1 has no instance of backend: a typed error.
+    let before = curl(&[&edge.url("backend", "/")]).unwrap();
+    assert_eq!((before.status, before.headers.get("x-weft-error").map(String::as_str)), (503, Some("no-endpoints")));
+    peer(&dc1, &dc2);
+    wait_until(Duration::from_secs(5), "DC1 reaches DC2's backend", || {
+        served_by(&edge.url("backend", "/")).as_deref() == Some("dc2-backend-0")
+    });
+
+    // DC2's backend sidecar saw DC1's edge as itself, with DC1's trust domain: the gateway
+    // between them never held either end of the TLS session.
+    let metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", remote.admin())]));
+    let caller = r#"peer_identity="spiffe://dc1.weft/ns/default/sa/edge""#;
+    assert!(metric_sum(&metrics, "weft_requests_total", &["direction=\"inbound\"", caller]) > 0.0, "{metrics}");
+
+    // DC2 denies DC1's trust domain: enforced on requests that come through the gateway.
+    let deny = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-dc1}
+spec:
+  service: backend
+  action: DENY
+  rules:
+  - from: [{trustDomains: [dc1.weft]}]
+";
+    let out = apply_yaml(&dir, &dc2.addr, "deny.yaml", deny);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(Duration::from_secs(5), "DC1 refused by DC2's policy", || {
+        curl(&[&edge.url("backend", "/")]).is_some_and(|r| r.status == 403)
+    });
+    assert!(weft(&["delete", "authorizationpolicy", "no-dc1", "--control", &dc2.addr]).status.success());
+    wait_until(Duration::from_secs(5), "DC1 served again", || served_by(&edge.url("backend", "/")).is_some());
+
+    // Each root vouches for its own trust domain only. Client certificates made with each CA's
+    // key for each trust domain, presented to DC2's backend sidecar directly:
+    let present = |signer: &str, domain: &str| -> bool {
+        let cert = client_cert(&dir.path.join(signer).join("ca"), &format!("spiffe://{domain}/ns/default/sa/edge"));
+        let (c, k) = (dir.path.join(format!("{signer}-{domain}.pem")), dir.path.join(format!("{signer}-{domain}.key")));
+        std::fs::write(&c, cert.0).unwrap();
+        std::fs::write(&k, cert.1).unwrap();
+        let url = format!("https://127.0.0.1:{}/", remote.inbound);
+        let args = ["-s", "-k", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cert"];
+        let out = run("curl", &[&args[..], &[c.to_str().unwrap(), "--key", k.to_str().unwrap(), &url]].concat());
+        stdout(&out).trim() == "200"
+    };
+    assert!(present("dc1", "dc1.weft"), "DC1's CA for DC1's identity: trusted by DC2");
+    assert!(present("dc2", "dc2.weft"), "DC2's CA for DC2's identity: trusted");
+    assert!(!present("dc1", "dc2.weft"), "DC1's CA must not vouch for a DC2 identity");
+    assert!(!present("dc2", "dc1.weft"), "DC2's CA must not vouch for a DC1 identity");
+
+    // The peering removed: within a second nothing of DC2 is left in DC1's sidecars, and
+    // DC1 (with no backend of its own) answers with a typed error.
+    let started = Instant::now();
+    assert!(weft(&["peer", "delete", "dc2", "--control", &dc1.addr]).status.success());
+    wait_until(Duration::from_secs(1), "DC2's endpoints gone from DC1", || edge.endpoint_addrs("backend").is_empty());
+    eprintln!("imported endpoints gone {:?} after the peering was deleted", started.elapsed());
+    let after = curl(&[&edge.url("backend", "/")]).unwrap();
+    assert_eq!((after.status, after.headers.get("x-weft-error").map(String::as_str)), (503, Some("no-endpoints")));
+    // DC2 was told: it shows the peering as ended.
+    wait_until(Duration::from_secs(5), "DC2 sees the peering ended", || {
+        stdout(&weft(&["get", "peers", "--control", &dc2.addr])).contains("terminated")
+    });
+}
+
+/// A client certificate (PEM) and key for `id`, signed with the root in `ca_dir`.
+fn client_cert(ca_dir: &std::path::Path, id: &str) -> (String, String) {
+    let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root.key")).unwrap()).unwrap();
+    let root_pem = std::fs::read_to_string(ca_dir.join("root.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The README's "Two datacenters" as written: its blocks, line by line, on two simulated
+/// hosts (network namespaces on a switch: 10.99.0.1 for DC1's 10.0.0.1, 10.99.0.2 for DC2's
+/// 10.0.0.2), each with a directory and `HOME` of its own.
+#[test]
+fn the_readme_peers_two_datacenters() {
+    let Some(fabric) = weft_tests::hosts::Fabric::new(&format!("peer{}", std::process::id() % 1000), 2) else {
+        return;
+    };
+    let dir = TestDir::new("peering-readme");
+    let blocks = weft_tests::hosts::readme_blocks("Two datacenters", "sh");
+    let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
+    assert_eq!((blocks.len(), yaml.len()), (3, 1), "the section's three steps and its export.yaml");
+    assert_eq!(yaml[0], EXPORT, "the tests' ExportedServices is the README's");
+    let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
+    let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
+    dc1.run_block(&dir, &fabric, &blocks[0]);
+    let dc2_control = blocks[0].replace("10.0.0.1", "10.0.0.2").replace("dc1", "dc2");
+    dc2.run_block(&dir, &fabric, &dc2_control);
+    for (shell, addr) in [(&dc1, "10.99.0.1:15010"), (&dc2, "10.99.0.2:15010")] {
+        wait_until(Duration::from_secs(15), "control plane up", || {
+            shell.command(&fabric, &format!("weft get services --control {addr}")).output().unwrap().status.success()
+        });
+    }
+    std::fs::write(dc2.home.join("export.yaml"), &yaml[0]).unwrap();
+    dc2.run_block(&dir, &fabric, &blocks[1]);
+    std::fs::copy(dc2.home.join("dc1.token"), dc1.home.join("dc1.token")).unwrap();
+    let said = dc1.run_block(&dir, &fabric, &blocks[2]);
+    assert!(said[1].contains("hello from backend"), "DC2's backend answered DC1: {said:?}");
+    let peers = &said[2];
+    eprintln!("DC1's weft get peers:\n{peers}");
+    assert!(peers.contains("dc2") && peers.contains("active") && peers.contains("backend (1/1)"), "{peers}");
+}
