@@ -16,6 +16,7 @@ static CA: LazyLock<Ca> = LazyLock::new(|| {
     let dir = std::env::temp_dir().join(format!("weft-fuzz-csr-{}", std::process::id()));
     let cfg = CaConfig {
         trust_domain: "weft.local".into(),
+        datacenter: "dc1".into(),
         namespace: "default".into(),
         cert_ttl: Duration::from_secs(3600),
         provided: None,
