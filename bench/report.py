@@ -22,6 +22,7 @@ PEERS = {
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-capture": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-netns": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-dc": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-trace0": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -258,6 +259,25 @@ def main():
                 + [f"{fmt(x, d)} {unit}", f"{x / y:.3f}"] + ([f"{x / z:.3f}" if z else "n/a"] if netns else []) \
                 + [f"{x - base:+.1f} {unit}"]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    # Issue 23: a call to another datacenter through its mesh gateway against a local call.
+    if "weft-2hop-dc" in configs and "weft-2hop" in configs:
+        out.append("\n## Another datacenter through its mesh gateway vs the local call (weft-2hop-dc vs weft-2hop)\n")
+        out.append("local: weft-2hop (caller's sidecar → app's sidecar); across: weft-2hop-dc (caller's sidecar in DC1 "
+                   "→ DC2's mesh gateway, passing the mutual TLS through → app's sidecar in DC2). Proxy CPU counts "
+                   "the gateway too.\n")
+        out.append("| figure | local | across | across ÷ local | added by the gateway |")
+        out.append("|---|---:|---:|---:|---:|")
+        rows = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
+                ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
+                ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
+                ("lat_half_p99", "latency p99 at 50%")]
+        for key, label in rows:
+            x, y = med("weft-2hop-dc", key), med("weft-2hop", key)
+            if not (x and y):
+                continue
+            unit, d = spec[key][2], spec[key][6]
+            out.append(f"| {label} | {fmt(y, d)} {unit} | {fmt(x, d)} {unit} | {x / y:.3f} | {x - y:+.1f} {unit} |")
 
     warns = [w for w in open(warnings).read().splitlines() if w.strip()]
     out.append("\n## Warnings during the run\n")

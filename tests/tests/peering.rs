@@ -253,3 +253,48 @@ fn the_readme_peers_two_datacenters() {
     eprintln!("DC1's weft get peers:\n{peers}");
     assert!(peers.contains("dc2") && peers.contains("active") && peers.contains("backend (1/1)"), "{peers}");
 }
+
+/// A peering outlives restarts of either control plane: each keeps it (and the peer's last
+/// state) in its store, the exchange resumes by itself, and traffic across never stops.
+#[test]
+fn a_peering_survives_restarts_of_either_control_plane() {
+    let dir = TestDir::new("peering-restart");
+    let mut dc1 = datacenter(&dir, "dc1");
+    let mut dc2 = datacenter(&dir, "dc2");
+    let _remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
+    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT).status.success());
+    wait_until(Duration::from_secs(15), "DC2's backend healthy", || dc2.healthy_ids("backend").len() == 1);
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    peer(&dc1, &dc2);
+    let answered = || served_by(&edge.url("backend", "/")).as_deref() == Some("dc2-backend-0");
+    wait_until(Duration::from_secs(5), "DC1 reaches DC2's backend", answered);
+    let peers_of = |c: &Control| stdout(&weft(&["get", "peers", "--control", &c.addr]));
+
+    for restarted in ["dc1", "dc2"] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = steady_load(edge.url("backend", "/"), 50, stop.clone(), Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(500));
+        let c = if restarted == "dc1" { &mut dc1 } else { &mut dc2 };
+        c.proc.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        let flags = ["--datacenter", restarted, "--trust-domain", &format!("{restarted}.weft")];
+        *c = Control::start_at_with(&dir, &c.addr.clone(), dir.path.join(restarted), &flags);
+        for side in [&dc1, &dc2] {
+            wait_until(Duration::from_secs(15), "the peering active again", || {
+                let p = peers_of(side);
+                p.contains("active") && (side.addr != dc1.addr || p.contains("backend (1/1)"))
+            });
+        }
+        wait_until(Duration::from_secs(10), "DC1's edge reconnected", || {
+            edge.endpoint_addrs("backend").contains(&gateway_addr)
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        let report = load.join().unwrap();
+        eprintln!("{restarted}'s control plane restarted: {} requests, failed {:?}", report.ok, report.failed);
+        assert!(report.failed.is_empty(), "{restarted} restarted: {:?}", report.failed);
+        assert!(answered());
+    }
+}

@@ -352,6 +352,10 @@ pub async fn run(mesh: Arc<Mesh>) {
 async fn dial(mesh: Arc<Mesh>, name: String) {
     let mut backoff = Duration::from_millis(250);
     let mut api: Option<(Vec<String>, String, ControlApi)> = None;
+    // Whether the last exchange succeeded: until one has (at start, after a failure), the
+    // call asks for the peer's state at once instead of waiting for it to change, so a peer
+    // back from a restart is seen as such within one round trip.
+    let mut synced = false;
     loop {
         let Some(mut record) = mesh.peer(&name).filter(|r| r.role == Role::Acceptor && !r.terminated) else {
             return;
@@ -372,7 +376,8 @@ async fn dial(mesh: Arc<Mesh>, name: String) {
         }
         let Some((_, _, client)) = &api else { continue };
         let own = mesh.state_for_peer(&name);
-        let request = ExchangeRequest { state: own.clone(), seen: record.remote.as_ref().map(PeerState::digest) };
+        let seen = record.remote.as_ref().filter(|_| synced).map(PeerState::digest);
+        let request = ExchangeRequest { state: own.clone(), seen };
         let body = serde_json::to_string(&request).expect("requests serialize");
         let call = client.call(
             http::Method::POST,
@@ -412,6 +417,7 @@ async fn dial(mesh: Arc<Mesh>, name: String) {
             Ok((status, bytes)) => Some(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
             Err(e) => Some(e.message),
         };
+        synced = problem.is_none();
         match problem {
             None => {
                 mesh.peer_synced(&name, None);

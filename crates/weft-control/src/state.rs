@@ -659,6 +659,11 @@ impl Mesh {
         tables.insert(Table::Resources.name().to_owned(), resources.collect());
         let vips = inner.settings.vips.iter().map(|(s, ip)| (s.clone(), ip.to_string()));
         tables.insert(Table::Vips.name().to_owned(), vips.collect());
+        let peers = inner
+            .peers
+            .iter()
+            .map(|(name, p)| (name.clone(), serde_json::to_string(p).expect("peerings always serialize")));
+        tables.insert(Table::Peers.name().to_owned(), peers.collect());
         drop(inner);
         let tokens = self
             .security

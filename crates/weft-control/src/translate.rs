@@ -281,7 +281,7 @@ impl Snapshot {
                     .collect(),
                 None => instances.get(name.as_str()).cloned().unwrap_or_default(),
             };
-            let remote = remotes(settings, name);
+            let remote = remotes(settings, name, spec.failover.as_deref());
             let made_of = endpoints_made_of(&members, &remote);
             let res = snapshot.endpoint(previous, name, None, made_of, &members, &remote);
             snapshot.endpoints.insert(name.clone(), res);
@@ -393,17 +393,21 @@ fn endpoints_made_of(members: &[&Instance], remote: &[Remote<'_>]) -> u64 {
     h.finish()
 }
 
-/// The peer datacenters that export `service` to this one, in failover order (by the
-/// peerings' names), as its endpoints reach them.
-fn remotes<'a>(settings: &'a Settings, service: &str) -> Vec<Remote<'a>> {
-    settings
-        .peers
-        .values()
-        .filter_map(|p| {
-            let s = p.services.iter().find(|s| s.name == service)?;
-            Some(Remote { datacenter: &p.datacenter, gateways: &p.gateways, serving: s.healthy > 0 })
-        })
-        .collect()
+/// The peer datacenters that export `service` to this one, in failover order: the service's
+/// `failover` list (datacenters not exporting it left out), or else every one, by peering name.
+fn remotes<'a>(settings: &'a Settings, service: &str, order: Option<&[String]>) -> Vec<Remote<'a>> {
+    let exporting = settings.peers.values().filter_map(|p| {
+        let s = p.services.iter().find(|s| s.name == service)?;
+        Some(Remote { datacenter: &p.datacenter, gateways: &p.gateways, serving: s.healthy > 0 })
+    });
+    match order {
+        None => exporting.collect(),
+        Some(order) => {
+            let mut found: Vec<Remote<'a>> = exporting.filter(|r| order.iter().any(|d| d == r.datacenter)).collect();
+            found.sort_by_key(|r| order.iter().position(|d| d == r.datacenter));
+            found
+        }
+    }
 }
 
 impl Config {

@@ -150,8 +150,8 @@ pub async fn get(
                         s.protocol,
                         s.load_balancer,
                         declared,
-                        vip,
                         if imported.is_empty() { "-".into() } else { imported.join(",") },
+                        vip,
                     ]
                 })
                 .collect();

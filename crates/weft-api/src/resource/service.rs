@@ -108,6 +108,11 @@ pub struct ServiceSpec {
     /// mesh's (`weft control --egress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// Peer datacenters (by datacenter name) the service's callers send to, in this order,
+    /// when none of this datacenter's instances can take a request; default: every peer that
+    /// exports the service, in the order of the peerings' names. `[]`: never another datacenter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Vec<String>>,
 }
 
 /// `Service.egress` (Istio's `outboundTrafficPolicy`): where a transparent instance's
@@ -237,6 +242,12 @@ pub(super) fn validate_service(doc: usize, service_name: &str, spec: &ServiceSpe
     }
     if spec.connect_timeout.is_some_and(|t| t.is_zero()) {
         return Err(ApplyError::new(doc, "spec.connectTimeout", "must be greater than 0"));
+    }
+    for (i, dc) in spec.failover.iter().flatten().enumerate() {
+        check_name(doc, &format!("spec.failover[{i}]"), dc)?;
+        if spec.failover.iter().flatten().take(i).any(|d| d == dc) {
+            return Err(ApplyError::new(doc, format!("spec.failover[{i}]"), format!("{dc:?} is listed twice")));
+        }
     }
     if let Some(sel) = &spec.selector {
         check_name(doc, "spec.selector.service", &sel.service)?;

@@ -1139,6 +1139,38 @@ fn a_peered_datacenter_round_trips() {
             .unwrap();
     assert_eq!(only_local.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
 
+    // A second peer exporting b: by default the peerings' order; a Service's failover list
+    // orders them (and leaves out any it does not name).
+    let dc3 = weft_api::peering::PeerState {
+        datacenter: "dc3".into(),
+        trust_domain: "dc3.weft".into(),
+        gateways: vec!["127.0.0.3:15443".into()],
+        ..remote.clone()
+    };
+    let record = mesh.peer("dc2").unwrap();
+    mesh.put_peer(crate::peers::PeerRecord { name: "dc3".into(), remote: Some(dc3), ..record }).unwrap();
+    let order = |failover: Option<serde_json::Value>| {
+        let mut spec = serde_json::json!({});
+        if let Some(f) = failover {
+            spec["failover"] = f;
+        }
+        let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"}, "spec": spec});
+        mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
+        let snapshot = mesh.subscribe().borrow().clone();
+        let (_, endpoints) =
+            weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
+        endpoints.iter().map(|e| (e.address.to_string(), e.priority)).collect::<Vec<_>>()
+    };
+    let ep = |a: &str, p: u32| (a.to_owned(), p);
+    let local = ep("127.0.0.1:7000", 0);
+    assert_eq!(order(None), [local.clone(), ep("127.0.0.2:15443", 1), ep("127.0.0.3:15443", 2)]);
+    let reversed = order(Some(serde_json::json!(["dc3", "dc2"])));
+    assert_eq!(reversed, [local.clone(), ep("127.0.0.3:15443", 1), ep("127.0.0.2:15443", 2)]);
+    assert_eq!(order(Some(serde_json::json!(["dc3"]))), [local.clone(), ep("127.0.0.3:15443", 1)]);
+    assert_eq!(order(Some(serde_json::json!([]))), [local], "failover: [] stays in this datacenter");
+    assert!(mesh.delete_peer("dc3").unwrap());
+    assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
+
     // The peering deleted: nothing of dc2 is left.
     assert!(mesh.delete_peer("dc2").unwrap());
     let snapshot = mesh.subscribe().borrow().clone();
