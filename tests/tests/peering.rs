@@ -44,9 +44,10 @@ fn peer(dc1: &Control, dc2: &Control) {
     let accepted = weft(&["peer", "accept", "--name", "dc2", &token, "--control", &dc1.addr]);
     assert!(accepted.status.success(), "weft peer accept: {}", stderr(&accepted));
     assert!(stdout(&accepted).contains("established with datacenter dc2"), "{}", stdout(&accepted));
-    // The token was for one use.
+    // One peering per peer: the same token again is refused (its secret was for one use too:
+    // `peering_mistakes_are_named`).
     let again = weft(&["peer", "accept", "--name", "dc2-again", &token, "--control", &dc1.addr]);
-    assert!(!again.status.success() && stderr(&again).contains("used already"), "{}", stderr(&again));
+    assert!(!again.status.success() && stderr(&again).contains("one peering per trust domain"), "{}", stderr(&again));
 }
 
 /// Who answered a GET of `url` (the demo app's `x-served-by`), if it was answered with 200.
@@ -229,6 +230,21 @@ fn the_readme_peers_two_datacenters() {
     let Some(fabric) = weft_tests::hosts::Fabric::new(&format!("peer{}", std::process::id() % 1000), 2) else {
         return;
     };
+    // 10 ms each way on every host's link: 20 ms between the datacenters, as on a WAN, where
+    // the kernel has netem (sch_netem); where it has not, said, and the hosts are not delayed.
+    let mut delayed = true;
+    for host in &fabric.hosts {
+        let out = host.run("tc", &["qdisc", "add", "dev", "fab", "root", "netem", "delay", "10ms"]);
+        if !out.status.success() {
+            assert!(stderr(&out).contains("unknown"), "tc netem: {}", stderr(&out));
+            eprintln!(
+                "NOTE: this kernel has no netem ({}); the two datacenters are not 20 ms apart",
+                stderr(&out).trim()
+            );
+            delayed = false;
+            break;
+        }
+    }
     let dir = TestDir::new("peering-readme");
     let blocks = weft_tests::hosts::readme_blocks("Two datacenters", "sh");
     let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
@@ -249,6 +265,12 @@ fn the_readme_peers_two_datacenters() {
     std::fs::copy(dc2.home.join("dc1.token"), dc1.home.join("dc1.token")).unwrap();
     let said = dc1.run_block(&dir, &fabric, &blocks[2]);
     assert!(said[1].contains("hello from backend"), "DC2's backend answered DC1: {said:?}");
+    // A call across takes the WAN's round trip (a new connection: two, with TLS 1.3's).
+    let timed =
+        dc1.command(&fabric, "curl -s -o /dev/null -w '%{time_total}' http://127.0.0.1:18080/").output().unwrap();
+    let took: f64 = stdout(&timed).trim().parse().unwrap_or(0.0);
+    eprintln!("a call from DC1 to DC2's backend (20 ms apart: {delayed}): {:.1} ms", took * 1000.0);
+    assert!(!delayed || took >= 0.020, "the call crossed the 20 ms link: {took}s");
     let peers = &said[2];
     eprintln!("DC1's weft get peers:\n{peers}");
     assert!(peers.contains("dc2") && peers.contains("active") && peers.contains("backend (1/1)"), "{peers}");
@@ -297,4 +319,76 @@ fn a_peering_survives_restarts_of_either_control_plane() {
         assert!(report.failed.is_empty(), "{restarted} restarted: {:?}", report.failed);
         assert!(answered());
     }
+}
+
+/// What can go wrong when peering, each refused (or shown) with its reason, changing nothing.
+#[test]
+fn peering_mistakes_are_named() {
+    let dir = TestDir::new("peering-mistakes");
+    let dc1 = datacenter(&dir, "dc1");
+    let mut dc2 = datacenter(&dir, "dc2");
+    let accept = |name: &str, token: &str| weft(&["peer", "accept", "--name", name, token, "--control", &dc1.addr]);
+    let create = |c: &Control, name: &str, ttl: &str| {
+        let out = weft(&["peer", "create", name, "--ttl", ttl, "--control", &c.addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_owned()
+    };
+    let refused = |out: std::process::Output, why: &str| {
+        assert!(!out.status.success() && stderr(&out).contains(why), "expected {why:?}: {}", stderr(&out));
+    };
+    refused(accept("dc2", "not-a-token"), "not what `weft peer create` prints");
+    let short = create(&dc2, "dc1", "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    refused(accept("dc2", &short), "expired");
+    refused(weft(&["peer", "create", "dc1", "--control", &dc2.addr]), "exists");
+    // A datacenter with DC1's own trust domain cannot be a peer: its identities would be DC1's.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let twin = Control::start_at_with(&dir, &addr, dir.path.join("twin"), &["--trust-domain", "dc1.weft"]);
+    refused(accept("twin", &create(&twin, "dc1", "1h")), "trust domains of their own");
+    // A peer speaks for the trust domain it peered with, and never for this one's: a fake
+    // acceptor, by hand, with a token of DC1's.
+    let token: serde_json::Value = {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(create(&dc1, "fake", "1h")).unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let establish = |td: &str| {
+        let body = serde_json::json!({"secret": token["secret"], "datacenter": "dc9", "trustDomain": td});
+        dc1.call("POST", "/api/v1/peering/establish", Some(&body.to_string()), None)
+    };
+    let (status, answer) = establish("dc1.weft");
+    assert!(status == 400 && answer["error"].as_str().unwrap().contains("this datacenter's own"), "{answer}");
+    let (status, answer) = establish("dc9.weft");
+    assert_eq!(status, 200, "{answer}");
+    let secret = answer["streamSecret"].as_str().unwrap().to_owned();
+    let exchange = |td: &str| {
+        let state = serde_json::json!({"datacenter": "dc9", "trustDomain": td, "namespace": "default",
+            "roots": "", "gateways": [], "services": []});
+        let body = serde_json::json!({"state": state});
+        dc1.call("POST", "/api/v1/peering/exchange", Some(&body.to_string()), Some(&secret))
+    };
+    let (status, answer) = exchange("dc2.weft");
+    assert!(status == 400 && answer["error"].as_str().unwrap().contains("established with trust domain"), "{answer}");
+    assert_eq!(exchange("dc9.weft").0, 200);
+    assert_eq!(establish("dc9.weft").0, 401, "the token's secret was for one use");
+    assert!(weft(&["peer", "delete", "fake", "--control", &dc1.addr]).status.success());
+    // A peer that cannot be reached when its token is accepted.
+    assert!(weft(&["peer", "delete", "dc1", "--control", &dc2.addr]).status.success());
+    let token = create(&dc2, "dc1", "1h");
+    dc2.proc.kill();
+    refused(accept("dc2", &token), "cannot reach");
+    assert!(stdout(&weft(&["get", "peers", "--control", &dc1.addr])).lines().count() <= 1, "nothing was stored");
+    // Established, then the peer goes away: shown as unreachable, with why.
+    dc2 = Control::start_at_with(
+        &dir,
+        &dc2.addr.clone(),
+        dir.path.join("dc2"),
+        &["--datacenter", "dc2", "--trust-domain", "dc2.weft"],
+    );
+    assert!(accept("dc2", &token).status.success());
+    dc2.proc.kill();
+    wait_until(Duration::from_secs(10), "the peering shown unreachable", || {
+        let peers = stdout(&weft(&["get", "peers", "--control", &dc1.addr]));
+        peers.contains("unreachable") && peers.contains("cannot reach")
+    });
 }

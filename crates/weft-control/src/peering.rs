@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -166,6 +167,15 @@ async fn accept(
             ),
         ));
     }
+    if let Some(other) = trust_domain_taken(&mesh, &name, &token.trust_domain) {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "peering {other:?} has trust domain {:?} already; one peering per trust domain",
+                token.trust_domain
+            ),
+        ));
+    }
     let api = client(&token.control, &token.ca, None).map_err(|e| Refused(StatusCode::BAD_REQUEST, e))?;
     let request =
         EstablishRequest { secret: token.secret.clone(), datacenter: own.datacenter, trust_domain: own.trust_domain };
@@ -242,6 +252,22 @@ async fn establish(
             "this peering token has expired; ask for a new one (weft peer create)".into(),
         ));
     }
+    let own = mesh.state_for_peer(&record.name).trust_domain;
+    if req.trust_domain == own || req.trust_domain.is_empty() {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "trust domain {:?} is this datacenter's own; peered datacenters need trust domains of their own",
+                req.trust_domain
+            ),
+        ));
+    }
+    if let Some(other) = trust_domain_taken(&mesh, &record.name, &req.trust_domain) {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!("peering {other:?} here has trust domain {:?} already", req.trust_domain),
+        ));
+    }
     let stream_secret = new_secret();
     record.secret_sha256 = None;
     record.token_expires = None;
@@ -250,6 +276,19 @@ async fn establish(
         Some(PeerState { datacenter: req.datacenter, trust_domain: req.trust_domain, ..Default::default() });
     mesh.put_peer(record).map_err(failed)?;
     Ok(Json(EstablishResponse { stream_secret }).into_response())
+}
+
+/// The peering (other than `name`) that has trust domain `td` already, if any.
+fn trust_domain_taken(mesh: &Mesh, name: &str, td: &str) -> Option<String> {
+    mesh.peers()
+        .into_iter()
+        .find(|r| r.name != name && r.remote.as_ref().is_some_and(|s| s.trust_domain == td))
+        .map(|r| r.name)
+}
+
+/// The trust domain a peering was established with: the only one its peer may speak for.
+fn pinned(record: &PeerRecord) -> Option<&str> {
+    record.remote.as_ref().map(|s| s.trust_domain.as_str()).filter(|td| !td.is_empty())
 }
 
 /// The creator's peering whose exchange secret the caller presents.
@@ -278,6 +317,14 @@ async fn exchange(
     let mut record = caller(&mesh, &headers)?;
     let Json(req) = body.map_err(bad_request)?;
     let name = record.name.clone();
+    if let Some(td) = pinned(&record)
+        && td != req.state.trust_domain
+    {
+        return Err(Refused(
+            StatusCode::BAD_REQUEST,
+            format!("this peering was established with trust domain {td:?}, not {:?}", req.state.trust_domain),
+        ));
+    }
     record.remote = Some(req.state);
     mesh.put_peer(record).map_err(failed)?;
     mesh.peer_synced(&name, None);
@@ -329,8 +376,6 @@ fn client(control: &[String], ca: &str, secret: Option<String>) -> Result<Contro
     };
     Ok(ControlApi::with_tls(endpoint, tls))
 }
-
-use rustls::pki_types::pem::PemObject;
 
 /// Keeps every accepted peering's exchange going (on the elected replica), for as long as the
 /// control plane runs.
@@ -391,6 +436,11 @@ async fn dial(mesh: Arc<Mesh>, name: String) {
         };
         let problem = match answer {
             Ok((status, bytes)) if status.is_success() => match serde_json::from_slice::<ExchangeResponse>(&bytes) {
+                Ok(r) if pinned(&record).is_some_and(|td| td != r.state.trust_domain) => Some(format!(
+                    "the peer speaks for trust domain {:?}, not {:?} it was peered with; its last state stays",
+                    r.state.trust_domain,
+                    pinned(&record).unwrap_or_default()
+                )),
                 Ok(r) => {
                     if !r.state.roots.is_empty() {
                         // The peer's CA signs its API's certificate too: follow its rotations.
@@ -469,6 +519,16 @@ pub fn summaries(mesh: &Mesh) -> Vec<PeerSummary> {
             };
             let exported = mesh.state_for_peer(&r.name).services.into_iter().map(|s| s.name).collect();
             let remote = r.remote.clone().unwrap_or_default();
+            // Services imported through no gateway are unreachable: say so, rather than let
+            // failover find nothing.
+            let error = error.or_else(|| {
+                (state == "active" && !remote.services.is_empty() && remote.gateways.is_empty()).then(|| {
+                    format!(
+                        "datacenter {} runs no serving mesh gateway (weft proxy --mesh-gateway): its services cannot be reached",
+                        remote.datacenter
+                    )
+                })
+            });
             PeerSummary {
                 name: r.name.clone(),
                 state: state.to_owned(),
