@@ -248,7 +248,7 @@ fn the_readme_peers_two_datacenters() {
     let dir = TestDir::new("peering-readme");
     let blocks = weft_tests::hosts::readme_blocks("Two datacenters", "sh");
     let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
-    assert_eq!((blocks.len(), yaml.len()), (3, 1), "the section's three steps and its export.yaml");
+    assert_eq!((blocks.len(), yaml.len()), (3, 2), "the section's three steps, its export.yaml and two-dcs.yaml");
     assert_eq!(yaml[0], EXPORT, "the tests' ExportedServices is the README's");
     let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
     let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
@@ -391,4 +391,52 @@ fn peering_mistakes_are_named() {
         let peers = stdout(&weft(&["get", "peers", "--control", &dc1.addr]));
         peers.contains("unreachable") && peers.contains("cannot reach")
     });
+}
+
+/// `weft up -f two-dcs.yaml`, the README's file (on free ports): two datacenters peered on
+/// this machine; DC1's frontend calls DC1's backend, and DC2's once DC1's is killed.
+#[test]
+fn weft_up_runs_two_peered_datacenters() {
+    let dir = TestDir::new("peering-up");
+    let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
+    let mut file = yaml.iter().find(|b| b.contains("datacenters:")).expect("README: two-dcs.yaml").clone();
+    let (control1, front) = (free_port(), free_port());
+    let ports =
+        [("15010", control1), ("15020", free_port()), ("8080", front), ("9001", free_port()), ("15443", free_port())];
+    for (fixed, port) in ports {
+        file = file
+            .replace(&format!(":{fixed}"), &format!(":{port}"))
+            .replace(&format!(": {fixed}}}"), &format!(": {port}}}"));
+    }
+    let path = dir.path.join("two-dcs.yaml");
+    std::fs::write(&path, &file).unwrap();
+    let mut cmd = std::process::Command::new(weft_bin());
+    cmd.args(["up", "-f", path.to_str().unwrap()]);
+    let up = Proc::spawn(&dir, "up", &mut cmd);
+    wait_until(Duration::from_secs(60), "both datacenters up and peered", || {
+        log_says(&dir, "up", "weft datacenters are up and peered", "dc1, dc2")
+    });
+    let url = format!("http://127.0.0.1:{front}/");
+    let upstream = || curl(&[&url]).filter(|r| r.status == 200).map(|r| r.body).unwrap_or_default();
+    assert!(upstream().contains("upstream (200 OK): hello from backend v1"), "{}", upstream());
+    // DC1's backend killed (its sidecar, `weft run`, and its app): DC2's answers.
+    let cmdline =
+        |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+    let backend = up.children().into_iter().find(|p| cmdline(*p).contains("--id backend-v1-0")).expect("DC1's backend");
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    };
+    let app: Vec<i32> = std::fs::read_to_string(format!("/proc/{backend}/task/{backend}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    kill(backend);
+    app.into_iter().for_each(kill);
+    wait_until(Duration::from_secs(10), "DC2's backend answers DC1's frontend", || {
+        upstream().contains("upstream (200 OK): hello from backend v2")
+    });
+    let peers = stdout(&weft(&["get", "peers", "--control", &format!("127.0.0.1:{control1}")]));
+    eprintln!("{peers}");
+    assert!(peers.contains("dc2") && peers.contains("active"), "{peers}");
 }

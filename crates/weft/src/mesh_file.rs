@@ -35,12 +35,22 @@ pub struct MeshFile {
     /// Service → local port on which a gateway proxy exposes it.
     #[serde(default)]
     pub gateway: BTreeMap<String, u16>,
+    #[serde(default)]
     pub services: Vec<ServiceSection>,
     /// Resources (as `weft apply` takes them) applied once the control plane is up.
     #[serde(default)]
     pub resources: Vec<serde_norway::Value>,
     #[serde(default)]
     pub dashboard: DashboardSection,
+    /// This mesh's datacenter name (`weft control --datacenter`; default dc1); its trust
+    /// domain is `NAME.weft` when it is one of several `datacenters`.
+    pub datacenter: Option<String>,
+    /// Run this datacenter's mesh gateway, listening here (`weft proxy --mesh-gateway`).
+    pub mesh_gateway: Option<SocketAddr>,
+    /// Several datacenters, each a mesh of its own (with the fields above), all peered with
+    /// each other, each naming the others by their datacenter names.
+    #[serde(default)]
+    pub datacenters: Vec<MeshFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,12 +130,59 @@ pub fn parse(name: &str, text: &str) -> anyhow::Result<MeshFile> {
         let reason = inner.split_once(": ").filter(|(p, _)| path.starts_with(p)).map_or(inner.as_str(), |(_, r)| r);
         anyhow::anyhow!("{name}: field {path}: {reason}")
     })?;
-    for (i, s) in file.services.iter().enumerate() {
-        if s.instances == 0 {
-            anyhow::bail!("{name}: field services[{i}].instances: must be at least 1");
+    check(name, "", &file)?;
+    if file.datacenters.is_empty() {
+        if file.services.is_empty() {
+            anyhow::bail!("{name}: field services: lists no service; a mesh file needs services (or datacenters)");
         }
+        return Ok(file);
+    }
+    if !file.services.is_empty() || !file.gateway.is_empty() || !file.resources.is_empty() {
+        anyhow::bail!(
+            "{name}: field datacenters: with datacenters, services, gateway and resources go in each datacenter, not at the top"
+        );
+    }
+    let mut seen: Vec<(&str, SocketAddr)> = Vec::new();
+    for (i, dc) in file.datacenters.iter().enumerate() {
+        let at = format!("datacenters[{i}].");
+        check(name, &at, dc)?;
+        let Some(dc_name) = dc.datacenter.as_deref() else {
+            anyhow::bail!("{name}: field {at}datacenter: each datacenter needs a name");
+        };
+        weft_api::resource::valid_name(dc_name)
+            .map_err(|why| anyhow::anyhow!("{name}: field {at}datacenter: {dc_name:?} {why}"))?;
+        if !dc.datacenters.is_empty() {
+            anyhow::bail!("{name}: field {at}datacenters: datacenters do not nest");
+        }
+        if dc.services.is_empty() {
+            anyhow::bail!("{name}: field {at}services: lists no service");
+        }
+        if let Some(i) = dc.services.iter().position(|s| s.transparent) {
+            anyhow::bail!(
+                "{name}: field {at}services[{i}].transparent: not supported in a datacenter of several (yet)"
+            );
+        }
+        if let Some((other, _)) = seen.iter().find(|(n, l)| *n == dc_name || *l == dc.control.listen) {
+            anyhow::bail!("{name}: field {at}: datacenter {other:?} has this name or control.listen already");
+        }
+        seen.push((dc_name, dc.control.listen));
     }
     Ok(file)
+}
+
+/// The checks of one mesh (the file's, or one datacenter's; `at` prefixes field paths).
+fn check(name: &str, at: &str, file: &MeshFile) -> anyhow::Result<()> {
+    for (i, s) in file.services.iter().enumerate() {
+        if s.instances == 0 {
+            anyhow::bail!("{name}: field {at}services[{i}].instances: must be at least 1");
+        }
+    }
+    if let Some(addr) = file.mesh_gateway
+        && addr.ip().is_unspecified()
+    {
+        anyhow::bail!("{name}: field {at}meshGateway: {addr}: give the address peers reach, not an unspecified one");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -136,5 +193,22 @@ mod tests {
         assert_eq!(demo.services.len(), 3);
         let e = super::parse("m.yaml", "services:\n  - name: a\n    instances: many\n").unwrap_err().to_string();
         assert!(e.starts_with("m.yaml: field services[0].instances: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn datacenters_are_checked_each_and_together() {
+        let dc = |name: &str, port: u16| {
+            format!("  - datacenter: {name}\n    control: {{listen: 127.0.0.1:{port}}}\n    services: [{{name: a}}]\n")
+        };
+        let two = format!("datacenters:\n{}{}", dc("dc1", 1), dc("dc2", 2));
+        assert_eq!(super::parse("m", &two).unwrap().datacenters.len(), 2);
+        let err = |text: &str| super::parse("m", text).unwrap_err().to_string();
+        assert!(err(&format!("datacenters:\n{}{}", dc("dc1", 1), dc("dc1", 2))).contains("datacenters[1]."));
+        assert!(err(&format!("datacenters:\n{}{}", dc("dc1", 1), dc("dc2", 1))).contains("control.listen"));
+        assert!(
+            err(&format!("services: [{{name: a}}]\ndatacenters:\n{}", dc("dc1", 1))).contains("go in each datacenter")
+        );
+        assert!(err("datacenters:\n  - services: [{name: a}]\n").contains("needs a name"));
+        assert!(err("control: {listen: 127.0.0.1:1}\n").contains("lists no service"));
     }
 }

@@ -134,19 +134,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         None => ("the bundled demo mesh".to_owned(), mesh_file::DEMO.to_owned()),
     };
     let file = mesh_file::parse(&name, &text)?;
-    let resources = file
-        .resources
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let kind = v.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
-            weft_api::Resource::from_value(i, v.clone(), kind.as_deref()).map_err(|mut e| {
-                e.file = Some(format!("{name} (resources)"));
-                anyhow::anyhow!("{e}")
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let exe = std::env::current_exe().context("cannot find the weft binary")?.display().to_string();
+    if !file.datacenters.is_empty() {
+        anyhow::ensure!(args.hosts.is_none(), "--hosts: a mesh file with datacenters runs them on this host");
+        return run_datacenters(&file, &name, &exe).await;
+    }
+    let resources = resources_of(&file, &name)?;
 
     let temp = file.control.data_dir.is_none();
     let data_dir = file
@@ -161,6 +154,125 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
     result
+}
+
+/// The resources a mesh file applies at start, checked.
+fn resources_of(file: &MeshFile, name: &str) -> anyhow::Result<Vec<weft_api::Resource>> {
+    file.resources
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let kind = v.get("kind").and_then(|k| k.as_str()).map(str::to_owned);
+            weft_api::Resource::from_value(i, v.clone(), kind.as_deref()).map_err(|mut e| {
+                e.file = Some(format!("{name} (resources)"));
+                anyhow::anyhow!("{e}")
+            })
+        })
+        .collect()
+}
+
+/// Several datacenters on this machine: each a mesh of its own (control plane, trust domain
+/// `NAME.weft`, gateway, mesh gateway, instances), then every pair peered as `weft peer
+/// create` / `weft peer accept` would (each names the other by its datacenter name).
+async fn run_datacenters(file: &MeshFile, name: &str, exe: &str) -> anyhow::Result<()> {
+    let mut meshes: Vec<(Mesh, PathBuf, bool)> = Vec::new();
+    let started = async {
+        for dc in &file.datacenters {
+            let dc_name = dc.datacenter.clone().unwrap_or_default();
+            let resources = resources_of(dc, &format!("{name} ({dc_name})"))?;
+            let temp = dc.control.data_dir.is_none();
+            let data_dir = dc
+                .control
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}-{dc_name}", std::process::id())));
+            let cfg = control_config(dc, &data_dir, &format!("{dc_name}.weft"), Vec::new());
+            let mut mesh = Mesh::start(cfg);
+            let stop = mesh.stop();
+            let result = start_all(&mut mesh, dc, &resources, exe, &data_dir, stop, None).await;
+            meshes.push((mesh, data_dir, temp));
+            result.with_context(|| format!("datacenter {dc_name}"))?;
+        }
+        let dirs: Vec<&std::path::Path> = meshes.iter().map(|(_, d, _)| d.as_path()).collect();
+        peer_all(&file.datacenters, &dirs).await
+    }
+    .await;
+    if started.is_ok() {
+        supervise::stop_signal().await;
+        eprintln!("\nweft up: stopping...");
+    }
+    for (mesh, data_dir, temp) in meshes.into_iter().rev() {
+        mesh.shutdown().await;
+        if temp {
+            let _ = std::fs::remove_dir_all(&data_dir);
+        }
+    }
+    for dc in &file.datacenters {
+        if dc.control.data_dir.is_none() {
+            weft_api::credentials::forget(&dc.control.listen.to_string());
+        }
+    }
+    started
+}
+
+/// Peers every pair of datacenters (`dirs[i]` is the data directory of `dcs[i]`), then waits
+/// until each datacenter's gateway answers for what it exposes.
+async fn peer_all(dcs: &[MeshFile], dirs: &[&std::path::Path]) -> anyhow::Result<()> {
+    let api = |i: usize| -> anyhow::Result<Api> {
+        let admin = std::fs::read_to_string(dirs[i].join("admin.token")).context("cannot read the admin credential")?;
+        Api::with(ControlEndpoint {
+            address: dcs[i].control.listen.to_string(),
+            ca_file: dirs[i].join("ca").join("trust-bundle.pem"),
+            credential: Some(admin.trim().to_owned()),
+        })
+    };
+    let name = |i: usize| dcs[i].datacenter.clone().unwrap_or_default();
+    for i in 0..dcs.len() {
+        for j in i + 1..dcs.len() {
+            let (status, v) = api(j)?
+                .call(hyper::Method::POST, "/api/v1/peers", Some(serde_json::json!({ "name": name(i) })))
+                .await?;
+            anyhow::ensure!(status.is_success(), "datacenter {}: cannot make a peering token: {}", name(j), v["error"]);
+            let body = serde_json::json!({ "name": name(j), "token": v["token"] });
+            let (status, v) = api(i)?.call(hyper::Method::POST, "/api/v1/peers/accept", Some(body)).await?;
+            anyhow::ensure!(
+                status.is_success(),
+                "datacenter {}: cannot peer with {}: {}",
+                name(i),
+                name(j),
+                v["error"]
+            );
+            eprintln!("weft up: datacenters {} and {} peered", name(i), name(j));
+        }
+    }
+    // Each gateway answers for every service it exposes (a service only a peer runs, once its
+    // endpoints have arrived).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for dc in dcs {
+        for (svc, port) in &dc.gateway {
+            loop {
+                let answered = tokio::process::Command::new("curl")
+                    .args(["-s", "-f", "-o", "/dev/null", "--max-time", "2", &format!("http://127.0.0.1:{port}/")])
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.success());
+                if answered {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "datacenter {}: its gateway did not answer for {svc} within 15s of the peering",
+                    dc.datacenter.as_deref().unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    println!(
+        "weft datacenters are up and peered: {}",
+        dcs.iter().map(|d| d.datacenter.clone().unwrap_or_default()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
 }
 
 /// What `up` starts logs warnings only (unless `WEFT_LOG` says otherwise): the banner is the
@@ -181,16 +293,36 @@ struct Mesh {
     instances_stop: watch::Sender<bool>,
     instances: tokio::task::JoinSet<()>,
     gateway: Option<Sidecar>,
+    mesh_gateway: Option<Sidecar>,
     control_stop: watch::Sender<bool>,
     control: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Mesh {
+    /// Starts the control plane (in this process); the rest is started by [`start_all`].
+    fn start(cfg: weft_control::ControlConfig) -> Mesh {
+        let (control_stop, control_rx) = watch::channel(false);
+        let (instances_stop, _) = watch::channel(false);
+        Mesh {
+            instances_stop,
+            instances: tokio::task::JoinSet::new(),
+            gateway: None,
+            mesh_gateway: None,
+            control_stop,
+            control: tokio::spawn(weft_control::run(cfg, stopped(control_rx))),
+        }
+    }
+
+    /// What the instances watch to stop.
+    fn stop(&self) -> watch::Receiver<bool> {
+        self.instances_stop.subscribe()
+    }
+
     async fn shutdown(mut self) {
-        // Instances first (their sidecars deregister), then the gateway, then the control plane.
+        // Instances first (their sidecars deregister), then the gateways, then the control plane.
         let _ = self.instances_stop.send(true);
         while self.instances.join_next().await.is_some() {}
-        if let Some(g) = self.gateway.take() {
+        for g in [self.gateway.take(), self.mesh_gateway.take()].into_iter().flatten() {
             g.stop().await;
         }
         let _ = self.control_stop.send(true);
@@ -232,31 +364,10 @@ async fn run_mesh(
         }
         None => None,
     };
-    let cfg = weft_control::ControlConfig {
-        store: weft_control::Backend::Embedded,
-        listen,
-        data_dir: data_dir.clone(),
-        reconnect_grace: Duration::from_secs(15),
-        ca: weft_control::CaConfig {
-            trust_domain: weft_api::identity::DEFAULT_TRUST_DOMAIN.into(),
-            datacenter: weft_api::peering::DEFAULT_DATACENTER.into(),
-            namespace: weft_api::identity::DEFAULT_NAMESPACE.into(),
-            cert_ttl: Duration::from_secs(24 * 3600),
-            provided: None,
-        },
-        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress },
-        server_names: relay.iter().map(|(at, _)| at.ip().to_string()).collect(),
-        plaintext_xds: None,
-    };
-    let (control_stop, control_rx) = watch::channel(false);
-    let (instances_stop, stop) = watch::channel(false);
-    let mut mesh = Mesh {
-        instances_stop,
-        instances: tokio::task::JoinSet::new(),
-        gateway: None,
-        control_stop,
-        control: tokio::spawn(weft_control::run(cfg, stopped(control_rx))),
-    };
+    let server_names = relay.iter().map(|(at, _)| at.ip().to_string()).collect();
+    let cfg = control_config(file, &data_dir, weft_api::identity::DEFAULT_TRUST_DOMAIN, server_names);
+    let mut mesh = Mesh::start(cfg);
+    let stop = mesh.stop();
     let transparent = relay
         .as_ref()
         .map(|(at, _)| Transparent { control: *at, hosts: hosts.as_ref().map(|h| h.hosts()).unwrap_or_default() });
@@ -273,6 +384,31 @@ async fn run_mesh(
     drop(bridge);
     drop(hosts);
     result
+}
+
+/// The control plane of a mesh file (or of one of its datacenters).
+fn control_config(
+    file: &MeshFile,
+    data_dir: &std::path::Path,
+    trust_domain: &str,
+    server_names: Vec<String>,
+) -> weft_control::ControlConfig {
+    weft_control::ControlConfig {
+        store: weft_control::Backend::Embedded,
+        listen: file.control.listen,
+        data_dir: data_dir.to_owned(),
+        reconnect_grace: Duration::from_secs(15),
+        ca: weft_control::CaConfig {
+            trust_domain: trust_domain.into(),
+            datacenter: file.datacenter.clone().unwrap_or_else(|| weft_api::peering::DEFAULT_DATACENTER.into()),
+            namespace: weft_api::identity::DEFAULT_NAMESPACE.into(),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            provided: None,
+        },
+        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress },
+        server_names,
+        plaintext_xds: None,
+    }
 }
 
 /// Passes each connection accepted on `listener` on to `to`.
@@ -339,6 +475,17 @@ async fn start_all(
         args.token = Some(join_token(&api, weft_api::names::GATEWAY).await?);
         let gateway = Sidecar::start(&args, &quiet_log()).await.context("cannot start the gateway")?;
         mesh.gateway = Some(gateway);
+    }
+    if let Some(addr) = file.mesh_gateway {
+        let flags = ["--mesh-gateway", &addr.to_string(), "--id", weft_api::peering::MESH_GATEWAY, "--control"]
+            .map(str::to_owned)
+            .into_iter()
+            .chain([listen.to_string(), "--ca-file".into(), ca_file.display().to_string()])
+            .collect::<Vec<_>>();
+        let mut args = ProxyArgs::from_flags(&flags)?;
+        args.token = Some(join_token(&api, weft_api::peering::MESH_GATEWAY).await?);
+        let gateway = Sidecar::start(&args, &quiet_log()).await.context("cannot start the mesh gateway")?;
+        mesh.mesh_gateway = Some(gateway);
     }
     let mut planned = plan(file, exe, &ca_file, transparent)?;
     let mut tokens = std::collections::HashMap::new();
@@ -514,6 +661,12 @@ fn banner(
     println!("weft mesh is up\n");
     println!("  control plane  {}   (xDS + API; data in {})", file.control.listen, data_dir.display());
     println!("  dashboard      http://{dashboard}/");
+    if let Some(dc) = &file.datacenter {
+        println!("  datacenter     {dc}");
+    }
+    if let Some(addr) = file.mesh_gateway {
+        println!("  mesh gateway   {addr}   (peers' sidecars reach this datacenter's exported services here)");
+    }
     if let Some(admin) = gateway_admin {
         for (svc, port) in &file.gateway {
             println!("  gateway        {svc:<10} http://127.0.0.1:{port}/");
