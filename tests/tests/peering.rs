@@ -391,6 +391,12 @@ fn peering_mistakes_are_named() {
         let peers = stdout(&weft(&["get", "peers", "--control", &dc1.addr]));
         peers.contains("unreachable") && peers.contains("cannot reach")
     });
+    let check = weft(&["check", "--control", &dc1.addr]);
+    let said = stdout(&check);
+    assert!(
+        !check.status.success() && said.contains("peering dc2 is active") && said.contains("cannot reach"),
+        "{said}"
+    );
 }
 
 /// `weft up -f two-dcs.yaml`, the README's file (on free ports): two datacenters peered on

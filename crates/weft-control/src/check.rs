@@ -46,7 +46,52 @@ pub fn run(mesh: &Mesh) -> Vec<Check> {
     out.extend(certificates(mesh));
     out.extend(references(mesh));
     out.push(tracing(mesh));
+    out.extend(peerings(mesh));
     out
+}
+
+/// Each peering: exchanging with its peer, or why not.
+fn peerings(mesh: &Mesh) -> Vec<Check> {
+    crate::peering::summaries(mesh)
+        .into_iter()
+        .map(|p| {
+            let name = format!("peering {} is active", p.name);
+            let peer = p.datacenter.clone().unwrap_or_else(|| "?".into());
+            match (p.state.as_str(), p.error) {
+                ("active", None) => Check::ok(
+                    &name,
+                    format!("datacenter {peer}: {} services imported, {} exported", p.imported.len(), p.exported.len()),
+                ),
+                ("pending", _) => Check::bad(
+                    &name,
+                    Status::Warn,
+                    "its token has not been accepted yet",
+                    format!("in the other datacenter: weft peer accept --name NAME TOKEN (the token `weft peer create {}` printed)", p.name),
+                ),
+                ("expired", _) => Check::bad(
+                    &name,
+                    Status::Fail,
+                    "its token expired before the other datacenter accepted it",
+                    format!("weft peer delete {0}, then weft peer create {0} again", p.name),
+                ),
+                ("terminated", _) => Check::bad(
+                    &name,
+                    Status::Fail,
+                    format!("datacenter {peer} deleted this peering; nothing of it is imported"),
+                    format!("weft peer delete {}; peer again with a new token if it is still wanted", p.name),
+                ),
+                (_, error) => Check::bad(
+                    &name,
+                    Status::Fail,
+                    format!(
+                        "datacenter {peer}: {} (its last state stays in force)",
+                        error.unwrap_or_else(|| "no exchange with it lately".into())
+                    ),
+                    "check that the peer's control plane runs and is reachable from this one, and its mesh gateway serves",
+                ),
+            }
+        })
+        .collect()
 }
 
 /// Telemetry that switches tracing on with no collector to send spans to: the mesh's names
