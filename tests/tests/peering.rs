@@ -125,6 +125,13 @@ fn a_peer_datacenter_takes_over_when_local_instances_die_and_gives_back_when_the
     assert!(late.is_empty(), "requests failed after the failover window: {late:?}");
     assert!(report.ok > 500, "{report:?}");
     let _ = killed_at;
+    // DC1's caller labels what DC2 answered with DC2's identity, what DC1 answered with DC1's.
+    let edge_metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", edge.admin())]));
+    for td in ["dc1.weft", "dc2.weft"] {
+        let callee = format!(r#"peer_identity="spiffe://{td}/ns/default/sa/backend""#);
+        let n = metric_sum(&edge_metrics, "weft_requests_total", &["direction=\"outbound\"", &callee]);
+        assert!(n > 0.0, "no outbound request labelled {callee}:\n{edge_metrics}");
+    }
     // The gateway passed TLS through: it counted connections, never an HTTP request.
     let metrics = run("curl", &["-s", &format!("http://127.0.0.1:{gateway_admin}/metrics")]);
     let metrics = stdout(&metrics);

@@ -388,7 +388,7 @@ fn endpoints_made_of(members: &[&Instance], remote: &[Remote<'_>]) -> u64 {
         (&i.id, &i.registration.inbound, &i.registration.labels, i.serving()).hash(&mut h);
     }
     for r in remote {
-        (r.datacenter, r.gateways, r.serving).hash(&mut h);
+        (r.datacenter, r.gateways, r.serving, &r.identity).hash(&mut h);
     }
     h.finish()
 }
@@ -398,7 +398,12 @@ fn endpoints_made_of(members: &[&Instance], remote: &[Remote<'_>]) -> u64 {
 fn remotes<'a>(settings: &'a Settings, service: &str, order: Option<&[String]>) -> Vec<Remote<'a>> {
     let exporting = settings.peers.values().filter_map(|p| {
         let s = p.services.iter().find(|s| s.name == service)?;
-        Some(Remote { datacenter: &p.datacenter, gateways: &p.gateways, serving: s.healthy > 0 })
+        Some(Remote {
+            datacenter: &p.datacenter,
+            gateways: &p.gateways,
+            serving: s.healthy > 0,
+            identity: spiffe_id(&p.trust_domain, &p.namespace, service),
+        })
     });
     match order {
         None => exporting.collect(),

@@ -469,12 +469,14 @@ fn lb_endpoint(addr: &str, health: HealthStatus, instance: Option<&Instance>) ->
 
 /// A peer datacenter's instances of a service, as this datacenter reaches them: through the
 /// peer's mesh gateways, which stand for all of them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Remote<'a> {
     pub datacenter: &'a str,
     pub gateways: &'a [String],
     /// Whether any of the peer's instances serves.
     pub serving: bool,
+    /// The SPIFFE ID its instances of the service prove.
+    pub identity: String,
 }
 
 /// The instances of a service by zone; `near` (a caller's zone) puts that zone's at priority 0
@@ -507,7 +509,7 @@ pub(super) fn load_assignment(
         let health = if r.serving { HealthStatus::Healthy } else { HealthStatus::Unhealthy };
         LocalityLbEndpoints {
             locality: Some(Locality { region: r.datacenter.to_owned(), ..Default::default() }),
-            lb_endpoints: r.gateways.iter().map(|g| remote_endpoint(g, health, r.datacenter)).collect(),
+            lb_endpoints: r.gateways.iter().map(|g| remote_endpoint(g, health, r)).collect(),
             load_balancing_weight: Some(UInt32Value { value: 1 }),
             priority: local_levels + i as u32,
             ..Default::default()
@@ -520,9 +522,13 @@ pub(super) fn load_assignment(
     }
 }
 
-/// A peer's mesh gateway standing for its instances of a service (labelled `datacenter`).
-fn remote_endpoint(gateway: &str, health: HealthStatus, datacenter: &str) -> LbEndpoint {
-    let fields = HashMap::from([("datacenter".to_owned(), string_value(datacenter))]);
+/// A peer's mesh gateway standing for its instances of a service (labelled with the
+/// `datacenter` and the `identity` they prove).
+fn remote_endpoint(gateway: &str, health: HealthStatus, remote: &Remote<'_>) -> LbEndpoint {
+    let fields = HashMap::from([
+        ("datacenter".to_owned(), string_value(remote.datacenter)),
+        ("identity".to_owned(), string_value(&remote.identity)),
+    ]);
     LbEndpoint {
         metadata: Some(Metadata {
             filter_metadata: HashMap::from([(names::ENDPOINT_METADATA_NAMESPACE.to_owned(), Struct { fields })]),

@@ -1122,6 +1122,10 @@ fn a_peered_datacenter_round_trips() {
         .map(|e| (e.address.to_string(), e.priority, e.labels.get("datacenter").map(String::as_str)))
         .collect();
     assert_eq!(found, vec![("127.0.0.1:7000".into(), 0, None), ("127.0.0.2:15443".into(), 1, Some("dc2"))]);
+    assert_eq!(
+        endpoints[1].labels["identity"], "spiffe://dc2.weft/ns/default/sa/b",
+        "what a call there is labelled with"
+    );
     let (_, bundle) = weft_proxy::config::tls::bundle(&get(Type::Secret, &a, weft_api::identity::ROOT_SECRET)).unwrap();
     assert_eq!(bundle.trust_domain.as_deref(), Some("dc1.weft"));
     assert_eq!(bundle.peers.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(), ["dc2.weft"]);

@@ -33,6 +33,15 @@ pub struct EndpointSet {
     /// `ready` is ordered by priority: where each priority's endpoints end in it, in order
     /// (one entry, `ready.len()`, when there is one priority).
     levels: Vec<usize>,
+    /// Whether any endpoint stands for a peer datacenter (proving an identity of its own).
+    pub peered: bool,
+}
+
+impl EndpointSet {
+    /// The identity of a peer datacenter's instances behind endpoint `addr`, if it is one.
+    pub fn peer_identity(&self, addr: std::net::SocketAddr) -> Option<Arc<str>> {
+        self.all.iter().find(|e| e.addr == addr)?.identity.clone()
+    }
 }
 
 impl EndpointSet {
@@ -48,7 +57,8 @@ impl EndpointSet {
             LoadBalancer::Maglev => Some(HashTable::maglev(&addrs)),
             _ => None,
         };
-        EndpointSet { ready, all, hash, levels }
+        let peered = all.iter().any(|e| e.identity.is_some());
+        EndpointSet { ready, all, hash, levels, peered }
     }
 }
 

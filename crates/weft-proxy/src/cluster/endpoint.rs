@@ -58,6 +58,9 @@ pub struct Endpoint {
     /// Its locality's priority (0 first).
     pub priority: u32,
     pub labels: BTreeMap<String, String>,
+    /// The identity a peer datacenter's instances prove behind this endpoint (its mesh
+    /// gateway; from the `identity` label), which a request sent here is labelled with.
+    pub identity: Option<std::sync::Arc<str>>,
     connector: Arc<dyn Connect>,
     /// The cluster's TLS origination (shared with the cluster, which updates it).
     tls: Arc<ArcSwapOption<UpstreamTls>>,
@@ -274,6 +277,7 @@ impl Endpoint {
             addr,
             healthy: AtomicBool::new(healthy),
             priority,
+            identity: labels.get("identity").map(|i| i.as_str().into()),
             labels,
             connector,
             tls,

@@ -103,6 +103,12 @@ pub fn forward_body<'a>(
         let resend = retry.is_some() || (plan.failover.max_endpoints > 1 && view.set.ready.len() > 1);
         exchange.prepare(h2, downstream, resend.then_some(policy.replay_limit));
         let mut resp = std::pin::pin!(attempt::run(&mut exchange, &view, route.hash, &plan, &mut rec.attempts)).await?;
+        // Answered by a peer datacenter's instance: its identity, not this datacenter's.
+        if view.set.peered
+            && let Some(identity) = rec.attempts.last().and_then(|a| view.set.peer_identity(a.endpoint))
+        {
+            rec.upstream_identity = Some(identity);
+        }
         if !h2 {
             strip_hop_by_hop(resp.headers_mut(), false);
         }
