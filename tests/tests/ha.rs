@@ -669,3 +669,35 @@ fn the_readme_runs_for_real_on_three_hosts() {
     wait_until(Duration::from_secs(30), "two replicas", || replicas(&shells[2]) == 2);
     assert!(call(), "hello answers with two replicas");
 }
+
+/// A datacenter whose control plane runs on etcd peers like any other, and the secret of its
+/// peering is sealed in etcd under the store key (as the CA's key is), never in the clear.
+#[test]
+fn a_peering_on_etcd_is_sealed_there() {
+    let dir = TestDir::new("ha-peering");
+    let etcd = Etcd::start(&dir, 1);
+    let key = dir.path.join("store.key");
+    std::fs::write(&key, "5f".repeat(32)).unwrap();
+    let dc1 = replica_with(&dir, &etcd, &key, "a", &["--datacenter", "dc1", "--trust-domain", "dc1.weft"]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dc2 = Control::start_at_with(
+        &dir,
+        &addr,
+        dir.path.join("dc2"),
+        &["--datacenter", "dc2", "--trust-domain", "dc2.weft"],
+    );
+    let made = weft(&["peer", "create", "dc1", "--control", &dc2.addr]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let accepted = weft(&["peer", "accept", "--name", "dc2", stdout(&made).trim(), "--control", &dc1.addr]);
+    assert!(accepted.status.success(), "{}", stderr(&accepted));
+    wait_until(Duration::from_secs(10), "the peering active on etcd", || {
+        stdout(&weft(&["get", "peers", "--control", &dc1.addr])).contains("active")
+    });
+    let endpoints =
+        etcd.url.trim_start_matches("etcd://").split(',').map(|e| format!("http://{e}")).collect::<Vec<_>>();
+    let dump = run("etcdctl", &["--endpoints", &endpoints.join(","), "get", "--prefix", "/weft/v1/peers/"]);
+    assert!(dump.status.success(), "{}", stderr(&dump));
+    let dump = stdout(&dump);
+    assert!(dump.contains("/weft/v1/peers/dc2"), "the peering is in etcd: {dump}");
+    assert!(!dump.contains("streamSecret") && !dump.contains("dc2.weft"), "a peering in etcd in the clear: {dump}");
+}

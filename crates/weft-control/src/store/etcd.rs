@@ -95,6 +95,29 @@ impl StoreKey {
         [b"weft1".as_slice(), &nonce, &sealed].concat()
     }
 
+    /// A row of a table that holds secrets ([`Table::sealed`]) as etcd keeps it: sealed under
+    /// its etcd key, base64; any other row as it is.
+    fn seal_row(&self, table: Table, key: &str, value: &str) -> String {
+        use base64::Engine;
+        if !table.sealed() {
+            return value.to_owned();
+        }
+        base64::engine::general_purpose::STANDARD.encode(self.seal(&key_of(table, key), value.as_bytes()))
+    }
+
+    /// A row as etcd keeps it, opened ([`StoreKey::seal_row`]).
+    fn open_row(&self, table: Table, key: &str, stored: &str) -> anyhow::Result<String> {
+        use base64::Engine;
+        if !table.sealed() {
+            return Ok(stored.to_owned());
+        }
+        let name = key_of(table, key);
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(stored)
+            .map_err(|_| anyhow::anyhow!("{name} in etcd is not sealed as weft seals it"))?;
+        String::from_utf8(self.open(&name, &sealed)?).map_err(|_| anyhow::anyhow!("{name} in etcd is not text"))
+    }
+
     fn open(&self, name: &str, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
         use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
         let body = sealed.strip_prefix(b"weft1").filter(|b| b.len() >= 12 + 16);
@@ -308,8 +331,9 @@ impl Etcd {
         let revision = all.header().map(|h| h.revision()).unwrap_or(0);
         let mut loaded: BTreeMap<&'static str, Vec<(String, String)>> = BTreeMap::new();
         for kv in all.kvs() {
-            if let Some((table, key)) = parse_key(kv.key()) {
-                loaded.entry(table.name()).or_default().push((key, kv.value_str()?.to_owned()));
+            if let Some((table, row)) = parse_key(kv.key()) {
+                let value = key.open_row(table, &row, kv.value_str()?)?;
+                loaded.entry(table.name()).or_default().push((row, value));
             }
         }
         let lease = Arc::new(AtomicI64::new(lease));
@@ -321,7 +345,7 @@ impl Etcd {
             })
             .await
             .context("cannot watch etcd")?;
-        tokio::spawn(follow(members.clone(), watch, revision + 1, lease.clone(), events_tx.clone()));
+        tokio::spawn(follow(members.clone(), watch, revision + 1, lease.clone(), events_tx.clone(), key.clone()));
         tokio::spawn(keep_alive(members.clone(), lease.clone(), ttl, healthy.clone(), events_tx));
         let (queue, rx) = mpsc::unbounded_channel();
         let (done, committed) = watch::channel(0);
@@ -346,7 +370,8 @@ impl Etcd {
             .map(|w| {
                 let (table, key, value) = w.parts();
                 let if_held = matches!(w, Write::UpdateInstance(..) | Write::ReleaseInstance(..));
-                Op { table, key: key.to_owned(), value: value.map(str::to_owned), if_held }
+                let value = value.map(|v| self.key.seal_row(table, key, v));
+                Op { table, key: key.to_owned(), value, if_held }
             })
             .collect();
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -576,6 +601,7 @@ async fn follow(
     mut from: i64,
     lease: Arc<AtomicI64>,
     events: mpsc::UnboundedSender<Event>,
+    sealing: StoreKey,
 ) {
     let secrets = format!("{PREFIX}secrets/");
     loop {
@@ -624,7 +650,15 @@ async fn follow(
             from = from.max(kv.mod_revision() + 1);
             let Some((table, key)) = parse_key(kv.key()) else { continue };
             let value = match ev.event_type() {
-                EventType::Put => kv.value_str().ok().map(str::to_owned),
+                EventType::Put => {
+                    match kv.value_str().map_err(anyhow::Error::from).and_then(|v| sealing.open_row(table, &key, v)) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            tracing::error!(key = %key, error = %e, "a row in etcd cannot be read; ignored");
+                            continue;
+                        }
+                    }
+                }
                 EventType::Delete => None,
             };
             let ours = table == Table::Instances && kv.lease() == lease.load(Ordering::Relaxed) && kv.lease() != 0;
@@ -776,6 +810,20 @@ mod tests {
         assert!(e.contains("store key is not the one it was written with"), "{e}");
         let e = StoreKey::parse("abc", "key.hex").err().unwrap().to_string();
         assert!(e.starts_with("key.hex: the store key must be 64 hexadecimal digits"), "{e}");
+    }
+
+    #[test]
+    fn peerings_are_sealed_in_etcd_and_other_rows_are_not() {
+        let key = StoreKey::parse(&"ab".repeat(32), "test").unwrap();
+        let row = r#"{"name":"dc2","streamSecret":"s3cr3t"}"#;
+        let stored = key.seal_row(Table::Peers, "dc2", row);
+        assert!(!stored.contains("s3cr3t") && !stored.contains("streamSecret"), "stored in the clear: {stored}");
+        assert_eq!(key.open_row(Table::Peers, "dc2", &stored).unwrap(), row);
+        assert!(key.open_row(Table::Peers, "dc3", &stored).is_err(), "bound to its row");
+        let other = StoreKey::parse(&"cd".repeat(32), "test").unwrap();
+        assert!(other.open_row(Table::Peers, "dc2", &stored).unwrap_err().to_string().contains("store key"));
+        assert_eq!(key.seal_row(Table::Resources, "Service/a", "{}"), "{}", "only secret tables are sealed");
+        assert_eq!(key.open_row(Table::Resources, "Service/a", "{}").unwrap(), "{}");
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl Table {
         }
     }
 
+    /// Whether the table's rows hold secrets (a peering's exchange secret): etcd keeps them
+    /// sealed under the store key, as it keeps the CA's key.
+    pub fn sealed(self) -> bool {
+        self == Table::Peers
+    }
+
     pub(super) fn of(name: &str) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.name() == name)
     }
