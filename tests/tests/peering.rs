@@ -453,3 +453,45 @@ fn weft_up_runs_two_peered_datacenters() {
     eprintln!("{peers}");
     assert!(peers.contains("dc2") && peers.contains("active"), "{peers}");
 }
+
+/// A route in DC1 may name a service only DC2 runs: an HTTPRoute splitting DC1's `backend`
+/// half to DC2's `reports` sends about half of the requests across, through DC2's gateway.
+#[test]
+fn a_route_splits_to_a_service_of_the_peer() {
+    let dir = TestDir::new("peering-split");
+    let dc1 = datacenter(&dir, "dc1");
+    let dc2 = datacenter(&dir, "dc2");
+    let _reports = Instance::start(&dir, &dc2.addr, "reports", "v1", "dc2-reports-0", &[]);
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
+    let export = EXPORT.replace("name: backend", "name: reports");
+    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", &export).status.success());
+    let _local = Instance::start(&dir, &dc1.addr, "backend", "v1", "dc1-backend-0", &[]);
+    wait_until(Duration::from_secs(15), "instances healthy", || {
+        dc1.healthy_ids("backend").len() == 1 && dc2.healthy_ids("reports").len() == 1
+    });
+    peer(&dc1, &dc2);
+    let split = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: half-to-dc2}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+  - backendRefs: [{name: backend, weight: 50}, {name: reports, weight: 50}]
+";
+    let out = apply_yaml(&dir, &dc1.addr, "split.yaml", split);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    wait_until(Duration::from_secs(10), "the split reaches DC2", || {
+        served_by(&edge.url("backend", "/")).as_deref() == Some("dc2-reports-0")
+    });
+    let mut across = 0;
+    for _ in 0..200 {
+        match served_by(&edge.url("backend", "/")).as_deref() {
+            Some("dc2-reports-0") => across += 1,
+            Some("dc1-backend-0") => {}
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    assert!((60..=140).contains(&across), "{across} of 200 went to DC2 (50% asked)");
+}
