@@ -36,6 +36,30 @@ fn mesh_gateway(dir: &TestDir, control: &Control, id: &str, addr: &str) -> (Proc
     (proc, admin)
 }
 
+/// Two datacenters' control planes, DC2 running an instance of `service` behind its mesh
+/// gateway and exporting it to DC1; not peered yet.
+struct Exporting {
+    dc1: Control,
+    dc2: Control,
+    remote: Instance,
+    /// The mesh gateway and its admin port.
+    gateway: (Proc, u16),
+    gateway_addr: String,
+}
+
+fn exporting(dir: &TestDir, service: &str) -> Exporting {
+    let dc1 = datacenter(dir, "dc1");
+    let dc2 = datacenter(dir, "dc2");
+    let remote = Instance::start(dir, &dc2.addr, service, "v1", &format!("dc2-{service}-0"), &[]);
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let gateway = mesh_gateway(dir, &dc2, "dc2-gateway", &gateway_addr);
+    let export = EXPORT.replace("name: backend", &format!("name: {service}"));
+    let out = apply_yaml(dir, &dc2.addr, "export.yaml", &export);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(Duration::from_secs(15), "DC2's instance healthy", || dc2.healthy_ids(service).len() == 1);
+    Exporting { dc1, dc2, remote, gateway, gateway_addr }
+}
+
 /// Peers DC1 and DC2 as the README shows: DC2 makes a token for DC1, DC1 accepts it.
 fn peer(dc1: &Control, dc2: &Control) {
     let made = weft(&["peer", "create", "dc1", "--control", &dc2.addr]);
@@ -59,17 +83,9 @@ fn served_by(url: &str) -> Option<String> {
 #[test]
 fn a_peer_datacenter_takes_over_when_local_instances_die_and_gives_back_when_they_return() {
     let dir = TestDir::new("peering-failover");
-    let dc1 = datacenter(&dir, "dc1");
-    let dc2 = datacenter(&dir, "dc2");
-    let remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let (_gateway, gateway_admin) = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
-    let out = apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let Exporting { dc1, dc2, remote, gateway: (_gateway, gateway_admin), gateway_addr } = exporting(&dir, "backend");
     let mut local = Instance::start(&dir, &dc1.addr, "backend", "v1", "dc1-backend-0", &[]);
-    wait_until(Duration::from_secs(15), "backends healthy", || {
-        dc1.healthy_ids("backend").len() == 1 && dc2.healthy_ids("backend").len() == 1
-    });
+    wait_until(Duration::from_secs(15), "DC1's backend healthy", || dc1.healthy_ids("backend").len() == 1);
     let edge = Edge::start(&dir, &dc1, &["backend"]);
     peer(&dc1, &dc2);
 
@@ -143,13 +159,7 @@ fn a_peer_datacenter_takes_over_when_local_instances_die_and_gives_back_when_the
 #[test]
 fn identities_cross_datacenters_as_they_are_and_trust_stops_at_each_trust_domain() {
     let dir = TestDir::new("peering-identity");
-    let dc1 = datacenter(&dir, "dc1");
-    let dc2 = datacenter(&dir, "dc2");
-    let remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
-    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT).status.success());
-    wait_until(Duration::from_secs(15), "DC2's backend healthy", || dc2.healthy_ids("backend").len() == 1);
+    let Exporting { dc1, dc2, remote, gateway: _gateway, .. } = exporting(&dir, "backend");
     // DC1 declares backend but runs no instance of it.
     let declared = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {}\n";
     assert!(apply_yaml(&dir, &dc1.addr, "backend.yaml", declared).status.success());
@@ -288,13 +298,7 @@ fn the_readme_peers_two_datacenters() {
 #[test]
 fn a_peering_survives_restarts_of_either_control_plane() {
     let dir = TestDir::new("peering-restart");
-    let mut dc1 = datacenter(&dir, "dc1");
-    let mut dc2 = datacenter(&dir, "dc2");
-    let _remote = Instance::start(&dir, &dc2.addr, "backend", "v1", "dc2-backend-0", &[]);
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
-    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", EXPORT).status.success());
-    wait_until(Duration::from_secs(15), "DC2's backend healthy", || dc2.healthy_ids("backend").len() == 1);
+    let Exporting { mut dc1, mut dc2, remote: _remote, gateway: _gateway, gateway_addr } = exporting(&dir, "backend");
     let edge = Edge::start(&dir, &dc1, &["backend"]);
     peer(&dc1, &dc2);
     let answered = || served_by(&edge.url("backend", "/")).as_deref() == Some("dc2-backend-0");
@@ -459,17 +463,9 @@ fn weft_up_runs_two_peered_datacenters() {
 #[test]
 fn a_route_splits_to_a_service_of_the_peer() {
     let dir = TestDir::new("peering-split");
-    let dc1 = datacenter(&dir, "dc1");
-    let dc2 = datacenter(&dir, "dc2");
-    let _reports = Instance::start(&dir, &dc2.addr, "reports", "v1", "dc2-reports-0", &[]);
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let _gateway = mesh_gateway(&dir, &dc2, "dc2-gateway", &gateway_addr);
-    let export = EXPORT.replace("name: backend", "name: reports");
-    assert!(apply_yaml(&dir, &dc2.addr, "export.yaml", &export).status.success());
+    let Exporting { dc1, dc2, remote: _reports, gateway: _gateway, .. } = exporting(&dir, "reports");
     let _local = Instance::start(&dir, &dc1.addr, "backend", "v1", "dc1-backend-0", &[]);
-    wait_until(Duration::from_secs(15), "instances healthy", || {
-        dc1.healthy_ids("backend").len() == 1 && dc2.healthy_ids("reports").len() == 1
-    });
+    wait_until(Duration::from_secs(15), "DC1's backend healthy", || dc1.healthy_ids("backend").len() == 1);
     peer(&dc1, &dc2);
     let split = "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

@@ -66,6 +66,19 @@ fn failed(e: impl std::fmt::Display) -> Refused {
     Refused(StatusCode::INTERNAL_SERVER_ERROR, format!("the control plane could not store the peering: {e}"))
 }
 
+/// Whether `name` may name a new peering: a valid name no peering has.
+fn fresh_name(mesh: &Mesh, name: &str) -> Result<(), Refused> {
+    weft_api::resource::valid_name(name)
+        .map_err(|why| Refused(StatusCode::BAD_REQUEST, format!("peer name {name:?} {why}")))?;
+    if mesh.peer(name).is_some() {
+        return Err(Refused(
+            StatusCode::CONFLICT,
+            format!("a peering named {name:?} exists; delete it first (weft peer delete {name}) or pick another name"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CreateBody {
@@ -82,14 +95,7 @@ async fn create(
 ) -> Answer {
     let Json(body) = body.map_err(bad_request)?;
     let name = body.peer.name;
-    weft_api::resource::valid_name(&name)
-        .map_err(|why| Refused(StatusCode::BAD_REQUEST, format!("peer name {name:?} {why}")))?;
-    if mesh.peer(&name).is_some() {
-        return Err(Refused(
-            StatusCode::CONFLICT,
-            format!("a peering named {name:?} exists; delete it first (weft peer delete {name}) or pick another name"),
-        ));
-    }
+    fresh_name(&mesh, &name)?;
     let ttl = body.ttl_seconds.map_or(DEFAULT_TOKEN_TTL, Duration::from_secs);
     if ttl.is_zero() {
         return Err(Refused(StatusCode::BAD_REQUEST, "ttlSeconds must be at least 1".into()));
@@ -138,14 +144,7 @@ async fn accept(
 ) -> Answer {
     let Json(body) = body.map_err(bad_request)?;
     let name = body.name;
-    weft_api::resource::valid_name(&name)
-        .map_err(|why| Refused(StatusCode::BAD_REQUEST, format!("peer name {name:?} {why}")))?;
-    if mesh.peer(&name).is_some() {
-        return Err(Refused(
-            StatusCode::CONFLICT,
-            format!("a peering named {name:?} exists; delete it first (weft peer delete {name}) or pick another name"),
-        ));
-    }
+    fresh_name(&mesh, &name)?;
     let token = PeeringToken::decode(&body.token).map_err(|e| Refused(StatusCode::BAD_REQUEST, e))?;
     if token.expires <= now() {
         return Err(Refused(
@@ -348,8 +347,7 @@ async fn exchange(
 async fn ended_by_peer(State(mesh): State<Arc<Mesh>>, headers: HeaderMap) -> Answer {
     let mut record = caller(&mesh, &headers)?;
     tracing::info!(peer = %record.name, "the peer deleted the peering; nothing of it is imported any more");
-    record.terminated = true;
-    record.remote = None;
+    record.end();
     mesh.put_peer(record).map_err(failed)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -456,8 +454,7 @@ async fn dial(mesh: Arc<Mesh>, name: String) {
             },
             Ok((StatusCode::UNAUTHORIZED, _)) => {
                 tracing::warn!(peer = %name, "the peer deleted the peering; nothing of it is imported any more");
-                record.terminated = true;
-                record.remote = None;
+                record.end();
                 if let Err(e) = mesh.put_peer(record) {
                     tracing::error!(peer = %name, error = %e, "cannot store the peering's end");
                 }

@@ -61,6 +61,12 @@ impl PeerRecord {
         self.remote.as_ref().filter(|_| !self.terminated)
     }
 
+    /// The peer deleted the peering: nothing of it is imported any more.
+    pub fn end(&mut self) {
+        self.terminated = true;
+        self.remote = None;
+    }
+
     pub fn established(&self) -> bool {
         self.stream_secret_sha256.is_some() || self.stream_secret.is_some()
     }
