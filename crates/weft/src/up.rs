@@ -251,11 +251,7 @@ async fn peer_all(dcs: &[MeshFile], dirs: &[&std::path::Path]) -> anyhow::Result
     for dc in dcs {
         for (svc, port) in &dc.gateway {
             loop {
-                let answered = tokio::process::Command::new("curl")
-                    .args(["-s", "-f", "-o", "/dev/null", "--max-time", "2", &format!("http://127.0.0.1:{port}/")])
-                    .status()
-                    .await
-                    .is_ok_and(|s| s.success());
+                let answered = get(SocketAddr::from(([127, 0, 0, 1], *port)), "/").await.is_ok_and(|(s, _)| s == 200);
                 if answered {
                     break;
                 }
@@ -641,13 +637,28 @@ fn holds_all(dump: &serde_json::Value, service: &str, instances: &[weft_api::Ins
 
 /// A proxy's `/config_dump` (its admin endpoint, plain HTTP on loopback).
 async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let (_, body) = get(admin, "/config_dump").await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// A plain HTTP/1.0 GET of `path` on `addr` (a proxy's admin endpoint or a gateway port on
+/// loopback): the status and the body, within 2 s.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(admin).await?;
-    conn.write_all(b"GET /config_dump HTTP/1.0\r\n\r\n").await?;
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await?;
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut raw = Vec::new();
+        conn.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(2), exchange).await.context("no answer within 2s")??;
     let at = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
-    Ok(serde_json::from_slice(&raw[at + 4..])?)
+    let status = std::str::from_utf8(&raw[..at])
+        .ok()
+        .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
+        .context("no status line")?;
+    Ok((status, raw[at + 4..].to_vec()))
 }
 
 fn banner(
