@@ -18,13 +18,6 @@ pub fn server_name(service: &str, namespace: &str) -> String {
     format!("{service}.{namespace}.mesh")
 }
 
-/// The service and namespace a [`server_name`] names.
-pub fn parse_server_name(sni: &str) -> Option<(&str, &str)> {
-    let rest = sni.strip_suffix(".mesh")?;
-    let (service, namespace) = rest.split_once('.')?;
-    (!service.is_empty() && !namespace.is_empty() && !namespace.contains('.')).then_some((service, namespace))
-}
-
 /// What `weft peer create` hands to the other datacenter: how to reach this control plane
 /// and a one-time secret to establish the peering with. Shown once; useless once used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,15 +161,6 @@ pub struct PeerSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_names_part_as_they_are_made() {
-        let sni = server_name("backend", "default");
-        assert_eq!(parse_server_name(&sni), Some(("backend", "default")));
-        for bad in ["backend.mesh", "backend.default", ".default.mesh", "a.b.c.mesh", "mesh"] {
-            assert_eq!(parse_server_name(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn tokens_round_trip_and_damage_is_named() {

@@ -471,7 +471,7 @@ async fn dial(mesh: Arc<Mesh>, name: String) {
                 backoff = Duration::from_millis(250);
             }
             Some(e) => {
-                if mesh.peer_error(&name).as_deref() != Some(e.as_str()) {
+                if mesh.peer_sync(&name).1.as_deref() != Some(e.as_str()) {
                     tracing::warn!(peer = %name, error = %e, "peering exchange failed; the peer's last state stays in force; retrying");
                 }
                 mesh.peer_synced(&name, Some(e));

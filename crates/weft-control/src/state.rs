@@ -889,10 +889,6 @@ impl Mesh {
         self.peer_sync.lock().unwrap_or_else(|p| p.into_inner()).get(peer).cloned().unwrap_or_default()
     }
 
-    pub fn peer_error(&self, peer: &str) -> Option<String> {
-        self.peer_sync(peer).1
-    }
-
     /// What this datacenter tells peer `peer`: its identity, roots and serving mesh gateways,
     /// and the services exported to that peer with how many of their own instances serve
     /// (never what this datacenter imports itself: no traffic goes round between peers).
