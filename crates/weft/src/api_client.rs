@@ -325,7 +325,7 @@ pub async fn get(
 pub async fn delete(control: &ControlAddr, kind: &str, name: &str) -> anyhow::Result<()> {
     let k = Kind::parse(kind).ok_or_else(|| {
         anyhow::anyhow!(
-            "unknown kind {kind:?}; use service, httproute, grpcroute, authorizationpolicy, requestauthentication or trafficpolicy"
+            "unknown kind {kind:?}; use service, httproute, grpcroute, authorizationpolicy, requestauthentication, trafficpolicy, telemetry or exportedservices"
         )
     })?;
     let path = format!("/api/v1/resources/{}/{name}", k.as_str().to_ascii_lowercase());

@@ -148,7 +148,7 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// service | httproute | grpcroute | authorizationpolicy | requestauthentication | trafficpolicy | telemetry
+        /// service | httproute | grpcroute | authorizationpolicy | requestauthentication | trafficpolicy | telemetry | exportedservices
         kind: String,
         name: String,
         #[command(flatten)]
