@@ -406,24 +406,36 @@ const RECENT: usize = 8;
 
 impl RequestLabels {
     /// Whether these are the labels of `rec` (of the listener they were made for, so of its
-    /// direction), compared in place: a request allocates and clones nothing to find them.
-    fn are_of(&self, rec: &RequestRecord, class: Class) -> bool {
-        fn same(a: &Option<Arc<str>>, b: Option<&Arc<str>>) -> bool {
-            match (a, b) {
-                (Some(a), Some(b)) => a == b,
+    /// direction), compared in place: a request allocates and hashes nothing to find them. A
+    /// string equal to the request's but held apart (a listener or route table built again
+    /// since) is replaced by the request's own, so the next comparison is by address.
+    fn are_of(&mut self, rec: &RequestRecord, class: Class) -> bool {
+        fn same(a: &mut Option<Arc<str>>, b: Option<&Arc<str>>) -> bool {
+            match (a.as_mut(), b) {
+                (Some(a), Some(b)) => same_str(a, b),
                 (None, None) => true,
                 _ => false,
             }
         }
-        let e = &self.edge;
+        fn same_str(a: &mut Arc<str>, b: &Arc<str>) -> bool {
+            if Arc::ptr_eq(a, b) {
+                return true;
+            }
+            let equal = **a == **b;
+            if equal {
+                *a = b.clone();
+            }
+            equal
+        }
         let peer = rec.peer_identity();
+        let e = &mut self.edge;
         self.code == rec.status
             && self.class == class
             && self.grpc_status == rec.grpc_status
-            && same(&e.route, rec.route.as_ref())
-            && e.dst_service == *rec.dst_service()
-            && same(&e.peer_identity, peer)
-            && match &e.src_service {
+            && same(&mut e.route, rec.route.as_ref())
+            && same_str(&mut e.dst_service, rec.dst_service())
+            && same(&mut e.peer_identity, peer)
+            && match &mut e.src_service {
                 SrcService::OfIdentity(p) => same(p, peer),
                 SrcService::Named(n) => same(n, rec.conn.listener.own_service.as_ref()),
             }
@@ -483,7 +495,7 @@ impl TrafficMetrics {
         }
         let class = if rec.failed() { Class::failure } else { Class::success };
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        match recent.iter().position(|h| h.labels.are_of(rec, class)) {
+        match recent.iter_mut().position(|h| h.labels.are_of(rec, class)) {
             Some(i) => recent[..=i].rotate_right(1),
             None => {
                 let labels = self.labels_of(rec, class);

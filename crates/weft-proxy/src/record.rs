@@ -1,6 +1,7 @@
 //! Per-request and per-connection records. Every step of a request writes what it decided and
-//! what happened into one [`RequestRecord`]; when the response has been sent (its body written
-//! out, or given up), metrics and access logs read the record once. No step reports on its own.
+//! what happened into one [`RequestRecord`]; metrics, access logs, traces and taps read the
+//! record once, when the response's head has been sent or, for those that need its end, when
+//! its body has been written out or given up. No step reports on its own.
 use crate::config::Direction;
 use crate::context::ConnCtx;
 use crate::error::ProxyError;
@@ -40,7 +41,7 @@ impl From<&ProxyError> for Outcome {
 /// request counts as work in flight for the proxy's drain.
 pub struct RequestRecord {
     /// The connection the request came on: who is calling, on which listener.
-    pub conn: Arc<ConnCtx>,
+    pub conn: Counted,
     pub started: Instant,
     /// The matched rule's route name, once routing has decided.
     pub route: Option<Arc<str>>,
@@ -135,7 +136,7 @@ impl RequestRecord {
     pub fn start(conn: Arc<ConnCtx>) -> RequestRecord {
         conn.listener.drain.begin();
         RequestRecord {
-            conn,
+            conn: Counted(conn),
             started: Instant::now(),
             route: None,
             cluster: None,
@@ -233,9 +234,20 @@ pub fn service_of(identity: &str) -> Option<&str> {
     Some(identity.rsplit_once("/sa/")?.1)
 }
 
-impl Drop for RequestRecord {
+/// A request's connection, counting the request as work in flight in its listener's drain until
+/// dropped: held by the request's record, then by its response body until the body has ended.
+pub struct Counted(Arc<ConnCtx>);
+
+impl std::ops::Deref for Counted {
+    type Target = Arc<ConnCtx>;
+    fn deref(&self) -> &Arc<ConnCtx> {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.conn.listener.drain.end();
+        self.0.listener.drain.end();
     }
 }
 

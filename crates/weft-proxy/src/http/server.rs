@@ -1,8 +1,9 @@
 //! Serving one client connection: HTTP/2 as one hyper session for the connection's life;
 //! HTTP/1.1 in sessions, parked between them with only its socket once it goes idle (see
 //! [`crate::idle`]). Each request goes through the listener's [`HttpStack`] with a fresh
-//! [`RequestRecord`], which the response body carries and hands to metrics and logs when the
-//! response has ended.
+//! [`RequestRecord`], which metrics read when the response head is sent, or, when something
+//! needs the response's end (gRPC's status, access logs, traces, taps), the response body
+//! carries and hands on when the response has ended.
 use super::body::UpstreamBody;
 use super::respond::error_response;
 use crate::context::ConnCtx;
@@ -136,9 +137,7 @@ async fn handle(
     exchange: Option<Exchange>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    // On the heap from the start: the record goes on to the response body, and a pointer is
-    // all that moves with it.
-    let mut rec = Box::new(RequestRecord::start(conn));
+    let mut rec = RequestRecord::start(conn);
     let h1 = req.version() != Version::HTTP_2;
     // gRPC runs over HTTP/2 only, so HTTP/1 requests skip the header lookup.
     let grpc =
@@ -197,31 +196,47 @@ async fn handle(
     {
         exchange.upgraded();
     }
-    let end = BodyEnd { _exchange: exchange, rec, stack, log, tracer };
-    Ok(resp.map(|inner| Body { inner, end }))
+    // What only the response's end can tell (bytes sent, a gRPC status in its trailers) is
+    // waited for when something reads it: a gRPC request's metrics, an access log, a span, a
+    // tap. Otherwise the request is counted now, and its body only keeps it in the drain.
+    let end = if grpc || rec.request.is_some() {
+        BodyEnd::Recorded(Box::new(Recorded { rec, stack, log, tracer }))
+    } else {
+        stack.metrics.request(&rec);
+        BodyEnd::Counted { _in_drain: rec.conn }
+    };
+    Ok(resp.map(|inner| Body { inner, _exchange: exchange, end }))
 }
 
 /// The body of a response to the client. It holds the request's [`Exchange`], so the
-/// connection counts as busy until hyper has written the body out and dropped it, and the
-/// request's record, which it completes (bytes sent, a gRPC status in the trailers) and hands
-/// to metrics, the listener's access logs, its tracer (a sampled request's span) and the
-/// proxy's taps when it is dropped: after its end was written, or when the client went away.
+/// connection counts as busy until hyper has written the body out and dropped it, and keeps
+/// the request in the drain until then. A recorded request's record it completes (bytes sent,
+/// a gRPC status in the trailers) and hands to metrics, the listener's access logs, its tracer
+/// (a sampled request's span) and the proxy's taps when it is dropped: after its end was
+/// written, or when the client went away.
 pub struct Body {
     inner: Either<UpstreamBody, Full<Bytes>>,
+    _exchange: Option<Exchange>,
     end: BodyEnd,
 }
 
-/// What a response body hands on when it ends.
-struct BodyEnd {
-    _exchange: Option<Exchange>,
+/// What a response body keeps until it ends.
+enum BodyEnd {
     /// Boxed: hyper moves the body several times on its way out.
-    rec: Box<RequestRecord>,
+    Recorded(Box<Recorded>),
+    /// A request already counted: only its place in the drain.
+    Counted { _in_drain: crate::record::Counted },
+}
+
+/// A request's record and those it is handed to when its response ends.
+struct Recorded {
+    rec: RequestRecord,
     stack: Arc<HttpStack>,
     log: Option<Arc<crate::access_log::AccessLog>>,
     tracer: Option<Arc<Tracer>>,
 }
 
-impl Drop for BodyEnd {
+impl Drop for Recorded {
     fn drop(&mut self) {
         self.stack.metrics.request(&self.rec);
         if let Some(log) = &self.log {
@@ -248,13 +263,15 @@ impl http_body::Body for Body {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+        if let BodyEnd::Recorded(end) = &mut this.end
+            && let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+        {
             if let Some(data) = frame.data_ref() {
-                this.end.rec.bytes_out += data.len() as u64;
+                end.rec.bytes_out += data.len() as u64;
             } else if let Some(trailers) = frame.trailers_ref()
-                && this.end.rec.grpc
+                && end.rec.grpc
             {
-                this.end.rec.grpc_status_from(trailers);
+                end.rec.grpc_status_from(trailers);
             }
         }
         polled
