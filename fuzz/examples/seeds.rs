@@ -136,6 +136,7 @@ fn main() {
         labels: [("version".to_owned(), version.to_owned())].into(),
         upstreams: vec![Upstream { service: "backend".into(), listen: "127.0.0.1:9000".into() }],
         capture: None,
+        mesh_gateway_local: None,
         healthy: true,
     };
     let frontend = reg("frontend", 7000, "v1");

@@ -15,19 +15,28 @@ spec:
     consumers: [{peer: dc1}]
 ";
 
-/// A datacenter's control plane.
-fn datacenter(dir: &TestDir, name: &str) -> Control {
+/// A datacenter's control plane, with `flags` besides its name and trust domain.
+fn datacenter_with(dir: &TestDir, name: &str, flags: &[&str]) -> Control {
     let addr = format!("127.0.0.1:{}", free_port());
-    let flags = ["--datacenter", name, "--trust-domain", &format!("{name}.weft")];
+    let td = format!("{name}.weft");
+    let flags = [&["--datacenter", name, "--trust-domain", &td][..], flags].concat();
     Control::start_at_with(dir, &addr, dir.path.join(name), &flags)
 }
 
-/// A mesh gateway of the datacenter at `control`, listening on `addr`.
-fn mesh_gateway(dir: &TestDir, control: &Control, id: &str, addr: &str) -> (Proc, u16) {
+fn datacenter(dir: &TestDir, name: &str) -> Control {
+    datacenter_with(dir, name, &[])
+}
+
+/// A mesh gateway of the datacenter at `control`, listening on `addr` (and for its own
+/// datacenter's sidecars on `local`, if given).
+fn mesh_gateway(dir: &TestDir, control: &Control, id: &str, addr: &str, local: Option<&str>) -> (Proc, u16) {
     let admin = free_port();
     let mut cmd = std::process::Command::new(weft_bin());
     cmd.args(["proxy", "--mesh-gateway", addr, "--id", id, "--control", &control.addr]);
     cmd.args(["--admin", &format!("127.0.0.1:{admin}")]);
+    if let Some(local) = local {
+        cmd.args(["--mesh-gateway-local", local]);
+    }
     cmd.env("WEFT_TOKEN", join_token(&control.addr, "mesh-gateway"));
     let proc = Proc::spawn(dir, id, &mut cmd);
     wait_until(Duration::from_secs(10), "mesh gateway ready", || {
@@ -48,11 +57,15 @@ struct Exporting {
 }
 
 fn exporting(dir: &TestDir, service: &str) -> Exporting {
-    let dc1 = datacenter(dir, "dc1");
+    exporting_to(datacenter(dir, "dc1"), dir, service)
+}
+
+/// As [`exporting`], to the given DC1.
+fn exporting_to(dc1: Control, dir: &TestDir, service: &str) -> Exporting {
     let dc2 = datacenter(dir, "dc2");
     let remote = Instance::start(dir, &dc2.addr, service, "v1", &format!("dc2-{service}-0"), &[]);
     let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let gateway = mesh_gateway(dir, &dc2, "dc2-gateway", &gateway_addr);
+    let gateway = mesh_gateway(dir, &dc2, "dc2-gateway", &gateway_addr, None);
     let export = EXPORT.replace("name: backend", &format!("name: {service}"));
     let out = apply_yaml(dir, &dc2.addr, "export.yaml", &export);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -227,6 +240,51 @@ spec:
     });
 }
 
+/// Local mode (`weft control --mesh-gateway-mode local`): DC1's sidecars send their calls to
+/// DC2 to DC1's own mesh gateway, at its `--mesh-gateway-local` address, which passes them on,
+/// still encrypted, to DC2's gateway. (That DC1's sidecars need no route to DC2 at all is
+/// shown on simulated hosts: `the_readme_goes_through_the_local_mesh_gateway`.)
+#[test]
+fn in_local_mode_calls_to_a_peer_go_through_the_datacenters_own_gateway() {
+    let dir = TestDir::new("peering-local");
+    let dc1 = datacenter_with(&dir, "dc1", &["--mesh-gateway-mode", "local"]);
+    let Exporting { dc1, dc2, remote, gateway: (_dc2_gateway, dc2_admin), gateway_addr } =
+        exporting_to(dc1, &dir, "backend");
+    let (wan, local) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (mut dc1_gateway, dc1_admin) = mesh_gateway(&dir, &dc1, "dc1-gateway", &wan, Some(&local));
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    peer(&dc1, &dc2);
+    // DC2's backend is reached at DC1's gateway, never at DC2's directly.
+    wait_until(Duration::from_secs(5), "DC1's sidecars see DC1's gateway for DC2", || {
+        edge.endpoint_addrs("backend") == [local.clone()]
+    });
+    for _ in 0..20 {
+        assert_eq!(served_by(&edge.url("backend", "/")).as_deref(), Some("dc2-backend-0"));
+    }
+    // Both gateways passed the connections on without reading them; DC2's backend saw DC1's
+    // caller as itself.
+    for (gateway, admin) in [("DC1's", dc1_admin), ("DC2's", dc2_admin)] {
+        let metrics = stdout(&run("curl", &["-s", &format!("http://127.0.0.1:{admin}/metrics")]));
+        assert!(metric_sum(&metrics, "weft_tcp_connections_opened_total", &[]) > 0.0, "{gateway}: {metrics}");
+        assert_eq!(metric_sum(&metrics, "weft_requests_total", &[]), 0.0, "{gateway}: {metrics}");
+    }
+    let metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", remote.admin())]));
+    let caller = r#"peer_identity="spiffe://dc1.weft/ns/default/sa/edge""#;
+    assert!(metric_sum(&metrics, "weft_requests_total", &["direction=\"inbound\"", caller]) >= 20.0, "{metrics}");
+    assert!(weft(&["check", "--control", &dc1.addr]).status.success(), "weft check passes in local mode");
+    let _ = gateway_addr;
+
+    // DC1's gateway stopped: DC2 cannot be reached (DC1's sidecars do not go around it), and
+    // `weft check` names why.
+    dc1_gateway.stop();
+    wait_until(Duration::from_secs(10), "no way to DC2 left", || edge.endpoint_addrs("backend").is_empty());
+    let after = curl(&[&edge.url("backend", "/")]).unwrap();
+    assert_eq!((after.status, after.headers.get("x-weft-error").map(String::as_str)), (503, Some("no-endpoints")));
+    let check = weft(&["check", "--control", &dc1.addr]);
+    assert!(!check.status.success(), "{}", stdout(&check));
+    assert!(stdout(&check).contains("no mesh gateway serves a --mesh-gateway-local address"), "{}", stdout(&check));
+}
+
 /// A client certificate (PEM) and key for `id`, signed with the root in `ca_dir`.
 fn client_cert(ca_dir: &std::path::Path, id: &str) -> (String, String) {
     let root_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root.key")).unwrap()).unwrap();
@@ -265,7 +323,7 @@ fn the_readme_peers_two_datacenters() {
     let dir = TestDir::new("peering-readme");
     let blocks = weft_tests::hosts::readme_blocks("Two datacenters", "sh");
     let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
-    assert_eq!((blocks.len(), yaml.len()), (3, 2), "the section's three steps, its export.yaml and two-dcs.yaml");
+    assert_eq!((blocks.len(), yaml.len()), (6, 2), "the section's six steps, its export.yaml and two-dcs.yaml");
     assert_eq!(yaml[0], EXPORT, "the tests' ExportedServices is the README's");
     let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
     let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
@@ -291,6 +349,59 @@ fn the_readme_peers_two_datacenters() {
     let peers = &said[2];
     eprintln!("DC1's weft get peers:\n{peers}");
     assert!(peers.contains("dc2") && peers.contains("active") && peers.contains("backend (1/1)"), "{peers}");
+}
+
+/// The README's local mode as written: DC1's sidecars (host 1) have no way to DC2 (host 2)
+/// but through DC1's mesh gateway on host 3. The section's steps for local mode (its blocks 4
+/// to 6), then its steps 2 and 3 for DC2 and the call.
+#[test]
+fn the_readme_goes_through_the_local_mesh_gateway() {
+    let Some(fabric) = weft_tests::hosts::Fabric::new(&format!("lpeer{}", std::process::id() % 1000), 3) else {
+        return;
+    };
+    // Host 1 cannot open a connection to DC2's gateway port: only host 3 can.
+    let cut = fabric.hosts[0]
+        .run("iptables", &["-A", "OUTPUT", "-d", "10.99.0.2", "-p", "tcp", "--dport", "15443", "-j", "REJECT"]);
+    assert!(cut.status.success(), "iptables in host 1's namespace: {}", stderr(&cut));
+    let dir = TestDir::new("peering-readme-local");
+    let blocks = weft_tests::hosts::readme_blocks("Two datacenters", "sh");
+    let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
+    assert!(
+        blocks[3].contains("--mesh-gateway-mode local") && blocks[5].contains("--mesh-gateway-local"),
+        "{blocks:?}"
+    );
+    let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
+    let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
+    let mut gw = weft_tests::hosts::Shell::new(3, dir.path.join("dc1-gateway"));
+    dc1.run_block(&dir, &fabric, &blocks[3]);
+    let dc2_control = blocks[0].replace("10.0.0.1", "10.0.0.2").replace("dc1", "dc2");
+    dc2.run_block(&dir, &fabric, &dc2_control);
+    for (shell, addr) in [(&dc1, "10.99.0.1:15010"), (&dc2, "10.99.0.2:15010")] {
+        wait_until(Duration::from_secs(15), "control plane up", || {
+            shell.command(&fabric, &format!("weft get services --control {addr}")).output().unwrap().status.success()
+        });
+    }
+    dc1.run_block(&dir, &fabric, &blocks[4]);
+    for file in ["gateway.token", "mesh-root.pem"] {
+        std::fs::copy(dc1.home.join(file), gw.home.join(file)).unwrap();
+    }
+    gw.run_block(&dir, &fabric, &blocks[5]);
+    std::fs::write(dc2.home.join("export.yaml"), &yaml[0]).unwrap();
+    dc2.run_block(&dir, &fabric, &blocks[1]);
+    // Now DC2's gateway listens: host 3 reaches it, host 1 does not.
+    let connects = |host: usize| {
+        let probe = "exec 3<>/dev/tcp/10.99.0.2/15443";
+        fabric.hosts[host - 1].run("timeout", &["5", "bash", "-c", probe]).status.success()
+    };
+    wait_until(Duration::from_secs(10), "DC2's gateway reachable from host 3", || connects(3));
+    assert!(!connects(1), "host 1 must have no way to DC2's gateway");
+    std::fs::copy(dc2.home.join("dc1.token"), dc1.home.join("dc1.token")).unwrap();
+    let said = dc1.run_block(&dir, &fabric, &blocks[2]);
+    assert!(said[1].contains("hello from backend"), "DC2's backend answered DC1 through DC1's gateway: {said:?}");
+    let services = dc1.command(&fabric, "weft get services").output().unwrap();
+    assert!(stdout(&services).contains("dc2"), "{}", stdout(&services));
+    let check = dc1.command(&fabric, "weft check").output().unwrap();
+    assert!(stdout(&check).contains("mesh gateways serve this datacenter's sidecars"), "{}", stdout(&check));
 }
 
 /// A peering outlives restarts of either control plane: each keeps it (and the peer's last

@@ -35,6 +35,13 @@ pub fn local_cluster(service: &str) -> String {
     format!("local|{service}")
 }
 
+/// A mesh gateway's cluster of the peer datacenters' gateways standing for `service`, in its
+/// failover order (and the endpoint resource of them): where its own datacenter's sidecars'
+/// connections to the service go on to.
+pub fn remote_cluster(service: &str) -> String {
+    format!("remote|{service}")
+}
+
 /// Filter-metadata namespace on each LbEndpoint carrying the instance id and labels.
 pub const ENDPOINT_METADATA_NAMESPACE: &str = "weft";
 

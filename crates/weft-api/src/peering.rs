@@ -18,6 +18,28 @@ pub fn server_name(service: &str, namespace: &str) -> String {
     format!("{service}.{namespace}.mesh")
 }
 
+/// How a datacenter's sidecars reach the instances of a peer datacenter (`weft control
+/// --mesh-gateway-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum MeshGatewayMode {
+    /// Straight to the peer's mesh gateways.
+    #[default]
+    Remote,
+    /// Through this datacenter's own mesh gateway (its `--mesh-gateway-local` address), which
+    /// passes each connection on, still encrypted, to the peer's: for sidecars that cannot
+    /// reach the peer themselves.
+    Local,
+}
+
+impl MeshGatewayMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshGatewayMode::Remote => "remote",
+            MeshGatewayMode::Local => "local",
+        }
+    }
+}
+
 /// What `weft peer create` hands to the other datacenter: how to reach this control plane
 /// and a one-time secret to establish the peering with. Shown once; useless once used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

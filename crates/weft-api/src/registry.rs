@@ -26,6 +26,11 @@ pub struct InstanceRegistration {
     /// redirected there), so it reaches every service by name or virtual IP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<String>,
+    /// A mesh gateway's address for its own datacenter's sidecars: a connection to it goes
+    /// on, still encrypted, to a peer datacenter's mesh gateway (`weft control
+    /// --mesh-gateway-mode local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway_local: Option<String>,
     /// Health of the application when the proxy connected.
     #[serde(default)]
     pub healthy: bool,

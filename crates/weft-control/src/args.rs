@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use weft_api::names::DEFAULT_CONTROL;
+use weft_api::peering::MeshGatewayMode;
 use weft_api::resource::{Egress, MtlsMode};
 
 #[derive(Args)]
@@ -48,6 +49,12 @@ pub struct ControlArgs {
     /// connect outside the mesh: allow-any (passthrough, counted) or registry-only (refused).
     #[arg(long, default_value = "allow-any", value_parser = ["allow-any", "registry-only"])]
     pub egress: String,
+    /// How sidecars reach services of peer datacenters: remote (straight to the peer's mesh
+    /// gateways) or local (through this datacenter's own mesh gateway, at its
+    /// `--mesh-gateway-local` address, which passes each connection on to the peer's: for
+    /// sidecars that cannot reach the peer).
+    #[arg(long, default_value = "remote", value_parser = ["remote", "local"])]
+    pub mesh_gateway_mode: String,
     /// Another name (DNS or IP) clients use for the control plane; repeatable.
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
@@ -156,6 +163,11 @@ impl ControlArgs {
             defaults: Defaults {
                 mtls: if self.mtls == "permissive" { MtlsMode::Permissive } else { MtlsMode::Strict },
                 egress: if self.egress == "registry-only" { Egress::RegistryOnly } else { Egress::AllowAny },
+                mesh_gateway: if self.mesh_gateway_mode == "local" {
+                    MeshGatewayMode::Local
+                } else {
+                    MeshGatewayMode::Remote
+                },
             },
             server_names: self.server_names,
             plaintext_xds: self.plaintext_xds,

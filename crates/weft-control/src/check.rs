@@ -47,7 +47,37 @@ pub fn run(mesh: &Mesh) -> Vec<Check> {
     out.extend(references(mesh));
     out.push(tracing(mesh));
     out.extend(peerings(mesh));
+    out.extend(local_gateway(mesh));
     out
+}
+
+/// In local mode, sidecars reach peers only through a mesh gateway of their own datacenter with
+/// a local address: without one, imported services have no way there.
+fn local_gateway(mesh: &Mesh) -> Option<Check> {
+    if mesh.mesh_gateway_mode() != weft_api::peering::MeshGatewayMode::Local {
+        return None;
+    }
+    let name = "peers are reachable through a mesh gateway of this datacenter";
+    let imported: Vec<String> =
+        mesh.services().into_iter().filter(|s| !s.imported.is_empty()).map(|s| s.name).collect();
+    let gateways = mesh
+        .instances()
+        .into_iter()
+        .filter(|i| i.serving() && i.registration.mesh_gateway_local.is_some())
+        .filter(|i| i.registration.service.as_deref() == Some(weft_api::peering::MESH_GATEWAY))
+        .count();
+    Some(match (gateways, imported.is_empty()) {
+        (0, false) => Check::bad(
+            name,
+            Status::Fail,
+            format!(
+                "--mesh-gateway-mode local, and no mesh gateway serves a --mesh-gateway-local address: imported services ({}) cannot be reached",
+                imported.join(", ")
+            ),
+            "run a mesh gateway with both addresses: weft proxy --mesh-gateway WAN_ADDR --mesh-gateway-local LAN_ADDR",
+        ),
+        (n, _) => Check::ok(name, format!("{n} mesh gateways serve this datacenter's sidecars (local mode)")),
+    })
 }
 
 /// Each peering: exchanging with its peer, or why not.

@@ -306,6 +306,11 @@ impl Mesh {
         self.store.leads()
     }
 
+    /// How this datacenter's sidecars reach peers (`weft control --mesh-gateway-mode`).
+    pub fn mesh_gateway_mode(&self) -> weft_api::peering::MeshGatewayMode {
+        self.lock().settings.defaults.mesh_gateway
+    }
+
     pub fn has_jwks(&self, source: &JwksSource) -> bool {
         self.lock().settings.jwks.contains_key(source)
     }
@@ -1160,6 +1165,7 @@ mod tests {
             labels: Default::default(),
             upstreams: vec![],
             capture: None,
+            mesh_gateway_local: None,
             healthy: true,
         }
     }

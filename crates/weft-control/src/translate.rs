@@ -35,6 +35,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use weft_api::identity::{ROOT_SECRET, spiffe_id};
 use weft_api::names;
+use weft_api::peering::MeshGatewayMode;
 use weft_api::registry::InstanceRegistration;
 use weft_api::resource::{
     AuthorizationPolicySpec, EscapedSlashes, JwksSource, MtlsMode, Object, Protocol, RateLimitPolicy,
@@ -105,11 +106,12 @@ impl Res {
 pub type ResMap = BTreeMap<String, Arc<Res>>;
 
 /// The mesh-wide modes of services whose `Service` resource sets none (`weft control --mtls`,
-/// `--egress`).
+/// `--egress`), and how sidecars reach peer datacenters (`--mesh-gateway-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Defaults {
     pub mtls: MtlsMode,
     pub egress: weft_api::resource::Egress,
+    pub mesh_gateway: weft_api::peering::MeshGatewayMode,
 }
 
 /// Mesh-wide security settings the translation needs.
@@ -184,6 +186,9 @@ struct Config {
     telemetry: Telemetry,
     /// Services exported to some peer: a mesh gateway routes to these.
     exported: std::collections::BTreeSet<String>,
+    /// Services some peer exports to this datacenter, with the server name its sidecars send
+    /// for each: a mesh gateway's local listener routes these to the peers' gateways.
+    imported: Vec<(String, String)>,
     /// Each weft proxy's own resources, by what they are made of, made at its first request.
     nodes: std::sync::Mutex<HashMap<NodeShape, Arc<NodeResources>>>,
 }
@@ -197,6 +202,7 @@ struct NodeShape {
     app: Option<String>,
     upstreams: Vec<(String, String)>,
     capture: Option<String>,
+    mesh_gateway_local: Option<String>,
 }
 
 impl NodeShape {
@@ -207,6 +213,7 @@ impl NodeShape {
             app: reg.app.clone(),
             upstreams: reg.upstreams.iter().map(|u| (u.service.clone(), u.listen.clone())).collect(),
             capture: reg.capture.clone(),
+            mesh_gateway_local: reg.mesh_gateway_local.clone(),
         }
     }
 }
@@ -268,6 +275,14 @@ impl Snapshot {
             endpoint_inputs: HashMap::new(),
         };
         let default_spec = ServiceSpec::default();
+        // This datacenter's mesh gateways' addresses for its own sidecars.
+        let own_gateways: Vec<String> = instances
+            .get(weft_api::peering::MESH_GATEWAY)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.serving())
+            .filter_map(|i| i.registration.mesh_gateway_local.clone())
+            .collect();
         for name in &config.names {
             let spec = config.specs.get(name).unwrap_or(&default_spec);
             // A versioned service is a subset of another's instances.
@@ -282,14 +297,28 @@ impl Snapshot {
                 None => instances.get(name.as_str()).cloned().unwrap_or_default(),
             };
             let remote = remotes(settings, name, spec.failover.as_deref());
-            let made_of = endpoints_made_of(&members, &remote);
-            let res = snapshot.endpoint(previous, name, None, made_of, &members, &remote);
+            // In local mode the sidecars' way to each peer is their own datacenter's mesh
+            // gateway, which goes on to the peers' (in the same failover order).
+            let via = match settings.defaults.mesh_gateway {
+                MeshGatewayMode::Remote => remote.clone(),
+                MeshGatewayMode::Local => {
+                    remote.iter().map(|r| Remote { gateways: &own_gateways, ..r.clone() }).collect()
+                }
+            };
+            let made_of = endpoints_made_of(&members, &via);
+            let res = snapshot.endpoint(previous, name, None, made_of, &members, &via);
             snapshot.endpoints.insert(name.clone(), res);
             if spec.locality.as_ref().is_some_and(|l| l.prefer_same_zone) {
                 for zone in &zones {
-                    let res = snapshot.endpoint(previous, name, Some(zone), made_of, &members, &remote);
+                    let res = snapshot.endpoint(previous, name, Some(zone), made_of, &members, &via);
                     snapshot.zonal_endpoints.insert((name.clone(), (*zone).to_owned()), res);
                 }
+            }
+            if !own_gateways.is_empty() && !remote.is_empty() {
+                let name = names::remote_cluster(name);
+                let made_of = endpoints_made_of(&[], &remote);
+                let res = snapshot.endpoint(previous, &name, None, made_of, &[], &remote);
+                snapshot.endpoints.insert(name, res);
             }
             // A mesh gateway reaches the service's own instances only.
             if config.exported.contains(name) {
@@ -465,6 +494,7 @@ impl Config {
         put(Type::Secret, Res::new(ROOT_SECRET.to_owned(), &bundle));
         let mut mesh_clusters = ResMap::new();
         let mut reach = HashMap::new();
+        let mut imported = Vec::new();
         let default_spec = ServiceSpec::default();
         for name in &names {
             let spec = specs.get(name).unwrap_or(&default_spec);
@@ -494,6 +524,9 @@ impl Config {
                 identities.push(spiffe_id(&p.trust_domain, &p.namespace, name));
                 sni.get_or_insert_with(|| weft_api::peering::server_name(name, &p.namespace));
             }
+            if let Some(sni) = &sni {
+                imported.push((name.clone(), sni.clone()));
+            }
             cluster.transport_socket = Some(tls_socket(&upstream_tls(&identities, sni)));
             mesh_clusters.insert(name.clone(), Res::new(name.clone(), &cluster));
             let hash = spec.consistent_hash.as_ref().filter(|_| spec.load_balancer.is_consistent_hash());
@@ -514,6 +547,7 @@ impl Config {
             .collect();
         Config {
             exported,
+            imported,
             resources: resources.clone(),
             settings: settings.clone(),
             names,
@@ -585,8 +619,10 @@ impl Config {
             }
         };
         if is_mesh_gateway(reg) {
-            for service in &self.exported {
-                let name = names::local_cluster(service);
+            let local = self.exported.iter().map(|s| (s, names::local_cluster(s)));
+            let remote = self.imported.iter().map(|(s, _)| (s, names::remote_cluster(s)));
+            let remote = remote.filter(|_| reg.mesh_gateway_local.is_some());
+            for (service, name) in local.chain(remote) {
                 let timeout = self.spec(service).and_then(|s| s.connect_timeout);
                 let c = gateway_cluster(&name, timeout.unwrap_or(weft_api::resource::DEFAULT_CONNECT_TIMEOUT));
                 all.insert(name.clone(), Res::new(name, &c));
@@ -608,6 +644,13 @@ impl Config {
                 .iter()
                 .map(|s| (weft_api::peering::server_name(s, &self.settings.namespace), names::local_cluster(s)))
                 .collect();
+            let name = names::mesh_gateway_listener(addr);
+            out.insert(name.clone(), Res::new(name.clone(), &mesh_gateway_listener(&name, addr, &routes)));
+        }
+        // Its own datacenter's sidecars' connections to peers' services, on to the peers'.
+        if let (true, Some(addr)) = (is_mesh_gateway(reg), &reg.mesh_gateway_local) {
+            let routes: Vec<(String, String)> =
+                self.imported.iter().map(|(s, sni)| (sni.clone(), names::remote_cluster(s))).collect();
             let name = names::mesh_gateway_listener(addr);
             out.insert(name.clone(), Res::new(name.clone(), &mesh_gateway_listener(&name, addr, &routes)));
         }
@@ -723,6 +766,7 @@ mod tests {
                 .map(|(i, u)| Upstream { service: (*u).into(), listen: format!("127.0.0.1:{}", 9000 + i) })
                 .collect(),
             capture: None,
+            mesh_gateway_local: None,
             healthy: true,
         };
         Instance { id: id.into(), registration, healthy: true, connected: true }

@@ -32,6 +32,11 @@ pub struct ProxyArgs {
     /// to its instances. Needs a join token for the service `mesh-gateway`; no app.
     #[arg(long = "mesh-gateway", conflicts_with_all = ["service", "app_port", "upstreams", "capture"])]
     pub mesh_gateway: Option<SocketAddr>,
+    /// A mesh gateway's address for this datacenter's own sidecars (`weft control
+    /// --mesh-gateway-mode local`): connections to a peer's services arrive here and go on,
+    /// still encrypted, to the peer's mesh gateway.
+    #[arg(long = "mesh-gateway-local", requires = "mesh_gateway")]
+    pub mesh_gateway_local: Option<SocketAddr>,
     /// Transparent instances: the capture listener every TCP connection the app opens is
     /// redirected to (by `weft run --transparent`'s rules); the proxy hands each to the
     /// service it was for, by virtual IP or instance address, and marks its own connections.
@@ -144,6 +149,18 @@ impl ProxyArgs {
                 "--mesh-gateway {addr}: give the address peer datacenters reach this gateway at, not an unspecified one"
             );
         }
+        if let Some(addr) = self.mesh_gateway_local {
+            if addr.ip().is_unspecified() {
+                anyhow::bail!(
+                    "--mesh-gateway-local {addr}: give the address this datacenter's sidecars reach this gateway at, not an unspecified one"
+                );
+            }
+            if Some(addr) == self.mesh_gateway {
+                anyhow::bail!(
+                    "--mesh-gateway-local {addr}: the same address as --mesh-gateway; the gateway tells its own sidecars' connections from peers' by the address they arrive at, so give it another"
+                );
+            }
+        }
         if app.is_some() && self.service.is_none() {
             anyhow::bail!("--service is required when the proxy fronts an app (--app-port)");
         }
@@ -171,6 +188,7 @@ impl ProxyArgs {
                 None => self.service.clone(),
             },
             inbound: self.mesh_gateway.or(app.map(|_| self.inbound)),
+            mesh_gateway_local: self.mesh_gateway_local,
             app,
             upstreams: self.upstreams.clone(),
             capture: self.capture,
@@ -202,6 +220,7 @@ impl ProxyArgs {
             app_host,
             inbound,
             mesh_gateway,
+            mesh_gateway_local,
             upstreams,
             capture,
             dns,
@@ -231,6 +250,7 @@ impl ProxyArgs {
         flag("app-host", app_host.to_string());
         flag("inbound", inbound.to_string());
         mesh_gateway.iter().for_each(|a| flag("mesh-gateway", a.to_string()));
+        mesh_gateway_local.iter().for_each(|a| flag("mesh-gateway-local", a.to_string()));
         upstreams.iter().for_each(|(s, a)| flag("upstream", format!("{s}={a}")));
         capture.iter().for_each(|a| flag("capture", a.to_string()));
         dns.iter().for_each(|a| flag("dns", a.to_string()));

@@ -47,6 +47,9 @@ pub struct ProxyOptions {
     pub service: Option<String>,
     pub app: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
+    /// A mesh gateway's address for its own datacenter's sidecars (see
+    /// [`weft_api::registry::InstanceRegistration::mesh_gateway_local`]).
+    pub mesh_gateway_local: Option<SocketAddr>,
     pub upstreams: Vec<(String, SocketAddr)>,
     /// A transparent instance's capture listener (see [`crate::capture`]).
     pub capture: Option<SocketAddr>,
@@ -314,6 +317,7 @@ impl Proxy {
                 .map(|(s, a)| Upstream { service: s.clone(), listen: a.to_string() })
                 .collect(),
             capture: o.capture.map(|a| a.to_string()),
+            mesh_gateway_local: o.mesh_gateway_local.map(|a| a.to_string()),
             healthy: self.healthy.load(Ordering::Relaxed),
         }
     }

@@ -401,7 +401,7 @@ fn control_config(
             cert_ttl: Duration::from_secs(24 * 3600),
             provided: None,
         },
-        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress },
+        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress, ..Default::default() },
         server_names,
         plaintext_xds: None,
     }

@@ -41,6 +41,7 @@ fn registration(service: &str, port: u16, upstreams: Vec<Upstream>) -> InstanceR
         labels: Default::default(),
         upstreams,
         capture: None,
+        mesh_gateway_local: None,
         healthy: true,
     }
 }
@@ -1047,13 +1048,18 @@ fn a_transparent_instance_gets_the_capture_listener_virtual_listeners_and_passth
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A peered datacenter's resources, through the proxy's decoders: a caller's cluster accepts
-/// the service's identity in the peer's trust domain and names the service for the peer's
-/// gateway; its endpoints put the peer's gateway after the local instances; the trust bundle
-/// keeps each trust domain's roots apart; this datacenter's mesh gateway routes an exported
-/// service's server name to its own instances alone, without TLS of its own.
-#[test]
-fn a_peered_datacenter_round_trips() {
+/// Two datacenters peered, as dc1 sees it: `b` runs here (127.0.0.1:7000) and in dc2, which
+/// exports it (dc2's gateway at 127.0.0.2:15443); `a` calls `b`; dc1's mesh gateway at
+/// 127.0.0.1:15443 (and for dc1's own sidecars at `gateway_local`) exports `b` to dc2.
+struct Peered {
+    dir: std::path::PathBuf,
+    mesh: Mesh,
+    a: InstanceRegistration,
+    gateway: InstanceRegistration,
+    remote: weft_api::peering::PeerState,
+}
+
+fn peered(defaults: crate::Defaults, gateway_local: Option<&str>) -> Peered {
     let dir = std::env::temp_dir().join(format!("weft-roundtrip-peer-{}-{}", std::process::id(), fastrand::u64(..)));
     let ca = CaConfig {
         trust_domain: "dc1.weft".into(),
@@ -1062,7 +1068,7 @@ fn a_peered_datacenter_round_trips() {
         cert_ttl: Duration::from_secs(3600),
         provided: None,
     };
-    let mesh = Mesh::open(&dir, Duration::from_secs(60), ca, Default::default()).unwrap();
+    let mesh = Mesh::open(&dir, Duration::from_secs(60), ca, defaults).unwrap();
     let export = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "ExportedServices",
         "metadata": {"name": "e"}, "spec": {"services": [{"name": "b", "consumers": [{"peer": "dc2"}]}]}});
     mesh.apply(vec![Resource::from_json(0, export).unwrap()], Default::default()).unwrap();
@@ -1072,6 +1078,7 @@ fn a_peered_datacenter_round_trips() {
         service: Some(weft_api::peering::MESH_GATEWAY.into()),
         inbound: Some("127.0.0.1:15443".into()),
         app: None,
+        mesh_gateway_local: gateway_local.map(str::to_owned),
         ..registration("x", 1, vec![])
     };
     mesh.connect("b-1", b.clone(), 1, Some("key-b")).unwrap();
@@ -1100,6 +1107,17 @@ fn a_peered_datacenter_round_trips() {
         terminated: false,
     })
     .unwrap();
+    Peered { dir, mesh, a, gateway, remote }
+}
+
+/// A peered datacenter's resources, through the proxy's decoders: a caller's cluster accepts
+/// the service's identity in the peer's trust domain and names the service for the peer's
+/// gateway; its endpoints put the peer's gateway after the local instances; the trust bundle
+/// keeps each trust domain's roots apart; this datacenter's mesh gateway routes an exported
+/// service's server name to its own instances alone, without TLS of its own.
+#[test]
+fn a_peered_datacenter_round_trips() {
+    let Peered { dir, mesh, a, gateway, remote } = peered(Default::default(), None);
     // What this datacenter tells dc2: b, with its own serving instance only.
     let told = mesh.state_for_peer("dc2");
     assert_eq!(told.services, vec![weft_api::peering::ExportedState { name: "b".into(), healthy: 1, instances: 1 }]);
@@ -1186,6 +1204,57 @@ fn a_peered_datacenter_round_trips() {
     )
     .unwrap();
     assert!(bundle.peers.is_empty() && bundle.trust_domain.is_none());
+    drop(mesh);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Local mode: dc1's sidecars reach dc2's `b` through dc1's own mesh gateway, at its local
+/// address; that gateway routes `b`'s server name, arriving there, on to dc2's gateway (still
+/// encrypted), while peers' connections on its other address still go to dc1's own `b`.
+#[test]
+fn in_local_mode_peers_are_reached_through_the_datacenters_own_gateway() {
+    let defaults = crate::Defaults { mesh_gateway: weft_api::peering::MeshGatewayMode::Local, ..Default::default() };
+    let Peered { dir, mesh, a, gateway, remote: _ } = peered(defaults, Some("127.0.0.1:15444"));
+    let snapshot = mesh.subscribe().borrow().clone();
+    let get = |t: Type, node: &InstanceRegistration, name: &str| {
+        let all = snapshot.available(t, Some(node));
+        all.get(name).unwrap_or_else(|| panic!("no {t:?} {name} in {:?}", all.keys())).any.clone()
+    };
+    // The caller: dc2's level is dc1's gateway's local address, labelled as dc2's.
+    let (_, endpoints) = weft_proxy::config::load_assignment(&get(Type::Endpoint, &a, "b")).unwrap();
+    let found: Vec<(String, u32, Option<&str>)> = endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.priority, e.labels.get("datacenter").map(String::as_str)))
+        .collect();
+    assert_eq!(found, vec![("127.0.0.1:7000".into(), 0, None), ("127.0.0.1:15444".into(), 1, Some("dc2"))]);
+    let tls = weft_proxy::config::cluster(&get(Type::Cluster, &a, "b")).unwrap().tls.unwrap();
+    assert_eq!(tls.sni.as_deref(), Some("b.default.mesh"), "the same server name, passed on as it is");
+    // The gateway: its local listener routes b's server name to dc2's gateways, plain TCP.
+    let local = weft_api::names::mesh_gateway_listener("127.0.0.1:15444");
+    let l = weft_proxy::config::listener(&get(Type::Listener, &gateway, &local)).unwrap();
+    assert_eq!(l.address.to_string(), "127.0.0.1:15444");
+    assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::remote_cluster("b"))]);
+    assert!(l.tls.is_none() && l.http.is_none());
+    let remote_b = weft_api::names::remote_cluster("b");
+    assert!(weft_proxy::config::cluster(&get(Type::Cluster, &gateway, &remote_b)).unwrap().tls.is_none());
+    let (_, onward) = weft_proxy::config::load_assignment(&get(Type::Endpoint, &gateway, &remote_b)).unwrap();
+    let onward: Vec<(String, u32)> = onward.iter().map(|e| (e.address.to_string(), e.priority)).collect();
+    assert_eq!(onward, [("127.0.0.2:15443".to_owned(), 0)]);
+    // Its peers' listener is unchanged: b's name to dc1's own instances.
+    let wan = weft_api::names::mesh_gateway_listener("127.0.0.1:15443");
+    let l = weft_proxy::config::listener(&get(Type::Listener, &gateway, &wan)).unwrap();
+    assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::local_cluster("b"))]);
+    // No gateway serving locally: nothing to reach dc2 by (and `weft check` says so).
+    mesh.disconnect("gw-1", 3);
+    assert!(mesh.deregister("gw-1"));
+    let snapshot = mesh.subscribe().borrow().clone();
+    let (_, endpoints) =
+        weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
+    assert_eq!(endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
+    let check = crate::check::run(&mesh);
+    let c = check.iter().find(|c| c.name.starts_with("peers are reachable")).expect("the local-mode check");
+    assert_eq!(c.status, crate::check::Status::Fail, "{c:?}");
+    assert!(c.detail.contains("imported services (b)"), "{}", c.detail);
     drop(mesh);
     let _ = std::fs::remove_dir_all(&dir);
 }

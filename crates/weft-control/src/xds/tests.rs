@@ -144,6 +144,7 @@ fn sidecar_node() -> Node {
         labels: Default::default(),
         upstreams: vec![Upstream { service: "backend".into(), listen: BACKEND_ADDR.into() }],
         capture: None,
+        mesh_gateway_local: None,
         healthy: true,
     };
     let value = Value { kind: Some(value::Kind::StringValue(serde_json::to_string(&registration).unwrap())) };
