@@ -1239,14 +1239,13 @@ fn in_local_mode_peers_are_reached_through_the_datacenters_own_gateway() {
     assert!(weft_proxy::config::cluster(&get(Type::Cluster, &gateway, &remote_b)).unwrap().tls.is_none());
     let (_, onward) = weft_proxy::config::load_assignment(&get(Type::Endpoint, &gateway, &remote_b)).unwrap();
     let onward: Vec<(String, u32)> = onward.iter().map(|e| (e.address.to_string(), e.priority)).collect();
-    assert_eq!(onward, [("127.0.0.2:15443".to_owned(), 0)]);
+    assert_eq!(onward, [("127.0.0.2:15443".to_owned(), 1)], "after the (empty) local level");
     // Its peers' listener is unchanged: b's name to dc1's own instances.
     let wan = weft_api::names::mesh_gateway_listener("127.0.0.1:15443");
     let l = weft_proxy::config::listener(&get(Type::Listener, &gateway, &wan)).unwrap();
     assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::local_cluster("b"))]);
     // No gateway serving locally: nothing to reach dc2 by (and `weft check` says so).
     mesh.disconnect("gw-1", 3);
-    assert!(mesh.deregister("gw-1"));
     let snapshot = mesh.subscribe().borrow().clone();
     let (_, endpoints) =
         weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
