@@ -78,6 +78,12 @@ pub fn apply_yaml(dir: &TestDir, control: &str, name: &str, yaml: &str) -> Outpu
     weft(&["apply", "-f", file.to_str().unwrap(), "--control", control])
 }
 
+/// `weft apply` of `yaml` (written to `name` in `dir`), which must succeed.
+pub fn apply_ok(dir: &TestDir, control: &str, name: &str, yaml: &str) {
+    let out = apply_yaml(dir, control, name, yaml);
+    assert!(out.status.success(), "weft apply {name}: {}", stderr(&out));
+}
+
 /// A port for a process under test to bind. Ports come from a block of this test process's
 /// own below the kernel's ephemeral range (32768+): a port the kernel hands out for `bind(0)`
 /// or for an outgoing connection (a proxy's upstream, a curl) could be taken again between
@@ -233,6 +239,19 @@ impl Drop for Proc {
             self.kill();
         }
     }
+}
+
+/// Waits (up to 90 s) for `weft up`, spawned as `up`, to print its banner, and returns its
+/// output so far; fails if it exited instead.
+pub fn wait_up(dir: &TestDir, up: &mut Proc) -> String {
+    let log = dir.path.join(format!("{}.log", up.name));
+    wait_until(Duration::from_secs(90), "weft up banner", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
+            || up.wait(Duration::ZERO).is_some()
+    });
+    let banner = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(banner.contains("weft mesh is up"), "weft up exited:\n{banner}");
+    banner
 }
 
 /// Whether a process with this PID exists (and is not a zombie).
@@ -410,6 +429,20 @@ pub struct LoadReport {
     pub failed: Vec<(Duration, String)>,
 }
 
+impl LoadReport {
+    /// Fails, with the first 20 failures (when each was sent, since the start), if any
+    /// request failed.
+    pub fn assert_none_failed(&self) {
+        assert!(
+            self.failed.is_empty(),
+            "{} of {} requests failed (at s since the start): {:?}",
+            self.failed.len(),
+            self.ok as usize + self.failed.len(),
+            &self.failed[..self.failed.len().min(20)]
+        );
+    }
+}
+
 /// GETs of `url` at `per_second`, each on its own (over a pool of kept-alive connections,
 /// as a busy client sends them), whatever the answers take, until `stop` (or `max`). A
 /// request fails if the answer is not 200 or takes over 5 s.
@@ -567,6 +600,20 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(dir: &TestDir, control: &str, service: &str, version: &str, id: &str, extra: &[&str]) -> Instance {
+        Instance::start_env(dir, control, service, version, id, extra, &[])
+    }
+
+    /// As [`Instance::start`], with `env` in the app's environment (e.g. the demo app's
+    /// `WEFT_DEMO_FAIL_PERCENT`).
+    pub fn start_env(
+        dir: &TestDir,
+        control: &str,
+        service: &str,
+        version: &str,
+        id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Instance {
         let (app_port, inbound, admin) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(weft_bin());
         cmd.args(["run", "--service", service, "--id", id, "--control", control]);
@@ -577,6 +624,7 @@ impl Instance {
         cmd.args(["--inbound", &format!("127.0.0.1:{inbound}"), "--admin", &format!("127.0.0.1:{admin}")]);
         cmd.args(extra).arg("--").arg(weft_bin()).arg("demo-app");
         cmd.env("WEFT_TOKEN", join_token(control, service));
+        cmd.envs(env.iter().copied());
         let proc = Proc::spawn(dir, id, &mut cmd);
         Instance { proc, id: id.to_owned(), app_port, inbound, admin }
     }
@@ -657,7 +705,12 @@ impl Edge {
 
     /// Addresses of the endpoints the edge currently holds for `service`.
     pub fn endpoint_addrs(&self, service: &str) -> Vec<String> {
-        let dump = get_json(&self.admin(), "/config_dump").unwrap_or_default();
+        Edge::endpoint_addrs_at(&self.admin(), service)
+    }
+
+    /// The addresses of `service`'s endpoints at the proxy whose admin address is `admin`.
+    pub fn endpoint_addrs_at(admin: &str, service: &str) -> Vec<String> {
+        let dump = get_json(admin, "/config_dump").unwrap_or_default();
         dump["endpoints"][service]
             .as_array()
             .map(|a| a.iter().map(|e| e["address"].as_str().unwrap_or_default().to_owned()).collect())

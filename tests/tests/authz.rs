@@ -3,13 +3,6 @@
 use std::time::{Duration, Instant};
 use weft_tests::*;
 
-fn apply(dir: &TestDir, control: &Control, name: &str, yaml: &str) {
-    let path = dir.path.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// How long until `f` holds, checked every 20 ms; panics after 5 s.
 fn within(what: &str, f: impl FnMut() -> bool) -> Duration {
     wait_until(Duration::from_secs(5), what, f)
@@ -28,10 +21,10 @@ fn policies_refuse_and_allow_callers_by_identity_live() {
 
     // DENY frontend → backend: refused within a second of `weft apply`; another caller is not.
     let applied = Instant::now();
-    apply(
+    apply_ok(
         &m.dir,
-        &m.control,
-        "deny",
+        &m.control.addr,
+        "deny.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend}\nspec:\n  service: backend\n  action: DENY\n  rules:\n  - from: [{services: [frontend]}]\n",
     );
     within("frontend denied", || status(&frontend) == 403);
@@ -53,10 +46,10 @@ fn policies_refuse_and_allow_callers_by_identity_live() {
     assert!(deleted.elapsed() < Duration::from_secs(1), "took {:?}", deleted.elapsed());
 
     // Default deny for backend plus one ALLOW rule: exactly that caller gets through.
-    apply(
+    apply_ok(
         &m.dir,
-        &m.control,
-        "allow",
+        &m.control.addr,
+        "allow.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: backend-default-deny}\nspec: {service: backend}\n---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: frontend-may-get}\nspec:\n  service: backend\n  rules:\n  - from: [{identities: [\"spiffe://weft.local/ns/default/sa/frontend\"]}]\n    to: [{methods: [GET], paths: [\"/\", \"/info\"]}]\n",
     );
     within("other refused by default deny", || status(&other) == 403);
@@ -110,10 +103,10 @@ fn other_spellings_of_a_denied_path_are_denied() {
     let _sidecar = app_sidecar(&dir, &control, "paths", port, &[]);
     let edge = Edge::start(&dir, &control, &["paths"]);
     wait_until(Duration::from_secs(5), "edge has the endpoint", || edge.endpoint_addrs("paths").len() == 1);
-    apply(
+    apply_ok(
         &dir,
-        &control,
-        "deny",
+        &control.addr,
+        "deny.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\nspec:\n  service: paths\n  action: DENY\n  rules:\n  - to: [{paths: [\"/admin/*\"]}]\n",
     );
     let get = |path: &str| curl(&["--path-as-is", &edge.url("paths", path)]).expect("a response");
@@ -154,10 +147,10 @@ fn other_spellings_of_a_denied_path_are_denied() {
             "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: paths}}\nspec: {{escapedSlashes: {mode}}}\n"
         )
     };
-    apply(&dir, &control, "decode", &service("decode"));
+    apply_ok(&dir, &control.addr, "decode.yaml", &service("decode"));
     within("%2F decoded", || get("/admin%2Fx").status == 403);
     assert_eq!(get("/admin%5Cx").status, 403);
-    apply(&dir, &control, "reject", &service("reject"));
+    apply_ok(&dir, &control.addr, "reject.yaml", &service("reject"));
     within("%2F refused", || get("/admin%2Fx").status == 400);
     assert_eq!(get("/public%2fx").headers.get("x-weft-error").map(String::as_str), Some("invalid-path"));
 }

@@ -23,13 +23,6 @@ fn lb_in_force(edge: &Edge) -> String {
     dump["clusters"]["backend"]["load_balancer"].as_str().unwrap_or_default().to_owned()
 }
 
-fn apply(dir: &TestDir, control: &Control, yaml: &str) {
-    let path = dir.path.join("service.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// Where each of `keys` goes (`x-user: <key>`), each asked twice: both answers must agree.
 fn placement(port: u16, keys: &[String]) -> BTreeMap<String, String> {
     keys.iter()
@@ -62,9 +55,10 @@ fn ring_hash_and_maglev_keep_keys_on_one_instance_and_move_few_when_one_leaves()
     let out = weft(&["apply", "-f", bad.to_str().unwrap(), "--control", &control.addr]);
     assert!(!out.status.success() && stderr(&out).contains("spec.consistentHash"), "{}", stderr(&out));
 
-    apply(
+    apply_ok(
         &dir,
-        &control,
+        &control.addr,
+        "service.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: maglev, consistentHash: {header: x-user}}\n",
     );
     wait_until(Duration::from_secs(5), "maglev in force", || lb_in_force(&edge) == "maglev");
@@ -72,9 +66,10 @@ fn ring_hash_and_maglev_keep_keys_on_one_instance_and_move_few_when_one_leaves()
     let used: std::collections::BTreeSet<&String> = maglev.values().collect();
     assert_eq!(used.len(), 4, "200 keys should reach all 4 instances: {used:?}");
 
-    apply(
+    apply_ok(
         &dir,
-        &control,
+        &control.addr,
+        "service.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {loadBalancer: ring-hash, consistentHash: {header: x-user}}\n",
     );
     wait_until(Duration::from_secs(5), "ring hash in force", || lb_in_force(&edge) == "ring-hash");
@@ -115,9 +110,10 @@ fn locality_prefers_the_callers_zone_and_fails_over() {
     let _a2 = Instance::start(&dir, &control.addr, "backend", "v1", "a2", &["--label", "zone=a"]);
     let mut b1 = Instance::start(&dir, &control.addr, "backend", "v1", "b1", &["--label", "zone=b"]);
     wait_until(Duration::from_secs(15), "3 healthy", || control.healthy_ids("backend").len() == 3);
-    apply(
+    apply_ok(
         &dir,
-        &control,
+        &control.addr,
+        "service.yaml",
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {locality: {preferSameZone: true}}\n",
     );
     let in_b =

@@ -31,13 +31,8 @@ services:
     )
     .unwrap();
     let mut up = Proc::spawn(&dir, "up", Command::new(weft_bin()).args(["up", "-f", file.to_str().unwrap()]));
-    let log = dir.path.join("up.log");
-    wait_until(Duration::from_secs(60), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
+    let banner = wait_up(&dir, &mut up);
     let url = format!("http://127.0.0.1:{board}/");
-    let banner = std::fs::read_to_string(&log).unwrap();
     assert!(banner.contains(&format!("dashboard      {url}")), "weft up prints the dashboard's URL:\n{banner}");
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,12 +3,6 @@
 use std::time::Duration;
 use weft_tests::*;
 
-fn apply(control: &Control, dir: &TestDir, name: &str, yaml: &str) -> std::process::Output {
-    let path = dir.path.join(name);
-    std::fs::write(&path, yaml).unwrap();
-    weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr])
-}
-
 fn no_panic(out: &std::process::Output) {
     let err = stderr(out);
     assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
@@ -56,7 +50,7 @@ fn apply_rejects_bad_files_and_stores_nothing() {
         ),
     ];
     for (file, yaml, expected) in cases {
-        let out = apply(&m.control, &m.dir, file, yaml);
+        let out = apply_yaml(&m.dir, &m.control.addr, file, yaml);
         assert!(!out.status.success(), "{file} was accepted");
         no_panic(&out);
         let err = stderr(&out);
@@ -70,10 +64,10 @@ fn apply_rejects_bad_files_and_stores_nothing() {
         assert_eq!(m.control.api("/api/v1/resources/services").unwrap(), serde_json::json!([]));
     }
     // And the good document alone applies.
-    let out = apply(&m.control, &m.dir, "ok.yaml", ROUTE_OK);
+    let out = apply_yaml(&m.dir, &m.control.addr, "ok.yaml", ROUTE_OK);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "httproute/r1 created");
-    assert_eq!(stdout(&apply(&m.control, &m.dir, "ok.yaml", ROUTE_OK)).trim(), "httproute/r1 unchanged");
+    assert_eq!(stdout(&apply_yaml(&m.dir, &m.control.addr, "ok.yaml", ROUTE_OK)).trim(), "httproute/r1 unchanged");
 }
 
 #[test]

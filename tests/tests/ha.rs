@@ -258,13 +258,7 @@ fn three_replicas_lose_no_request_when_one_dies() {
         report.ok
     );
     assert!(report.ok as f64 > 190.0 * secs, "{} requests in {secs:.1} s: not a steady 200 a second", report.ok);
-    assert!(
-        report.failed.is_empty(),
-        "{} of {} requests failed (at s since the start): {:?}",
-        report.failed.len(),
-        report.ok as usize + report.failed.len(),
-        &report.failed[..report.failed.len().min(20)]
-    );
+    report.assert_none_failed();
     drop(etcd.members);
 }
 
@@ -403,13 +397,8 @@ fn certificates_renew_and_a_rotation_completes_through_a_replica_death() {
         let status = get_json(admin, "/certs").unwrap();
         assert!(status["renewal_error"].is_null(), "{admin}: {status}");
     }
-    assert!(
-        report.failed.is_empty() && report.ok > 15_000,
-        "{} of {} requests failed: {:?}",
-        report.failed.len(),
-        report.ok as usize + report.failed.len(),
-        &report.failed[..report.failed.len().min(20)]
-    );
+    report.assert_none_failed();
+    assert!(report.ok > 15_000, "{} requests in 3 minutes: not a steady 100 a second", report.ok);
     drop(etcd.members);
 }
 

@@ -6,12 +6,6 @@ use std::time::Duration;
 use weft_tests::jwt::{JwksServer, SigningKey, jwks, unix_now as now};
 use weft_tests::*;
 
-fn apply(dir: &TestDir, control: &Control, name: &str, yaml: &str) -> std::process::Output {
-    let path = dir.path.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr])
-}
-
 const ISSUER: &str = "https://issuer.test";
 const FILE_ISSUER: &str = "file-issuer";
 
@@ -26,10 +20,10 @@ fn tokens_are_validated_with_a_reason_for_each_refusal_and_claims_feed_authoriza
 
     // A source that cannot be read fails the apply, and nothing is stored.
     let closed = free_port();
-    let out = apply(
+    let out = apply_yaml(
         &m.dir,
-        &m.control,
-        "unreachable",
+        &m.control.addr,
+        "unreachable.yaml",
         &format!(
             "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: bad}}\nspec:\n  service: backend\n  issuers:\n  - {{issuer: x, jwksUri: \"http://127.0.0.1:{closed}/jwks\"}}\n"
         ),
@@ -38,10 +32,10 @@ fn tokens_are_validated_with_a_reason_for_each_refusal_and_claims_feed_authoriza
     assert!(stderr(&out).contains("spec.issuers[0].jwksUri"), "{}", stderr(&out));
     assert_eq!(m.control.api("/api/v1/resources/requestauthentications").unwrap(), serde_json::json!([]));
 
-    let out = apply(
+    let out = apply_yaml(
         &m.dir,
-        &m.control,
-        "jwt",
+        &m.control.addr,
+        "jwt.yaml",
         &format!(
             "apiVersion: weft.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: backend-jwt}}\nspec:\n  service: backend\n  required: true\n  issuers:\n  - issuer: {ISSUER}\n    audiences: [backend]\n    jwksUri: http://127.0.0.1:{port}/jwks\n    clockSkew: 5s\n  - issuer: {FILE_ISSUER}\n    jwksFile: {}\n    refreshInterval: 1s\n",
             jwks_file.display()
@@ -87,10 +81,10 @@ fn tokens_are_validated_with_a_reason_for_each_refusal_and_claims_feed_authoriza
     assert!(stderr(&out).to_ascii_lowercase().contains("unauthenticated"), "{}", stderr(&out));
 
     // Claims in authorization: only the issuer's tokens with group admin.
-    let out = apply(
+    let out = apply_yaml(
         &m.dir,
-        &m.control,
-        "admins",
+        &m.control.addr,
+        "admins.yaml",
         &format!(
             "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: admins-only}}\nspec:\n  service: backend\n  rules:\n  - from: [{{requestPrincipals: [\"{ISSUER}/*\"]}}]\n    when: [{{claim: groups, values: [admin]}}]\n"
         ),

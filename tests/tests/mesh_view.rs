@@ -70,11 +70,7 @@ services:
     let weft_path = weft_bin();
     let weft_cli = weft_path.to_str().unwrap();
     let mut up = Proc::spawn(&dir, "up", &mut ns.cmd(&weft_path, &["up", "-f", file.to_str().unwrap()]));
-    let log = dir.path.join("up.log");
-    wait_until(Duration::from_secs(60), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
+    wait_up(&dir, &mut up);
     let control = format!("127.0.0.1:{control}");
     let weft = |args: &[&str]| {
         let mut all = args.to_vec();

@@ -75,16 +75,22 @@ fn exporting_to(dc1: Control, dir: &TestDir, service: &str) -> Exporting {
 
 /// Peers DC1 and DC2 as the README shows: DC2 makes a token for DC1, DC1 accepts it.
 fn peer(dc1: &Control, dc2: &Control) {
-    let made = weft(&["peer", "create", "dc1", "--control", &dc2.addr]);
-    assert!(made.status.success(), "weft peer create: {}", stderr(&made));
-    let token = stdout(&made).trim().to_owned();
-    let accepted = weft(&["peer", "accept", "--name", "dc2", &token, "--control", &dc1.addr]);
-    assert!(accepted.status.success(), "weft peer accept: {}", stderr(&accepted));
-    assert!(stdout(&accepted).contains("established with datacenter dc2"), "{}", stdout(&accepted));
+    let token = peer_as(dc1, dc2, "dc2");
     // One peering per peer: the same token again is refused (its secret was for one use too:
     // `peering_mistakes_are_named`).
     let again = weft(&["peer", "accept", "--name", "dc2-again", &token, "--control", &dc1.addr]);
     assert!(!again.status.success() && stderr(&again).contains("one peering per trust domain"), "{}", stderr(&again));
+}
+
+/// DC1 peers with `other` (datacenter `name`), which makes the token; the token.
+fn peer_as(dc1: &Control, other: &Control, name: &str) -> String {
+    let made = weft(&["peer", "create", "dc1", "--control", &other.addr]);
+    assert!(made.status.success(), "weft peer create: {}", stderr(&made));
+    let token = stdout(&made).trim().to_owned();
+    let accepted = weft(&["peer", "accept", "--name", name, &token, "--control", &dc1.addr]);
+    assert!(accepted.status.success(), "weft peer accept: {}", stderr(&accepted));
+    assert!(stdout(&accepted).contains(&format!("established with datacenter {name}")), "{}", stdout(&accepted));
+    token
 }
 
 /// Who answered a GET of `url` (the demo app's `x-served-by`), if it was answered with 200.
@@ -283,6 +289,63 @@ fn in_local_mode_calls_to_a_peer_go_through_the_datacenters_own_gateway() {
     let check = weft(&["check", "--control", &dc1.addr]);
     assert!(!check.status.success(), "{}", stdout(&check));
     assert!(stdout(&check).contains("no mesh gateway serves a --mesh-gateway-local address"), "{}", stdout(&check));
+}
+
+/// Retries and outlier ejection act across datacenters as within one: DC2's backend answers
+/// every request with 500, so DC1's caller ejects DC2's gateway (it stands for DC2's
+/// instances) and DC3, next in the service's failover order, takes the traffic.
+#[test]
+fn retries_and_outlier_ejection_work_across_datacenters() {
+    let dir = TestDir::new("peering-outlier");
+    let dc1 = datacenter(&dir, "dc1");
+    let mut far = Vec::new();
+    for (dc, fail) in [("dc2", "100"), ("dc3", "0")] {
+        let control = datacenter(&dir, dc);
+        let id = format!("{dc}-backend-0");
+        let env = [("WEFT_DEMO_FAIL_PERCENT", fail)];
+        let instance = Instance::start_env(&dir, &control.addr, "backend", "v1", &id, &[], &env);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let gateway = mesh_gateway(&dir, &control, &format!("{dc}-gateway"), &addr, None);
+        assert!(apply_yaml(&dir, &control.addr, "export.yaml", EXPORT).status.success());
+        wait_until(Duration::from_secs(15), "backend healthy", || control.healthy_ids("backend").len() == 1);
+        peer_as(&dc1, &control, dc);
+        far.push((control, instance, gateway, addr));
+    }
+    let policy = "apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: backend}
+spec: {failover: [dc2, dc3]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend}
+spec:
+  targetRef: {name: backend}
+  retry: {attempts: 2, retryOn: [5xx]}
+  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 60s, maxEjectionPercent: 50}
+";
+    let out = apply_yaml(&dir, &dc1.addr, "backend.yaml", policy);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let edge = Edge::start(&dir, &dc1, &["backend"]);
+    let mut gateways: Vec<String> = far.iter().map(|f| f.3.clone()).collect();
+    gateways.sort();
+    wait_until(Duration::from_secs(10), "both peers' gateways at DC1's caller", || {
+        let mut found = edge.endpoint_addrs("backend");
+        found.sort();
+        found == gateways
+    });
+    let answers: Vec<Option<String>> = (0..20).map(|_| served_by(&edge.url("backend", "/"))).collect();
+    eprintln!("who answered, in order: {answers:?}");
+    // DC2 first (the failover order): its three 500s in a row eject its gateway, within the
+    // first request's attempts; from then on DC3 answers every request.
+    assert!(answers[1..].iter().all(|a| a.as_deref() == Some("dc3-backend-0")), "{answers:?}");
+    let metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", edge.admin())]));
+    assert!(metric_sum(&metrics, "weft_outlier_ejections_total", &[]) >= 1.0, "{metrics}");
+    assert!(metric_sum(&metrics, "weft_request_retries_total", &["dst_service=\"backend\""]) >= 2.0, "{metrics}");
+    // DC2's backend did see the requests that failed there (through its gateway).
+    let dc2_metrics = stdout(&run("curl", &["-s", &format!("http://{}/metrics", far[0].1.admin())]));
+    let failed = metric_sum(&dc2_metrics, "weft_requests_total", &["direction=\"inbound\"", "code=\"500\""]);
+    assert!(failed >= 3.0, "{dc2_metrics}");
 }
 
 /// A client certificate (PEM) and key for `id`, signed with the root in `ca_dir`.
@@ -525,9 +588,29 @@ fn peering_mistakes_are_named() {
 /// this machine; DC1's frontend calls DC1's backend, and DC2's once DC1's is killed.
 #[test]
 fn weft_up_runs_two_peered_datacenters() {
-    let dir = TestDir::new("peering-up");
+    two_datacenters_from_the_readme(false);
+}
+
+/// The same file with DC1 in local mode: `control.meshGatewayMode: local` and a mesh gateway
+/// of DC1's own with `meshGatewayLocal`, which DC1's frontend reaches DC2 through.
+#[test]
+fn weft_up_runs_two_peered_datacenters_in_local_mode() {
+    two_datacenters_from_the_readme(true);
+}
+
+fn two_datacenters_from_the_readme(local: bool) {
+    let dir = TestDir::new(if local { "peering-up-local" } else { "peering-up" });
     let yaml = weft_tests::hosts::readme_blocks("Two datacenters", "yaml");
     let mut file = yaml.iter().find(|b| b.contains("datacenters:")).expect("README: two-dcs.yaml").clone();
+    let dc1_local = free_port();
+    if local {
+        let control = "    control: {listen: 127.0.0.1:15010}\n";
+        assert_eq!(file.matches(control).count(), 1, "{file}");
+        let gateway =
+            format!("    meshGateway: 127.0.0.1:{}\n    meshGatewayLocal: 127.0.0.1:{dc1_local}\n", free_port());
+        let local_mode = "    control: {listen: 127.0.0.1:15010, meshGatewayMode: local}\n";
+        file = file.replace(control, &format!("{local_mode}{gateway}"));
+    }
     let (control1, front) = (free_port(), free_port());
     let ports =
         [("15010", control1), ("15020", free_port()), ("8080", front), ("9001", free_port()), ("15443", free_port())];
@@ -564,9 +647,17 @@ fn weft_up_runs_two_peered_datacenters() {
     wait_until(Duration::from_secs(10), "DC2's backend answers DC1's frontend", || {
         upstream().contains("upstream (200 OK): hello from backend v2")
     });
-    let peers = stdout(&weft(&["get", "peers", "--control", &format!("127.0.0.1:{control1}")]));
+    let control1 = format!("127.0.0.1:{control1}");
+    let peers = stdout(&weft(&["get", "peers", "--control", &control1]));
     eprintln!("{peers}");
     assert!(peers.contains("dc2") && peers.contains("active"), "{peers}");
+    // Where DC1's frontend reaches DC2: DC2's gateway, or in local mode DC1's own.
+    let frontend = stdout(&weft(&["get", "endpoints", "frontend", "-o", "json", "--control", &control1]));
+    let frontend: serde_json::Value = serde_json::from_str(&frontend).unwrap();
+    let admin = frontend[0]["registration"]["admin"].as_str().expect("the frontend's admin address").to_owned();
+    let via = format!("127.0.0.1:{dc1_local}");
+    let endpoints = Edge::endpoint_addrs_at(&admin, "backend");
+    assert_eq!(endpoints.contains(&via), local, "DC1's frontend reaches DC2 at {endpoints:?}");
 }
 
 /// A route in DC1 may name a service only DC2 runs: an HTTPRoute splitting DC1's `backend`

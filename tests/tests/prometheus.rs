@@ -74,12 +74,7 @@ services:
     )
     .unwrap();
     let mut up = Proc::spawn(&dir, "up", Command::new(weft_bin()).args(["up", "-f", file.to_str().unwrap()]));
-    let log = dir.path.join("up.log");
-    wait_until(Duration::from_secs(60), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
-    let banner = std::fs::read_to_string(&log).unwrap();
+    let banner = wait_up(&dir, &mut up);
     let config = banner
         .lines()
         .find_map(|l| l.trim().strip_prefix("prometheus --config.file="))

@@ -343,9 +343,10 @@ fn apply_policy(dir: &TestDir, control: &Control, retry: &str) {
 /// Applies a TrafficPolicy for `backend` whose spec (besides its target) is `spec`, indented
 /// by two spaces.
 fn apply_policy_spec(dir: &TestDir, control: &Control, spec: &str) {
-    apply(
+    apply_ok(
         dir,
-        control,
+        &control.addr,
+        "apply.yaml",
         &format!(
             "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: backend-policy}}\nspec:\n  targetRef: {{kind: Service, name: backend}}\n  {spec}\n"
         ),
@@ -353,13 +354,6 @@ fn apply_policy_spec(dir: &TestDir, control: &Control, spec: &str) {
 }
 
 /// `weft apply -f` of `yaml`, which must succeed.
-fn apply(dir: &TestDir, control: &Control, yaml: &str) {
-    let path = dir.path.join("apply.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = weft(&["apply", "-f", path.to_str().unwrap(), "--control", &control.addr]);
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// The sum of a proxy's counter `name` over the series whose labels include all of `labels`,
 /// from its admin address's /metrics.
 fn counter(admin: &str, name: &str, labels: &[&str]) -> u64 {

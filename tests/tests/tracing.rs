@@ -71,11 +71,7 @@ services:
     )
     .unwrap();
     let mut up = Proc::spawn(&dir, "up", Command::new(weft_bin()).args(["up", "-f", file.to_str().unwrap()]));
-    let log = dir.path.join("up.log");
-    wait_until(Duration::from_secs(60), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
+    wait_up(&dir, &mut up);
     let control = format!("127.0.0.1:{control}");
     let url = format!("http://127.0.0.1:{front}/");
     assert_eq!(curl(&[&url]).unwrap().status, 200);

@@ -452,11 +452,7 @@ services:
     const MADE: &[&str] = &["weft-i-web-", "weft-i-api-"];
     let before = made_state(&host, MADE);
     let mut up = Proc::spawn(&dir, "up", host.cmd(weft_bin()).arg("up").arg("-f").arg(&file));
-    let log = dir.path.join("up.log");
-    wait_until(Duration::from_secs(90), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
+    wait_up(&dir, &mut up);
     let url = format!("http://127.0.0.1:{gateway}/");
     let mut backends = std::collections::BTreeSet::new();
     for _ in 0..10 {

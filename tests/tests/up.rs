@@ -19,16 +19,6 @@ fn descendants(p: &Proc) -> Vec<i32> {
     all
 }
 
-/// Waits for `weft up`'s banner; fails at once (with its log) if it exits first.
-fn wait_up(dir: &TestDir, up: &mut Proc) {
-    let log = dir.path.join(format!("{}.log", up.name));
-    wait_until(Duration::from_secs(60), "weft up banner", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up")
-            || up.wait(Duration::ZERO).is_some()
-    });
-    assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("weft mesh is up"), "weft up exited");
-}
-
 #[test]
 fn bundled_demo_mesh_serves_http1_http2_and_grpc_then_stops_cleanly() {
     let dir = TestDir::new("demo");

@@ -20,7 +20,8 @@ pub fn server_name(service: &str, namespace: &str) -> String {
 
 /// How a datacenter's sidecars reach the instances of a peer datacenter (`weft control
 /// --mesh-gateway-mode`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MeshGatewayMode {
     /// Straight to the peer's mesh gateways.
     #[default]

@@ -9,13 +9,13 @@
 use crate::config::{AccessLogDef, Comparison, Direction, LogFilter, LogOutput};
 use crate::metrics::Metrics;
 use crate::record::{RequestInfo, RequestRecord};
+use crate::shared::Shared;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, Weak};
 
 /// Entries an output holds while its thread writes; more are dropped.
 const QUEUE: usize = 4096;
@@ -159,9 +159,7 @@ impl Output {
 /// The outputs in use, shared by every listener that logs to the same place; an output whose
 /// last listener stopped logging closes (its thread ends).
 #[derive(Default)]
-pub struct Outputs {
-    open: Mutex<HashMap<LogOutput, Weak<Output>>>,
-}
+pub struct Outputs(Shared<LogOutput, Output>);
 
 impl Outputs {
     /// A listener's access logs from their definitions, opening the outputs they need (a file
@@ -170,18 +168,9 @@ impl Outputs {
         if defs.is_empty() {
             return Ok(None);
         }
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|_, o| o.strong_count() > 0);
         let mut logs = Vec::with_capacity(defs.len());
         for def in defs {
-            let out = match open.get(&def.output).and_then(Weak::upgrade) {
-                Some(o) => o,
-                None => {
-                    let o = Arc::new(Output::start(&def.output, metrics)?);
-                    open.insert(def.output.clone(), Arc::downgrade(&o));
-                    o
-                }
-            };
+            let out = self.0.get_or_try_start(&def.output, || Output::start(&def.output, metrics))?;
             logs.push((def.filter.clone(), out));
         }
         Ok(Some(Arc::new(AccessLog { logs })))

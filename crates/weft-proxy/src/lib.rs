@@ -45,6 +45,7 @@ pub mod ratelimit;
 pub mod record;
 mod report;
 pub mod route;
+mod shared;
 pub mod stack;
 pub mod supervise;
 mod tcp;

@@ -18,6 +18,7 @@
 use crate::config::{Direction, TracingDef};
 use crate::metrics::Metrics;
 use crate::record::{Outcome, RequestRecord, TraceContext, hex};
+use crate::shared::Shared;
 use http::{HeaderMap, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -26,8 +27,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
@@ -343,26 +343,18 @@ impl Exporter {
 /// The collectors in use, shared by every listener that exports to the same one; a collector
 /// no listener uses any more is let go (its task ends after sending what it holds).
 #[derive(Default)]
-pub struct Exporters {
-    open: Mutex<HashMap<(String, Duration), Weak<Exporter>>>,
-}
+pub struct Exporters(Shared<(String, Duration), Exporter>);
 
 impl Exporters {
     /// A listener's tracer from its definition; `own` names its spans' service when the
     /// definition does not.
     pub fn build(&self, def: Option<&TracingDef>, own: Option<&str>, metrics: &Metrics) -> Option<Arc<Tracer>> {
         let def = def?;
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|_, e| e.strong_count() > 0);
         let key = (def.collector.clone(), def.timeout);
-        let exporter = match open.get(&key).and_then(Weak::upgrade) {
-            Some(e) => e,
-            None => {
-                let e = Arc::new(Exporter::start(&def.collector, def.timeout, metrics));
-                open.insert(key, Arc::downgrade(&e));
-                e
-            }
-        };
+        let started = self.0.get_or_try_start(&key, || {
+            Ok::<_, std::convert::Infallible>(Exporter::start(&def.collector, def.timeout, metrics))
+        });
+        let Ok(exporter) = started;
         let service = if def.service_name.is_empty() { own.unwrap_or("unknown") } else { &def.service_name };
         Some(Arc::new(Tracer { sampling_per_million: def.sampling_per_million, service: service.into(), exporter }))
     }

@@ -47,6 +47,9 @@ pub struct MeshFile {
     pub datacenter: Option<String>,
     /// Run this datacenter's mesh gateway, listening here (`weft proxy --mesh-gateway`).
     pub mesh_gateway: Option<SocketAddr>,
+    /// The mesh gateway's address for this datacenter's own sidecars (`weft proxy
+    /// --mesh-gateway-local`), which `control.meshGatewayMode: local` sends them through.
+    pub mesh_gateway_local: Option<SocketAddr>,
     /// Several datacenters, each a mesh of its own (with the fields above), all peered with
     /// each other, each naming the others by their datacenter names.
     #[serde(default)]
@@ -73,6 +76,10 @@ pub struct ControlSection {
     /// Egress mode of services that set none: allow-any (default) or registry-only.
     #[serde(default)]
     pub egress: weft_api::resource::Egress,
+    /// How sidecars reach peer datacenters: remote (default) or local, through this
+    /// datacenter's mesh gateway (`meshGatewayLocal`).
+    #[serde(default)]
+    pub mesh_gateway_mode: weft_api::peering::MeshGatewayMode,
 }
 
 impl Default for ControlSection {
@@ -82,6 +89,7 @@ impl Default for ControlSection {
             data_dir: None,
             mtls: Default::default(),
             egress: Default::default(),
+            mesh_gateway_mode: Default::default(),
         }
     }
 }
@@ -182,6 +190,18 @@ fn check(name: &str, at: &str, file: &MeshFile) -> anyhow::Result<()> {
     {
         anyhow::bail!("{name}: field {at}meshGateway: {addr}: give the address peers reach, not an unspecified one");
     }
+    match (file.mesh_gateway, file.mesh_gateway_local) {
+        (None, Some(_)) => anyhow::bail!(
+            "{name}: field {at}meshGatewayLocal: needs meshGateway (the gateway it is a second address of)"
+        ),
+        (Some(wan), Some(local)) if local == wan || local.ip().is_unspecified() => anyhow::bail!(
+            "{name}: field {at}meshGatewayLocal: {local}: give the address this datacenter's sidecars reach, not an unspecified one nor meshGateway's"
+        ),
+        (_, None) if file.control.mesh_gateway_mode == weft_api::peering::MeshGatewayMode::Local => anyhow::bail!(
+            "{name}: field {at}control.meshGatewayMode: local sends sidecars through this datacenter's mesh gateway: give it meshGateway and meshGatewayLocal"
+        ),
+        _ => {}
+    }
     Ok(())
 }
 
@@ -210,5 +230,22 @@ mod tests {
         );
         assert!(err("datacenters:\n  - services: [{name: a}]\n").contains("needs a name"));
         assert!(err("control: {listen: 127.0.0.1:1}\n").contains("lists no service"));
+    }
+
+    #[test]
+    fn local_mode_needs_a_mesh_gateway_with_a_local_address() {
+        let err = |text: &str| super::parse("m", text).unwrap_err().to_string();
+        let svc = "services: [{name: a}]\n";
+        let local = "control: {meshGatewayMode: local}\n";
+        assert!(err(&format!("{svc}{local}")).contains("field control.meshGatewayMode: local"));
+        let no_wan = format!("{svc}meshGatewayLocal: 127.0.0.1:2\n");
+        assert!(err(&no_wan).contains("field meshGatewayLocal: needs meshGateway"));
+        let same = format!("{svc}meshGateway: 127.0.0.1:2\nmeshGatewayLocal: 127.0.0.1:2\n");
+        assert!(err(&same).contains("field meshGatewayLocal: 127.0.0.1:2"));
+        let bad_mode = format!("{svc}control: {{meshGatewayMode: sideways}}\n");
+        assert!(err(&bad_mode).contains("control.meshGatewayMode"), "{}", err(&bad_mode));
+        let ok = format!("{svc}{local}meshGateway: 127.0.0.1:2\nmeshGatewayLocal: 127.0.0.1:3\n");
+        let file = super::parse("m", &ok).unwrap();
+        assert_eq!(file.control.mesh_gateway_mode, weft_api::peering::MeshGatewayMode::Local);
     }
 }

@@ -401,7 +401,11 @@ fn control_config(
             cert_ttl: Duration::from_secs(24 * 3600),
             provided: None,
         },
-        defaults: weft_control::Defaults { mtls: file.control.mtls, egress: file.control.egress, ..Default::default() },
+        defaults: weft_control::Defaults {
+            mtls: file.control.mtls,
+            egress: file.control.egress,
+            mesh_gateway: file.control.mesh_gateway_mode,
+        },
         server_names,
         plaintext_xds: None,
     }
@@ -473,10 +477,12 @@ async fn start_all(
         mesh.gateway = Some(gateway);
     }
     if let Some(addr) = file.mesh_gateway {
+        let local = file.mesh_gateway_local.map(|a| ["--mesh-gateway-local".to_owned(), a.to_string()]);
         let flags = ["--mesh-gateway", &addr.to_string(), "--id", weft_api::peering::MESH_GATEWAY, "--control"]
             .map(str::to_owned)
             .into_iter()
             .chain([listen.to_string(), "--ca-file".into(), ca_file.display().to_string()])
+            .chain(local.into_iter().flatten())
             .collect::<Vec<_>>();
         let mut args = ProxyArgs::from_flags(&flags)?;
         args.token = Some(join_token(&api, weft_api::peering::MESH_GATEWAY).await?);
@@ -677,6 +683,9 @@ fn banner(
     }
     if let Some(addr) = file.mesh_gateway {
         println!("  mesh gateway   {addr}   (peers' sidecars reach this datacenter's exported services here)");
+    }
+    if let Some(addr) = file.mesh_gateway_local {
+        println!("                 {addr}   (this datacenter's sidecars reach its peers through here)");
     }
     if let Some(admin) = gateway_admin {
         for (svc, port) in &file.gateway {
