@@ -128,3 +128,37 @@ resources:
     assert_eq!(up.wait(Duration::from_secs(20)), Some(0));
     wait_until(Duration::from_secs(5), "no process left behind", || procs.iter().all(|p| !alive(*p)));
 }
+
+/// A `weft up` killed (SIGKILL) cannot remove its temporary data, which holds the mesh's CA key
+/// and admin credential: the next `weft up` does, and forgets its credentials entry; a
+/// stopped one (SIGTERM) removes its own.
+#[test]
+fn the_next_weft_up_removes_what_a_killed_one_left() {
+    let dir = TestDir::new("up-stale");
+    let mesh = |name: &str| {
+        let (control, board) = (free_port(), free_port());
+        let file = dir.path.join(format!("{name}.yaml"));
+        let text = format!(
+            "control: {{listen: 127.0.0.1:{control}}}\ndashboard: {{listen: 127.0.0.1:{board}}}\nservices: [{{name: a, healthPath: /healthz}}]\n"
+        );
+        std::fs::write(&file, text).unwrap();
+        let mut up = Proc::spawn(&dir, name, Command::new(weft_bin()).args(["up", "-f", file.to_str().unwrap()]));
+        wait_up(&dir, &mut up);
+        let data = std::env::temp_dir().join(format!("weft-up-{}", up.child.id()));
+        (up, data, format!("127.0.0.1:{control}"))
+    };
+    let known = |address: &str| std::fs::read_to_string(credentials_file()).unwrap_or_default().contains(address);
+    let (mut first, first_data, first_control) = mesh("first");
+    assert!(first_data.join("ca").is_dir() && known(&first_control), "{}", first_data.display());
+    first.kill();
+    assert!(first_data.exists(), "a killed weft up cannot clean up after itself");
+    let (mut second, second_data, second_control) = mesh("second");
+    assert!(!first_data.exists(), "the next weft up removes {}", first_data.display());
+    assert!(!known(&first_control) && known(&second_control), "the credentials of the killed mesh are forgotten");
+    let said = std::fs::read_to_string(dir.path.join("second.log")).unwrap();
+    assert!(said.contains(&format!("removed {}", first_data.display())), "{said}");
+    assert!(second_data.exists(), "a running mesh's data is its own");
+    second.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(second.wait(Duration::from_secs(20)), Some(0));
+    assert!(!second_data.exists() && !known(&second_control), "a stopped weft up removes its own");
+}

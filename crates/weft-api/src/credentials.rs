@@ -38,27 +38,41 @@ pub fn load(address: &str) -> Option<Entry> {
 
 /// Records (or replaces) the entry for `address`.
 pub fn save(address: &str, entry: Entry) -> std::io::Result<PathBuf> {
+    let mut all = load_all();
+    all.insert(address.to_owned(), entry);
+    store_all(&all)
+}
+
+/// Writes the whole file, owner-only, in one step (a reader sees the old or the new one).
+fn store_all(all: &BTreeMap<String, Entry>) -> std::io::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = path().ok_or_else(|| std::io::Error::other("neither WEFT_CONFIG nor HOME is set"))?;
-    let mut all = load_all();
-    all.insert(address.to_owned(), entry);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(&all).map_err(std::io::Error::other)?.as_bytes())?;
+    f.write_all(serde_json::to_string_pretty(all).map_err(std::io::Error::other)?.as_bytes())?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
 
 /// Removes the entry for `address` (a `weft up` mesh with a temporary data dir is gone).
 pub fn forget(address: &str) {
+    forget_where(|a, _| a == address);
+}
+
+/// Removes the entries whose root file is under `dir` (the data of a mesh that is gone).
+pub fn forget_under(dir: &std::path::Path) {
+    forget_where(|_, e| e.ca_file.starts_with(dir));
+}
+
+fn forget_where(gone: impl Fn(&str, &Entry) -> bool) {
     let mut all = load_all();
-    if all.remove(address).is_some()
-        && let Some(path) = path()
-    {
-        let _ = std::fs::write(path, serde_json::to_string_pretty(&all).unwrap_or_default());
+    let before = all.len();
+    all.retain(|a, e| !gone(a, e));
+    if all.len() != before {
+        let _ = store_all(&all);
     }
 }

@@ -179,7 +179,7 @@ fn records() -> Vec<(PathBuf, Record)> {
 
 /// Whether process `pid` runs: not gone, and not a zombie (dead, not yet reaped by its new
 /// parent after its own was killed).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
     // "PID (COMMAND) STATE ...": the command may hold spaces and parentheses.
     stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X")

@@ -125,7 +125,34 @@ fn plan(
     Ok(out)
 }
 
+/// Removes what `weft up` meshes killed before they could clean up left behind: their data
+/// directories in the temp dir (`weft-up-PID`, `weft-up-PID-DATACENTER`: a CA key and the
+/// credentials among it) and their entries in the CLI's credentials file. Only those of this
+/// user whose process is gone.
+fn remove_stale_meshes() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    // This process's user: the owner of its /proc entry.
+    let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("weft-up-")?.split('-').next()?.parse().ok()) else {
+            continue;
+        };
+        let path = e.path();
+        let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me) && path.join("ca").is_dir();
+        if !ours || pid == std::process::id() || crate::netns::alive(pid) {
+            continue;
+        }
+        weft_api::credentials::forget_under(&path);
+        if std::fs::remove_dir_all(&path).is_ok() {
+            eprintln!("weft up: removed {} (left by a weft up that was killed)", path.display());
+        }
+    }
+}
+
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    remove_stale_meshes();
     let (name, text) = match &args.file {
         Some(f) => (
             f.display().to_string(),
