@@ -51,15 +51,32 @@ pub fn run(mesh: &Mesh) -> Vec<Check> {
     out
 }
 
-/// In local mode, sidecars reach peers only through a mesh gateway of their own datacenter with
-/// a local address: without one, imported services have no way there.
+/// In local mode (the mesh's, or a service's own), sidecars reach peers only through a mesh
+/// gateway of their own datacenter with a local address: without one, the imported services
+/// in local mode have no way there.
 fn local_gateway(mesh: &Mesh) -> Option<Check> {
-    if mesh.mesh_gateway_mode() != weft_api::peering::MeshGatewayMode::Local {
+    use weft_api::peering::MeshGatewayMode;
+    let own: std::collections::BTreeMap<String, MeshGatewayMode> = mesh
+        .resources(Kind::Service)
+        .into_iter()
+        .filter_map(|r| match r {
+            Resource::Service(o) => Some((o.metadata.name, o.spec.mesh_gateway_mode?)),
+            _ => None,
+        })
+        .collect();
+    let mode = |service: &str| own.get(service).copied().unwrap_or(mesh.mesh_gateway_mode());
+    let any_local =
+        mesh.mesh_gateway_mode() == MeshGatewayMode::Local || own.values().any(|m| *m == MeshGatewayMode::Local);
+    if !any_local {
         return None;
     }
     let name = "peers are reachable through a mesh gateway of this datacenter";
-    let imported: Vec<String> =
-        mesh.services().into_iter().filter(|s| !s.imported.is_empty()).map(|s| s.name).collect();
+    let imported: Vec<String> = mesh
+        .services()
+        .into_iter()
+        .filter(|s| !s.imported.is_empty() && mode(&s.name) == MeshGatewayMode::Local)
+        .map(|s| s.name)
+        .collect();
     let gateways = mesh
         .instances()
         .into_iter()
@@ -71,7 +88,7 @@ fn local_gateway(mesh: &Mesh) -> Option<Check> {
             name,
             Status::Fail,
             format!(
-                "--mesh-gateway-mode local, and no mesh gateway serves a --mesh-gateway-local address: imported services ({}) cannot be reached",
+                "local mesh gateway mode, and no mesh gateway serves a --mesh-gateway-local address: imported services ({}) cannot be reached",
                 imported.join(", ")
             ),
             "run a mesh gateway with both addresses: weft proxy --mesh-gateway WAN_ADDR --mesh-gateway-local LAN_ADDR",

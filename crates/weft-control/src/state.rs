@@ -612,6 +612,7 @@ impl Mesh {
             "consistentHash": spec.consistent_hash,
             "connectTimeout": format!("{}ms", spec.connect_timeout.unwrap_or(weft_api::resource::DEFAULT_CONNECT_TIMEOUT).as_millis()),
             "mtls": snapshot.mtls(service),
+            "meshGatewayMode": spec.mesh_gateway_mode.unwrap_or(inner.settings.defaults.mesh_gateway),
             "selector": spec.selector,
             "routes": attached,
             "routedFrom": routed_from,

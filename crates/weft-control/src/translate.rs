@@ -299,7 +299,7 @@ impl Snapshot {
             let remote = remotes(settings, name, spec.failover.as_deref());
             // In local mode the sidecars' way to each peer is their own datacenter's mesh
             // gateway, which goes on to the peers' (in the same failover order).
-            let via = match settings.defaults.mesh_gateway {
+            let via = match spec.mesh_gateway_mode.unwrap_or(settings.defaults.mesh_gateway) {
                 MeshGatewayMode::Remote => remote.clone(),
                 MeshGatewayMode::Local => {
                     remote.iter().map(|r| Remote { gateways: &own_gateways, ..r.clone() }).collect()

@@ -113,6 +113,11 @@ pub struct ServiceSpec {
     /// exports the service, in the order of the peerings' names. `[]`: never another datacenter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<Vec<String>>,
+    /// How the service's callers reach its instances in peer datacenters: `remote` (straight to
+    /// the peers' mesh gateways) or `local` (through their own datacenter's mesh gateway);
+    /// default: the mesh's (`weft control --mesh-gateway-mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway_mode: Option<crate::peering::MeshGatewayMode>,
 }
 
 /// `Service.egress` (Istio's `outboundTrafficPolicy`): where a transparent instance's

@@ -1193,6 +1193,25 @@ fn a_peered_datacenter_round_trips() {
     assert!(mesh.delete_peer("dc3").unwrap());
     assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
 
+    // b alone in local mode, with no gateway of this datacenter serving its sidecars: b's
+    // callers have no way to dc2 (never around the gateway), and `weft check` names b.
+    let local = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"},
+        "spec": {"meshGatewayMode": "local"}});
+    mesh.apply(vec![Resource::from_json(0, local).unwrap()], Default::default()).unwrap();
+    let snapshot = mesh.subscribe().borrow().clone();
+    let (_, endpoints) =
+        weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
+    assert_eq!(endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
+    let check = crate::check::run(&mesh);
+    let c = check.iter().find(|c| c.name.starts_with("peers are reachable")).expect("the local-mode check");
+    assert_eq!(c.status, crate::check::Status::Fail, "{c:?}");
+    assert!(c.detail.contains("imported services (b)"), "{}", c.detail);
+    assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
+    assert!(
+        crate::check::run(&mesh).iter().all(|c| !c.name.starts_with("peers are reachable")),
+        "remote mode: no such check"
+    );
+
     // The peering deleted: nothing of dc2 is left.
     assert!(mesh.delete_peer("dc2").unwrap());
     let snapshot = mesh.subscribe().borrow().clone();
@@ -1244,6 +1263,23 @@ fn in_local_mode_peers_are_reached_through_the_datacenters_own_gateway() {
     let wan = weft_api::names::mesh_gateway_listener("127.0.0.1:15443");
     let l = weft_proxy::config::listener(&get(Type::Listener, &gateway, &wan)).unwrap();
     assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::local_cluster("b"))]);
+    // A Service's own mode wins over the mesh's: `remote` sends b's callers to dc2's gateway.
+    let mode = |m: &str| {
+        let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"},
+            "spec": {"meshGatewayMode": m}});
+        mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
+        let snapshot = mesh.subscribe().borrow().clone();
+        let (_, endpoints) =
+            weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
+        endpoints.iter().filter(|e| e.priority > 0).map(|e| e.address.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(mode("remote"), ["127.0.0.2:15443"]);
+    assert_eq!(mode("local"), ["127.0.0.1:15444"]);
+    let bad = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"},
+        "spec": {"meshGatewayMode": "sideways"}});
+    let e = Resource::from_json(0, bad).unwrap_err().to_string();
+    assert!(e.contains("meshGatewayMode"), "{e}");
+    assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
     // No gateway serving locally: nothing to reach dc2 by (and `weft check` says so).
     mesh.disconnect("gw-1", 3);
     let snapshot = mesh.subscribe().borrow().clone();
