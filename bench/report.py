@@ -12,6 +12,12 @@ import statistics
 import sys
 from collections import defaultdict
 
+# The figures a comparison of two configurations shows, with their labels.
+COMPARED = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
+            ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
+            ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
+            ("lat_half_p99", "latency p99 at 50%")]
+
 # Peer groups: which HAProxy/nginx configurations a row is compared with.
 PEERS = {
     "weft-1hop": ["haproxy-1hop", "nginx-1hop"],
@@ -23,6 +29,7 @@ PEERS = {
     "weft-2hop-capture": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-netns": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-dc": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-dc-local": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-logs": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-trace0": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -244,11 +251,7 @@ def main():
             + ("capture ÷ explicit in netns | " if netns else "") + "added by capture |"
         out.append(head)
         out.append("|---" + "|---:" * (head.count("|") - 2) + "|")
-        rows = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
-                ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
-                ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
-                ("lat_half_p99", "latency p99 at 50%")]
-        for key, label in rows:
+        for key, label in COMPARED:
             x, y = med("weft-2hop-capture", key), med("weft-2hop", key)
             z = med("weft-2hop-netns", key) if netns else None
             if not (x and y):
@@ -260,24 +263,31 @@ def main():
                 + [f"{x - base:+.1f} {unit}"]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    # Issue 23: a call to another datacenter through its mesh gateway against a local call.
-    if "weft-2hop-dc" in configs and "weft-2hop" in configs:
-        out.append("\n## Another datacenter through its mesh gateway vs the local call (weft-2hop-dc vs weft-2hop)\n")
-        out.append("local: weft-2hop (caller's sidecar → app's sidecar); across: weft-2hop-dc (caller's sidecar in DC1 "
-                   "→ DC2's mesh gateway, passing the mutual TLS through → app's sidecar in DC2). Proxy CPU counts "
-                   "the gateway too.\n")
-        out.append("| figure | local | across | across ÷ local | added by the gateway |")
+    def side_by_side(title, intro, names, x_cfg, y_cfg, added):
+        """One weft configuration (x) against another (y), figure by figure."""
+        if x_cfg not in configs or y_cfg not in configs:
+            return
+        out.append(f"\n## {title}\n")
+        out.append(intro + "\n")
+        out.append(f"| figure | {names[1]} | {names[0]} | {names[0]} ÷ {names[1]} | {added} |")
         out.append("|---|---:|---:|---:|---:|")
-        rows = [("cpu_0", "proxy CPU per request, 0 B"), ("cpu_1k", "proxy CPU per request, 1 KB"),
-                ("cpu_64k", "proxy CPU per request, 64 KB"), ("lat_fixed_p50", "latency p50 at the fixed rate"),
-                ("lat_fixed_p99", "latency p99 at the fixed rate"), ("lat_half_p50", "latency p50 at 50%"),
-                ("lat_half_p99", "latency p99 at 50%")]
-        for key, label in rows:
-            x, y = med("weft-2hop-dc", key), med("weft-2hop", key)
+        for key, label in COMPARED:
+            x, y = med(x_cfg, key), med(y_cfg, key)
             if not (x and y):
                 continue
             unit, d = spec[key][2], spec[key][6]
             out.append(f"| {label} | {fmt(y, d)} {unit} | {fmt(x, d)} {unit} | {x / y:.3f} | {x - y:+.1f} {unit} |")
+
+    # Issue 23: a call to another datacenter through its mesh gateway against a local call.
+    side_by_side("Another datacenter through its mesh gateway vs the local call (weft-2hop-dc vs weft-2hop)",
+                 "local: weft-2hop (caller's sidecar → app's sidecar); across: weft-2hop-dc (caller's sidecar in DC1 "
+                 "→ DC2's mesh gateway, passing the mutual TLS through → app's sidecar in DC2). Proxy CPU counts "
+                 "the gateway too.", ("across", "local"), "weft-2hop-dc", "weft-2hop", "added by the gateway")
+    # Issue 23, local mode: through the caller's own datacenter's mesh gateway as well.
+    side_by_side("Local mode: through DC1's own mesh gateway too (weft-2hop-dc-local vs weft-2hop-dc)",
+                 "remote: weft-2hop-dc (DC1's caller straight to DC2's mesh gateway); local: weft-2hop-dc-local "
+                 "(DC1's caller → DC1's mesh gateway → DC2's → app's sidecar). Proxy CPU counts both gateways.",
+                 ("local", "remote"), "weft-2hop-dc-local", "weft-2hop-dc", "added by DC1's gateway")
 
     warns = [w for w in open(warnings).read().splitlines() if w.strip()]
     out.append("\n## Warnings during the run\n")
