@@ -360,6 +360,25 @@ fn client_cert(ca_dir: &std::path::Path, id: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// The README's control planes on the simulated hosts: DC1's by `dc1`'s block, DC2's by its
+/// step 1 read for DC2 (10.0.0.2, dc2); once both answer.
+fn control_planes(
+    dir: &TestDir,
+    fabric: &weft_tests::hosts::Fabric,
+    dc1: &mut weft_tests::hosts::Shell,
+    dc1_block: &str,
+    dc2: &mut weft_tests::hosts::Shell,
+    step1: &str,
+) {
+    dc1.run_block(dir, fabric, dc1_block);
+    dc2.run_block(dir, fabric, &step1.replace("10.0.0.1", "10.0.0.2").replace("dc1", "dc2"));
+    for (shell, addr) in [(&*dc1, "10.99.0.1:15010"), (&*dc2, "10.99.0.2:15010")] {
+        wait_until(Duration::from_secs(15), "control plane up", || {
+            shell.command(fabric, &format!("weft get services --control {addr}")).output().unwrap().status.success()
+        });
+    }
+}
+
 /// The README's "Two datacenters" as written: its blocks, line by line, on two simulated
 /// hosts (network namespaces on a switch: 10.99.0.1 for DC1's 10.0.0.1, 10.99.0.2 for DC2's
 /// 10.0.0.2), each with a directory and `HOME` of its own.
@@ -390,14 +409,7 @@ fn the_readme_peers_two_datacenters() {
     assert_eq!(yaml[0], EXPORT, "the tests' ExportedServices is the README's");
     let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
     let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
-    dc1.run_block(&dir, &fabric, &blocks[0]);
-    let dc2_control = blocks[0].replace("10.0.0.1", "10.0.0.2").replace("dc1", "dc2");
-    dc2.run_block(&dir, &fabric, &dc2_control);
-    for (shell, addr) in [(&dc1, "10.99.0.1:15010"), (&dc2, "10.99.0.2:15010")] {
-        wait_until(Duration::from_secs(15), "control plane up", || {
-            shell.command(&fabric, &format!("weft get services --control {addr}")).output().unwrap().status.success()
-        });
-    }
+    control_planes(&dir, &fabric, &mut dc1, &blocks[0], &mut dc2, &blocks[0]);
     std::fs::write(dc2.home.join("export.yaml"), &yaml[0]).unwrap();
     dc2.run_block(&dir, &fabric, &blocks[1]);
     std::fs::copy(dc2.home.join("dc1.token"), dc1.home.join("dc1.token")).unwrap();
@@ -436,14 +448,7 @@ fn the_readme_goes_through_the_local_mesh_gateway() {
     let mut dc1 = weft_tests::hosts::Shell::new(1, dir.path.join("dc1"));
     let mut dc2 = weft_tests::hosts::Shell::new(2, dir.path.join("dc2"));
     let mut gw = weft_tests::hosts::Shell::new(3, dir.path.join("dc1-gateway"));
-    dc1.run_block(&dir, &fabric, &blocks[3]);
-    let dc2_control = blocks[0].replace("10.0.0.1", "10.0.0.2").replace("dc1", "dc2");
-    dc2.run_block(&dir, &fabric, &dc2_control);
-    for (shell, addr) in [(&dc1, "10.99.0.1:15010"), (&dc2, "10.99.0.2:15010")] {
-        wait_until(Duration::from_secs(15), "control plane up", || {
-            shell.command(&fabric, &format!("weft get services --control {addr}")).output().unwrap().status.success()
-        });
-    }
+    control_planes(&dir, &fabric, &mut dc1, &blocks[3], &mut dc2, &blocks[0]);
     dc1.run_block(&dir, &fabric, &blocks[4]);
     for file in ["gateway.token", "mesh-root.pem"] {
         std::fs::copy(dc1.home.join(file), gw.home.join(file)).unwrap();

@@ -56,33 +56,28 @@ pub fn run(mesh: &Mesh) -> Vec<Check> {
 /// in local mode have no way there.
 fn local_gateway(mesh: &Mesh) -> Option<Check> {
     use weft_api::peering::MeshGatewayMode;
-    let own: std::collections::BTreeMap<String, MeshGatewayMode> = mesh
+    let specs: std::collections::BTreeMap<String, weft_api::resource::ServiceSpec> = mesh
         .resources(Kind::Service)
         .into_iter()
         .filter_map(|r| match r {
-            Resource::Service(o) => Some((o.metadata.name, o.spec.mesh_gateway_mode?)),
+            Resource::Service(o) => Some((o.metadata.name, o.spec)),
             _ => None,
         })
         .collect();
-    let mode = |service: &str| own.get(service).copied().unwrap_or(mesh.mesh_gateway_mode());
-    let any_local =
-        mesh.mesh_gateway_mode() == MeshGatewayMode::Local || own.values().any(|m| *m == MeshGatewayMode::Local);
-    if !any_local {
+    let defaults = mesh.defaults();
+    let local =
+        |spec: Option<&weft_api::resource::ServiceSpec>| defaults.mesh_gateway_of(spec) == MeshGatewayMode::Local;
+    if !local(None) && !specs.values().any(|s| local(Some(s))) {
         return None;
     }
     let name = "peers are reachable through a mesh gateway of this datacenter";
     let imported: Vec<String> = mesh
         .services()
         .into_iter()
-        .filter(|s| !s.imported.is_empty() && mode(&s.name) == MeshGatewayMode::Local)
+        .filter(|s| !s.imported.is_empty() && local(specs.get(&s.name)))
         .map(|s| s.name)
         .collect();
-    let gateways = mesh
-        .instances()
-        .into_iter()
-        .filter(|i| i.serving() && i.registration.mesh_gateway_local.is_some())
-        .filter(|i| i.registration.service.as_deref() == Some(weft_api::peering::MESH_GATEWAY))
-        .count();
+    let gateways = mesh.instances().iter().filter(|i| crate::translate::local_gateway(i).is_some()).count();
     Some(match (gateways, imported.is_empty()) {
         (0, false) => Check::bad(
             name,

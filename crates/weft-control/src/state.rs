@@ -306,9 +306,9 @@ impl Mesh {
         self.store.leads()
     }
 
-    /// How this datacenter's sidecars reach peers (`weft control --mesh-gateway-mode`).
-    pub fn mesh_gateway_mode(&self) -> weft_api::peering::MeshGatewayMode {
-        self.lock().settings.defaults.mesh_gateway
+    /// The mesh-wide modes (`weft control --mtls`, `--egress`, `--mesh-gateway-mode`).
+    pub fn defaults(&self) -> crate::translate::Defaults {
+        self.lock().settings.defaults
     }
 
     pub fn has_jwks(&self, source: &JwksSource) -> bool {
@@ -612,7 +612,7 @@ impl Mesh {
             "consistentHash": spec.consistent_hash,
             "connectTimeout": format!("{}ms", spec.connect_timeout.unwrap_or(weft_api::resource::DEFAULT_CONNECT_TIMEOUT).as_millis()),
             "mtls": snapshot.mtls(service),
-            "meshGatewayMode": spec.mesh_gateway_mode.unwrap_or(inner.settings.defaults.mesh_gateway),
+            "meshGatewayMode": inner.settings.defaults.mesh_gateway_of(Some(&spec)),
             "selector": spec.selector,
             "routes": attached,
             "routedFrom": routed_from,

@@ -114,6 +114,21 @@ pub struct Defaults {
     pub mesh_gateway: weft_api::peering::MeshGatewayMode,
 }
 
+impl Defaults {
+    /// How callers reach a service's instances in peer datacenters: its `Service`'s own mode,
+    /// else the mesh's.
+    pub fn mesh_gateway_of(&self, spec: Option<&ServiceSpec>) -> MeshGatewayMode {
+        spec.and_then(|s| s.mesh_gateway_mode).unwrap_or(self.mesh_gateway)
+    }
+}
+
+/// The address a serving mesh gateway of this datacenter offers its own sidecars (its
+/// `--mesh-gateway-local`), if `instance` is one.
+pub fn local_gateway(instance: &Instance) -> Option<&str> {
+    let gateway = instance.serving() && is_mesh_gateway(&instance.registration);
+    instance.registration.mesh_gateway_local.as_deref().filter(|_| gateway)
+}
+
 /// Mesh-wide security settings the translation needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
@@ -280,8 +295,7 @@ impl Snapshot {
             .get(weft_api::peering::MESH_GATEWAY)
             .into_iter()
             .flatten()
-            .filter(|i| i.serving())
-            .filter_map(|i| i.registration.mesh_gateway_local.clone())
+            .filter_map(|i| local_gateway(i).map(str::to_owned))
             .collect();
         for name in &config.names {
             let spec = config.specs.get(name).unwrap_or(&default_spec);
@@ -299,7 +313,7 @@ impl Snapshot {
             let remote = remotes(settings, name, spec.failover.as_deref());
             // In local mode the sidecars' way to each peer is their own datacenter's mesh
             // gateway, which goes on to the peers' (in the same failover order).
-            let via = match spec.mesh_gateway_mode.unwrap_or(settings.defaults.mesh_gateway) {
+            let via = match settings.defaults.mesh_gateway_of(Some(spec)) {
                 MeshGatewayMode::Remote => remote.clone(),
                 MeshGatewayMode::Local => {
                     remote.iter().map(|r| Remote { gateways: &own_gateways, ..r.clone() }).collect()

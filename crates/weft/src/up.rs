@@ -125,10 +125,21 @@ fn plan(
     Ok(out)
 }
 
-/// Removes what `weft up` meshes killed before they could clean up left behind: their data
-/// directories in the temp dir (`weft-up-PID`, `weft-up-PID-DATACENTER`: a CA key and the
-/// credentials among it) and their entries in the CLI's credentials file. Only those of this
-/// user whose process is gone.
+/// Where a mesh without `control.dataDir` keeps its data while `weft up` runs: `weft-up-PID`
+/// (and `weft-up-PID-DATACENTER` for each of several datacenters) in the temp dir.
+fn temp_data_dir(datacenter: Option<&str>) -> std::path::PathBuf {
+    let name = match datacenter {
+        Some(dc) => format!("{TEMP_PREFIX}{}-{dc}", std::process::id()),
+        None => format!("{TEMP_PREFIX}{}", std::process::id()),
+    };
+    std::env::temp_dir().join(name)
+}
+
+const TEMP_PREFIX: &str = "weft-up-";
+
+/// Removes what `weft up` meshes killed before they could clean up left behind: their
+/// temporary data directories ([`temp_data_dir`]: a CA key and the credentials among it) and
+/// their entries in the CLI's credentials file. Only those of this user whose process is gone.
 fn remove_stale_meshes() {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
@@ -136,7 +147,7 @@ fn remove_stale_meshes() {
     let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("weft-up-")?.split('-').next()?.parse().ok()) else {
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)?.split('-').next()?.parse().ok()) else {
             continue;
         };
         let path = e.path();
@@ -169,11 +180,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let resources = resources_of(&file, &name)?;
 
     let temp = file.control.data_dir.is_none();
-    let data_dir = file
-        .control
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}", std::process::id())));
+    let data_dir = file.control.data_dir.clone().unwrap_or_else(|| temp_data_dir(None));
     let result = run_mesh(&file, &resources, &exe, data_dir.clone(), args.hosts).await;
     if temp {
         // The mesh is gone with its data: so is its entry in the CLI credentials file.
@@ -208,11 +215,7 @@ async fn run_datacenters(file: &MeshFile, name: &str, exe: &str) -> anyhow::Resu
             let dc_name = dc.datacenter.clone().unwrap_or_default();
             let resources = resources_of(dc, &format!("{name} ({dc_name})"))?;
             let temp = dc.control.data_dir.is_none();
-            let data_dir = dc
-                .control
-                .data_dir
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join(format!("weft-up-{}-{dc_name}", std::process::id())));
+            let data_dir = dc.control.data_dir.clone().unwrap_or_else(|| temp_data_dir(Some(&dc_name)));
             let cfg = control_config(dc, &data_dir, &format!("{dc_name}.weft"), Vec::new());
             let mut mesh = Mesh::start(cfg);
             let stop = mesh.stop();

@@ -1110,6 +1110,32 @@ fn peered(defaults: crate::Defaults, gateway_local: Option<&str>) -> Peered {
     Peered { dir, mesh, a, gateway, remote }
 }
 
+/// Applies `Service b` with `spec`; then the endpoints of b that `a` holds, with their
+/// priorities.
+fn b_with(mesh: &Mesh, a: &InstanceRegistration, spec: serde_json::Value) -> Vec<(String, u32)> {
+    let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"}, "spec": spec});
+    mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
+    b_endpoints(mesh, a)
+}
+
+/// The endpoints of b that `a` holds, with their priorities.
+fn b_endpoints(mesh: &Mesh, a: &InstanceRegistration) -> Vec<(String, u32)> {
+    let snapshot = mesh.subscribe().borrow().clone();
+    let (_, endpoints) =
+        weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(a))["b"].any).unwrap();
+    endpoints.iter().map(|e| (e.address.to_string(), e.priority)).collect()
+}
+
+/// `a` holds b's own instance alone (no way to dc2 but through a gateway there is not), and
+/// `weft check` fails naming b.
+fn cut_off_from_dc2(mesh: &Mesh, a: &InstanceRegistration) {
+    assert_eq!(b_endpoints(mesh, a), [("127.0.0.1:7000".to_owned(), 0)]);
+    let check = crate::check::run(mesh);
+    let c = check.iter().find(|c| c.name.starts_with("peers are reachable")).expect("the local-mode check");
+    assert_eq!(c.status, crate::check::Status::Fail, "{c:?}");
+    assert!(c.detail.contains("imported services (b)"), "{}", c.detail);
+}
+
 /// A peered datacenter's resources, through the proxy's decoders: a caller's cluster accepts
 /// the service's identity in the peer's trust domain and names the service for the peer's
 /// gateway; its endpoints put the peer's gateway after the local instances; the trust bundle
@@ -1176,12 +1202,7 @@ fn a_peered_datacenter_round_trips() {
         if let Some(f) = failover {
             spec["failover"] = f;
         }
-        let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"}, "spec": spec});
-        mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
-        let snapshot = mesh.subscribe().borrow().clone();
-        let (_, endpoints) =
-            weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
-        endpoints.iter().map(|e| (e.address.to_string(), e.priority)).collect::<Vec<_>>()
+        b_with(&mesh, &a, spec)
     };
     let ep = |a: &str, p: u32| (a.to_owned(), p);
     let local = ep("127.0.0.1:7000", 0);
@@ -1195,17 +1216,8 @@ fn a_peered_datacenter_round_trips() {
 
     // b alone in local mode, with no gateway of this datacenter serving its sidecars: b's
     // callers have no way to dc2 (never around the gateway), and `weft check` names b.
-    let local = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"},
-        "spec": {"meshGatewayMode": "local"}});
-    mesh.apply(vec![Resource::from_json(0, local).unwrap()], Default::default()).unwrap();
-    let snapshot = mesh.subscribe().borrow().clone();
-    let (_, endpoints) =
-        weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
-    assert_eq!(endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
-    let check = crate::check::run(&mesh);
-    let c = check.iter().find(|c| c.name.starts_with("peers are reachable")).expect("the local-mode check");
-    assert_eq!(c.status, crate::check::Status::Fail, "{c:?}");
-    assert!(c.detail.contains("imported services (b)"), "{}", c.detail);
+    b_with(&mesh, &a, serde_json::json!({"meshGatewayMode": "local"}));
+    cut_off_from_dc2(&mesh, &a);
     assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
     assert!(
         crate::check::run(&mesh).iter().all(|c| !c.name.starts_with("peers are reachable")),
@@ -1265,13 +1277,8 @@ fn in_local_mode_peers_are_reached_through_the_datacenters_own_gateway() {
     assert_eq!(l.server_names, vec![("b.default.mesh".to_owned(), weft_api::names::local_cluster("b"))]);
     // A Service's own mode wins over the mesh's: `remote` sends b's callers to dc2's gateway.
     let mode = |m: &str| {
-        let doc = serde_json::json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "b"},
-            "spec": {"meshGatewayMode": m}});
-        mesh.apply(vec![Resource::from_json(0, doc).unwrap()], Default::default()).unwrap();
-        let snapshot = mesh.subscribe().borrow().clone();
-        let (_, endpoints) =
-            weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
-        endpoints.iter().filter(|e| e.priority > 0).map(|e| e.address.to_string()).collect::<Vec<_>>()
+        let all = b_with(&mesh, &a, serde_json::json!({"meshGatewayMode": m}));
+        all.into_iter().filter(|(_, p)| *p > 0).map(|(addr, _)| addr).collect::<Vec<_>>()
     };
     assert_eq!(mode("remote"), ["127.0.0.2:15443"]);
     assert_eq!(mode("local"), ["127.0.0.1:15444"]);
@@ -1282,14 +1289,7 @@ fn in_local_mode_peers_are_reached_through_the_datacenters_own_gateway() {
     assert!(mesh.delete(weft_api::resource::Kind::Service, "b").unwrap());
     // No gateway serving locally: nothing to reach dc2 by (and `weft check` says so).
     mesh.disconnect("gw-1", 3);
-    let snapshot = mesh.subscribe().borrow().clone();
-    let (_, endpoints) =
-        weft_proxy::config::load_assignment(&snapshot.available(Type::Endpoint, Some(&a))["b"].any).unwrap();
-    assert_eq!(endpoints.iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), ["127.0.0.1:7000"]);
-    let check = crate::check::run(&mesh);
-    let c = check.iter().find(|c| c.name.starts_with("peers are reachable")).expect("the local-mode check");
-    assert_eq!(c.status, crate::check::Status::Fail, "{c:?}");
-    assert!(c.detail.contains("imported services (b)"), "{}", c.detail);
+    cut_off_from_dc2(&mesh, &a);
     drop(mesh);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,18 +33,17 @@ pub struct EndpointSet {
     /// `ready` is ordered by priority: where each priority's endpoints end in it, in order
     /// (one entry, `ready.len()`, when there is one priority).
     levels: Vec<usize>,
-    /// Whether any endpoint stands for a peer datacenter (proving an identity of its own).
-    pub peered: bool,
+    /// The endpoints that stand for a peer datacenter (its mesh gateways), with the identity
+    /// its instances prove: few, and none in a cluster of this datacenter's instances alone.
+    peers: Vec<(std::net::SocketAddr, Arc<str>)>,
 }
 
 impl EndpointSet {
     /// The identity of a peer datacenter's instances behind endpoint `addr`, if it is one.
     pub fn peer_identity(&self, addr: std::net::SocketAddr) -> Option<Arc<str>> {
-        self.all.iter().find(|e| e.addr == addr)?.identity.clone()
+        self.peers.iter().find(|(a, _)| *a == addr).map(|(_, id)| id.clone())
     }
-}
 
-impl EndpointSet {
     fn new(all: Vec<Arc<Endpoint>>, lb: LoadBalancer) -> EndpointSet {
         let mut ready: Vec<Arc<Endpoint>> =
             all.iter().filter(|e| e.healthy.load(Ordering::Relaxed) && !e.health_check.failed()).cloned().collect();
@@ -57,8 +56,8 @@ impl EndpointSet {
             LoadBalancer::Maglev => Some(HashTable::maglev(&addrs)),
             _ => None,
         };
-        let peered = all.iter().any(|e| e.identity.is_some());
-        EndpointSet { ready, all, hash, levels, peered }
+        let peers = all.iter().filter_map(|e| Some((e.addr, e.identity.clone()?))).collect();
+        EndpointSet { ready, all, hash, levels, peers }
     }
 }
 

@@ -104,9 +104,7 @@ pub fn forward_body<'a>(
         exchange.prepare(h2, downstream, resend.then_some(policy.replay_limit));
         let mut resp = std::pin::pin!(attempt::run(&mut exchange, &view, route.hash, &plan, &mut rec.attempts)).await?;
         // Answered by a peer datacenter's instance: its identity, not this datacenter's.
-        if view.set.peered
-            && let Some(identity) = rec.attempts.last().and_then(|a| view.set.peer_identity(a.endpoint))
-        {
+        if let Some(identity) = rec.attempts.last().and_then(|a| view.set.peer_identity(a.endpoint)) {
             rec.upstream_identity = Some(identity);
         }
         if !h2 {
