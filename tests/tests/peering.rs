@@ -278,7 +278,19 @@ fn in_local_mode_calls_to_a_peer_go_through_the_datacenters_own_gateway() {
     let caller = r#"peer_identity="spiffe://dc1.weft/ns/default/sa/edge""#;
     assert!(metric_sum(&metrics, "weft_requests_total", &["direction=\"inbound\"", caller]) >= 20.0, "{metrics}");
     assert!(weft(&["check", "--control", &dc1.addr]).status.success(), "weft check passes in local mode");
-    let _ = gateway_addr;
+    // A Service's own mode wins over the mesh's: `remote` sends backend's callers straight to
+    // DC2's gateway; deleted, the mesh's local mode holds again.
+    let remote_mode =
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {meshGatewayMode: remote}\n";
+    apply_ok(&dir, &dc1.addr, "backend.yaml", remote_mode);
+    wait_until(Duration::from_secs(5), "backend's callers straight to DC2", || {
+        edge.endpoint_addrs("backend") == [gateway_addr.clone()]
+    });
+    assert_eq!(served_by(&edge.url("backend", "/")).as_deref(), Some("dc2-backend-0"));
+    assert!(weft(&["delete", "service", "backend", "--control", &dc1.addr]).status.success());
+    wait_until(Duration::from_secs(5), "back through DC1's gateway", || {
+        edge.endpoint_addrs("backend") == [local.clone()]
+    });
 
     // DC1's gateway stopped: DC2 cannot be reached (DC1's sidecars do not go around it), and
     // `weft check` names why.
