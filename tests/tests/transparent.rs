@@ -263,6 +263,61 @@ fn names_and_destinations_outside_the_mesh() {
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
+/// Packets the namespace's nat rule has sent to the capture listener (port 15001).
+fn nat_redirected(netns: &str) -> u64 {
+    let out = in_netns(netns, "iptables", &["-t", "nat", "-L", "WEFT_OUTPUT", "-n", "-v", "-x"]);
+    let rule = stdout(&out).lines().find(|l| l.contains("redir ports 15001")).map(str::to_owned);
+    let rule = rule.unwrap_or_else(|| panic!("no REDIRECT to 15001 in {netns}: {}", stdout(&out)));
+    rule.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{rule}"))
+}
+
+/// The app's own connections (it and whatever it starts) are pointed at the sidecar when
+/// they are made, by programs on the app's cgroup: the nat rule never sees them, whether they
+/// go to the mesh or out of it. Anything else in the namespace is still captured by the nat
+/// rule.
+#[test]
+fn the_apps_own_connections_are_redirected_at_connect() {
+    let Some(mesh) = Mesh::start("connect") else { return };
+    let _store = mesh.instance("store", 8080, &demo_app("store"));
+    wait_until(Duration::from_secs(30), "store healthy", || mesh.endpoints("store").len() == 1);
+    let web_port = free_port().to_string();
+    let _web = Proc::spawn(
+        &mesh.dir,
+        "web",
+        mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
+    );
+    wait_until(Duration::from_secs(10), "the web server outside the mesh", || {
+        stdout(&mesh.host.run("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{GATEWAY}:{web_port}/")])) == "200"
+    });
+    // The app calls store and the server outside the mesh as it starts, then serves.
+    let calls = mesh.dir.path.join("calls");
+    let script = format!(
+        "curl -s -o /dev/null -w '%{{http_code}} ' http://store/ > {calls}; \
+         curl -s -o /dev/null -w '%{{http_code}}' http://{GATEWAY}:{web_port}/ >> {calls}; exec \"$@\"",
+        calls = calls.display()
+    );
+    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
+    app.extend(demo_app("shop"));
+    let _shop = mesh.instance("shop", 8080, &app);
+    wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "200 200", "the app's calls to the mesh and out of it");
+    let netns = &instance_netns("shop")[0];
+    assert_eq!(nat_redirected(netns), 0, "the app's connections went around the nat rule");
+    let shop = mesh.instance_ips("shop")[0].clone();
+    let metrics = mesh.metrics(&shop);
+    let opened = |service: &str| {
+        metric_sum(&metrics, "weft_tcp_connections_opened_total", &[&format!("service=\"{service}\"")])
+    };
+    assert_eq!(opened("passthrough"), 1.0, "the call out of the mesh counted as passthrough:\n{metrics}");
+    let to_store = metric_sum(&metrics, "weft_requests_total", &["direction=\"outbound\"", "dst_service=\"store\""]);
+    assert_eq!(to_store, 1.0, "the call to store went through the sidecar's route to store:\n{metrics}");
+
+    // Not of the app: the nat rule captures it.
+    let out = in_netns(netns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
+    assert_eq!(stdout(&out), "200", "curl http://store/ from outside the app's cgroup: {}", stderr(&out));
+    assert!(nat_redirected(netns) > 0, "the nat rule captured it");
+}
+
 /// What weft made, as `ip` and iptables/nftables show it: the namespaces whose names start
 /// with one of `netns` (this test's; others run beside it) and the host's links, addresses and
 /// rules.
@@ -286,7 +341,26 @@ fn made_state(host: &Host, netns: &[&str]) -> String {
         let text: String = stdout(&out).lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
         state += &format!("\n== {program} {args:?}\n{text}");
     }
+    state += &format!("\n== cgroups\n{:?}\n", cgroups_named(netns));
     state
+}
+
+/// The cgroups named with one of `prefixes` (weft names an app's as its namespace).
+fn cgroups_named(prefixes: &[&str]) -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mounts
+        .lines()
+        .find(|l| l.split_once(" - ").is_some_and(|(_, fs)| fs.starts_with("cgroup2 ")))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .expect("a cgroup2 mount");
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+        .collect();
+    names.sort();
+    names
 }
 
 /// After SIGKILL of `weft run`, `weft cleanup` or the next start leaves the host as it was;
@@ -305,6 +379,7 @@ fn a_killed_instance_leaves_nothing_behind() {
     let mut instance = mesh.instance("leftover", 8080, &app);
     healthy(1);
     assert_eq!(instance_netns("leftover").len(), 1);
+    assert_eq!(cgroups_named(LEFTOVER).len(), 1, "the app's cgroup");
     instance.kill();
     assert_eq!(instance_netns("leftover").len(), 1, "a SIGKILLed weft run cannot clean up after itself");
     let out = mesh.host.cmd(weft_bin()).arg("cleanup").output().unwrap();

@@ -1,7 +1,14 @@
-//! Transparent capture: the connections an app opens reach the sidecar's capture listener by
-//! its namespace's iptables rules (see `weft run --transparent`), each still addressed, as far
-//! as the kernel is concerned, to where the app sent it (`SO_ORIGINAL_DST`). The capture
-//! listener hands each to the listener that address belongs to:
+//! Transparent capture: the connections an app opens reach the sidecar's capture listener,
+//! each still addressed, as far as the app knows, to where it sent it. Two ways get them there
+//! (see `weft run --transparent`):
+//! - redirected at `connect()`: programs attached to the app's cgroup point the socket at the
+//!   capture listener before it sends anything, and record where it was going, under the
+//!   socket's own address, in a map the sidecar is handed ([`set_connect_origins`]); nothing is
+//!   translated per packet;
+//! - the namespace's nat rule (`REDIRECT`), for anything else in the namespace (a process outside
+//!   the app's cgroup): the destination is read back with `SO_ORIGINAL_DST`.
+//!
+//! The capture listener hands each to the listener that address belongs to:
 //! - a service's virtual IP (any port): that service's outbound listener (routes, policies,
 //!   mutual TLS, retries, as for an explicit upstream);
 //! - an instance's address: a TCP connection to that very instance, over mutual TLS (so an app
@@ -10,19 +17,174 @@
 //!
 //! Here: where a connection was going. The handing on is the capture listener's
 //! ([`crate::listener::Capture`]).
-use std::net::SocketAddr;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
-/// Where a captured connection was going: the original destination the NAT rule replaced.
-pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+/// Where a captured connection from `peer` was going.
+pub fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
+    if let SocketAddr::V4(peer) = peer
+        && let Some(origin) = connect_origin(peer)
+    {
+        return Ok(origin.into());
+    }
     use nix::sys::socket::{getsockopt, sockopt};
-    let v4 = stream.local_addr()?.is_ipv4();
-    if v4 {
-        let a = getsockopt(stream, sockopt::OriginalDst).map_err(std::io::Error::from)?;
-        let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+    if peer.is_ipv4() {
+        let a = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+        let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
         Ok(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
     } else {
-        let a = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
+        let a = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
         let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
         Ok(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)))
+    }
+}
+
+/// The variable `weft run --transparent` hands the sidecar the connect-time redirection in:
+/// `ORIGINS,PROCS`, two file descriptors it inherits: the map of origins, and the app's
+/// cgroup's `cgroup.procs` (the cgroup the programs are attached to, which the app is started in).
+pub const HANDOFF_VAR: &str = "WEFT_CONNECT_REDIRECT";
+
+/// Takes what [`HANDOFF_VAR`] hands over, if anything: the map is the proxy's from now on
+/// ([`set_connect_origins`]); the app's `cgroup.procs` is returned. Neither is inherited further.
+pub fn take_handoff() -> anyhow::Result<Option<OwnedFd>> {
+    let Ok(v) = std::env::var(HANDOFF_VAR) else { return Ok(None) };
+    let fds = v.split_once(',').and_then(|(m, p)| Some((m.parse().ok()?, p.parse().ok()?)));
+    let Some((map, procs)) = fds else {
+        anyhow::bail!("{HANDOFF_VAR}={v:?}: expected two file descriptors, ORIGINS,PROCS (set by `weft run --transparent`)")
+    };
+    let held = |fd| inherited(fd).map_err(|e| anyhow::anyhow!("{HANDOFF_VAR}: file descriptor {fd}: {e}"));
+    set_connect_origins(held(map)?);
+    Ok(Some(held(procs)?))
+}
+
+/// Owns inherited file descriptor `fd`, closed on exec from now on (so the app does not get it).
+#[allow(unsafe_code)]
+fn inherited(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl on a number is harmless whatever it is; it fails unless the descriptor is
+    // open. It was handed to this process alone (named in HANDOFF_VAR, which is read once),
+    // so nothing else here owns it.
+    unsafe {
+        if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// The map of connections redirected at `connect()`, once handed over.
+static CONNECT_ORIGINS: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Hands the proxy the map the connect-time redirection records origins in (a BPF map, see
+/// [`origins`] for its layout). Only the first call counts.
+pub fn set_connect_origins(map: OwnedFd) {
+    let _ = CONNECT_ORIGINS.set(map);
+}
+
+/// Where the app's connection from `peer` was going, if it was redirected at `connect()`; its
+/// entry is taken out of the map.
+fn connect_origin(peer: SocketAddrV4) -> Option<SocketAddrV4> {
+    let map = CONNECT_ORIGINS.get()?;
+    let key = origins::key(peer);
+    let mut value = [0u8; 8];
+    let mut attr = bpf::Attr::default();
+    attr.u32(0, map.as_raw_fd() as u32).u64(8, key.as_ptr() as u64).u64(16, value.as_mut_ptr() as u64);
+    bpf::call(bpf::MAP_LOOKUP_AND_DELETE_ELEM, &mut attr).ok()?;
+    Some(origins::value_of(value))
+}
+
+/// The layout of the map of origins, shared by the programs that fill it (written by `weft run
+/// --transparent`) and the proxy that reads it.
+pub mod origins {
+    use super::*;
+
+    /// Key: the app socket's own address: its IPv4 address in network order, then its port as
+    /// a 32-bit number in host order (as a `sock_ops` program sees `local_ip4`, `local_port`).
+    pub fn key(a: SocketAddrV4) -> [u8; 8] {
+        let mut k = [0u8; 8];
+        k[..4].copy_from_slice(&a.ip().octets());
+        k[4..].copy_from_slice(&u32::from(a.port()).to_ne_bytes());
+        k
+    }
+
+    /// Value: where it was going, as `connect()` was given it: the IPv4 address in network
+    /// order, then the port in network order in the low 16 bits of a 32-bit field (as a
+    /// `cgroup/connect4` program sees `user_ip4`, `user_port`).
+    pub fn value(a: SocketAddrV4) -> [u8; 8] {
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(&a.ip().octets());
+        v[4..6].copy_from_slice(&a.port().to_be_bytes());
+        v
+    }
+
+    pub fn value_of(v: [u8; 8]) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(v[0], v[1], v[2], v[3]), u16::from_be_bytes([v[4], v[5]]))
+    }
+}
+
+/// The `bpf(2)` system call, as far as weft uses it.
+pub mod bpf {
+    use std::io;
+
+    pub const MAP_CREATE: u32 = 0;
+    pub const PROG_LOAD: u32 = 5;
+    pub const PROG_ATTACH: u32 = 8;
+    pub const MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
+
+    /// A `union bpf_attr`, filled field by field at the offsets of the command's member.
+    #[derive(Clone)]
+    #[repr(C, align(8))]
+    pub struct Attr([u8; 128]);
+
+    impl Default for Attr {
+        fn default() -> Attr {
+            Attr([0; 128])
+        }
+    }
+
+    impl Attr {
+        pub fn u32(&mut self, at: usize, v: u32) -> &mut Attr {
+            self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+
+        pub fn u64(&mut self, at: usize, v: u64) -> &mut Attr {
+            self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+
+        pub fn bytes(&mut self, at: usize, v: &[u8]) -> &mut Attr {
+            self.0[at..at + v.len()].copy_from_slice(v);
+            self
+        }
+    }
+
+    /// `bpf(cmd, attr)`: a file descriptor or 0 on success.
+    #[allow(unsafe_code)]
+    pub fn call(cmd: u32, attr: &mut Attr) -> io::Result<i32> {
+        // SAFETY: `attr` is a valid, writable buffer of the size passed, and every pointer the
+        // caller stored in it points at memory that outlives the call.
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr.0.as_mut_ptr(), attr.0.len() as libc::c_long)
+        };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as i32) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_laid_out_as_the_kernel_hands_them_to_the_programs() {
+        let a: SocketAddrV4 = "10.96.0.7:8080".parse().unwrap();
+        // user_ip4 / user_port, as a little- or big-endian 32-bit load sees them in memory.
+        assert_eq!(origins::value(a), [10, 96, 0, 7, 0x1f, 0x90, 0, 0]);
+        assert_eq!(origins::value_of(origins::value(a)), a);
+        let k = origins::key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(&k[..4], &[127, 0, 0, 1]);
+        assert_eq!(u32::from_ne_bytes(k[4..].try_into().unwrap()), 40000);
     }
 }

@@ -10,7 +10,7 @@
 //! Configuration arrives over xDS ([`xds`], decoded and checked by [`config`]) and is applied
 //! by [`Proxy`]; [`health`] probes the local app and [`admin`] serves /live, /ready, /metrics
 //! and /config_dump.
-#![deny(unsafe_code)] // allowed twice: idle::trim (an FFI call), supervise::spawn_command (pre_exec)
+#![deny(unsafe_code)] // allowed in: idle::trim (an FFI call), supervise::spawn_in (pre_exec), capture::bpf::call (a system call)
 
 mod access_log;
 mod admin;
@@ -18,7 +18,7 @@ pub mod app_protocol;
 pub mod args;
 mod attempt;
 pub mod authz;
-mod capture;
+pub mod capture;
 mod clock;
 pub mod cluster;
 pub mod config;

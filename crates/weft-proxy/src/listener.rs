@@ -178,15 +178,16 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// The listener that serves `stream` (accepted by the capture listener `own`), and where
+    /// The listener that serves `stream` from `peer` (accepted by the capture listener `own`), and where
     /// it was going; `None` closes it: it was not redirected (a client called the capture
     /// listener itself, which would loop).
     pub fn route(
         &self,
         stream: &tokio::net::TcpStream,
+        peer: SocketAddr,
         own: &Arc<ListenerCtx>,
     ) -> Option<(Arc<ListenerCtx>, SocketAddr)> {
-        let dst = match crate::capture::original_dst(stream) {
+        let dst = match crate::capture::original_dst(stream, peer) {
             Ok(dst) if Some(dst) != stream.local_addr().ok() => dst,
             _ => {
                 own.metrics.proxy_error("not-redirected");
@@ -248,7 +249,7 @@ async fn accept(
         let mut ctx = ctx.load_full();
         let mut local = stream.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         if let Some(capture) = &ctx.capture {
-            match capture.route(&stream, &ctx) {
+            match capture.route(&stream, peer, &ctx) {
                 Some((to, original)) => (ctx, local) = (to, original),
                 None => continue,
             }

@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 use clap::Parser;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Duration;
 use weft_proxy::args::ProxyArgs;
@@ -31,7 +32,8 @@ struct Cli {
 /// Credentials the sidecar may be given in its environment (the join token, the admin
 /// credential, the credentials file's location) and its supervisor's socket: the app never
 /// needs them, so it never sees them.
-const NOT_FOR_THE_APP: &[&str] = &["WEFT_TOKEN", "WEFT_ADMIN_TOKEN", "WEFT_CONFIG", notify::SOCKET_VAR];
+const NOT_FOR_THE_APP: &[&str] =
+    &["WEFT_TOKEN", "WEFT_ADMIN_TOKEN", "WEFT_CONFIG", notify::SOCKET_VAR, weft_proxy::capture::HANDOFF_VAR];
 
 /// How long an app has to exit after SIGTERM before it is killed.
 const APP_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -71,6 +73,8 @@ async fn serve(cli: Cli) -> anyhow::Result<i32> {
     }
     let opts = cli.proxy.options()?;
     let app_env = app_env(&opts);
+    // A transparent app's cgroup, whose connections are redirected at connect().
+    let app_cgroup = weft_proxy::capture::take_handoff()?;
     let mut stop = StopSignals::new()?;
     let notifier = Notifier::from_env();
     let mut running = weft_proxy::start(opts).await?;
@@ -92,7 +96,7 @@ async fn serve(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     }
-    let mut app = match supervise::spawn(&cli.app, &app_env, NOT_FOR_THE_APP, false) {
+    let mut app = match supervise::spawn(&cli.app, &app_env, NOT_FOR_THE_APP, false, app_cgroup.as_ref().map(|f| f.as_fd())) {
         Ok(app) => app,
         Err(e) => {
             running.stop().await;

@@ -1,5 +1,6 @@
 //! Child processes and signals: starting apps (and, in `weft up`, instances), forwarding a
 //! stop to them, and making sure none outlives its parent.
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -35,8 +36,15 @@ impl StopSignals {
 }
 
 /// Spawns `argv` so that it is killed if this process dies, however it dies, with `env` added
-/// to this process's environment and the variables `strip` taken out of it.
-pub fn spawn(argv: &[String], env: &[(String, String)], strip: &[&str], quiet: bool) -> anyhow::Result<Child> {
+/// to this process's environment and the variables `strip` taken out of it; `cgroup` (an open
+/// `cgroup.procs`) is the cgroup it starts in.
+pub fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    strip: &[&str],
+    quiet: bool,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> anyhow::Result<Child> {
     let (program, args) = argv.split_first().ok_or_else(|| anyhow::anyhow!("empty command"))?;
     let mut cmd = Command::new(program);
     for var in strip {
@@ -46,19 +54,31 @@ pub fn spawn(argv: &[String], env: &[(String, String)], strip: &[&str], quiet: b
     if quiet {
         cmd.stdout(Stdio::null());
     }
-    spawn_command(cmd).map_err(|e| anyhow::anyhow!("cannot start {program:?}: {e}"))
+    spawn_in(cmd, cgroup).map_err(|e| anyhow::anyhow!("cannot start {program:?}: {e}"))
 }
 
 /// Spawns `cmd` (with no input) so that it is killed if this process dies, however it dies.
+pub fn spawn_command(cmd: Command) -> std::io::Result<Child> {
+    spawn_in(cmd, None)
+}
+
+/// [`spawn_command`], the child first joining the cgroup whose `cgroup.procs` is `cgroup`.
 #[allow(unsafe_code)]
-pub fn spawn_command(mut cmd: Command) -> std::io::Result<Child> {
+fn spawn_in(mut cmd: Command, cgroup: Option<BorrowedFd<'_>>) -> std::io::Result<Child> {
     cmd.stdin(Stdio::null()).kill_on_drop(true);
-    // SAFETY: pre_exec runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is
-    // async-signal-safe and touches no memory of the parent. It is the only way to tie the
-    // child's life to ours when we are SIGKILLed and cannot clean up.
+    let cgroup = cgroup.map(|fd| fd.as_raw_fd());
+    // SAFETY: pre_exec runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) and
+    // write(2) are async-signal-safe and touch no memory of the parent. The first is the only
+    // way to tie the child's life to ours when we are SIGKILLed and cannot clean up; the second
+    // moves the child ("0": the writer) into the cgroup before it runs anything. `cgroup` is
+    // open for as long as this call, which the fork happens in.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if let Some(fd) = cgroup {
+                nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0").map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     cmd.spawn()

@@ -9,6 +9,7 @@ mod cli;
 mod dashboard;
 mod mesh_file;
 mod netns;
+mod redirect;
 mod run;
 mod sidecar;
 mod up;

@@ -4,8 +4,10 @@
 //! - inbound: every TCP connection that arrives (but to the sidecar's own ports) goes to the
 //!   sidecar's inbound listener, so nothing reaches the app around it;
 //! - outbound: every TCP connection the app opens (but to loopback, and to the control plane)
-//!   goes to the sidecar's capture listener, which reads where it was going
-//!   (`SO_ORIGINAL_DST`); DNS (UDP and TCP port 53) goes to the sidecar's resolver;
+//!   goes to the sidecar's capture listener, which reads where it was going: the app's own are
+//!   pointed there at `connect()` by programs attached to the app's cgroup ([`crate::redirect`]),
+//!   anything else in the namespace by the nat rule (`SO_ORIGINAL_DST`); DNS (UDP and TCP port
+//!   53) goes to the sidecar's resolver;
 //! - the sidecar's own connections carry a socket mark ([`weft_api::names::CAPTURE_MARK`])
 //!   and are let through;
 //! - IPv6 is off on the namespace's link (the rules are IPv4's), so nothing reaches the app, or
@@ -13,15 +15,16 @@
 //!
 //! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
 //! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
-//! the namespace (its rules and its end of the veth pair go with it), `/etc/netns/NAME/`, and the
-//! bridge once no instance uses it. The host namespace's own filter rules are never touched.
+//! the namespace (its rules and its end of the veth pair go with it), `/etc/netns/NAME/`, the
+//! app's cgroup (named as the namespace), and the bridge once no instance uses it. The host namespace's own filter rules are never touched.
 //!
 //! [`Hosts`] (`weft up --hosts N`) simulates a network of N hosts on this machine: namespaces
 //! `weft-h-K-…` joined by a switch (a bridge in a namespace of its own), each a host with its own
 //! address and instance range, as the test suite's multi-host fixture builds them.
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, SocketAddr};
+use crate::redirect::{self, ConnectRedirect};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use weft_api::names::{CAPTURE_MARK, capture_ports};
@@ -100,6 +103,9 @@ struct Record {
 pub struct InstanceNet {
     record: Record,
     range: Range,
+    /// The app's cgroup, whose connections are redirected at `connect()` (see
+    /// [`InstanceNet::capture`]).
+    redirect: Option<ConnectRedirect>,
 }
 
 /// Whether this process may make namespaces and rules: root, or CAP_NET_ADMIN and
@@ -235,6 +241,13 @@ fn cleanup_locked() -> Vec<String> {
             removed.push(name.to_owned());
         }
     }
+    // The cgroups of instances whose namespace is gone (their app is gone with the sidecar).
+    let recorded: Vec<String> = records().into_iter().map(|(_, r)| r.netns).collect();
+    for name in redirect::cgroups_named(INSTANCE_PREFIX) {
+        if !recorded.contains(&name) {
+            redirect::remove_cgroup(&name);
+        }
+    }
     remove_bridge_if_unused();
     // The switch's namespace is gone, and this end of its link with it; only a half-made
     // link is left here.
@@ -262,6 +275,7 @@ fn remove_netns(r: &Record) {
         let _ = ip(&["link", "del", &r.veth]);
     }
     let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&r.netns));
+    redirect::remove_cgroup(&r.netns);
 }
 
 impl InstanceNet {
@@ -288,7 +302,7 @@ impl InstanceNet {
         let path = Path::new(STATE_DIR).join(format!("{netns}.json"));
         std::fs::write(&path, serde_json::to_vec(&record)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        let net = InstanceNet { record, range };
+        let net = InstanceNet { record, range, redirect: None };
         net.build().with_context(|| format!("cannot set up the network namespace {netns}"))?;
         Ok(net)
     }
@@ -331,9 +345,12 @@ impl InstanceNet {
         self.record.address
     }
 
-    /// Installs the capture rules inside the namespace and checks that they are in force.
+    /// Installs the capture rules inside the namespace and checks that they are in force, and
+    /// attaches the connect-time redirection to a cgroup for the app (named as the namespace),
+    /// which then takes the app's own connections around the nat rules (see
+    /// [`crate::redirect`]); without it (no cgroup v2 here) the nat rules capture them all.
     /// `control`: the control plane's address, which the sidecar reaches directly.
-    pub fn capture(&self, control: &[SocketAddr]) -> anyhow::Result<()> {
+    pub fn capture(&mut self, control: &[SocketAddr]) -> anyhow::Result<()> {
         let rules = capture_rules(control);
         let mut restore = in_netns(&self.record.netns, &iptables_restore(), &["--noflush"]);
         restore
@@ -357,7 +374,23 @@ impl InstanceNet {
                 iptables_restore()
             );
         }
+        let listener = SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture_ports().outbound);
+        match ConnectRedirect::attach(&self.record.netns, listener, control) {
+            Ok(r) => self.redirect = Some(r),
+            Err(e) => tracing::warn!(
+                "the app's connections are captured by the nat rules alone, at some cost per packet: the connect-time redirection could not be set up ({e:#})"
+            ),
+        }
         Ok(())
+    }
+
+    /// What the sidecar is handed of the connect-time redirection, if it is set up: the
+    /// variable and its value (see [`weft_proxy::capture::HANDOFF_VAR`]).
+    pub fn redirect_handoff(&self) -> anyhow::Result<Option<(&'static str, String)>> {
+        match &self.redirect {
+            Some(r) => Ok(Some((weft_proxy::capture::HANDOFF_VAR, r.handoff()?))),
+            None => Ok(None),
+        }
     }
 
     /// The command that runs `program` inside the namespace (with its resolv.conf).
@@ -370,6 +403,7 @@ impl InstanceNet {
 
 impl Drop for InstanceNet {
     fn drop(&mut self) {
+        drop(self.redirect.take());
         let Ok(_lock) = StateLock::take() else { return };
         remove_netns(&self.record);
         let _ = std::fs::remove_file(Path::new(STATE_DIR).join(format!("{}.json", self.record.netns)));

@@ -55,7 +55,7 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let net = InstanceNet::create(args.id.as_deref().unwrap_or(&service), a.netns_range)?;
+    let mut net = InstanceNet::create(args.id.as_deref().unwrap_or(&service), a.netns_range)?;
     net.capture(&control)?;
     use futures::FutureExt;
     if term.recv().now_or_never().is_some() || int.recv().now_or_never().is_some() {
@@ -72,7 +72,10 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     args.dns = Some(SocketAddr::from(([127, 0, 0, 1], ports.dns)));
     tracing::info!(netns = net.name(), address = %ip, "instance namespace ready; starting the sidecar in it");
     let sidecar = crate::sidecar::binary()?;
-    let cmd = crate::sidecar::command(net.command(&sidecar), &args, &a.command);
+    let mut cmd = crate::sidecar::command(net.command(&sidecar), &args, &a.command);
+    if let Some((var, value)) = net.redirect_handoff()? {
+        cmd.env(var, value);
+    }
     // Killed with this process (then the next start or `weft cleanup` removes the namespace).
     let mut child = weft_proxy::supervise::spawn_command(tokio::process::Command::from(cmd))
         .map_err(|e| anyhow::anyhow!("cannot start the sidecar in {}: {e}", net.name()))?;

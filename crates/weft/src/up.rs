@@ -530,7 +530,7 @@ async fn start_all(
     }
     let exited = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for p in &planned {
-        let mut child = supervise::spawn(&p.argv, &p.env, &[], false)?;
+        let mut child = supervise::spawn(&p.argv, &p.env, &[], false, None)?;
         let (id, stop, exited) = (p.id.clone(), stop.clone(), exited.clone());
         mesh.instances.spawn(async move {
             tokio::select! {
