@@ -28,6 +28,7 @@ PEERS = {
     "weft-2hop-base": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-capture": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-netns": ["haproxy-2hop-tls", "nginx-2hop-tls"],
+    "weft-2hop-capture-nat": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-dc": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-dc-local": ["haproxy-2hop-tls", "nginx-2hop-tls"],
     "weft-2hop-policy": ["haproxy-2hop-tls", "nginx-2hop-tls"],
@@ -245,7 +246,8 @@ def main():
         out.append("explicit: weft-2hop (the caller on this host's loopback); "
                    + ("explicit in netns: weft-2hop-netns (the caller's sidecar in the instance's namespace, "
                       "called on its explicit ports there: the namespace and veth hop without capture); " if netns else "")
-                   + "capture: weft-2hop-capture (the same namespace, called by name, redirected by iptables). "
+                   + "capture: weft-2hop-capture (the same namespace, called by name from the app's cgroup, redirected "
+                   "at connect()). "
                    "Target: capture's proxy CPU within 5% of the explicit path's.\n")
         head = "| figure | explicit | " + ("explicit in netns | " if netns else "") + "capture | capture ÷ explicit | " \
             + ("capture ÷ explicit in netns | " if netns else "") + "added by capture |"
@@ -278,6 +280,11 @@ def main():
             unit, d = spec[key][2], spec[key][6]
             out.append(f"| {label} | {fmt(y, d)} {unit} | {fmt(x, d)} {unit} | {x / y:.3f} | {x - y:+.1f} {unit} |")
 
+    # Issue 21: what is not the app's (outside its cgroup) is captured by the nat rule instead.
+    side_by_side("Captured by the nat rule vs at connect() (weft-2hop-capture-nat vs weft-2hop-capture)",
+                 "at connect(): weft-2hop-capture (the generators in the app's cgroup); nat: weft-2hop-capture-nat "
+                 "(the same namespace, outside the app's cgroup: iptables' nat REDIRECT, translated per packet).",
+                 ("nat", "at connect()"), "weft-2hop-capture-nat", "weft-2hop-capture", "added by the nat rule")
     # Issue 23: a call to another datacenter through its mesh gateway against a local call.
     side_by_side("Another datacenter through its mesh gateway vs the local call (weft-2hop-dc vs weft-2hop)",
                  "local: weft-2hop (caller's sidecar → app's sidecar); across: weft-2hop-dc (caller's sidecar in DC1 "

@@ -32,7 +32,7 @@ impl ConnectRedirect {
     /// Makes cgroup `name` and attaches programs that send its TCP connections to `capture`,
     /// but those to `exempt` (the control plane's addresses).
     pub fn attach(name: &str, capture: SocketAddrV4, exempt: &[SocketAddr]) -> anyhow::Result<ConnectRedirect> {
-        let root = cgroup2_root().context("no cgroup2 file system is mounted here")?;
+        let root = cgroup2_root().context("no cgroup2 file system is mounted here (under `ip netns exec`, whose processes get a /sys without it, `nsenter --net=/run/netns/NAME` keeps it)")?;
         let cgroup = root.join(name);
         std::fs::create_dir(&cgroup).with_context(|| format!("cannot make the cgroup {}", cgroup.display()))?;
         let redirect = ConnectRedirect {
@@ -78,29 +78,9 @@ impl Drop for ConnectRedirect {
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
-/// beside v1's controllers). Under `ip netns exec` (a simulated host), whose processes get a
-/// `/sys` of their own without the cgroup mounts in a mount namespace of their own, it is
-/// mounted again at [`OWN_MOUNT`], in that namespace only.
+/// beside v1's controllers). Not under `ip netns exec`, which gives its processes a `/sys` of
+/// their own without the cgroup mounts (`nsenter --net` keeps them).
 pub fn cgroup2_root() -> Option<PathBuf> {
-    if let Some(at) = mounted_cgroup2() {
-        return Some(at);
-    }
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    if ns("self")? == ns("1")? {
-        return None;
-    }
-    std::fs::create_dir_all(OWN_MOUNT).ok()?;
-    let mounted = std::process::Command::new("mount").args(["-t", "cgroup2", "cgroup2", OWN_MOUNT]).output().ok()?;
-    if !mounted.status.success() {
-        return None;
-    }
-    mounted_cgroup2()
-}
-
-/// Where [`cgroup2_root`] mounts the hierarchy in a mount namespace of `ip netns exec`'s.
-const OWN_MOUNT: &str = "/run/weft/cgroup2";
-
-fn mounted_cgroup2() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
     mounts.lines().find_map(|l| {
