@@ -287,7 +287,12 @@ fn the_apps_own_connections_are_redirected_at_connect() {
         mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
     );
     wait_until(Duration::from_secs(10), "the web server outside the mesh", || {
-        stdout(&mesh.host.run("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{GATEWAY}:{web_port}/")])) == "200"
+        stdout(
+            &mesh.host.run(
+                "curl",
+                &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{GATEWAY}:{web_port}/")],
+            ),
+        ) == "200"
     });
     // The app calls store and the server outside the mesh as it starts, then serves.
     let calls = mesh.dir.path.join("calls");
@@ -305,9 +310,8 @@ fn the_apps_own_connections_are_redirected_at_connect() {
     assert_eq!(nat_redirected(netns), 0, "the app's connections went around the nat rule");
     let shop = mesh.instance_ips("shop")[0].clone();
     let metrics = mesh.metrics(&shop);
-    let opened = |service: &str| {
-        metric_sum(&metrics, "weft_tcp_connections_opened_total", &[&format!("service=\"{service}\"")])
-    };
+    let opened =
+        |service: &str| metric_sum(&metrics, "weft_tcp_connections_opened_total", &[&format!("service=\"{service}\"")]);
     assert_eq!(opened("passthrough"), 1.0, "the call out of the mesh counted as passthrough:\n{metrics}");
     let to_store = metric_sum(&metrics, "weft_requests_total", &["direction=\"outbound\"", "dst_service=\"store\""]);
     assert_eq!(to_store, 1.0, "the call to store went through the sidecar's route to store:\n{metrics}");

@@ -52,7 +52,9 @@ pub fn take_handoff() -> anyhow::Result<Option<OwnedFd>> {
     let Ok(v) = std::env::var(HANDOFF_VAR) else { return Ok(None) };
     let fds = v.split_once(',').and_then(|(m, p)| Some((m.parse().ok()?, p.parse().ok()?)));
     let Some((map, procs)) = fds else {
-        anyhow::bail!("{HANDOFF_VAR}={v:?}: expected two file descriptors, ORIGINS,PROCS (set by `weft run --transparent`)")
+        anyhow::bail!(
+            "{HANDOFF_VAR}={v:?}: expected two file descriptors, ORIGINS,PROCS (set by `weft run --transparent`)"
+        )
     };
     let held = |fd| inherited(fd).map_err(|e| anyhow::anyhow!("{HANDOFF_VAR}: file descriptor {fd}: {e}"));
     set_connect_origins(held(map)?);

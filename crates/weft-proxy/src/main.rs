@@ -96,13 +96,14 @@ async fn serve(cli: Cli) -> anyhow::Result<i32> {
             }
         }
     }
-    let mut app = match supervise::spawn(&cli.app, &app_env, NOT_FOR_THE_APP, false, app_cgroup.as_ref().map(|f| f.as_fd())) {
-        Ok(app) => app,
-        Err(e) => {
-            running.stop().await;
-            return Err(e);
-        }
-    };
+    let mut app =
+        match supervise::spawn(&cli.app, &app_env, NOT_FOR_THE_APP, false, app_cgroup.as_ref().map(|f| f.as_fd())) {
+            Ok(app) => app,
+            Err(e) => {
+                running.stop().await;
+                return Err(e);
+            }
+        };
     let code = tokio::select! {
         status = app.wait() => {
             let code = status.map(|s| supervise::exit_code(&s)).unwrap_or(1);

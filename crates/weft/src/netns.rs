@@ -21,9 +21,9 @@
 //! [`Hosts`] (`weft up --hosts N`) simulates a network of N hosts on this machine: namespaces
 //! `weft-h-K-…` joined by a switch (a bridge in a namespace of its own), each a host with its own
 //! address and instance range, as the test suite's multi-host fixture builds them.
+use crate::redirect::{self, ConnectRedirect};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use crate::redirect::{self, ConnectRedirect};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -97,9 +97,8 @@ pub fn remove_cgroup(name: &str) {
     if !cgroup.exists() {
         return;
     }
-    let populated = || {
-        std::fs::read_to_string(cgroup.join("cgroup.events")).is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
-    };
+    let populated =
+        || std::fs::read_to_string(cgroup.join("cgroup.events")).is_ok_and(|e| e.lines().any(|l| l == "populated 1"));
     if populated() {
         let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -158,7 +157,10 @@ fn load(prog_type: u32, expected_attach: u32, name: &str, insns: &[Insn]) -> any
         Ok(fd) => Ok(owned(fd)),
         Err(e) => {
             let log = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
-            bail!("the kernel refused the BPF program {name}: {e}{}", if log.is_empty() { String::new() } else { format!("\n{log}") })
+            bail!(
+                "the kernel refused the BPF program {name}: {e}{}",
+                if log.is_empty() { String::new() } else { format!("\n{log}") }
+            )
         }
     }
 }
