@@ -81,7 +81,7 @@ static CONNECT_ORIGINS: OnceLock<OwnedFd> = OnceLock::new();
 
 /// Hands the proxy the map the connect-time redirection records origins in (a BPF map, see
 /// [`origins`] for its layout). Only the first call counts.
-pub fn set_connect_origins(map: OwnedFd) {
+fn set_connect_origins(map: OwnedFd) {
     let _ = CONNECT_ORIGINS.set(map);
 }
 

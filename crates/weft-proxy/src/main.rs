@@ -30,8 +30,8 @@ struct Cli {
 }
 
 /// Credentials the sidecar may be given in its environment (the join token, the admin
-/// credential, the credentials file's location) and its supervisor's socket: the app never
-/// needs them, so it never sees them.
+/// credential, the credentials file's location), its supervisor's socket and what `weft run
+/// --transparent` hands it: the app never needs them, so it never sees them.
 const NOT_FOR_THE_APP: &[&str] =
     &["WEFT_TOKEN", "WEFT_ADMIN_TOKEN", "WEFT_CONFIG", notify::SOCKET_VAR, weft_proxy::capture::HANDOFF_VAR];
 

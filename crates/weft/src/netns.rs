@@ -378,7 +378,7 @@ impl InstanceNet {
         match ConnectRedirect::attach(&self.record.netns, listener, control) {
             Ok(r) => self.redirect = Some(r),
             Err(e) => tracing::warn!(
-                "the app's connections are captured by the nat rules alone, at some cost per packet: the connect-time redirection could not be set up ({e:#})"
+                "the app's connections are captured by the namespace's nat rule alone (translated packet by packet): the redirection at connect() could not be set up: {e:#}"
             ),
         }
         Ok(())

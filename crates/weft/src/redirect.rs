@@ -17,7 +17,7 @@
 use anyhow::{Context, bail};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use weft_proxy::capture::bpf::{self, Attr};
 
 /// An app's cgroup with the programs attached; the cgroup is removed when dropped (once the
@@ -112,10 +112,7 @@ pub fn remove_cgroup(name: &str) {
 /// The names of the cgroups under the root that start with `prefix`.
 pub fn cgroups_named(prefix: &str) -> Vec<String> {
     let Some(dir) = cgroup2_root().and_then(|r| std::fs::read_dir(r).ok()) else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(prefix) && Path::new(n).extension().is_none())
-        .collect()
+    dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(prefix)).collect()
 }
 
 const PROG_TYPE_SOCK_OPS: u32 = 13;
