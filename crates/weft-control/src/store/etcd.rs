@@ -762,34 +762,34 @@ async fn commit(
     }
 }
 
+/// One transaction for `ops` (one per [`MAX_BATCH`] of them): a conditional one is a
+/// transaction nested in it, whose condition holds for that operation alone (so a batch of
+/// instances' health reports is one write to etcd, not one each).
 async fn write(client: &mut Client, ops: &[Op], lease: i64) -> Result<(), etcd_client::Error> {
-    let mut plain = Vec::new();
-    // Conditional ones, each a transaction of its own (a condition holds for a whole one).
-    let mut conditional = Vec::new();
-    for op in ops {
-        let key = key_of(op.table, &op.key);
-        match (&op.value, op.table) {
-            (Some(v), Table::Instances) if op.if_held => {
-                let exists = Compare::create_revision(key.as_str(), CompareOp::Greater, 0);
-                let put = TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_ignore_lease()));
-                conditional.push((exists, put));
+    let when = |compare: Compare, op: TxnOp| TxnOp::txn(Txn::new().when([compare]).and_then([op]));
+    let ops: Vec<TxnOp> = ops
+        .iter()
+        .map(|op| {
+            let key = key_of(op.table, &op.key);
+            match (&op.value, op.table) {
+                (Some(v), Table::Instances) if op.if_held => when(
+                    Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+                    TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_ignore_lease())),
+                ),
+                (Some(v), Table::Instances) => TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_lease(lease))),
+                (Some(v), _) => TxnOp::put(key, v.as_str(), None),
+                // Only while this replica holds it: its proxy may be at another one now.
+                (None, Table::Instances) if op.if_held => {
+                    when(Compare::lease(key.as_str(), CompareOp::Equal, lease), TxnOp::delete(key, None))
+                }
+                (None, _) => TxnOp::delete(key, None),
             }
-            (Some(v), Table::Instances) => {
-                plain.push(TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_lease(lease))))
-            }
-            (Some(v), _) => plain.push(TxnOp::put(key, v.as_str(), None)),
-            // Only while this replica holds it: its proxy may be at another one now.
-            (None, Table::Instances) if op.if_held => {
-                conditional.push((Compare::lease(key.as_str(), CompareOp::Equal, lease), TxnOp::delete(key, None)))
-            }
-            (None, _) => plain.push(TxnOp::delete(key, None)),
-        }
-    }
-    if !plain.is_empty() {
-        client.txn(Txn::new().and_then(plain)).await?;
-    }
-    for (when, op) in conditional {
-        client.txn(Txn::new().when([when]).and_then([op])).await?;
+        })
+        .collect();
+    // etcd refuses a transaction of more than 128 operations (its default --max-txn-ops).
+    let mut ops = ops.into_iter().peekable();
+    while ops.peek().is_some() {
+        client.txn(Txn::new().and_then(ops.by_ref().take(MAX_BATCH).collect::<Vec<_>>())).await?;
     }
     Ok(())
 }
@@ -797,6 +797,97 @@ async fn write(client: &mut Client, ops: &[Op], lease: i64) -> Result<(), etcd_c
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An etcd member on loopback for one test (Debian's etcd-server), stopped when dropped.
+    struct Member {
+        child: std::process::Child,
+        dir: PathBuf,
+        url: String,
+    }
+
+    impl Member {
+        fn start() -> Option<Member> {
+            let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let (client, peer) = (port(), port());
+            let dir = std::env::temp_dir().join(format!("weft-etcd-unit-{}-{client}", std::process::id()));
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = std::process::Command::new("etcd")
+                .arg("--data-dir")
+                .arg(&dir)
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("default={peer_url}"), "--log-level", "error"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            match child {
+                Ok(child) => Some(Member { child, dir, url }),
+                Err(_) => {
+                    eprintln!("SKIPPED: no etcd binary (apt-get install etcd-server)");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Member {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A replica's conditional writes, batched as transactions nested in one: an instance's
+    /// update is written only while the instance is there, its release only by the replica
+    /// whose lease it is under (its proxy may have moved to another replica).
+    #[tokio::test]
+    async fn conditional_writes_hold_each_for_its_own_instance() {
+        let Some(member) = Member::start() else { return };
+        let cfg = EtcdConfig {
+            endpoints: vec![member.url.clone()],
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            user: None,
+            password_file: None,
+            wait: Duration::from_secs(20),
+        };
+        let key = StoreKey([7; 32]);
+        let a = Etcd::open(&cfg, key.clone(), Duration::from_secs(30)).await.unwrap();
+        let b = Etcd::open(&cfg, key, Duration::from_secs(30)).await.unwrap();
+        let there = |id: &'static str| {
+            let members = a.members.clone();
+            async move {
+                let key = key_of(Table::Instances, id);
+                let got = members
+                    .any(|mut c| {
+                        let key = key.clone();
+                        async move { c.get(key, None).await }
+                    })
+                    .await
+                    .unwrap();
+                got.kvs().first().map(|kv| kv.value_str().unwrap().to_owned())
+            }
+        };
+        a.enqueue(&[Write::PutInstance("moved", "{\"at\":\"a\"}"), Write::PutInstance("stays", "{}")]);
+        a.flushed().await.unwrap();
+        // B, in one batch: releases an instance A holds, updates one nobody wrote, and one A wrote.
+        b.enqueue(&[
+            Write::ReleaseInstance("moved"),
+            Write::UpdateInstance("never", "{}"),
+            Write::UpdateInstance("stays", "{\"healthy\":true}"),
+        ]);
+        b.flushed().await.unwrap();
+        assert_eq!(there("moved").await.as_deref(), Some("{\"at\":\"a\"}"), "B does not release what A holds");
+        assert_eq!(there("never").await, None, "an update does not make an instance");
+        assert_eq!(there("stays").await.as_deref(), Some("{\"healthy\":true}"), "an update of one that is there");
+        a.enqueue(&[Write::ReleaseInstance("moved")]);
+        a.flushed().await.unwrap();
+        assert_eq!(there("moved").await, None, "A releases what it holds");
+        drop(member);
+    }
 
     #[test]
     fn secrets_round_trip_and_a_wrong_key_is_named() {
