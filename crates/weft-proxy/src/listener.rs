@@ -178,9 +178,9 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// The listener that serves `stream` from `peer` (accepted by the capture listener `own`), and where
-    /// it was going; `None` closes it: it was not redirected (a client called the capture
-    /// listener itself, which would loop).
+    /// The listener that serves `stream` from `peer` (accepted by the capture listener `own`),
+    /// and where it was going; `None` closes it: it was not redirected (a client called the
+    /// capture listener itself, which would loop).
     pub fn route(
         &self,
         stream: &tokio::net::TcpStream,

@@ -16,7 +16,8 @@
 //! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
 //! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
 //! the namespace (its rules and its end of the veth pair go with it), `/etc/netns/NAME/`, the
-//! app's cgroup (named as the namespace), and the bridge once no instance uses it. The host namespace's own filter rules are never touched.
+//! app's cgroup (named as the namespace), and the bridge once no instance uses it. The host
+//! namespace's own filter rules are never touched.
 //!
 //! [`Hosts`] (`weft up --hosts N`) simulates a network of N hosts on this machine: namespaces
 //! `weft-h-K-…` joined by a switch (a bridge in a namespace of its own), each a host with its own
@@ -242,7 +243,6 @@ fn cleanup_locked() -> Vec<String> {
         }
     }
     // The cgroups of instances whose namespace is gone (their app is gone with the sidecar).
-    let recorded: Vec<String> = records().into_iter().map(|(_, r)| r.netns).collect();
     for name in redirect::cgroups_named(INSTANCE_PREFIX) {
         if !recorded.contains(&name) {
             redirect::remove_cgroup(&name);

@@ -767,29 +767,25 @@ async fn commit(
 /// instances' health reports is one write to etcd, not one each).
 async fn write(client: &mut Client, ops: &[Op], lease: i64) -> Result<(), etcd_client::Error> {
     let when = |compare: Compare, op: TxnOp| TxnOp::txn(Txn::new().when([compare]).and_then([op]));
-    let ops: Vec<TxnOp> = ops
-        .iter()
-        .map(|op| {
-            let key = key_of(op.table, &op.key);
-            match (&op.value, op.table) {
-                (Some(v), Table::Instances) if op.if_held => when(
-                    Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
-                    TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_ignore_lease())),
-                ),
-                (Some(v), Table::Instances) => TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_lease(lease))),
-                (Some(v), _) => TxnOp::put(key, v.as_str(), None),
-                // Only while this replica holds it: its proxy may be at another one now.
-                (None, Table::Instances) if op.if_held => {
-                    when(Compare::lease(key.as_str(), CompareOp::Equal, lease), TxnOp::delete(key, None))
-                }
-                (None, _) => TxnOp::delete(key, None),
+    let txn_op = |op: &Op| {
+        let key = key_of(op.table, &op.key);
+        match (&op.value, op.table) {
+            (Some(v), Table::Instances) if op.if_held => when(
+                Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+                TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_ignore_lease())),
+            ),
+            (Some(v), Table::Instances) => TxnOp::put(key, v.as_str(), Some(PutOptions::new().with_lease(lease))),
+            (Some(v), _) => TxnOp::put(key, v.as_str(), None),
+            // Only while this replica holds it: its proxy may be at another one now.
+            (None, Table::Instances) if op.if_held => {
+                when(Compare::lease(key.as_str(), CompareOp::Equal, lease), TxnOp::delete(key, None))
             }
-        })
-        .collect();
+            (None, _) => TxnOp::delete(key, None),
+        }
+    };
     // etcd refuses a transaction of more than 128 operations (its default --max-txn-ops).
-    let mut ops = ops.into_iter().peekable();
-    while ops.peek().is_some() {
-        client.txn(Txn::new().and_then(ops.by_ref().take(MAX_BATCH).collect::<Vec<_>>())).await?;
+    for batch in ops.chunks(MAX_BATCH) {
+        client.txn(Txn::new().and_then(batch.iter().map(txn_op).collect::<Vec<_>>())).await?;
     }
     Ok(())
 }
