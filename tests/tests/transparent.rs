@@ -209,11 +209,6 @@ fn names_and_destinations_outside_the_mesh() {
 
     let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
     assert_eq!(stdout(&out), "200", "curl http://store/: {}", stderr(&out));
-    // No way around the IPv4 capture rules over IPv6: no address on the link (not even
-    // link-local), while loopback keeps ::1.
-    let out = in_netns(client_ns, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"]);
-    assert_eq!(stdout(&out).trim(), "", "IPv6 on the instance's link: {}", stderr(&out));
-    assert!(stdout(&in_netns(client_ns, "ip", &["-6", "-o", "addr", "show", "dev", "lo"])).contains("::1"));
     let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "store"]))
         .split_whitespace()
         .next()
@@ -263,9 +258,77 @@ fn names_and_destinations_outside_the_mesh() {
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
-/// Packets the namespace's nat rule has sent to the capture listener (port 15001).
-fn nat_redirected(netns: &str) -> u64 {
-    let out = in_netns(netns, "iptables", &["-t", "nat", "-L", "WEFT_OUTPUT", "-n", "-v", "-x"]);
+/// The IPv6 form of an instance's address or a virtual IP: the IPv4 one in fd77:6566:7400::/96.
+fn ipv6_of(v4: &str) -> std::net::Ipv6Addr {
+    let v4: std::net::Ipv4Addr = v4.parse().unwrap_or_else(|_| panic!("{v4:?} is not an IPv4 address"));
+    std::net::Ipv6Addr::from((0xfd77_6566_7400u128 << 80) | u128::from(u32::from(v4)))
+}
+
+/// Where the host has IPv6 (here it does), an instance's namespace has its address's IPv6 form
+/// and no link-local address, mesh names answer AAAA, and IPv6 is captured both ways as IPv4
+/// is: the app reaches a service by name or an instance by its IPv6 address through both
+/// sidecars, and a plaintext client on the host calling an instance's IPv6 address is refused
+/// while the service is strict, and served once it is permissive.
+#[test]
+fn ipv6_is_captured_as_ipv4_is() {
+    let Some(mesh) = Mesh::start("ipv6") else { return };
+    let _store = mesh.instance("store", 8080, &demo_app("store"));
+    let _shop = mesh.instance("shop", 8080, &demo_app("shop"));
+    wait_until(Duration::from_secs(30), "store and shop healthy", || {
+        mesh.endpoints("store").len() == 1 && mesh.endpoints("shop").len() == 1
+    });
+    let shop_ns = &instance_netns("shop")[0];
+    let (store, shop) = (mesh.instance_ips("store")[0].clone(), mesh.instance_ips("shop")[0].clone());
+    let out = in_netns(shop_ns, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"]);
+    let eth0 = stdout(&out);
+    assert!(eth0.contains(&format!(" {}/112 ", ipv6_of(&shop))), "the IPv6 form of {shop} on eth0: {eth0}");
+    assert!(!eth0.contains("fe80"), "no link-local address to reach the app at: {eth0}");
+
+    let first = |out: Output| stdout(&out).split_whitespace().next().unwrap_or_default().to_owned();
+    let vip = first(in_netns(shop_ns, "getent", &["ahostsv4", "store"]));
+    let vip6 = first(in_netns(shop_ns, "getent", &["ahostsv6", "store.default"]));
+    assert_eq!(vip6, ipv6_of(&vip).to_string(), "store's AAAA is its virtual IP's IPv6 form");
+
+    // By name over IPv6: the sidecar's route to store.
+    let to_store = || {
+        metric_sum(&mesh.metrics(&shop), "weft_requests_total", &["direction=\"outbound\"", "dst_service=\"store\""])
+    };
+    let before = to_store();
+    let out = in_netns(shop_ns, "curl", &["-6", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
+    assert_eq!(stdout(&out), "200", "curl -6 http://store/: {}", stderr(&out));
+    assert_eq!(to_store(), before + 1.0, "through shop's sidecar's route to store");
+
+    // Store's instance at its IPv6 address and app port: through both sidecars (over mutual
+    // TLS: store is strict, and refuses plaintext, as the host's below).
+    let inbound = || metric_sum(&mesh.metrics(&store), "weft_tcp_connections_opened_total", &["direction=\"inbound\""]);
+    let before = inbound();
+    let direct = format!("http://[{}]:8080/", ipv6_of(&store));
+    let out = in_netns(shop_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
+    assert_eq!(stdout(&out), "200", "{direct}: {}", stderr(&out));
+    assert!(inbound() > before, "store's sidecar took it");
+    assert!(nat_redirected(shop_ns, "ip6tables") > 0, "shop's IPv6 connections went through ip6tables' rule");
+
+    // A plaintext client on the host, outside the mesh, at store's IPv6 address.
+    let plain = || {
+        let args = ["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct];
+        stdout(&mesh.host.run("curl", &args))
+    };
+    assert_ne!(plain(), "200", "a plaintext client reached store's app over IPv6 around its sidecar");
+    let permissive = mesh.dir.path.join("permissive.yaml");
+    std::fs::write(
+        &permissive,
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: store}\nspec: {mtls: permissive}\n",
+    )
+    .unwrap();
+    let out = mesh.weft(&["apply", "-f", permissive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(Duration::from_secs(10), "permissive store serves plaintext over IPv6", || plain() == "200");
+}
+
+/// Packets the namespace's nat rule (`tool`: iptables, ip6tables) has sent to the capture
+/// listener (port 15001).
+fn nat_redirected(netns: &str, tool: &str) -> u64 {
+    let out = in_netns(netns, tool, &["-t", "nat", "-L", "WEFT_OUTPUT", "-n", "-v", "-x"]);
     let rule = stdout(&out).lines().find(|l| l.contains("redir ports 15001")).map(str::to_owned);
     let rule = rule.unwrap_or_else(|| panic!("no REDIRECT to 15001 in {netns}: {}", stdout(&out)));
     rule.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{rule}"))
@@ -307,7 +370,7 @@ fn the_apps_own_connections_are_redirected_at_connect() {
     wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
     assert_eq!(std::fs::read_to_string(&calls).unwrap(), "200 200", "the app's calls to the mesh and out of it");
     let netns = &instance_netns("shop")[0];
-    assert_eq!(nat_redirected(netns), 0, "the app's connections went around the nat rule");
+    assert_eq!(nat_redirected(netns, "iptables"), 0, "the app's connections went around the nat rule");
     let shop = mesh.instance_ips("shop")[0].clone();
     let metrics = mesh.metrics(&shop);
     let opened =
@@ -319,7 +382,7 @@ fn the_apps_own_connections_are_redirected_at_connect() {
     // Not of the app: the nat rule captures it.
     let out = in_netns(netns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
     assert_eq!(stdout(&out), "200", "curl http://store/ from outside the app's cgroup: {}", stderr(&out));
-    assert!(nat_redirected(netns) > 0, "the nat rule captured it");
+    assert!(nat_redirected(netns, "iptables") > 0, "the nat rule captured it");
 }
 
 /// What weft made, as `ip` and iptables/nftables show it: the namespaces whose names start
@@ -337,7 +400,9 @@ fn made_state(host: &Host, netns: &[&str]) -> String {
         ("ip", vec!["-o", "link"]),
         ("ip", vec!["-o", "addr"]),
         ("ip", vec!["route"]),
+        ("ip", vec!["-6", "route"]),
         ("iptables-save", vec![]),
+        ("ip6tables-save", vec![]),
         ("nft", vec!["list", "ruleset"]),
     ] {
         let out = host.run(program, &args);
@@ -463,7 +528,8 @@ fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
     let python = python().display().to_string();
     let out = in_netns(client_ns, &python, &["-c", GRPC_HELLO, "dns:///backend:50051"]);
     assert!(stdout(&out).contains("backend"), "grpcio dns:///backend:50051: {} {}", stdout(&out), stderr(&out));
-    let out = in_netns(client_ns, "getent", &["hosts", "backend.default.svc.weft.local"]);
+    // As an app's getaddrinfo sees it: the virtual IP first (its IPv6 form after it).
+    let out = in_netns(client_ns, "getent", &["ahosts", "backend.default.svc.weft.local"]);
     assert!(stdout(&out).starts_with("240.240."), "a virtual IP: {}", stdout(&out));
 
     // Each backend's sidecar saw the client's SPIFFE identity: mutual TLS across hosts.

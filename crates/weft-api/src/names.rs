@@ -88,6 +88,28 @@ pub fn virtual_listener(service: &str, vip: std::net::Ipv4Addr) -> String {
 /// never routed, so a virtual IP cannot be mistaken for a real address.
 pub const VIP_RANGE: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(240, 240, 0, 0), 16);
 
+/// IPv6 in transparent instances: an instance's address and a service's virtual IP have an
+/// IPv6 form, the IPv4 one within this /96 (a unique local prefix, `fd77:6566:7400::/96`), so
+/// the two forms name the same instance or service (as NAT64's well-known prefix embeds IPv4).
+pub const MESH_IPV6_PREFIX: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd77, 0x6566, 0x7400, 0, 0, 0, 0, 0);
+
+/// The IPv6 form of a mesh address (see [`MESH_IPV6_PREFIX`]).
+pub fn mesh_ipv6(v4: std::net::Ipv4Addr) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(u128::from(MESH_IPV6_PREFIX) | u128::from(u32::from(v4)))
+}
+
+/// The IPv4 form of an address: itself, or the IPv4 address an IPv6 one of [`MESH_IPV6_PREFIX`]
+/// embeds; `None` for any other IPv6 address.
+pub fn mesh_ipv4(ip: std::net::IpAddr) -> Option<std::net::Ipv4Addr> {
+    match ip {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (bits >> 32 == u128::from(MESH_IPV6_PREFIX) >> 32).then(|| std::net::Ipv4Addr::from(bits as u32))
+        }
+    }
+}
+
 /// The socket mark of a transparent sidecar's own connections, which its namespace's capture
 /// rules let through (Istio's in-pod mark).
 pub const CAPTURE_MARK: u32 = 0x1337;
@@ -107,4 +129,21 @@ pub struct CapturePorts {
 
 pub const fn capture_ports() -> CapturePorts {
     CapturePorts { outbound: 15001, inbound: 15006, dns: 15053, admin: 15020 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_addresses_have_one_ipv6_form_and_back() {
+        let vip = std::net::Ipv4Addr::new(240, 240, 0, 9);
+        let v6 = mesh_ipv6(vip);
+        assert_eq!(v6.to_string(), "fd77:6566:7400::f0f0:9");
+        assert_eq!(mesh_ipv4(v6.into()), Some(vip));
+        assert_eq!(mesh_ipv4(vip.into()), Some(vip));
+        for other in ["fd77:6566:7401::f0f0:9", "::ffff:240.240.0.9", "2001:db8::1"] {
+            assert_eq!(mesh_ipv4(other.parse().unwrap()), None, "{other}");
+        }
+    }
 }

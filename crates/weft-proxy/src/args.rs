@@ -46,6 +46,12 @@ pub struct ProxyArgs {
     /// asked of --dns-upstream.
     #[arg(long)]
     pub dns: Option<SocketAddr>,
+    /// Transparent instances whose namespace has IPv6 (set by `weft run --transparent` where
+    /// it does): the capture and DNS listeners listen on ::1 too, the inbound listener on every
+    /// IPv6 address, on the same ports, and mesh names answer AAAA with their virtual IPs'
+    /// IPv6 form (in fd77:6566:7400::/96).
+    #[arg(long, requires = "capture")]
+    pub ipv6: bool,
     /// A resolver mesh DNS forwards other names to (IP or IP:PORT). Repeatable.
     #[arg(long = "dns-upstream", value_parser = dns_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
@@ -193,6 +199,7 @@ impl ProxyArgs {
             upstreams: self.upstreams.clone(),
             capture: self.capture,
             dns: self.dns,
+            ipv6: self.ipv6,
             dns_upstreams: self.dns_upstreams.clone(),
             labels,
             admin: self.admin,
@@ -224,6 +231,7 @@ impl ProxyArgs {
             upstreams,
             capture,
             dns,
+            ipv6,
             dns_upstreams,
             labels,
             id,
@@ -270,6 +278,9 @@ impl ProxyArgs {
         xds.iter().for_each(|v| flag("xds", v.clone()));
         flag("control", control.clone());
         ca_file.iter().for_each(|v| flag("ca-file", v.display().to_string()));
+        if *ipv6 {
+            out.push("--ipv6".to_owned());
+        }
         out
     }
 }
@@ -293,6 +304,7 @@ mod tests {
             "--upstream=db=127.0.0.3:5432",
             "--capture=127.0.0.1:15001",
             "--dns=127.0.0.1:15053",
+            "--ipv6",
             "--dns-upstream=10.255.255.53",
             "--dns-upstream=10.0.0.2:5353",
             "--label=version=v2",

@@ -3,10 +3,11 @@
 //! over UDP and TCP. A service `backend` in namespace `default` of trust domain `weft.local`
 //! answers to `backend`, `backend.default`, `backend.default.svc` and
 //! `backend.default.svc.weft.local`; an unknown name under `svc.weft.local` is the mesh's to
-//! deny (NXDOMAIN), not the host's to guess.
+//! deny (NXDOMAIN), not the host's to guess. Where the instance has IPv6, a mesh name has an
+//! IPv6 address too (AAAA): its virtual IP's IPv6 form ([`weft_api::names::mesh_ipv6`]).
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -69,11 +70,13 @@ enum Lookup {
 pub struct Resolver {
     names: ArcSwap<MeshNames>,
     upstreams: Vec<SocketAddr>,
+    /// Whether mesh names have IPv6 addresses (the instance has IPv6).
+    ipv6: bool,
 }
 
 impl Resolver {
-    pub fn new(upstreams: Vec<SocketAddr>) -> Arc<Resolver> {
-        Arc::new(Resolver { names: ArcSwap::from_pointee(MeshNames::default()), upstreams })
+    pub fn new(upstreams: Vec<SocketAddr>, ipv6: bool) -> Arc<Resolver> {
+        Arc::new(Resolver { names: ArcSwap::from_pointee(MeshNames::default()), upstreams, ipv6 })
     }
 
     pub fn update(&self, names: MeshNames) {
@@ -102,12 +105,20 @@ impl Resolver {
             Lookup::NoSuchName => {
                 reply.set_response_code(ResponseCode::NXDomain);
             }
-            // A for the virtual IP; any other type of a mesh name exists with no data (so
-            // clients asking AAAA and A at once use the A).
+            // A for the virtual IP, AAAA for its IPv6 form where the instance has IPv6; any
+            // other type of a mesh name exists with no data (so clients asking AAAA and A at
+            // once use the A).
             Lookup::Mesh(ip) => {
-                if q.query_type() == RecordType::A {
-                    let name: Name = q.name().clone();
-                    reply.add_answer(Record::from_rdata(name, TTL, RData::A(A(ip))));
+                let name: Name = q.name().clone();
+                match q.query_type() {
+                    RecordType::A => {
+                        reply.add_answer(Record::from_rdata(name, TTL, RData::A(A(ip))));
+                    }
+                    RecordType::AAAA if self.ipv6 => {
+                        let v6 = weft_api::names::mesh_ipv6(ip);
+                        reply.add_answer(Record::from_rdata(name, TTL, RData::AAAA(AAAA(v6))));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -239,7 +250,7 @@ mod tests {
 
     #[test]
     fn every_form_of_a_mesh_name_resolves_to_its_virtual_ip() {
-        let r = Resolver::new(vec![]);
+        let r = Resolver::new(vec![], false);
         let vip = Ipv4Addr::new(240, 240, 0, 9);
         r.update(MeshNames::new([("backend", vip)], "default", "weft.local"));
         for name in ["backend", "backend.", "Backend.default", "backend.default.svc", "backend.default.svc.weft.local."]
@@ -259,6 +270,14 @@ mod tests {
         // Anything else is the host's resolver's to answer.
         assert!(ask(&r, "example.org", RecordType::A).is_none());
         assert!(ask(&r, "backendx", RecordType::A).is_none());
+        // Where the instance has IPv6: AAAA, the virtual IP's IPv6 form.
+        let r6 = Resolver::new(vec![], true);
+        r6.update(MeshNames::new([("backend", vip)], "default", "weft.local"));
+        let m = ask(&r6, "backend.default", RecordType::AAAA).unwrap();
+        let ips: Vec<_> = m.answers().iter().filter_map(|a| a.data().as_aaaa().map(|a| a.0)).collect();
+        assert_eq!(ips, vec![weft_api::names::mesh_ipv6(vip)]);
+        let m = ask(&r6, "backend", RecordType::A).unwrap();
+        assert_eq!(m.answers().len(), 1, "and A as before");
     }
 
     #[test]

@@ -47,7 +47,8 @@ pub type SharedCtx = Arc<ArcSwap<ListenerCtx>>;
 struct Running {
     address: SocketAddr,
     ctx: SharedCtx,
-    task: JoinHandle<()>,
+    /// One accept loop per socket: the address's, and its aliases'.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 pub struct Listeners {
@@ -57,6 +58,8 @@ pub struct Listeners {
     ready: tokio::sync::watch::Receiver<bool>,
     /// Sockets bound at startup from the command line, waiting for their xDS listener.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// More addresses a listener listens on ([`Listeners::prebind_alias`]), by its address.
+    aliases: Mutex<HashMap<SocketAddr, Vec<SocketAddr>>>,
     running: Mutex<HashMap<String, Running>>,
     /// Listeners bound to no socket (`bind_to_port: false`): what a capture listener hands
     /// connections to, by their address's IP.
@@ -70,6 +73,7 @@ impl Listeners {
             limits,
             ready,
             prebound: Mutex::default(),
+            aliases: Mutex::default(),
             running: Mutex::default(),
             unbound: Mutex::default(),
             virtuals: Arc::default(),
@@ -79,24 +83,31 @@ impl Listeners {
     /// Binds `addr` now, so a port conflict is reported at startup rather than at first config.
     /// Returns the bound address (port 0 resolves to the port the kernel chose).
     pub fn prebind(&self, addr: SocketAddr, what: &str) -> anyhow::Result<SocketAddr> {
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
-        l.set_nonblocking(true)?;
+        let l = bind_std(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))?;
         let bound = l.local_addr()?;
         self.prebound.lock().unwrap_or_else(|p| p.into_inner()).insert(bound, l);
         Ok(bound)
     }
 
-    fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let std = match self.prebound.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr) {
-            Some(l) => l,
-            None => {
-                let l = std::net::TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                l
-            }
-        };
-        TcpListener::from_std(std)
+    /// Binds `alias` now, as [`Listeners::prebind`] does, as one more address of the listener
+    /// at `primary` (e.g. its IPv6 one): its connections are that listener's.
+    pub fn prebind_alias(&self, primary: SocketAddr, alias: SocketAddr, what: &str) -> anyhow::Result<()> {
+        let bound = self.prebind(alias, what)?;
+        self.aliases.lock().unwrap_or_else(|p| p.into_inner()).entry(primary).or_default().push(bound);
+        Ok(())
+    }
+
+    /// The sockets of a listener at `addr`: its own, then its aliases'.
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<TcpListener>> {
+        let aliases = self.aliases.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned().unwrap_or_default();
+        let mut prebound = self.prebound.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(addr)
+            .chain(aliases)
+            .map(|a| match prebound.remove(&a) {
+                Some(l) => TcpListener::from_std(l),
+                None => TcpListener::from_std(bind_std(a)?),
+            })
+            .collect()
     }
 
     /// Applies a full LDS update. Every new listener is bound before anything changes, so a
@@ -119,7 +130,7 @@ impl Listeners {
         running.retain(|name, r| {
             let keep = defs.iter().any(|(d, _)| &d.name == name) && !fresh.contains_key(name);
             if !keep {
-                r.task.abort();
+                r.tasks.iter().for_each(JoinHandle::abort);
                 tracing::info!(listener = %name, "listener removed");
             }
             keep
@@ -127,11 +138,18 @@ impl Listeners {
         for (def, ctx) in defs {
             let ctx = Arc::new(ctx);
             match fresh.remove(&def.name) {
-                Some(socket) => {
+                Some(sockets) => {
                     let shared = Arc::new(ArcSwap::new(ctx));
-                    let task = tokio::spawn(accept(socket, shared.clone(), self.limits.clone(), self.ready.clone()));
-                    tracing::info!(listener = %def.name, address = %def.address, "listening");
-                    running.insert(def.name.clone(), Running { address: def.address, ctx: shared, task });
+                    let tasks = sockets
+                        .into_iter()
+                        .map(|socket| {
+                            let address =
+                                socket.local_addr().map_or_else(|_| def.address.to_string(), |a| a.to_string());
+                            tracing::info!(listener = %def.name, %address, "listening");
+                            tokio::spawn(accept(socket, shared.clone(), self.limits.clone(), self.ready.clone()))
+                        })
+                        .collect();
+                    running.insert(def.name.clone(), Running { address: def.address, ctx: shared, tasks });
                 }
                 None => running[&def.name].ctx.store(ctx),
             }
@@ -148,6 +166,21 @@ impl Listeners {
         self.virtuals.replace(kept.values().map(|(a, c)| (a.ip(), c.clone())).collect());
         Ok(())
     }
+}
+
+/// A listening socket at `addr`, as `TcpListener::bind` makes one (address reuse), but an IPv6
+/// one listens on IPv6 alone, so `[::]:PORT` and an IPv4 address of the same port can be
+/// bound side by side.
+fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// The outbound listeners a captured connection can be handed to, by virtual IP.
@@ -194,12 +227,18 @@ impl Capture {
                 return None;
             }
         };
-        if let Some(to) = self.virtuals.get(dst.ip()) {
-            return Some((to, dst));
+        // A virtual IP or an instance's address, in either form (IPv6's embeds IPv4's).
+        let mesh = weft_api::names::mesh_ipv4(dst.ip()).map(|v4| SocketAddr::new(v4.into(), dst.port()));
+        if let Some(mesh) = mesh
+            && let Some(to) = self.virtuals.get(mesh.ip())
+        {
+            return Some((to, mesh));
         }
         // An instance's own address: to that instance, through its sidecar, as its service's
         // listener would (metrics under that service).
-        if let Some((service, endpoint)) = self.clusters.endpoint_at(dst.ip()) {
+        if let Some(mesh) = mesh
+            && let Some((service, endpoint)) = self.clusters.endpoint_at(mesh.ip())
+        {
             let base = self.virtuals.of_service(&service).unwrap_or_else(|| own.clone());
             let cluster = self.clusters.get(&service);
             let pinned = ListenerCtx {
@@ -213,7 +252,7 @@ impl Capture {
                 capture: None,
                 server_names: HashMap::new(),
             };
-            return Some((Arc::new(pinned), dst));
+            return Some((Arc::new(pinned), mesh));
         }
         if own.tcp.is_none() && own.http.is_none() {
             own.metrics.proxy_error("egress-refused");

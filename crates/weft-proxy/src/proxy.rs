@@ -21,7 +21,7 @@ use crate::{admin, crypto, drain, health, identity, inbound, transport, xds};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -55,6 +55,9 @@ pub struct ProxyOptions {
     pub capture: Option<SocketAddr>,
     /// Where mesh DNS is served (see [`crate::dns`]), and where other names are asked.
     pub dns: Option<SocketAddr>,
+    /// Whether a transparent instance's namespace has IPv6 (`--ipv6`): the capture, inbound and
+    /// DNS listeners listen on IPv6 too, and mesh names have IPv6 addresses.
+    pub ipv6: bool,
     pub dns_upstreams: Vec<SocketAddr>,
     pub labels: BTreeMap<String, String>,
     pub admin: SocketAddr,
@@ -387,21 +390,34 @@ pub async fn start(mut opts: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let limits = Arc::new(opts.limits.clone());
     let ready = tokio::sync::watch::Sender::new(false);
     let listeners = Listeners::new(limits, ready.subscribe());
+    // IPv6 (`--ipv6`): loopback's for what the app sends, every address for what arrives.
+    let ipv6 = |ip: Ipv6Addr, of: SocketAddr| opts.ipv6.then(|| SocketAddr::new(ip.into(), of.port()));
     if let Some(addr) = opts.inbound {
-        opts.inbound = Some(listeners.prebind(addr, "inbound traffic (--inbound)")?);
+        let addr = listeners.prebind(addr, "inbound traffic (--inbound)")?;
+        if let Some(v6) = ipv6(Ipv6Addr::UNSPECIFIED, addr) {
+            listeners.prebind_alias(addr, v6, "inbound traffic over IPv6 (--inbound, --ipv6)")?;
+        }
+        opts.inbound = Some(addr);
     }
     for (svc, addr) in &mut opts.upstreams {
         *addr = listeners.prebind(*addr, &format!("upstream {svc}"))?;
     }
     if let Some(addr) = opts.capture {
-        opts.capture = Some(listeners.prebind(addr, "captured connections (--capture)")?);
+        let addr = listeners.prebind(addr, "captured connections (--capture)")?;
+        if let Some(v6) = ipv6(Ipv6Addr::LOCALHOST, addr) {
+            listeners.prebind_alias(addr, v6, "captured IPv6 connections (--capture, --ipv6)")?;
+        }
+        opts.capture = Some(addr);
         // Its own connections must not be captured again.
         transport::set_mark(weft_api::names::CAPTURE_MARK);
     }
     let resolver = match opts.dns {
         Some(addr) => {
-            let r = crate::dns::Resolver::new(opts.dns_upstreams.clone());
+            let r = crate::dns::Resolver::new(opts.dns_upstreams.clone(), opts.ipv6);
             crate::dns::serve(addr, r.clone())?;
+            if let Some(v6) = ipv6(Ipv6Addr::LOCALHOST, addr) {
+                crate::dns::serve(v6, r.clone())?;
+            }
             Some(r)
         }
         None => None,

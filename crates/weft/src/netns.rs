@@ -10,8 +10,11 @@
 //!   53) goes to the sidecar's resolver;
 //! - the sidecar's own connections carry a socket mark ([`weft_api::names::CAPTURE_MARK`])
 //!   and are let through;
-//! - IPv6 is off on the namespace's link (the rules are IPv4's), so nothing reaches the app, or
-//!   leaves it, over IPv6 around the sidecar.
+//! - IPv6, where the host has it and ip6tables: the namespace has the IPv6 form of its address
+//!   ([`weft_api::names::mesh_ipv6`]) and no link-local one, and the same rules in ip6tables
+//!   capture IPv6 connections both ways (the app's own too: the programs only see IPv4); without
+//!   it, IPv6 is off on the namespace's link, so nothing reaches the app, or leaves it, over IPv6
+//!   around the sidecar.
 //!
 //! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
 //! `weft run` that made it, so the next start or `weft cleanup` removes what a killed one left:
@@ -25,10 +28,10 @@
 use crate::redirect::{self, ConnectRedirect};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use weft_api::names::{CAPTURE_MARK, capture_ports};
+use weft_api::names::{CAPTURE_MARK, capture_ports, mesh_ipv6};
 
 /// Where weft records the namespaces it made (a tmpfs: gone at reboot, as the namespaces are).
 pub const STATE_DIR: &str = "/run/weft/netns";
@@ -77,6 +80,11 @@ impl Range {
         Ipv4Addr::from(u32::from(self.base) + 1)
     }
 
+    /// An address's IPv6 form's prefix length: the range's within [`weft_api::names::MESH_IPV6_PREFIX`].
+    fn prefix6(&self) -> u8 {
+        96 + self.prefix
+    }
+
     /// Instances' addresses: all but the network, the bridge's and the broadcast address.
     fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let base = u32::from(self.base);
@@ -107,6 +115,8 @@ pub struct InstanceNet {
     /// The app's cgroup, whose connections are redirected at `connect()` (see
     /// [`InstanceNet::capture`]).
     redirect: Option<ConnectRedirect>,
+    /// Whether the namespace has IPv6 (see [`InstanceNet::ipv6`]).
+    ipv6: bool,
 }
 
 /// Whether this process may make namespaces and rules: root, or CAP_NET_ADMIN and
@@ -146,6 +156,17 @@ fn iptables() -> String {
 
 fn iptables_restore() -> String {
     format!("{}-restore", iptables())
+}
+
+/// The same flavour's IPv6 tool (`ip6tables`, `ip6tables-nft`, …).
+fn ip6tables() -> String {
+    iptables().replacen("iptables", "ip6tables", 1)
+}
+
+/// Whether instances' namespaces can have IPv6 captured: the kernel has IPv6 and the
+/// iptables flavour its IPv6 tools.
+fn ipv6_capturable() -> bool {
+    Path::new("/proc/sys/net/ipv6").exists() && which(&format!("{}-restore", ip6tables())).is_some()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -302,12 +323,12 @@ impl InstanceNet {
         let path = Path::new(STATE_DIR).join(format!("{netns}.json"));
         std::fs::write(&path, serde_json::to_vec(&record)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        let net = InstanceNet { record, range, redirect: None };
+        let mut net = InstanceNet { record, range, redirect: None, ipv6: false };
         net.build().with_context(|| format!("cannot set up the network namespace {netns}"))?;
         Ok(net)
     }
 
-    fn build(&self) -> anyhow::Result<()> {
+    fn build(&mut self) -> anyhow::Result<()> {
         let r = &self.record;
         let gateway = self.range.gateway();
         make_bridge(self.range)?;
@@ -317,16 +338,27 @@ impl InstanceNet {
         let inside = |args: &[&str]| run(&mut in_netns(&r.netns, "ip", args));
         inside(&["link", "set", "lo", "up"])?;
         inside(&["addr", "add", &format!("{}/{}", r.address, self.range.prefix), "dev", "eth0"])?;
-        // IPv4 only: the capture rules are IPv4's, so IPv6 is off on the namespace's link (no
-        // link-local address another instance could reach the app at, around the sidecar).
-        // Loopback keeps ::1.
-        run(&mut in_netns(
-            &r.netns,
-            "sh",
-            &["-c", "f=/proc/sys/net/ipv6/conf/eth0/disable_ipv6; [ ! -e $f ] || echo 1 > $f"],
-        ))?;
+        // IPv6 where it can be captured (the bridge has its gateway): the address's IPv6 form
+        // and no link-local one (nothing else to reach the app at); else IPv6 is off on the
+        // link, and loopback keeps ::1.
+        let ipv6 = ipv6_capturable() && bridge_has_ipv6(self.range);
+        if ipv6 {
+            inside(&["link", "set", "eth0", "addrgenmode", "none"])?;
+            let v6 = format!("{}/{}", mesh_ipv6(r.address), self.range.prefix6());
+            inside(&["-6", "addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        } else {
+            run(&mut in_netns(
+                &r.netns,
+                "sh",
+                &["-c", "f=/proc/sys/net/ipv6/conf/eth0/disable_ipv6; [ ! -e $f ] || echo 1 > $f"],
+            ))?;
+        }
         inside(&["link", "set", "eth0", "up"])?;
         inside(&["route", "add", "default", "via", &gateway.to_string()])?;
+        if ipv6 {
+            inside(&["-6", "route", "add", "default", "via", &mesh_ipv6(gateway).to_string()])?;
+        }
+        self.ipv6 = ipv6;
         // `ip netns exec` shows processes this file as /etc/resolv.conf: the sidecar's resolver.
         let etc = Path::new("/etc/netns").join(&r.netns);
         std::fs::create_dir_all(&etc)?;
@@ -334,6 +366,9 @@ impl InstanceNet {
             etc.join("resolv.conf"),
             "# weft: the sidecar answers mesh names and forwards the rest\nnameserver 127.0.0.1\noptions edns0\n",
         )?;
+        if ipv6 {
+            std::fs::write(etc.join("gai.conf"), GAI_CONF)?;
+        }
         Ok(())
     }
 
@@ -345,34 +380,22 @@ impl InstanceNet {
         self.record.address
     }
 
+    /// The namespace's IPv6 address, if it has IPv6: the host has it (the kernel, ip6tables of
+    /// the flavour in use, IPv6 on the bridge). Its connections are then captured over IPv6
+    /// too.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.then(|| mesh_ipv6(self.record.address))
+    }
+
     /// Installs the capture rules inside the namespace and checks that they are in force, and
     /// attaches the connect-time redirection to a cgroup for the app (named as the namespace),
     /// which then takes the app's own connections around the nat rules (see
     /// [`crate::redirect`]); without it (no cgroup v2 here) the nat rules capture them all.
     /// `control`: the control plane's address, which the sidecar reaches directly.
     pub fn capture(&mut self, control: &[SocketAddr]) -> anyhow::Result<()> {
-        let rules = capture_rules(control);
-        let mut restore = in_netns(&self.record.netns, &iptables_restore(), &["--noflush"]);
-        restore
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = restore.spawn().with_context(|| format!("cannot run {}", iptables_restore()))?;
-        use std::io::Write;
-        child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("{} refused the capture rules: {}", iptables_restore(), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let save = format!("{}-save", iptables());
-        let saved = run(&mut in_netns(&self.record.netns, &save, &["-t", "nat"]))?;
-        let expected = rules.lines().filter(|l| l.starts_with("-A ")).count();
-        let found = saved.lines().filter(|l| l.starts_with("-A ") && l.contains("WEFT")).count();
-        if found != expected {
-            bail!(
-                "the capture rules are not in force after {}: {found} of {expected} rules found by {save}",
-                iptables_restore()
-            );
+        self.install(&iptables(), &capture_rules(control, false))?;
+        if self.ipv6 {
+            self.install(&ip6tables(), &capture_rules(control, true))?;
         }
         let listener = SocketAddrV4::new(Ipv4Addr::LOCALHOST, capture_ports().outbound);
         match ConnectRedirect::attach(&self.record.netns, listener, control) {
@@ -380,6 +403,30 @@ impl InstanceNet {
             Err(e) => tracing::warn!(
                 "the app's connections are captured by the namespace's nat rule alone (translated packet by packet): the redirection at connect() could not be set up: {e:#}"
             ),
+        }
+        Ok(())
+    }
+
+    /// Installs `rules` with `tool`'s restore inside the namespace, and checks that they are
+    /// in force.
+    fn install(&self, tool: &str, rules: &str) -> anyhow::Result<()> {
+        let (restore, save) = (format!("{tool}-restore"), format!("{tool}-save"));
+        let mut cmd = in_netns(&self.record.netns, &restore, &["--noflush"]);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("cannot run {restore}"))?;
+        use std::io::Write;
+        child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{restore} refused the capture rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let saved = run(&mut in_netns(&self.record.netns, &save, &["-t", "nat"]))?;
+        let expected = rules.lines().filter(|l| l.starts_with("-A ")).count();
+        let found = saved.lines().filter(|l| l.starts_with("-A ") && l.contains("WEFT")).count();
+        if found != expected {
+            bail!("the capture rules are not in force after {restore}: {found} of {expected} rules found by {save}");
         }
         Ok(())
     }
@@ -411,6 +458,31 @@ impl Drop for InstanceNet {
     }
 }
 
+/// The namespace's `/etc/gai.conf` where it has IPv6: RFC 6724's default policy table, under
+/// which `getaddrinfo` puts a name's IPv4 address before a unique local IPv6 one (glibc's
+/// built-in table is RFC 3484's, which puts any IPv6 first), so an app that takes the first
+/// address of a mesh name connects over IPv4, where the connect-time redirection takes it.
+const GAI_CONF: &str = "# weft: RFC 6724's default policy table (IPv4 before unique local IPv6)
+precedence ::1/128 50
+precedence ::/0 40
+precedence ::ffff:0:0/96 35
+precedence 2002::/16 30
+precedence 2001::/32 5
+precedence fc00::/7 3
+precedence ::/96 1
+precedence fec0::/10 1
+precedence 3ffe::/16 1
+label ::1/128 0
+label ::/0 1
+label ::ffff:0:0/96 4
+label 2002::/16 2
+label 2001::/32 5
+label fc00::/7 13
+label ::/96 3
+label fec0::/10 11
+label 3ffe::/16 12
+";
+
 /// Makes this namespace's bridge, with the range's first address, unless it is there.
 fn make_bridge(range: Range) -> anyhow::Result<()> {
     if ip(&["link", "show", BRIDGE]).is_err() {
@@ -419,6 +491,17 @@ fn make_bridge(range: Range) -> anyhow::Result<()> {
         ip(&["link", "set", BRIDGE, "up"])?;
     }
     Ok(())
+}
+
+/// Whether the bridge has the IPv6 form of the range's gateway, given it if it can: not where
+/// IPv6 is off for new links (`net.ipv6.conf.default.disable_ipv6`).
+fn bridge_has_ipv6(range: Range) -> bool {
+    let gateway = mesh_ipv6(range.gateway());
+    let has = || ip(&["-6", "-o", "addr", "show", "dev", BRIDGE]).is_ok_and(|out| out.contains(&gateway.to_string()));
+    has() || {
+        let _ = ip(&["-6", "addr", "add", &format!("{gateway}/{}", range.prefix6()), "dev", BRIDGE, "nodad"]);
+        has()
+    }
 }
 
 /// This namespace's bridge, for a process that needs its address before any instance is
@@ -560,9 +643,11 @@ fn sanitize(id: &str) -> String {
     id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(24).collect()
 }
 
-/// The nat table rules of an instance's namespace (iptables-restore input).
-fn capture_rules(control: &[SocketAddr]) -> String {
+/// The nat table rules of an instance's namespace (iptables-restore input), IPv4's or IPv6's
+/// (`ip6tables-restore` input).
+fn capture_rules(control: &[SocketAddr], ipv6: bool) -> String {
     let p = capture_ports();
+    let (loopback, host) = if ipv6 { ("::1/128", 128) } else { ("127.0.0.0/8", 32) };
     let mut r = String::from("*nat\n:WEFT_INBOUND - [0:0]\n:WEFT_OUTPUT - [0:0]\n");
     r += "-A PREROUTING -p tcp -j WEFT_INBOUND\n";
     for own in [p.inbound, p.admin] {
@@ -574,10 +659,10 @@ fn capture_rules(control: &[SocketAddr]) -> String {
     for proto in ["udp", "tcp"] {
         r += &format!("-A WEFT_OUTPUT -p {proto} --dport 53 -j REDIRECT --to-ports {}\n", p.dns);
     }
-    for c in control {
-        r += &format!("-A WEFT_OUTPUT -d {}/32 -p tcp --dport {} -j RETURN\n", c.ip(), c.port());
+    for c in control.iter().filter(|c| c.is_ipv6() == ipv6) {
+        r += &format!("-A WEFT_OUTPUT -d {}/{host} -p tcp --dport {} -j RETURN\n", c.ip(), c.port());
     }
-    r += "-A WEFT_OUTPUT -d 127.0.0.0/8 -j RETURN\n";
+    r += &format!("-A WEFT_OUTPUT -d {loopback} -j RETURN\n");
     r += &format!("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports {}\n", p.outbound);
     r += "COMMIT\n";
     r
@@ -603,7 +688,8 @@ mod tests {
 
     #[test]
     fn the_sidecar_its_resolver_and_the_control_plane_are_never_captured() {
-        let rules = capture_rules(&["10.240.0.1:15010".parse().unwrap()]);
+        let control: [SocketAddr; 2] = ["10.240.0.1:15010".parse().unwrap(), "[fd00::1]:15010".parse().unwrap()];
+        let rules = capture_rules(&control, false);
         let lines: Vec<&str> = rules.lines().collect();
         let at =
             |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {rules}"));
@@ -613,5 +699,12 @@ mod tests {
         assert!(at("-d 127.0.0.0/8") < redirect);
         assert!(at("--mark") < at("--dport 53"), "the resolver's own queries go out");
         assert!(at("--dport 15006 -j RETURN") < at("REDIRECT --to-ports 15006"));
+        assert!(!rules.contains("fd00::1"), "IPv4's rules name IPv4 addresses only");
+        // IPv6's: the same, with IPv6's loopback and the control plane's IPv6 address.
+        let rules6 = capture_rules(&control, true);
+        assert_eq!(rules6.lines().count(), rules.lines().count(), "{rules6}");
+        assert!(rules6.contains("-A WEFT_OUTPUT -d fd00::1/128 -p tcp --dport 15010 -j RETURN"), "{rules6}");
+        assert!(rules6.contains("-A WEFT_OUTPUT -d ::1/128 -j RETURN"), "{rules6}");
+        assert!(!rules6.contains("10.240.0.1"), "{rules6}");
     }
 }

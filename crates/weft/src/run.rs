@@ -70,7 +70,9 @@ async fn transparent(a: RunArgs) -> anyhow::Result<ExitCode> {
     args.admin = SocketAddr::new(ip, ports.admin);
     args.capture = Some(SocketAddr::from(([127, 0, 0, 1], ports.outbound)));
     args.dns = Some(SocketAddr::from(([127, 0, 0, 1], ports.dns)));
-    tracing::info!(netns = net.name(), address = %ip, "instance namespace ready; starting the sidecar in it");
+    args.ipv6 = net.ipv6().is_some();
+    let ipv6 = net.ipv6().map_or_else(|| "off".to_owned(), |v6| v6.to_string());
+    tracing::info!(netns = net.name(), address = %ip, %ipv6, "instance namespace ready; starting the sidecar in it");
     let sidecar = crate::sidecar::binary()?;
     let mut cmd = crate::sidecar::command(net.command(&sidecar), &args, &a.command);
     if let Some((var, value)) = net.redirect_handoff()? {
