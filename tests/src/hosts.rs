@@ -47,9 +47,17 @@ impl Drop for Host {
     }
 }
 
+/// The IPv6 form weft gives an instance's address (or a virtual IP): the IPv4 one in
+/// fd77:6566:7400::/96.
+pub fn ipv6_of(v4: &str) -> std::net::Ipv6Addr {
+    let v4: std::net::Ipv4Addr = v4.parse().unwrap_or_else(|_| panic!("{v4:?} is not an IPv4 address"));
+    std::net::Ipv6Addr::from((0xfd77_6566_7400u128 << 80) | u128::from(u32::from(v4)))
+}
+
 /// Simulated hosts joined by a switch (a bridge in a namespace of its own): host `h` is
 /// 10.99.0.h on it, its instances get 10.240.h.0/24 (its bridge 10.240.h.1), and every host
-/// routes the others' instance ranges to them, as a network of real hosts would.
+/// routes the others' instance ranges to them, as a network of real hosts would; the same over
+/// IPv6, in the IPv6 form of each address ([`ipv6_of`]).
 pub struct Fabric {
     pub hosts: Vec<Host>,
     pub switch: Host,
@@ -68,17 +76,29 @@ impl Fabric {
                 switch.run("ip", &["link", "add", &port, "type", "veth", "peer", "name", "fab", "netns", &host.name]);
             assert!(made.status.success(), "{}", stderr(&made));
             assert!(switch.run("ip", &["link", "set", &port, "master", "br0", "up"]).status.success());
-            for args in
-                [vec!["addr", "add", &*format!("10.99.0.{h}/24"), "dev", "fab"], vec!["link", "set", "fab", "up"]]
-            {
+            let address6 = format!("{}/120", ipv6_of(&format!("10.99.0.{h}")));
+            for args in [
+                vec!["addr", "add", &*format!("10.99.0.{h}/24"), "dev", "fab"],
+                vec!["-6", "addr", "add", &address6, "dev", "fab", "nodad"],
+                vec!["link", "set", "fab", "up"],
+            ] {
                 let out = host.run("ip", &args);
                 assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
             }
-            assert!(host.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).status.success());
+            for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                assert!(host.run("sysctl", &["-qw", sysctl]).status.success(), "{sysctl}");
+            }
             for other in (1..=n).filter(|o| *o != h) {
-                let out = host
-                    .run("ip", &["route", "add", &format!("10.240.{other}.0/24"), "via", &format!("10.99.0.{other}")]);
-                assert!(out.status.success(), "{}", stderr(&out));
+                let (range, via) = (format!("10.240.{other}.0"), format!("10.99.0.{other}"));
+                let range6 = format!("{}/120", ipv6_of(&range));
+                let via6 = ipv6_of(&via).to_string();
+                for args in [
+                    vec!["route", "add", &*format!("{range}/24"), "via", &via],
+                    vec!["-6", "route", "add", &range6, "via", &via6],
+                ] {
+                    let out = host.run("ip", &args);
+                    assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+                }
             }
             hosts.push(host);
         }

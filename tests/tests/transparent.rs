@@ -8,7 +8,7 @@
 use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::Duration;
-use weft_tests::hosts::{Fabric, Host};
+use weft_tests::hosts::{Fabric, Host, ipv6_of};
 use weft_tests::*;
 
 /// The namespaces weft made for instances of `service` (of any service: "").
@@ -256,12 +256,6 @@ fn names_and_destinations_outside_the_mesh() {
     });
     let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
-}
-
-/// The IPv6 form of an instance's address or a virtual IP: the IPv4 one in fd77:6566:7400::/96.
-fn ipv6_of(v4: &str) -> std::net::Ipv6Addr {
-    let v4: std::net::Ipv4Addr = v4.parse().unwrap_or_else(|_| panic!("{v4:?} is not an IPv4 address"));
-    std::net::Ipv6Addr::from((0xfd77_6566_7400u128 << 80) | u128::from(u32::from(v4)))
 }
 
 /// Where the host has IPv6 (here it does), an instance's namespace has its address's IPv6 form
@@ -552,12 +546,20 @@ fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
     let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
     assert_eq!(stdout(&out), "200", "{direct}: {}", stderr(&out));
     assert!(opened(h2, &backends[0]) > before, "the direct call reached the instance's sidecar");
+    // The same at its IPv6 address.
+    let before = opened(h2, &backends[0]);
+    let direct6 = format!("http://[{}]:8080/", ipv6_of(&backends[0]));
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct6]);
+    assert_eq!(stdout(&out), "200", "{direct6}: {}", stderr(&out));
+    assert!(opened(h2, &backends[0]) > before, "the direct call over IPv6 reached the instance's sidecar");
 
     // A plaintext client outside the mesh (host 3 itself) is refused while backend is strict
-    // (the default) and served once it is permissive.
-    let plain =
-        |host: &Host| stdout(&host.run("curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct]));
-    assert_ne!(plain(h3), "200", "a plaintext client reached backend's app around its sidecar");
+    // (the default) and served once it is permissive, over IPv4 and IPv6.
+    let plain = |host: &Host| {
+        [&direct, &direct6]
+            .map(|url| stdout(&host.run("curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", url])))
+    };
+    assert!(!plain(h3).contains(&"200".to_owned()), "a plaintext client reached backend's app around its sidecar");
     let permissive = mesh.dir.path.join("permissive.yaml");
     std::fs::write(
         &permissive,
@@ -566,7 +568,7 @@ fn an_unmodified_app_reaches_instances_on_other_hosts_by_name() {
     .unwrap();
     let out = mesh.weft(&["apply", "-f", permissive.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_until(Duration::from_secs(10), "permissive backend serves plaintext", || plain(h3) == "200");
+    wait_until(Duration::from_secs(10), "permissive backend serves plaintext", || plain(h3) == ["200", "200"]);
 }
 
 /// `weft up` with transparent services (README: mesh file, `transparent: true`): the gateway
@@ -669,7 +671,7 @@ fn a_host_dropping_off_moves_traffic_to_the_other_instance() {
 }
 
 /// The capture rules as iptables-legacy and as iptables-nft make them (`WEFT_IPTABLES`): each
-/// instance's rules are in its namespace's tables of that flavour, and its app reaches the
+/// instance's rules, IPv4's and IPv6's, are in its namespace's tables of that flavour, and its app reaches the
 /// other instance by name through them.
 #[test]
 fn capture_works_with_iptables_legacy_and_nft() {
@@ -686,8 +688,10 @@ fn capture_works_with_iptables_legacy_and_nft() {
     {
         let ns = instance_netns(service);
         assert_eq!(ns.len(), 1, "{ns:?}");
-        let rules = stdout(&in_netns(&ns[0], &format!("{flavour}-save"), &["-t", "nat"]));
-        assert!(rules.contains("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"), "{flavour}:\n{rules}");
+        for flavour in [flavour.to_owned(), flavour.replace("iptables", "ip6tables")] {
+            let rules = stdout(&in_netns(&ns[0], &format!("{flavour}-save"), &["-t", "nat"]));
+            assert!(rules.contains("-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"), "{flavour}:\n{rules}");
+        }
         // Healthy at the control plane a moment before the caller's sidecar holds the endpoint.
         let url = format!("http://{other}/");
         wait_until(Duration::from_secs(10), &format!("{service} ({flavour}) reaching {other}"), || {

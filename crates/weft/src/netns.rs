@@ -532,7 +532,7 @@ impl Drop for Bridge {
 /// whose instances get 10.240.K.0/24 and which routes the other hosts' instance ranges to them.
 /// This namespace joins the switch at [`Hosts::here`] through the link [`HOSTS_LINK`], with a
 /// route to every host's instances, so it can be the operator's machine: the control plane and
-/// the gateway run here. Everything is recorded like instances' namespaces and removed when
+/// the gateway run here. Where instances get IPv6, the same in each address's IPv6 form. Everything is recorded like instances' namespaces and removed when
 /// dropped, or by the next start or `weft cleanup` after a SIGKILL.
 pub struct Hosts {
     records: Vec<Record>,
@@ -589,6 +589,9 @@ impl Hosts {
         ip(&["link", "add", HOSTS_LINK, "type", "veth", "peer", "name", "here", "netns", switch])?;
         in_switch(&["link", "set", "here", "master", "br0", "up"])?;
         ip(&["addr", "add", &format!("{}/24", self.here), "dev", HOSTS_LINK])?;
+        // IPv6 too, where instances get it: each address's IPv6 form, routed the same way.
+        let here6 = format!("{}/120", mesh_ipv6(self.here));
+        let ipv6 = ipv6_capturable() && ip(&["-6", "addr", "add", &here6, "dev", HOSTS_LINK, "nodad"]).is_ok();
         ip(&["link", "set", HOSTS_LINK, "up"])?;
         let hosts = self.hosts();
         for (k, h) in hosts.iter().enumerate() {
@@ -599,14 +602,37 @@ impl Hosts {
             let inside = |args: &[&str]| run(&mut in_netns(&h.netns, "ip", args));
             inside(&["link", "set", "lo", "up"])?;
             inside(&["addr", "add", &format!("{}/24", h.address), "dev", "eth0"])?;
+            if ipv6 {
+                inside(&["-6", "addr", "add", &format!("{}/120", mesh_ipv6(h.address)), "dev", "eth0", "nodad"])?;
+            }
             inside(&["link", "set", "eth0", "up"])?;
             // A host forwards between its instances' bridge and the network.
-            run(&mut in_netns(&h.netns, "sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
+            let forward = if ipv6 {
+                "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"
+            } else {
+                "echo 1 > /proc/sys/net/ipv4/ip_forward"
+            };
+            run(&mut in_netns(&h.netns, "sh", &["-c", forward]))?;
+            let range6 = |r: Range| format!("{}/{}", mesh_ipv6(r.base), r.prefix6());
             for other in hosts.iter().filter(|o| o.netns != h.netns) {
                 inside(&["route", "add", &other.range.to_string(), "via", &other.address.to_string()])?;
+                if ipv6 {
+                    inside(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &range6(other.range),
+                        "via",
+                        &mesh_ipv6(other.address).to_string(),
+                    ])?;
+                }
             }
             // Gone with the link when the switch's namespace is removed.
             ip(&["route", "add", &h.range.to_string(), "via", &h.address.to_string(), "dev", HOSTS_LINK])?;
+            if ipv6 {
+                let via = mesh_ipv6(h.address).to_string();
+                ip(&["-6", "route", "add", &range6(h.range), "via", &via, "dev", HOSTS_LINK])?;
+            }
         }
         Ok(())
     }
