@@ -302,6 +302,27 @@ fn ipv6_is_captured_as_ipv4_is() {
     assert!(inbound() > before, "store's sidecar took it");
     assert!(nat_redirected(shop_ns, "ip6tables") > 0, "shop's IPv6 connections went through ip6tables' rule");
 
+    // A server outside the mesh at an IPv6 address (the host's, on the bridge): reached
+    // unchanged, and counted as passthrough.
+    let web_port = free_port().to_string();
+    let gateway6 = ipv6_of(GATEWAY).to_string();
+    let _web = Proc::spawn(
+        &mesh.dir,
+        "web6",
+        mesh.host
+            .cmd("python3")
+            .args(["-m", "http.server", &web_port, "--bind", &gateway6])
+            .current_dir(&mesh.dir.path),
+    );
+    let passthrough =
+        || metric_sum(&mesh.metrics(&shop), "weft_tcp_connections_opened_total", &["service=\"passthrough\""]);
+    let before = passthrough();
+    let outside = format!("http://[{gateway6}]:{web_port}/");
+    wait_until(Duration::from_secs(10), "the server outside the mesh, over IPv6", || {
+        stdout(&in_netns(shop_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &outside])) == "200"
+    });
+    assert!(passthrough() > before, "counted as passthrough");
+
     // A plaintext client on the host, outside the mesh, at store's IPv6 address.
     let plain = || {
         let args = ["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct];
@@ -671,8 +692,8 @@ fn a_host_dropping_off_moves_traffic_to_the_other_instance() {
 }
 
 /// The capture rules as iptables-legacy and as iptables-nft make them (`WEFT_IPTABLES`): each
-/// instance's rules, IPv4's and IPv6's, are in its namespace's tables of that flavour, and its app reaches the
-/// other instance by name through them.
+/// instance's rules, IPv4's and IPv6's, are in its namespace's tables of that flavour, and its
+/// app reaches the other instance by name through them.
 #[test]
 fn capture_works_with_iptables_legacy_and_nft() {
     let Some(mesh) = Mesh::start("flavours") else { return };
