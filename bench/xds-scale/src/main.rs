@@ -468,6 +468,7 @@ async fn main() -> anyhow::Result<()> {
         store = vec!["--store".into(), client.replace("http://", "etcd://"), "--store-key-file".into()];
         store.push(key.display().to_string());
     }
+    eprintln!("control plane logs: {}/control-N.log (kept if the run fails)", data.display());
     let mut replicas = Vec::new();
     let mut addrs = Vec::new();
     for r in 0..args.replicas {
@@ -475,7 +476,10 @@ async fn main() -> anyhow::Result<()> {
         let dir = data.join(format!("control-{r}"));
         let mut cmd = tokio::process::Command::new(&args.weft);
         cmd.args(["control", "--listen", &addr, "--data-dir"]).arg(&dir).args(&store);
-        let child = cmd.env("WEFT_LOG", "warn").kill_on_drop(true).spawn()?;
+        // Its log in its directory (kept when a run fails), at WEFT_LOG's level (default warn).
+        let log = std::fs::File::create(data.join(format!("control-{r}.log")))?;
+        let level = std::env::var("WEFT_LOG").unwrap_or_else(|_| "warn".to_owned());
+        let child = cmd.env("WEFT_LOG", level).stderr(log).kill_on_drop(true).spawn()?;
         // Each replica in turn: the first makes the CA, the next take it from etcd.
         wait_for(&dir.join("admin.token")).await?;
         wait_for(&dir.join("ca/trust-bundle.pem")).await?;

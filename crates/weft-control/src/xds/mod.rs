@@ -121,6 +121,10 @@ struct Subscription {
     /// name → version last sent on this stream.
     sent: HashMap<String, String>,
     last_nonce: String,
+    /// Whether the last response (`last_nonce`) is still unanswered: new snapshots wait for
+    /// its ACK or NACK (flow control, as Istio's), so a proxy that reads or applies slowly
+    /// gets the latest config once it can take it, not every one in between.
+    awaiting: bool,
 }
 
 struct Session {
@@ -236,8 +240,11 @@ impl Session {
             return Answer::Request;
         }
         let sub = self.subs.entry(t).or_default();
-        // State of the world: an answer to a response that has since been superseded is ignored.
-        if !self.delta && nonce != sub.last_nonce {
+        if nonce == sub.last_nonce {
+            sub.awaiting = false;
+        } else if !self.delta {
+            // State of the world: an answer to a response that has since been superseded is
+            // ignored.
             return Answer::Stale;
         }
         let url = t.url();
@@ -338,7 +345,9 @@ async fn serve<F: Flavor>(
                 }
                 next_push = Some(tokio::time::Instant::now() + PUSH_INTERVAL);
                 s.snapshot = updates.borrow_and_update().clone();
-                let types: Vec<Type> = Type::ALL.into_iter().filter(|t| s.subs.contains_key(t)).collect();
+                // A type whose last response is unanswered gets the snapshot with its answer.
+                let types: Vec<Type> =
+                    Type::ALL.into_iter().filter(|t| s.subs.get(t).is_some_and(|sub| !sub.awaiting)).collect();
                 for t in types {
                     if let Some(resp) = F::push(s, t, false)
                         && tx.send(Box::new(Ok(resp))).await.is_err() {
@@ -365,7 +374,9 @@ impl Flavor for Sotw {
         let t = served_type(&req.type_url)?;
         let first = !s.subs.contains_key(&t);
         match s.acknowledge(t, &req.response_nonce, &req.version_info, req.error_detail.as_ref()) {
-            Answer::Stale | Answer::Nack => return None,
+            Answer::Stale => return None,
+            // Not the rejected config again; a newer snapshot that came meanwhile, yes.
+            Answer::Nack => return Self::push(s, t, false),
             Answer::Request | Answer::Ack => {}
         }
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
@@ -405,6 +416,7 @@ impl Flavor for Sotw {
         let nonce = s.next_nonce();
         let sub = s.subs.get_mut(&t).expect("subscribed");
         sub.last_nonce = nonce.clone();
+        sub.awaiting = true;
         Some(DiscoveryResponse {
             version_info: format!("{:016x}", h.finish()),
             resources,
@@ -481,6 +493,7 @@ impl Flavor for Delta {
             sub.sent.insert(r.name.clone(), r.version.clone());
         }
         sub.last_nonce = nonce.clone();
+        sub.awaiting = true;
         Some(DeltaDiscoveryResponse {
             system_version_info,
             resources: changed,

@@ -416,3 +416,41 @@ async fn a_burst_of_changes_reaches_a_stream_as_a_few_pushes_of_the_latest_state
     assert!(pushes <= 3, "{pushes} pushes for 20 changes over 200 ms");
     assert!(c.quiet().await, "nothing after the latest state");
 }
+
+/// A proxy that has not answered its last config gets no new one until it does, and then the
+/// latest, once, not every change in between (flow control: a proxy that reads or applies
+/// slowly is not buried under configs, and its connection not stalled).
+#[tokio::test(start_paused = true)]
+async fn a_proxy_gets_no_new_config_before_it_answers_the_last() {
+    let m = TestMesh::new("flow");
+    let mut c = m.stream::<Sotw>();
+    let cds_url = Cluster::type_url();
+    let node = Node { id: "grpc-client".into(), ..Default::default() };
+    c.send(sotw(cds_url.clone(), &[], Some(node))).await;
+    let first = c.next().await;
+
+    m.apply_service("s0");
+    m.apply_service("s1");
+    assert!(c.quiet().await, "nothing while the first config is unanswered");
+    c.send(ack(&first, &[])).await;
+    let latest = c.next().await;
+    assert_eq!(names_of(&latest, |c: Cluster| c.name), ["s0", "s1"], "the latest, with the ACK");
+    assert!(c.quiet().await, "once");
+
+    // A NACK answers too: the next change is pushed.
+    let mut nack = ack(&latest, &[]);
+    nack.error_detail = Some(RpcStatus { code: 3, message: "no".into(), details: vec![] });
+    c.send(nack).await;
+    assert!(c.quiet().await, "not the rejected config again");
+    m.apply_service("s2");
+    assert_eq!(names_of(&c.next().await, |c: Cluster| c.name), ["s0", "s1", "s2"]);
+
+    // Delta streams alike.
+    let mut d = m.stream::<Delta>();
+    d.send(delta(cds_url.clone(), &[], Some(Node { id: "grpc-delta".into(), ..Default::default() }))).await;
+    let first = d.next().await;
+    m.apply_service("s3");
+    assert!(d.quiet().await, "nothing while the first config is unanswered");
+    d.send(delta_ack(&first)).await;
+    assert_eq!(changed(&d.next().await), ["s3"]);
+}
