@@ -808,6 +808,9 @@ fn weft_up_simulates_hosts_and_leaves_nothing_when_killed() {
         .map(|ip| metric_sum(&metrics_from(&host, ip), "weft_requests_total", &["direction=\"inbound\"", frontend]))
         .sum();
     assert!(counted >= 1.0, "backend's sidecars on hosts 2 and 3 saw frontend's identity");
+    // IPv6 is routed to the hosts' instances as IPv4 is.
+    let out = host.run("ping", &["-c", "1", "-W", "5", &ipv6_of("10.240.3.2").to_string()]);
+    assert!(out.status.success(), "host 3's instance over IPv6: {}{}", stdout(&out), stderr(&out));
     assert_ne!(made_state(&host, MADE), before);
 
     // SIGKILL: what weft up started dies with it (the kernel kills them: PR_SET_PDEATHSIG),

@@ -532,8 +532,9 @@ impl Drop for Bridge {
 /// whose instances get 10.240.K.0/24 and which routes the other hosts' instance ranges to them.
 /// This namespace joins the switch at [`Hosts::here`] through the link [`HOSTS_LINK`], with a
 /// route to every host's instances, so it can be the operator's machine: the control plane and
-/// the gateway run here. Where instances get IPv6, the same in each address's IPv6 form. Everything is recorded like instances' namespaces and removed when
-/// dropped, or by the next start or `weft cleanup` after a SIGKILL.
+/// the gateway run here. Where instances get IPv6, the same in each address's IPv6 form.
+/// Everything is recorded like instances' namespaces and removed when dropped, or by the next
+/// start or `weft cleanup` after a SIGKILL.
 pub struct Hosts {
     records: Vec<Record>,
     pub here: Ipv4Addr,
