@@ -181,9 +181,9 @@ fn demo_app(service: &str) -> Vec<String> {
 #[test]
 fn names_and_destinations_outside_the_mesh() {
     let Some(mesh) = Mesh::start("outside") else { return };
-    let backend_app = demo_app("store");
-    let _backend = mesh.instance("store", 8080, &backend_app);
-    wait_until(Duration::from_secs(30), "store healthy", || mesh.endpoints("store").len() == 1);
+    let backend_app = demo_app("larder");
+    let _backend = mesh.instance("larder", 8080, &backend_app);
+    wait_until(Duration::from_secs(30), "larder healthy", || mesh.endpoints("larder").len() == 1);
     // The host's resolver and a web server outside the mesh, on the host (the bridge is up).
     let dns_check = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/dns_check.py");
     let dns_check = dns_check.to_str().unwrap();
@@ -198,29 +198,29 @@ fn names_and_destinations_outside_the_mesh() {
         "web",
         mesh.host.cmd("python3").args(["-m", "http.server", &web_port, "--bind", GATEWAY]).current_dir(&mesh.dir.path),
     );
-    let client_app = demo_app("shop");
+    let client_app = demo_app("grocer");
     let upstream = format!("{GATEWAY}:5353");
-    let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "shop", 8080, &client_app);
-    wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
-    let client_ns = instance_netns("shop");
+    let _client = mesh.instance_on(&mesh.host, &["--dns-upstream", &upstream], "grocer", 8080, &client_app);
+    wait_until(Duration::from_secs(30), "grocer healthy", || mesh.endpoints("grocer").len() == 1);
+    let client_ns = instance_netns("grocer");
     assert_eq!(client_ns.len(), 1, "{client_ns:?}");
     let client_ns = &client_ns[0];
-    let client_ip = mesh.instance_ips("shop")[0].clone();
+    let client_ip = mesh.instance_ips("grocer")[0].clone();
 
-    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
-    assert_eq!(stdout(&out), "200", "curl http://store/: {}", stderr(&out));
-    let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "store"]))
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://larder/"]);
+    assert_eq!(stdout(&out), "200", "curl http://larder/: {}", stderr(&out));
+    let vip = stdout(&in_netns(client_ns, "getent", &["ahostsv4", "larder"]))
         .split_whitespace()
         .next()
         .unwrap_or_default()
         .to_owned();
-    assert!(vip.starts_with("240.240."), "store's virtual IP: {vip:?}");
+    assert!(vip.starts_with("240.240."), "larder's virtual IP: {vip:?}");
     let services = stdout(&mesh.weft(&["get", "services"]));
     assert!(
-        services.lines().any(|l| l.starts_with("store") && l.ends_with(&vip)),
+        services.lines().any(|l| l.starts_with("larder") && l.ends_with(&vip)),
         "weft get services shows it:\n{services}"
     );
-    let out = in_netns(client_ns, "python3", &[dns_check, "ask-tcp", "127.0.0.1", "store.default"]);
+    let out = in_netns(client_ns, "python3", &[dns_check, "ask-tcp", "127.0.0.1", "larder.default"]);
     assert_eq!(stdout(&out).trim(), vip, "mesh DNS over TCP: {}", stderr(&out));
     let out = in_netns(client_ns, "getent", &["hosts", "outside.example"]);
     assert!(
@@ -244,7 +244,7 @@ fn names_and_destinations_outside_the_mesh() {
     let policy = mesh.dir.path.join("registry-only.yaml");
     std::fs::write(
         &policy,
-        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: shop}\nspec: {egress: registry-only}\n",
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: grocer}\nspec: {egress: registry-only}\n",
     )
     .unwrap();
     let out = mesh.weft(&["apply", "-f", policy.to_str().unwrap()]);
@@ -254,53 +254,61 @@ fn names_and_destinations_outside_the_mesh() {
         let out = in_netns(client_ns, "curl", &["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &outside]);
         stdout(&out) != "200" && refused(&mesh.metrics(&client_ip)) >= 1.0
     });
-    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
+    let out = in_netns(client_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://larder/"]);
     assert_eq!(stdout(&out), "200", "the mesh is still reached: {}", stderr(&out));
 }
 
 /// Where the host has IPv6 (here it does), an instance's namespace has its address's IPv6 form
 /// and no link-local address, mesh names answer AAAA, and IPv6 is captured both ways as IPv4
-/// is: the app reaches a service by name or an instance by its IPv6 address through both
-/// sidecars, and a plaintext client on the host calling an instance's IPv6 address is refused
-/// while the service is strict, and served once it is permissive.
+/// is: the app's own IPv6 connection is redirected at connect(), a process outside its cgroup
+/// is captured by ip6tables' nat rule, both reach a service by name or an instance by its IPv6
+/// address through both sidecars, and a plaintext client on the host calling an instance's
+/// IPv6 address is refused while the service is strict, and served once it is permissive.
 #[test]
 fn ipv6_is_captured_as_ipv4_is() {
     let Some(mesh) = Mesh::start("ipv6") else { return };
-    let _store = mesh.instance("store", 8080, &demo_app("store"));
-    let _shop = mesh.instance("shop", 8080, &demo_app("shop"));
-    wait_until(Duration::from_secs(30), "store and shop healthy", || {
-        mesh.endpoints("store").len() == 1 && mesh.endpoints("shop").len() == 1
-    });
-    let shop_ns = &instance_netns("shop")[0];
-    let (store, shop) = (mesh.instance_ips("store")[0].clone(), mesh.instance_ips("shop")[0].clone());
-    let out = in_netns(shop_ns, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"]);
+    let _depot = mesh.instance("depot", 8080, &demo_app("depot"));
+    wait_until(Duration::from_secs(30), "depot healthy", || mesh.endpoints("depot").len() == 1);
+    // Kiosk's app calls depot over IPv6 as it starts (redirected at connect()), then serves.
+    let calls = mesh.dir.path.join("calls6");
+    let script =
+        format!("curl -6 -s -o /dev/null -w '%{{http_code}}' http://depot/ > {}; exec \"$@\"", calls.display());
+    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
+    app.extend(demo_app("kiosk"));
+    let _kiosk = mesh.instance("kiosk", 8080, &app);
+    wait_until(Duration::from_secs(30), "kiosk healthy", || mesh.endpoints("kiosk").len() == 1);
+    let kiosk_ns = &instance_netns("kiosk")[0];
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "200", "the app's own call over IPv6");
+    assert_eq!(nat_redirected(kiosk_ns, "ip6tables"), 0, "the app's IPv6 connection went around the nat rule");
+    let (depot, kiosk) = (mesh.instance_ips("depot")[0].clone(), mesh.instance_ips("kiosk")[0].clone());
+    let out = in_netns(kiosk_ns, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"]);
     let eth0 = stdout(&out);
-    assert!(eth0.contains(&format!(" {}/112 ", ipv6_of(&shop))), "the IPv6 form of {shop} on eth0: {eth0}");
+    assert!(eth0.contains(&format!(" {}/112 ", ipv6_of(&kiosk))), "the IPv6 form of {kiosk} on eth0: {eth0}");
     assert!(!eth0.contains("fe80"), "no link-local address to reach the app at: {eth0}");
 
     let first = |out: Output| stdout(&out).split_whitespace().next().unwrap_or_default().to_owned();
-    let vip = first(in_netns(shop_ns, "getent", &["ahostsv4", "store"]));
-    let vip6 = first(in_netns(shop_ns, "getent", &["ahostsv6", "store.default"]));
-    assert_eq!(vip6, ipv6_of(&vip).to_string(), "store's AAAA is its virtual IP's IPv6 form");
+    let vip = first(in_netns(kiosk_ns, "getent", &["ahostsv4", "depot"]));
+    let vip6 = first(in_netns(kiosk_ns, "getent", &["ahostsv6", "depot.default"]));
+    assert_eq!(vip6, ipv6_of(&vip).to_string(), "depot's AAAA is its virtual IP's IPv6 form");
 
-    // By name over IPv6: the sidecar's route to store.
-    let to_store = || {
-        metric_sum(&mesh.metrics(&shop), "weft_requests_total", &["direction=\"outbound\"", "dst_service=\"store\""])
+    // By name over IPv6: the sidecar's route to depot.
+    let to_depot = || {
+        metric_sum(&mesh.metrics(&kiosk), "weft_requests_total", &["direction=\"outbound\"", "dst_service=\"depot\""])
     };
-    let before = to_store();
-    let out = in_netns(shop_ns, "curl", &["-6", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://store/"]);
-    assert_eq!(stdout(&out), "200", "curl -6 http://store/: {}", stderr(&out));
-    assert_eq!(to_store(), before + 1.0, "through shop's sidecar's route to store");
+    let before = to_depot();
+    let out = in_netns(kiosk_ns, "curl", &["-6", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://depot/"]);
+    assert_eq!(stdout(&out), "200", "curl -6 http://depot/: {}", stderr(&out));
+    assert_eq!(to_depot(), before + 1.0, "through kiosk's sidecar's route to depot");
 
     // Store's instance at its IPv6 address and app port: through both sidecars (over mutual
-    // TLS: store is strict, and refuses plaintext, as the host's below).
-    let inbound = || metric_sum(&mesh.metrics(&store), "weft_tcp_connections_opened_total", &["direction=\"inbound\""]);
+    // TLS: depot is strict, and refuses plaintext, as the host's below).
+    let inbound = || metric_sum(&mesh.metrics(&depot), "weft_tcp_connections_opened_total", &["direction=\"inbound\""]);
     let before = inbound();
-    let direct = format!("http://[{}]:8080/", ipv6_of(&store));
-    let out = in_netns(shop_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
+    let direct = format!("http://[{}]:8080/", ipv6_of(&depot));
+    let out = in_netns(kiosk_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &direct]);
     assert_eq!(stdout(&out), "200", "{direct}: {}", stderr(&out));
-    assert!(inbound() > before, "store's sidecar took it");
-    assert!(nat_redirected(shop_ns, "ip6tables") > 0, "shop's IPv6 connections went through ip6tables' rule");
+    assert!(inbound() > before, "depot's sidecar took it");
+    assert!(nat_redirected(kiosk_ns, "ip6tables") > 0, "curl outside the app's cgroup: through ip6tables' rule");
 
     // A server outside the mesh at an IPv6 address (the host's, on the bridge): reached
     // unchanged, and counted as passthrough.
@@ -315,29 +323,29 @@ fn ipv6_is_captured_as_ipv4_is() {
             .current_dir(&mesh.dir.path),
     );
     let passthrough =
-        || metric_sum(&mesh.metrics(&shop), "weft_tcp_connections_opened_total", &["service=\"passthrough\""]);
+        || metric_sum(&mesh.metrics(&kiosk), "weft_tcp_connections_opened_total", &["service=\"passthrough\""]);
     let before = passthrough();
     let outside = format!("http://[{gateway6}]:{web_port}/");
     wait_until(Duration::from_secs(10), "the server outside the mesh, over IPv6", || {
-        stdout(&in_netns(shop_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &outside])) == "200"
+        stdout(&in_netns(kiosk_ns, "curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &outside])) == "200"
     });
     assert!(passthrough() > before, "counted as passthrough");
 
-    // A plaintext client on the host, outside the mesh, at store's IPv6 address.
+    // A plaintext client on the host, outside the mesh, at depot's IPv6 address.
     let plain = || {
         let args = ["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &direct];
         stdout(&mesh.host.run("curl", &args))
     };
-    assert_ne!(plain(), "200", "a plaintext client reached store's app over IPv6 around its sidecar");
+    assert_ne!(plain(), "200", "a plaintext client reached depot's app over IPv6 around its sidecar");
     let permissive = mesh.dir.path.join("permissive.yaml");
     std::fs::write(
         &permissive,
-        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: store}\nspec: {mtls: permissive}\n",
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: depot}\nspec: {mtls: permissive}\n",
     )
     .unwrap();
     let out = mesh.weft(&["apply", "-f", permissive.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_until(Duration::from_secs(10), "permissive store serves plaintext over IPv6", || plain() == "200");
+    wait_until(Duration::from_secs(10), "permissive depot serves plaintext over IPv6", || plain() == "200");
 }
 
 /// Packets the namespace's nat rule (`tool`: iptables, ip6tables) has sent to the capture

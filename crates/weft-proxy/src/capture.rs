@@ -3,8 +3,8 @@
 //! (see `weft run --transparent`):
 //! - redirected at `connect()`: programs attached to the app's cgroup point the socket at the
 //!   capture listener before it sends anything, and record where it was going, under the
-//!   socket's own address, in a map the sidecar is handed ([`set_connect_origins`]); nothing is
-//!   translated per packet;
+//!   socket's own address, in a map the sidecar is handed (one for IPv4, one for IPv6:
+//!   [`set_connect_origins`]); nothing is translated per packet;
 //! - the namespace's nat rule (`REDIRECT`), for anything else in the namespace (a process outside
 //!   the app's cgroup): the destination is read back with `SO_ORIGINAL_DST`.
 //!
@@ -18,16 +18,14 @@
 //! Here: where a connection was going. The handing on is the capture listener's
 //! ([`crate::listener::Capture`]).
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 
 /// Where a captured connection from `peer` was going.
 pub fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
-    if let SocketAddr::V4(peer) = peer
-        && let Some(origin) = connect_origin(peer)
-    {
-        return Ok(origin.into());
+    if let Some(origin) = connect_origin(peer) {
+        return Ok(origin);
     }
     use nix::sys::socket::{getsockopt, sockopt};
     if peer.is_ipv4() {
@@ -42,22 +40,23 @@ pub fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> io::Res
 }
 
 /// The variable `weft run --transparent` hands the sidecar the connect-time redirection in:
-/// `ORIGINS,PROCS`, two file descriptors it inherits: the map of origins, and the app's
-/// cgroup's `cgroup.procs` (the cgroup the programs are attached to, which the app is started in).
+/// `ORIGINS,ORIGINS6,PROCS`, three file descriptors it inherits: the maps of origins (IPv4's,
+/// IPv6's), and the app's cgroup's `cgroup.procs` (the cgroup the programs are attached to,
+/// which the app is started in).
 pub const HANDOFF_VAR: &str = "WEFT_CONNECT_REDIRECT";
 
-/// Takes what [`HANDOFF_VAR`] hands over, if anything: the map is the proxy's from now on
-/// ([`set_connect_origins`]); the app's `cgroup.procs` is returned. Neither is inherited further.
+/// Takes what [`HANDOFF_VAR`] hands over, if anything: the maps are the proxy's from now on
+/// ([`set_connect_origins`]); the app's `cgroup.procs` is returned. None is inherited further.
 pub fn take_handoff() -> anyhow::Result<Option<OwnedFd>> {
     let Ok(v) = std::env::var(HANDOFF_VAR) else { return Ok(None) };
-    let fds = v.split_once(',').and_then(|(m, p)| Some((m.parse().ok()?, p.parse().ok()?)));
-    let Some((map, procs)) = fds else {
+    let fds: Vec<std::os::fd::RawFd> = v.split(',').filter_map(|f| f.parse().ok()).collect();
+    let [map4, map6, procs] = fds[..] else {
         anyhow::bail!(
-            "{HANDOFF_VAR}={v:?}: expected two file descriptors, ORIGINS,PROCS (set by `weft run --transparent`)"
+            "{HANDOFF_VAR}={v:?}: expected three file descriptors, ORIGINS,ORIGINS6,PROCS (set by `weft run --transparent`)"
         )
     };
     let held = |fd| inherited(fd).map_err(|e| anyhow::anyhow!("{HANDOFF_VAR}: file descriptor {fd}: {e}"));
-    set_connect_origins(held(map)?);
+    set_connect_origins(held(map4)?, held(map6)?);
     Ok(Some(held(procs)?))
 }
 
@@ -76,25 +75,38 @@ fn inherited(fd: std::os::fd::RawFd) -> io::Result<OwnedFd> {
     }
 }
 
-/// The map of connections redirected at `connect()`, once handed over.
-static CONNECT_ORIGINS: OnceLock<OwnedFd> = OnceLock::new();
+/// The maps of connections redirected at `connect()` (IPv4's, IPv6's), once handed over.
+static CONNECT_ORIGINS: OnceLock<(OwnedFd, OwnedFd)> = OnceLock::new();
 
-/// Hands the proxy the map the connect-time redirection records origins in (a BPF map, see
-/// [`origins`] for its layout). Only the first call counts.
-fn set_connect_origins(map: OwnedFd) {
-    let _ = CONNECT_ORIGINS.set(map);
+/// Hands the proxy the maps the connect-time redirection records origins in (BPF maps, see
+/// [`origins`] for their layout). Only the first call counts.
+fn set_connect_origins(map4: OwnedFd, map6: OwnedFd) {
+    let _ = CONNECT_ORIGINS.set((map4, map6));
 }
 
 /// Where the app's connection from `peer` was going, if it was redirected at `connect()`; its
 /// entry is taken out of the map.
-fn connect_origin(peer: SocketAddrV4) -> Option<SocketAddrV4> {
-    let map = CONNECT_ORIGINS.get()?;
-    let key = origins::key(peer);
-    let mut value = [0u8; 8];
+fn connect_origin(peer: SocketAddr) -> Option<SocketAddr> {
+    let (map4, map6) = CONNECT_ORIGINS.get()?;
+    match peer {
+        SocketAddr::V4(peer) => {
+            let mut value = [0u8; 8];
+            take(map4, &origins::key(peer), &mut value)?;
+            Some(origins::value_of(value).into())
+        }
+        SocketAddr::V6(peer) => {
+            let mut value = [0u8; 20];
+            take(map6, &origins::key6(peer), &mut value)?;
+            Some(origins::value6_of(value).into())
+        }
+    }
+}
+
+/// Looks `key` up in `map` and deletes it, its value into `value`.
+fn take(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> Option<()> {
     let mut attr = bpf::Attr::default();
     attr.u32(0, map.as_raw_fd() as u32).u64(8, key.as_ptr() as u64).u64(16, value.as_mut_ptr() as u64);
-    bpf::call(bpf::MAP_LOOKUP_AND_DELETE_ELEM, &mut attr).ok()?;
-    Some(origins::value_of(value))
+    bpf::call(bpf::MAP_LOOKUP_AND_DELETE_ELEM, &mut attr).ok().map(drop)
 }
 
 /// The layout of the map of origins, shared by the programs that fill it (written by `weft run
@@ -123,6 +135,27 @@ pub mod origins {
 
     pub fn value_of(v: [u8; 8]) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(v[0], v[1], v[2], v[3]), u16::from_be_bytes([v[4], v[5]]))
+    }
+
+    /// IPv6's key: the 16 bytes of the address (as `local_ip6`), then the port as [`key`]'s.
+    pub fn key6(a: SocketAddrV6) -> [u8; 20] {
+        let mut k = [0u8; 20];
+        k[..16].copy_from_slice(&a.ip().octets());
+        k[16..].copy_from_slice(&u32::from(a.port()).to_ne_bytes());
+        k
+    }
+
+    /// IPv6's value: the 16 bytes of the address (as `user_ip6`), then the port as [`value`]'s.
+    pub fn value6(a: SocketAddrV6) -> [u8; 20] {
+        let mut v = [0u8; 20];
+        v[..16].copy_from_slice(&a.ip().octets());
+        v[16..18].copy_from_slice(&a.port().to_be_bytes());
+        v
+    }
+
+    pub fn value6_of(v: [u8; 20]) -> SocketAddrV6 {
+        let ip: [u8; 16] = v[..16].try_into().expect("16 bytes");
+        SocketAddrV6::new(Ipv6Addr::from(ip), u16::from_be_bytes([v[16], v[17]]), 0, 0)
     }
 }
 
@@ -188,5 +221,15 @@ mod tests {
         let k = origins::key("127.0.0.1:40000".parse().unwrap());
         assert_eq!(&k[..4], &[127, 0, 0, 1]);
         assert_eq!(u32::from_ne_bytes(k[4..].try_into().unwrap()), 40000);
+        let a6: SocketAddrV6 = "[fd77:6566:7400::f0f0:7]:8080".parse().unwrap();
+        let v = origins::value6(a6);
+        assert_eq!(
+            (&v[..2], &v[12..16], &v[16..]),
+            (&[0xfd, 0x77][..], &[0xf0, 0xf0, 0, 7][..], &[0x1f, 0x90, 0, 0][..])
+        );
+        assert_eq!(origins::value6_of(v), a6);
+        let k = origins::key6("[::1]:40000".parse().unwrap());
+        assert_eq!(k[15], 1);
+        assert_eq!(u32::from_ne_bytes(k[16..].try_into().unwrap()), 40000);
     }
 }

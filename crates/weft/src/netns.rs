@@ -12,8 +12,8 @@
 //!   and are let through;
 //! - IPv6, where the host has it and ip6tables: the namespace has the IPv6 form of its address
 //!   ([`weft_api::names::mesh_ipv6`]) and no link-local one, and the same rules in ip6tables
-//!   capture IPv6 connections both ways (the app's own too: the programs only see IPv4); without
-//!   it, IPv6 is off on the namespace's link, so nothing reaches the app, or leaves it, over IPv6
+//!   capture IPv6 connections both ways (the app's own are redirected at `connect()` as IPv4's);
+//!   without it, IPv6 is off on the namespace's link, so nothing reaches the app, or leaves it, over IPv6
 //!   around the sidecar.
 //!
 //! Everything weft makes is named `weft…` and recorded under [`STATE_DIR`] with the pid of the
@@ -461,7 +461,7 @@ impl Drop for InstanceNet {
 /// The namespace's `/etc/gai.conf` where it has IPv6: RFC 6724's default policy table, under
 /// which `getaddrinfo` puts a name's IPv4 address before a unique local IPv6 one (glibc's
 /// built-in table is RFC 3484's, which puts any IPv6 first), so an app that takes the first
-/// address of a mesh name connects over IPv4, where the connect-time redirection takes it.
+/// address of a mesh name connects over IPv4, as sidecars reach each other.
 const GAI_CONF: &str = "# weft: RFC 6724's default policy table (IPv4 before unique local IPv6)
 precedence ::1/128 50
 precedence ::/0 40
