@@ -112,19 +112,32 @@ impl Mesh {
         port: u16,
         app: &[impl AsRef<std::ffi::OsStr>],
     ) -> Proc {
+        let name = format!("{service}-{}", fastrand_suffix());
+        let mut cmd = host.cmd(weft_bin());
+        cmd.args(self.run_args(flags, service, port, app)).envs(env.iter().copied());
+        Proc::spawn(&self.dir, &name, cmd.env("WEFT_TOKEN", self.token(service)))
+    }
+
+    /// `weft run --transparent`'s arguments for `app` as an instance of `service`.
+    fn run_args(
+        &self,
+        flags: &[&str],
+        service: &str,
+        port: u16,
+        app: &[impl AsRef<std::ffi::OsStr>],
+    ) -> Vec<std::ffi::OsString> {
+        let port = port.to_string();
+        let head =
+            ["run", "--transparent", "--service", service, "--port", &port].into_iter().chain(flags.iter().copied());
+        let control = ["--control", &self.reached_at, "--ca-file", &self.ca, "--"];
+        head.chain(control).map(Into::into).chain(app.iter().map(|a| a.as_ref().to_owned())).collect()
+    }
+
+    /// A join token for `service`.
+    fn token(&self, service: &str) -> String {
         let token = stdout(&self.weft(&["token", "create", "--service", service])).trim().to_owned();
         assert!(!token.is_empty(), "a join token for {service}");
-        Proc::spawn(
-            &self.dir,
-            &format!("{service}-{}", fastrand_suffix()),
-            host.cmd(weft_bin())
-                .args(["run", "--transparent", "--service", service, "--port", &port.to_string()])
-                .args(flags)
-                .args(["--control", &self.reached_at, "--ca-file", &self.ca, "--"])
-                .args(app)
-                .envs(env.iter().copied())
-                .env("WEFT_TOKEN", token),
-        )
+        token
     }
 
     fn endpoints(&self, service: &str) -> Vec<Value> {
@@ -351,9 +364,16 @@ fn ipv6_is_captured_as_ipv4_is() {
 /// Packets the namespace's nat rule (`tool`: iptables, ip6tables) has sent to the capture
 /// listener (port 15001).
 fn nat_redirected(netns: &str, tool: &str) -> u64 {
-    let out = in_netns(netns, tool, &["-t", "nat", "-L", "WEFT_OUTPUT", "-n", "-v", "-x"]);
-    let rule = stdout(&out).lines().find(|l| l.contains("redir ports 15001")).map(str::to_owned);
-    let rule = rule.unwrap_or_else(|| panic!("no REDIRECT to 15001 in {netns}: {}", stdout(&out)));
+    redirected_packets(&in_netns(netns, tool, &NAT_OUTPUT_RULES))
+}
+
+/// `iptables` arguments that list the capture rules with their counters.
+const NAT_OUTPUT_RULES: [&str; 7] = ["-t", "nat", "-L", "WEFT_OUTPUT", "-n", "-v", "-x"];
+
+/// The packets counted by the REDIRECT to the capture listener, as [`NAT_OUTPUT_RULES`] list it.
+fn redirected_packets(out: &Output) -> u64 {
+    let rule = stdout(out).lines().find(|l| l.contains("redir ports 15001")).map(str::to_owned);
+    let rule = rule.unwrap_or_else(|| panic!("no REDIRECT to 15001: {}", stdout(out)));
     rule.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{rule}"))
 }
 
@@ -408,6 +428,39 @@ fn the_apps_own_connections_are_redirected_at_connect() {
     assert!(nat_redirected(netns, "iptables") > 0, "the nat rule captured it");
 }
 
+/// Where the connect-time redirection cannot be set up (no cgroup v2 where `weft run` runs: a
+/// host on cgroup v1, or a `/sys` without it, here a mount namespace where an empty tmpfs hides
+/// it), `weft run` says so in one line and the namespace's nat rule captures the app's
+/// connections: the app still reaches the mesh by name.
+#[test]
+fn without_cgroup_v2_the_nat_rule_captures_the_app() {
+    let Some(mesh) = Mesh::start("no-cgroup2") else { return };
+    let _pantry = mesh.instance("pantry", 8080, &demo_app("pantry"));
+    wait_until(Duration::from_secs(30), "pantry healthy", || mesh.endpoints("pantry").len() == 1);
+    let calls = mesh.dir.path.join("calls");
+    let script = format!("curl -s -o /dev/null -w '%{{http_code}}' http://pantry/ > {}; exec \"$@\"", calls.display());
+    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
+    app.extend(demo_app("cook"));
+    let hide = format!("mount -t tmpfs none {} && exec \"$@\"", cgroup2_root());
+    let mut cmd = mesh.host.cmd("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c", &hide, "sh"])
+        .arg(weft_bin())
+        .args(mesh.run_args(&[], "cook", 8080, &app))
+        .env("WEFT_TOKEN", mesh.token("cook"));
+    let mut cook = Proc::spawn(&mesh.dir, "cook", &mut cmd);
+    wait_until(Duration::from_secs(30), "cook healthy", || mesh.endpoints("cook").len() == 1);
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "200", "the app's call to pantry");
+    let log = std::fs::read_to_string(mesh.dir.path.join("cook.log")).unwrap();
+    let said = log.lines().filter(|l| l.contains("captured by the namespace's nat rule alone")).count();
+    assert_eq!(said, 1, "one line says why:\n{log}");
+    // Its namespace is mounted where only that mount namespace sees it: entered by the sidecar.
+    let sidecar = cook.children()[0];
+    let enter = format!("--net=/proc/{sidecar}/ns/net");
+    let out = run("nsenter", &[[enter.as_str(), "iptables"].as_slice(), &NAT_OUTPUT_RULES].concat());
+    assert!(redirected_packets(&out) > 0, "the nat rule captured the app's call");
+    assert_eq!(cook.stop(), Some(0), "weft run stops cleanly");
+}
+
 /// What weft made, as `ip` and iptables/nftables show it: the namespaces whose names start
 /// with one of `netns` (this test's; others run beside it) and the host's links, addresses and
 /// rules.
@@ -437,15 +490,20 @@ fn made_state(host: &Host, netns: &[&str]) -> String {
     state
 }
 
-/// The cgroups named with one of `prefixes` (weft names an app's as its namespace).
-fn cgroups_named(prefixes: &[&str]) -> Vec<String> {
+/// Where the cgroup v2 hierarchy is mounted here.
+fn cgroup2_root() -> String {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let root = mounts
         .lines()
         .find(|l| l.split_once(" - ").is_some_and(|(_, fs)| fs.starts_with("cgroup2 ")))
         .and_then(|l| l.split_whitespace().nth(4))
         .expect("a cgroup2 mount");
-    let mut names: Vec<String> = std::fs::read_dir(root)
+    root.to_owned()
+}
+
+/// The cgroups named with one of `prefixes` (weft names an app's as its namespace).
+fn cgroups_named(prefixes: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cgroup2_root())
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
