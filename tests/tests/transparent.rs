@@ -187,6 +187,23 @@ fn demo_app(service: &str) -> Vec<String> {
     vec![weft_bin().display().to_string(), "demo-app".into(), "--service".into(), service.into()]
 }
 
+/// `service`'s demo app, which first makes `calls` (curl's arguments: flags, then a URL) and
+/// writes their status codes, separated by spaces, to the file returned.
+fn calling_app(dir: &TestDir, service: &str, calls: &[&str]) -> (std::path::PathBuf, Vec<String>) {
+    let file = dir.path.join(format!("{service}-calls"));
+    let script: String = calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            let gap = if i == 0 { "" } else { " " };
+            format!("curl -s -o /dev/null -w '{gap}%{{http_code}}' {call} >> {}; ", file.display())
+        })
+        .collect();
+    let mut app = vec!["sh".to_owned(), "-c".to_owned(), format!("{script}exec \"$@\""), "app".to_owned()];
+    app.extend(demo_app(service));
+    (file, app)
+}
+
 /// What is not the mesh's, as a transparent app meets it: names outside the mesh are asked of
 /// the host's resolver (here one on the host, given with --dns-upstream), mesh names are
 /// answered over TCP too, and a server outside the mesh is reached unchanged, counted as
@@ -283,11 +300,7 @@ fn ipv6_is_captured_as_ipv4_is() {
     let _depot = mesh.instance("depot", 8080, &demo_app("depot"));
     wait_until(Duration::from_secs(30), "depot healthy", || mesh.endpoints("depot").len() == 1);
     // Kiosk's app calls depot over IPv6 as it starts (redirected at connect()), then serves.
-    let calls = mesh.dir.path.join("calls6");
-    let script =
-        format!("curl -6 -s -o /dev/null -w '%{{http_code}}' http://depot/ > {}; exec \"$@\"", calls.display());
-    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
-    app.extend(demo_app("kiosk"));
+    let (calls, app) = calling_app(&mesh.dir, "kiosk", &["-6 http://depot/"]);
     let _kiosk = mesh.instance("kiosk", 8080, &app);
     wait_until(Duration::from_secs(30), "kiosk healthy", || mesh.endpoints("kiosk").len() == 1);
     let kiosk_ns = &instance_netns("kiosk")[0];
@@ -401,14 +414,8 @@ fn the_apps_own_connections_are_redirected_at_connect() {
         ) == "200"
     });
     // The app calls store and the server outside the mesh as it starts, then serves.
-    let calls = mesh.dir.path.join("calls");
-    let script = format!(
-        "curl -s -o /dev/null -w '%{{http_code}} ' http://store/ > {calls}; \
-         curl -s -o /dev/null -w '%{{http_code}}' http://{GATEWAY}:{web_port}/ >> {calls}; exec \"$@\"",
-        calls = calls.display()
-    );
-    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
-    app.extend(demo_app("shop"));
+    let outside = format!("http://{GATEWAY}:{web_port}/");
+    let (calls, app) = calling_app(&mesh.dir, "shop", &["http://store/", &outside]);
     let _shop = mesh.instance("shop", 8080, &app);
     wait_until(Duration::from_secs(30), "shop healthy", || mesh.endpoints("shop").len() == 1);
     assert_eq!(std::fs::read_to_string(&calls).unwrap(), "200 200", "the app's calls to the mesh and out of it");
@@ -437,10 +444,7 @@ fn without_cgroup_v2_the_nat_rule_captures_the_app() {
     let Some(mesh) = Mesh::start("no-cgroup2") else { return };
     let _pantry = mesh.instance("pantry", 8080, &demo_app("pantry"));
     wait_until(Duration::from_secs(30), "pantry healthy", || mesh.endpoints("pantry").len() == 1);
-    let calls = mesh.dir.path.join("calls");
-    let script = format!("curl -s -o /dev/null -w '%{{http_code}}' http://pantry/ > {}; exec \"$@\"", calls.display());
-    let mut app = vec!["sh".to_owned(), "-c".to_owned(), script, "app".to_owned()];
-    app.extend(demo_app("cook"));
+    let (calls, app) = calling_app(&mesh.dir, "cook", &["http://pantry/"]);
     let hide = format!("mount -t tmpfs none {} && exec \"$@\"", cgroup2_root());
     let mut cmd = mesh.host.cmd("unshare");
     cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c", &hide, "sh"])

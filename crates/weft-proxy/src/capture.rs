@@ -117,20 +117,14 @@ pub mod origins {
     /// Key: the app socket's own address: its IPv4 address in network order, then its port as
     /// a 32-bit number in host order (as a `sock_ops` program sees `local_ip4`, `local_port`).
     pub fn key(a: SocketAddrV4) -> [u8; 8] {
-        let mut k = [0u8; 8];
-        k[..4].copy_from_slice(&a.ip().octets());
-        k[4..].copy_from_slice(&u32::from(a.port()).to_ne_bytes());
-        k
+        laid_out(&a.ip().octets(), host_port(a.port()))
     }
 
     /// Value: where it was going, as `connect()` was given it: the IPv4 address in network
     /// order, then the port in network order in the low 16 bits of a 32-bit field (as a
     /// `cgroup/connect4` program sees `user_ip4`, `user_port`).
     pub fn value(a: SocketAddrV4) -> [u8; 8] {
-        let mut v = [0u8; 8];
-        v[..4].copy_from_slice(&a.ip().octets());
-        v[4..6].copy_from_slice(&a.port().to_be_bytes());
-        v
+        laid_out(&a.ip().octets(), wire_port(a.port()))
     }
 
     pub fn value_of(v: [u8; 8]) -> SocketAddrV4 {
@@ -139,23 +133,36 @@ pub mod origins {
 
     /// IPv6's key: the 16 bytes of the address (as `local_ip6`), then the port as [`key`]'s.
     pub fn key6(a: SocketAddrV6) -> [u8; 20] {
-        let mut k = [0u8; 20];
-        k[..16].copy_from_slice(&a.ip().octets());
-        k[16..].copy_from_slice(&u32::from(a.port()).to_ne_bytes());
-        k
+        laid_out(&a.ip().octets(), host_port(a.port()))
     }
 
     /// IPv6's value: the 16 bytes of the address (as `user_ip6`), then the port as [`value`]'s.
     pub fn value6(a: SocketAddrV6) -> [u8; 20] {
-        let mut v = [0u8; 20];
-        v[..16].copy_from_slice(&a.ip().octets());
-        v[16..18].copy_from_slice(&a.port().to_be_bytes());
-        v
+        laid_out(&a.ip().octets(), wire_port(a.port()))
     }
 
     pub fn value6_of(v: [u8; 20]) -> SocketAddrV6 {
         let ip: [u8; 16] = v[..16].try_into().expect("16 bytes");
         SocketAddrV6::new(Ipv6Addr::from(ip), u16::from_be_bytes([v[16], v[17]]), 0, 0)
+    }
+
+    /// An address's bytes, then a port's 4 bytes.
+    fn laid_out<const N: usize>(ip: &[u8], port: [u8; 4]) -> [u8; N] {
+        let mut b = [0u8; N];
+        b[..ip.len()].copy_from_slice(ip);
+        b[ip.len()..].copy_from_slice(&port);
+        b
+    }
+
+    /// A port as a 32-bit number in host order (`local_port`).
+    fn host_port(port: u16) -> [u8; 4] {
+        u32::from(port).to_ne_bytes()
+    }
+
+    /// A port in network order in the low 16 bits of a 32-bit field (`user_port`).
+    fn wire_port(port: u16) -> [u8; 4] {
+        let b = port.to_be_bytes();
+        [b[0], b[1], 0, 0]
     }
 }
 

@@ -72,3 +72,17 @@ pub mod fuzzing {
 pub use context::Limits;
 pub use health::HealthCheck;
 pub use proxy::{DEFAULT_DRAIN_TIMEOUT, ProxyOptions, RunningProxy, start};
+
+/// Logs to stderr at `WEFT_LOG`'s levels (else `default_level`), as every weft binary does;
+/// in colour only on a terminal, so a log file or journald gets plain text.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -42,16 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS implementation for everything (xDS, control-plane API, mTLS): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: a log file or journald gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    weft_proxy::init_logging("info");
     // One worker: a current-thread runtime, which skips the work-stealing machinery entirely.
     let mut rt = match cli.proxy.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),

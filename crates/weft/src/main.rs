@@ -23,16 +23,7 @@ fn main() -> ExitCode {
     // One TLS implementation for everything (xDS, API, mTLS): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = cli.workers();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_level()));
-    // Colours only on a terminal: a log file or journald gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    weft_proxy::init_logging(cli.default_log_level());
     // One worker: a current-thread runtime, which skips the work-stealing machinery entirely.
     let mut rt = match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
