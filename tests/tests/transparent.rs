@@ -517,6 +517,17 @@ fn cgroups_named(prefixes: &[&str]) -> Vec<String> {
     names
 }
 
+/// `weft cleanup` on `host` after a SIGKILL: the namespaces named `prefix…` that the killed
+/// process left are gone. (Cleanup names each it removes, but a test running beside this one
+/// may get there first: every `weft run` and `weft cleanup` on the machine removes what a dead
+/// one left.)
+fn cleanup_removes(host: &Host, prefix: &str) {
+    let out = host.cmd(weft_bin()).arg("cleanup").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left = stdout(&run("ip", &["netns", "list"])).lines().any(|l| l.starts_with(prefix));
+    assert!(!left, "{prefix}… left after weft cleanup, which said: {}", stdout(&out));
+}
+
 /// After SIGKILL of `weft run`, `weft cleanup` or the next start leaves the host as it was;
 /// after SIGKILL of the sidecar alone, `weft run` cleans up itself; after SIGTERM, too.
 #[test]
@@ -536,9 +547,7 @@ fn a_killed_instance_leaves_nothing_behind() {
     assert_eq!(cgroups_named(LEFTOVER).len(), 1, "the app's cgroup");
     instance.kill();
     assert_eq!(instance_netns("leftover").len(), 1, "a SIGKILLed weft run cannot clean up after itself");
-    let out = mesh.host.cmd(weft_bin()).arg("cleanup").output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("removed weft-i-leftover-"), "cleanup names what it removed: {}", stdout(&out));
+    cleanup_removes(&mesh.host, "weft-i-leftover-");
     assert_eq!(made_state(&mesh.host, LEFTOVER), before, "weft cleanup left the host as it was");
 
     // SIGKILL of weft run, then a fresh start: it removes what the killed one left.
@@ -892,9 +901,7 @@ fn weft_up_simulates_hosts_and_leaves_nothing_when_killed() {
         wait_until(Duration::from_secs(5), "weft up's instances die with it", || !started.iter().any(|p| alive(*p)));
     };
     kill(&mut up);
-    let out = host.cmd(weft_bin()).arg("cleanup").output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("removed weft-h-sw-"), "{}", stdout(&out));
+    cleanup_removes(&host, "weft-h-sw-");
     assert_eq!(made_state(&host, MADE), before, "weft cleanup after SIGKILL of weft up");
 
     // SIGKILL, then a fresh start removes what the killed one left; a stop removes the rest.
